@@ -1,0 +1,47 @@
+"""ipcfw: the Symbian OS client-server model for Python processes, over ZeroMQ.
+
+A kernel process owns every session handle; servers are plugins hosted in their own processes;
+clients are any Python processes holding `RSession` handles. See docs/getting-started.md.
+"""
+
+from . import errors
+from .client import RSession, TIpcArgs, TRequestStatus, User, kernel_statistics
+from .errors import *  # noqa: F401,F403  (codes and exception classes)
+from .errors import __all__ as _error_names
+from .server import (
+    ClientInfo,
+    CServer,
+    CSession,
+    EGlobalSharableSessions,
+    ESharableSessions,
+    EUnsharableSessions,
+    RMessage,
+    ServerHost,
+    ServerPanic,
+    serve,
+)
+from .version import QueryVersionSupported, TVersion
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RSession",
+    "TIpcArgs",
+    "TRequestStatus",
+    "TVersion",
+    "User",
+    "kernel_statistics",
+    "CServer",
+    "CSession",
+    "RMessage",
+    "ClientInfo",
+    "ServerHost",
+    "ServerPanic",
+    "serve",
+    "EUnsharableSessions",
+    "ESharableSessions",
+    "EGlobalSharableSessions",
+    "QueryVersionSupported",
+    "errors",
+    *_error_names,
+]

@@ -1,0 +1,915 @@
+"""``ipcfw bench``: how much does the ipcfw stack cost over a hand-written ZeroMQ broker?
+
+What is measured
+----------------
+For each system, from this (the bench) process acting as the client:
+
+* **sync round-trip latency**: one call at a time, each call timed on its own with
+  ``time.perf_counter_ns``; the median and the 99th percentile are reported, in microseconds.
+* **pipelined throughput**: 64 requests kept in flight (issue 64, then wait for the oldest and
+  issue one more), reported as completed calls per second.
+
+Every request carries the equivalent of an opcode and four 32-bit ints (a 32-byte body for the
+bare systems, ``SendReceive(1, (42, 0, 0, 0))`` for ipcfw), and every reply echoes it.
+
+The systems
+-----------
+``bare-pingpong``
+    A DEALER in this process, a ROUTER echo server in another. Two processes, one hop: the floor
+    that any ZeroMQ-in-Python design pays.
+``bare-forwarder``
+    DEALER client -> a Python ROUTER/ROUTER forwarder process -> an echo worker process (a
+    DEALER). Three processes and two hops, exactly the shape of ipcfw's client -> kernel ->
+    server path. The forwarder is what a competent engineer would hand-write: a plain
+    ``zmq.Poller`` loop that drains each ready socket with ``NOBLOCK``, two frames on the
+    client side and three on the worker side, no decoding, no tables. It is **the** fair
+    baseline: it pays for the same process hops and context switches as ipcfw, so the ratio
+    of ipcfw to it isolates what ipcfw itself adds (codec, handle and slot checks, policy,
+    completion routing, the client runtime), while the ratio to ``bare-pingpong`` also
+    includes the price of having a broker at all.
+``ipcfw``
+    The real stack: ``python -m ipcfw kernel``, ``python -m ipcfw serve servers.echo:EchoServer``
+    and an ``RSession`` in this process.
+
+Targets: ipcfw's sync median at most 1.5x bare-forwarder's, and its pipelined throughput at
+least 0.5x bare-forwarder's.
+
+All systems are started first, warmed up, and then measured in interleaved chunks (the order
+rotates chunk by chunk), so that noise from other work on a shared machine hits every system
+alike; ``--repeat R`` runs the whole set R times and keeps each system's best run.
+
+Exit status: 0 when every system was measured, 1 when ipcfw could not be measured (the bare
+numbers are still reported), 2 with ``--strict`` when ipcfw was measured but missed a target.
+
+The same module, run with the hidden ``--role`` option, is the body of the helper processes
+(``echo-router``, ``forwarder``, ``echo-worker``); each prints ``READY`` on stdout once it can
+serve, which is the handshake the bench waits for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import zmq
+
+WINDOW = 64
+"""Requests in flight in the pipelined measurement."""
+
+ECHO_INT = 1
+"""ipcfw echo server opcode ``EEchoInt``: completes with ``Int0``."""
+
+ECHO_ARGS = (42, 0, 0, 0)
+PAYLOAD = struct.pack("<I4i", ECHO_INT, *ECHO_ARGS).ljust(32, b"\0")
+"""The bare systems' request body: opcode + four int32, padded to 32 bytes."""
+
+SYNC_TARGET = 1.5
+PIPELINED_TARGET = 0.5
+BASELINE = "bare-forwarder"
+
+DEFAULT_SYNC, DEFAULT_PIPELINED = 5000, 20000
+QUICK_SYNC, QUICK_PIPELINED = 1000, 5000
+CHUNKS = 5
+"""Each measurement is split into this many chunks, interleaved across systems."""
+
+STARTUP_TIMEOUT = 10.0
+STOP_TIMEOUT = 3.0
+REPLY_TIMEOUT_MS = 10_000
+STEP_BUDGET_S, STEP_BUDGET_PER_CALL_S = 20.0, 0.005
+PARENT_CHECK_MS = 1000
+READY_LINE = b"READY"
+HELLO = b"HELLO"
+
+
+class BenchError(Exception):
+    """A bare system failed: the bench cannot produce a baseline."""
+
+
+class Unavailable(Exception):
+    """The ipcfw stack could not be started or measured; the bare numbers still stand."""
+
+
+# --------------------------------------------------------------------------------------------
+# Helper process roles (run as ``python bench.py --role ROLE ...``)
+# --------------------------------------------------------------------------------------------
+
+
+def _announce_ready() -> None:
+    sys.stdout.buffer.write(READY_LINE + b"\n")
+    sys.stdout.flush()
+
+
+def _orphaned(parent_pid: int) -> bool:
+    return parent_pid > 0 and os.getppid() != parent_pid
+
+
+def _echo_loop(sock: zmq.Socket, parent_pid: int) -> None:
+    """Echo every multipart message back unchanged; return when the bench process is gone."""
+    sock.rcvtimeo = PARENT_CHECK_MS
+    while True:
+        try:
+            frames = sock.recv_multipart()
+        except zmq.Again:
+            if _orphaned(parent_pid):
+                return
+            continue
+        sock.send_multipart(frames)
+
+
+def run_echo_router(endpoint: str, parent_pid: int) -> None:
+    """bare-pingpong's server: a ROUTER that sends ``[rid, body]`` straight back."""
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
+        sock.linger = 0
+        sock.bind(endpoint)
+        _announce_ready()
+        _echo_loop(sock, parent_pid)
+
+
+def run_echo_worker(endpoint: str, parent_pid: int) -> None:
+    """bare-forwarder's worker: a DEALER that registers with HELLO, then echoes
+    ``[client_rid, body]`` back to the forwarder."""
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.linger = 0
+        sock.connect(endpoint)
+        sock.send(HELLO)
+        _echo_loop(sock, parent_pid)
+
+
+def _pump_requests(front: zmq.Socket, back: zmq.Socket, worker_rid: bytes) -> None:
+    """Drain the client side: ``[client_rid, body]`` -> ``[worker_rid, client_rid, body]``."""
+    try:
+        while True:
+            client_rid, body = front.recv_multipart(zmq.NOBLOCK)
+            back.send_multipart((worker_rid, client_rid, body))
+    except zmq.Again:
+        pass
+
+
+def _pump_replies(back: zmq.Socket, front: zmq.Socket) -> None:
+    """Drain the worker side: ``[worker_rid, client_rid, body]`` -> ``[client_rid, body]``."""
+    try:
+        while True:
+            _worker_rid, client_rid, body = back.recv_multipart(zmq.NOBLOCK)
+            front.send_multipart((client_rid, body))
+    except zmq.Again:
+        pass
+
+
+def _await_worker(back: zmq.Socket) -> bytes:
+    if not back.poll(STARTUP_TIMEOUT * 1000):
+        raise TimeoutError(f"no echo worker registered within {STARTUP_TIMEOUT:.0f} s")
+    worker_rid, hello = back.recv_multipart()
+    if hello != HELLO:
+        raise RuntimeError(f"expected {HELLO!r} from the worker, got {hello!r}")
+    return worker_rid
+
+
+def run_forwarder(frontend: str, backend: str, parent_pid: int) -> None:
+    """bare-forwarder's broker: ROUTER for clients, ROUTER for the worker, one Poller loop.
+
+    Ready (prints READY) only once the worker has registered, so the bench's handshake
+    covers both processes.
+    """
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as front, ctx.socket(zmq.ROUTER) as back:
+        front.linger = back.linger = 0
+        front.bind(frontend)
+        back.bind(backend)
+        worker_rid = _await_worker(back)
+        _announce_ready()
+        poller = zmq.Poller()
+        poller.register(front, zmq.POLLIN)
+        poller.register(back, zmq.POLLIN)
+        while True:
+            events = poller.poll(PARENT_CHECK_MS)
+            if not events and _orphaned(parent_pid):
+                return
+            for sock, _ in events:
+                if sock is front:
+                    _pump_requests(front, back, worker_rid)
+                else:
+                    _pump_replies(back, front)
+
+
+def _run_role(args: argparse.Namespace) -> int:
+    try:
+        if args.role == "echo-router":
+            run_echo_router(args.endpoint, args.parent_pid)
+        elif args.role == "echo-worker":
+            run_echo_worker(args.endpoint, args.parent_pid)
+        else:
+            run_forwarder(args.endpoint, args.backend, args.parent_pid)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Process ownership
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+
+class Children:
+    """Owns every process the bench starts: ``stop_all`` terminates, waits, then kills.
+
+    Children run in their own session, so a Ctrl-C at the terminal reaches only the bench,
+    which then stops them itself (no tracebacks from helpers).
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self._workdir = workdir
+        self._children: list[_Child] = []
+
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        handshake: bool,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> _Child:
+        """Start ``argv``; its stderr (and stdout, unless ``handshake``) goes to a log file."""
+        log_path = self._workdir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if handshake else log,
+                stderr=log,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        child = _Child(name, proc, log_path)
+        self._children.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        """Terminate every child (newest first), wait with a timeout, kill stragglers."""
+        children = list(reversed(self._children))
+        for child in children:
+            if child.proc.poll() is None:
+                child.proc.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for child in children:
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+            if child.proc.stdout is not None:
+                child.proc.stdout.close()
+        self._children.clear()
+
+
+def log_tail(child: _Child, lines: int = 15) -> str:
+    """The last lines a child wrote to its log, indented, for error messages."""
+    try:
+        text = child.log_path.read_text(errors="replace").rstrip()
+    except OSError:
+        return ""
+    tail = text.splitlines()[-lines:]
+    return "".join(f"\n    | {line}" for line in tail)
+
+
+def await_ready(child: _Child, deadline: float) -> None:
+    """Wait for the child's READY line; raise BenchError if it dies or the deadline passes."""
+    stdout: IO[bytes] | None = child.proc.stdout
+    assert stdout is not None, "await_ready needs a child spawned with handshake=True"
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BenchError(f"{child.name} not ready within {STARTUP_TIMEOUT:.0f} s{log_tail(child)}")
+        readable, _, _ = select.select([stdout], [], [], remaining)
+        if not readable:
+            continue
+        line = stdout.readline()
+        if line.strip() == READY_LINE:
+            return
+        if not line:
+            code = child.proc.wait()
+            raise BenchError(f"{child.name} exited with status {code} before READY{log_tail(child)}")
+
+
+def _role_argv(role: str, endpoint: str, *extra: str) -> list[str]:
+    script = str(Path(__file__).resolve())
+    return [sys.executable, script, "--role", role, "--endpoint", endpoint,
+            "--parent-pid", str(os.getpid()), *extra]
+
+
+# --------------------------------------------------------------------------------------------
+# Clients: one per system, all driven by the same measurement code
+# --------------------------------------------------------------------------------------------
+
+
+class Client(Protocol):
+    def call(self) -> object:
+        """One synchronous round trip; returns the reply."""
+
+    def pipelined(self, n: int, window: int) -> None:
+        """Complete ``n`` calls with up to ``window`` in flight."""
+
+    def close(self) -> None: ...
+
+
+class BareClient:
+    """A DEALER sending PAYLOAD; a missing reply raises BenchError instead of hanging."""
+
+    expected: object = PAYLOAD
+
+    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+        self._sock = ctx.socket(zmq.DEALER)
+        self._sock.linger = 0
+        self._sock.rcvtimeo = REPLY_TIMEOUT_MS
+        self._sock.connect(endpoint)
+
+    def _recv(self) -> bytes:
+        try:
+            return self._sock.recv()
+        except zmq.Again:
+            raise BenchError(f"no reply within {REPLY_TIMEOUT_MS / 1000:.0f} s") from None
+
+    def call(self) -> bytes:
+        self._sock.send(PAYLOAD)
+        return self._recv()
+
+    def pipelined(self, n: int, window: int) -> None:
+        send, recv = self._sock.send, self._recv
+        issued = min(window, n)
+        for _ in range(issued):
+            send(PAYLOAD)
+        for _ in range(n):
+            recv()
+            if issued < n:
+                send(PAYLOAD)
+                issued += 1
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+
+class IpcfwClient:
+    """An ``RSession`` to the echo server; pipelining keeps TRequestStatus objects in a deque."""
+
+    expected: object = ECHO_ARGS[0]
+
+    def __init__(self, session: Any, status_cls: type) -> None:
+        self._session = session
+        self._status_cls = status_cls
+
+    def call(self) -> object:
+        return self._session.SendReceive(ECHO_INT, ECHO_ARGS)
+
+    def _issue(self) -> Any:
+        status = self._status_cls()
+        self._session.SendReceive(ECHO_INT, ECHO_ARGS, status)
+        return status
+
+    def pipelined(self, n: int, window: int) -> None:
+        inflight = deque(self._issue() for _ in range(min(window, n)))
+        issued = len(inflight)
+        while inflight:
+            value = inflight.popleft().Wait()
+            if value != self.expected:
+                raise Unavailable(f"async EEchoInt completed with {value!r}, expected {self.expected!r}")
+            if issued < n:
+                inflight.append(self._issue())
+                issued += 1
+
+    def close(self) -> None:
+        self._session.Close()
+
+
+# --------------------------------------------------------------------------------------------
+# Starting the systems
+# --------------------------------------------------------------------------------------------
+
+
+def start_bare_pingpong(children: Children, ctx: zmq.Context, workdir: Path) -> BareClient:
+    endpoint = f"ipc://{workdir}/pingpong"
+    child = children.spawn("bare-pingpong", _role_argv("echo-router", endpoint), handshake=True)
+    await_ready(child, time.monotonic() + STARTUP_TIMEOUT)
+    return BareClient(ctx, endpoint)
+
+
+def start_bare_forwarder(children: Children, ctx: zmq.Context, workdir: Path) -> BareClient:
+    front, back = f"ipc://{workdir}/fwd-front", f"ipc://{workdir}/fwd-back"
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    forwarder = children.spawn(
+        "bare-forwarder", _role_argv("forwarder", front, "--backend", back), handshake=True)
+    children.spawn("bare-forwarder-worker", _role_argv("echo-worker", back), handshake=False)
+    await_ready(forwarder, deadline)
+    return BareClient(ctx, front)
+
+
+def _repo_root() -> Path:
+    """The directory holding ``ipcfw/`` and ``servers/``."""
+    return Path(__file__).resolve().parent.parent
+
+
+def _import_ipcfw() -> tuple[Any, Any]:
+    """Import the client API lazily: the bench must run while the package is incomplete."""
+    try:
+        import ipcfw
+        import ipcfw.client  # noqa: F401  (the contract: this import must work)
+        return ipcfw, (ipcfw.RSession, ipcfw.TRequestStatus, ipcfw.NotFound, ipcfw.IpcError)
+    except Exception as exc:  # any failure here means "stack not available", reported clearly
+        raise Unavailable(f"cannot import the ipcfw client API: {type(exc).__name__}: {exc}") from exc
+
+
+def _ipcfw_env(endpoint: str) -> dict[str, str]:
+    root = str(_repo_root())
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "IPCFW_KERNEL": endpoint, "PYTHONPATH": path}
+
+
+def _check_alive(stack: Sequence[_Child]) -> None:
+    for child in stack:
+        code = child.proc.poll()
+        if code is not None:
+            raise Unavailable(f"`{child.name}` exited with status {code}{log_tail(child)}")
+
+
+def _connect_echo(api: tuple[Any, ...], stack: Sequence[_Child], deadline: float) -> Any:
+    """Retry CreateSession("echo") until the kernel and the echo server are both up."""
+    rsession, _status, not_found, ipc_error = api
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        _check_alive(stack)
+        session = rsession()
+        try:
+            session.CreateSession("echo", (1, 0, 0), message_slots=-1)
+            return session
+        except (not_found, ipc_error) as exc:
+            last = exc
+            _close_quietly(session)
+        time.sleep(0.05)
+    tails = "".join(f"\n  {c.name} log:{log_tail(c)}" for c in stack)
+    raise Unavailable(f"ipcfw stack not ready within {STARTUP_TIMEOUT:.0f} s "
+                      f"(last error: {last!r}){tails}")
+
+
+def _close_quietly(session: Any) -> None:
+    try:
+        session.Close()
+    except Exception:  # a half-made probe session: nothing useful to report
+        pass
+
+
+def start_ipcfw(children: Children, workdir: Path) -> IpcfwClient:
+    """Start kernel + echo server, connect; raise Unavailable on any failure.
+
+    Sets ``IPCFW_KERNEL`` in this process (``main`` restores it).
+    """
+    endpoint = f"ipc://{workdir}/kernel"
+    os.environ["IPCFW_KERNEL"] = endpoint
+    _package, api = _import_ipcfw()
+    env, root = _ipcfw_env(endpoint), _repo_root()
+    if not (root / "servers" / "echo.py").is_file():
+        raise Unavailable(f"no echo server plugin at {root / 'servers' / 'echo.py'}")
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    stack = [
+        children.spawn("ipcfw-kernel", [sys.executable, "-m", "ipcfw", "kernel", "--endpoint", endpoint],
+                       handshake=False, env=env, cwd=root),
+        children.spawn("ipcfw-echo-server",
+                       [sys.executable, "-m", "ipcfw", "serve", "servers.echo:EchoServer",
+                        "--endpoint", endpoint],
+                       handshake=False, env=env, cwd=root),
+    ]
+    try:
+        session = _connect_echo(api, stack, deadline)
+    except Unavailable:
+        raise
+    except Exception as exc:
+        raise Unavailable(f"connecting to the echo server raised {exc!r}") from exc
+    return IpcfwClient(session, api[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class System:
+    name: str
+    client: Client
+    error: str | None = None
+    latencies_ns: list[int] = field(default_factory=list)
+    pipelined_calls: int = 0
+    pipelined_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunResult:
+    sync_median_us: float
+    sync_p99_us: float
+    pipelined_calls_per_s: float
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def time_sync(client: Client, n: int) -> list[int]:
+    clock, call = time.perf_counter_ns, client.call
+    out = [0] * n
+    with _gc_paused():
+        for i in range(n):
+            t0 = clock()
+            call()
+            out[i] = clock() - t0
+    return out
+
+
+def time_pipelined(client: Client, n: int, window: int = WINDOW) -> float:
+    with _gc_paused():
+        t0 = time.perf_counter()
+        client.pipelined(n, window)
+        return time.perf_counter() - t0
+
+
+def warm_up(system: System, sync_n: int, pipelined_n: int) -> None:
+    reply = system.client.call()
+    expected = getattr(system.client, "expected", reply)
+    if reply != expected:
+        raise BenchError(f"{system.name}: echo returned {reply!r}, expected {expected!r}")
+    time_sync(system.client, max(50, sync_n // 10))
+    time_pipelined(system.client, max(WINDOW, pipelined_n // 10))
+
+
+def split(n: int, parts: int) -> list[int]:
+    """``n`` as ``parts`` near-equal non-negative chunks."""
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def _rotations(systems: Sequence[System], chunk: int) -> list[System]:
+    live = [s for s in systems if s.error is None]
+    k = chunk % len(live) if live else 0
+    return live[k:] + live[:k]
+
+
+class Stalled(Exception):
+    """A step took longer than its budget: a lost reply or a hung call."""
+
+
+@contextmanager
+def watchdog(seconds: float) -> Iterator[None]:
+    """Raise Stalled in the main thread if the block runs longer than ``seconds``.
+
+    Lost replies must not hang the bench; outside the main thread this does nothing.
+    """
+    def expire(signum: int, frame: object) -> None:
+        raise Stalled(f"no progress within {seconds:.0f} s")
+
+    try:
+        previous = signal.signal(signal.SIGALRM, expire)
+    except ValueError:
+        yield
+        return
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _guarded(system: System, step: Callable[[], None], calls: int) -> None:
+    """Run a step under a watchdog; ipcfw failures disable that system, bare ones abort."""
+    try:
+        with watchdog(STEP_BUDGET_S + calls * STEP_BUDGET_PER_CALL_S):
+            step()
+    except (BenchError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if system.name != "ipcfw":
+            raise BenchError(f"{system.name}: {exc!r}") from exc
+        system.error = f"failed during measurement: {type(exc).__name__}: {exc}"
+
+
+def run_once(systems: Sequence[System], sync_n: int, pipelined_n: int) -> dict[str, RunResult]:
+    """One interleaved run over all live systems."""
+    for s in systems:
+        s.latencies_ns, s.pipelined_calls, s.pipelined_seconds = [], 0, 0.0
+    for i, n in enumerate(split(sync_n, CHUNKS)):
+        for s in _rotations(systems, i):
+            _guarded(s, lambda s=s, n=n: s.latencies_ns.extend(time_sync(s.client, n)), n)
+    for i, n in enumerate(split(pipelined_n, CHUNKS)):
+        for s in _rotations(systems, i):
+            _guarded(s, lambda s=s, n=n: _add_pipelined(s, n), n)
+    return {s.name: summarize(s) for s in systems if s.error is None}
+
+
+def _add_pipelined(system: System, n: int) -> None:
+    system.pipelined_seconds += time_pipelined(system.client, n)
+    system.pipelined_calls += n
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> int:
+    """Nearest-rank percentile of already sorted values."""
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def summarize(system: System) -> RunResult:
+    lat = sorted(system.latencies_ns)
+    return RunResult(
+        sync_median_us=percentile(lat, 50) / 1000,
+        sync_p99_us=percentile(lat, 99) / 1000,
+        pipelined_calls_per_s=system.pipelined_calls / system.pipelined_seconds,
+    )
+
+
+def best_of(runs: Sequence[RunResult]) -> RunResult:
+    """Best sync median (with that run's p99) and best throughput across repeats."""
+    fastest = min(runs, key=lambda r: r.sync_median_us)
+    return RunResult(fastest.sync_median_us, fastest.sync_p99_us,
+                     max(r.pipelined_calls_per_s for r in runs))
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "pyzmq": zmq.pyzmq_version(),
+        "libzmq": zmq.zmq_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "platform": platform.platform(),
+    }
+
+
+def format_header(env: dict[str, Any], sync_n: int, pipelined_n: int, repeat: int) -> str:
+    return (
+        f"ipcfw bench: sync {sync_n} calls, pipelined {pipelined_n} calls "
+        f"({WINDOW} in flight), repeat {repeat}, best run per system\n"
+        f"{env['python']} | pyzmq {env['pyzmq']} | libzmq {env['libzmq']} | "
+        f"cpus {env['cpu_count']} (usable {env['cpu_affinity']}) | {env['platform']}"
+    )
+
+
+_COLUMNS = ("system", "sync median us", "sync p99 us", "pipelined calls/s",
+            "sync vs fwd", "pipelined vs fwd")
+_WIDTHS = (16, 14, 14, 20, 14, 19)
+
+
+def _row(cells: Sequence[str]) -> str:
+    first, *rest = cells
+    return f"{first:<{_WIDTHS[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(rest, _WIDTHS[1:]))
+
+
+def ratios(result: RunResult, base: RunResult) -> tuple[float, float]:
+    """(sync median / baseline's, throughput / baseline's)."""
+    return (result.sync_median_us / base.sync_median_us,
+            result.pipelined_calls_per_s / base.pipelined_calls_per_s)
+
+
+def format_table(results: dict[str, RunResult], failed: dict[str, str]) -> str:
+    base = results[BASELINE]
+    lines = [_row(_COLUMNS)]
+    for name, r in results.items():
+        sync_ratio, pipe_ratio = ratios(r, base)
+        lines.append(_row((name, f"{r.sync_median_us:.1f}", f"{r.sync_p99_us:.1f}",
+                           f"{r.pipelined_calls_per_s:,.0f}", f"{sync_ratio:.2f}x", f"{pipe_ratio:.2f}x")))
+    for name in failed:
+        lines.append(_row((name, "-", "-", "-", "-", "-")))
+    return "\n".join(lines)
+
+
+def verdicts(results: dict[str, RunResult]) -> dict[str, Any]:
+    """Targets for ipcfw against the baseline; ``passed`` is None when ipcfw was not measured."""
+    if "ipcfw" not in results:
+        return {"sync_ratio": None, "pipelined_ratio": None, "sync_pass": None, "pipelined_pass": None}
+    sync_ratio, pipe_ratio = ratios(results["ipcfw"], results[BASELINE])
+    return {"sync_ratio": sync_ratio, "pipelined_ratio": pipe_ratio,
+            "sync_pass": sync_ratio <= SYNC_TARGET, "pipelined_pass": pipe_ratio >= PIPELINED_TARGET}
+
+
+def format_targets(v: dict[str, Any]) -> str:
+    def mark(ok: bool | None, ratio: float | None) -> str:
+        return "n/a   NOT MEASURED" if ok is None else f"{ratio:.2f}x  {'PASS' if ok else 'MISS'}"
+
+    return (f"target: ipcfw sync median  <= {SYNC_TARGET:.1f}x {BASELINE}: "
+            f"{mark(v['sync_pass'], v['sync_ratio'])}\n"
+            f"target: ipcfw pipelined    >= {PIPELINED_TARGET:.1f}x {BASELINE}: "
+            f"{mark(v['pipelined_pass'], v['pipelined_ratio'])}")
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="ipcfw bench",
+        description="Sync latency and pipelined throughput of ipcfw against bare pyzmq baselines.")
+    p.add_argument("--sync", type=int, metavar="N", help=f"sync calls per system (default {DEFAULT_SYNC})")
+    p.add_argument("--pipelined", type=int, metavar="N",
+                   help=f"pipelined calls per system (default {DEFAULT_PIPELINED})")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK_SYNC} sync / {QUICK_PIPELINED} pipelined calls")
+    p.add_argument("--repeat", type=int, default=1, metavar="R",
+                   help="run the interleaved set R times, report each system's best run")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 2 when ipcfw misses a target")
+    p.add_argument("--no-ipcfw", action="store_true", help="measure the bare systems only")
+    p.add_argument("--role", choices=("echo-router", "forwarder", "echo-worker"), help=argparse.SUPPRESS)
+    p.add_argument("--endpoint", help=argparse.SUPPRESS)
+    p.add_argument("--backend", help=argparse.SUPPRESS)
+    p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(list(argv))
+    quick = (QUICK_SYNC, QUICK_PIPELINED) if args.quick else (DEFAULT_SYNC, DEFAULT_PIPELINED)
+    args.sync = args.sync if args.sync is not None else quick[0]
+    args.pipelined = args.pipelined if args.pipelined is not None else quick[1]
+    if args.sync < 1 or args.pipelined < 1 or args.repeat < 1:
+        p.error("--sync, --pipelined and --repeat must be at least 1")
+    if args.role and (not args.endpoint or (args.role == "forwarder" and not args.backend)):
+        p.error("--role needs --endpoint (and --backend for the forwarder)")
+    return args
+
+
+@dataclass
+class Outcome:
+    results: dict[str, RunResult]
+    runs: dict[str, list[RunResult]]
+    failed: dict[str, str]
+
+
+def start_systems(children: Children, ctx: zmq.Context, workdir: Path,
+                  with_ipcfw: bool) -> tuple[list[System], dict[str, str]]:
+    systems = [System("bare-pingpong", start_bare_pingpong(children, ctx, workdir)),
+               System(BASELINE, start_bare_forwarder(children, ctx, workdir))]
+    failed: dict[str, str] = {}
+    if not with_ipcfw:
+        failed["ipcfw"] = "skipped (--no-ipcfw)"
+        return systems, failed
+    try:
+        systems.append(System("ipcfw", start_ipcfw(children, workdir)))
+    except Unavailable as exc:
+        failed["ipcfw"] = str(exc)
+    return systems, failed
+
+
+def measure(systems: list[System], failed: dict[str, str], args: argparse.Namespace) -> Outcome:
+    for s in systems:
+        _guarded(s, lambda s=s: warm_up(s, args.sync, args.pipelined), args.sync + args.pipelined)
+    runs: dict[str, list[RunResult]] = {s.name: [] for s in systems}
+    for _ in range(args.repeat):
+        for name, result in run_once(systems, args.sync, args.pipelined).items():
+            runs[name].append(result)
+    for s in systems:
+        if s.error is not None:
+            failed[s.name] = s.error
+            runs.pop(s.name, None)
+    results = {name: best_of(r) for name, r in runs.items()}
+    return Outcome(results, runs, failed)
+
+
+def close_clients(systems: Sequence[System]) -> None:
+    for s in systems:
+        try:
+            with watchdog(STOP_TIMEOUT):
+                s.client.close()
+        except Exception as exc:  # noqa: BLE001 - recorded, the processes are stopped anyway
+            if s.error is None and s.name == "ipcfw":
+                s.error = f"Close() raised {type(exc).__name__}: {exc}"
+
+
+def bench(args: argparse.Namespace, workdir: Path) -> Outcome:
+    """Start everything, measure, and stop everything, whatever happens."""
+    children = Children(workdir)
+    ctx = zmq.Context()
+    systems: list[System] = []
+    try:
+        systems, failed = start_systems(children, ctx, workdir, with_ipcfw=not args.no_ipcfw)
+        return measure(systems, failed, args)
+    finally:
+        close_clients(systems)
+        children.stop_all()
+        ctx.destroy(linger=0)
+
+
+def _make_workdir() -> Path:
+    workdir = Path(tempfile.mkdtemp(prefix="ipcfw-bench-"))
+    if len(f"ipc://{workdir}/bare-forwarder-worker") - len("ipc://") > zmq.IPC_PATH_MAX_LEN - 8:
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir = Path(tempfile.mkdtemp(prefix="ipcfw-bench-", dir="/tmp"))
+    return workdir
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Make SIGTERM unwind like Ctrl-C, so ``finally`` blocks stop the children."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report(args: argparse.Namespace, outcome: Outcome) -> int:
+    env = environment()
+    print(format_header(env, args.sync, args.pipelined, args.repeat))
+    print()
+    print(format_table(outcome.results, outcome.failed))
+    print()
+    for name, reason in outcome.failed.items():
+        print(f"{name}: NOT MEASURED: {reason}")
+    v = verdicts(outcome.results)
+    print(format_targets(v))
+    if args.json:
+        write_json(args.json, {
+            "environment": env,
+            "config": {"sync": args.sync, "pipelined": args.pipelined, "window": WINDOW,
+                       "repeat": args.repeat, "chunks": CHUNKS, "baseline": BASELINE,
+                       "sync_target": SYNC_TARGET, "pipelined_target": PIPELINED_TARGET},
+            "results": {n: asdict(r) for n, r in outcome.results.items()},
+            "runs": {n: [asdict(r) for r in rs] for n, rs in outcome.runs.items()},
+            "not_measured": outcome.failed,
+            "targets": v,
+        })
+    if "ipcfw" in outcome.failed and not args.no_ipcfw:
+        return 1
+    return 2 if args.strict and not (v["sync_pass"] and v["pipelined_pass"]) else 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``ipcfw bench``; returns the process exit status."""
+    args = parse_args(argv)
+    if args.role:
+        return _run_role(args)
+    saved_kernel = os.environ.get("IPCFW_KERNEL")
+    workdir = _make_workdir()
+    try:
+        with _sigterm_as_interrupt():
+            outcome = bench(args, workdir)
+        return _report(args, outcome)
+    except KeyboardInterrupt:
+        print("ipcfw bench: interrupted; all helper processes stopped", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"ipcfw bench: a baseline failed, no results: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if saved_kernel is None:
+            os.environ.pop("IPCFW_KERNEL", None)
+        else:
+            os.environ["IPCFW_KERNEL"] = saved_kernel
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

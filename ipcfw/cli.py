@@ -1,0 +1,146 @@
+"""The ``ipcfw`` command: run a kernel, host a server plugin, run the demo or the benchmark.
+
+    ipcfw kernel [--endpoint ipc:///path]        the kernel, in the foreground
+    ipcfw serve package.module:ServerClass       host a server plugin
+    ipcfw demo                                   kernel + example servers + example clients
+    ipcfw bench                                  latency and throughput against bare pyzmq
+    ipcfw ps                                     the kernel's counters
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+from typing import Callable, Optional
+
+from . import endpoint as endpoints
+from . import errors
+
+log = logging.getLogger("ipcfw.cli")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
+    )
+    if args.endpoint:
+        args.endpoint = args.endpoint.strip()
+    try:
+        return args.run(args)
+    except endpoints.EndpointError as exc:
+        print(f"ipcfw: {exc}", file=sys.stderr)
+        return 2
+    except errors.IpcError as exc:
+        print(f"ipcfw: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipcfw", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning (default), error")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    kernel = commands.add_parser("kernel", help="run the kernel in the foreground")
+    _endpoint_option(kernel)
+    kernel.add_argument("--pool-slots", type=int, default=4096,
+                        help="size of the kernel-wide message slot pool (sessions with -1 slots)")
+    kernel.set_defaults(run=_run_kernel)
+
+    serve = commands.add_parser("serve", help="host a server plugin: package.module:ServerClass")
+    serve.add_argument("plugin", help="module path and class, e.g. servers.echo:EchoServer")
+    _endpoint_option(serve)
+    serve.set_defaults(run=_run_serve)
+
+    demo = commands.add_parser("demo", help="start a kernel and the example servers, run the example clients")
+    demo.set_defaults(run=_run_demo, endpoint=None)
+
+    bench = commands.add_parser("bench", help="measure ipcfw against bare pyzmq")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options for the benchmark (--quick, --json PATH ...)")
+    bench.set_defaults(run=_run_bench, endpoint=None)
+
+    ps = commands.add_parser("ps", help="show the kernel's counters")
+    _endpoint_option(ps)
+    ps.set_defaults(run=_run_ps)
+    return parser
+
+
+def _endpoint_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--endpoint",
+        help=f"kernel endpoint (default: ${endpoints.ENV_VAR} or {endpoints.default_endpoint()})",
+    )
+
+
+def _on_signals(stop: Callable[[], None]) -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop())
+
+
+def _run_kernel(args: argparse.Namespace) -> int:
+    from .kernel import Kernel, KernelAlreadyRunning
+
+    kernel = Kernel(args.endpoint, pool_slots=args.pool_slots)
+    _on_signals(kernel.stop)
+    try:
+        kernel.run()
+    except KernelAlreadyRunning as exc:
+        print(f"ipcfw: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def load_plugin(spec: str) -> type:
+    """The class named by ``package.module:ClassName``, importable from sys.path or the cwd."""
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ValueError(f"plugin {spec!r} must look like package.module:ServerClass")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no {class_name!r}") from None
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .server import ServerHost
+
+    try:
+        server_class = load_plugin(args.plugin)
+    except (ImportError, ValueError) as exc:
+        print(f"ipcfw: cannot load plugin {args.plugin!r}: {exc}", file=sys.stderr)
+        return 2
+    host = ServerHost(server_class(), args.endpoint)
+    _on_signals(host.stop)
+    host.run()
+    return 3 if host.kernel_died else 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo()
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def _run_ps(args: argparse.Namespace) -> int:
+    from .client import kernel_statistics
+
+    counters = kernel_statistics(args.endpoint)
+    width = max(len(name) for name in counters)
+    for name, count in counters.items():
+        print(f"{name:<{width}}  {count}")
+    return 0

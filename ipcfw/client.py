@@ -1,0 +1,440 @@
+"""The client side: RSession, TIpcArgs, TRequestStatus and User.
+
+A client is any Python process that holds `RSession` handles. It needs no setup beyond a running
+kernel (found through ``IPCFW_KERNEL`` or the default endpoint)::
+
+    from ipcfw import RSession, TIpcArgs, TRequestStatus
+
+    with RSession.connect("echo") as session:
+        assert session.SendReceive(1, (42,)) == 42          # synchronous
+        reply = bytearray(64)
+        session.SendReceive(2, TIpcArgs(b"hello", reply))   # server writes into `reply`
+        status = TRequestStatus()
+        session.SendReceive(1, (7,), status)                # asynchronous
+        assert status.Wait() == 7
+
+Every method may be called from any thread; see `ipcfw._runtime` for how.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import warnings
+from typing import Any, Callable, Generator, Iterable, Optional, Union
+
+from . import errors
+from ._runtime import KernelGone, Pending, Runtime
+from .naming import name_problem
+from .protocol import MAX_PAYLOAD, Close, Completed, Connect, Connected, Mode, Panicked, Request, Stats, encode
+from .version import TVersion, to_version
+
+log = logging.getLogger("ipcfw.client")
+
+__all__ = ["RSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics"]
+
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+Arg = Union[int, bytes, bytearray]
+
+
+class TIpcArgs:
+    """Up to four request arguments (Symbian ``TIpcArgs``).
+
+    Each argument is one of:
+
+    * an ``int``: a 32-bit signed integer (``RMessage.Int0()`` ...);
+    * ``bytes``: a read-only descriptor (``ReadL``, ``GetDesLength``);
+    * a ``bytearray``: a writable descriptor. Its length before the call is its max length; when
+      the request completes it holds exactly what the server wrote (``WriteL``), and its length
+      becomes offset + bytes written.
+
+    Bad arguments raise ``TypeError`` or ``ValueError`` here, before anything is sent. A plain
+    tuple is accepted wherever a TIpcArgs is::
+
+        session.SendReceive(EWrite, TIpcArgs(3, b"data"))
+        session.SendReceive(EWrite, (3, b"data"))
+    """
+
+    __slots__ = ("wire", "buffers")
+
+    def __init__(self, *args: Arg) -> None:
+        if len(args) > 4:
+            raise ValueError(f"TIpcArgs takes at most 4 arguments, got {len(args)}")
+        wire: list = []
+        buffers: dict[int, bytearray] = {}
+        for index, arg in enumerate(args):
+            if isinstance(arg, bytearray):
+                wire.append((bytes(arg), len(arg)))
+                buffers[index] = arg
+            elif isinstance(arg, bytes):
+                wire.append(bytes(arg))
+            elif isinstance(arg, int):
+                if not _I32_MIN <= arg <= _I32_MAX:
+                    raise ValueError(f"argument {index}: {arg} does not fit in a 32-bit signed int")
+                wire.append(int(arg))
+            else:
+                raise TypeError(
+                    f"argument {index}: {type(arg).__name__} is not an int, bytes or bytearray"
+                )
+        self.wire: tuple = tuple(wire)
+        self.buffers = buffers
+
+    @classmethod
+    def of(cls, args: Union["TIpcArgs", Iterable[Arg], None]) -> "TIpcArgs":
+        if isinstance(args, TIpcArgs):
+            return args
+        if args is None:
+            return _NO_ARGS
+        if isinstance(args, (bytes, bytearray, str, int)):
+            raise TypeError(f"args must be a TIpcArgs or a tuple of arguments, not {type(args).__name__}")
+        return cls(*args)
+
+    def __repr__(self) -> str:
+        return f"TIpcArgs{self.wire!r}"
+
+
+_NO_ARGS = TIpcArgs()
+
+
+class TRequestStatus:
+    """The status of an asynchronous request (Symbian ``TRequestStatus``).
+
+    ``Int()`` is the raw value: ``KRequestPending`` until the request completes, then its
+    completion value. Wait for it Symbian style (``Wait()`` returns the raw value, negative for an
+    error), Python style (``result()`` and ``await status`` return it or raise the ``IpcError``
+    for a negative one), or with ``add_done_callback``. ``User.WaitForRequest`` waits for the
+    first of several. A status may be reused once its request has completed::
+
+        status = TRequestStatus()
+        session.SendReceive(EGetNotification, (), status)
+        ...
+        if status.Wait(timeout=5.0) == KErrNone:
+            ...
+
+    If the server panicked the client, ``Int()`` is ``KErrDied`` and ``result()`` raises
+    ``ClientPanic``.
+    """
+
+    __slots__ = ("_value", "_event", "_callbacks", "_panic", "_lock")
+
+    def __init__(self) -> None:
+        self._value = errors.KRequestPending
+        self._event = threading.Event()
+        self._callbacks: list[Callable[["TRequestStatus"], None]] = []
+        self._panic: Optional[errors.ClientPanic] = None
+        self._lock = threading.Lock()
+
+    def Int(self) -> int:
+        """The raw value: ``KRequestPending`` while pending, else the completion value."""
+        return self._value
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def Wait(self, timeout: Optional[float] = None) -> int:
+        """Block until the request completes and return its raw value.
+
+        Raises ``TimeoutError`` if `timeout` seconds pass first (the request stays pending).
+        """
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"request still pending after {timeout} s")
+        return self._value
+
+    def result(self, timeout: Optional[float] = None) -> int:
+        """Block until completion; return the value, or raise the error it completed with."""
+        value = self.Wait(timeout)
+        if self._panic is not None:
+            raise self._panic
+        return errors.check(value)
+
+    def add_done_callback(self, fn: Callable[["TRequestStatus"], None]) -> None:
+        """Call ``fn(status)`` once the request completes (at once if it already has).
+
+        Callbacks run on the runtime's I/O thread: keep them short and never block in them.
+        """
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def __await__(self) -> Generator[Any, None, int]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def wake(_: TRequestStatus) -> None:
+            loop.call_soon_threadsafe(_resolve, future)
+
+        self.add_done_callback(wake)
+        yield from future.__await__()
+        return self.result(0)
+
+    def _begin(self) -> None:
+        if self._value == errors.KRequestPending and self._callbacks:
+            raise RuntimeError("this TRequestStatus is already in use by a pending request")
+        self._value = errors.KRequestPending
+        self._panic = None
+        self._event.clear()
+
+    def _complete(self, value: int, panic: Optional[errors.ClientPanic] = None) -> None:
+        with self._lock:
+            self._value = value
+            self._panic = panic
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:
+                log.exception("a TRequestStatus callback raised")
+
+    def __repr__(self) -> str:
+        value = "KRequestPending" if self._value == errors.KRequestPending else self._value
+        return f"<TRequestStatus {value}>"
+
+
+def _resolve(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class User:
+    """Symbian's ``User`` class, for the calls that concern requests."""
+
+    @staticmethod
+    def WaitForRequest(*statuses: TRequestStatus, timeout: Optional[float] = None) -> TRequestStatus:
+        """Block until one of `statuses` completes; return the first completed one.
+
+        Raises ``TimeoutError`` if none completes within `timeout` seconds.
+        """
+        if not statuses:
+            raise TypeError("WaitForRequest needs at least one TRequestStatus")
+        woken = threading.Event()
+        for status in statuses:
+            status.add_done_callback(lambda _: woken.set())
+        if not woken.wait(timeout):
+            raise TimeoutError(f"no request completed within {timeout} s")
+        return next(status for status in statuses if status.done())
+
+
+class RSession:
+    """A client's handle to a session with a server (Symbian ``RSessionBase``).
+
+    ::
+
+        session = RSession()
+        session.CreateSession("kv", TVersion(1, 0, 0), message_slots=4)
+        try:
+            session.SendReceive(ESet, (b"key", b"value"))
+        finally:
+            session.Close()
+
+    or ``with RSession.connect("kv") as session: ...``. A session created by a thread belongs to
+    that thread; requests on it from another thread are refused with
+    ``ClientPanic("KERN-EXEC", 0)``.
+    """
+
+    def __init__(self) -> None:
+        self._handle = 0
+        self._runtime: Optional[Runtime] = None
+        self._dead: Optional[BaseException] = None
+        self._pending: set[int] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def connect(
+        cls,
+        name: str,
+        version: tuple = TVersion(1, 0, 0),
+        message_slots: int = -1,
+        *,
+        endpoint: Optional[str] = None,
+    ) -> "RSession":
+        """Create and return a connected session (see `CreateSession`)."""
+        session = cls()
+        session.CreateSession(name, version, message_slots, endpoint=endpoint)
+        return session
+
+    def CreateSession(
+        self,
+        name: str,
+        version: tuple = TVersion(1, 0, 0),
+        message_slots: int = -1,
+        *,
+        endpoint: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> None:
+        """Connect to the server registered as `name` (case-insensitive).
+
+        `message_slots`: ``-1`` draws async slots from the kernel's pool, ``0`` allows only
+        synchronous calls, ``1..255`` reserves that many for this session.
+
+        Raises ``NotFound`` if no server has that name, ``BadName`` for an invalid name,
+        ``BadArgument`` for a bad slot count, and whatever the server's ``NewSessionL`` or
+        ``CreateL`` raised (``NotSupported`` for a version it does not serve).
+        """
+        if self._handle:
+            raise errors.ClientPanic("KERN-EXEC", 57, "this RSession is already connected")
+        version = to_version(version)
+        problem = name_problem(name)
+        if problem:
+            raise errors.IpcError(errors.KErrBadName, problem)
+        if type(message_slots) is not int:
+            raise TypeError(f"message_slots must be an int, not {type(message_slots).__name__}")
+        if not -1 <= message_slots <= 255:
+            raise errors.IpcError(
+                errors.KErrArgument, f"message_slots must be -1, 0 or 1..255, got {message_slots}"
+            )
+        runtime = Runtime.for_endpoint(endpoint)
+        req_id = runtime.next_req_id()
+        frame = encode(Connect(req_id, name, version, message_slots, b""))
+        reply = self._call(runtime, frame, req_id, timeout)
+        if type(reply) is Panicked:
+            raise errors.ClientPanic(reply.category, reply.reason)
+        if type(reply) is not Connected:
+            raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to connect: {reply!r}")
+        errors.check(reply.result)
+        self._runtime, self._handle, self._dead = runtime, reply.handle, None
+        runtime.sessions[reply.handle] = self
+
+    def Handle(self) -> int:
+        """The kernel's handle for this session; 0 when not connected."""
+        return self._handle
+
+    def SendReceive(
+        self,
+        function: int,
+        args: Union[TIpcArgs, Iterable[Arg], None] = (),
+        status: Optional[TRequestStatus] = None,
+        *,
+        timeout: Optional[float] = None,
+    ) -> Optional[int]:
+        """Send a request to the server.
+
+        Without `status` the call is synchronous: it returns the completion value (>= 0) or
+        raises the ``IpcError`` subclass for a negative one. It never takes a message slot.
+
+        With a `TRequestStatus` it is asynchronous: it returns None at once and the status
+        completes later. With no free message slot it completes at once with
+        ``KErrServerBusy``.
+        """
+        ipc_args = TIpcArgs.of(args)
+        runtime, handle = self._check_usable(function)
+        req_id = runtime.next_req_id()
+        if status is None:
+            frame = encode(Request(req_id, handle, function, ipc_args.wire, Mode.SYNC))
+            return self._finish(self._call(runtime, frame, req_id, timeout), ipc_args)
+        frame = encode(Request(req_id, handle, function, ipc_args.wire, Mode.ASYNC))
+        status._begin()
+        with self._lock:
+            self._pending.add(req_id)
+        runtime.pending[req_id] = Pending(status, self, ipc_args.buffers)
+        try:
+            runtime.channel().send(frame)
+        except BaseException:
+            runtime.pending.pop(req_id, None)
+            self._forget_request(req_id)
+            raise
+        return None
+
+    def Send(self, function: int, args: Union[TIpcArgs, Iterable[Arg], None] = ()) -> None:
+        """Send a blind request: the server gets it; its completion value is not returned.
+
+        Takes a message slot until the server completes it. Returns once the kernel has queued
+        the request; raises ``ServerBusy`` with no free slot, ``ServerTerminated`` if the server
+        has gone. Writable descriptors are not written back.
+        """
+        ipc_args = TIpcArgs.of(args)
+        runtime, handle = self._check_usable(function)
+        req_id = runtime.next_req_id()
+        frame = encode(Request(req_id, handle, function, ipc_args.wire, Mode.BLIND))
+        self._finish(self._call(runtime, frame, req_id, None), _NO_ARGS)
+
+    def Close(self) -> None:
+        """Close the session. The server gets ``Disconnect`` once, after every earlier request.
+
+        Requests still pending complete at once with ``KErrSessionClosed``. Closing a closed
+        session does nothing.
+        """
+        with self._lock:
+            runtime, handle = self._runtime, self._handle
+            self._handle, self._runtime = 0, None
+            pending, self._pending = self._pending, set()
+        if not handle:
+            return
+        runtime.sessions.pop(handle, None)
+        for req_id in pending:
+            runtime.complete(req_id, errors.KErrSessionClosed)
+        if not runtime.kernel_dead:
+            runtime.channel().send(encode(Close(handle)))
+
+    def __enter__(self) -> "RSession":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.Close()
+
+    def __del__(self) -> None:
+        if self._handle:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        if not self._handle:
+            return "<RSession not connected>"
+        state = f" dead: {self._dead}" if self._dead else ""
+        return f"<RSession 0x{self._handle:x} pending={len(self._pending)}{state}>"
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_usable(self, function: int) -> tuple[Runtime, int]:
+        if type(function) is not int:
+            raise TypeError(f"function must be an int, not {type(function).__name__}")
+        if not 0 <= function <= _I32_MAX:
+            raise ValueError(f"function must be in 0..2**31-1, got {function}")
+        runtime, handle = self._runtime, self._handle
+        if not handle or runtime is None:
+            raise errors.ClientPanic("KERN-EXEC", 0, "the session is not connected")
+        if self._dead is not None:
+            raise self._dead
+        return runtime, handle
+
+    def _call(self, runtime: Runtime, frame: bytes, req_id: int, timeout: Optional[float]) -> Any:
+        try:
+            return runtime.channel().call(frame, req_id, timeout)
+        except KernelGone:
+            raise runtime.kernel_gone_error() from None
+
+    def _finish(self, reply: Any, ipc_args: TIpcArgs) -> int:
+        if type(reply) is Panicked:
+            panic = errors.ClientPanic(reply.category, reply.reason)
+            if reply.handle == self._handle:
+                self._lost(panic)
+            raise panic
+        if type(reply) is not Completed:
+            raise errors.IpcError(errors.KErrGeneral, f"unexpected reply: {reply!r}")
+        for index, data in reply.writes:
+            buffer = ipc_args.buffers.get(index)
+            if buffer is not None:
+                buffer[:] = data
+        return errors.check(reply.value)
+
+    def _forget_request(self, req_id: int) -> None:
+        with self._lock:
+            self._pending.discard(req_id)
+
+    def _lost(self, error: BaseException) -> None:
+        """The session died under us (server panic or death, kernel death)."""
+        if self._dead is None:
+            self._dead = error
+
+
+def kernel_statistics(endpoint: Optional[str] = None, timeout: float = 5.0) -> dict[str, int]:
+    """The kernel's counters: peers, processes, servers, sessions by state, messages, slots."""
+    runtime = Runtime.for_endpoint(endpoint)
+    req_id = runtime.next_req_id()
+    try:
+        reply = runtime.channel().call(encode(Stats(req_id)), req_id, timeout)
+    except KernelGone:
+        raise runtime.kernel_gone_error() from None
+    return dict(reply.counters)

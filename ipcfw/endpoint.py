@@ -1,0 +1,70 @@
+"""Where the kernel listens: the default endpoint, `IPCFW_KERNEL`, and the private runtime directory.
+
+The default endpoint is ``ipc://<runtime dir>/kernel`` where the runtime directory is
+``$XDG_RUNTIME_DIR/ipcfw`` or, without XDG, ``/tmp/ipcfw-<uid>``. The directory is created 0700
+and must be owned by the current user: the socket's directory is the security boundary (any
+process that can connect can speak to the kernel), so a directory someone else prepared is
+refused rather than used.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+ENV_VAR = "IPCFW_KERNEL"
+IPC_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1; zmq.IPC_PATH_MAX_LEN
+
+
+class EndpointError(ValueError):
+    """The endpoint cannot be used; the message says why and what to do."""
+
+
+def runtime_dir() -> str:
+    """The private directory that holds the default kernel socket (not created here)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "ipcfw")
+    return f"/tmp/ipcfw-{os.getuid()}"
+
+
+def default_endpoint() -> str:
+    return f"ipc://{runtime_dir()}/kernel"
+
+
+def resolve(endpoint: str | None = None) -> str:
+    """The endpoint to use: the argument, else $IPCFW_KERNEL, else the default."""
+    chosen = endpoint or os.environ.get(ENV_VAR) or default_endpoint()
+    ipc_path(chosen)  # validates
+    return chosen
+
+
+def ipc_path(endpoint: str) -> str:
+    """The filesystem path of an ``ipc://`` endpoint; raise EndpointError for anything else."""
+    if not endpoint.startswith("ipc://"):
+        raise EndpointError(
+            f"endpoint {endpoint!r} is not ipc://: the kernel identifies peers by their "
+            "process credentials, which only ipc:// carries"
+        )
+    path = endpoint[len("ipc://") :]
+    if not path.startswith("/"):
+        raise EndpointError(f"endpoint {endpoint!r} needs an absolute path (ipc:///dir/name)")
+    if len(path) > IPC_PATH_MAX:
+        raise EndpointError(
+            f"endpoint path {path!r} has {len(path)} characters; ipc paths allow {IPC_PATH_MAX}"
+        )
+    return path
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create `path` 0700 if missing; refuse one not owned by us or open to others."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise EndpointError(f"{path} exists and is not a directory")
+    if info.st_uid != os.getuid():
+        raise EndpointError(f"{path} is owned by uid {info.st_uid}, not by us ({os.getuid()})")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise EndpointError(
+            f"{path} has mode {stat.S_IMODE(info.st_mode):o}; it must be private (0700)"
+        )

@@ -1,0 +1,97 @@
+"""Process identity and death, turned into inputs for the kernel's state.
+
+Two signals tell the kernel a peer is gone:
+
+* a pidfd per peer process (`os.pidfd_open`), polled with the ROUTER: it becomes readable about
+  a millisecond after the process exits or is SIGKILLed, and it is immune to pid reuse;
+* the ROUTER's monitor socket: `EVENT_DISCONNECTED` carries the fd of the connection that closed,
+  which the loop maps back to a routing id (a client thread's socket closing when it ends).
+
+`identify` builds a `ProcessIdentity` from the transport's ``Peer-Address`` (SO_PEERCRED:
+``host:uid:gid:pid``), never from anything the peer says, and keys it by ``(pid, create_time)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import psutil
+
+from .state import ProcessIdentity
+
+log = logging.getLogger(__name__)
+
+
+class UnknownPeer(Exception):
+    """The transport gave no usable credentials, or the process is already gone."""
+
+
+def parse_peer_address(address: Optional[str]) -> tuple[int, int, int]:
+    """(uid, gid, pid) from an ipc ``Peer-Address`` of the form ``host:uid:gid:pid``."""
+    parts = (address or "").split(":")
+    if len(parts) != 4:
+        raise UnknownPeer(f"peer address {address!r} carries no credentials (not ipc://?)")
+    try:
+        return int(parts[1]), int(parts[2]), int(parts[3])
+    except ValueError:
+        raise UnknownPeer(f"peer address {address!r} is malformed") from None
+
+
+def identify(address: Optional[str]) -> ProcessIdentity:
+    """The identity of the process behind a connection, from its ``Peer-Address``."""
+    uid, gid, pid = parse_peer_address(address)
+    try:
+        process = psutil.Process(pid)
+        create_time = process.create_time()
+    except psutil.Error as exc:
+        raise UnknownPeer(f"pid {pid} vanished before it could be identified ({exc})") from None
+    try:
+        exe = process.exe()
+    except psutil.Error:
+        exe = ""  # another user's process, or a zombie: the pid and uid still stand
+    return ProcessIdentity(pid, create_time, uid, gid, exe)
+
+
+class ProcessWatcher:
+    """One pidfd per watched process; the loop polls `fds()` and reports readable ones."""
+
+    def __init__(self) -> None:
+        self._fd_of: dict[tuple, int] = {}
+        self._key_of: dict[int, tuple] = {}
+
+    def watch(self, identity: ProcessIdentity) -> Optional[int]:
+        """Open a pidfd for `identity`; return it, or None if the process is already gone."""
+        try:
+            fd = os.pidfd_open(identity.pid)
+        except ProcessLookupError:
+            return None
+        if not _same_process(identity):
+            os.close(fd)  # the pid was reused between identification and now
+            return None
+        self._fd_of[identity.key] = fd
+        self._key_of[fd] = identity.key
+        return fd
+
+    def unwatch(self, key: tuple) -> Optional[int]:
+        """Stop watching; return the fd that was closed (for the poller), if any."""
+        fd = self._fd_of.pop(key, None)
+        if fd is not None:
+            del self._key_of[fd]
+            os.close(fd)
+        return fd
+
+    def key_of(self, fd: int) -> Optional[tuple]:
+        return self._key_of.get(fd)
+
+    def close(self) -> None:
+        for key in list(self._fd_of):
+            self.unwatch(key)
+
+
+def _same_process(identity: ProcessIdentity) -> bool:
+    try:
+        return psutil.Process(identity.pid).create_time() == identity.create_time
+    except psutil.Error:
+        return False

@@ -1,0 +1,747 @@
+"""The kernel's tables and every rule about handles, slots, sessions and servers. No I/O.
+
+Theory of operation
+-------------------
+`KernelState` is the kernel's whole mind. The loop (`ipcfw.kernel.loop`) feeds it decoded
+messages with the routing id they came from, peer and process deaths, and the identity of each
+new process; every method returns a list of actions (`Send`, `Watch`, `Unwatch`) for the loop to
+perform. Nothing here touches a socket, a clock, a thread or the OS, so the rules can be tested and
+fuzzed by feeding messages and reading actions (tests/test_kernel_state.py).
+
+Rules this module keeps:
+
+1. A peer is a socket, introduced by its `Hello`; the loop vouches for its process identity
+   (pid, create_time, uid, gid, exe) from the transport, never from anything the peer says.
+   A peer is a client thread's CHANNEL, a client process's INBOX, or a SERVER.
+2. A session handle is valid only for its holders: the creating channel while unshared.
+   Anyone else using it is panicked KERN-EXEC 0 and nothing reaches the server.
+3. Async requests and blind sends take a message slot: the session's own (N > 0), none (0: only
+   sync calls), or the kernel-wide pool (-1). No slot: completed at once with KErrServerBusy.
+   Sync requests never take a slot. More than 512 outstanding on one session: KErrOverflow.
+   A slot is freed when its message completes, or when its session goes.
+4. Every message reaches its server in the order the kernel received it, and is completed at
+   most once; a completion for a message the kernel no longer holds (its client closed or died)
+   is dropped silently.
+5. A session's lifecycle is the table `_SESSION_TRANSITIONS`; an event not in it for the current
+   state raises `KernelInvariantError` and changes nothing.
+6. A peer that breaks the protocol (wrong role, unknown message id of its own server...) gets
+   `PeerMisbehaved` raised before any table changes; the loop logs it once per kind and drops
+   the message. Other peers are never affected.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Union
+
+from .. import errors
+from ..naming import is_protected, lookup_key, name_problem
+from ..protocol import (
+    MAX_FRAME,
+    PeerInfo,
+    Close,
+    Complete,
+    Completed,
+    Connect,
+    Connected,
+    Deliver,
+    Disconnect,
+    Hello,
+    Message,
+    Mode,
+    NewSession,
+    Panic,
+    Panicked,
+    Register,
+    Request,
+    Role,
+    SessionLost,
+    Stats,
+    StatsReply,
+    Welcome,
+)
+
+#: Symbian's per-session limit on outstanding messages (KMaxMsgLimit).
+MAX_OUTSTANDING = 512
+#: The largest per-session slot count a client may ask for (the documented Symbian contract).
+MAX_SESSION_SLOTS = 255
+_HANDLE_LIMIT = 2**31 - 1
+
+
+class ProcessIdentity(NamedTuple):
+    """Who a process is, as the transport and the OS say (never the peer itself)."""
+
+    pid: int
+    create_time: float
+    uid: int
+    gid: int
+    exe: str
+
+    @property
+    def key(self) -> tuple[int, float]:
+        return (self.pid, self.create_time)
+
+
+# -- actions ---------------------------------------------------------------------------------
+
+
+class Send(NamedTuple):
+    """Send `message` to the peer with routing id `rid`."""
+
+    rid: bytes
+    message: Message
+
+
+class Watch(NamedTuple):
+    """Start watching process `identity` for death; report it with `process_died(key)`."""
+
+    identity: ProcessIdentity
+
+
+class Unwatch(NamedTuple):
+    """Stop watching the process with this key: it has no peers left."""
+
+    key: tuple
+
+
+Action = Union[Send, Watch, Unwatch]
+
+
+class PeerMisbehaved(Exception):
+    """A peer broke the protocol. `kind` groups reports for rate-limited logging."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+class KernelInvariantError(RuntimeError):
+    """An illegal transition was attempted. This is a bug in ipcfw; please report it."""
+
+
+# -- session lifecycle -----------------------------------------------------------------------
+
+
+class SessionState(enum.Enum):
+    CONNECTING = "CONNECTING"  # client holds; server runs NewSessionL / CreateL
+    OPEN = "OPEN"  # client holds; server holds a CSession
+    ABANDONED = "ABANDONED"  # client gone while the server was still connecting
+    CLOSING = "CLOSING"  # client gone; Disconnect delivered, not yet completed
+    PANICKED = "PANICKED"  # server panicked the client; Disconnect delivered; client holds
+    DEAD = "DEAD"  # server side gone (died, or disconnected after a panic); client holds
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+class SessionEvent(enum.Enum):
+    CONNECT_OK = "CONNECT_OK"
+    CONNECT_FAILED = "CONNECT_FAILED"
+    CLIENT_CLOSED = "CLIENT_CLOSED"
+    PANIC = "PANIC"
+    DISCONNECT_DONE = "DISCONNECT_DONE"
+    SERVER_DIED = "SERVER_DIED"
+
+
+_S, _E = SessionState, SessionEvent
+_REMOVED = None  # the session record is deleted
+_SESSION_TRANSITIONS: dict[SessionState, dict[SessionEvent, Optional[SessionState]]] = {
+    _S.CONNECTING: {
+        _E.CONNECT_OK: _S.OPEN,
+        _E.CONNECT_FAILED: _REMOVED,
+        _E.CLIENT_CLOSED: _S.ABANDONED,
+        _E.PANIC: _REMOVED,
+        _E.SERVER_DIED: _REMOVED,
+    },
+    _S.OPEN: {
+        _E.CLIENT_CLOSED: _S.CLOSING,
+        _E.PANIC: _S.PANICKED,
+        _E.SERVER_DIED: _S.DEAD,
+    },
+    _S.ABANDONED: {
+        _E.CONNECT_OK: _S.CLOSING,
+        _E.CONNECT_FAILED: _REMOVED,
+        _E.PANIC: _REMOVED,
+        _E.SERVER_DIED: _REMOVED,
+    },
+    _S.CLOSING: {
+        _E.DISCONNECT_DONE: _REMOVED,
+        _E.SERVER_DIED: _REMOVED,
+    },
+    _S.PANICKED: {
+        _E.DISCONNECT_DONE: _S.DEAD,
+        _E.CLIENT_CLOSED: _S.CLOSING,
+        _E.SERVER_DIED: _S.DEAD,
+    },
+    _S.DEAD: {
+        _E.CLIENT_CLOSED: _REMOVED,
+    },
+}
+#: States in which the kernel still forwards the session's requests to its server.
+_DELIVERABLE = frozenset({_S.CONNECTING, _S.OPEN})
+#: States in which the client still holds the handle.
+_HELD = frozenset({_S.CONNECTING, _S.OPEN, _S.PANICKED, _S.DEAD})
+
+
+class MessageKind(enum.Enum):
+    CONNECT = "CONNECT"
+    REQUEST = "REQUEST"
+    DISCONNECT = "DISCONNECT"
+
+
+class SlotSource(enum.Enum):
+    NONE = "none"  # sync request, connect, disconnect
+    SESSION = "session"  # the session's own slots
+    POOL = "pool"  # the kernel-wide pool
+
+
+# -- tables ----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class ProcessRecord:
+    identity: ProcessIdentity
+    client_key: int
+    peers: set = field(default_factory=set)  # routing ids
+    inbox: Optional[bytes] = None
+    sessions: set = field(default_factory=set)  # handles this process holds
+
+
+@dataclass(eq=False)
+class Peer:
+    rid: bytes
+    role: Role
+    process: ProcessRecord
+    sessions: set = field(default_factory=set)  # unshared handles this channel owns
+
+
+@dataclass(eq=False)
+class ServerRecord:
+    name: str
+    rid: bytes
+    process: ProcessRecord
+    sharing: int
+    version: tuple
+    sessions: set = field(default_factory=set)
+    messages: dict = field(default_factory=dict)  # msg_id -> MessageRecord
+    informed: set = field(default_factory=set)  # client keys this server has a PeerInfo for
+
+
+@dataclass(eq=False)
+class SessionRecord:
+    handle: int
+    server: ServerRecord
+    owner: Peer  # the channel that created it
+    slots: int  # -1 pool, 0 none, N own
+    state: SessionState = SessionState.CONNECTING
+    sharing: int = 0
+    slots_used: int = 0
+    messages: set = field(default_factory=set)  # msg_ids outstanding
+    panic: Optional[tuple] = None  # (category, reason) once the server panicked the client
+
+    def __repr__(self) -> str:
+        return (
+            f"<session 0x{self.handle:x} {self.state!r} server={self.server.name!r} "
+            f"pid={self.owner.process.identity.pid} outstanding={len(self.messages)}>"
+        )
+
+
+@dataclass(eq=False, slots=True)
+class MessageRecord:
+    msg_id: int
+    kind: MessageKind
+    session: SessionRecord
+    reply_to: Optional[bytes]  # routing id that gets the completion, None if nobody
+    req_id: int
+    slot: SlotSource
+    writable: dict  # arg index -> max length
+
+
+class KernelState:
+    """All of the kernel's tables, and the rules that change them.
+
+    Every public method takes an input and returns the actions to perform, in order.
+    """
+
+    def __init__(
+        self,
+        *,
+        kernel_pid: int = 0,
+        pool_slots: int = 4096,
+        protserv_uids: frozenset = frozenset(),
+        max_frame: int = MAX_FRAME,
+    ) -> None:
+        self.kernel_pid = kernel_pid
+        self.pool_slots = pool_slots
+        self.protserv_uids = protserv_uids
+        self.max_frame = max_frame
+        self.pool_used = 0
+        self.peers: dict[bytes, Peer] = {}
+        self.processes: dict[tuple, ProcessRecord] = {}
+        self.servers: dict[str, ServerRecord] = {}  # lookup key -> server
+        self.server_of_peer: dict[bytes, ServerRecord] = {}
+        self.sessions: dict[int, SessionRecord] = {}
+        self.messages: dict[int, MessageRecord] = {}
+        self._next_handle = 0
+        self._msg_ids = itertools.count(1)
+        self._client_keys = itertools.count(1)
+        self._dispatch = {
+            Register: self._register,
+            Connect: self._connect,
+            Request: self._request,
+            Close: self._close,
+            Complete: self._complete,
+            Panic: self._panic,
+            Stats: self._stats,
+        }
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def hello(self, rid: bytes, identity: ProcessIdentity, message: Hello) -> list[Action]:
+        """A new socket introduced itself; `identity` comes from the transport."""
+        if rid in self.peers:
+            raise PeerMisbehaved("duplicate hello", f"peer {rid.hex()} said Hello twice")
+        role = Role(message.role)
+        process = self.processes.get(identity.key)
+        if role is Role.INBOX and process is not None and process.inbox is not None:
+            raise PeerMisbehaved(
+                "second inbox", f"pid {identity.pid} already has an inbox"
+            )
+        actions: list[Action] = []
+        if process is None:
+            process = ProcessRecord(identity, next(self._client_keys))
+            self.processes[identity.key] = process
+            actions.append(Watch(identity))
+        peer = Peer(rid, role, process)
+        self.peers[rid] = peer
+        process.peers.add(rid)
+        if role is Role.INBOX:
+            process.inbox = rid
+        actions.append(Send(rid, Welcome(self.kernel_pid, self.max_frame)))
+        return actions
+
+    def knows(self, rid: bytes) -> bool:
+        return rid in self.peers
+
+    def pid_of(self, rid: bytes) -> int:
+        return self.peers[rid].process.identity.pid
+
+    def receive(self, rid: bytes, message: Message) -> list[Action]:
+        """A message from a peer that has said Hello."""
+        peer = self.peers.get(rid)
+        if peer is None:
+            raise PeerMisbehaved("no hello", f"{type(message).__name__} before Hello")
+        handler = self._dispatch.get(type(message))
+        if handler is None:
+            raise PeerMisbehaved(
+                "wrong direction", f"{type(message).__name__} is not sent to the kernel"
+            )
+        return handler(peer, message)
+
+    def peer_gone(self, rid: bytes) -> list[Action]:
+        """A peer's socket disconnected (its thread ended, or its process died)."""
+        peer = self.peers.pop(rid, None)
+        if peer is None:
+            return []
+        actions: list[Action] = []
+        process = peer.process
+        process.peers.discard(rid)
+        if process.inbox == rid:
+            process.inbox = None
+        server = self.server_of_peer.get(rid)
+        if server is not None:
+            actions += self._server_died(server)
+        for handle in sorted(peer.sessions):
+            session = self.sessions.get(handle)
+            if session is not None and session.state in _HELD:
+                actions += self._client_closed(session)
+        if not process.peers:
+            del self.processes[process.identity.key]
+            actions.append(Unwatch(process.identity.key))
+        return actions
+
+    def process_died(self, key: tuple) -> list[Action]:
+        """Every peer of the process is gone: it exited or was killed."""
+        process = self.processes.get(key)
+        if process is None:
+            return []
+        actions: list[Action] = []
+        for rid in sorted(process.peers):
+            actions += self.peer_gone(rid)
+        return actions
+
+    def statistics(self) -> dict[str, int]:
+        """Counts of everything the kernel holds (for `ipcfw ps` and tests)."""
+        counts = {
+            "peers": len(self.peers),
+            "processes": len(self.processes),
+            "servers": len(self.servers),
+            "sessions": len(self.sessions),
+            "messages": len(self.messages),
+            "pool_slots": self.pool_slots,
+            "pool_used": self.pool_used,
+        }
+        for state in SessionState:
+            counts[f"sessions_{state.value.lower()}"] = 0
+        for session in self.sessions.values():
+            counts[f"sessions_{session.state.value.lower()}"] += 1
+        return counts
+
+    # -- servers -----------------------------------------------------------------------------
+
+    def _register(self, peer: Peer, message: Register) -> list[Action]:
+        self._require_role(peer, Role.SERVER, message)
+        code = self._registration_error(peer, message)
+        if code:
+            return [Send(peer.rid, Completed(message.req_id, code, ()))]
+        server = ServerRecord(
+            message.name, peer.rid, peer.process, message.sharing, message.version
+        )
+        self.servers[lookup_key(message.name)] = server
+        self.server_of_peer[peer.rid] = server
+        return [Send(peer.rid, Completed(message.req_id, errors.KErrNone, ()))]
+
+    def _registration_error(self, peer: Peer, message: Register) -> int:
+        if peer.rid in self.server_of_peer:
+            return errors.KErrInUse
+        if name_problem(message.name):
+            return errors.KErrBadName
+        if is_protected(message.name) and peer.process.identity.uid not in self.protserv_uids:
+            return errors.KErrPermissionDenied
+        if lookup_key(message.name) in self.servers:
+            return errors.KErrAlreadyExists
+        return errors.KErrNone
+
+    def _server_died(self, server: ServerRecord) -> list[Action]:
+        del self.server_of_peer[server.rid]
+        if self.servers.get(lookup_key(server.name)) is server:
+            del self.servers[lookup_key(server.name)]
+        actions: list[Action] = []
+        for handle in sorted(server.sessions):
+            actions += self._transition(self.sessions[handle], _E.SERVER_DIED)
+        return actions
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def _connect(self, peer: Peer, message: Connect) -> list[Action]:
+        self._require_role(peer, Role.CHANNEL, message)
+        code = self._connect_error(message)
+        if code:
+            return [Send(peer.rid, Connected(message.req_id, code, 0, b""))]
+        server = self.servers[lookup_key(message.name)]
+        session = SessionRecord(self._new_handle(), server, peer, message.slots)
+        self.sessions[session.handle] = session
+        server.sessions.add(session.handle)
+        peer.sessions.add(session.handle)
+        peer.process.sessions.add(session.handle)
+        record = self._new_message(session, MessageKind.CONNECT, peer.rid, message.req_id)
+        actions = self._inform(server, peer.process)
+        actions.append(
+            Send(
+                server.rid,
+                NewSession(
+                    record.msg_id,
+                    session.handle,
+                    message.version,
+                    peer.process.client_key,
+                    message.payload,
+                ),
+            )
+        )
+        return actions
+
+    def _connect_error(self, message: Connect) -> int:
+        if name_problem(message.name):
+            return errors.KErrBadName
+        if not -1 <= message.slots <= MAX_SESSION_SLOTS:
+            return errors.KErrArgument
+        if lookup_key(message.name) not in self.servers:
+            return errors.KErrNotFound
+        return errors.KErrNone
+
+    def _new_handle(self) -> int:
+        # Handles count up and wrap, skipping 0 and live ones, so a stale handle is not
+        # reissued until 2**31 sessions later.
+        while True:
+            self._next_handle = self._next_handle % _HANDLE_LIMIT + 1
+            if self._next_handle not in self.sessions:
+                return self._next_handle
+
+    def _close(self, peer: Peer, message: Close) -> list[Action]:
+        self._require_role(peer, Role.CHANNEL, message)
+        session = self.sessions.get(message.handle)
+        if session is None or not self._holds(peer, session):
+            raise PeerMisbehaved(
+                "close of a handle not held",
+                f"handle 0x{message.handle:x} is not held by pid {peer.process.identity.pid}",
+            )
+        return self._client_closed(session)
+
+    def _client_closed(self, session: SessionRecord) -> list[Action]:
+        session.owner.sessions.discard(session.handle)
+        session.owner.process.sessions.discard(session.handle)
+        # Whatever is still outstanding will never be answered: the client completed it
+        # locally (KErrSessionClosed) or is gone.
+        for msg_id in session.messages:
+            self.messages[msg_id].reply_to = None
+        return self._transition(session, _E.CLIENT_CLOSED)
+
+    def _holds(self, peer: Peer, session: SessionRecord) -> bool:
+        if session.state not in _HELD:
+            return False
+        if session.sharing == 0:
+            return session.owner is peer
+        return session.owner.process is peer.process
+
+    def _transition(self, session: SessionRecord, event: SessionEvent) -> list[Action]:
+        """Move `session` along `_SESSION_TRANSITIONS`, performing the event's side effects."""
+        table = _SESSION_TRANSITIONS[session.state]
+        if event not in table:
+            raise KernelInvariantError(
+                f"can't handle {event.value} for session 0x{session.handle:x} "
+                f"in state {session.state.value}"
+            )
+        new_state = table[event]
+        actions: list[Action] = []
+        if event is _E.SERVER_DIED:
+            actions += self._fail_outstanding(session, errors.KErrServerTerminated)
+            if new_state is _S.DEAD:
+                actions += self._notify_lost(session, errors.KErrServerTerminated)
+        if new_state is _S.CLOSING or new_state is _S.PANICKED:
+            actions += self._deliver_disconnect(session)
+        if new_state is _REMOVED or new_state is _S.DEAD:
+            self._release_server_side(session)
+        if new_state is _REMOVED:
+            self._remove(session)
+        else:
+            session.state = new_state
+        return actions
+
+    def _deliver_disconnect(self, session: SessionRecord) -> list[Action]:
+        record = self._new_message(session, MessageKind.DISCONNECT, None, 0)
+        return [Send(session.server.rid, Disconnect(record.msg_id, session.handle))]
+
+    def _fail_outstanding(self, session: SessionRecord, code: int) -> list[Action]:
+        actions: list[Action] = []
+        for msg_id in sorted(session.messages):
+            record = self.messages[msg_id]
+            if record.reply_to is not None:
+                actions.append(Send(record.reply_to, self._reply(record, code)))
+                record.reply_to = None
+        return actions
+
+    def _notify_lost(self, session: SessionRecord, code: int) -> list[Action]:
+        inbox = session.owner.process.inbox
+        if inbox is None:
+            return []
+        return [Send(inbox, SessionLost(session.handle, code))]
+
+    def _release_server_side(self, session: SessionRecord) -> None:
+        for msg_id in list(session.messages):
+            self._free_message(self.messages[msg_id])
+        session.server.sessions.discard(session.handle)
+
+    def _remove(self, session: SessionRecord) -> None:
+        self._release_server_side(session)
+        session.owner.sessions.discard(session.handle)
+        session.owner.process.sessions.discard(session.handle)
+        del self.sessions[session.handle]
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def _request(self, peer: Peer, message: Request) -> list[Action]:
+        self._require_role(peer, Role.CHANNEL, message)
+        mode = message.mode
+        reply_to = peer.rid if mode != Mode.ASYNC else peer.process.inbox
+        if reply_to is None:
+            raise PeerMisbehaved("async without inbox", "async request from a process without an inbox")
+        session = self.sessions.get(message.handle)
+        if session is None or not self._holds(peer, session):
+            return [Send(reply_to, Panicked(message.req_id, message.handle, "KERN-EXEC", 0))]
+        if session.panic is not None:
+            return [Send(reply_to, Panicked(message.req_id, session.handle, *session.panic))]
+        code = self._request_error(session, mode)
+        if code:
+            return [Send(reply_to, Completed(message.req_id, code, ()))]
+        record = self._new_message(
+            session,
+            MessageKind.REQUEST,
+            None if mode == Mode.BLIND else reply_to,
+            message.req_id,
+            self._take_slot(session, mode),
+            {i: a[1] for i, a in enumerate(message.args) if type(a) is tuple},
+        )
+        actions = self._inform(session.server, peer.process)
+        actions.append(
+            Send(
+                session.server.rid,
+                Deliver(
+                    record.msg_id,
+                    session.handle,
+                    message.function,
+                    message.args,
+                    peer.process.client_key,
+                ),
+            )
+        )
+        if mode == Mode.BLIND:
+            actions.append(Send(peer.rid, Completed(message.req_id, errors.KErrNone, ())))
+        return actions
+
+    def _request_error(self, session: SessionRecord, mode: int) -> int:
+        state = session.state
+        if state is _S.DEAD:
+            return errors.KErrServerTerminated
+        if len(session.messages) >= MAX_OUTSTANDING:
+            return errors.KErrOverflow
+        if mode != Mode.SYNC and not self._slot_free(session):
+            return errors.KErrServerBusy
+        return errors.KErrNone
+
+    def _slot_free(self, session: SessionRecord) -> bool:
+        if session.slots > 0:
+            return session.slots_used < session.slots
+        if session.slots < 0:
+            return self.pool_used < self.pool_slots
+        return False
+
+    def _take_slot(self, session: SessionRecord, mode: int) -> SlotSource:
+        if mode == Mode.SYNC:
+            return SlotSource.NONE
+        if session.slots > 0:
+            session.slots_used += 1
+            return SlotSource.SESSION
+        self.pool_used += 1
+        return SlotSource.POOL
+
+    def _new_message(
+        self,
+        session: SessionRecord,
+        kind: MessageKind,
+        reply_to: Optional[bytes],
+        req_id: int,
+        slot: SlotSource = SlotSource.NONE,
+        writable: Optional[dict] = None,
+    ) -> MessageRecord:
+        record = MessageRecord(
+            next(self._msg_ids), kind, session, reply_to, req_id, slot, writable or {}
+        )
+        self.messages[record.msg_id] = record
+        session.messages.add(record.msg_id)
+        session.server.messages[record.msg_id] = record
+        return record
+
+    def _free_message(self, record: MessageRecord) -> None:
+        del self.messages[record.msg_id]
+        session = record.session
+        session.messages.discard(record.msg_id)
+        session.server.messages.pop(record.msg_id, None)
+        if record.slot is SlotSource.SESSION:
+            session.slots_used -= 1
+        elif record.slot is SlotSource.POOL:
+            self.pool_used -= 1
+
+    def _inform(self, server: ServerRecord, process: ProcessRecord) -> list[Action]:
+        """A PeerInfo for `process`, if `server` has not had one yet."""
+        if process.client_key in server.informed:
+            return []
+        server.informed.add(process.client_key)
+        who = process.identity
+        return [
+            Send(
+                server.rid,
+                PeerInfo(process.client_key, who.pid, who.uid, who.gid, who.exe),
+            )
+        ]
+
+    def _own_message(self, peer: Peer, msg_id: int, message: Message) -> Optional[MessageRecord]:
+        server = self.server_of_peer.get(peer.rid)
+        if server is None:
+            raise PeerMisbehaved(
+                "not a server", f"{type(message).__name__} from a peer that registered no server"
+            )
+        # A message the server no longer has outstanding was released when its client
+        # closed or died: a late completion, dropped silently.
+        return server.messages.get(msg_id)
+
+    def _complete(self, peer: Peer, message: Complete) -> list[Action]:
+        record = self._own_message(peer, message.msg_id, message)
+        if record is None:
+            return []
+        value, writes = message.value, message.writes
+        for index, data in writes:
+            limit = record.writable.get(index)
+            if limit is None or len(data) > limit:
+                # The server library never sends this; a hostile server must not corrupt
+                # the client's buffer, so the request fails instead.
+                value, writes = errors.KErrBadDescriptor, ()
+                break
+        session = record.session
+        self._free_message(record)
+        if record.kind is MessageKind.CONNECT:
+            return self._connect_done(record, value)
+        if record.kind is MessageKind.DISCONNECT:
+            return self._transition(session, _E.DISCONNECT_DONE)
+        if record.reply_to is None or session.state not in _DELIVERABLE:
+            return []
+        return [Send(record.reply_to, Completed(record.req_id, value, writes))]
+
+    def _connect_done(self, record: MessageRecord, value: int) -> list[Action]:
+        session = record.session
+        if value < 0:
+            actions = self._transition(session, _E.CONNECT_FAILED)
+            if record.reply_to is not None:
+                actions.append(Send(record.reply_to, Connected(record.req_id, value, 0, b"")))
+            return actions
+        actions = self._transition(session, _E.CONNECT_OK)
+        if record.reply_to is not None:
+            actions.append(
+                Send(record.reply_to, Connected(record.req_id, errors.KErrNone, session.handle, b""))
+            )
+        return actions
+
+    def _panic(self, peer: Peer, message: Panic) -> list[Action]:
+        record = self._own_message(peer, message.msg_id, message)
+        if record is None:
+            return []
+        session = record.session
+        self._free_message(record)
+        if record.kind is MessageKind.DISCONNECT:
+            return self._transition(session, _E.DISCONNECT_DONE)
+        if session.state not in _DELIVERABLE:
+            return []
+        actions: list[Action] = []
+        if record.reply_to is not None:
+            actions.append(Send(record.reply_to, self._panicked(record, message)))
+        for msg_id in sorted(session.messages):
+            other = self.messages[msg_id]
+            if other.reply_to is not None:
+                actions.append(Send(other.reply_to, self._panicked(other, message)))
+                other.reply_to = None
+        session.panic = (message.category, message.reason)
+        return actions + self._transition(session, _E.PANIC)
+
+    @staticmethod
+    def _panicked(record: MessageRecord, message: Panic) -> Panicked:
+        return Panicked(record.req_id, record.session.handle, message.category, message.reason)
+
+    def _reply(self, record: MessageRecord, code: int) -> Message:
+        if record.kind is MessageKind.CONNECT:
+            return Connected(record.req_id, code, 0, b"")
+        return Completed(record.req_id, code, ())
+
+    def _stats(self, peer: Peer, message: Stats) -> list[Action]:
+        return [Send(peer.rid, StatsReply(message.req_id, self.statistics()))]
+
+    # -- checks ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _require_role(peer: Peer, role: Role, message: Message) -> None:
+        if peer.role is not role:
+            raise PeerMisbehaved(
+                "wrong role",
+                f"{type(message).__name__} from a {peer.role.name} peer (needs {role.name})",
+            )

@@ -1,0 +1,458 @@
+"""The ipcfw wire protocol: every message kind, and the codec between messages and frames.
+
+Theory of operation
+-------------------
+Every ipcfw peer (a client thread's channel, a client process's inbox, a server) holds one zmq
+DEALER socket connected to the kernel's ROUTER. Every message is exactly **one frame**: a msgpack
+array whose first item is the message's `Kind` and whose other items are the fields of the
+message's class, in order. One frame per message keeps the hot path to one send and one receive
+per hop (each extra zmq frame costs about 1 us per side in pyzmq).
+
+This module is the only place where message kinds exist. It does no I/O: `encode(message)`
+returns the frame to send and `decode(frame)` returns a message or raises `ProtocolError`, naming
+the field and the value that were wrong. `decode` never raises anything else, whatever the bytes:
+the kernel and the servers rely on that to survive hostile peers.
+
+Field checks here are structural (types, 32-bit ranges, sizes). Whether a handle is held, a slot
+is free or a name is valid is the kernel's business, not the codec's.
+
+Arguments (`TIpcArgs` on the wire) are a tuple of at most four items, each one of:
+
+* an int, a 32-bit signed integer;
+* bytes, a read-only descriptor (`ReadL`, `GetDesLength`);
+* a pair ``(bytes, max_length)``, a writable descriptor: its current content and its max length.
+
+A completion carries ``writes``: pairs ``(index, content)`` giving the final content of each
+writable descriptor the server wrote, which the client copies into its `bytearray`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable, NamedTuple, Union
+
+import msgpack
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_FRAME",
+    "MAX_NAME",
+    "MAX_PAYLOAD",
+    "MAX_CATEGORY",
+    "ProtocolError",
+    "Kind",
+    "Role",
+    "Mode",
+    "Message",
+    "Hello",
+    "Welcome",
+    "Register",
+    "Connect",
+    "Request",
+    "Close",
+    "Complete",
+    "Panic",
+    "Stats",
+    "Connected",
+    "Completed",
+    "Panicked",
+    "SessionLost",
+    "StatsReply",
+    "NewSession",
+    "Deliver",
+    "Disconnect",
+    "PeerInfo",
+    "encode",
+    "decode",
+    "check_args",
+]
+
+PROTOCOL_VERSION = 1
+
+#: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
+#: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
+MAX_FRAME = 16 * 1024 * 1024
+#: Longest server name the codec accepts; the kernel's naming rule (80 characters) is stricter.
+MAX_NAME = 256
+#: Largest connect negotiation payload the codec accepts.
+MAX_PAYLOAD = 4096
+#: Longest panic category (Symbian truncates to 16 characters; so do we, before sending).
+MAX_CATEGORY = 16
+#: Longest executable path in a PeerInfo.
+MAX_PATH = 4096
+
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_U63_MAX = 2**63 - 1
+
+
+class ProtocolError(Exception):
+    """A frame that is not a valid ipcfw message. The message names what was wrong."""
+
+
+class Kind(enum.IntEnum):
+    """The first item of every frame."""
+
+    # client or server -> kernel
+    HELLO = 1
+    REGISTER = 2
+    CONNECT = 3
+    REQUEST = 4
+    CLOSE = 5
+    COMPLETE = 6
+    PANIC = 7
+    STATS = 8
+    # kernel -> client
+    WELCOME = 20
+    CONNECTED = 21
+    COMPLETED = 22
+    PANICKED = 23
+    SESSION_LOST = 24
+    STATS_REPLY = 25
+    # kernel -> server
+    NEW_SESSION = 40
+    DELIVER = 41
+    DISCONNECT = 42
+    CLIENT_INFO = 43
+
+
+class Role(enum.IntEnum):
+    """What a peer socket is for, declared in its Hello."""
+
+    CHANNEL = 1  # one client thread: sends requests, receives sync replies
+    INBOX = 2  # one client process: receives async completions and notices
+    SERVER = 3  # one server host: receives deliveries, sends completions
+
+
+class Mode(enum.IntEnum):
+    """How a Request is answered."""
+
+    SYNC = 0  # reply on the sending channel; takes no message slot
+    ASYNC = 1  # reply to the process inbox; takes a slot
+    BLIND = 2  # the kernel acknowledges on the channel once queued; the server's answer is dropped
+
+
+# -- field checkers --------------------------------------------------------------------------
+# Each takes the raw decoded value and returns it (possibly normalised) or raises ValueError
+# with a phrase describing what was expected; `decode` adds the message and field names.
+
+Checker = Callable[[Any], Any]
+
+
+def _int_in(low: int, high: int, what: str) -> Checker:
+    def check(value: Any) -> int:
+        if type(value) is not int or not low <= value <= high:
+            raise ValueError(f"expected {what}")
+        return value
+
+    return check
+
+
+def _bytes_upto(limit: int) -> Checker:
+    def check(value: Any) -> bytes:
+        if type(value) is not bytes or len(value) > limit:
+            raise ValueError(f"expected bytes of at most {limit}")
+        return value
+
+    return check
+
+
+def _str_upto(limit: int) -> Checker:
+    def check(value: Any) -> str:
+        if type(value) is not str or len(value) > limit:
+            raise ValueError(f"expected a string of at most {limit} characters")
+        return value
+
+    return check
+
+
+def _version(value: Any) -> tuple[int, int, int]:
+    if type(value) is not tuple or len(value) != 3:
+        raise ValueError("expected a (major, minor, build) triple")
+    major, minor, build = value
+    for part, limit in ((major, 127), (minor, 127), (build, 32767)):
+        if type(part) is not int or not 0 <= part <= limit:
+            raise ValueError("expected a version with major, minor 0..127 and build 0..32767")
+    return value
+
+
+_i32 = _int_in(_I32_MIN, _I32_MAX, "a 32-bit signed int")
+_u63 = _int_in(0, _U63_MAX, "an unsigned 63-bit int")
+_u32 = _int_in(0, 2**32 - 1, "an unsigned 32-bit int")
+_handle = _int_in(1, _I32_MAX, "a handle in 1..2**31-1")
+_function = _int_in(0, _I32_MAX, "a function number in 0..2**31-1")
+_sharing = _int_in(0, 2, "a sharing mode 0..2")
+_role = _int_in(min(Role), max(Role), "a role")
+_mode = _int_in(min(Mode), max(Mode), "a mode")
+_u16 = _int_in(0, 0xFFFF, "an unsigned 16-bit int")
+
+
+def check_args(value: Any) -> tuple:
+    """Check a wire argument tuple; raise ValueError saying what is wrong."""
+    if type(value) is not tuple or len(value) > 4:
+        raise ValueError("expected a tuple of at most 4 arguments")
+    for index, arg in enumerate(value):
+        kind = type(arg)
+        if kind is int:
+            if not _I32_MIN <= arg <= _I32_MAX:
+                raise ValueError(f"argument {index}: int {arg} is outside 32 bits")
+        elif kind is tuple:
+            if (
+                len(arg) != 2
+                or type(arg[0]) is not bytes
+                or type(arg[1]) is not int
+                or not len(arg[0]) <= arg[1] <= MAX_FRAME
+            ):
+                raise ValueError(f"argument {index}: malformed writable descriptor")
+        elif kind is not bytes:
+            raise ValueError(f"argument {index}: {kind.__name__} is not int, bytes or a pair")
+    return value
+
+
+def _writes(value: Any) -> tuple:
+    if type(value) is not tuple or len(value) > 4:
+        raise ValueError("expected a tuple of at most 4 (index, bytes) writes")
+    for item in value:
+        if (
+            type(item) is not tuple
+            or len(item) != 2
+            or type(item[0]) is not int
+            or not 0 <= item[0] <= 3
+            or type(item[1]) is not bytes
+        ):
+            raise ValueError("expected (index 0..3, bytes) pairs")
+    return value
+
+
+def _counters(value: Any) -> dict:
+    if type(value) is not dict or len(value) > 256:
+        raise ValueError("expected a map of at most 256 counters")
+    for key, count in value.items():
+        if type(key) is not str or type(count) is not int:
+            raise ValueError("expected str -> int counters")
+    return value
+
+
+# -- messages --------------------------------------------------------------------------------
+
+
+class Hello(NamedTuple):
+    """Peer -> kernel, first message of every socket. The kernel answers Welcome."""
+
+    role: int
+    protocol: int
+
+
+class Register(NamedTuple):
+    """Server -> kernel: register a server name. Answered by Completed(req_id, code)."""
+
+    req_id: int
+    name: str
+    sharing: int
+    version: tuple
+
+
+class Connect(NamedTuple):
+    """Channel -> kernel: create a session with a named server. Answered by Connected."""
+
+    req_id: int
+    name: str
+    version: tuple
+    slots: int
+    payload: bytes
+
+
+class Request(NamedTuple):
+    """Channel -> kernel: a message for the session's server (SendReceive or Send)."""
+
+    req_id: int
+    handle: int
+    function: int
+    args: tuple
+    mode: int
+
+
+class Close(NamedTuple):
+    """Channel -> kernel: close a session handle. Not answered."""
+
+    handle: int
+
+
+class Complete(NamedTuple):
+    """Server -> kernel: complete a delivered message with a value and descriptor writes."""
+
+    msg_id: int
+    value: int
+    writes: tuple
+
+
+class Panic(NamedTuple):
+    """Server -> kernel: panic the client that sent this message (RMessage.Panic)."""
+
+    msg_id: int
+    category: str
+    reason: int
+
+
+class Stats(NamedTuple):
+    """Any peer -> kernel: ask for the kernel's counters. Answered by StatsReply."""
+
+    req_id: int
+
+
+class Welcome(NamedTuple):
+    """Kernel -> peer: the answer to Hello."""
+
+    kernel_pid: int
+    max_frame: int
+
+
+class Connected(NamedTuple):
+    """Kernel -> channel: the result of Connect; `handle` is 0 when `result` is an error."""
+
+    req_id: int
+    result: int
+    handle: int
+    payload: bytes
+
+
+class Completed(NamedTuple):
+    """Kernel -> client: a request's completion value and descriptor writes."""
+
+    req_id: int
+    value: int
+    writes: tuple
+
+
+class Panicked(NamedTuple):
+    """Kernel -> client: the request's sender was panicked; its session is dead."""
+
+    req_id: int
+    handle: int
+    category: str
+    reason: int
+
+
+class SessionLost(NamedTuple):
+    """Kernel -> inbox: a session of this process ended without its Close (e.g. server died)."""
+
+    handle: int
+    code: int
+
+
+class StatsReply(NamedTuple):
+    """Kernel -> peer: the kernel's counters."""
+
+    req_id: int
+    counters: dict
+
+
+class NewSession(NamedTuple):
+    """Kernel -> server: a client asks for a session (NewSessionL, CreateL)."""
+
+    msg_id: int
+    handle: int
+    version: tuple
+    client: int
+    payload: bytes
+
+
+class Deliver(NamedTuple):
+    """Kernel -> server: a request for ServiceL."""
+
+    msg_id: int
+    handle: int
+    function: int
+    args: tuple
+    client: int
+
+
+class Disconnect(NamedTuple):
+    """Kernel -> server: the session's last holder closed it or died."""
+
+    msg_id: int
+    handle: int
+
+
+class PeerInfo(NamedTuple):
+    """Kernel -> server: who client key `client` is, sent before its first message."""
+
+    client: int
+    pid: int
+    uid: int
+    gid: int
+    exe: str
+
+
+Message = Union[
+    Hello, Register, Connect, Request, Close, Complete, Panic, Stats, Welcome, Connected,
+    Completed, Panicked, SessionLost, StatsReply, NewSession, Deliver, Disconnect, PeerInfo,
+]
+
+_SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
+    Hello: (Kind.HELLO, (_role, _u16)),
+    Register: (Kind.REGISTER, (_u63, _str_upto(MAX_NAME), _sharing, _version)),
+    Connect: (Kind.CONNECT, (_u63, _str_upto(MAX_NAME), _version, _i32, _bytes_upto(MAX_PAYLOAD))),
+    Request: (Kind.REQUEST, (_u63, _handle, _function, check_args, _mode)),
+    Close: (Kind.CLOSE, (_handle,)),
+    Complete: (Kind.COMPLETE, (_u63, _i32, _writes)),
+    Panic: (Kind.PANIC, (_u63, _str_upto(MAX_CATEGORY), _i32)),
+    Stats: (Kind.STATS, (_u63,)),
+    Welcome: (Kind.WELCOME, (_u32, _u63)),
+    Connected: (Kind.CONNECTED, (_u63, _i32, _int_in(0, _I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD))),
+    Completed: (Kind.COMPLETED, (_u63, _i32, _writes)),
+    Panicked: (Kind.PANICKED, (_u63, _handle, _str_upto(MAX_CATEGORY), _i32)),
+    SessionLost: (Kind.SESSION_LOST, (_handle, _i32)),
+    StatsReply: (Kind.STATS_REPLY, (_u63, _counters)),
+    NewSession: (Kind.NEW_SESSION, (_u63, _handle, _version, _u63, _bytes_upto(MAX_PAYLOAD))),
+    Deliver: (Kind.DELIVER, (_u63, _handle, _function, check_args, _u63)),
+    Disconnect: (Kind.DISCONNECT, (_u63, _handle)),
+    PeerInfo: (Kind.CLIENT_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH))),
+}
+
+_KIND_OF: dict[type, int] = {cls: int(kind) for cls, (kind, _) in _SCHEMA.items()}
+_BY_KIND: dict[int, tuple[type, tuple[Checker, ...]]] = {
+    int(kind): (cls, checkers) for cls, (kind, checkers) in _SCHEMA.items()
+}
+
+
+def encode(message: Message) -> bytes:
+    """Return the one frame that carries `message`. Raises KeyError for a non-message."""
+    return msgpack.packb((_KIND_OF[type(message)], *message))
+
+
+def decode(frame: bytes) -> Message:
+    """Return the message carried by `frame`, or raise ProtocolError naming what was wrong."""
+    try:
+        items = msgpack.unpackb(frame, use_list=False, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"not a msgpack frame ({type(exc).__name__}: {exc})") from None
+    if type(items) is not tuple or not items or type(items[0]) is not int:
+        raise ProtocolError(f"frame is not a [kind, ...] array: {_show(items)}")
+    entry = _BY_KIND.get(items[0])
+    if entry is None:
+        raise ProtocolError(f"unknown message kind {items[0]}")
+    cls, checkers = entry
+    fields = items[1:]
+    if len(fields) != len(checkers):
+        raise ProtocolError(
+            f"{cls.__name__} needs {len(checkers)} fields, got {len(fields)}"
+        )
+    try:
+        return cls(*[check(value) for check, value in zip(checkers, fields)])
+    except ValueError as exc:
+        name, value = _first_bad_field(cls, checkers, fields)
+        raise ProtocolError(f"{cls.__name__}.{name}: {exc}, got {_show(value)}") from None
+
+
+def _first_bad_field(cls: type, checkers: tuple, fields: tuple) -> tuple[str, Any]:
+    for name, check, value in zip(cls._fields, checkers, fields):
+        try:
+            check(value)
+        except ValueError:
+            return name, value
+    return "?", None  # pragma: no cover - only reached if a checker is not deterministic
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,568 @@
+"""The server side: CServer, CSession, RMessage, and the loop that hosts a server.
+
+A server plugin is a `CServer` subclass with a name, and a `CSession` subclass whose `ServiceL`
+handles each request. The host (``ipcfw serve package.module:ServerClass`` or `serve(server)`)
+registers the name with the kernel and runs `ServiceL` on its loop thread::
+
+    from ipcfw import CServer, CSession, KErrNotSupported, IpcError
+
+    class EchoSession(CSession):
+        def ServiceL(self, message):
+            if message.Function() == 1:
+                message.Complete(message.Int0())
+            else:
+                raise IpcError(KErrNotSupported)
+
+    class EchoServer(CServer):
+        name = "echo"
+        session_class = EchoSession
+
+A message may be completed later, from any thread, while the loop serves other requests: keep the
+`RMessage` and call ``Complete()`` when the answer is ready.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from typing import Any, ClassVar, NamedTuple, Optional
+
+import zmq
+
+from . import endpoint as endpoints
+from . import errors
+from .protocol import (
+    MAX_CATEGORY,
+    PROTOCOL_VERSION,
+    Complete,
+    Completed,
+    Deliver,
+    Disconnect,
+    Hello,
+    NewSession,
+    Panic,
+    PeerInfo,
+    ProtocolError,
+    Register,
+    Role,
+    Welcome,
+    decode,
+    encode,
+)
+from .version import QueryVersionSupported, TVersion, to_version
+
+log = logging.getLogger("ipcfw.server")
+
+__all__ = [
+    "EUnsharableSessions",
+    "ESharableSessions",
+    "EGlobalSharableSessions",
+    "ClientInfo",
+    "CServer",
+    "CSession",
+    "RMessage",
+    "ServerPanic",
+    "ServerHost",
+    "serve",
+]
+
+#: Sessions may be used only by the thread that created them.
+EUnsharableSessions = 0
+#: Sessions may be shared by the threads of the client's process (``ShareAuto``).
+ESharableSessions = 1
+#: Sessions may be shared with other processes (``ShareProtected``).
+EGlobalSharableSessions = 2
+
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_REGISTER_TIMEOUT = 5.0
+
+
+class ClientInfo(NamedTuple):
+    """Who sent a message, as the kernel saw it from the transport (never self-reported)."""
+
+    pid: int
+    uid: int
+    gid: int
+    exe: str
+
+
+class ServerPanic(Exception):
+    """The server code misused the framework (Symbian panics the server thread).
+
+    Raised, for example, by completing a message twice (``USER 70``). It is a bug in the server;
+    nothing is sent to the client for the offending call.
+    """
+
+    def __init__(self, category: str, reason: int, message: str = "") -> None:
+        super().__init__(f"server panic {category} {reason}" + (f": {message}" if message else ""))
+        self.category = category
+        self.reason = reason
+
+
+class CServer:
+    """A server plugin (Symbian ``CServer2``). Subclass it and set the class attributes.
+
+    Attributes:
+        name: the name clients connect to (1..80 printable ASCII characters, no ``*?:``).
+        version: the interface version served; clients asking for a newer one are refused.
+        sharing: the most sharing a session may ask for (``EUnsharableSessions`` ...).
+        session_class: the `CSession` subclass the default `NewSessionL` creates.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[TVersion] = TVersion(1, 0, 0)
+    sharing: ClassVar[int] = EUnsharableSessions
+    session_class: ClassVar[Optional[type]] = None
+
+    def NewSessionL(self, version: TVersion, message: "RMessage") -> "CSession":
+        """Create the session object for a new client.
+
+        The default applies Symbian's version rule (raise ``IpcError(KErrNotSupported)`` if
+        `version` is not served) and returns ``self.session_class()``. Override to choose a class
+        per client or to refuse a client; any exception fails the connect with its code.
+        """
+        if not QueryVersionSupported(to_version(self.version), version):
+            raise errors.IpcError(
+                errors.KErrNotSupported,
+                f"{self.name} serves version {tuple(self.version)}, client asked {tuple(version)}",
+            )
+        if self.session_class is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no session_class and does not override NewSessionL")
+        return self.session_class()
+
+
+class CSession:
+    """One client's session with a server (Symbian ``CSession2``). Subclass it.
+
+    ``ServiceL(message)`` is called for each request, in the order the client sent them, on the
+    host's loop thread. It completes the message now, or keeps it and completes it later (from
+    any thread). Raising completes the message through ``ServiceError``.
+    """
+
+    _server: CServer
+    _handle: int
+
+    def CreateL(self) -> None:
+        """Second-phase construction, after NewSessionL; raising fails the connect."""
+
+    def ServiceL(self, message: "RMessage") -> None:
+        """Handle one request. The default refuses every function with KErrNotSupported."""
+        raise errors.IpcError(errors.KErrNotSupported, f"function {message.Function()}")
+
+    def ServiceError(self, message: "RMessage", error: errors.IpcError) -> None:
+        """Called when ServiceL raised; the default completes the message with the error's code."""
+        if not message.IsNull():
+            message.Complete(error.code)
+
+    def Disconnect(self, message: "RMessage") -> None:
+        """The client closed the session or died. The default completes `message` at once.
+
+        Override to release resources (complete messages you still hold, for example), then
+        complete `message`, now or later; the kernel frees the session when you do.
+        """
+        message.Complete(errors.KErrNone)
+
+    def Server(self) -> CServer:
+        """The server that owns this session."""
+        return self._server
+
+
+class _MessageKind:
+    CONNECT = "connect"
+    REQUEST = "request"
+    DISCONNECT = "disconnect"
+
+
+class RMessage:
+    """A request as the server sees it (Symbian ``RMessage2``).
+
+    It carries the function number and four arguments, and is completed exactly once, by
+    ``Complete(value)`` or ``Panic(category, reason)``, from any thread.
+    """
+
+    __slots__ = ("_host", "_msg_id", "_kind", "_function", "_args", "_session", "_client", "_content", "_writes", "_done")
+
+    def __init__(self, host: "ServerHost", msg_id: int, kind: str, function: int, args: tuple,
+                 session: Optional[CSession], client: Optional[ClientInfo]) -> None:
+        self._host = host
+        self._msg_id = msg_id
+        self._kind = kind
+        self._function = function
+        self._args = args
+        self._session = session
+        self._client = client
+        self._content: Optional[dict] = None  # index -> bytearray, once WriteL was called
+        self._writes: Optional[dict] = None
+        self._done = False
+
+    # -- what was sent -----------------------------------------------------------------------
+
+    def Function(self) -> int:
+        """The function number (opcode) the client sent; -1 for connect, -2 for disconnect."""
+        return self._function
+
+    def Int0(self) -> int:
+        return self._int(0)
+
+    def Int1(self) -> int:
+        return self._int(1)
+
+    def Int2(self) -> int:
+        return self._int(2)
+
+    def Int3(self) -> int:
+        return self._int(3)
+
+    def _int(self, index: int) -> int:
+        if index >= len(self._args):
+            return 0  # unspecified arguments read as 0, as in Symbian
+        arg = self._args[index]
+        if type(arg) is not int:
+            raise errors.IpcError(errors.KErrArgument, f"argument {index} is a descriptor, not an int")
+        return arg
+
+    def _descriptor(self, index: int) -> Any:
+        if type(index) is not int or not 0 <= index <= 3:
+            raise errors.IpcError(errors.KErrArgument, f"argument index must be 0..3, got {index!r}")
+        if self._kind != _MessageKind.REQUEST:
+            raise ServerPanic("KERN-EXEC", 44, f"a {self._kind} message has no arguments")
+        arg = self._args[index] if index < len(self._args) else 0
+        if type(arg) is int:
+            raise errors.IpcError(errors.KErrBadDescriptor, f"argument {index} is not a descriptor")
+        return arg
+
+    def _current(self, index: int) -> bytes:
+        if self._content is not None and index in self._content:
+            return bytes(self._content[index])
+        arg = self._descriptor(index)
+        return arg if type(arg) is bytes else arg[0]
+
+    def GetDesLength(self, index: int) -> int:
+        """Length of descriptor argument `index`; ``BadDescriptor`` if it is an int."""
+        return len(self._current(index))
+
+    def GetDesMaxLength(self, index: int) -> int:
+        """Max length of descriptor argument `index` (its length, if read-only)."""
+        arg = self._descriptor(index)
+        return len(arg) if type(arg) is bytes else arg[1]
+
+    def ReadL(self, index: int, offset: int = 0) -> bytes:
+        """The content of descriptor argument `index`, from `offset`."""
+        if type(offset) is not int or offset < 0:
+            raise errors.IpcError(errors.KErrArgument, f"offset must be >= 0, got {offset!r}")
+        return self._current(index)[offset:]
+
+    def WriteL(self, index: int, data: bytes, offset: int = 0) -> None:
+        """Write `data` at `offset` into the client's writable descriptor `index`.
+
+        The client's ``bytearray`` then holds its first `offset` bytes followed by `data` (its
+        length becomes ``offset + len(data)``), when the request completes. Raises
+        ``BadDescriptor`` for an int or read-only argument, ``Overflow`` past its max length.
+        """
+        arg = self._descriptor(index)
+        if type(arg) is bytes:
+            raise errors.IpcError(errors.KErrBadDescriptor, f"argument {index} is read-only")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"WriteL data must be bytes-like, not {type(data).__name__}")
+        if type(offset) is not int or offset < 0:
+            raise errors.IpcError(errors.KErrArgument, f"offset must be >= 0, got {offset!r}")
+        if offset + len(data) > arg[1]:
+            raise errors.IpcError(
+                errors.KErrOverflow,
+                f"writing {len(data)} bytes at offset {offset} overflows argument {index} "
+                f"(max length {arg[1]})",
+            )
+        if self._content is None:
+            self._content = {}
+        buffer = self._content.setdefault(index, bytearray(arg[0]))
+        if len(buffer) < offset:
+            buffer.extend(bytes(offset - len(buffer)))
+        buffer[offset:] = data
+
+    # -- who sent it -------------------------------------------------------------------------
+
+    def Client(self) -> ClientInfo:
+        """The sending process: pid, uid, gid and executable, as the kernel saw them."""
+        if self._client is None:
+            raise ServerPanic("KERN-EXEC", 44, "this message has no client")
+        return self._client
+
+    def SecureId(self) -> int:
+        """The client's secure identity: its uid, which the transport vouches for."""
+        return self.Client().uid
+
+    def Session(self) -> Optional[CSession]:
+        """The session this message belongs to (None for a connect message)."""
+        return self._session
+
+    # -- completion --------------------------------------------------------------------------
+
+    def IsNull(self) -> bool:
+        """True once the message has been completed (or panicked)."""
+        return self._done
+
+    def Complete(self, value: int) -> None:
+        """Complete the message with `value` (>= 0 success, < 0 an error code). Any thread.
+
+        Raises ``ServerPanic("USER", 70)`` if the message was already completed; nothing is sent
+        twice.
+        """
+        if type(value) is not int:
+            if isinstance(value, errors.IpcError):
+                value = value.code
+            elif isinstance(value, int):
+                value = int(value)
+            else:
+                raise TypeError(f"completion value must be an int, not {type(value).__name__}")
+        if not _I32_MIN <= value <= _I32_MAX:
+            raise ValueError(f"completion value {value} does not fit in 32 bits")
+        writes = ()
+        if self._content:
+            writes = tuple((i, bytes(b)) for i, b in sorted(self._content.items()))
+        self._claim()
+        self._host._completed(self, encode(Complete(self._msg_id, value, writes)))
+
+    def Panic(self, category: str, reason: int) -> None:
+        """Panic the client: its call raises ``ClientPanic(category, reason)``, its session dies
+        and this server gets ``Disconnect``. `category` is truncated to 16 characters."""
+        if not isinstance(category, str):
+            raise TypeError(f"panic category must be a str, not {type(category).__name__}")
+        if type(reason) is not int or not _I32_MIN <= reason <= _I32_MAX:
+            raise ValueError(f"panic reason must be a 32-bit int, got {reason!r}")
+        self._claim()
+        self._host._completed(self, encode(Panic(self._msg_id, category[:MAX_CATEGORY], reason)))
+
+    def _claim(self) -> None:
+        with self._host._completion_lock:
+            if self._done:
+                raise ServerPanic("USER", 70, f"message {self._msg_id} completed twice")
+            self._done = True
+
+    def __repr__(self) -> str:
+        state = "completed" if self._done else "pending"
+        return f"<RMessage {self._msg_id} {self._kind} function={self._function} {state}>"
+
+
+class ServerHost:
+    """Hosts one `CServer` in this process: registers it and runs its loop.
+
+    ``run()`` blocks until `stop()` is called (from any thread or a signal handler) or the
+    kernel goes away. ``ServiceL`` runs on the thread that called ``run()``.
+    """
+
+    def __init__(self, server: CServer, endpoint: Optional[str] = None) -> None:
+        if not isinstance(server, CServer):
+            raise TypeError(f"serve() needs a CServer instance, got {type(server).__name__}")
+        self.server = server
+        self.endpoint = endpoints.resolve(endpoint)
+        self.sessions: dict[int, CSession] = {}
+        self.clients: dict[int, ClientInfo] = {}
+        self._completion_lock = threading.Lock()
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self._loop_thread: Optional[int] = None
+        self._problems: collections.Counter[str] = collections.Counter()
+        self.kernel_died = False
+
+    def stop(self) -> None:
+        """Ask the loop to finish. Safe from any thread and from signal handlers."""
+        self._stopping = True
+        self._wake()
+
+    def run(self, ready: Optional[threading.Event] = None) -> None:
+        """Register the server and serve until stopped. Raises the kernel's refusal (e.g.
+        ``AlreadyExists``) or ``CouldNotConnect`` if no kernel answers."""
+        context = zmq.Context()
+        try:
+            self._socket = context.socket(zmq.DEALER)
+            self._socket.routing_id = os.urandom(16)
+            self._socket.linger = 1000
+            self._socket.connect(self.endpoint)
+            kernel_pid = self._register()
+            self._loop_thread = threading.get_ident()
+            log.info("server %r registered with kernel %d", self.server.name, kernel_pid)
+            if ready is not None:
+                ready.set()
+            self._serve(kernel_pid)
+        finally:
+            self._loop_thread = None
+            context.destroy(linger=1000)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _register(self) -> int:
+        welcome = self._exchange(Hello(int(Role.SERVER), PROTOCOL_VERSION), Welcome)
+        version = to_version(self.server.version, f"{type(self.server).__name__}.version")
+        reply = self._exchange(Register(1, self.server.name, int(self.server.sharing), version), Completed)
+        if reply.value < 0:
+            raise errors.IpcError(reply.value, f"registering server name {self.server.name!r}")
+        return welcome.kernel_pid
+
+    def _exchange(self, message: Any, expected: type) -> Any:
+        self._socket.send(encode(message))
+        if not self._socket.poll(int(_REGISTER_TIMEOUT * 1000)):
+            raise errors.IpcError(
+                errors.KErrCouldNotConnect, f"no ipcfw kernel answered at {self.endpoint}"
+            )
+        reply = decode(self._socket.recv())
+        if type(reply) is not expected:
+            raise errors.IpcError(errors.KErrGeneral, f"kernel answered {reply!r}")
+        return reply
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _serve(self, kernel_pid: int) -> None:
+        kernel_fd = os.pidfd_open(kernel_pid)
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(kernel_fd, zmq.POLLIN)
+        try:
+            while not self._stopping:
+                ready = dict(poller.poll())
+                if self._wake_r in ready:
+                    self._flush_outbox()
+                if self._socket in ready:
+                    self._drain()
+                if kernel_fd in ready:
+                    log.error("the ipcfw kernel has died; server %r stops", self.server.name)
+                    self.kernel_died = True
+                    return
+        finally:
+            os.close(kernel_fd)
+
+    def _drain(self) -> None:
+        for _ in range(256):
+            try:
+                raw = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = decode(raw)
+            except ProtocolError as exc:
+                self._report("malformed frame", str(exc))
+                continue
+            handler = self._handlers.get(type(message))
+            if handler is None:
+                self._report("unexpected message", f"{type(message).__name__} is not sent to servers")
+                continue
+            handler(self, message)
+
+    def _report(self, kind: str, detail: str) -> None:
+        self._problems[kind] += 1
+        if self._problems[kind] == 1:
+            log.warning("server %r dropped %s: %s (further ones are counted, not logged)",
+                        self.server.name, kind, detail)
+
+    def _on_peer_info(self, info: PeerInfo) -> None:
+        self.clients[info.client] = ClientInfo(info.pid, info.uid, info.gid, info.exe)
+
+    def _on_new_session(self, request: NewSession) -> None:
+        message = RMessage(self, request.msg_id, _MessageKind.CONNECT, -1, (),
+                           None, self.clients.get(request.client))
+        try:
+            session = self.server.NewSessionL(TVersion(*request.version), message)
+            if not isinstance(session, CSession):
+                raise TypeError(f"NewSessionL returned {type(session).__name__}, not a CSession")
+            session._server = self.server
+            session._handle = request.handle
+            session.CreateL()
+        except Exception as exc:
+            code = _code_of(exc)
+            log.info("connect to %r refused: %s", self.server.name, exc, exc_info=not isinstance(exc, errors.IpcError))
+            if not message.IsNull():
+                message.Complete(code)
+            return
+        self.sessions[request.handle] = session
+        if not message.IsNull():
+            message.Complete(errors.KErrNone)
+
+    def _on_deliver(self, request: Deliver) -> None:
+        session = self.sessions.get(request.handle)
+        message = RMessage(self, request.msg_id, _MessageKind.REQUEST, request.function,
+                           request.args, session, self.clients.get(request.client))
+        if session is None:
+            self._report("request for an unknown session", f"handle 0x{request.handle:x}")
+            message.Complete(errors.KErrBadHandle)
+            return
+        try:
+            session.ServiceL(message)
+        except Exception as exc:
+            self._service_failed(session, message, exc)
+
+    def _service_failed(self, session: CSession, message: RMessage, exc: Exception) -> None:
+        if isinstance(exc, errors.IpcError):
+            log.info("ServiceL(function %d) left with %s", message.Function(), exc, exc_info=True)
+            error = exc
+        else:
+            log.error("ServiceL(function %d) raised", message.Function(), exc_info=True)
+            error = errors.IpcError(errors.KErrGeneral, f"{type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+        try:
+            session.ServiceError(message, error)
+        except Exception:
+            log.exception("ServiceError raised")
+        if not message.IsNull():
+            message.Complete(error.code)
+
+    def _on_disconnect(self, request: Disconnect) -> None:
+        session = self.sessions.pop(request.handle, None)
+        message = RMessage(self, request.msg_id, _MessageKind.DISCONNECT, -2, (), session, None)
+        if session is None:
+            message.Complete(errors.KErrNone)
+            return
+        try:
+            session.Disconnect(message)
+        except Exception:
+            log.exception("Disconnect raised; completing the disconnect anyway")
+            if not message.IsNull():
+                message.Complete(errors.KErrNone)
+
+    _handlers = {
+        PeerInfo: _on_peer_info,
+        NewSession: _on_new_session,
+        Deliver: _on_deliver,
+        Disconnect: _on_disconnect,
+    }
+
+    # -- completions -------------------------------------------------------------------------
+
+    def _completed(self, message: RMessage, frame: bytes) -> None:
+        """Send a completion: directly on the loop thread, else via the outbox."""
+        if threading.get_ident() == self._loop_thread:
+            self._socket.send(frame)
+        else:
+            self._outbox.append(frame)
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is already due to wake
+
+    def _flush_outbox(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._outbox:
+            self._socket.send(self._outbox.popleft())
+
+
+def _code_of(exc: BaseException) -> int:
+    return exc.code if isinstance(exc, errors.IpcError) else errors.KErrGeneral
+
+
+def serve(server: CServer, endpoint: Optional[str] = None,
+          ready: Optional[threading.Event] = None) -> ServerHost:
+    """Host `server` on this thread until the host is stopped; returns the stopped host."""
+    host = ServerHost(server, endpoint)
+    host.run(ready)
+    return host

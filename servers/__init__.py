@@ -1,0 +1,1 @@
+"""Example server plugins: host one with ``ipcfw serve servers.echo:EchoServer``."""
