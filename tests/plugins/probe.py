@@ -1,0 +1,192 @@
+"""A server plugin for tests: each function exercises one part of the server API and the
+server records what happened to it (connects, requests, disconnects) for the tests to read."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from ipcfw import (
+    CServer,
+    CSession,
+    EGlobalSharableSessions,
+    IpcError,
+    KErrNotFound,
+    KErrNotSupported,
+    KErrPermissionDenied,
+    RMessage,
+    TVersion,
+)
+
+EEcho = 1  # complete with Int0
+EHold = 2  # keep the message under tag Int0
+ECompleteHeld = 3  # complete the held tag Int0 with Int1, now
+ECompleteHeldLater = 4  # complete the held tag Int0 with Int1 from another thread after Int2 ms
+EPanic = 5  # panic the client: category "PROBE", reason Int0
+ERaise = 6  # raise ValueError
+ERaiseIpc = 7  # raise IpcError(Int0)
+ECompleteTwice = 8  # complete with 1, then again with 2
+EEvents = 9  # write the recorded events (JSON) into writable arg 0
+EClient = 10  # write message.Client() (JSON) into writable arg 0
+ETryWrite = 11  # WriteL(1, ReadL(0), offset=Int2); complete with 0 or the error's code
+ETryRead = 12  # complete with len(ReadL(1)) or the error's code
+ESleep = 13  # sleep Int0 ms, then complete with Int1
+EDesInfo = 14  # complete with GetDesLength(0) * 1000 + GetDesMaxLength(0)
+
+REJECT_BUILD = 99  # NewSessionL refuses clients asking for build 99 with KErrPermissionDenied
+FAIL_CREATE_BUILD = 98  # CreateL raises ValueError for build 98
+
+
+class ProbeSession(CSession):
+    def CreateL(self) -> None:
+        server = self.Server()
+        if server.last_version.build == FAIL_CREATE_BUILD:
+            raise ValueError("CreateL failed on purpose")
+        server.record("connect", self._handle)
+
+    def ServiceL(self, message: RMessage) -> None:
+        server: ProbeServer = self.Server()
+        function = message.Function()
+        server.record("service", self._handle, function)
+        handler = _HANDLERS.get(function)
+        if handler is None:
+            raise IpcError(KErrNotSupported, f"probe has no function {function}")
+        handler(server, message)
+
+    def Disconnect(self, message: RMessage) -> None:
+        self.Server().record("disconnect", self._handle)
+        message.Complete(0)
+
+
+def _echo(server: "ProbeServer", message: RMessage) -> None:
+    message.Complete(message.Int0())
+
+
+def _hold(server: "ProbeServer", message: RMessage) -> None:
+    server.held[message.Int0()] = message
+
+
+def _complete_held(server: "ProbeServer", message: RMessage) -> None:
+    held = server.held.pop(message.Int0(), None)
+    if held is None:
+        message.Complete(KErrNotFound)
+        return
+    held.Complete(message.Int1())
+    message.Complete(0)
+
+
+def _complete_held_later(server: "ProbeServer", message: RMessage) -> None:
+    held = server.held.pop(message.Int0(), None)
+    if held is None:
+        message.Complete(KErrNotFound)
+        return
+    value, delay = message.Int1(), message.Int2() / 1000
+
+    def later() -> None:
+        time.sleep(delay)
+        held.Complete(value)
+
+    thread = threading.Thread(target=later, name="probe-later")
+    server.threads.append(thread)
+    thread.start()
+    message.Complete(0)
+
+
+def _panic(server: "ProbeServer", message: RMessage) -> None:
+    message.Panic("PROBE", message.Int0())
+
+
+def _raise(server: "ProbeServer", message: RMessage) -> None:
+    raise ValueError("probe raised on purpose")
+
+
+def _raise_ipc(server: "ProbeServer", message: RMessage) -> None:
+    raise IpcError(message.Int0(), "probe left on purpose")
+
+
+def _complete_twice(server: "ProbeServer", message: RMessage) -> None:
+    message.Complete(1)
+    try:
+        message.Complete(2)
+    except Exception as exc:  # the ServerPanic the framework must raise
+        server.record("second-complete", type(exc).__name__, str(exc))
+        raise
+
+
+def _events(server: "ProbeServer", message: RMessage) -> None:
+    data = json.dumps(server.events).encode()
+    message.WriteL(0, data)
+    message.Complete(len(data))
+
+
+def _client(server: "ProbeServer", message: RMessage) -> None:
+    data = json.dumps(message.Client()._asdict()).encode()
+    message.WriteL(0, data)
+    message.Complete(len(data))
+
+
+def _try(message: RMessage, operation) -> None:
+    try:
+        result = operation()
+    except IpcError as exc:
+        message.Complete(exc.code)
+        return
+    message.Complete(result or 0)
+
+
+def _try_write(server: "ProbeServer", message: RMessage) -> None:
+    _try(message, lambda: message.WriteL(1, message.ReadL(0), message.Int2()))
+
+
+def _try_read(server: "ProbeServer", message: RMessage) -> None:
+    _try(message, lambda: len(message.ReadL(1)))
+
+
+def _sleep(server: "ProbeServer", message: RMessage) -> None:
+    time.sleep(message.Int0() / 1000)
+    message.Complete(message.Int1())
+
+
+def _des_info(server: "ProbeServer", message: RMessage) -> None:
+    message.Complete(message.GetDesLength(0) * 1000 + message.GetDesMaxLength(0))
+
+
+_HANDLERS = {
+    EEcho: _echo,
+    EHold: _hold,
+    ECompleteHeld: _complete_held,
+    ECompleteHeldLater: _complete_held_later,
+    EPanic: _panic,
+    ERaise: _raise,
+    ERaiseIpc: _raise_ipc,
+    ECompleteTwice: _complete_twice,
+    EEvents: _events,
+    EClient: _client,
+    ETryWrite: _try_write,
+    ETryRead: _try_read,
+    ESleep: _sleep,
+    EDesInfo: _des_info,
+}
+
+
+class ProbeServer(CServer):
+    name = "probe"
+    version = TVersion(1, 2, 0)
+    sharing = EGlobalSharableSessions
+    session_class = ProbeSession
+
+    def __init__(self) -> None:
+        self.events: list = []
+        self.held: dict[int, RMessage] = {}
+        self.threads: list[threading.Thread] = []
+        self.last_version = TVersion(0, 0, 0)
+
+    def record(self, *event: object) -> None:
+        self.events.append(list(event))
+
+    def NewSessionL(self, version: TVersion, message: RMessage) -> CSession:
+        self.last_version = version
+        if version.build == REJECT_BUILD:
+            raise IpcError(KErrPermissionDenied, "probe refuses build 99")
+        return super().NewSessionL(version, message)
