@@ -306,7 +306,7 @@ class _Inbox:
         elif kind is Panicked:
             panic = errors.ClientPanic(message.category, message.reason)
             session = self.runtime.sessions.get(message.handle)
-            if session is not None:
+            if session is not None and message.session_dead:
                 session._lost(panic)
             self.runtime.complete(message.req_id, errors.KErrDied, (), panic)
         elif kind is SessionLost:

@@ -116,7 +116,7 @@ class TRequestStatus:
     ``ClientPanic``.
     """
 
-    __slots__ = ("_value", "_event", "_callbacks", "_panic", "_lock")
+    __slots__ = ("_value", "_event", "_callbacks", "_panic", "_lock", "_active")
 
     def __init__(self) -> None:
         self._value = errors.KRequestPending
@@ -124,6 +124,7 @@ class TRequestStatus:
         self._callbacks: list[Callable[["TRequestStatus"], None]] = []
         self._panic: Optional[errors.ClientPanic] = None
         self._lock = threading.Lock()
+        self._active = False
 
     def Int(self) -> int:
         """The raw value: ``KRequestPending`` while pending, else the completion value."""
@@ -171,14 +172,16 @@ class TRequestStatus:
         return self.result(0)
 
     def _begin(self) -> None:
-        if self._value == errors.KRequestPending and self._callbacks:
+        if self._active:
             raise RuntimeError("this TRequestStatus is already in use by a pending request")
+        self._active = True
         self._value = errors.KRequestPending
         self._panic = None
         self._event.clear()
 
     def _complete(self, value: int, panic: Optional[errors.ClientPanic] = None) -> None:
         with self._lock:
+            self._active = False
             self._value = value
             self._panic = panic
             self._event.set()
@@ -408,7 +411,7 @@ class RSession:
     def _finish(self, reply: Any, ipc_args: TIpcArgs) -> int:
         if type(reply) is Panicked:
             panic = errors.ClientPanic(reply.category, reply.reason)
-            if reply.handle == self._handle:
+            if reply.session_dead and reply.handle == self._handle:
                 self._lost(panic)
             raise panic
         if type(reply) is not Completed:

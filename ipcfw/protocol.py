@@ -324,12 +324,18 @@ class Completed(NamedTuple):
 
 
 class Panicked(NamedTuple):
-    """Kernel -> client: the request's sender was panicked; its session is dead."""
+    """Kernel -> client: the request's sender was panicked.
+
+    `session_dead` is 1 when the server panicked the client (the session is dead for every
+    holder) and 0 when the kernel refused a handle the sender does not hold (KERN-EXEC 0: the
+    handle's rightful holders are unaffected).
+    """
 
     req_id: int
     handle: int
     category: str
     reason: int
+    session_dead: int
 
 
 class SessionLost(NamedTuple):
@@ -400,7 +406,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Welcome: (Kind.WELCOME, (_u32, _u63)),
     Connected: (Kind.CONNECTED, (_u63, _i32, _int_in(0, _I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD))),
     Completed: (Kind.COMPLETED, (_u63, _i32, _writes)),
-    Panicked: (Kind.PANICKED, (_u63, _handle, _str_upto(MAX_CATEGORY), _i32)),
+    Panicked: (Kind.PANICKED, (_u63, _handle, _str_upto(MAX_CATEGORY), _i32, _int_in(0, 1, "0 or 1"))),
     SessionLost: (Kind.SESSION_LOST, (_handle, _i32)),
     StatsReply: (Kind.STATS_REPLY, (_u63, _counters)),
     NewSession: (Kind.NEW_SESSION, (_u63, _handle, _version, _u63, _bytes_upto(MAX_PAYLOAD))),

@@ -560,9 +560,9 @@ class KernelState:
             raise PeerMisbehaved("async without inbox", "async request from a process without an inbox")
         session = self.sessions.get(message.handle)
         if session is None or not self._holds(peer, session):
-            return [Send(reply_to, Panicked(message.req_id, message.handle, "KERN-EXEC", 0))]
+            return [Send(reply_to, Panicked(message.req_id, message.handle, "KERN-EXEC", 0, 0))]
         if session.panic is not None:
-            return [Send(reply_to, Panicked(message.req_id, session.handle, *session.panic))]
+            return [Send(reply_to, Panicked(message.req_id, session.handle, *session.panic, 1))]
         code = self._request_error(session, mode)
         if code:
             return [Send(reply_to, Completed(message.req_id, code, ()))]
@@ -726,7 +726,7 @@ class KernelState:
 
     @staticmethod
     def _panicked(record: MessageRecord, message: Panic) -> Panicked:
-        return Panicked(record.req_id, record.session.handle, message.category, message.reason)
+        return Panicked(record.req_id, record.session.handle, message.category, message.reason, 1)
 
     def _reply(self, record: MessageRecord, code: int) -> Message:
         if record.kind is MessageKind.CONNECT:

@@ -29,8 +29,8 @@ ERaiseIpc = 7  # raise IpcError(Int0)
 ECompleteTwice = 8  # complete with 1, then again with 2
 EEvents = 9  # write the recorded events (JSON) into writable arg 0
 EClient = 10  # write message.Client() (JSON) into writable arg 0
-ETryWrite = 11  # WriteL(1, ReadL(0), offset=Int2); complete with 0 or the error's code
-ETryRead = 12  # complete with len(ReadL(1)) or the error's code
+ETryWrite = 11  # WriteL(1, ReadL(0), offset=Int2); complete with 0, or -code of the error seen
+ETryRead = 12  # complete with len(ReadL(1)), or -code of the error seen
 ESleep = 13  # sleep Int0 ms, then complete with Int1
 EDesInfo = 14  # complete with GetDesLength(0) * 1000 + GetDesMaxLength(0)
 
@@ -130,7 +130,7 @@ def _try(message: RMessage, operation) -> None:
     try:
         result = operation()
     except IpcError as exc:
-        message.Complete(exc.code)
+        message.Complete(-exc.code)  # positive: the server saw the error, the client did not
         return
     message.Complete(result or 0)
 
