@@ -41,12 +41,12 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str
 class ManagedProcess:
     """A child process with its output in a log file, stopped for sure at teardown."""
 
-    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str], cwd: Optional[str] = None) -> None:
         self.argv = argv
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.popen = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd or str(REPO),
             start_new_session=True,
         )
 

@@ -1,0 +1,129 @@
+"""The `ipcfw` command: the kernel's endpoint handling and lifecycle, and `ipcfw serve`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import ipcfw
+from conftest import PYTHONPATH, REPO, ManagedProcess, wait_until
+
+
+@pytest.fixture
+def workdir():
+    path = Path(tempfile.mkdtemp(prefix="ipcfw-cli-"))
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def start(workdir: Path, *args: str, env: dict | None = None, label: str = "proc") -> ManagedProcess:
+    argv = [sys.executable, "-m", "ipcfw", "--log-level", "info", *args]
+    environment = dict(os.environ, PYTHONPATH=PYTHONPATH, **(env or {}))
+    return ManagedProcess(argv, workdir / f"{label}.log", environment)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_kernel_default_endpoint_is_private_and_removed_on_signal(workdir, signum):
+    runtime = workdir / "xdg"
+    runtime.mkdir(mode=0o700)
+    kernel = start(workdir, "kernel", env={"XDG_RUNTIME_DIR": str(runtime)}, label="kernel")
+    try:
+        socket_path = runtime / "ipcfw" / "kernel"
+        wait_until(lambda: socket_path.exists() or not kernel.alive(), what="the kernel socket")
+        assert kernel.alive(), kernel.log()
+        assert stat.S_IMODE(os.stat(runtime / "ipcfw").st_mode) == 0o700
+        kernel.kill(signum)
+        wait_until(lambda: not kernel.alive(), what="the kernel to exit")
+        assert kernel.popen.returncode == 0
+        assert not socket_path.exists()
+    finally:
+        kernel.stop()
+
+
+def test_kernel_refuses_to_start_twice_on_one_endpoint(workdir):
+    endpoint = f"ipc://{workdir}/kernel"
+    first = start(workdir, "kernel", "--endpoint", endpoint, label="first")
+    try:
+        wait_until(lambda: (workdir / "kernel").exists(), what="the first kernel")
+        second = subprocess.run(
+            [sys.executable, "-m", "ipcfw", "kernel", "--endpoint", endpoint],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert second.returncode == 1
+        assert "already running" in second.stderr
+        assert first.alive()
+        assert ipcfw.kernel_statistics(endpoint)["servers"] == 0  # the first still answers
+    finally:
+        first.stop()
+
+
+def test_kernel_refuses_a_directory_open_to_others(workdir):
+    shared = workdir / "shared"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o755)
+    result = subprocess.run(
+        [sys.executable, "-m", "ipcfw", "kernel", "--endpoint", f"ipc://{shared}/kernel"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "must be private" in result.stderr
+
+
+def test_kernel_refuses_tcp_and_overlong_paths(workdir):
+    for endpoint, reason in [("tcp://127.0.0.1:5555", "not ipc://"), (f"ipc:///{'x' * 120}", "107")]:
+        result = subprocess.run(
+            [sys.executable, "-m", "ipcfw", "kernel", "--endpoint", endpoint],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 2 and reason in result.stderr
+
+
+def test_serve_finds_a_plugin_in_the_current_directory(kernel, tmp_path):
+    plugin_dir = Path(tempfile.mkdtemp(prefix="ipcfw-plugin-"))
+    (plugin_dir / "hello_plugin.py").write_text(
+        "from ipcfw import CServer, CSession\n"
+        "class S(CSession):\n"
+        "    def ServiceL(self, m): m.Complete(m.Int0() * 2)\n"
+        "class HelloServer(CServer):\n"
+        "    name = 'hello'\n"
+        "    session_class = S\n"
+    )
+    server = ManagedProcess(
+        [sys.executable, "-m", "ipcfw", "--log-level", "info", "serve", "hello_plugin:HelloServer"],
+        plugin_dir / "serve.log",
+        dict(os.environ, IPCFW_KERNEL=kernel.endpoint, PYTHONPATH=str(REPO)),
+        cwd=str(plugin_dir),
+    )
+    try:
+        wait_until(lambda: "registered" in server.log() or not server.alive(), what="registration")
+        with ipcfw.RSession.connect("hello") as session:
+            assert session.SendReceive(0, (21,)) == 42
+    finally:
+        server.stop()
+        subprocess.run(["rm", "-rf", str(plugin_dir)], check=False)
+
+
+@pytest.mark.parametrize("plugin, message", [
+    ("no_such_module:X", "cannot load plugin"),
+    ("servers.echo:Missing", "has no 'Missing'"),
+    ("servers.echo", "package.module:ServerClass"),
+])
+def test_serve_reports_a_bad_plugin_clearly(kernel, plugin, message):
+    result = kernel.client(["-m", "ipcfw", "serve", plugin])
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_ps_shows_the_kernel_counters(kernel):
+    kernel.serve("servers.echo:EchoServer", "echo")
+    result = kernel.client(["-m", "ipcfw", "ps"])
+    assert result.returncode == 0, result.stderr
+    counters = dict(line.split() for line in result.stdout.splitlines())
+    assert counters["servers"] == "1"
