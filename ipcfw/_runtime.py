@@ -287,11 +287,8 @@ class _Inbox:
                 return
 
     def _drain(self, socket: zmq.Socket) -> None:
-        while True:
-            try:
-                raw = socket.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        while socket.get(zmq.EVENTS) & zmq.POLLIN:
+            raw = socket.recv()
             try:
                 self._dispatch(decode(raw))
             except ProtocolError as exc:

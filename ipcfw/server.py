@@ -437,11 +437,11 @@ class ServerHost:
             os.close(kernel_fd)
 
     def _drain(self) -> None:
+        socket = self._socket
         for _ in range(256):
-            try:
-                raw = self._socket.recv(zmq.NOBLOCK)
-            except zmq.Again:
+            if not socket.get(zmq.EVENTS) & zmq.POLLIN:
                 return
+            raw = socket.recv()
             try:
                 message = decode(raw)
             except ProtocolError as exc:
