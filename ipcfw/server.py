@@ -359,10 +359,11 @@ class ServerHost:
         self.endpoint = endpoints.resolve(endpoint)
         self.sessions: dict[int, CSession] = {}
         self.clients: dict[int, ClientInfo] = {}
-        self._completion_lock = threading.Lock()
+        self._completion_lock = threading.RLock()  # RLock: stop() may run in a signal handler
         self._outbox: collections.deque[bytes] = collections.deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
+        self._closed = False
         self._loop_thread: Optional[int] = None
         self._problems: collections.Counter[str] = collections.Counter()
         self.kernel_died = False
@@ -388,10 +389,12 @@ class ServerHost:
                 ready.set()
             self._serve(kernel_pid)
         finally:
-            self._loop_thread = None
+            with self._completion_lock:
+                self._loop_thread = None
+                self._closed = True  # later completions (from held messages) are dropped
+                os.close(self._wake_r)
+                os.close(self._wake_w)
             context.destroy(linger=1000)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -541,10 +544,14 @@ class ServerHost:
             self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full: the loop is already due to wake
+        with self._completion_lock:
+            if self._closed:
+                log.debug("server %r has stopped; a late completion is dropped", self.server.name)
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full: the loop is already due to wake
 
     def _flush_outbox(self) -> None:
         try:

@@ -1,0 +1,64 @@
+"""Example client programs for the example servers in ``servers/``.
+
+Each module is a small runnable program and a thin client class in the style of Symbian's
+R-classes (``RKvSession`` and friends): one `RSession` inside, one method per server function,
+errors raised as ``IpcError`` subclasses::
+
+    python clients/echo_client.py        # needs a kernel and `ipcfw serve servers.echo:EchoServer`
+    python clients/kv_client.py          # ... servers.kv:KvServer
+    python clients/notifier_client.py    # ... servers.notifier:NotifierServer
+
+The kernel is found through ``IPCFW_KERNEL`` (or the default endpoint). ``ipcfw demo`` starts a
+kernel and the servers and runs these clients for you.
+
+Every module exposes ``run(out=print, endpoint=None) -> str`` (the walkthrough: prints what it
+does through `out`, returns a one-line summary, raises on failure) and ``main() -> int`` (the
+program: exit status 0 on success, 1 with a clear message on stderr on failure).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+from ipcfw import ClientPanic, IpcError, NotFound, RSession
+from ipcfw.endpoint import EndpointError
+
+Out = Callable[[str], None]
+
+
+class ExampleFailed(Exception):
+    """An example found something wrong, or could not start; the message says what."""
+
+
+def connect_session(name: str, plugin: str, endpoint: Optional[str] = None) -> RSession:
+    """Connect to server `name`; if none is registered, say how to start it (`plugin`)."""
+    try:
+        return RSession.connect(name, endpoint=endpoint)
+    except NotFound:
+        raise ExampleFailed(
+            f"no server named {name!r} is running; start it with `ipcfw serve {plugin}`"
+        ) from None
+
+
+def check(condition: bool, what: str) -> None:
+    """Fail the example with `what` unless `condition` holds (unlike assert, never stripped)."""
+    if not condition:
+        raise ExampleFailed(what)
+
+
+def run_main(program: str, run: Callable[[Out], str]) -> int:
+    """Run a walkthrough as a program: 0 on success, 1 with a message on stderr on failure."""
+    try:
+        summary = run(print)
+    except ExampleFailed as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        return 1
+    except EndpointError as exc:  # IPCFW_KERNEL is not a usable endpoint
+        print(f"{program}: {exc}", file=sys.stderr)
+        return 1
+    except (IpcError, ClientPanic, TimeoutError) as exc:
+        print(f"{program}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{program}: ok ({summary})")
+    return 0

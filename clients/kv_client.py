@@ -1,0 +1,169 @@
+"""Example client for the key-value server: a thin client class and idiomatic error handling.
+
+Run it from the repository root, with a kernel and the kv server running::
+
+    ipcfw kernel &
+    ipcfw serve servers.kv:KvServer &
+    python clients/kv_client.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Union
+
+if __package__ in (None, ""):  # run as a script: make `servers` and `clients` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ipcfw import NotFound, Overflow, TIpcArgs, TRequestStatus  # noqa: E402
+
+from clients import Out, check, connect_session, run_main  # noqa: E402
+from servers.kv import ECount, EDelete, EGet, ESet, EValueLength  # noqa: E402
+
+Key = Union[bytes, str]
+
+
+def _bytes(data: Key) -> bytes:
+    return data.encode() if isinstance(data, str) else bytes(data)
+
+
+class KvClient:
+    """The kv server's client API (a Symbian R-class: a session plus one method per function).
+
+    ::
+
+        with KvClient.connect() as kv:
+            kv.Set("colour", "blue")
+            kv.Get("colour")            # -> b"blue"
+            kv.Get("missing")           # raises ipcfw.NotFound
+
+    Keys and values are bytes; a str is encoded as UTF-8.
+    """
+
+    def __init__(self) -> None:
+        self._session = None
+
+    @classmethod
+    def connect(cls, endpoint: Optional[str] = None) -> "KvClient":
+        client = cls()
+        client.Connect(endpoint)
+        return client
+
+    def Connect(self, endpoint: Optional[str] = None) -> None:
+        self._session = connect_session("kv", "servers.kv:KvServer", endpoint)
+
+    def Close(self) -> None:
+        if self._session is not None:
+            self._session.Close()
+            self._session = None
+
+    def __enter__(self) -> "KvClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.Close()
+
+    # -- one method per server function ---------------------------------------------------------
+
+    def Set(self, key: Key, value: Key) -> None:
+        self._session.SendReceive(ESet, TIpcArgs(_bytes(key), _bytes(value)))
+
+    def GetInto(self, key: Key, buffer: bytearray) -> int:
+        """Read the value into `buffer` (a writable descriptor; its length is the max length).
+
+        Returns the value's length; `buffer` then holds exactly the value. Raises ``NotFound``
+        for a missing key, ``Overflow`` if `buffer` is too short (it is left unchanged).
+        """
+        return self._session.SendReceive(EGet, TIpcArgs(_bytes(key), buffer))
+
+    def Delete(self, key: Key) -> None:
+        self._session.SendReceive(EDelete, TIpcArgs(_bytes(key)))
+
+    def Count(self) -> int:
+        return self._session.SendReceive(ECount)
+
+    def ValueLength(self, key: Key) -> int:
+        return self._session.SendReceive(EValueLength, TIpcArgs(_bytes(key)))
+
+    def CountAsync(self, status: TRequestStatus) -> None:
+        """Asynchronous ``ECount``: returns at once; `status` completes with the count."""
+        self._session.SendReceive(ECount, (), status)
+
+    # -- conveniences built on them ---------------------------------------------------------------
+
+    def Get(self, key: Key) -> bytes:
+        """The value of `key` (raises ``NotFound``): size the buffer first, then read.
+
+        Another client may make the value longer between the two calls; then the read
+        overflows and we size again.
+        """
+        while True:
+            buffer = bytearray(self.ValueLength(key))
+            try:
+                self.GetInto(key, buffer)
+                return bytes(buffer)
+            except Overflow:
+                continue
+
+
+def run(out: Out = print, endpoint: Optional[str] = None) -> str:
+    """The walkthrough; returns a one-line summary, raises on failure.
+
+    The store is shared by every client of the server, so the walkthrough removes its own keys
+    at the start (left by an interrupted run) and at the end, and checks counts relative to the
+    count it found.
+    """
+    entries = {"colour": "blue", "shape": "round", "size": "large"}
+    with KvClient.connect(endpoint) as kv:
+        for key in entries:
+            try:
+                kv.Delete(key)
+            except NotFound:
+                pass
+        before = kv.Count()
+
+        for key, value in entries.items():
+            kv.Set(key, value)
+        count = kv.Count()
+        check(count == before + len(entries), f"ECount gave {count}, expected {before + len(entries)}")
+        out(f"ESet x{len(entries)}               -> ECount = {count}")
+
+        colour = kv.Get("colour")
+        check(colour == b"blue", f"EGet('colour') returned {colour!r}")
+        out(f"EGet('colour')        -> {colour!r}  (EValueLength sized the buffer: {len(colour)})")
+
+        # A buffer shorter than the value: the server's WriteL overflows and the call fails.
+        small = bytearray(2)
+        try:
+            kv.GetInto("shape", small)
+            check(False, "EGet into a too-short buffer succeeded")
+        except Overflow:
+            out(f"EGet('shape') into a {len(small)}-byte buffer -> KErrOverflow")
+
+        try:
+            kv.Get("no-such-key")
+            check(False, "EGet of a missing key succeeded")
+        except NotFound:
+            out("EGet('no-such-key')   -> KErrNotFound")
+
+        kv.Delete("shape")
+        status = TRequestStatus()
+        kv.CountAsync(status)  # asynchronous, completed by the server like any other request
+        after_delete = status.Wait(timeout=5.0)
+        check(after_delete == count - 1, f"async ECount gave {after_delete}, expected {count - 1}")
+        out(f"EDelete('shape')      -> async ECount = {after_delete}")
+
+        for key in ("colour", "size"):
+            kv.Delete(key)
+        check(kv.Count() == before, "the store did not return to its starting count")
+
+    return f"{len(entries)} keys set, 'colour' = {colour.decode()!r}, missing key -> KErrNotFound"
+
+
+def main() -> int:
+    return run_main("kv_client", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
