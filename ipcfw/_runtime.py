@@ -23,6 +23,7 @@ process credentials the transport gives it), but a random id cannot collide with
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -163,6 +164,24 @@ class Runtime:
                 cls._instances[key] = runtime
             return runtime
 
+    @classmethod
+    def shutdown(cls, endpoint: Optional[str] = None) -> None:
+        """Stop this process's runtime for `endpoint`; its sessions become unusable."""
+        key = (os.getpid(), endpoints.resolve(endpoint))
+        with cls._lock:
+            runtime = cls._instances.pop(key, None)
+        if runtime is not None:
+            runtime.close()
+
+    @classmethod
+    def shutdown_all(cls) -> None:
+        """Stop every runtime of this process (at interpreter exit)."""
+        with cls._lock:
+            runtimes = [r for (pid, _), r in cls._instances.items() if pid == os.getpid()]
+            cls._instances.clear()
+        for runtime in runtimes:
+            runtime.close()
+
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         path = endpoints.ipc_path(endpoint)
@@ -174,6 +193,7 @@ class Runtime:
         self.context = zmq.Context()
         self.context.linger = 1000  # let a last Close reach the kernel when a thread ends
         self.kernel_dead = False
+        self._closed = False
         self.pending: dict[int, Pending] = {}
         self.sessions: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
         self._req_ids = itertools.count(1)
@@ -188,6 +208,8 @@ class Runtime:
         """The calling thread's channel, created on first use."""
         if self.kernel_dead:
             raise _kernel_gone_error(self.endpoint)
+        if self._closed:
+            raise errors.IpcError(errors.KErrDisconnected, f"the client runtime for {self.endpoint} was shut down")
         channel = self._channels.channel
         if channel is None:
             channel = self._channels.channel = Channel(self)
@@ -218,6 +240,7 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the inbox thread and close this thread's channel (tests, interpreter exit)."""
+        self._closed = True
         self._inbox.stop()
         channel = self._channels.channel
         if channel is not None:
@@ -314,4 +337,5 @@ class _Inbox:
             log.error("unexpected %s on the inbox", kind.__name__)
 
 
-Callback = Callable[[Any], None]
+
+atexit.register(Runtime.shutdown_all)

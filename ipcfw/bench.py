@@ -38,8 +38,9 @@ All systems are started first, warmed up, and then measured in interleaved chunk
 rotates chunk by chunk), so that noise from other work on a shared machine hits every system
 alike; ``--repeat R`` runs the whole set R times and keeps each system's best run.
 
-Exit status: 0 when every system was measured, 1 when ipcfw could not be measured (the bare
-numbers are still reported), 2 with ``--strict`` when ipcfw was measured but missed a target.
+Exit status: 0 when every system was measured (or ipcfw was left out with ``--no-ipcfw``), 1 when
+ipcfw could not be started or measured (the bare numbers are still reported) or a baseline
+failed, 2 with ``--strict`` when ipcfw was measured but missed a target, 130 when interrupted.
 
 The same module, run with the hidden ``--role`` option, is the body of the helper processes
 (``echo-router``, ``forwarder``, ``echo-worker``); each prints ``READY`` on stdout once it can
@@ -51,6 +52,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import math
 import os
 import platform
@@ -67,7 +69,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 import zmq
 
@@ -87,7 +89,7 @@ BASELINE = "bare-forwarder"
 
 DEFAULT_SYNC, DEFAULT_PIPELINED = 5000, 20000
 QUICK_SYNC, QUICK_PIPELINED = 1000, 5000
-CHUNKS = 5
+CHUNKS = 10
 """Each measurement is split into this many chunks, interleaved across systems."""
 
 STARTUP_TIMEOUT = 10.0
@@ -97,6 +99,7 @@ STEP_BUDGET_S, STEP_BUDGET_PER_CALL_S = 20.0, 0.005
 PARENT_CHECK_MS = 1000
 READY_LINE = b"READY"
 HELLO = b"HELLO"
+IPCFW_CLIENT_LOGGER = "ipcfw.client"
 
 
 class BenchError(Exception):
@@ -105,6 +108,10 @@ class BenchError(Exception):
 
 class Unavailable(Exception):
     """The ipcfw stack could not be started or measured; the bare numbers still stand."""
+
+
+class WrongReply(Exception):
+    """A system answered, but not with the echo of the request."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +229,37 @@ def _run_role(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Watchdog: a lost reply must fail a step, not hang the bench
+# --------------------------------------------------------------------------------------------
+
+
+class Stalled(Exception):
+    """A step took longer than its budget: a lost reply or a hung call."""
+
+
+@contextmanager
+def watchdog(seconds: float) -> Iterator[None]:
+    """Raise Stalled in the main thread if the block runs longer than ``seconds``.
+
+    Lost replies must not hang the bench; outside the main thread this does nothing.
+    """
+    def expire(signum: int, frame: object) -> None:
+        raise Stalled(f"no progress within {seconds:.0f} s")
+
+    try:
+        previous = signal.signal(signal.SIGALRM, expire)
+    except ValueError:
+        yield
+        return
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# --------------------------------------------------------------------------------------------
 # Process ownership
 # --------------------------------------------------------------------------------------------
 
@@ -328,6 +366,9 @@ def _role_argv(role: str, endpoint: str, *extra: str) -> list[str]:
 
 
 class Client(Protocol):
+    expected: object
+    """What ``call()`` must return."""
+
     def call(self) -> object:
         """One synchronous round trip; returns the reply."""
 
@@ -396,7 +437,7 @@ class IpcfwClient:
         while inflight:
             value = inflight.popleft().Wait()
             if value != self.expected:
-                raise Unavailable(f"async EEchoInt completed with {value!r}, expected {self.expected!r}")
+                raise WrongReply(f"async EEchoInt completed with {value!r}, expected {self.expected!r}")
             if issued < n:
                 inflight.append(self._issue())
                 issued += 1
@@ -432,12 +473,20 @@ def _repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def _import_ipcfw() -> tuple[Any, Any]:
+class _IpcfwApi(NamedTuple):
+    RSession: type
+    TRequestStatus: type
+    NotFound: type[BaseException]
+    IpcError: type[BaseException]
+
+
+def _import_ipcfw() -> _IpcfwApi:
     """Import the client API lazily: the bench must run while the package is incomplete."""
     try:
         import ipcfw
-        import ipcfw.client  # noqa: F401  (the contract: this import must work)
-        return ipcfw, (ipcfw.RSession, ipcfw.TRequestStatus, ipcfw.NotFound, ipcfw.IpcError)
+        import ipcfw.client  # noqa: F401  (part of the contract: it must import)
+
+        return _IpcfwApi(ipcfw.RSession, ipcfw.TRequestStatus, ipcfw.NotFound, ipcfw.IpcError)
     except Exception as exc:  # any failure here means "stack not available", reported clearly
         raise Unavailable(f"cannot import the ipcfw client API: {type(exc).__name__}: {exc}") from exc
 
@@ -455,17 +504,23 @@ def _check_alive(stack: Sequence[_Child]) -> None:
             raise Unavailable(f"`{child.name}` exited with status {code}{log_tail(child)}")
 
 
-def _connect_echo(api: tuple[Any, ...], stack: Sequence[_Child], deadline: float) -> Any:
+def _close_quietly(session: Any) -> None:
+    try:
+        session.Close()
+    except Exception:  # a half-made probe session: nothing useful to report
+        pass
+
+
+def _connect_echo(api: _IpcfwApi, stack: Sequence[_Child], deadline: float) -> Any:
     """Retry CreateSession("echo") until the kernel and the echo server are both up."""
-    rsession, _status, not_found, ipc_error = api
     last: BaseException | None = None
     while time.monotonic() < deadline:
         _check_alive(stack)
-        session = rsession()
+        session = api.RSession()
         try:
             session.CreateSession("echo", (1, 0, 0), message_slots=-1)
             return session
-        except (not_found, ipc_error) as exc:
+        except (api.NotFound, api.IpcError) as exc:
             last = exc
             _close_quietly(session)
         time.sleep(0.05)
@@ -474,11 +529,9 @@ def _connect_echo(api: tuple[Any, ...], stack: Sequence[_Child], deadline: float
                       f"(last error: {last!r}){tails}")
 
 
-def _close_quietly(session: Any) -> None:
-    try:
-        session.Close()
-    except Exception:  # a half-made probe session: nothing useful to report
-        pass
+def _spawn_ipcfw(children: Children, name: str, args: Sequence[str], endpoint: str) -> _Child:
+    argv = [sys.executable, "-m", "ipcfw", *args, "--endpoint", endpoint]
+    return children.spawn(name, argv, handshake=False, env=_ipcfw_env(endpoint), cwd=_repo_root())
 
 
 def start_ipcfw(children: Children, workdir: Path) -> IpcfwClient:
@@ -488,26 +541,21 @@ def start_ipcfw(children: Children, workdir: Path) -> IpcfwClient:
     """
     endpoint = f"ipc://{workdir}/kernel"
     os.environ["IPCFW_KERNEL"] = endpoint
-    _package, api = _import_ipcfw()
-    env, root = _ipcfw_env(endpoint), _repo_root()
-    if not (root / "servers" / "echo.py").is_file():
-        raise Unavailable(f"no echo server plugin at {root / 'servers' / 'echo.py'}")
+    api = _import_ipcfw()
+    plugin = _repo_root() / "servers" / "echo.py"
+    if not plugin.is_file():
+        raise Unavailable(f"no echo server plugin at {plugin}")
     deadline = time.monotonic() + STARTUP_TIMEOUT
-    stack = [
-        children.spawn("ipcfw-kernel", [sys.executable, "-m", "ipcfw", "kernel", "--endpoint", endpoint],
-                       handshake=False, env=env, cwd=root),
-        children.spawn("ipcfw-echo-server",
-                       [sys.executable, "-m", "ipcfw", "serve", "servers.echo:EchoServer",
-                        "--endpoint", endpoint],
-                       handshake=False, env=env, cwd=root),
-    ]
+    stack = [_spawn_ipcfw(children, "ipcfw-kernel", ["kernel"], endpoint),
+             _spawn_ipcfw(children, "ipcfw-echo-server", ["serve", "servers.echo:EchoServer"], endpoint)]
     try:
-        session = _connect_echo(api, stack, deadline)
+        with watchdog(STARTUP_TIMEOUT + 2):
+            session = _connect_echo(api, stack, deadline)
     except Unavailable:
         raise
     except Exception as exc:
-        raise Unavailable(f"connecting to the echo server raised {exc!r}") from exc
-    return IpcfwClient(session, api[1])
+        raise Unavailable(f"connecting to the echo server raised {exc!r}{log_tail(stack[0])}") from exc
+    return IpcfwClient(session, api.TRequestStatus)
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,9 +612,8 @@ def time_pipelined(client: Client, n: int, window: int = WINDOW) -> float:
 
 def warm_up(system: System, sync_n: int, pipelined_n: int) -> None:
     reply = system.client.call()
-    expected = getattr(system.client, "expected", reply)
-    if reply != expected:
-        raise BenchError(f"{system.name}: echo returned {reply!r}, expected {expected!r}")
+    if reply != system.client.expected:
+        raise WrongReply(f"echo returned {reply!r}, expected {system.client.expected!r}")
     time_sync(system.client, max(50, sync_n // 10))
     time_pipelined(system.client, max(WINDOW, pipelined_n // 10))
 
@@ -580,32 +627,6 @@ def _rotations(systems: Sequence[System], chunk: int) -> list[System]:
     live = [s for s in systems if s.error is None]
     k = chunk % len(live) if live else 0
     return live[k:] + live[:k]
-
-
-class Stalled(Exception):
-    """A step took longer than its budget: a lost reply or a hung call."""
-
-
-@contextmanager
-def watchdog(seconds: float) -> Iterator[None]:
-    """Raise Stalled in the main thread if the block runs longer than ``seconds``.
-
-    Lost replies must not hang the bench; outside the main thread this does nothing.
-    """
-    def expire(signum: int, frame: object) -> None:
-        raise Stalled(f"no progress within {seconds:.0f} s")
-
-    try:
-        previous = signal.signal(signal.SIGALRM, expire)
-    except ValueError:
-        yield
-        return
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _guarded(system: System, step: Callable[[], None], calls: int) -> None:
@@ -763,7 +784,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--endpoint", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
     p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args(list(argv))
+    argv = list(argv)
+    if argv[:1] == ["--"]:  # `ipcfw bench -- --quick`: the CLI may pass the separator through
+        argv = argv[1:]
+    args = p.parse_args(argv)
     quick = (QUICK_SYNC, QUICK_PIPELINED) if args.quick else (DEFAULT_SYNC, DEFAULT_PIPELINED)
     args.sync = args.sync if args.sync is not None else quick[0]
     args.pipelined = args.pipelined if args.pipelined is not None else quick[1]
@@ -779,6 +803,7 @@ class Outcome:
     results: dict[str, RunResult]
     runs: dict[str, list[RunResult]]
     failed: dict[str, str]
+    notes: list[str] = field(default_factory=list)
 
 
 def start_systems(children: Children, ctx: zmq.Context, workdir: Path,
@@ -811,14 +836,17 @@ def measure(systems: list[System], failed: dict[str, str], args: argparse.Namesp
     return Outcome(results, runs, failed)
 
 
-def close_clients(systems: Sequence[System]) -> None:
-    for s in systems:
+def close_clients(systems: list[System]) -> list[str]:
+    """Close and forget every client (so a second call is a no-op); return what went wrong."""
+    problems = []
+    while systems:
+        s = systems.pop()
         try:
             with watchdog(STOP_TIMEOUT):
                 s.client.close()
-        except Exception as exc:  # noqa: BLE001 - recorded, the processes are stopped anyway
-            if s.error is None and s.name == "ipcfw":
-                s.error = f"Close() raised {type(exc).__name__}: {exc}"
+        except Exception as exc:  # reported; the processes are stopped next anyway
+            problems.append(f"{s.name}: closing the client raised {type(exc).__name__}: {exc}")
+    return problems
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> Outcome:
@@ -828,9 +856,13 @@ def bench(args: argparse.Namespace, workdir: Path) -> Outcome:
     systems: list[System] = []
     try:
         systems, failed = start_systems(children, ctx, workdir, with_ipcfw=not args.no_ipcfw)
-        return measure(systems, failed, args)
+        outcome = measure(systems, failed, args)
+        outcome.notes += close_clients(systems)
+        return outcome
     finally:
         close_clients(systems)
+        # We stop the kernel on purpose: the client runtime's "kernel has died" warning is noise.
+        logging.getLogger(IPCFW_CLIENT_LOGGER).setLevel(logging.ERROR)
         children.stop_all()
         ctx.destroy(linger=0)
 
@@ -868,6 +900,8 @@ def _report(args: argparse.Namespace, outcome: Outcome) -> int:
     print()
     for name, reason in outcome.failed.items():
         print(f"{name}: NOT MEASURED: {reason}")
+    for note in outcome.notes:
+        print(f"note: {note}")
     v = verdicts(outcome.results)
     print(format_targets(v))
     if args.json:
@@ -879,6 +913,7 @@ def _report(args: argparse.Namespace, outcome: Outcome) -> int:
             "results": {n: asdict(r) for n, r in outcome.results.items()},
             "runs": {n: [asdict(r) for r in rs] for n, rs in outcome.runs.items()},
             "not_measured": outcome.failed,
+            "notes": outcome.notes,
             "targets": v,
         })
     if "ipcfw" in outcome.failed and not args.no_ipcfw:
@@ -892,6 +927,8 @@ def main(argv: Sequence[str]) -> int:
     if args.role:
         return _run_role(args)
     saved_kernel = os.environ.get("IPCFW_KERNEL")
+    client_log = logging.getLogger(IPCFW_CLIENT_LOGGER)
+    saved_log_level = client_log.level
     workdir = _make_workdir()
     try:
         with _sigterm_as_interrupt():
@@ -908,6 +945,7 @@ def main(argv: Sequence[str]) -> int:
             os.environ.pop("IPCFW_KERNEL", None)
         else:
             os.environ["IPCFW_KERNEL"] = saved_kernel
+        client_log.setLevel(saved_log_level)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

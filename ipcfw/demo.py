@@ -279,10 +279,7 @@ def _close_client_runtime(endpoint: str) -> None:
     kernel stops, so that it does not report the kernel's exit as a death."""
     from ._runtime import Runtime
 
-    with Runtime._lock:
-        runtime = Runtime._instances.pop((os.getpid(), endpoint), None)
-    if runtime is not None:
-        runtime.close()
+    Runtime.shutdown(endpoint)
 
 
 # -- the command ---------------------------------------------------------------------------------

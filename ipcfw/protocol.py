@@ -29,6 +29,7 @@ writable descriptor the server wrote, which the client copies into its `bytearra
 from __future__ import annotations
 
 import enum
+import reprlib
 from typing import Any, Callable, NamedTuple, Union
 
 import msgpack
@@ -74,8 +75,8 @@ PROTOCOL_VERSION = 1
 MAX_FRAME = 16 * 1024 * 1024
 #: Longest server name the codec accepts; the kernel's naming rule (80 characters) is stricter.
 MAX_NAME = 256
-#: Largest connect negotiation payload the codec accepts.
-MAX_PAYLOAD = 4096
+#: Largest connect negotiation payload (seed 003's limit).
+MAX_PAYLOAD = 256
 #: Longest panic category (Symbian truncates to 16 characters; so do we, before sending).
 MAX_CATEGORY = 16
 #: Longest executable path in a PeerInfo.
@@ -459,6 +460,10 @@ def _first_bad_field(cls: type, checkers: tuple, fields: tuple) -> tuple[str, An
     return "?", None  # pragma: no cover - only reached if a checker is not deterministic
 
 
-def _show(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3  # a hostile frame can nest 1000 deep: never recurse into it
+_REPR.maxstring = _REPR.maxother = 40
+
+
+def _show(value: Any) -> str:
+    return _REPR.repr(value)

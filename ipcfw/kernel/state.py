@@ -254,7 +254,8 @@ class MessageRecord:
     msg_id: int
     kind: MessageKind
     session: SessionRecord
-    reply_to: Optional[bytes]  # routing id that gets the completion, None if nobody
+    reply_to: Optional[bytes]  # the channel that gets the answer (sync, connect)
+    inbox_of: Optional[ProcessRecord]  # or the process whose inbox gets it (async)
     req_id: int
     slot: SlotSource
     writable: dict  # arg index -> max length
@@ -360,6 +361,8 @@ class KernelState:
                 actions += self._client_closed(session)
         if not process.peers:
             del self.processes[process.identity.key]
+            for other in self.server_of_peer.values():
+                other.informed.discard(process.client_key)
             actions.append(Unwatch(process.identity.key))
         return actions
 
@@ -437,7 +440,7 @@ class KernelState:
         server.sessions.add(session.handle)
         peer.sessions.add(session.handle)
         peer.process.sessions.add(session.handle)
-        record = self._new_message(session, MessageKind.CONNECT, peer.rid, message.req_id)
+        record = self._new_message(session, MessageKind.CONNECT, message.req_id, reply_to=peer.rid)
         actions = self._inform(server, peer.process)
         actions.append(
             Send(
@@ -486,7 +489,7 @@ class KernelState:
         # Whatever is still outstanding will never be answered: the client completed it
         # locally (KErrSessionClosed) or is gone.
         for msg_id in session.messages:
-            self.messages[msg_id].reply_to = None
+            self._unroute(self.messages[msg_id])
         return self._transition(session, _E.CLIENT_CLOSED)
 
     def _holds(self, peer: Peer, session: SessionRecord) -> bool:
@@ -510,7 +513,8 @@ class KernelState:
             actions += self._fail_outstanding(session, errors.KErrServerTerminated)
             if new_state is _S.DEAD:
                 actions += self._notify_lost(session, errors.KErrServerTerminated)
-        if new_state is _S.CLOSING or new_state is _S.PANICKED:
+        if new_state in (_S.CLOSING, _S.PANICKED) and session.state is not _S.PANICKED:
+            # PANICKED -> CLOSING: the Disconnect is already on its way; once only.
             actions += self._deliver_disconnect(session)
         if new_state is _REMOVED or new_state is _S.DEAD:
             self._release_server_side(session)
@@ -521,16 +525,14 @@ class KernelState:
         return actions
 
     def _deliver_disconnect(self, session: SessionRecord) -> list[Action]:
-        record = self._new_message(session, MessageKind.DISCONNECT, None, 0)
+        record = self._new_message(session, MessageKind.DISCONNECT, 0)
         return [Send(session.server.rid, Disconnect(record.msg_id, session.handle))]
 
     def _fail_outstanding(self, session: SessionRecord, code: int) -> list[Action]:
         actions: list[Action] = []
         for msg_id in sorted(session.messages):
             record = self.messages[msg_id]
-            if record.reply_to is not None:
-                actions.append(Send(record.reply_to, self._reply(record, code)))
-                record.reply_to = None
+            actions += self._answer(record, self._reply(record, code))
         return actions
 
     def _notify_lost(self, session: SessionRecord, code: int) -> list[Action]:
@@ -569,10 +571,11 @@ class KernelState:
         record = self._new_message(
             session,
             MessageKind.REQUEST,
-            None if mode == Mode.BLIND else reply_to,
             message.req_id,
-            self._take_slot(session, mode),
-            {i: a[1] for i, a in enumerate(message.args) if type(a) is tuple},
+            reply_to=peer.rid if mode == Mode.SYNC else None,
+            inbox_of=peer.process if mode == Mode.ASYNC else None,
+            slot=self._take_slot(session, mode),
+            writable={i: a[1] for i, a in enumerate(message.args) if type(a) is tuple},
         )
         actions = self._inform(session.server, peer.process)
         actions.append(
@@ -621,13 +624,15 @@ class KernelState:
         self,
         session: SessionRecord,
         kind: MessageKind,
-        reply_to: Optional[bytes],
         req_id: int,
+        *,
+        reply_to: Optional[bytes] = None,
+        inbox_of: Optional[ProcessRecord] = None,
         slot: SlotSource = SlotSource.NONE,
         writable: Optional[dict] = None,
     ) -> MessageRecord:
         record = MessageRecord(
-            next(self._msg_ids), kind, session, reply_to, req_id, slot, writable or {}
+            next(self._msg_ids), kind, session, reply_to, inbox_of, req_id, slot, writable or {}
         )
         self.messages[record.msg_id] = record
         session.messages.add(record.msg_id)
@@ -685,23 +690,19 @@ class KernelState:
             return self._connect_done(record, value)
         if record.kind is MessageKind.DISCONNECT:
             return self._transition(session, _E.DISCONNECT_DONE)
-        if record.reply_to is None or session.state not in _DELIVERABLE:
+        if session.state not in _DELIVERABLE:
             return []
-        return [Send(record.reply_to, Completed(record.req_id, value, writes))]
+        return self._answer(record, Completed(record.req_id, value, writes))
 
     def _connect_done(self, record: MessageRecord, value: int) -> list[Action]:
         session = record.session
         if value < 0:
             actions = self._transition(session, _E.CONNECT_FAILED)
-            if record.reply_to is not None:
-                actions.append(Send(record.reply_to, Connected(record.req_id, value, 0, b"")))
-            return actions
+            return actions + self._answer(record, Connected(record.req_id, value, 0, b""))
         actions = self._transition(session, _E.CONNECT_OK)
-        if record.reply_to is not None:
-            actions.append(
-                Send(record.reply_to, Connected(record.req_id, errors.KErrNone, session.handle, b""))
-            )
-        return actions
+        return actions + self._answer(
+            record, Connected(record.req_id, errors.KErrNone, session.handle, b"")
+        )
 
     def _panic(self, peer: Peer, message: Panic) -> list[Action]:
         record = self._own_message(peer, message.msg_id, message)
@@ -711,18 +712,33 @@ class KernelState:
         self._free_message(record)
         if record.kind is MessageKind.DISCONNECT:
             return self._transition(session, _E.DISCONNECT_DONE)
-        if session.state not in _DELIVERABLE:
+        if record.kind is MessageKind.CONNECT:
+            # No server-side session exists yet: the connect fails with the panic.
+            actions = self._transition(session, _E.PANIC)
+            return actions + self._answer(record, self._panicked(record, message))
+        if session.state is not _S.OPEN:
             return []
-        actions: list[Action] = []
-        if record.reply_to is not None:
-            actions.append(Send(record.reply_to, self._panicked(record, message)))
+        actions = self._answer(record, self._panicked(record, message))
         for msg_id in sorted(session.messages):
             other = self.messages[msg_id]
-            if other.reply_to is not None:
-                actions.append(Send(other.reply_to, self._panicked(other, message)))
-                other.reply_to = None
+            actions += self._answer(other, self._panicked(other, message))
         session.panic = (message.category, message.reason)
         return actions + self._transition(session, _E.PANIC)
+
+    @staticmethod
+    def _answer(record: MessageRecord, reply: Message) -> list[Action]:
+        """Send `reply` to whoever waits for `record`, once; [] if nobody does any more."""
+        if record.inbox_of is not None:
+            rid = record.inbox_of.inbox  # the inbox now, not when the request was made
+        else:
+            rid = record.reply_to
+        KernelState._unroute(record)
+        return [] if rid is None else [Send(rid, reply)]
+
+    @staticmethod
+    def _unroute(record: MessageRecord) -> None:
+        record.reply_to = None
+        record.inbox_of = None
 
     @staticmethod
     def _panicked(record: MessageRecord, message: Panic) -> Panicked:

@@ -1,0 +1,188 @@
+"""Tests of the package's structure itself (STYLE.md 2.1, 2.3, 2.10; as trio's test_exports.py).
+
+* The protocol codec and the kernel's state are pure: their source imports no I/O, clock,
+  thread or OS module, directly or through the ipcfw modules they import.
+* ``ipcfw.__all__`` is the public surface: every name exists, once, and is documented.
+* ``protocol.py`` is the only place message kinds and the wire encoding exist.
+
+The checks read source with `ast`, so they see imports inside functions too.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+import ipcfw
+from ipcfw import protocol
+
+PACKAGE = Path(ipcfw.__file__).resolve().parent
+ROOT = PACKAGE.parent
+PURE_MODULES = ["ipcfw/protocol.py", "ipcfw/kernel/state.py"]
+FORBIDDEN = frozenset({"zmq", "os", "socket", "threading", "time", "psutil", "select", "subprocess"})
+ALL_MODULES = sorted(p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py"))
+
+
+def _tree(relpath: str) -> ast.Module:
+    return ast.parse((ROOT / relpath).read_text(encoding="utf-8"), filename=relpath)
+
+
+def _module_name(relpath: str) -> str:
+    parts = relpath[: -len(".py")].split("/")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_package(relpath: str) -> bool:
+    return relpath.endswith("/__init__.py")
+
+
+def _file_of(module: str) -> str | None:
+    """The source file of an ipcfw module (not of a package's __init__), if there is one."""
+    candidate = module.replace(".", "/") + ".py"
+    return candidate if (ROOT / candidate).is_file() else None
+
+
+def _imports(relpath: str) -> list[tuple[str, int]]:
+    """Every module `relpath` imports, as absolute dotted names, with line numbers.
+
+    Relative imports are resolved; ``from pkg import name`` also yields ``pkg.name`` when that
+    is a module. Dynamic imports of a literal name (``__import__("x")``,
+    ``importlib.import_module("x")``) count too.
+    """
+    package = _module_name(relpath) if _is_package(relpath) else _module_name(relpath).rpartition(".")[0]
+    found: list[tuple[str, int]] = []
+    for node in ast.walk(_tree(relpath)):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.append((module, node.lineno))
+            found += [(f"{module}.{alias.name}", node.lineno) for alias in node.names
+                      if _file_of(f"{module}.{alias.name}")]
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            if name in ("__import__", "import_module") and node.args:
+                arg = node.args[0]
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    found.append((arg.value, node.lineno))
+    return found
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+# -- (a) the pure modules --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("relpath", PURE_MODULES)
+def test_pure_module_imports_no_io(relpath: str) -> None:
+    bad = [(m, line) for m, line in _imports(relpath) if _top(m) in FORBIDDEN]
+    assert bad == [], f"{relpath} imports {bad}"
+
+
+@pytest.mark.parametrize("relpath", PURE_MODULES)
+def test_pure_module_is_pure_through_the_ipcfw_modules_it_imports(relpath: str) -> None:
+    """Follow imports into other ipcfw modules (package __init__ files aside)."""
+    seen: set[str] = set()
+    todo = [relpath]
+    bad = []
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for module, line in _imports(current):
+            if _top(module) in FORBIDDEN:
+                bad.append((current, line, module))
+            elif _top(module) == "ipcfw":
+                target = _file_of(module)
+                if target is not None:
+                    todo.append(target)
+    assert bad == [], f"{relpath} reaches I/O modules: {bad}"
+    if relpath.endswith("state.py"):
+        assert {"ipcfw/protocol.py", "ipcfw/naming.py", "ipcfw/errors.py"} <= seen
+
+
+def test_import_resolution_sees_what_it_should() -> None:
+    # A guard on the helper itself: it finds relative, absolute and dynamic imports.
+    state_imports = {m for m, _ in _imports("ipcfw/kernel/state.py")}
+    assert {"ipcfw.errors", "ipcfw.naming", "ipcfw.protocol", "enum", "itertools"} <= state_imports
+    assert "msgpack" in {m for m, _ in _imports("ipcfw/protocol.py")}
+    loop_imports = {_top(m) for m, _ in _imports("ipcfw/kernel/loop.py")}
+    assert "zmq" in loop_imports
+
+
+# -- (b) the public surface ------------------------------------------------------------------
+
+
+def test_every_exported_name_exists_once() -> None:
+    names = list(ipcfw.__all__)
+    assert len(names) == len(set(names)), [n for n in names if names.count(n) > 1]
+    missing = [name for name in names if not hasattr(ipcfw, name)]
+    assert missing == []
+
+
+def _undocumented(namespace: object, names: list[str]) -> list[str]:
+    missing = []
+    for name in names:
+        obj = getattr(namespace, name)
+        if inspect.isclass(obj):
+            doc = vars(obj).get("__doc__")  # its own docstring, not an inherited one
+        elif inspect.isfunction(obj) or inspect.ismodule(obj) or inspect.isbuiltin(obj):
+            doc = obj.__doc__
+        else:
+            continue  # constants (error codes, sharing modes) carry no docstring of their own
+        if not (doc and doc.strip()):
+            missing.append(name)
+    return missing
+
+
+def test_every_exported_class_and_function_is_documented() -> None:
+    assert _undocumented(ipcfw, list(ipcfw.__all__)) == []
+    assert ipcfw.__doc__ and ipcfw.__doc__.strip()
+
+
+def test_protocol_exports_exist_and_are_documented() -> None:
+    assert len(protocol.__all__) == len(set(protocol.__all__))
+    assert [n for n in protocol.__all__ if not hasattr(protocol, n)] == []
+    assert _undocumented(protocol, list(protocol.__all__)) == []
+
+
+# -- (c) one home for the wire format ----------------------------------------------------------
+
+
+def _defines_kind(tree: ast.Module) -> list[int]:
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == "Kind"]
+
+
+def _uses_msgpack(relpath: str) -> list[int]:
+    lines = [line for module, line in _imports(relpath) if _top(module) == "msgpack"]
+    for node in ast.walk(_tree(relpath)):
+        if isinstance(node, ast.Name) and node.id == "msgpack":
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_module_list_is_real() -> None:
+    assert "ipcfw/protocol.py" in ALL_MODULES and "ipcfw/kernel/state.py" in ALL_MODULES
+    assert len(ALL_MODULES) >= 10
+
+
+def test_only_protocol_defines_kind() -> None:
+    defining = {relpath: lines for relpath in ALL_MODULES if (lines := _defines_kind(_tree(relpath)))}
+    assert list(defining) == ["ipcfw/protocol.py"], defining
+
+
+def test_only_protocol_uses_msgpack() -> None:
+    using = {relpath: lines for relpath in ALL_MODULES if (lines := _uses_msgpack(relpath))}
+    assert list(using) == ["ipcfw/protocol.py"], using
