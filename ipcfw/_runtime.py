@@ -35,6 +35,7 @@ import zmq
 
 from . import endpoint as endpoints
 from . import errors
+from ._zmqflags import EVENTS, POLLIN
 from .protocol import (
     PROTOCOL_VERSION,
     Completed,
@@ -265,9 +266,13 @@ class _Inbox:
             raise self._error
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            os.write(self._wake_w, b"x")
-            self._thread.join(timeout=2.0)
+        if self._wake_w < 0:
+            return
+        os.write(self._wake_w, b"x")  # ignored if the thread already ended (kernel died)
+        self._thread.join(timeout=2.0)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._wake_r = self._wake_w = -1
 
     def _main(self) -> None:
         socket = self.runtime.context.socket(zmq.DEALER)
@@ -289,8 +294,6 @@ class _Inbox:
             socket.close(linger=0)
             if kernel_fd is not None:
                 os.close(kernel_fd)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
     def _serve(self, socket: zmq.Socket, kernel_fd: int) -> None:
         poller = zmq.Poller()
@@ -310,7 +313,7 @@ class _Inbox:
                 return
 
     def _drain(self, socket: zmq.Socket) -> None:
-        while socket.get(zmq.EVENTS) & zmq.POLLIN:
+        while socket.get(EVENTS) & POLLIN:
             raw = socket.recv()
             try:
                 self._dispatch(decode(raw))

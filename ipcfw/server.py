@@ -33,6 +33,7 @@ import zmq
 
 from . import endpoint as endpoints
 from . import errors
+from ._zmqflags import EVENTS, POLLIN
 from .protocol import (
     MAX_CATEGORY,
     PROTOCOL_VERSION,
@@ -442,7 +443,7 @@ class ServerHost:
     def _drain(self) -> None:
         socket = self._socket
         for _ in range(256):
-            if not socket.get(zmq.EVENTS) & zmq.POLLIN:
+            if not socket.get(EVENTS) & POLLIN:
                 return
             raw = socket.recv()
             try:

@@ -33,6 +33,7 @@ import zmq
 import zmq.utils.monitor
 
 from .. import endpoint as endpoints
+from .._zmqflags import EVENTS, NOBLOCK, POLLIN, RCVMORE, SNDMORE
 from ..protocol import MAX_FRAME, Hello, ProtocolError, decode, encode
 from .liveness import ProcessWatcher, UnknownPeer, identify
 from .state import (
@@ -183,15 +184,23 @@ class Kernel:
         # Checking EVENTS is cheaper than letting a NOBLOCK recv raise zmq.Again at the end.
         router = self._router
         for _ in range(_DRAIN_BATCH):
-            if not router.get(zmq.EVENTS) & zmq.POLLIN:
+            if not router.get(EVENTS) & POLLIN:
                 return
-            self._on_frames(router.recv_multipart(copy=False))
+            rid = router.recv()
+            body = router.recv(copy=False)  # a Frame: its metadata carries Peer-Address
+            if body.more:
+                self._discard_rest(body)
+            else:
+                self._on_frame(rid, body)
 
-    def _on_frames(self, frames: list) -> None:
-        if len(frames) != 2:
-            self._reporter.report("frame count", f"expected one frame per message, got {len(frames) - 1}")
-            return
-        rid, body = frames[0].bytes, frames[1]
+    def _discard_rest(self, body: zmq.Frame) -> None:
+        extra = 1
+        while self._router.get(RCVMORE):
+            self._router.recv()
+            extra += 1
+        self._reporter.report("frame count", f"expected one frame per message, got {extra + 1} from pid {_pid_in(body)}")
+
+    def _on_frame(self, rid: bytes, body: zmq.Frame) -> None:
         try:
             message = decode(body.bytes)
         except ProtocolError as exc:
@@ -283,7 +292,7 @@ class Kernel:
             queue.append(frame)  # keep order behind what is already waiting
             return
         try:
-            self._router.send_multipart((rid, frame), zmq.NOBLOCK)
+            self._send_now(rid, frame)
         except zmq.Again:
             self._backlog[rid] = collections.deque([frame])
         except zmq.ZMQError as exc:
@@ -291,12 +300,17 @@ class Kernel:
                 raise
             self._gone.append(rid)
 
+    def _send_now(self, rid: bytes, frame: bytes) -> None:
+        # Again or EHOSTUNREACH is raised on the routing frame, before anything is queued.
+        self._router.send(rid, SNDMORE | NOBLOCK)
+        self._router.send(frame, NOBLOCK)
+
     def _flush_backlog(self) -> None:
         for rid in list(self._backlog):
             queue = self._backlog[rid]
             while queue:
                 try:
-                    self._router.send_multipart((rid, queue[0]), zmq.NOBLOCK)
+                    self._send_now(rid, queue[0])
                 except zmq.Again:
                     break
                 except zmq.ZMQError as exc:
