@@ -2,20 +2,25 @@
 
 Theory of operation
 -------------------
-zmq sockets must never be used by two threads, and a Python thread hand-off costs 10-20 us, so
-the runtime avoids hand-offs on the paths that matter:
+A Python thread hand-off costs 10-20 us and contends for the GIL, so the runtime lets the thread
+that needs an answer fetch it itself, and keeps its own I/O thread off the hot path.
 
-* Each thread that makes a call gets its own DEALER socket, its **channel** (created on first use,
-  closed when the thread ends). Every request leaves on the calling thread's channel, so requests
-  from one thread reach the kernel, and the server, in the order they were made. A synchronous
-  call waits for its reply on the same channel, in the same thread: one send, one receive, no
-  hand-off.
-* Each process has one **inbox**: a DEALER socket owned by the runtime's I/O thread
-  (``ipcfw-inbox``). The kernel sends asynchronous completions and notices (a session lost
-  because its server died) to the inbox, so they are delivered whichever thread is busy, and
-  `TRequestStatus` callbacks, waits and ``await`` work from any thread.
-* The kernel's pid arrives in its Welcome; the I/O thread polls a pidfd on it, so a dead kernel is
-  noticed within milliseconds and every waiter is released with an error.
+* Each thread that makes a call gets its own DEALER socket, its **channel**. Every request leaves
+  on the calling thread's channel, so the requests of one thread reach the kernel, and the
+  server, in the order they were made; every answer, synchronous or not, comes back on it.
+* A channel's socket is only ever used under the channel's lock. zmq sockets must never be used
+  by two threads at once, but may pass between threads across a full memory barrier, which the
+  lock is. So whichever thread needs progress can **settle** a channel: take its lock, read every
+  frame waiting, complete the requests they answer, release. A synchronous call holds its
+  channel's lock from send to reply: one send, one receive, no hand-off. ``Wait()`` settles the
+  status's channel and sleeps on the channel's file descriptor (`zmq.FD`) between settles.
+* zmq's FD is edge-like: it only signals new activity. So whoever holds the lock settles before
+  releasing it: nothing is ever left unread behind a consumed signal.
+* The process's I/O thread (``ipcfw-inbox``) owns the **inbox** socket, where the kernel sends
+  notices (a session lost because its server died), and polls a pidfd on the kernel, so a dead
+  kernel is noticed in milliseconds. It also settles channels whose requests nobody is waiting
+  for (so ``add_done_callback`` fires) once their owner has been idle for `IDLE` seconds, and
+  takes over a channel whose thread ended with requests still pending.
 
 Routing ids are random 128-bit values: the kernel never trusts them as identity (it reads the
 process credentials the transport gives it), but a random id cannot collide with libzmq's own.
@@ -28,8 +33,9 @@ import itertools
 import logging
 import os
 import threading
+import time
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Iterable, Optional
 
 import zmq
 
@@ -53,7 +59,8 @@ from .protocol import (
 log = logging.getLogger("ipcfw.client")
 
 HELLO_TIMEOUT = 5.0  # seconds to wait for a Welcome before declaring the kernel unreachable
-_SLICE_MS = 200  # a waiting channel wakes this often to notice a dead kernel
+IDLE = 0.005  # a channel untouched this long is settled by the I/O thread
+_SLICE = 0.05  # blocked waits wake this often (seconds) to notice a dead kernel or a deadline
 
 
 class KernelGone(Exception):
@@ -61,14 +68,15 @@ class KernelGone(Exception):
 
 
 class Pending:
-    """An asynchronous request the inbox will complete: its status and writable buffers."""
+    """An asynchronous request not yet completed: its status, session and writable buffers."""
 
-    __slots__ = ("status", "session", "buffers")
+    __slots__ = ("status", "session", "buffers", "channel")
 
-    def __init__(self, status: Any, session: Any, buffers: dict) -> None:
+    def __init__(self, status: Any, session: Any, buffers: dict, channel: "Channel") -> None:
         self.status = status
         self.session = session
         self.buffers = buffers
+        self.channel = channel
 
 
 def _hello(socket: zmq.Socket, role: Role, endpoint: str) -> Welcome:
@@ -84,67 +92,114 @@ def _hello(socket: zmq.Socket, role: Role, endpoint: str) -> Welcome:
     return reply
 
 
-def _kernel_gone_error(endpoint: str) -> errors.IpcError:
-    return errors.IpcError(errors.KErrServerTerminated, f"the ipcfw kernel at {endpoint} has gone")
-
-
 class Channel:
-    """One thread's DEALER socket to the kernel. Only its thread may use it."""
+    """A DEALER socket to the kernel, used only under `lock`; created for one thread."""
 
     def __init__(self, runtime: "Runtime") -> None:
         self.runtime = runtime
+        self.lock = threading.Lock()
         self.socket = runtime.context.socket(zmq.DEALER)
         self.socket.routing_id = os.urandom(16)
-        self.socket.rcvtimeo = _SLICE_MS
+        self.socket.rcvtimeo = int(_SLICE * 1000)
         self.socket.connect(runtime.endpoint)
         try:
             welcome = _hello(self.socket, Role.CHANNEL, runtime.endpoint)
         except BaseException:
             self.socket.close(linger=0)
             raise
+        self.fd: int = self.socket.get(zmq.FD)
         self.max_frame = welcome.max_frame
+        self.pending = 0  # async requests sent here and not yet completed (under runtime.counts)
+        self.last_used = time.monotonic()
+        self.retired = False  # its thread ended; the I/O thread owns it now
+        self.loop_readers: dict = {}  # asyncio loop -> awaits settling this channel in it
 
-    def send(self, frame: bytes) -> None:
+    def check_size(self, frame: bytes) -> None:
         if len(frame) > self.max_frame:
             raise ValueError(
                 f"request of {len(frame)} bytes exceeds the kernel's limit of {self.max_frame} bytes"
             )
-        self.socket.send(frame)
+
+    def send(self, frame: bytes) -> None:
+        """Send one frame (an async request, a close): lock, send, settle, unlock."""
+        self.check_size(frame)
+        with self.lock:
+            self.socket.send(frame)
+            self._settle()
+            self.last_used = time.monotonic()
 
     def call(self, frame: bytes, req_id: int, timeout: Optional[float] = None) -> Message:
-        """Send `frame` and return the reply carrying `req_id`; drop stale replies."""
-        self.send(frame)
-        return self.wait_reply(req_id, timeout)
+        """Send `frame` and return the reply carrying `req_id`, holding the lock throughout."""
+        self.check_size(frame)
+        with self.lock:
+            self.socket.send(frame)
+            try:
+                reply = self._receive(req_id, timeout)
+                self._settle()
+                return reply
+            finally:
+                self.last_used = time.monotonic()
 
-    def wait_reply(self, req_id: int, timeout: Optional[float]) -> Message:
-        waited = 0.0
+    def _receive(self, req_id: int, timeout: Optional[float]) -> Message:
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
                 raw = self.socket.recv()
             except zmq.Again:
                 if self.runtime.kernel_dead:
                     raise KernelGone() from None
-                waited += _SLICE_MS / 1000
-                if timeout is not None and waited >= timeout:
+                if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"no reply within {timeout} s") from None
                 continue
             reply = decode(raw)
             if getattr(reply, "req_id", None) == req_id:
                 return reply
+            self._dispatch(reply)
+
+    def try_settle(self) -> bool:
+        """Settle if nobody else holds the lock; False if somebody does (they will settle)."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            self._settle()
+        finally:
+            self.lock.release()
+        return True
+
+    def _settle(self) -> None:
+        """Read and dispatch everything waiting. Call with the lock held."""
+        socket = self.socket
+        while socket.get(EVENTS) & POLLIN:
+            try:
+                self._dispatch(decode(socket.recv()))
+            except ProtocolError as exc:
+                log.error("dropping a malformed frame from the kernel: %s", exc)
+
+    def _dispatch(self, reply: Message) -> None:
+        kind = type(reply)
+        if kind is Completed:
+            self.runtime.complete(reply.req_id, reply.value, reply.writes)
+        elif kind is Panicked:
+            self.runtime.panicked(reply)
+        else:
             log.debug("dropping a late reply on a channel: %r", reply)
 
     def close(self) -> None:
-        self.socket.close()
+        with self.lock:
+            self.socket.close()
 
 
-class _ThreadChannels(threading.local):
-    channel: Optional[Channel] = None
+class _ThreadSentinel:
+    """Lives in a thread's local storage: when the thread ends, its channel is retired."""
+
+    def __init__(self, runtime: "Runtime", channel: Channel) -> None:
+        self.runtime = weakref.ref(runtime)
+        self.channel = channel
 
     def __del__(self) -> None:
-        # The thread is ending: its socket closes, and the kernel sees the disconnect.
-        channel = self.channel
-        if channel is not None:
-            channel.close()
+        runtime = self.runtime()
+        if runtime is not None:
+            runtime.retire(self.channel)
 
 
 class Runtime:
@@ -197,8 +252,12 @@ class Runtime:
         self._closed = False
         self.pending: dict[int, Pending] = {}
         self.sessions: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+        self.channels: set[Channel] = set()
+        self.completions = threading.Condition()  # for waiters who cannot settle themselves
+        self.blocked_waiters = 0
+        self.counts = threading.Lock()  # guards Channel.pending
         self._req_ids = itertools.count(1)
-        self._channels = _ThreadChannels()
+        self._local = threading.local()
         self._inbox = _Inbox(self)
         self._inbox.start_and_wait()
 
@@ -208,28 +267,105 @@ class Runtime:
     def channel(self) -> Channel:
         """The calling thread's channel, created on first use."""
         if self.kernel_dead:
-            raise _kernel_gone_error(self.endpoint)
+            raise self.kernel_gone_error()
         if self._closed:
             raise errors.IpcError(errors.KErrDisconnected, f"the client runtime for {self.endpoint} was shut down")
-        channel = self._channels.channel
-        if channel is None:
-            channel = self._channels.channel = Channel(self)
-        return channel
+        sentinel = getattr(self._local, "sentinel", None)
+        if sentinel is None:
+            channel = Channel(self)
+            self.channels.add(channel)
+            sentinel = self._local.sentinel = _ThreadSentinel(self, channel)
+        return sentinel.channel
 
     def kernel_gone_error(self) -> errors.IpcError:
-        return _kernel_gone_error(self.endpoint)
+        return errors.IpcError(errors.KErrServerTerminated, f"the ipcfw kernel at {self.endpoint} has gone")
+
+    # -- pending requests --------------------------------------------------------------------
+
+    def track(self, req_id: int, pending: Pending) -> None:
+        """Register an async request before it is sent (its answer may come at once)."""
+        self.pending[req_id] = pending
+        with self.counts:
+            pending.channel.pending += 1
+        self._inbox.nudge_if_idle(pending.channel)
+
+    def untrack(self, req_id: int) -> None:
+        """Forget an async request that could not be sent."""
+        pending = self.pending.pop(req_id, None)
+        if pending is not None:
+            with self.counts:
+                pending.channel.pending -= 1
 
     def complete(self, req_id: int, value: int, writes: tuple = (), panic: Any = None) -> None:
-        """Complete a pending async request (called by the inbox, or locally on Close)."""
+        """Complete a pending async request, once; a late or unknown completion is dropped."""
         pending = self.pending.pop(req_id, None)
         if pending is None:
-            return  # completed locally already (Close, timeout): a late completion is dropped
+            return
+        with self.counts:
+            pending.channel.pending -= 1
         for index, data in writes:
             buffer = pending.buffers.get(index)
             if buffer is not None:
                 buffer[:] = data
         pending.session._forget_request(req_id)
         pending.status._complete(value, panic)
+        if self.blocked_waiters:
+            with self.completions:
+                self.completions.notify_all()
+
+    def panicked(self, reply: Panicked) -> None:
+        panic = errors.ClientPanic(reply.category, reply.reason)
+        session = self.sessions.get(reply.handle)
+        if session is not None and reply.session_dead:
+            session._lost(panic)
+        self.complete(reply.req_id, errors.KErrDied, (), panic)
+
+    def wait(self, statuses: Iterable[Any], timeout: Optional[float]) -> Any:
+        """Block until one of `statuses` completes and return it; settle their channels meanwhile.
+
+        Raises TimeoutError after `timeout` seconds.
+        """
+        statuses = tuple(statuses)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller: Optional[zmq.Poller] = None
+        while True:
+            busy = False
+            for status in statuses:
+                if status.done():
+                    return status
+                channel = status._channel
+                if channel is not None and not channel.try_settle():
+                    busy = True
+            for status in statuses:
+                if status.done():
+                    return status
+            remaining = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
+            if remaining <= 0:
+                raise TimeoutError(f"request still pending after {timeout} s")
+            if busy:
+                self._sleep_on_completions(remaining)  # another thread is settling for us
+            else:
+                poller = poller or _fd_poller(s._channel for s in statuses)
+                poller.poll(remaining * 1000)
+
+    def _sleep_on_completions(self, seconds: float) -> None:
+        with self.completions:
+            self.blocked_waiters += 1
+            try:
+                self.completions.wait(seconds)
+            finally:
+                self.blocked_waiters -= 1
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def retire(self, channel: Channel) -> None:
+        """The channel's thread ended: close it, or let the I/O thread finish its requests."""
+        channel.retired = True
+        if channel.pending == 0 or self._closed:
+            self.channels.discard(channel)
+            channel.close()
+        else:
+            self._inbox.nudge_if_idle(channel)
 
     def kernel_died(self) -> None:
         self.kernel_dead = True
@@ -240,23 +376,32 @@ class Runtime:
             self.complete(req_id, errors.KErrServerTerminated)
 
     def close(self) -> None:
-        """Stop the inbox thread and close this thread's channel (tests, interpreter exit)."""
+        """Stop the inbox thread and close every idle channel (tests, interpreter exit)."""
         self._closed = True
         self._inbox.stop()
-        channel = self._channels.channel
-        if channel is not None:
-            self._channels.channel = None
-            channel.close()
+        for channel in list(self.channels):
+            if channel.lock.acquire(timeout=1.0):  # a thread may still be in a call
+                channel.socket.close()
+                channel.lock.release()
+        self.channels.clear()
+
+
+def _fd_poller(channels: Iterable[Optional[Channel]]) -> zmq.Poller:
+    poller = zmq.Poller()
+    for channel in {c for c in channels if c is not None}:
+        poller.register(channel.fd, zmq.POLLIN)
+    return poller
 
 
 class _Inbox:
-    """The runtime's I/O thread: owns the inbox socket, completes async requests."""
+    """The runtime's I/O thread: owns the inbox socket, watches the kernel, settles idle channels."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._ready = threading.Event()
         self._error: Optional[BaseException] = None
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
         self._thread = threading.Thread(target=self._main, name="ipcfw-inbox", daemon=True)
 
     def start_and_wait(self) -> None:
@@ -265,14 +410,26 @@ class _Inbox:
         if self._error is not None:
             raise self._error
 
+    def nudge_if_idle(self, channel: Channel) -> None:
+        """Wake the thread if this is the channel's first pending request (it polls meanwhile)."""
+        if channel.pending <= 1 or channel.retired:
+            self._wake()
+
     def stop(self) -> None:
         if self._wake_w < 0:
             return
-        os.write(self._wake_w, b"x")  # ignored if the thread already ended (kernel died)
+        self._stopping = True
+        self._wake()  # harmless if the thread already ended (kernel died)
         self._thread.join(timeout=2.0)
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._wake_r = self._wake_w = -1
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # full (a wake is due anyway) or closed (stopped)
 
     def _main(self) -> None:
         socket = self.runtime.context.socket(zmq.DEALER)
@@ -296,21 +453,48 @@ class _Inbox:
                 os.close(kernel_fd)
 
     def _serve(self, socket: zmq.Socket, kernel_fd: int) -> None:
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
-        poller.register(kernel_fd, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        while True:
-            ready = dict(poller.poll())
+        while not self._stopping:
+            poller = zmq.Poller()
+            poller.register(socket, zmq.POLLIN)
+            poller.register(kernel_fd, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
+            watched = self._unattended_channels()
+            for channel in watched:
+                poller.register(channel.fd, zmq.POLLIN)
+            waiting = any(c.pending for c in self.runtime.channels)
+            ready = dict(poller.poll(IDLE * 1000 if waiting else None))
+            if self._wake_r in ready:
+                self._drain_wake_pipe()
             if socket in ready:
                 self._drain(socket)
+            for channel in watched:
+                channel.try_settle()
+            self._close_finished_retirees()
             if kernel_fd in ready:
                 self._drain(socket)
                 log.warning("the ipcfw kernel at %s has died", self.runtime.endpoint)
                 self.runtime.kernel_died()
                 return
-            if self._wake_r in ready:
-                return
+
+    def _unattended_channels(self) -> list[Channel]:
+        now = time.monotonic()
+        return [
+            c for c in list(self.runtime.channels)
+            if c.pending and (c.retired or now - c.last_used > IDLE)
+        ]
+
+    def _close_finished_retirees(self) -> None:
+        for channel in list(self.runtime.channels):
+            if channel.retired and channel.pending == 0:
+                self.runtime.channels.discard(channel)
+                channel.close()
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def _drain(self, socket: zmq.Socket) -> None:
         while socket.get(EVENTS) & POLLIN:
@@ -320,25 +504,15 @@ class _Inbox:
             except ProtocolError as exc:
                 log.error("dropping a malformed frame from the kernel: %s", exc)
             except Exception:  # a user callback raised: keep serving everyone else
-                log.exception("error while completing a request")
+                log.exception("error while handling a kernel notice")
 
     def _dispatch(self, message: Message) -> None:
-        kind = type(message)
-        if kind is Completed:
-            self.runtime.complete(message.req_id, message.value, message.writes)
-        elif kind is Panicked:
-            panic = errors.ClientPanic(message.category, message.reason)
-            session = self.runtime.sessions.get(message.handle)
-            if session is not None and message.session_dead:
-                session._lost(panic)
-            self.runtime.complete(message.req_id, errors.KErrDied, (), panic)
-        elif kind is SessionLost:
+        if type(message) is SessionLost:
             session = self.runtime.sessions.get(message.handle)
             if session is not None:
                 session._lost(errors.IpcError(message.code))
         else:
-            log.error("unexpected %s on the inbox", kind.__name__)
-
+            log.error("unexpected %s on the inbox", type(message).__name__)
 
 
 atexit.register(Runtime.shutdown_all)

@@ -19,13 +19,14 @@ Every method may be called from any thread; see `ipcfw._runtime` for how.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import warnings
-from typing import Any, Callable, Generator, Iterable, Optional, Union
+from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Union
 
 from . import errors
-from ._runtime import KernelGone, Pending, Runtime
+from ._runtime import Channel, KernelGone, Pending, Runtime
 from .naming import name_problem
 from .protocol import MAX_PAYLOAD, Close, Completed, Connect, Connected, Mode, Panicked, Request, Stats, encode
 from .version import TVersion, to_version
@@ -116,30 +117,32 @@ class TRequestStatus:
     ``ClientPanic``.
     """
 
-    __slots__ = ("_value", "_event", "_callbacks", "_panic", "_lock", "_active")
+    __slots__ = ("_value", "_done", "_callbacks", "_panic", "_channel")
 
     def __init__(self) -> None:
         self._value = errors.KRequestPending
-        self._event = threading.Event()
+        self._done = False
         self._callbacks: list[Callable[["TRequestStatus"], None]] = []
         self._panic: Optional[errors.ClientPanic] = None
-        self._lock = threading.Lock()
-        self._active = False
+        self._channel: Optional[Channel] = None  # where its answer arrives, once in use
 
     def Int(self) -> int:
         """The raw value: ``KRequestPending`` while pending, else the completion value."""
         return self._value
 
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     def Wait(self, timeout: Optional[float] = None) -> int:
         """Block until the request completes and return its raw value.
 
         Raises ``TimeoutError`` if `timeout` seconds pass first (the request stays pending).
         """
-        if not self._event.wait(timeout):
-            raise TimeoutError(f"request still pending after {timeout} s")
+        if not self._done:
+            channel = self._channel
+            if channel is None:
+                raise RuntimeError("this TRequestStatus has not been given to a request")
+            channel.runtime.wait((self,), timeout)
         return self._value
 
     def result(self, timeout: Optional[float] = None) -> int:
@@ -152,10 +155,12 @@ class TRequestStatus:
     def add_done_callback(self, fn: Callable[["TRequestStatus"], None]) -> None:
         """Call ``fn(status)`` once the request completes (at once if it already has).
 
-        Callbacks run on the runtime's I/O thread: keep them short and never block in them.
+        The callback runs on whichever thread processes the completion: a thread waiting for
+        it, the thread that made the request when it next calls ipcfw, or, if that thread is
+        idle, the runtime's I/O thread within milliseconds. Keep callbacks short.
         """
-        with self._lock:
-            if not self._event.is_set():
+        with _STATUS_LOCK:
+            if not self._done:
                 self._callbacks.append(fn)
                 return
         fn(self)
@@ -163,28 +168,32 @@ class TRequestStatus:
     def __await__(self) -> Generator[Any, None, int]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-
-        def wake(_: TRequestStatus) -> None:
-            loop.call_soon_threadsafe(_resolve, future)
-
-        self.add_done_callback(wake)
-        yield from future.__await__()
+        self.add_done_callback(lambda _: loop.call_soon_threadsafe(_resolve, future))
+        channel = self._channel
+        if self._done or channel is None:
+            yield from future.__await__()
+        else:
+            with _settled_by_loop(loop, channel):
+                yield from future.__await__()
         return self.result(0)
 
-    def _begin(self) -> None:
-        if self._active:
+    def _begin(self, channel: Channel) -> None:
+        if self._channel is not None and not self._done:
             raise RuntimeError("this TRequestStatus is already in use by a pending request")
-        self._active = True
         self._value = errors.KRequestPending
         self._panic = None
-        self._event.clear()
+        self._done = False
+        self._channel = channel
+
+    def _abandon(self) -> None:
+        """The request could not be sent: the status is free again, still pending."""
+        self._channel = None
 
     def _complete(self, value: int, panic: Optional[errors.ClientPanic] = None) -> None:
-        with self._lock:
-            self._active = False
+        with _STATUS_LOCK:
             self._value = value
             self._panic = panic
-            self._event.set()
+            self._done = True
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             try:
@@ -195,6 +204,27 @@ class TRequestStatus:
     def __repr__(self) -> str:
         value = "KRequestPending" if self._value == errors.KRequestPending else self._value
         return f"<TRequestStatus {value}>"
+
+
+# Guards TRequestStatus callback lists against a completion racing add_done_callback.
+_STATUS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _settled_by_loop(loop: asyncio.AbstractEventLoop, channel: Channel) -> Iterator[None]:
+    """While awaited, the event loop settles `channel` whenever its socket signals."""
+    count = channel.loop_readers.get(loop, 0)
+    if count == 0:
+        loop.add_reader(channel.fd, channel.try_settle)
+    channel.loop_readers[loop] = count + 1
+    try:
+        yield
+    finally:
+        count = channel.loop_readers.pop(loop) - 1
+        if count:
+            channel.loop_readers[loop] = count
+        else:
+            loop.remove_reader(channel.fd)
 
 
 def _resolve(future: "asyncio.Future[None]") -> None:
@@ -213,12 +243,13 @@ class User:
         """
         if not statuses:
             raise TypeError("WaitForRequest needs at least one TRequestStatus")
-        woken = threading.Event()
         for status in statuses:
-            status.add_done_callback(lambda _: woken.set())
-        if not woken.wait(timeout):
-            raise TimeoutError(f"no request completed within {timeout} s")
-        return next(status for status in statuses if status.done())
+            if status.done():
+                return status
+        channel = next((s._channel for s in statuses if s._channel is not None), None)
+        if channel is None:
+            raise RuntimeError("none of these TRequestStatus objects has been given to a request")
+        return channel.runtime.wait(statuses, timeout)
 
 
 class RSession:
@@ -329,15 +360,17 @@ class RSession:
             frame = encode(Request(req_id, handle, function, ipc_args.wire, Mode.SYNC))
             return self._finish(self._call(runtime, frame, req_id, timeout), ipc_args)
         frame = encode(Request(req_id, handle, function, ipc_args.wire, Mode.ASYNC))
-        status._begin()
+        channel = runtime.channel()
+        status._begin(channel)
         with self._lock:
             self._pending.add(req_id)
-        runtime.pending[req_id] = Pending(status, self, ipc_args.buffers)
+        runtime.track(req_id, Pending(status, self, ipc_args.buffers, channel))
         try:
-            runtime.channel().send(frame)
+            channel.send(frame)
         except BaseException:
-            runtime.pending.pop(req_id, None)
+            runtime.untrack(req_id)
             self._forget_request(req_id)
+            status._abandon()
             raise
         return None
 

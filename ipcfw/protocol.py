@@ -119,8 +119,8 @@ class Kind(enum.IntEnum):
 class Role(enum.IntEnum):
     """What a peer socket is for, declared in its Hello."""
 
-    CHANNEL = 1  # one client thread: sends requests, receives sync replies
-    INBOX = 2  # one client process: receives async completions and notices
+    CHANNEL = 1  # one client thread: sends requests, receives every answer to them
+    INBOX = 2  # one client process: receives notices (SessionLost)
     SERVER = 3  # one server host: receives deliveries, sends completions
 
 
@@ -128,12 +128,12 @@ class Mode(enum.IntEnum):
     """How a Request is answered."""
 
     SYNC = 0  # reply on the sending channel; takes no message slot
-    ASYNC = 1  # reply to the process inbox; takes a slot
+    ASYNC = 1  # reply on the sending channel too; takes a slot
     BLIND = 2  # the kernel acknowledges on the channel once queued; the server's answer is dropped
 
 
 # -- field checkers --------------------------------------------------------------------------
-# Each takes the raw decoded value and returns it (possibly normalised) or raises ValueError
+# Each takes the raw decoded value and returns it unchanged, or raises ValueError
 # with a phrase describing what was expected; `decode` adds the message and field names.
 
 Checker = Callable[[Any], Any]
@@ -445,10 +445,12 @@ def decode(frame: bytes) -> Message:
             f"{cls.__name__} needs {len(checkers)} fields, got {len(fields)}"
         )
     try:
-        return cls(*[check(value) for check, value in zip(checkers, fields)])
+        for check, value in zip(checkers, fields):
+            check(value)
     except ValueError as exc:
         name, value = _first_bad_field(cls, checkers, fields)
         raise ProtocolError(f"{cls.__name__}.{name}: {exc}, got {_show(value)}") from None
+    return tuple.__new__(cls, fields)  # what NamedTuple._make does, without the length check
 
 
 def _first_bad_field(cls: type, checkers: tuple, fields: tuple) -> tuple[str, Any]:

@@ -36,6 +36,7 @@ from . import errors
 from ._zmqflags import EVENTS, POLLIN
 from .protocol import (
     MAX_CATEGORY,
+    MAX_FRAME,
     PROTOCOL_VERSION,
     Complete,
     Completed,
@@ -323,7 +324,12 @@ class RMessage:
         if self._content:
             writes = tuple((i, bytes(b)) for i, b in sorted(self._content.items()))
         self._claim()
-        self._host._completed(self, encode(Complete(self._msg_id, value, writes)))
+        frame = encode(Complete(self._msg_id, value, writes))
+        if len(frame) > self._host.max_frame:
+            log.error("completion of %r is %d bytes, over the kernel's limit; completing with "
+                      "KErrOverflow instead", self, len(frame))
+            frame = encode(Complete(self._msg_id, errors.KErrOverflow, ()))
+        self._host._completed(self, frame)
 
     def Panic(self, category: str, reason: int) -> None:
         """Panic the client: its call raises ``ClientPanic(category, reason)``, its session dies
@@ -368,6 +374,7 @@ class ServerHost:
         self._loop_thread: Optional[int] = None
         self._problems: collections.Counter[str] = collections.Counter()
         self.kernel_died = False
+        self.max_frame = MAX_FRAME
 
     def stop(self) -> None:
         """Ask the loop to finish. Safe from any thread and from signal handlers."""
@@ -401,6 +408,7 @@ class ServerHost:
 
     def _register(self) -> int:
         welcome = self._exchange(Hello(int(Role.SERVER), PROTOCOL_VERSION), Welcome)
+        self.max_frame = welcome.max_frame
         version = to_version(self.server.version, f"{type(self.server).__name__}.version")
         reply = self._exchange(Register(1, self.server.name, int(self.server.sharing), version), Completed)
         if reply.value < 0:

@@ -489,7 +489,7 @@ def test_requests_sent_while_connecting_are_delivered_after_new_session(ks: Kern
     assert sends(log) == [
         Connected(1, 0, new.handle, b""), Completed(2, 100, ()), Completed(3, 101, ())
     ]
-    assert targets(log) == [C1, C1, IN1]
+    assert targets(log) == [C1, C1, C1]  # every answer, async too, on the requesting channel
 
 
 # -- Requests ----------------------------------------------------------------------------------
@@ -507,19 +507,44 @@ def test_sync_request_delivered_and_completed_to_the_channel(ks: KernelState) ->
     assert counts(ks) == {"sessions": 1, "messages": 0, "pool_used": 0}
 
 
-def test_async_request_completed_to_the_process_inbox(ks: KernelState) -> None:
+def test_async_request_completed_to_the_requesting_channel(ks: KernelState) -> None:
     h = open_session(ks)
-    d = deliver(request(ks, C1, h, 11, ASYNC))
+    actions = request(ks, C1, h, 11, ASYNC)
+    assert targets(actions) == [S1]  # delivered; nothing to the channel or the inbox yet
+    d = deliver(actions)
     assert ks.pool_used == 1
-    assert ks.receive(S1, Complete(d.msg_id, -3, ())) == [Send(IN1, Completed(11, -3, ()))]
+    assert ks.receive(S1, Complete(d.msg_id, -3, ())) == [Send(C1, Completed(11, -3, ()))]
     assert ks.pool_used == 0
 
 
-def test_async_request_from_any_channel_of_the_process_goes_to_the_one_inbox(ks: KernelState) -> None:
+def test_each_channel_of_a_process_gets_the_answers_to_its_own_requests(ks: KernelState) -> None:
     hello(ks, C1B, CHANNEL, CLI)
-    h = open_session(ks, C1B)
-    d = deliver(request(ks, C1B, h, 11, ASYNC))
-    assert ks.receive(S1, Complete(d.msg_id, 0, ())) == [Send(IN1, Completed(11, 0, ()))]
+    start_client(ks, CLI2, C2, IN2)
+    ha = open_session(ks, C1, slots=4, req_id=1)
+    hb = open_session(ks, C1B, req_id=2)
+    h2 = open_session(ks, C2, req_id=3)
+    # Interleaved requests of every mode from two channels of one process and one of another;
+    # the req ids of the channels overlap, as each runtime numbers its own.
+    log = []
+    for req, (chan, handle) in itertools.product((10, 11, 12), ((C1, ha), (C1B, hb), (C2, h2))):
+        mode = {10: SYNC, 11: ASYNC, 12: BLIND}[req]
+        log += request(ks, chan, handle, req, mode, function=req)
+    acks = [a for a in log if type(a) is Send and a.rid != S1]
+    assert acks == [Send(C1, Completed(12, 0, ())), Send(C1B, Completed(12, 0, ())),
+                    Send(C2, Completed(12, 0, ()))]
+    owner = {ha: C1, hb: C1B, h2: C2}
+    answers = []
+    for d in reversed(sends(log, S1, Deliver)):
+        actions = ks.receive(S1, Complete(d.msg_id, 100 * d.function + d.handle, ()))
+        if d.function == 12:
+            assert actions == []  # a blind request's answer is dropped
+        else:
+            assert actions == [Send(owner[d.handle], Completed(d.function, 100 * d.function + d.handle, ()))]
+            answers += actions
+    assert collections.Counter((a.rid, a.message.req_id) for a in answers) == {
+        (chan, req): 1 for chan in (C1, C1B, C2) for req in (10, 11)
+    }
+    assert counts(ks) == {"sessions": 3, "messages": 0, "pool_used": 0}
 
 
 def test_blind_request_acknowledged_at_once_and_answer_dropped(ks: KernelState) -> None:
@@ -534,19 +559,34 @@ def test_blind_request_acknowledged_at_once_and_answer_dropped(ks: KernelState) 
     assert counts(ks) == {"sessions": 1, "messages": 0, "pool_used": 0}
 
 
-def test_async_without_an_inbox_raises_and_changes_nothing() -> None:
+def test_async_request_from_a_process_without_an_inbox_is_served() -> None:
     state = new_state()
     start_server(state)
     start_client(state, CLI, C1, inbox=None)
-    h = open_session(state)
-    before = snapshot(state)
-    with pytest.raises(PeerMisbehaved) as info:
-        request(state, C1, h, 1, ASYNC)
-    assert info.value.kind == "async without inbox"
-    assert snapshot(state) == before
-    # Sync and blind need no inbox.
-    deliver(request(state, C1, h, 2, SYNC))
-    deliver(request(state, C1, h, 3, BLIND))
+    h = open_session(state, slots=1)
+    # An async request needs no inbox: it is delivered, takes a slot, and is answered on C1.
+    actions = request(state, C1, h, 1, ASYNC, 4, ((b"", 2),))
+    assert targets(actions) == [S1]
+    d = deliver(actions)
+    assert state.sessions[h].slots_used == 1
+    assert request(state, C1, h, 2, ASYNC) == [Send(C1, Completed(2, errors.KErrServerBusy, ()))]
+    assert state.receive(S1, Complete(d.msg_id, 7, ((0, b"ok"),))) == [
+        Send(C1, Completed(1, 7, ((0, b"ok"),)))
+    ]
+    assert state.sessions[h].slots_used == 0
+    # Sync and blind as ever.
+    s = deliver(request(state, C1, h, 3, SYNC))
+    assert state.receive(S1, Complete(s.msg_id, 8, ())) == [Send(C1, Completed(3, 8, ()))]
+    blind = request(state, C1, h, 4, BLIND)
+    assert sends(blind, C1) == [Completed(4, errors.KErrNone, ())]
+    assert state.receive(S1, Complete(deliver(blind).msg_id, 9, ())) == []
+    # When the server dies, an outstanding async request is failed on the channel; the lost
+    # session has no inbox to be announced to.
+    deliver(request(state, C1, h, 5, ASYNC))
+    assert state.peer_gone(S1) == [
+        Send(C1, Completed(5, errors.KErrServerTerminated, ())), Unwatch(SRV.key)
+    ]
+    assert counts(state) == {"sessions": 1, "messages": 0, "pool_used": 0}
 
 
 @pytest.mark.parametrize("rid", [S1, IN1])
@@ -586,11 +626,11 @@ def test_writes_forwarded_for_writable_args_within_max_length(ks: KernelState) -
     assert ks.receive(S1, Complete(d.msg_id, 8, writes)) == [Send(C1, Completed(20, 8, writes))]
 
 
-def test_writes_of_an_async_request_go_to_the_inbox(ks: KernelState) -> None:
+def test_writes_of_an_async_request_go_to_the_requesting_channel(ks: KernelState) -> None:
     h = open_session(ks)
     d = deliver(request(ks, C1, h, 21, ASYNC, 1, ((b"", 4),)))
     assert ks.receive(S1, Complete(d.msg_id, 0, ((0, b"abcd"),))) == [
-        Send(IN1, Completed(21, 0, ((0, b"abcd"),)))
+        Send(C1, Completed(21, 0, ((0, b"abcd"),)))
     ]
 
 
@@ -612,6 +652,19 @@ def test_bad_writes_fail_the_request_with_bad_descriptor(ks: KernelState, writes
     assert ks.statistics()["messages"] == 0
 
 
+@pytest.mark.parametrize("mode", [SYNC, ASYNC, BLIND])
+def test_writable_max_lengths_past_the_frame_are_refused_on_the_channel(ks: KernelState, mode: Mode) -> None:
+    h = open_session(ks, slots=1)
+    limit = MAX_FRAME - kstate._COMPLETION_OVERHEAD  # room for a completion that fills them all
+    before = snapshot(ks)
+    args = ((b"", limit // 2), 5, (b"x", limit - limit // 2 + 1))
+    assert request(ks, C1, h, 30, mode, 1, args) == [Send(C1, Completed(30, errors.KErrArgument, ()))]
+    assert snapshot(ks) == before  # nothing delivered, no slot taken
+    # Exactly at the limit, the request is delivered.
+    fits = ((b"", limit // 2), 5, (b"x", limit - limit // 2))
+    assert deliver(request(ks, C1, h, 31, mode, 1, fits)).args == fits
+
+
 # -- Message slots -----------------------------------------------------------------------------
 
 
@@ -621,24 +674,24 @@ def test_session_slots_bound_async_but_never_sync(ks: KernelState) -> None:
     deliver(request(ks, C1, h, 2, ASYNC))
     assert ks.sessions[h].slots_used == 2
     busy = request(ks, C1, h, 3, ASYNC)
-    assert busy == [Send(IN1, Completed(3, errors.KErrServerBusy, ()))]
+    assert busy == [Send(C1, Completed(3, errors.KErrServerBusy, ()))]
     assert request(ks, C1, h, 4, BLIND) == [Send(C1, Completed(4, errors.KErrServerBusy, ()))]
     # Sync needs no slot.
     s = deliver(request(ks, C1, h, 5, SYNC))
     assert ks.sessions[h].slots_used == 2 and ks.pool_used == 0
     # Completing a sync request frees nothing; completing an async one frees one slot.
     ks.receive(S1, Complete(s.msg_id, 0, ()))
-    assert request(ks, C1, h, 6, ASYNC) == [Send(IN1, Completed(6, errors.KErrServerBusy, ()))]
+    assert request(ks, C1, h, 6, ASYNC) == [Send(C1, Completed(6, errors.KErrServerBusy, ()))]
     ks.receive(S1, Complete(a1.msg_id, 0, ()))
     assert ks.sessions[h].slots_used == 1
     deliver(request(ks, C1, h, 7, BLIND))
     assert ks.sessions[h].slots_used == 2
-    assert request(ks, C1, h, 8, ASYNC) == [Send(IN1, Completed(8, errors.KErrServerBusy, ()))]
+    assert request(ks, C1, h, 8, ASYNC) == [Send(C1, Completed(8, errors.KErrServerBusy, ()))]
 
 
 def test_zero_slots_allows_sync_only(ks: KernelState) -> None:
     h = open_session(ks, slots=0)
-    assert request(ks, C1, h, 1, ASYNC) == [Send(IN1, Completed(1, errors.KErrServerBusy, ()))]
+    assert request(ks, C1, h, 1, ASYNC) == [Send(C1, Completed(1, errors.KErrServerBusy, ()))]
     assert request(ks, C1, h, 2, BLIND) == [Send(C1, Completed(2, errors.KErrServerBusy, ()))]
     for i in range(3):
         deliver(request(ks, C1, h, 10 + i, SYNC))
@@ -657,7 +710,7 @@ def test_pool_slots_are_kernel_wide() -> None:
     deliver(request(state, C2, h2, 11, BLIND))
     deliver(request(state, C1, h1, 12, ASYNC))
     assert state.pool_used == 3
-    assert request(state, C2, h2, 13, ASYNC) == [Send(IN2, Completed(13, errors.KErrServerBusy, ()))]
+    assert request(state, C2, h2, 13, ASYNC) == [Send(C2, Completed(13, errors.KErrServerBusy, ()))]
     assert request(state, C1, h1, 14, BLIND) == [Send(C1, Completed(14, errors.KErrServerBusy, ()))]
     # A session with its own slots does not draw from the pool.
     deliver(request(state, C1, own, 15, ASYNC))
@@ -702,9 +755,9 @@ def test_overflow_is_per_session(ks: KernelState) -> None:
 def test_unknown_handle_is_a_kern_exec_panic_and_reaches_no_server(ks: KernelState) -> None:
     open_session(ks)
     before = snapshot(ks)
-    for handle, mode, to in ((999, SYNC, C1), (2**31 - 1, BLIND, C1), (12345, ASYNC, IN1)):
+    for handle, mode in ((999, SYNC), (2**31 - 1, BLIND), (12345, ASYNC)):
         actions = request(ks, C1, handle, 5, mode)
-        assert actions == [Send(to, Panicked(5, handle, "KERN-EXEC", 0, 0))]
+        assert actions == [Send(C1, Panicked(5, handle, "KERN-EXEC", 0, 0))]
     assert snapshot(ks) == before
 
 
@@ -713,11 +766,12 @@ def test_handle_of_another_process_is_a_kern_exec_panic(ks: KernelState) -> None
     start_client(ks, CLI2, C2, IN2)
     before = snapshot(ks)
     assert request(ks, C2, h, 5) == [Send(C2, Panicked(5, h, "KERN-EXEC", 0, 0))]
-    assert request(ks, C2, h, 6, ASYNC) == [Send(IN2, Panicked(6, h, "KERN-EXEC", 0, 0))]
+    assert request(ks, C2, h, 6, ASYNC) == [Send(C2, Panicked(6, h, "KERN-EXEC", 0, 0))]
+    assert request(ks, C2, h, 7, BLIND) == [Send(C2, Panicked(7, h, "KERN-EXEC", 0, 0))]
     assert snapshot(ks) == before
     # The rightful holder is unaffected.
-    d = deliver(request(ks, C1, h, 7))
-    assert ks.receive(S1, Complete(d.msg_id, 1, ())) == [Send(C1, Completed(7, 1, ()))]
+    d = deliver(request(ks, C1, h, 8))
+    assert ks.receive(S1, Complete(d.msg_id, 1, ())) == [Send(C1, Completed(8, 1, ()))]
 
 
 def test_unshared_handle_from_another_thread_of_the_process_is_a_kern_exec_panic(ks: KernelState) -> None:
@@ -726,8 +780,9 @@ def test_unshared_handle_from_another_thread_of_the_process_is_a_kern_exec_panic
     before = snapshot(ks)
     assert request(ks, C1B, h, 5) == [Send(C1B, Panicked(5, h, "KERN-EXEC", 0, 0))]
     assert request(ks, C1B, h, 6, BLIND) == [Send(C1B, Panicked(6, h, "KERN-EXEC", 0, 0))]
+    assert request(ks, C1B, h, 7, ASYNC) == [Send(C1B, Panicked(7, h, "KERN-EXEC", 0, 0))]
     assert snapshot(ks) == before
-    deliver(request(ks, C1, h, 7))
+    deliver(request(ks, C1, h, 8))
 
 
 def test_close_of_a_handle_not_held_raises_and_changes_nothing(ks: KernelState) -> None:
@@ -827,11 +882,11 @@ def test_server_panic_of_a_client(ks: KernelState) -> None:
         Panicked(4, h, "MyServer", 7, 1),
         Disconnect(sends(actions, S1)[0].msg_id, h),
     ]
-    assert targets(actions) == [C1, IN1, C1, S1]
+    assert targets(actions) == [C1, C1, C1, S1]
     assert ks.statistics()["sessions_panicked"] == 1
     # Later requests on the handle get the same panic, and reach no server.
-    for req, mode, to in ((5, SYNC, C1), (6, ASYNC, IN1), (7, BLIND, C1)):
-        assert request(ks, C1, h, req, mode) == [Send(to, Panicked(req, h, "MyServer", 7, 1))]
+    for req, mode in ((5, SYNC), (6, ASYNC), (7, BLIND)):
+        assert request(ks, C1, h, req, mode) == [Send(C1, Panicked(req, h, "MyServer", 7, 1))]
     # Completions of the other messages are dropped.
     for m in (b, c, d):
         assert ks.receive(S1, Complete(m.msg_id, 0, ())) == []
@@ -906,20 +961,22 @@ def _check_server_death(state: KernelState, handles: dict, actions: list) -> Non
     by_req = {m.req_id: (a.rid, m) for a in actions if type(a) is Send
               for m in [a.message] if type(m) in ANSWERS}
     assert by_req[10] == (C1, Completed(10, terminated, ()))
-    assert by_req[11] == (IN1, Completed(11, terminated, ()))
-    assert by_req[12] == (IN1, Completed(12, terminated, ()))
+    assert by_req[11] == (C1, Completed(11, terminated, ()))
+    assert by_req[12] == (C1, Completed(12, terminated, ()))
     assert by_req[20] == (C2, Completed(20, terminated, ()))
-    assert by_req[21] == (IN2, Completed(21, terminated, ()))
+    assert by_req[21] == (C2, Completed(21, terminated, ()))
     assert by_req[30] == (C2, Connected(30, terminated, 0, b""))
     h1, h2 = handles["h1"], handles["h2"]
-    assert sends(actions, IN1, SessionLost) == [SessionLost(h1, terminated)]
-    assert sends(actions, IN2, SessionLost) == [SessionLost(h2, terminated)]
+    # The inboxes hear of the lost sessions, and of nothing else.
+    assert sends(actions, IN1) == [SessionLost(h1, terminated)]
+    assert sends(actions, IN2) == [SessionLost(h2, terminated)]
+    assert set(targets(actions)) == {C1, C2, IN1, IN2}
     stats = state.statistics()
     assert stats["servers"] == 0 and stats["sessions_dead"] == 2 and stats["sessions"] == 2
     assert stats["messages"] == 0 and stats["pool_used"] == 0
     # Later requests fail at once, to the right place, and reach nobody else.
-    for req, mode, to in ((40, SYNC, C1), (41, ASYNC, IN1), (42, BLIND, C1)):
-        assert request(state, C1, h1, req, mode) == [Send(to, Completed(req, terminated, ()))]
+    for req, mode in ((40, SYNC), (41, ASYNC), (42, BLIND)):
+        assert request(state, C1, h1, req, mode) == [Send(C1, Completed(req, terminated, ()))]
     # The name is free for a new instance.
     hello(state, b"srv-new", SERVER, SRV2)
     assert register(state, b"srv-new", "ECHO") == errors.KErrNone
@@ -1031,10 +1088,12 @@ def test_channel_gone_disconnects_only_the_sessions_it_owned(ks: KernelState) ->
     hello(ks, C1B, CHANNEL, CLI)
     mine = [open_session(ks, C1B, req_id=1), open_session(ks, C1B, req_id=2)]
     other = open_session(ks, C1, req_id=3)
-    request(ks, C1B, mine[0], 4, ASYNC)  # its async answer would have gone to the inbox
+    held = deliver(request(ks, C1B, mine[0], 4, ASYNC))  # its answer would have gone to C1B
     actions = ks.peer_gone(C1B)
     assert sorted(d.handle for d in sends(actions, S1, Disconnect)) == sorted(mine)
     assert len(sends(actions)) == 2
+    # Nobody waits for the async request any more: not the inbox, nor another channel.
+    assert ks.receive(S1, Complete(held.msg_id, 0, ())) == []
     assert not [a for a in actions if type(a) in (Watch, Unwatch)]  # the process lives on
     assert ks.statistics()["processes"] == 2
     d = deliver(request(ks, C1, other, 5))
@@ -1070,7 +1129,7 @@ def test_completion_of_another_servers_message_is_dropped() -> None:
     assert state.receive(S2, Complete(d.msg_id, 666, ((0, b"x"),))) == []
     assert state.receive(S2, Panic(d.msg_id, "Evil", 1)) == []
     assert snapshot(state) == before
-    assert state.receive(S1, Complete(d.msg_id, 5, ())) == [Send(IN1, Completed(1, 5, ()))]
+    assert state.receive(S1, Complete(d.msg_id, 5, ())) == [Send(C1, Completed(1, 5, ()))]
 
 
 def test_completion_of_an_unknown_or_already_completed_message_is_dropped(ks: KernelState) -> None:
@@ -1100,17 +1159,25 @@ def test_completion_from_a_peer_without_a_server_raises(ks: KernelState, role: R
     assert ks.receive(S1, Complete(d.msg_id, 0, ())) == [Send(C1, Completed(1, 0, ()))]
 
 
+@pytest.mark.parametrize("inbox", ["gone", "replaced"])
 @pytest.mark.parametrize("how", ["complete", "server dies"])
-def test_async_answer_is_not_sent_to_an_inbox_the_kernel_forgot(ks: KernelState, how: str) -> None:
+def test_async_answer_goes_to_the_channel_whatever_became_of_the_inbox(
+    ks: KernelState, how: str, inbox: str
+) -> None:
     h = open_session(ks)
     d = deliver(request(ks, C1, h, 1, ASYNC))
     assert ks.peer_gone(IN1) == []  # the process lives on through its channel
-    hello(ks, b"inbox-new", INBOX, CLI)
+    if inbox == "replaced":
+        hello(ks, b"inbox-new", INBOX, CLI)
     if how == "complete":
-        actions = ks.receive(S1, Complete(d.msg_id, 0, ()))
-    else:
-        actions = ks.peer_gone(S1)
-    assert IN1 not in targets(actions), actions
+        assert ks.receive(S1, Complete(d.msg_id, 3, ())) == [Send(C1, Completed(1, 3, ()))]
+        return
+    actions = ks.peer_gone(S1)
+    terminated = errors.KErrServerTerminated
+    expected = [Send(C1, Completed(1, terminated, ()))]
+    if inbox == "replaced":  # the loss is announced to the process's inbox of now
+        expected.append(Send(b"inbox-new", SessionLost(h, terminated)))
+    assert actions == expected + [Unwatch(SRV.key)]
 
 
 def test_server_forgets_client_keys_of_dead_processes(ks: KernelState) -> None:
@@ -1214,18 +1281,18 @@ class Fuzz:
         self.rids = (b"p%d" % i for i in itertools.count())
         self.peers: dict[bytes, tuple[Role, tuple]] = {}  # the test's view of live peers
         self.inbox_of: dict[tuple, bytes] = {}
-        self.gone_inboxes: set[bytes] = set()
         self.departed: list[bytes] = []
-        self.legit: dict[int, tuple] = {}  # req_id -> (channel, handle, mode, inbox) of real requests
+        self.legit: dict[int, tuple] = {}  # req_id -> (channel, handle, mode) of real requests
         self.closed: set[int] = set()  # handles a client closed
-        self.strict_sends = False
         self.servers: dict[bytes, str] = {}  # peers that registered a name -> the name
         self.held: dict[bytes, set] = collections.defaultdict(set)  # channel -> handles
         # server -> {msg id: the NewSession, Deliver or Disconnect it was sent}
         self.pending: dict[bytes, dict] = collections.defaultdict(dict)
         self.req_ids = itertools.count(1)
-        self.requests: dict[int, set] = {}  # client req_id -> rids its answer may go to
+        self.requests: dict[int, bytes] = {}  # req_id -> the channel (or server) its answer goes to
+        self.registrations: set[int] = set()  # the req_ids of Registers (answered to a server)
         self.answers: collections.Counter = collections.Counter()
+        self.lost: collections.Counter = collections.Counter()  # handle -> SessionLost notices
         self.counts: collections.Counter = collections.Counter()
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -1236,32 +1303,38 @@ class Fuzz:
             if type(action) is not Send:
                 continue
             rid, message = action
-            # The kernel only ever emits messages the codec accepts.
+            # The kernel only ever emits messages the codec accepts, to peers it knows.
             assert decode(encode(message)) == message, message
-            if rid not in live:
-                # Known bug (test_async_answer_is_not_sent_to_an_inbox_the_kernel_forgot): an answer
-                # addressed to an inbox the kernel already forgot. Anything else is new.
-                assert rid in self.gone_inboxes and not self.strict_sends, (
-                    f"send to {rid!r}, not a peer: {message}"
-                )
-                self.counts["stale inbox send"] += 1
+            assert rid in live, f"send to {rid!r}, not a peer: {message}"
             kind = type(message)
-            if kind in ANSWERS and message.req_id in self.requests:
+            role, key = self.peers[rid] if rid in self.peers else (None, None)
+            if kind in ANSWERS:
+                # Every answer goes to the channel the request came from, and only once.
+                assert message.req_id in self.requests, f"answer to no request: {message}"
                 self.answers[message.req_id] += 1
                 assert self.answers[message.req_id] == 1, f"req {message.req_id} answered twice"
-                assert rid in self.requests[message.req_id], (rid, message)
+                assert rid == self.requests[message.req_id], (rid, message)
+                assert role is (SERVER if message.req_id in self.registrations else CHANNEL), (rid, role, message)
                 if kind is Connected and message.result == 0:
                     self.held[rid].add(message.handle)
+            elif kind is SessionLost:
+                # Only to the inbox of the process holding the session, once per session.
+                assert role is INBOX and self.inbox_of.get(key) == rid, (rid, message)
+                assert any(message.handle in self.held.get(c, ()) for c, (r, k) in self.peers.items()
+                           if r is CHANNEL and k == key), (rid, message)
+                self.lost[message.handle] += 1
+                assert self.lost[message.handle] == 1, f"session {message.handle} lost twice"
             elif kind in (NewSession, Deliver, Disconnect):
                 assert rid in self.servers
                 self.pending[rid][message.msg_id] = message
+            if role is INBOX:  # never an answer to a request: only its own Hello and Stats, and notices
+                assert kind in (Welcome, StatsReply, SessionLost), (rid, message)
             self.counts[kind.__name__] += 1
 
     def forget(self, rid: bytes) -> None:
         role, key = self.peers.pop(rid)
         if self.inbox_of.get(key) == rid:
             del self.inbox_of[key]
-            self.gone_inboxes.add(rid)
         self.servers.pop(rid, None)
         self.pending.pop(rid, None)
         self.held.pop(rid, None)
@@ -1272,8 +1345,13 @@ class Fuzz:
 
     def new_req(self, rid: bytes) -> int:
         req_id = next(self.req_ids)
-        key = self.peers[rid][1]
-        self.requests[req_id] = {rid, self.inbox_of.get(key)}
+        self.requests[req_id] = rid
+        return req_id
+
+    def new_registration(self, rid: bytes) -> int:
+        req_id = 10**12 + next(self.req_ids)
+        self.requests[req_id] = rid
+        self.registrations.add(req_id)
         return req_id
 
     def args(self) -> tuple:
@@ -1365,9 +1443,10 @@ class Fuzz:
             return False, None
         name = self.rng.choice(self.NAMES)
         not_server = self.peers[rid][0] is not SERVER
+        req_id = self.new_registration(rid)
 
         def call():
-            actions = self.state.receive(rid, Register(10**12 + next(self.req_ids), name, 0, (1, 0, 0)))
+            actions = self.state.receive(rid, Register(req_id, name, 0, (1, 0, 0)))
             (reply,) = sends(actions)
             if reply.value == 0:
                 self.servers[rid] = name
@@ -1391,10 +1470,11 @@ class Fuzz:
             return False, None
         rid = self.rng.choice(chans)
         handle = self.rng.choice(sorted(self.held[rid]))
-        modes = [SYNC, BLIND] + ([ASYNC, ASYNC] if self.peers[rid][1] in self.inbox_of else [])
-        mode = self.rng.choice(modes)
+        mode = self.rng.choice([SYNC, BLIND, ASYNC, ASYNC])  # async needs no inbox
         req_id = self.new_req(rid)
-        self.legit[req_id] = (rid, handle, mode, self.inbox_of.get(self.peers[rid][1]))
+        self.legit[req_id] = (rid, handle, mode)
+        if mode == ASYNC and self.peers[rid][1] not in self.inbox_of:
+            self.counts["async without an inbox"] += 1
         args = self.args()
         function = self.rng.randrange(50)
         return False, lambda: request(self.state, rid, handle, req_id, mode, function, args)
@@ -1446,9 +1526,8 @@ class Fuzz:
         handle = rng.randint(1, top_handle)
         if kind == 1:  # a request with any handle, from any peer, in any mode
             mode = rng.choice([SYNC, ASYNC, BLIND])
-            allowed = role is not CHANNEL or (mode == ASYNC and key not in self.inbox_of)
             req_id = self.new_req(rid)
-            return allowed, lambda: request(state, rid, handle, req_id, mode)
+            return role is not CHANNEL, lambda: request(state, rid, handle, req_id, mode)
         if kind == 2:  # a completion or panic of any message id, from any peer
             message = rng.choice([Complete(rng.randint(0, top_msg), 0, self.writes()),
                                   Panic(rng.randint(0, top_msg), "H", 0)])
@@ -1464,7 +1543,7 @@ class Fuzz:
             return True, call
         if kind == 4:  # a connect or register from any role
             message = rng.choice([Connect(self.new_req(rid), "Echo", (1, 0, 0), -1, b""),
-                                  Register(10**12 + next(self.req_ids), "Zed", 0, (1, 0, 0))])
+                                  Register(self.new_registration(rid), "Zed", 0, (1, 0, 0))])
             wrong = role is not (CHANNEL if type(message) is Connect else SERVER)
 
             def call():
@@ -1523,11 +1602,9 @@ class Fuzz:
     def unanswered(self) -> list:
         """Real requests whose requester still waits and never got an answer."""
         lost = []
-        for req_id, (chan, handle, mode, inbox) in self.legit.items():
+        for req_id, (chan, handle, mode) in self.legit.items():
             if self.answers[req_id] or chan not in self.peers or handle in self.closed:
                 continue  # answered, or nobody left to hear, or completed locally on Close
-            if mode == ASYNC and inbox not in self.peers:
-                continue
             lost.append(req_id)
         return lost
 
@@ -1637,7 +1714,7 @@ def test_fuzz_random_operations_keep_the_tables_consistent(seed: int) -> None:
     for name in ("hello", "register", "connect", "request", "complete", "panic", "close",
                  "hostile", "peer_gone", "process_died", "misbehaved", "Deliver", "Disconnect",
                  "Panicked", "Connected", "NewSession", "PeerInfo", "SessionLost", "StatsReply",
-                 *(f"state {s.value}" for s in SessionState)):
+                 "async without an inbox", *(f"state {s.value}" for s in SessionState)):
         assert c[name] > 0, (name, dict(c))
     assert sum(fuzz.answers.values()) > 300 and len(fuzz.legit) > 300
     # Once every server has completed everything, nothing is outstanding and no real request

@@ -68,6 +68,8 @@ MAX_OUTSTANDING = 512
 #: The largest per-session slot count a client may ask for (the documented Symbian contract).
 MAX_SESSION_SLOTS = 255
 _HANDLE_LIMIT = 2**31 - 1
+#: Room kept in a frame for a completion's fields around its descriptor writes.
+_COMPLETION_OVERHEAD = 1024
 
 
 class ProcessIdentity(NamedTuple):
@@ -254,8 +256,7 @@ class MessageRecord:
     msg_id: int
     kind: MessageKind
     session: SessionRecord
-    reply_to: Optional[bytes]  # the channel that gets the answer (sync, connect)
-    inbox_of: Optional[ProcessRecord]  # or the process whose inbox gets it (async)
+    reply_to: Optional[bytes]  # the channel that gets the answer; None once nobody waits
     req_id: int
     slot: SlotSource
     writable: dict  # arg index -> max length
@@ -489,7 +490,7 @@ class KernelState:
         # Whatever is still outstanding will never be answered: the client completed it
         # locally (KErrSessionClosed) or is gone.
         for msg_id in session.messages:
-            self._unroute(self.messages[msg_id])
+            self.messages[msg_id].reply_to = None
         return self._transition(session, _E.CLIENT_CLOSED)
 
     def _holds(self, peer: Peer, session: SessionRecord) -> bool:
@@ -557,25 +558,23 @@ class KernelState:
     def _request(self, peer: Peer, message: Request) -> list[Action]:
         self._require_role(peer, Role.CHANNEL, message)
         mode = message.mode
-        reply_to = peer.rid if mode != Mode.ASYNC else peer.process.inbox
-        if reply_to is None:
-            raise PeerMisbehaved("async without inbox", "async request from a process without an inbox")
+        reply_to = peer.rid  # every answer returns on the channel the request came from
         session = self.sessions.get(message.handle)
         if session is None or not self._holds(peer, session):
             return [Send(reply_to, Panicked(message.req_id, message.handle, "KERN-EXEC", 0, 0))]
         if session.panic is not None:
             return [Send(reply_to, Panicked(message.req_id, session.handle, *session.panic, 1))]
-        code = self._request_error(session, mode)
+        writable = {i: a[1] for i, a in enumerate(message.args) if type(a) is tuple}
+        code = self._request_error(session, mode, writable)
         if code:
             return [Send(reply_to, Completed(message.req_id, code, ()))]
         record = self._new_message(
             session,
             MessageKind.REQUEST,
             message.req_id,
-            reply_to=peer.rid if mode == Mode.SYNC else None,
-            inbox_of=peer.process if mode == Mode.ASYNC else None,
+            reply_to=None if mode == Mode.BLIND else reply_to,
             slot=self._take_slot(session, mode),
-            writable={i: a[1] for i, a in enumerate(message.args) if type(a) is tuple},
+            writable=writable,
         )
         actions = self._inform(session.server, peer.process)
         actions.append(
@@ -594,7 +593,11 @@ class KernelState:
             actions.append(Send(peer.rid, Completed(message.req_id, errors.KErrNone, ())))
         return actions
 
-    def _request_error(self, session: SessionRecord, mode: int) -> int:
+    def _request_error(self, session: SessionRecord, mode: int, writable: dict) -> int:
+        if writable and sum(writable.values()) > self.max_frame - _COMPLETION_OVERHEAD:
+            # The server could fill them all: its completion would exceed the frame limit,
+            # which zmq enforces by dropping the server's connection.
+            return errors.KErrArgument
         state = session.state
         if state is _S.DEAD:
             return errors.KErrServerTerminated
@@ -627,12 +630,11 @@ class KernelState:
         req_id: int,
         *,
         reply_to: Optional[bytes] = None,
-        inbox_of: Optional[ProcessRecord] = None,
         slot: SlotSource = SlotSource.NONE,
         writable: Optional[dict] = None,
     ) -> MessageRecord:
         record = MessageRecord(
-            next(self._msg_ids), kind, session, reply_to, inbox_of, req_id, slot, writable or {}
+            next(self._msg_ids), kind, session, reply_to, req_id, slot, writable or {}
         )
         self.messages[record.msg_id] = record
         session.messages.add(record.msg_id)
@@ -728,17 +730,9 @@ class KernelState:
     @staticmethod
     def _answer(record: MessageRecord, reply: Message) -> list[Action]:
         """Send `reply` to whoever waits for `record`, once; [] if nobody does any more."""
-        if record.inbox_of is not None:
-            rid = record.inbox_of.inbox  # the inbox now, not when the request was made
-        else:
-            rid = record.reply_to
-        KernelState._unroute(record)
-        return [] if rid is None else [Send(rid, reply)]
-
-    @staticmethod
-    def _unroute(record: MessageRecord) -> None:
+        rid = record.reply_to
         record.reply_to = None
-        record.inbox_of = None
+        return [] if rid is None else [Send(rid, reply)]
 
     @staticmethod
     def _panicked(record: MessageRecord, message: Panic) -> Panicked:

@@ -1,0 +1,289 @@
+"""The docs stay true: links resolve, the ipcfw names they use exist, the guide's code runs.
+
+Conventions for Markdown code blocks in ``docs/`` (the info string after the opening fence):
+
+* ```` ```python file=NAME.py ```` is a complete file the reader saves as NAME.py; the tests save
+  it in a temporary directory.
+* ```` ```python run ```` (possibly with ``file=``) is a client program the reader runs while the
+  guide's server is up; the tests run it with ``python`` in that directory against a real kernel
+  and server. A line ending in ``# -> TEXT`` promises that the program prints TEXT: each TEXT
+  must appear in its output, in order.
+* ```` ```text ipcfw-ps ```` is sample ``ipcfw ps`` output; its counter names must be the
+  kernel's.
+
+The walkthrough in docs/getting-started.md hosts ``hello_server:HelloServer`` with
+``ipcfw serve`` from the directory holding the saved files (as the guide says to), and again
+with the guide's ``host_hello.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+import ipcfw
+from conftest import REPO, ManagedProcess, wait_until
+
+DOCS = REPO / "docs"
+MARKDOWN = sorted(DOCS.glob("*.md")) + [p for p in [REPO / "README.md"] if p.exists()]
+GUIDE = DOCS / "getting-started.md"
+PLUGIN = "hello_server:HelloServer"
+
+_FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})(?P<info>[^\n`]*)$")
+_LINK = re.compile(r"(?<!!)\[[^\]\n]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_EXPECT = re.compile(r"#\s*->\s*(.+?)\s*$")
+
+
+class Block(NamedTuple):
+    path: Path
+    line: int  # 1-based line of the opening fence
+    language: str
+    options: frozenset  # words after the language, e.g. {"run", "file=client.py"}
+    code: str
+
+    @property
+    def file(self) -> str | None:
+        for option in self.options:
+            if option.startswith("file="):
+                return option[len("file="):]
+        return None
+
+    def where(self) -> str:
+        return f"{self.path.relative_to(REPO)}:{self.line}"
+
+
+def code_blocks(path: Path) -> list[Block]:
+    """The fenced code blocks of a Markdown file, in order."""
+    blocks: list[Block] = []
+    lines = path.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        match = _FENCE.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        fence, words = match["fence"], match["info"].split()
+        start, body = i, []
+        i += 1
+        while i < len(lines) and not lines[i].strip().startswith(fence):
+            body.append(lines[i])
+            i += 1
+        i += 1
+        language = words[0] if words else ""
+        blocks.append(Block(path, start + 1, language, frozenset(words[1:]), "\n".join(body) + "\n"))
+    return blocks
+
+
+def prose(path: Path) -> str:
+    """The text of a Markdown file outside fenced code blocks and inline code."""
+    kept, fence = [], None
+    for line in path.read_text().splitlines():
+        match = _FENCE.match(line)
+        if fence is None and match:
+            fence = match["fence"]
+        elif fence is not None and line.strip().startswith(fence):
+            fence = None
+        elif fence is None:
+            kept.append(re.sub(r"`[^`]*`", "", line))
+    return "\n".join(kept)
+
+
+# -- (a) links -------------------------------------------------------------------------------
+
+
+def test_markdown_files_are_found():
+    assert GUIDE in MARKDOWN
+    for name in ("README.md", "concepts.md", "protocol.md", "architecture.md", "errors.md"):
+        assert DOCS / name in MARKDOWN
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_point_to_existing_files(path):
+    broken = []
+    for target in _LINK.findall(prose(path)):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+            continue  # a URL (http:, mailto:) or an anchor in the same page
+        file_part = target.split("#", 1)[0]
+        if not (path.parent / file_part).exists():
+            broken.append(target)
+    assert broken == [], f"{path.relative_to(REPO)} links to missing files: {broken}"
+
+
+# -- (b) ipcfw names -------------------------------------------------------------------------
+
+
+def _imported_names(code: str) -> set[str]:
+    """``module.name`` for every ``from ipcfw... import name`` and every ``ipcfw.x.y`` used."""
+    names = {m.group(0).rstrip(".") for m in re.finditer(r"\bipcfw(?:\.[A-Za-z_]\w*)+", code)}
+    for match in re.finditer(r"from\s+(ipcfw(?:\.\w+)*)\s+import\s+(\([^)]*\)|[^\n]+)", code):
+        module, imported = match.group(1), match.group(2).strip("()")
+        for item in imported.split(","):
+            item = item.split("#")[0].split(" as ")[0].strip()
+            if item and item != "*":
+                names.add(f"{module}.{item}")
+    return names
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    obj = importlib.import_module(parts[0])
+    for index, part in enumerate(parts[1:], start=1):
+        if hasattr(obj, part):
+            obj = getattr(obj, part)
+            continue
+        try:
+            obj = importlib.import_module(".".join(parts[: index + 1]))
+        except ImportError:
+            return False
+    return True
+
+
+def _doc_names() -> list[tuple[str, str]]:
+    found = []
+    for path in sorted(DOCS.glob("*.md")):
+        for block in code_blocks(path):
+            for name in sorted(_imported_names(block.code)):
+                found.append((block.where(), name))
+    return found
+
+
+def test_docs_use_ipcfw_names():
+    assert len(_doc_names()) > 20  # the extraction works
+
+
+@pytest.mark.parametrize("where, name", _doc_names(), ids=lambda x: x)
+def test_ipcfw_names_in_code_blocks_exist(where, name):
+    assert _resolves(name), f"{where}: {name} does not exist"
+
+
+def test_python_blocks_are_valid_python():
+    for path in sorted(DOCS.glob("*.md")):
+        for block in code_blocks(path):
+            if block.language == "python":
+                try:
+                    ast.parse(block.code)
+                except SyntaxError as exc:
+                    pytest.fail(f"{block.where()}: {exc}")
+
+
+def test_ipcfw_ps_sample_matches_the_kernels_counters():
+    from ipcfw.kernel import KernelState
+
+    samples = [b for b in code_blocks(GUIDE) if "ipcfw-ps" in b.options]
+    assert samples, "getting-started.md has no ```text ipcfw-ps block"
+    for block in samples:
+        shown = [line.split()[0] for line in block.code.splitlines() if line.strip()]
+        assert shown == list(KernelState().statistics()), block.where()
+
+
+# -- (c) the guide's code, run against real processes -----------------------------------------
+
+
+class ChildInDir(ManagedProcess):
+    """A ManagedProcess started in a directory of our choosing (the conftest one uses REPO)."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str], cwd: Path) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.popen = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(cwd),
+            start_new_session=True,
+        )
+
+
+def _ipcfw_command() -> list[str]:
+    script = Path(sys.executable).with_name("ipcfw")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ipcfw"]
+
+
+@pytest.fixture
+def guide_dir(tmp_path):
+    """The guide's `file=` blocks, saved as the reader would save them."""
+    files = [b for b in code_blocks(GUIDE) if b.language == "python" and b.file]
+    assert {"hello_server.py", "host_hello.py", "client.py"} <= {b.file for b in files}
+    for block in files:
+        (tmp_path / block.file).write_text(block.code)
+    return tmp_path
+
+
+def _env(kernel) -> dict[str, str]:
+    # Only IPCFW_KERNEL points at the test kernel; no PYTHONPATH: the guide's files must be
+    # found the way the guide says (the current directory).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["IPCFW_KERNEL"] = kernel.endpoint
+    return env
+
+
+def _start(kernel, workdir: Path, argv: list[str], label: str) -> ChildInDir:
+    child = ChildInDir(argv, kernel.workdir / f"{label}.log", _env(kernel), workdir)
+    kernel.children.append(child)  # stopped by the kernel fixture at teardown
+    return child
+
+
+def _wait_registered(kernel, child: ChildInDir) -> None:
+    wait_until(
+        lambda: kernel.statistics()["servers"] == 1 or not child.alive(),
+        what="the hello server to register",
+    )
+    assert child.alive(), f"{child.argv} exited:\n{child.log()}"
+
+
+def _run_block(kernel, workdir: Path, block: Block, index: int) -> None:
+    name = block.file or f"snippet_{index}.py"
+    (workdir / name).write_text(block.code)
+    result = subprocess.run(
+        [sys.executable, name], cwd=str(workdir), env=_env(kernel), capture_output=True,
+        text=True, timeout=30,
+    )
+    assert result.returncode == 0, f"{block.where()} failed:\n{result.stdout}\n{result.stderr}"
+    output = result.stdout
+    position = 0
+    for line in block.code.splitlines():
+        match = _EXPECT.search(line)
+        if match is None:
+            continue
+        found = output.find(match.group(1), position)
+        assert found >= 0, (
+            f"{block.where()}: expected {match.group(1)!r} in the output, in order; got:\n{output}"
+        )
+        position = found + len(match.group(1))
+
+
+def _run_blocks(kernel, workdir: Path) -> int:
+    blocks = [b for b in code_blocks(GUIDE) if b.language == "python" and "run" in b.options]
+    for index, block in enumerate(blocks):
+        _run_block(kernel, workdir, block, index)
+    return len(blocks)
+
+
+def test_guide_serve_command_is_the_one_tested():
+    commands = [b.code for b in code_blocks(GUIDE) if b.language == "sh"]
+    assert any(f"ipcfw serve {PLUGIN}" in code for code in commands)
+
+
+def test_guide_walkthrough_with_ipcfw_serve(kernel, guide_dir):
+    server = _start(kernel, guide_dir, [*_ipcfw_command(), "serve", PLUGIN], "serve-hello")
+    _wait_registered(kernel, server)
+    assert _run_blocks(kernel, guide_dir) >= 3
+    server.popen.send_signal(signal.SIGTERM)
+    assert server.popen.wait(10) == 0, server.log()
+    wait_until(lambda: kernel.statistics()["servers"] == 0, what="the name to be released")
+
+
+def test_guide_host_from_python(kernel, guide_dir):
+    host = _start(kernel, guide_dir, [sys.executable, "host_hello.py"], "host-hello")
+    _wait_registered(kernel, host)
+    client = next(b for b in code_blocks(GUIDE) if b.file == "client.py")
+    _run_block(kernel, guide_dir, client, 0)
+    host.popen.send_signal(signal.SIGINT)  # the guide's signal handler stops the host cleanly
+    assert host.popen.wait(10) == 0, host.log()
