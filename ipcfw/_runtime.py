@@ -97,7 +97,8 @@ class Channel:
 
     def __init__(self, runtime: "Runtime") -> None:
         self.runtime = runtime
-        self.lock = threading.Lock()
+        # Reentrant: a done-callback run while this thread settles may itself make a request.
+        self.lock = threading.RLock()
         self.socket = runtime.context.socket(zmq.DEALER)
         self.socket.routing_id = os.urandom(16)
         self.socket.rcvtimeo = int(_SLICE * 1000)
@@ -216,6 +217,8 @@ class Runtime:
         with cls._lock:
             runtime = cls._instances.get(key)
             if runtime is None or runtime.kernel_dead:
+                if runtime is not None:
+                    runtime.close()  # its kernel died: a new one may be listening now
                 runtime = cls(resolved)
                 cls._instances[key] = runtime
             return runtime

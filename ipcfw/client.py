@@ -272,6 +272,7 @@ class RSession:
     def __init__(self) -> None:
         self._handle = 0
         self._runtime: Optional[Runtime] = None
+        self._owner_thread = 0  # the thread that created it: unshared sessions are its alone
         self._dead: Optional[BaseException] = None
         self._pending: set[int] = set()
         self._lock = threading.Lock()
@@ -330,6 +331,7 @@ class RSession:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to connect: {reply!r}")
         errors.check(reply.result)
         self._runtime, self._handle, self._dead = runtime, reply.handle, None
+        self._owner_thread = threading.get_ident()
         runtime.sessions[reply.handle] = self
 
     def Handle(self) -> int:
@@ -393,6 +395,10 @@ class RSession:
         Requests still pending complete at once with ``KErrSessionClosed``. Closing a closed
         session does nothing.
         """
+        if self._handle and threading.get_ident() != self._owner_thread:
+            raise errors.ClientPanic(
+                "KERN-EXEC", 0, "an unshared session can only be closed by the thread that created it"
+            )
         with self._lock:
             runtime, handle = self._runtime, self._handle
             self._handle, self._runtime = 0, None

@@ -1,0 +1,143 @@
+"""The client runtime's threading: who settles a channel, and when callbacks fire."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from ipcfw import ClientPanic, RSession, TRequestStatus, User
+from conftest import wait_until
+from plugins import probe
+
+VERSION = (1, 2, 0)
+
+
+@pytest.fixture
+def probe_server(kernel):
+    return kernel.serve("plugins.probe:ProbeServer", "probe")
+
+
+def connect() -> RSession:
+    return RSession.connect("probe", VERSION)
+
+
+def test_callback_fires_while_the_issuing_thread_is_idle(probe_server):
+    with connect() as session:
+        fired = threading.Event()
+        status = TRequestStatus()
+        status.add_done_callback(lambda s: fired.set())
+        session.SendReceive(probe.ESleep, (20, 5), status)
+        # This thread makes no further ipcfw call: the runtime's I/O thread must settle.
+        assert fired.wait(5)
+        assert status.Int() == 5
+
+
+def test_callback_may_issue_a_new_request(probe_server):
+    with connect() as session:
+        second = TRequestStatus()
+        first = TRequestStatus()
+        first.add_done_callback(lambda s: session.SendReceive(probe.EEcho, (s.Int() + 1,), second))
+        session.SendReceive(probe.EEcho, (10,), first)
+        assert first.Wait(5) == 10
+        assert second.Wait(5) == 11
+
+
+def test_another_thread_can_wait_for_a_request(probe_server):
+    with connect() as session:
+        status = TRequestStatus()
+        session.SendReceive(probe.EHold, (1,), status)
+        seen: list[int] = []
+        waiter = threading.Thread(target=lambda: seen.append(status.Wait(10)))
+        waiter.start()
+        for i in range(20):  # the issuing thread keeps the channel busy meanwhile
+            assert session.SendReceive(probe.EEcho, (i,)) == i
+        session.SendReceive(probe.ECompleteHeld, (1, 42))
+        waiter.join(10)
+        assert seen == [42]
+
+
+def test_wait_for_request_across_sessions(probe_server):
+    with connect() as first, connect() as second:
+        held, quick = TRequestStatus(), TRequestStatus()
+        first.SendReceive(probe.EHold, (3,), held)
+        second.SendReceive(probe.ESleep, (30, 9), quick)
+        assert User.WaitForRequest(held, quick, timeout=5) is quick
+        first.SendReceive(probe.ECompleteHeld, (3, 0))
+        assert held.Wait(5) == 0
+
+
+def test_many_awaits_in_one_event_loop(probe_server):
+    with connect() as session:
+
+        async def one(value: int) -> int:
+            status = TRequestStatus()
+            session.SendReceive(probe.ESleep, (value % 7, value), status)
+            return await status
+
+        async def main() -> list[int]:
+            return await asyncio.gather(*(one(v) for v in range(50)))
+
+        assert asyncio.run(asyncio.wait_for(main(), 20)) == list(range(50))
+
+
+def test_a_thread_ending_with_requests_pending_still_gets_them_completed(probe_server):
+    statuses: list[TRequestStatus] = []
+    sessions: list[RSession] = []
+
+    def issue() -> None:
+        session = connect()
+        sessions.append(session)
+        for value in range(5):
+            status = TRequestStatus()
+            session.SendReceive(probe.ESleep, (50, value), status)
+            statuses.append(status)
+
+    thread = threading.Thread(target=issue)
+    thread.start()
+    thread.join(10)
+    assert [s.Wait(5) for s in statuses] == list(range(5))
+
+
+def test_closing_an_unshared_session_from_another_thread_is_refused(probe_server):
+    session = connect()
+    caught: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(session.Close, caught))
+    thread.start()
+    thread.join(10)
+    assert len(caught) == 1 and isinstance(caught[0], ClientPanic)
+    assert session.SendReceive(probe.EEcho, (1,)) == 1  # still open for its owner
+    session.Close()
+
+
+def test_wait_timeout_leaves_the_request_pending(probe_server):
+    with connect() as session:
+        status = TRequestStatus()
+        session.SendReceive(probe.EHold, (8,), status)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            status.Wait(0.2)
+        assert time.monotonic() - started < 2
+        session.SendReceive(probe.ECompleteHeld, (8, 3))
+        assert status.Wait(5) == 3
+
+
+def test_a_status_in_use_cannot_be_reused(probe_server):
+    with connect() as session:
+        status = TRequestStatus()
+        session.SendReceive(probe.EHold, (2,), status)
+        with pytest.raises(RuntimeError):
+            session.SendReceive(probe.EEcho, (1,), status)
+        session.SendReceive(probe.ECompleteHeld, (2, 0))
+        assert status.Wait(5) == 0
+        session.SendReceive(probe.EEcho, (4,), status)  # free again once completed
+        assert status.Wait(5) == 4
+
+
+def _capture(fn, into: list) -> None:
+    try:
+        fn()
+    except BaseException as exc:
+        into.append(exc)
