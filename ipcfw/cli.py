@@ -1,4 +1,4 @@
-"""The ``ipcfw`` command: run a kernel, host a server plugin, run the demo or the benchmark.
+"""The ipcfw command: run a kernel, host a server plugin, run the demo or the benchmark.
 
     ipcfw kernel [--endpoint ipc:///path]        the kernel, in the foreground
     ipcfw serve package.module:ServerClass       host a server plugin
@@ -24,8 +24,11 @@ log = logging.getLogger("ipcfw.cli")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, bench_args = _split_bench_args(parser, argv)
+    if bench_args is not None:
+        args.bench_args = bench_args
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
@@ -61,14 +64,26 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="start a kernel and the example servers, run the example clients")
     demo.set_defaults(run=_run_demo, endpoint=None)
 
-    bench = commands.add_parser("bench", help="measure ipcfw against bare pyzmq")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options for the benchmark (--quick, --json PATH ...)")
-    bench.set_defaults(run=_run_bench, endpoint=None)
+    bench = commands.add_parser(
+        "bench", help="measure ipcfw against bare pyzmq (ipcfw bench --help for its options)",
+        add_help=False,
+    )
+    bench.set_defaults(run=_run_bench, endpoint=None, bench_args=[])
 
     ps = commands.add_parser("ps", help="show the kernel's counters")
     _endpoint_option(ps)
     ps.set_defaults(run=_run_ps)
     return parser
+
+
+def _split_bench_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, Optional[list[str]]]:
+    """`ipcfw bench` hands every argument after `bench` to the benchmark's own parser."""
+    at = 0
+    while at < len(argv) and argv[at].startswith("-"):  # global options come first
+        at += 1 if "=" in argv[at] or argv[at] in ("-h", "--help") else 2
+    if argv[at : at + 1] == ["bench"]:
+        return parser.parse_args(argv[: at + 1]), argv[at + 1 :]
+    return parser.parse_args(argv), None
 
 
 def _endpoint_option(parser: argparse.ArgumentParser) -> None:

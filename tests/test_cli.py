@@ -127,3 +127,15 @@ def test_ps_shows_the_kernel_counters(kernel):
     assert result.returncode == 0, result.stderr
     counters = dict(line.split() for line in result.stdout.splitlines())
     assert counters["servers"] == "1"
+
+
+def test_bench_runs_every_system_end_to_end():
+    # A functional check only: speed is measured by `ipcfw bench` itself, never by tests.
+    result = subprocess.run(
+        [sys.executable, "-m", "ipcfw", "bench", "--sync", "200", "--pipelined", "500"],
+        capture_output=True, text=True, timeout=120, cwd=str(REPO),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+    assert {"bare-pingpong", "bare-forwarder", "ipcfw"} <= rows
+    assert "NOT MEASURED" not in result.stdout
