@@ -110,7 +110,9 @@ class Channel:
             raise
         self.fd: int = self.socket.get(zmq.FD)
         self.max_frame = welcome.max_frame
-        self.pending = 0  # async requests sent here and not yet completed (under runtime.counts)
+        self.pending = 0  # async requests sent here and not yet completed (under the lock)
+        self.poller = zmq.Poller()  # for threads waiting on this channel without the lock
+        self.poller.register(self.fd, zmq.POLLIN)
         self.last_used = time.monotonic()
         self.retired = False  # its thread ended; the I/O thread owns it now
         self.loop_readers: dict = {}  # asyncio loop -> awaits settling this channel in it
@@ -122,12 +124,30 @@ class Channel:
             )
 
     def send(self, frame: bytes) -> None:
-        """Send one frame (an async request, a close): lock, send, settle, unlock."""
+        """Send one frame that expects no answer (a close): lock, send, settle, unlock."""
         self.check_size(frame)
         with self.lock:
             self.socket.send(frame)
             self._settle()
             self.last_used = time.monotonic()
+
+    def send_async(self, frame: bytes, req_id: int, pending: Pending) -> None:
+        """Send an async request, registered first: its answer may be read at once."""
+        self.check_size(frame)
+        runtime = self.runtime
+        with self.lock:
+            runtime.pending[req_id] = pending
+            self.pending += 1
+            try:
+                self.socket.send(frame)
+            except BaseException:
+                del runtime.pending[req_id]
+                self.pending -= 1
+                raise
+            self._settle()
+            self.last_used = time.monotonic()
+        if self.pending == 1:
+            runtime.nudge()  # the I/O thread may be asleep with nothing to watch
 
     def call(self, frame: bytes, req_id: int, timeout: Optional[float] = None) -> Message:
         """Send `frame` and return the reply carrying `req_id`, holding the lock throughout."""
@@ -258,7 +278,6 @@ class Runtime:
         self.channels: set[Channel] = set()
         self.completions = threading.Condition()  # for waiters who cannot settle themselves
         self.blocked_waiters = 0
-        self.counts = threading.Lock()  # guards Channel.pending
         self._req_ids = itertools.count(1)
         self._local = threading.local()
         self._inbox = _Inbox(self)
@@ -285,26 +304,21 @@ class Runtime:
 
     # -- pending requests --------------------------------------------------------------------
 
-    def track(self, req_id: int, pending: Pending) -> None:
-        """Register an async request before it is sent (its answer may come at once)."""
-        self.pending[req_id] = pending
-        with self.counts:
-            pending.channel.pending += 1
-        self._inbox.nudge_if_idle(pending.channel)
-
-    def untrack(self, req_id: int) -> None:
-        """Forget an async request that could not be sent."""
-        pending = self.pending.pop(req_id, None)
-        if pending is not None:
-            with self.counts:
-                pending.channel.pending -= 1
+    def nudge(self) -> None:
+        self._inbox.wake()
 
     def complete(self, req_id: int, value: int, writes: tuple = (), panic: Any = None) -> None:
-        """Complete a pending async request, once; a late or unknown completion is dropped."""
-        pending = self.pending.pop(req_id, None)
+        """Complete a pending async request, once; a late or unknown completion is dropped.
+
+        Settling calls this with the channel's lock held; other callers (Close, a dead kernel)
+        take it here, so `Channel.pending` only changes under the lock.
+        """
+        pending = self.pending.get(req_id)
         if pending is None:
             return
-        with self.counts:
+        with pending.channel.lock:
+            if self.pending.pop(req_id, None) is None:
+                return  # completed by another thread meanwhile
             pending.channel.pending -= 1
         for index, data in writes:
             buffer = pending.buffers.get(index)
@@ -368,7 +382,7 @@ class Runtime:
             self.channels.discard(channel)
             channel.close()
         else:
-            self._inbox.nudge_if_idle(channel)
+            self._inbox.wake()
 
     def kernel_died(self) -> None:
         self.kernel_dead = True
@@ -390,8 +404,11 @@ class Runtime:
 
 
 def _fd_poller(channels: Iterable[Optional[Channel]]) -> zmq.Poller:
+    distinct = {c for c in channels if c is not None}
+    if len(distinct) == 1:
+        return next(iter(distinct)).poller
     poller = zmq.Poller()
-    for channel in {c for c in channels if c is not None}:
+    for channel in distinct:
         poller.register(channel.fd, zmq.POLLIN)
     return poller
 
@@ -413,22 +430,17 @@ class _Inbox:
         if self._error is not None:
             raise self._error
 
-    def nudge_if_idle(self, channel: Channel) -> None:
-        """Wake the thread if this is the channel's first pending request (it polls meanwhile)."""
-        if channel.pending <= 1 or channel.retired:
-            self._wake()
-
     def stop(self) -> None:
         if self._wake_w < 0:
             return
         self._stopping = True
-        self._wake()  # harmless if the thread already ended (kernel died)
+        self.wake()  # harmless if the thread already ended (kernel died)
         self._thread.join(timeout=2.0)
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._wake_r = self._wake_w = -1
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):

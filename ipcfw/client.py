@@ -366,11 +366,9 @@ class RSession:
         status._begin(channel)
         with self._lock:
             self._pending.add(req_id)
-        runtime.track(req_id, Pending(status, self, ipc_args.buffers, channel))
         try:
-            channel.send(frame)
+            channel.send_async(frame, req_id, Pending(status, self, ipc_args.buffers, channel))
         except BaseException:
-            runtime.untrack(req_id)
             self._forget_request(req_id)
             status._abandon()
             raise
