@@ -283,7 +283,7 @@ def test_messages_before_hello_raise_and_change_nothing(ks: KernelState, message
 
 @pytest.mark.parametrize(
     "message",
-    [Hello(CHANNEL, 1), Welcome(1, 1), Completed(1, 0, ()), Disconnect(1, 1), PeerInfo(1, 1, 1, 1, "")],
+    [Welcome(1, 1), Completed(1, 0, ()), Disconnect(1, 1), PeerInfo(1, 1, 1, 1, "")],
     ids=lambda m: type(m).__name__,
 )
 def test_messages_not_for_the_kernel_raise_and_change_nothing(ks: KernelState, message: tuple) -> None:
@@ -291,6 +291,14 @@ def test_messages_not_for_the_kernel_raise_and_change_nothing(ks: KernelState, m
     with pytest.raises(PeerMisbehaved) as info:
         ks.receive(C1, message)
     assert info.value.kind == "wrong direction"
+    assert snapshot(ks) == before
+
+
+def test_a_second_hello_from_a_known_peer_is_a_duplicate(ks: KernelState) -> None:
+    before = snapshot(ks)
+    with pytest.raises(PeerMisbehaved) as info:
+        ks.receive(C1, Hello(CHANNEL, 1))
+    assert info.value.kind == "duplicate hello"
     assert snapshot(ks) == before
 
 

@@ -328,9 +328,6 @@ class KernelState:
     def knows(self, rid: bytes) -> bool:
         return rid in self.peers
 
-    def pid_of(self, rid: bytes) -> int:
-        return self.peers[rid].process.identity.pid
-
     def receive(self, rid: bytes, message: Message) -> list[Action]:
         """A message from a peer that has said Hello."""
         peer = self.peers.get(rid)
@@ -338,6 +335,8 @@ class KernelState:
             raise PeerMisbehaved("no hello", f"{type(message).__name__} before Hello")
         handler = self._dispatch.get(type(message))
         if handler is None:
+            if type(message) is Hello:
+                raise PeerMisbehaved("duplicate hello", f"pid {peer.process.identity.pid} said Hello twice")
             raise PeerMisbehaved(
                 "wrong direction", f"{type(message).__name__} is not sent to the kernel"
             )
