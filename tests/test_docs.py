@@ -1,4 +1,4 @@
-"""The docs stay true: links resolve, the ipcfw names they use exist, the guide's code runs.
+"""The docs stay true: links and anchors resolve, the ipcfw names exist, the guide's code runs.
 
 Conventions for Markdown code blocks in ``docs/`` (the info string after the opening fence):
 
@@ -30,7 +30,6 @@ from typing import NamedTuple
 
 import pytest
 
-import ipcfw
 from conftest import REPO, ManagedProcess, wait_until
 
 DOCS = REPO / "docs"
@@ -83,8 +82,7 @@ def code_blocks(path: Path) -> list[Block]:
     return blocks
 
 
-def prose(path: Path) -> str:
-    """The text of a Markdown file outside fenced code blocks and inline code."""
+def _outside_fences(path: Path) -> list[str]:
     kept, fence = [], None
     for line in path.read_text().splitlines():
         match = _FENCE.match(line)
@@ -93,8 +91,18 @@ def prose(path: Path) -> str:
         elif fence is not None and line.strip().startswith(fence):
             fence = None
         elif fence is None:
-            kept.append(re.sub(r"`[^`]*`", "", line))
-    return "\n".join(kept)
+            kept.append(line)
+    return kept
+
+
+def prose(path: Path) -> str:
+    """The text of a Markdown file outside fenced code blocks and inline code."""
+    return "\n".join(re.sub(r"`+[^`]*`+", "", line) for line in _outside_fences(path))
+
+
+def inline_code(path: Path) -> list[str]:
+    """The inline code spans of a Markdown file, outside fenced code blocks."""
+    return [m.group(1) for line in _outside_fences(path) for m in re.finditer(r"`([^`]+)`", line)]
 
 
 # -- (a) links -------------------------------------------------------------------------------
@@ -106,16 +114,29 @@ def test_markdown_files_are_found():
         assert DOCS / name in MARKDOWN
 
 
+def anchors(path: Path) -> set[str]:
+    """The anchors GitHub makes for a Markdown file's headings."""
+    slugs = set()
+    for line in _outside_fences(path):
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower().replace("`", "")
+            slugs.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return slugs
+
+
 @pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(REPO)))
 def test_relative_links_point_to_existing_files(path):
     broken = []
     for target in _LINK.findall(prose(path)):
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-            continue  # a URL (http:, mailto:) or an anchor in the same page
-        file_part = target.split("#", 1)[0]
-        if not (path.parent / file_part).exists():
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+            continue  # a URL: http:, mailto:
+        file_part, _, anchor = target.partition("#")
+        linked = (path.parent / file_part) if file_part else path
+        if not linked.exists():
             broken.append(target)
-    assert broken == [], f"{path.relative_to(REPO)} links to missing files: {broken}"
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(target)
+    assert broken == [], f"{path.relative_to(REPO)} has broken links: {broken}"
 
 
 # -- (b) ipcfw names -------------------------------------------------------------------------
@@ -128,7 +149,7 @@ def _imported_names(code: str) -> set[str]:
         module, imported = match.group(1), match.group(2).strip("()")
         for item in imported.split(","):
             item = item.split("#")[0].split(" as ")[0].strip()
-            if item and item != "*":
+            if item.isidentifier():
                 names.add(f"{module}.{item}")
     return names
 
@@ -153,6 +174,9 @@ def _doc_names() -> list[tuple[str, str]]:
         for block in code_blocks(path):
             for name in sorted(_imported_names(block.code)):
                 found.append((block.where(), name))
+        where = f"{path.relative_to(REPO)} (inline)"
+        for name in sorted(set().union(*map(_imported_names, inline_code(path)))):
+            found.append((where, name))
     return found
 
 
@@ -161,7 +185,7 @@ def test_docs_use_ipcfw_names():
 
 
 @pytest.mark.parametrize("where, name", _doc_names(), ids=lambda x: x)
-def test_ipcfw_names_in_code_blocks_exist(where, name):
+def test_ipcfw_names_in_docs_exist(where, name):
     assert _resolves(name), f"{where}: {name} does not exist"
 
 
@@ -217,11 +241,10 @@ def guide_dir(tmp_path):
 
 
 def _env(kernel) -> dict[str, str]:
-    # Only IPCFW_KERNEL points at the test kernel; no PYTHONPATH: the guide's files must be
-    # found the way the guide says (the current directory).
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["IPCFW_KERNEL"] = kernel.endpoint
-    return env
+    # IPCFW_KERNEL points at the test kernel. PYTHONPATH holds only the repository (for an
+    # uninstalled checkout): the guide's own files must be found the way the guide says, in the
+    # current directory.
+    return dict(os.environ, IPCFW_KERNEL=kernel.endpoint, PYTHONPATH=str(REPO))
 
 
 def _start(kernel, workdir: Path, argv: list[str], label: str) -> ChildInDir:
