@@ -44,7 +44,9 @@ from . import errors
 from ._zmqflags import EVENTS, POLLIN
 from .protocol import (
     PROTOCOL_VERSION,
+    Close,
     Completed,
+    Connected,
     Hello,
     Message,
     Panicked,
@@ -89,6 +91,12 @@ def _hello(socket: zmq.Socket, role: Role, endpoint: str) -> Welcome:
     reply = decode(socket.recv())
     if type(reply) is not Welcome:
         raise errors.IpcError(errors.KErrCouldNotConnect, f"kernel answered Hello with {reply!r}")
+    if reply.protocol != PROTOCOL_VERSION:
+        raise errors.IpcError(
+            errors.KErrNotSupported,
+            f"the kernel at {endpoint} speaks ipcfw protocol {reply.protocol}, this client "
+            f"{PROTOCOL_VERSION}: run a kernel from the same ipcfw version",
+        )
     return reply
 
 
@@ -115,6 +123,10 @@ class Channel:
         self.poller.register(self.fd, zmq.POLLIN)
         self.last_used = time.monotonic()
         self.retired = False  # its thread ended; the I/O thread owns it now
+        # Synchronous calls in progress on this channel (req_id -> reply once read). A
+        # done-callback run during a call may settle the channel and read the call's reply.
+        self.replies: dict[int, Optional[Message]] = {}
+        self.abandoned: set[int] = set()  # connects that timed out: close them if they succeed
         self.loop_readers: dict = {}  # asyncio loop -> awaits settling this channel in it
 
     def check_size(self, frame: bytes) -> None:
@@ -149,21 +161,36 @@ class Channel:
         if self.pending == 1:
             runtime.nudge()  # the I/O thread may be asleep with nothing to watch
 
-    def call(self, frame: bytes, req_id: int, timeout: Optional[float] = None) -> Message:
-        """Send `frame` and return the reply carrying `req_id`, holding the lock throughout."""
+    def call(
+        self, frame: bytes, req_id: int, timeout: Optional[float] = None, *, connect: bool = False
+    ) -> Message:
+        """Send `frame` and return the reply carrying `req_id`, holding the lock throughout.
+
+        `connect`: the frame is a Connect; if the wait times out and the connect succeeds
+        later, the session nobody holds is closed at once.
+        """
         self.check_size(frame)
         with self.lock:
-            self.socket.send(frame)
+            self.replies[req_id] = None
             try:
+                self.socket.send(frame)
                 reply = self._receive(req_id, timeout)
                 self._settle()
                 return reply
+            except TimeoutError:
+                if connect:
+                    self.abandoned.add(req_id)
+                raise
             finally:
+                self.replies.pop(req_id, None)
                 self.last_used = time.monotonic()
 
     def _receive(self, req_id: int, timeout: Optional[float]) -> Message:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            reply = self.replies.get(req_id)
+            if reply is not None:
+                return reply  # read by a nested settle
             try:
                 raw = self.socket.recv()
             except zmq.Again:
@@ -172,10 +199,10 @@ class Channel:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"no reply within {timeout} s") from None
                 continue
-            reply = decode(raw)
-            if getattr(reply, "req_id", None) == req_id:
-                return reply
-            self._dispatch(reply)
+            try:
+                self._dispatch(decode(raw))
+            except ProtocolError as exc:
+                log.error("dropping a malformed frame from the kernel: %s", exc)
 
     def try_settle(self) -> bool:
         """Settle if nobody else holds the lock; False if somebody does (they will settle)."""
@@ -197,11 +224,19 @@ class Channel:
                 log.error("dropping a malformed frame from the kernel: %s", exc)
 
     def _dispatch(self, reply: Message) -> None:
+        req_id = getattr(reply, "req_id", None)
+        if req_id in self.replies:
+            self.replies[req_id] = reply
+            return
         kind = type(reply)
         if kind is Completed:
-            self.runtime.complete(reply.req_id, reply.value, reply.writes)
+            self.runtime.complete(req_id, reply.value, reply.writes)
         elif kind is Panicked:
             self.runtime.panicked(reply)
+        elif kind is Connected and req_id in self.abandoned:
+            self.abandoned.discard(req_id)
+            if reply.handle:  # the caller gave up waiting: nobody holds this session
+                self.socket.send(encode(Close(reply.handle)))
         else:
             log.debug("dropping a late reply on a channel: %r", reply)
 
@@ -476,7 +511,7 @@ class _Inbox:
             watched = self._unattended_channels()
             for channel in watched:
                 poller.register(channel.fd, zmq.POLLIN)
-            waiting = any(c.pending for c in self.runtime.channels)
+            waiting = any(c.pending or c.abandoned for c in self.runtime.channels)
             ready = dict(poller.poll(IDLE * 1000 if waiting else None))
             if self._wake_r in ready:
                 self._drain_wake_pipe()
@@ -495,7 +530,7 @@ class _Inbox:
         now = time.monotonic()
         return [
             c for c in list(self.runtime.channels)
-            if c.pending and (c.retired or now - c.last_used > IDLE)
+            if (c.pending or c.abandoned) and (c.retired or now - c.last_used > IDLE)
         ]
 
     def _close_finished_retirees(self) -> None:

@@ -47,7 +47,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipcfw", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-level", default="warning", help="debug, info, warning (default), error")
+    parser.add_argument("--log-level", default="info", help="debug, info (default), warning, error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     kernel = commands.add_parser("kernel", help="run the kernel in the foreground")

@@ -272,7 +272,7 @@ class RSession:
     def __init__(self) -> None:
         self._handle = 0
         self._runtime: Optional[Runtime] = None
-        self._owner_thread = 0  # the thread that created it: unshared sessions are its alone
+        self._owner: Optional[threading.Thread] = None  # unshared sessions are its creator's alone
         self._dead: Optional[BaseException] = None
         self._pending: set[int] = set()
         self._lock = threading.Lock()
@@ -324,14 +324,14 @@ class RSession:
         runtime = Runtime.for_endpoint(endpoint)
         req_id = runtime.next_req_id()
         frame = encode(Connect(req_id, name, version, message_slots, b""))
-        reply = self._call(runtime, frame, req_id, timeout)
+        reply = self._call(runtime, frame, req_id, timeout, connect=True)
         if type(reply) is Panicked:
             raise errors.ClientPanic(reply.category, reply.reason)
         if type(reply) is not Connected:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to connect: {reply!r}")
         errors.check(reply.result)
         self._runtime, self._handle, self._dead = runtime, reply.handle, None
-        self._owner_thread = threading.get_ident()
+        self._owner = threading.current_thread()
         runtime.sessions[reply.handle] = self
 
     def Handle(self) -> int:
@@ -393,7 +393,9 @@ class RSession:
         Requests still pending complete at once with ``KErrSessionClosed``. Closing a closed
         session does nothing.
         """
-        if self._handle and threading.get_ident() != self._owner_thread:
+        owner = self._owner
+        owner_gone = owner is not None and not owner.is_alive()
+        if self._handle and owner is not threading.current_thread() and not owner_gone:
             raise errors.ClientPanic(
                 "KERN-EXEC", 0, "an unshared session can only be closed by the thread that created it"
             )
@@ -406,7 +408,8 @@ class RSession:
         runtime.sessions.pop(handle, None)
         for req_id in pending:
             runtime.complete(req_id, errors.KErrSessionClosed)
-        if not runtime.kernel_dead:
+        # When the creating thread has ended, its channel's end already closed the session.
+        if not runtime.kernel_dead and not owner_gone:
             runtime.channel().send(encode(Close(handle)))
 
     def __enter__(self) -> "RSession":
@@ -439,9 +442,11 @@ class RSession:
             raise self._dead
         return runtime, handle
 
-    def _call(self, runtime: Runtime, frame: bytes, req_id: int, timeout: Optional[float]) -> Any:
+    def _call(
+        self, runtime: Runtime, frame: bytes, req_id: int, timeout: Optional[float], connect: bool = False
+    ) -> Any:
         try:
-            return runtime.channel().call(frame, req_id, timeout)
+            return runtime.channel().call(frame, req_id, timeout, connect=connect)
         except KernelGone:
             raise runtime.kernel_gone_error() from None
 

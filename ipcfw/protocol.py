@@ -68,7 +68,7 @@ __all__ = [
     "check_args",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: async answers return on the requesting channel
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -113,7 +113,7 @@ class Kind(enum.IntEnum):
     NEW_SESSION = 40
     DELIVER = 41
     DISCONNECT = 42
-    CLIENT_INFO = 43
+    PEER_INFO = 43
 
 
 class Role(enum.IntEnum):
@@ -301,10 +301,12 @@ class Stats(NamedTuple):
 
 
 class Welcome(NamedTuple):
-    """Kernel -> peer: the answer to Hello."""
+    """Kernel -> peer: the answer to Hello. A peer whose Hello named another protocol version
+    gets a Welcome naming the kernel's, and is not admitted."""
 
     kernel_pid: int
     max_frame: int
+    protocol: int
 
 
 class Connected(NamedTuple):
@@ -404,7 +406,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Complete: (Kind.COMPLETE, (_u63, _i32, _writes)),
     Panic: (Kind.PANIC, (_u63, _str_upto(MAX_CATEGORY), _i32)),
     Stats: (Kind.STATS, (_u63,)),
-    Welcome: (Kind.WELCOME, (_u32, _u63)),
+    Welcome: (Kind.WELCOME, (_u32, _u63, _u16)),
     Connected: (Kind.CONNECTED, (_u63, _i32, _int_in(0, _I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD))),
     Completed: (Kind.COMPLETED, (_u63, _i32, _writes)),
     Panicked: (Kind.PANICKED, (_u63, _handle, _str_upto(MAX_CATEGORY), _i32, _int_in(0, 1, "0 or 1"))),
@@ -413,7 +415,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     NewSession: (Kind.NEW_SESSION, (_u63, _handle, _version, _u63, _bytes_upto(MAX_PAYLOAD))),
     Deliver: (Kind.DELIVER, (_u63, _handle, _function, check_args, _u63)),
     Disconnect: (Kind.DISCONNECT, (_u63, _handle)),
-    PeerInfo: (Kind.CLIENT_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH))),
+    PeerInfo: (Kind.PEER_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH))),
 }
 
 _KIND_OF: dict[type, int] = {cls: int(kind) for cls, (kind, _) in _SCHEMA.items()}

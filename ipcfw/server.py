@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import signal
 import threading
 from typing import Any, ClassVar, NamedTuple, Optional
 
@@ -408,6 +409,12 @@ class ServerHost:
 
     def _register(self) -> int:
         welcome = self._exchange(Hello(int(Role.SERVER), PROTOCOL_VERSION), Welcome)
+        if welcome.protocol != PROTOCOL_VERSION:
+            raise errors.IpcError(
+                errors.KErrNotSupported,
+                f"the kernel speaks ipcfw protocol {welcome.protocol}, this server "
+                f"{PROTOCOL_VERSION}: run a kernel from the same ipcfw version",
+            )
         self.max_frame = welcome.max_frame
         version = to_version(self.server.version, f"{type(self.server).__name__}.version")
         reply = self._exchange(Register(1, self.server.name, int(self.server.sharing), version), Completed)
@@ -485,6 +492,8 @@ class ServerHost:
             session._server = self.server
             session._handle = request.handle
             session.CreateL()
+            if message.IsNull():
+                raise ServerPanic("CServer", 2, "NewSessionL or CreateL completed the connect message")
         except Exception as exc:
             code = _code_of(exc)
             log.info("connect to %r refused: %s", self.server.name, exc, exc_info=not isinstance(exc, errors.IpcError))
@@ -579,7 +588,19 @@ def _code_of(exc: BaseException) -> int:
 
 def serve(server: CServer, endpoint: Optional[str] = None,
           ready: Optional[threading.Event] = None) -> ServerHost:
-    """Host `server` on this thread until the host is stopped; returns the stopped host."""
+    """Host `server` on this thread until the host is stopped; returns the stopped host.
+
+    Called on the main thread, SIGINT and SIGTERM stop the host cleanly for the duration.
+    """
     host = ServerHost(server, endpoint)
-    host.run(ready)
+    if threading.current_thread() is not threading.main_thread():
+        host.run(ready)
+        return host
+    previous = {signum: signal.signal(signum, lambda *_: host.stop())
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        host.run(ready)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return host

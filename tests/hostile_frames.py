@@ -68,7 +68,7 @@ KERNEL_BOUND: list[Message] = [
     Stats(1),
 ]
 CLIENT_BOUND: list[Message] = [
-    Welcome(1, MAX_FRAME),
+    Welcome(1, MAX_FRAME, 2),
     Connected(1, 0, 1, b""),
     Completed(1, 0, ()),
     Panicked(1, 1, "KERN-EXEC", 0, 0),
@@ -156,7 +156,7 @@ _WRONG_TYPES: list[bytes] = [
     _pack(Kind.COMPLETE, 1, 0, (("0", b""),)),
     _pack(Kind.DELIVER, 1, 1, 1, {"0": 1}, 1),
     _pack(Kind.NEW_SESSION, 1, 1, (1, 0, 0), True, b""),
-    _pack(Kind.CLIENT_INFO, 1, 1, 1, 1, 17),
+    _pack(Kind.PEER_INFO, 1, 1, 1, 1, 17),
     b"\x91" * 10_000 + b"\x01",  # 10,000 nested one-element arrays
     b"\xdd\xff\xff\xff\xff",  # array32 declaring 4 billion items
     b"\xdb\xff\xff\xff\xff",  # str32 declaring 4 GiB
@@ -213,7 +213,7 @@ for _big in (-1, -(2**63), 2**64 - 1):  # unsigned 63-bit ids
         _pack(Kind.REQUEST, _big, 1, 1, (), 0),
         _pack(Kind.COMPLETE, _big, 0, ()),
         _pack(Kind.DELIVER, _big, 1, 1, (), 1),
-        _pack(Kind.CLIENT_INFO, _big, 1, 1, 1, ""),
+        _pack(Kind.PEER_INFO, _big, 1, 1, 1, ""),
     ]
 
 
@@ -245,7 +245,7 @@ _OVERSIZE_FIELDS: list[bytes] = [
     _pack(Kind.NEW_SESSION, 1, 1, (1, 0, 0), 1, b"p" * 5000),
     _pack(Kind.PANIC, 1, "c" * 1000, 0),
     _pack(Kind.PANICKED, 1, 1, "c" * 1000, 0, 0),
-    _pack(Kind.CLIENT_INFO, 1, 1, 1, 1, "e" * 5000),
+    _pack(Kind.PEER_INFO, 1, 1, 1, 1, "e" * 5000),
     _pack(Kind.REQUEST, 1, 1, 1, (1, 2, 3, 4, 5), 0),
     _pack(Kind.DELIVER, 1, 1, 1, (1, 2, 3, 4, 5), 1),
     _pack(Kind.REQUEST, 1, 1, 1, ((b"abc", 2),), 0),  # content longer than its max length

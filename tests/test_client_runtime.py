@@ -141,3 +141,31 @@ def _capture(fn, into: list) -> None:
         fn()
     except BaseException as exc:
         into.append(exc)
+
+
+def test_a_callback_run_during_a_sync_call_does_not_steal_its_reply(probe_server):
+    with connect() as session:
+        chained = TRequestStatus()
+        first = TRequestStatus()
+        first.add_done_callback(lambda s: session.SendReceive(probe.EEcho, (7,), chained))
+        session.SendReceive(probe.ESleep, (20, 1), first)
+        # The callback fires while this thread waits in the sync call, on this channel.
+        assert session.SendReceive(probe.ESleep, (150, 2)) == 2
+        assert first.Wait(5) == 1
+        assert chained.Wait(5) == 7
+
+
+def test_a_connect_that_timed_out_is_closed_when_it_completes(kernel):
+    kernel.serve("plugins.slow:SlowServer", "slow")
+    with pytest.raises(TimeoutError):
+        RSession().CreateSession("slow", timeout=0.2)
+    wait_until(lambda: kernel.statistics()["sessions"] == 0, timeout=10, what="the orphan to be closed")
+
+
+def test_close_after_the_creating_thread_ended(probe_server):
+    holder: list[RSession] = []
+    thread = threading.Thread(target=lambda: holder.append(connect()))
+    thread.start()
+    thread.join(10)
+    holder[0].Close()  # the kernel closed it with the thread's channel; this only tidies up
+    assert holder[0].Handle() == 0

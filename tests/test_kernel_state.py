@@ -214,12 +214,12 @@ def ks() -> KernelState:
 
 def test_hello_watches_the_first_peer_of_a_process_and_welcomes_every_peer() -> None:
     state = new_state()
-    assert hello(state, C1, CHANNEL, CLI) == [Watch(CLI), Send(C1, Welcome(KPID, MAX_FRAME))]
+    assert hello(state, C1, CHANNEL, CLI) == [Watch(CLI), Send(C1, Welcome(KPID, MAX_FRAME, 2))]
     # A second peer of the same process: no second Watch.
-    assert hello(state, IN1, INBOX, CLI) == [Send(IN1, Welcome(KPID, MAX_FRAME))]
-    assert hello(state, C1B, CHANNEL, CLI) == [Send(C1B, Welcome(KPID, MAX_FRAME))]
+    assert hello(state, IN1, INBOX, CLI) == [Send(IN1, Welcome(KPID, MAX_FRAME, 2))]
+    assert hello(state, C1B, CHANNEL, CLI) == [Send(C1B, Welcome(KPID, MAX_FRAME, 2))]
     # Another process is watched on its own.
-    assert hello(state, S1, SERVER, SRV) == [Watch(SRV), Send(S1, Welcome(KPID, MAX_FRAME))]
+    assert hello(state, S1, SERVER, SRV) == [Watch(SRV), Send(S1, Welcome(KPID, MAX_FRAME, 2))]
     stats = state.statistics()
     assert stats["peers"] == 4 and stats["processes"] == 2
 
@@ -228,13 +228,13 @@ def test_same_pid_with_another_create_time_is_another_process() -> None:
     state = new_state()
     hello(state, C1, CHANNEL, CLI)
     reused = CLI._replace(create_time=CLI.create_time + 1)
-    assert hello(state, C2, CHANNEL, reused) == [Watch(reused), Send(C2, Welcome(KPID, MAX_FRAME))]
+    assert hello(state, C2, CHANNEL, reused) == [Watch(reused), Send(C2, Welcome(KPID, MAX_FRAME, 2))]
     assert state.statistics()["processes"] == 2
 
 
 def test_welcome_carries_the_configured_max_frame() -> None:
     state = KernelState(kernel_pid=12, max_frame=4096)
-    assert sends(hello(state, C1, CHANNEL, CLI)) == [Welcome(12, 4096)]
+    assert sends(hello(state, C1, CHANNEL, CLI)) == [Welcome(12, 4096, 2)]
 
 
 def test_duplicate_hello_raises_and_changes_nothing() -> None:
@@ -257,7 +257,7 @@ def test_second_inbox_of_a_process_raises_and_changes_nothing() -> None:
     assert snapshot(state) == before
     # Once the first inbox is gone, a new one is welcome.
     state.peer_gone(IN1)
-    assert sends(hello(state, b"inbox-again", INBOX, CLI)) == [Welcome(KPID, MAX_FRAME)]
+    assert sends(hello(state, b"inbox-again", INBOX, CLI)) == [Welcome(KPID, MAX_FRAME, 2)]
 
 
 @pytest.mark.parametrize(
@@ -283,7 +283,7 @@ def test_messages_before_hello_raise_and_change_nothing(ks: KernelState, message
 
 @pytest.mark.parametrize(
     "message",
-    [Welcome(1, 1), Completed(1, 0, ()), Disconnect(1, 1), PeerInfo(1, 1, 1, 1, "")],
+    [Welcome(1, 1, 2), Completed(1, 0, ()), Disconnect(1, 1), PeerInfo(1, 1, 1, 1, "")],
     ids=lambda m: type(m).__name__,
 )
 def test_messages_not_for_the_kernel_raise_and_change_nothing(ks: KernelState, message: tuple) -> None:
@@ -1742,3 +1742,11 @@ def test_fuzz_random_operations_keep_the_tables_consistent(seed: int) -> None:
 def test_fuzz_liveness_every_session_can_still_be_removed() -> None:
     for seed in (2, 3):
         run_fuzz(seed, 3000, liveness=True)
+
+
+def test_a_hello_of_another_protocol_version_is_told_and_not_admitted() -> None:
+    state = KernelState(kernel_pid=KPID)
+    actions = state.hello(C1, CLI, Hello(CHANNEL, PROTOCOL_VERSION + 1))
+    assert actions == [Send(C1, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))]
+    assert not state.knows(C1)
+    assert state.statistics()["processes"] == 0

@@ -99,8 +99,8 @@ ROUND_TRIP: list = [
     Stats(0),
     Stats(U63_MAX),
     # kernel -> client
-    Welcome(0, MAX_FRAME),
-    Welcome(2**32 - 1, U63_MAX),
+    Welcome(0, MAX_FRAME, 2),
+    Welcome(2**32 - 1, U63_MAX, 2),
     Connected(1, 0, 1, b""),
     Connected(2, -1, 0, b""),
     Connected(U63_MAX, I32_MIN, I32_MAX, b"p" * MAX_PAYLOAD),
@@ -155,7 +155,7 @@ def test_round_trip(message: tuple) -> None:
     assert type(frame) is bytes
     decoded = decode(frame)
     assert decoded == message
-    # NamedTuples compare as tuples (Hello(1, 1) == Welcome(1, 1)): check the type separately.
+    # NamedTuples compare as tuples (Hello(1, 1) == Completed(1, 1, ...)): check the type separately.
     assert type(decoded) is type(message)
     assert decoded._fields == message._fields
     # Encoding is deterministic, and a decoded message re-encodes to the same frame.
@@ -280,12 +280,12 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("complete value True", pack(Kind.COMPLETE, 1, True, []), r"Complete\.value: .*got True"),
     ("complete value float", pack(Kind.COMPLETE, 1, 0.0, []), r"Complete\.value"),
     ("complete value 2**31", pack(Kind.COMPLETE, 1, 2**31, []), r"Complete\.value: expected a 32-bit"),
-    ("welcome pid -1", pack(Kind.WELCOME, -1, 1), r"Welcome\.kernel_pid: expected an unsigned 32-bit"),
-    ("welcome pid 2**32", pack(Kind.WELCOME, 2**32, 1), r"Welcome\.kernel_pid"),
+    ("welcome pid -1", pack(Kind.WELCOME, -1, 1, 2), r"Welcome\.kernel_pid: expected an unsigned 32-bit"),
+    ("welcome pid 2**32", pack(Kind.WELCOME, 2**32, 1, 2), r"Welcome\.kernel_pid"),
     ("connected handle -1", pack(Kind.CONNECTED, 1, 0, -1, b""), r"Connected\.handle"),
     ("connected handle 2**31", pack(Kind.CONNECTED, 1, 0, 2**31, b""), r"Connected\.handle"),
-    ("peerinfo uid -1", pack(Kind.CLIENT_INFO, 1, 1, -1, 1, ""), r"PeerInfo\.uid"),
-    ("peerinfo exe bytes", pack(Kind.CLIENT_INFO, 1, 1, 1, 1, b"/x"), r"PeerInfo\.exe"),
+    ("peerinfo uid -1", pack(Kind.PEER_INFO, 1, 1, -1, 1, ""), r"PeerInfo\.uid"),
+    ("peerinfo exe bytes", pack(Kind.PEER_INFO, 1, 1, 1, 1, b"/x"), r"PeerInfo\.exe"),
     ("stats req_id nil", pack(Kind.STATS, None), r"Stats\.req_id"),
     # the first bad field is the one named
     ("two bad fields", pack(Q, -1, 0, 1, [], 0), r"Request\.req_id"),
@@ -361,7 +361,7 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("panic category 17", pack(P, 1, "c" * (MAX_CATEGORY + 1), 0), r"Panic\.category: expected a string of at most 16"),
     ("panicked category 17", pack(Kind.PANICKED, 1, 1, "c" * (MAX_CATEGORY + 1), 0, 1), r"Panicked\.category"),
     ("panic category bytes", pack(P, 1, b"KERN", 0), r"Panic\.category"),
-    ("peerinfo exe 4097", pack(Kind.CLIENT_INFO, 1, 1, 1, 1, "e" * 4097), r"PeerInfo\.exe"),
+    ("peerinfo exe 4097", pack(Kind.PEER_INFO, 1, 1, 1, 1, "e" * 4097), r"PeerInfo\.exe"),
     # extension types where plain values are expected
     ("ExtType as role", pack(H, EXT, 1), r"Hello\.role: .*ExtType\(code=5"),
     ("Timestamp as req_id", pack(Kind.STATS, TS), r"Stats\.req_id: .*Timestamp"),
@@ -458,7 +458,7 @@ def test_int_edges_of_each_range_are_accepted_and_one_past_refused() -> None:
         (pack(Q, 0, 1, 0, [I32_MIN, I32_MAX], 0), Request(0, 1, 0, (I32_MIN, I32_MAX), Mode.SYNC)),
         (pack(Q, U63_MAX, I32_MAX, I32_MAX, [], 2), Request(U63_MAX, I32_MAX, I32_MAX, (), Mode.BLIND)),
         (pack(C, 1, "n", V, I32_MIN, b""), Connect(1, "n", (1, 0, 0), I32_MIN, b"")),
-        (pack(Kind.WELCOME, 2**32 - 1, U63_MAX), Welcome(2**32 - 1, U63_MAX)),
+        (pack(Kind.WELCOME, 2**32 - 1, U63_MAX, 2), Welcome(2**32 - 1, U63_MAX, 2)),
     ]
     for frame, message in accepted:
         assert decode(frame) == message
@@ -469,7 +469,7 @@ def test_int_edges_of_each_range_are_accepted_and_one_past_refused() -> None:
         pack(Q, 0, I32_MAX + 1, 0, [], 0),
         pack(Q, 0, 1, I32_MAX + 1, [], 0),
         pack(C, 1, "n", V, I32_MIN - 1, b""),
-        pack(Kind.WELCOME, 2**32, 1),
+        pack(Kind.WELCOME, 2**32, 1, 2),
     ]
     for frame in refused:
         with pytest.raises(ProtocolError):

@@ -40,6 +40,7 @@ from .. import errors
 from ..naming import is_protected, lookup_key, name_problem
 from ..protocol import (
     MAX_FRAME,
+    PROTOCOL_VERSION,
     PeerInfo,
     Close,
     Complete,
@@ -306,6 +307,10 @@ class KernelState:
         """A new socket introduced itself; `identity` comes from the transport."""
         if rid in self.peers:
             raise PeerMisbehaved("duplicate hello", f"peer {rid.hex()} said Hello twice")
+        welcome = Welcome(self.kernel_pid, self.max_frame, PROTOCOL_VERSION)
+        if message.protocol != PROTOCOL_VERSION:
+            # Not admitted; the Welcome tells the peer which protocol the kernel speaks.
+            return [Send(rid, welcome)]
         role = Role(message.role)
         process = self.processes.get(identity.key)
         if role is Role.INBOX and process is not None and process.inbox is not None:
@@ -322,7 +327,7 @@ class KernelState:
         process.peers.add(rid)
         if role is Role.INBOX:
             process.inbox = rid
-        actions.append(Send(rid, Welcome(self.kernel_pid, self.max_frame)))
+        actions.append(Send(rid, welcome))
         return actions
 
     def knows(self, rid: bytes) -> bool:
