@@ -39,6 +39,7 @@ def test_client_death_disconnects_its_sessions(kernel):
         "import os, signal, ipcfw; from plugins import probe\n"
         "sessions = [ipcfw.RSession.connect('probe', (1, 2, 0)) for _ in range(3)]\n"
         "for s in sessions: s.SendReceive(probe.EHold, (s.Handle(),), ipcfw.TRequestStatus())\n"
+        "for s in sessions: s.SendReceive(probe.EEcho, (0,))  # in order: the holds arrived\n"
         "print(' '.join(str(s.Handle()) for s in sessions), flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
