@@ -189,6 +189,14 @@ _DELIVERABLE = frozenset({_S.CONNECTING, _S.OPEN})
 _HELD = frozenset({_S.CONNECTING, _S.OPEN, _S.PANICKED, _S.DEAD})
 
 
+def _writable_lengths(args: tuple) -> dict:
+    """Arg index -> max length of each writable descriptor in `args`."""
+    for arg in args:
+        if type(arg) is tuple:
+            return {i: a[1] for i, a in enumerate(args) if type(a) is tuple}
+    return {}
+
+
 class MessageKind(enum.Enum):
     CONNECT = "CONNECT"
     REQUEST = "REQUEST"
@@ -240,6 +248,9 @@ class SessionRecord:
     owner: Peer  # the channel that created it
     slots: int  # -1 pool, 0 none, N own
     state: SessionState = SessionState.CONNECTING
+    # Cached from `state` by `_transition` (the hot path tests them; enum hashing is slow).
+    held: bool = True  # state in _HELD
+    deliverable: bool = True  # state in _DELIVERABLE
     sharing: int = 0
     slots_used: int = 0
     messages: set = field(default_factory=set)  # msg_ids outstanding
@@ -362,7 +373,7 @@ class KernelState:
             actions += self._server_died(server)
         for handle in sorted(peer.sessions):
             session = self.sessions.get(handle)
-            if session is not None and session.state in _HELD:
+            if session is not None and session.held:
                 actions += self._client_closed(session)
         if not process.peers:
             del self.processes[process.identity.key]
@@ -498,7 +509,7 @@ class KernelState:
         return self._transition(session, _E.CLIENT_CLOSED)
 
     def _holds(self, peer: Peer, session: SessionRecord) -> bool:
-        if session.state not in _HELD:
+        if not session.held:
             return False
         if session.sharing == 0:
             return session.owner is peer
@@ -527,6 +538,8 @@ class KernelState:
             self._remove(session)
         else:
             session.state = new_state
+            session.held = new_state in _HELD
+            session.deliverable = new_state in _DELIVERABLE
         return actions
 
     def _deliver_disconnect(self, session: SessionRecord) -> list[Action]:
@@ -568,7 +581,7 @@ class KernelState:
             return [Send(reply_to, Panicked(message.req_id, message.handle, "KERN-EXEC", 0, 0))]
         if session.panic is not None:
             return [Send(reply_to, Panicked(message.req_id, session.handle, *session.panic, 1))]
-        writable = {i: a[1] for i, a in enumerate(message.args) if type(a) is tuple}
+        writable = _writable_lengths(message.args)
         code = self._request_error(session, mode, writable)
         if code:
             return [Send(reply_to, Completed(message.req_id, code, ()))]
@@ -696,7 +709,7 @@ class KernelState:
             return self._connect_done(record, value)
         if record.kind is MessageKind.DISCONNECT:
             return self._transition(session, _E.DISCONNECT_DONE)
-        if session.state not in _DELIVERABLE:
+        if not session.deliverable:
             return []
         return self._answer(record, Completed(record.req_id, value, writes))
 
