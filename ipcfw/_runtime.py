@@ -41,6 +41,7 @@ import zmq
 
 from . import endpoint as endpoints
 from . import errors
+from ._wakeup import WakePipe
 from ._zmqflags import EVENTS, POLLIN
 from .protocol import (
     PROTOCOL_VERSION,
@@ -455,7 +456,7 @@ class _Inbox:
         self.runtime = runtime
         self._ready = threading.Event()
         self._error: Optional[BaseException] = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = WakePipe()
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name="ipcfw-inbox", daemon=True)
 
@@ -466,20 +467,15 @@ class _Inbox:
             raise self._error
 
     def stop(self) -> None:
-        if self._wake_w < 0:
+        if self._wakeup.closed:
             return
         self._stopping = True
-        self.wake()  # harmless if the thread already ended (kernel died)
+        self._wakeup.wake()  # harmless if the thread already ended (kernel died)
         self._thread.join(timeout=2.0)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        self._wake_r = self._wake_w = -1
+        self._wakeup.close()
 
     def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # full (a wake is due anyway) or closed (stopped)
+        self._wakeup.wake()
 
     def _main(self) -> None:
         socket = self.runtime.context.socket(zmq.DEALER)
@@ -507,14 +503,14 @@ class _Inbox:
             poller = zmq.Poller()
             poller.register(socket, zmq.POLLIN)
             poller.register(kernel_fd, zmq.POLLIN)
-            poller.register(self._wake_r, zmq.POLLIN)
+            poller.register(self._wakeup.fd, zmq.POLLIN)
             watched = self._unattended_channels()
             for channel in watched:
                 poller.register(channel.fd, zmq.POLLIN)
             waiting = any(c.pending or c.abandoned for c in self.runtime.channels)
             ready = dict(poller.poll(IDLE * 1000 if waiting else None))
-            if self._wake_r in ready:
-                self._drain_wake_pipe()
+            if self._wakeup.fd in ready:
+                self._wakeup.drain()
             if socket in ready:
                 self._drain(socket)
             for channel in watched:
@@ -538,13 +534,6 @@ class _Inbox:
             if channel.retired and channel.pending == 0:
                 self.runtime.channels.discard(channel)
                 channel.close()
-
-    def _drain_wake_pipe(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def _drain(self, socket: zmq.Socket) -> None:
         while socket.get(EVENTS) & POLLIN:

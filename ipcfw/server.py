@@ -34,6 +34,7 @@ import zmq
 
 from . import endpoint as endpoints
 from . import errors
+from ._wakeup import WakePipe
 from ._zmqflags import NOBLOCK
 from .protocol import (
     MAX_CATEGORY,
@@ -367,11 +368,10 @@ class ServerHost:
         self.endpoint = endpoints.resolve(endpoint)
         self.sessions: dict[int, CSession] = {}
         self.clients: dict[int, ClientInfo] = {}
-        self._completion_lock = threading.RLock()  # RLock: stop() may run in a signal handler
+        self._completion_lock = threading.Lock()
         self._outbox: collections.deque[bytes] = collections.deque()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = WakePipe()
         self._stopping = False
-        self._closed = False
         self._loop_thread: Optional[int] = None
         self._problems: collections.Counter[str] = collections.Counter()
         self.kernel_died = False
@@ -398,11 +398,8 @@ class ServerHost:
                 ready.set()
             self._serve(kernel_pid)
         finally:
-            with self._completion_lock:
-                self._loop_thread = None
-                self._closed = True  # later completions (from held messages) are dropped
-                os.close(self._wake_r)
-                os.close(self._wake_w)
+            self._loop_thread = None
+            self._wakeup.close()  # later completions (of held messages) are dropped
             context.destroy(linger=1000)
 
     # -- setup -------------------------------------------------------------------------------
@@ -439,12 +436,12 @@ class ServerHost:
         kernel_fd = os.pidfd_open(kernel_pid)
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup.fd, zmq.POLLIN)
         poller.register(kernel_fd, zmq.POLLIN)
         try:
             while not self._stopping:
                 ready = dict(poller.poll())
-                if self._wake_r in ready:
+                if self._wakeup.fd in ready:
                     self._flush_outbox()
                 if self._socket in ready:
                     self._drain()
@@ -563,21 +560,12 @@ class ServerHost:
             self._wake()
 
     def _wake(self) -> None:
-        with self._completion_lock:
-            if self._closed:
-                log.debug("server %r has stopped; a late completion is dropped", self.server.name)
-                return
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass  # the pipe is full: the loop is already due to wake
+        if self._wakeup.closed:
+            log.debug("server %r has stopped; a late completion is dropped", self.server.name)
+        self._wakeup.wake()
 
     def _flush_outbox(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._wakeup.drain()
         while self._outbox:
             self._socket.send(self._outbox.popleft())
 
