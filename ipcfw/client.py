@@ -285,10 +285,11 @@ class RSession:
         message_slots: int = -1,
         *,
         endpoint: Optional[str] = None,
+        timeout: Optional[float] = None,
     ) -> "RSession":
         """Create and return a connected session (see `CreateSession`)."""
         session = cls()
-        session.CreateSession(name, version, message_slots, endpoint=endpoint)
+        session.CreateSession(name, version, message_slots, endpoint=endpoint, timeout=timeout)
         return session
 
     def CreateSession(

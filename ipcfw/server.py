@@ -449,6 +449,7 @@ class ServerHost:
                     log.error("the ipcfw kernel has died; server %r stops", self.server.name)
                     self.kernel_died = True
                     return
+            self._flush_outbox()  # completions made before stop() still reach their clients
         finally:
             os.close(kernel_fd)
 
