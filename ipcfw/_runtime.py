@@ -310,7 +310,8 @@ class Runtime:
         self.kernel_dead = False
         self._closed = False
         self.pending: dict[int, Pending] = {}
-        self.sessions: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+        # handle -> the RSession objects of this process for it (several after Open).
+        self.sessions: dict[int, "weakref.WeakSet[Any]"] = {}
         self.channels: set[Channel] = set()
         self.completions = threading.Condition()  # for waiters who cannot settle themselves
         self.blocked_waiters = 0
@@ -368,10 +369,24 @@ class Runtime:
 
     def panicked(self, reply: Panicked) -> None:
         panic = errors.ClientPanic(reply.category, reply.reason)
-        session = self.sessions.get(reply.handle)
-        if session is not None and reply.session_dead:
-            session._lost(panic)
+        if reply.session_dead:
+            self.session_lost(reply.handle, panic)
         self.complete(reply.req_id, errors.KErrDied, (), panic)
+
+    def register_session(self, handle: int, session: Any) -> None:
+        self.sessions.setdefault(handle, weakref.WeakSet()).add(session)
+
+    def forget_session(self, handle: int, session: Any) -> None:
+        holders = self.sessions.get(handle)
+        if holders is not None:
+            holders.discard(session)
+            if not holders:
+                del self.sessions[handle]
+
+    def session_lost(self, handle: int, error: BaseException) -> None:
+        """Every RSession of this process on `handle` is dead (server death or panic)."""
+        for session in list(self.sessions.get(handle, ())):
+            session._lost(error)
 
     def wait(self, statuses: Iterable[Any], timeout: Optional[float]) -> Any:
         """Block until one of `statuses` completes and return it; settle their channels meanwhile.
@@ -423,8 +438,8 @@ class Runtime:
     def kernel_died(self) -> None:
         self.kernel_dead = True
         error = self.kernel_gone_error()
-        for session in list(self.sessions.values()):
-            session._lost(error)
+        for handle in list(self.sessions):
+            self.session_lost(handle, error)
         for req_id in list(self.pending):
             self.complete(req_id, errors.KErrServerTerminated)
 
@@ -547,9 +562,7 @@ class _Inbox:
 
     def _dispatch(self, message: Message) -> None:
         if type(message) is SessionLost:
-            session = self.runtime.sessions.get(message.handle)
-            if session is not None:
-                session._lost(errors.IpcError(message.code))
+            self.runtime.session_lost(message.handle, errors.IpcError(message.code))
         else:
             log.error("unexpected %s on the inbox", type(message).__name__)
 

@@ -28,7 +28,21 @@ from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Union
 from . import errors
 from ._runtime import Channel, KernelGone, Pending, Runtime
 from .naming import name_problem
-from .protocol import MAX_PAYLOAD, Close, Completed, Connect, Connected, Mode, Panicked, Request, Stats, encode
+from .protocol import (
+    MAX_TOKEN,
+    Close,
+    Completed,
+    Connect,
+    Connected,
+    Mode,
+    Open,
+    Panicked,
+    Request,
+    Share,
+    Shared,
+    Stats,
+    encode,
+)
 from .version import TVersion, to_version
 
 log = logging.getLogger("ipcfw.client")
@@ -266,13 +280,15 @@ class RSession:
 
     or ``with RSession.connect("kv") as session: ...``. A session created by a thread belongs to
     that thread; requests on it from another thread are refused with
-    ``ClientPanic("KERN-EXEC", 0)``.
+    ``ClientPanic("KERN-EXEC", 0)`` until it is shared with `ShareAuto` (every thread of the
+    process) or `ShareProtected` (other processes too, through `RSession.Open`).
     """
 
     def __init__(self) -> None:
         self._handle = 0
         self._runtime: Optional[Runtime] = None
         self._owner: Optional[threading.Thread] = None  # unshared sessions are its creator's alone
+        self._sharing = 0  # 0 unshared, 1 ShareAuto (this process), 2 ShareProtected (by token)
         self._dead: Optional[BaseException] = None
         self._pending: set[int] = set()
         self._lock = threading.Lock()
@@ -331,9 +347,70 @@ class RSession:
         if type(reply) is not Connected:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to connect: {reply!r}")
         errors.check(reply.result)
-        self._runtime, self._handle, self._dead = runtime, reply.handle, None
+        self._attach(runtime, reply.handle, sharing=0)
+
+    @classmethod
+    def Open(
+        cls, token: bytes, *, endpoint: Optional[str] = None, timeout: Optional[float] = None
+    ) -> "RSession":
+        """Attach to a session another process shared with `ShareProtected` (by its token).
+
+        Returns a new `RSession` on the same server-side session, usable from any thread of
+        this process. Raises ``PermissionDenied`` for a token that is unknown or whose session
+        has ended, ``Overflow`` if 255 threads are attached to it already::
+
+            token = session.ShareProtected()      # in the owning process
+            shared = RSession.Open(token)         # in another process
+        """
+        if not isinstance(token, bytes):
+            raise TypeError(f"token must be bytes, not {type(token).__name__}")
+        if len(token) > MAX_TOKEN:
+            raise ValueError(f"token of {len(token)} bytes is longer than any ipcfw token")
+        runtime = Runtime.for_endpoint(endpoint)
+        req_id = runtime.next_req_id()
+        reply = cls._call(runtime, encode(Open(req_id, token)), req_id, timeout)
+        if type(reply) is not Connected:
+            raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Open: {reply!r}")
+        errors.check(reply.result)
+        session = cls()
+        session._attach(runtime, reply.handle, sharing=2)
+        return session
+
+    def ShareAuto(self) -> None:
+        """Let every thread of this process use the session (Symbian ``ShareAuto``).
+
+        The session then belongs to the process: it stays open when its creating thread ends,
+        until it is closed or the process dies. Raises ``PermissionDenied`` if the server's
+        ``sharing`` does not allow it (``EUnsharableSessions``).
+        """
+        self._share(1)
+
+    def ShareProtected(self) -> bytes:
+        """Let other processes attach to the session; returns the token they pass to `Open`.
+
+        The token is 128 random bits, the same each time for one session, and useless once
+        the session has ended. Raises ``PermissionDenied`` unless the server allows
+        ``EGlobalSharableSessions``. Implies `ShareAuto`.
+        """
+        return self._share(2)
+
+    def _share(self, mode: int) -> bytes:
+        runtime, handle = self._check_usable(0)
+        req_id = runtime.next_req_id()
+        reply = self._call(runtime, encode(Share(req_id, handle, mode)), req_id, None)
+        if type(reply) is Panicked:
+            self._finish(reply, _NO_ARGS)
+        if type(reply) is not Shared:
+            raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Share: {reply!r}")
+        errors.check(reply.result)
+        self._sharing = max(self._sharing, mode)
+        return reply.token
+
+    def _attach(self, runtime: Runtime, handle: int, sharing: int) -> None:
+        self._runtime, self._handle, self._dead = runtime, handle, None
         self._owner = threading.current_thread()
-        runtime.sessions[reply.handle] = self
+        self._sharing = sharing
+        runtime.register_session(handle, self)
 
     def Handle(self) -> int:
         """The kernel's handle for this session; 0 when not connected."""
@@ -395,8 +472,9 @@ class RSession:
         session does nothing.
         """
         owner = self._owner
-        owner_gone = owner is not None and not owner.is_alive()
-        if self._handle and owner is not threading.current_thread() and not owner_gone:
+        unshared = self._sharing == 0
+        owner_gone = unshared and owner is not None and not owner.is_alive()
+        if self._handle and unshared and owner is not threading.current_thread() and not owner_gone:
             raise errors.ClientPanic(
                 "KERN-EXEC", 0, "an unshared session can only be closed by the thread that created it"
             )
@@ -406,7 +484,7 @@ class RSession:
             pending, self._pending = self._pending, set()
         if not handle:
             return
-        runtime.sessions.pop(handle, None)
+        runtime.forget_session(handle, self)
         for req_id in pending:
             runtime.complete(req_id, errors.KErrSessionClosed)
         # When the creating thread has ended, its channel's end already closed the session.
@@ -443,8 +521,9 @@ class RSession:
             raise self._dead
         return runtime, handle
 
+    @staticmethod
     def _call(
-        self, runtime: Runtime, frame: bytes, req_id: int, timeout: Optional[float], connect: bool = False
+        runtime: Runtime, frame: bytes, req_id: int, timeout: Optional[float], connect: bool = False
     ) -> Any:
         try:
             return runtime.channel().call(frame, req_id, timeout, connect=connect)

@@ -51,6 +51,9 @@ __all__ = [
     "Connect",
     "Request",
     "Close",
+    "Share",
+    "Open",
+    "Shared",
     "Complete",
     "Panic",
     "Stats",
@@ -68,7 +71,7 @@ __all__ = [
     "check_args",
 ]
 
-PROTOCOL_VERSION = 2  # 2: async answers return on the requesting channel
+PROTOCOL_VERSION = 3  # 2: async answers on the requesting channel; 3: Share, Open, Shared
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -79,6 +82,8 @@ MAX_NAME = 256
 MAX_PAYLOAD = 256
 #: Longest panic category (Symbian truncates to 16 characters; so do we, before sending).
 MAX_CATEGORY = 16
+#: Longest ShareProtected token.
+MAX_TOKEN = 64
 #: Longest executable path in a PeerInfo.
 MAX_PATH = 4096
 
@@ -102,6 +107,8 @@ class Kind(enum.IntEnum):
     COMPLETE = 6
     PANIC = 7
     STATS = 8
+    SHARE = 9
+    OPEN = 10
     # kernel -> client
     WELCOME = 20
     CONNECTED = 21
@@ -109,6 +116,7 @@ class Kind(enum.IntEnum):
     PANICKED = 23
     SESSION_LOST = 24
     STATS_REPLY = 25
+    SHARED = 26
     # kernel -> server
     NEW_SESSION = 40
     DELIVER = 41
@@ -294,6 +302,21 @@ class Panic(NamedTuple):
     reason: int
 
 
+class Share(NamedTuple):
+    """Channel -> kernel: ShareAuto (mode 1) or ShareProtected (mode 2). Answered by Shared."""
+
+    req_id: int
+    handle: int
+    mode: int
+
+
+class Open(NamedTuple):
+    """Channel -> kernel: attach this process to a protected session. Answered by Connected."""
+
+    req_id: int
+    token: bytes
+
+
 class Stats(NamedTuple):
     """Any peer -> kernel: ask for the kernel's counters. Answered by StatsReply."""
 
@@ -339,6 +362,14 @@ class Panicked(NamedTuple):
     category: str
     reason: int
     session_dead: int
+
+
+class Shared(NamedTuple):
+    """Kernel -> channel: the result of Share; `token` is the session's, for mode 2."""
+
+    req_id: int
+    result: int
+    token: bytes
 
 
 class SessionLost(NamedTuple):
@@ -393,8 +424,9 @@ class PeerInfo(NamedTuple):
 
 
 Message = Union[
-    Hello, Register, Connect, Request, Close, Complete, Panic, Stats, Welcome, Connected,
-    Completed, Panicked, SessionLost, StatsReply, NewSession, Deliver, Disconnect, PeerInfo,
+    Hello, Register, Connect, Request, Close, Share, Open, Complete, Panic, Stats, Welcome,
+    Connected, Completed, Panicked, Shared, SessionLost, StatsReply, NewSession, Deliver,
+    Disconnect, PeerInfo,
 ]
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
@@ -405,11 +437,14 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Close: (Kind.CLOSE, (_handle,)),
     Complete: (Kind.COMPLETE, (_u63, _i32, _writes)),
     Panic: (Kind.PANIC, (_u63, _str_upto(MAX_CATEGORY), _i32)),
+    Share: (Kind.SHARE, (_u63, _handle, _int_in(1, 2, "a sharing mode 1..2"))),
+    Open: (Kind.OPEN, (_u63, _bytes_upto(MAX_TOKEN))),
     Stats: (Kind.STATS, (_u63,)),
     Welcome: (Kind.WELCOME, (_u32, _u63, _u16)),
     Connected: (Kind.CONNECTED, (_u63, _i32, _int_in(0, _I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD))),
     Completed: (Kind.COMPLETED, (_u63, _i32, _writes)),
     Panicked: (Kind.PANICKED, (_u63, _handle, _str_upto(MAX_CATEGORY), _i32, _int_in(0, 1, "0 or 1"))),
+    Shared: (Kind.SHARED, (_u63, _i32, _bytes_upto(MAX_TOKEN))),
     SessionLost: (Kind.SESSION_LOST, (_handle, _i32)),
     StatsReply: (Kind.STATS_REPLY, (_u63, _counters)),
     NewSession: (Kind.NEW_SESSION, (_u63, _handle, _version, _u63, _bytes_upto(MAX_PAYLOAD))),

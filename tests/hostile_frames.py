@@ -68,7 +68,7 @@ KERNEL_BOUND: list[Message] = [
     Stats(1),
 ]
 CLIENT_BOUND: list[Message] = [
-    Welcome(1, MAX_FRAME, 2),
+    Welcome(1, MAX_FRAME, PROTOCOL_VERSION),
     Connected(1, 0, 1, b""),
     Completed(1, 0, ()),
     Panicked(1, 1, "KERN-EXEC", 0, 0),
@@ -170,7 +170,7 @@ def _wrong_type(rng: random.Random, samples: Sequence[Message], wrong_way: Seque
     return [rng.choice(_WRONG_TYPES)]
 
 
-_UNKNOWN_KINDS = [0, 9, 19, 26, 39, 44, 99, 255, -1, -128, 2**31, 2**40, 2**64 - 1]
+_UNKNOWN_KINDS = [0, 11, 19, 27, 39, 44, 99, 255, -1, -128, 2**31, 2**40, 2**64 - 1]
 
 
 def _unknown_kind(rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]) -> Frames:

@@ -47,6 +47,7 @@ from ipcfw.errors import (
     KErrPermissionDenied,
 )
 from ipcfw.protocol import (
+    PROTOCOL_VERSION,
     MAX_FRAME,
     MAX_PAYLOAD,
     Complete,
@@ -442,7 +443,7 @@ class HostedProbe:
             hello = self.fake.wait_for("Hello", lambda m: type(m) is Hello)
             assert hello.role == Role.SERVER
             # The server watches the kernel's pid: give it ours, which outlives it.
-            self.fake.send_message(Welcome(os.getpid(), MAX_FRAME, 2))
+            self.fake.send_message(Welcome(os.getpid(), MAX_FRAME, PROTOCOL_VERSION))
             register = self.fake.wait_for("Register", lambda m: type(m) is Register)
             assert register.name == "probe"
             self.fake.send_message(Completed(register.req_id, KErrNone, ()))

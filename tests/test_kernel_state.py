@@ -177,12 +177,13 @@ def snapshot(state: KernelState) -> tuple:
         state._next_handle,
         repr(state._msg_ids),
         repr(state._client_keys),
-        sorted((rid, p.role, p.process.identity, tuple(sorted(p.sessions))) for rid, p in state.peers.items()),
+        sorted((rid, p.role, p.process.identity, tuple(sorted(p.owned)), tuple(sorted(p.attached))) for rid, p in state.peers.items()),
         sorted((k, tuple(sorted(p.peers)), p.inbox, tuple(sorted(p.sessions))) for k, p in state.processes.items()),
         sorted((k, s.rid, tuple(sorted(s.sessions)), tuple(sorted(s.messages)), tuple(sorted(s.informed)))
                for k, s in state.servers.items()),
         sorted(state.server_of_peer),
-        sorted((h, s.state.value, s.slots, s.slots_used, tuple(sorted(s.messages)), s.panic, s.owner.rid)
+        sorted((h, s.state.value, s.slots, s.slots_used, tuple(sorted(s.messages)), s.panic, s.creator.rid,
+                s.sharing, tuple(sorted(p.identity.key for p in s.holders)), tuple(sorted(s.attached)), s.token)
                for h, s in state.sessions.items()),
         sorted((m, r.kind.value, r.reply_to, r.req_id, r.slot.value, tuple(sorted(r.writable.items())))
                for m, r in state.messages.items()),
@@ -214,12 +215,12 @@ def ks() -> KernelState:
 
 def test_hello_watches_the_first_peer_of_a_process_and_welcomes_every_peer() -> None:
     state = new_state()
-    assert hello(state, C1, CHANNEL, CLI) == [Watch(CLI), Send(C1, Welcome(KPID, MAX_FRAME, 2))]
+    assert hello(state, C1, CHANNEL, CLI) == [Watch(CLI), Send(C1, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))]
     # A second peer of the same process: no second Watch.
-    assert hello(state, IN1, INBOX, CLI) == [Send(IN1, Welcome(KPID, MAX_FRAME, 2))]
-    assert hello(state, C1B, CHANNEL, CLI) == [Send(C1B, Welcome(KPID, MAX_FRAME, 2))]
+    assert hello(state, IN1, INBOX, CLI) == [Send(IN1, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))]
+    assert hello(state, C1B, CHANNEL, CLI) == [Send(C1B, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))]
     # Another process is watched on its own.
-    assert hello(state, S1, SERVER, SRV) == [Watch(SRV), Send(S1, Welcome(KPID, MAX_FRAME, 2))]
+    assert hello(state, S1, SERVER, SRV) == [Watch(SRV), Send(S1, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))]
     stats = state.statistics()
     assert stats["peers"] == 4 and stats["processes"] == 2
 
@@ -228,13 +229,13 @@ def test_same_pid_with_another_create_time_is_another_process() -> None:
     state = new_state()
     hello(state, C1, CHANNEL, CLI)
     reused = CLI._replace(create_time=CLI.create_time + 1)
-    assert hello(state, C2, CHANNEL, reused) == [Watch(reused), Send(C2, Welcome(KPID, MAX_FRAME, 2))]
+    assert hello(state, C2, CHANNEL, reused) == [Watch(reused), Send(C2, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))]
     assert state.statistics()["processes"] == 2
 
 
 def test_welcome_carries_the_configured_max_frame() -> None:
     state = KernelState(kernel_pid=12, max_frame=4096)
-    assert sends(hello(state, C1, CHANNEL, CLI)) == [Welcome(12, 4096, 2)]
+    assert sends(hello(state, C1, CHANNEL, CLI)) == [Welcome(12, 4096, PROTOCOL_VERSION)]
 
 
 def test_duplicate_hello_raises_and_changes_nothing() -> None:
@@ -257,7 +258,7 @@ def test_second_inbox_of_a_process_raises_and_changes_nothing() -> None:
     assert snapshot(state) == before
     # Once the first inbox is gone, a new one is welcome.
     state.peer_gone(IN1)
-    assert sends(hello(state, b"inbox-again", INBOX, CLI)) == [Welcome(KPID, MAX_FRAME, 2)]
+    assert sends(hello(state, b"inbox-again", INBOX, CLI)) == [Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION)]
 
 
 @pytest.mark.parametrize(
@@ -283,7 +284,7 @@ def test_messages_before_hello_raise_and_change_nothing(ks: KernelState, message
 
 @pytest.mark.parametrize(
     "message",
-    [Welcome(1, 1, 2), Completed(1, 0, ()), Disconnect(1, 1), PeerInfo(1, 1, 1, 1, "")],
+    [Welcome(1, 1, PROTOCOL_VERSION), Completed(1, 0, ()), Disconnect(1, 1), PeerInfo(1, 1, 1, 1, "")],
     ids=lambda m: type(m).__name__,
 )
 def test_messages_not_for_the_kernel_raise_and_change_nothing(ks: KernelState, message: tuple) -> None:
@@ -1656,12 +1657,20 @@ def check_invariants(state: KernelState) -> None:
             assert state.server_of_peer.get(server.rid) is server, f"{session!r} has a missing server"
             assert server.rid in state.peers
             assert handle in server.sessions
-        owner = session.owner
+        creator = session.creator
         if session.state in kstate._HELD:
-            assert state.peers.get(owner.rid) is owner, f"{session!r} held by a gone channel"
-            assert handle in owner.sessions and handle in owner.process.sessions
+            assert session.holders, f"{session!r} held by nobody"
+            for process in session.holders:
+                assert handle in process.sessions and process.identity.key in state.processes
+            if session.sharing == 0:
+                assert state.peers.get(creator.rid) is creator, f"{session!r} held by a gone channel"
+                assert handle in creator.owned
+            for rid in session.attached:
+                assert handle in state.peers[rid].attached, f"{session!r} attached to a gone channel"
+            assert len(session.attached) <= kstate.MAX_ATTACHED
         else:
-            assert handle not in owner.sessions
+            assert handle not in creator.owned
+            assert not session.attached and not session.holders
     for key, server in state.servers.items():
         assert key == server.name.casefold()
         assert state.server_of_peer[server.rid] is server

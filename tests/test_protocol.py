@@ -16,6 +16,11 @@ import pytest
 
 from ipcfw import protocol
 from ipcfw.protocol import (
+    MAX_TOKEN,
+    Open,
+    Share,
+    Shared,
+    PROTOCOL_VERSION,
     MAX_CATEGORY,
     MAX_FRAME,
     MAX_NAME,
@@ -98,9 +103,15 @@ ROUND_TRIP: list = [
     Panic(2, "", I32_MAX),
     Stats(0),
     Stats(U63_MAX),
+    Share(1, 1, 1),
+    Share(U63_MAX, I32_MAX, 2),
+    Open(1, b""),
+    Open(2, b"t" * MAX_TOKEN),
+    Shared(1, 0, b"\x00" * 16),
+    Shared(2, I32_MIN, b""),
     # kernel -> client
-    Welcome(0, MAX_FRAME, 2),
-    Welcome(2**32 - 1, U63_MAX, 2),
+    Welcome(0, MAX_FRAME, PROTOCOL_VERSION),
+    Welcome(2**32 - 1, U63_MAX, PROTOCOL_VERSION),
     Connected(1, 0, 1, b""),
     Connected(2, -1, 0, b""),
     Connected(U63_MAX, I32_MIN, I32_MAX, b"p" * MAX_PAYLOAD),
@@ -134,7 +145,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 18
+    assert len(MESSAGE_CLASSES) == 21
 
 
 def test_every_kind_has_exactly_one_class() -> None:
@@ -235,7 +246,7 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("kind is ExtType", pack(EXT, 1, 1), r"not a \[kind"),
     # unknown kinds
     ("kind 0", pack(0, 1, 1), r"unknown message kind 0\b"),
-    ("kind 9", pack(9, 1), r"unknown message kind 9\b"),
+    ("kind 11", pack(11, 1), r"unknown message kind 11\b"),
     ("kind 99", pack(99), r"unknown message kind 99\b"),
     ("kind -1", pack(-1, 1, 1), r"unknown message kind -1\b"),
     ("kind 2**64-1", pack(2**64 - 1), r"unknown message kind 18446744073709551615"),
@@ -280,8 +291,8 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("complete value True", pack(Kind.COMPLETE, 1, True, []), r"Complete\.value: .*got True"),
     ("complete value float", pack(Kind.COMPLETE, 1, 0.0, []), r"Complete\.value"),
     ("complete value 2**31", pack(Kind.COMPLETE, 1, 2**31, []), r"Complete\.value: expected a 32-bit"),
-    ("welcome pid -1", pack(Kind.WELCOME, -1, 1, 2), r"Welcome\.kernel_pid: expected an unsigned 32-bit"),
-    ("welcome pid 2**32", pack(Kind.WELCOME, 2**32, 1, 2), r"Welcome\.kernel_pid"),
+    ("welcome pid -1", pack(Kind.WELCOME, -1, 1, PROTOCOL_VERSION), r"Welcome\.kernel_pid: expected an unsigned 32-bit"),
+    ("welcome pid 2**32", pack(Kind.WELCOME, 2**32, 1, PROTOCOL_VERSION), r"Welcome\.kernel_pid"),
     ("connected handle -1", pack(Kind.CONNECTED, 1, 0, -1, b""), r"Connected\.handle"),
     ("connected handle 2**31", pack(Kind.CONNECTED, 1, 0, 2**31, b""), r"Connected\.handle"),
     ("peerinfo uid -1", pack(Kind.PEER_INFO, 1, 1, -1, 1, ""), r"PeerInfo\.uid"),
@@ -458,7 +469,7 @@ def test_int_edges_of_each_range_are_accepted_and_one_past_refused() -> None:
         (pack(Q, 0, 1, 0, [I32_MIN, I32_MAX], 0), Request(0, 1, 0, (I32_MIN, I32_MAX), Mode.SYNC)),
         (pack(Q, U63_MAX, I32_MAX, I32_MAX, [], 2), Request(U63_MAX, I32_MAX, I32_MAX, (), Mode.BLIND)),
         (pack(C, 1, "n", V, I32_MIN, b""), Connect(1, "n", (1, 0, 0), I32_MIN, b"")),
-        (pack(Kind.WELCOME, 2**32 - 1, U63_MAX, 2), Welcome(2**32 - 1, U63_MAX, 2)),
+        (pack(Kind.WELCOME, 2**32 - 1, U63_MAX, PROTOCOL_VERSION), Welcome(2**32 - 1, U63_MAX, PROTOCOL_VERSION)),
     ]
     for frame, message in accepted:
         assert decode(frame) == message
@@ -469,7 +480,7 @@ def test_int_edges_of_each_range_are_accepted_and_one_past_refused() -> None:
         pack(Q, 0, I32_MAX + 1, 0, [], 0),
         pack(Q, 0, 1, I32_MAX + 1, [], 0),
         pack(C, 1, "n", V, I32_MIN - 1, b""),
-        pack(Kind.WELCOME, 2**32, 1, 2),
+        pack(Kind.WELCOME, 2**32, 1, PROTOCOL_VERSION),
     ]
     for frame in refused:
         with pytest.raises(ProtocolError):

@@ -13,8 +13,13 @@ Rules this module keeps:
 1. A peer is a socket, introduced by its `Hello`; the loop vouches for its process identity
    (pid, create_time, uid, gid, exe) from the transport, never from anything the peer says.
    A peer is a client thread's CHANNEL, a client process's INBOX, or a SERVER.
-2. A session handle is valid only for its holders: the creating channel while unshared.
-   Anyone else using it is panicked KERN-EXEC 0 and nothing reaches the server.
+2. A session handle is valid only for its holders: the creating channel while unshared, any
+   channel of the creating process once shared (ShareAuto), and any channel of a process that
+   opened it by token once protected (ShareProtected). Anyone else using it is panicked
+   KERN-EXEC 0 and nothing reaches the server. A shared session lives until its last holder
+   process closes it or dies; an unshared one also ends with its creating channel (thread).
+   A channel is attached to a session by its first use; at most 255 are attached at once
+   (KErrOverflow for the next), and a channel that goes away is detached.
 3. Async requests and blind sends take a message slot: the session's own (N > 0), none (0: only
    sync calls), or the kernel-wide pool (-1). No slot: completed at once with KErrServerBusy.
    Sync requests never take a slot. More than 512 outstanding on one session: KErrOverflow.
@@ -33,8 +38,9 @@ from __future__ import annotations
 
 import enum
 import itertools
+import secrets
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 from .. import errors
 from ..naming import is_protected, lookup_key, name_problem
@@ -53,12 +59,15 @@ from ..protocol import (
     Message,
     Mode,
     NewSession,
+    Open,
     Panic,
     Panicked,
     Register,
     Request,
     Role,
     SessionLost,
+    Share,
+    Shared,
     Stats,
     StatsReply,
     Welcome,
@@ -71,6 +80,10 @@ MAX_SESSION_SLOTS = 255
 _HANDLE_LIMIT = 2**31 - 1
 #: Room kept in a frame for a completion's fields around its descriptor writes.
 _COMPLETION_OVERHEAD = 1024
+#: At most this many threads (channels) attached to one session (seed 004, a project rule).
+MAX_ATTACHED = 255
+#: Bytes in a ShareProtected token (128 bits: unguessable).
+TOKEN_BYTES = 16
 
 
 class ProcessIdentity(NamedTuple):
@@ -226,7 +239,8 @@ class Peer:
     rid: bytes
     role: Role
     process: ProcessRecord
-    sessions: set = field(default_factory=set)  # unshared handles this channel owns
+    owned: set = field(default_factory=set)  # unshared handles this channel created
+    attached: set = field(default_factory=set)  # handles this channel has used
 
 
 @dataclass(eq=False)
@@ -245,7 +259,7 @@ class ServerRecord:
 class SessionRecord:
     handle: int
     server: ServerRecord
-    owner: Peer  # the channel that created it
+    creator: Peer  # the channel that created it: the only holder while unshared
     slots: int  # -1 pool, 0 none, N own
     state: SessionState = SessionState.CONNECTING
     # Cached from `state` by `_transition` (the hot path tests them; enum hashing is slow).
@@ -255,11 +269,15 @@ class SessionRecord:
     slots_used: int = 0
     messages: set = field(default_factory=set)  # msg_ids outstanding
     panic: Optional[tuple] = None  # (category, reason) once the server panicked the client
+    holders: dict = field(default_factory=dict)  # ProcessRecord -> handles it holds (Open count)
+    attached: set = field(default_factory=set)  # routing ids of channels attached to it
+    token: Optional[bytes] = None  # set by ShareProtected; Open(token) attaches a process
 
     def __repr__(self) -> str:
         return (
             f"<session 0x{self.handle:x} {self.state!r} server={self.server.name!r} "
-            f"pid={self.owner.process.identity.pid} outstanding={len(self.messages)}>"
+            f"sharing={self.sharing} holders={len(self.holders)} attached={len(self.attached)} "
+            f"outstanding={len(self.messages)}>"
         )
 
 
@@ -287,11 +305,14 @@ class KernelState:
         pool_slots: int = 4096,
         protserv_uids: frozenset = frozenset(),
         max_frame: int = MAX_FRAME,
+        new_token: Callable[[], bytes] = lambda: secrets.token_bytes(TOKEN_BYTES),
     ) -> None:
         self.kernel_pid = kernel_pid
         self.pool_slots = pool_slots
         self.protserv_uids = protserv_uids
         self.max_frame = max_frame
+        self.new_token = new_token
+        self.tokens: dict[bytes, int] = {}  # ShareProtected token -> handle
         self.pool_used = 0
         self.peers: dict[bytes, Peer] = {}
         self.processes: dict[tuple, ProcessRecord] = {}
@@ -307,6 +328,8 @@ class KernelState:
             Connect: self._connect,
             Request: self._request,
             Close: self._close,
+            Share: self._share,
+            Open: self._open,
             Complete: self._complete,
             Panic: self._panic,
             Stats: self._stats,
@@ -371,11 +394,17 @@ class KernelState:
         server = self.server_of_peer.get(rid)
         if server is not None:
             actions += self._server_died(server)
-        for handle in sorted(peer.sessions):
+        for handle in sorted(peer.attached):
+            self._detach(self.sessions[handle], peer)
+        for handle in sorted(peer.owned):  # unshared sessions end with their thread
             session = self.sessions.get(handle)
             if session is not None and session.held:
                 actions += self._client_closed(session)
         if not process.peers:
+            for handle in sorted(process.sessions):  # shared sessions end with their process
+                session = self.sessions.get(handle)
+                if session is not None and session.held:
+                    actions += self._release_holder(session, process, everything=True)
             del self.processes[process.identity.key]
             for other in self.server_of_peer.values():
                 other.informed.discard(process.client_key)
@@ -402,6 +431,8 @@ class KernelState:
             "messages": len(self.messages),
             "pool_slots": self.pool_slots,
             "pool_used": self.pool_used,
+            "attached": sum(len(s.attached) for s in self.sessions.values()),
+            "tokens": len(self.tokens),
         }
         for state in SessionState:
             counts[f"sessions_{state.value.lower()}"] = 0
@@ -454,8 +485,10 @@ class KernelState:
         session = SessionRecord(self._new_handle(), server, peer, message.slots)
         self.sessions[session.handle] = session
         server.sessions.add(session.handle)
-        peer.sessions.add(session.handle)
+        peer.owned.add(session.handle)
+        session.holders[peer.process] = 1
         peer.process.sessions.add(session.handle)
+        self._attach(session, peer)
         record = self._new_message(session, MessageKind.CONNECT, message.req_id, reply_to=peer.rid)
         actions = self._inform(server, peer.process)
         actions.append(
@@ -497,11 +530,34 @@ class KernelState:
                 "close of a handle not held",
                 f"handle 0x{message.handle:x} is not held by pid {peer.process.identity.pid}",
             )
+        if session.sharing == 0:
+            return self._client_closed(session)
+        return self._release_holder(session, peer.process, everything=False)
+
+    def _release_holder(self, session: SessionRecord, process: ProcessRecord, everything: bool) -> list[Action]:
+        """`process` closes one of its handles to a shared session (or all: it died)."""
+        remaining = 0 if everything else session.holders[process] - 1
+        if remaining:
+            session.holders[process] = remaining
+            return []
+        del session.holders[process]
+        process.sessions.discard(session.handle)
+        for rid in list(session.attached):
+            peer = self.peers.get(rid)
+            if peer is not None and peer.process is process:
+                self._detach(session, peer)
+        if session.holders:
+            return []
         return self._client_closed(session)
 
     def _client_closed(self, session: SessionRecord) -> list[Action]:
-        session.owner.sessions.discard(session.handle)
-        session.owner.process.sessions.discard(session.handle)
+        """The last holder let go: no answer will be delivered any more."""
+        session.creator.owned.discard(session.handle)
+        for process in session.holders:
+            process.sessions.discard(session.handle)
+        session.holders.clear()
+        for rid in list(session.attached):
+            self._detach(session, self.peers[rid])  # attached peers are live: peer_gone detaches
         # Whatever is still outstanding will never be answered: the client completed it
         # locally (KErrSessionClosed) or is gone.
         for msg_id in session.messages:
@@ -512,8 +568,68 @@ class KernelState:
         if not session.held:
             return False
         if session.sharing == 0:
-            return session.owner is peer
-        return session.owner.process is peer.process
+            return session.creator is peer
+        return peer.process in session.holders
+
+    def _attach(self, session: SessionRecord, peer: Peer) -> int:
+        """Attach the channel to the session if it is not yet; KErrOverflow past 255."""
+        if peer.rid in session.attached:
+            return errors.KErrNone
+        if len(session.attached) >= MAX_ATTACHED:
+            return errors.KErrOverflow
+        session.attached.add(peer.rid)
+        peer.attached.add(session.handle)
+        return errors.KErrNone
+
+    def _detach(self, session: SessionRecord, peer: Peer) -> None:
+        """The channel (thread) is gone or its process let go: answers to it are dropped."""
+        session.attached.discard(peer.rid)
+        peer.attached.discard(session.handle)
+        for msg_id in session.messages:
+            record = self.messages[msg_id]
+            if record.reply_to == peer.rid:
+                record.reply_to = None
+
+    def _share(self, peer: Peer, message: Share) -> list[Action]:
+        self._require_role(peer, Role.CHANNEL, message)
+        session = self.sessions.get(message.handle)
+        if session is None or not self._holds(peer, session):
+            return [Send(peer.rid, Panicked(message.req_id, message.handle, "KERN-EXEC", 0, 0))]
+        code = self._share_error(session, message.mode)
+        if code:
+            return [Send(peer.rid, Shared(message.req_id, code, b""))]
+        if message.mode > session.sharing:
+            session.sharing = message.mode
+            session.creator.owned.discard(session.handle)  # now the process's, not the thread's
+        if message.mode == 2 and session.token is None:
+            session.token = self.new_token()
+            self.tokens[session.token] = session.handle
+        token = session.token if message.mode == 2 else b""
+        return [Send(peer.rid, Shared(message.req_id, errors.KErrNone, token))]
+
+    @staticmethod
+    def _share_error(session: SessionRecord, mode: int) -> int:
+        if session.panic is not None or not session.deliverable:
+            return errors.KErrServerTerminated
+        if mode > session.server.sharing:
+            return errors.KErrPermissionDenied
+        return errors.KErrNone
+
+    def _open(self, peer: Peer, message: Open) -> list[Action]:
+        self._require_role(peer, Role.CHANNEL, message)
+        handle = self.tokens.get(message.token)
+        session = self.sessions.get(handle) if handle is not None else None
+        if session is None or not session.held:
+            # An unknown token and one whose session has ended look the same.
+            return [Send(peer.rid, Connected(message.req_id, errors.KErrPermissionDenied, 0, b""))]
+        if session.panic is not None or not session.deliverable:
+            return [Send(peer.rid, Connected(message.req_id, errors.KErrServerTerminated, 0, b""))]
+        code = self._attach(session, peer)
+        if code:
+            return [Send(peer.rid, Connected(message.req_id, code, 0, b""))]
+        session.holders[peer.process] = session.holders.get(peer.process, 0) + 1
+        peer.process.sessions.add(session.handle)
+        return [Send(peer.rid, Connected(message.req_id, errors.KErrNone, session.handle, b""))]
 
     def _transition(self, session: SessionRecord, event: SessionEvent) -> list[Action]:
         """Move `session` along `_SESSION_TRANSITIONS`, performing the event's side effects."""
@@ -554,10 +670,11 @@ class KernelState:
         return actions
 
     def _notify_lost(self, session: SessionRecord, code: int) -> list[Action]:
-        inbox = session.owner.process.inbox
-        if inbox is None:
-            return []
-        return [Send(inbox, SessionLost(session.handle, code))]
+        return [
+            Send(process.inbox, SessionLost(session.handle, code))
+            for process in session.holders
+            if process.inbox is not None
+        ]
 
     def _release_server_side(self, session: SessionRecord) -> None:
         for msg_id in list(session.messages):
@@ -566,8 +683,13 @@ class KernelState:
 
     def _remove(self, session: SessionRecord) -> None:
         self._release_server_side(session)
-        session.owner.sessions.discard(session.handle)
-        session.owner.process.sessions.discard(session.handle)
+        session.creator.owned.discard(session.handle)
+        for process in session.holders:
+            process.sessions.discard(session.handle)
+        for rid in list(session.attached):
+            self._detach(session, self.peers[rid])
+        if session.token is not None:
+            del self.tokens[session.token]
         del self.sessions[session.handle]
 
     # -- messages ----------------------------------------------------------------------------
@@ -582,7 +704,7 @@ class KernelState:
         if session.panic is not None:
             return [Send(reply_to, Panicked(message.req_id, session.handle, *session.panic, 1))]
         writable = _writable_lengths(message.args)
-        code = self._request_error(session, mode, writable)
+        code = self._attach(session, peer) or self._request_error(session, mode, writable)
         if code:
             return [Send(reply_to, Completed(message.req_id, code, ()))]
         record = self._new_message(

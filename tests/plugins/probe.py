@@ -33,6 +33,7 @@ ETryWrite = 11  # WriteL(1, ReadL(0), offset=Int2); complete with 0, or -code of
 ETryRead = 12  # complete with len(ReadL(1)), or -code of the error seen
 ESleep = 13  # sleep Int0 ms, then complete with Int1
 EDesInfo = 14  # complete with GetDesLength(0) * 1000 + GetDesMaxLength(0)
+EEchoShuffled = 15  # complete with Int0, out of order: held in batches, latest first
 
 REJECT_BUILD = 99  # NewSessionL refuses clients asking for build 99 with KErrPermissionDenied
 FAIL_CREATE_BUILD = 98  # CreateL raises ValueError for build 98
@@ -148,6 +149,17 @@ def _sleep(server: "ProbeServer", message: RMessage) -> None:
     message.Complete(message.Int1())
 
 
+def _echo_shuffled(server: "ProbeServer", message: RMessage) -> None:
+    with server.shuffle_lock:
+        server.shuffled.append(message)
+        if len(server.shuffled) < 8:
+            server.ensure_flusher()
+            return
+        batch, server.shuffled = server.shuffled, []
+    for held in reversed(batch):
+        held.Complete(held.Int0())
+
+
 def _des_info(server: "ProbeServer", message: RMessage) -> None:
     message.Complete(message.GetDesLength(0) * 1000 + message.GetDesMaxLength(0))
 
@@ -167,6 +179,7 @@ _HANDLERS = {
     ETryRead: _try_read,
     ESleep: _sleep,
     EDesInfo: _des_info,
+    EEchoShuffled: _echo_shuffled,
 }
 
 
@@ -181,6 +194,23 @@ class ProbeServer(CServer):
         self.held: dict[int, RMessage] = {}
         self.threads: list[threading.Thread] = []
         self.last_version = TVersion(0, 0, 0)
+        self.shuffled: list[RMessage] = []
+        self.shuffle_lock = threading.Lock()
+        self.flusher: threading.Thread | None = None
+
+    def ensure_flusher(self) -> None:
+        """Completes what EEchoShuffled holds when no full batch comes (from another thread)."""
+        if self.flusher is None:
+            self.flusher = threading.Thread(target=self._flush_shuffled, name="probe-flusher", daemon=True)
+            self.flusher.start()
+
+    def _flush_shuffled(self) -> None:
+        while True:
+            time.sleep(0.005)
+            with self.shuffle_lock:
+                batch, self.shuffled = self.shuffled, []
+            for held in reversed(batch):
+                held.Complete(held.Int0())
 
     def record(self, *event: object) -> None:
         self.events.append(list(event))
