@@ -206,3 +206,31 @@ def test_no_head_of_line_blocking_with_out_of_order_completion(probe_server):
     assert not any(t.is_alive() for t in threads)
     assert failures == []
     session.Close()
+
+
+FORGE = (
+    "import sys, ipcfw\n"
+    "from ipcfw._runtime import Runtime\n"
+    "forged = ipcfw.RSession()\n"
+    "forged._runtime, forged._handle = Runtime.for_endpoint(), int(sys.argv[1])  # not held here\n"
+    "try:\n"
+    "    forged.SendReceive(1, (9,))\n"
+    "    print('accepted')\n"
+    "except ipcfw.ClientPanic as e:\n"
+    "    print(e.category, e.reason)\n"
+)
+
+
+def test_forged_stale_and_foreign_handles_are_refused(kernel, probe_server):
+    with RSession.connect("probe", VERSION) as session:
+        handle = session.Handle()
+        stale = RSession.connect("probe", VERSION)
+        stale_handle = stale.Handle()
+        stale.Close()
+        for candidate in (handle, stale_handle, 0x7FFF0000):  # another process's, stale, forged
+            result = kernel.client(["-c", FORGE, str(candidate)])
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.split() == ["KERN-EXEC", "0"]
+        served = [e for e in events(session) if e[0] == "service" and e[2] == probe.EEcho]
+        assert served == []  # nothing reached the server
+        assert session.SendReceive(probe.EEcho, (8,)) == 8  # the rightful holder is unaffected
