@@ -1,4 +1,5 @@
-"""Example client for the key-value server: a thin client class and idiomatic error handling.
+"""Example client for the key-value server: a thin client class, a cursor subsession, and
+idiomatic error handling.
 
 Run it from the repository root, with a kernel and the kv server running::
 
@@ -11,15 +12,24 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 if __package__ in (None, ""):  # run as a script: make `servers` and `clients` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ipcfw import NotFound, Overflow, TIpcArgs, TRequestStatus  # noqa: E402
+from ipcfw import EndOfFile, NotFound, Overflow, RSession, RSubSession, TIpcArgs, TRequestStatus  # noqa: E402
 
 from clients import Out, check, connect_session, run_main  # noqa: E402
-from servers.kv import ECount, EDelete, EGet, ESet, EValueLength  # noqa: E402
+from servers.kv import (  # noqa: E402
+    ECloseCursor,
+    ECount,
+    ECursorNext,
+    EDelete,
+    EGet,
+    EOpenCursor,
+    ESet,
+    EValueLength,
+)
 
 Key = Union[bytes, str]
 
@@ -58,6 +68,10 @@ class KvClient:
             self._session.Close()
             self._session = None
 
+    def Session(self) -> RSession:
+        """The session inside (a subsession such as `RKvCursor` is opened through it)."""
+        return self._session
+
     def __enter__(self) -> "KvClient":
         return self
 
@@ -90,6 +104,12 @@ class KvClient:
         """Asynchronous ``ECount``: returns at once; `status` completes with the count."""
         self._session.SendReceive(ECount, (), status)
 
+    def OpenCursor(self, prefix: Key = b"") -> "RKvCursor":
+        """A cursor over the keys starting with `prefix` (see `RKvCursor`)."""
+        cursor = RKvCursor()
+        cursor.Open(self, prefix)
+        return cursor
+
     # -- conveniences built on them ---------------------------------------------------------------
 
     def Get(self, key: Key) -> bytes:
@@ -105,6 +125,51 @@ class KvClient:
                 return bytes(buffer)
             except Overflow:
                 continue
+
+
+class RKvCursor(RSubSession):
+    """A cursor over the store's keys: a subsession of a `KvClient`'s session (as Symbian's
+    ``RFile`` is a subsession of an ``RFs``).
+
+    ::
+
+        with kv.OpenCursor("user:") as cursor:
+            for key, value in cursor:
+                ...
+
+    The cursor walks the keys present when it was opened, in sorted order. Closing the
+    `KvClient` closes its cursors too, in the server.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(close_function=ECloseCursor)  # so that `with` closes it
+
+    def Open(self, kv: KvClient, prefix: Key = b"") -> None:
+        self.CreateSubSession(kv.Session(), EOpenCursor, TIpcArgs(_bytes(prefix)))
+
+    def Next(self) -> Optional[tuple[bytes, bytes]]:
+        """The next (key, value), or None after the last key.
+
+        The server writes nothing and stays put when a buffer is too short (``Overflow``), so
+        we retry with larger ones.
+        """
+        key_size, value_size = 64, 256
+        while True:
+            key, value = bytearray(key_size), bytearray(value_size)
+            try:
+                self.SendReceive(ECursorNext, TIpcArgs(key, value))  # argument 3: the handle
+                return bytes(key), bytes(value)
+            except EndOfFile:  # KErrEof: no more keys
+                return None
+            except Overflow:
+                key_size, value_size = key_size * 4, value_size * 4
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        while (item := self.Next()) is not None:
+            yield item
+
+    def Close(self) -> None:
+        self.CloseSubSession(ECloseCursor)
 
 
 def run(out: Out = print, endpoint: Optional[str] = None) -> str:
@@ -128,6 +193,13 @@ def run(out: Out = print, endpoint: Optional[str] = None) -> str:
         count = kv.Count()
         check(count == before + len(entries), f"ECount gave {count}, expected {before + len(entries)}")
         out(f"ESet x{len(entries)}               -> ECount = {count}")
+
+        # A cursor is a subsession: opened, used and closed through the session.
+        with kv.OpenCursor("s") as cursor:
+            found = [key for key, _ in cursor]
+        check({b"shape", b"size"} <= set(found) and all(key.startswith(b"s") for key in found),
+              f"the cursor over prefix 's' gave {found}")
+        out(f"cursor on prefix 's'  -> {[key.decode() for key in found]}  (ECursorNext until KErrEof)")
 
         colour = kv.Get("colour")
         check(colour == b"blue", f"EGet('colour') returned {colour!r}")

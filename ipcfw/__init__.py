@@ -8,6 +8,7 @@ from . import errors
 from .client import RSession, TIpcArgs, TRequestStatus, User, kernel_statistics
 from .errors import *  # noqa: F401,F403  (codes and exception classes)
 from .errors import __all__ as _error_names
+from .objectix import CObjectIx
 from .server import (
     ClientInfo,
     CServer,
@@ -20,12 +21,14 @@ from .server import (
     ServerPanic,
     serve,
 )
+from .subsession import RSubSession
 from .version import QueryVersionSupported, TVersion
 
 __version__ = "0.1.0"
 
 __all__ = [
     "RSession",
+    "RSubSession",
     "TIpcArgs",
     "TRequestStatus",
     "TVersion",
@@ -33,6 +36,7 @@ __all__ = [
     "kernel_statistics",
     "CServer",
     "CSession",
+    "CObjectIx",
     "RMessage",
     "ClientInfo",
     "ServerHost",

@@ -27,6 +27,7 @@ import collections
 import logging
 import os
 import signal
+import struct
 import threading
 from typing import Any, ClassVar, NamedTuple, Optional
 
@@ -35,6 +36,7 @@ import zmq
 from . import endpoint as endpoints
 from . import errors
 from ._wakeup import WakePipe
+from .objectix import CObjectIx
 from ._zmqflags import NOBLOCK
 from .protocol import (
     MAX_CATEGORY,
@@ -143,6 +145,10 @@ class CSession:
     ``ServiceL(message)`` is called for each request, in the order the client sent them, on the
     host's loop thread. It completes the message now, or keeps it and completes it later (from
     any thread). Raising completes the message through ``ServiceError``.
+
+    Subsessions (the client's ``RSubSession``) are objects in the session's `ObjectIx`:
+    `NewSubSessionL` opens one, `SubSessionL` finds it, `CloseSubSessionL` closes it, and the
+    ones left open are closed when the session ends.
     """
 
     _server: CServer
@@ -171,6 +177,71 @@ class CSession:
     def Server(self) -> CServer:
         """The server that owns this session."""
         return self._server
+
+    # -- subsessions (the client's RSubSession) ----------------------------------------------
+
+    _object_ix: Optional[CObjectIx] = None
+
+    def ObjectIx(self) -> CObjectIx:
+        """This session's index of subsession objects, created on first use.
+
+        The host closes every object left in it when the session ends (after `Disconnect`
+        returns), so a subsession's object is released even if its client never closes it.
+        """
+        if self._object_ix is None:
+            self._object_ix = CObjectIx()
+        return self._object_ix
+
+    def NewSubSessionL(self, message: "RMessage", obj: Any) -> int:
+        """Open a subsession on `obj`: add it to `ObjectIx()` and write its handle into the
+        client's argument 3 (the 4-byte descriptor ``RSubSession.CreateSubSession`` sends).
+        Returns the handle; completing `message` is still up to you::
+
+            def ServiceL(self, message):
+                if message.Function() == EOpenCursor:
+                    self.NewSubSessionL(message, Cursor(...))
+                    message.Complete(KErrNone)
+
+        If the write fails (argument 3 is not a writable descriptor of 4 bytes or more:
+        ``BadDescriptor``, ``Overflow``), `obj` is removed (and closed) again and the error
+        propagates.
+        """
+        index = self.ObjectIx()
+        handle = index.AddL(obj)
+        try:
+            message.WriteL(3, struct.pack("<i", handle))
+        except BaseException:
+            try:
+                index.Remove(handle)
+            except Exception:
+                log.exception("closing subsession object %r after a failed open raised", obj)
+            raise
+        return handle
+
+    def SubSessionL(self, message: "RMessage") -> Any:
+        """The object of the subsession `message` is for (its handle is argument 3).
+
+        Raises ``IpcError(KErrBadHandle)`` if argument 3 is not the handle of an open
+        subsession of this session (closed, made up, or a descriptor).
+        """
+        return self.ObjectIx().AtL(_subsession_handle(message))
+
+    def CloseSubSessionL(self, message: "RMessage") -> None:
+        """Close the subsession `message` is for: remove its object and call its ``Close()``.
+
+        Raises ``IpcError(KErrBadHandle)`` as `SubSessionL` does. Completing `message` is still
+        up to you.
+        """
+        self.ObjectIx().Remove(_subsession_handle(message))
+
+
+def _subsession_handle(message: "RMessage") -> int:
+    try:
+        return message.Int3()
+    except errors.IpcError:
+        raise errors.IpcError(
+            errors.KErrBadHandle, "argument 3 is a descriptor, not a subsession handle"
+        ) from None
 
 
 class _MessageKind:
@@ -542,6 +613,13 @@ class ServerHost:
             log.exception("Disconnect raised; completing the disconnect anyway")
             if not message.IsNull():
                 message.Complete(errors.KErrNone)
+        finally:
+            # The session's subsessions end with it, whatever an overriding Disconnect did.
+            if session._object_ix is not None:
+                try:
+                    session._object_ix.CloseAll()
+                except Exception:
+                    log.exception("closing a subsession object of a closed session raised")
 
     _handlers = {
         PeerInfo: _on_peer_info,

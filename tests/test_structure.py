@@ -21,7 +21,7 @@ from ipcfw import protocol
 
 PACKAGE = Path(ipcfw.__file__).resolve().parent
 ROOT = PACKAGE.parent
-PURE_MODULES = ["ipcfw/protocol.py", "ipcfw/kernel/state.py"]
+PURE_MODULES = ["ipcfw/protocol.py", "ipcfw/kernel/state.py", "ipcfw/objectix.py"]
 FORBIDDEN = frozenset({"zmq", "os", "socket", "threading", "time", "psutil", "select", "subprocess"})
 ALL_MODULES = sorted(p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py"))
 
