@@ -291,6 +291,7 @@ class RSession:
         self._sharing = 0  # 0 unshared, 1 ShareAuto (this process), 2 ShareProtected (by token)
         self._dead: Optional[BaseException] = None
         self._pending: set[int] = set()
+        self._abort_callback: Optional[Callable[["RSession", errors.IpcError], None]] = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -550,8 +551,35 @@ class RSession:
 
     def _lost(self, error: BaseException) -> None:
         """The session died under us (server panic or death, kernel death)."""
-        if self._dead is None:
+        with self._lock:
+            if self._dead is not None:
+                return
             self._dead = error
+            callback = self._abort_callback
+        if callback is not None and isinstance(error, errors.IpcError):
+            self._run_abort_callback(callback, error)
+
+    def SetAbortCallback(self, callback: Optional[Callable[["RSession", errors.IpcError], None]]) -> None:
+        """Call ``callback(session, error)`` once, as soon as the session's server is gone.
+
+        The RMC ``abort_session`` callback (seed 001): it fires promptly when the server dies or
+        deregisters, or the kernel dies, whether or not a request is pending, so a client
+        learns of the failure without waiting for its next call. It runs on the runtime's I/O
+        thread; keep it short. If the server is gone already, it is called at once. A server
+        panicking this client does not call it (the client's call raises ``ClientPanic``).
+        ``None`` removes it.
+        """
+        with self._lock:
+            self._abort_callback = callback
+            dead = self._dead
+        if callback is not None and isinstance(dead, errors.IpcError):
+            self._run_abort_callback(callback, dead)
+
+    def _run_abort_callback(self, callback: Callable, error: errors.IpcError) -> None:
+        try:
+            callback(self, error)
+        except Exception:
+            log.exception("an abort callback raised")
 
 
 def kernel_statistics(endpoint: Optional[str] = None, timeout: float = 5.0) -> dict[str, int]:

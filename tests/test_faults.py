@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
+import time
 
 import pytest
 
@@ -56,3 +58,81 @@ def test_client_death_disconnects_its_sessions(kernel):
             session.SendReceive(probe.ECompleteHeld, (handle, 0))
         assert session.SendReceive(probe.EEcho, (3,)) == 3
     assert all(events.count(["disconnect", h]) == 1 for h in handles)
+
+
+def test_abort_callback_fires_promptly_with_nothing_pending(kernel):
+    server = kernel.serve("plugins.probe:ProbeServer", "probe")
+    session = RSession.connect("probe", VERSION)
+    fired: list = []
+    done = threading.Event()
+    session.SetAbortCallback(lambda s, error: (fired.append((s, error.code)), done.set()))
+    assert session.SendReceive(probe.EEcho, (1,)) == 1  # nothing pending after this
+    killed = time.monotonic()
+    server.kill(signal.SIGKILL)
+    assert done.wait(3), "the abort callback did not fire"
+    assert time.monotonic() - killed < 3  # target 1 s; tests allow for a noisy machine
+    assert fired == [(session, ipcfw.KErrServerTerminated)]
+    late: list = []
+    session.SetAbortCallback(lambda s, error: late.append(error.code))  # already dead: at once
+    assert late == [ipcfw.KErrServerTerminated] and len(fired) == 1
+    session.Close()
+
+
+def test_a_thread_that_ends_without_closing_disconnects_its_sessions(kernel):
+    kernel.serve("plugins.probe:ProbeServer", "probe")
+    handles: list[int] = []
+
+    def forgetful() -> None:
+        for _ in range(2):
+            handles.append(RSession.connect("probe", VERSION).Handle())  # never closed
+
+    thread = threading.Thread(target=forgetful)
+    thread.start()
+    thread.join(10)
+    wait_until(lambda: kernel.statistics()["sessions"] == 0, timeout=5, what="Disconnect")
+    with RSession.connect("probe", VERSION) as session:
+        buffer = bytearray(1 << 16)
+        session.SendReceive(probe.EEvents, (buffer,))
+        events = json.loads(buffer)
+    assert all(events.count(["disconnect", h]) == 1 for h in handles)
+
+
+def test_sync_timeout_leaves_the_session_usable_and_drops_the_late_answer(kernel):
+    kernel.serve("plugins.probe:ProbeServer", "probe")
+    with RSession.connect("probe", VERSION) as session:
+        with pytest.raises(TimeoutError):
+            session.SendReceive(probe.ESleep, (300, 5), timeout=0.1)
+        assert session.SendReceive(probe.EEcho, (6,)) == 6  # the late 5 is not mistaken for it
+        assert session.SendReceive(probe.ESleep, (0, 7)) == 7
+
+
+HOLDER = (
+    "import json, sys, time, ipcfw; from plugins import probe\n"
+    "s = ipcfw.RSession.connect('probe', (1, 2, 0))\n"
+    "base = int(sys.argv[1])\n"
+    "statuses = [ipcfw.TRequestStatus() for _ in range(25)]\n"
+    "for i, st in enumerate(statuses): s.SendReceive(probe.EHold, (base + i,), st)\n"
+    "s.SendReceive(probe.EEcho, (0,))  # in order: all 25 are held now\n"
+    "print('held', flush=True)\n"
+    "values = [st.Wait(10) for st in statuses]\n"
+    "done = time.time()\n"
+    "try:\n"
+    "    s.SendReceive(probe.EEcho, (1,)); later = 'accepted'\n"
+    "except ipcfw.ServerTerminated: later = 'ServerTerminated'\n"
+    "print(json.dumps({'values': values, 'done': done, 'later': later, 'after': time.time() - done}), flush=True)\n"
+    "s.Close()\n"
+)
+
+
+def test_server_death_fails_100_requests_of_4_processes_at_once(kernel):
+    server = kernel.serve("plugins.probe:ProbeServer", "probe")
+    clients = [kernel.spawn_client(["-c", HOLDER, str(n * 100)], label=f"holder{n}") for n in range(4)]
+    wait_until(lambda: all("held" in c.log() for c in clients), what="100 held requests")
+    killed = time.time()
+    server.kill(signal.SIGKILL)
+    wait_until(lambda: all(c.log().count("\n") >= 2 for c in clients), timeout=10, what="the clients' reports")
+    for client in clients:
+        report = json.loads(client.log().splitlines()[1])
+        assert report["values"] == [ipcfw.KErrServerTerminated] * 25
+        assert report["done"] - killed < 3  # target 1 s; tests allow for a noisy machine
+        assert report["later"] == "ServerTerminated" and report["after"] < 0.5
