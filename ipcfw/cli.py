@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="host a server plugin: package.module:ServerClass")
     serve.add_argument("plugin", help="module path and class, e.g. servers.echo:EchoServer")
+    serve.add_argument("--no-reconnect", action="store_true",
+                       help="exit (status 3) when the kernel dies instead of waiting for a new one")
     _endpoint_option(serve)
     serve.set_defaults(run=_run_serve)
 
@@ -133,7 +135,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     except (ImportError, ValueError) as exc:
         print(f"ipcfw: cannot load plugin {args.plugin!r}: {exc}", file=sys.stderr)
         return 2
-    host = ServerHost(server_class(), args.endpoint)
+    host = ServerHost(server_class(), args.endpoint, reconnect=not args.no_reconnect)
     _on_signals(host.stop)
     host.run()
     return 3 if host.kernel_died else 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import select
 import signal
 import struct
 import threading
@@ -83,6 +84,7 @@ EGlobalSharableSessions = 2
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _REGISTER_TIMEOUT = 5.0
+_KERNEL_RETRY = 0.2  # seconds between looks for a new kernel after the old one died
 
 
 class ClientInfo(NamedTuple):
@@ -430,9 +432,13 @@ class ServerHost:
 
     ``run()`` blocks until `stop()` is called (from any thread or a signal handler) or the
     kernel goes away. ``ServiceL`` runs on the thread that called ``run()``.
+
+    With ``reconnect=True`` (what ``ipcfw serve`` uses) a kernel's death does not end the host:
+    the sessions it had are dropped (their subsession objects closed), and the host waits for a
+    kernel on the same endpoint and registers the server's name again.
     """
 
-    def __init__(self, server: CServer, endpoint: Optional[str] = None) -> None:
+    def __init__(self, server: CServer, endpoint: Optional[str] = None, *, reconnect: bool = False) -> None:
         if not isinstance(server, CServer):
             raise TypeError(f"serve() needs a CServer instance, got {type(server).__name__}")
         self.server = server
@@ -446,6 +452,7 @@ class ServerHost:
         self._loop_thread: Optional[int] = None
         self._problems: collections.Counter[str] = collections.Counter()
         self.kernel_died = False
+        self.reconnect = reconnect
         self.max_frame = MAX_FRAME
 
     def stop(self) -> None:
@@ -456,6 +463,18 @@ class ServerHost:
     def run(self, ready: Optional[threading.Event] = None) -> None:
         """Register the server and serve until stopped. Raises the kernel's refusal (e.g.
         ``AlreadyExists``) or ``CouldNotConnect`` if no kernel answers."""
+        try:
+            self._run_with_kernel(ready)
+            while self.reconnect and self.kernel_died and not self._stopping:
+                self._forget_sessions()
+                if not self._await_kernel():
+                    return  # stopped while waiting
+                self.kernel_died = False
+                self._run_with_kernel(None)
+        finally:
+            self._wakeup.close()  # later completions (of held messages) are dropped
+
+    def _run_with_kernel(self, ready: Optional[threading.Event]) -> None:
         context = zmq.Context()
         try:
             self._socket = context.socket(zmq.DEALER)
@@ -470,8 +489,39 @@ class ServerHost:
             self._serve(kernel_pid)
         finally:
             self._loop_thread = None
-            self._wakeup.close()  # later completions (of held messages) are dropped
             context.destroy(linger=1000)
+
+    def _forget_sessions(self) -> None:
+        """The kernel died: its sessions are gone; release their subsession objects."""
+        sessions, self.sessions = self.sessions, {}
+        self.clients.clear()
+        self._outbox.clear()
+        for session in sessions.values():
+            _close_subsessions(session)
+        log.warning("server %r dropped %d sessions of the dead kernel", self.server.name, len(sessions))
+
+    def _await_kernel(self) -> bool:
+        """Wait until a kernel answers on our endpoint; False if stopped meanwhile."""
+        path = endpoints.ipc_path(self.endpoint)
+        log.info("server %r waits for a kernel at %s", self.server.name, self.endpoint)
+        while not self._stopping:
+            if os.path.exists(path) and self._kernel_answers():
+                return True
+            select.select([self._wakeup.fd], [], [], _KERNEL_RETRY)
+            self._wakeup.drain()
+        return False
+
+    def _kernel_answers(self) -> bool:
+        context = zmq.Context()
+        try:
+            probe = context.socket(zmq.DEALER)
+            probe.routing_id = os.urandom(16)
+            probe.linger = 0
+            probe.connect(self.endpoint)
+            probe.send(encode(Hello(int(Role.SERVER), PROTOCOL_VERSION)))
+            return bool(probe.poll(int(_KERNEL_RETRY * 1000)))
+        finally:
+            context.destroy(linger=0)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -615,11 +665,7 @@ class ServerHost:
                 message.Complete(errors.KErrNone)
         finally:
             # The session's subsessions end with it, whatever an overriding Disconnect did.
-            if session._object_ix is not None:
-                try:
-                    session._object_ix.CloseAll()
-                except Exception:
-                    log.exception("closing a subsession object of a closed session raised")
+            _close_subsessions(session)
 
     _handlers = {
         PeerInfo: _on_peer_info,
@@ -647,6 +693,14 @@ class ServerHost:
         self._wakeup.drain()
         while self._outbox:
             self._socket.send(self._outbox.popleft())
+
+
+def _close_subsessions(session: CSession) -> None:
+    if session._object_ix is not None:
+        try:
+            session._object_ix.CloseAll()
+        except Exception:
+            log.exception("closing a subsession object of a closed session raised")
 
 
 def _code_of(exc: BaseException) -> int:

@@ -118,6 +118,15 @@ class KernelFixture:
         self.children.append(child)
         return child
 
+    def restart(self) -> None:
+        """SIGKILL the kernel and start a new one on the same endpoint."""
+        self.process.kill()
+        self.process.popen.wait(10)
+        self.process = self._spawn("kernel", ["kernel", "--endpoint", self.endpoint])
+        wait_until(lambda: "listening" in self.process.log() or not self.process.alive(),
+                   what="the new kernel")
+        assert self.process.alive(), f"kernel failed to restart:\n{self.process.log()}"
+
     def statistics(self) -> dict[str, int]:
         return ipcfw.kernel_statistics(self.endpoint)
 

@@ -136,3 +136,23 @@ def test_server_death_fails_100_requests_of_4_processes_at_once(kernel):
         assert report["values"] == [ipcfw.KErrServerTerminated] * 25
         assert report["done"] - killed < 3  # target 1 s; tests allow for a noisy machine
         assert report["later"] == "ServerTerminated" and report["after"] < 0.5
+
+
+def test_kernel_death_fails_calls_clearly_and_serve_registers_again(kernel):
+    server = kernel.serve("plugins.probe:ProbeServer", "probe")
+    session = RSession.connect("probe", VERSION)
+    held = TRequestStatus()
+    session.SendReceive(probe.EHold, (1,), held)
+    assert session.SendReceive(probe.EEcho, (1,)) == 1
+    killed = time.monotonic()
+    kernel.restart()
+    assert held.Wait(5) == ipcfw.KErrServerTerminated
+    assert time.monotonic() - killed < 5  # target 2 s; includes starting the new kernel
+    with pytest.raises(ipcfw.ServerTerminated, match="kernel"):
+        session.SendReceive(probe.EEcho, (2,))
+    session.Close()
+    wait_until(lambda: server.log().count("server 'probe' registered") == 2, timeout=15,
+               what="ipcfw serve to register again")
+    assert server.alive()
+    with RSession.connect("probe", VERSION) as again:  # a new runtime, on the new kernel
+        assert again.SendReceive(probe.EEcho, (3,)) == 3
