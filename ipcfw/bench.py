@@ -8,6 +8,12 @@ For each system, from this (the bench) process acting as the client:
   ``time.perf_counter_ns``; the median and the 99th percentile are reported, in microseconds.
 * **pipelined throughput**: 64 requests kept in flight (issue 64, then wait for the oldest and
   issue one more), reported as completed calls per second.
+* **shared-session throughput** (ipcfw only): 8 threads of this process make sync calls on ONE
+  session, shared with ``ShareAuto``; reported as the calls per second of all 8 together (wall
+  time from the start of a chunk to the last thread's last reply), with the per-call median and
+  99th percentile, next to ipcfw's single-thread sync calls per second from the same run (its
+  calls divided by the sum of their latencies). The threads share one GIL: the figure shows how
+  far the client runtime and the kernel overlap concurrent round trips on one session.
 
 Every request carries the equivalent of an opcode and four 32-bit ints (a 32-byte body for the
 bare systems, ``SendReceive(1, (42, 0, 0, 0))`` for ipcfw), and every reply echoes it.
@@ -30,17 +36,26 @@ The systems
 ``ipcfw``
     The real stack: ``python -m ipcfw kernel``, ``python -m ipcfw serve servers.echo:EchoServer``
     and an ``RSession`` in this process.
+``ipcfw-shared-8``
+    The same kernel, a second server process ``python -m ipcfw serve
+    ipcfw.bench:SharedEchoServer`` (``servers.echo.EchoServer`` registered as ``echo-shared`` with
+    ``sharing = ESharableSessions``: ``EchoServer`` itself refuses ``ShareAuto``), one
+    ``RSession`` created by the main thread and shared with ``ShareAuto``, and 8 worker threads
+    calling ``SendReceive(1, (42, 0, 0, 0))`` on it, each on its own channel to the kernel.
+    Reported in its own table below the main one; ``--shared 0`` leaves it out.
 
 Targets: ipcfw's sync median at most 1.5x bare-forwarder's, and its pipelined throughput at
 least 0.5x bare-forwarder's.
 
 All systems are started first, warmed up, and then measured in interleaved chunks (the order
-rotates chunk by chunk), so that noise from other work on a shared machine hits every system
-alike; ``--repeat R`` runs the whole set R times and keeps each system's best run.
+rotates chunk by chunk; the shared-session case takes its turn among the sync chunks), so that
+noise from other work on a shared machine hits every system alike; ``--repeat R`` runs the whole
+set R times and keeps each system's best run.
 
 Exit status: 0 when every system was measured (or ipcfw was left out with ``--no-ipcfw``), 1 when
-ipcfw could not be started or measured (the bare numbers are still reported) or a baseline
-failed, 2 with ``--strict`` when ipcfw was measured but missed a target, 130 when interrupted.
+ipcfw or its shared-session case could not be started or measured (the other numbers are still
+reported) or a baseline failed, 2 with ``--strict`` when ipcfw was measured but missed a target,
+130 when interrupted.
 
 The same module, run with the hidden ``--role`` option, is the body of the helper processes
 (``echo-router``, ``forwarder``, ``echo-worker``); each prints ``READY`` on stdout once it can
@@ -50,12 +65,14 @@ serve, which is the handshake the bench waits for.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import logging
 import math
 import os
 import platform
+import queue
 import select
 import shutil
 import signal
@@ -63,6 +80,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -89,6 +107,14 @@ BASELINE = "bare-forwarder"
 
 DEFAULT_SYNC, DEFAULT_PIPELINED = 5000, 20000
 QUICK_SYNC, QUICK_PIPELINED = 1000, 5000
+
+SHARED_THREADS = 8
+"""Threads sharing one ipcfw session in the shared-session case."""
+SHARED_SYSTEM = f"ipcfw-shared-{SHARED_THREADS}"
+SHARED_SERVER = "echo-shared"
+"""The name ``SharedEchoServer`` registers."""
+DEFAULT_SHARED, QUICK_SHARED = 1000, 250
+"""Sync calls per thread in the shared-session case."""
 CHUNKS = 10
 """Each measurement is split into this many chunks, interleaved across systems."""
 
@@ -446,6 +472,96 @@ class IpcfwClient:
         self._session.Close()
 
 
+class SharedEcho:
+    """``threads`` worker threads making sync calls on one ``ShareAuto``'d ``RSession``.
+
+    The workers live as long as the case (each thread's first call opens its channel to the
+    kernel, which then stays attached to the session); ``run`` hands each the same number of
+    calls and waits for all of them.
+    """
+
+    def __init__(self, session: Any, threads: int) -> None:
+        self._session = session
+        self._results: queue.SimpleQueue[list[int] | BaseException] = queue.SimpleQueue()
+        self._orders: list[queue.SimpleQueue[int | None]] = [queue.SimpleQueue() for _ in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._work, args=(orders,), name=f"bench-shared-{i}", daemon=True)
+            for i, orders in enumerate(self._orders)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self, orders: queue.SimpleQueue[int | None]) -> None:
+        clock, call, expected = time.perf_counter_ns, self._session.SendReceive, ECHO_ARGS[0]
+        while (n := orders.get()) is not None:
+            out = [0] * n
+            try:
+                for i in range(n):
+                    t0 = clock()
+                    value = call(ECHO_INT, ECHO_ARGS)
+                    out[i] = clock() - t0
+                    if value != expected:
+                        raise WrongReply(f"EEchoInt on the shared session returned {value!r}, expected {expected!r}")
+            except BaseException as exc:  # handed to the main thread, which reports it
+                self._results.put(exc)
+            else:
+                self._results.put(out)
+
+    def _next_result(self) -> list[int] | BaseException:
+        while True:  # short waits: the watchdog's SIGALRM must get through to the main thread
+            try:
+                return self._results.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def run(self, n: int) -> tuple[float, list[int]]:
+        """Every thread makes ``n`` sync calls; returns (wall seconds, every call's latency in ns)."""
+        with _gc_paused():
+            t0 = time.perf_counter()
+            for orders in self._orders:
+                orders.put(n)
+            results = [self._next_result() for _ in self._orders]
+            seconds = time.perf_counter() - t0
+        latencies: list[int] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            latencies.extend(result)
+        return seconds, latencies
+
+    def close(self) -> None:
+        """Stop the workers, then close the session (which also releases a worker stuck in a call)."""
+        for orders in self._orders:
+            orders.put(None)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._session.Close()
+
+
+@functools.cache
+def _shared_echo_server() -> type:
+    from ipcfw import ESharableSessions
+    from servers.echo import EchoServer
+
+    return type("SharedEchoServer", (EchoServer,), {
+        "__module__": __name__,
+        "__doc__": "servers.echo's EchoServer, registered as echo-shared, allowing ShareAuto.",
+        "name": SHARED_SERVER,
+        "sharing": ESharableSessions,
+    })
+
+
+def __getattr__(name: str) -> Any:
+    """``SharedEchoServer``, built on first use, for ``ipcfw serve ipcfw.bench:SharedEchoServer``.
+
+    Lazily, so that importing the bench never imports the ipcfw server side or ``servers``.
+    """
+    if name == "SharedEchoServer":
+        return _shared_echo_server()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # Starting the systems
 # --------------------------------------------------------------------------------------------
@@ -511,14 +627,14 @@ def _close_quietly(session: Any) -> None:
         pass
 
 
-def _connect_echo(api: _IpcfwApi, stack: Sequence[_Child], deadline: float) -> Any:
-    """Retry CreateSession("echo") until the kernel and the echo server are both up."""
+def _connect_echo(api: _IpcfwApi, stack: Sequence[_Child], deadline: float, name: str = "echo") -> Any:
+    """Retry CreateSession(name) until the kernel and that echo server are both up."""
     last: BaseException | None = None
     while time.monotonic() < deadline:
         _check_alive(stack)
         session = api.RSession()
         try:
-            session.CreateSession("echo", (1, 0, 0), message_slots=-1)
+            session.CreateSession(name, (1, 0, 0), message_slots=-1)
             return session
         except (api.NotFound, api.IpcError) as exc:
             last = exc
@@ -534,8 +650,17 @@ def _spawn_ipcfw(children: Children, name: str, args: Sequence[str], endpoint: s
     return children.spawn(name, argv, handshake=False, env=_ipcfw_env(endpoint), cwd=_repo_root())
 
 
-def start_ipcfw(children: Children, workdir: Path) -> IpcfwClient:
-    """Start kernel + echo server, connect; raise Unavailable on any failure.
+@dataclass
+class IpcfwStack:
+    client: IpcfwClient
+    shared: SharedEcho | None = None
+    shared_error: str | None = None
+    """Why the shared-session case is not available, when it was asked for."""
+
+
+def start_ipcfw(children: Children, workdir: Path, shared_threads: int = 0) -> IpcfwStack:
+    """Start kernel + echo server (+ the shared echo server), connect; raise Unavailable on any
+    failure of the single-session stack. A failure of the shared case only is `shared_error`.
 
     Sets ``IPCFW_KERNEL`` in this process (``main`` restores it).
     """
@@ -548,6 +673,9 @@ def start_ipcfw(children: Children, workdir: Path) -> IpcfwClient:
     deadline = time.monotonic() + STARTUP_TIMEOUT
     stack = [_spawn_ipcfw(children, "ipcfw-kernel", ["kernel"], endpoint),
              _spawn_ipcfw(children, "ipcfw-echo-server", ["serve", "servers.echo:EchoServer"], endpoint)]
+    if shared_threads:
+        shared_server = _spawn_ipcfw(children, "ipcfw-echo-shared-server",
+                                     ["serve", "ipcfw.bench:SharedEchoServer"], endpoint)
     try:
         with watchdog(STARTUP_TIMEOUT + 2):
             session = _connect_echo(api, stack, deadline)
@@ -555,7 +683,29 @@ def start_ipcfw(children: Children, workdir: Path) -> IpcfwClient:
         raise
     except Exception as exc:
         raise Unavailable(f"connecting to the echo server raised {exc!r}{log_tail(stack[0])}") from exc
-    return IpcfwClient(session, api.TRequestStatus)
+    result = IpcfwStack(IpcfwClient(session, api.TRequestStatus))
+    if shared_threads:
+        try:
+            result.shared = _start_shared(api, [stack[0], shared_server], deadline, shared_threads)
+        except Unavailable as exc:
+            result.shared_error = str(exc)
+    return result
+
+
+def _start_shared(api: _IpcfwApi, stack: Sequence[_Child], deadline: float, threads: int) -> SharedEcho:
+    try:
+        with watchdog(STARTUP_TIMEOUT + 2):
+            session = _connect_echo(api, stack, deadline, SHARED_SERVER)
+    except Unavailable:
+        raise
+    except Exception as exc:
+        raise Unavailable(f"connecting to {SHARED_SERVER} raised {exc!r}{log_tail(stack[1])}") from exc
+    try:
+        session.ShareAuto()
+    except Exception as exc:
+        _close_quietly(session)
+        raise Unavailable(f"ShareAuto on the {SHARED_SERVER} session raised {exc!r}") from exc
+    return SharedEcho(session, threads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,6 +728,35 @@ class RunResult:
     sync_median_us: float
     sync_p99_us: float
     pipelined_calls_per_s: float
+    sync_calls_per_s: float = 0.0
+    """Sync calls divided by the sum of their latencies: one thread's sync throughput."""
+
+
+@dataclass
+class SharedCase:
+    """The shared-session case: its runner and what one run measured."""
+
+    runner: SharedEcho
+    name: str = SHARED_SYSTEM
+    error: str | None = None
+    latencies_ns: list[int] = field(default_factory=list)
+    calls: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SharedResult:
+    calls_per_s: float
+    """Of all the threads together."""
+    call_median_us: float
+    call_p99_us: float
+    single: RunResult | None
+    """ipcfw's single-thread result in the same run (None if ipcfw failed)."""
+
+    @property
+    def vs_single(self) -> float | None:
+        """Shared calls/s over ipcfw's single-thread sync calls/s of the same run."""
+        return self.calls_per_s / self.single.sync_calls_per_s if self.single is not None else None
 
 
 @contextmanager
@@ -623,13 +802,14 @@ def split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
-def _rotations(systems: Sequence[System], chunk: int) -> list[System]:
-    live = [s for s in systems if s.error is None]
+def _rotations(steps: Sequence[tuple[Any, Callable[[], None], int]], chunk: int) -> list:
+    """The (system, step, calls) of live systems, rotated by ``chunk``."""
+    live = [step for step in steps if step[0].error is None]
     k = chunk % len(live) if live else 0
     return live[k:] + live[:k]
 
 
-def _guarded(system: System, step: Callable[[], None], calls: int) -> None:
+def _guarded(system: System | SharedCase, step: Callable[[], None], calls: int) -> None:
     """Run a step under a watchdog; ipcfw failures disable that system, bare ones abort."""
     try:
         with watchdog(STEP_BUDGET_S + calls * STEP_BUDGET_PER_CALL_S):
@@ -637,22 +817,46 @@ def _guarded(system: System, step: Callable[[], None], calls: int) -> None:
     except (BenchError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        if system.name != "ipcfw":
+        if not system.name.startswith("ipcfw"):
             raise BenchError(f"{system.name}: {exc!r}") from exc
         system.error = f"failed during measurement: {type(exc).__name__}: {exc}"
 
 
-def run_once(systems: Sequence[System], sync_n: int, pipelined_n: int) -> dict[str, RunResult]:
-    """One interleaved run over all live systems."""
+def run_once(systems: Sequence[System], sync_n: int, pipelined_n: int,
+             shared: SharedCase | None = None, shared_n: int = 0) -> dict[str, RunResult]:
+    """One interleaved run over all live systems (and the shared-session case, if any)."""
     for s in systems:
         s.latencies_ns, s.pipelined_calls, s.pipelined_seconds = [], 0, 0.0
-    for i, n in enumerate(split(sync_n, CHUNKS)):
-        for s in _rotations(systems, i):
-            _guarded(s, lambda s=s, n=n: s.latencies_ns.extend(time_sync(s.client, n)), n)
+    if shared is not None:
+        shared.latencies_ns, shared.calls, shared.seconds = [], 0, 0.0
+    shared_chunks = split(shared_n, CHUNKS) if shared is not None else [0] * CHUNKS
+    for i, (n, m) in enumerate(zip(split(sync_n, CHUNKS), shared_chunks)):
+        steps = [(s, lambda s=s, n=n: s.latencies_ns.extend(time_sync(s.client, n)), n) for s in systems]
+        if m:
+            steps.append((shared, lambda m=m: _add_shared(shared, m), m * SHARED_THREADS))
+        for system, step, calls in _rotations(steps, i):
+            _guarded(system, step, calls)
     for i, n in enumerate(split(pipelined_n, CHUNKS)):
-        for s in _rotations(systems, i):
-            _guarded(s, lambda s=s, n=n: _add_pipelined(s, n), n)
+        for system, step, calls in _rotations([(s, lambda s=s, n=n: _add_pipelined(s, n), n) for s in systems], i):
+            _guarded(system, step, calls)
     return {s.name: summarize(s) for s in systems if s.error is None}
+
+
+def _add_shared(case: SharedCase, n: int) -> None:
+    seconds, latencies = case.runner.run(n)
+    case.seconds += seconds
+    case.calls += len(latencies)
+    case.latencies_ns.extend(latencies)
+
+
+def summarize_shared(case: SharedCase, single: RunResult | None) -> SharedResult:
+    lat = sorted(case.latencies_ns)
+    return SharedResult(
+        calls_per_s=case.calls / case.seconds,
+        call_median_us=percentile(lat, 50) / 1000,
+        call_p99_us=percentile(lat, 99) / 1000,
+        single=single,
+    )
 
 
 def _add_pipelined(system: System, n: int) -> None:
@@ -672,14 +876,21 @@ def summarize(system: System) -> RunResult:
         sync_median_us=percentile(lat, 50) / 1000,
         sync_p99_us=percentile(lat, 99) / 1000,
         pipelined_calls_per_s=system.pipelined_calls / system.pipelined_seconds,
+        sync_calls_per_s=len(lat) / (sum(lat) / 1e9),
     )
 
 
 def best_of(runs: Sequence[RunResult]) -> RunResult:
-    """Best sync median (with that run's p99) and best throughput across repeats."""
+    """Best sync median (with that run's p99) and best throughputs across repeats."""
     fastest = min(runs, key=lambda r: r.sync_median_us)
     return RunResult(fastest.sync_median_us, fastest.sync_p99_us,
-                     max(r.pipelined_calls_per_s for r in runs))
+                     max(r.pipelined_calls_per_s for r in runs),
+                     max(r.sync_calls_per_s for r in runs))
+
+
+def best_shared(runs: Sequence[SharedResult]) -> SharedResult:
+    """The run with the best shared throughput, compared with ipcfw's single thread of that run."""
+    return max(runs, key=lambda r: r.calls_per_s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,10 +910,11 @@ def environment() -> dict[str, Any]:
     }
 
 
-def format_header(env: dict[str, Any], sync_n: int, pipelined_n: int, repeat: int) -> str:
+def format_header(env: dict[str, Any], sync_n: int, pipelined_n: int, repeat: int, shared_n: int = 0) -> str:
+    shared = f", shared {SHARED_THREADS} threads x {shared_n} calls" if shared_n else ""
     return (
         f"ipcfw bench: sync {sync_n} calls, pipelined {pipelined_n} calls "
-        f"({WINDOW} in flight), repeat {repeat}, best run per system\n"
+        f"({WINDOW} in flight){shared}, repeat {repeat}, best run per system\n"
         f"{env['python']} | pyzmq {env['pyzmq']} | libzmq {env['libzmq']} | "
         f"cpus {env['cpu_count']} (usable {env['cpu_affinity']}) | {env['platform']}"
     )
@@ -733,6 +945,30 @@ def format_table(results: dict[str, RunResult], failed: dict[str, str]) -> str:
                            f"{r.pipelined_calls_per_s:,.0f}", f"{sync_ratio:.2f}x", f"{pipe_ratio:.2f}x")))
     for name in failed:
         lines.append(_row((name, "-", "-", "-", "-", "-")))
+    return "\n".join(lines)
+
+
+_SHARED_COLUMNS = ("system", "sync calls/s", "call median us", "call p99 us", "vs ipcfw 1 thread")
+_SHARED_WIDTHS = (16, 14, 16, 14, 19)
+
+
+def format_shared(shared: SharedResult, shared_n: int) -> str:
+    """The shared-session table: ipcfw's one thread, then the threads sharing one session, both
+    from the same run."""
+    def row(cells: Sequence[str]) -> str:
+        first, *rest = cells
+        return f"{first:<{_SHARED_WIDTHS[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(rest, _SHARED_WIDTHS[1:]))
+
+    lines = [f"shared session: {SHARED_THREADS} threads x {shared_n} sync calls on one ShareAuto'd session; "
+             f"calls/s of all {SHARED_THREADS} together (ipcfw: one thread, same run)",
+             row(_SHARED_COLUMNS)]
+    single = shared.single
+    if single is not None:
+        lines.append(row(("ipcfw", f"{single.sync_calls_per_s:,.0f}", f"{single.sync_median_us:.1f}",
+                          f"{single.sync_p99_us:.1f}", "1.00x")))
+    ratio = "-" if shared.vs_single is None else f"{shared.vs_single:.2f}x"
+    lines.append(row((SHARED_SYSTEM, f"{shared.calls_per_s:,.0f}", f"{shared.call_median_us:.1f}",
+                      f"{shared.call_p99_us:.1f}", ratio)))
     return "\n".join(lines)
 
 
@@ -773,8 +1009,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--sync", type=int, metavar="N", help=f"sync calls per system (default {DEFAULT_SYNC})")
     p.add_argument("--pipelined", type=int, metavar="N",
                    help=f"pipelined calls per system (default {DEFAULT_PIPELINED})")
+    p.add_argument("--shared", type=int, metavar="N",
+                   help=f"sync calls per thread in the {SHARED_THREADS}-thread shared-session case "
+                        f"(default {DEFAULT_SHARED}; 0 leaves the case out)")
     p.add_argument("--quick", action="store_true",
-                   help=f"{QUICK_SYNC} sync / {QUICK_PIPELINED} pipelined calls")
+                   help=f"{QUICK_SYNC} sync / {QUICK_PIPELINED} pipelined / {QUICK_SHARED} shared calls")
     p.add_argument("--repeat", type=int, default=1, metavar="R",
                    help="run the interleaved set R times, report each system's best run")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -791,8 +1030,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     quick = (QUICK_SYNC, QUICK_PIPELINED) if args.quick else (DEFAULT_SYNC, DEFAULT_PIPELINED)
     args.sync = args.sync if args.sync is not None else quick[0]
     args.pipelined = args.pipelined if args.pipelined is not None else quick[1]
+    if args.shared is None:
+        args.shared = QUICK_SHARED if args.quick else DEFAULT_SHARED
     if args.sync < 1 or args.pipelined < 1 or args.repeat < 1:
         p.error("--sync, --pipelined and --repeat must be at least 1")
+    if args.shared < 0:
+        p.error("--shared must be at least 0")
     if args.role and (not args.endpoint or (args.role == "forwarder" and not args.backend)):
         p.error("--role needs --endpoint (and --backend for the forwarder)")
     return args
@@ -804,48 +1047,71 @@ class Outcome:
     runs: dict[str, list[RunResult]]
     failed: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    shared: SharedResult | None = None
+    shared_runs: list[SharedResult] = field(default_factory=list)
 
 
-def start_systems(children: Children, ctx: zmq.Context, workdir: Path,
-                  with_ipcfw: bool) -> tuple[list[System], dict[str, str]]:
+def start_systems(children: Children, ctx: zmq.Context, workdir: Path, with_ipcfw: bool,
+                  shared_threads: int = 0) -> tuple[list[System], SharedCase | None, dict[str, str]]:
     systems = [System("bare-pingpong", start_bare_pingpong(children, ctx, workdir)),
                System(BASELINE, start_bare_forwarder(children, ctx, workdir))]
     failed: dict[str, str] = {}
     if not with_ipcfw:
         failed["ipcfw"] = "skipped (--no-ipcfw)"
-        return systems, failed
+        return systems, None, failed
     try:
-        systems.append(System("ipcfw", start_ipcfw(children, workdir)))
+        stack = start_ipcfw(children, workdir, shared_threads)
     except Unavailable as exc:
         failed["ipcfw"] = str(exc)
-    return systems, failed
+        if shared_threads:
+            failed[SHARED_SYSTEM] = "the ipcfw stack is not available"
+        return systems, None, failed
+    systems.append(System("ipcfw", stack.client))
+    if stack.shared_error is not None:
+        failed[SHARED_SYSTEM] = stack.shared_error
+    return systems, SharedCase(stack.shared) if stack.shared is not None else None, failed
 
 
-def measure(systems: list[System], failed: dict[str, str], args: argparse.Namespace) -> Outcome:
+def measure(systems: list[System], shared: SharedCase | None, failed: dict[str, str],
+            args: argparse.Namespace) -> Outcome:
     for s in systems:
         _guarded(s, lambda s=s: warm_up(s, args.sync, args.pipelined), args.sync + args.pipelined)
+    if shared is not None:
+        warm = max(10, args.shared // 10)
+        _guarded(shared, lambda: shared.runner.run(warm), warm * SHARED_THREADS)
     runs: dict[str, list[RunResult]] = {s.name: [] for s in systems}
+    shared_runs: list[SharedResult] = []
     for _ in range(args.repeat):
-        for name, result in run_once(systems, args.sync, args.pipelined).items():
+        results = run_once(systems, args.sync, args.pipelined, shared, args.shared)
+        for name, result in results.items():
             runs[name].append(result)
+        if shared is not None and shared.error is None:
+            shared_runs.append(summarize_shared(shared, results.get("ipcfw")))
     for s in systems:
         if s.error is not None:
             failed[s.name] = s.error
             runs.pop(s.name, None)
+    if shared is not None and shared.error is not None:
+        failed[SHARED_SYSTEM] = shared.error
+        shared_runs = []
     results = {name: best_of(r) for name, r in runs.items()}
-    return Outcome(results, runs, failed)
+    best = best_shared(shared_runs) if shared_runs else None
+    return Outcome(results, runs, failed, shared=best, shared_runs=shared_runs)
 
 
-def close_clients(systems: list[System]) -> list[str]:
+def close_clients(systems: list[System], shared: SharedCase | None = None) -> list[str]:
     """Close and forget every client (so a second call is a no-op); return what went wrong."""
     problems = []
-    while systems:
-        s = systems.pop()
+    closers: list[tuple[str, Callable[[], None]]] = [(s.name, s.client.close) for s in systems]
+    if shared is not None:
+        closers.append((shared.name, shared.runner.close))
+    systems.clear()
+    for name, close in reversed(closers):
         try:
-            with watchdog(STOP_TIMEOUT):
-                s.client.close()
+            with watchdog(2 * STOP_TIMEOUT):
+                close()
         except Exception as exc:  # reported; the processes are stopped next anyway
-            problems.append(f"{s.name}: closing the client raised {type(exc).__name__}: {exc}")
+            problems.append(f"{name}: closing the client raised {type(exc).__name__}: {exc}")
     return problems
 
 
@@ -854,13 +1120,16 @@ def bench(args: argparse.Namespace, workdir: Path) -> Outcome:
     children = Children(workdir)
     ctx = zmq.Context()
     systems: list[System] = []
+    shared: SharedCase | None = None
     try:
-        systems, failed = start_systems(children, ctx, workdir, with_ipcfw=not args.no_ipcfw)
-        outcome = measure(systems, failed, args)
-        outcome.notes += close_clients(systems)
+        systems, shared, failed = start_systems(children, ctx, workdir, with_ipcfw=not args.no_ipcfw,
+                                                shared_threads=SHARED_THREADS if args.shared else 0)
+        outcome = measure(systems, shared, failed, args)
+        outcome.notes += close_clients(systems, shared)
+        shared = None
         return outcome
     finally:
-        close_clients(systems)
+        close_clients(systems, shared)
         # We stop the kernel on purpose: the client runtime's "kernel has died" warning is noise.
         logging.getLogger(IPCFW_CLIENT_LOGGER).setLevel(logging.ERROR)
         children.stop_all()
@@ -894,10 +1163,13 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _report(args: argparse.Namespace, outcome: Outcome) -> int:
     env = environment()
-    print(format_header(env, args.sync, args.pipelined, args.repeat))
+    print(format_header(env, args.sync, args.pipelined, args.repeat, 0 if args.no_ipcfw else args.shared))
     print()
     print(format_table(outcome.results, outcome.failed))
     print()
+    if outcome.shared is not None:
+        print(format_shared(outcome.shared, args.shared))
+        print()
     for name, reason in outcome.failed.items():
         print(f"{name}: NOT MEASURED: {reason}")
     for note in outcome.notes:
@@ -908,15 +1180,19 @@ def _report(args: argparse.Namespace, outcome: Outcome) -> int:
         write_json(args.json, {
             "environment": env,
             "config": {"sync": args.sync, "pipelined": args.pipelined, "window": WINDOW,
+                       "shared": args.shared, "shared_threads": SHARED_THREADS,
                        "repeat": args.repeat, "chunks": CHUNKS, "baseline": BASELINE,
                        "sync_target": SYNC_TARGET, "pipelined_target": PIPELINED_TARGET},
             "results": {n: asdict(r) for n, r in outcome.results.items()},
             "runs": {n: [asdict(r) for r in rs] for n, rs in outcome.runs.items()},
+            "shared": None if outcome.shared is None else {
+                **asdict(outcome.shared), "system": SHARED_SYSTEM, "vs_single": outcome.shared.vs_single,
+                "runs": [asdict(r) for r in outcome.shared_runs]},
             "not_measured": outcome.failed,
             "notes": outcome.notes,
             "targets": v,
         })
-    if "ipcfw" in outcome.failed and not args.no_ipcfw:
+    if ("ipcfw" in outcome.failed or SHARED_SYSTEM in outcome.failed) and not args.no_ipcfw:
         return 1
     return 2 if args.strict and not (v["sync_pass"] and v["pipelined_pass"]) else 0
 

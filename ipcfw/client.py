@@ -30,6 +30,7 @@ from ._runtime import Channel, KernelGone, Pending, Runtime
 from .naming import name_problem
 from .protocol import (
     MAX_TOKEN,
+    Cancel,
     Close,
     Completed,
     Connect,
@@ -131,7 +132,7 @@ class TRequestStatus:
     ``ClientPanic``.
     """
 
-    __slots__ = ("_value", "_done", "_callbacks", "_panic", "_channel")
+    __slots__ = ("_value", "_done", "_callbacks", "_panic", "_channel", "_req_id")
 
     def __init__(self) -> None:
         self._value = errors.KRequestPending
@@ -139,6 +140,7 @@ class TRequestStatus:
         self._callbacks: list[Callable[["TRequestStatus"], None]] = []
         self._panic: Optional[errors.ClientPanic] = None
         self._channel: Optional[Channel] = None  # where its answer arrives, once in use
+        self._req_id = 0
 
     def Int(self) -> int:
         """The raw value: ``KRequestPending`` while pending, else the completion value."""
@@ -158,6 +160,22 @@ class TRequestStatus:
                 raise RuntimeError("this TRequestStatus has not been given to a request")
             channel.runtime.wait((self,), timeout)
         return self._value
+
+    def Cancel(self, timeout: Optional[float] = 5.0) -> int:
+        """Cancel the pending request and return its final value, like Symbian's
+        ``CActive::Cancel``: it waits until the request has completed.
+
+        The value is ``KErrCancel``, unless the server completed the request first (then its
+        value). Either way it completes exactly once, its message slot is freed, and the
+        server's session is told (``CSession.Cancelled``). Cancelling a completed request
+        returns its value and sends nothing.
+        """
+        if not self._done:
+            channel = self._channel
+            if channel is None:
+                raise RuntimeError("this TRequestStatus has not been given to a request")
+            channel.send(encode(Cancel(self._req_id)))
+        return self.Wait(timeout)
 
     def result(self, timeout: Optional[float] = None) -> int:
         """Block until completion; return the value, or raise the error it completed with."""
@@ -191,9 +209,10 @@ class TRequestStatus:
                 yield from future.__await__()
         return self.result(0)
 
-    def _begin(self, channel: Channel) -> None:
+    def _begin(self, channel: Channel, req_id: int) -> None:
         if self._channel is not None and not self._done:
             raise RuntimeError("this TRequestStatus is already in use by a pending request")
+        self._req_id = req_id
         self._value = errors.KRequestPending
         self._panic = None
         self._done = False
@@ -442,7 +461,7 @@ class RSession:
             return self._finish(self._call(runtime, frame, req_id, timeout), ipc_args)
         frame = encode(Request(req_id, handle, function, ipc_args.wire, Mode.ASYNC))
         channel = runtime.channel()
-        status._begin(channel)
+        status._begin(channel, req_id)
         with self._lock:
             self._pending.add(req_id)
         try:

@@ -54,6 +54,8 @@ __all__ = [
     "Share",
     "Open",
     "Shared",
+    "Cancel",
+    "Cancelled",
     "Complete",
     "Panic",
     "Stats",
@@ -71,7 +73,7 @@ __all__ = [
     "check_args",
 ]
 
-PROTOCOL_VERSION = 3  # 2: async answers on the requesting channel; 3: Share, Open, Shared
+PROTOCOL_VERSION = 4  # 2: answers on the requesting channel; 3: sharing; 4: cancellation
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -109,6 +111,7 @@ class Kind(enum.IntEnum):
     STATS = 8
     SHARE = 9
     OPEN = 10
+    CANCEL = 12
     # kernel -> client
     WELCOME = 20
     CONNECTED = 21
@@ -122,6 +125,7 @@ class Kind(enum.IntEnum):
     DELIVER = 41
     DISCONNECT = 42
     PEER_INFO = 43
+    CANCELLED = 45
 
 
 class Role(enum.IntEnum):
@@ -317,6 +321,13 @@ class Open(NamedTuple):
     token: bytes
 
 
+class Cancel(NamedTuple):
+    """Channel -> kernel: cancel this channel's pending async request `req_id`. Not answered
+    itself: the request completes (with KErrCancel, unless the server completed it first)."""
+
+    req_id: int
+
+
 class Stats(NamedTuple):
     """Any peer -> kernel: ask for the kernel's counters. Answered by StatsReply."""
 
@@ -413,6 +424,13 @@ class Disconnect(NamedTuple):
     handle: int
 
 
+class Cancelled(NamedTuple):
+    """Kernel -> server: the client cancelled message `msg_id`; it has been completed for it."""
+
+    msg_id: int
+    handle: int
+
+
 class PeerInfo(NamedTuple):
     """Kernel -> server: who client key `client` is, sent before its first message."""
 
@@ -426,7 +444,7 @@ class PeerInfo(NamedTuple):
 Message = Union[
     Hello, Register, Connect, Request, Close, Share, Open, Complete, Panic, Stats, Welcome,
     Connected, Completed, Panicked, Shared, SessionLost, StatsReply, NewSession, Deliver,
-    Disconnect, PeerInfo,
+    Disconnect, PeerInfo, Cancel, Cancelled,
 ]
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
@@ -439,6 +457,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Panic: (Kind.PANIC, (_u63, _str_upto(MAX_CATEGORY), _i32)),
     Share: (Kind.SHARE, (_u63, _handle, _int_in(1, 2, "a sharing mode 1..2"))),
     Open: (Kind.OPEN, (_u63, _bytes_upto(MAX_TOKEN))),
+    Cancel: (Kind.CANCEL, (_u63,)),
     Stats: (Kind.STATS, (_u63,)),
     Welcome: (Kind.WELCOME, (_u32, _u63, _u16)),
     Connected: (Kind.CONNECTED, (_u63, _i32, _int_in(0, _I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD))),
@@ -450,6 +469,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     NewSession: (Kind.NEW_SESSION, (_u63, _handle, _version, _u63, _bytes_upto(MAX_PAYLOAD))),
     Deliver: (Kind.DELIVER, (_u63, _handle, _function, check_args, _u63)),
     Disconnect: (Kind.DISCONNECT, (_u63, _handle)),
+    Cancelled: (Kind.CANCELLED, (_u63, _handle)),
     PeerInfo: (Kind.PEER_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH))),
 }
 

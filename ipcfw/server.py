@@ -30,6 +30,7 @@ import select
 import signal
 import struct
 import threading
+import weakref
 from typing import Any, ClassVar, NamedTuple, Optional
 
 import zmq
@@ -41,6 +42,7 @@ from .objectix import CObjectIx
 from ._zmqflags import NOBLOCK
 from .protocol import (
     MAX_CATEGORY,
+    Cancelled,
     MAX_FRAME,
     PROTOCOL_VERSION,
     Complete,
@@ -168,6 +170,16 @@ class CSession:
         if not message.IsNull():
             message.Complete(error.code)
 
+    def Cancelled(self, message: "RMessage") -> None:
+        """The client cancelled `message`, which this session still holds. The default does
+        nothing.
+
+        The kernel has completed it for the client (``KErrCancel``) and freed its slot;
+        `message.IsNull()` is now True and a later ``Complete()`` is silently dropped.
+        Override to stop the work behind it. (The Symbian idiom, a cancel function of your own
+        whose ``ServiceL`` completes the held message with ``KErrCancel``, works too.)
+        """
+
     def Disconnect(self, message: "RMessage") -> None:
         """The client closed the session or died. The default completes `message` at once.
 
@@ -259,7 +271,10 @@ class RMessage:
     ``Complete(value)`` or ``Panic(category, reason)``, from any thread.
     """
 
-    __slots__ = ("_host", "_msg_id", "_kind", "_function", "_args", "_session", "_client", "_content", "_writes", "_done")
+    __slots__ = (
+        "_host", "_msg_id", "_kind", "_function", "_args", "_session", "_client", "_content",
+        "_done", "_cancelled", "__weakref__",
+    )
 
     def __init__(self, host: "ServerHost", msg_id: int, kind: str, function: int, args: tuple,
                  session: Optional[CSession], client: Optional[ClientInfo]) -> None:
@@ -271,8 +286,8 @@ class RMessage:
         self._session = session
         self._client = client
         self._content: Optional[dict] = None  # index -> bytearray, once WriteL was called
-        self._writes: Optional[dict] = None
         self._done = False
+        self._cancelled = False  # the client cancelled it: completing it is a no-op
 
     # -- what was sent -----------------------------------------------------------------------
 
@@ -398,7 +413,8 @@ class RMessage:
         writes = ()
         if self._content:
             writes = tuple((i, bytes(b)) for i, b in sorted(self._content.items()))
-        self._claim()
+        if not self._claim():
+            return  # cancelled by the client: the kernel completed it already
         frame = encode(Complete(self._msg_id, value, writes))
         if len(frame) > self._host.max_frame:
             log.error("completion of %r is %d bytes, over the kernel's limit; completing with "
@@ -413,14 +429,31 @@ class RMessage:
             raise TypeError(f"panic category must be a str, not {type(category).__name__}")
         if type(reason) is not int or not _I32_MIN <= reason <= _I32_MAX:
             raise ValueError(f"panic reason must be a 32-bit int, got {reason!r}")
-        self._claim()
+        if not self._claim():
+            return
         self._host._completed(self, encode(Panic(self._msg_id, category[:MAX_CATEGORY], reason)))
 
-    def _claim(self) -> None:
+    def _claim(self) -> bool:
+        """Mark the message completed; False if the client cancelled it (send nothing)."""
         with self._host._completion_lock:
+            if self._cancelled:
+                return False
             if self._done:
                 raise ServerPanic("USER", 70, f"message {self._msg_id} completed twice")
             self._done = True
+            return True
+
+    def _cancel(self) -> bool:
+        """The client cancelled it; True if it was still pending here."""
+        with self._host._completion_lock:
+            if self._done:
+                return False
+            self._done = self._cancelled = True
+            return True
+
+    def IsCancelled(self) -> bool:
+        """True if the client cancelled this message (it was completed for the client)."""
+        return self._cancelled
 
     def __repr__(self) -> str:
         state = "completed" if self._done else "pending"
@@ -445,6 +478,8 @@ class ServerHost:
         self.endpoint = endpoints.resolve(endpoint)
         self.sessions: dict[int, CSession] = {}
         self.clients: dict[int, ClientInfo] = {}
+        # Delivered requests not yet garbage (held, or in ServiceL): so a cancel can find them.
+        self._in_service: "weakref.WeakValueDictionary[int, RMessage]" = weakref.WeakValueDictionary()
         self._completion_lock = threading.Lock()
         self._outbox: collections.deque[bytes] = collections.deque()
         self._wakeup = WakePipe()
@@ -631,6 +666,7 @@ class ServerHost:
             self._report("request for an unknown session", f"handle 0x{request.handle:x}")
             message.Complete(errors.KErrBadHandle)
             return
+        self._in_service[request.msg_id] = message
         try:
             session.ServiceL(message)
         except Exception as exc:
@@ -667,8 +703,19 @@ class ServerHost:
             # The session's subsessions end with it, whatever an overriding Disconnect did.
             _close_subsessions(session)
 
+    def _on_cancelled(self, request: Cancelled) -> None:
+        message = self._in_service.get(request.msg_id)
+        if message is None or not message._cancel():
+            return  # completed already: the kernel dropped our completion, or will
+        session = message.Session()
+        try:
+            session.Cancelled(message)
+        except Exception:
+            log.exception("Cancelled raised")
+
     _handlers = {
         PeerInfo: _on_peer_info,
+        Cancelled: _on_cancelled,
         NewSession: _on_new_session,
         Deliver: _on_deliver,
         Disconnect: _on_disconnect,

@@ -16,6 +16,8 @@ import pytest
 
 from ipcfw import protocol
 from ipcfw.protocol import (
+    Cancel,
+    Cancelled,
     MAX_TOKEN,
     Open,
     Share,
@@ -109,6 +111,10 @@ ROUND_TRIP: list = [
     Open(2, b"t" * MAX_TOKEN),
     Shared(1, 0, b"\x00" * 16),
     Shared(2, I32_MIN, b""),
+    Cancel(1),
+    Cancel(U63_MAX),
+    Cancelled(1, 1),
+    Cancelled(U63_MAX, I32_MAX),
     # kernel -> client
     Welcome(0, MAX_FRAME, PROTOCOL_VERSION),
     Welcome(2**32 - 1, U63_MAX, PROTOCOL_VERSION),
@@ -145,7 +151,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 21
+    assert len(MESSAGE_CLASSES) == 23
 
 
 def test_every_kind_has_exactly_one_class() -> None:

@@ -60,6 +60,8 @@ from ..protocol import (
     Mode,
     NewSession,
     Open,
+    Cancel,
+    Cancelled,
     Panic,
     Panicked,
     Register,
@@ -287,6 +289,7 @@ class MessageRecord:
     kind: MessageKind
     session: SessionRecord
     reply_to: Optional[bytes]  # the channel that gets the answer; None once nobody waits
+    origin: Optional[bytes]  # the channel that sent it (kept when reply_to is cleared)
     req_id: int
     slot: SlotSource
     writable: dict  # arg index -> max length
@@ -313,6 +316,7 @@ class KernelState:
         self.max_frame = max_frame
         self.new_token = new_token
         self.tokens: dict[bytes, int] = {}  # ShareProtected token -> handle
+        self.cancellable: dict[tuple, int] = {}  # (channel rid, req_id) -> async msg_id
         self.pool_used = 0
         self.peers: dict[bytes, Peer] = {}
         self.processes: dict[tuple, ProcessRecord] = {}
@@ -329,6 +333,7 @@ class KernelState:
             Request: self._request,
             Close: self._close,
             Share: self._share,
+            Cancel: self._cancel,
             Open: self._open,
             Complete: self._complete,
             Panic: self._panic,
@@ -433,6 +438,7 @@ class KernelState:
             "pool_used": self.pool_used,
             "attached": sum(len(s.attached) for s in self.sessions.values()),
             "tokens": len(self.tokens),
+            "cancellable": len(self.cancellable),
         }
         for state in SessionState:
             counts[f"sessions_{state.value.lower()}"] = 0
@@ -611,6 +617,8 @@ class KernelState:
     def _share_error(session: SessionRecord, mode: int) -> int:
         if session.panic is not None or not session.deliverable:
             return errors.KErrServerTerminated
+        if session.state is _S.CONNECTING:
+            return errors.KErrNotReady  # only a connected session can be shared
         if mode > session.server.sharing:
             return errors.KErrPermissionDenied
         return errors.KErrNone
@@ -715,6 +723,8 @@ class KernelState:
             slot=self._take_slot(session, mode),
             writable=writable,
         )
+        if mode == Mode.ASYNC:
+            self.cancellable[(peer.rid, message.req_id)] = record.msg_id
         actions = self._inform(session.server, peer.process)
         actions.append(
             Send(
@@ -773,7 +783,7 @@ class KernelState:
         writable: Optional[dict] = None,
     ) -> MessageRecord:
         record = MessageRecord(
-            next(self._msg_ids), kind, session, reply_to, req_id, slot, writable or {}
+            next(self._msg_ids), kind, session, reply_to, reply_to, req_id, slot, writable or {}
         )
         self.messages[record.msg_id] = record
         session.messages.add(record.msg_id)
@@ -782,6 +792,8 @@ class KernelState:
 
     def _free_message(self, record: MessageRecord) -> None:
         del self.messages[record.msg_id]
+        if record.slot is not SlotSource.NONE:
+            self.cancellable.pop((record.origin, record.req_id), None)
         session = record.session
         session.messages.discard(record.msg_id)
         session.server.messages.pop(record.msg_id, None)
@@ -881,6 +893,23 @@ class KernelState:
         if record.kind is MessageKind.CONNECT:
             return Connected(record.req_id, code, 0, b"")
         return Completed(record.req_id, code, ())
+
+    def _cancel(self, peer: Peer, message: Cancel) -> list[Action]:
+        """Complete the request with KErrCancel now, free its slot, and tell the server.
+
+        A request already completed (or never async) is not found: nothing to do. The
+        server's later Complete finds no message and is dropped.
+        """
+        self._require_role(peer, Role.CHANNEL, message)
+        msg_id = self.cancellable.get((peer.rid, message.req_id))
+        if msg_id is None:
+            return []
+        record = self.messages[msg_id]
+        session = record.session
+        self._free_message(record)
+        actions = self._answer(record, Completed(record.req_id, errors.KErrCancel, ()))
+        actions.append(Send(session.server.rid, Cancelled(msg_id, session.handle)))
+        return actions
 
     def _stats(self, peer: Peer, message: Stats) -> list[Action]:
         return [Send(peer.rid, StatsReply(message.req_id, self.statistics()))]

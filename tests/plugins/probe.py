@@ -55,6 +55,9 @@ class ProbeSession(CSession):
             raise IpcError(KErrNotSupported, f"probe has no function {function}")
         handler(server, message)
 
+    def Cancelled(self, message: RMessage) -> None:
+        self.Server().record("cancelled", self._handle, message.Function(), message.Int0())
+
     def Disconnect(self, message: RMessage) -> None:
         self.Server().record("disconnect", self._handle)
         message.Complete(0)
