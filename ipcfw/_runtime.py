@@ -186,6 +186,27 @@ class Channel:
                 self.replies.pop(req_id, None)
                 self.last_used = time.monotonic()
 
+    def call_then(
+        self, frame: bytes, req_id: int, then_id: int, timeout: Optional[float]
+    ) -> tuple[Message, Optional[Message]]:
+        """A Connect carrying a first request: its Connected, then (if it succeeded) the first
+        request's answer, both awaited under one hold of the lock."""
+        self.check_size(frame)
+        with self.lock:
+            self.replies[req_id] = self.replies[then_id] = None
+            try:
+                self.socket.send(frame)
+                connected = self._receive(req_id, timeout)
+                if type(connected) is not Connected or connected.result < 0:
+                    return connected, None  # the kernel dropped the first request with it
+                answer = self._receive(then_id, timeout)
+                self._settle()
+                return connected, answer
+            finally:
+                self.replies.pop(req_id, None)
+                self.replies.pop(then_id, None)
+                self.last_used = time.monotonic()
+
     def _receive(self, req_id: int, timeout: Optional[float]) -> Message:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

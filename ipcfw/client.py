@@ -29,6 +29,7 @@ from . import errors
 from ._runtime import Channel, KernelGone, Pending, Runtime
 from .naming import name_problem
 from .protocol import (
+    MAX_PAYLOAD,
     MAX_TOKEN,
     Cancel,
     Close,
@@ -308,6 +309,7 @@ class RSession:
         self._runtime: Optional[Runtime] = None
         self._owner: Optional[threading.Thread] = None  # unshared sessions are its creator's alone
         self._sharing = 0  # 0 unshared, 1 ShareAuto (this process), 2 ShareProtected (by token)
+        self._negotiation_reply = b""
         self._dead: Optional[BaseException] = None
         self._pending: set[int] = set()
         self._abort_callback: Optional[Callable[["RSession", errors.IpcError], None]] = None
@@ -322,10 +324,13 @@ class RSession:
         *,
         endpoint: Optional[str] = None,
         timeout: Optional[float] = None,
+        payload: bytes = b"",
     ) -> "RSession":
         """Create and return a connected session (see `CreateSession`)."""
         session = cls()
-        session.CreateSession(name, version, message_slots, endpoint=endpoint, timeout=timeout)
+        session.CreateSession(
+            name, version, message_slots, endpoint=endpoint, timeout=timeout, payload=payload
+        )
         return session
 
     def CreateSession(
@@ -336,15 +341,24 @@ class RSession:
         *,
         endpoint: Optional[str] = None,
         timeout: Optional[float] = None,
-    ) -> None:
+        payload: bytes = b"",
+        first_request: Optional[tuple] = None,
+    ) -> Optional[int]:
         """Connect to the server registered as `name` (case-insensitive).
 
         `message_slots`: ``-1`` draws async slots from the kernel's pool, ``0`` allows only
         synchronous calls, ``1..255`` reserves that many for this session.
 
+        `payload` (at most 256 bytes) is the negotiation payload the server's ``AcceptL`` sees;
+        its answer is `NegotiationReply()` afterwards. `first_request` = ``(function, args)``
+        is sent with the connect and served in the same round trip: its completion value is
+        returned (or its error raised; the session stays connected either way). Without it,
+        returns None.
+
         Raises ``NotFound`` if no server has that name, ``BadName`` for an invalid name,
-        ``BadArgument`` for a bad slot count, and whatever the server's ``NewSessionL`` or
-        ``CreateL`` raised (``NotSupported`` for a version it does not serve).
+        ``BadArgument`` for a bad slot count or a payload over 256 bytes, and whatever the
+        server's ``AcceptL``, ``NewSessionL`` or ``CreateL`` raised (``NotSupported`` for a
+        version it does not serve).
         """
         if self._handle:
             raise errors.ClientPanic("KERN-EXEC", 57, "this RSession is already connected")
@@ -358,16 +372,49 @@ class RSession:
             raise errors.IpcError(
                 errors.KErrArgument, f"message_slots must be -1, 0 or 1..255, got {message_slots}"
             )
+        if not isinstance(payload, bytes):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        if len(payload) > MAX_PAYLOAD:
+            raise errors.IpcError(
+                errors.KErrArgument, f"negotiation payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}"
+            )
+        first, first_args = self._first_request(first_request)
         runtime = Runtime.for_endpoint(endpoint)
         req_id = runtime.next_req_id()
-        frame = encode(Connect(req_id, name, version, message_slots, b""))
-        reply = self._call(runtime, frame, req_id, timeout, connect=True)
+        if first:
+            first = (runtime.next_req_id(), *first)
+        frame = encode(Connect(req_id, name, version, message_slots, payload, first))
+        if first:
+            try:
+                reply, answer = runtime.channel().call_then(frame, req_id, first[0], timeout)
+            except KernelGone:
+                raise runtime.kernel_gone_error() from None
+        else:
+            reply, answer = self._call(runtime, frame, req_id, timeout, connect=True), None
         if type(reply) is Panicked:
             raise errors.ClientPanic(reply.category, reply.reason)
         if type(reply) is not Connected:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to connect: {reply!r}")
         errors.check(reply.result)
         self._attach(runtime, reply.handle, sharing=0)
+        self._negotiation_reply = reply.payload
+        return None if answer is None else self._finish(answer, first_args)
+
+    @staticmethod
+    def _first_request(first_request: Optional[tuple]) -> tuple[tuple, "TIpcArgs"]:
+        if first_request is None:
+            return (), _NO_ARGS
+        if not isinstance(first_request, tuple) or len(first_request) != 2:
+            raise TypeError("first_request must be a (function, args) pair")
+        function, args = first_request
+        if type(function) is not int or not 0 <= function <= _I32_MAX:
+            raise ValueError(f"first_request function must be in 0..2**31-1, got {function!r}")
+        ipc_args = TIpcArgs.of(args)
+        return (function, ipc_args.wire), ipc_args
+
+    def NegotiationReply(self) -> bytes:
+        """What the server's ``AcceptL`` answered to this session's connect (b"" if nothing)."""
+        return self._negotiation_reply
 
     @classmethod
     def Open(

@@ -49,6 +49,7 @@ __all__ = [
     "Welcome",
     "Register",
     "Connect",
+    "Negotiated",
     "Request",
     "Close",
     "Share",
@@ -73,7 +74,7 @@ __all__ = [
     "check_args",
 ]
 
-PROTOCOL_VERSION = 4  # 2: answers on the requesting channel; 3: sharing; 4: cancellation
+PROTOCOL_VERSION = 5  # 2: answers on the channel; 3: sharing; 4: cancel; 5: negotiation
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -108,6 +109,7 @@ class Kind(enum.IntEnum):
     CLOSE = 5
     COMPLETE = 6
     PANIC = 7
+    NEGOTIATED = 13
     STATS = 8
     SHARE = 9
     OPEN = 10
@@ -221,6 +223,17 @@ def check_args(value: Any) -> tuple:
     return value
 
 
+def _first(value: Any) -> tuple:
+    if value == ():
+        return value
+    if type(value) is not tuple or len(value) != 3:
+        raise ValueError("expected () or a (req_id, function, args) first request")
+    _u63(value[0])
+    _function(value[1])
+    check_args(value[2])
+    return value
+
+
 def _writes(value: Any) -> tuple:
     if type(value) is not tuple or len(value) > 4:
         raise ValueError("expected a tuple of at most 4 (index, bytes) writes")
@@ -265,13 +278,19 @@ class Register(NamedTuple):
 
 
 class Connect(NamedTuple):
-    """Channel -> kernel: create a session with a named server. Answered by Connected."""
+    """Channel -> kernel: create a session with a named server. Answered by Connected.
+
+    `payload` is the negotiation payload the server's ``AcceptL`` sees (seed 003). `first` is
+    ``()`` or ``(req_id, function, args)``: a first request, delivered right after the
+    session's creation and answered by Completed(req_id) on the same channel.
+    """
 
     req_id: int
     name: str
     version: tuple
     slots: int
     payload: bytes
+    first: tuple = ()
 
 
 class Request(NamedTuple):
@@ -288,6 +307,14 @@ class Close(NamedTuple):
     """Channel -> kernel: close a session handle. Not answered."""
 
     handle: int
+
+
+class Negotiated(NamedTuple):
+    """Server -> kernel: complete a connect message with the server's negotiation reply."""
+
+    msg_id: int
+    value: int
+    payload: bytes
 
 
 class Complete(NamedTuple):
@@ -442,7 +469,7 @@ class PeerInfo(NamedTuple):
 
 
 Message = Union[
-    Hello, Register, Connect, Request, Close, Share, Open, Complete, Panic, Stats, Welcome,
+    Hello, Register, Connect, Negotiated, Request, Close, Share, Open, Complete, Panic, Stats, Welcome,
     Connected, Completed, Panicked, Shared, SessionLost, StatsReply, NewSession, Deliver,
     Disconnect, PeerInfo, Cancel, Cancelled,
 ]
@@ -450,7 +477,8 @@ Message = Union[
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Hello: (Kind.HELLO, (_role, _u16)),
     Register: (Kind.REGISTER, (_u63, _str_upto(MAX_NAME), _sharing, _version)),
-    Connect: (Kind.CONNECT, (_u63, _str_upto(MAX_NAME), _version, _i32, _bytes_upto(MAX_PAYLOAD))),
+    Connect: (Kind.CONNECT, (_u63, _str_upto(MAX_NAME), _version, _i32, _bytes_upto(MAX_PAYLOAD), _first)),
+    Negotiated: (Kind.NEGOTIATED, (_u63, _i32, _bytes_upto(MAX_PAYLOAD))),
     Request: (Kind.REQUEST, (_u63, _handle, _function, check_args, _mode)),
     Close: (Kind.CLOSE, (_handle,)),
     Complete: (Kind.COMPLETE, (_u63, _i32, _writes)),
@@ -498,9 +526,7 @@ def decode(frame: bytes) -> Message:
     cls, checkers = entry
     fields = items[1:]
     if len(fields) != len(checkers):
-        raise ProtocolError(
-            f"{cls.__name__} needs {len(checkers)} fields, got {len(fields)}"
-        )
+        fields = _with_defaults(cls, checkers, fields)
     try:
         for check, value in zip(checkers, fields):
             check(value)
@@ -508,6 +534,14 @@ def decode(frame: bytes) -> Message:
         name, value = _first_bad_field(cls, checkers, fields)
         raise ProtocolError(f"{cls.__name__}.{name}: {exc}, got {_show(value)}") from None
     return tuple.__new__(cls, fields)  # what NamedTuple._make does, without the length check
+
+
+def _with_defaults(cls: Any, checkers: tuple, fields: tuple) -> tuple:
+    """Fill trailing fields that have defaults (added by later protocol versions)."""
+    missing = cls._fields[len(fields):]
+    if len(fields) > len(checkers) or not all(name in cls._field_defaults for name in missing):
+        raise ProtocolError(f"{cls.__name__} needs {len(checkers)} fields, got {len(fields)}")
+    return fields + tuple(cls._field_defaults[name] for name in missing)
 
 
 def _first_bad_field(cls: type, checkers: tuple, fields: tuple) -> tuple[str, Any]:

@@ -42,6 +42,8 @@ from .objectix import CObjectIx
 from ._zmqflags import NOBLOCK
 from .protocol import (
     MAX_CATEGORY,
+    MAX_PAYLOAD,
+    Negotiated,
     Cancelled,
     MAX_FRAME,
     PROTOCOL_VERSION,
@@ -125,6 +127,18 @@ class CServer:
     version: ClassVar[TVersion] = TVersion(1, 0, 0)
     sharing: ClassVar[int] = EUnsharableSessions
     session_class: ClassVar[Optional[type]] = None
+
+    def AcceptL(self, client: Optional["ClientInfo"], version: TVersion, payload: bytes) -> Optional[bytes]:
+        """Accept or reject a connect before any session exists (seed 003's condition function).
+
+        `client` is who connects (pid, uid, gid, exe, from the transport), `version` what it
+        asked for, `payload` the negotiation payload it sent (at most 256 bytes). Raise an
+        ``IpcError`` to reject: the client's ``CreateSession`` raises that error and
+        `NewSessionL` is never called. Return bytes (at most 256) to answer the negotiation:
+        the client reads them with ``RSession.NegotiationReply()``. The default accepts
+        everyone and answers nothing.
+        """
+        return None
 
     def NewSessionL(self, version: TVersion, message: "RMessage") -> "CSession":
         """Create the session object for a new client.
@@ -637,9 +651,11 @@ class ServerHost:
         self.clients[info.client] = ClientInfo(info.pid, info.uid, info.gid, info.exe)
 
     def _on_new_session(self, request: NewSession) -> None:
-        message = RMessage(self, request.msg_id, _MessageKind.CONNECT, -1, (),
-                           None, self.clients.get(request.client))
+        client = self.clients.get(request.client)
+        message = RMessage(self, request.msg_id, _MessageKind.CONNECT, -1, (), None, client)
         try:
+            reply = self.server.AcceptL(client, TVersion(*request.version), request.payload)
+            reply = _negotiation_reply(reply)
             session = self.server.NewSessionL(TVersion(*request.version), message)
             if not isinstance(session, CSession):
                 raise TypeError(f"NewSessionL returned {type(session).__name__}, not a CSession")
@@ -655,8 +671,8 @@ class ServerHost:
                 message.Complete(code)
             return
         self.sessions[request.handle] = session
-        if not message.IsNull():
-            message.Complete(errors.KErrNone)
+        if message._claim():
+            self._completed(message, encode(Negotiated(request.msg_id, errors.KErrNone, reply)))
 
     def _on_deliver(self, request: Deliver) -> None:
         session = self.sessions.get(request.handle)
@@ -740,6 +756,16 @@ class ServerHost:
         self._wakeup.drain()
         while self._outbox:
             self._socket.send(self._outbox.popleft())
+
+
+def _negotiation_reply(reply: object) -> bytes:
+    if reply is None:
+        return b""
+    if not isinstance(reply, bytes):
+        raise TypeError(f"AcceptL must return bytes or None, not {type(reply).__name__}")
+    if len(reply) > MAX_PAYLOAD:
+        raise ValueError(f"AcceptL's reply of {len(reply)} bytes exceeds {MAX_PAYLOAD}")
+    return reply
 
 
 def _close_subsessions(session: CSession) -> None:

@@ -185,8 +185,10 @@ def _wrong_field_count(rng: random.Random, samples: Sequence[Message], wrong_way
     choice = rng.randrange(3)
     if choice == 0:
         return [_pack(kind)]
+    if choice == 1 and type(sample)._fields[-1] not in type(sample)._field_defaults:
+        return [_pack(kind, *fields[:-1])]  # (a trailing field with a default may be left out)
     if choice == 1:
-        return [_pack(kind, *fields[:-1])]
+        return [_pack(kind)]
     return [_pack(kind, *fields, 0)]
 
 

@@ -47,6 +47,7 @@ from ipcfw.errors import (
     KErrPermissionDenied,
 )
 from ipcfw.protocol import (
+    Negotiated,
     PROTOCOL_VERSION,
     MAX_FRAME,
     MAX_PAYLOAD,
@@ -398,8 +399,9 @@ class FakeKernel:
             self.drain(int(remaining * 1000) + 1)
 
     def completion(self, msg_id: int) -> Complete:
+        """The server's answer to message `msg_id` (a connect is answered by Negotiated)."""
         return self.wait_for(f"Complete for message {msg_id}",
-                             lambda m: type(m) is Complete and m.msg_id == msg_id)
+                             lambda m: type(m) in (Complete, Negotiated) and m.msg_id == msg_id)
 
 
 def _nonsense(rng: random.Random, msg_id: int) -> tuple[Message, Optional[int]]:
@@ -502,7 +504,7 @@ def test_server_survives_garbage_from_its_kernel() -> None:
         # A real session still works: PeerInfo, NewSession, requests, Disconnect.
         fake.send_message(PeerInfo(1, os.getpid(), os.getuid(), os.getgid(), sys.executable))
         fake.send_message(NewSession(5000, 77, (1, 0, 0), 1, b""))
-        assert fake.completion(5000) == Complete(5000, KErrNone, ())
+        assert fake.completion(5000) == Negotiated(5000, KErrNone, b"")  # an accepted connect
         fake.send_message(Deliver(5001, 77, EEcho, (42,), 1))
         assert fake.completion(5001) == Complete(5001, 42, ())
         fake.send_message(Deliver(5002, 77, EClient, ((b"", 4096),), 1))

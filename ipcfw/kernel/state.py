@@ -58,6 +58,7 @@ from ..protocol import (
     Hello,
     Message,
     Mode,
+    Negotiated,
     NewSession,
     Open,
     Cancel,
@@ -336,6 +337,7 @@ class KernelState:
             Cancel: self._cancel,
             Open: self._open,
             Complete: self._complete,
+            Negotiated: self._negotiated,
             Panic: self._panic,
             Stats: self._stats,
         }
@@ -509,6 +511,11 @@ class KernelState:
                 ),
             )
         )
+        if message.first:
+            # Connect with first data (seed 003): delivered right behind the connect, so it
+            # is served in the same round trip; a failed connect drops it with the session.
+            req_id, function, args = message.first
+            actions += self._request(peer, Request(req_id, session.handle, function, args, Mode.SYNC))
         return actions
 
     def _connect_error(self, message: Connect) -> int:
@@ -847,14 +854,23 @@ class KernelState:
             return []
         return self._answer(record, Completed(record.req_id, value, writes))
 
-    def _connect_done(self, record: MessageRecord, value: int) -> list[Action]:
+    def _negotiated(self, peer: Peer, message: Negotiated) -> list[Action]:
+        record = self._own_message(peer, message.msg_id, message)
+        if record is None:
+            return []
+        if record.kind is not MessageKind.CONNECT:
+            raise PeerMisbehaved("negotiated a request", f"message {message.msg_id} is not a connect")
+        self._free_message(record)
+        return self._connect_done(record, message.value, message.payload)
+
+    def _connect_done(self, record: MessageRecord, value: int, payload: bytes = b"") -> list[Action]:
         session = record.session
         if value < 0:
             actions = self._transition(session, _E.CONNECT_FAILED)
             return actions + self._answer(record, Connected(record.req_id, value, 0, b""))
         actions = self._transition(session, _E.CONNECT_OK)
         return actions + self._answer(
-            record, Connected(record.req_id, errors.KErrNone, session.handle, b"")
+            record, Connected(record.req_id, errors.KErrNone, session.handle, payload)
         )
 
     def _panic(self, peer: Peer, message: Panic) -> list[Action]:
