@@ -5,7 +5,8 @@ clients are any Python processes holding `RSession` handles. See docs/getting-st
 """
 
 from . import errors
-from .client import RSession, TIpcArgs, TRequestStatus, User, kernel_statistics
+from .client import RSession, TIpcArgs, TRequestStatus, User, kernel_statistics, terminate_server
+from .protocol import TerminationReason
 from .errors import *  # noqa: F401,F403  (codes and exception classes)
 from .errors import __all__ as _error_names
 from .objectix import CObjectIx
@@ -34,6 +35,8 @@ __all__ = [
     "TVersion",
     "User",
     "kernel_statistics",
+    "terminate_server",
+    "TerminationReason",
     "CServer",
     "CSession",
     "CObjectIx",

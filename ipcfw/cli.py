@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=_run_bench, endpoint=None, bench_args=[])
 
+    terminate = commands.add_parser(
+        "terminate", help="end a server's registration (administrator); waits for its held messages"
+    )
+    terminate.add_argument("name", help="the server's name")
+    terminate.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+    _endpoint_option(terminate)
+    terminate.set_defaults(run=_run_terminate)
+
     ps = commands.add_parser("ps", help="show the kernel's counters")
     _endpoint_option(ps)
     ps.set_defaults(run=_run_ps)
@@ -151,6 +159,14 @@ def _run_bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
     return bench_main(args.bench_args)
+
+
+def _run_terminate(args: argparse.Namespace) -> int:
+    from .client import terminate_server
+
+    terminate_server(args.name, endpoint=args.endpoint, timeout=args.timeout)
+    print(f"server {args.name!r} terminated")
+    return 0
 
 
 def _run_ps(args: argparse.Namespace) -> int:

@@ -43,13 +43,15 @@ from .protocol import (
     Share,
     Shared,
     Stats,
+    Terminate,
+    TerminationReason,
     encode,
 )
 from .version import TVersion, to_version
 
 log = logging.getLogger("ipcfw.client")
 
-__all__ = ["RSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics"]
+__all__ = ["RSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics", "terminate_server"]
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 Arg = Union[int, bytes, bytearray]
@@ -646,6 +648,28 @@ class RSession:
             callback(self, error)
         except Exception:
             log.exception("an abort callback raised")
+
+
+def terminate_server(
+    name: str,
+    reason: TerminationReason = TerminationReason.ADMINISTRATOR,
+    *,
+    endpoint: Optional[str] = None,
+    timeout: Optional[float] = None,
+) -> None:
+    """End server `name`'s registration with `reason` (what ``ipcfw terminate`` does).
+
+    The server's ``TerminateIndication`` is called; no new request reaches it; this returns
+    once the messages it still held have been completed and its name is free. Raises
+    ``NotFound`` if no server has that name, ``TimeoutError`` after `timeout` seconds.
+    """
+    runtime = Runtime.for_endpoint(endpoint)
+    req_id = runtime.next_req_id()
+    try:
+        reply = runtime.channel().call(encode(Terminate(req_id, name, int(reason))), req_id, timeout)
+    except KernelGone:
+        raise runtime.kernel_gone_error() from None
+    errors.check(reply.value)
 
 
 def kernel_statistics(endpoint: Optional[str] = None, timeout: float = 5.0) -> dict[str, int]:

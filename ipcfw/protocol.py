@@ -57,6 +57,10 @@ __all__ = [
     "Shared",
     "Cancel",
     "Cancelled",
+    "Terminate",
+    "Deregister",
+    "Terminating",
+    "TerminationReason",
     "Complete",
     "Panic",
     "Stats",
@@ -74,7 +78,7 @@ __all__ = [
     "check_args",
 ]
 
-PROTOCOL_VERSION = 5  # 2: answers on the channel; 3: sharing; 4: cancel; 5: negotiation
+PROTOCOL_VERSION = 6  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation; 6: terminate
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -114,6 +118,8 @@ class Kind(enum.IntEnum):
     SHARE = 9
     OPEN = 10
     CANCEL = 12
+    TERMINATE = 14
+    DEREGISTER = 15
     # kernel -> client
     WELCOME = 20
     CONNECTED = 21
@@ -128,6 +134,17 @@ class Kind(enum.IntEnum):
     DISCONNECT = 42
     PEER_INFO = 43
     CANCELLED = 45
+    TERMINATING = 46
+
+
+class TerminationReason(enum.IntEnum):
+    """Why a server's registration ends (seed 002's session termination reasons)."""
+
+    SHUTDOWN = 1  # the kernel is shutting down
+    REPLACED = 2  # another instance takes the name over
+    ADMINISTRATOR = 3  # an administrator asked (`ipcfw terminate`)
+    POLICY = 4  # a security policy revoked it
+    DEREGISTERED = 5  # the server asked itself (ServerHost.Deregister)
 
 
 class Role(enum.IntEnum):
@@ -199,6 +216,7 @@ _sharing = _int_in(0, 2, "a sharing mode 0..2")
 _role = _int_in(min(Role), max(Role), "a role")
 _mode = _int_in(min(Mode), max(Mode), "a mode")
 _u16 = _int_in(0, 0xFFFF, "an unsigned 16-bit int")
+_reason = _int_in(min(TerminationReason), max(TerminationReason), "a termination reason")
 
 
 def check_args(value: Any) -> tuple:
@@ -451,6 +469,28 @@ class Disconnect(NamedTuple):
     handle: int
 
 
+class Terminate(NamedTuple):
+    """Channel -> kernel: end server `name`'s registration with `reason`. Answered by
+    Completed(req_id) once its outstanding messages have completed."""
+
+    req_id: int
+    name: str
+    reason: int
+
+
+class Deregister(NamedTuple):
+    """Server -> kernel: end my registration. Answered by Completed(req_id) once my
+    outstanding messages have completed."""
+
+    req_id: int
+
+
+class Terminating(NamedTuple):
+    """Kernel -> server: your registration is ending (the termination indication)."""
+
+    reason: int
+
+
 class Cancelled(NamedTuple):
     """Kernel -> server: the client cancelled message `msg_id`; it has been completed for it."""
 
@@ -471,7 +511,7 @@ class PeerInfo(NamedTuple):
 Message = Union[
     Hello, Register, Connect, Negotiated, Request, Close, Share, Open, Complete, Panic, Stats, Welcome,
     Connected, Completed, Panicked, Shared, SessionLost, StatsReply, NewSession, Deliver,
-    Disconnect, PeerInfo, Cancel, Cancelled,
+    Disconnect, PeerInfo, Cancel, Cancelled, Terminate, Deregister, Terminating,
 ]
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
@@ -498,6 +538,9 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Deliver: (Kind.DELIVER, (_u63, _handle, _function, check_args, _u63)),
     Disconnect: (Kind.DISCONNECT, (_u63, _handle)),
     Cancelled: (Kind.CANCELLED, (_u63, _handle)),
+    Terminate: (Kind.TERMINATE, (_u63, _str_upto(MAX_NAME), _reason)),
+    Deregister: (Kind.DEREGISTER, (_u63,)),
+    Terminating: (Kind.TERMINATING, (_reason,)),
     PeerInfo: (Kind.PEER_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH))),
 }
 

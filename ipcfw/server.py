@@ -42,6 +42,9 @@ from .objectix import CObjectIx
 from ._zmqflags import NOBLOCK
 from .protocol import (
     MAX_CATEGORY,
+    Deregister,
+    Terminating,
+    TerminationReason,
     MAX_PAYLOAD,
     Negotiated,
     Cancelled,
@@ -88,6 +91,7 @@ EGlobalSharableSessions = 2
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _REGISTER_TIMEOUT = 5.0
+_DEREGISTER_REQ = 2  # the request id of Deregister (Register used 1)
 _KERNEL_RETRY = 0.2  # seconds between looks for a new kernel after the old one died
 
 
@@ -139,6 +143,16 @@ class CServer:
         everyone and answers nothing.
         """
         return None
+
+    def TerminateIndication(self, reason: TerminationReason) -> None:
+        """The kernel is ending this server's registration (seed 002's termination indication).
+
+        Called once, on the host's loop thread. From now on no new request is delivered and
+        new connects fail with ``ServerTerminated``; complete the messages you still hold (they
+        reach their clients). The registration ends when none is left. Do not call
+        ``ServerHost.Deregister`` from here (it would wait for this very thread): it raises.
+        The default does nothing.
+        """
 
     def NewSessionL(self, version: TVersion, message: "RMessage") -> "CSession":
         """Create the session object for a new client.
@@ -501,6 +515,9 @@ class ServerHost:
         self._loop_thread: Optional[int] = None
         self._problems: collections.Counter[str] = collections.Counter()
         self.kernel_died = False
+        self._indicated = False
+        self._in_indication = False
+        self._deregistered: Optional[threading.Event] = None
         self.reconnect = reconnect
         self.max_frame = MAX_FRAME
 
@@ -719,6 +736,54 @@ class ServerHost:
             # The session's subsessions end with it, whatever an overriding Disconnect did.
             _close_subsessions(session)
 
+    def _on_terminating(self, notice: Terminating) -> None:
+        if self._indicated:
+            return
+        self._indicated = True
+        log.warning("server %r: the kernel ends its registration (%s)",
+                    self.server.name, TerminationReason(notice.reason).name)
+        self._in_indication = True
+        try:
+            self.server.TerminateIndication(TerminationReason(notice.reason))
+        except Exception:
+            log.exception("TerminateIndication raised")
+        finally:
+            self._in_indication = False
+        # Deregister ourselves (without waiting here): the host stops once the kernel says
+        # every outstanding message has completed.
+        if self._deregistered is None:
+            self._deregistered = threading.Event()
+            self._socket.send(encode(Deregister(_DEREGISTER_REQ)))
+
+    def _on_completed(self, reply: Completed) -> None:
+        if reply.req_id == _DEREGISTER_REQ and self._deregistered is not None:
+            self._deregistered.set()
+            self.stop()
+
+    def Deregister(self, timeout: Optional[float] = None) -> None:
+        """End this server's registration: no new requests; returns once every message still
+        outstanding has been completed (seed 002), then the host stops.
+
+        Call it from another thread than the loop (the loop must go on completing the
+        outstanding messages); from the loop thread, including from ``TerminateIndication``,
+        it raises ``RuntimeError`` instead of deadlocking. Raises ``TimeoutError`` if
+        `timeout` seconds pass first.
+        """
+        if threading.get_ident() == self._loop_thread:
+            where = "TerminateIndication" if self._in_indication else "the server's loop thread"
+            raise RuntimeError(
+                f"Deregister() called from {where}: it waits for the loop to complete the "
+                "outstanding messages, so it must be called from another thread"
+            )
+        if self._loop_thread is None:
+            raise RuntimeError("the server is not running")
+        if self._deregistered is None:
+            self._deregistered = threading.Event()
+            self._outbox.append(encode(Deregister(_DEREGISTER_REQ)))
+            self._wake()
+        if not self._deregistered.wait(timeout):
+            raise TimeoutError(f"outstanding messages still pending after {timeout} s")
+
     def _on_cancelled(self, request: Cancelled) -> None:
         message = self._in_service.get(request.msg_id)
         if message is None or not message._cancel():
@@ -730,6 +795,8 @@ class ServerHost:
             log.exception("Cancelled raised")
 
     _handlers = {
+        Terminating: _on_terminating,
+        Completed: _on_completed,
         PeerInfo: _on_peer_info,
         Cancelled: _on_cancelled,
         NewSession: _on_new_session,

@@ -16,6 +16,9 @@ import pytest
 
 from ipcfw import protocol
 from ipcfw.protocol import (
+    Deregister,
+    Terminate,
+    Terminating,
     Negotiated,
     Cancel,
     Cancelled,
@@ -114,6 +117,11 @@ ROUND_TRIP: list = [
     Shared(2, I32_MIN, b""),
     Cancel(1),
     Cancel(U63_MAX),
+    Terminate(1, "server", 3),
+    Terminate(U63_MAX, "x" * MAX_NAME, 5),
+    Deregister(2),
+    Terminating(1),
+    Terminating(5),
     Negotiated(1, 0, b""),
     Negotiated(U63_MAX, I32_MIN, b"p" * MAX_PAYLOAD),
     Connect(4, "first", (1, 0, 0), 0, b"hi", (5, 1, (7, b"x", (b"", 4)))),
@@ -155,7 +163,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 24
+    assert len(MESSAGE_CLASSES) == 27
 
 
 def test_every_kind_has_exactly_one_class() -> None:

@@ -29,7 +29,13 @@ Rules this module keeps:
    is dropped silently.
 5. A session's lifecycle is the table `_SESSION_TRANSITIONS`; an event not in it for the current
    state raises `KernelInvariantError` and changes nothing.
-6. A peer that breaks the protocol (wrong role, unknown message id of its own server...) gets
+6. A server's registration can be terminated with a reason (Terminate from an administrator,
+   Deregister from the server itself; seed 002). From then on no new request is delivered
+   (KErrServerTerminated) and connects to the name fail with KErrServerTerminated;
+   outstanding messages still complete and reach their clients. When none is left, every
+   waiter gets its Completed, the name is released and the sessions end as if the server
+   had died.
+7. A peer that breaks the protocol (wrong role, unknown message id of its own server...) gets
    `PeerMisbehaved` raised before any table changes; the loop logs it once per kind and drops
    the message. Other peers are never affected.
 """
@@ -58,6 +64,7 @@ from ..protocol import (
     Hello,
     Message,
     Mode,
+    Deregister,
     Negotiated,
     NewSession,
     Open,
@@ -72,6 +79,9 @@ from ..protocol import (
     Share,
     Shared,
     Stats,
+    Terminate,
+    TerminationReason,
+    Terminating,
     StatsReply,
     Welcome,
 )
@@ -256,6 +266,8 @@ class ServerRecord:
     sessions: set = field(default_factory=set)
     messages: dict = field(default_factory=dict)  # msg_id -> MessageRecord
     informed: set = field(default_factory=set)  # client keys this server has a PeerInfo for
+    terminating: Optional[int] = None  # the TerminationReason once termination began
+    waiters: list = field(default_factory=list)  # (rid, req_id) answered when it has ended
 
 
 @dataclass(eq=False)
@@ -318,6 +330,7 @@ class KernelState:
         self.new_token = new_token
         self.tokens: dict[bytes, int] = {}  # ShareProtected token -> handle
         self.cancellable: dict[tuple, int] = {}  # (channel rid, req_id) -> async msg_id
+        self.terminating: set[ServerRecord] = set()  # servers whose registration is ending
         self.pool_used = 0
         self.peers: dict[bytes, Peer] = {}
         self.processes: dict[tuple, ProcessRecord] = {}
@@ -335,6 +348,8 @@ class KernelState:
             Close: self._close,
             Share: self._share,
             Cancel: self._cancel,
+            Terminate: self._terminate,
+            Deregister: self._deregister,
             Open: self._open,
             Complete: self._complete,
             Negotiated: self._negotiated,
@@ -386,7 +401,10 @@ class KernelState:
             raise PeerMisbehaved(
                 "wrong direction", f"{type(message).__name__} is not sent to the kernel"
             )
-        return handler(peer, message)
+        actions = handler(peer, message)
+        if self.terminating:
+            actions += self._finish_terminations()
+        return actions
 
     def peer_gone(self, rid: bytes) -> list[Action]:
         """A peer's socket disconnected (its thread ended, or its process died)."""
@@ -407,6 +425,8 @@ class KernelState:
             session = self.sessions.get(handle)
             if session is not None and session.held:
                 actions += self._client_closed(session)
+        if self.terminating:
+            actions += self._finish_terminations()
         if not process.peers:
             for handle in sorted(process.sessions):  # shared sessions end with their process
                 session = self.sessions.get(handle)
@@ -477,7 +497,12 @@ class KernelState:
         del self.server_of_peer[server.rid]
         if self.servers.get(lookup_key(server.name)) is server:
             del self.servers[lookup_key(server.name)]
-        actions: list[Action] = []
+        self.terminating.discard(server)
+        actions: list[Action] = [
+            Send(rid, Completed(req_id, errors.KErrNone, ())) for rid, req_id in server.waiters
+            if rid in self.peers
+        ]
+        server.waiters.clear()
         for handle in sorted(server.sessions):
             actions += self._transition(self.sessions[handle], _E.SERVER_DIED)
         return actions
@@ -523,8 +548,11 @@ class KernelState:
             return errors.KErrBadName
         if not -1 <= message.slots <= MAX_SESSION_SLOTS:
             return errors.KErrArgument
-        if lookup_key(message.name) not in self.servers:
+        server = self.servers.get(lookup_key(message.name))
+        if server is None:
             return errors.KErrNotFound
+        if server.terminating is not None:
+            return errors.KErrServerTerminated
         return errors.KErrNone
 
     def _new_handle(self) -> int:
@@ -750,6 +778,8 @@ class KernelState:
         return actions
 
     def _request_error(self, session: SessionRecord, mode: int, writable: dict) -> int:
+        if session.server.terminating is not None:
+            return errors.KErrServerTerminated  # nothing new is delivered once it is ending
         if writable and sum(writable.values()) > self.max_frame - _COMPLETION_OVERHEAD:
             # The server could fill them all: its completion would exceed the frame limit,
             # which zmq enforces by dropping the server's connection.
@@ -925,6 +955,43 @@ class KernelState:
         self._free_message(record)
         actions = self._answer(record, Completed(record.req_id, errors.KErrCancel, ()))
         actions.append(Send(session.server.rid, Cancelled(msg_id, session.handle)))
+        return actions
+
+    # -- termination (seed 002) ---------------------------------------------------------------
+
+    def _terminate(self, peer: Peer, message: Terminate) -> list[Action]:
+        self._require_role(peer, Role.CHANNEL, message)
+        server = self.servers.get(lookup_key(message.name))
+        if server is None:
+            return [Send(peer.rid, Completed(message.req_id, errors.KErrNotFound, ()))]
+        return self._begin_termination(server, message.reason, (peer.rid, message.req_id))
+
+    def _deregister(self, peer: Peer, message: Deregister) -> list[Action]:
+        server = self.server_of_peer.get(peer.rid)
+        if server is None:
+            raise PeerMisbehaved("not a server", "Deregister from a peer that registered no server")
+        return self._begin_termination(server, TerminationReason.DEREGISTERED, (peer.rid, message.req_id))
+
+    def _begin_termination(self, server: ServerRecord, reason: int, waiter: tuple) -> list[Action]:
+        server.waiters.append(waiter)
+        actions: list[Action] = []
+        if server.terminating is None:
+            server.terminating = reason
+            self.terminating.add(server)
+            if reason != TerminationReason.DEREGISTERED:
+                actions.append(Send(server.rid, Terminating(reason)))  # the indication, once
+        return actions + self._finish_termination_if_drained(server)
+
+    def _finish_termination_if_drained(self, server: ServerRecord) -> list[Action]:
+        """End the registration once no message of the server is outstanding."""
+        if server.terminating is None or server.messages:
+            return []
+        return self._server_died(server)  # answers the waiters, releases the name
+
+    def _finish_terminations(self) -> list[Action]:
+        actions: list[Action] = []
+        for server in list(self.terminating):
+            actions += self._finish_termination_if_drained(server)
         return actions
 
     def _stats(self, peer: Peer, message: Stats) -> list[Action]:
