@@ -124,6 +124,7 @@ class Channel:
         self.poller.register(self.fd, zmq.POLLIN)
         self.last_used = time.monotonic()
         self.retired = False  # its thread ended; the I/O thread owns it now
+        self.closed = False
         # Synchronous calls in progress on this channel (req_id -> reply once read). A
         # done-callback run during a call may settle the channel and read the call's reply.
         self.replies: dict[int, Optional[Message]] = {}
@@ -231,7 +232,8 @@ class Channel:
         if not self.lock.acquire(blocking=False):
             return False
         try:
-            self._settle()
+            if not self.closed:  # its thread ended and retired it meanwhile
+                self._settle()
         finally:
             self.lock.release()
         return True
@@ -264,6 +266,7 @@ class Channel:
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             self.socket.close()
 
 
@@ -544,7 +547,10 @@ class _Inbox:
             for channel in watched:
                 poller.register(channel.fd, zmq.POLLIN)
             waiting = any(c.pending or c.abandoned for c in self.runtime.channels)
-            ready = dict(poller.poll(IDLE * 1000 if waiting else None))
+            try:
+                ready = dict(poller.poll(IDLE * 1000 if waiting else None))
+            except zmq.ZMQError:
+                continue  # a watched channel was closed under us (its thread ended): look again
             if self._wakeup.fd in ready:
                 self._wakeup.drain()
             if socket in ready:
@@ -562,7 +568,7 @@ class _Inbox:
         now = time.monotonic()
         return [
             c for c in list(self.runtime.channels)
-            if (c.pending or c.abandoned) and (c.retired or now - c.last_used > IDLE)
+            if not c.closed and (c.pending or c.abandoned) and (c.retired or now - c.last_used > IDLE)
         ]
 
     def _close_finished_retirees(self) -> None:

@@ -315,6 +315,7 @@ class RSession:
         self._dead: Optional[BaseException] = None
         self._pending: set[int] = set()
         self._abort_callback: Optional[Callable[["RSession", errors.IpcError], None]] = None
+        self._sync_calls: dict[int, Channel] = {}  # req_id -> channel, of sync calls in flight
         self._lock = threading.Lock()
 
     @classmethod
@@ -507,7 +508,12 @@ class RSession:
         req_id = runtime.next_req_id()
         if status is None:
             frame = encode(Request(req_id, handle, function, ipc_args.wire, Mode.SYNC))
-            return self._finish(self._call(runtime, frame, req_id, timeout), ipc_args)
+            channel = runtime.channel()
+            self._sync_calls[req_id] = channel  # so a Close from another thread can end it
+            try:
+                return self._finish(self._call(runtime, frame, req_id, timeout), ipc_args)
+            finally:
+                self._sync_calls.pop(req_id, None)
         frame = encode(Request(req_id, handle, function, ipc_args.wire, Mode.ASYNC))
         channel = runtime.channel()
         status._begin(channel, req_id)
@@ -556,6 +562,11 @@ class RSession:
         runtime.forget_session(handle, self)
         for req_id in pending:
             runtime.complete(req_id, errors.KErrSessionClosed)
+        for req_id, channel in list(self._sync_calls.items()):
+            # Another thread waits in a sync call on this session: the kernel will not answer
+            # it now, so it is answered here (its thread sees this within one wait slice).
+            if req_id in channel.replies:
+                channel.replies[req_id] = Completed(req_id, errors.KErrSessionClosed, ())
         # When the creating thread has ended, its channel's end already closed the session.
         if not runtime.kernel_dead and not owner_gone:
             runtime.channel().send(encode(Close(handle)))

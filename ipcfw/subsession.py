@@ -164,6 +164,8 @@ class RSubSession:
                 except errors.IpcError as exc:
                     log.debug("subsession 0x%x: closing it gave %s (ignored)", handle, exc)
                 except errors.ClientPanic as exc:
+                    if session._dead is None:
+                        raise  # refused (a thread that may not use the session): still open
                     log.debug("subsession 0x%x: its session is dead: %s", handle, exc)
         # Only now: a bad `function` (TypeError) or an interrupted wait leaves it open, to retry.
         self._session, self._handle = None, 0

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+import ipcfw
 from ipcfw import ClientPanic, RSession, TRequestStatus, User
 from conftest import wait_until
 from plugins import probe
@@ -169,3 +170,44 @@ def test_close_after_the_creating_thread_ended(probe_server):
     thread.join(10)
     holder[0].Close()  # the kernel closed it with the thread's channel; this only tidies up
     assert holder[0].Handle() == 0
+
+
+def test_threads_ending_right_after_async_calls_leave_the_io_thread_alive(probe_server):
+    def one() -> None:
+        with connect() as session:
+            status = TRequestStatus()
+            session.SendReceive(probe.ESleep, (20, 1), status)
+            assert status.Wait(5) == 1
+
+    for _ in range(40):
+        thread = threading.Thread(target=one)
+        thread.start()
+        thread.join(10)
+    assert any(t.name == "ipcfw-inbox" and t.is_alive() for t in threading.enumerate())
+    with connect() as session:  # the I/O thread still settles idle channels
+        fired = threading.Event()
+        status = TRequestStatus()
+        status.add_done_callback(lambda s: fired.set())
+        session.SendReceive(probe.ESleep, (20, 2), status)
+        assert fired.wait(5)
+
+
+def test_closing_a_shared_session_ends_another_threads_sync_call(probe_server):
+    session = connect()
+    session.ShareAuto()
+    outcome: list = []
+
+    def blocked() -> None:
+        try:
+            outcome.append(session.SendReceive(probe.EHold, (1,)))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=blocked)
+    thread.start()
+    wait_until(lambda: session._sync_calls, what="the sync call to be in flight")
+    started = time.monotonic()
+    session.Close()
+    thread.join(5)
+    assert len(outcome) == 1 and isinstance(outcome[0], ipcfw.SessionClosed)
+    assert time.monotonic() - started < 2

@@ -13,7 +13,9 @@ Conventions for Markdown code blocks in ``docs/`` (the info string after the ope
 
 The walkthrough in docs/getting-started.md hosts ``hello_server:HelloServer`` with
 ``ipcfw serve`` from the directory holding the saved files (as the guide says to), and again
-with the guide's ``host_hello.py``.
+with the guide's ``host_hello.py``. Any other page with ``run`` blocks is run the same way: its
+``file=`` blocks are saved in one directory, every ``ipcfw serve MODULE:CLASS`` line of its
+```` ```sh ```` blocks is started there, and its ``run`` blocks are run in order.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def inline_code(path: Path) -> list[str]:
 
 def test_markdown_files_are_found():
     assert GUIDE in MARKDOWN
-    for name in ("README.md", "concepts.md", "protocol.md", "architecture.md", "errors.md"):
+    for name in ("README.md", "concepts.md", "protocol.md", "architecture.md", "errors.md", "sharing.md"):
         assert DOCS / name in MARKDOWN
 
 
@@ -310,3 +312,41 @@ def test_guide_host_from_python(kernel, guide_dir):
     _run_block(kernel, guide_dir, client, 0)
     host.popen.send_signal(signal.SIGINT)  # the guide's signal handler stops the host cleanly
     assert host.popen.wait(10) == 0, host.log()
+
+
+# -- (d) other pages' code, run against real processes ----------------------------------------
+
+_SERVE = re.compile(r"^\s*ipcfw serve (\S+:\S+)\s*$", re.MULTILINE)
+
+
+def _runnable(path: Path) -> bool:
+    return any(b.language == "python" and "run" in b.options for b in code_blocks(path))
+
+
+RUNNABLE_PAGES = [p for p in sorted(DOCS.glob("*.md")) if p != GUIDE and _runnable(p)]
+
+
+def test_pages_with_runnable_examples_are_found():
+    assert DOCS / "sharing.md" in RUNNABLE_PAGES
+
+
+@pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=lambda p: p.name)
+def test_page_examples_run(kernel, tmp_path, page):
+    blocks = code_blocks(page)
+    for block in blocks:
+        if block.language == "python" and block.file:
+            (tmp_path / block.file).write_text(block.code)
+    plugins = [m for b in blocks if b.language == "sh" for m in _SERVE.findall(b.code)]
+    servers = [
+        _start(kernel, tmp_path, [*_ipcfw_command(), "serve", plugin], f"serve-{index}")
+        for index, plugin in enumerate(plugins)
+    ]
+    wait_until(
+        lambda: kernel.statistics()["servers"] == len(plugins) or not all(s.alive() for s in servers),
+        what=f"{page.name}'s servers to register",
+    )
+    for server in servers:
+        assert server.alive(), f"{server.argv} exited:\n{server.log()}"
+    runs = [b for b in blocks if b.language == "python" and "run" in b.options]
+    for index, block in enumerate(runs):
+        _run_block(kernel, tmp_path, block, index)

@@ -690,3 +690,30 @@ def test_kv_client_walks_a_cursor_and_closes_it(kv):
     assert "cursor on prefix 's'  -> ['shape', 'size']" in result.stdout
     with RSession.connect("kv") as session:
         assert _open_cursors(session) == 0
+
+
+def test_close_subsession_from_a_thread_that_may_not_use_the_session_raises(kernel):
+    import threading
+
+    from ipcfw import ClientPanic, RSession, RSubSession
+    from servers.kv import ECloseCursor, EOpenCursor
+
+    kernel.serve("servers.kv:KvServer", "kv")
+    with RSession.connect("kv") as session:
+        cursor = RSubSession()
+        cursor.CreateSubSession(session, EOpenCursor, (b"",))
+        caught: list = []
+
+        def close_elsewhere() -> None:
+            try:
+                cursor.CloseSubSession(ECloseCursor)
+            except BaseException as exc:
+                caught.append(exc)
+
+        thread = threading.Thread(target=close_elsewhere)
+        thread.start()
+        thread.join(10)
+        assert len(caught) == 1 and isinstance(caught[0], ClientPanic)
+        assert cursor.SubSessionHandle() != 0  # still open: its owner can close it
+        cursor.CloseSubSession(ECloseCursor)
+        assert cursor.SubSessionHandle() == 0
