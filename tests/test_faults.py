@@ -37,6 +37,7 @@ def test_server_death_completes_outstanding_requests_with_server_terminated(kern
 
 def test_client_death_disconnects_its_sessions(kernel):
     kernel.serve("plugins.probe:ProbeServer", "probe")
+    before = kernel.statistics()
     script = (
         "import os, signal, ipcfw; from plugins import probe\n"
         "sessions = [ipcfw.RSession.connect('probe', (1, 2, 0)) for _ in range(3)]\n"
@@ -46,10 +47,16 @@ def test_client_death_disconnects_its_sessions(kernel):
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     result = kernel.client(["-c", script])
+    killed = time.monotonic()
     assert result.returncode == -signal.SIGKILL
     handles = [int(h) for h in result.stdout.split()]
     assert len(handles) == 3
-    wait_until(lambda: kernel.statistics()["sessions"] == 0, timeout=5, what="Disconnect for every session")
+    # Target: Disconnect within 1 s; the test allows 3 s for a noisy machine.
+    wait_until(lambda: kernel.statistics()["sessions"] == 0, timeout=3, what="Disconnect for every session")
+    assert time.monotonic() - killed < 3
+    after = kernel.statistics()
+    for counter in ("sessions", "messages", "pool_used", "attached", "processes", "peers"):
+        assert after[counter] == before[counter], counter  # the tables are back to their size
     with RSession.connect("probe", VERSION) as session:
         buffer = bytearray(1 << 16)
         session.SendReceive(probe.EEvents, (buffer,))
