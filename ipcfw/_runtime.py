@@ -182,6 +182,7 @@ class Channel:
             except TimeoutError:
                 if connect:
                     self.abandoned.add(req_id)
+                    self.runtime.nudge()  # the I/O thread closes it if it succeeds later
                 raise
             finally:
                 self.replies.pop(req_id, None)
@@ -197,7 +198,12 @@ class Channel:
             self.replies[req_id] = self.replies[then_id] = None
             try:
                 self.socket.send(frame)
-                connected = self._receive(req_id, timeout)
+                try:
+                    connected = self._receive(req_id, timeout)
+                except TimeoutError:
+                    self.abandoned.add(req_id)
+                    self.runtime.nudge()
+                    raise
                 if type(connected) is not Connected or connected.result < 0:
                     return connected, None  # the kernel dropped the first request with it
                 answer = self._receive(then_id, timeout)

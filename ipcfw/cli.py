@@ -43,6 +43,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except errors.IpcError as exc:
         print(f"ipcfw: {exc}", file=sys.stderr)
         return 1
+    except TimeoutError as exc:
+        print(f"ipcfw: timed out: {exc}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -438,7 +438,7 @@ class RSession:
             raise ValueError(f"token of {len(token)} bytes is longer than any ipcfw token")
         runtime = Runtime.for_endpoint(endpoint)
         req_id = runtime.next_req_id()
-        reply = cls._call(runtime, encode(Open(req_id, token)), req_id, timeout)
+        reply = cls._call(runtime, encode(Open(req_id, token)), req_id, timeout, connect=True)
         if type(reply) is not Connected:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Open: {reply!r}")
         errors.check(reply.result)

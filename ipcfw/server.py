@@ -301,7 +301,7 @@ class RMessage:
 
     __slots__ = (
         "_host", "_msg_id", "_kind", "_function", "_args", "_session", "_client", "_content",
-        "_done", "_cancelled", "__weakref__",
+        "_done", "_cancelled", "_generation", "__weakref__",
     )
 
     def __init__(self, host: "ServerHost", msg_id: int, kind: str, function: int, args: tuple,
@@ -316,6 +316,7 @@ class RMessage:
         self._content: Optional[dict] = None  # index -> bytearray, once WriteL was called
         self._done = False
         self._cancelled = False  # the client cancelled it: completing it is a no-op
+        self._generation = host._generation  # which registration (kernel) it came from
 
     # -- what was sent -----------------------------------------------------------------------
 
@@ -517,6 +518,7 @@ class ServerHost:
         self.kernel_died = False
         self._indicated = False
         self._in_indication = False
+        self._generation = 0  # +1 per kernel: messages of a dead kernel are never answered
         self._deregistered: Optional[threading.Event] = None
         self.reconnect = reconnect
         self.max_frame = MAX_FRAME
@@ -536,6 +538,7 @@ class ServerHost:
                 if not self._await_kernel():
                     return  # stopped while waiting
                 self.kernel_died = False
+                self._indicated, self._deregistered = False, None
                 self._run_with_kernel(None)
         finally:
             self._wakeup.close()  # later completions (of held messages) are dropped
@@ -558,11 +561,20 @@ class ServerHost:
             context.destroy(linger=1000)
 
     def _forget_sessions(self) -> None:
-        """The kernel died: its sessions are gone; release their subsession objects."""
+        """The kernel died: its sessions are gone. Each gets its Disconnect (whose completion,
+        like that of any message of the dead kernel, goes nowhere) and loses its subsessions."""
         sessions, self.sessions = self.sessions, {}
         self.clients.clear()
         self._outbox.clear()
-        for session in sessions.values():
+        old_generation = self._generation
+        self._generation += 1
+        for handle, session in sessions.items():
+            message = RMessage(self, 0, _MessageKind.DISCONNECT, -2, (), session, None)
+            message._generation = old_generation
+            try:
+                session.Disconnect(message)
+            except Exception:
+                log.exception("Disconnect of a session of the dead kernel raised")
             _close_subsessions(session)
         log.warning("server %r dropped %d sessions of the dead kernel", self.server.name, len(sessions))
 
@@ -808,6 +820,11 @@ class ServerHost:
 
     def _completed(self, message: RMessage, frame: bytes) -> None:
         """Send a completion: directly on the loop thread, else via the outbox."""
+        if message._generation != self._generation:
+            # From a kernel that died: the new one numbers its messages anew, so sending this
+            # would complete somebody else's request.
+            log.debug("dropping the completion of %r: its kernel has gone", message)
+            return
         if threading.get_ident() == self._loop_thread:
             self._socket.send(frame)
         else:

@@ -163,3 +163,24 @@ def test_kernel_death_fails_calls_clearly_and_serve_registers_again(kernel):
     assert server.alive()
     with RSession.connect("probe", VERSION) as again:  # a new runtime, on the new kernel
         assert again.SendReceive(probe.EEcho, (3,)) == 3
+
+
+def test_a_completion_from_before_a_kernel_restart_never_reaches_a_new_request(kernel):
+    server = kernel.serve("plugins.probe:ProbeServer", "probe")
+    first = RSession.connect("probe", VERSION)
+    old = TRequestStatus()
+    first.SendReceive(probe.EHold, (1,), old)  # held by the server under the old kernel
+    assert first.SendReceive(probe.EEcho, (0,)) == 0
+    kernel.restart()
+    assert old.Wait(5) == ipcfw.KErrServerTerminated
+    first.Close()
+    wait_until(lambda: server.log().count("server 'probe' registered") == 2, timeout=15,
+               what="ipcfw serve to register again")
+    with RSession.connect("probe", VERSION) as second:
+        new = TRequestStatus()
+        second.SendReceive(probe.EHold, (2,), new)  # the new kernel's ids start again
+        assert second.SendReceive(probe.ECompleteHeld, (1, 777)) == 0  # completes the OLD one
+        assert second.SendReceive(probe.EEcho, (5,)) == 5
+        assert new.Int() == ipcfw.KRequestPending  # 777 did not land here
+        assert second.SendReceive(probe.ECompleteHeld, (2, 6)) == 0
+        assert new.Wait(5) == 6

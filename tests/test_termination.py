@@ -88,3 +88,26 @@ def test_a_server_deregisters_from_another_thread(kernel):
     loop.join(10)
     assert not loop.is_alive()
     assert host.server.indications == []  # it asked itself: no indication
+
+
+def test_terminating_a_server_with_nothing_outstanding_stops_its_host(kernel):
+    server = kernel.serve("plugins.terminable:TerminableServer", "terminable")
+    ipcfw.terminate_server("terminable", timeout=10)
+    wait_until(lambda: not server.alive(), timeout=10, what="ipcfw serve to exit")
+    assert server.popen.returncode == 0
+    assert kernel.statistics()["servers"] == 0
+
+
+def test_protected_servers_can_only_be_terminated_by_protserv(kernel):
+    from ipcfw.kernel.state import KernelState, ProcessIdentity
+    from ipcfw.protocol import Completed, Hello, Register, Role, Terminate, PROTOCOL_VERSION
+
+    state = KernelState(kernel_pid=1, protserv_uids=frozenset({0}))
+    admin = ProcessIdentity(10, 1.0, 1000, 1000, "/bin/admin")  # uid 1000: no ProtServ
+    owner = ProcessIdentity(20, 1.0, 0, 0, "/bin/server")
+    state.hello(b"admin", admin, Hello(Role.CHANNEL, PROTOCOL_VERSION))
+    state.hello(b"srv", owner, Hello(Role.SERVER, PROTOCOL_VERSION))
+    state.receive(b"srv", Register(1, "!system", 0, (1, 0, 0)))
+    actions = state.receive(b"admin", Terminate(5, "!system", 3))
+    assert [a.message for a in actions] == [Completed(5, ipcfw.KErrPermissionDenied, ())]
+    assert state.statistics()["servers"] == 1

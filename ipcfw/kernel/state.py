@@ -964,12 +964,16 @@ class KernelState:
         server = self.servers.get(lookup_key(message.name))
         if server is None:
             return [Send(peer.rid, Completed(message.req_id, errors.KErrNotFound, ()))]
+        if is_protected(server.name) and peer.process.identity.uid not in self.protserv_uids:
+            return [Send(peer.rid, Completed(message.req_id, errors.KErrPermissionDenied, ()))]
         return self._begin_termination(server, message.reason, (peer.rid, message.req_id))
 
     def _deregister(self, peer: Peer, message: Deregister) -> list[Action]:
         server = self.server_of_peer.get(peer.rid)
         if server is None:
-            raise PeerMisbehaved("not a server", "Deregister from a peer that registered no server")
+            self._require_role(peer, Role.SERVER, message)
+            # Its registration has ended already (a termination with nothing outstanding).
+            return [Send(peer.rid, Completed(message.req_id, errors.KErrNone, ()))]
         return self._begin_termination(server, TerminationReason.DEREGISTERED, (peer.rid, message.req_id))
 
     def _begin_termination(self, server: ServerRecord, reason: int, waiter: tuple) -> list[Action]:
