@@ -60,6 +60,7 @@ __all__ = [
     "Terminate",
     "Deregister",
     "Terminating",
+    "PeerGone",
     "TerminationReason",
     "Complete",
     "Panic",
@@ -78,7 +79,8 @@ __all__ = [
     "check_args",
 ]
 
-PROTOCOL_VERSION = 6  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation; 6: terminate
+PROTOCOL_VERSION = 7  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
+#                       6: terminate; 7: PeerGone
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -135,6 +137,7 @@ class Kind(enum.IntEnum):
     PEER_INFO = 43
     CANCELLED = 45
     TERMINATING = 46
+    PEER_GONE = 47
 
 
 class TerminationReason(enum.IntEnum):
@@ -491,6 +494,12 @@ class Terminating(NamedTuple):
     reason: int
 
 
+class PeerGone(NamedTuple):
+    """Kernel -> server: client key `client` (a process it had a PeerInfo for) has ended."""
+
+    client: int
+
+
 class Cancelled(NamedTuple):
     """Kernel -> server: the client cancelled message `msg_id`; it has been completed for it."""
 
@@ -511,7 +520,7 @@ class PeerInfo(NamedTuple):
 Message = Union[
     Hello, Register, Connect, Negotiated, Request, Close, Share, Open, Complete, Panic, Stats, Welcome,
     Connected, Completed, Panicked, Shared, SessionLost, StatsReply, NewSession, Deliver,
-    Disconnect, PeerInfo, Cancel, Cancelled, Terminate, Deregister, Terminating,
+    Disconnect, PeerInfo, PeerGone, Cancel, Cancelled, Terminate, Deregister, Terminating,
 ]
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
@@ -541,6 +550,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Terminate: (Kind.TERMINATE, (_u63, _str_upto(MAX_NAME), _reason)),
     Deregister: (Kind.DEREGISTER, (_u63,)),
     Terminating: (Kind.TERMINATING, (_reason,)),
+    PeerGone: (Kind.PEER_GONE, (_u63,)),
     PeerInfo: (Kind.PEER_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH))),
 }
 

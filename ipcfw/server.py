@@ -57,6 +57,7 @@ from .protocol import (
     Hello,
     NewSession,
     Panic,
+    PeerGone,
     PeerInfo,
     ProtocolError,
     Register,
@@ -679,6 +680,9 @@ class ServerHost:
     def _on_peer_info(self, info: PeerInfo) -> None:
         self.clients[info.client] = ClientInfo(info.pid, info.uid, info.gid, info.exe)
 
+    def _on_peer_gone(self, notice: PeerGone) -> None:
+        self.clients.pop(notice.client, None)  # messages already built keep their ClientInfo
+
     def _on_new_session(self, request: NewSession) -> None:
         client = self.clients.get(request.client)
         message = RMessage(self, request.msg_id, _MessageKind.CONNECT, -1, (), None, client)
@@ -810,6 +814,7 @@ class ServerHost:
         Terminating: _on_terminating,
         Completed: _on_completed,
         PeerInfo: _on_peer_info,
+        PeerGone: _on_peer_gone,
         Cancelled: _on_cancelled,
         NewSession: _on_new_session,
         Deliver: _on_deliver,

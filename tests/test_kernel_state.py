@@ -34,6 +34,7 @@ from ipcfw.kernel.state import (
     Watch,
 )
 from ipcfw.protocol import (
+    PeerGone,
     MAX_FRAME,
     PROTOCOL_VERSION,
     Close,
@@ -96,14 +97,30 @@ def hello(state: KernelState, rid: bytes, role: Role, identity: ProcessIdentity)
 
 
 def sends(actions: Iterable, rid: Optional[bytes] = None, cls: Optional[type] = None) -> list:
-    """The messages of the Send actions (to `rid`, of type `cls`, when given), in order."""
+    """The messages of the Send actions (to `rid`, of type `cls`, when given), in order.
+
+    PeerGone notices (bookkeeping for the servers' ClientInfo tables) are left out unless
+    asked for with `cls=PeerGone`: test_peer_gone_* checks them.
+    """
     return [
         a.message
         for a in actions
         if type(a) is Send
         and (rid is None or a.rid == rid)
-        and (cls is None or type(a.message) is cls)
+        and (type(a.message) is cls if cls is not None else type(a.message) is not PeerGone)
     ]
+
+
+def test_peer_gone_tells_each_informed_server_once() -> None:
+    state = new_state()
+    start_server(state, S1, SRV, "Echo")
+    start_server(state, S2, SRV2, "KV")
+    start_client(state)
+    open_session(state, C1, S1, "Echo")
+    actions = state.process_died(CLI.key)
+    gone = [(a.rid, a.message) for a in actions if type(a) is Send and type(a.message) is PeerGone]
+    assert len(gone) == 1 and gone[0][0] == S1  # KV never had a PeerInfo for this client
+    assert all(not server.informed for server in state.server_of_peer.values())
 
 
 def one(actions: Iterable, rid: bytes, cls: type):

@@ -16,6 +16,7 @@ import pytest
 
 from ipcfw import protocol
 from ipcfw.protocol import (
+    PeerGone,
     Deregister,
     Terminate,
     Terminating,
@@ -120,6 +121,8 @@ ROUND_TRIP: list = [
     Terminate(1, "server", 3),
     Terminate(U63_MAX, "x" * MAX_NAME, 5),
     Deregister(2),
+    PeerGone(1),
+    PeerGone(U63_MAX),
     Terminating(1),
     Terminating(5),
     Negotiated(1, 0, b""),
@@ -163,7 +166,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 27
+    assert len(MESSAGE_CLASSES) == 28
 
 
 def test_every_kind_has_exactly_one_class() -> None:

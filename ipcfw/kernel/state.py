@@ -53,6 +53,7 @@ from ..naming import is_protected, lookup_key, name_problem
 from ..protocol import (
     MAX_FRAME,
     PROTOCOL_VERSION,
+    PeerGone,
     PeerInfo,
     Close,
     Complete,
@@ -434,7 +435,9 @@ class KernelState:
                     actions += self._release_holder(session, process, everything=True)
             del self.processes[process.identity.key]
             for other in self.server_of_peer.values():
-                other.informed.discard(process.client_key)
+                if process.client_key in other.informed:  # so it can forget the ClientInfo
+                    other.informed.discard(process.client_key)
+                    actions.append(Send(other.rid, PeerGone(process.client_key)))
             actions.append(Unwatch(process.identity.key))
         return actions
 
