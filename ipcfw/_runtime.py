@@ -19,8 +19,9 @@ that needs an answer fetch it itself, and keeps its own I/O thread off the hot p
 * The process's I/O thread (``ipcfw-inbox``) owns the **inbox** socket, where the kernel sends
   notices (a session lost because its server died), and polls a pidfd on the kernel, so a dead
   kernel is noticed in milliseconds. It also settles channels whose requests nobody is waiting
-  for (so ``add_done_callback`` fires) once their owner has been idle for `IDLE` seconds, and
-  takes over a channel whose thread ended with requests still pending.
+  for (so ``add_done_callback`` fires) once their owner has been idle for `IDLE` seconds.
+* When a thread ends, its channel closes at once (the kernel sees it and disconnects the
+  thread's unshared sessions); its requests still pending complete locally with KErrDied.
 
 Routing ids are random 128-bit values: the kernel never trusts them as identity (it reads the
 process credentials the transport gives it), but a random id cannot collide with libzmq's own.
@@ -119,11 +120,11 @@ class Channel:
             raise
         self.fd: int = self.socket.get(zmq.FD)
         self.max_frame = welcome.max_frame
-        self.pending = 0  # async requests sent here and not yet completed (under the lock)
+        self.pending = 0  # async requests sent here and not yet completed (under count_lock)
+        self.count_lock = threading.Lock()  # never held across socket I/O
         self.poller = zmq.Poller()  # for threads waiting on this channel without the lock
         self.poller.register(self.fd, zmq.POLLIN)
         self.last_used = time.monotonic()
-        self.retired = False  # its thread ended; the I/O thread owns it now
         self.closed = False
         # Synchronous calls in progress on this channel (req_id -> reply once read). A
         # done-callback run during a call may settle the channel and read the call's reply.
@@ -151,12 +152,14 @@ class Channel:
         runtime = self.runtime
         with self.lock:
             runtime.pending[req_id] = pending
-            self.pending += 1
+            with self.count_lock:
+                self.pending += 1
             try:
                 self.socket.send(frame)
             except BaseException:
                 del runtime.pending[req_id]
-                self.pending -= 1
+                with self.count_lock:
+                    self.pending -= 1
                 raise
             self._settle()
             self.last_used = time.monotonic()
@@ -206,7 +209,10 @@ class Channel:
                     raise
                 if type(connected) is not Connected or connected.result < 0:
                     return connected, None  # the kernel dropped the first request with it
-                answer = self._receive(then_id, timeout)
+                try:
+                    answer = self._receive(then_id, timeout)
+                except TimeoutError as exc:
+                    return connected, exc  # connected: the caller keeps the session
                 self._settle()
                 return connected, answer
             finally:
@@ -377,15 +383,12 @@ class Runtime:
     def complete(self, req_id: int, value: int, writes: tuple = (), panic: Any = None) -> None:
         """Complete a pending async request, once; a late or unknown completion is dropped.
 
-        Settling calls this with the channel's lock held; other callers (Close, a dead kernel)
-        take it here, so `Channel.pending` only changes under the lock.
+        Any thread may call it (settling, Close, a dead kernel): it never waits for socket I/O.
         """
-        pending = self.pending.get(req_id)
+        pending = self.pending.pop(req_id, None)
         if pending is None:
-            return
-        with pending.channel.lock:
-            if self.pending.pop(req_id, None) is None:
-                return  # completed by another thread meanwhile
+            return  # completed already (dict.pop is atomic: exactly one caller gets it)
+        with pending.channel.count_lock:
             pending.channel.pending -= 1
         for index, data in writes:
             buffer = pending.buffers.get(index)
@@ -457,13 +460,13 @@ class Runtime:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def retire(self, channel: Channel) -> None:
-        """The channel's thread ended: close it, or let the I/O thread finish its requests."""
-        channel.retired = True
-        if channel.pending == 0 or self._closed:
-            self.channels.discard(channel)
-            channel.close()
-        else:
-            self._inbox.wake()
+        """The channel's thread ended: its socket closes now, which tells the kernel (its
+        unshared sessions are disconnected), and requests still pending on it complete
+        locally with KErrDied, as a thread's requests die with it in Symbian."""
+        for req_id in [r for r, p in list(self.pending.items()) if p.channel is channel]:
+            self.complete(req_id, errors.KErrDied)
+        self.channels.discard(channel)
+        channel.close()
 
     def kernel_died(self) -> None:
         self.kernel_dead = True
@@ -477,8 +480,11 @@ class Runtime:
         """Stop the inbox thread and close every idle channel (tests, interpreter exit)."""
         self._closed = True
         self._inbox.stop()
+        for req_id in list(self.pending):
+            self.complete(req_id, errors.KErrDisconnected)
         for channel in list(self.channels):
             if channel.lock.acquire(timeout=1.0):  # a thread may still be in a call
+                channel.closed = True
                 channel.socket.close()
                 channel.lock.release()
         self.channels.clear()
@@ -563,7 +569,6 @@ class _Inbox:
                 self._drain(socket)
             for channel in watched:
                 channel.try_settle()
-            self._close_finished_retirees()
             if kernel_fd in ready:
                 self._drain(socket)
                 log.warning("the ipcfw kernel at %s has died", self.runtime.endpoint)
@@ -574,14 +579,8 @@ class _Inbox:
         now = time.monotonic()
         return [
             c for c in list(self.runtime.channels)
-            if not c.closed and (c.pending or c.abandoned) and (c.retired or now - c.last_used > IDLE)
+            if not c.closed and (c.pending or c.abandoned) and now - c.last_used > IDLE
         ]
-
-    def _close_finished_retirees(self) -> None:
-        for channel in list(self.runtime.channels):
-            if channel.retired and channel.pending == 0:
-                self.runtime.channels.discard(channel)
-                channel.close()
 
     def _drain(self, socket: zmq.Socket) -> None:
         while socket.get(EVENTS) & POLLIN:

@@ -401,6 +401,8 @@ class RSession:
         errors.check(reply.result)
         self._attach(runtime, reply.handle, sharing=0)
         self._negotiation_reply = reply.payload
+        if isinstance(answer, TimeoutError):
+            raise TimeoutError(f"connected, but the first request had no answer within {timeout} s")
         return None if answer is None else self._finish(answer, first_args)
 
     @staticmethod

@@ -512,6 +512,7 @@ class ServerHost:
         self._in_service: "weakref.WeakValueDictionary[int, RMessage]" = weakref.WeakValueDictionary()
         self._completion_lock = threading.Lock()
         self._outbox: collections.deque[bytes] = collections.deque()
+        self._outbox_lock = threading.Lock()
         self._wakeup = WakePipe()
         self._stopping = False
         self._loop_thread: Optional[int] = None
@@ -519,6 +520,7 @@ class ServerHost:
         self.kernel_died = False
         self._indicated = False
         self._in_indication = False
+        self._deregistration_done = False
         self._generation = 0  # +1 per kernel: messages of a dead kernel are never answered
         self._deregistered: Optional[threading.Event] = None
         self.reconnect = reconnect
@@ -535,7 +537,7 @@ class ServerHost:
         try:
             self._run_with_kernel(ready)
             while self.reconnect and self.kernel_died and not self._stopping:
-                self._forget_sessions()
+                self._forget_sessions("the kernel died")
                 if not self._await_kernel():
                     return  # stopped while waiting
                 self.kernel_died = False
@@ -547,28 +549,37 @@ class ServerHost:
     def _run_with_kernel(self, ready: Optional[threading.Event]) -> None:
         context = zmq.Context()
         try:
-            self._socket = context.socket(zmq.DEALER)
-            self._socket.routing_id = os.urandom(16)
-            self._socket.linger = 1000
-            self._socket.connect(self.endpoint)
-            kernel_pid = self._register()
-            self._loop_thread = threading.get_ident()
-            log.info("server %r registered with kernel %d", self.server.name, kernel_pid)
-            if ready is not None:
-                ready.set()
-            self._serve(kernel_pid)
+            self._run_registered(context, ready)
         finally:
             self._loop_thread = None
             context.destroy(linger=1000)
+            if self._deregistered is not None:
+                self._deregistered.set()  # a waiter learns whether it completed
+            if self._deregistration_done:
+                self._forget_sessions("the server deregistered")  # its sessions end here too
 
-    def _forget_sessions(self) -> None:
-        """The kernel died: its sessions are gone. Each gets its Disconnect (whose completion,
-        like that of any message of the dead kernel, goes nowhere) and loses its subsessions."""
+    def _run_registered(self, context: zmq.Context, ready: Optional[threading.Event]) -> None:
+        self._socket = context.socket(zmq.DEALER)
+        self._socket.routing_id = os.urandom(16)
+        self._socket.linger = 1000
+        self._socket.connect(self.endpoint)
+        kernel_pid = self._register()
+        self._loop_thread = threading.get_ident()
+        log.info("server %r registered with kernel %d", self.server.name, kernel_pid)
+        if ready is not None:
+            ready.set()
+        self._serve(kernel_pid)
+
+    def _forget_sessions(self, why: str) -> None:
+        """The registration ended (kernel death, deregistration): every session ends. Each gets
+        its Disconnect (whose completion, like that of any message of that registration, goes
+        nowhere) and loses its subsessions."""
         sessions, self.sessions = self.sessions, {}
         self.clients.clear()
-        self._outbox.clear()
-        old_generation = self._generation
-        self._generation += 1
+        with self._outbox_lock:
+            self._outbox.clear()
+            old_generation = self._generation
+            self._generation += 1
         for handle, session in sessions.items():
             message = RMessage(self, 0, _MessageKind.DISCONNECT, -2, (), session, None)
             message._generation = old_generation
@@ -577,7 +588,8 @@ class ServerHost:
             except Exception:
                 log.exception("Disconnect of a session of the dead kernel raised")
             _close_subsessions(session)
-        log.warning("server %r dropped %d sessions of the dead kernel", self.server.name, len(sessions))
+        if sessions:
+            log.warning("server %r ended %d sessions: %s", self.server.name, len(sessions), why)
 
     def _await_kernel(self) -> bool:
         """Wait until a kernel answers on our endpoint; False if stopped meanwhile."""
@@ -767,12 +779,20 @@ class ServerHost:
             self._in_indication = False
         # Deregister ourselves (without waiting here): the host stops once the kernel says
         # every outstanding message has completed.
-        if self._deregistered is None:
-            self._deregistered = threading.Event()
+        if self._begin_deregistration():
             self._socket.send(encode(Deregister(_DEREGISTER_REQ)))
+
+    def _begin_deregistration(self) -> bool:
+        """Create the deregistration event once; True for the caller that must send it."""
+        with self._completion_lock:
+            if self._deregistered is not None:
+                return False
+            self._deregistered = threading.Event()
+            return True
 
     def _on_completed(self, reply: Completed) -> None:
         if reply.req_id == _DEREGISTER_REQ and self._deregistered is not None:
+            self._deregistration_done = True
             self._deregistered.set()
             self.stop()
 
@@ -793,12 +813,13 @@ class ServerHost:
             )
         if self._loop_thread is None:
             raise RuntimeError("the server is not running")
-        if self._deregistered is None:
-            self._deregistered = threading.Event()
+        if self._begin_deregistration():
             self._outbox.append(encode(Deregister(_DEREGISTER_REQ)))
             self._wake()
         if not self._deregistered.wait(timeout):
             raise TimeoutError(f"outstanding messages still pending after {timeout} s")
+        if not self._deregistration_done:
+            raise errors.IpcError(errors.KErrServerTerminated, "the kernel died during Deregister")
 
     def _on_cancelled(self, request: Cancelled) -> None:
         message = self._in_service.get(request.msg_id)
@@ -825,21 +846,26 @@ class ServerHost:
 
     def _completed(self, message: RMessage, frame: bytes) -> None:
         """Send a completion: directly on the loop thread, else via the outbox."""
-        if message._generation != self._generation:
-            # From a kernel that died: the new one numbers its messages anew, so sending this
-            # would complete somebody else's request.
-            log.debug("dropping the completion of %r: its kernel has gone", message)
-            return
         if threading.get_ident() == self._loop_thread:
-            self._socket.send(frame)
-        else:
+            if self._current(message):
+                self._socket.send(frame)
+            return
+        with self._outbox_lock:  # against _forget_sessions clearing the outbox meanwhile
+            if not self._current(message):
+                return
             self._outbox.append(frame)
-            self._wake()
+        self._wake()
+
+    def _current(self, message: RMessage) -> bool:
+        if message._generation == self._generation:
+            return True
+        # From a kernel that died: the new one numbers its messages anew, so sending this
+        # would complete somebody else's request.
+        log.debug("dropping the completion of %r: its kernel has gone", message)
+        return False
 
     def _wake(self) -> None:
-        if self._wakeup.closed:
-            log.debug("server %r has stopped; a late completion is dropped", self.server.name)
-        self._wakeup.wake()
+        self._wakeup.wake()  # does nothing once the host has stopped: the completion is dropped
 
     def _flush_outbox(self) -> None:
         self._wakeup.drain()

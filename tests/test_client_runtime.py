@@ -84,7 +84,7 @@ def test_many_awaits_in_one_event_loop(probe_server):
         assert asyncio.run(asyncio.wait_for(main(), 20)) == list(range(50))
 
 
-def test_a_thread_ending_with_requests_pending_still_gets_them_completed(probe_server):
+def test_a_thread_ending_with_requests_pending_completes_them_with_kerrdied(kernel, probe_server):
     statuses: list[TRequestStatus] = []
     sessions: list[RSession] = []
 
@@ -99,7 +99,9 @@ def test_a_thread_ending_with_requests_pending_still_gets_them_completed(probe_s
     thread = threading.Thread(target=issue)
     thread.start()
     thread.join(10)
-    assert [s.Wait(5) for s in statuses] == list(range(5))
+    # The thread's requests die with it, and its unshared session is disconnected at once.
+    assert [s.Wait(5) for s in statuses] == [ipcfw.KErrDied] * 5
+    wait_until(lambda: kernel.statistics()["sessions"] == 0, timeout=3, what="Disconnect")
 
 
 def test_closing_an_unshared_session_from_another_thread_is_refused(probe_server):
@@ -211,3 +213,24 @@ def test_closing_a_shared_session_ends_another_threads_sync_call(probe_server):
     thread.join(5)
     assert len(outcome) == 1 and isinstance(outcome[0], ipcfw.SessionClosed)
     assert time.monotonic() - started < 2
+
+
+def test_a_first_request_that_times_out_leaves_the_session_connected(kernel, probe_server):
+    session = RSession()
+    with pytest.raises(TimeoutError):
+        session.CreateSession("probe", VERSION, timeout=0.2, first_request=(probe.ESleep, (600, 1)))
+    assert session.Handle() != 0  # the caller holds it, and closes it
+    session.Close()
+    wait_until(lambda: kernel.statistics()["sessions"] == 0, what="the session to close")
+
+
+def test_shutting_the_runtime_down_completes_pending_requests(probe_server):
+    from ipcfw._runtime import Runtime
+
+    session = connect()
+    status = TRequestStatus()
+    session.SendReceive(probe.EHold, (1,), status)
+    Runtime.shutdown()
+    assert status.Wait(5) == ipcfw.KErrDisconnected
+    with pytest.raises(ipcfw.IpcError):
+        session.SendReceive(probe.EEcho, (1,))

@@ -111,3 +111,10 @@ def test_protected_servers_can_only_be_terminated_by_protserv(kernel):
     actions = state.receive(b"admin", Terminate(5, "!system", 3))
     assert [a.message for a in actions] == [Completed(5, ipcfw.KErrPermissionDenied, ())]
     assert state.statistics()["servers"] == 1
+
+
+def test_a_client_cannot_pretend_to_be_the_server_deregistering(kernel):
+    server = kernel.serve("plugins.terminable:TerminableServer", "terminable")
+    with pytest.raises(ipcfw.BadArgument):
+        ipcfw.terminate_server("terminable", TerminationReason.DEREGISTERED, timeout=5)
+    assert server.alive() and kernel.statistics()["servers"] == 1

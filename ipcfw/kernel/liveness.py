@@ -47,9 +47,11 @@ def identify(address: Optional[str]) -> ProcessIdentity:
         create_time = process.create_time()
     except psutil.Error as exc:
         raise UnknownPeer(f"pid {pid} vanished before it could be identified ({exc})") from None
+    except OSError as exc:  # EMFILE and friends: refuse the peer, keep the kernel
+        raise UnknownPeer(f"pid {pid} could not be identified ({exc})") from None
     try:
         exe = process.exe()
-    except psutil.Error:
+    except (psutil.Error, OSError):
         exe = ""  # another user's process, or a zombie: the pid and uid still stand
     return ProcessIdentity(pid, create_time, uid, gid, exe)
 
@@ -67,6 +69,9 @@ class ProcessWatcher:
             fd = os.pidfd_open(identity.pid)
         except ProcessLookupError:
             return None
+        except OSError as exc:  # out of file descriptors: unwatched, the monitor still sees it
+            log.error("cannot watch pid %d: %s", identity.pid, exc)
+            return -1
         if not _same_process(identity):
             os.close(fd)  # the pid was reused between identification and now
             return None
@@ -93,5 +98,5 @@ class ProcessWatcher:
 def _same_process(identity: ProcessIdentity) -> bool:
     try:
         return psutil.Process(identity.pid).create_time() == identity.create_time
-    except psutil.Error:
+    except (psutil.Error, OSError):
         return False

@@ -49,6 +49,8 @@ from .state import (
 log = logging.getLogger("ipcfw.kernel")
 
 _DRAIN_BATCH = 512  # frames per socket per loop turn, so no source can starve another
+_SEND_HWM = 10_000  # frames queued in libzmq per peer before the kernel's backlog takes over
+_BACKLOG_LIMIT = 100_000  # frames waiting for one peer before it is treated as gone
 
 
 class KernelAlreadyRunning(RuntimeError):
@@ -152,7 +154,9 @@ class Kernel:
         router = context.socket(zmq.ROUTER)
         router.router_mandatory = 1  # EHOSTUNREACH / Again, never a silent drop
         router.router_handover = 0  # a live routing id cannot be taken over
-        router.sndhwm = 0  # completions are bounded by message slots, not dropped at a HWM
+        # MANDATORY makes a full peer raise Again instead of dropping; the frames then wait in
+        # a per-peer backlog (bounded: a peer that never reads is cut off).
+        router.sndhwm = _SEND_HWM
         router.maxmsgsize = MAX_FRAME + 4096  # last-resort guard; clients check sizes first
         router.linger = 0
         old_umask = os.umask(0o077)
@@ -171,12 +175,15 @@ class Kernel:
         while not self._stop.is_set():
             timeout = 5 if self._backlog else 200
             for source, _ in self._poller.poll(timeout):
-                if source is self._router:
-                    self._drain_router()
-                elif source is self._monitor:
-                    self._drain_monitor()
-                else:
-                    self._process_exited(source)
+                try:
+                    if source is self._router:
+                        self._drain_router()
+                    elif source is self._monitor:
+                        self._drain_monitor()
+                    else:
+                        self._process_exited(source)
+                except Exception:  # a bug or an exhausted resource must not end the kernel
+                    log.exception("kernel loop error (the event was dropped; serving on)")
             if self._backlog:
                 self._flush_backlog()
 
@@ -235,8 +242,9 @@ class Kernel:
         address = body.get("Peer-Address")
         identity = identify(address)
         actions = self.state.hello(rid, identity, message)
-        self._address_of[rid] = address
-        self._rid_of_fd[int(body.get("__fd"))] = rid
+        if self.state.knows(rid):  # (not when refused, e.g. for its protocol version)
+            self._address_of[rid] = address
+            self._rid_of_fd[int(body.get("__fd"))] = rid
         return actions
 
     def _drain_monitor(self) -> None:
@@ -284,12 +292,17 @@ class Kernel:
         fd = self._watcher.watch(action.identity)
         if fd is None:
             self._perform(self.state.process_died(action.identity.key))
-        else:
+        elif fd >= 0:  # (-1: no fd to spare; the monitor socket still reports its sockets)
             self._poller.register(fd, zmq.POLLIN)
 
     def _send(self, rid: bytes, frame: bytes) -> None:
         queue = self._backlog.get(rid)
         if queue is not None:
+            if len(queue) >= _BACKLOG_LIMIT:
+                self._reporter.report("peer not reading", f"{len(queue)} frames wait for {rid.hex()}")
+                queue.clear()
+                self._gone.append(rid)  # it holds nothing anyone waits for any more
+                return
             queue.append(frame)  # keep order behind what is already waiting
             return
         try:

@@ -586,13 +586,14 @@ class KernelState:
             return []
         del session.holders[process]
         process.sessions.discard(session.handle)
+        actions = self._answer_outstanding(session, errors.KErrSessionClosed, process)
         for rid in list(session.attached):
             peer = self.peers.get(rid)
             if peer is not None and peer.process is process:
                 self._detach(session, peer)
         if session.holders:
-            return []
-        return self._client_closed(session)
+            return actions
+        return actions + self._client_closed(session)
 
     def _client_closed(self, session: SessionRecord) -> list[Action]:
         """The last holder let go: no answer will be delivered any more."""
@@ -600,13 +601,25 @@ class KernelState:
         for process in session.holders:
             process.sessions.discard(session.handle)
         session.holders.clear()
+        # Whatever is still outstanding will never be answered by the server: answer it now
+        # (a request may have crossed the Close on another thread's socket; a client that
+        # completed it locally drops the duplicate).
+        actions = self._answer_outstanding(session, errors.KErrSessionClosed)
         for rid in list(session.attached):
             self._detach(session, self.peers[rid])  # attached peers are live: peer_gone detaches
-        # Whatever is still outstanding will never be answered: the client completed it
-        # locally (KErrSessionClosed) or is gone.
-        for msg_id in session.messages:
-            self.messages[msg_id].reply_to = None
-        return self._transition(session, _E.CLIENT_CLOSED)
+        return actions + self._transition(session, _E.CLIENT_CLOSED)
+
+    def _answer_outstanding(self, session: SessionRecord, code: int, process: Optional[ProcessRecord] = None) -> list[Action]:
+        """Answer `code` to every request of the session still awaited (by `process`'s channels)."""
+        actions: list[Action] = []
+        for msg_id in sorted(session.messages):
+            record = self.messages[msg_id]
+            if record.reply_to is None or record.kind is not MessageKind.REQUEST:
+                continue
+            peer = self.peers.get(record.reply_to)
+            if process is None or (peer is not None and peer.process is process):
+                actions += self._answer(record, Completed(record.req_id, code, ()))
+        return actions
 
     def _holds(self, peer: Peer, session: SessionRecord) -> bool:
         if not session.held:
@@ -919,7 +932,9 @@ class KernelState:
             actions = self._transition(session, _E.PANIC)
             return actions + self._answer(record, self._panicked(record, message))
         if session.state is not _S.OPEN:
-            return []
+            # (A request panicked before its connect completed, by a non-standard server, or
+            # one of a session already ending): its sender is still answered, once.
+            return self._answer(record, self._panicked(record, message))
         actions = self._answer(record, self._panicked(record, message))
         for msg_id in sorted(session.messages):
             other = self.messages[msg_id]
@@ -969,6 +984,9 @@ class KernelState:
             return [Send(peer.rid, Completed(message.req_id, errors.KErrNotFound, ()))]
         if is_protected(server.name) and peer.process.identity.uid not in self.protserv_uids:
             return [Send(peer.rid, Completed(message.req_id, errors.KErrPermissionDenied, ()))]
+        if message.reason == TerminationReason.DEREGISTERED:
+            # Only the server itself deregisters (and so needs no indication).
+            return [Send(peer.rid, Completed(message.req_id, errors.KErrArgument, ()))]
         return self._begin_termination(server, message.reason, (peer.rid, message.req_id))
 
     def _deregister(self, peer: Peer, message: Deregister) -> list[Action]:
