@@ -23,6 +23,7 @@ from .server import (
     serve,
 )
 from .subsession import RSubSession
+from .overlay import COverlay, COverlaySession
 from .version import QueryVersionSupported, TVersion
 
 __version__ = "0.1.0"
@@ -38,6 +39,8 @@ __all__ = [
     "terminate_server",
     "TerminationReason",
     "CServer",
+    "COverlay",
+    "COverlaySession",
     "CSession",
     "CObjectIx",
     "RMessage",

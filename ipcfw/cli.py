@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="host a server plugin: package.module:ServerClass")
     serve.add_argument("plugin", help="module path and class, e.g. servers.echo:EchoServer")
+    serve.add_argument("--overlay", action="append", default=[], metavar="MODULE:CLASS",
+                       help="an overlay over the server (repeatable: each one overlays the previous)")
     serve.add_argument("--no-reconnect", action="store_true",
                        help="exit (status 3) when the kernel dies instead of waiting for a new one")
     _endpoint_option(serve)
@@ -142,11 +144,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .server import ServerHost
 
     try:
-        server_class = load_plugin(args.plugin)
-    except (ImportError, ValueError) as exc:
-        print(f"ipcfw: cannot load plugin {args.plugin!r}: {exc}", file=sys.stderr)
+        top = load_plugin(args.plugin)()
+        for spec in args.overlay:
+            top = load_plugin(spec)(top)
+    except (ImportError, ValueError, TypeError) as exc:
+        print(f"ipcfw: cannot load plugin {args.plugin!r} with overlays {args.overlay}: {exc}", file=sys.stderr)
         return 2
-    host = ServerHost(server_class(), args.endpoint, reconnect=not args.no_reconnect)
+    host = ServerHost(top, args.endpoint, reconnect=not args.no_reconnect)
     _on_signals(host.stop)
     host.run()
     return 3 if host.kernel_died else 0

@@ -29,6 +29,7 @@ from . import errors
 from ._runtime import Channel, KernelGone, Pending, Runtime
 from .naming import name_problem
 from .protocol import (
+    ERROR_STRING_FUNCTION,
     MAX_PAYLOAD,
     MAX_TOKEN,
     Cancel,
@@ -54,6 +55,7 @@ log = logging.getLogger("ipcfw.client")
 __all__ = ["RSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics", "terminate_server"]
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_ERROR_STRING_MAX = 1024  # bytes of an error description fetched from a server
 Arg = Union[int, bytes, bytearray]
 
 
@@ -416,6 +418,14 @@ class RSession:
             raise ValueError(f"first_request function must be in 0..2**31-1, got {function!r}")
         ipc_args = TIpcArgs.of(args)
         return (function, ipc_args.wire), ipc_args
+
+    def ErrorString(self, code: int) -> str:
+        """A description of error `code`, asked along the chain (seed 000): the session's
+        overlays for the codes they own, then its server, then ``ipcfw.errors.describe``."""
+        buffer = bytearray(_ERROR_STRING_MAX)
+        if self.SendReceive(ERROR_STRING_FUNCTION, (code, buffer)) > 0:
+            return buffer.decode(errors="replace")
+        return errors.describe(code)
 
     def NegotiationReply(self) -> bytes:
         """What the server's ``AcceptL`` answered to this session's connect (b"" if nothing)."""

@@ -36,6 +36,7 @@ import msgpack
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "ERROR_STRING_FUNCTION",
     "MAX_FRAME",
     "MAX_NAME",
     "MAX_PAYLOAD",
@@ -98,6 +99,10 @@ MAX_PATH = 4096
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _U63_MAX = 2**63 - 1
+
+#: A function number the server host answers itself (ServiceL never sees it): the description
+#: of error code Int0, asked along the session's overlays and server, written into argument 1.
+ERROR_STRING_FUNCTION = _I32_MAX
 
 
 class ProtocolError(Exception):

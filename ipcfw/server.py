@@ -41,6 +41,7 @@ from ._wakeup import WakePipe
 from .objectix import CObjectIx
 from ._zmqflags import NOBLOCK
 from .protocol import (
+    ERROR_STRING_FUNCTION,
     MAX_CATEGORY,
     Deregister,
     Terminating,
@@ -132,6 +133,12 @@ class CServer:
     version: ClassVar[TVersion] = TVersion(1, 0, 0)
     sharing: ClassVar[int] = EUnsharableSessions
     session_class: ClassVar[Optional[type]] = None
+    error_strings: ClassVar[dict[int, str]] = {}
+
+    def ErrorString(self, code: int) -> Optional[str]:
+        """The description of an error code this server owns (`error_strings`), else None.
+        Clients read it with ``RSession.ErrorString(code)``."""
+        return self.error_strings.get(code)
 
     def AcceptL(self, client: Optional["ClientInfo"], version: TVersion, payload: bytes) -> Optional[bytes]:
         """Accept or reject a connect before any session exists (seed 003's condition function).
@@ -501,10 +508,12 @@ class ServerHost:
     kernel on the same endpoint and registers the server's name again.
     """
 
-    def __init__(self, server: CServer, endpoint: Optional[str] = None, *, reconnect: bool = False) -> None:
-        if not isinstance(server, CServer):
-            raise TypeError(f"serve() needs a CServer instance, got {type(server).__name__}")
-        self.server = server
+    def __init__(self, server: Any, endpoint: Optional[str] = None, *, reconnect: bool = False) -> None:
+        from .overlay import COverlay, layers_of
+
+        if not isinstance(server, (CServer, COverlay)):
+            raise TypeError(f"serve() needs a CServer (or a COverlay over one), got {type(server).__name__}")
+        self.overlays, self.server = layers_of(server)  # the overlays from the outermost in
         self.endpoint = endpoints.resolve(endpoint)
         self.sessions: dict[int, CSession] = {}
         self.clients: dict[int, ClientInfo] = {}
@@ -513,6 +522,7 @@ class ServerHost:
         self._completion_lock = threading.Lock()
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_lock = threading.Lock()
+        self._calls: collections.deque = collections.deque()  # call_soon
         self._wakeup = WakePipe()
         self._stopping = False
         self._loop_thread: Optional[int] = None
@@ -699,14 +709,13 @@ class ServerHost:
         client = self.clients.get(request.client)
         message = RMessage(self, request.msg_id, _MessageKind.CONNECT, -1, (), None, client)
         try:
-            reply = self.server.AcceptL(client, TVersion(*request.version), request.payload)
-            reply = _negotiation_reply(reply)
-            session = self.server.NewSessionL(TVersion(*request.version), message)
-            if not isinstance(session, CSession):
-                raise TypeError(f"NewSessionL returned {type(session).__name__}, not a CSession")
-            session._server = self.server
-            session._handle = request.handle
-            session.CreateL()
+            version = TVersion(*request.version)
+            reply = _negotiation_reply(self.server.AcceptL(client, version, request.payload))
+            if self.overlays:
+                session = _LayeredSession(self, request.handle, version, client)
+                session.start(message)
+            else:
+                session = self.open_layer(0, version, message, request.handle)[1]
             if message.IsNull():
                 raise ServerPanic("CServer", 2, "NewSessionL or CreateL completed the connect message")
         except Exception as exc:
@@ -719,6 +728,27 @@ class ServerHost:
         if message._claim():
             self._completed(message, encode(Negotiated(request.msg_id, errors.KErrNone, reply)))
 
+    def open_layer(self, start: int, version: TVersion, message: "RMessage", handle: int) -> tuple[int, CSession]:
+        """The session of the first layer from `start` (overlays outermost first, then the
+        server) that takes the session: (its index, its CSession, CreateL done)."""
+        for index in range(start, len(self.overlays) + 1):
+            layer = self.overlays[index] if index < len(self.overlays) else self.server
+            session = layer.NewSessionL(version, message)
+            if session is None and index < len(self.overlays):
+                continue  # this overlay hands off at once
+            if not isinstance(session, CSession):
+                raise TypeError(f"{type(layer).__name__}.NewSessionL returned {type(session).__name__}")
+            session._server = layer
+            session._handle = handle
+            session.CreateL()
+            return index, session
+        raise AssertionError("unreachable: the server is the last layer")
+
+    def call_soon(self, fn: Any) -> None:
+        """Run `fn()` on the loop thread, soon (from any thread)."""
+        self._calls.append(fn)
+        self._wake()
+
     def _on_deliver(self, request: Deliver) -> None:
         session = self.sessions.get(request.handle)
         message = RMessage(self, request.msg_id, _MessageKind.REQUEST, request.function,
@@ -726,6 +756,9 @@ class ServerHost:
         if session is None:
             self._report("request for an unknown session", f"handle 0x{request.handle:x}")
             message.Complete(errors.KErrBadHandle)
+            return
+        if request.function == ERROR_STRING_FUNCTION:
+            self._error_string(message)
             return
         self._in_service[request.msg_id] = message
         try:
@@ -867,10 +900,109 @@ class ServerHost:
     def _wake(self) -> None:
         self._wakeup.wake()  # does nothing once the host has stopped: the completion is dropped
 
+    def _error_string(self, message: "RMessage") -> None:
+        """Answer ``RSession.ErrorString``: the overlays, outermost first, then the server."""
+        code = message.Int0()
+        text = None
+        for layer in [*self.overlays, self.server]:
+            text = layer.ErrorString(code)
+            if text:
+                break
+        data = (text or "").encode()[: message.GetDesMaxLength(1)]
+        if data:
+            message.WriteL(1, data)
+        message.Complete(len(data))
+
     def _flush_outbox(self) -> None:
         self._wakeup.drain()
+        while self._calls:
+            try:
+                self._calls.popleft()()
+            except Exception:
+                log.exception("a call on the loop raised")
         while self._outbox:
             self._socket.send(self._outbox.popleft())
+
+
+class _LayeredSession(CSession):
+    """A session of a server with overlays: requests go to the layer managing it now.
+
+    Host-internal. `current` is the managing overlay's `COverlaySession` until it hands off,
+    then the next layer's session, down to the server's. Hand-offs happen on the loop thread,
+    between two requests, so none is lost or reordered.
+    """
+
+    def __init__(self, host: "ServerHost", handle: int, version: TVersion, client: Optional[ClientInfo]) -> None:
+        self._host = host
+        self._handle = handle
+        self._version = version
+        self._client = client
+        self.index = -1
+        self.current: Optional[CSession] = None
+        self.failed: Optional[int] = None  # the code the overlaid layer refused the session with
+        self._servicing = False
+        self._handoff_pending = False
+
+    @property
+    def _object_ix(self) -> Optional[CObjectIx]:  # the current layer's subsessions
+        return None if self.current is None else self.current._object_ix
+
+    def start(self, connect: "RMessage") -> None:
+        self._enter(*self._host.open_layer(0, self._version, connect, self._handle))
+
+    def _enter(self, index: int, session: CSession) -> None:
+        self.index, self.current = index, session
+        session._layered = self  # type: ignore[attr-defined]  # (only overlays' sessions use it)
+
+    def hand_off_from(self, session: CSession) -> None:
+        if session is not self.current:
+            return  # a second HandOff, or one from a layer already left: nothing to do
+        if threading.get_ident() != self._host._loop_thread:
+            self._host.call_soon(lambda: self.hand_off_from(session))
+        elif self._servicing:
+            self._handoff_pending = True  # right after this request, before the next one
+        else:
+            self._hand_off()
+
+    def _hand_off(self) -> None:
+        self._handoff_pending = False
+        connect = RMessage(self._host, 0, _MessageKind.CONNECT, -1, (), None, self._client)
+        connect._cancelled = True  # a stand-in: nothing about it is sent to the kernel
+        try:
+            self._enter(*self._host.open_layer(self.index + 1, self._version, connect, self._handle))
+        except Exception as exc:
+            self.failed = _code_of(exc)
+            self.current = None
+            log.info("the layer under %r refused the session: %s", self._host.overlays[self.index], exc,
+                     exc_info=not isinstance(exc, errors.IpcError))
+
+    def ServiceL(self, message: "RMessage") -> None:
+        if self.failed is not None:
+            raise errors.IpcError(self.failed, "the overlaid server refused this session")
+        current = self.current
+        message._session = current
+        self._servicing = True
+        try:
+            current.ServiceL(message)
+        except Exception as exc:
+            self._host._service_failed(current, message, exc)
+        finally:
+            self._servicing = False
+            if self._handoff_pending:
+                self._hand_off()
+
+    def Cancelled(self, message: "RMessage") -> None:
+        if self.current is not None:
+            self.current.Cancelled(message)
+
+    def Disconnect(self, message: "RMessage") -> None:
+        current = self.current
+        if current is None:
+            message.Complete(errors.KErrNone)
+            return
+        if hasattr(current, "Stop"):
+            current.Stop()  # an overlay still manages it: ask it to stop
+        current.Disconnect(message)
 
 
 def _negotiation_reply(reply: object) -> bytes:
