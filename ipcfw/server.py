@@ -968,6 +968,7 @@ class _LayeredSession(CSession):
         self._handoff_pending = False
         connect = RMessage(self._host, 0, _MessageKind.CONNECT, -1, (), None, self._client)
         connect._cancelled = True  # a stand-in: nothing about it is sent to the kernel
+        _close_subsessions(self.current)  # the overlay's own subsessions end with its part
         try:
             self._enter(*self._host.open_layer(self.index + 1, self._version, connect, self._handle))
         except Exception as exc:
@@ -1002,7 +1003,11 @@ class _LayeredSession(CSession):
             return
         if hasattr(current, "Stop"):
             current.Stop()  # an overlay still manages it: ask it to stop
-        current.Disconnect(message)
+        try:
+            current.Disconnect(message)
+        finally:
+            _close_subsessions(current)
+            self.current = None  # a HandOff that comes after this is ignored
 
 
 def _negotiation_reply(reply: object) -> bytes:
