@@ -758,7 +758,12 @@ class ServerHost:
             message.Complete(errors.KErrBadHandle)
             return
         if request.function == ERROR_STRING_FUNCTION:
-            self._error_string(message)
+            try:
+                self._error_string(message)
+            except Exception as exc:  # bad arguments, or a layer's ErrorString raising
+                log.info("ErrorString request failed: %s", exc, exc_info=not isinstance(exc, errors.IpcError))
+                if not message.IsNull():
+                    message.Complete(_code_of(exc))
             return
         self._in_service[request.msg_id] = message
         try:
@@ -1001,7 +1006,7 @@ class _LayeredSession(CSession):
         if current is None:
             message.Complete(errors.KErrNone)
             return
-        if hasattr(current, "Stop"):
+        if self.index < len(self._host.overlays):
             current.Stop()  # an overlay still manages it: ask it to stop
         try:
             current.Disconnect(message)
