@@ -87,6 +87,9 @@ ETableDelete = 13
 ETableCount = 14
 ECloseTable = 15
 
+# A table function does what the store function does, in the table.
+_TABLE_FUNCTIONS = {ETableSet: ESet, ETableGet: EGet, ETableDelete: EDelete, ETableCount: ECount}
+
 T = TypeVar("T")
 
 
@@ -123,27 +126,8 @@ class KvSession(CSession):
         store = self.Server().store
         function = message.Function()
 
-        if function == ESet:
-            # ReadL raises KErrBadDescriptor for an int argument: the client gets that code.
-            store[message.ReadL(0)] = message.ReadL(1)
-            message.Complete(KErrNone)
-
-        elif function == EGet:
-            value = self._lookup(store, message.ReadL(0))
-            # WriteL raises KErrOverflow when the value is longer than the client's buffer
-            # (its max length). We let it propagate: the framework completes the message with
-            # the code, and the client's SendReceive raises Overflow.
-            message.WriteL(1, value)
-            message.Complete(len(value))
-
-        elif function == EDelete:
-            key = message.ReadL(0)
-            self._lookup(store, key)
-            del store[key]
-            message.Complete(KErrNone)
-
-        elif function == ECount:
-            message.Complete(len(store))
+        if function in (ESet, EGet, EDelete, ECount):
+            self._dict_request(message, function, store)
 
         elif function == EValueLength:
             message.Complete(len(self._lookup(store, message.ReadL(0))))
@@ -177,8 +161,9 @@ class KvSession(CSession):
             self.NewSubSessionL(message, KvTable(data))
             message.Complete(KErrNone)
 
-        elif function in (ETableSet, ETableGet, ETableDelete, ETableCount):
-            self._table_request(message, function, self._subsession(message, KvTable).data)
+        elif function in _TABLE_FUNCTIONS:
+            data = self._subsession(message, KvTable).data
+            self._dict_request(message, _TABLE_FUNCTIONS[function], data)
 
         elif function == ECloseTable:
             self._subsession(message, KvTable)
@@ -216,15 +201,20 @@ class KvSession(CSession):
             return
         message.Complete(KErrEof)
 
-    def _table_request(self, message: RMessage, function: int, data: dict[bytes, bytes]) -> None:
-        if function == ETableSet:
+    def _dict_request(self, message: RMessage, function: int, data: dict[bytes, bytes]) -> None:
+        """ESet, EGet, EDelete or ECount on `data`: the store, or a table's."""
+        if function == ESet:
+            # ReadL raises KErrBadDescriptor for an int argument: the client gets that code.
             data[message.ReadL(0)] = message.ReadL(1)
             message.Complete(KErrNone)
-        elif function == ETableGet:
+        elif function == EGet:
             value = self._lookup(data, message.ReadL(0))
+            # WriteL raises KErrOverflow when the value is longer than the client's buffer
+            # (its max length). We let it propagate: the framework completes the message with
+            # the code, and the client's SendReceive raises Overflow.
             message.WriteL(1, value)
             message.Complete(len(value))
-        elif function == ETableDelete:
+        elif function == EDelete:
             key = message.ReadL(0)
             self._lookup(data, key)
             del data[key]
