@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -19,10 +18,7 @@ def probe_server(kernel):
     return kernel.serve("plugins.probe:ProbeServer", "probe")
 
 
-def events(session: RSession) -> list:
-    buffer = bytearray(1 << 16)
-    session.SendReceive(probe.EEvents, (buffer,))
-    return json.loads(buffer)
+events = probe.recorded_events
 
 
 def test_cancel_completes_with_kerrcancel_frees_the_slot_and_tells_the_server(kernel, probe_server):

@@ -58,9 +58,7 @@ def test_client_death_disconnects_its_sessions(kernel):
     for counter in ("sessions", "messages", "pool_used", "attached", "processes", "peers"):
         assert after[counter] == before[counter], counter  # the tables are back to their size
     with RSession.connect("probe", VERSION) as session:
-        buffer = bytearray(1 << 16)
-        session.SendReceive(probe.EEvents, (buffer,))
-        events = json.loads(buffer)
+        events = probe.recorded_events(session)
         for handle in handles:  # completing the held messages afterwards is harmless
             session.SendReceive(probe.ECompleteHeld, (handle, 0))
         assert session.SendReceive(probe.EEcho, (3,)) == 3
@@ -98,9 +96,7 @@ def test_a_thread_that_ends_without_closing_disconnects_its_sessions(kernel):
     thread.join(10)
     wait_until(lambda: kernel.statistics()["sessions"] == 0, timeout=5, what="Disconnect")
     with RSession.connect("probe", VERSION) as session:
-        buffer = bytearray(1 << 16)
-        session.SendReceive(probe.EEvents, (buffer,))
-        events = json.loads(buffer)
+        events = probe.recorded_events(session)
     assert all(events.count(["disconnect", h]) == 1 for h in handles)
 
 

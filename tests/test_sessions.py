@@ -44,9 +44,7 @@ def connect(**kwargs) -> RSession:
 def events() -> list:
     """What the probe server recorded, read through a session of its own."""
     with connect() as session:
-        buffer = bytearray(1 << 16)
-        session.SendReceive(probe.EEvents, (buffer,))
-        return json.loads(buffer)
+        return probe.recorded_events(session)
 
 
 def events_of(handle: int) -> list:

@@ -20,10 +20,7 @@ def probe_server(kernel):
     return kernel.serve("plugins.probe:ProbeServer", "probe")
 
 
-def events(session: RSession) -> list:
-    buffer = bytearray(1 << 18)
-    session.SendReceive(probe.EEvents, (buffer,))
-    return json.loads(buffer)
+events = probe.recorded_events
 
 
 def run_in_thread(fn):

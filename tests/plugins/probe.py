@@ -39,6 +39,13 @@ REJECT_BUILD = 99  # NewSessionL refuses clients asking for build 99 with KErrPe
 FAIL_CREATE_BUILD = 98  # CreateL raises ValueError for build 98
 
 
+def recorded_events(session) -> list:
+    """What the probe server recorded (EEvents), read through the client's `session`."""
+    buffer = bytearray(1 << 18)
+    session.SendReceive(EEvents, (buffer,))
+    return json.loads(buffer)
+
+
 class ProbeSession(CSession):
     def CreateL(self) -> None:
         server = self.Server()
