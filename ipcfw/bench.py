@@ -335,17 +335,11 @@ class Children:
 
     def stop_all(self) -> None:
         """Terminate every child (newest first), wait with a timeout, kill stragglers."""
+        from ipcfw._children import stop_processes  # (lazy: this file also runs as a script)
+
         children = list(reversed(self._children))
+        stop_processes((child.proc for child in children), STOP_TIMEOUT)
         for child in children:
-            if child.proc.poll() is None:
-                child.proc.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for child in children:
-            try:
-                child.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
             if child.proc.stdout is not None:
                 child.proc.stdout.close()
         self._children.clear()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import errors
+from ._children import stop_processes
 from .client import RSession, TRequestStatus, kernel_statistics
 from .endpoint import IPC_PATH_MAX
 
@@ -161,16 +162,7 @@ class _Stack:
     def stop(self) -> None:
         """SIGTERM the servers, then the kernel; wait with a deadline; SIGKILL stragglers."""
         for group in (self.servers, [self.kernel] if self.kernel else []):
-            for child in group:
-                if child.alive():
-                    child.popen.terminate()
-            deadline = time.monotonic() + STOP_TIMEOUT
-            for child in group:
-                try:
-                    child.popen.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    child.popen.kill()
-                    child.popen.wait()
+            stop_processes((child.popen for child in group), STOP_TIMEOUT)
 
 
 def _before(deadline: float, what: str) -> None:
