@@ -67,10 +67,6 @@ IDLE = 0.005  # a channel untouched this long is settled by the I/O thread
 _SLICE = 0.05  # blocked waits wake this often (seconds) to notice a dead kernel or a deadline
 
 
-class KernelGone(Exception):
-    """Internal: the kernel went away while we waited. Turned into an IpcError for users."""
-
-
 class Pending:
     """An asynchronous request not yet completed: its status, session and writable buffers."""
 
@@ -230,7 +226,7 @@ class Channel:
                 raw = self.socket.recv()
             except zmq.Again:
                 if self.runtime.kernel_dead:
-                    raise KernelGone() from None
+                    raise self.runtime.kernel_gone_error() from None
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"no reply within {timeout} s") from None
                 continue

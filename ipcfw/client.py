@@ -26,7 +26,7 @@ import warnings
 from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Union
 
 from . import errors
-from ._runtime import Channel, KernelGone, Pending, Runtime
+from ._runtime import Channel, Pending, Runtime
 from .naming import name_problem
 from .protocol import (
     ERROR_STRING_FUNCTION,
@@ -390,12 +390,9 @@ class RSession:
             first = (runtime.next_req_id(), *first)
         frame = encode(Connect(req_id, name, version, message_slots, payload, first))
         if first:
-            try:
-                reply, answer = runtime.channel().call_then(frame, req_id, first[0], timeout)
-            except KernelGone:
-                raise runtime.kernel_gone_error() from None
+            reply, answer = runtime.channel().call_then(frame, req_id, first[0], timeout)
         else:
-            reply, answer = self._call(runtime, frame, req_id, timeout, connect=True), None
+            reply, answer = runtime.channel().call(frame, req_id, timeout, connect=True), None
         if type(reply) is Panicked:
             raise errors.ClientPanic(reply.category, reply.reason)
         if type(reply) is not Connected:
@@ -450,7 +447,7 @@ class RSession:
             raise ValueError(f"token of {len(token)} bytes is longer than any ipcfw token")
         runtime = Runtime.for_endpoint(endpoint)
         req_id = runtime.next_req_id()
-        reply = cls._call(runtime, encode(Open(req_id, token)), req_id, timeout, connect=True)
+        reply = runtime.channel().call(encode(Open(req_id, token)), req_id, timeout, connect=True)
         if type(reply) is not Connected:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Open: {reply!r}")
         errors.check(reply.result)
@@ -479,7 +476,7 @@ class RSession:
     def _share(self, mode: int) -> bytes:
         runtime, handle = self._check_usable(0)
         req_id = runtime.next_req_id()
-        reply = self._call(runtime, encode(Share(req_id, handle, mode)), req_id, None)
+        reply = runtime.channel().call(encode(Share(req_id, handle, mode)), req_id)
         if type(reply) is Panicked:
             self._finish(reply, _NO_ARGS)
         if type(reply) is not Shared:
@@ -523,7 +520,7 @@ class RSession:
             channel = runtime.channel()
             self._sync_calls[req_id] = channel  # so a Close from another thread can end it
             try:
-                return self._finish(self._call(runtime, frame, req_id, timeout), ipc_args)
+                return self._finish(channel.call(frame, req_id, timeout), ipc_args)
             finally:
                 self._sync_calls.pop(req_id, None)
         frame = encode(Request(req_id, handle, function, ipc_args.wire, Mode.ASYNC))
@@ -550,7 +547,7 @@ class RSession:
         runtime, handle = self._check_usable(function)
         req_id = runtime.next_req_id()
         frame = encode(Request(req_id, handle, function, ipc_args.wire, Mode.BLIND))
-        self._finish(self._call(runtime, frame, req_id, None), _NO_ARGS)
+        self._finish(runtime.channel().call(frame, req_id), _NO_ARGS)
 
     def Close(self) -> None:
         """Close the session. The server gets ``Disconnect`` once, after every earlier request.
@@ -612,15 +609,6 @@ class RSession:
         if self._dead is not None:
             raise self._dead
         return runtime, handle
-
-    @staticmethod
-    def _call(
-        runtime: Runtime, frame: bytes, req_id: int, timeout: Optional[float], connect: bool = False
-    ) -> Any:
-        try:
-            return runtime.channel().call(frame, req_id, timeout, connect=connect)
-        except KernelGone:
-            raise runtime.kernel_gone_error() from None
 
     def _finish(self, reply: Any, ipc_args: TIpcArgs) -> int:
         if type(reply) is Panicked:
@@ -688,10 +676,7 @@ def terminate_server(
     """
     runtime = Runtime.for_endpoint(endpoint)
     req_id = runtime.next_req_id()
-    try:
-        reply = runtime.channel().call(encode(Terminate(req_id, name, int(reason))), req_id, timeout)
-    except KernelGone:
-        raise runtime.kernel_gone_error() from None
+    reply = runtime.channel().call(encode(Terminate(req_id, name, int(reason))), req_id, timeout)
     errors.check(reply.value)
 
 
@@ -699,8 +684,5 @@ def kernel_statistics(endpoint: Optional[str] = None, timeout: float = 5.0) -> d
     """The kernel's counters: peers, processes, servers, sessions by state, messages, slots."""
     runtime = Runtime.for_endpoint(endpoint)
     req_id = runtime.next_req_id()
-    try:
-        reply = runtime.channel().call(encode(Stats(req_id)), req_id, timeout)
-    except KernelGone:
-        raise runtime.kernel_gone_error() from None
+    reply = runtime.channel().call(encode(Stats(req_id)), req_id, timeout)
     return dict(reply.counters)
