@@ -31,6 +31,40 @@ class ExampleFailed(Exception):
     """An example found something wrong, or could not start; the message says what."""
 
 
+class ExampleClient:
+    """The frame every example client class shares: one `RSession` to `SERVER` inside.
+
+    Subclasses set `SERVER` (the server's name) and `PLUGIN` (how to host it, for the message
+    when it is not running), and add one method per server function.
+    """
+
+    SERVER = ""
+    PLUGIN = ""
+
+    def __init__(self) -> None:
+        self._session: Optional[RSession] = None
+
+    @classmethod
+    def connect(cls, endpoint: Optional[str] = None):
+        client = cls()
+        client.Connect(endpoint)
+        return client
+
+    def Connect(self, endpoint: Optional[str] = None) -> None:
+        self._session = connect_session(self.SERVER, self.PLUGIN, endpoint)
+
+    def Close(self) -> None:
+        if self._session is not None:
+            self._session.Close()
+            self._session = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.Close()
+
+
 def connect_session(name: str, plugin: str, endpoint: Optional[str] = None) -> RSession:
     """Connect to server `name`; if none is registered, say how to start it (`plugin`)."""
     try:

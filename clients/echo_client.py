@@ -18,11 +18,11 @@ if __package__ in (None, ""):  # run as a script: make `servers` and `clients` i
 
 from ipcfw import TIpcArgs, TRequestStatus, User  # noqa: E402
 
-from clients import Out, check, connect_session, run_main  # noqa: E402
+from clients import ExampleClient, Out, check, run_main  # noqa: E402
 from servers.echo import EAdd, EDesLength, EEchoDes, EEchoInt  # noqa: E402
 
 
-class EchoClient:
+class EchoClient(ExampleClient):
     """The echo server's client API: one session, one method per server function.
 
     ::
@@ -32,28 +32,8 @@ class EchoClient:
             echo.EchoDes(b"hello")    # -> b"hello"
     """
 
-    def __init__(self) -> None:
-        self._session = None
-
-    @classmethod
-    def connect(cls, endpoint: Optional[str] = None) -> "EchoClient":
-        client = cls()
-        client.Connect(endpoint)
-        return client
-
-    def Connect(self, endpoint: Optional[str] = None) -> None:
-        self._session = connect_session("echo", "servers.echo:EchoServer", endpoint)
-
-    def Close(self) -> None:
-        if self._session is not None:
-            self._session.Close()
-            self._session = None
-
-    def __enter__(self) -> "EchoClient":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.Close()
+    SERVER = "echo"
+    PLUGIN = "servers.echo:EchoServer"
 
     # -- synchronous calls: return the completion value or raise its IpcError -------------------
 

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make `servers` and `clients` i
 
 from ipcfw import EndOfFile, NotFound, Overflow, RSession, RSubSession, TIpcArgs, TRequestStatus  # noqa: E402
 
-from clients import Out, check, connect_session, run_main  # noqa: E402
+from clients import ExampleClient, Out, check, run_main  # noqa: E402
 from servers.kv import (  # noqa: E402
     ECloseCursor,
     ECount,
@@ -38,7 +38,7 @@ def _bytes(data: Key) -> bytes:
     return data.encode() if isinstance(data, str) else bytes(data)
 
 
-class KvClient:
+class KvClient(ExampleClient):
     """The kv server's client API (a Symbian R-class: a session plus one method per function).
 
     ::
@@ -51,32 +51,12 @@ class KvClient:
     Keys and values are bytes; a str is encoded as UTF-8.
     """
 
-    def __init__(self) -> None:
-        self._session = None
-
-    @classmethod
-    def connect(cls, endpoint: Optional[str] = None) -> "KvClient":
-        client = cls()
-        client.Connect(endpoint)
-        return client
-
-    def Connect(self, endpoint: Optional[str] = None) -> None:
-        self._session = connect_session("kv", "servers.kv:KvServer", endpoint)
-
-    def Close(self) -> None:
-        if self._session is not None:
-            self._session.Close()
-            self._session = None
+    SERVER = "kv"
+    PLUGIN = "servers.kv:KvServer"
 
     def Session(self) -> RSession:
         """The session inside (a subsession such as `RKvCursor` is opened through it)."""
         return self._session
-
-    def __enter__(self) -> "KvClient":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.Close()
 
     # -- one method per server function ---------------------------------------------------------
 

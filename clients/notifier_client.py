@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make `servers` and `clients` i
 
 from ipcfw import Cancelled, KErrCancel, TIpcArgs, TRequestStatus  # noqa: E402
 
-from clients import Out, check, connect_session, run_main  # noqa: E402
+from clients import ExampleClient, Out, check, run_main  # noqa: E402
 from servers.notifier import (  # noqa: E402
     ECancelWait,
     EPublish,
@@ -31,7 +31,7 @@ from servers.notifier import (  # noqa: E402
 TIMEOUT = 5.0  # seconds; an example must never hang
 
 
-class NotifierClient:
+class NotifierClient(ExampleClient):
     """The notifier server's client API.
 
     ``WaitForEvent`` sends the request at once and returns its `TRequestStatus`, which can be
@@ -43,28 +43,8 @@ class NotifierClient:
             value = await status          # payload now holds the event's payload
     """
 
-    def __init__(self) -> None:
-        self._session = None
-
-    @classmethod
-    def connect(cls, endpoint: Optional[str] = None) -> "NotifierClient":
-        client = cls()
-        client.Connect(endpoint)
-        return client
-
-    def Connect(self, endpoint: Optional[str] = None) -> None:
-        self._session = connect_session("notifier", "servers.notifier:NotifierServer", endpoint)
-
-    def Close(self) -> None:
-        if self._session is not None:
-            self._session.Close()
-            self._session = None
-
-    def __enter__(self) -> "NotifierClient":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.Close()
+    SERVER = "notifier"
+    PLUGIN = "servers.notifier:NotifierServer"
 
     def WaitForEvent(self, payload: Optional[bytearray] = None,
                      status: Optional[TRequestStatus] = None) -> TRequestStatus:
