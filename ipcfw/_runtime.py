@@ -180,12 +180,16 @@ class Channel:
                 return reply
             except TimeoutError:
                 if connect:
-                    self.abandoned.add(req_id)
-                    self.runtime.nudge()  # the I/O thread closes it if it succeeds later
+                    self._abandon(req_id)
                 raise
             finally:
                 self.replies.pop(req_id, None)
                 self.last_used = time.monotonic()
+
+    def _abandon(self, connect_id: int) -> None:
+        """Nobody waits for this connect any more: if it succeeds, close the session at once."""
+        self.abandoned.add(connect_id)
+        self.runtime.nudge()  # the I/O thread settles this channel, and closes it then
 
     def call_then(
         self, frame: bytes, req_id: int, then_id: int, timeout: Optional[float]
@@ -200,8 +204,7 @@ class Channel:
                 try:
                     connected = self._receive(req_id, timeout)
                 except TimeoutError:
-                    self.abandoned.add(req_id)
-                    self.runtime.nudge()
+                    self._abandon(req_id)
                     raise
                 if type(connected) is not Connected or connected.result < 0:
                     return connected, None  # the kernel dropped the first request with it
