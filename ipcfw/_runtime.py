@@ -387,17 +387,21 @@ class Runtime:
         pending = self.pending.pop(req_id, None)
         if pending is None:
             return  # completed already (dict.pop is atomic: exactly one caller gets it)
-        with pending.channel.count_lock:
-            pending.channel.pending -= 1
+        channel = pending.channel
+        with channel.count_lock:
+            channel.pending -= 1
         for index, data in writes:
             buffer = pending.buffers.get(index)
             if buffer is not None:
                 buffer[:] = data
-        pending.session._forget_request(req_id)
         pending.status._complete(value, panic)
         if self.blocked_waiters:
             with self.completions:
                 self.completions.notify_all()
+
+    def requests_of(self, session: Any) -> list[int]:
+        """The req_ids of `session`'s async requests still pending (for its Close)."""
+        return [req_id for req_id, p in list(self.pending.items()) if p.session is session]
 
     def panicked(self, reply: Panicked) -> None:
         panic = errors.ClientPanic(reply.category, reply.reason)

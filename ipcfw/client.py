@@ -55,6 +55,7 @@ log = logging.getLogger("ipcfw.client")
 __all__ = ["RSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics", "terminate_server"]
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_SYNC, _ASYNC, _BLIND = int(Mode.SYNC), int(Mode.ASYNC), int(Mode.BLIND)  # (enum reads cost 0.1 us)
 _ERROR_STRING_MAX = 1024  # bytes of an error description fetched from a server
 Arg = Union[int, bytes, bytearray]
 
@@ -82,27 +83,30 @@ class TIpcArgs:
     def __init__(self, *args: Arg) -> None:
         if len(args) > 4:
             raise ValueError(f"TIpcArgs takes at most 4 arguments, got {len(args)}")
-        wire: list = []
-        buffers: dict[int, bytearray] = {}
-        for index, arg in enumerate(args):
-            if isinstance(arg, bytearray):
-                wire.append((bytes(arg), len(arg)))
-                buffers[index] = arg
-            elif isinstance(arg, bytes):
-                wire.append(bytes(arg))
-            elif isinstance(arg, int):
-                if not _I32_MIN <= arg <= _I32_MAX:
-                    raise ValueError(f"argument {index}: {arg} does not fit in a 32-bit signed int")
-                wire.append(int(arg))
-            else:
-                raise TypeError(
-                    f"argument {index}: {type(arg).__name__} is not an int, bytes or bytearray"
-                )
-        self.wire: tuple = tuple(wire)
-        self.buffers = buffers
+        self.buffers: dict[int, bytearray] = {}
+        self.wire: tuple = args  # plain ints and bytes go on the wire as they are
+        for arg in args:
+            kind = type(arg)
+            if not (kind is bytes or (kind is int and _I32_MIN <= arg <= _I32_MAX)):
+                self.wire = tuple(self._wire_arg(index, arg) for index, arg in enumerate(args))
+                break
+
+    def _wire_arg(self, index: int, arg: Arg) -> Any:
+        if isinstance(arg, bytearray):
+            self.buffers[index] = arg
+            return (bytes(arg), len(arg))
+        if isinstance(arg, bytes):
+            return bytes(arg)
+        if isinstance(arg, int):
+            if not _I32_MIN <= arg <= _I32_MAX:
+                raise ValueError(f"argument {index}: {arg} does not fit in a 32-bit signed int")
+            return int(arg)
+        raise TypeError(f"argument {index}: {type(arg).__name__} is not an int, bytes or bytearray")
 
     @classmethod
     def of(cls, args: Union["TIpcArgs", Iterable[Arg], None]) -> "TIpcArgs":
+        if type(args) is tuple:
+            return cls(*args)
         if isinstance(args, TIpcArgs):
             return args
         if args is None:
@@ -142,7 +146,7 @@ class TRequestStatus:
     def __init__(self) -> None:
         self._value = errors.KRequestPending
         self._done = False
-        self._callbacks: list[Callable[["TRequestStatus"], None]] = []
+        self._callbacks: Optional[list[Callable[["TRequestStatus"], None]]] = None  # made on first use
         self._panic: Optional[errors.ClientPanic] = None
         self._channel: Optional[Channel] = None  # where its answer arrives, once in use
         self._req_id = 0
@@ -198,6 +202,8 @@ class TRequestStatus:
         """
         with _STATUS_LOCK:
             if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
                 self._callbacks.append(fn)
                 return
         fn(self)
@@ -232,8 +238,8 @@ class TRequestStatus:
             self._value = value
             self._panic = panic
             self._done = True
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
+            callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks or ():
             try:
                 fn(self)
             except Exception:
@@ -315,7 +321,6 @@ class RSession:
         self._sharing = 0  # 0 unshared, 1 ShareAuto (this process), 2 ShareProtected (by token)
         self._negotiation_reply = b""
         self._dead: Optional[BaseException] = None
-        self._pending: set[int] = set()
         self._abort_callback: Optional[Callable[["RSession", errors.IpcError], None]] = None
         self._sync_calls: dict[int, Channel] = {}  # req_id -> channel, of sync calls in flight
         self._lock = threading.Lock()
@@ -516,22 +521,19 @@ class RSession:
         runtime, handle = self._check_usable(function)
         req_id = runtime.next_req_id()
         if status is None:
-            frame = encode(Request(req_id, handle, function, ipc_args.wire, Mode.SYNC))
+            frame = encode(Request(req_id, handle, function, ipc_args.wire, _SYNC))
             channel = runtime.channel()
             self._sync_calls[req_id] = channel  # so a Close from another thread can end it
             try:
                 return self._finish(channel.call(frame, req_id, timeout), ipc_args)
             finally:
                 self._sync_calls.pop(req_id, None)
-        frame = encode(Request(req_id, handle, function, ipc_args.wire, Mode.ASYNC))
+        frame = encode(Request(req_id, handle, function, ipc_args.wire, _ASYNC))
         channel = runtime.channel()
         status._begin(channel, req_id)
-        with self._lock:
-            self._pending.add(req_id)
         try:
             channel.send_async(frame, req_id, Pending(status, self, ipc_args.buffers, channel))
         except BaseException:
-            self._forget_request(req_id)
             status._abandon()
             raise
         return None
@@ -546,7 +548,7 @@ class RSession:
         ipc_args = TIpcArgs.of(args)
         runtime, handle = self._check_usable(function)
         req_id = runtime.next_req_id()
-        frame = encode(Request(req_id, handle, function, ipc_args.wire, Mode.BLIND))
+        frame = encode(Request(req_id, handle, function, ipc_args.wire, _BLIND))
         self._finish(runtime.channel().call(frame, req_id), _NO_ARGS)
 
     def Close(self) -> None:
@@ -565,11 +567,10 @@ class RSession:
         with self._lock:
             runtime, handle = self._runtime, self._handle
             self._handle, self._runtime = 0, None
-            pending, self._pending = self._pending, set()
         if not handle:
             return
         runtime.forget_session(handle, self)
-        for req_id in pending:
+        for req_id in runtime.requests_of(self):
             runtime.complete(req_id, errors.KErrSessionClosed)
         for req_id, channel in list(self._sync_calls.items()):
             # Another thread waits in a sync call on this session: the kernel will not answer
@@ -594,7 +595,8 @@ class RSession:
         if not self._handle:
             return "<RSession not connected>"
         state = f" dead: {self._dead}" if self._dead else ""
-        return f"<RSession 0x{self._handle:x} pending={len(self._pending)}{state}>"
+        pending = len(self._runtime.requests_of(self)) if self._runtime is not None else 0
+        return f"<RSession 0x{self._handle:x} pending={pending}{state}>"
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -623,10 +625,6 @@ class RSession:
             if buffer is not None:
                 buffer[:] = data
         return errors.check(reply.value)
-
-    def _forget_request(self, req_id: int) -> None:
-        with self._lock:
-            self._pending.discard(req_id)
 
     def _lost(self, error: BaseException) -> None:
         """The session died under us (server panic or death, kernel death)."""

@@ -174,6 +174,8 @@ class Mode(enum.IntEnum):
 # -- field checkers --------------------------------------------------------------------------
 # Each takes the raw decoded value and returns it unchanged, or raises ValueError
 # with a phrase describing what was expected; `decode` adds the message and field names.
+# A simple checker also carries `expression`, the same test as a Python expression over `{v}`,
+# from which `_compile_validator` builds one fast test per message kind.
 
 Checker = Callable[[Any], Any]
 
@@ -184,6 +186,7 @@ def _int_in(low: int, high: int, what: str) -> Checker:
             raise ValueError(f"expected {what}")
         return value
 
+    check.expression = f"type({{v}}) is int and {low} <= {{v}} <= {high}"  # type: ignore[attr-defined]
     return check
 
 
@@ -193,6 +196,7 @@ def _bytes_upto(limit: int) -> Checker:
             raise ValueError(f"expected bytes of at most {limit}")
         return value
 
+    check.expression = f"type({{v}}) is bytes and len({{v}}) <= {limit}"  # type: ignore[attr-defined]
     return check
 
 
@@ -202,6 +206,7 @@ def _str_upto(limit: int) -> Checker:
             raise ValueError(f"expected a string of at most {limit} characters")
         return value
 
+    check.expression = f"type({{v}}) is str and len({{v}}) <= {limit}"  # type: ignore[attr-defined]
     return check
 
 
@@ -559,9 +564,34 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     PeerInfo: (Kind.PEER_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH))),
 }
 
+
+
+def _compile_validator(cls: type, checkers: tuple[Checker, ...]) -> Callable[[tuple], bool]:
+    """One function testing all of a message's fields at once, built from its checkers.
+
+    Calling the checkers one by one costs a Python call per field, more than unpacking the
+    frame; so, as `dataclasses` does for ``__init__``, the tests are joined into one expression
+    and compiled once. The result is True when every field passes; False, or a ValueError from
+    a checker without an `expression`, otherwise (`decode` then asks the checkers which field
+    failed, and why).
+    """
+    names = [f"v{i}" for i in range(len(checkers))]
+    tests, scope = [], {}
+    for name, check in zip(names, checkers):
+        expression = getattr(check, "expression", None)
+        if expression is None:
+            scope[f"check_{name}"] = check
+            expression = f"check_{name}({{v}}) is not None"  # raises ValueError when wrong
+        tests.append("(" + expression.format(v=name) + ")")
+    unpack = f"{', '.join(names)}, = fields" if names else "pass"
+    source = f"def valid(fields):\n    {unpack}\n    return {' and '.join(tests) or 'True'}\n"
+    exec(compile(source, f"<ipcfw.protocol validator of {cls.__name__}>", "exec"), scope)
+    return scope["valid"]
+
+
 _KIND_OF: dict[type, int] = {cls: int(kind) for cls, (kind, _) in _SCHEMA.items()}
-_BY_KIND: dict[int, tuple[type, tuple[Checker, ...]]] = {
-    int(kind): (cls, checkers) for cls, (kind, checkers) in _SCHEMA.items()
+_BY_KIND: dict[int, tuple[type, tuple[Checker, ...], Callable[[tuple], bool]]] = {
+    int(kind): (cls, checkers, _compile_validator(cls, checkers)) for cls, (kind, checkers) in _SCHEMA.items()
 }
 
 
@@ -581,17 +611,16 @@ def decode(frame: bytes) -> Message:
     entry = _BY_KIND.get(items[0])
     if entry is None:
         raise ProtocolError(f"unknown message kind {items[0]}")
-    cls, checkers = entry
+    cls, checkers, valid = entry
     fields = items[1:]
     if len(fields) != len(checkers):
         fields = _with_defaults(cls, checkers, fields)
     try:
-        for check, value in zip(checkers, fields):
-            check(value)
-    except ValueError as exc:
-        name, value = _first_bad_field(cls, checkers, fields)
-        raise ProtocolError(f"{cls.__name__}.{name}: {exc}, got {_show(value)}") from None
-    return tuple.__new__(cls, fields)  # what NamedTuple._make does, without the length check
+        if valid(fields):
+            return tuple.__new__(cls, fields)  # what NamedTuple._make does, without the length check
+    except ValueError:
+        pass
+    raise _field_error(cls, checkers, fields)
 
 
 def _with_defaults(cls: Any, checkers: tuple, fields: tuple) -> tuple:
@@ -602,13 +631,15 @@ def _with_defaults(cls: Any, checkers: tuple, fields: tuple) -> tuple:
     return fields + tuple(cls._field_defaults[name] for name in missing)
 
 
-def _first_bad_field(cls: type, checkers: tuple, fields: tuple) -> tuple[str, Any]:
+def _field_error(cls: Any, checkers: tuple, fields: tuple) -> ProtocolError:
+    """The error naming the first field its checker refuses, and why."""
     for name, check, value in zip(cls._fields, checkers, fields):
         try:
             check(value)
-        except ValueError:
-            return name, value
-    return "?", None  # pragma: no cover - only reached if a checker is not deterministic
+        except ValueError as exc:
+            return ProtocolError(f"{cls.__name__}.{name}: {exc}, got {_show(value)}")
+    # Only reached if a checker's expression and its code disagree: a bug here, not the peer's.
+    return ProtocolError(f"{cls.__name__}: a field checker is inconsistent")  # pragma: no cover
 
 
 _REPR = reprlib.Repr()

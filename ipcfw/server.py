@@ -30,7 +30,6 @@ import select
 import signal
 import struct
 import threading
-import weakref
 from typing import Any, ClassVar, NamedTuple, Optional
 
 import zmq
@@ -478,7 +477,8 @@ class RMessage:
             if self._done:
                 raise ServerPanic("USER", 70, f"message {self._msg_id} completed twice")
             self._done = True
-            return True
+        self._host._out_of_service(self)
+        return True
 
     def _cancel(self) -> bool:
         """The client cancelled it; True if it was still pending here."""
@@ -486,7 +486,8 @@ class RMessage:
             if self._done:
                 return False
             self._done = self._cancelled = True
-            return True
+        self._host._out_of_service(self)
+        return True
 
     def IsCancelled(self) -> bool:
         """True if the client cancelled this message (it was completed for the client)."""
@@ -517,8 +518,9 @@ class ServerHost:
         self.endpoint = endpoints.resolve(endpoint)
         self.sessions: dict[int, CSession] = {}
         self.clients: dict[int, ClientInfo] = {}
-        # Delivered requests not yet garbage (held, or in ServiceL): so a cancel can find them.
-        self._in_service: "weakref.WeakValueDictionary[int, RMessage]" = weakref.WeakValueDictionary()
+        # Delivered requests not yet completed (in ServiceL, or held), so a Cancel can find
+        # them. A request leaves when it completes, or when its session is disconnected.
+        self._in_service: dict[int, RMessage] = {}
         self._completion_lock = threading.Lock()
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_lock = threading.Lock()
@@ -586,6 +588,7 @@ class ServerHost:
         nowhere) and loses its subsessions."""
         sessions, self.sessions = self.sessions, {}
         self.clients.clear()
+        self._in_service.clear()
         with self._outbox_lock:
             self._outbox.clear()
             old_generation = self._generation
@@ -786,8 +789,17 @@ class ServerHost:
         if not message.IsNull():
             message.Complete(error.code)
 
+    def _out_of_service(self, message: RMessage) -> None:
+        # (`is`: after a kernel's death, a new kernel's message may reuse the number)
+        if self._in_service.get(message._msg_id) is message:
+            self._in_service.pop(message._msg_id, None)
+
     def _on_disconnect(self, request: Disconnect) -> None:
         session = self.sessions.pop(request.handle, None)
+        if session is not None:
+            # The kernel has answered whatever the session still held: no cancel will come.
+            for msg_id in [m for m, held in self._in_service.items() if held._session is session]:
+                del self._in_service[msg_id]
         message = RMessage(self, request.msg_id, _MessageKind.DISCONNECT, -2, (), session, None)
         if session is None:
             message.Complete(errors.KErrNone)

@@ -629,3 +629,37 @@ def test_fuzz_mutations_of_valid_frames() -> None:
     # Mutations hit both sides of the contract.
     assert tally["decoded"] > 1_000 and tally["refused"] > 5_000
 
+
+
+def _wire_form(value: object) -> object:
+    """`value` as decode sees it: through msgpack, arrays as tuples."""
+    return msgpack.unpackb(msgpack.packb(value, datetime=False), use_list=False, raw=False, strict_map_key=True)
+
+
+def _checkers_accept(checkers: tuple, fields: tuple) -> bool:
+    try:
+        for check, value in zip(checkers, fields):
+            check(value)
+    except ValueError:
+        return False
+    return True
+
+
+def test_compiled_validators_accept_exactly_what_the_field_checkers_accept() -> None:
+    """decode tests a message's fields with one function compiled from its checkers; were the
+    two to disagree, a hostile frame could pass the kernel's checks."""
+    rng = random.Random(FUZZ_SEED + 3)
+    verdicts = {True: 0, False: 0}
+    for message in ROUND_TRIP:
+        _cls, checkers, valid = protocol._BY_KIND[_kind_of(type(message))]
+        good = tuple(decode(encode(message)))
+        for _ in range(200):
+            fields = tuple(v if rng.random() < 0.7 else _wire_form(_random_value(rng)) for v in good)
+            expected = _checkers_accept(checkers, fields)
+            try:
+                verdict = valid(fields)
+            except ValueError:
+                verdict = False
+            assert verdict == expected, (type(message).__name__, fields)
+            verdicts[expected] += 1
+    assert verdicts[True] > 1_000 and verdicts[False] > 1_000
