@@ -14,8 +14,14 @@ that needs an answer fetch it itself, and keeps its own I/O thread off the hot p
   frame waiting, complete the requests they answer, release. A synchronous call holds its
   channel's lock from send to reply: one send, one receive, no hand-off. ``Wait()`` settles the
   status's channel and sleeps on the channel's file descriptor (`zmq.FD`) between settles.
-* zmq's FD is edge-like: it only signals new activity. So whoever holds the lock settles before
-  releasing it: nothing is ever left unread behind a consumed signal.
+* zmq's FD is edge-like: it only signals new activity, and any use of the socket may consume the
+  signal. A settle ends by finding the socket empty, which re-arms it. So whoever holds the lock
+  settles before releasing it, with one exception: an async send settles only if some other
+  thread or event loop may be asleep on the channel's FD (`Channel.watchers`), or if the
+  channel has not been settled for `SETTLE_INTERVAL`. A pipelining thread then reads its
+  answers in batches when it waits, instead of probing the socket after every send (each probe
+  is a getsockopt and two system calls); only the owner thread sends async requests on its
+  channel, and it is not asleep while it sends.
 * The process's I/O thread (``ipcfw-inbox``) owns the **inbox** socket, where the kernel sends
   notices (a session lost because its server died), and polls a pidfd on the kernel, so a dead
   kernel is noticed in milliseconds. It also settles channels whose requests nobody is waiting
@@ -64,6 +70,7 @@ log = logging.getLogger("ipcfw.client")
 
 HELLO_TIMEOUT = 5.0  # seconds to wait for a Welcome before declaring the kernel unreachable
 IDLE = 0.005  # a channel untouched this long is settled by the I/O thread
+SETTLE_INTERVAL = 0.001  # a thread only sending async requests still settles this often
 _SLICE = 0.05  # blocked waits wake this often (seconds) to notice a dead kernel or a deadline
 
 
@@ -117,10 +124,11 @@ class Channel:
         self.fd: int = self.socket.get(zmq.FD)
         self.max_frame = welcome.max_frame
         self.pending = 0  # async requests sent here and not yet completed (under count_lock)
+        self.watchers = 0  # other threads that may sleep on `fd` (under count_lock)
         self.count_lock = threading.Lock()  # never held across socket I/O
         self.poller = zmq.Poller()  # for threads waiting on this channel without the lock
         self.poller.register(self.fd, zmq.POLLIN)
-        self.last_used = time.monotonic()
+        self.last_used = self.settled_at = time.monotonic()
         self.closed = False
         # Synchronous calls in progress on this channel (req_id -> reply once read). A
         # done-callback run during a call may settle the channel and read the call's reply.
@@ -157,8 +165,9 @@ class Channel:
                 with self.count_lock:
                     self.pending -= 1
                 raise
-            self._settle()
-            self.last_used = time.monotonic()
+            now = self.last_used = time.monotonic()
+            if self.watchers or self.loop_readers or now - self.settled_at > SETTLE_INTERVAL:
+                self._settle()
         if self.pending == 1:
             runtime.nudge()  # the I/O thread may be asleep with nothing to watch
 
@@ -251,6 +260,7 @@ class Channel:
 
     def _settle(self) -> None:
         """Read and dispatch everything waiting. Call with the lock held."""
+        self.settled_at = time.monotonic()
         socket = self.socket
         while socket.get(EVENTS) & POLLIN:
             try:
@@ -430,6 +440,16 @@ class Runtime:
         Raises TimeoutError after `timeout` seconds.
         """
         statuses = tuple(statuses)
+        channels = {s._channel for s in statuses if s._channel is not None}
+        # Watch before the first settle: a send on these channels from now on settles after
+        # itself, so it cannot leave an answer unread behind a consumed FD signal.
+        _add_watchers(channels, 1)
+        try:
+            return self._wait(statuses, channels, timeout)
+        finally:
+            _add_watchers(channels, -1)
+
+    def _wait(self, statuses: tuple, channels: set, timeout: Optional[float]) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         poller: Optional[zmq.Poller] = None
         while True:
@@ -449,7 +469,7 @@ class Runtime:
             if busy:
                 self._sleep_on_completions(remaining)  # another thread is settling for us
             else:
-                poller = poller or _fd_poller(s._channel for s in statuses)
+                poller = poller or _fd_poller(channels)
                 poller.poll(remaining * 1000)
 
     def _sleep_on_completions(self, seconds: float) -> None:
@@ -493,14 +513,19 @@ class Runtime:
         self.channels.clear()
 
 
-def _fd_poller(channels: Iterable[Optional[Channel]]) -> zmq.Poller:
-    distinct = {c for c in channels if c is not None}
-    if len(distinct) == 1:
-        return next(iter(distinct)).poller
+def _fd_poller(channels: set[Channel]) -> zmq.Poller:
+    if len(channels) == 1:
+        return next(iter(channels)).poller
     poller = zmq.Poller()
-    for channel in distinct:
+    for channel in channels:
         poller.register(channel.fd, zmq.POLLIN)
     return poller
+
+
+def _add_watchers(channels: Iterable[Channel], delta: int) -> None:
+    for channel in channels:
+        with channel.count_lock:
+            channel.watchers += delta
 
 
 class _Inbox:

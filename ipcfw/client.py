@@ -197,8 +197,9 @@ class TRequestStatus:
         """Call ``fn(status)`` once the request completes (at once if it already has).
 
         The callback runs on whichever thread processes the completion: a thread waiting for
-        it, the thread that made the request when it next calls ipcfw, or, if that thread is
-        idle, the runtime's I/O thread within milliseconds. Keep callbacks short.
+        it, the thread that made the request when it next waits or makes a call (within a
+        millisecond or so if it only sends async requests), or, if that thread is idle, the
+        runtime's I/O thread within milliseconds. Keep callbacks short.
         """
         with _STATUS_LOCK:
             if not self._done:

@@ -36,6 +36,29 @@ def test_callback_fires_while_the_issuing_thread_is_idle(probe_server):
         assert status.Int() == 5
 
 
+def test_callbacks_fire_while_the_issuing_thread_keeps_sending(probe_server):
+    """An async send does not probe the socket each time, but still settles every millisecond
+    or so: a thread that only sends sees its callbacks fire without ever waiting."""
+    with connect() as session:
+        completed = 0
+
+        def count(_status: TRequestStatus) -> None:
+            nonlocal completed
+            completed += 1
+
+        deadline = time.monotonic() + 5
+        sent = 0
+        while completed < 50 and time.monotonic() < deadline:
+            status = TRequestStatus()
+            status.add_done_callback(count)
+            session.SendReceive(probe.EEcho, (sent,), status)  # (no wait, no sync call)
+            sent += 1
+            busy_until = time.monotonic() + 0.0002  # some work between sends: never idle
+            while time.monotonic() < busy_until:
+                pass
+        assert completed >= 50, f"{completed} callbacks after {sent} sends"
+
+
 def test_callback_may_issue_a_new_request(probe_server):
     with connect() as session:
         second = TRequestStatus()
