@@ -565,7 +565,6 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
 }
 
 
-
 def _compile_validator(cls: type, checkers: tuple[Checker, ...]) -> Callable[[tuple], bool]:
     """One function testing all of a message's fields at once, built from its checkers.
 

@@ -798,8 +798,10 @@ class ServerHost:
         session = self.sessions.pop(request.handle, None)
         if session is not None:
             # The kernel has answered whatever the session still held: no cancel will come.
-            for msg_id in [m for m, held in self._in_service.items() if held._session is session]:
-                del self._in_service[msg_id]
+            # (A copy first: other threads complete messages, and so remove them, meanwhile.)
+            for msg_id, held in list(self._in_service.items()):
+                if held._session is session:
+                    self._in_service.pop(msg_id, None)
         message = RMessage(self, request.msg_id, _MessageKind.DISCONNECT, -2, (), session, None)
         if session is None:
             message.Complete(errors.KErrNone)

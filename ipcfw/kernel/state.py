@@ -243,7 +243,7 @@ class SlotSource(enum.Enum):
 # member off its class is a descriptor call (~0.13 us), module globals are not.
 _SYNC, _ASYNC, _BLIND = Mode.SYNC, Mode.ASYNC, Mode.BLIND
 _CHANNEL = Role.CHANNEL
-_REQUEST, _CONNECT, _DISCONNECT = MessageKind.REQUEST, MessageKind.CONNECT, MessageKind.DISCONNECT
+_REQUEST, _CONNECT = MessageKind.REQUEST, MessageKind.CONNECT
 _NO_SLOT, _SESSION_SLOT, _POOL_SLOT = SlotSource.NONE, SlotSource.SESSION, SlotSource.POOL
 
 
