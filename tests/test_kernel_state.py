@@ -1644,6 +1644,19 @@ def test_the_256th_channel_gets_overflow_and_the_255_are_unaffected() -> None:
     served(ks, C3, h, 5003)
 
 
+def test_a_request_refused_before_delivery_does_not_attach_its_channel() -> None:
+    ks = sharing_world()
+    h = open_session(ks, slots=1)
+    share(ks, C1, h, 1)
+    held = deliver(request(ks, C1, h, 1, ASYNC))  # takes the one slot
+    assert stat(ks, "attached") == (1,)
+    assert request(ks, C1B, h, 2, ASYNC) == [Send(C1B, Completed(2, errors.KErrServerBusy, ()))]
+    assert stat(ks, "attached") == (1,)  # refused: C1B holds no place among the 255
+    served(ks, C1B, h, 3)  # a request that is delivered attaches it
+    assert stat(ks, "attached") == (2,)
+    ks.receive(S1, Complete(held.msg_id, 0, ()))
+
+
 def test_a_gone_channel_of_a_shared_session_gets_no_answers_others_do() -> None:
     ks = sharing_world()
     h = open_session(ks, slots=4)

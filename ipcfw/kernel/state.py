@@ -774,7 +774,8 @@ class KernelState:
         if session.panic is not None:
             return [Send(reply_to, Panicked(req_id, session.handle, *session.panic, 1))]
         writable = _writable_lengths(message.args)
-        code = self._attach(session, peer) or self._request_error(session, mode, writable)
+        # (Refused for another reason, a request does not take one of the 255 places.)
+        code = self._request_error(session, mode, writable) or self._attach(session, peer)
         if code:
             return [Send(reply_to, Completed(req_id, code, ()))]
         blind = mode == _BLIND
