@@ -15,6 +15,9 @@ For each system, from this (the bench) process acting as the client:
   calls divided by the sum of their latencies). The threads share one GIL: the figure shows how
   far the client runtime and the kernel overlap concurrent round trips on one session.
 
+* **CPU per pipelined call** of each process of each system (this one as the client, the
+  broker, the server), all threads included, over the pipelined steps: where the time goes.
+
 Every request carries the equivalent of an opcode and four 32-bit ints (a 32-byte body for the
 bare systems, ``SendReceive(1, (42, 0, 0, 0))`` for ipcfw), and every reply echoes it.
 
@@ -89,6 +92,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol
 
+import psutil
 import zmq
 
 WINDOW = 64
@@ -561,21 +565,21 @@ def __getattr__(name: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def start_bare_pingpong(children: Children, ctx: zmq.Context, workdir: Path) -> BareClient:
+def start_bare_pingpong(children: Children, ctx: zmq.Context, workdir: Path) -> tuple[BareClient, dict[str, int]]:
     endpoint = f"ipc://{workdir}/pingpong"
     child = children.spawn("bare-pingpong", _role_argv("echo-router", endpoint), handshake=True)
     await_ready(child, time.monotonic() + STARTUP_TIMEOUT)
-    return BareClient(ctx, endpoint)
+    return BareClient(ctx, endpoint), {"server": child.proc.pid}
 
 
-def start_bare_forwarder(children: Children, ctx: zmq.Context, workdir: Path) -> BareClient:
+def start_bare_forwarder(children: Children, ctx: zmq.Context, workdir: Path) -> tuple[BareClient, dict[str, int]]:
     front, back = f"ipc://{workdir}/fwd-front", f"ipc://{workdir}/fwd-back"
     deadline = time.monotonic() + STARTUP_TIMEOUT
     forwarder = children.spawn(
         "bare-forwarder", _role_argv("forwarder", front, "--backend", back), handshake=True)
-    children.spawn("bare-forwarder-worker", _role_argv("echo-worker", back), handshake=False)
+    worker = children.spawn("bare-forwarder-worker", _role_argv("echo-worker", back), handshake=False)
     await_ready(forwarder, deadline)
-    return BareClient(ctx, front)
+    return BareClient(ctx, front), {"broker": forwarder.proc.pid, "server": worker.proc.pid}
 
 
 def _repo_root() -> Path:
@@ -647,6 +651,8 @@ def _spawn_ipcfw(children: Children, name: str, args: Sequence[str], endpoint: s
 @dataclass
 class IpcfwStack:
     client: IpcfwClient
+    pids: dict[str, int]
+    """The kernel ("broker") and the echo server ("server")."""
     shared: SharedEcho | None = None
     shared_error: str | None = None
     """Why the shared-session case is not available, when it was asked for."""
@@ -677,7 +683,8 @@ def start_ipcfw(children: Children, workdir: Path, shared_threads: int = 0) -> I
         raise
     except Exception as exc:
         raise Unavailable(f"connecting to the echo server raised {exc!r}{log_tail(stack[0])}") from exc
-    result = IpcfwStack(IpcfwClient(session, api.TRequestStatus))
+    pids = {"broker": stack[0].proc.pid, "server": stack[1].proc.pid}
+    result = IpcfwStack(IpcfwClient(session, api.TRequestStatus), pids)
     if shared_threads:
         try:
             result.shared = _start_shared(api, [stack[0], shared_server], deadline, shared_threads)
@@ -707,14 +714,50 @@ def _start_shared(api: _IpcfwApi, stack: Sequence[_Child], deadline: float, thre
 # --------------------------------------------------------------------------------------------
 
 
+#: The processes of a system, as the CPU table names them: this process is always the client.
+CPU_ROLES = ("client", "broker", "server")
+
+
 @dataclass
 class System:
     name: str
     client: Client
+    pids: dict[str, int] = field(default_factory=dict)
+    """Its processes other than this one, by role ("broker", "server")."""
     error: str | None = None
     latencies_ns: list[int] = field(default_factory=list)
     pipelined_calls: int = 0
     pipelined_seconds: float = 0.0
+    pipelined_cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds each process spent during the pipelined steps, by role."""
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far of each of the system's processes (all threads)."""
+        return {role: cpu_seconds(pid) for role, pid in {"client": os.getpid(), **self.pids}.items()}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of all threads of `pid`, in seconds.
+
+    From the scheduler's nanosecond counters where Linux has them (``/proc/<pid>/task/*/
+    schedstat``): the clock-tick counts behind ``psutil.cpu_times`` are 10 ms coarse, as long
+    as a whole chunk of pipelined calls.
+    """
+    total_ns, seen = 0, False
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tids = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total_ns += int(f.read().split()[0])
+            seen = True
+        except (OSError, ValueError, IndexError):  # the thread ended, or no schedstat here
+            continue
+    if seen:
+        return total_ns / 1e9
+    return sum(psutil.Process(pid).cpu_times()[:2])
 
 
 @dataclass(frozen=True)
@@ -724,6 +767,8 @@ class RunResult:
     pipelined_calls_per_s: float
     sync_calls_per_s: float = 0.0
     """Sync calls divided by the sum of their latencies: one thread's sync throughput."""
+    pipelined_cpu_us: dict[str, float] = field(default_factory=dict)
+    """CPU microseconds per pipelined call of each process, by role."""
 
 
 @dataclass
@@ -820,7 +865,7 @@ def run_once(systems: Sequence[System], sync_n: int, pipelined_n: int,
              shared: SharedCase | None = None, shared_n: int = 0) -> dict[str, RunResult]:
     """One interleaved run over all live systems (and the shared-session case, if any)."""
     for s in systems:
-        s.latencies_ns, s.pipelined_calls, s.pipelined_seconds = [], 0, 0.0
+        s.latencies_ns, s.pipelined_calls, s.pipelined_seconds, s.pipelined_cpu_s = [], 0, 0.0, {}
     if shared is not None:
         shared.latencies_ns, shared.calls, shared.seconds = [], 0, 0.0
     shared_chunks = split(shared_n, CHUNKS) if shared is not None else [0] * CHUNKS
@@ -854,8 +899,12 @@ def summarize_shared(case: SharedCase, single: RunResult | None) -> SharedResult
 
 
 def _add_pipelined(system: System, n: int) -> None:
+    before = system.cpu_seconds()
     system.pipelined_seconds += time_pipelined(system.client, n)
+    after = system.cpu_seconds()
     system.pipelined_calls += n
+    for role, seconds in after.items():
+        system.pipelined_cpu_s[role] = system.pipelined_cpu_s.get(role, 0.0) + seconds - before[role]
 
 
 def percentile(sorted_values: Sequence[int], q: float) -> int:
@@ -871,15 +920,18 @@ def summarize(system: System) -> RunResult:
         sync_p99_us=percentile(lat, 99) / 1000,
         pipelined_calls_per_s=system.pipelined_calls / system.pipelined_seconds,
         sync_calls_per_s=len(lat) / (sum(lat) / 1e9),
+        pipelined_cpu_us={role: seconds / system.pipelined_calls * 1e6
+                          for role, seconds in system.pipelined_cpu_s.items()},
     )
 
 
 def best_of(runs: Sequence[RunResult]) -> RunResult:
-    """Best sync median (with that run's p99) and best throughputs across repeats."""
+    """Best sync median (with that run's p99) and best throughputs across repeats (with the
+    CPU of the run with the best pipelined throughput)."""
     fastest = min(runs, key=lambda r: r.sync_median_us)
-    return RunResult(fastest.sync_median_us, fastest.sync_p99_us,
-                     max(r.pipelined_calls_per_s for r in runs),
-                     max(r.sync_calls_per_s for r in runs))
+    most = max(runs, key=lambda r: r.pipelined_calls_per_s)
+    return RunResult(fastest.sync_median_us, fastest.sync_p99_us, most.pipelined_calls_per_s,
+                     max(r.sync_calls_per_s for r in runs), most.pipelined_cpu_us)
 
 
 def best_shared(runs: Sequence[SharedResult]) -> SharedResult:
@@ -939,6 +991,17 @@ def format_table(results: dict[str, RunResult], failed: dict[str, str]) -> str:
                            f"{r.pipelined_calls_per_s:,.0f}", f"{sync_ratio:.2f}x", f"{pipe_ratio:.2f}x")))
     for name in failed:
         lines.append(_row((name, "-", "-", "-", "-", "-")))
+    return "\n".join(lines)
+
+
+def format_cpu(results: dict[str, RunResult]) -> str:
+    """Where the pipelined time goes: CPU per call of each process of each system."""
+    lines = ["CPU per pipelined call, us (user + system, all threads of each process; the runs above)",
+             f"{'system':<16}" + "".join(f"{role:>10}" for role in (*CPU_ROLES, "total"))]
+    for name, r in results.items():
+        cpu = r.pipelined_cpu_us
+        cells = [f"{cpu[role]:.1f}" if role in cpu else "-" for role in CPU_ROLES]
+        lines.append(f"{name:<16}" + "".join(f"{c:>10}" for c in (*cells, f"{sum(cpu.values()):.1f}")))
     return "\n".join(lines)
 
 
@@ -1047,8 +1110,8 @@ class Outcome:
 
 def start_systems(children: Children, ctx: zmq.Context, workdir: Path, with_ipcfw: bool,
                   shared_threads: int = 0) -> tuple[list[System], SharedCase | None, dict[str, str]]:
-    systems = [System("bare-pingpong", start_bare_pingpong(children, ctx, workdir)),
-               System(BASELINE, start_bare_forwarder(children, ctx, workdir))]
+    systems = [System("bare-pingpong", *start_bare_pingpong(children, ctx, workdir)),
+               System(BASELINE, *start_bare_forwarder(children, ctx, workdir))]
     failed: dict[str, str] = {}
     if not with_ipcfw:
         failed["ipcfw"] = "skipped (--no-ipcfw)"
@@ -1060,7 +1123,7 @@ def start_systems(children: Children, ctx: zmq.Context, workdir: Path, with_ipcf
         if shared_threads:
             failed[SHARED_SYSTEM] = "the ipcfw stack is not available"
         return systems, None, failed
-    systems.append(System("ipcfw", stack.client))
+    systems.append(System("ipcfw", stack.client, stack.pids))
     if stack.shared_error is not None:
         failed[SHARED_SYSTEM] = stack.shared_error
     return systems, SharedCase(stack.shared) if stack.shared is not None else None, failed
@@ -1161,6 +1224,9 @@ def _report(args: argparse.Namespace, outcome: Outcome) -> int:
     print()
     print(format_table(outcome.results, outcome.failed))
     print()
+    if outcome.results:
+        print(format_cpu(outcome.results))
+        print()
     if outcome.shared is not None:
         print(format_shared(outcome.shared, args.shared))
         print()

@@ -139,3 +139,9 @@ def test_bench_runs_every_system_end_to_end():
     rows = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
     assert {"bare-pingpong", "bare-forwarder", "ipcfw"} <= rows
     assert "NOT MEASURED" not in result.stdout
+    # Where the time goes: CPU per pipelined call of each process of each system.
+    cpu_table = result.stdout.split("CPU per pipelined call", 1)[1].split("\n\n", 1)[0]
+    cpu = {line.split()[0]: line.split()[1:] for line in cpu_table.splitlines()[2:]}
+    assert cpu["bare-pingpong"][1] == "-"  # no broker
+    for name, roles in {"bare-forwarder": (0, 1, 2), "ipcfw": (0, 1, 2), "bare-pingpong": (0, 2)}.items():
+        assert all(float(cpu[name][i]) > 0 for i in roles), cpu_table
