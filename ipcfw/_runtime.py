@@ -216,6 +216,7 @@ class Channel:
                     self._abandon(req_id)
                     raise
                 if type(connected) is not Connected or connected.result < 0:
+                    self._settle()
                     return connected, None  # the kernel dropped the first request with it
                 try:
                     answer = self._receive(then_id, timeout)
@@ -467,16 +468,17 @@ class Runtime:
             if remaining <= 0:
                 raise TimeoutError(f"request still pending after {timeout} s")
             if busy:
-                self._sleep_on_completions(remaining)  # another thread is settling for us
+                self._sleep_on_completions(statuses, remaining)  # another thread settles for us
             else:
                 poller = poller or _fd_poller(channels)
                 poller.poll(remaining * 1000)
 
-    def _sleep_on_completions(self, seconds: float) -> None:
+    def _sleep_on_completions(self, statuses: tuple, seconds: float) -> None:
         with self.completions:
             self.blocked_waiters += 1
             try:
-                self.completions.wait(seconds)
+                # (Checked again once counted: a completion just before went unnotified.)
+                self.completions.wait_for(lambda: any(s.done() for s in statuses), seconds)
             finally:
                 self.blocked_waiters -= 1
 
@@ -485,7 +487,9 @@ class Runtime:
     def retire(self, channel: Channel) -> None:
         """The channel's thread ended: its socket closes now, which tells the kernel (its
         unshared sessions are disconnected), and requests still pending on it complete
-        locally with KErrDied, as a thread's requests die with it in Symbian."""
+        locally with KErrDied, as a thread's requests die with it in Symbian. (Answers that
+        reached the channel before that are delivered first.)"""
+        channel.try_settle()
         for req_id in [r for r, p in list(self.pending.items()) if p.channel is channel]:
             self.complete(req_id, errors.KErrDied)
         self.channels.discard(channel)

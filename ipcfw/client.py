@@ -262,6 +262,9 @@ def _settled_by_loop(loop: asyncio.AbstractEventLoop, channel: Channel) -> Itera
     if count == 0:
         loop.add_reader(channel.fd, channel.try_settle)
     channel.loop_readers[loop] = count + 1
+    # Registered first, then settled: an answer that arrived behind a send which did not
+    # settle is read now, and later sends settle (they see the loop among the readers).
+    channel.try_settle()
     try:
         yield
     finally:
@@ -596,7 +599,8 @@ class RSession:
         if not self._handle:
             return "<RSession not connected>"
         state = f" dead: {self._dead}" if self._dead else ""
-        pending = len(self._runtime.requests_of(self)) if self._runtime is not None else 0
+        runtime = self._runtime  # (once: a Close on another thread may clear it meanwhile)
+        pending = len(runtime.requests_of(self)) if runtime is not None else 0
         return f"<RSession 0x{self._handle:x} pending={pending}{state}>"
 
     # -- internals ---------------------------------------------------------------------------

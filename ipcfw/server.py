@@ -308,7 +308,7 @@ class RMessage:
 
     __slots__ = (
         "_host", "_msg_id", "_kind", "_function", "_args", "_session", "_client", "_content",
-        "_done", "_cancelled", "_generation", "__weakref__",
+        "_done", "_cancelled", "_generation", "_held_in", "__weakref__",
     )
 
     def __init__(self, host: "ServerHost", msg_id: int, kind: str, function: int, args: tuple,
@@ -324,6 +324,7 @@ class RMessage:
         self._done = False
         self._cancelled = False  # the client cancelled it: completing it is a no-op
         self._generation = host._generation  # which registration (kernel) it came from
+        self._held_in: Optional[dict] = None  # its session's requests in service, while in it
 
     # -- what was sent -----------------------------------------------------------------------
 
@@ -477,7 +478,7 @@ class RMessage:
             if self._done:
                 raise ServerPanic("USER", 70, f"message {self._msg_id} completed twice")
             self._done = True
-        self._host._out_of_service(self)
+        self._out_of_service()
         return True
 
     def _cancel(self) -> bool:
@@ -486,8 +487,13 @@ class RMessage:
             if self._done:
                 return False
             self._done = self._cancelled = True
-        self._host._out_of_service(self)
+        self._out_of_service()
         return True
+
+    def _out_of_service(self) -> None:
+        # Its own session's table: a new kernel's session may reuse the handle and the msg_id.
+        if self._held_in is not None:
+            self._held_in.pop(self._msg_id, None)
 
     def IsCancelled(self) -> bool:
         """True if the client cancelled this message (it was completed for the client)."""
@@ -518,9 +524,10 @@ class ServerHost:
         self.endpoint = endpoints.resolve(endpoint)
         self.sessions: dict[int, CSession] = {}
         self.clients: dict[int, ClientInfo] = {}
-        # Delivered requests not yet completed (in ServiceL, or held), so a Cancel can find
-        # them. A request leaves when it completes, or when its session is disconnected.
-        self._in_service: dict[int, RMessage] = {}
+        # Per session handle, its delivered requests not yet completed (in ServiceL, or held),
+        # by msg_id, so a Cancel can find them. A request leaves when it completes; the
+        # session's table goes when the session is disconnected.
+        self._in_service: dict[int, dict[int, RMessage]] = {}
         self._completion_lock = threading.Lock()
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_lock = threading.Lock()
@@ -728,6 +735,7 @@ class ServerHost:
                 message.Complete(code)
             return
         self.sessions[request.handle] = session
+        self._in_service[request.handle] = {}
         if message._claim():
             self._completed(message, encode(Negotiated(request.msg_id, errors.KErrNone, reply)))
 
@@ -768,7 +776,8 @@ class ServerHost:
                 if not message.IsNull():
                     message.Complete(_code_of(exc))
             return
-        self._in_service[request.msg_id] = message
+        message._held_in = held = self._in_service[request.handle]
+        held[request.msg_id] = message
         try:
             session.ServiceL(message)
         except Exception as exc:
@@ -789,19 +798,10 @@ class ServerHost:
         if not message.IsNull():
             message.Complete(error.code)
 
-    def _out_of_service(self, message: RMessage) -> None:
-        # (`is`: after a kernel's death, a new kernel's message may reuse the number)
-        if self._in_service.get(message._msg_id) is message:
-            self._in_service.pop(message._msg_id, None)
-
     def _on_disconnect(self, request: Disconnect) -> None:
         session = self.sessions.pop(request.handle, None)
-        if session is not None:
-            # The kernel has answered whatever the session still held: no cancel will come.
-            # (A copy first: other threads complete messages, and so remove them, meanwhile.)
-            for msg_id, held in list(self._in_service.items()):
-                if held._session is session:
-                    self._in_service.pop(msg_id, None)
+        # The kernel has answered what the session still held: a Cancel now finds nothing.
+        self._in_service.pop(request.handle, None)
         message = RMessage(self, request.msg_id, _MessageKind.DISCONNECT, -2, (), session, None)
         if session is None:
             message.Complete(errors.KErrNone)
@@ -874,7 +874,7 @@ class ServerHost:
             raise errors.IpcError(errors.KErrServerTerminated, "the kernel died during Deregister")
 
     def _on_cancelled(self, request: Cancelled) -> None:
-        message = self._in_service.get(request.msg_id)
+        message = self._in_service.get(request.handle, {}).get(request.msg_id)
         if message is None or not message._cancel():
             return  # completed already: the kernel dropped our completion, or will
         session = message.Session()

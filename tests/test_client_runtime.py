@@ -10,6 +10,7 @@ import pytest
 
 import ipcfw
 from ipcfw import ClientPanic, RSession, TRequestStatus, User
+from ipcfw import _runtime
 from conftest import wait_until
 from plugins import probe
 
@@ -105,6 +106,27 @@ def test_many_awaits_in_one_event_loop(probe_server):
             return await asyncio.gather(*(one(v) for v in range(50)))
 
         assert asyncio.run(asyncio.wait_for(main(), 20)) == list(range(50))
+
+
+def test_await_reads_an_answer_that_arrived_behind_a_send(probe_server, monkeypatch):
+    """An async send does not always read the socket, and a later send may consume the FD's
+    signal while an answer waits: `await` must read what is there before it sleeps on the FD.
+    (The I/O thread's rescue of idle channels is pushed out of reach, so a miss hangs.)"""
+    monkeypatch.setattr(_runtime, "IDLE", 60.0)
+    with connect() as session:
+
+        async def main() -> None:
+            for i in range(300):
+                first, second = TRequestStatus(), TRequestStatus()
+                session.SendReceive(probe.EEcho, (i,), first)
+                busy_until = time.monotonic() + 0.0002 + (i % 5) * 0.0002  # first's answer arrives
+                while time.monotonic() < busy_until:
+                    pass
+                session.SendReceive(probe.EEcho, (i,), second)
+                assert await asyncio.wait_for(first, 5) == i
+                assert await asyncio.wait_for(second, 5) == i
+
+        asyncio.run(main())
 
 
 def test_a_thread_ending_with_requests_pending_completes_them_with_kerrdied(kernel, probe_server):
