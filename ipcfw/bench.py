@@ -565,14 +565,18 @@ def __getattr__(name: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def start_bare_pingpong(children: Children, ctx: zmq.Context, workdir: Path) -> tuple[BareClient, dict[str, int]]:
+def start_bare_pingpong(
+    children: Children, ctx: zmq.Context, workdir: Path,
+) -> tuple[BareClient, dict[str, int]]:
     endpoint = f"ipc://{workdir}/pingpong"
     child = children.spawn("bare-pingpong", _role_argv("echo-router", endpoint), handshake=True)
     await_ready(child, time.monotonic() + STARTUP_TIMEOUT)
     return BareClient(ctx, endpoint), {"server": child.proc.pid}
 
 
-def start_bare_forwarder(children: Children, ctx: zmq.Context, workdir: Path) -> tuple[BareClient, dict[str, int]]:
+def start_bare_forwarder(
+    children: Children, ctx: zmq.Context, workdir: Path,
+) -> tuple[BareClient, dict[str, int]]:
     front, back = f"ipc://{workdir}/fwd-front", f"ipc://{workdir}/fwd-back"
     deadline = time.monotonic() + STARTUP_TIMEOUT
     forwarder = children.spawn(

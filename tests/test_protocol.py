@@ -633,7 +633,8 @@ def test_fuzz_mutations_of_valid_frames() -> None:
 
 def _wire_form(value: object) -> object:
     """`value` as decode sees it: through msgpack, arrays as tuples."""
-    return msgpack.unpackb(msgpack.packb(value, datetime=False), use_list=False, raw=False, strict_map_key=True)
+    frame = msgpack.packb(value, datetime=False)
+    return msgpack.unpackb(frame, use_list=False, raw=False, strict_map_key=True)
 
 
 def _checkers_accept(checkers: tuple, fields: tuple) -> bool:
