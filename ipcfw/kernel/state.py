@@ -786,14 +786,10 @@ class KernelState:
             self.cancellable[(reply_to, req_id)] = record.msg_id
         process = peer.process
         server = session.server
-        deliver = Send(server.rid, Deliver(
+        actions = self._inform(server, process)
+        actions.append(Send(server.rid, Deliver(
             record.msg_id, session.handle, message.function, message.args, process.client_key
-        ))
-        if process.client_key not in server.informed:
-            actions = self._inform(server, process)
-            actions.append(deliver)
-        else:
-            actions = [deliver]
+        )))
         if blind:
             actions.append(Send(reply_to, Completed(req_id, errors.KErrNone, ())))
         return actions
