@@ -28,6 +28,13 @@ that needs an answer fetch it itself, and keeps its own I/O thread off the hot p
   for (so ``add_done_callback`` fires) once their owner has been idle for `IDLE` seconds.
 * When a thread ends, its channel closes at once (the kernel sees it and disconnects the
   thread's unshared sessions); its requests still pending complete locally with KErrDied.
+* If the kernel stops serving a channel (it left the kernel's `max_backlog` answers unread, for
+  example while the process was stopped), the kernel forgets it, closes its unshared sessions
+  and says so twice: on the inbox at once, and on the channel itself behind the answers already
+  queued for it. The inbox's notice marks the channel dropped: the thread's next call gets a new
+  channel, the thread's lost sessions fail every call, and the I/O thread reads the old channel
+  up to the kernel's notice. Requests answered before it complete with their answers; the rest
+  then complete with KErrDisconnected, naming why.
 
 Routing ids are random 128-bit values: the kernel never trusts them as identity (it reads the
 process credentials the transport gives it), but a random id cannot collide with libzmq's own.
@@ -55,6 +62,7 @@ from .protocol import (
     Close,
     Completed,
     Connected,
+    Dropped,
     Hello,
     Message,
     Panicked,
@@ -113,7 +121,7 @@ class Channel:
         # Reentrant: a done-callback run while this thread settles may itself make a request.
         self.lock = threading.RLock()
         self.socket = runtime.context.socket(zmq.DEALER)
-        self.socket.routing_id = os.urandom(16)
+        self.routing_id = self.socket.routing_id = os.urandom(16)
         self.socket.rcvtimeo = int(_SLICE * 1000)
         self.socket.connect(runtime.endpoint)
         try:
@@ -130,6 +138,11 @@ class Channel:
         self.poller.register(self.fd, zmq.POLLIN)
         self.last_used = self.settled_at = time.monotonic()
         self.closed = False
+        # Set once the kernel stopped serving this channel (see the module docstring); `ended`
+        # once the kernel's own notice has been read from it: nothing can follow it.
+        self.dropped: Optional[errors.IpcError] = None
+        self.ended = False
+        self.replaced = False  # its thread has a new channel: close this one once it has ended
         # Synchronous calls in progress on this channel (req_id -> reply once read). A
         # done-callback run during a call may settle the channel and read the call's reply.
         self.replies: dict[int, Optional[Message]] = {}
@@ -235,6 +248,8 @@ class Channel:
             reply = self.replies.get(req_id)
             if reply is not None:
                 return reply  # read by a nested settle
+            if self.ended:
+                raise self.dropped  # type: ignore[misc]  # (set whenever `ended` is)
             try:
                 raw = self.socket.recv()
             except zmq.Again:
@@ -263,7 +278,7 @@ class Channel:
         """Read and dispatch everything waiting. Call with the lock held."""
         self.settled_at = time.monotonic()
         socket = self.socket
-        while socket.get(EVENTS) & POLLIN:
+        while not self.closed and socket.get(EVENTS) & POLLIN:  # (closed by a Dropped notice)
             try:
                 self._dispatch(decode(socket.recv()))
             except ProtocolError as exc:
@@ -279,6 +294,8 @@ class Channel:
             self.runtime.complete(req_id, reply.value, reply.writes)
         elif kind is Panicked:
             self.runtime.panicked(reply)
+        elif kind is Dropped and reply.routing_id == self.routing_id:
+            self.runtime.channel_ended(self, reply.waiting)
         elif kind is Connected and req_id in self.abandoned:
             self.abandoned.discard(req_id)
             if reply.handle:  # the caller gave up waiting: nobody holds this session
@@ -353,7 +370,10 @@ class Runtime:
             )
         self.context = zmq.Context()
         self.context.linger = 1000  # let a last Close reach the kernel when a thread ends
+        # The runtime can no longer talk to its kernel: it died, or stopped serving this
+        # process's inbox. `_lost_error` says which, for `kernel_gone_error`.
         self.kernel_dead = False
+        self._lost_error: Optional[errors.IpcError] = None
         self._closed = False
         self.pending: dict[int, Pending] = {}
         # handle -> the RSession objects of this process for it (several after Open).
@@ -380,9 +400,18 @@ class Runtime:
             channel = Channel(self)
             self.channels.add(channel)
             sentinel = self._local.sentinel = _ThreadSentinel(self, channel)
+        elif sentinel.channel.dropped is not None:
+            # The kernel stopped serving the old one: the I/O thread reads it to its end.
+            old, sentinel.channel = sentinel.channel, Channel(self)
+            self.channels.add(sentinel.channel)
+            with old.lock:
+                old.replaced = True
+                self._close_if_finished(old)
         return sentinel.channel
 
     def kernel_gone_error(self) -> errors.IpcError:
+        if self._lost_error is not None:
+            return self._lost_error
         return errors.IpcError(errors.KErrServerTerminated, f"the ipcfw kernel at {self.endpoint} has gone")
 
     # -- pending requests --------------------------------------------------------------------
@@ -390,7 +419,7 @@ class Runtime:
     def nudge(self) -> None:
         self._inbox.wake()
 
-    def complete(self, req_id: int, value: int, writes: tuple = (), panic: Any = None) -> None:
+    def complete(self, req_id: int, value: int, writes: tuple = (), error: Any = None) -> None:
         """Complete a pending async request, once; a late or unknown completion is dropped.
 
         Any thread may call it (settling, Close, a dead kernel): it never waits for socket I/O.
@@ -405,7 +434,7 @@ class Runtime:
             buffer = pending.buffers.get(index)
             if buffer is not None:
                 buffer[:] = data
-        pending.status._complete(value, panic)
+        pending.status._complete(value, error)
         if self.blocked_waiters:
             with self.completions:
                 self.completions.notify_all()
@@ -495,7 +524,39 @@ class Runtime:
         self.channels.discard(channel)
         channel.close()
 
-    def kernel_died(self) -> None:
+    def channel_dropped(self, routing_id: bytes, waiting: int) -> None:
+        """The kernel stopped serving the channel with this routing id (its inbox notice)."""
+        for channel in list(self.channels):
+            if channel.routing_id == routing_id and channel.dropped is None:
+                channel.dropped = errors.IpcError(
+                    errors.KErrDisconnected,
+                    f"the ipcfw kernel stopped serving this thread's channel: {waiting} answers "
+                    "waited unread for it (the kernel's max_backlog)",
+                )
+                self.nudge()  # the I/O thread reads it up to the kernel's own notice
+
+    def channel_ended(self, channel: Channel, waiting: int) -> None:
+        """The kernel's notice was read from `channel`: no answer can follow it. Its requests
+        still pending complete with KErrDisconnected; the channel closes if its thread has
+        moved on to a new one. Called with the channel's lock held."""
+        if channel.dropped is None:  # (the channel's notice overtook the inbox's)
+            self.channel_dropped(channel.routing_id, waiting)
+        channel.ended = True
+        for req_id in [r for r, p in list(self.pending.items()) if p.channel is channel]:
+            self.complete(req_id, errors.KErrDisconnected, (), channel.dropped)
+        self._close_if_finished(channel)
+
+    def _close_if_finished(self, channel: Channel) -> None:
+        """Close a dropped channel that has ended and been replaced. Call with its lock held."""
+        if channel.ended and channel.replaced and not channel.closed:
+            self.channels.discard(channel)
+            channel.closed = True
+            channel.socket.close()
+
+    def kernel_died(self, error: Optional[errors.IpcError] = None) -> None:
+        """The kernel has gone (or, with `error`, stopped serving this process): every session
+        is lost and every pending request fails; the next call starts a new runtime."""
+        self._lost_error = error
         self.kernel_dead = True
         error = self.kernel_gone_error()
         for handle in list(self.sessions):
@@ -509,6 +570,9 @@ class Runtime:
         self._inbox.stop()
         for req_id in list(self.pending):
             self.complete(req_id, errors.KErrDisconnected)
+        self.close_channels()
+
+    def close_channels(self) -> None:
         for channel in list(self.channels):
             if channel.lock.acquire(timeout=1.0):  # a thread may still be in a call
                 channel.closed = True
@@ -541,6 +605,7 @@ class _Inbox:
         self._error: Optional[BaseException] = None
         self._wakeup = WakePipe()
         self._stopping = False
+        self.routing_id = b""  # the inbox socket's, once it is open
         self._thread = threading.Thread(target=self._main, name="ipcfw-inbox", daemon=True)
 
     def start_and_wait(self) -> None:
@@ -562,7 +627,7 @@ class _Inbox:
 
     def _main(self) -> None:
         socket = self.runtime.context.socket(zmq.DEALER)
-        socket.routing_id = os.urandom(16)
+        socket.routing_id = self.routing_id = os.urandom(16)
         socket.linger = 0
         socket.connect(self.runtime.endpoint)
         kernel_fd = None
@@ -582,7 +647,7 @@ class _Inbox:
                 os.close(kernel_fd)
 
     def _serve(self, socket: zmq.Socket, kernel_fd: int) -> None:
-        while not self._stopping:
+        while not self._stopping and not self.runtime.kernel_dead:
             poller = zmq.Poller()
             poller.register(socket, zmq.POLLIN)
             poller.register(kernel_fd, zmq.POLLIN)
@@ -590,7 +655,9 @@ class _Inbox:
             watched = self._unattended_channels()
             for channel in watched:
                 poller.register(channel.fd, zmq.POLLIN)
-            waiting = any(c.pending or c.abandoned for c in self.runtime.channels)
+            waiting = any(
+                c.pending or c.abandoned or (c.dropped and not c.ended) for c in self.runtime.channels
+            )
             try:
                 ready = dict(poller.poll(IDLE * 1000 if waiting else None))
             except zmq.ZMQError:
@@ -611,7 +678,8 @@ class _Inbox:
         now = time.monotonic()
         return [
             c for c in list(self.runtime.channels)
-            if not c.closed and (c.pending or c.abandoned) and now - c.last_used > IDLE
+            if not c.closed and (c.pending or c.abandoned or (c.dropped and not c.ended))
+            and now - c.last_used > IDLE
         ]
 
     def _drain(self, socket: zmq.Socket) -> None:
@@ -625,10 +693,38 @@ class _Inbox:
                 log.exception("error while handling a kernel notice")
 
     def _dispatch(self, message: Message) -> None:
-        if type(message) is SessionLost:
-            self.runtime.session_lost(message.handle, errors.IpcError(message.code))
+        kind = type(message)
+        if kind is SessionLost:
+            self.runtime.session_lost(message.handle, _session_lost_error(message.code))
+        elif kind is Dropped and message.routing_id == self.routing_id:
+            self._dropped(message.waiting)
+        elif kind is Dropped:
+            self.runtime.channel_dropped(message.routing_id, message.waiting)
         else:
             log.error("unexpected %s on the inbox", type(message).__name__)
+
+
+    def _dropped(self, waiting: int) -> None:
+        """The kernel stopped serving this inbox: the process can no longer learn of lost
+        sessions, so the runtime ends. Closing its channels makes the kernel end its sessions."""
+        log.error("the ipcfw kernel at %s stopped serving this process (%d notices waited unread "
+                  "for it); its sessions have ended", self.runtime.endpoint, waiting)
+        self.runtime.kernel_died(errors.IpcError(
+            errors.KErrDisconnected,
+            f"the ipcfw kernel at {self.runtime.endpoint} stopped serving this process: {waiting} "
+            "notices waited unread for it; its sessions have ended",
+        ))
+        self.runtime.close_channels()
+
+
+def _session_lost_error(code: int) -> errors.IpcError:
+    if code == errors.KErrDisconnected:
+        return errors.IpcError(
+            code,
+            "the ipcfw kernel stopped serving the thread that created this session (it left "
+            "too many answers unread), and closed the session",
+        )
+    return errors.IpcError(code)
 
 
 atexit.register(Runtime.shutdown_all)

@@ -15,10 +15,13 @@ import logging
 import os
 import signal
 import sys
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from . import endpoint as endpoints
 from . import errors
+
+if TYPE_CHECKING:
+    from .kernel.limits import KernelLimits
 
 log = logging.getLogger("ipcfw.cli")
 
@@ -55,8 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 
     kernel = commands.add_parser("kernel", help="run the kernel in the foreground")
     _endpoint_option(kernel)
-    kernel.add_argument("--pool-slots", type=int, default=4096,
-                        help="size of the kernel-wide message slot pool (sessions with -1 slots)")
+    _limit_options(kernel)
     kernel.set_defaults(run=_run_kernel)
 
     serve = commands.add_parser("serve", help="host a server plugin: package.module:ServerClass")
@@ -64,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--overlay", action="append", default=[], metavar="MODULE:CLASS",
                        help="an overlay over the server (repeatable: each one overlays the previous)")
     serve.add_argument("--no-reconnect", action="store_true",
-                       help="exit (status 3) when the kernel dies instead of waiting for a new one")
+                       help="exit (status 3) when the kernel dies or stops serving this server, instead of registering again")
     _endpoint_option(serve)
     serve.set_defaults(run=_run_serve)
 
@@ -108,6 +110,31 @@ def _endpoint_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_LIMIT_HELP = {
+    "sessions_per_process": "sessions one process may hold (default %(default)s)",
+    "outstanding_per_process": "async requests and sends one process may have outstanding (default %(default)s)",
+    "pool_slots": "size of the kernel-wide message slot pool, for sessions with -1 slots (default %(default)s)",
+    "max_frame": "largest frame in bytes any peer may send (default %(default)s)",
+    "receive_hwm": "frames the kernel queues from one peer before its sends wait (default %(default)s)",
+    "max_backlog": "frames left unread by one peer before the kernel stops serving it "
+                   "(default: outstanding-per-process + sessions-per-process + 10000)",
+}
+
+
+def _limit_options(parser: argparse.ArgumentParser) -> None:
+    from .kernel.limits import KernelLimits
+
+    defaults = KernelLimits()
+    for name, text in _LIMIT_HELP.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), help=text)
+
+
+def _limits_of(args: argparse.Namespace) -> KernelLimits:
+    from .kernel.limits import KernelLimits
+
+    return KernelLimits(**{name: getattr(args, name) for name in _LIMIT_HELP})
+
+
 def _on_signals(stop: Callable[[], None]) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop())
@@ -116,7 +143,11 @@ def _on_signals(stop: Callable[[], None]) -> None:
 def _run_kernel(args: argparse.Namespace) -> int:
     from .kernel import Kernel, KernelAlreadyRunning
 
-    kernel = Kernel(args.endpoint, pool_slots=args.pool_slots)
+    try:
+        kernel = Kernel(args.endpoint, limits=_limits_of(args))
+    except ValueError as exc:
+        print(f"ipcfw: {exc}", file=sys.stderr)
+        return 2
     _on_signals(kernel.stop)
     try:
         kernel.run()
@@ -153,7 +184,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     host = ServerHost(top, args.endpoint, reconnect=not args.no_reconnect)
     _on_signals(host.stop)
     host.run()
-    return 3 if host.kernel_died else 0
+    return 3 if host.kernel_died or host.dropped else 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:

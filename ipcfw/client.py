@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
+import types
 import warnings
 from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Union
 
@@ -138,16 +140,19 @@ class TRequestStatus:
             ...
 
     If the server panicked the client, ``Int()`` is ``KErrDied`` and ``result()`` raises
-    ``ClientPanic``.
+    ``ClientPanic``. Where ipcfw itself completes a request with an error, ``result()`` raises
+    an ``IpcError`` whose message says why (for example ``Disconnected`` when the kernel
+    stopped serving the thread).
     """
 
-    __slots__ = ("_value", "_done", "_callbacks", "_panic", "_channel", "_req_id")
+    __slots__ = ("_value", "_done", "_callbacks", "_error", "_channel", "_req_id")
 
     def __init__(self) -> None:
         self._value = errors.KRequestPending
         self._done = False
         self._callbacks: Optional[list[Callable[["TRequestStatus"], None]]] = None  # made on first use
-        self._panic: Optional[errors.ClientPanic] = None
+        # What result() raises, when more is known than the value (a panic, or why it failed).
+        self._error: Optional[Exception] = None
         self._channel: Optional[Channel] = None  # where its answer arrives, once in use
         self._req_id = 0
 
@@ -189,8 +194,8 @@ class TRequestStatus:
     def result(self, timeout: Optional[float] = None) -> int:
         """Block until completion; return the value, or raise the error it completed with."""
         value = self.Wait(timeout)
-        if self._panic is not None:
-            raise self._panic
+        if self._error is not None:
+            raise self._error
         return errors.check(value)
 
     def add_done_callback(self, fn: Callable[["TRequestStatus"], None]) -> None:
@@ -226,7 +231,7 @@ class TRequestStatus:
             raise RuntimeError("this TRequestStatus is already in use by a pending request")
         self._req_id = req_id
         self._value = errors.KRequestPending
-        self._panic = None
+        self._error = None
         self._done = False
         self._channel = channel
 
@@ -234,10 +239,10 @@ class TRequestStatus:
         """The request could not be sent: the status is free again, still pending."""
         self._channel = None
 
-    def _complete(self, value: int, panic: Optional[errors.ClientPanic] = None) -> None:
+    def _complete(self, value: int, error: Optional[Exception] = None) -> None:
         with _STATUS_LOCK:
             self._value = value
-            self._panic = panic
+            self._error = error
             self._done = True
             callbacks, self._callbacks = self._callbacks, None
         for fn in callbacks or ():
@@ -300,6 +305,28 @@ class User:
         return channel.runtime.wait(statuses, timeout)
 
 
+class _OnClassOrInstance:
+    """A method that makes a new `RSession` when called on the class, and acts on the
+    `RSession` it is called on otherwise.
+
+    ``RSession.connect(...)`` and ``RSession.Open(token)`` return a new session; Symbian's
+    ``Open`` is an instance method, so ``session.Open(token)`` (and ``session.connect(...)``)
+    fill `session` instead, with the same checks as `RSession.CreateSession`. The function
+    gets the class or the instance as its first argument.
+    """
+
+    def __init__(self, function: Callable[..., "RSession"]) -> None:
+        self.__func__ = function
+        functools.update_wrapper(self, function)
+
+    def __get__(self, session: Optional["RSession"], owner: type) -> Callable[..., "RSession"]:
+        return types.MethodType(self.__func__, owner if session is None else session)
+
+
+def _session_of(target: Union[type, "RSession"]) -> "RSession":
+    return target() if isinstance(target, type) else target
+
+
 class RSession:
     """A client's handle to a session with a server (Symbian ``RSessionBase``).
 
@@ -316,6 +343,11 @@ class RSession:
     that thread; requests on it from another thread are refused with
     ``ClientPanic("KERN-EXEC", 0)`` until it is shared with `ShareAuto` (every thread of the
     process) or `ShareProtected` (other processes too, through `RSession.Open`).
+
+    One ``RSession`` holds one session at a time: connecting it again while it is connected
+    raises ``ClientPanic("KERN-EXEC", 57)``, and while another thread is connecting it,
+    ``ClientPanic("KERN-EXEC", 9)`` (as Symbian panics a second connect while one is
+    outstanding). Use one ``RSession`` per session.
     """
 
     def __init__(self) -> None:
@@ -327,11 +359,12 @@ class RSession:
         self._dead: Optional[BaseException] = None
         self._abort_callback: Optional[Callable[["RSession", errors.IpcError], None]] = None
         self._sync_calls: dict[int, Channel] = {}  # req_id -> channel, of sync calls in flight
+        self._connecting: Optional[threading.Thread] = None  # the thread connecting it, meanwhile
         self._lock = threading.Lock()
 
-    @classmethod
+    @_OnClassOrInstance
     def connect(
-        cls,
+        target: Union[type["RSession"], "RSession"],
         name: str,
         version: tuple = TVersion(1, 0, 0),
         message_slots: int = -1,
@@ -340,8 +373,12 @@ class RSession:
         timeout: Optional[float] = None,
         payload: bytes = b"",
     ) -> "RSession":
-        """Create and return a connected session (see `CreateSession`)."""
-        session = cls()
+        """Create and return a connected session (see `CreateSession`).
+
+        Called on an ``RSession`` (``session.connect(name)``) it connects that one and returns
+        it, raising as `CreateSession` does if it is connected or connecting.
+        """
+        session = _session_of(target)
         session.CreateSession(
             name, version, message_slots, endpoint=endpoint, timeout=timeout, payload=payload
         )
@@ -372,10 +409,28 @@ class RSession:
         Raises ``NotFound`` if no server has that name, ``BadName`` for an invalid name,
         ``BadArgument`` for a bad slot count or a payload over 256 bytes, and whatever the
         server's ``AcceptL``, ``NewSessionL`` or ``CreateL`` raised (``NotSupported`` for a
-        version it does not serve).
+        version it does not serve). Raises ``ClientPanic("KERN-EXEC", 57)`` if this
+        ``RSession`` is connected already, ``ClientPanic("KERN-EXEC", 9)`` if another thread is
+        connecting it; nothing is sent then.
         """
-        if self._handle:
-            raise errors.ClientPanic("KERN-EXEC", 57, "this RSession is already connected")
+        self._begin_connect()
+        try:
+            return self._create_session(
+                name, version, message_slots, endpoint, timeout, payload, first_request
+            )
+        finally:
+            self._end_connect()
+
+    def _create_session(
+        self,
+        name: str,
+        version: tuple,
+        message_slots: int,
+        endpoint: Optional[str],
+        timeout: Optional[float],
+        payload: bytes,
+        first_request: Optional[tuple],
+    ) -> Optional[int]:
         version = to_version(version)
         problem = name_problem(name)
         if problem:
@@ -406,12 +461,34 @@ class RSession:
             raise errors.ClientPanic(reply.category, reply.reason)
         if type(reply) is not Connected:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to connect: {reply!r}")
-        errors.check(reply.result)
+        _check_connected(reply.result)
         self._attach(runtime, reply.handle, sharing=0)
         self._negotiation_reply = reply.payload
         if isinstance(answer, TimeoutError):
             raise TimeoutError(f"connected, but the first request had no answer within {timeout} s")
         return None if answer is None else self._finish(answer, first_args)
+
+    def _begin_connect(self) -> None:
+        """Mark this RSession as connecting, or raise the panic Symbian gives a second connect."""
+        with self._lock:
+            if self._handle:
+                raise errors.ClientPanic(
+                    "KERN-EXEC", 57,
+                    f"this RSession is already connected (handle 0x{self._handle:x}): close it "
+                    "first, or connect another RSession",
+                )
+            connecting = self._connecting
+            if connecting is not None:
+                raise errors.ClientPanic(
+                    "KERN-EXEC", 9,
+                    f"this RSession is already being connected, by thread {connecting.name!r}: "
+                    "one RSession holds one session, so connect another RSession",
+                )
+            self._connecting = threading.current_thread()
+
+    def _end_connect(self) -> None:
+        with self._lock:
+            self._connecting = None
 
     @staticmethod
     def _first_request(first_request: Optional[tuple]) -> tuple[tuple, "TIpcArgs"]:
@@ -437,9 +514,13 @@ class RSession:
         """What the server's ``AcceptL`` answered to this session's connect (b"" if nothing)."""
         return self._negotiation_reply
 
-    @classmethod
+    @_OnClassOrInstance
     def Open(
-        cls, token: bytes, *, endpoint: Optional[str] = None, timeout: Optional[float] = None
+        target: Union[type["RSession"], "RSession"],
+        token: bytes,
+        *,
+        endpoint: Optional[str] = None,
+        timeout: Optional[float] = None,
     ) -> "RSession":
         """Attach to a session another process shared with `ShareProtected` (by its token).
 
@@ -449,7 +530,21 @@ class RSession:
 
             token = session.ShareProtected()      # in the owning process
             shared = RSession.Open(token)         # in another process
+
+        Called on an ``RSession`` (``shared.Open(token)``, as in Symbian) it attaches that one
+        and returns it; like `CreateSession`, it raises ``ClientPanic("KERN-EXEC", 57)`` if
+        that ``RSession`` is connected and ``ClientPanic("KERN-EXEC", 9)`` if another thread is
+        connecting it.
         """
+        session = _session_of(target)
+        session._begin_connect()
+        try:
+            session._open(token, endpoint, timeout)
+        finally:
+            session._end_connect()
+        return session
+
+    def _open(self, token: bytes, endpoint: Optional[str], timeout: Optional[float]) -> None:
         if not isinstance(token, bytes):
             raise TypeError(f"token must be bytes, not {type(token).__name__}")
         if len(token) > MAX_TOKEN:
@@ -459,10 +554,8 @@ class RSession:
         reply = runtime.channel().call(encode(Open(req_id, token)), req_id, timeout, connect=True)
         if type(reply) is not Connected:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Open: {reply!r}")
-        errors.check(reply.result)
-        session = cls()
-        session._attach(runtime, reply.handle, sharing=2)
-        return session
+        _check_connected(reply.result, also="255 threads are attached to the session, or ")
+        self._attach(runtime, reply.handle, sharing=2)
 
     def ShareAuto(self) -> None:
         """Let every thread of this process use the session (Symbian ``ShareAuto``).
@@ -597,7 +690,7 @@ class RSession:
 
     def __repr__(self) -> str:
         if not self._handle:
-            return "<RSession not connected>"
+            return "<RSession connecting>" if self._connecting is not None else "<RSession not connected>"
         state = f" dead: {self._dead}" if self._dead else ""
         runtime = self._runtime  # (once: a Close on another thread may clear it meanwhile)
         pending = len(runtime.requests_of(self)) if runtime is not None else 0
@@ -662,6 +755,18 @@ class RSession:
             callback(self, error)
         except Exception:
             log.exception("an abort callback raised")
+
+
+def _check_connected(code: int, also: str = "") -> None:
+    """Raise the error a connect or Open was refused with; for KErrOverflow, say which limit
+    (`also`: the other limit an Open can meet)."""
+    if code == errors.KErrOverflow:
+        raise errors.IpcError(
+            code,
+            f"{also}this process holds the kernel's limit of sessions (ipcfw kernel "
+            "--sessions-per-process): close a session first",
+        )
+    errors.check(code)
 
 
 def terminate_server(

@@ -54,6 +54,7 @@ from .protocol import (
     Completed,
     Deliver,
     Disconnect,
+    Dropped,
     Hello,
     NewSession,
     Panic,
@@ -308,7 +309,7 @@ class RMessage:
 
     __slots__ = (
         "_host", "_msg_id", "_kind", "_function", "_args", "_session", "_client", "_content",
-        "_done", "_cancelled", "_generation", "_held_in", "__weakref__",
+        "_done", "_ended_by", "_cancelled", "_generation", "_held_in", "__weakref__",
     )
 
     def __init__(self, host: "ServerHost", msg_id: int, kind: str, function: int, args: tuple,
@@ -322,6 +323,7 @@ class RMessage:
         self._client = client
         self._content: Optional[dict] = None  # index -> bytearray, once WriteL was called
         self._done = False
+        self._ended_by = ""  # "Complete" or "Panic", once it was completed
         self._cancelled = False  # the client cancelled it: completing it is a no-op
         self._generation = host._generation  # which registration (kernel) it came from
         self._held_in: Optional[dict] = None  # its session's requests in service, while in it
@@ -435,8 +437,8 @@ class RMessage:
     def Complete(self, value: int) -> None:
         """Complete the message with `value` (>= 0 success, < 0 an error code). Any thread.
 
-        Raises ``ServerPanic("USER", 70)`` if the message was already completed; nothing is sent
-        twice.
+        Raises ``ServerPanic("USER", 70)`` if the message was already completed or panicked
+        (Symbian's ``ETMesCompletion``); nothing is sent twice.
         """
         if type(value) is not int:
             if isinstance(value, errors.IpcError):
@@ -461,25 +463,43 @@ class RMessage:
 
     def Panic(self, category: str, reason: int) -> None:
         """Panic the client: its call raises ``ClientPanic(category, reason)``, its session dies
-        and this server gets ``Disconnect``. `category` is truncated to 16 characters."""
+        and this server gets ``Disconnect``. `category` is truncated to 16 characters.
+
+        This completes the message. Raises ``ServerPanic("KERN-EXEC", 44)`` if the message was
+        already completed or panicked (Symbian's ``EBadMessageHandle``: a completed message's
+        handle is null); nothing is sent then, and the client keeps its session.
+        """
         if not isinstance(category, str):
             raise TypeError(f"panic category must be a str, not {type(category).__name__}")
         if type(reason) is not int or not _I32_MIN <= reason <= _I32_MAX:
             raise ValueError(f"panic reason must be a 32-bit int, got {reason!r}")
-        if not self._claim():
+        if not self._claim("Panic"):
             return
         self._host._completed(self, encode(Panic(self._msg_id, category[:MAX_CATEGORY], reason)))
 
-    def _claim(self) -> bool:
-        """Mark the message completed; False if the client cancelled it (send nothing)."""
+    def _claim(self, by: str = "Complete") -> bool:
+        """Mark the message completed `by` Complete or Panic; False if the client cancelled it
+        (send nothing). Raises the server panic Symbian gives for a message already completed."""
         with self._host._completion_lock:
             if self._cancelled:
                 return False
             if self._done:
-                raise ServerPanic("USER", 70, f"message {self._msg_id} completed twice")
+                raise self._already_completed(by)
             self._done = True
+            self._ended_by = by
         self._out_of_service()
         return True
+
+    def _already_completed(self, by: str) -> ServerPanic:
+        # Symbian nulls a message's handle when it completes: Complete() on a null handle is
+        # USER 70; Panic() hands the null handle to the kernel, which answers KERN-EXEC 44.
+        what = f"{by}() on message {self._msg_id} (function {self._function})"
+        was = "completed" if self._ended_by == "Complete" else "completed by Panic()"
+        if by == "Panic":
+            return ServerPanic("KERN-EXEC", 44, f"{what}, which was already {was}: only a "
+                                                "pending message can panic its client")
+        return ServerPanic("USER", 70, f"{what}, which was already {was}: a message is "
+                                       "completed once")
 
     def _cancel(self) -> bool:
         """The client cancelled it; True if it was still pending here."""
@@ -512,7 +532,10 @@ class ServerHost:
 
     With ``reconnect=True`` (what ``ipcfw serve`` uses) a kernel's death does not end the host:
     the sessions it had are dropped (their subsession objects closed), and the host waits for a
-    kernel on the same endpoint and registers the server's name again.
+    kernel on the same endpoint and registers the server's name again. The same happens when
+    the kernel stops serving the host because it left too many frames unread (a `Dropped`
+    notice: the process was stopped, or its loop blocked, for too long); without reconnect,
+    ``run()`` returns with ``host.dropped`` set.
     """
 
     def __init__(self, server: Any, endpoint: Optional[str] = None, *, reconnect: bool = False) -> None:
@@ -537,6 +560,7 @@ class ServerHost:
         self._loop_thread: Optional[int] = None
         self._problems: collections.Counter[str] = collections.Counter()
         self.kernel_died = False
+        self.dropped = False  # the kernel stopped serving this registration (Dropped)
         self._indicated = False
         self._in_indication = False
         self._deregistration_done = False
@@ -555,11 +579,14 @@ class ServerHost:
         ``AlreadyExists``) or ``CouldNotConnect`` if no kernel answers."""
         try:
             self._run_with_kernel(ready)
-            while self.reconnect and self.kernel_died and not self._stopping:
-                self._forget_sessions("the kernel died")
-                if not self._await_kernel():
-                    return  # stopped while waiting
-                self.kernel_died = False
+            while self.reconnect and (self.kernel_died or self.dropped) and not self._stopping:
+                if self.kernel_died:
+                    self._forget_sessions("the kernel died")
+                    if not self._await_kernel():
+                        return  # stopped while waiting
+                else:
+                    self._forget_sessions("the kernel stopped serving this server")
+                self.kernel_died = self.dropped = False
                 self._indicated, self._deregistered = False, None
                 self._run_with_kernel(None)
         finally:
@@ -671,7 +698,7 @@ class ServerHost:
         poller.register(self._wakeup.fd, zmq.POLLIN)
         poller.register(kernel_fd, zmq.POLLIN)
         try:
-            while not self._stopping:
+            while not self._stopping and not self.dropped:
                 ready = dict(poller.poll())
                 if self._wakeup.fd in ready:
                     self._flush_outbox()
@@ -681,7 +708,8 @@ class ServerHost:
                     log.error("the ipcfw kernel has died; server %r stops", self.server.name)
                     self.kernel_died = True
                     return
-            self._flush_outbox()  # completions made before stop() still reach their clients
+            if not self.dropped:
+                self._flush_outbox()  # completions made before stop() still reach their clients
         finally:
             os.close(kernel_fd)
 
@@ -702,6 +730,8 @@ class ServerHost:
                 self._report("unexpected message", f"{type(message).__name__} is not sent to servers")
                 continue
             handler(self, message)
+            if self.dropped:
+                return  # nothing the kernel sent after its notice is meant for us
 
     def _report(self, kind: str, detail: str) -> None:
         self._problems[kind] += 1
@@ -873,6 +903,18 @@ class ServerHost:
         if not self._deregistration_done:
             raise errors.IpcError(errors.KErrServerTerminated, "the kernel died during Deregister")
 
+    def _on_dropped(self, notice: Dropped) -> None:
+        if notice.routing_id != self._socket.routing_id:
+            self._report("Dropped notice for another socket", notice.routing_id.hex())
+            return
+        self.dropped = True
+        then = "it registers again" if self.reconnect else "it stops"
+        log.error(
+            "the ipcfw kernel stopped serving server %r: %d frames waited unread for it (the "
+            "kernel's max_backlog; was this process stopped or its loop blocked?); %s",
+            self.server.name, notice.waiting, then,
+        )
+
     def _on_cancelled(self, request: Cancelled) -> None:
         message = self._in_service.get(request.handle, {}).get(request.msg_id)
         if message is None or not message._cancel():
@@ -889,6 +931,7 @@ class ServerHost:
         PeerInfo: _on_peer_info,
         PeerGone: _on_peer_gone,
         Cancelled: _on_cancelled,
+        Dropped: _on_dropped,
         NewSession: _on_new_session,
         Deliver: _on_deliver,
         Disconnect: _on_disconnect,

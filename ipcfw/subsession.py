@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 import warnings
 from typing import Any, Iterable, Optional, Union
 
@@ -77,6 +78,8 @@ class RSubSession:
         self._session: Optional[RSession] = None
         self._handle = 0
         self._close_function = close_function
+        self._creating: Optional[threading.Thread] = None  # the thread creating it, meanwhile
+        self._lock = threading.Lock()
 
     @classmethod
     def open(
@@ -99,14 +102,38 @@ class RSubSession:
         for the server to write the handle into. Raises ``ValueError`` for a fourth argument
         (before anything is sent), whatever the server raised (its ``NewSubSessionL`` or its own
         checks), and ``IpcError(KErrBadHandle)`` if the server completed the request with success
-        but wrote no handle. Raises ``ClientPanic("KERN-EXEC", 57)`` if this subsession is
-        already open (close it first).
+        but left handle 0 in argument 3 (it wrote none, or wrote 0, which names no subsession;
+        Symbian's ``CreateSubSession`` returns ``KErrNone`` then, with the subsession not open).
+        Raises ``ClientPanic("KERN-EXEC", 57)`` if this subsession is already open (close it
+        first), ``ClientPanic("KERN-EXEC", 9)`` if another thread is creating it.
         """
         if not isinstance(session, RSession):
             raise TypeError(f"CreateSubSession needs an RSession, not {type(session).__name__}")
-        if self._handle:
-            raise errors.ClientPanic("KERN-EXEC", 57, "this RSubSession is already open")
         first = _first_three(args)
+        self._begin_create()
+        try:
+            self._create(session, function, first)
+        finally:
+            with self._lock:
+                self._creating = None
+
+    def _begin_create(self) -> None:
+        with self._lock:
+            if self._handle:
+                raise errors.ClientPanic(
+                    "KERN-EXEC", 57,
+                    f"this RSubSession is already open (handle 0x{self._handle:x}): close it first",
+                )
+            creating = self._creating
+            if creating is not None:
+                raise errors.ClientPanic(
+                    "KERN-EXEC", 9,
+                    f"this RSubSession is already being created, by thread {creating.name!r}: "
+                    "one RSubSession holds one subsession, so create another RSubSession",
+                )
+            self._creating = threading.current_thread()
+
+    def _create(self, session: RSession, function: int, first: list[Arg]) -> None:
         buffer = bytearray(_HANDLE.size)
         session.SendReceive(function, TIpcArgs(*first, buffer))
         if len(buffer) != _HANDLE.size:
@@ -119,8 +146,9 @@ class RSubSession:
         if handle == 0:
             raise errors.IpcError(
                 errors.KErrBadHandle,
-                f"function {function} completed without writing a subsession handle into argument 3 "
-                "(a server opens a subsession with CSession.NewSubSessionL)",
+                f"function {function} completed with success but left handle 0 in argument 3: "
+                "the server wrote no subsession handle, or wrote 0, which names none (a server "
+                "opens a subsession with CSession.NewSubSessionL, whose handles are never 0)",
             )
         self._session, self._handle = session, handle
 

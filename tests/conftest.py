@@ -79,12 +79,13 @@ class ManagedProcess:
 class KernelFixture:
     """A real kernel on a private endpoint, plus helpers to start servers and clients."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, options: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.endpoint = f"ipc://{workdir}/kernel"
         self.env = dict(os.environ, IPCFW_KERNEL=self.endpoint, PYTHONPATH=PYTHONPATH)
         self.children: list[ManagedProcess] = []
-        self.process = self._spawn("kernel", ["kernel", "--endpoint", self.endpoint])
+        self.options = options  # e.g. ("--max-backlog", "2000"), from @pytest.mark.kernel_options
+        self.process = self._spawn("kernel", ["kernel", "--endpoint", self.endpoint, *options])
         wait_until(lambda: os.path.exists(f"{workdir}/kernel") or not self.process.alive(),
                    what="the kernel socket")
         assert self.process.alive(), f"kernel failed to start:\n{self.process.log()}"
@@ -122,7 +123,7 @@ class KernelFixture:
         """SIGKILL the kernel and start a new one on the same endpoint."""
         self.process.kill()
         self.process.popen.wait(10)
-        self.process = self._spawn("kernel", ["kernel", "--endpoint", self.endpoint])
+        self.process = self._spawn("kernel", ["kernel", "--endpoint", self.endpoint, *self.options])
         wait_until(lambda: "listening" in self.process.log() or not self.process.alive(),
                    what="the new kernel")
         assert self.process.alive(), f"kernel failed to restart:\n{self.process.log()}"
@@ -136,11 +137,13 @@ class KernelFixture:
 
 
 @pytest.fixture
-def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[KernelFixture]:
-    """A fresh kernel for one test; `IPCFW_KERNEL` points at it."""
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[KernelFixture]:
+    """A fresh kernel for one test; `IPCFW_KERNEL` points at it. Mark the test with
+    ``@pytest.mark.kernel_options("--max-backlog", "2000")`` to start it with options."""
+    marker = request.node.get_closest_marker("kernel_options")
     workdir = Path(tempfile.mkdtemp(prefix="ipcfw-"))
     os.chmod(workdir, 0o700)
-    fixture = KernelFixture(workdir)
+    fixture = KernelFixture(workdir, tuple(marker.args) if marker else ())
     monkeypatch.setenv("IPCFW_KERNEL", fixture.endpoint)
     crashed = False
     try:

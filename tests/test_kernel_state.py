@@ -1796,6 +1796,7 @@ class Fuzz:
 
     def __init__(self, seed: int, pool_slots: int = 6) -> None:
         self.rng = random.Random(seed)
+        self.flow_rng = random.Random(-seed)
         self.state = KernelState(kernel_pid=1, pool_slots=pool_slots, protserv_uids=frozenset({1001}),
                                  new_token=numbered_tokens(b"fz"))
         self.rids = (b"p%d" % i for i in itertools.count())
@@ -1993,6 +1994,14 @@ class Fuzz:
              "hostile", "stats", "peer_gone", "process_died", "share", "open"],
             weights=[5, 3, 8, 40, 28, 2, 3, 5, 1, 1.5, 0.5, 4, 4],
         )[0]
+        # Backpressure, now and then before the operation, draws on a random stream of its own,
+        # so that the operations above stay the same sequence.
+        flow = self.flow_rng.random()
+        if flow < 0.04:
+            self.run("hold_back" if flow < 0.008 else "release")
+        self.run(op)
+
+    def run(self, op: str) -> None:
         live_before = set(self.state.peers)
         expect_misbehaviour, call = getattr(self, "op_" + op)()
         if call is None:
@@ -2036,6 +2045,27 @@ class Fuzz:
 
         return second_inbox, call
 
+    def op_hold_back(self):
+        """The loop finds a server not reading: what it is sent is held back from now on."""
+        servers = sorted(r for r, (role, _) in self.peers.items() if role is SERVER)
+        if not servers:
+            return False, None
+        rid = self.flow_rng.choice(servers)
+
+        def call():
+            assert self.state.hold_back(rid) == (rid in self.state.server_of_peer)
+            return []
+
+        return False, call
+
+    def op_release(self):
+        """A held-back server reads again: a few of its held messages are let go."""
+        held = sorted(self.state.held_back)
+        if not held:
+            return False, None
+        rid, most = self.flow_rng.choice(held), self.flow_rng.randint(1, 6)
+        return False, lambda: self.state.release(rid, most)
+
     def op_register(self):
         unregistered = sorted(r for r, (ro, _) in self.peers.items() if ro is SERVER and r not in self.servers)
         if unregistered and self.rng.random() < 0.8:
@@ -2052,6 +2082,9 @@ class Fuzz:
 
         def call():
             actions = self.state.receive(rid, Register(req_id, name, sharing, (1, 0, 0)))
+            if rid in self.state.held_back:  # registered already: KErrInUse, held back with the rest
+                assert sends(actions) == []
+                return actions
             (reply,) = sends(actions)
             if reply.value == 0:
                 self.servers[rid] = name
@@ -2229,8 +2262,12 @@ class Fuzz:
     # -- the end of a run ----------------------------------------------------------------------
 
     def drain(self) -> None:
-        """Every live server completes everything it was sent, until nothing is left."""
+        """Every live server reads what was held back for it, and completes everything it was
+        sent, until nothing is left."""
         while True:
+            for rid in sorted(self.state.held_back):
+                live = set(self.state.peers)
+                self.absorb(self.state.release(rid, 1_000_000), live)
             work = [(rid, m) for rid in sorted(self.servers) for m in sorted(self.pending.get(rid, ()))]
             if not work:
                 return
@@ -2418,7 +2455,7 @@ def test_fuzz_random_operations_keep_the_tables_consistent(seed: int) -> None:
                  "async without an inbox", *(f"state {s.value}" for s in SessionState),
                  "share", "open", "Shared", "share ok", "share refused", "open ok", "open refused",
                  "request on a shared session", "close shared, the last open",
-                 "close shared, not the last open"):
+                 "close shared, not the last open", "hold_back", "release"):
         assert c[name] > 0, (name, dict(c))
     assert sum(fuzz.answers.values()) > 300 and len(fuzz.legit) > 300
     # Every Share and Open a correct client sent was answered, once.

@@ -10,8 +10,15 @@ need the OS:
   frame's ``Peer-Address`` (SO_PEERCRED) and checks every later frame from that routing id
   carries the same address, so a peer can never speak as another;
 * liveness: pidfds and the ROUTER's monitor socket become `process_died` / `peer_gone` inputs;
-* delivery without loss: the ROUTER is MANDATORY with no high-water mark; a send that would block
-  goes to a per-peer backlog, flushed in order, and a send to a vanished peer is that peer's death;
+* delivery without loss: the ROUTER is MANDATORY; a send that would block goes to a per-peer
+  backlog, flushed in order, and a send to a vanished peer is that peer's death;
+* backpressure: once `_HOLD_AT` frames wait for a server, the state holds its messages back
+  (`KernelState.hold_back`) and the loop lets them go in batches as the server reads again
+  (`release`), so a paused server's backlog stays small whatever is sent to it;
+* the backlog cut-off: a peer that leaves `KernelLimits.max_backlog` frames unread is no longer
+  served (`KernelState.peer_dropped`): its backlog is cleared, it is told with a `Dropped` notice
+  queued behind what it has not read, and its later frames are ignored until its socket closes.
+  The limits make this the last resort: a client within its limits never reaches it;
 * hostility: a malformed frame or a protocol violation is dropped and reported once per kind
   (then counted), never allowed to raise out of the loop.
 
@@ -34,7 +41,8 @@ import zmq.utils.monitor
 
 from .. import endpoint as endpoints
 from .._zmqflags import NOBLOCK, RCVMORE, SNDMORE
-from ..protocol import MAX_FRAME, Hello, ProtocolError, decode, encode
+from ..protocol import Hello, ProtocolError, decode, encode
+from .limits import KernelLimits
 from .liveness import ProcessWatcher, UnknownPeer, identify
 from .state import (
     Action,
@@ -50,7 +58,8 @@ log = logging.getLogger("ipcfw.kernel")
 
 _DRAIN_BATCH = 512  # frames per socket per loop turn, so no source can starve another
 _SEND_HWM = 10_000  # frames queued in libzmq per peer before the kernel's backlog takes over
-_BACKLOG_LIMIT = 100_000  # frames waiting for one peer before it is treated as gone
+_HOLD_AT = 1_000  # frames in a server's backlog before the state holds its messages back
+_RELEASE = 1_000  # held messages let go at once when the server's backlog has emptied
 
 
 class KernelAlreadyRunning(RuntimeError):
@@ -105,14 +114,24 @@ class Kernel:
         self,
         endpoint: Optional[str] = None,
         *,
-        pool_slots: int = 4096,
+        limits: Optional[KernelLimits] = None,
         protserv_uids: Iterable[int] = (),
     ) -> None:
         self.endpoint = endpoints.resolve(endpoint)
         self.socket_path = endpoints.ipc_path(self.endpoint)
+        self.limits = (limits or KernelLimits()).check()
+        if self.limits.max_backlog < self.limits.least_backlog():
+            log.warning(
+                "max_backlog %d is below %d (outstanding + sessions per process + slack): a "
+                "paused client that keeps within its limits may be cut off",
+                self.limits.max_backlog, self.limits.least_backlog(),
+            )
         self.state = KernelState(
             kernel_pid=os.getpid(),
-            pool_slots=pool_slots,
+            pool_slots=self.limits.pool_slots,
+            max_frame=self.limits.max_frame,
+            sessions_per_process=self.limits.sessions_per_process,
+            outstanding_per_process=self.limits.outstanding_per_process,
             protserv_uids=frozenset(protserv_uids),
         )
         self._stop = threading.Event()
@@ -122,6 +141,9 @@ class Kernel:
         self._address_of: dict[bytes, str] = {}
         self._rid_of_fd: dict[int, bytes] = {}
         self._gone: list[bytes] = []
+        self._cut: dict[bytes, int] = {}  # peers past the backlog limit -> frames they left unread
+        self._dropped: set[bytes] = set()  # peers no longer served, until their socket closes
+        self._holding: set[bytes] = set()  # servers whose messages the state holds back
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from signal handlers and other threads."""
@@ -157,7 +179,8 @@ class Kernel:
         # MANDATORY makes a full peer raise Again instead of dropping; the frames then wait in
         # a per-peer backlog (bounded: a peer that never reads is cut off).
         router.sndhwm = _SEND_HWM
-        router.maxmsgsize = MAX_FRAME + 4096  # last-resort guard; clients check sizes first
+        router.rcvhwm = self.limits.receive_hwm  # frames queued per peer: bounds their memory
+        router.maxmsgsize = self.limits.max_frame + 4096  # last-resort guard; clients check first
         router.linger = 0
         old_umask = os.umask(0o077)
         try:
@@ -173,7 +196,7 @@ class Kernel:
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
-            timeout = 5 if self._backlog else 200
+            timeout = 5 if self._backlog or self._holding else 200
             for source, _ in self._poller.poll(timeout):
                 try:
                     if source is self._router:
@@ -184,7 +207,7 @@ class Kernel:
                         self._process_exited(source)
                 except Exception:  # a bug or an exhausted resource must not end the kernel
                     log.exception("kernel loop error (the event was dropped; serving on)")
-            if self._backlog:
+            if self._backlog or self._holding:
                 self._flush_backlog()
 
     def _drain_router(self) -> None:
@@ -217,6 +240,10 @@ class Kernel:
         try:
             known = self._address_of.get(rid)
             if known is None:
+                if rid in self._dropped:
+                    detail = f"{type(message).__name__} from pid {_pid_in(body)}"
+                    self._reporter.report("frame from a dropped peer", detail)
+                    return
                 actions = self._introduce(rid, body, message)
             elif body.get("Peer-Address") != known:
                 raise PeerMisbehaved("routing id reuse", f"routing id {rid.hex()} now from {_pid_in(body)}")
@@ -255,7 +282,10 @@ class Kernel:
                 return
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 rid = self._rid_of_fd.pop(int(event["value"]), None)
-                if rid is not None:
+                if rid in self._dropped:
+                    self._dropped.discard(rid)
+                    self._backlog.pop(rid, None)  # its farewell, if still unread
+                elif rid is not None:
                     self._peer_gone(rid)
 
     def _process_exited(self, fd: int) -> None:
@@ -271,7 +301,24 @@ class Kernel:
     def _forget_departed(self) -> None:
         for rid in [r for r in self._address_of if not self.state.knows(r)]:
             del self._address_of[rid]
-            self._backlog.pop(rid, None)
+            self._holding.discard(rid)
+            if rid not in self._dropped:
+                self._backlog.pop(rid, None)
+
+    def _drop(self, rid: bytes, waiting: int) -> None:
+        """Stop serving a peer that is not reading; it is told, behind what it has not read."""
+        peer = self.state.peers.get(rid)
+        if peer is None:
+            return
+        log.warning(
+            "stopped serving the %s socket %s of pid %d: %d frames waited unread for it "
+            "(max_backlog); it is told so, and forgotten",
+            peer.role.name.lower(), rid.hex(), peer.process.identity.pid, waiting,
+        )
+        self._backlog[rid] = collections.deque()  # cleared: only the notice goes after zmq's queue
+        self._dropped.add(rid)
+        self._perform(self.state.peer_dropped(rid, waiting))
+        self._forget_departed()
 
     # -- actions -----------------------------------------------------------------------------
 
@@ -285,8 +332,15 @@ class Kernel:
                 fd = self._watcher.unwatch(action.key)
                 if fd is not None:
                     self._poller.unregister(fd)
-        while self._gone:
-            self._peer_gone(self._gone.pop())
+        self._settle_departures()
+
+    def _settle_departures(self) -> None:
+        """Forget the peers found gone, and stop serving those past the backlog limit."""
+        while self._gone or self._cut:
+            if self._gone:
+                self._peer_gone(self._gone.pop())
+            else:
+                self._drop(*self._cut.popitem())
 
     def _watch(self, action: Watch) -> None:
         fd = self._watcher.watch(action.identity)
@@ -298,12 +352,12 @@ class Kernel:
     def _send(self, rid: bytes, frame: bytes) -> None:
         queue = self._backlog.get(rid)
         if queue is not None:
-            if len(queue) >= _BACKLOG_LIMIT:
-                self._reporter.report("peer not reading", f"{len(queue)} frames wait for {rid.hex()}")
-                queue.clear()
-                self._gone.append(rid)  # it holds nothing anyone waits for any more
+            if rid in self._cut or len(queue) >= self.limits.max_backlog:
+                self._cut.setdefault(rid, len(queue))  # dropped once this turn's actions are done
                 return
             queue.append(frame)  # keep order behind what is already waiting
+            if len(queue) >= _HOLD_AT and rid not in self._holding and self.state.hold_back(rid):
+                self._holding.add(rid)
             return
         try:
             self._send_now(rid, frame)
@@ -336,8 +390,12 @@ class Kernel:
                 queue.popleft()
             if not queue:
                 del self._backlog[rid]
-        while self._gone:
-            self._peer_gone(self._gone.pop())
+        for rid in list(self._holding):
+            if rid not in self._backlog:  # it has read all we sent: let more go
+                self._perform(self.state.release(rid, _RELEASE))
+                if not self.state.holding(rid):
+                    self._holding.discard(rid)
+        self._settle_departures()
 
 
 def _pid_in(frame: zmq.Frame) -> str:

@@ -24,24 +24,37 @@ Rules this module keeps:
    sync calls), or the kernel-wide pool (-1). No slot: completed at once with KErrServerBusy.
    Sync requests never take a slot. More than 512 outstanding on one session: KErrOverflow.
    A slot is freed when its message completes, or when its session goes.
-4. Every message reaches its server in the order the kernel received it, and is completed at
+4. Limits per process (`KernelLimits`): a process holding `sessions_per_process` sessions gets
+   KErrOverflow for the next connect or Open; one with `outstanding_per_process` async
+   requests and sends outstanding gets KErrServerBusy for the next. Nobody else is affected.
+5. Every message reaches its server in the order the kernel received it, and is completed at
    most once; a completion for a message the kernel no longer holds (its client closed or died)
    is dropped silently.
-5. A session's lifecycle is the table `_SESSION_TRANSITIONS`; an event not in it for the current
+6. A session's lifecycle is the table `_SESSION_TRANSITIONS`; an event not in it for the current
    state raises `KernelInvariantError` and changes nothing.
-6. A server's registration can be terminated with a reason (Terminate from an administrator,
+7. A server's registration can be terminated with a reason (Terminate from an administrator,
    Deregister from the server itself; seed 002). From then on no new request is delivered
    (KErrServerTerminated) and connects to the name fail with KErrServerTerminated;
    outstanding messages still complete and reach their clients. When none is left, every
    waiter gets its Completed, the name is released and the sessions end as if the server
    had died.
-7. A peer that breaks the protocol (wrong role, unknown message id of its own server...) gets
+8. A peer that breaks the protocol (wrong role, unknown message id of its own server...) gets
    `PeerMisbehaved` raised before any table changes; the loop logs it once per kind and drops
    the message. Other peers are never affected.
+9. Backpressure: when the loop finds a server not reading (`hold_back`), everything for that
+   server is held back here, in order, instead of being sent; `release` lets it go in batches
+   as the server reads again. Held requests keep their slots, so what is held is bounded by
+   the slots and limits that bound every request; a request cancelled while held is simply
+   never delivered (the server hears nothing of it).
+10. A peer the loop stops serving (it left too many frames unread: `peer_dropped`) is forgotten
+   as if its socket had closed, and told so with a `Dropped` notice: on its own socket, behind
+   what it has not read, and for a client thread also on its process's inbox, with a
+   SessionLost (KErrDisconnected) for each unshared session that ended with it.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import secrets
@@ -62,6 +75,7 @@ from ..protocol import (
     Connected,
     Deliver,
     Disconnect,
+    Dropped,
     Hello,
     Message,
     Mode,
@@ -257,6 +271,7 @@ class ProcessRecord:
     peers: set = field(default_factory=set)  # routing ids
     inbox: Optional[bytes] = None
     sessions: set = field(default_factory=set)  # handles this process holds
+    outstanding: int = 0  # its async requests and sends holding a slot
 
 
 @dataclass(eq=False)
@@ -280,6 +295,10 @@ class ServerRecord:
     informed: set = field(default_factory=set)  # client keys this server has a PeerInfo for
     terminating: Optional[int] = None  # the TerminationReason once termination began
     waiters: list = field(default_factory=list)  # (rid, req_id) answered when it has ended
+    # While the server is not reading: what it is sent, in order, keyed by msg_id for the
+    # messages of the kernel's tables (so a freed one is taken out) and by a negative number
+    # for the others. None while it reads.
+    held: Optional[collections.OrderedDict] = None
 
 
 @dataclass(eq=False)
@@ -318,6 +337,7 @@ class MessageRecord:
     req_id: int
     slot: SlotSource
     writable: dict  # arg index -> max length
+    payer: Optional[ProcessRecord] = None  # the process whose outstanding count it adds to
 
 
 class KernelState:
@@ -333,10 +353,14 @@ class KernelState:
         pool_slots: int = 4096,
         protserv_uids: frozenset = frozenset(),
         max_frame: int = MAX_FRAME,
+        sessions_per_process: int = 10_000,
+        outstanding_per_process: int = 100_000,
         new_token: Callable[[], bytes] = lambda: secrets.token_bytes(TOKEN_BYTES),
     ) -> None:
         self.kernel_pid = kernel_pid
         self.pool_slots = pool_slots
+        self.sessions_per_process = sessions_per_process
+        self.outstanding_per_process = outstanding_per_process
         self.protserv_uids = protserv_uids
         self.max_frame = max_frame
         self.new_token = new_token
@@ -352,6 +376,8 @@ class KernelState:
         self.messages: dict[int, MessageRecord] = {}
         self._next_handle = 0
         self._msg_ids = itertools.count(1)
+        self._held_keys = itertools.count(1)
+        self.held_back: set[bytes] = set()  # servers whose messages are held back
         self._client_keys = itertools.count(1)
         self._dispatch = {
             Register: self._register,
@@ -416,6 +442,8 @@ class KernelState:
         actions = handler(peer, message)
         if self.terminating:
             actions += self._finish_terminations()
+        if self.held_back:
+            return self._hold(actions)
         return actions
 
     def peer_gone(self, rid: bytes) -> list[Action]:
@@ -450,7 +478,7 @@ class KernelState:
                     other.informed.discard(process.client_key)
                     actions.append(Send(other.rid, PeerGone(process.client_key)))
             actions.append(Unwatch(process.identity.key))
-        return actions
+        return self._hold(actions) if self.held_back else actions
 
     def process_died(self, key: tuple) -> list[Action]:
         """Every peer of the process is gone: it exited or was killed."""
@@ -460,7 +488,69 @@ class KernelState:
         actions: list[Action] = []
         for rid in sorted(process.peers):
             actions += self.peer_gone(rid)
+        return self._hold(actions) if self.held_back else actions
+
+    def peer_dropped(self, rid: bytes, waiting: int) -> list[Action]:
+        """The loop stopped serving a peer that left `waiting` frames unread: forget it as if
+        it had gone, and tell it (and, for a client thread, its process) why."""
+        peer = self.peers.get(rid)
+        if peer is None:
+            return []
+        notice = Dropped(rid, waiting)
+        ended = [h for h in sorted(peer.owned) if self.sessions[h].held]  # end with the thread
+        inbox = peer.process.inbox if peer.role is Role.CHANNEL else None
+        actions: list[Action] = [Send(rid, notice)]  # read once the peer reads again
+        actions += self.peer_gone(rid)
+        if inbox is not None and inbox in self.peers:
+            actions.append(Send(inbox, notice))
+            actions += [Send(inbox, SessionLost(handle, errors.KErrDisconnected)) for handle in ended]
         return actions
+
+    def hold_back(self, rid: bytes) -> bool:
+        """The loop finds server `rid` not reading: hold back what it would be sent from now on.
+        False if `rid` is not a server (nothing is held back for other peers)."""
+        server = self.server_of_peer.get(rid)
+        if server is None:
+            return False
+        if server.held is None:
+            server.held = collections.OrderedDict()
+            self.held_back.add(rid)
+        return True
+
+    def release(self, rid: bytes, most: int) -> list[Action]:
+        """Server `rid` reads again: send up to `most` of what was held back for it, in order;
+        once nothing is left, it is sent to directly again."""
+        server = self.server_of_peer.get(rid)
+        if server is None or server.held is None:
+            return []
+        held = server.held
+        actions: list[Action] = []
+        while held and len(actions) < most:
+            actions.append(Send(rid, held.popitem(last=False)[1]))
+        if not held:
+            server.held = None
+            self.held_back.discard(rid)
+        return actions
+
+    def holding(self, rid: bytes) -> bool:
+        """Whether messages for `rid` are held back."""
+        return rid in self.held_back
+
+    def _hold(self, actions: list[Action]) -> list[Action]:
+        """Take the Sends to held-back servers out of `actions` and queue them there."""
+        kept: list[Action] = []
+        for action in actions:
+            if type(action) is Send and action.rid in self.held_back:
+                message = action.message
+                kind = type(message)
+                if kind is Deliver or kind is NewSession or kind is Disconnect:
+                    key = message.msg_id
+                else:
+                    key = -next(self._held_keys)
+                self.server_of_peer[action.rid].held[key] = message  # type: ignore[index]
+            else:
+                kept.append(action)
+        return kept
 
     def statistics(self) -> dict[str, int]:
         """Counts of everything the kernel holds (for `ipcfw ps` and tests)."""
@@ -475,6 +565,7 @@ class KernelState:
             "attached": sum(len(s.attached) for s in self.sessions.values()),
             "tokens": len(self.tokens),
             "cancellable": len(self.cancellable),
+            "held": sum(len(self.server_of_peer[rid].held or ()) for rid in self.held_back),
         }
         for state in SessionState:
             counts[f"sessions_{state.value.lower()}"] = 0
@@ -508,6 +599,8 @@ class KernelState:
         return errors.KErrNone
 
     def _server_died(self, server: ServerRecord) -> list[Action]:
+        server.held = None  # (its requests are answered below, as the sessions end)
+        self.held_back.discard(server.rid)
         del self.server_of_peer[server.rid]
         if self.servers.get(lookup_key(server.name)) is server:
             del self.servers[lookup_key(server.name)]
@@ -525,7 +618,7 @@ class KernelState:
 
     def _connect(self, peer: Peer, message: Connect) -> list[Action]:
         self._require_role(peer, Role.CHANNEL, message)
-        code = self._connect_error(message)
+        code = self._connect_error(message) or self._session_limit_error(peer.process)
         if code:
             return [Send(peer.rid, Connected(message.req_id, code, 0, b""))]
         server = self.servers[lookup_key(message.name)]
@@ -567,6 +660,11 @@ class KernelState:
             return errors.KErrNotFound
         if server.terminating is not None:
             return errors.KErrServerTerminated
+        return errors.KErrNone
+
+    def _session_limit_error(self, process: ProcessRecord) -> int:
+        if len(process.sessions) >= self.sessions_per_process:
+            return errors.KErrOverflow
         return errors.KErrNone
 
     def _new_handle(self) -> int:
@@ -695,6 +793,8 @@ class KernelState:
         if session.panic is not None or not session.deliverable:
             return [Send(peer.rid, Connected(message.req_id, errors.KErrServerTerminated, 0, b""))]
         code = self._attach(session, peer)
+        if not code and peer.process not in session.holders:
+            code = self._session_limit_error(peer.process)
         if code:
             return [Send(peer.rid, Connected(message.req_id, code, 0, b""))]
         session.holders[peer.process] = session.holders.get(peer.process, 0) + 1
@@ -775,16 +875,19 @@ class KernelState:
             return [Send(reply_to, Panicked(req_id, session.handle, *session.panic, 1))]
         writable = _writable_lengths(message.args)
         # (Refused for another reason, a request does not take one of the 255 places.)
-        code = self._request_error(session, mode, writable) or self._attach(session, peer)
+        process = peer.process
+        code = self._request_error(session, mode, writable, process) or self._attach(session, peer)
         if code:
             return [Send(reply_to, Completed(req_id, code, ()))]
         blind = mode == _BLIND
         record = self._new_message(
             session, _REQUEST, req_id, None if blind else reply_to, self._take_slot(session, mode), writable
         )
-        if mode == _ASYNC:
-            self.cancellable[(reply_to, req_id)] = record.msg_id
-        process = peer.process
+        if mode != _SYNC:
+            record.payer = process
+            process.outstanding += 1
+            if mode == _ASYNC:
+                self.cancellable[(reply_to, req_id)] = record.msg_id
         server = session.server
         actions = self._inform(server, process)
         actions.append(Send(server.rid, Deliver(
@@ -794,7 +897,7 @@ class KernelState:
             actions.append(Send(reply_to, Completed(req_id, errors.KErrNone, ())))
         return actions
 
-    def _request_error(self, session: SessionRecord, mode: int, writable: dict) -> int:
+    def _request_error(self, session: SessionRecord, mode: int, writable: dict, process: ProcessRecord) -> int:
         if session.server.terminating is not None:
             return errors.KErrServerTerminated  # nothing new is delivered once it is ending
         if writable and sum(writable.values()) > self.max_frame - _COMPLETION_OVERHEAD:
@@ -805,7 +908,9 @@ class KernelState:
             return errors.KErrServerTerminated  # held, not panicked, not deliverable: DEAD
         if len(session.messages) >= MAX_OUTSTANDING:
             return errors.KErrOverflow
-        if mode != _SYNC and not self._slot_free(session):
+        if mode != _SYNC and (
+            not self._slot_free(session) or process.outstanding >= self.outstanding_per_process
+        ):
             return errors.KErrServerBusy
         return errors.KErrNone
 
@@ -847,9 +952,13 @@ class KernelState:
         del self.messages[msg_id]
         session = record.session
         session.messages.discard(msg_id)
-        session.server.messages.pop(msg_id, None)
+        server = session.server
+        server.messages.pop(msg_id, None)
+        if server.held:
+            server.held.pop(msg_id, None)  # never delivered: the server will not hear of it
         if slot is _NO_SLOT:
             return
+        record.payer.outstanding -= 1  # type: ignore[union-attr]  # (every slot has a payer)
         self.cancellable.pop((record.origin, record.req_id), None)
         if slot is _SESSION_SLOT:
             session.slots_used -= 1
@@ -972,9 +1081,12 @@ class KernelState:
             return []
         record = self.messages[msg_id]
         session = record.session
+        held = session.server.held
+        delivered = held is None or msg_id not in held
         self._free_message(record)
         actions = self._answer(record, Completed(record.req_id, errors.KErrCancel, ()))
-        actions.append(Send(session.server.rid, Cancelled(msg_id, session.handle)))
+        if delivered:
+            actions.append(Send(session.server.rid, Cancelled(msg_id, session.handle)))
         return actions
 
     # -- termination (seed 002) ---------------------------------------------------------------
