@@ -682,7 +682,7 @@ def _refuse_ext(code: int, data: bytes) -> object:
     raise ProtocolError(f"ext type {code}, where the protocol has none")
 
 
-def decode(frame: bytes) -> Message:
+def decode(frame: Union[bytes, memoryview]) -> Message:
     """Return the message carried by `frame`, or raise ProtocolError naming what was wrong."""
     try:
         if len(frame) <= _SMALL_FRAME:

@@ -57,6 +57,7 @@ from .state import (
 log = logging.getLogger("ipcfw.kernel")
 
 _DRAIN_BATCH = 512  # frames per socket per loop turn, so no source can starve another
+_COPY_UPTO = 65_536  # frames up to this size are copied out of zmq to be decoded
 _SEND_HWM = 10_000  # frames queued in libzmq per peer before the kernel's backlog takes over
 _HOLD_AT = 1_000  # frames in a server's backlog before the state holds its messages back
 _RELEASE = 1_000  # held messages let go at once when the server's backlog has emptied
@@ -233,7 +234,9 @@ class Kernel:
 
     def _on_frame(self, rid: bytes, body: zmq.Frame) -> None:
         try:
-            message = decode(body.bytes)
+            # A large frame is decoded in place (a copy would double what it costs the kernel);
+            # a small one as bytes, which pyzmq makes faster than a memoryview.
+            message = decode(body.bytes if len(body) <= _COPY_UPTO else body.buffer)
         except ProtocolError as exc:
             self._reporter.report("malformed frame", f"from pid {_pid_in(body)}: {exc}")
             return
