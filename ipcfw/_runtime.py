@@ -138,9 +138,9 @@ class Channel:
         self.poller.register(self.fd, zmq.POLLIN)
         self.last_used = self.settled_at = time.monotonic()
         self.closed = False
-        # Set once the kernel stopped serving this channel (see the module docstring); `ended`
-        # once the kernel's own notice has been read from it: nothing can follow it.
-        self.dropped: Optional[errors.IpcError] = None
+        # Why the kernel stopped serving this channel, once it has (see the module docstring);
+        # `ended` once the kernel's own notice has been read from it: nothing can follow it.
+        self.dropped: Optional[str] = None
         self.ended = False
         self.replaced = False  # its thread has a new channel: close this one once it has ended
         # Synchronous calls in progress on this channel (req_id -> reply once read). A
@@ -155,10 +155,27 @@ class Channel:
                 f"request of {len(frame)} bytes exceeds the kernel's limit of {self.max_frame} bytes"
             )
 
+    def dropped_error(self) -> errors.IpcError:
+        """The error of a request this channel can no longer answer (a new one each time)."""
+        return errors.IpcError(errors.KErrDisconnected, self.dropped or "the channel was dropped")
+
+    def _refusal(self) -> Optional[errors.IpcError]:
+        """Why nothing can be sent on this channel any more, or None. Call with the lock held:
+        another thread may have read the kernel's notice, or closed it, since it was fetched."""
+        if self.ended:
+            return self.dropped_error()
+        if self.closed:
+            return self.runtime.kernel_gone_error()
+        return None
+
     def send(self, frame: bytes) -> None:
-        """Send one frame that expects no answer (a close): lock, send, settle, unlock."""
+        """Send one frame that expects no answer (a close, a cancel): lock, send, settle,
+        unlock. On a channel that has ended or closed, nothing is sent: the kernel no longer
+        serves it, and has ended what it would have ended (its requests are all completed)."""
         self.check_size(frame)
         with self.lock:
+            if self.ended or self.closed:
+                return
             self.socket.send(frame)
             self._settle()
             self.last_used = time.monotonic()
@@ -168,6 +185,9 @@ class Channel:
         self.check_size(frame)
         runtime = self.runtime
         with self.lock:
+            refusal = self._refusal()
+            if refusal is not None:
+                raise refusal
             runtime.pending[req_id] = pending
             with self.count_lock:
                 self.pending += 1
@@ -194,6 +214,9 @@ class Channel:
         """
         self.check_size(frame)
         with self.lock:
+            refusal = self._refusal()
+            if refusal is not None:
+                raise refusal
             self.replies[req_id] = None
             try:
                 self.socket.send(frame)
@@ -220,6 +243,9 @@ class Channel:
         request's answer, both awaited under one hold of the lock."""
         self.check_size(frame)
         with self.lock:
+            refusal = self._refusal()
+            if refusal is not None:
+                raise refusal
             self.replies[req_id] = self.replies[then_id] = None
             try:
                 self.socket.send(frame)
@@ -249,7 +275,7 @@ class Channel:
             if reply is not None:
                 return reply  # read by a nested settle
             if self.ended:
-                raise self.dropped  # type: ignore[misc]  # (set whenever `ended` is)
+                raise self.dropped_error()
             try:
                 raw = self.socket.recv()
             except zmq.Again:
@@ -371,9 +397,9 @@ class Runtime:
         self.context = zmq.Context()
         self.context.linger = 1000  # let a last Close reach the kernel when a thread ends
         # The runtime can no longer talk to its kernel: it died, or stopped serving this
-        # process's inbox. `_lost_error` says which, for `kernel_gone_error`.
+        # process's inbox. `_lost` says which (code, message), for `kernel_gone_error`.
         self.kernel_dead = False
-        self._lost_error: Optional[errors.IpcError] = None
+        self._lost: Optional[tuple[int, str]] = None
         self._closed = False
         self.pending: dict[int, Pending] = {}
         # handle -> the RSession objects of this process for it (several after Open).
@@ -410,8 +436,9 @@ class Runtime:
         return sentinel.channel
 
     def kernel_gone_error(self) -> errors.IpcError:
-        if self._lost_error is not None:
-            return self._lost_error
+        """The error of a call this runtime can no longer make (a new one each time)."""
+        if self._lost is not None:
+            return errors.IpcError(*self._lost)
         return errors.IpcError(errors.KErrServerTerminated, f"the ipcfw kernel at {self.endpoint} has gone")
 
     # -- pending requests --------------------------------------------------------------------
@@ -528,10 +555,9 @@ class Runtime:
         """The kernel stopped serving the channel with this routing id (its inbox notice)."""
         for channel in list(self.channels):
             if channel.routing_id == routing_id and channel.dropped is None:
-                channel.dropped = errors.IpcError(
-                    errors.KErrDisconnected,
+                channel.dropped = (
                     f"the ipcfw kernel stopped serving this thread's channel: {waiting} answers "
-                    "waited unread for it (the kernel's max_backlog)",
+                    "waited unread for it (the kernel's max_backlog)"
                 )
                 self.nudge()  # the I/O thread reads it up to the kernel's own notice
 
@@ -543,7 +569,7 @@ class Runtime:
             self.channel_dropped(channel.routing_id, waiting)
         channel.ended = True
         for req_id in [r for r, p in list(self.pending.items()) if p.channel is channel]:
-            self.complete(req_id, errors.KErrDisconnected, (), channel.dropped)
+            self.complete(req_id, errors.KErrDisconnected, (), channel.dropped_error())
         self._close_if_finished(channel)
 
     def _close_if_finished(self, channel: Channel) -> None:
@@ -553,16 +579,17 @@ class Runtime:
             channel.closed = True
             channel.socket.close()
 
-    def kernel_died(self, error: Optional[errors.IpcError] = None) -> None:
-        """The kernel has gone (or, with `error`, stopped serving this process): every session
-        is lost and every pending request fails; the next call starts a new runtime."""
-        self._lost_error = error
+    def kernel_died(self, lost: Optional[tuple[int, str]] = None) -> None:
+        """The kernel has gone (or, with `lost`, a code and message, stopped serving this
+        process): every session is lost and every pending request fails with that error; the
+        next call starts a new runtime."""
+        self._lost = lost
         self.kernel_dead = True
-        error = self.kernel_gone_error()
         for handle in list(self.sessions):
-            self.session_lost(handle, error)
+            self.session_lost(handle, self.kernel_gone_error())
         for req_id in list(self.pending):
-            self.complete(req_id, errors.KErrServerTerminated)
+            error = self.kernel_gone_error()
+            self.complete(req_id, error.code, (), error)
 
     def close(self) -> None:
         """Stop the inbox thread and close every idle channel (tests, interpreter exit)."""
@@ -656,7 +683,7 @@ class _Inbox:
             for channel in watched:
                 poller.register(channel.fd, zmq.POLLIN)
             waiting = any(
-                c.pending or c.abandoned or (c.dropped and not c.ended) for c in self.runtime.channels
+                c.pending or c.abandoned or (c.dropped and not c.ended) for c in list(self.runtime.channels)
             )
             try:
                 ready = dict(poller.poll(IDLE * 1000 if waiting else None))
@@ -703,13 +730,12 @@ class _Inbox:
         else:
             log.error("unexpected %s on the inbox", type(message).__name__)
 
-
     def _dropped(self, waiting: int) -> None:
         """The kernel stopped serving this inbox: the process can no longer learn of lost
         sessions, so the runtime ends. Closing its channels makes the kernel end its sessions."""
         log.error("the ipcfw kernel at %s stopped serving this process (%d notices waited unread "
                   "for it); its sessions have ended", self.runtime.endpoint, waiting)
-        self.runtime.kernel_died(errors.IpcError(
+        self.runtime.kernel_died((
             errors.KErrDisconnected,
             f"the ipcfw kernel at {self.runtime.endpoint} stopped serving this process: {waiting} "
             "notices waited unread for it; its sessions have ended",

@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--overlay", action="append", default=[], metavar="MODULE:CLASS",
                        help="an overlay over the server (repeatable: each one overlays the previous)")
     serve.add_argument("--no-reconnect", action="store_true",
-                       help="exit (status 3) when the kernel dies or stops serving this server, instead of registering again")
+                       help="exit (status 3) when the kernel dies or stops serving this server, "
+                            "instead of registering again")
     _endpoint_option(serve)
     serve.set_defaults(run=_run_serve)
 
@@ -112,7 +113,7 @@ def _endpoint_option(parser: argparse.ArgumentParser) -> None:
 
 _LIMIT_HELP = {
     "sessions_per_process": "sessions one process may hold (default %(default)s)",
-    "outstanding_per_process": "async requests and sends one process may have outstanding (default %(default)s)",
+    "outstanding_per_process": "requests one process may have outstanding (default %(default)s)",
     "pool_slots": "size of the kernel-wide message slot pool, for sessions with -1 slots (default %(default)s)",
     "max_frame": "largest frame in bytes any peer may send (default %(default)s)",
     "receive_hwm": "frames the kernel queues from one peer before its sends wait (default %(default)s)",
@@ -126,7 +127,8 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
 
     defaults = KernelLimits()
     for name, text in _LIMIT_HELP.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), help=text)
+        parser.add_argument("--" + name.replace("_", "-"), type=int, metavar="N",
+                            default=getattr(defaults, name), help=text)
 
 
 def _limits_of(args: argparse.Namespace) -> KernelLimits:

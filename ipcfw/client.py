@@ -674,8 +674,10 @@ class RSession:
             # it now, so it is answered here (its thread sees this within one wait slice).
             if req_id in channel.replies:
                 channel.replies[req_id] = Completed(req_id, errors.KErrSessionClosed, ())
-        # When the creating thread has ended, its channel's end already closed the session.
-        if not runtime.kernel_dead and not owner_gone:
+        # When the creating thread has ended, or the kernel stopped serving its channel
+        # (Disconnected), the channel's end already closed the session.
+        ended_with_channel = isinstance(self._dead, errors.Disconnected)
+        if not runtime.kernel_dead and not owner_gone and not ended_with_channel:
             runtime.channel().send(encode(Close(handle)))
 
     def __enter__(self) -> "RSession":
@@ -758,13 +760,14 @@ class RSession:
 
 
 def _check_connected(code: int, also: str = "") -> None:
-    """Raise the error a connect or Open was refused with; for KErrOverflow, say which limit
-    (`also`: the other limit an Open can meet)."""
+    """Raise the error a connect or Open was refused with; for KErrOverflow, say which limits
+    it means (`also`: the other one an Open can meet)."""
     if code == errors.KErrOverflow:
         raise errors.IpcError(
             code,
-            f"{also}this process holds the kernel's limit of sessions (ipcfw kernel "
-            "--sessions-per-process): close a session first",
+            f"refused: {also}this process holds the kernel's limit of sessions (ipcfw kernel "
+            "--sessions-per-process; close a session first), unless the server itself refused "
+            "with KErrOverflow",
         )
     errors.check(code)
 

@@ -95,6 +95,7 @@ _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _REGISTER_TIMEOUT = 5.0
 _DEREGISTER_REQ = 2  # the request id of Deregister (Register used 1)
 _KERNEL_RETRY = 0.2  # seconds between looks for a new kernel after the old one died
+_REFUSED_KEPT = 256  # handles of refused connects remembered, for a first request behind one
 
 
 class ClientInfo(NamedTuple):
@@ -559,6 +560,8 @@ class ServerHost:
         self._stopping = False
         self._loop_thread: Optional[int] = None
         self._problems: collections.Counter[str] = collections.Counter()
+        # Handles of connects just refused: a first request sent with one still arrives.
+        self._refused: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.kernel_died = False
         self.dropped = False  # the kernel stopped serving this registration (Dropped)
         self._indicated = False
@@ -580,12 +583,13 @@ class ServerHost:
         try:
             self._run_with_kernel(ready)
             while self.reconnect and (self.kernel_died or self.dropped) and not self._stopping:
-                if self.kernel_died:
-                    self._forget_sessions("the kernel died")
-                    if not self._await_kernel():
-                        return  # stopped while waiting
-                else:
-                    self._forget_sessions("the kernel stopped serving this server")
+                why = "the kernel died" if self.kernel_died else "the kernel stopped serving it"
+                self._forget_sessions(why)
+                if self._deregistered is not None:  # it was ending anyway: no new registration
+                    log.warning("server %r stops: %s while it deregistered", self.server.name, why)
+                    return
+                if self.kernel_died and not self._await_kernel():
+                    return  # stopped while waiting
                 self.kernel_died = self.dropped = False
                 self._indicated, self._deregistered = False, None
                 self._run_with_kernel(None)
@@ -763,6 +767,9 @@ class ServerHost:
             log.info("connect to %r refused: %s", self.server.name, exc, exc_info=not isinstance(exc, errors.IpcError))
             if not message.IsNull():
                 message.Complete(code)
+            self._refused[request.handle] = None  # its first request, if any, comes next
+            if len(self._refused) > _REFUSED_KEPT:
+                self._refused.popitem(last=False)
             return
         self.sessions[request.handle] = session
         self._in_service[request.handle] = {}
@@ -795,7 +802,10 @@ class ServerHost:
         message = RMessage(self, request.msg_id, _MessageKind.REQUEST, request.function,
                            request.args, session, self.clients.get(request.client))
         if session is None:
-            self._report("request for an unknown session", f"handle 0x{request.handle:x}")
+            if request.handle in self._refused:
+                del self._refused[request.handle]  # a refused connect's first request: expected
+            else:
+                self._report("request for an unknown session", f"handle 0x{request.handle:x}")
             message.Complete(errors.KErrBadHandle)
             return
         if request.function == ERROR_STRING_FUNCTION:
@@ -900,6 +910,9 @@ class ServerHost:
             self._wake()
         if not self._deregistered.wait(timeout):
             raise TimeoutError(f"outstanding messages still pending after {timeout} s")
+        if self.dropped:
+            raise errors.IpcError(errors.KErrDisconnected, "the kernel stopped serving this server "
+                                  "during Deregister (it left too many frames unread)")
         if not self._deregistration_done:
             raise errors.IpcError(errors.KErrServerTerminated, "the kernel died during Deregister")
 

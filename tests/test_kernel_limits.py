@@ -32,6 +32,9 @@ from ipcfw.protocol import (
     SessionLost,
     Share,
     Shared,
+    Terminate,
+    Terminating,
+    TerminationReason,
 )
 from test_kernel_state import (
     ASYNC,
@@ -101,11 +104,13 @@ def test_outstanding_requests_are_limited_per_process_not_per_session() -> None:
     delivered.append(deliver(request(state, C1, second, 12, ASYNC)))
     refused = request(state, C1, first, 13, ASYNC)
     assert refused == [Send(C1, Completed(13, errors.KErrServerBusy, ()))]
-    deliver(request(state, C1, first, 14, SYNC))  # a synchronous call takes no slot
+    # A synchronous call counts too (a timed-out one stays outstanding), but never gets
+    # KErrServerBusy: like the 513th message of a session, it gets KErrOverflow.
+    assert request(state, C1, first, 14, SYNC) == [Send(C1, Completed(14, errors.KErrOverflow, ()))]
     other = open_session(state, C2, req_id=3)
     deliver(request(state, C2, other, 20, ASYNC))  # another process is not affected
     state.receive(S1, _complete(delivered[0].msg_id))
-    deliver(request(state, C1, first, 15, ASYNC))  # a completion gives the place back
+    deliver(request(state, C1, first, 15, SYNC))  # a completion gives the place back
 
 
 def test_a_session_ending_gives_back_its_outstanding_places() -> None:
@@ -155,6 +160,47 @@ def test_a_dropped_server_is_told_and_its_clients_are_answered_as_if_it_had_died
     assert one(actions, IN1, SessionLost).handle == handle
     assert "echo" not in state.servers  # the name is free: it may register again
     start_server(state, b"srv-1-again")
+
+
+def test_synchronous_requests_held_back_count_towards_the_process_limit() -> None:
+    state = new_state(outstanding_per_process=5)
+    start_server(state)
+    start_client(state)
+    handle = open_session(state)
+    state.hold_back(S1)
+    for req_id in range(10, 15):  # e.g. sync calls that timed out, sent again
+        assert request(state, C1, handle, req_id, SYNC) == []
+    assert request(state, C1, handle, 15, SYNC) == [Send(C1, Completed(15, errors.KErrOverflow, ()))]
+    assert state.statistics()["held"] == 5
+
+
+def test_an_open_refused_by_the_session_limit_attaches_nothing() -> None:
+    state = new_state(sessions_per_process=1)
+    start_server(state, sharing=2)
+    start_client(state)
+    start_client(state, CLI2, C2, IN2)
+    handle = open_session(state, C1, req_id=1)
+    token = one(state.receive(C1, Share(2, handle, 2)), C1, Shared).token
+    open_session(state, C2, req_id=3)
+    assert one(state.receive(C2, Open(4, token)), C2, Connected).result == errors.KErrOverflow
+    assert C2 not in state.sessions[handle].attached  # it takes none of the 255 places
+
+
+def test_a_termination_waits_for_what_is_held_back_and_the_server_is_told() -> None:
+    state = new_state()
+    start_server(state)
+    start_client(state)
+    start_client(state, CLI2, C2, IN2)
+    handle = open_session(state, C1)
+    state.hold_back(S1)
+    request(state, C1, handle, 10, ASYNC)
+    assert sends(state.receive(C2, Terminate(77, "Echo", TerminationReason.ADMINISTRATOR))) == []
+    state.receive(C1, Cancel(10))  # nothing of the server's is outstanding now, but ...
+    assert "echo" in state.servers  # ... it has not been told yet: the registration goes on
+    released = state.release(S1, 1000)
+    assert sends(released, S1) == [Terminating(TerminationReason.ADMINISTRATOR)]
+    assert one(released, C2, Completed).req_id == 77  # then it ends
+    assert "echo" not in state.servers
 
 
 def test_a_held_back_server_is_sent_nothing_until_released_then_all_in_order() -> None:

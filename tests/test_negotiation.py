@@ -51,3 +51,8 @@ def test_connect_carries_the_first_request(kernel, gate_server):
     with pytest.raises(ipcfw.PermissionDenied):  # a rejected connect drops its first request
         rejected.CreateSession("gate", payload=b"no", first_request=(gate.EEcho, (1,)))
     assert kernel.statistics()["messages"] == 0
+    # The first request reached the host behind the refused connect, and was expected there:
+    # an ordinary refusal is not reported as a request for an unknown session.
+    with RSession.connect("gate", payload=b"open sesame") as session:  # (the host has read it)
+        session.SendReceive(gate.EEcho, (1,))
+    assert "unknown session" not in gate_server.log()

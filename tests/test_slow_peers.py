@@ -176,9 +176,12 @@ def test_outstanding_requests_per_process_are_limited(kernel: KernelFixture) -> 
         assert not any(s.done() for s in statuses[:10])
         with pytest.raises(ServerBusy):
             session.Send(EHold, (0,))
-        assert session.SendReceive(EEcho, (4,)) == 4  # a synchronous call takes no slot
-        with RSession.connect("dam") as releaser:
-            assert releaser.SendReceive(3, (0,)) == 10  # ERelease: let the ten go
+        with pytest.raises(Overflow):  # a synchronous call is counted, and never ServerBusy
+            session.SendReceive(EEcho, (4,))
+        # Another process is not limited by this one's requests: it lets the ten go (ERelease).
+        releaser = kernel.client(["-c", "from ipcfw import RSession\n"
+                                        "with RSession.connect('dam') as s: print(s.SendReceive(3, (0,)))"])
+        assert releaser.stdout.strip() == "10", releaser.stderr
         assert [s.Wait(5) for s in statuses[:10]] == list(range(10))
         status = TRequestStatus()
         session.SendReceive(EEcho, (9,), status)  # their slots are free again
@@ -204,3 +207,24 @@ def test_a_bad_limit_is_refused_with_its_name(option: str, tmp_path) -> None:
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert f"kernel limit {name} must be" in done.stderr
+
+
+def test_a_request_on_a_channel_that_has_ended_fails_at_once(kernel: KernelFixture) -> None:
+    """A thread that fetched its channel just before another thread read the kernel's notice
+    from it must not send into the void (the kernel ignores the channel): it fails at once."""
+    from ipcfw._runtime import Pending, Runtime
+
+    kernel.serve(DAM, "dam")
+    with RSession.connect("dam", message_slots=4) as session:
+        channel = Runtime.for_endpoint().channel()  # fetched, then the notice is read:
+        with channel.lock:
+            channel.dropped, channel.ended = "the kernel stopped serving this thread's channel", True
+        status = TRequestStatus()
+        with pytest.raises(IpcError, match="stopped serving this thread's channel"):
+            channel.send_async(b"unsent", 1, Pending(status, session, {}, channel))
+        with pytest.raises(IpcError, match="stopped serving this thread's channel"):
+            channel.call(b"unsent", 2, timeout=5)
+        channel.send(b"unsent")  # a Close or Cancel: nothing left to tell
+        assert Runtime.for_endpoint().channel() is not channel  # the thread's next calls
+    with RSession.connect("dam") as fresh:  # on the thread's new channel
+        assert fresh.SendReceive(EEcho, (3,)) == 3

@@ -7,8 +7,8 @@ docs/failures.md explains what a client or server sees when it reaches one.
 The defaults are chosen so that the last line of defence, the backlog cut-off, is never reached
 by a client that keeps within the other limits, however long it is paused: every frame the
 kernel sends to a client's thread answers a request of that thread, so a thread can have at most
-`outstanding_per_process` answers waiting (plus one synchronous call's), and a process's inbox
-at most one notice per session it holds.
+`outstanding_per_process` answers waiting, and a process's inbox at most one notice per session
+it holds.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ class KernelLimits:
     #: Sessions one process may hold at once (created or opened); the next connect or Open
     #: fails with KErrOverflow.
     sessions_per_process: int = 10_000
-    #: Asynchronous requests and blind sends one process may have outstanding at once (each
-    #: holds a message slot); the next completes at once with KErrServerBusy.
+    #: Requests one process may have outstanding at once, synchronous ones included; the next
+    #: completes at once with KErrServerBusy (KErrOverflow for a synchronous one).
     outstanding_per_process: int = 100_000
     #: The kernel-wide pool of message slots, for sessions created with message_slots=-1.
     pool_slots: int = 4096

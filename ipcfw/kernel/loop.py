@@ -209,7 +209,10 @@ class Kernel:
                 except Exception:  # a bug or an exhausted resource must not end the kernel
                     log.exception("kernel loop error (the event was dropped; serving on)")
             if self._backlog or self._holding:
-                self._flush_backlog()
+                try:
+                    self._flush_backlog()
+                except Exception:  # (it runs the state's rules too: release, drop)
+                    log.exception("kernel loop error flushing backlogs (serving on)")
 
     def _drain_router(self) -> None:
         # One zmq.Again per batch costs less than a getsockopt(EVENTS) per message.
@@ -359,7 +362,7 @@ class Kernel:
                 self._cut.setdefault(rid, len(queue))  # dropped once this turn's actions are done
                 return
             queue.append(frame)  # keep order behind what is already waiting
-            if len(queue) >= _HOLD_AT and rid not in self._holding and self.state.hold_back(rid):
+            if len(queue) >= _HOLD_AT and not self.state.holding(rid) and self.state.hold_back(rid):
                 self._holding.add(rid)
             return
         try:

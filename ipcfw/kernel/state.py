@@ -25,8 +25,9 @@ Rules this module keeps:
    Sync requests never take a slot. More than 512 outstanding on one session: KErrOverflow.
    A slot is freed when its message completes, or when its session goes.
 4. Limits per process (`KernelLimits`): a process holding `sessions_per_process` sessions gets
-   KErrOverflow for the next connect or Open; one with `outstanding_per_process` async
-   requests and sends outstanding gets KErrServerBusy for the next. Nobody else is affected.
+   KErrOverflow for the next connect or Open; one with `outstanding_per_process` requests
+   outstanding gets KErrServerBusy for the next async request or send, KErrOverflow for the
+   next sync one (which never gets KErrServerBusy). Nobody else is affected.
 5. Every message reaches its server in the order the kernel received it, and is completed at
    most once; a completion for a message the kernel no longer holds (its client closed or died)
    is dropped silently.
@@ -271,7 +272,7 @@ class ProcessRecord:
     peers: set = field(default_factory=set)  # routing ids
     inbox: Optional[bytes] = None
     sessions: set = field(default_factory=set)  # handles this process holds
-    outstanding: int = 0  # its async requests and sends holding a slot
+    outstanding: int = 0  # its requests not yet completed
 
 
 @dataclass(eq=False)
@@ -337,7 +338,7 @@ class MessageRecord:
     req_id: int
     slot: SlotSource
     writable: dict  # arg index -> max length
-    payer: Optional[ProcessRecord] = None  # the process whose outstanding count it adds to
+    payer: Optional[ProcessRecord] = None  # a request's process: it counts towards its limit
 
 
 class KernelState:
@@ -530,6 +531,7 @@ class KernelState:
         if not held:
             server.held = None
             self.held_back.discard(rid)
+            actions += self._finish_termination_if_drained(server)
         return actions
 
     def holding(self, rid: bytes) -> bool:
@@ -792,9 +794,10 @@ class KernelState:
             return [Send(peer.rid, Connected(message.req_id, errors.KErrPermissionDenied, 0, b""))]
         if session.panic is not None or not session.deliverable:
             return [Send(peer.rid, Connected(message.req_id, errors.KErrServerTerminated, 0, b""))]
-        code = self._attach(session, peer)
-        if not code and peer.process not in session.holders:
+        code = errors.KErrNone
+        if peer.process not in session.holders:
             code = self._session_limit_error(peer.process)
+        code = code or self._attach(session, peer)
         if code:
             return [Send(peer.rid, Connected(message.req_id, code, 0, b""))]
         session.holders[peer.process] = session.holders.get(peer.process, 0) + 1
@@ -883,11 +886,10 @@ class KernelState:
         record = self._new_message(
             session, _REQUEST, req_id, None if blind else reply_to, self._take_slot(session, mode), writable
         )
-        if mode != _SYNC:
-            record.payer = process
-            process.outstanding += 1
-            if mode == _ASYNC:
-                self.cancellable[(reply_to, req_id)] = record.msg_id
+        record.payer = process
+        process.outstanding += 1
+        if mode == _ASYNC:
+            self.cancellable[(reply_to, req_id)] = record.msg_id
         server = session.server
         actions = self._inform(server, process)
         actions.append(Send(server.rid, Deliver(
@@ -908,9 +910,10 @@ class KernelState:
             return errors.KErrServerTerminated  # held, not panicked, not deliverable: DEAD
         if len(session.messages) >= MAX_OUTSTANDING:
             return errors.KErrOverflow
-        if mode != _SYNC and (
-            not self._slot_free(session) or process.outstanding >= self.outstanding_per_process
-        ):
+        if mode == _SYNC:
+            if process.outstanding >= self.outstanding_per_process:
+                return errors.KErrOverflow
+        elif not self._slot_free(session) or process.outstanding >= self.outstanding_per_process:
             return errors.KErrServerBusy
         return errors.KErrNone
 
@@ -956,9 +959,11 @@ class KernelState:
         server.messages.pop(msg_id, None)
         if server.held:
             server.held.pop(msg_id, None)  # never delivered: the server will not hear of it
+        payer = record.payer
+        if payer is not None:
+            payer.outstanding -= 1
         if slot is _NO_SLOT:
             return
-        record.payer.outstanding -= 1  # type: ignore[union-attr]  # (every slot has a payer)
         self.cancellable.pop((record.origin, record.req_id), None)
         if slot is _SESSION_SLOT:
             session.slots_used -= 1
@@ -1122,8 +1127,9 @@ class KernelState:
         return actions + self._finish_termination_if_drained(server)
 
     def _finish_termination_if_drained(self, server: ServerRecord) -> list[Action]:
-        """End the registration once no message of the server is outstanding."""
-        if server.terminating is None or server.messages:
+        """End the registration once no message of the server is outstanding, and nothing is
+        held back for it (its Terminating notice may be)."""
+        if server.terminating is None or server.messages or server.held:
             return []
         return self._server_died(server)  # answers the waiters, releases the name
 
