@@ -683,7 +683,8 @@ class _Inbox:
             for channel in watched:
                 poller.register(channel.fd, zmq.POLLIN)
             waiting = any(
-                c.pending or c.abandoned or (c.dropped and not c.ended) for c in list(self.runtime.channels)
+                c.pending or c.abandoned or (c.dropped and not c.ended)
+                for c in list(self.runtime.channels)
             )
             try:
                 ready = dict(poller.poll(IDLE * 1000 if waiting else None))

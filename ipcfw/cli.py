@@ -114,9 +114,11 @@ def _endpoint_option(parser: argparse.ArgumentParser) -> None:
 _LIMIT_HELP = {
     "sessions_per_process": "sessions one process may hold (default %(default)s)",
     "outstanding_per_process": "requests one process may have outstanding (default %(default)s)",
-    "pool_slots": "size of the kernel-wide message slot pool, for sessions with -1 slots (default %(default)s)",
+    "pool_slots": "size of the kernel-wide message slot pool, for sessions with -1 slots "
+                  "(default %(default)s)",
     "max_frame": "largest frame in bytes any peer may send (default %(default)s)",
-    "receive_hwm": "frames the kernel queues from one peer before its sends wait (default %(default)s)",
+    "receive_hwm": "frames the kernel queues from one peer before its sends wait "
+                   "(default %(default)s)",
     "max_backlog": "frames left unread by one peer before the kernel stops serving it "
                    "(default: outstanding-per-process + sessions-per-process + 10000)",
 }

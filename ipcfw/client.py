@@ -692,7 +692,10 @@ class RSession:
 
     def __repr__(self) -> str:
         if not self._handle:
-            return "<RSession connecting>" if self._connecting is not None else "<RSession not connected>"
+            return (
+                "<RSession connecting>" if self._connecting is not None
+                else "<RSession not connected>"
+            )
         state = f" dead: {self._dead}" if self._dead else ""
         runtime = self._runtime  # (once: a Close on another thread may clear it meanwhile)
         pending = len(runtime.requests_of(self)) if runtime is not None else 0

@@ -300,7 +300,13 @@ _TABLE: tuple[ErrorInfo, ...] = (
     _I("KErrArgument", KErrArgument, "an argument is out of range", BadArgument),
     _I("KErrTotalLossOfPrecision", KErrTotalLossOfPrecision, "a real-number conversion lost all precision", TotalLossOfPrecision),
     _I("KErrBadHandle", KErrBadHandle, "the handle is invalid", BadHandle),
-    _I("KErrOverflow", KErrOverflow, "an overflow occurred (e.g. a write past a descriptor's maximum length, too many outstanding messages, too many attached threads, or too many sessions in one process)", Overflow),
+    _I(
+        "KErrOverflow",
+        KErrOverflow,
+        "an overflow occurred (e.g. a write past a descriptor's maximum length, too many "
+        "outstanding messages, too many attached threads, or too many sessions in one process)",
+        Overflow,
+    ),
     _I("KErrUnderflow", KErrUnderflow, "an underflow occurred", Underflow),
     _I("KErrAlreadyExists", KErrAlreadyExists, "the object already exists (e.g. a server with that name is already registered)", AlreadyExists),
     _I("KErrPathNotFound", KErrPathNotFound, "the path was not found", PathNotFound),
@@ -327,7 +333,13 @@ _TABLE: tuple[ErrorInfo, ...] = (
     _I("KErrTimedOut", KErrTimedOut, "the operation timed out", IpcTimedOut),
     _I("KErrCouldNotConnect", KErrCouldNotConnect, "the connection could not be made", CouldNotConnect),
     _I("KErrCouldNotDisconnect", KErrCouldNotDisconnect, "the disconnection could not be made", CouldNotDisconnect),
-    _I("KErrDisconnected", KErrDisconnected, "a required session has been disconnected (e.g. the ipcfw kernel stopped serving a thread that left its answers unread)", Disconnected),
+    _I(
+        "KErrDisconnected",
+        KErrDisconnected,
+        "a required session has been disconnected (e.g. the ipcfw kernel stopped serving a "
+        "thread that left its answers unread)",
+        Disconnected,
+    ),
     _I("KErrBadLibraryEntryPoint", KErrBadLibraryEntryPoint, "a library entry point is not of the required type", BadLibraryEntryPoint),
     _I("KErrBadDescriptor", KErrBadDescriptor, "an argument is not a descriptor, or not a suitable one", BadDescriptor),
     _I("KErrAbort", KErrAbort, "the operation was aborted", Aborted),

@@ -716,7 +716,8 @@ def decode(frame: Union[bytes, memoryview]) -> Message:
 def _unpack_counted(frame: bytes) -> Any:
     """Unpack `frame` under every limit, counting arrays."""
     return _unpackb(
-        frame, use_list=False, max_array_len=_MAX_ARRAY_LEN, max_map_len=0, max_str_len=_MAX_STR_BYTES,
+        frame, use_list=False, max_array_len=_MAX_ARRAY_LEN, max_map_len=0,
+        max_str_len=_MAX_STR_BYTES,
         max_ext_len=0, list_hook=_array_counter(), object_hook=_refuse_map, ext_hook=_refuse_ext,
     )
 
@@ -760,7 +761,8 @@ def _unpack_stats_reply(frame: bytes, failure: Exception) -> Any:
             raise ProtocolError(f"array of {size} items exceeds the protocol's {_MAX_ARRAY_LEN}")
         items = []
         for index in range(size):
-            if index == 2 and unpacker.tell() < len(frame) and frame[unpacker.tell()] in _MAP_HEADERS:
+            if (index == 2 and unpacker.tell() < len(frame)
+                    and frame[unpacker.tell()] in _MAP_HEADERS):
                 items.append(_read_counters(unpacker))
             else:
                 items.append(unpacker.unpack())

@@ -137,7 +137,9 @@ class KernelFixture:
 
 
 @pytest.fixture
-def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[KernelFixture]:
+def kernel(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[KernelFixture]:
     """A fresh kernel for one test; `IPCFW_KERNEL` points at it. Mark the test with
     ``@pytest.mark.kernel_options("--max-backlog", "2000")`` to start it with options."""
     marker = request.node.get_closest_marker("kernel_options")

@@ -74,13 +74,17 @@ def spine_of(item: bytes, depth: int = 1023, width: int = 7) -> bytes:
 def _open_map(keys: list[bytes]) -> bytes:
     """A map16 of len(keys) entries: every key but the last with the value 0, the last without
     its value, which is whatever follows."""
-    return b"\xde" + struct.pack(">H", len(keys)) + b"".join(key + b"\x00" for key in keys[:-1]) + keys[-1]
+    return (
+        b"\xde" + struct.pack(">H", len(keys)) + b"".join(key + b"\x00" for key in keys[:-1])
+        + keys[-1]
+    )
 
 
 def hostile_frames() -> dict[str, Callable[[], bytes]]:
     """Name -> builder of each hostile frame of at most FRAME_SIZE bytes (built on demand: some
     take a moment)."""
-    stats_reply_head = b"\x93\x19\x01"  # [STATS_REPLY, req_id 1, counters ...]: a map is allowed there
+    # [STATS_REPLY, req_id 1, counters ...]: a map is allowed there
+    stats_reply_head = b"\x93\x19\x01"
     keys = [b"\xa4" + f"k{i:03d}".encode() for i in range(256)]
     cached_keys = [chr(i).encode() if i < 0x80 else b"\xa2" + chr(i).encode() for i in range(256)]
     cached_keys = [b"\xa1" + key if len(key) == 1 else key for key in cached_keys]
@@ -101,7 +105,8 @@ def hostile_frames() -> dict[str, Callable[[], bytes]]:
         "tree of big ints": lambda: tree_of(BIG_INT),
         "tree of empty exts": lambda: tree_of(EMPTY_EXT),
         "StatsReply of trees of maps": lambda: (
-            stats_reply_head + b"\xde\x01\x00" + b"".join(key + tree_of(EMPTY_MAP, share) for key in keys)
+            stats_reply_head + b"\xde\x01\x00"
+            + b"".join(key + tree_of(EMPTY_MAP, share) for key in keys)
         ),
         # Every array left open: bounded by msgpack's depth limit, not by the frame's size.
         "spine of short strs": lambda: spine_of(SHORT_STR),
@@ -114,11 +119,13 @@ def hostile_frames() -> dict[str, Callable[[], bytes]]:
         ),
         # A big frame, for reference: one bin (a Request with a 15 MiB read-only descriptor) ...
         "Request with a 15 MiB bin": lambda: (
-            b"\x96\x04\x01\x01\x01\x91\xc6" + struct.pack(">I", FRAME_SIZE - 16) + bytes(FRAME_SIZE - 16) + b"\x00"
+            b"\x96\x04\x01\x01\x01\x91\xc6" + struct.pack(">I", FRAME_SIZE - 16)
+            + bytes(FRAME_SIZE - 16) + b"\x00"
         ),
         # ... one str (a server name far over the limit) ...
         "Register with a 15 MiB name": lambda: (
-            b"\x95\x02\x01\xdb" + struct.pack(">I", FRAME_SIZE - 16) + b"n" * (FRAME_SIZE - 16) + b"\x00\x93\x01\x00\x00"
+            b"\x95\x02\x01\xdb" + struct.pack(">I", FRAME_SIZE - 16) + b"n" * (FRAME_SIZE - 16)
+            + b"\x00\x93\x01\x00\x00"
         ),
         # ... and the worst a small frame can do, decoded without counting arrays.
         "4 KiB tree of one-item arrays": lambda: tree_of(ONE_ITEM_ARRAY, 4096),
@@ -182,9 +189,15 @@ def typical_frames() -> dict[str, bytes]:
         "Deliver": encode(Deliver(123456, 5, 1, args, 3)),
         "Complete": encode(Complete(123456, 0, ((2, b"x" * 20),))),
         "Completed": encode(Completed(12345, 0, ((2, b"x" * 20),))),
-        "Request, 4000-byte descriptor": encode(Request(12345, 5, 1, (7, b"d" * 4000, (b"", 64)), Mode.SYNC)),
-        "Request, 4200-byte descriptor": encode(Request(12345, 5, 1, (7, b"d" * 4200, (b"", 64)), Mode.SYNC)),
-        "Request, 64 KiB descriptor": encode(Request(12345, 5, 1, (7, b"d" * 65536, (b"", 64)), Mode.SYNC)),
+        "Request, 4000-byte descriptor": encode(
+            Request(12345, 5, 1, (7, b"d" * 4000, (b"", 64)), Mode.SYNC)
+        ),
+        "Request, 4200-byte descriptor": encode(
+            Request(12345, 5, 1, (7, b"d" * 4200, (b"", 64)), Mode.SYNC)
+        ),
+        "Request, 64 KiB descriptor": encode(
+            Request(12345, 5, 1, (7, b"d" * 65536, (b"", 64)), Mode.SYNC)
+        ),
     }
 
 
@@ -198,7 +211,9 @@ def load_protocol(path: str) -> ModuleType:
     return module
 
 
-def timing(decoders: dict[str, Callable[[bytes], object]], repeat: int = 9) -> dict[str, dict[str, float]]:
+def timing(
+    decoders: dict[str, Callable[[bytes], object]], repeat: int = 9
+) -> dict[str, dict[str, float]]:
     """Microseconds per decode of each typical frame by each decoder: the minimum over `repeat`
     runs, the decoders' runs interleaved so that a noisy machine slows them alike."""
     results: dict[str, dict[str, float]] = {}
@@ -231,15 +246,17 @@ def main(argv: list[str]) -> int:
     if command == "memory":
         names = argv[2:] or list(hostile_frames())
         for name in names:
-            done = subprocess.run([sys.executable, __file__, "measure", name], capture_output=True, text=True,
-                                  env=os.environ)
+            done = subprocess.run([sys.executable, __file__, "measure", name],
+                                  capture_output=True, text=True, env=os.environ)
             if done.returncode:
                 print(f"{name}: failed\n{done.stderr}")
                 continue
             row = json.loads(done.stdout)
             print(f"{row['frame']:32} {row['bytes']:>9} B {row['seconds']:8.4f} s  "
-                  f"tracemalloc {row['tracemalloc peak / size']:7.2f}x ({row['tracemalloc peak'] / 2**20:8.2f} MiB)  "
-                  f"RSS {row['peak RSS growth / size']:7.2f}x ({row['peak RSS growth'] / 2**20:8.2f} MiB)  "
+                  f"tracemalloc {row['tracemalloc peak / size']:7.2f}x "
+                  f"({row['tracemalloc peak'] / 2**20:8.2f} MiB)  "
+                  f"RSS {row['peak RSS growth / size']:7.2f}x "
+                  f"({row['peak RSS growth'] / 2**20:8.2f} MiB)  "
                   f"{row['outcome']}")
         return 0
     print(__doc__)

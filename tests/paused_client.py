@@ -65,7 +65,9 @@ def main() -> None:
         "answered": answered,
         "disconnected": len(disconnected),
         "pending": sum(1 for s in statuses if not s.done()),
-        "other": len(statuses) - answered - len(disconnected) - sum(1 for s in statuses if not s.done()),
+        "other": (
+            len(statuses) - answered - len(disconnected) - sum(1 for s in statuses if not s.done())
+        ),
         "reasons": sorted(reasons),
         "sessions_lost": len(lost),
         "lost_codes": sorted({e.code for e in lost}),

@@ -95,7 +95,9 @@ def counting_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_limits_are_the_protocols() -> None:
     # The longest array is the longest message: its kind and Connect's six fields.
-    assert protocol._MAX_ARRAY_LEN == 7 == 1 + max(len(cls._fields) for cls in typing.get_args(protocol.Message))
+    assert protocol._MAX_ARRAY_LEN == 7 == 1 + max(
+        len(cls._fields) for cls in typing.get_args(protocol.Message)
+    )
     # No string field is longer, in UTF-8, than the str limit; no descriptor than the frame's.
     assert protocol._MAX_STR_BYTES == 4 * max(MAX_NAME, MAX_CATEGORY, MAX_PATH)
     # The most arrays any message has: Connect, its version, its first request, that request's
@@ -105,7 +107,9 @@ def test_limits_are_the_protocols() -> None:
     assert protocol._SMALL_FRAME == SMALL
 
 
-@pytest.mark.parametrize("message", MOST_ARRAYS, ids=lambda m: f"{type(m).__name__}, {len(encode(m))} bytes")
+@pytest.mark.parametrize(
+    "message", MOST_ARRAYS, ids=lambda m: f"{type(m).__name__}, {len(encode(m))} bytes"
+)
 def test_the_messages_with_the_most_arrays_decode(message: tuple) -> None:
     assert decode(encode(message)) == message
     assert type(decode(encode(message))) is type(message)
@@ -119,7 +123,9 @@ def test_every_message_decodes_when_arrays_are_counted(message: tuple) -> None:
 
 
 @pytest.mark.usefixtures("counting_everywhere")
-@pytest.mark.parametrize("frame", [frame for _, frame, _ in MALFORMED], ids=[case for case, _, _ in MALFORMED])
+@pytest.mark.parametrize(
+    "frame", [frame for _, frame, _ in MALFORMED], ids=[case for case, _, _ in MALFORMED]
+)
 def test_every_malformed_frame_is_refused_when_arrays_are_counted(frame: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
         decode(frame)
@@ -129,7 +135,10 @@ def test_every_malformed_frame_is_refused_when_arrays_are_counted(frame: bytes) 
 def test_one_array_more_than_any_message_is_refused_in_a_large_frame() -> None:
     # Connect's first request with a fifth writable descriptor is 9 arrays (the field check
     # would refuse it too, but only after msgpack had built them).
-    items = [int(protocol.Kind.CONNECT), 1, "echo", [1, 0, 0], -1, b"", [2, 1, [list(p) for p in PAIRS] + [[b"", 4]]]]
+    items = [
+        int(protocol.Kind.CONNECT), 1, "echo", [1, 0, 0], -1, b"",
+        [2, 1, [list(p) for p in PAIRS] + [[b"", 4]]],
+    ]
     frame = msgpack.packb(items)
     assert len(frame) > SMALL and arrays_in(frame) == 9
     with pytest.raises(ProtocolError, match=r"^more than 8 arrays, where no message has more$"):
@@ -150,25 +159,35 @@ def _bin32(size: int) -> bytes:
 
 #: (case, frame, the ProtocolError's whole message)
 LIMITS: list[tuple[str, bytes, str]] = [
-    ("array of 15 MiB", b"\xdd" + struct.pack(">I", FRAME_SIZE), r"^array of 15728640 items exceeds the protocol's 7$"),
+    ("array of 15 MiB", b"\xdd" + struct.pack(">I", FRAME_SIZE),
+     r"^array of 15728640 items exceeds the protocol's 7$"),
     ("array of 8", b"\x98" + b"\x00" * 8, r"^array of 8 items exceeds the protocol's 7$"),
-    ("array32 of 8", b"\xdd\x00\x00\x00\x08" + b"\x00" * 8, r"^array of 8 items exceeds the protocol's 7$"),
-    ("map32 of 2**32-1", b"\xdf\xff\xff\xff\xff", r"^a map of 4294967295 entries, where the protocol has none"),
+    ("array32 of 8", b"\xdd\x00\x00\x00\x08" + b"\x00" * 8,
+     r"^array of 8 items exceeds the protocol's 7$"),
+    ("map32 of 2**32-1", b"\xdf\xff\xff\xff\xff",
+     r"^a map of 4294967295 entries, where the protocol has none"),
     ("fixmap of 1", b"\x81\xa1k\x00", r"^a map of 1 entry, where the protocol has none"),
-    ("empty map", b"\x80", r"^a map, where the protocol has none \(only StatsReply\.counters is a map\)$"),
+    ("empty map", b"\x80",
+     r"^a map, where the protocol has none \(only StatsReply\.counters is a map\)$"),
     ("fixext1", b"\x92\x04\xd4\x05\x00", r"^an ext type, where the protocol has none$"),
     ("ext8 of 3 bytes", b"\x92\x04\xc7\x03\x05abc", r"^an ext type, where the protocol has none$"),
     ("empty ext8", b"\x92\x04\xc7\x00\x05", r"^ext type 5, where the protocol has none$"),
-    ("timestamp", msgpack.packb(msgpack.Timestamp(1, 0)), r"^an ext type, where the protocol has none$"),
-    ("str of 16 KiB + 1 (small frames stop at 4 KiB)", b"\x95\x02\x01" + _str32(16385) + b"\x00\x93\x01\x00\x00",
+    ("timestamp", msgpack.packb(msgpack.Timestamp(1, 0)),
+     r"^an ext type, where the protocol has none$"),
+    ("str of 16 KiB + 1 (small frames stop at 4 KiB)",
+     b"\x95\x02\x01" + _str32(16385) + b"\x00\x93\x01\x00\x00",
      r"^str of 16385 bytes exceeds the protocol's 16384$"),
     ("str of 16 KiB", b"\x95\x02\x01" + _str32(16384) + b"\x00\x93\x01\x00\x00",
      r"^Register\.name: expected a string of at most 256 characters"),
-    ("257 counters", b"\x93\x19\x01\xde\x01\x01" + b"".join(msgpack.packb(f"k{i}") + b"\x00" for i in range(257)),
+    ("257 counters",
+     b"\x93\x19\x01\xde\x01\x01" + b"".join(msgpack.packb(f"k{i}") + b"\x00" for i in range(257)),
      r"^map of 257 entries exceeds the protocol's 256$"),
-    ("counters of 2**32-1", b"\x93\x19\x01\xdf\xff\xff\xff\xff", r"^map of 4294967295 entries exceeds the protocol's 256$"),
-    ("a StatsReply of 8", b"\x98\x19" + b"\x00" * 7, r"^array of 8 items exceeds the protocol's 7$"),
-    ("tree of one-item arrays", tree_of(b"\x91\x00", 8192), r"^more than 8 arrays, where no message has more$"),
+    ("counters of 2**32-1", b"\x93\x19\x01\xdf\xff\xff\xff\xff",
+     r"^map of 4294967295 entries exceeds the protocol's 256$"),
+    ("a StatsReply of 8", b"\x98\x19" + b"\x00" * 7,
+     r"^array of 8 items exceeds the protocol's 7$"),
+    ("tree of one-item arrays", tree_of(b"\x91\x00", 8192),
+     r"^more than 8 arrays, where no message has more$"),
     ("deeper than msgpack allows", spine_of(b"\x00", 1100), r"^not a msgpack frame \(StackError"),
 ]
 
@@ -221,7 +240,9 @@ def test_a_hostile_frame_costs_at_most_its_size(name: str) -> None:
     frame = hostile_frames()[name]()
     assert len(frame) <= FRAME_SIZE
     peak, seconds, outcome = _peak_of_decode(frame)
-    assert peak <= 1.1 * len(frame) + 1 * MiB, f"{name}: peak {peak / MiB:.1f} MiB for {len(frame) / MiB:.1f} MiB ({outcome})"
+    assert peak <= 1.1 * len(frame) + 1 * MiB, (
+        f"{name}: peak {peak / MiB:.1f} MiB for {len(frame) / MiB:.1f} MiB ({outcome})"
+    )
     # A refusal is at most a walk over the frame; 0.25 s is 1,000 times what it takes here.
     assert seconds < 0.25, f"{name}: {seconds:.3f} s ({outcome})"
     if len(frame) <= SMALL:
@@ -245,8 +266,9 @@ def test_the_frame_of_the_issue_is_refused_at_its_header() -> None:
     assert peak < 64 * 1024  # no dict, no tuple: refused before anything is built
 
 
-_LEAVES = [b"\x00", b"\x80", b"\x90", b"\x91\x00", b"\xa2ab", b"\xc4\x02ab", b"\xcd\x01\x01", b"\xca\x3f\x80\x00\x00",
-           b"\xc7\x00\x05", b"\xd6\xff\x00\x00\x00\x01", b"\xc0", b"\xc3", b"\x81\xa1k\x00"]
+_LEAVES = [b"\x00", b"\x80", b"\x90", b"\x91\x00", b"\xa2ab", b"\xc4\x02ab", b"\xcd\x01\x01",
+           b"\xca\x3f\x80\x00\x00", b"\xc7\x00\x05", b"\xd6\xff\x00\x00\x00\x01", b"\xc0", b"\xc3",
+           b"\x81\xa1k\x00"]
 
 
 def _random_large_frame(rng: random.Random) -> bytes:
@@ -287,7 +309,9 @@ def test_fuzz_large_frames_raise_only_protocol_error() -> None:
             assert str(exc) and len(str(exc)) < 400
             outcomes["refused"] += 1
         except Exception as exc:  # pragma: no cover - reported
-            pytest.fail(f"decode raised {type(exc).__name__}: {exc} for a frame starting {frame[:40]!r}")
+            pytest.fail(
+                f"decode raised {type(exc).__name__}: {exc} for a frame starting {frame[:40]!r}"
+            )
     assert outcomes["refused"] > 1000
 
 
@@ -357,7 +381,8 @@ class Outcome(typing.NamedTuple):
 
     def __str__(self) -> str:
         return (
-            f"kernel RSS {self.rss_before / MiB:.1f} MiB, peak +{self.growth / MiB:.1f} MiB ({self.peak_from}); "
+            f"kernel RSS {self.rss_before / MiB:.1f} MiB, "
+            f"peak +{self.growth / MiB:.1f} MiB ({self.peak_from}); "
             f"bystander p99 {self.p99_before * 1e3:.2f} ms over {self.calls_before} calls before, "
             f"{self.p99_window * 1e3:.2f} ms over {self.calls_window} calls from the frame on"
         )

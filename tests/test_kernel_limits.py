@@ -100,7 +100,10 @@ def test_outstanding_requests_are_limited_per_process_not_per_session() -> None:
     start_client(state)
     start_client(state, CLI2, C2, IN2)
     first, second = open_session(state, C1, req_id=1), open_session(state, C1, req_id=2)
-    delivered = [deliver(request(state, C1, first, 10, ASYNC)), deliver(request(state, C1, second, 11, BLIND))]
+    delivered = [
+        deliver(request(state, C1, first, 10, ASYNC)),
+        deliver(request(state, C1, second, 11, BLIND)),
+    ]
     delivered.append(deliver(request(state, C1, second, 12, ASYNC)))
     refused = request(state, C1, first, 13, ASYNC)
     assert refused == [Send(C1, Completed(13, errors.KErrServerBusy, ()))]
@@ -170,7 +173,9 @@ def test_synchronous_requests_held_back_count_towards_the_process_limit() -> Non
     state.hold_back(S1)
     for req_id in range(10, 15):  # e.g. sync calls that timed out, sent again
         assert request(state, C1, handle, req_id, SYNC) == []
-    assert request(state, C1, handle, 15, SYNC) == [Send(C1, Completed(15, errors.KErrOverflow, ()))]
+    assert request(state, C1, handle, 15, SYNC) == [
+        Send(C1, Completed(15, errors.KErrOverflow, ()))
+    ]
     assert state.statistics()["held"] == 5
 
 
@@ -216,7 +221,9 @@ def test_a_held_back_server_is_sent_nothing_until_released_then_all_in_order() -
     assert sends(disconnect_actions, S1) == []
     assert state.statistics()["held"] == 3
     first = state.release(S1, 2)
-    assert [(type(m), getattr(m, "args", None)) for m in sends(first, S1)] == [(Deliver, (1,)), (Deliver, (2,))]
+    assert [(type(m), getattr(m, "args", None)) for m in sends(first, S1)] == [
+        (Deliver, (1,)), (Deliver, (2,))
+    ]
     assert state.holding(S1)
     rest = state.release(S1, 1000)
     assert [type(m) for m in sends(rest, S1)] == [Disconnect]

@@ -2082,7 +2082,8 @@ class Fuzz:
 
         def call():
             actions = self.state.receive(rid, Register(req_id, name, sharing, (1, 0, 0)))
-            if rid in self.state.held_back:  # registered already: KErrInUse, held back with the rest
+            # registered already: KErrInUse, held back with the rest
+            if rid in self.state.held_back:
                 assert sends(actions) == []
                 return actions
             (reply,) = sends(actions)

@@ -244,7 +244,10 @@ EXT = msgpack.ExtType(5, b"ext")
 TS = msgpack.Timestamp(1, 2)
 #: What decode says of a map outside StatsReply.counters, and of any ext type: msgpack refuses
 #: them while reading (see tests/test_bounded_decoding.py), so no field is named.
-NO_MAP = r"^a map( of \d+ entr(y|ies))?, where the protocol has none \(only StatsReply\.counters is a map\)$"
+NO_MAP = (
+    r"^a map( of \d+ entr(y|ies))?, where the protocol has none "
+    r"\(only StatsReply\.counters is a map\)$"
+)
 NO_EXT = r"^(an ext type|ext type -?\d+), where the protocol has none$"
 
 #: (case id, frame, regex the ProtocolError message must match)
@@ -259,7 +262,8 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("str with bad utf-8", _BAD_UTF8_NAME, r"not a msgpack frame"),
     ("map with int key", msgpack.packb({1: 2}), NO_MAP),
     ("array of map with int key", pack(H, {1: 2}, 1), NO_MAP),
-    ("counters with int key", pack(Kind.STATS_REPLY, 1, {1: 2}), r"^StatsReply\.counters: expected str -> int"),
+    ("counters with int key", pack(Kind.STATS_REPLY, 1, {1: 2}),
+     r"^StatsReply\.counters: expected str -> int"),
     # not a [kind, ...] array
     ("map instead of array", msgpack.packb({"kind": 1, "role": 1}), NO_MAP),
     ("empty map instead of array", msgpack.packb({}), NO_MAP),
@@ -274,7 +278,8 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("top-level ExtType", msgpack.packb(EXT), NO_EXT),
     ("top-level Timestamp", msgpack.packb(TS), NO_EXT),
     ("kind is ExtType", pack(EXT, 1, 1), NO_EXT),
-    ("kind is an empty ExtType", pack(msgpack.ExtType(7, b""), 1, 1), r"^ext type 7, where the protocol has none$"),
+    ("kind is an empty ExtType", pack(msgpack.ExtType(7, b""), 1, 1),
+     r"^ext type 7, where the protocol has none$"),
     # unknown kinds
     ("kind 0", pack(0, 1, 1), r"unknown message kind 0\b"),
     ("kind 11", pack(11, 1), r"unknown message kind 11\b"),
@@ -394,12 +399,16 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("counters str value", pack(Kind.STATS_REPLY, 1, {"k": "1"}), r"StatsReply\.counters"),
     ("counters bool value", pack(Kind.STATS_REPLY, 1, {"k": True}), r"StatsReply\.counters"),
     ("counters array", pack(Kind.STATS_REPLY, 1, [1]), r"StatsReply\.counters: expected a map"),
-    ("257 counters", pack(Kind.STATS_REPLY, 1, {f"k{i}": i for i in range(257)}), r"^map of 257 entries exceeds the protocol's 256$"),
+    ("257 counters", pack(Kind.STATS_REPLY, 1, {f"k{i}": i for i in range(257)}),
+     r"^map of 257 entries exceeds the protocol's 256$"),
     ("counter a map", pack(Kind.STATS_REPLY, 1, {"k": {}}), NO_MAP),
     ("counter an ExtType", pack(Kind.STATS_REPLY, 1, {"k": EXT}), NO_EXT),
-    ("counters truncated", pack(Kind.STATS_REPLY, 1, {"k": 1, "l": 2})[:-1], r"^not a msgpack frame"),
-    ("counters with trailing data", pack(Kind.STATS_REPLY, 1, {"k": 1}) + b"\x00", r"^not a msgpack frame"),
-    ("counters with an extra field", pack(Kind.STATS_REPLY, 1, {"k": 1}, 0), r"^StatsReply needs 2 fields, got 3$"),
+    ("counters truncated", pack(Kind.STATS_REPLY, 1, {"k": 1, "l": 2})[:-1],
+     r"^not a msgpack frame"),
+    ("counters with trailing data", pack(Kind.STATS_REPLY, 1, {"k": 1}) + b"\x00",
+     r"^not a msgpack frame"),
+    ("counters with an extra field", pack(Kind.STATS_REPLY, 1, {"k": 1}, 0),
+     r"^StatsReply needs 2 fields, got 3$"),
     ("map in a StatsReply's req_id", pack(Kind.STATS_REPLY, {}, {}), NO_MAP),
     ("map after a StatsReply's counters", pack(Kind.STATS_REPLY, 1, {}, {}), NO_MAP),
     ("StatsReply without counters, with a map", pack(Kind.STATS_REPLY, {}), NO_MAP),
@@ -420,7 +429,8 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("ExtType as payload", pack(C, 1, "n", V, 0, EXT), NO_EXT),
     ("Timestamp as name", pack(R, 1, TS, 0, V), NO_EXT),
     ("ExtType as version", pack(R, 1, "n", 0, msgpack.ExtType(1, b"\x01\x00\x00")), NO_EXT),
-    ("ExtType as args", pack(Q, 1, 1, 1, msgpack.ExtType(1, b""), 0), r"^ext type 1, where the protocol has none$"),
+    ("ExtType as args", pack(Q, 1, 1, 1, msgpack.ExtType(1, b""), 0),
+     r"^ext type 1, where the protocol has none$"),
     ("ExtType as writes", pack(Kind.COMPLETE, 1, 0, EXT), NO_EXT),
     # nesting: shallow bombs are type errors, deep ones hit msgpack's stack limit
     ("nested 100 as field", pack(H, 1, 1)[:2] + _deep_array(100) + b"\x01", r"Hello\.role"),

@@ -40,7 +40,8 @@ def test_a_paused_server_is_held_back_not_cut_off(kernel: KernelFixture) -> None
             thread.go.set()
         # 15,300 requests for a server that reads nothing: 11,000 or so fill the socket
         # buffers, and most of the others wait in the kernel, held back.
-        wait_until(lambda: kernel.statistics()["held"] > 3000, timeout=30, what="requests to be held back")
+        wait_until(lambda: kernel.statistics()["held"] > 3000, timeout=30,
+                   what="requests to be held back")
     finally:
         server.kill(signal.SIGCONT)
     for thread in threads:
@@ -56,7 +57,9 @@ def test_a_paused_server_is_held_back_not_cut_off(kernel: KernelFixture) -> None
 # Below the point where the kernel holds a server's messages back (1,000 frames), so that the
 # cut-off, the last resort, comes first.
 @pytest.mark.kernel_options("--max-backlog", "500")
-def test_a_server_past_the_backlog_cut_off_is_told_and_registers_again(kernel: KernelFixture) -> None:
+def test_a_server_past_the_backlog_cut_off_is_told_and_registers_again(
+    kernel: KernelFixture,
+) -> None:
     server = kernel.serve(DAM, "dam")
     # Four threads, so that the answers to each (its channel's share) fit in the socket
     # buffers, while the requests to the one server do not.
@@ -80,7 +83,8 @@ def test_a_server_past_the_backlog_cut_off_is_told_and_registers_again(kernel: K
     finally:
         server.kill(signal.SIGCONT)
     # The server reads what was queued for it, then the kernel's notice, and registers again.
-    wait_until(lambda: _registrations(server.log()) == 2, timeout=30, what="the server to register again")
+    wait_until(lambda: _registrations(server.log()) == 2, timeout=30,
+               what="the server to register again")
     assert "the ipcfw kernel stopped serving server 'dam'" in server.log()
     assert server.alive()
     with RSession.connect("dam") as fresh:
@@ -124,7 +128,8 @@ class _Sender(threading.Thread):
 def test_a_paused_client_past_the_backlog_is_told_and_nothing_hangs(kernel: KernelFixture) -> None:
     server = kernel.serve(DAM, "dam")
     client = kernel.spawn_client(["tests/paused_client.py", "60"])
-    wait_until(lambda: "stopping" in client.log() or not client.alive(), what="the client to stop itself")
+    wait_until(lambda: "stopping" in client.log() or not client.alive(),
+               what="the client to stop itself")
     wait_until(lambda: "stopped serving the channel socket" in kernel.process.log(), timeout=30,
                what="the kernel to cut the paused client's channel off")
     client.kill(signal.SIGCONT)
@@ -137,7 +142,9 @@ def test_a_paused_client_past_the_backlog_is_told_and_nothing_hangs(kernel: Kern
     assert report["pending"] == 0 and report["other"] == 0, report
     assert report["answered"] + report["disconnected"] == report["requests"] == 60 * 255
     assert report["answered"] > 0 and report["disconnected"] > 0, report
-    assert all("stopped serving this thread's channel" in reason for reason in report["reasons"]), report
+    assert all(
+        "stopped serving this thread's channel" in reason for reason in report["reasons"]
+    ), report
     # Its sessions ended with the channel: each is told (abort callback), later calls fail at
     # once, and a new session from the same thread works.
     assert report["sessions_lost"] == 60 and report["lost_codes"] == [-36], report
@@ -156,7 +163,8 @@ def test_sessions_per_process_are_limited_for_that_process_only(kernel: KernelFi
         with pytest.raises(Overflow, match="limit of sessions"):
             RSession.connect("dam")
         other = kernel.client(["-c", "from ipcfw import RSession\n"
-                                     "with RSession.connect('dam') as s: print(s.SendReceive(1, (3,)))"])
+                                     "with RSession.connect('dam') as s: "
+                                     "print(s.SendReceive(1, (3,)))"])
         assert other.stdout.strip() == "3", other.stderr
     finally:
         for session in sessions:
@@ -180,7 +188,8 @@ def test_outstanding_requests_per_process_are_limited(kernel: KernelFixture) -> 
             session.SendReceive(EEcho, (4,))
         # Another process is not limited by this one's requests: it lets the ten go (ERelease).
         releaser = kernel.client(["-c", "from ipcfw import RSession\n"
-                                        "with RSession.connect('dam') as s: print(s.SendReceive(3, (0,)))"])
+                                        "with RSession.connect('dam') as s: "
+                                        "print(s.SendReceive(3, (0,)))"])
         assert releaser.stdout.strip() == "10", releaser.stderr
         assert [s.Wait(5) for s in statuses[:10]] == list(range(10))
         status = TRequestStatus()
@@ -197,13 +206,16 @@ def test_the_frame_limit_is_the_kernels_option(kernel: KernelFixture) -> None:
         assert session.SendReceive(EEcho, (2, b"x" * 60_000)) == 2
 
 
-@pytest.mark.parametrize("option", ["--receive-hwm=0", "--max-frame=100", "--sessions-per-process=-1"])
+@pytest.mark.parametrize(
+    "option", ["--receive-hwm=0", "--max-frame=100", "--sessions-per-process=-1"]
+)
 def test_a_bad_limit_is_refused_with_its_name(option: str, tmp_path) -> None:
     import subprocess
     import sys
 
     name = option.split("=")[0][2:].replace("-", "_")
-    done = subprocess.run([sys.executable, "-m", "ipcfw", "kernel", "--endpoint", f"ipc://{tmp_path}/k", option],
+    done = subprocess.run([sys.executable, "-m", "ipcfw", "kernel", "--endpoint",
+                           f"ipc://{tmp_path}/k", option],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert f"kernel limit {name} must be" in done.stderr
@@ -218,7 +230,9 @@ def test_a_request_on_a_channel_that_has_ended_fails_at_once(kernel: KernelFixtu
     with RSession.connect("dam", message_slots=4) as session:
         channel = Runtime.for_endpoint().channel()  # fetched, then the notice is read:
         with channel.lock:
-            channel.dropped, channel.ended = "the kernel stopped serving this thread's channel", True
+            channel.dropped, channel.ended = (
+                "the kernel stopped serving this thread's channel", True
+            )
         status = TRequestStatus()
         with pytest.raises(IpcError, match="stopped serving this thread's channel"):
             channel.send_async(b"unsent", 1, Pending(status, session, {}, channel))

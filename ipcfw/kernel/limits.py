@@ -55,7 +55,8 @@ class KernelLimits:
                 raise ValueError(f"kernel limit {field.name} must be a positive int, got {value!r}")
         if not _LEAST_FRAME <= self.max_frame <= MAX_FRAME:
             raise ValueError(
-                f"kernel limit max_frame must be in {_LEAST_FRAME}..{MAX_FRAME}, got {self.max_frame}"
+                f"kernel limit max_frame must be in {_LEAST_FRAME}..{MAX_FRAME}, "
+                f"got {self.max_frame}"
             )
         if self.max_backlog == 0:
             return replace(self, max_backlog=self.least_backlog())

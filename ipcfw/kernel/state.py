@@ -504,7 +504,9 @@ class KernelState:
         actions += self.peer_gone(rid)
         if inbox is not None and inbox in self.peers:
             actions.append(Send(inbox, notice))
-            actions += [Send(inbox, SessionLost(handle, errors.KErrDisconnected)) for handle in ended]
+            actions += [
+                Send(inbox, SessionLost(handle, errors.KErrDisconnected)) for handle in ended
+            ]
         return actions
 
     def hold_back(self, rid: bytes) -> bool:
@@ -899,7 +901,9 @@ class KernelState:
             actions.append(Send(reply_to, Completed(req_id, errors.KErrNone, ())))
         return actions
 
-    def _request_error(self, session: SessionRecord, mode: int, writable: dict, process: ProcessRecord) -> int:
+    def _request_error(
+        self, session: SessionRecord, mode: int, writable: dict, process: ProcessRecord
+    ) -> int:
         if session.server.terminating is not None:
             return errors.KErrServerTerminated  # nothing new is delivered once it is ending
         if writable and sum(writable.values()) > self.max_frame - _COMPLETION_OVERHEAD:

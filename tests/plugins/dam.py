@@ -1,4 +1,5 @@
-"""A server that holds requests back and lets them all go at once, to pile answers up on a client."""
+"""A server that holds requests back and lets them all go at once, to pile answers up on a
+client."""
 
 import threading
 

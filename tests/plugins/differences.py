@@ -33,7 +33,8 @@ from ipcfw import (
 )
 
 EConnects = 1  # complete with how many GATED or SLOW connects reached NewSessionL
-EAliased = 2  # WriteL(0, ALIAS_WRITE); write ReadL(1) into arg 2; if Int3(), WriteL(1, ALIAS_WRITE_1)
+# WriteL(0, ALIAS_WRITE); write ReadL(1) into arg 2; if Int3(), WriteL(1, ALIAS_WRITE_1)
+EAliased = 2
 EOpenZero = 3  # write handle 0 into arg 3 (a subsession create) and complete with KErrNone
 ECompleteThenPanic = 4  # Complete(Int0()), then Complete() and Panic() again: record both
 EPanicThenComplete = 5  # Panic("DIFF", Int0()), then Panic() and Complete() again: record both
@@ -133,5 +134,7 @@ class DifferencesServer(CServer):
         deadline = time.monotonic() + GATE_TIMEOUT
         while not (gate / "open").exists():
             if time.monotonic() > deadline:
-                raise IpcError(KErrTimedOut, f"nobody opened the gate in {gate} within {GATE_TIMEOUT} s")
+                raise IpcError(
+                    KErrTimedOut, f"nobody opened the gate in {gate} within {GATE_TIMEOUT} s"
+                )
             time.sleep(0.005)
