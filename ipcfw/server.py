@@ -626,6 +626,7 @@ class ServerHost:
         nowhere) and loses its subsessions."""
         sessions, self.sessions = self.sessions, {}
         self.clients.clear()
+        self._refused.clear()  # (a new kernel numbers its handles anew)
         self._in_service.clear()
         with self._outbox_lock:
             self._outbox.clear()
