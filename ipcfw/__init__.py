@@ -6,22 +6,17 @@ clients are any Python processes holding `RSession` handles. See docs/getting-st
 
 from . import errors
 from .client import RSession, TIpcArgs, TRequestStatus, User, kernel_statistics, terminate_server
-from .protocol import TerminationReason
-from .errors import *  # noqa: F401,F403  (codes and exception classes)
+from .errors import *  # noqa: F401,F403  (the codes and exception classes: errors.__all__)
 from .errors import __all__ as _error_names
 from .objectix import CObjectIx
-from .server import (
-    ClientInfo,
-    CServer,
-    CSession,
+from .protocol import (
     EGlobalSharableSessions,
     ESharableSessions,
     EUnsharableSessions,
-    RMessage,
-    ServerHost,
-    ServerPanic,
-    serve,
+    TerminationReason,
+    TServerType,
 )
+from .server import ClientInfo, CServer, CSession, RMessage, ServerHost, ServerPanic, serve
 from .subsession import RSubSession
 from .overlay import COverlay, COverlaySession
 from .version import QueryVersionSupported, TVersion
@@ -48,6 +43,7 @@ __all__ = [
     "ServerHost",
     "ServerPanic",
     "serve",
+    "TServerType",
     "EUnsharableSessions",
     "ESharableSessions",
     "EGlobalSharableSessions",

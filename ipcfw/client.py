@@ -31,6 +31,12 @@ from . import errors
 from ._runtime import Channel, Pending, Runtime
 from .naming import name_problem
 from .protocol import (
+    I32_MAX,
+    I32_MIN,
+    EGlobalSharableSessions,
+    ESharableSessions,
+    EUnsharableSessions,
+    TServerType,
     ERROR_STRING_FUNCTION,
     MAX_PAYLOAD,
     MAX_TOKEN,
@@ -56,7 +62,6 @@ log = logging.getLogger("ipcfw.client")
 
 __all__ = ["RSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics", "terminate_server"]
 
-_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _SYNC, _ASYNC, _BLIND = int(Mode.SYNC), int(Mode.ASYNC), int(Mode.BLIND)  # (enum reads cost 0.1 us)
 _ERROR_STRING_MAX = 1024  # bytes of an error description fetched from a server
 Arg = Union[int, bytes, bytearray]
@@ -89,7 +94,7 @@ class TIpcArgs:
         self.wire: tuple = args  # plain ints and bytes go on the wire as they are
         for arg in args:
             kind = type(arg)
-            if not (kind is bytes or (kind is int and _I32_MIN <= arg <= _I32_MAX)):
+            if not (kind is bytes or (kind is int and I32_MIN <= arg <= I32_MAX)):
                 self.wire = tuple(self._wire_arg(index, arg) for index, arg in enumerate(args))
                 break
 
@@ -100,7 +105,7 @@ class TIpcArgs:
         if isinstance(arg, bytes):
             return bytes(arg)
         if isinstance(arg, int):
-            if not _I32_MIN <= arg <= _I32_MAX:
+            if not I32_MIN <= arg <= I32_MAX:
                 raise ValueError(f"argument {index}: {arg} does not fit in a 32-bit signed int")
             return int(arg)
         raise TypeError(f"argument {index}: {type(arg).__name__} is not an int, bytes or bytearray")
@@ -354,7 +359,7 @@ class RSession:
         self._handle = 0
         self._runtime: Optional[Runtime] = None
         self._owner: Optional[threading.Thread] = None  # unshared sessions are its creator's alone
-        self._sharing = 0  # 0 unshared, 1 ShareAuto (this process), 2 ShareProtected (by token)
+        self._sharing = EUnsharableSessions  # or shared: ShareAuto, ShareProtected (by token)
         self._negotiation_reply = b""
         self._dead: Optional[BaseException] = None
         self._abort_callback: Optional[Callable[["RSession", errors.IpcError], None]] = None
@@ -462,7 +467,7 @@ class RSession:
         if type(reply) is not Connected:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to connect: {reply!r}")
         _check_connected(reply.result)
-        self._attach(runtime, reply.handle, sharing=0)
+        self._attach(runtime, reply.handle, sharing=EUnsharableSessions)
         self._negotiation_reply = reply.payload
         if isinstance(answer, TimeoutError):
             raise TimeoutError(f"connected, but the first request had no answer within {timeout} s")
@@ -497,7 +502,7 @@ class RSession:
         if not isinstance(first_request, tuple) or len(first_request) != 2:
             raise TypeError("first_request must be a (function, args) pair")
         function, args = first_request
-        if type(function) is not int or not 0 <= function <= _I32_MAX:
+        if type(function) is not int or not 0 <= function <= I32_MAX:
             raise ValueError(f"first_request function must be in 0..2**31-1, got {function!r}")
         ipc_args = TIpcArgs.of(args)
         return (function, ipc_args.wire), ipc_args
@@ -555,7 +560,7 @@ class RSession:
         if type(reply) is not Connected:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Open: {reply!r}")
         _check_connected(reply.result, also="255 threads are attached to the session, or ")
-        self._attach(runtime, reply.handle, sharing=2)
+        self._attach(runtime, reply.handle, sharing=EGlobalSharableSessions)
 
     def ShareAuto(self) -> None:
         """Let every thread of this process use the session (Symbian ``ShareAuto``).
@@ -564,7 +569,7 @@ class RSession:
         until it is closed or the process dies. Raises ``PermissionDenied`` if the server's
         ``sharing`` does not allow it (``EUnsharableSessions``).
         """
-        self._share(1)
+        self._share(ESharableSessions)
 
     def ShareProtected(self) -> bytes:
         """Let other processes attach to the session; returns the token they pass to `Open`.
@@ -573,9 +578,9 @@ class RSession:
         the session has ended. Raises ``PermissionDenied`` unless the server allows
         ``EGlobalSharableSessions``. Implies `ShareAuto`.
         """
-        return self._share(2)
+        return self._share(EGlobalSharableSessions)
 
-    def _share(self, mode: int) -> bytes:
+    def _share(self, mode: TServerType) -> bytes:
         runtime, handle = self._check_usable(0)
         req_id = runtime.next_req_id()
         reply = runtime.channel().call(encode(Share(req_id, handle, mode)), req_id)
@@ -587,7 +592,7 @@ class RSession:
         self._sharing = max(self._sharing, mode)
         return reply.token
 
-    def _attach(self, runtime: Runtime, handle: int, sharing: int) -> None:
+    def _attach(self, runtime: Runtime, handle: int, sharing: TServerType) -> None:
         self._runtime, self._handle, self._dead = runtime, handle, None
         self._owner = threading.current_thread()
         self._sharing = sharing
@@ -655,7 +660,7 @@ class RSession:
         session does nothing.
         """
         owner = self._owner
-        unshared = self._sharing == 0
+        unshared = self._sharing == EUnsharableSessions
         owner_gone = unshared and owner is not None and not owner.is_alive()
         if self._handle and unshared and owner is not threading.current_thread() and not owner_gone:
             raise errors.ClientPanic(
@@ -706,7 +711,7 @@ class RSession:
     def _check_usable(self, function: int) -> tuple[Runtime, int]:
         if type(function) is not int:
             raise TypeError(f"function must be an int, not {type(function).__name__}")
-        if not 0 <= function <= _I32_MAX:
+        if not 0 <= function <= I32_MAX:
             raise ValueError(f"function must be in 0..2**31-1, got {function}")
         runtime, handle = self._runtime, self._handle
         if not handle or runtime is None:

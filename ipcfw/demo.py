@@ -34,6 +34,7 @@ from typing import Optional
 
 from . import errors
 from ._children import stop_processes
+from .bench import WINDOW  # the same pipelined measurement, in small
 from .client import RSession, TRequestStatus, kernel_statistics
 from .endpoint import IPC_PATH_MAX
 
@@ -42,7 +43,6 @@ STOP_TIMEOUT = 5.0  # seconds for a process to exit after SIGTERM, before SIGKIL
 SYNC_CALLS = 2000
 WARMUP_CALLS = 200
 PIPELINE_SECONDS = 1.0
-WINDOW = 64  # requests in flight in the pipelined measurement
 REPLY_TIMEOUT = 5.0
 
 # (server name, plugin, example client module)

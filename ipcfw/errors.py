@@ -74,10 +74,12 @@ __all__ = [
     "DivideByZeroError", "BadPower", "DirFull", "HardwareNotAvailable",
     "SessionClosed", "PermissionDenied", "ExtensionNotSupported",
     "CommsBreak", "NoSecureTime", "CorruptSurrogateFound",
-    # Table and functions.
-    "ErrorInfo", "all_codes", "describe", "name_of", "exception_class",
-    "check", "render_markdown",
+    # Lookups.
+    "describe", "name_of",
 ]
+# The table and its machinery (ErrorInfo, all_codes, exception_class, check, render_markdown)
+# are public here but left out of `__all__`: ``ipcfw`` re-exports the codes, the exceptions and
+# the lookups (``from .errors import *``), not these helpers.
 
 # --- Codes (Symbian OS names and values) -----------------------------------
 

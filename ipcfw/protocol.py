@@ -106,6 +106,12 @@ __all__ = [
     "PeerGone",
     "Dropped",
     "TerminationReason",
+    "TServerType",
+    "EUnsharableSessions",
+    "ESharableSessions",
+    "EGlobalSharableSessions",
+    "I32_MIN",
+    "I32_MAX",
     "Complete",
     "Panic",
     "Stats",
@@ -140,7 +146,9 @@ MAX_TOKEN = 64
 #: Longest executable path in a PeerInfo.
 MAX_PATH = 4096
 
-_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+#: The range of a 32-bit signed int: every argument int, completion value and panic reason.
+I32_MIN, I32_MAX = -(2**31), 2**31 - 1
+_I32_MIN, _I32_MAX = I32_MIN, I32_MAX
 _U63_MAX = 2**63 - 1
 
 #: A function number the server host answers itself (ServiceL never sees it): the description
@@ -198,6 +206,20 @@ class TerminationReason(enum.IntEnum):
     ADMINISTRATOR = 3  # an administrator asked (`ipcfw terminate`)
     POLICY = 4  # a security policy revoked it
     DEREGISTERED = 5  # the server asked itself (ServerHost.Deregister)
+
+
+class TServerType(enum.IntEnum):
+    """How far a server's sessions may be shared (Symbian ``CServer2::TServerType``): its
+    ``CServer.sharing``, and the mode of a Share (``ShareAuto`` 1, ``ShareProtected`` 2)."""
+
+    EUnsharableSessions = 0  # only the thread that created a session uses it
+    ESharableSessions = 1  # any thread of its process (RSession.ShareAuto)
+    EGlobalSharableSessions = 2  # other processes too (RSession.ShareProtected, RSession.Open)
+
+
+EUnsharableSessions = TServerType.EUnsharableSessions
+ESharableSessions = TServerType.ESharableSessions
+EGlobalSharableSessions = TServerType.EGlobalSharableSessions
 
 
 class Role(enum.IntEnum):
@@ -270,7 +292,7 @@ _u63 = _int_in(0, _U63_MAX, "an unsigned 63-bit int")
 _u32 = _int_in(0, 2**32 - 1, "an unsigned 32-bit int")
 _handle = _int_in(1, _I32_MAX, "a handle in 1..2**31-1")
 _function = _int_in(0, _I32_MAX, "a function number in 0..2**31-1")
-_sharing = _int_in(0, 2, "a sharing mode 0..2")
+_sharing = _int_in(min(TServerType), max(TServerType), "a sharing mode 0..2")
 _role = _int_in(min(Role), max(Role), "a role")
 _mode = _int_in(min(Mode), max(Mode), "a mode")
 _u16 = _int_in(0, 0xFFFF, "an unsigned 16-bit int")

@@ -40,6 +40,12 @@ from ._wakeup import WakePipe
 from .objectix import CObjectIx
 from ._zmqflags import NOBLOCK
 from .protocol import (
+    I32_MAX,
+    I32_MIN,
+    EGlobalSharableSessions,
+    ESharableSessions,
+    EUnsharableSessions,
+    TServerType,
     ERROR_STRING_FUNCTION,
     MAX_CATEGORY,
     Deregister,
@@ -75,6 +81,7 @@ __all__ = [
     "EUnsharableSessions",
     "ESharableSessions",
     "EGlobalSharableSessions",
+    "TServerType",
     "ClientInfo",
     "CServer",
     "CSession",
@@ -84,14 +91,6 @@ __all__ = [
     "serve",
 ]
 
-#: Sessions may be used only by the thread that created them.
-EUnsharableSessions = 0
-#: Sessions may be shared by the threads of the client's process (``ShareAuto``).
-ESharableSessions = 1
-#: Sessions may be shared with other processes (``ShareProtected``).
-EGlobalSharableSessions = 2
-
-_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _REGISTER_TIMEOUT = 5.0
 _DEREGISTER_REQ = 2  # the request id of Deregister (Register used 1)
 _KERNEL_RETRY = 0.2  # seconds between looks for a new kernel after the old one died
@@ -132,7 +131,7 @@ class CServer:
 
     name: ClassVar[str] = ""
     version: ClassVar[TVersion] = TVersion(1, 0, 0)
-    sharing: ClassVar[int] = EUnsharableSessions
+    sharing: ClassVar[TServerType] = EUnsharableSessions
     session_class: ClassVar[Optional[type]] = None
     error_strings: ClassVar[dict[int, str]] = {}
 
@@ -448,7 +447,7 @@ class RMessage:
                 value = int(value)
             else:
                 raise TypeError(f"completion value must be an int, not {type(value).__name__}")
-        if not _I32_MIN <= value <= _I32_MAX:
+        if not I32_MIN <= value <= I32_MAX:
             raise ValueError(f"completion value {value} does not fit in 32 bits")
         writes = ()
         if self._content:
@@ -472,7 +471,7 @@ class RMessage:
         """
         if not isinstance(category, str):
             raise TypeError(f"panic category must be a str, not {type(category).__name__}")
-        if type(reason) is not int or not _I32_MIN <= reason <= _I32_MAX:
+        if type(reason) is not int or not I32_MIN <= reason <= I32_MAX:
             raise ValueError(f"panic reason must be a 32-bit int, got {reason!r}")
         if not self._claim("Panic"):
             return

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,61 @@ def _undocumented(namespace: object, names: list[str]) -> list[str]:
         if not (doc and doc.strip()):
             missing.append(name)
     return missing
+
+
+def test_nothing_but_the_public_surface_is_exported() -> None:
+    """``ipcfw``'s public names are `__all__` and its submodules: no helper leaks in (a star
+    import of a module whose `__all__` is too wide, a name imported for internal use)."""
+    leaked = [
+        name for name in dir(ipcfw)
+        if not name.startswith("_") and name not in ipcfw.__all__
+        and not inspect.ismodule(getattr(ipcfw, name))
+    ]
+    assert leaked == []
+    for helper in ("check", "render_markdown", "all_codes", "exception_class", "ErrorInfo"):
+        assert not hasattr(ipcfw, helper) and hasattr(ipcfw.errors, helper), helper
+
+
+def test_every_exported_name_is_in_the_docs() -> None:
+    """What ``from ipcfw import *`` gives a user is what the guides teach (the error codes and
+    exceptions through docs/errors.md, generated from the same table)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", " ".join(p.read_text(encoding="utf-8") for p in pages)))
+    assert [name for name in ipcfw.__all__ if name not in words] == []
+
+
+def _literal(node: ast.expr) -> bool:
+    """A value written out (``2**31 - 1``, ``64``, ``(0, 1)``), not taken from elsewhere."""
+    if isinstance(node, ast.Constant):
+        return True
+    if isinstance(node, ast.UnaryOp):
+        return _literal(node.operand)
+    if isinstance(node, ast.BinOp):
+        return _literal(node.left) and _literal(node.right)
+    if isinstance(node, ast.Tuple):
+        return all(_literal(item) for item in node.elts)
+    return False
+
+
+def test_each_constant_has_one_definition() -> None:
+    """The same constant (an upper-case name with the same written-out value) is defined in one
+    module and imported by the others, so the two can never drift apart."""
+    defined: dict[tuple[str, str], set[str]] = {}
+    for relpath in ALL_MODULES:
+        for node in _tree(relpath).body:
+            if not isinstance(node, ast.Assign) or not _literal(node.value):
+                continue
+            values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+            for target in node.targets:
+                names = target.elts if isinstance(target, ast.Tuple) else [target]
+                if len(names) != len(values):
+                    names, values = [target], [node.value]
+                for name, value in zip(names, values):
+                    if isinstance(name, ast.Name) and name.id.lstrip("_").isupper():
+                        key = (name.id.lstrip("_"), ast.dump(value))
+                        defined.setdefault(key, set()).add(relpath)
+    twice = {name: sorted(where) for (name, _), where in defined.items() if len(where) > 1}
+    assert twice == {}
 
 
 def test_every_exported_class_and_function_is_documented() -> None:

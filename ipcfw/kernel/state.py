@@ -97,6 +97,7 @@ from ..protocol import (
     Stats,
     Terminate,
     TerminationReason,
+    TServerType,
     Terminating,
     StatsReply,
     Welcome,
@@ -257,6 +258,7 @@ class SlotSource(enum.Enum):
 # The request path reads these several times per message; in CPython 3.11 each read of an enum
 # member off its class is a descriptor call (~0.13 us), module globals are not.
 _SYNC, _ASYNC, _BLIND = Mode.SYNC, Mode.ASYNC, Mode.BLIND
+_UNSHARED, _PROTECTED = TServerType.EUnsharableSessions, TServerType.EGlobalSharableSessions
 _CHANNEL = Role.CHANNEL
 _REQUEST, _CONNECT = MessageKind.REQUEST, MessageKind.CONNECT
 _NO_SLOT, _SESSION_SLOT, _POOL_SLOT = SlotSource.NONE, SlotSource.SESSION, SlotSource.POOL
@@ -687,7 +689,7 @@ class KernelState:
                 "close of a handle not held",
                 f"handle 0x{message.handle:x} is not held by pid {peer.process.identity.pid}",
             )
-        if session.sharing == 0:
+        if session.sharing == _UNSHARED:
             return self._client_closed(session)
         return self._release_holder(session, peer.process, everything=False)
 
@@ -737,7 +739,7 @@ class KernelState:
     def _holds(self, peer: Peer, session: SessionRecord) -> bool:
         if not session.held:
             return False
-        if session.sharing == 0:
+        if session.sharing == _UNSHARED:
             return session.creator is peer
         return peer.process in session.holders
 
@@ -771,10 +773,10 @@ class KernelState:
         if message.mode > session.sharing:
             session.sharing = message.mode
             session.creator.owned.discard(session.handle)  # now the process's, not the thread's
-        if message.mode == 2 and session.token is None:
+        if message.mode == _PROTECTED and session.token is None:
             session.token = self.new_token()
             self.tokens[session.token] = session.handle
-        token = session.token if message.mode == 2 else b""
+        token = session.token if message.mode == _PROTECTED else b""
         return [Send(peer.rid, Shared(message.req_id, errors.KErrNone, token))]
 
     @staticmethod
