@@ -156,3 +156,27 @@ def kernel(
         kernel_log = fixture.process.log()
         shutil.rmtree(workdir, ignore_errors=True)
     assert not crashed, f"the kernel died during the test:\n{kernel_log}"
+
+
+# -- process tests -------------------------------------------------------------------------------
+# A test that starts a process is a process test: marked `process`, so that `pytest -m "not
+# process"` runs the pure tests alone, in seconds. Tests that use the `kernel` fixture are marked
+# here; a module whose tests start processes otherwise says `pytestmark = pytest.mark.process`.
+# An unmarked test that starts a process fails, so the marks cannot drift from the truth.
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "kernel" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.process)
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_in_process_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("process") is not None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> subprocess.Popen:
+        raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.process")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)

@@ -15,6 +15,8 @@ import pytest
 import ipcfw
 from conftest import PYTHONPATH, REPO, ManagedProcess, wait_until
 
+pytestmark = pytest.mark.process  # every test here runs the ipcfw command
+
 
 @pytest.fixture
 def workdir():

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.process  # every test here runs the ipcfw command
+
 DEMO_TIMEOUT = 60.0
 
 

@@ -472,6 +472,7 @@ class HostedProbe:
         return answer()
 
 
+@pytest.mark.process  # a real server host, against a fake kernel
 def test_server_survives_garbage_from_its_kernel() -> None:
     with HostedProbe() as hosted:
         fake, server = hosted.fake, hosted.server
@@ -559,6 +560,7 @@ def test_kernel_survives_a_frame_nested_1000_deep(kernel: KernelFixture) -> None
         flood.close()
 
 
+@pytest.mark.process  # a real server host, against a fake kernel
 def test_server_survives_a_frame_nested_1000_deep() -> None:
     with HostedProbe() as hosted:
         hosted.fake.send(_DEPTH_BOMB)

@@ -206,6 +206,7 @@ def test_the_frame_limit_is_the_kernels_option(kernel: KernelFixture) -> None:
         assert session.SendReceive(EEcho, (2, b"x" * 60_000)) == 2
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "option", ["--receive-hwm=0", "--max-frame=100", "--sessions-per-process=-1"]
 )
