@@ -171,7 +171,8 @@ def run(out: Out = print, endpoint: Optional[str] = None) -> str:
         for key, value in entries.items():
             kv.Set(key, value)
         count = kv.Count()
-        check(count == before + len(entries), f"ECount gave {count}, expected {before + len(entries)}")
+        check(count == before + len(entries),
+              f"ECount gave {count}, expected {before + len(entries)}")
         out(f"ESet x{len(entries)}               -> ECount = {count}")
 
         # A cursor is a subsession: opened, used and closed through the session.
@@ -179,7 +180,8 @@ def run(out: Out = print, endpoint: Optional[str] = None) -> str:
             found = [key for key, _ in cursor]
         check({b"shape", b"size"} <= set(found) and all(key.startswith(b"s") for key in found),
               f"the cursor over prefix 's' gave {found}")
-        out(f"cursor on prefix 's'  -> {[key.decode() for key in found]}  (ECursorNext until KErrEof)")
+        out(f"cursor on prefix 's'  -> {[key.decode() for key in found]}"
+            "  (ECursorNext until KErrEof)")
 
         colour = kv.Get("colour")
         check(colour == b"blue", f"EGet('colour') returned {colour!r}")

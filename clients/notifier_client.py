@@ -95,7 +95,8 @@ async def _walkthrough(out: Out, endpoint: Optional[str]) -> str:
         bob_wait = bob.WaitForEvent()
         publisher.PublishAfter(200, 8)
         held = publisher.WaiterCount()  # served at once, while the two waits are still held
-        check(not alice_wait.done() and held >= 2, f"{held} waits held, alice done={alice_wait.done()}")
+        check(not alice_wait.done() and held >= 2,
+              f"{held} waits held, alice done={alice_wait.done()}")
         values = await asyncio.wait_for(asyncio.gather(alice_wait, bob_wait), TIMEOUT)
         check(values == [8, 8], f"the delayed waits completed with {values}")
         out(f"EPublishAfter(200 ms) -> EWaiterCount answered {held} meanwhile; waits got {values}")

@@ -152,7 +152,8 @@ class Channel:
     def check_size(self, frame: bytes) -> None:
         if len(frame) > self.max_frame:
             raise ValueError(
-                f"request of {len(frame)} bytes exceeds the kernel's limit of {self.max_frame} bytes"
+                f"request of {len(frame)} bytes exceeds the kernel's limit of"
+                f" {self.max_frame} bytes"
             )
 
     def dropped_error(self) -> errors.IpcError:
@@ -315,14 +316,14 @@ class Channel:
         if req_id in self.replies:
             self.replies[req_id] = reply
             return
-        kind = type(reply)
-        if kind is Completed:
-            self.runtime.complete(req_id, reply.value, reply.writes)
-        elif kind is Panicked:
+        # (`type(x) is C`, not a saved `type(x)`, so that type checkers narrow `reply`.)
+        if type(reply) is Completed:
+            self.runtime.complete(reply.req_id, reply.value, reply.writes)
+        elif type(reply) is Panicked:
             self.runtime.panicked(reply)
-        elif kind is Dropped and reply.routing_id == self.routing_id:
+        elif type(reply) is Dropped and reply.routing_id == self.routing_id:
             self.runtime.channel_ended(self, reply.waiting)
-        elif kind is Connected and req_id in self.abandoned:
+        elif type(reply) is Connected and req_id in self.abandoned:
             self.abandoned.discard(req_id)
             if reply.handle:  # the caller gave up waiting: nobody holds this session
                 self.socket.send(encode(Close(reply.handle)))
@@ -420,7 +421,9 @@ class Runtime:
         if self.kernel_dead:
             raise self.kernel_gone_error()
         if self._closed:
-            raise errors.IpcError(errors.KErrDisconnected, f"the client runtime for {self.endpoint} was shut down")
+            raise errors.IpcError(
+                errors.KErrDisconnected, f"the client runtime for {self.endpoint} was shut down"
+            )
         sentinel = getattr(self._local, "sentinel", None)
         if sentinel is None:
             channel = Channel(self)
@@ -439,7 +442,9 @@ class Runtime:
         """The error of a call this runtime can no longer make (a new one each time)."""
         if self._lost is not None:
             return errors.IpcError(*self._lost)
-        return errors.IpcError(errors.KErrServerTerminated, f"the ipcfw kernel at {self.endpoint} has gone")
+        return errors.IpcError(
+            errors.KErrServerTerminated, f"the ipcfw kernel at {self.endpoint} has gone"
+        )
 
     # -- pending requests --------------------------------------------------------------------
 
@@ -624,7 +629,8 @@ def _add_watchers(channels: Iterable[Channel], delta: int) -> None:
 
 
 class _Inbox:
-    """The runtime's I/O thread: owns the inbox socket, watches the kernel, settles idle channels."""
+    """The runtime's I/O thread: owns the inbox socket, watches the kernel, settles idle
+    channels."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -721,12 +727,11 @@ class _Inbox:
                 log.exception("error while handling a kernel notice")
 
     def _dispatch(self, message: Message) -> None:
-        kind = type(message)
-        if kind is SessionLost:
+        if isinstance(message, SessionLost):
             self.runtime.session_lost(message.handle, _session_lost_error(message.code))
-        elif kind is Dropped and message.routing_id == self.routing_id:
+        elif isinstance(message, Dropped) and message.routing_id == self.routing_id:
             self._dropped(message.waiting)
-        elif kind is Dropped:
+        elif isinstance(message, Dropped):
             self.runtime.channel_dropped(message.routing_id, message.waiting)
         else:
             log.error("unexpected %s on the inbox", type(message).__name__)

@@ -366,7 +366,8 @@ def await_ready(child: _Child, deadline: float) -> None:
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise BenchError(f"{child.name} not ready within {STARTUP_TIMEOUT:.0f} s{log_tail(child)}")
+            raise BenchError(
+                f"{child.name} not ready within {STARTUP_TIMEOUT:.0f} s{log_tail(child)}")
         readable, _, _ = select.select([stdout], [], [], remaining)
         if not readable:
             continue
@@ -375,7 +376,8 @@ def await_ready(child: _Child, deadline: float) -> None:
             return
         if not line:
             code = child.proc.wait()
-            raise BenchError(f"{child.name} exited with status {code} before READY{log_tail(child)}")
+            raise BenchError(
+                f"{child.name} exited with status {code} before READY{log_tail(child)}")
 
 
 def _role_argv(role: str, endpoint: str, *extra: str) -> list[str]:
@@ -461,7 +463,8 @@ class IpcfwClient:
         while inflight:
             value = inflight.popleft().Wait()
             if value != self.expected:
-                raise WrongReply(f"async EEchoInt completed with {value!r}, expected {self.expected!r}")
+                raise WrongReply(
+                    f"async EEchoInt completed with {value!r}, expected {self.expected!r}")
             if issued < n:
                 inflight.append(self._issue())
                 issued += 1
@@ -481,9 +484,12 @@ class SharedEcho:
     def __init__(self, session: Any, threads: int) -> None:
         self._session = session
         self._results: queue.SimpleQueue[list[int] | BaseException] = queue.SimpleQueue()
-        self._orders: list[queue.SimpleQueue[int | None]] = [queue.SimpleQueue() for _ in range(threads)]
+        self._orders: list[queue.SimpleQueue[int | None]] = [
+            queue.SimpleQueue() for _ in range(threads)
+        ]
         self._threads = [
-            threading.Thread(target=self._work, args=(orders,), name=f"bench-shared-{i}", daemon=True)
+            threading.Thread(target=self._work, args=(orders,), name=f"bench-shared-{i}",
+                             daemon=True)
             for i, orders in enumerate(self._orders)
         ]
         for thread in self._threads:
@@ -499,7 +505,8 @@ class SharedEcho:
                     value = call(ECHO_INT, ECHO_ARGS)
                     out[i] = clock() - t0
                     if value != expected:
-                        raise WrongReply(f"EEchoInt on the shared session returned {value!r}, expected {expected!r}")
+                        raise WrongReply(f"EEchoInt on the shared session returned {value!r},"
+                                         f" expected {expected!r}")
             except BaseException as exc:  # handed to the main thread, which reports it
                 self._results.put(exc)
             else:
@@ -513,7 +520,8 @@ class SharedEcho:
                 continue
 
     def run(self, n: int) -> tuple[float, list[int]]:
-        """Every thread makes ``n`` sync calls; returns (wall seconds, every call's latency in ns)."""
+        """Every thread makes ``n`` sync calls; returns (wall seconds, every call's latency in
+        ns)."""
         with _gc_paused():
             t0 = time.perf_counter()
             for orders in self._orders:
@@ -528,7 +536,8 @@ class SharedEcho:
         return seconds, latencies
 
     def close(self) -> None:
-        """Stop the workers, then close the session (which also releases a worker stuck in a call)."""
+        """Stop the workers, then close the session (which also releases a worker stuck in a
+        call)."""
         for orders in self._orders:
             orders.put(None)
         deadline = time.monotonic() + STOP_TIMEOUT
@@ -581,7 +590,8 @@ def start_bare_forwarder(
     deadline = time.monotonic() + STARTUP_TIMEOUT
     forwarder = children.spawn(
         "bare-forwarder", _role_argv("forwarder", front, "--backend", back), handshake=True)
-    worker = children.spawn("bare-forwarder-worker", _role_argv("echo-worker", back), handshake=False)
+    worker = children.spawn(
+        "bare-forwarder-worker", _role_argv("echo-worker", back), handshake=False)
     await_ready(forwarder, deadline)
     return BareClient(ctx, front), {"broker": forwarder.proc.pid, "server": worker.proc.pid}
 
@@ -606,7 +616,8 @@ def _import_ipcfw() -> _IpcfwApi:
 
         return _IpcfwApi(ipcfw.RSession, ipcfw.TRequestStatus, ipcfw.NotFound, ipcfw.IpcError)
     except Exception as exc:  # any failure here means "stack not available", reported clearly
-        raise Unavailable(f"cannot import the ipcfw client API: {type(exc).__name__}: {exc}") from exc
+        raise Unavailable(
+            f"cannot import the ipcfw client API: {type(exc).__name__}: {exc}") from exc
 
 
 def _ipcfw_env(endpoint: str) -> dict[str, str]:
@@ -629,7 +640,8 @@ def _close_quietly(session: Any) -> None:
         pass
 
 
-def _connect_echo(api: _IpcfwApi, stack: Sequence[_Child], deadline: float, name: str = "echo") -> Any:
+def _connect_echo(api: _IpcfwApi, stack: Sequence[_Child], deadline: float,
+                  name: str = "echo") -> Any:
     """Retry CreateSession(name) until the kernel and that echo server are both up."""
     last: BaseException | None = None
     while time.monotonic() < deadline:
@@ -676,7 +688,8 @@ def start_ipcfw(children: Children, workdir: Path, shared_threads: int = 0) -> I
         raise Unavailable(f"no echo server plugin at {plugin}")
     deadline = time.monotonic() + STARTUP_TIMEOUT
     stack = [_spawn_ipcfw(children, "ipcfw-kernel", ["kernel"], endpoint),
-             _spawn_ipcfw(children, "ipcfw-echo-server", ["serve", "servers.echo:EchoServer"], endpoint)]
+             _spawn_ipcfw(children, "ipcfw-echo-server", ["serve", "servers.echo:EchoServer"],
+                          endpoint)]
     if shared_threads:
         shared_server = _spawn_ipcfw(children, "ipcfw-echo-shared-server",
                                      ["serve", "ipcfw.bench:SharedEchoServer"], endpoint)
@@ -686,7 +699,8 @@ def start_ipcfw(children: Children, workdir: Path, shared_threads: int = 0) -> I
     except Unavailable:
         raise
     except Exception as exc:
-        raise Unavailable(f"connecting to the echo server raised {exc!r}{log_tail(stack[0])}") from exc
+        raise Unavailable(
+            f"connecting to the echo server raised {exc!r}{log_tail(stack[0])}") from exc
     pids = {"broker": stack[0].proc.pid, "server": stack[1].proc.pid}
     result = IpcfwStack(IpcfwClient(session, api.TRequestStatus), pids)
     if shared_threads:
@@ -697,14 +711,16 @@ def start_ipcfw(children: Children, workdir: Path, shared_threads: int = 0) -> I
     return result
 
 
-def _start_shared(api: _IpcfwApi, stack: Sequence[_Child], deadline: float, threads: int) -> SharedEcho:
+def _start_shared(api: _IpcfwApi, stack: Sequence[_Child], deadline: float,
+                  threads: int) -> SharedEcho:
     try:
         with watchdog(STARTUP_TIMEOUT + 2):
             session = _connect_echo(api, stack, deadline, SHARED_SERVER)
     except Unavailable:
         raise
     except Exception as exc:
-        raise Unavailable(f"connecting to {SHARED_SERVER} raised {exc!r}{log_tail(stack[1])}") from exc
+        raise Unavailable(
+            f"connecting to {SHARED_SERVER} raised {exc!r}{log_tail(stack[1])}") from exc
     try:
         session.ShareAuto()
     except Exception as exc:
@@ -737,7 +753,8 @@ class System:
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds so far of each of the system's processes (all threads)."""
-        return {role: cpu_seconds(pid) for role, pid in {"client": os.getpid(), **self.pids}.items()}
+        return {role: cpu_seconds(pid)
+                for role, pid in {"client": os.getpid(), **self.pids}.items()}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -874,13 +891,15 @@ def run_once(systems: Sequence[System], sync_n: int, pipelined_n: int,
         shared.latencies_ns, shared.calls, shared.seconds = [], 0, 0.0
     shared_chunks = split(shared_n, CHUNKS) if shared is not None else [0] * CHUNKS
     for i, (n, m) in enumerate(zip(split(sync_n, CHUNKS), shared_chunks)):
-        steps = [(s, lambda s=s, n=n: s.latencies_ns.extend(time_sync(s.client, n)), n) for s in systems]
+        steps = [(s, lambda s=s, n=n: s.latencies_ns.extend(time_sync(s.client, n)), n)
+                 for s in systems]
         if m:
             steps.append((shared, lambda m=m: _add_shared(shared, m), m * SHARED_THREADS))
         for system, step, calls in _rotations(steps, i):
             _guarded(system, step, calls)
     for i, n in enumerate(split(pipelined_n, CHUNKS)):
-        for system, step, calls in _rotations([(s, lambda s=s, n=n: _add_pipelined(s, n), n) for s in systems], i):
+        for system, step, calls in _rotations(
+                [(s, lambda s=s, n=n: _add_pipelined(s, n), n) for s in systems], i):
             _guarded(system, step, calls)
     return {s.name: summarize(s) for s in systems if s.error is None}
 
@@ -908,7 +927,8 @@ def _add_pipelined(system: System, n: int) -> None:
     after = system.cpu_seconds()
     system.pipelined_calls += n
     for role, seconds in after.items():
-        system.pipelined_cpu_s[role] = system.pipelined_cpu_s.get(role, 0.0) + seconds - before[role]
+        system.pipelined_cpu_s[role] = (
+            system.pipelined_cpu_s.get(role, 0.0) + seconds - before[role])
 
 
 def percentile(sorted_values: Sequence[int], q: float) -> int:
@@ -960,7 +980,8 @@ def environment() -> dict[str, Any]:
     }
 
 
-def format_header(env: dict[str, Any], sync_n: int, pipelined_n: int, repeat: int, shared_n: int = 0) -> str:
+def format_header(env: dict[str, Any], sync_n: int, pipelined_n: int, repeat: int,
+                  shared_n: int = 0) -> str:
     shared = f", shared {SHARED_THREADS} threads x {shared_n} calls" if shared_n else ""
     return (
         f"ipcfw bench: sync {sync_n} calls, pipelined {pipelined_n} calls "
@@ -992,7 +1013,8 @@ def format_table(results: dict[str, RunResult], failed: dict[str, str]) -> str:
     for name, r in results.items():
         sync_ratio, pipe_ratio = ratios(r, base)
         lines.append(_row((name, f"{r.sync_median_us:.1f}", f"{r.sync_p99_us:.1f}",
-                           f"{r.pipelined_calls_per_s:,.0f}", f"{sync_ratio:.2f}x", f"{pipe_ratio:.2f}x")))
+                           f"{r.pipelined_calls_per_s:,.0f}", f"{sync_ratio:.2f}x",
+                           f"{pipe_ratio:.2f}x")))
     for name in failed:
         lines.append(_row((name, "-", "-", "-", "-", "-")))
     return "\n".join(lines)
@@ -1000,12 +1022,14 @@ def format_table(results: dict[str, RunResult], failed: dict[str, str]) -> str:
 
 def format_cpu(results: dict[str, RunResult]) -> str:
     """Where the pipelined time goes: CPU per call of each process of each system."""
-    lines = ["CPU per pipelined call, us (user + system, all threads of each process; the runs above)",
+    lines = ["CPU per pipelined call, us"
+             " (user + system, all threads of each process; the runs above)",
              f"{'system':<16}" + "".join(f"{role:>10}" for role in (*CPU_ROLES, "total"))]
     for name, r in results.items():
         cpu = r.pipelined_cpu_us
         cells = [f"{cpu[role]:.1f}" if role in cpu else "-" for role in CPU_ROLES]
-        lines.append(f"{name:<16}" + "".join(f"{c:>10}" for c in (*cells, f"{sum(cpu.values()):.1f}")))
+        lines.append(f"{name:<16}"
+                     + "".join(f"{c:>10}" for c in (*cells, f"{sum(cpu.values()):.1f}")))
     return "\n".join(lines)
 
 
@@ -1018,15 +1042,17 @@ def format_shared(shared: SharedResult, shared_n: int) -> str:
     from the same run."""
     def row(cells: Sequence[str]) -> str:
         first, *rest = cells
-        return f"{first:<{_SHARED_WIDTHS[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(rest, _SHARED_WIDTHS[1:]))
+        return (f"{first:<{_SHARED_WIDTHS[0]}}"
+                + "".join(f"{c:>{w}}" for c, w in zip(rest, _SHARED_WIDTHS[1:])))
 
-    lines = [f"shared session: {SHARED_THREADS} threads x {shared_n} sync calls on one ShareAuto'd session; "
+    lines = [f"shared session: {SHARED_THREADS} threads x {shared_n} sync calls"
+             " on one ShareAuto'd session; "
              f"calls/s of all {SHARED_THREADS} together (ipcfw: one thread, same run)",
              row(_SHARED_COLUMNS)]
     single = shared.single
     if single is not None:
-        lines.append(row(("ipcfw", f"{single.sync_calls_per_s:,.0f}", f"{single.sync_median_us:.1f}",
-                          f"{single.sync_p99_us:.1f}", "1.00x")))
+        lines.append(row(("ipcfw", f"{single.sync_calls_per_s:,.0f}",
+                          f"{single.sync_median_us:.1f}", f"{single.sync_p99_us:.1f}", "1.00x")))
     ratio = "-" if shared.vs_single is None else f"{shared.vs_single:.2f}x"
     lines.append(row((SHARED_SYSTEM, f"{shared.calls_per_s:,.0f}", f"{shared.call_median_us:.1f}",
                       f"{shared.call_p99_us:.1f}", ratio)))
@@ -1036,10 +1062,12 @@ def format_shared(shared: SharedResult, shared_n: int) -> str:
 def verdicts(results: dict[str, RunResult]) -> dict[str, Any]:
     """Targets for ipcfw against the baseline; ``passed`` is None when ipcfw was not measured."""
     if "ipcfw" not in results:
-        return {"sync_ratio": None, "pipelined_ratio": None, "sync_pass": None, "pipelined_pass": None}
+        return {"sync_ratio": None, "pipelined_ratio": None,
+                "sync_pass": None, "pipelined_pass": None}
     sync_ratio, pipe_ratio = ratios(results["ipcfw"], results[BASELINE])
     return {"sync_ratio": sync_ratio, "pipelined_ratio": pipe_ratio,
-            "sync_pass": sync_ratio <= SYNC_TARGET, "pipelined_pass": pipe_ratio >= PIPELINED_TARGET}
+            "sync_pass": sync_ratio <= SYNC_TARGET,
+            "pipelined_pass": pipe_ratio >= PIPELINED_TARGET}
 
 
 def format_targets(v: dict[str, Any]) -> str:
@@ -1067,20 +1095,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="ipcfw bench",
         description="Sync latency and pipelined throughput of ipcfw against bare pyzmq baselines.")
-    p.add_argument("--sync", type=int, metavar="N", help=f"sync calls per system (default {DEFAULT_SYNC})")
+    p.add_argument("--sync", type=int, metavar="N",
+                   help=f"sync calls per system (default {DEFAULT_SYNC})")
     p.add_argument("--pipelined", type=int, metavar="N",
                    help=f"pipelined calls per system (default {DEFAULT_PIPELINED})")
     p.add_argument("--shared", type=int, metavar="N",
                    help=f"sync calls per thread in the {SHARED_THREADS}-thread shared-session case "
                         f"(default {DEFAULT_SHARED}; 0 leaves the case out)")
     p.add_argument("--quick", action="store_true",
-                   help=f"{QUICK_SYNC} sync / {QUICK_PIPELINED} pipelined / {QUICK_SHARED} shared calls")
+                   help=f"{QUICK_SYNC} sync / {QUICK_PIPELINED} pipelined"
+                        f" / {QUICK_SHARED} shared calls")
     p.add_argument("--repeat", type=int, default=1, metavar="R",
                    help="run the interleaved set R times, report each system's best run")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--strict", action="store_true", help="exit 2 when ipcfw misses a target")
     p.add_argument("--no-ipcfw", action="store_true", help="measure the bare systems only")
-    p.add_argument("--role", choices=("echo-router", "forwarder", "echo-worker"), help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=("echo-router", "forwarder", "echo-worker"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--endpoint", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
     p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
@@ -1112,8 +1143,10 @@ class Outcome:
     shared_runs: list[SharedResult] = field(default_factory=list)
 
 
-def start_systems(children: Children, ctx: zmq.Context, workdir: Path, with_ipcfw: bool,
-                  shared_threads: int = 0) -> tuple[list[System], SharedCase | None, dict[str, str]]:
+def start_systems(
+    children: Children, ctx: zmq.Context, workdir: Path, with_ipcfw: bool,
+    shared_threads: int = 0,
+) -> tuple[list[System], SharedCase | None, dict[str, str]]:
     systems = [System("bare-pingpong", *start_bare_pingpong(children, ctx, workdir)),
                System(BASELINE, *start_bare_forwarder(children, ctx, workdir))]
     failed: dict[str, str] = {}
@@ -1183,8 +1216,9 @@ def bench(args: argparse.Namespace, workdir: Path) -> Outcome:
     systems: list[System] = []
     shared: SharedCase | None = None
     try:
-        systems, shared, failed = start_systems(children, ctx, workdir, with_ipcfw=not args.no_ipcfw,
-                                                shared_threads=SHARED_THREADS if args.shared else 0)
+        systems, shared, failed = start_systems(
+            children, ctx, workdir, with_ipcfw=not args.no_ipcfw,
+            shared_threads=SHARED_THREADS if args.shared else 0)
         outcome = measure(systems, shared, failed, args)
         outcome.notes += close_clients(systems, shared)
         shared = None
@@ -1224,7 +1258,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _report(args: argparse.Namespace, outcome: Outcome) -> int:
     env = environment()
-    print(format_header(env, args.sync, args.pipelined, args.repeat, 0 if args.no_ipcfw else args.shared))
+    print(format_header(env, args.sync, args.pipelined, args.repeat,
+                        0 if args.no_ipcfw else args.shared))
     print()
     print(format_table(outcome.results, outcome.failed))
     print()
@@ -1250,7 +1285,8 @@ def _report(args: argparse.Namespace, outcome: Outcome) -> int:
             "results": {n: asdict(r) for n, r in outcome.results.items()},
             "runs": {n: [asdict(r) for r in rs] for n, rs in outcome.runs.items()},
             "shared": None if outcome.shared is None else {
-                **asdict(outcome.shared), "system": SHARED_SYSTEM, "vs_single": outcome.shared.vs_single,
+                **asdict(outcome.shared), "system": SHARED_SYSTEM,
+                "vs_single": outcome.shared.vs_single,
                 "runs": [asdict(r) for r in outcome.shared_runs]},
             "not_measured": outcome.failed,
             "notes": outcome.notes,

@@ -64,14 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="host a server plugin: package.module:ServerClass")
     serve.add_argument("plugin", help="module path and class, e.g. servers.echo:EchoServer")
     serve.add_argument("--overlay", action="append", default=[], metavar="MODULE:CLASS",
-                       help="an overlay over the server (repeatable: each one overlays the previous)")
+                       help="an overlay over the server"
+                            " (repeatable: each one overlays the previous)")
     serve.add_argument("--no-reconnect", action="store_true",
                        help="exit (status 3) when the kernel dies or stops serving this server, "
                             "instead of registering again")
     _endpoint_option(serve)
     serve.set_defaults(run=_run_serve)
 
-    demo = commands.add_parser("demo", help="start a kernel and the example servers, run the example clients")
+    demo = commands.add_parser(
+        "demo", help="start a kernel and the example servers, run the example clients"
+    )
     demo.set_defaults(run=_run_demo, endpoint=None)
 
     bench = commands.add_parser(
@@ -94,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_bench_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, Optional[list[str]]]:
+def _split_bench_args(
+    parser: argparse.ArgumentParser, argv: list[str]
+) -> tuple[argparse.Namespace, Optional[list[str]]]:
     """`ipcfw bench` hands every argument after `bench` to the benchmark's own parser."""
     at = 0
     while at < len(argv) and argv[at].startswith("-"):  # global options come first
@@ -183,7 +188,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         for spec in args.overlay:
             top = load_plugin(spec)(top)
     except (ImportError, ValueError, TypeError) as exc:
-        print(f"ipcfw: cannot load plugin {args.plugin!r} with overlays {args.overlay}: {exc}", file=sys.stderr)
+        print(f"ipcfw: cannot load plugin {args.plugin!r} with overlays {args.overlay}: {exc}",
+              file=sys.stderr)
         return 2
     host = ServerHost(top, args.endpoint, reconnect=not args.no_reconnect)
     _on_signals(host.stop)

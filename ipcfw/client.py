@@ -52,6 +52,7 @@ from .protocol import (
     Share,
     Shared,
     Stats,
+    StatsReply,
     Terminate,
     TerminationReason,
     encode,
@@ -60,7 +61,9 @@ from .version import TVersion, to_version
 
 log = logging.getLogger("ipcfw.client")
 
-__all__ = ["RSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics", "terminate_server"]
+__all__ = [
+    "RSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics", "terminate_server"
+]
 
 _SYNC, _ASYNC, _BLIND = int(Mode.SYNC), int(Mode.ASYNC), int(Mode.BLIND)  # (enum reads cost 0.1 us)
 _ERROR_STRING_MAX = 1024  # bytes of an error description fetched from a server
@@ -119,7 +122,9 @@ class TIpcArgs:
         if args is None:
             return _NO_ARGS
         if isinstance(args, (bytes, bytearray, str, int)):
-            raise TypeError(f"args must be a TIpcArgs or a tuple of arguments, not {type(args).__name__}")
+            raise TypeError(
+                f"args must be a TIpcArgs or a tuple of arguments, not {type(args).__name__}"
+            )
         return cls(*args)
 
     def __repr__(self) -> str:
@@ -155,7 +160,8 @@ class TRequestStatus:
     def __init__(self) -> None:
         self._value = errors.KRequestPending
         self._done = False
-        self._callbacks: Optional[list[Callable[["TRequestStatus"], None]]] = None  # made on first use
+        # made on first use
+        self._callbacks: Optional[list[Callable[["TRequestStatus"], None]]] = None
         # What result() raises, when more is known than the value (a panic, or why it failed).
         self._error: Optional[Exception] = None
         self._channel: Optional[Channel] = None  # where its answer arrives, once in use
@@ -294,7 +300,9 @@ class User:
     """Symbian's ``User`` class, for the calls that concern requests."""
 
     @staticmethod
-    def WaitForRequest(*statuses: TRequestStatus, timeout: Optional[float] = None) -> TRequestStatus:
+    def WaitForRequest(
+        *statuses: TRequestStatus, timeout: Optional[float] = None
+    ) -> TRequestStatus:
         """Block until one of `statuses` completes; return the first completed one.
 
         Raises ``TimeoutError`` if none completes within `timeout` seconds.
@@ -450,7 +458,8 @@ class RSession:
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
         if len(payload) > MAX_PAYLOAD:
             raise errors.IpcError(
-                errors.KErrArgument, f"negotiation payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}"
+                errors.KErrArgument,
+                f"negotiation payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}",
             )
         first, first_args = self._first_request(first_request)
         runtime = Runtime.for_endpoint(endpoint)
@@ -664,7 +673,8 @@ class RSession:
         owner_gone = unshared and owner is not None and not owner.is_alive()
         if self._handle and unshared and owner is not threading.current_thread() and not owner_gone:
             raise errors.ClientPanic(
-                "KERN-EXEC", 0, "an unshared session can only be closed by the thread that created it"
+                "KERN-EXEC", 0,
+                "an unshared session can only be closed by the thread that created it",
             )
         with self._lock:
             runtime, handle = self._runtime, self._handle
@@ -744,7 +754,9 @@ class RSession:
         if callback is not None and isinstance(error, errors.IpcError):
             self._run_abort_callback(callback, error)
 
-    def SetAbortCallback(self, callback: Optional[Callable[["RSession", errors.IpcError], None]]) -> None:
+    def SetAbortCallback(
+        self, callback: Optional[Callable[["RSession", errors.IpcError], None]]
+    ) -> None:
         """Call ``callback(session, error)`` once, as soon as the session's server is gone.
 
         The RMC ``abort_session`` callback (seed 001): it fires promptly when the server dies or
@@ -796,6 +808,8 @@ def terminate_server(
     runtime = Runtime.for_endpoint(endpoint)
     req_id = runtime.next_req_id()
     reply = runtime.channel().call(encode(Terminate(req_id, name, int(reason))), req_id, timeout)
+    if type(reply) is not Completed:
+        raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Terminate: {reply!r}")
     errors.check(reply.value)
 
 
@@ -804,4 +818,6 @@ def kernel_statistics(endpoint: Optional[str] = None, timeout: float = 5.0) -> d
     runtime = Runtime.for_endpoint(endpoint)
     req_id = runtime.next_req_id()
     reply = runtime.channel().call(encode(Stats(req_id)), req_id, timeout)
+    if type(reply) is not StatsReply:
+        raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Stats: {reply!r}")
     return dict(reply.counters)

@@ -71,7 +71,9 @@ def repo_root() -> Optional[Path]:
 
 
 class _Child:
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str], cwd: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_path: Path, env: dict[str, str], cwd: Path
+    ) -> None:
         self.name = name
         self.log_path = log_path
         with open(log_path, "wb") as log:
@@ -157,7 +159,9 @@ class _Stack:
         return [*self.servers, *([self.kernel] if self.kernel else [])]
 
     def logs(self) -> str:
-        return "\n".join(f"  {c.name} log ({c.log_path.name}):\n{c.log_tail()}" for c in self.children())
+        return "\n".join(
+            f"  {c.name} log ({c.log_path.name}):\n{c.log_tail()}" for c in self.children()
+        )
 
     def stop(self) -> None:
         """SIGTERM the servers, then the kernel; wait with a deadline; SIGKILL stragglers."""
@@ -296,7 +300,8 @@ def run_demo() -> int:
     stack = _Stack(workdir, root)
     if len(stack.endpoint) - len("ipc://") > IPC_PATH_MAX:
         shutil.rmtree(workdir, ignore_errors=True)
-        print(f"ipcfw demo: temporary path {workdir} is too long for an ipc socket", file=sys.stderr)
+        print(f"ipcfw demo: temporary path {workdir} is too long for an ipc socket",
+              file=sys.stderr)
         return 2
 
     in_main_thread = threading.current_thread() is threading.main_thread()

@@ -1,4 +1,5 @@
-"""Where the kernel listens: the default endpoint, `IPCFW_KERNEL`, and the private runtime directory.
+"""Where the kernel listens: the default endpoint, `IPCFW_KERNEL`, and the private runtime
+directory.
 
 The default endpoint is ``ipc://<runtime dir>/kernel`` where the runtime directory is
 ``$XDG_RUNTIME_DIR/ipcfw`` or, without XDG, ``/tmp/ipcfw-<uid>``. The directory is created 0700

@@ -43,7 +43,9 @@ class COverlay:
 
     def __init__(self, overlaid: Union[CServer, "COverlay"]) -> None:
         if not isinstance(overlaid, (CServer, COverlay)):
-            raise TypeError(f"an overlay overlays a CServer or a COverlay, not {type(overlaid).__name__}")
+            raise TypeError(
+                f"an overlay overlays a CServer or a COverlay, not {type(overlaid).__name__}"
+            )
         self.overlaid = overlaid
 
     def NewSessionL(self, version: TVersion, message: RMessage) -> Optional["COverlaySession"]:
@@ -96,5 +98,7 @@ def layers_of(top: Union[CServer, COverlay]) -> tuple[list[COverlay], CServer]:
         overlays.append(top)
         top = top.overlaid
     if not isinstance(top, CServer):
-        raise TypeError(f"the bottom of an overlay stack must be a CServer, not {type(top).__name__}")
+        raise TypeError(
+            f"the bottom of an overlay stack must be a CServer, not {type(top).__name__}"
+        )
     return overlays, top

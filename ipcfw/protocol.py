@@ -609,7 +609,8 @@ class PeerInfo(NamedTuple):
 
 
 Message = Union[
-    Hello, Register, Connect, Negotiated, Request, Close, Share, Open, Complete, Panic, Stats, Welcome,
+    Hello, Register, Connect, Negotiated, Request, Close, Share, Open, Complete, Panic, Stats,
+    Welcome,
     Connected, Completed, Panicked, Shared, SessionLost, StatsReply, NewSession, Deliver,
     Disconnect, PeerInfo, PeerGone, Dropped, Cancel, Cancelled, Terminate, Deregister, Terminating,
 ]
@@ -617,7 +618,10 @@ Message = Union[
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Hello: (Kind.HELLO, (_role, _u16)),
     Register: (Kind.REGISTER, (_u63, _str_upto(MAX_NAME), _sharing, _version)),
-    Connect: (Kind.CONNECT, (_u63, _str_upto(MAX_NAME), _version, _i32, _bytes_upto(MAX_PAYLOAD), _first)),
+    Connect: (
+        Kind.CONNECT,
+        (_u63, _str_upto(MAX_NAME), _version, _i32, _bytes_upto(MAX_PAYLOAD), _first),
+    ),
     Negotiated: (Kind.NEGOTIATED, (_u63, _i32, _bytes_upto(MAX_PAYLOAD))),
     Request: (Kind.REQUEST, (_u63, _handle, _function, check_args, _mode)),
     Close: (Kind.CLOSE, (_handle,)),
@@ -628,9 +632,14 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Cancel: (Kind.CANCEL, (_u63,)),
     Stats: (Kind.STATS, (_u63,)),
     Welcome: (Kind.WELCOME, (_u32, _u63, _u16)),
-    Connected: (Kind.CONNECTED, (_u63, _i32, _int_in(0, _I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD))),
+    Connected: (
+        Kind.CONNECTED,
+        (_u63, _i32, _int_in(0, _I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD)),
+    ),
     Completed: (Kind.COMPLETED, (_u63, _i32, _writes)),
-    Panicked: (Kind.PANICKED, (_u63, _handle, _str_upto(MAX_CATEGORY), _i32, _int_in(0, 1, "0 or 1"))),
+    Panicked: (
+        Kind.PANICKED, (_u63, _handle, _str_upto(MAX_CATEGORY), _i32, _int_in(0, 1, "0 or 1"))
+    ),
     Shared: (Kind.SHARED, (_u63, _i32, _bytes_upto(MAX_TOKEN))),
     SessionLost: (Kind.SESSION_LOST, (_handle, _i32)),
     StatsReply: (Kind.STATS_REPLY, (_u63, _counters)),
@@ -672,7 +681,8 @@ def _compile_validator(cls: type, checkers: tuple[Checker, ...]) -> Callable[[tu
 
 _KIND_OF: dict[type, int] = {cls: int(kind) for cls, (kind, _) in _SCHEMA.items()}
 _BY_KIND: dict[int, tuple[type, tuple[Checker, ...], Callable[[tuple], bool]]] = {
-    int(kind): (cls, checkers, _compile_validator(cls, checkers)) for cls, (kind, checkers) in _SCHEMA.items()
+    int(kind): (cls, checkers, _compile_validator(cls, checkers))
+    for cls, (kind, checkers) in _SCHEMA.items()
 }
 
 
@@ -729,7 +739,8 @@ def decode(frame: Union[bytes, memoryview]) -> Message:
         fields = _with_defaults(cls, checkers, fields)
     try:
         if valid(fields):
-            return tuple.__new__(cls, fields)  # what NamedTuple._make does, without the length check
+            # what NamedTuple._make does, without the length check
+            return tuple.__new__(cls, fields)
     except ValueError:
         pass
     raise _field_error(cls, checkers, fields)

@@ -140,7 +140,9 @@ class CServer:
         Clients read it with ``RSession.ErrorString(code)``."""
         return self.error_strings.get(code)
 
-    def AcceptL(self, client: Optional["ClientInfo"], version: TVersion, payload: bytes) -> Optional[bytes]:
+    def AcceptL(
+        self, client: Optional["ClientInfo"], version: TVersion, payload: bytes
+    ) -> Optional[bytes]:
         """Accept or reject a connect before any session exists (seed 003's condition function).
 
         `client` is who connects (pid, uid, gid, exe, from the transport), `version` what it
@@ -175,7 +177,9 @@ class CServer:
                 f"{self.name} serves version {tuple(self.version)}, client asked {tuple(version)}",
             )
         if self.session_class is None:
-            raise NotImplementedError(f"{type(self).__name__} sets no session_class and does not override NewSessionL")
+            raise NotImplementedError(
+                f"{type(self).__name__} sets no session_class and does not override NewSessionL"
+            )
         return self.session_class()
 
 
@@ -351,12 +355,16 @@ class RMessage:
             return 0  # unspecified arguments read as 0, as in Symbian
         arg = self._args[index]
         if type(arg) is not int:
-            raise errors.IpcError(errors.KErrArgument, f"argument {index} is a descriptor, not an int")
+            raise errors.IpcError(
+                errors.KErrArgument, f"argument {index} is a descriptor, not an int"
+            )
         return arg
 
     def _descriptor(self, index: int) -> Any:
         if type(index) is not int or not 0 <= index <= 3:
-            raise errors.IpcError(errors.KErrArgument, f"argument index must be 0..3, got {index!r}")
+            raise errors.IpcError(
+                errors.KErrArgument, f"argument index must be 0..3, got {index!r}"
+            )
         if self._kind != _MessageKind.REQUEST:
             raise ServerPanic("KERN-EXEC", 44, f"a {self._kind} message has no arguments")
         arg = self._args[index] if index < len(self._args) else 0
@@ -538,11 +546,15 @@ class ServerHost:
     ``run()`` returns with ``host.dropped`` set.
     """
 
-    def __init__(self, server: Any, endpoint: Optional[str] = None, *, reconnect: bool = False) -> None:
+    def __init__(
+        self, server: Any, endpoint: Optional[str] = None, *, reconnect: bool = False
+    ) -> None:
         from .overlay import COverlay, layers_of
 
         if not isinstance(server, (CServer, COverlay)):
-            raise TypeError(f"serve() needs a CServer (or a COverlay over one), got {type(server).__name__}")
+            raise TypeError(
+                f"serve() needs a CServer (or a COverlay over one), got {type(server).__name__}"
+            )
         self.overlays, self.server = layers_of(server)  # the overlays from the outermost in
         self.endpoint = endpoints.resolve(endpoint)
         self.sessions: dict[int, CSession] = {}
@@ -677,7 +689,9 @@ class ServerHost:
             )
         self.max_frame = welcome.max_frame
         version = to_version(self.server.version, f"{type(self.server).__name__}.version")
-        reply = self._exchange(Register(1, self.server.name, int(self.server.sharing), version), Completed)
+        reply = self._exchange(
+            Register(1, self.server.name, int(self.server.sharing), version), Completed
+        )
         if reply.value < 0:
             raise errors.IpcError(reply.value, f"registering server name {self.server.name!r}")
         return welcome.kernel_pid
@@ -731,7 +745,9 @@ class ServerHost:
                 continue
             handler = self._handlers.get(type(message))
             if handler is None:
-                self._report("unexpected message", f"{type(message).__name__} is not sent to servers")
+                self._report(
+                    "unexpected message", f"{type(message).__name__} is not sent to servers"
+                )
                 continue
             handler(self, message)
             if self.dropped:
@@ -761,10 +777,13 @@ class ServerHost:
             else:
                 session = self.open_layer(0, version, message, request.handle)[1]
             if message.IsNull():
-                raise ServerPanic("CServer", 2, "NewSessionL or CreateL completed the connect message")
+                raise ServerPanic(
+                    "CServer", 2, "NewSessionL or CreateL completed the connect message"
+                )
         except Exception as exc:
             code = _code_of(exc)
-            log.info("connect to %r refused: %s", self.server.name, exc, exc_info=not isinstance(exc, errors.IpcError))
+            log.info("connect to %r refused: %s", self.server.name, exc,
+                     exc_info=not isinstance(exc, errors.IpcError))
             if not message.IsNull():
                 message.Complete(code)
             self._refused[request.handle] = None  # its first request, if any, comes next
@@ -776,7 +795,9 @@ class ServerHost:
         if message._claim():
             self._completed(message, encode(Negotiated(request.msg_id, errors.KErrNone, reply)))
 
-    def open_layer(self, start: int, version: TVersion, message: "RMessage", handle: int) -> tuple[int, CSession]:
+    def open_layer(
+        self, start: int, version: TVersion, message: "RMessage", handle: int
+    ) -> tuple[int, CSession]:
         """The session of the first layer from `start` (overlays outermost first, then the
         server) that takes the session: (its index, its CSession, CreateL done)."""
         for index in range(start, len(self.overlays) + 1):
@@ -785,7 +806,9 @@ class ServerHost:
             if session is None and index < len(self.overlays):
                 continue  # this overlay hands off at once
             if not isinstance(session, CSession):
-                raise TypeError(f"{type(layer).__name__}.NewSessionL returned {type(session).__name__}")
+                raise TypeError(
+                    f"{type(layer).__name__}.NewSessionL returned {type(session).__name__}"
+                )
             session._server = layer
             session._handle = handle
             session.CreateL()
@@ -812,7 +835,8 @@ class ServerHost:
             try:
                 self._error_string(message)
             except Exception as exc:  # bad arguments, or a layer's ErrorString raising
-                log.info("ErrorString request failed: %s", exc, exc_info=not isinstance(exc, errors.IpcError))
+                log.info("ErrorString request failed: %s", exc,
+                         exc_info=not isinstance(exc, errors.IpcError))
                 if not message.IsNull():
                     message.Complete(_code_of(exc))
             return
@@ -1007,7 +1031,9 @@ class _LayeredSession(CSession):
     between two requests, so none is lost or reordered.
     """
 
-    def __init__(self, host: "ServerHost", handle: int, version: TVersion, client: Optional[ClientInfo]) -> None:
+    def __init__(
+        self, host: "ServerHost", handle: int, version: TVersion, client: Optional[ClientInfo]
+    ) -> None:
         self._host = host
         self._handle = handle
         self._version = version
@@ -1045,11 +1071,14 @@ class _LayeredSession(CSession):
         connect._cancelled = True  # a stand-in: nothing about it is sent to the kernel
         _close_subsessions(self.current)  # the overlay's own subsessions end with its part
         try:
-            self._enter(*self._host.open_layer(self.index + 1, self._version, connect, self._handle))
+            self._enter(
+                *self._host.open_layer(self.index + 1, self._version, connect, self._handle)
+            )
         except Exception as exc:
             self.failed = _code_of(exc)
             self.current = None
-            log.info("the layer under %r refused the session: %s", self._host.overlays[self.index], exc,
+            log.info("the layer under %r refused the session: %s",
+                     self._host.overlays[self.index], exc,
                      exc_info=not isinstance(exc, errors.IpcError))
 
     def ServiceL(self, message: "RMessage") -> None:

@@ -27,7 +27,9 @@ def to_version(value: object, what: str = "version") -> TVersion:
     limits = (127, 127, 32767)  # Symbian packs a TVersion into int8, int8, int16
     for part, limit in zip(version, limits):
         if type(part) is not int or not 0 <= part <= limit:
-            raise ValueError(f"{what} {tuple(version)} must have major, minor 0..127, build 0..32767")
+            raise ValueError(
+                f"{what} {tuple(version)} must have major, minor 0..127, build 0..32767"
+            )
     return version
 
 

@@ -35,7 +35,10 @@ class LoginOverlay(COverlay):
 
     def __init__(self, overlaid, secret: bytes | None = None) -> None:
         super().__init__(overlaid)
-        self.secret = secret if secret is not None else os.environ.get("IPCFW_LOGIN_SECRET", "open sesame").encode()
+        self.secret = (
+            secret if secret is not None
+            else os.environ.get("IPCFW_LOGIN_SECRET", "open sesame").encode()
+        )
 
     def NewSessionL(self, version: TVersion, message: RMessage) -> LoginSession:
         return LoginSession()

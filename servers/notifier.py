@@ -129,7 +129,8 @@ class NotifierSession(CSession):
             message.Complete(KErrNone)
             # The waits are taken when the timer fires, not now: a wait sent meanwhile gets it.
             server.run_later(
-                "timer", delay_ms / 1000, lambda: _deliver_all(server.take_waiters(), value, payload)
+                "timer", delay_ms / 1000,
+                lambda: _deliver_all(server.take_waiters(), value, payload),
             )
 
         elif function == EWaiterCount:

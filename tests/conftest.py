@@ -26,7 +26,9 @@ TESTS = REPO / "tests"
 PYTHONPATH = os.pathsep.join([str(REPO), str(TESTS)])
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+def wait_until(
+    condition: Callable[[], object], timeout: float = 10.0, what: str = "condition"
+) -> object:
     """Poll `condition` until it returns something truthy; fail the test after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -41,7 +43,9 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str
 class ManagedProcess:
     """A child process with its output in a log file, stopped for sure at teardown."""
 
-    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str], cwd: Optional[str] = None) -> None:
+    def __init__(
+        self, argv: list[str], log_path: Path, env: dict[str, str], cwd: Optional[str] = None
+    ) -> None:
         self.argv = argv
         self.log_path = log_path
         self._log = open(log_path, "wb")
@@ -115,7 +119,9 @@ class KernelFixture:
 
     def spawn_client(self, argv: list[str], label: str = "client") -> ManagedProcess:
         """Start a client program in the background; it is stopped at teardown."""
-        child = ManagedProcess([sys.executable, *argv], self.workdir / f"{label}-{len(self.children)}.log", self.env)
+        child = ManagedProcess(
+            [sys.executable, *argv], self.workdir / f"{label}-{len(self.children)}.log", self.env
+        )
         self.children.append(child)
         return child
 
@@ -172,11 +178,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _processes_only_in_process_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+def _processes_only_in_process_tests(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if request.node.get_closest_marker("process") is not None:
         return
 
     def refuse(*args: object, **kwargs: object) -> subprocess.Popen:
-        raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.process")
+        raise AssertionError(
+            f"{request.node.nodeid} starts a process: mark it @pytest.mark.process"
+        )
 
     monkeypatch.setattr(subprocess, "Popen", refuse)

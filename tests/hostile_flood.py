@@ -156,7 +156,9 @@ class RawPeer:
         unclaimed, self.received = self.received, []
         return unclaimed
 
-    def expect(self, req_id: int, kind: type, check: Callable[[Message], bool], what: str) -> Optional[Message]:
+    def expect(
+        self, req_id: int, kind: type, check: Callable[[Message], bool], what: str
+    ) -> Optional[Message]:
         reply = self.reply_to(req_id, kind)
         if reply is not None and not check(reply):
             self.flood.problems.append(f"{self.label}: {what}: got {reply!r}")
@@ -195,15 +197,19 @@ def run(endpoint: str, victim: int) -> dict:
         # Async requests before this process has an inbox are requests like any other, answered
         # on the channel: a forged handle is panicked, a session of our own is served.
         chan.send_message(Request(10, victim, EEcho, (1,), int(Mode.ASYNC)))
-        chan.expect(10, Panicked, lambda m: (m.handle, m.category, m.reason) == (victim, "KERN-EXEC", 0),
+        chan.expect(10, Panicked,
+                    lambda m: (m.handle, m.category, m.reason) == (victim, "KERN-EXEC", 0),
                     "async request on a handle not held, no inbox yet")
         chan.send_message(Connect(17, "probe", (1, 0, 0), 1, b""))
-        early = chan.expect(17, Connected, lambda m: m.result == KErrNone, "connect with no inbox yet")
+        early = chan.expect(17, Connected, lambda m: m.result == KErrNone,
+                            "connect with no inbox yet")
         if early is not None:
             chan.send_message(Request(18, early.handle, EEcho, (18,), int(Mode.ASYNC)))
-            chan.expect(18, Completed, lambda m: (m.value, m.writes) == (18, ()), "async echo, no inbox yet")
+            chan.expect(18, Completed, lambda m: (m.value, m.writes) == (18, ()),
+                        "async echo, no inbox yet")
             chan.send_message(Request(19, early.handle, EEcho, (19,), int(Mode.BLIND)))
-            chan.expect(19, Completed, lambda m: (m.value, m.writes) == (KErrNone, ()), "blind ack, no inbox yet")
+            chan.expect(19, Completed, lambda m: (m.value, m.writes) == (KErrNone, ()),
+                        "blind ack, no inbox yet")
             chan.send_message(Close(early.handle))
         chan.send_message(Hello(int(Role.CHANNEL), PROTOCOL_VERSION))  # a second Hello
         chan.send_message(Complete(1, 0, ()))  # wrong role
@@ -213,12 +219,16 @@ def run(endpoint: str, victim: int) -> dict:
             chan.send_message(Close(handle))  # not held
         chan.send(encode(Stats(12)), encode(Stats(13)))  # two frames: refused whole
         chan.send(encode(Stats(14)), encode(Stats(15)), encode(Stats(16)))
-        for index, (_, frames) in enumerate(malformed_frames(rng, GARBAGE, KERNEL_BOUND, NOT_KERNEL_BOUND)):
+        for index, (_, frames) in enumerate(
+            malformed_frames(rng, GARBAGE, KERNEL_BOUND, NOT_KERNEL_BOUND)
+        ):
             chan.send(*frames)
             if index % 100 == 0:
                 chan.drain()
         # Frames just under the size limit whose fields are oversized.
-        chan.send(msgpack.packb((int(Kind.CONNECT), 1, "x" * (MAX_FRAME - 1024), (1, 0, 0), -1, b"")))
+        chan.send(
+            msgpack.packb((int(Kind.CONNECT), 1, "x" * (MAX_FRAME - 1024), (1, 0, 0), -1, b""))
+        )
         chan.send(msgpack.packb(b"\0" * (MAX_FRAME - 100)))
         summary["channel: unanswered garbage"] = [repr(m) for m in chan.settle()]
         if summary["channel: unanswered garbage"]:
@@ -240,17 +250,21 @@ def run(endpoint: str, victim: int) -> dict:
             chan.drain()
             inbox.drain()
         req_id = next(flood.req_ids)  # a near-limit frame on a forged handle: valid, so answered
-        chan.send_message(Request(req_id, victim, EEcho, (b"\0" * (MAX_FRAME - 1024),), int(Mode.SYNC)))
+        chan.send_message(
+            Request(req_id, victim, EEcho, (b"\0" * (MAX_FRAME - 1024),), int(Mode.SYNC))
+        )
         expected_panics[req_id] = Mode.SYNC
         got = chan.settle()
         panics = collections.Counter(
-            m.req_id for m in got if type(m) is Panicked and (m.category, m.reason) == ("KERN-EXEC", 0)
+            m.req_id for m in got
+            if type(m) is Panicked and (m.category, m.reason) == ("KERN-EXEC", 0)
         )
         others = [m for m in got if not (type(m) is Panicked and m.req_id in panics)]
         if set(panics) != set(expected_panics) or len(got) != len(expected_panics):
             problems.append(
-                f"channel: expected {len(expected_panics)} KERN-EXEC 0 panics, one per request, got "
-                f"{sum(panics.values())} (missing {sorted(set(expected_panics) - set(panics))[:5]}, "
+                f"channel: expected {len(expected_panics)} KERN-EXEC 0 panics, one per request,"
+                f" got {sum(panics.values())}"
+                f" (missing {sorted(set(expected_panics) - set(panics))[:5]}, "
                 f"extra {sorted(set(panics) - set(expected_panics))[:5]}, "
                 f"twice {sorted(r for r, n in panics.items() if n > 1)[:5]}), others {others[:3]!r}"
             )
@@ -279,7 +293,8 @@ def run(endpoint: str, victim: int) -> dict:
             (5, "another", KErrInUse),
         ):
             srv.send_message(Register(req_id, name, 2, (1, 0, 0)))
-            srv.expect(req_id, Completed, lambda m, code=code: m.value == code, f"Register {name!r}")
+            srv.expect(req_id, Completed, lambda m, code=code: m.value == code,
+                       f"Register {name!r}")
         # Complete and panic message ids that were the probe server's: all must be dropped.
         for msg_id in range(1, 401):
             srv.send_message(Complete(msg_id, 666, ((0, b"EVIL"), (1, b"EVIL"))))
@@ -297,16 +312,22 @@ def run(endpoint: str, victim: int) -> dict:
         hold_ids = []
         for tag in range(HOLDS):
             hold_ids.append(next(flood.req_ids))
-            chan.send_message(Request(hold_ids[-1], handle, EHold, (100000 + tag,), int(Mode.ASYNC)))
+            chan.send_message(
+                Request(hold_ids[-1], handle, EHold, (100000 + tag,), int(Mode.ASYNC))
+            )
             if tag % 100 == 0:
                 chan.drain()
         got = chan.settle()
-        overflowed = [m.req_id for m in got if type(m) is Completed and (m.value, m.writes) == (KErrOverflow, ())]
+        overflowed = [
+            m.req_id for m in got
+            if type(m) is Completed and (m.value, m.writes) == (KErrOverflow, ())
+        ]
         # The first 512 are held by the probe; every one after them overflows, once, on the channel.
         if overflowed != hold_ids[OUTSTANDING_LIMIT:] or len(got) != len(overflowed):
             problems.append(
-                f"channel: expected KErrOverflow completions for the last {HOLDS - OUTSTANDING_LIMIT} "
-                f"held requests, got {len(overflowed)} of {len(got)}: {got[:3]!r}"
+                "channel: expected KErrOverflow completions for the last"
+                f" {HOLDS - OUTSTANDING_LIMIT} held requests, got {len(overflowed)} of {len(got)}:"
+                f" {got[:3]!r}"
             )
         extra = inbox.settle()
         if extra:
@@ -319,27 +340,32 @@ def run(endpoint: str, victim: int) -> dict:
         new = srv.wait_for("NewSession", lambda m: type(m) is NewSession)
         if new is not None:
             srv.send_message(Complete(new.msg_id, 0, ()))
-        connected = chan.expect(30, Connected, lambda m: m.result == KErrNone, "connect to the hostile server")
+        connected = chan.expect(30, Connected, lambda m: m.result == KErrNone,
+                                "connect to the hostile server")
         h2 = connected.handle if connected else 0
 
         def deliver(req_id: int, args: tuple) -> Optional[Deliver]:
             chan.send_message(Request(req_id, h2, EEcho, args, int(Mode.SYNC)))
-            return srv.wait_for(f"Deliver for req {req_id}", lambda m: type(m) is Deliver and m.handle == h2)
+            return srv.wait_for(f"Deliver for req {req_id}",
+                                lambda m: type(m) is Deliver and m.handle == h2)
 
         d = deliver(31, ((b"", 4), 5))  # writes more than the max length
         if d:
             srv.send_message(Complete(d.msg_id, 3, ((0, b"too long"),)))
-        chan.expect(31, Completed, lambda m: (m.value, m.writes) == (KErrBadDescriptor, ()), "overlong write")
+        chan.expect(31, Completed, lambda m: (m.value, m.writes) == (KErrBadDescriptor, ()),
+                    "overlong write")
         d = deliver(32, (5,))  # writes into an int argument
         if d:
             srv.send_message(Complete(d.msg_id, 1, ((0, b"x"),)))
-        chan.expect(32, Completed, lambda m: (m.value, m.writes) == (KErrBadDescriptor, ()), "write to an int")
+        chan.expect(32, Completed, lambda m: (m.value, m.writes) == (KErrBadDescriptor, ()),
+                    "write to an int")
         d = deliver(33, ((b"", 4),))  # a fair write, then a second completion and a panic
         if d:
             srv.send_message(Complete(d.msg_id, 4, ((0, b"abcd"),)))
             srv.send_message(Complete(d.msg_id, 5, ()))
             srv.send_message(Panic(d.msg_id, "EVIL", 2))
-        chan.expect(33, Completed, lambda m: (m.value, m.writes) == (4, ((0, b"abcd"),)), "fair write")
+        chan.expect(33, Completed, lambda m: (m.value, m.writes) == (4, ((0, b"abcd"),)),
+                    "fair write")
         # Message ids are one kernel-wide sequence, and the well-behaved client's messages to the
         # probe are in flight right now: sweep completions and panics across the ids just issued
         # and about to be issued. The kernel must drop every one (they are not this server's),
@@ -350,7 +376,8 @@ def run(endpoint: str, victim: int) -> dict:
             if d is None:
                 break
             srv.send_message(Complete(d.msg_id, 0, ()))
-            chan.expect(40 + sweep, Completed, lambda m: m.value == 0, "a request to learn the current id")
+            chan.expect(40 + sweep, Completed, lambda m: m.value == 0,
+                        "a request to learn the current id")
             for msg_id in range(d.msg_id - 50, d.msg_id + SWEEP_WIDTH):
                 srv.send_message(Complete(msg_id, 666, ((0, b"EVIL"), (1, b"EVIL"))))
                 srv.send_message(Panic(msg_id, "EVIL", 1))
@@ -367,8 +394,10 @@ def run(endpoint: str, victim: int) -> dict:
             srv.send_message(Panic(d.msg_id, "EVIL", 3))
         chan.expect(35, Panicked, lambda m: (m.category, m.reason) == ("EVIL", 3), "server panic")
         chan.send_message(Request(36, h2, EEcho, (1,), int(Mode.SYNC)))
-        chan.expect(36, Panicked, lambda m: (m.category, m.reason) == ("EVIL", 3), "request after panic")
-        srv.wait_for("Disconnect after the panic", lambda m: type(m) is Disconnect and m.handle == h2)
+        chan.expect(36, Panicked, lambda m: (m.category, m.reason) == ("EVIL", 3),
+                    "request after panic")
+        srv.wait_for("Disconnect after the panic",
+                     lambda m: type(m) is Disconnect and m.handle == h2)
         # ... which the hostile server never completes: the kernel cleans up when we exit.
         for peer in (chan, inbox, srv):
             extra = peer.settle()

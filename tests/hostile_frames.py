@@ -1,4 +1,5 @@
-"""Malformed ipcfw frames, for the hostile-peer tests (tests/test_hostile.py, tests/hostile_flood.py).
+"""Malformed ipcfw frames, for the hostile-peer tests (tests/test_hostile.py,
+tests/hostile_flood.py).
 
 `malformed_frames(rng, count, samples, wrong_way)` returns `count` zmq messages (each a list of
 frames), cycling through the kinds of garbage a hostile peer can send. Every one of them must be
@@ -89,11 +90,15 @@ def _pack(*items: object) -> bytes:
     return msgpack.packb(items)
 
 
-def _random_bytes(rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]) -> Frames:
+def _random_bytes(
+    rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]
+) -> Frames:
     return [rng.randbytes(rng.randint(1, 300))]
 
 
-def _truncated(rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]) -> Frames:
+def _truncated(
+    rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]
+) -> Frames:
     # Every sample is a msgpack array whose header declares its item count: any strict
     # prefix is incomplete, so it can never decode.
     frame = encode(rng.choice(samples))
@@ -104,7 +109,9 @@ def _empty(rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[M
     return [b""]
 
 
-def _multi_frame(rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]) -> Frames:
+def _multi_frame(
+    rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]
+) -> Frames:
     choice = rng.randrange(4)
     if choice == 0:
         return [encode(rng.choice(wrong_way)), encode(rng.choice(wrong_way))]
@@ -166,19 +173,25 @@ _WRONG_TYPES: list[bytes] = [
 ]
 
 
-def _wrong_type(rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]) -> Frames:
+def _wrong_type(
+    rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]
+) -> Frames:
     return [rng.choice(_WRONG_TYPES)]
 
 
 _UNKNOWN_KINDS = [0, 11, 19, 27, 39, 44, 99, 255, -1, -128, 2**31, 2**40, 2**64 - 1]
 
 
-def _unknown_kind(rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]) -> Frames:
+def _unknown_kind(
+    rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]
+) -> Frames:
     kind = rng.choice(_UNKNOWN_KINDS)
     return [_pack(kind, *[rng.randint(0, 9) for _ in range(rng.randint(0, 5))])]
 
 
-def _wrong_field_count(rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]) -> Frames:
+def _wrong_field_count(
+    rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]
+) -> Frames:
     sample = rng.choice(list(samples) + list(wrong_way))
     kind = msgpack.unpackb(encode(sample))[0]
     fields = tuple(sample)
@@ -219,7 +232,9 @@ for _big in (-1, -(2**63), 2**64 - 1):  # unsigned 63-bit ids
     ]
 
 
-def _huge_int(rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]) -> Frames:
+def _huge_int(
+    rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]
+) -> Frames:
     return [rng.choice(_HUGE_INTS)]
 
 
@@ -236,7 +251,9 @@ for _handle in (0, -1):
     ]
 
 
-def _absurd_handle(rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]) -> Frames:
+def _absurd_handle(
+    rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]
+) -> Frames:
     return [rng.choice(_ABSURD_HANDLES)]
 
 
@@ -268,11 +285,15 @@ _OVERSIZE_FIELDS: list[bytes] = [
 ]
 
 
-def _oversize_field(rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]) -> Frames:
+def _oversize_field(
+    rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]
+) -> Frames:
     return [rng.choice(_OVERSIZE_FIELDS)]
 
 
-def _wrong_way(rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]) -> Frames:
+def _wrong_way(
+    rng: random.Random, samples: Sequence[Message], wrong_way: Sequence[Message]
+) -> Frames:
     return [encode(rng.choice(wrong_way))]
 
 

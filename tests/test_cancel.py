@@ -1,4 +1,5 @@
-"""Cancelling an asynchronous request: exactly once, slot freed, server told, late completion dropped."""
+"""Cancelling an asynchronous request: exactly once, slot freed, server told, late completion
+dropped."""
 
 from __future__ import annotations
 

@@ -25,7 +25,9 @@ def workdir():
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
-def start(workdir: Path, *args: str, env: dict | None = None, label: str = "proc") -> ManagedProcess:
+def start(
+    workdir: Path, *args: str, env: dict | None = None, label: str = "proc"
+) -> ManagedProcess:
     argv = [sys.executable, "-m", "ipcfw", "--log-level", "info", *args]
     environment = dict(os.environ, PYTHONPATH=PYTHONPATH, **(env or {}))
     return ManagedProcess(argv, workdir / f"{label}.log", environment)
@@ -79,7 +81,9 @@ def test_kernel_refuses_a_directory_open_to_others(workdir):
 
 
 def test_kernel_refuses_tcp_and_overlong_paths(workdir):
-    for endpoint, reason in [("tcp://127.0.0.1:5555", "not ipc://"), (f"ipc:///{'x' * 120}", "107")]:
+    for endpoint, reason in [
+        ("tcp://127.0.0.1:5555", "not ipc://"), (f"ipc:///{'x' * 120}", "107")
+    ]:
         result = subprocess.run(
             [sys.executable, "-m", "ipcfw", "kernel", "--endpoint", endpoint],
             capture_output=True, text=True, timeout=30,
@@ -145,5 +149,7 @@ def test_bench_runs_every_system_end_to_end():
     cpu_table = result.stdout.split("CPU per pipelined call", 1)[1].split("\n\n", 1)[0]
     cpu = {line.split()[0]: line.split()[1:] for line in cpu_table.splitlines()[2:]}
     assert cpu["bare-pingpong"][1] == "-"  # no broker
-    for name, roles in {"bare-forwarder": (0, 1, 2), "ipcfw": (0, 1, 2), "bare-pingpong": (0, 2)}.items():
+    for name, roles in {
+        "bare-forwarder": (0, 1, 2), "ipcfw": (0, 1, 2), "bare-pingpong": (0, 2)
+    }.items():
         assert all(float(cpu[name][i]) > 0 for i in roles), cpu_table

@@ -207,7 +207,8 @@ def test_a_connect_that_timed_out_is_closed_when_it_completes(kernel):
     kernel.serve("plugins.slow:SlowServer", "slow")
     with pytest.raises(TimeoutError):
         RSession().CreateSession("slow", timeout=0.2)
-    wait_until(lambda: kernel.statistics()["sessions"] == 0, timeout=10, what="the orphan to be closed")
+    wait_until(lambda: kernel.statistics()["sessions"] == 0, timeout=10,
+               what="the orphan to be closed")
 
 
 def test_close_after_the_creating_thread_ended(probe_server):

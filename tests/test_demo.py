@@ -62,7 +62,9 @@ class Demo:
             self.record_children()
             if time.monotonic() > deadline:
                 self.kill_all()
-                pytest.fail(f"demo still running after {DEMO_TIMEOUT} s:\n{self.stdout()}\n{self.stderr()}")
+                pytest.fail(
+                    f"demo still running after {DEMO_TIMEOUT} s:\n{self.stdout()}\n{self.stderr()}"
+                )
             time.sleep(0.01)
 
     def wait(self, deadline: float) -> int:
@@ -155,7 +157,11 @@ def test_demo_runs_reports_and_cleans_up(tmp_path):
 
 @pytest.mark.parametrize(
     "signum, expected, phase",
-    [(signal.SIGINT, 130, "startup"), (signal.SIGINT, 130, "measuring"), (signal.SIGTERM, 143, "startup")],
+    [
+        (signal.SIGINT, 130, "startup"),
+        (signal.SIGINT, 130, "measuring"),
+        (signal.SIGTERM, 143, "startup"),
+    ],
     ids=["ctrl-c-at-startup", "ctrl-c-while-measuring", "sigterm"],
 )
 def test_demo_interrupted_stops_everything(tmp_path, signum, expected, phase):
@@ -165,7 +171,9 @@ def test_demo_interrupted_stops_everything(tmp_path, signum, expected, phase):
         demo.run_until(lambda: _started_everything(demo), deadline)
         if phase == "measuring":  # the clients are done; the measurements take over a second
             demo.run_until(lambda: "  notifier " in demo.stdout(), deadline)
-        assert demo.popen.poll() is None, f"the demo ended before it could be interrupted:\n{demo.stdout()}"
+        assert demo.popen.poll() is None, (
+            f"the demo ended before it could be interrupted:\n{demo.stdout()}"
+        )
         demo.popen.send_signal(signum)
         status = demo.wait(deadline)
     finally:

@@ -80,7 +80,9 @@ def code_blocks(path: Path) -> list[Block]:
             i += 1
         i += 1
         language = words[0] if words else ""
-        blocks.append(Block(path, start + 1, language, frozenset(words[1:]), "\n".join(body) + "\n"))
+        blocks.append(
+            Block(path, start + 1, language, frozenset(words[1:]), "\n".join(body) + "\n")
+        )
     return blocks
 
 
@@ -112,7 +114,9 @@ def inline_code(path: Path) -> list[str]:
 
 def test_markdown_files_are_found():
     assert GUIDE in MARKDOWN
-    for name in ("README.md", "concepts.md", "protocol.md", "architecture.md", "errors.md", "sharing.md"):
+    for name in (
+        "README.md", "concepts.md", "protocol.md", "architecture.md", "errors.md", "sharing.md"
+    ):
         assert DOCS / name in MARKDOWN
 
 
@@ -342,7 +346,8 @@ def test_page_examples_run(kernel, tmp_path, page):
         for index, plugin in enumerate(plugins)
     ]
     wait_until(
-        lambda: kernel.statistics()["servers"] == len(plugins) or not all(s.alive() for s in servers),
+        lambda: kernel.statistics()["servers"] == len(plugins)
+        or not all(s.alive() for s in servers),
         what=f"{page.name}'s servers to register",
     )
     for server in servers:

@@ -52,7 +52,8 @@ def test_client_death_disconnects_its_sessions(kernel):
     handles = [int(h) for h in result.stdout.split()]
     assert len(handles) == 3
     # Target: Disconnect within 1 s; the test allows 3 s for a noisy machine.
-    wait_until(lambda: kernel.statistics()["sessions"] == 0, timeout=3, what="Disconnect for every session")
+    wait_until(lambda: kernel.statistics()["sessions"] == 0, timeout=3,
+               what="Disconnect for every session")
     assert time.monotonic() - killed < 3
     after = kernel.statistics()
     for counter in ("sessions", "messages", "pool_used", "attached", "processes", "peers"):
@@ -122,18 +123,22 @@ HOLDER = (
     "try:\n"
     "    s.SendReceive(probe.EEcho, (1,)); later = 'accepted'\n"
     "except ipcfw.ServerTerminated: later = 'ServerTerminated'\n"
-    "print(json.dumps({'values': values, 'done': done, 'later': later, 'after': time.time() - done}), flush=True)\n"
+    "print(json.dumps({'values': values, 'done': done, 'later': later,"
+    " 'after': time.time() - done}), flush=True)\n"
     "s.Close()\n"
 )
 
 
 def test_server_death_fails_100_requests_of_4_processes_at_once(kernel):
     server = kernel.serve("plugins.probe:ProbeServer", "probe")
-    clients = [kernel.spawn_client(["-c", HOLDER, str(n * 100)], label=f"holder{n}") for n in range(4)]
+    clients = [
+        kernel.spawn_client(["-c", HOLDER, str(n * 100)], label=f"holder{n}") for n in range(4)
+    ]
     wait_until(lambda: all("held" in c.log() for c in clients), what="100 held requests")
     killed = time.time()
     server.kill(signal.SIGKILL)
-    wait_until(lambda: all(c.log().count("\n") >= 2 for c in clients), timeout=10, what="the clients' reports")
+    wait_until(lambda: all(c.log().count("\n") >= 2 for c in clients), timeout=10,
+               what="the clients' reports")
     for client in clients:
         report = json.loads(client.log().splitlines()[1])
         assert report["values"] == [ipcfw.KErrServerTerminated] * 25

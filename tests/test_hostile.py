@@ -120,7 +120,9 @@ class GoodClient(threading.Thread):
         assert buffer == b"zzabcd"
 
 
-_REJECTED = re.compile(r"rejected (?P<kind>[^:]+): (?P<detail>.+) \(further ones are counted, not logged\)$")
+_REJECTED = re.compile(
+    r"rejected (?P<kind>[^:]+): (?P<detail>.+) \(further ones are counted, not logged\)$"
+)
 
 
 def test_kernel_survives_a_hostile_flood_and_serves_others(kernel: KernelFixture) -> None:
@@ -128,15 +130,20 @@ def test_kernel_survives_a_hostile_flood_and_serves_others(kernel: KernelFixture
     client = GoodClient()
     client.start()
     try:
-        assert client.connected.wait(10) and client.handle, f"good client did not connect: {client.errors}"
-        wait_until(lambda: client.calls >= 30 or client.errors, what="the good client's first calls")
-        flood = kernel.spawn_client([str(TESTS / "hostile_flood.py"), kernel.endpoint, str(client.handle)],
-                                    label="flood")
+        assert client.connected.wait(10) and client.handle, (
+            f"good client did not connect: {client.errors}"
+        )
+        wait_until(lambda: client.calls >= 30 or client.errors,
+                   what="the good client's first calls")
+        flood = kernel.spawn_client(
+            [str(TESTS / "hostile_flood.py"), kernel.endpoint, str(client.handle)], label="flood"
+        )
         # The flood's first frames are valid messages before Hello: their rejection marks its start.
         wait_until(lambda: "rejected no hello" in kernel.process.log() or not flood.alive(),
                    what="the flood to start")
         calls_at_start = client.calls
-        wait_until(lambda: not flood.alive() or client.errors, timeout=40, what="the flood to finish")
+        wait_until(lambda: not flood.alive() or client.errors, timeout=40,
+                   what="the flood to finish")
         calls_during_flood = client.calls - calls_at_start
     finally:
         client.finish.set()
@@ -182,12 +189,15 @@ def test_kernel_survives_a_hostile_flood_and_serves_others(kernel: KernelFixture
     for kind in ("malformed frame", "frame count", "no hello", "wrong direction", "wrong role",
                  "not a server", "close of a handle not held", "second inbox"):
         assert kind in kinds, f"no rejection of kind {kind!r} in:\n" + "\n".join(lines)
-    # An async request from a process without an inbox is no violation: it is answered on its channel.
+    # An async request from a process without an inbox is no violation: it is answered on its
+    # channel.
     assert "async without inbox" not in kinds, kinds
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_misusing_another_threads_session_leaves_its_owner_unaffected(kernel: KernelFixture, mode: str) -> None:
+def test_misusing_another_threads_session_leaves_its_owner_unaffected(
+    kernel: KernelFixture, mode: str
+) -> None:
     kernel.serve(PROBE, "probe")
     with RSession.connect("probe") as session:
         assert session.SendReceive(EEcho, (1,), timeout=10) == 1
@@ -228,11 +238,13 @@ def test_writable_max_lengths_cannot_disconnect_a_server(kernel: KernelFixture) 
             connected = raw.reply_to(1, Connected)
             assert connected is not None and connected.result == KErrNone, flood.problems
             # A 60-byte frame declaring two writable descriptors of MAX_FRAME bytes each.
-            raw.send_message(Request(2, connected.handle, EFill, ((b"", MAX_FRAME), (b"", MAX_FRAME)),
-                                     int(Mode.SYNC)))
-            reply = raw.wait_for("the answer to the request", lambda m: getattr(m, "req_id", None) == 2)
+            raw.send_message(Request(2, connected.handle, EFill,
+                                     ((b"", MAX_FRAME), (b"", MAX_FRAME)), int(Mode.SYNC)))
+            reply = raw.wait_for("the answer to the request",
+                                 lambda m: getattr(m, "req_id", None) == 2)
             assert reply is not None, flood.problems
-            # A clear refusal for the offender, on its channel (the kernel checks the max lengths) ...
+            # A clear refusal for the offender, on its channel (the kernel checks the max
+            # lengths) ...
             assert reply == Completed(2, KErrArgument, ()), reply
             # ... and the server keeps its name and its other clients.
             assert bystander.SendReceive(EFill, (bytearray(10),), timeout=10) == 10
@@ -327,7 +339,9 @@ def test_bad_arguments_are_refused_before_anything_is_sent(kernel: KernelFixture
             if problem:
                 failures.append(f"CreateSession with {label}: {problem}")
             if rejected.Handle():
-                failures.append(f"CreateSession with {label}: the session got handle {rejected.Handle()}")
+                failures.append(
+                    f"CreateSession with {label}: the session got handle {rejected.Handle()}"
+                )
                 rejected.Close()
         assert not failures, "\n".join(failures)
 
@@ -386,7 +400,9 @@ class FakeKernel:
             except ProtocolError as exc:
                 self.undecodable.append(str(exc))
 
-    def wait_for(self, what: str, match: Callable[[Message], bool], timeout: float = 10.0) -> Message:
+    def wait_for(
+        self, what: str, match: Callable[[Message], bool], timeout: float = 10.0
+    ) -> Message:
         """Claim the first received message that matches; fail the test at the deadline."""
         deadline = time.monotonic() + timeout
         while True:
@@ -395,7 +411,9 @@ class FakeKernel:
                     return self.received.pop(index)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                pytest.fail(f"the server sent no {what} within {timeout} s; got {self.received[:5]!r}")
+                pytest.fail(
+                    f"the server sent no {what} within {timeout} s; got {self.received[:5]!r}"
+                )
             self.drain(int(remaining * 1000) + 1)
 
     def completion(self, msg_id: int) -> Complete:
@@ -409,7 +427,10 @@ def _nonsense(rng: random.Random, msg_id: int) -> tuple[Message, Optional[int]]:
     value the server owes for it (None: owes nothing)."""
     choice = rng.randrange(20)
     if choice == 0:
-        return NewSession(msg_id, 0x30000 + msg_id, (127, 127, 32767), 99, b"\0" * MAX_PAYLOAD), KErrNotSupported
+        return (
+            NewSession(msg_id, 0x30000 + msg_id, (127, 127, 32767), 99, b"\0" * MAX_PAYLOAD),
+            KErrNotSupported,
+        )
     if choice == 1:
         return NewSession(msg_id, 0x30000 + msg_id, (1, 3, 0), 2**63 - 1, b""), KErrNotSupported
     if choice == 2:
@@ -417,7 +438,10 @@ def _nonsense(rng: random.Random, msg_id: int) -> tuple[Message, Optional[int]]:
     if choice < 8:
         return Deliver(msg_id, 0x10000 + msg_id, EEcho, (msg_id,), 7), KErrBadHandle
     if choice < 11:
-        return Deliver(msg_id, 2**31 - 1, 99, ((b"", 16), b"ro", 2**31 - 1), 2**63 - 1), KErrBadHandle
+        return (
+            Deliver(msg_id, 2**31 - 1, 99, ((b"", 16), b"ro", 2**31 - 1), 2**63 - 1),
+            KErrBadHandle,
+        )
     if choice < 16:
         return Disconnect(msg_id, 0x20000 + msg_id), KErrNone
     return PeerInfo(2**63 - 1, 2**32 - 1, 0, 0, "x" * 4096), None
@@ -434,7 +458,8 @@ class HostedProbe:
         env = dict(os.environ, PYTHONPATH=PYTHONPATH)
         env.pop("IPCFW_KERNEL", None)
         self.server = ManagedProcess(
-            [sys.executable, "-m", "ipcfw", "--log-level", "info", "serve", PROBE, "--endpoint", self.fake.endpoint],
+            [sys.executable, "-m", "ipcfw", "--log-level", "info", "serve", PROBE,
+             "--endpoint", self.fake.endpoint],
             self.directory / "serve.log", env,
         )
         self.returncode: Optional[int] = None
@@ -449,7 +474,8 @@ class HostedProbe:
             register = self.fake.wait_for("Register", lambda m: type(m) is Register)
             assert register.name == "probe"
             self.fake.send_message(Completed(register.req_id, KErrNone, ()))
-            wait_until(lambda: "server 'probe' registered" in self.server.log() or not self.server.alive(),
+            wait_until(lambda: ("server 'probe' registered" in self.server.log()
+                                or not self.server.alive()),
                        what="the server to register")
         except BaseException:
             self.__exit__()
@@ -466,9 +492,12 @@ class HostedProbe:
         """The server's Complete for `msg_id`, or None once the server has died."""
         def answer() -> Optional[Complete]:
             self.fake.drain()
-            return next((m for m in self.fake.received if type(m) is Complete and m.msg_id == msg_id), None)
+            return next(
+                (m for m in self.fake.received if type(m) is Complete and m.msg_id == msg_id), None
+            )
 
-        wait_until(lambda: answer() or not self.server.alive(), what=f"the server to answer message {msg_id} or die")
+        wait_until(lambda: answer() or not self.server.alive(),
+                   what=f"the server to answer message {msg_id} or die")
         return answer()
 
 
@@ -527,7 +556,9 @@ def test_server_survives_garbage_from_its_kernel() -> None:
     dropped = [line for line in log.splitlines() if " dropped " in line]
     kinds = collections.Counter(re.search(r"dropped (.+?): ", line)[1] for line in dropped)
     assert all(count == 1 for count in kinds.values()), kinds
-    assert set(kinds) == {"malformed frame", "unexpected message", "request for an unknown session"}, dropped
+    assert set(kinds) == {
+        "malformed frame", "unexpected message", "request for an unknown session"
+    }, dropped
     # Apart from one "connect refused" per refused NewSession (a connect is logged, like in any
     # server), the log stays short: it does not grow with the garbage.
     lines = log.splitlines()

@@ -199,17 +199,22 @@ def snapshot(state: KernelState) -> tuple:
         state._next_handle,
         repr(state._msg_ids),
         repr(state._client_keys),
-        sorted((rid, p.role, p.process.identity, tuple(sorted(p.owned)), tuple(sorted(p.attached))) for rid, p in state.peers.items()),
-        sorted((k, tuple(sorted(p.peers)), p.inbox, tuple(sorted(p.sessions))) for k, p in state.processes.items()),
-        sorted((k, s.rid, tuple(sorted(s.sessions)), tuple(sorted(s.messages)), tuple(sorted(s.informed)))
+        sorted((rid, p.role, p.process.identity, tuple(sorted(p.owned)), tuple(sorted(p.attached)))
+               for rid, p in state.peers.items()),
+        sorted((k, tuple(sorted(p.peers)), p.inbox, tuple(sorted(p.sessions)))
+               for k, p in state.processes.items()),
+        sorted((k, s.rid, tuple(sorted(s.sessions)), tuple(sorted(s.messages)),
+                tuple(sorted(s.informed)))
                for k, s in state.servers.items()),
         sorted(state.server_of_peer),
-        sorted((h, s.state.value, s.slots, s.slots_used, tuple(sorted(s.messages)), s.panic, s.creator.rid,
-                s.sharing, tuple(sorted((p.identity.key, n) for p, n in s.holders.items())),
+        sorted((h, s.state.value, s.slots, s.slots_used, tuple(sorted(s.messages)), s.panic,
+                s.creator.rid, s.sharing,
+                tuple(sorted((p.identity.key, n) for p, n in s.holders.items())),
                 tuple(sorted(s.attached)), s.token)
                for h, s in state.sessions.items()),
         sorted(state.tokens.items()),
-        sorted((m, r.kind.value, r.reply_to, r.req_id, r.slot.value, tuple(sorted(r.writable.items())))
+        sorted((m, r.kind.value, r.reply_to, r.req_id, r.slot.value,
+                tuple(sorted(r.writable.items())))
                for m, r in state.messages.items()),
     )
 
@@ -239,12 +244,18 @@ def ks() -> KernelState:
 
 def test_hello_watches_the_first_peer_of_a_process_and_welcomes_every_peer() -> None:
     state = new_state()
-    assert hello(state, C1, CHANNEL, CLI) == [Watch(CLI), Send(C1, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))]
+    assert hello(state, C1, CHANNEL, CLI) == [
+        Watch(CLI), Send(C1, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))
+    ]
     # A second peer of the same process: no second Watch.
     assert hello(state, IN1, INBOX, CLI) == [Send(IN1, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))]
-    assert hello(state, C1B, CHANNEL, CLI) == [Send(C1B, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))]
+    assert hello(state, C1B, CHANNEL, CLI) == [
+        Send(C1B, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))
+    ]
     # Another process is watched on its own.
-    assert hello(state, S1, SERVER, SRV) == [Watch(SRV), Send(S1, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))]
+    assert hello(state, S1, SERVER, SRV) == [
+        Watch(SRV), Send(S1, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))
+    ]
     stats = state.statistics()
     assert stats["peers"] == 4 and stats["processes"] == 2
 
@@ -253,7 +264,9 @@ def test_same_pid_with_another_create_time_is_another_process() -> None:
     state = new_state()
     hello(state, C1, CHANNEL, CLI)
     reused = CLI._replace(create_time=CLI.create_time + 1)
-    assert hello(state, C2, CHANNEL, reused) == [Watch(reused), Send(C2, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))]
+    assert hello(state, C2, CHANNEL, reused) == [
+        Watch(reused), Send(C2, Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION))
+    ]
     assert state.statistics()["processes"] == 2
 
 
@@ -282,7 +295,9 @@ def test_second_inbox_of_a_process_raises_and_changes_nothing() -> None:
     assert snapshot(state) == before
     # Once the first inbox is gone, a new one is welcome.
     state.peer_gone(IN1)
-    assert sends(hello(state, b"inbox-again", INBOX, CLI)) == [Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION)]
+    assert sends(hello(state, b"inbox-again", INBOX, CLI)) == [
+        Welcome(KPID, MAX_FRAME, PROTOCOL_VERSION)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -308,10 +323,17 @@ def test_messages_before_hello_raise_and_change_nothing(ks: KernelState, message
 
 @pytest.mark.parametrize(
     "message",
-    [Welcome(1, 1, PROTOCOL_VERSION), Completed(1, 0, ()), Disconnect(1, 1), PeerInfo(1, 1, 1, 1, "")],
+    [
+        Welcome(1, 1, PROTOCOL_VERSION),
+        Completed(1, 0, ()),
+        Disconnect(1, 1),
+        PeerInfo(1, 1, 1, 1, ""),
+    ],
     ids=lambda m: type(m).__name__,
 )
-def test_messages_not_for_the_kernel_raise_and_change_nothing(ks: KernelState, message: tuple) -> None:
+def test_messages_not_for_the_kernel_raise_and_change_nothing(
+    ks: KernelState, message: tuple
+) -> None:
     before = snapshot(ks)
     with pytest.raises(PeerMisbehaved) as info:
         ks.receive(C1, message)
@@ -483,7 +505,9 @@ def test_connect_accepted(ks: KernelState) -> None:
 
 def test_connect_positive_completion_is_success(ks: KernelState) -> None:
     _, new = begin_connect(ks, C1, 7)
-    assert ks.receive(S1, Complete(new.msg_id, 5, ())) == [Send(C1, Connected(7, 0, new.handle, b""))]
+    assert ks.receive(S1, Complete(new.msg_id, 5, ())) == [
+        Send(C1, Connected(7, 0, new.handle, b""))
+    ]
 
 
 @pytest.mark.parametrize("code", [errors.KErrNotSupported, errors.KErrPermissionDenied, -(2**31)])
@@ -572,7 +596,9 @@ def test_each_channel_of_a_process_gets_the_answers_to_its_own_requests(ks: Kern
         if d.function == 12:
             assert actions == []  # a blind request's answer is dropped
         else:
-            assert actions == [Send(owner[d.handle], Completed(d.function, 100 * d.function + d.handle, ()))]
+            assert actions == [
+                Send(owner[d.handle], Completed(d.function, 100 * d.function + d.handle, ()))
+            ]
             answers += actions
     assert collections.Counter((a.rid, a.message.req_id) for a in answers) == {
         (chan, req): 1 for chan in (C1, C1B, C2) for req in (10, 11)
@@ -686,12 +712,16 @@ def test_bad_writes_fail_the_request_with_bad_descriptor(ks: KernelState, writes
 
 
 @pytest.mark.parametrize("mode", [SYNC, ASYNC, BLIND])
-def test_writable_max_lengths_past_the_frame_are_refused_on_the_channel(ks: KernelState, mode: Mode) -> None:
+def test_writable_max_lengths_past_the_frame_are_refused_on_the_channel(
+    ks: KernelState, mode: Mode
+) -> None:
     h = open_session(ks, slots=1)
     limit = MAX_FRAME - kstate._COMPLETION_OVERHEAD  # room for a completion that fills them all
     before = snapshot(ks)
     args = ((b"", limit // 2), 5, (b"x", limit - limit // 2 + 1))
-    assert request(ks, C1, h, 30, mode, 1, args) == [Send(C1, Completed(30, errors.KErrArgument, ()))]
+    assert request(ks, C1, h, 30, mode, 1, args) == [
+        Send(C1, Completed(30, errors.KErrArgument, ()))
+    ]
     assert snapshot(ks) == before  # nothing delivered, no slot taken
     # Exactly at the limit, the request is delivered.
     fits = ((b"", limit // 2), 5, (b"x", limit - limit // 2))
@@ -807,7 +837,9 @@ def test_handle_of_another_process_is_a_kern_exec_panic(ks: KernelState) -> None
     assert ks.receive(S1, Complete(d.msg_id, 1, ())) == [Send(C1, Completed(8, 1, ()))]
 
 
-def test_unshared_handle_from_another_thread_of_the_process_is_a_kern_exec_panic(ks: KernelState) -> None:
+def test_unshared_handle_from_another_thread_of_the_process_is_a_kern_exec_panic(
+    ks: KernelState,
+) -> None:
     h = open_session(ks)
     hello(ks, C1B, CHANNEL, CLI)
     before = snapshot(ks)
@@ -942,7 +974,9 @@ def test_panic_of_the_connect_message_fails_the_connect(ks: KernelState) -> None
 
 
 @pytest.mark.parametrize("how", ["close", "channel gone", "process died"])
-def test_close_after_panic_before_disconnect_done_sends_one_disconnect(ks: KernelState, how: str) -> None:
+def test_close_after_panic_before_disconnect_done_sends_one_disconnect(
+    ks: KernelState, how: str
+) -> None:
     h = open_session(ks)
     a = deliver(request(ks, C1, h, 1, SYNC))
     log = ks.receive(S1, Panic(a.msg_id, "MyServer", 7))
@@ -1280,10 +1314,14 @@ def test_the_transition_table_covers_every_state() -> None:
 
 
 @pytest.mark.parametrize(("session_state", "event"), ILLEGAL, ids=lambda x: x.value)
-def test_illegal_transition_raises_and_changes_nothing(session_state: SessionState, event: SessionEvent) -> None:
+def test_illegal_transition_raises_and_changes_nothing(
+    session_state: SessionState, event: SessionEvent
+) -> None:
     ks_, handle = _session_in(session_state)
     before = snapshot(ks_)
-    with pytest.raises(KernelInvariantError, match=rf"{event.value}.*0x{handle:x}.*{session_state.value}"):
+    with pytest.raises(
+        KernelInvariantError, match=rf"{event.value}.*0x{handle:x}.*{session_state.value}"
+    ):
         ks_._transition(ks_.sessions[handle], event)
     assert snapshot(ks_) == before
 
@@ -1347,11 +1385,15 @@ def stat(state: KernelState, *keys: str) -> tuple:
     return tuple(stats[key] for key in keys)
 
 
-def served(state: KernelState, chan: bytes, handle: int, req_id: int, mode: Mode = SYNC, value: int = 7) -> None:
+def served(
+    state: KernelState, chan: bytes, handle: int, req_id: int, mode: Mode = SYNC, value: int = 7
+) -> None:
     """A request from `chan` reaches the server and its answer comes back to `chan`, only."""
     d = deliver(request(state, chan, handle, req_id, mode))
     assert d.handle == handle
-    assert state.receive(S1, Complete(d.msg_id, value, ())) == [Send(chan, Completed(req_id, value, ()))]
+    assert state.receive(S1, Complete(d.msg_id, value, ())) == [
+        Send(chan, Completed(req_id, value, ()))
+    ]
 
 
 def refused_kern_exec(state: KernelState, chan: bytes, handle: int, req_id: int = 60) -> None:
@@ -1465,7 +1507,8 @@ def test_share_auto_after_a_refused_share_protected() -> None:
     refused_kern_exec(ks, C1B, h)
     assert share(ks, C1, h, 1, req_id=6) == Shared(6, errors.KErrNone, b"")
     served(ks, C1B, h, 7)
-    assert share(ks, C1B, h, 2, req_id=8) == Shared(8, DENIED, b"")  # still refused, from any channel
+    # still refused, from any channel
+    assert share(ks, C1B, h, 2, req_id=8) == Shared(8, DENIED, b"")
     assert stat(ks, "tokens") == (0,)
 
 
@@ -1528,7 +1571,8 @@ def test_protected_session_lives_until_its_last_holder_process_closes() -> None:
     h = open_session(ks)
     token = share(ks, C1, h, 2).token
     assert open_token(ks, C2, token, req_id=10) == Connected(10, errors.KErrNone, h, b"")
-    assert open_token(ks, C2B, token, req_id=11) == Connected(11, errors.KErrNone, h, b"")  # CLI2 twice
+    # CLI2 twice
+    assert open_token(ks, C2B, token, req_id=11) == Connected(11, errors.KErrNone, h, b"")
     assert ks.sessions[h].holders[ks.processes[CLI2.key]] == 2
     # The first process lets go: no Disconnect; its channels are strangers now.
     assert ks.receive(C1, Close(h)) == []
@@ -1627,7 +1671,9 @@ def test_the_256th_channel_gets_overflow_and_the_255_are_unaffected() -> None:
         log += request(ks, rid, h, 4000 + i, (SYNC, ASYNC, BLIND)[i % 3])
     delivered = sends(log, S1, Deliver)
     assert len(delivered) == MAX_ATTACHED
-    assert [a.rid for a in log if type(a) is Send and type(a.message) is Completed] == attached[2::3]
+    assert [
+        a.rid for a in log if type(a) is Send and type(a.message) is Completed
+    ] == attached[2::3]
     for d in delivered:
         ks.receive(S1, Complete(d.msg_id, 0, ()))
     assert stat(ks, "messages", "pool_used") == (0, 0)
@@ -1797,7 +1843,8 @@ class Fuzz:
     def __init__(self, seed: int, pool_slots: int = 6) -> None:
         self.rng = random.Random(seed)
         self.flow_rng = random.Random(-seed)
-        self.state = KernelState(kernel_pid=1, pool_slots=pool_slots, protserv_uids=frozenset({1001}),
+        self.state = KernelState(kernel_pid=1, pool_slots=pool_slots,
+                                 protserv_uids=frozenset({1001}),
                                  new_token=numbered_tokens(b"fz"))
         self.rids = (b"p%d" % i for i in itertools.count())
         self.peers: dict[bytes, tuple[Role, tuple]] = {}  # the test's view of live peers
@@ -1819,7 +1866,8 @@ class Fuzz:
         self.requests: dict[int, bytes] = {}  # req_id -> the channel (or server) its answer goes to
         self.registrations: set[int] = set()  # the req_ids of Registers (answered to a server)
         self.answers: collections.Counter = collections.Counter()
-        self.lost: collections.Counter = collections.Counter()  # (process, handle) -> SessionLost notices
+        # (process, handle) -> SessionLost notices
+        self.lost: collections.Counter = collections.Counter()
         self.counts: collections.Counter = collections.Counter()
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -1841,14 +1889,18 @@ class Fuzz:
                 self.answers[message.req_id] += 1
                 assert self.answers[message.req_id] == 1, f"req {message.req_id} answered twice"
                 assert rid == self.requests[message.req_id], (rid, message)
-                assert role is (SERVER if message.req_id in self.registrations else CHANNEL), (rid, role, message)
+                assert role is (SERVER if message.req_id in self.registrations else CHANNEL), (
+                    rid, role, message
+                )
                 if kind is Panicked and message.category == "KERN-EXEC":
                     # A handle the client rightly holds is never refused as not held.
-                    assert message.req_id not in self.legit and message.req_id not in self.legit_shares, message
+                    assert (message.req_id not in self.legit
+                            and message.req_id not in self.legit_shares), message
                 if kind is Connected and message.req_id in self.open_reqs:
                     self.absorb_open(key, message)
                 elif kind is Connected and message.result == 0:
-                    if message.handle not in self.shared[key]:  # else shared before it was connected
+                    # else shared before it was connected
+                    if message.handle not in self.shared[key]:
                         self.held[rid].add(message.handle)
             elif kind is Shared:
                 assert message.req_id in self.share_reqs, f"Shared for no Share: {message}"
@@ -1864,13 +1916,16 @@ class Fuzz:
                     if r is CHANNEL and k == key
                 ), (rid, message)
                 self.lost[key, message.handle] += 1
-                assert self.lost[key, message.handle] == 1, f"session {message.handle} lost twice to {key}"
+                assert self.lost[key, message.handle] == 1, (
+                    f"session {message.handle} lost twice to {key}"
+                )
                 if message.handle in self.shared.get(key, ()):
                     self.counts["SessionLost of a shared session"] += 1
             elif kind in (NewSession, Deliver, Disconnect):
                 assert rid in self.servers
                 self.pending[rid][message.msg_id] = message
-            if role is INBOX:  # never an answer to a request: only its own Hello and Stats, and notices
+            # never an answer to a request: only its own Hello and Stats, and notices
+            if role is INBOX:
                 assert kind in (Welcome, StatsReply, SessionLost), (rid, message)
             self.counts[kind.__name__] += 1
 
@@ -1888,7 +1943,8 @@ class Fuzz:
         assert any(handle in hs for hs in self.held.values()) or any(
             handle in opens for opens in self.shared.values()
         ), f"session {handle} shared before it was connected"
-        # Shared: the process's now (with the one open the creator's Connect made), not the thread's.
+        # Shared: the process's now (with the one open the creator's Connect made), not the
+        # thread's.
         self.held[rid].discard(handle)
         if handle not in self.shared[key]:
             self.shared[key][handle] = 1
@@ -1973,10 +2029,12 @@ class Fuzz:
         return tuple(out)
 
     def writes(self, message: Optional[tuple] = None) -> tuple:
-        """What a server writes back: mostly legal for `message`, sometimes not (a hostile server)."""
+        """What a server writes back: mostly legal for `message`, sometimes not (a hostile
+        server)."""
         rng = self.rng
         if rng.random() < 0.15 or type(message) is not Deliver and rng.random() < 0.3:
-            return tuple((rng.randrange(4), rng.randbytes(rng.randrange(6))) for _ in range(rng.randrange(3)))
+            return tuple((rng.randrange(4), rng.randbytes(rng.randrange(6)))
+                         for _ in range(rng.randrange(3)))
         if type(message) is not Deliver:
             return ()
         return tuple(
@@ -2011,7 +2069,9 @@ class Fuzz:
             actions = call()
         except PeerMisbehaved:
             assert expect_misbehaviour, f"unexpected PeerMisbehaved in {op}"
-            assert snapshot(self.state) == before, f"{op} raised PeerMisbehaved after changing state"
+            assert snapshot(self.state) == before, (
+                f"{op} raised PeerMisbehaved after changing state"
+            )
             self.counts["misbehaved"] += 1
             return
         # Sends go to peers that were there before the input (or that it introduced).
@@ -2067,7 +2127,9 @@ class Fuzz:
         return False, lambda: self.state.release(rid, most)
 
     def op_register(self):
-        unregistered = sorted(r for r, (ro, _) in self.peers.items() if ro is SERVER and r not in self.servers)
+        unregistered = sorted(
+            r for r, (ro, _) in self.peers.items() if ro is SERVER and r not in self.servers
+        )
         if unregistered and self.rng.random() < 0.8:
             rid = self.rng.choice(unregistered)
         else:
@@ -2098,7 +2160,9 @@ class Fuzz:
         if rid is None:
             return False, None
         live = sorted(self.servers.values())
-        name = self.rng.choice(live if live and self.rng.random() < 0.85 else self.NAMES + ["Nobody"])
+        name = self.rng.choice(
+            live if live and self.rng.random() < 0.85 else self.NAMES + ["Nobody"]
+        )
         slots = self.rng.choice([-1, -1, 0, 1, 2, 3, -2, 256])
         req_id = self.new_req(rid)
         return False, lambda: self.state.receive(rid, Connect(req_id, name, (1, 0, 0), slots, b""))
@@ -2171,7 +2235,9 @@ class Fuzz:
         elif self.tokens and self.rng.random() < 0.5:
             token = self.tokens[self.rng.choice(sorted(self.tokens))]  # perhaps of an ended session
         else:
-            token = self.rng.choice([b"", b"fz-000000000001", self.rng.randbytes(kstate.TOKEN_BYTES)])
+            token = self.rng.choice(
+                [b"", b"fz-000000000001", self.rng.randbytes(kstate.TOKEN_BYTES)]
+            )
         req_id = self.new_req(rid)
         self.open_reqs[req_id] = token
         self.legit_shares.add(req_id)
@@ -2269,7 +2335,9 @@ class Fuzz:
             for rid in sorted(self.state.held_back):
                 live = set(self.state.peers)
                 self.absorb(self.state.release(rid, 1_000_000), live)
-            work = [(rid, m) for rid in sorted(self.servers) for m in sorted(self.pending.get(rid, ()))]
+            work = [
+                (rid, m) for rid in sorted(self.servers) for m in sorted(self.pending.get(rid, ()))
+            ]
             if not work:
                 return
             for rid, msg_id in work:
@@ -2282,7 +2350,8 @@ class Fuzz:
         """Real requests whose requester still waits and never got an answer."""
         lost = []
         for req_id, (chan, handle, mode) in self.legit.items():
-            if self.answers[req_id] or chan not in self.peers or (self.peers[chan][1], handle) in self.closed:
+            if (self.answers[req_id] or chan not in self.peers
+                    or (self.peers[chan][1], handle) in self.closed):
                 continue  # answered, or nobody left to hear, or completed locally on Close
             lost.append(req_id)
         return lost
@@ -2324,20 +2393,29 @@ def check_invariants(state: KernelState) -> None:
             assert handle not in server.sessions
         else:
             # A live session's server is registered and alive.
-            assert state.server_of_peer.get(server.rid) is server, f"{session!r} has a missing server"
+            assert state.server_of_peer.get(server.rid) is server, (
+                f"{session!r} has a missing server"
+            )
             assert server.rid in state.peers
             assert handle in server.sessions
         creator = session.creator
         if session.state in kstate._HELD:
             assert session.holders, f"{session!r} held by nobody"
             for process, opens in session.holders.items():
-                assert handle in process.sessions and state.processes.get(process.identity.key) is process
+                assert (handle in process.sessions
+                        and state.processes.get(process.identity.key) is process)
                 assert opens >= 1, f"{session!r}: {opens} opens"
             if session.sharing == 0:
-                assert state.peers.get(creator.rid) is creator, f"{session!r} held by a gone channel"
+                assert state.peers.get(creator.rid) is creator, (
+                    f"{session!r} held by a gone channel"
+                )
                 assert handle in creator.owned
-                assert session.holders == {creator.process: 1}, f"{session!r} unshared, other holders"
-                assert session.attached <= {creator.rid}, f"{session!r} unshared, other channels attached"
+                assert session.holders == {creator.process: 1}, (
+                    f"{session!r} unshared, other holders"
+                )
+                assert session.attached <= {creator.rid}, (
+                    f"{session!r} unshared, other channels attached"
+                )
             else:
                 assert handle not in creator.owned
             for rid in session.attached:
@@ -2352,11 +2430,15 @@ def check_invariants(state: KernelState) -> None:
             assert not session.attached and not session.holders
         assert session.sharing in (0, 1, 2) and session.sharing <= server.sharing
         # A token exactly when ShareProtected, and the token finds this session.
-        assert (session.token is not None) == (session.sharing == 2), f"{session!r} token {session.token!r}"
+        assert (session.token is not None) == (session.sharing == 2), (
+            f"{session!r} token {session.token!r}"
+        )
         if session.token is not None:
             assert state.tokens.get(session.token) == handle
     for token, handle in state.tokens.items():
-        assert handle in state.sessions and state.sessions[handle].token == token, f"stale token {token!r}"
+        assert handle in state.sessions and state.sessions[handle].token == token, (
+            f"stale token {token!r}"
+        )
     for key, server in state.servers.items():
         assert key == server.name.casefold()
         assert state.server_of_peer[server.rid] is server
@@ -2372,7 +2454,8 @@ def check_invariants(state: KernelState) -> None:
         assert rid in peer.process.peers
         for handle in peer.owned:
             session = state.sessions.get(handle)
-            assert session is not None and session.creator is peer and session.sharing == 0 and session.held
+            assert (session is not None and session.creator is peer and session.sharing == 0
+                    and session.held)
         for handle in peer.attached:
             assert handle in state.sessions and rid in state.sessions[handle].attached
     for key, process in state.processes.items():
@@ -2399,19 +2482,25 @@ def check_model(fuzz: "Fuzz") -> None:
         for handle, n in opens.items():
             assert process is not None, f"{key} holds {handle} but is gone"
             session = state.sessions.get(handle)
-            assert session is not None and session.held and session.sharing > 0, (key, handle, session)
+            assert session is not None and session.held and session.sharing > 0, (
+                key, handle, session
+            )
             assert session.holders.get(process) == n, (key, handle, n, session.holders.get(process))
     for rid, handles in fuzz.held.items():
         for handle in handles:
             session = state.sessions.get(handle)
-            assert session is not None and session.held and session.sharing == 0, (rid, handle, session)
+            assert session is not None and session.held and session.sharing == 0, (
+                rid, handle, session
+            )
             assert session.creator.rid == rid
     for handle, session in state.sessions.items():
         if not session.held:
             continue
         if session.sharing:
             for process, n in session.holders.items():
-                assert fuzz.shared.get(process.identity.key, {}).get(handle) == n, (session, process.identity)
+                assert fuzz.shared.get(process.identity.key, {}).get(handle) == n, (
+                    session, process.identity
+                )
         elif session.state is not SessionState.CONNECTING:
             assert handle in fuzz.held.get(session.creator.rid, ()), session
 
@@ -2425,7 +2514,9 @@ def check_liveness(state: KernelState) -> None:
         else:
             assert kinds[MessageKind.CONNECT] == 0
         if session.state in (SessionState.CLOSING, SessionState.PANICKED):
-            assert kinds[MessageKind.DISCONNECT] == 1, f"{session!r}: {kinds[MessageKind.DISCONNECT]} disconnects"
+            assert kinds[MessageKind.DISCONNECT] == 1, (
+                f"{session!r}: {kinds[MessageKind.DISCONNECT]} disconnects"
+            )
         else:
             assert kinds[MessageKind.DISCONNECT] == 0
 
@@ -2468,7 +2559,8 @@ def test_fuzz_random_operations_keep_the_tables_consistent(seed: int) -> None:
     stats = fuzz.state.statistics()
     assert stats["messages"] == 0 and stats["pool_used"] == 0
     # Quiescent sessions are open or dead (ABANDONED leftovers are the known _panic bug).
-    assert stats["sessions_connecting"] == stats["sessions_closing"] == stats["sessions_panicked"] == 0
+    assert (stats["sessions_connecting"] == stats["sessions_closing"]
+            == stats["sessions_panicked"] == 0)
     # When every process dies, the kernel forgets everything.
     fuzz.kill_everything()
     assert fuzz.state.statistics() == KernelState(pool_slots=fuzz.state.pool_slots).statistics()

@@ -190,7 +190,8 @@ def test_round_trip(message: tuple) -> None:
     assert type(frame) is bytes
     decoded = decode(frame)
     assert decoded == message
-    # NamedTuples compare as tuples (Hello(1, 1) == Completed(1, 1, ...)): check the type separately.
+    # NamedTuples compare as tuples (Hello(1, 1) == Completed(1, 1, ...)): check the type
+    # separately.
     assert type(decoded) is type(message)
     assert decoded._fields == message._fields
     # Encoding is deterministic, and a decoded message re-encodes to the same frame.
@@ -237,7 +238,9 @@ def _deep_map(depth: int) -> bytes:
 
 
 _VALID_REQUEST = encode(Request(1, 1, 1, (b"abc", 5), Mode.SYNC))
-_BAD_UTF8_NAME = b"\x95" + pack(2)[1:] + b"\x01" + b"\xa2\xff\xfe" + b"\x00" + msgpack.packb([1, 0, 0])
+_BAD_UTF8_NAME = (
+    b"\x95" + pack(2)[1:] + b"\x01" + b"\xa2\xff\xfe" + b"\x00" + msgpack.packb([1, 0, 0])
+)
 H, R, C, Q, X, P = Kind.HELLO, Kind.REGISTER, Kind.CONNECT, Kind.REQUEST, Kind.CLOSE, Kind.PANIC
 V = [1, 0, 0]
 EXT = msgpack.ExtType(5, b"ext")
@@ -303,7 +306,8 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("hello protocol 65536", pack(H, 1, 0x10000), r"Hello\.protocol: expected an unsigned 16-bit"),
     ("hello protocol -1", pack(H, 1, -1), r"Hello\.protocol"),
     ("hello protocol True", pack(H, 1, True), r"Hello\.protocol: .*got True"),
-    ("register req_id -1", pack(R, -1, "n", 0, V), r"Register\.req_id: expected an unsigned 63-bit"),
+    ("register req_id -1", pack(R, -1, "n", 0, V),
+     r"Register\.req_id: expected an unsigned 63-bit"),
     ("register req_id 2**63", pack(R, 2**63, "n", 0, V), r"Register\.req_id"),
     ("register name bytes", pack(R, 1, b"n", 0, V), r"Register\.name: expected a string"),
     ("register name int", pack(R, 1, 5, 0, V), r"Register\.name"),
@@ -314,7 +318,8 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("register version map", pack(R, 1, "n", 0, {"a": 1}), NO_MAP),
     ("register version empty map", pack(R, 1, "n", 0, {}), NO_MAP),
     ("register version str", pack(R, 1, "n", 0, "1.0.0"), r"Register\.version"),
-    ("register major 128", pack(R, 1, "n", 0, [128, 0, 0]), r"Register\.version: expected a version"),
+    ("register major 128", pack(R, 1, "n", 0, [128, 0, 0]),
+     r"Register\.version: expected a version"),
     ("register minor -1", pack(R, 1, "n", 0, [1, -1, 0]), r"Register\.version"),
     ("register build 32768", pack(R, 1, "n", 0, [1, 0, 32768]), r"Register\.version"),
     ("register major True", pack(R, 1, "n", 0, [True, 0, 0]), r"Register\.version"),
@@ -327,8 +332,10 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("close handle str", pack(X, "1"), r"Close\.handle: expected a handle"),
     ("complete value True", pack(Kind.COMPLETE, 1, True, []), r"Complete\.value: .*got True"),
     ("complete value float", pack(Kind.COMPLETE, 1, 0.0, []), r"Complete\.value"),
-    ("complete value 2**31", pack(Kind.COMPLETE, 1, 2**31, []), r"Complete\.value: expected a 32-bit"),
-    ("welcome pid -1", pack(Kind.WELCOME, -1, 1, PROTOCOL_VERSION), r"Welcome\.kernel_pid: expected an unsigned 32-bit"),
+    ("complete value 2**31", pack(Kind.COMPLETE, 1, 2**31, []),
+     r"Complete\.value: expected a 32-bit"),
+    ("welcome pid -1", pack(Kind.WELCOME, -1, 1, PROTOCOL_VERSION),
+     r"Welcome\.kernel_pid: expected an unsigned 32-bit"),
     ("welcome pid 2**32", pack(Kind.WELCOME, 2**32, 1, PROTOCOL_VERSION), r"Welcome\.kernel_pid"),
     ("connected handle -1", pack(Kind.CONNECTED, 1, 0, -1, b""), r"Connected\.handle"),
     ("connected handle 2**31", pack(Kind.CONNECTED, 1, 0, 2**31, b""), r"Connected\.handle"),
@@ -338,20 +345,24 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     # the first bad field is the one named
     ("two bad fields", pack(Q, -1, 0, 1, [], 0), r"Request\.req_id"),
     # handles and functions
-    ("request handle 0", pack(Q, 1, 0, 1, [], 0), r"Request\.handle: expected a handle in 1\.\.2\*\*31-1, got 0"),
+    ("request handle 0", pack(Q, 1, 0, 1, [], 0),
+     r"Request\.handle: expected a handle in 1\.\.2\*\*31-1, got 0"),
     ("request handle -1", pack(Q, 1, -1, 1, [], 0), r"Request\.handle: .*got -1"),
     ("request handle 2**31", pack(Q, 1, 2**31, 1, [], 0), r"Request\.handle"),
     ("request handle str", pack(Q, 1, "1", 1, [], 0), r"Request\.handle"),
     ("close handle 0", pack(X, 0), r"Close\.handle: .*got 0"),
     ("close handle -5", pack(X, -5), r"Close\.handle: .*got -5"),
     ("panicked handle 0", pack(Kind.PANICKED, 1, 0, "c", 0, 0), r"Panicked\.handle"),
-    ("panicked session_dead 2", pack(Kind.PANICKED, 1, 1, "c", 0, 2), r"Panicked\.session_dead: expected 0 or 1"),
-    ("panicked session_dead True", pack(Kind.PANICKED, 1, 1, "c", 0, True), r"Panicked\.session_dead"),
+    ("panicked session_dead 2", pack(Kind.PANICKED, 1, 1, "c", 0, 2),
+     r"Panicked\.session_dead: expected 0 or 1"),
+    ("panicked session_dead True", pack(Kind.PANICKED, 1, 1, "c", 0, True),
+     r"Panicked\.session_dead"),
     ("session lost handle 0", pack(Kind.SESSION_LOST, 0, -15), r"SessionLost\.handle"),
     ("deliver handle -1", pack(Kind.DELIVER, 1, -1, 1, [], 1), r"Deliver\.handle"),
     ("disconnect handle 0", pack(Kind.DISCONNECT, 1, 0), r"Disconnect\.handle"),
     ("newsession handle 0", pack(Kind.NEW_SESSION, 1, 0, V, 1, b""), r"NewSession\.handle"),
-    ("request function -1", pack(Q, 1, 1, -1, [], 0), r"Request\.function: expected a function number"),
+    ("request function -1", pack(Q, 1, 1, -1, [], 0),
+     r"Request\.function: expected a function number"),
     ("request function 2**31", pack(Q, 1, 1, 2**31, [], 0), r"Request\.function"),
     ("deliver function -1", pack(Kind.DELIVER, 1, 1, -1, [], 1), r"Deliver\.function"),
     ("request mode 3", pack(Q, 1, 1, 1, [], 3), r"Request\.mode: expected a mode"),
@@ -360,21 +371,28 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("args not an array", pack(Q, 1, 1, 1, 5, 0), r"Request\.args: expected a tuple of at most 4"),
     ("args a map", pack(Q, 1, 1, 1, {"a": 1}, 0), NO_MAP),
     ("args bytes", pack(Q, 1, 1, 1, b"abc", 0), r"Request\.args: expected a tuple"),
-    ("five args", pack(Q, 1, 1, 1, [1, 2, 3, 4, 5], 0), r"Request\.args: expected a tuple of at most 4"),
-    ("arg 2**31", pack(Q, 1, 1, 1, [2**31], 0), r"Request\.args: argument 0: int 2147483648 is outside 32 bits"),
-    ("arg -2**31-1", pack(Q, 1, 1, 1, [0, -(2**31) - 1], 0), r"Request\.args: argument 1: int -2147483649 is outside"),
-    ("arg 2**64-1", pack(Q, 1, 1, 1, [0, 0, 2**64 - 1], 0), r"Request\.args: argument 2: int .* outside 32 bits"),
+    ("five args", pack(Q, 1, 1, 1, [1, 2, 3, 4, 5], 0),
+     r"Request\.args: expected a tuple of at most 4"),
+    ("arg 2**31", pack(Q, 1, 1, 1, [2**31], 0),
+     r"Request\.args: argument 0: int 2147483648 is outside 32 bits"),
+    ("arg -2**31-1", pack(Q, 1, 1, 1, [0, -(2**31) - 1], 0),
+     r"Request\.args: argument 1: int -2147483649 is outside"),
+    ("arg 2**64-1", pack(Q, 1, 1, 1, [0, 0, 2**64 - 1], 0),
+     r"Request\.args: argument 2: int .* outside 32 bits"),
     ("arg -2**63", pack(Q, 1, 1, 1, [0, 0, 0, -(2**63)], 0), r"Request\.args: argument 3: int"),
-    ("arg True", pack(Q, 1, 1, 1, [True], 0), r"Request\.args: argument 0: bool is not int, bytes or a pair"),
+    ("arg True", pack(Q, 1, 1, 1, [True], 0),
+     r"Request\.args: argument 0: bool is not int, bytes or a pair"),
     ("arg str", pack(Q, 1, 1, 1, [1, "s"], 0), r"Request\.args: argument 1: str is not int"),
     ("arg float", pack(Q, 1, 1, 1, [1.5], 0), r"Request\.args: argument 0: float is not"),
     ("arg nil", pack(Q, 1, 1, 1, [None], 0), r"Request\.args: argument 0: NoneType is not"),
     ("arg map", pack(Q, 1, 1, 1, [{"a": 1}], 0), NO_MAP),
     ("arg ExtType", pack(Q, 1, 1, 1, [EXT], 0), NO_EXT),
     ("arg Timestamp", pack(Q, 1, 1, 1, [1, TS], 0), NO_EXT),
-    ("writable content > maxlen", pack(Q, 1, 1, 1, [[b"abcde", 4]], 0), r"Request\.args: argument 0: malformed writable descriptor"),
+    ("writable content > maxlen", pack(Q, 1, 1, 1, [[b"abcde", 4]], 0),
+     r"Request\.args: argument 0: malformed writable descriptor"),
     ("writable maxlen -1", pack(Q, 1, 1, 1, [[b"", -1]], 0), r"argument 0: malformed writable"),
-    ("writable maxlen > MAX_FRAME", pack(Q, 1, 1, 1, [[b"", MAX_FRAME + 1]], 0), r"argument 0: malformed writable"),
+    ("writable maxlen > MAX_FRAME", pack(Q, 1, 1, 1, [[b"", MAX_FRAME + 1]], 0),
+     r"argument 0: malformed writable"),
     ("writable maxlen True", pack(Q, 1, 1, 1, [[b"", True]], 0), r"argument 0: malformed writable"),
     ("writable maxlen str", pack(Q, 1, 1, 1, [[b"", "4"]], 0), r"argument 0: malformed writable"),
     ("writable content str", pack(Q, 1, 1, 1, [["ab", 4]], 0), r"argument 0: malformed writable"),
@@ -382,20 +400,25 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("writable triple", pack(Q, 1, 1, 1, [[b"", 4, 4]], 0), r"argument 0: malformed writable"),
     ("writable single", pack(Q, 1, 1, 1, [[b""]], 0), r"argument 0: malformed writable"),
     ("writable empty", pack(Q, 1, 1, 1, [[]], 0), r"argument 0: malformed writable"),
-    ("deliver arg outside 32 bits", pack(Kind.DELIVER, 1, 1, 1, [2**31], 1), r"Deliver\.args: argument 0"),
-    ("deliver writable too long", pack(Kind.DELIVER, 1, 1, 1, [1, [b"xx", 1]], 1), r"Deliver\.args: argument 1"),
+    ("deliver arg outside 32 bits", pack(Kind.DELIVER, 1, 1, 1, [2**31], 1),
+     r"Deliver\.args: argument 0"),
+    ("deliver writable too long", pack(Kind.DELIVER, 1, 1, 1, [1, [b"xx", 1]], 1),
+     r"Deliver\.args: argument 1"),
     # completion writes
-    ("writes index 4", pack(Kind.COMPLETE, 1, 0, [[4, b""]]), r"Complete\.writes: expected \(index 0\.\.3, bytes\)"),
+    ("writes index 4", pack(Kind.COMPLETE, 1, 0, [[4, b""]]),
+     r"Complete\.writes: expected \(index 0\.\.3, bytes\)"),
     ("writes index -1", pack(Kind.COMPLETE, 1, 0, [[-1, b""]]), r"Complete\.writes"),
     ("writes index True", pack(Kind.COMPLETE, 1, 0, [[True, b""]]), r"Complete\.writes"),
     ("writes content str", pack(Kind.COMPLETE, 1, 0, [[0, "x"]]), r"Complete\.writes"),
     ("writes not pairs", pack(Kind.COMPLETE, 1, 0, [0, b"x"]), r"Complete\.writes"),
-    ("five writes", pack(Kind.COMPLETE, 1, 0, [[0, b""]] * 5), r"Complete\.writes: expected a tuple of at most 4"),
+    ("five writes", pack(Kind.COMPLETE, 1, 0, [[0, b""]] * 5),
+     r"Complete\.writes: expected a tuple of at most 4"),
     ("writes a map", pack(Kind.COMPLETE, 1, 0, {"0": b""}), NO_MAP),
     ("writes ExtType", pack(Kind.COMPLETE, 1, 0, [[0, EXT]]), NO_EXT),
     ("completed writes triple", pack(Kind.COMPLETED, 1, 0, [[0, b"", 1]]), r"Completed\.writes"),
     # counters
-    ("counters bytes key", pack(Kind.STATS_REPLY, 1, {b"k": 1}), r"StatsReply\.counters: expected str -> int"),
+    ("counters bytes key", pack(Kind.STATS_REPLY, 1, {b"k": 1}),
+     r"StatsReply\.counters: expected str -> int"),
     ("counters str value", pack(Kind.STATS_REPLY, 1, {"k": "1"}), r"StatsReply\.counters"),
     ("counters bool value", pack(Kind.STATS_REPLY, 1, {"k": True}), r"StatsReply\.counters"),
     ("counters array", pack(Kind.STATS_REPLY, 1, [1]), r"StatsReply\.counters: expected a map"),
@@ -414,13 +437,20 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("StatsReply without counters, with a map", pack(Kind.STATS_REPLY, {}), NO_MAP),
     ("map in a non-canonical StatsReply", b"\xdc\x00\x03\x19\x01\x80", NO_MAP),
     # oversized strings and payloads
-    ("name 257 chars", pack(R, 1, "n" * (MAX_NAME + 1), 0, V), r"Register\.name: expected a string of at most 256"),
+    ("name 257 chars", pack(R, 1, "n" * (MAX_NAME + 1), 0, V),
+     r"Register\.name: expected a string of at most 256"),
     ("connect name 257 chars", pack(C, 1, "n" * (MAX_NAME + 1), V, 0, b""), r"Connect\.name"),
-    ("payload over the limit", pack(C, 1, "n", V, 0, b"p" * (MAX_PAYLOAD + 1)), rf"Connect\.payload: expected bytes of at most {MAX_PAYLOAD}"),
-    ("connected payload over the limit", pack(Kind.CONNECTED, 1, 0, 1, b"p" * (MAX_PAYLOAD + 1)), r"Connected\.payload"),
-    ("newsession payload over the limit", pack(Kind.NEW_SESSION, 1, 1, V, 1, b"p" * (MAX_PAYLOAD + 1)), r"NewSession\.payload"),
-    ("panic category 17", pack(P, 1, "c" * (MAX_CATEGORY + 1), 0), r"Panic\.category: expected a string of at most 16"),
-    ("panicked category 17", pack(Kind.PANICKED, 1, 1, "c" * (MAX_CATEGORY + 1), 0, 1), r"Panicked\.category"),
+    ("payload over the limit", pack(C, 1, "n", V, 0, b"p" * (MAX_PAYLOAD + 1)),
+     rf"Connect\.payload: expected bytes of at most {MAX_PAYLOAD}"),
+    ("connected payload over the limit", pack(Kind.CONNECTED, 1, 0, 1, b"p" * (MAX_PAYLOAD + 1)),
+     r"Connected\.payload"),
+    ("newsession payload over the limit",
+     pack(Kind.NEW_SESSION, 1, 1, V, 1, b"p" * (MAX_PAYLOAD + 1)),
+     r"NewSession\.payload"),
+    ("panic category 17", pack(P, 1, "c" * (MAX_CATEGORY + 1), 0),
+     r"Panic\.category: expected a string of at most 16"),
+    ("panicked category 17", pack(Kind.PANICKED, 1, 1, "c" * (MAX_CATEGORY + 1), 0, 1),
+     r"Panicked\.category"),
     ("panic category bytes", pack(P, 1, b"KERN", 0), r"Panic\.category"),
     ("peerinfo exe 4097", pack(Kind.PEER_INFO, 1, 1, 1, 1, "e" * 4097), r"PeerInfo\.exe"),
     # extension types where plain values are expected
@@ -434,7 +464,9 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("ExtType as writes", pack(Kind.COMPLETE, 1, 0, EXT), NO_EXT),
     # nesting: shallow bombs are type errors, deep ones hit msgpack's stack limit
     ("nested 100 as field", pack(H, 1, 1)[:2] + _deep_array(100) + b"\x01", r"Hello\.role"),
-    ("nested 100 in args", b"\x96" + pack(Q)[1:] + b"\x01\x01\x01" + b"\x91" + _deep_array(100) + b"\x00", r"Request\.args: argument 0"),
+    ("nested 100 in args",
+     b"\x96" + pack(Q)[1:] + b"\x01\x01\x01" + b"\x91" + _deep_array(100) + b"\x00",
+     r"Request\.args: argument 0"),
     ("nested 2000 arrays", _deep_array(2000), r"not a msgpack frame"),
     ("nested 2000 maps", _deep_map(2000), NO_MAP),
     ("nested 2000 in field", b"\x93\x01" + _deep_array(2000) + b"\x01", r"not a msgpack frame"),
@@ -467,7 +499,9 @@ def test_every_message_with_a_field_missing_or_extra(message: tuple) -> None:
     extra = msgpack.packb((*items, 0))
     if cls._fields[-1] in cls._field_defaults:
         # A field a later protocol version added, with a default: a frame without it decodes.
-        assert decode(missing) == message._replace(**{cls._fields[-1]: cls._field_defaults[cls._fields[-1]]})
+        assert decode(missing) == message._replace(
+            **{cls._fields[-1]: cls._field_defaults[cls._fields[-1]]}
+        )
     else:
         with pytest.raises(ProtocolError, match=rf"^{cls.__name__} needs {n} fields, got {n - 1}$"):
             decode(missing)
@@ -532,9 +566,11 @@ def test_bool_is_not_an_int_anywhere() -> None:
 def test_int_edges_of_each_range_are_accepted_and_one_past_refused() -> None:
     accepted = [
         (pack(Q, 0, 1, 0, [I32_MIN, I32_MAX], 0), Request(0, 1, 0, (I32_MIN, I32_MAX), Mode.SYNC)),
-        (pack(Q, U63_MAX, I32_MAX, I32_MAX, [], 2), Request(U63_MAX, I32_MAX, I32_MAX, (), Mode.BLIND)),
+        (pack(Q, U63_MAX, I32_MAX, I32_MAX, [], 2),
+         Request(U63_MAX, I32_MAX, I32_MAX, (), Mode.BLIND)),
         (pack(C, 1, "n", V, I32_MIN, b""), Connect(1, "n", (1, 0, 0), I32_MIN, b"")),
-        (pack(Kind.WELCOME, 2**32 - 1, U63_MAX, PROTOCOL_VERSION), Welcome(2**32 - 1, U63_MAX, PROTOCOL_VERSION)),
+        (pack(Kind.WELCOME, 2**32 - 1, U63_MAX, PROTOCOL_VERSION),
+         Welcome(2**32 - 1, U63_MAX, PROTOCOL_VERSION)),
     ]
     for frame, message in accepted:
         assert decode(frame) == message
@@ -570,7 +606,9 @@ _KINDS = [int(k) for k in Kind]
 def _random_value(rng: random.Random, depth: int = 0) -> object:
     choice = rng.randrange(14 if depth < 3 else 10)
     if choice == 0:
-        return rng.choice([0, 1, -1, I32_MIN, I32_MAX, I32_MIN - 1, I32_MAX + 1, U63_MAX, 2**64 - 1, -(2**63)])
+        return rng.choice(
+            [0, 1, -1, I32_MIN, I32_MAX, I32_MIN - 1, I32_MAX + 1, U63_MAX, 2**64 - 1, -(2**63)]
+        )
     if choice == 1:
         return rng.randint(-5, 300)
     if choice == 2:
@@ -592,8 +630,13 @@ def _random_value(rng: random.Random, depth: int = 0) -> object:
     if choice in (10, 11):
         return [_random_value(rng, depth + 1) for _ in range(rng.randrange(6))]
     if choice == 12:
-        return {rng.choice(["a", "b", "sessions"]): _random_value(rng, depth + 1) for _ in range(rng.randrange(3))}
-    return [(rng.randrange(-1, 5), rng.randbytes(rng.randrange(3))) for _ in range(rng.randrange(6))]
+        return {
+            rng.choice(["a", "b", "sessions"]): _random_value(rng, depth + 1)
+            for _ in range(rng.randrange(3))
+        }
+    return [
+        (rng.randrange(-1, 5), rng.randbytes(rng.randrange(3))) for _ in range(rng.randrange(6))
+    ]
 
 
 def _structured_frame(rng: random.Random) -> bytes:
@@ -647,7 +690,8 @@ def test_fuzz_random_bytes() -> None:
         if rng.random() < 0.5:
             frame = rng.randbytes(rng.randrange(0, 48))
         else:  # start with an array header so the fuzz gets past the first byte
-            frame = bytes([0x90 + rng.randrange(1, 8), rng.choice(_KINDS)]) + rng.randbytes(rng.randrange(0, 40))
+            frame = (bytes([0x90 + rng.randrange(1, 8), rng.choice(_KINDS)])
+                     + rng.randbytes(rng.randrange(0, 40)))
         _check_decode_contract(frame, tally)
     assert tally["refused"] > 15_000
 
@@ -695,7 +739,9 @@ def test_compiled_validators_accept_exactly_what_the_field_checkers_accept() -> 
         _cls, checkers, valid = protocol._BY_KIND[_kind_of(type(message))]
         good = tuple(decode(encode(message)))
         for _ in range(200):
-            fields = tuple(v if rng.random() < 0.7 else _wire_form(_random_value(rng)) for v in good)
+            fields = tuple(
+                v if rng.random() < 0.7 else _wire_form(_random_value(rng)) for v in good
+            )
             expected = _checkers_accept(checkers, fields)
             try:
                 verdict = valid(fields)

@@ -207,7 +207,8 @@ def test_requests_on_one_session_arrive_in_order(probe_server):
                 assert session.SendReceive(probe.EEcho, (i,)) == i
             else:
                 status = TRequestStatus()
-                session.SendReceive(probe.ESleep if i % 7 == 0 else probe.EEcho, (0, i) if i % 7 == 0 else (i,), status)
+                session.SendReceive(probe.ESleep if i % 7 == 0 else probe.EEcho,
+                                    (0, i) if i % 7 == 0 else (i,), status)
                 statuses.append((i, status))
         for i, status in statuses:
             assert status.Wait(10) == i
@@ -267,7 +268,8 @@ def test_descriptor_errors_go_to_the_server_not_the_client(probe_server):
         assert session.SendReceive(probe.ETryWrite, (b"too long", small, 0)) == -ipcfw.KErrOverflow
         assert small == bytearray(b"xy")  # untouched
         assert session.SendReceive(probe.ETryWrite, (b"a", 7, 0)) == -ipcfw.KErrBadDescriptor
-        assert session.SendReceive(probe.ETryWrite, (b"a", b"read-only", 0)) == -ipcfw.KErrBadDescriptor
+        assert (session.SendReceive(probe.ETryWrite, (b"a", b"read-only", 0))
+                == -ipcfw.KErrBadDescriptor)
         assert session.SendReceive(probe.ETryRead, (0, 7)) == -ipcfw.KErrBadDescriptor
         assert session.SendReceive(probe.EEcho, (1,)) == 1  # the session is fine
 

@@ -23,7 +23,9 @@ from ipcfw import protocol
 PACKAGE = Path(ipcfw.__file__).resolve().parent
 ROOT = PACKAGE.parent
 PURE_MODULES = ["ipcfw/protocol.py", "ipcfw/kernel/state.py", "ipcfw/objectix.py"]
-FORBIDDEN = frozenset({"zmq", "os", "socket", "threading", "time", "psutil", "select", "subprocess"})
+FORBIDDEN = frozenset(
+    {"zmq", "os", "socket", "threading", "time", "psutil", "select", "subprocess"}
+)
 ALL_MODULES = sorted(p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py"))
 
 
@@ -53,7 +55,10 @@ def _imports(relpath: str) -> list[tuple[str, int]]:
     is a module. Dynamic imports of a literal name (``__import__("x")``,
     ``importlib.import_module("x")``) count too.
     """
-    package = _module_name(relpath) if _is_package(relpath) else _module_name(relpath).rpartition(".")[0]
+    package = (
+        _module_name(relpath) if _is_package(relpath)
+        else _module_name(relpath).rpartition(".")[0]
+    )
     found: list[tuple[str, int]] = []
     for node in ast.walk(_tree(relpath)):
         if isinstance(node, ast.Import):
@@ -70,7 +75,11 @@ def _imports(relpath: str) -> list[tuple[str, int]]:
                       if _file_of(f"{module}.{alias.name}")]
         elif isinstance(node, ast.Call):
             func = node.func
-            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            name = (
+                func.id if isinstance(func, ast.Name)
+                else func.attr if isinstance(func, ast.Attribute)
+                else ""
+            )
             if name in ("__import__", "import_module") and node.args:
                 arg = node.args[0]
                 if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
@@ -165,7 +174,8 @@ def test_every_exported_name_is_in_the_docs() -> None:
     """What ``from ipcfw import *`` gives a user is what the guides teach (the error codes and
     exceptions through docs/errors.md, generated from the same table)."""
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", " ".join(p.read_text(encoding="utf-8") for p in pages)))
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*",
+                           " ".join(p.read_text(encoding="utf-8") for p in pages)))
     assert [name for name in ipcfw.__all__ if name not in words] == []
 
 
@@ -218,7 +228,10 @@ def test_protocol_exports_exist_and_are_documented() -> None:
 
 
 def _defines_kind(tree: ast.Module) -> list[int]:
-    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == "Kind"]
+    return [
+        node.lineno for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef) and node.name == "Kind"
+    ]
 
 
 def _uses_msgpack(relpath: str) -> list[int]:
@@ -235,7 +248,9 @@ def test_the_module_list_is_real() -> None:
 
 
 def test_only_protocol_defines_kind() -> None:
-    defining = {relpath: lines for relpath in ALL_MODULES if (lines := _defines_kind(_tree(relpath)))}
+    defining = {
+        relpath: lines for relpath in ALL_MODULES if (lines := _defines_kind(_tree(relpath)))
+    }
     assert list(defining) == ["ipcfw/protocol.py"], defining
 
 

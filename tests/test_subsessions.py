@@ -466,7 +466,9 @@ def test_the_server_sees_the_handle_as_int3(host_server):
             subsession.CreateSubSession(session, _HolderSession.EOpen)
         for subsession in subsessions:
             handle = subsession.SubSessionHandle()
-            assert subsession.SendReceive(_HolderSession.EHandleSeen, (1, b"two", bytearray(3))) == handle
+            assert subsession.SendReceive(
+                _HolderSession.EHandleSeen, (1, b"two", bytearray(3))
+            ) == handle
             status = TRequestStatus()
             subsession.SendReceive(_HolderSession.EHandleSeen, (), status)
             assert status.result(TIMEOUT) == handle
@@ -535,7 +537,8 @@ def test_create_subsession_takes_at_most_three_arguments(kv):
         assert cursor.SubSessionHandle() == 0
         assert _open_cursors(session) == 0  # nothing reached the server
 
-        cursor.CreateSubSession(session, EOpenCursor, TIpcArgs(b"a"))  # a TIpcArgs of three or fewer
+        # a TIpcArgs of three or fewer
+        cursor.CreateSubSession(session, EOpenCursor, TIpcArgs(b"a"))
         with pytest.raises(ValueError, match="argument 3"):
             cursor.SendReceive(ECursorNext, (bytearray(4), 0, 0, 1))
         with pytest.raises(ValueError, match="argument 3"):

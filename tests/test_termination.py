@@ -50,11 +50,14 @@ def test_termination_waits_for_held_messages_and_frees_the_name(kernel):
     session.SendReceive(terminable.EHold, (7,), held)
     assert session.SendReceive(terminable.EEcho, (1,)) == 1
     finished: list[float] = []
-    admin = threading.Thread(target=lambda: (ipcfw.terminate_server("terminable"), finished.append(time.monotonic())))
+    admin = threading.Thread(
+        target=lambda: (ipcfw.terminate_server("terminable"), finished.append(time.monotonic()))
+    )
     admin.start()
     wait_until(lambda: host.server.indications, what="the indication")
     reason, error = host.server.indications[0].split(",", 1)
-    assert reason == "ADMINISTRATOR" and "TerminateIndication" in error  # no deadlock: a clear error
+    # no deadlock: a clear error
+    assert reason == "ADMINISTRATOR" and "TerminateIndication" in error
     assert not finished
     completed_at = time.monotonic()
     host.server.held.pop(7).Complete(70)  # the held message completes after the indication...

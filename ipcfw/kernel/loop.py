@@ -233,7 +233,10 @@ class Kernel:
         while self._router.get(RCVMORE):
             self._router.recv()
             extra += 1
-        self._reporter.report("frame count", f"expected one frame per message, got {extra + 1} from pid {_pid_in(body)}")
+        self._reporter.report(
+            "frame count",
+            f"expected one frame per message, got {extra + 1} from pid {_pid_in(body)}",
+        )
 
     def _on_frame(self, rid: bytes, body: zmq.Frame) -> None:
         try:
@@ -252,7 +255,9 @@ class Kernel:
                     return
                 actions = self._introduce(rid, body, message)
             elif body.get("Peer-Address") != known:
-                raise PeerMisbehaved("routing id reuse", f"routing id {rid.hex()} now from {_pid_in(body)}")
+                raise PeerMisbehaved(
+                    "routing id reuse", f"routing id {rid.hex()} now from {_pid_in(body)}"
+                )
             else:
                 actions = self.state.receive(rid, message)
         except PeerMisbehaved as exc:
@@ -262,13 +267,18 @@ class Kernel:
             self._reporter.report("unidentified peer", str(exc))
             return
         except KernelInvariantError:
-            log.exception("kernel invariant broken handling %s; the message was dropped", type(message).__name__)
+            log.exception(
+                "kernel invariant broken handling %s; the message was dropped",
+                type(message).__name__,
+            )
             return
         self._perform(actions)
 
     def _introduce(self, rid: bytes, body: zmq.Frame, message: object) -> list[Action]:
         if type(message) is not Hello:
-            raise PeerMisbehaved("no hello", f"{type(message).__name__} before Hello from pid {_pid_in(body)}")
+            raise PeerMisbehaved(
+                "no hello", f"{type(message).__name__} before Hello from pid {_pid_in(body)}"
+            )
         # The fd of a closed connection can be reused by this new one: settle earlier
         # disconnects first so they are not mistaken for this peer's.
         self._drain_monitor()

@@ -438,7 +438,9 @@ class KernelState:
         handler = self._dispatch.get(type(message))
         if handler is None:
             if type(message) is Hello:
-                raise PeerMisbehaved("duplicate hello", f"pid {peer.process.identity.pid} said Hello twice")
+                raise PeerMisbehaved(
+                    "duplicate hello", f"pid {peer.process.identity.pid} said Hello twice"
+                )
             raise PeerMisbehaved(
                 "wrong direction", f"{type(message).__name__} is not sent to the kernel"
             )
@@ -548,8 +550,7 @@ class KernelState:
         for action in actions:
             if type(action) is Send and action.rid in self.held_back:
                 message = action.message
-                kind = type(message)
-                if kind is Deliver or kind is NewSession or kind is Disconnect:
+                if isinstance(message, (Deliver, NewSession, Disconnect)):
                     key = message.msg_id
                 else:
                     key = -next(self._held_keys)
@@ -653,7 +654,9 @@ class KernelState:
             # Connect with first data (seed 003): delivered right behind the connect, so it
             # is served in the same round trip; a failed connect drops it with the session.
             req_id, function, args = message.first
-            actions += self._request(peer, Request(req_id, session.handle, function, args, Mode.SYNC))
+            actions += self._request(
+                peer, Request(req_id, session.handle, function, args, Mode.SYNC)
+            )
         return actions
 
     def _connect_error(self, message: Connect) -> int:
@@ -693,7 +696,9 @@ class KernelState:
             return self._client_closed(session)
         return self._release_holder(session, peer.process, everything=False)
 
-    def _release_holder(self, session: SessionRecord, process: ProcessRecord, everything: bool) -> list[Action]:
+    def _release_holder(
+        self, session: SessionRecord, process: ProcessRecord, everything: bool
+    ) -> list[Action]:
         """`process` closes one of its handles to a shared session (or all: it died)."""
         remaining = 0 if everything else session.holders[process] - 1
         if remaining:
@@ -724,7 +729,9 @@ class KernelState:
             self._detach(session, self.peers[rid])  # attached peers are live: peer_gone detaches
         return actions + self._transition(session, _E.CLIENT_CLOSED)
 
-    def _answer_outstanding(self, session: SessionRecord, code: int, process: Optional[ProcessRecord] = None) -> list[Action]:
+    def _answer_outstanding(
+        self, session: SessionRecord, code: int, process: Optional[ProcessRecord] = None
+    ) -> list[Action]:
         """Answer `code` to every request of the session still awaited (by `process`'s channels)."""
         actions: list[Action] = []
         for msg_id in sorted(session.messages):
@@ -888,7 +895,8 @@ class KernelState:
             return [Send(reply_to, Completed(req_id, code, ()))]
         blind = mode == _BLIND
         record = self._new_message(
-            session, _REQUEST, req_id, None if blind else reply_to, self._take_slot(session, mode), writable
+            session, _REQUEST, req_id, None if blind else reply_to, self._take_slot(session, mode),
+            writable,
         )
         record.payer = process
         process.outstanding += 1
@@ -949,7 +957,8 @@ class KernelState:
         writable: Optional[dict] = None,
     ) -> MessageRecord:
         record = MessageRecord(
-            next(self._msg_ids), kind, session, reply_to, reply_to, req_id, slot, writable or _NO_WRITABLE
+            next(self._msg_ids), kind, session, reply_to, reply_to, req_id, slot,
+            writable or _NO_WRITABLE,
         )
         self.messages[record.msg_id] = record
         session.messages.add(record.msg_id)
@@ -1027,11 +1036,15 @@ class KernelState:
         if record is None:
             return []
         if record.kind is not MessageKind.CONNECT:
-            raise PeerMisbehaved("negotiated a request", f"message {message.msg_id} is not a connect")
+            raise PeerMisbehaved(
+                "negotiated a request", f"message {message.msg_id} is not a connect"
+            )
         self._free_message(record)
         return self._connect_done(record, message.value, message.payload)
 
-    def _connect_done(self, record: MessageRecord, value: int, payload: bytes = b"") -> list[Action]:
+    def _connect_done(
+        self, record: MessageRecord, value: int, payload: bytes = b""
+    ) -> list[Action]:
         session = record.session
         if value < 0:
             actions = self._transition(session, _E.CONNECT_FAILED)
@@ -1120,7 +1133,9 @@ class KernelState:
             self._require_role(peer, Role.SERVER, message)
             # Its registration has ended already (a termination with nothing outstanding).
             return [Send(peer.rid, Completed(message.req_id, errors.KErrNone, ()))]
-        return self._begin_termination(server, TerminationReason.DEREGISTERED, (peer.rid, message.req_id))
+        return self._begin_termination(
+            server, TerminationReason.DEREGISTERED, (peer.rid, message.req_id)
+        )
 
     def _begin_termination(self, server: ServerRecord, reason: int, waiter: tuple) -> list[Action]:
         server.waiters.append(waiter)

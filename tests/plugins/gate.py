@@ -31,7 +31,9 @@ class GateServer(CServer):
         self.last_accept = {}
 
     def AcceptL(self, client, version, payload):
-        self.last_accept = {"pid": client.pid, "version": list(version), "payload": payload.decode()}
+        self.last_accept = {
+            "pid": client.pid, "version": list(version), "payload": payload.decode()
+        }
         if payload != b"open sesame":
             raise IpcError(KErrPermissionDenied, "wrong secret")
         return b"welcome " + str(client.pid).encode()

@@ -211,7 +211,9 @@ class ProbeServer(CServer):
     def ensure_flusher(self) -> None:
         """Completes what EEchoShuffled holds when no full batch comes (from another thread)."""
         if self.flusher is None:
-            self.flusher = threading.Thread(target=self._flush_shuffled, name="probe-flusher", daemon=True)
+            self.flusher = threading.Thread(
+                target=self._flush_shuffled, name="probe-flusher", daemon=True
+            )
             self.flusher.start()
 
     def _flush_shuffled(self) -> None:
