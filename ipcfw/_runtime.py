@@ -156,6 +156,11 @@ class Channel:
                 f" {self.max_frame} bytes"
             )
 
+    def awaits_answers(self) -> bool:
+        """Whether something someone waits for will still arrive here: answers to async
+        requests, to a connect that timed out, or the kernel's notice that it dropped us."""
+        return bool(self.pending or self.abandoned or (self.dropped and not self.ended))
+
     def dropped_error(self) -> errors.IpcError:
         """The error of a request this channel can no longer answer (a new one each time)."""
         return errors.IpcError(errors.KErrDisconnected, self.dropped or "the channel was dropped")
@@ -471,6 +476,10 @@ class Runtime:
             with self.completions:
                 self.completions.notify_all()
 
+    def requests_on(self, channel: Channel) -> list[int]:
+        """The req_ids of the async requests still pending on `channel`."""
+        return [req_id for req_id, p in list(self.pending.items()) if p.channel is channel]
+
     def requests_of(self, session: Any) -> list[int]:
         """The req_ids of `session`'s async requests still pending (for its Close)."""
         return [req_id for req_id, p in list(self.pending.items()) if p.session is session]
@@ -551,7 +560,7 @@ class Runtime:
         locally with KErrDied, as a thread's requests die with it in Symbian. (Answers that
         reached the channel before that are delivered first.)"""
         channel.try_settle()
-        for req_id in [r for r, p in list(self.pending.items()) if p.channel is channel]:
+        for req_id in self.requests_on(channel):
             self.complete(req_id, errors.KErrDied)
         self.channels.discard(channel)
         channel.close()
@@ -573,7 +582,7 @@ class Runtime:
         if channel.dropped is None:  # (the channel's notice overtook the inbox's)
             self.channel_dropped(channel.routing_id, waiting)
         channel.ended = True
-        for req_id in [r for r, p in list(self.pending.items()) if p.channel is channel]:
+        for req_id in self.requests_on(channel):
             self.complete(req_id, errors.KErrDisconnected, (), channel.dropped_error())
         self._close_if_finished(channel)
 
@@ -688,10 +697,7 @@ class _Inbox:
             watched = self._unattended_channels()
             for channel in watched:
                 poller.register(channel.fd, zmq.POLLIN)
-            waiting = any(
-                c.pending or c.abandoned or (c.dropped and not c.ended)
-                for c in list(self.runtime.channels)
-            )
+            waiting = any(c.awaits_answers() for c in list(self.runtime.channels))
             try:
                 ready = dict(poller.poll(IDLE * 1000 if waiting else None))
             except zmq.ZMQError:
@@ -712,8 +718,7 @@ class _Inbox:
         now = time.monotonic()
         return [
             c for c in list(self.runtime.channels)
-            if not c.closed and (c.pending or c.abandoned or (c.dropped and not c.ended))
-            and now - c.last_used > IDLE
+            if not c.closed and c.awaits_answers() and now - c.last_used > IDLE
         ]
 
     def _drain(self, socket: zmq.Socket) -> None:

@@ -148,12 +148,11 @@ MAX_PATH = 4096
 
 #: The range of a 32-bit signed int: every argument int, completion value and panic reason.
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
-_I32_MIN, _I32_MAX = I32_MIN, I32_MAX
 _U63_MAX = 2**63 - 1
 
 #: A function number the server host answers itself (ServiceL never sees it): the description
 #: of error code Int0, asked along the session's overlays and server, written into argument 1.
-ERROR_STRING_FUNCTION = _I32_MAX
+ERROR_STRING_FUNCTION = I32_MAX
 
 
 class ProtocolError(Exception):
@@ -287,11 +286,11 @@ def _version(value: Any) -> tuple[int, int, int]:
     return value
 
 
-_i32 = _int_in(_I32_MIN, _I32_MAX, "a 32-bit signed int")
+_i32 = _int_in(I32_MIN, I32_MAX, "a 32-bit signed int")
 _u63 = _int_in(0, _U63_MAX, "an unsigned 63-bit int")
 _u32 = _int_in(0, 2**32 - 1, "an unsigned 32-bit int")
-_handle = _int_in(1, _I32_MAX, "a handle in 1..2**31-1")
-_function = _int_in(0, _I32_MAX, "a function number in 0..2**31-1")
+_handle = _int_in(1, I32_MAX, "a handle in 1..2**31-1")
+_function = _int_in(0, I32_MAX, "a function number in 0..2**31-1")
 _sharing = _int_in(min(TServerType), max(TServerType), "a sharing mode 0..2")
 _role = _int_in(min(Role), max(Role), "a role")
 _mode = _int_in(min(Mode), max(Mode), "a mode")
@@ -306,7 +305,7 @@ def check_args(value: Any) -> tuple:
     for index, arg in enumerate(value):
         kind = type(arg)
         if kind is int:
-            if not _I32_MIN <= arg <= _I32_MAX:
+            if not I32_MIN <= arg <= I32_MAX:
                 raise ValueError(f"argument {index}: int {arg} is outside 32 bits")
         elif kind is tuple:
             if (
@@ -634,7 +633,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Welcome: (Kind.WELCOME, (_u32, _u63, _u16)),
     Connected: (
         Kind.CONNECTED,
-        (_u63, _i32, _int_in(0, _I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD)),
+        (_u63, _i32, _int_in(0, I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD)),
     ),
     Completed: (Kind.COMPLETED, (_u63, _i32, _writes)),
     Panicked: (

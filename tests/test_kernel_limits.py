@@ -82,7 +82,7 @@ def test_a_closed_session_gives_its_place_back_once_the_server_has_it() -> None:
     open_session(state, C1, req_id=2)
 
 
-def test_opening_a_protected_session_counts_towards_the_limit() -> None:
+def test_open_counts_towards_the_limit_and_a_refusal_attaches_nothing() -> None:
     state = new_state(sessions_per_process=1)
     start_server(state, sharing=2)
     start_client(state)
@@ -92,6 +92,7 @@ def test_opening_a_protected_session_counts_towards_the_limit() -> None:
     open_session(state, C2, req_id=3)  # CLI2 holds one session already
     actions = state.receive(C2, Open(4, token))
     assert actions == [Send(C2, Connected(4, errors.KErrOverflow, 0, b""))]
+    assert C2 not in state.sessions[handle].attached  # it takes none of the 255 places
 
 
 def test_outstanding_requests_are_limited_per_process_not_per_session() -> None:
@@ -177,18 +178,6 @@ def test_synchronous_requests_held_back_count_towards_the_process_limit() -> Non
         Send(C1, Completed(15, errors.KErrOverflow, ()))
     ]
     assert state.statistics()["held"] == 5
-
-
-def test_an_open_refused_by_the_session_limit_attaches_nothing() -> None:
-    state = new_state(sessions_per_process=1)
-    start_server(state, sharing=2)
-    start_client(state)
-    start_client(state, CLI2, C2, IN2)
-    handle = open_session(state, C1, req_id=1)
-    token = one(state.receive(C1, Share(2, handle, 2)), C1, Shared).token
-    open_session(state, C2, req_id=3)
-    assert one(state.receive(C2, Open(4, token)), C2, Connected).result == errors.KErrOverflow
-    assert C2 not in state.sessions[handle].attached  # it takes none of the 255 places
 
 
 def test_a_termination_waits_for_what_is_held_back_and_the_server_is_told() -> None:

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from conftest import KernelFixture, wait_until
+from conftest import KernelFixture, ManagedProcess, wait_until
 from ipcfw import IpcError, Overflow, RSession, ServerBusy, TRequestStatus
 from ipcfw.errors import KErrServerBusy, KErrServerTerminated
 from plugins.dam import EEcho, EHold
@@ -32,12 +32,8 @@ def _registrations(server_log: str) -> int:
 @pytest.mark.kernel_options(*SMALL_BACKLOG)
 def test_a_paused_server_is_held_back_not_cut_off(kernel: KernelFixture) -> None:
     server = kernel.serve(DAM, "dam")
-    threads = [_Sender(sessions=15, function=EEcho) for _ in range(4)]
-    wait_until(lambda: all(t.connected.is_set() for t in threads), what="the senders to connect")
-    server.kill(signal.SIGSTOP)
+    threads = _senders_to_a_stopped_server(server, EEcho)
     try:
-        for thread in threads:
-            thread.go.set()
         # 15,300 requests for a server that reads nothing: 11,000 or so fill the socket
         # buffers, and most of the others wait in the kernel, held back.
         wait_until(lambda: kernel.statistics()["held"] > 3000, timeout=30,
@@ -61,14 +57,8 @@ def test_a_server_past_the_backlog_cut_off_is_told_and_registers_again(
     kernel: KernelFixture,
 ) -> None:
     server = kernel.serve(DAM, "dam")
-    # Four threads, so that the answers to each (its channel's share) fit in the socket
-    # buffers, while the requests to the one server do not.
-    threads = [_Sender(sessions=15, function=EHold) for _ in range(4)]
-    wait_until(lambda: all(t.connected.is_set() for t in threads), what="the senders to connect")
-    server.kill(signal.SIGSTOP)
+    threads = _senders_to_a_stopped_server(server, EHold)
     try:
-        for thread in threads:
-            thread.go.set()
         wait_until(lambda: "stopped serving the server socket" in kernel.process.log(),
                    what="the kernel to cut the paused server off")
         for thread in threads:
@@ -89,6 +79,19 @@ def test_a_server_past_the_backlog_cut_off_is_told_and_registers_again(
     assert server.alive()
     with RSession.connect("dam") as fresh:
         assert fresh.SendReceive(EEcho, (5,)) == 5
+
+
+def _senders_to_a_stopped_server(server: ManagedProcess, function: int) -> list[_Sender]:
+    """Four threads of 15 sessions each, connected, then sending 255 async requests on each
+    once `server` is stopped (SIGSTOP; the caller resumes it). Four, so that the answers to
+    each (its channel's share) fit in the socket buffers, while the requests to the one server
+    do not."""
+    threads = [_Sender(sessions=15, function=function) for _ in range(4)]
+    wait_until(lambda: all(t.connected.is_set() for t in threads), what="the senders to connect")
+    server.kill(signal.SIGSTOP)
+    for thread in threads:
+        thread.go.set()
+    return threads
 
 
 class _Sender(threading.Thread):

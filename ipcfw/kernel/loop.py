@@ -144,7 +144,6 @@ class Kernel:
         self._gone: list[bytes] = []
         self._cut: dict[bytes, int] = {}  # peers past the backlog limit -> frames they left unread
         self._dropped: set[bytes] = set()  # peers no longer served, until their socket closes
-        self._holding: set[bytes] = set()  # servers whose messages the state holds back
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from signal handlers and other threads."""
@@ -197,7 +196,7 @@ class Kernel:
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
-            timeout = 5 if self._backlog or self._holding else 200
+            timeout = 5 if self._backlog or self.state.held_back else 200
             for source, _ in self._poller.poll(timeout):
                 try:
                     if source is self._router:
@@ -208,7 +207,7 @@ class Kernel:
                         self._process_exited(source)
                 except Exception:  # a bug or an exhausted resource must not end the kernel
                     log.exception("kernel loop error (the event was dropped; serving on)")
-            if self._backlog or self._holding:
+            if self._backlog or self.state.held_back:
                 try:
                     self._flush_backlog()
                 except Exception:  # (it runs the state's rules too: release, drop)
@@ -317,7 +316,6 @@ class Kernel:
     def _forget_departed(self) -> None:
         for rid in [r for r in self._address_of if not self.state.knows(r)]:
             del self._address_of[rid]
-            self._holding.discard(rid)
             if rid not in self._dropped:
                 self._backlog.pop(rid, None)
 
@@ -372,8 +370,8 @@ class Kernel:
                 self._cut.setdefault(rid, len(queue))  # dropped once this turn's actions are done
                 return
             queue.append(frame)  # keep order behind what is already waiting
-            if len(queue) >= _HOLD_AT and not self.state.holding(rid) and self.state.hold_back(rid):
-                self._holding.add(rid)
+            if len(queue) >= _HOLD_AT and not self.state.holding(rid):
+                self.state.hold_back(rid)  # (nothing is held back for a peer that is no server)
             return
         try:
             self._send_now(rid, frame)
@@ -406,11 +404,9 @@ class Kernel:
                 queue.popleft()
             if not queue:
                 del self._backlog[rid]
-        for rid in list(self._holding):
+        for rid in list(self.state.held_back):
             if rid not in self._backlog:  # it has read all we sent: let more go
                 self._perform(self.state.release(rid, _RELEASE))
-                if not self.state.holding(rid):
-                    self._holding.discard(rid)
         self._settle_departures()
 
 

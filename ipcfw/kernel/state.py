@@ -492,8 +492,8 @@ class KernelState:
             return []
         actions: list[Action] = []
         for rid in sorted(process.peers):
-            actions += self.peer_gone(rid)
-        return self._hold(actions) if self.held_back else actions
+            actions += self.peer_gone(rid)  # (each holds back what it sends held-back servers)
+        return actions
 
     def peer_dropped(self, rid: bytes, waiting: int) -> list[Action]:
         """The loop stopped serving a peer that left `waiting` frames unread: forget it as if
