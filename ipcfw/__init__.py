@@ -5,10 +5,17 @@ clients are any Python processes holding `RSession` handles. See docs/getting-st
 """
 
 from . import errors
-from .client import RSession, TIpcArgs, TRequestStatus, User, kernel_statistics, terminate_server
+from .client import (
+    RSession,
+    RSubSession,
+    TIpcArgs,
+    TRequestStatus,
+    User,
+    kernel_statistics,
+    terminate_server,
+)
 from .errors import *  # noqa: F401,F403  (the codes and exception classes: errors.__all__)
 from .errors import __all__ as _error_names
-from .objectix import CObjectIx
 from .protocol import (
     EGlobalSharableSessions,
     ESharableSessions,
@@ -16,9 +23,18 @@ from .protocol import (
     TerminationReason,
     TServerType,
 )
-from .server import ClientInfo, CServer, CSession, RMessage, ServerHost, ServerPanic, serve
-from .subsession import RSubSession
-from .overlay import COverlay, COverlaySession
+from .server import (
+    ClientInfo,
+    CObjectIx,
+    COverlay,
+    COverlaySession,
+    CServer,
+    CSession,
+    RMessage,
+    ServerHost,
+    ServerPanic,
+    serve,
+)
 from .version import QueryVersionSupported, TVersion
 
 __version__ = "0.1.0"

@@ -2,8 +2,8 @@
 
 The frames are what a peer can send to make decoding cost more than the frame: msgpack gives
 every array, map, str and bin its own Python object, so one byte (an empty map) can become a
-64-byte dict. tests/test_bounded_decoding.py sends some of them to a real kernel; run this file
-to measure `decode` itself, against whichever ipcfw is first on the path:
+64-byte dict. tests/kernel/test_bounded_decoding.py sends some of them to a real kernel; run
+this file to measure `decode` itself, against whichever ipcfw is first on the path:
 
     python tests/hostile_decoding.py timing     # the hot path: typical messages, min of runs
     python tests/hostile_decoding.py timing /tmp/base/ipcfw/protocol.py   # ... beside another

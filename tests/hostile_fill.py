@@ -1,6 +1,6 @@
-"""A server plugin for tests/test_hostile.py: function 1 fills every writable descriptor argument
-up to its max length (as a server that reads "as much as fits" would) and completes with the
-number of bytes written."""
+"""A server plugin for tests/kernel/test_hostile.py: function 1 fills every writable descriptor
+argument up to its max length (as a server that reads "as much as fits" would) and completes with
+the number of bytes written."""
 
 from __future__ import annotations
 

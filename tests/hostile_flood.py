@@ -1,4 +1,5 @@
-"""A hostile process for tests/test_hostile.py: floods the kernel with bad frames from raw sockets.
+"""A hostile process for tests/kernel/test_hostile.py: floods the kernel with bad frames from raw
+sockets.
 
     python tests/hostile_flood.py ENDPOINT VICTIM_HANDLE
 

@@ -1,4 +1,4 @@
-"""Malformed ipcfw frames, for the hostile-peer tests (tests/test_hostile.py,
+"""Malformed ipcfw frames, for the hostile-peer tests (tests/kernel/test_hostile.py,
 tests/hostile_flood.py).
 
 `malformed_frames(rng, count, samples, wrong_way)` returns `count` zmq messages (each a list of

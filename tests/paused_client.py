@@ -1,6 +1,6 @@
 """A client that stops itself (SIGSTOP) while a flood of answers comes its way, then reports.
 
-Used by tests/test_slow_peers.py: it opens SESSIONS sessions, has the dam server hold 255
+Used by tests/kernel/test_slow_peers.py: it opens SESSIONS sessions, has the dam server hold 255
 requests of each, asks the server to let them all go 300 ms later, and stops itself at once, so
 the answers pile up in the kernel for its thread's channel. The test resumes it (SIGCONT) once
 the kernel has cut the channel off; the client then prints one JSON line: what became of each

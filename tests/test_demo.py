@@ -205,7 +205,7 @@ def test_demo_without_a_source_checkout_says_so(tmp_path):
 def test_demo_failure_shows_the_logs_and_stops_everything(monkeypatch, capsys):
     # In this process, with a server plugin that cannot load: the demo must say which process
     # failed, show its log, and still stop the kernel and the server that did start.
-    import ipcfw.demo as demo
+    import ipcfw.tools.demo as demo
 
     monkeypatch.setattr(demo, "EXAMPLES", (
         demo.EXAMPLES[0],

@@ -246,7 +246,7 @@ V = [1, 0, 0]
 EXT = msgpack.ExtType(5, b"ext")
 TS = msgpack.Timestamp(1, 2)
 #: What decode says of a map outside StatsReply.counters, and of any ext type: msgpack refuses
-#: them while reading (see tests/test_bounded_decoding.py), so no field is named.
+#: them while reading (see tests/kernel/test_bounded_decoding.py), so no field is named.
 NO_MAP = (
     r"^a map( of \d+ entr(y|ies))?, where the protocol has none "
     r"\(only StatsReply\.counters is a map\)$"

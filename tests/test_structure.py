@@ -22,7 +22,7 @@ from ipcfw import protocol
 
 PACKAGE = Path(ipcfw.__file__).resolve().parent
 ROOT = PACKAGE.parent
-PURE_MODULES = ["ipcfw/protocol.py", "ipcfw/kernel/state.py", "ipcfw/objectix.py"]
+PURE_MODULES = ["ipcfw/protocol.py", "ipcfw/kernel/state.py", "ipcfw/server/objectix.py"]
 FORBIDDEN = frozenset(
     {"zmq", "os", "socket", "threading", "time", "psutil", "select", "subprocess"}
 )

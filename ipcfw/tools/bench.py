@@ -41,7 +41,8 @@ The systems
     and an ``RSession`` in this process.
 ``ipcfw-shared-8``
     The same kernel, a second server process ``python -m ipcfw serve
-    ipcfw.bench:SharedEchoServer`` (``servers.echo.EchoServer`` registered as ``echo-shared`` with
+    ipcfw.tools.bench:SharedEchoServer`` (``servers.echo.EchoServer`` registered as
+    ``echo-shared`` with
     ``sharing = ESharableSessions``: ``EchoServer`` itself refuses ``ShareAuto``), one
     ``RSession`` created by the main thread and shared with ``ShareAuto``, and 8 worker threads
     calling ``SendReceive(1, (42, 0, 0, 0))`` on it, each on its own channel to the kernel.
@@ -339,7 +340,7 @@ class Children:
 
     def stop_all(self) -> None:
         """Terminate every child (newest first), wait with a timeout, kill stragglers."""
-        from ipcfw._children import stop_processes  # (lazy: this file also runs as a script)
+        from ipcfw.tools.children import stop_processes  # (lazy: this file also runs as a script)
 
         children = list(reversed(self._children))
         stop_processes((child.proc for child in children), STOP_TIMEOUT)
@@ -560,7 +561,8 @@ def _shared_echo_server() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    """``SharedEchoServer``, built on first use, for ``ipcfw serve ipcfw.bench:SharedEchoServer``.
+    """``SharedEchoServer``, built on first use, for
+    ``ipcfw serve ipcfw.tools.bench:SharedEchoServer``.
 
     Lazily, so that importing the bench never imports the ipcfw server side or ``servers``.
     """
@@ -598,7 +600,7 @@ def start_bare_forwarder(
 
 def _repo_root() -> Path:
     """The directory holding ``ipcfw/`` and ``servers/``."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 class _IpcfwApi(NamedTuple):
@@ -692,7 +694,7 @@ def start_ipcfw(children: Children, workdir: Path, shared_threads: int = 0) -> I
                           endpoint)]
     if shared_threads:
         shared_server = _spawn_ipcfw(children, "ipcfw-echo-shared-server",
-                                     ["serve", "ipcfw.bench:SharedEchoServer"], endpoint)
+                                     ["serve", "ipcfw.tools.bench:SharedEchoServer"], endpoint)
     try:
         with watchdog(STARTUP_TIMEOUT + 2):
             session = _connect_echo(api, stack, deadline)

@@ -53,11 +53,11 @@ from typing import Any, Iterable, Optional
 
 import zmq
 
-from . import endpoint as endpoints
-from . import errors
-from ._wakeup import WakePipe
-from ._zmqflags import EVENTS, POLLIN
-from .protocol import (
+from .. import endpoint as endpoints
+from .. import errors
+from .._wakeup import WakePipe
+from .._zmqflags import EVENTS, POLLIN
+from ..protocol import (
     PROTOCOL_VERSION,
     Close,
     Completed,

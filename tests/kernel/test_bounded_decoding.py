@@ -252,7 +252,7 @@ def test_a_hostile_frame_costs_at_most_its_size(name: str) -> None:
 def test_a_descriptor_is_bounded_by_its_frame_alone() -> None:
     """A bin costs its own bytes, so it needs no limit but the frame's: the transport bounds
     that (the kernel's MAXMSGSIZE), and a server decodes whatever its kernel sends it, even a
-    descriptor over MAX_FRAME (tests/test_hostile.py relies on that)."""
+    descriptor over MAX_FRAME (tests/kernel/test_hostile.py relies on that)."""
     frame = encode(Deliver(1, 1, 1, (bytes(MAX_FRAME + 1),), 1))
     peak, _, outcome = _peak_of_decode(frame)
     assert outcome == "Deliver"

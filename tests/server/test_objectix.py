@@ -190,20 +190,3 @@ def test_remove_takes_the_object_out_even_if_close_raises():
         index.Remove(handle)
     assert index.At(handle) is None and index.Count() == 0
 
-
-def test_the_module_is_pure():
-    # Like the protocol codec and the kernel's state (tests/test_structure.py): no I/O, clock,
-    # thread or OS module, so the index can be used and tested anywhere.
-    import ast
-    from pathlib import Path
-
-    import ipcfw.objectix
-
-    tree = ast.parse(Path(ipcfw.objectix.__file__).read_text(encoding="utf-8"))
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add("." * node.level + (node.module or ""))
-    assert imported <= {"__future__", "heapq", "typing", "."}, imported

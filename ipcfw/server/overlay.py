@@ -23,11 +23,11 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
-from .server import CServer, CSession, RMessage
-from .version import TVersion
+from .host import CServer, CSession, RMessage
+from ..version import TVersion
 
 if TYPE_CHECKING:
-    from .server import _LayeredSession
+    from .host import _LayeredSession
 
 __all__ = ["COverlay", "COverlaySession", "layers_of"]
 

@@ -10,7 +10,7 @@ import pytest
 
 import ipcfw
 from ipcfw import ClientPanic, RSession, TRequestStatus, User
-from ipcfw import _runtime
+from ipcfw.client import runtime as _runtime
 from conftest import wait_until
 from plugins import probe
 
@@ -271,7 +271,7 @@ def test_a_first_request_that_times_out_leaves_the_session_connected(kernel, pro
 
 
 def test_shutting_the_runtime_down_completes_pending_requests(probe_server):
-    from ipcfw._runtime import Runtime
+    from ipcfw.client.runtime import Runtime
 
     session = connect()
     status = TRequestStatus()

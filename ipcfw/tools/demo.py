@@ -32,11 +32,11 @@ from collections import deque
 from pathlib import Path
 from typing import Optional
 
-from . import errors
-from ._children import stop_processes
+from .. import errors
+from .children import stop_processes
 from .bench import WINDOW  # the same pipelined measurement, in small
-from .client import RSession, TRequestStatus, kernel_statistics
-from .endpoint import IPC_PATH_MAX
+from ..client import RSession, TRequestStatus, kernel_statistics
+from ..endpoint import IPC_PATH_MAX
 
 STARTUP_TIMEOUT = 15.0  # seconds for the kernel and every server to answer
 STOP_TIMEOUT = 5.0  # seconds for a process to exit after SIGTERM, before SIGKILL
@@ -64,7 +64,7 @@ class _Terminated(BaseException):
 
 def repo_root() -> Optional[Path]:
     """The source checkout holding ``ipcfw/``, ``servers/`` and ``clients/``; None if absent."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if (root / "servers" / "echo.py").is_file() and (root / "clients" / "__init__.py").is_file():
         return root
     return None
@@ -273,7 +273,7 @@ def _measure(endpoint: str) -> None:
 def _close_client_runtime(endpoint: str) -> None:
     """Stop this process's client runtime for `endpoint` (its I/O thread and sockets) before the
     kernel stops, so that it does not report the kernel's exit as a death."""
-    from ._runtime import Runtime
+    from ..client.runtime import Runtime
 
     Runtime.shutdown(endpoint)
 
@@ -287,7 +287,7 @@ def run_demo() -> int:
     if root is None:
         print(
             "ipcfw demo: the example servers and clients were not found next to the ipcfw package "
-            f"({Path(__file__).resolve().parent.parent}).\nThe demo needs a source checkout "
+            f"({Path(__file__).resolve().parents[2]}).\nThe demo needs a source checkout "
             "installed with `pip install -e .`; run it from there.",
             file=sys.stderr,
         )

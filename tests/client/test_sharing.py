@@ -207,7 +207,7 @@ def test_no_head_of_line_blocking_with_out_of_order_completion(probe_server):
 
 FORGE = (
     "import sys, ipcfw\n"
-    "from ipcfw._runtime import Runtime\n"
+    "from ipcfw.client.runtime import Runtime\n"
     "forged = ipcfw.RSession()\n"
     "forged._runtime, forged._handle = Runtime.for_endpoint(), int(sys.argv[1])  # not held here\n"
     "try:\n"

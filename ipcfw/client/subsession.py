@@ -40,8 +40,8 @@ import threading
 import warnings
 from typing import Any, Iterable, Optional, Union
 
-from . import errors
-from .client import RSession, TIpcArgs, TRequestStatus
+from .. import errors
+from .session import RSession, TIpcArgs, TRequestStatus
 
 log = logging.getLogger("ipcfw.subsession")
 

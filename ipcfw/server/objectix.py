@@ -30,7 +30,7 @@ from __future__ import annotations
 import heapq
 from typing import Any, Iterator, Optional
 
-from . import errors
+from .. import errors
 
 __all__ = ["CObjectIx"]
 

@@ -228,7 +228,7 @@ def test_a_bad_limit_is_refused_with_its_name(option: str, tmp_path) -> None:
 def test_a_request_on_a_channel_that_has_ended_fails_at_once(kernel: KernelFixture) -> None:
     """A thread that fetched its channel just before another thread read the kernel's notice
     from it must not send into the void (the kernel ignores the channel): it fails at once."""
-    from ipcfw._runtime import Pending, Runtime
+    from ipcfw.client.runtime import Pending, Runtime
 
     kernel.serve(DAM, "dam")
     with RSession.connect("dam", message_slots=4) as session:

@@ -17,11 +17,11 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Callable, Optional
 
-from . import endpoint as endpoints
-from . import errors
+from .. import endpoint as endpoints
+from .. import errors
 
 if TYPE_CHECKING:
-    from .kernel.limits import KernelLimits
+    from ..kernel.limits import KernelLimits
 
 log = logging.getLogger("ipcfw.cli")
 
@@ -130,7 +130,7 @@ _LIMIT_HELP = {
 
 
 def _limit_options(parser: argparse.ArgumentParser) -> None:
-    from .kernel.limits import KernelLimits
+    from ..kernel.limits import KernelLimits
 
     defaults = KernelLimits()
     for name, text in _LIMIT_HELP.items():
@@ -139,7 +139,7 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _limits_of(args: argparse.Namespace) -> KernelLimits:
-    from .kernel.limits import KernelLimits
+    from ..kernel.limits import KernelLimits
 
     return KernelLimits(**{name: getattr(args, name) for name in _LIMIT_HELP})
 
@@ -150,7 +150,7 @@ def _on_signals(stop: Callable[[], None]) -> None:
 
 
 def _run_kernel(args: argparse.Namespace) -> int:
-    from .kernel import Kernel, KernelAlreadyRunning
+    from ..kernel import Kernel, KernelAlreadyRunning
 
     try:
         kernel = Kernel(args.endpoint, limits=_limits_of(args))
@@ -181,7 +181,7 @@ def load_plugin(spec: str) -> type:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from .server import ServerHost
+    from ..server import ServerHost
 
     try:
         top = load_plugin(args.plugin)()
@@ -210,7 +210,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_terminate(args: argparse.Namespace) -> int:
-    from .client import terminate_server
+    from ..client import terminate_server
 
     terminate_server(args.name, endpoint=args.endpoint, timeout=args.timeout)
     print(f"server {args.name!r} terminated")
@@ -218,7 +218,7 @@ def _run_terminate(args: argparse.Namespace) -> int:
 
 
 def _run_ps(args: argparse.Namespace) -> int:
-    from .client import kernel_statistics
+    from ..client import kernel_statistics
 
     counters = kernel_statistics(args.endpoint)
     width = max(len(name) for name in counters)

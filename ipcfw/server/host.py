@@ -34,12 +34,12 @@ from typing import Any, ClassVar, NamedTuple, Optional
 
 import zmq
 
-from . import endpoint as endpoints
-from . import errors
-from ._wakeup import WakePipe
+from .. import endpoint as endpoints
+from .. import errors
+from .._wakeup import WakePipe
 from .objectix import CObjectIx
-from ._zmqflags import NOBLOCK
-from .protocol import (
+from .._zmqflags import NOBLOCK
+from ..protocol import (
     I32_MAX,
     I32_MIN,
     EGlobalSharableSessions,
@@ -73,7 +73,7 @@ from .protocol import (
     decode,
     encode,
 )
-from .version import QueryVersionSupported, TVersion, to_version
+from ..version import QueryVersionSupported, TVersion, to_version
 
 log = logging.getLogger("ipcfw.server")
 

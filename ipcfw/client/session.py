@@ -27,10 +27,10 @@ import types
 import warnings
 from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Union
 
-from . import errors
-from ._runtime import Channel, Pending, Runtime
-from .naming import name_problem
-from .protocol import (
+from .. import errors
+from .runtime import Channel, Pending, Runtime
+from ..naming import name_problem
+from ..protocol import (
     I32_MAX,
     I32_MIN,
     EGlobalSharableSessions,
@@ -57,7 +57,7 @@ from .protocol import (
     TerminationReason,
     encode,
 )
-from .version import TVersion, to_version
+from ..version import TVersion, to_version
 
 log = logging.getLogger("ipcfw.client")
 
