@@ -173,7 +173,8 @@ class IpcError(Exception):
         if fixed is not None and isinstance(code, str):
             if message:
                 raise TypeError(f"{type(self).__name__}() takes one message, got two")
-            code, message = fixed, code
+            message = code
+            code = fixed
         elif fixed is not None and code is None:
             code = fixed
         code = _require_code(code)

@@ -245,6 +245,14 @@ class Mode(enum.IntEnum):
 
 Checker = Callable[[Any], Any]
 
+#: A request's arguments on the wire: each an int, read-only bytes, or a writable descriptor
+#: (its content, its max length).
+Args = tuple[Union[int, bytes, tuple[bytes, int]], ...]
+#: What a server wrote into a request's writable descriptors: (argument index, content) pairs.
+Writes = tuple[tuple[int, bytes], ...]
+#: A version on the wire: (major, minor, build).
+Version = tuple[int, int, int]
+
 
 def _int_in(low: int, high: int, what: str) -> Checker:
     def check(value: Any) -> int:
@@ -298,7 +306,7 @@ _u16 = _int_in(0, 0xFFFF, "an unsigned 16-bit int")
 _reason = _int_in(min(TerminationReason), max(TerminationReason), "a termination reason")
 
 
-def check_args(value: Any) -> tuple:
+def check_args(value: Any) -> Args:
     """Check a wire argument tuple; raise ValueError saying what is wrong."""
     if type(value) is not tuple or len(value) > 4:
         raise ValueError("expected a tuple of at most 4 arguments")
@@ -320,9 +328,9 @@ def check_args(value: Any) -> tuple:
     return value
 
 
-def _first(value: Any) -> tuple:
+def _first(value: Any) -> tuple[Any, ...]:
     if value == ():
-        return value
+        return ()
     if type(value) is not tuple or len(value) != 3:
         raise ValueError("expected () or a (req_id, function, args) first request")
     _u63(value[0])
@@ -331,7 +339,7 @@ def _first(value: Any) -> tuple:
     return value
 
 
-def _writes(value: Any) -> tuple:
+def _writes(value: Any) -> Writes:
     if type(value) is not tuple or len(value) > 4:
         raise ValueError("expected a tuple of at most 4 (index, bytes) writes")
     for item in value:
@@ -350,7 +358,7 @@ def _writes(value: Any) -> tuple:
 _MAX_COUNTERS = 256
 
 
-def _counters(value: Any) -> dict:
+def _counters(value: Any) -> dict[str, int]:
     if type(value) is not dict or len(value) > _MAX_COUNTERS:
         raise ValueError(f"expected a map of at most {_MAX_COUNTERS} counters")
     for key, count in value.items():
@@ -375,7 +383,7 @@ class Register(NamedTuple):
     req_id: int
     name: str
     sharing: int
-    version: tuple
+    version: Version
 
 
 class Connect(NamedTuple):
@@ -388,10 +396,10 @@ class Connect(NamedTuple):
 
     req_id: int
     name: str
-    version: tuple
+    version: Version
     slots: int
     payload: bytes
-    first: tuple = ()
+    first: tuple[Any, ...] = ()
 
 
 class Request(NamedTuple):
@@ -400,7 +408,7 @@ class Request(NamedTuple):
     req_id: int
     handle: int
     function: int
-    args: tuple
+    args: Args
     mode: int
 
 
@@ -423,7 +431,7 @@ class Complete(NamedTuple):
 
     msg_id: int
     value: int
-    writes: tuple
+    writes: Writes
 
 
 class Panic(NamedTuple):
@@ -485,7 +493,7 @@ class Completed(NamedTuple):
 
     req_id: int
     value: int
-    writes: tuple
+    writes: Writes
 
 
 class Panicked(NamedTuple):
@@ -522,7 +530,7 @@ class StatsReply(NamedTuple):
     """Kernel -> peer: the kernel's counters."""
 
     req_id: int
-    counters: dict
+    counters: dict[str, int]
 
 
 class NewSession(NamedTuple):
@@ -530,7 +538,7 @@ class NewSession(NamedTuple):
 
     msg_id: int
     handle: int
-    version: tuple
+    version: Version
     client: int
     payload: bytes
 
@@ -541,7 +549,7 @@ class Deliver(NamedTuple):
     msg_id: int
     handle: int
     function: int
-    args: tuple
+    args: Args
     client: int
 
 
@@ -655,7 +663,9 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
 }
 
 
-def _compile_validator(cls: type, checkers: tuple[Checker, ...]) -> Callable[[tuple], bool]:
+def _compile_validator(
+    cls: type, checkers: tuple[Checker, ...]
+) -> Callable[[tuple[Any, ...]], bool]:
     """One function testing all of a message's fields at once, built from its checkers.
 
     Calling the checkers one by one costs a Python call per field, more than unpacking the
@@ -679,7 +689,7 @@ def _compile_validator(cls: type, checkers: tuple[Checker, ...]) -> Callable[[tu
 
 
 _KIND_OF: dict[type, int] = {cls: int(kind) for cls, (kind, _) in _SCHEMA.items()}
-_BY_KIND: dict[int, tuple[type, tuple[Checker, ...], Callable[[tuple], bool]]] = {
+_BY_KIND: dict[int, tuple[type, tuple[Checker, ...], Callable[[tuple[Any, ...]], bool]]] = {
     int(kind): (cls, checkers, _compile_validator(cls, checkers))
     for cls, (kind, checkers) in _SCHEMA.items()
 }
@@ -687,7 +697,8 @@ _BY_KIND: dict[int, tuple[type, tuple[Checker, ...], Callable[[tuple], bool]]] =
 
 def encode(message: Message) -> bytes:
     """Return the one frame that carries `message`. Raises KeyError for a non-message."""
-    return msgpack.packb((_KIND_OF[type(message)], *message))
+    frame: bytes = msgpack.packb((_KIND_OF[type(message)], *message))
+    return frame
 
 
 # -- bounded decoding (see the module docstring) ----------------------------------------------
@@ -705,7 +716,7 @@ _NO_MAP = "where the protocol has none (only StatsReply.counters is a map)"
 _unpackb = msgpack.unpackb
 
 
-def _refuse_map(value: dict) -> dict:
+def _refuse_map(value: dict[Any, Any]) -> dict[Any, Any]:
     raise ProtocolError(f"a map, {_NO_MAP}")
 
 
@@ -745,7 +756,7 @@ def decode(frame: Union[bytes, memoryview]) -> Message:
     raise _field_error(cls, checkers, fields)
 
 
-def _unpack_counted(frame: bytes) -> Any:
+def _unpack_counted(frame: Union[bytes, memoryview]) -> Any:
     """Unpack `frame` under every limit, counting arrays."""
     return _unpackb(
         frame, use_list=False, max_array_len=_MAX_ARRAY_LEN, max_map_len=0,
@@ -754,12 +765,12 @@ def _unpack_counted(frame: bytes) -> Any:
     )
 
 
-def _array_counter() -> Callable[[tuple], tuple]:
+def _array_counter() -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
     """A list_hook refusing the array past `_MAX_ARRAYS`. msgpack calls it as it finishes each
     array, innermost first: once it refuses, nothing more is built."""
     arrays_left = _MAX_ARRAYS
 
-    def count_array(array: tuple) -> tuple:
+    def count_array(array: tuple[Any, ...]) -> tuple[Any, ...]:
         nonlocal arrays_left
         arrays_left -= 1
         if arrays_left < 0:
@@ -769,7 +780,7 @@ def _array_counter() -> Callable[[tuple], tuple]:
     return count_array
 
 
-def _unpack_stats_reply(frame: bytes, failure: Exception) -> Any:
+def _unpack_stats_reply(frame: Union[bytes, memoryview], failure: Exception) -> Any:
     """Unpack a frame the limits refused if it is a StatsReply, the one message with a map;
     otherwise, or if it fails again, raise the ProtocolError naming the failure.
 
@@ -809,7 +820,7 @@ def _unpack_stats_reply(frame: bytes, failure: Exception) -> Any:
 _MAP_HEADERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 
 
-def _read_counters(unpacker: msgpack.Unpacker) -> dict:
+def _read_counters(unpacker: msgpack.Unpacker) -> dict[str, int]:
     entries = unpacker.read_map_header()
     if entries > _MAX_COUNTERS:
         raise ProtocolError(f"map of {entries} entries exceeds the protocol's {_MAX_COUNTERS}")
@@ -841,7 +852,9 @@ def _unpack_error(exc: Exception) -> ProtocolError:
     return ProtocolError("an ext type, where the protocol has none")
 
 
-def _with_defaults(cls: Any, checkers: tuple, fields: tuple) -> tuple:
+def _with_defaults(
+    cls: Any, checkers: tuple[Checker, ...], fields: tuple[Any, ...]
+) -> tuple[Any, ...]:
     """Fill trailing fields that have defaults (added by later protocol versions)."""
     missing = cls._fields[len(fields):]
     if len(fields) > len(checkers) or not all(name in cls._field_defaults for name in missing):
@@ -849,7 +862,9 @@ def _with_defaults(cls: Any, checkers: tuple, fields: tuple) -> tuple:
     return fields + tuple(cls._field_defaults[name] for name in missing)
 
 
-def _field_error(cls: Any, checkers: tuple, fields: tuple) -> ProtocolError:
+def _field_error(
+    cls: Any, checkers: tuple[Checker, ...], fields: tuple[Any, ...]
+) -> ProtocolError:
     """The error naming the first field its checker refuses, and why."""
     for name, check, value in zip(cls._fields, checkers, fields):
         try:

@@ -19,7 +19,7 @@ from typing import Optional
 
 import psutil
 
-from .state import ProcessIdentity
+from .state import ProcessIdentity, ProcessKey
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ class ProcessWatcher:
     """One pidfd per watched process; the loop polls `fds()` and reports readable ones."""
 
     def __init__(self) -> None:
-        self._fd_of: dict[tuple, int] = {}
-        self._key_of: dict[int, tuple] = {}
+        self._fd_of: dict[ProcessKey, int] = {}
+        self._key_of: dict[int, ProcessKey] = {}
 
     def watch(self, identity: ProcessIdentity) -> Optional[int]:
         """Open a pidfd for `identity`; return it, or None if the process is already gone."""
@@ -79,7 +79,7 @@ class ProcessWatcher:
         self._key_of[fd] = identity.key
         return fd
 
-    def unwatch(self, key: tuple) -> Optional[int]:
+    def unwatch(self, key: ProcessKey) -> Optional[int]:
         """Stop watching; return the fd that was closed (for the poller), if any."""
         fd = self._fd_of.pop(key, None)
         if fd is not None:
@@ -87,7 +87,7 @@ class ProcessWatcher:
             os.close(fd)
         return fd
 
-    def key_of(self, fd: int) -> Optional[tuple]:
+    def key_of(self, fd: int) -> Optional[ProcessKey]:
         return self._key_of.get(fd)
 
     def close(self) -> None:

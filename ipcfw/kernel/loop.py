@@ -34,7 +34,7 @@ import fcntl
 import logging
 import os
 import threading
-from typing import Iterable, Optional
+from typing import Iterable, Optional, cast
 
 import zmq
 import zmq.utils.monitor
@@ -138,7 +138,7 @@ class Kernel:
         self._stop = threading.Event()
         self._reporter = _Reporter()
         self._watcher = ProcessWatcher()
-        self._backlog: dict[bytes, collections.deque] = {}
+        self._backlog: dict[bytes, collections.deque[bytes]] = {}
         self._address_of: dict[bytes, str] = {}
         self._rid_of_fd: dict[int, bytes] = {}
         self._gone: list[bytes] = []
@@ -172,8 +172,8 @@ class Kernel:
             lock.release()
             log.info("kernel %d stopped", os.getpid())
 
-    def _bind(self, context: zmq.Context) -> zmq.Socket:
-        router = context.socket(zmq.ROUTER)
+    def _bind(self, context: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+        router: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
         router.router_mandatory = 1  # EHOSTUNREACH / Again, never a silent drop
         router.router_handover = 0  # a live routing id cannot be taken over
         # MANDATORY makes a full peer raise Again instead of dropping; the frames then wait in
@@ -281,7 +281,7 @@ class Kernel:
         # The fd of a closed connection can be reused by this new one: settle earlier
         # disconnects first so they are not mistaken for this peer's.
         self._drain_monitor()
-        address = body.get("Peer-Address")
+        address = _peer_address(body)
         identity = identify(address)
         actions = self.state.hello(rid, identity, message)
         if self.state.knows(rid):  # (not when refused, e.g. for its protocol version)
@@ -410,8 +410,13 @@ class Kernel:
         self._settle_departures()
 
 
+def _peer_address(frame: zmq.Frame) -> str:
+    """The transport's Peer-Address of the frame's sender ("ipc:PID:UID:GID" here)."""
+    return cast(str, frame.get("Peer-Address"))
+
+
 def _pid_in(frame: zmq.Frame) -> str:
     try:
-        return frame.get("Peer-Address").rsplit(":", 1)[-1]
+        return _peer_address(frame).rsplit(":", 1)[-1]
     except (zmq.ZMQError, AttributeError):
         return "?"

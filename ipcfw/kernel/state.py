@@ -60,11 +60,13 @@ import enum
 import itertools
 import secrets
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 from .. import errors
 from ..naming import is_protected, lookup_key, name_problem
 from ..protocol import (
+    Args,
+    Version,
     MAX_FRAME,
     PROTOCOL_VERSION,
     PeerGone,
@@ -116,6 +118,10 @@ MAX_ATTACHED = 255
 TOKEN_BYTES = 16
 
 
+#: A process's identity across pid reuse: (pid, creation time).
+ProcessKey = tuple[int, float]
+
+
 class ProcessIdentity(NamedTuple):
     """Who a process is, as the transport and the OS say (never the peer itself)."""
 
@@ -126,7 +132,7 @@ class ProcessIdentity(NamedTuple):
     exe: str
 
     @property
-    def key(self) -> tuple[int, float]:
+    def key(self) -> ProcessKey:
         return (self.pid, self.create_time)
 
 
@@ -149,7 +155,7 @@ class Watch(NamedTuple):
 class Unwatch(NamedTuple):
     """Stop watching the process with this key: it has no peers left."""
 
-    key: tuple
+    key: ProcessKey
 
 
 Action = Union[Send, Watch, Unwatch]
@@ -232,14 +238,15 @@ _DELIVERABLE = frozenset({_S.CONNECTING, _S.OPEN})
 _HELD = frozenset({_S.CONNECTING, _S.OPEN, _S.PANICKED, _S.DEAD})
 
 
-_NO_WRITABLE: dict = {}  # shared by every message without writable descriptors: never mutated
+# Shared by every message without writable descriptors: never mutated.
+_NO_WRITABLE: dict[int, int] = {}
 
 
-def _writable_lengths(args: tuple) -> dict:
+def _writable_lengths(args: Args) -> dict[int, int]:
     """Arg index -> max length of each writable descriptor in `args`."""
     for arg in args:
         if type(arg) is tuple:
-            return {i: a[1] for i, a in enumerate(args) if type(a) is tuple}
+            return {i: a[1] for i, a in enumerate(args) if isinstance(a, tuple)}
     return _NO_WRITABLE
 
 
@@ -271,9 +278,9 @@ _NO_SLOT, _SESSION_SLOT, _POOL_SLOT = SlotSource.NONE, SlotSource.SESSION, SlotS
 class ProcessRecord:
     identity: ProcessIdentity
     client_key: int
-    peers: set = field(default_factory=set)  # routing ids
+    peers: set[bytes] = field(default_factory=set)  # routing ids
     inbox: Optional[bytes] = None
-    sessions: set = field(default_factory=set)  # handles this process holds
+    sessions: set[int] = field(default_factory=set)  # handles this process holds
     outstanding: int = 0  # its requests not yet completed
 
 
@@ -282,8 +289,8 @@ class Peer:
     rid: bytes
     role: Role
     process: ProcessRecord
-    owned: set = field(default_factory=set)  # unshared handles this channel created
-    attached: set = field(default_factory=set)  # handles this channel has used
+    owned: set[int] = field(default_factory=set)  # unshared handles this channel created
+    attached: set[int] = field(default_factory=set)  # handles this channel has used
 
 
 @dataclass(eq=False)
@@ -292,16 +299,16 @@ class ServerRecord:
     rid: bytes
     process: ProcessRecord
     sharing: int
-    version: tuple
-    sessions: set = field(default_factory=set)
-    messages: dict = field(default_factory=dict)  # msg_id -> MessageRecord
-    informed: set = field(default_factory=set)  # client keys this server has a PeerInfo for
+    version: Version
+    sessions: set[int] = field(default_factory=set)
+    messages: dict[int, MessageRecord] = field(default_factory=dict)
+    informed: set[int] = field(default_factory=set)  # client keys this server has a PeerInfo for
     terminating: Optional[int] = None  # the TerminationReason once termination began
-    waiters: list = field(default_factory=list)  # (rid, req_id) answered when it has ended
+    waiters: list[tuple[bytes, int]] = field(default_factory=list)  # answered when it has ended
     # While the server is not reading: what it is sent, in order, keyed by msg_id for the
     # messages of the kernel's tables (so a freed one is taken out) and by a negative number
     # for the others. None while it reads.
-    held: Optional[collections.OrderedDict] = None
+    held: Optional[collections.OrderedDict[int, Message]] = None
 
 
 @dataclass(eq=False)
@@ -316,10 +323,10 @@ class SessionRecord:
     deliverable: bool = True  # state in _DELIVERABLE
     sharing: int = 0
     slots_used: int = 0
-    messages: set = field(default_factory=set)  # msg_ids outstanding
-    panic: Optional[tuple] = None  # (category, reason) once the server panicked the client
-    holders: dict = field(default_factory=dict)  # ProcessRecord -> handles it holds (Open count)
-    attached: set = field(default_factory=set)  # routing ids of channels attached to it
+    messages: set[int] = field(default_factory=set)  # msg_ids outstanding
+    panic: Optional[tuple[str, int]] = None  # (category, reason), once the server panicked it
+    holders: dict[ProcessRecord, int] = field(default_factory=dict)  # -> its Open count
+    attached: set[bytes] = field(default_factory=set)  # routing ids of channels attached
     token: Optional[bytes] = None  # set by ShareProtected; Open(token) attaches a process
 
     def __repr__(self) -> str:
@@ -339,7 +346,7 @@ class MessageRecord:
     origin: Optional[bytes]  # the channel that sent it (kept when reply_to is cleared)
     req_id: int
     slot: SlotSource
-    writable: dict  # arg index -> max length
+    writable: dict[int, int]  # arg index -> max length
     payer: Optional[ProcessRecord] = None  # a request's process: it counts towards its limit
 
 
@@ -354,7 +361,7 @@ class KernelState:
         *,
         kernel_pid: int = 0,
         pool_slots: int = 4096,
-        protserv_uids: frozenset = frozenset(),
+        protserv_uids: frozenset[int] = frozenset(),
         max_frame: int = MAX_FRAME,
         sessions_per_process: int = 10_000,
         outstanding_per_process: int = 100_000,
@@ -368,11 +375,12 @@ class KernelState:
         self.max_frame = max_frame
         self.new_token = new_token
         self.tokens: dict[bytes, int] = {}  # ShareProtected token -> handle
-        self.cancellable: dict[tuple, int] = {}  # (channel rid, req_id) -> async msg_id
+        # (channel rid, req_id) -> msg_id of an async request
+        self.cancellable: dict[tuple[Optional[bytes], int], int] = {}
         self.terminating: set[ServerRecord] = set()  # servers whose registration is ending
         self.pool_used = 0
         self.peers: dict[bytes, Peer] = {}
-        self.processes: dict[tuple, ProcessRecord] = {}
+        self.processes: dict[ProcessKey, ProcessRecord] = {}
         self.servers: dict[str, ServerRecord] = {}  # lookup key -> server
         self.server_of_peer: dict[bytes, ServerRecord] = {}
         self.sessions: dict[int, SessionRecord] = {}
@@ -382,7 +390,7 @@ class KernelState:
         self._held_keys = itertools.count(1)
         self.held_back: set[bytes] = set()  # servers whose messages are held back
         self._client_keys = itertools.count(1)
-        self._dispatch = {
+        self._dispatch: dict[type, Callable[[Peer, Any], list[Action]]] = {
             Register: self._register,
             Connect: self._connect,
             Request: self._request,
@@ -485,7 +493,7 @@ class KernelState:
             actions.append(Unwatch(process.identity.key))
         return self._hold(actions) if self.held_back else actions
 
-    def process_died(self, key: tuple) -> list[Action]:
+    def process_died(self, key: ProcessKey) -> list[Action]:
         """Every peer of the process is gone: it exited or was killed."""
         process = self.processes.get(key)
         if process is None:
@@ -783,7 +791,7 @@ class KernelState:
         if message.mode == _PROTECTED and session.token is None:
             session.token = self.new_token()
             self.tokens[session.token] = session.handle
-        token = session.token if message.mode == _PROTECTED else b""
+        token = session.token if message.mode == _PROTECTED and session.token else b""
         return [Send(peer.rid, Shared(message.req_id, errors.KErrNone, token))]
 
     @staticmethod
@@ -912,7 +920,7 @@ class KernelState:
         return actions
 
     def _request_error(
-        self, session: SessionRecord, mode: int, writable: dict, process: ProcessRecord
+        self, session: SessionRecord, mode: int, writable: dict[int, int], process: ProcessRecord
     ) -> int:
         if session.server.terminating is not None:
             return errors.KErrServerTerminated  # nothing new is delivered once it is ending
@@ -954,7 +962,7 @@ class KernelState:
         req_id: int,
         reply_to: Optional[bytes] = None,
         slot: SlotSource = _NO_SLOT,
-        writable: Optional[dict] = None,
+        writable: Optional[dict[int, int]] = None,
     ) -> MessageRecord:
         record = MessageRecord(
             next(self._msg_ids), kind, session, reply_to, reply_to, req_id, slot,
@@ -1137,7 +1145,9 @@ class KernelState:
             server, TerminationReason.DEREGISTERED, (peer.rid, message.req_id)
         )
 
-    def _begin_termination(self, server: ServerRecord, reason: int, waiter: tuple) -> list[Action]:
+    def _begin_termination(
+        self, server: ServerRecord, reason: int, waiter: tuple[bytes, int]
+    ) -> list[Action]:
         server.waiters.append(waiter)
         actions: list[Action] = []
         if server.terminating is None:
