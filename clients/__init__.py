@@ -19,7 +19,7 @@ program: exit status 0 on success, 1 with a clear message on stderr on failure).
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from ipcfw import ClientPanic, IpcError, NotFound, RSession
 from ipcfw.endpoint import EndpointError
@@ -42,15 +42,15 @@ class ExampleClient:
     PLUGIN = ""
 
     def __init__(self) -> None:
-        self._session: Optional[RSession] = None
+        self._session: RSession | None = None
 
     @classmethod
-    def connect(cls, endpoint: Optional[str] = None):
+    def connect(cls, endpoint: str | None = None):
         client = cls()
         client.Connect(endpoint)
         return client
 
-    def Connect(self, endpoint: Optional[str] = None) -> None:
+    def Connect(self, endpoint: str | None = None) -> None:
         self._session = connect_session(self.SERVER, self.PLUGIN, endpoint)
 
     def Close(self) -> None:
@@ -65,7 +65,7 @@ class ExampleClient:
         self.Close()
 
 
-def connect_session(name: str, plugin: str, endpoint: Optional[str] = None) -> RSession:
+def connect_session(name: str, plugin: str, endpoint: str | None = None) -> RSession:
     """Connect to server `name`; if none is registered, say how to start it (`plugin`)."""
     try:
         return RSession.connect(name, endpoint=endpoint)

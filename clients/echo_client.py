@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 if __package__ in (None, ""):  # run as a script: make `servers` and `clients` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -59,7 +58,7 @@ class EchoClient(ExampleClient):
         self._session.SendReceive(EEchoInt, TIpcArgs(value), status)
 
 
-def run(out: Out = print, endpoint: Optional[str] = None) -> str:
+def run(out: Out = print, endpoint: str | None = None) -> str:
     """The walkthrough; returns a one-line summary, raises on failure."""
     with EchoClient.connect(endpoint) as echo:
         value = echo.EchoInt(42)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from collections.abc import Iterator
 
 if __package__ in (None, ""):  # run as a script: make `servers` and `clients` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,7 +31,7 @@ from servers.kv import (  # noqa: E402
     EValueLength,
 )
 
-Key = Union[bytes, str]
+Key = bytes | str
 
 
 def _bytes(data: Key) -> bytes:
@@ -84,7 +84,7 @@ class KvClient(ExampleClient):
         """Asynchronous ``ECount``: returns at once; `status` completes with the count."""
         self._session.SendReceive(ECount, (), status)
 
-    def OpenCursor(self, prefix: Key = b"") -> "RKvCursor":
+    def OpenCursor(self, prefix: Key = b"") -> RKvCursor:
         """A cursor over the keys starting with `prefix` (see `RKvCursor`)."""
         cursor = RKvCursor()
         cursor.Open(self, prefix)
@@ -127,7 +127,7 @@ class RKvCursor(RSubSession):
     def Open(self, kv: KvClient, prefix: Key = b"") -> None:
         self.CreateSubSession(kv.Session(), EOpenCursor, TIpcArgs(_bytes(prefix)))
 
-    def Next(self) -> Optional[tuple[bytes, bytes]]:
+    def Next(self) -> tuple[bytes, bytes] | None:
         """The next (key, value), or None after the last key.
 
         The server writes nothing and stays put when a buffer is too short (``Overflow``), so
@@ -152,7 +152,7 @@ class RKvCursor(RSubSession):
         self.CloseSubSession(ECloseCursor)
 
 
-def run(out: Out = print, endpoint: Optional[str] = None) -> str:
+def run(out: Out = print, endpoint: str | None = None) -> str:
     """The walkthrough; returns a one-line summary, raises on failure.
 
     The store is shared by every client of the server, so the walkthrough removes its own keys

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Optional
 
 if __package__ in (None, ""):  # run as a script: make `servers` and `clients` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -46,8 +45,8 @@ class NotifierClient(ExampleClient):
     SERVER = "notifier"
     PLUGIN = "servers.notifier:NotifierServer"
 
-    def WaitForEvent(self, payload: Optional[bytearray] = None,
-                     status: Optional[TRequestStatus] = None) -> TRequestStatus:
+    def WaitForEvent(self, payload: bytearray | None = None,
+                     status: TRequestStatus | None = None) -> TRequestStatus:
         """Ask to be told of the next event. Returns at once; the status completes with the
         event's value, and `payload` (if given) receives the event's payload."""
         status = status if status is not None else TRequestStatus()
@@ -72,7 +71,7 @@ class NotifierClient(ExampleClient):
         return self._session.SendReceive(EWaiterCount)
 
 
-async def _walkthrough(out: Out, endpoint: Optional[str]) -> str:
+async def _walkthrough(out: Out, endpoint: str | None) -> str:
     with NotifierClient.connect(endpoint) as alice, NotifierClient.connect(endpoint) as bob, \
             NotifierClient.connect(endpoint) as publisher:
         # 1. Two sessions wait; a third publishes once; both wake, from the publisher thread.
@@ -115,7 +114,7 @@ async def _walkthrough(out: Out, endpoint: Optional[str]) -> str:
     return f"{woken} waiters woken by one publish, from the server's publisher thread"
 
 
-def run(out: Out = print, endpoint: Optional[str] = None) -> str:
+def run(out: Out = print, endpoint: str | None = None) -> str:
     """The walkthrough; returns a one-line summary, raises on failure."""
     return asyncio.run(_walkthrough(out, endpoint))
 

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NamedTuple, Sequence, TypeVar, cast
+from typing import NamedTuple, TypeVar, cast
+from collections.abc import Sequence
 
 __all__ = [
     # Codes.

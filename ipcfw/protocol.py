@@ -72,7 +72,8 @@ from __future__ import annotations
 import enum
 import re
 import reprlib
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import msgpack
 
@@ -247,7 +248,7 @@ Checker = Callable[[Any], Any]
 
 #: A request's arguments on the wire: each an int, read-only bytes, or a writable descriptor
 #: (its content, its max length).
-Args = tuple[Union[int, bytes, tuple[bytes, int]], ...]
+Args = tuple[int | bytes | tuple[bytes, int], ...]
 #: What a server wrote into a request's writable descriptors: (argument index, content) pairs.
 Writes = tuple[tuple[int, bytes], ...]
 #: A version on the wire: (major, minor, build).
@@ -615,12 +616,12 @@ class PeerInfo(NamedTuple):
     exe: str
 
 
-Message = Union[
-    Hello, Register, Connect, Negotiated, Request, Close, Share, Open, Complete, Panic, Stats,
-    Welcome,
-    Connected, Completed, Panicked, Shared, SessionLost, StatsReply, NewSession, Deliver,
-    Disconnect, PeerInfo, PeerGone, Dropped, Cancel, Cancelled, Terminate, Deregister, Terminating,
-]
+Message = (
+    Hello | Register | Connect | Negotiated | Request | Close | Share | Open | Complete | Panic |
+    Stats | Welcome | Connected | Completed | Panicked | Shared | SessionLost | StatsReply |
+    NewSession | Deliver | Disconnect | PeerInfo | PeerGone | Dropped | Cancel | Cancelled |
+    Terminate | Deregister | Terminating
+)
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Hello: (Kind.HELLO, (_role, _u16)),
@@ -724,7 +725,7 @@ def _refuse_ext(code: int, data: bytes) -> object:
     raise ProtocolError(f"ext type {code}, where the protocol has none")
 
 
-def decode(frame: Union[bytes, memoryview]) -> Message:
+def decode(frame: bytes | memoryview) -> Message:
     """Return the message carried by `frame`, or raise ProtocolError naming what was wrong."""
     try:
         if len(frame) <= _SMALL_FRAME:
@@ -756,7 +757,7 @@ def decode(frame: Union[bytes, memoryview]) -> Message:
     raise _field_error(cls, checkers, fields)
 
 
-def _unpack_counted(frame: Union[bytes, memoryview]) -> Any:
+def _unpack_counted(frame: bytes | memoryview) -> Any:
     """Unpack `frame` under every limit, counting arrays."""
     return _unpackb(
         frame, use_list=False, max_array_len=_MAX_ARRAY_LEN, max_map_len=0,
@@ -780,7 +781,7 @@ def _array_counter() -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
     return count_array
 
 
-def _unpack_stats_reply(frame: Union[bytes, memoryview], failure: Exception) -> Any:
+def _unpack_stats_reply(frame: bytes | memoryview, failure: Exception) -> Any:
     """Unpack a frame the limits refused if it is a StatsReply, the one message with a map;
     otherwise, or if it fails again, raise the ProtocolError naming the failure.
 

@@ -53,7 +53,7 @@ Host it with ``ipcfw serve servers.kv:KvServer``; ``clients/kv_client.py`` shows
 
 from __future__ import annotations
 
-from typing import Optional, TypeVar
+from typing import TypeVar
 
 from ipcfw import (
     BadDescriptor,
@@ -100,7 +100,7 @@ class KvCursor:
     ``CloseSubSessionL`` or when the session ends.
     """
 
-    def __init__(self, server: "KvServer", store: dict[bytes, bytes], prefix: bytes) -> None:
+    def __init__(self, server: KvServer, store: dict[bytes, bytes], prefix: bytes) -> None:
         self.server = server
         self.store = store
         self.keys = sorted(key for key in store if key.startswith(prefix))
@@ -244,7 +244,7 @@ class KvServer(CServer):
         self.open_cursors = 0
 
 
-def _optional_descriptor(message: RMessage, index: int) -> Optional[bytes]:
+def _optional_descriptor(message: RMessage, index: int) -> bytes | None:
     """Descriptor argument `index`, or None if the client did not send it (or sent int 0).
 
     Any other int fails with ``KErrBadDescriptor``, as a missing descriptor would.

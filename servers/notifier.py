@@ -44,7 +44,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from ipcfw import (
     BadDescriptor,
@@ -168,7 +168,7 @@ class NotifierServer(CServer):
                 raise IpcError(KErrInUse, "this session is already waiting for an event")
             self._waiters[session] = waiter
 
-    def release(self, session: NotifierSession) -> Optional[Waiter]:
+    def release(self, session: NotifierSession) -> Waiter | None:
         """Take `session`'s held wait out of the table (None if it holds none)."""
         with self._lock:
             return self._waiters.pop(session, None)

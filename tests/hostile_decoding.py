@@ -30,7 +30,7 @@ import timeit
 import tracemalloc
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from collections.abc import Callable
 
 #: The size of the frame in issue 9 (one frame of empty maps took the kernel to about 1.3 GB).
 FRAME_SIZE = 15 * 2**20

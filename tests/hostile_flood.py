@@ -31,7 +31,7 @@ import os
 import random
 import sys
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import msgpack
 import zmq
@@ -125,7 +125,7 @@ class RawPeer:
                 return
             self.received.append(decode(raw))
 
-    def wait_for(self, what: str, match: Callable[[Message], bool]) -> Optional[Message]:
+    def wait_for(self, what: str, match: Callable[[Message], bool]) -> Message | None:
         """Claim the first received message that matches; None (and a problem) at the deadline."""
         deadline = time.monotonic() + WAIT
         while True:
@@ -138,7 +138,7 @@ class RawPeer:
                 return None
             self.drain(int(remaining * 1000) + 1)
 
-    def reply_to(self, req_id: int, kind: type) -> Optional[Message]:
+    def reply_to(self, req_id: int, kind: type) -> Message | None:
         return self.wait_for(
             f"{kind.__name__} for req {req_id}",
             lambda m: type(m) is kind and m.req_id == req_id,
@@ -159,7 +159,7 @@ class RawPeer:
 
     def expect(
         self, req_id: int, kind: type, check: Callable[[Message], bool], what: str
-    ) -> Optional[Message]:
+    ) -> Message | None:
         reply = self.reply_to(req_id, kind)
         if reply is not None and not check(reply):
             self.flood.problems.append(f"{self.label}: {what}: got {reply!r}")
@@ -345,7 +345,7 @@ def run(endpoint: str, victim: int) -> dict:
                                 "connect to the hostile server")
         h2 = connected.handle if connected else 0
 
-        def deliver(req_id: int, args: tuple) -> Optional[Deliver]:
+        def deliver(req_id: int, args: tuple) -> Deliver | None:
             chan.send_message(Request(req_id, h2, EEcho, args, int(Mode.SYNC)))
             return srv.wait_for(f"Deliver for req {req_id}",
                                 lambda m: type(m) is Deliver and m.handle == h2)

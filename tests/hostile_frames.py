@@ -23,7 +23,7 @@ fields, never sent whole. The list is built from a seeded `random.Random`, so a 
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import msgpack
 

@@ -47,7 +47,7 @@ class KernelLimits:
     #: limits above; a smaller value may cut off a paused client that keeps within them.
     max_backlog: int = 0
 
-    def check(self) -> "KernelLimits":
+    def check(self) -> KernelLimits:
         """Return the limits with `max_backlog` resolved; raise ValueError naming a bad one."""
         for field in fields(self):
             value = getattr(self, field.name)

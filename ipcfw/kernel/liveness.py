@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 import psutil
 
@@ -28,7 +27,7 @@ class UnknownPeer(Exception):
     """The transport gave no usable credentials, or the process is already gone."""
 
 
-def parse_peer_address(address: Optional[str]) -> tuple[int, int, int]:
+def parse_peer_address(address: str | None) -> tuple[int, int, int]:
     """(uid, gid, pid) from an ipc ``Peer-Address`` of the form ``host:uid:gid:pid``."""
     parts = (address or "").split(":")
     if len(parts) != 4:
@@ -39,7 +38,7 @@ def parse_peer_address(address: Optional[str]) -> tuple[int, int, int]:
         raise UnknownPeer(f"peer address {address!r} is malformed") from None
 
 
-def identify(address: Optional[str]) -> ProcessIdentity:
+def identify(address: str | None) -> ProcessIdentity:
     """The identity of the process behind a connection, from its ``Peer-Address``."""
     uid, gid, pid = parse_peer_address(address)
     try:
@@ -63,7 +62,7 @@ class ProcessWatcher:
         self._fd_of: dict[ProcessKey, int] = {}
         self._key_of: dict[int, ProcessKey] = {}
 
-    def watch(self, identity: ProcessIdentity) -> Optional[int]:
+    def watch(self, identity: ProcessIdentity) -> int | None:
         """Open a pidfd for `identity`; return it, or None if the process is already gone."""
         try:
             fd = os.pidfd_open(identity.pid)
@@ -79,7 +78,7 @@ class ProcessWatcher:
         self._key_of[fd] = identity.key
         return fd
 
-    def unwatch(self, key: ProcessKey) -> Optional[int]:
+    def unwatch(self, key: ProcessKey) -> int | None:
         """Stop watching; return the fd that was closed (for the poller), if any."""
         fd = self._fd_of.pop(key, None)
         if fd is not None:
@@ -87,7 +86,7 @@ class ProcessWatcher:
             os.close(fd)
         return fd
 
-    def key_of(self, fd: int) -> Optional[ProcessKey]:
+    def key_of(self, fd: int) -> ProcessKey | None:
         return self._key_of.get(fd)
 
     def close(self) -> None:

@@ -34,7 +34,8 @@ import fcntl
 import logging
 import os
 import threading
-from typing import Iterable, Optional, cast
+from typing import cast
+from collections.abc import Iterable
 
 import zmq
 import zmq.utils.monitor
@@ -113,9 +114,9 @@ class Kernel:
 
     def __init__(
         self,
-        endpoint: Optional[str] = None,
+        endpoint: str | None = None,
         *,
-        limits: Optional[KernelLimits] = None,
+        limits: KernelLimits | None = None,
         protserv_uids: Iterable[int] = (),
     ) -> None:
         self.endpoint = endpoints.resolve(endpoint)
@@ -149,7 +150,7 @@ class Kernel:
         """Ask the loop to finish; safe from signal handlers and other threads."""
         self._stop.set()
 
-    def run(self, ready: Optional[threading.Event] = None) -> None:
+    def run(self, ready: threading.Event | None = None) -> None:
         """Bind, serve until stopped, then remove the socket file. Blocks."""
         endpoints.ensure_private_dir(os.path.dirname(self.socket_path))
         lock = _EndpointLock(self.socket_path)

@@ -60,7 +60,8 @@ import enum
 import itertools
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 from .. import errors
 from ..naming import is_protected, lookup_key, name_problem
@@ -158,7 +159,7 @@ class Unwatch(NamedTuple):
     key: ProcessKey
 
 
-Action = Union[Send, Watch, Unwatch]
+Action = Send | Watch | Unwatch
 
 
 class PeerMisbehaved(Exception):
@@ -200,7 +201,7 @@ class SessionEvent(enum.Enum):
 
 _S, _E = SessionState, SessionEvent
 _REMOVED = None  # the session record is deleted
-_SESSION_TRANSITIONS: dict[SessionState, dict[SessionEvent, Optional[SessionState]]] = {
+_SESSION_TRANSITIONS: dict[SessionState, dict[SessionEvent, SessionState | None]] = {
     _S.CONNECTING: {
         _E.CONNECT_OK: _S.OPEN,
         _E.CONNECT_FAILED: _REMOVED,
@@ -279,7 +280,7 @@ class ProcessRecord:
     identity: ProcessIdentity
     client_key: int
     peers: set[bytes] = field(default_factory=set)  # routing ids
-    inbox: Optional[bytes] = None
+    inbox: bytes | None = None
     sessions: set[int] = field(default_factory=set)  # handles this process holds
     outstanding: int = 0  # its requests not yet completed
 
@@ -303,12 +304,12 @@ class ServerRecord:
     sessions: set[int] = field(default_factory=set)
     messages: dict[int, MessageRecord] = field(default_factory=dict)
     informed: set[int] = field(default_factory=set)  # client keys this server has a PeerInfo for
-    terminating: Optional[int] = None  # the TerminationReason once termination began
+    terminating: int | None = None  # the TerminationReason once termination began
     waiters: list[tuple[bytes, int]] = field(default_factory=list)  # answered when it has ended
     # While the server is not reading: what it is sent, in order, keyed by msg_id for the
     # messages of the kernel's tables (so a freed one is taken out) and by a negative number
     # for the others. None while it reads.
-    held: Optional[collections.OrderedDict[int, Message]] = None
+    held: collections.OrderedDict[int, Message] | None = None
 
 
 @dataclass(eq=False)
@@ -324,10 +325,10 @@ class SessionRecord:
     sharing: int = 0
     slots_used: int = 0
     messages: set[int] = field(default_factory=set)  # msg_ids outstanding
-    panic: Optional[tuple[str, int]] = None  # (category, reason), once the server panicked it
+    panic: tuple[str, int] | None = None  # (category, reason), once the server panicked it
     holders: dict[ProcessRecord, int] = field(default_factory=dict)  # -> its Open count
     attached: set[bytes] = field(default_factory=set)  # routing ids of channels attached
-    token: Optional[bytes] = None  # set by ShareProtected; Open(token) attaches a process
+    token: bytes | None = None  # set by ShareProtected; Open(token) attaches a process
 
     def __repr__(self) -> str:
         return (
@@ -342,12 +343,12 @@ class MessageRecord:
     msg_id: int
     kind: MessageKind
     session: SessionRecord
-    reply_to: Optional[bytes]  # the channel that gets the answer; None once nobody waits
-    origin: Optional[bytes]  # the channel that sent it (kept when reply_to is cleared)
+    reply_to: bytes | None  # the channel that gets the answer; None once nobody waits
+    origin: bytes | None  # the channel that sent it (kept when reply_to is cleared)
     req_id: int
     slot: SlotSource
     writable: dict[int, int]  # arg index -> max length
-    payer: Optional[ProcessRecord] = None  # a request's process: it counts towards its limit
+    payer: ProcessRecord | None = None  # a request's process: it counts towards its limit
 
 
 class KernelState:
@@ -376,7 +377,7 @@ class KernelState:
         self.new_token = new_token
         self.tokens: dict[bytes, int] = {}  # ShareProtected token -> handle
         # (channel rid, req_id) -> msg_id of an async request
-        self.cancellable: dict[tuple[Optional[bytes], int], int] = {}
+        self.cancellable: dict[tuple[bytes | None, int], int] = {}
         self.terminating: set[ServerRecord] = set()  # servers whose registration is ending
         self.pool_used = 0
         self.peers: dict[bytes, Peer] = {}
@@ -738,7 +739,7 @@ class KernelState:
         return actions + self._transition(session, _E.CLIENT_CLOSED)
 
     def _answer_outstanding(
-        self, session: SessionRecord, code: int, process: Optional[ProcessRecord] = None
+        self, session: SessionRecord, code: int, process: ProcessRecord | None = None
     ) -> list[Action]:
         """Answer `code` to every request of the session still awaited (by `process`'s channels)."""
         actions: list[Action] = []
@@ -960,9 +961,9 @@ class KernelState:
         session: SessionRecord,
         kind: MessageKind,
         req_id: int,
-        reply_to: Optional[bytes] = None,
+        reply_to: bytes | None = None,
         slot: SlotSource = _NO_SLOT,
-        writable: Optional[dict[int, int]] = None,
+        writable: dict[int, int] | None = None,
     ) -> MessageRecord:
         record = MessageRecord(
             next(self._msg_ids), kind, session, reply_to, reply_to, req_id, slot,
@@ -1006,7 +1007,7 @@ class KernelState:
             )
         ]
 
-    def _own_message(self, peer: Peer, msg_id: int, message: Message) -> Optional[MessageRecord]:
+    def _own_message(self, peer: Peer, msg_id: int, message: Message) -> MessageRecord | None:
         server = self.server_of_peer.get(peer.rid)
         if server is None:
             raise PeerMisbehaved(

@@ -19,7 +19,6 @@ import time
 import tracemalloc
 import typing
 from pathlib import Path
-from typing import Optional
 
 import msgpack
 import psutil
@@ -332,7 +331,7 @@ class Bystander(threading.Thread):
     def __init__(self) -> None:
         super().__init__(name="bystander", daemon=True)
         self.samples: list[tuple[float, float]] = []  # (due, latency)
-        self.stop_after: Optional[float] = None
+        self.stop_after: float | None = None
         self.connected = threading.Event()
         self.errors: list[str] = []
 

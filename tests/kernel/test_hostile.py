@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pytest
 import zmq
@@ -302,7 +302,7 @@ def _events(session: RSession) -> list:
     return json.loads(bytes(buffer))
 
 
-def _raises(call: Callable[[], object], exception: type, pattern: str) -> Optional[str]:
+def _raises(call: Callable[[], object], exception: type, pattern: str) -> str | None:
     """None if `call` raises `exception` with `pattern` in its message, else what went wrong."""
     try:
         call()
@@ -369,7 +369,7 @@ class FakeKernel:
         self.router.linger = 0
         self.endpoint = f"ipc://{directory}/fake-kernel"
         self.router.bind(self.endpoint)
-        self.rid: Optional[bytes] = None
+        self.rid: bytes | None = None
         self.received: list[Message] = []
         self.undecodable: list[str] = []
 
@@ -422,7 +422,7 @@ class FakeKernel:
                              lambda m: type(m) in (Complete, Negotiated) and m.msg_id == msg_id)
 
 
-def _nonsense(rng: random.Random, msg_id: int) -> tuple[Message, Optional[int]]:
+def _nonsense(rng: random.Random, msg_id: int) -> tuple[Message, int | None]:
     """A structurally valid kernel->server message that makes no sense here, and the completion
     value the server owes for it (None: owes nothing)."""
     choice = rng.randrange(20)
@@ -462,10 +462,10 @@ class HostedProbe:
              "--endpoint", self.fake.endpoint],
             self.directory / "serve.log", env,
         )
-        self.returncode: Optional[int] = None
+        self.returncode: int | None = None
         self.log = ""
 
-    def __enter__(self) -> "HostedProbe":
+    def __enter__(self) -> HostedProbe:
         try:
             hello = self.fake.wait_for("Hello", lambda m: type(m) is Hello)
             assert hello.role == Role.SERVER
@@ -488,9 +488,9 @@ class HostedProbe:
         self.log = self.server.log()
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def answered_or_dead(self, msg_id: int) -> Optional[Complete]:
+    def answered_or_dead(self, msg_id: int) -> Complete | None:
         """The server's Complete for `msg_id`, or None once the server has died."""
-        def answer() -> Optional[Complete]:
+        def answer() -> Complete | None:
             self.fake.drain()
             return next(
                 (m for m in self.fake.received if type(m) is Complete and m.msg_id == msg_id), None

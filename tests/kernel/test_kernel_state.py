@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import itertools
 import random
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import pytest
 
@@ -96,7 +96,7 @@ def hello(state: KernelState, rid: bytes, role: Role, identity: ProcessIdentity)
     return state.hello(rid, identity, Hello(role, PROTOCOL_VERSION))
 
 
-def sends(actions: Iterable, rid: Optional[bytes] = None, cls: Optional[type] = None) -> list:
+def sends(actions: Iterable, rid: bytes | None = None, cls: type | None = None) -> list:
     """The messages of the Send actions (to `rid`, of type `cls`, when given), in order.
 
     PeerGone notices (bookkeeping for the servers' ClientInfo tables) are left out unless
@@ -155,7 +155,7 @@ def start_client(
     state: KernelState,
     identity: ProcessIdentity = CLI,
     chan: bytes = C1,
-    inbox: Optional[bytes] = IN1,
+    inbox: bytes | None = IN1,
 ) -> None:
     hello(state, chan, CHANNEL, identity)
     if inbox is not None:
@@ -1999,7 +1999,7 @@ class Fuzz:
             for handle in self.held.get(rid, set()) | set(self.shared.get(key, ()))
         )
 
-    def pick(self, role: Optional[Role] = None) -> Optional[bytes]:
+    def pick(self, role: Role | None = None) -> bytes | None:
         rids = sorted(r for r, (ro, _) in self.peers.items() if role is None or ro is role)
         return self.rng.choice(rids) if rids else None
 
@@ -2028,7 +2028,7 @@ class Fuzz:
                 out.append((content, len(content) + rng.randrange(4)))
         return tuple(out)
 
-    def writes(self, message: Optional[tuple] = None) -> tuple:
+    def writes(self, message: tuple | None = None) -> tuple:
         """What a server writes back: mostly legal for `message`, sometimes not (a hostile
         server)."""
         rng = self.rng
@@ -2474,7 +2474,7 @@ def check_invariants(state: KernelState) -> None:
     assert stats["attached"] == sum(len(s.attached) for s in state.sessions.values())
 
 
-def check_model(fuzz: "Fuzz") -> None:
+def check_model(fuzz: Fuzz) -> None:
     """What the fuzz's clients believe they hold is what the kernel says they hold."""
     state = fuzz.state
     for key, opens in fuzz.shared.items():

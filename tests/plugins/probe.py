@@ -70,15 +70,15 @@ class ProbeSession(CSession):
         message.Complete(0)
 
 
-def _echo(server: "ProbeServer", message: RMessage) -> None:
+def _echo(server: ProbeServer, message: RMessage) -> None:
     message.Complete(message.Int0())
 
 
-def _hold(server: "ProbeServer", message: RMessage) -> None:
+def _hold(server: ProbeServer, message: RMessage) -> None:
     server.held[message.Int0()] = message
 
 
-def _complete_held(server: "ProbeServer", message: RMessage) -> None:
+def _complete_held(server: ProbeServer, message: RMessage) -> None:
     held = server.held.pop(message.Int0(), None)
     if held is None:
         message.Complete(KErrNotFound)
@@ -87,7 +87,7 @@ def _complete_held(server: "ProbeServer", message: RMessage) -> None:
     message.Complete(0)
 
 
-def _complete_held_later(server: "ProbeServer", message: RMessage) -> None:
+def _complete_held_later(server: ProbeServer, message: RMessage) -> None:
     held = server.held.pop(message.Int0(), None)
     if held is None:
         message.Complete(KErrNotFound)
@@ -104,19 +104,19 @@ def _complete_held_later(server: "ProbeServer", message: RMessage) -> None:
     message.Complete(0)
 
 
-def _panic(server: "ProbeServer", message: RMessage) -> None:
+def _panic(server: ProbeServer, message: RMessage) -> None:
     message.Panic("PROBE", message.Int0())
 
 
-def _raise(server: "ProbeServer", message: RMessage) -> None:
+def _raise(server: ProbeServer, message: RMessage) -> None:
     raise ValueError("probe raised on purpose")
 
 
-def _raise_ipc(server: "ProbeServer", message: RMessage) -> None:
+def _raise_ipc(server: ProbeServer, message: RMessage) -> None:
     raise IpcError(message.Int0(), "probe left on purpose")
 
 
-def _complete_twice(server: "ProbeServer", message: RMessage) -> None:
+def _complete_twice(server: ProbeServer, message: RMessage) -> None:
     message.Complete(1)
     try:
         message.Complete(2)
@@ -125,13 +125,13 @@ def _complete_twice(server: "ProbeServer", message: RMessage) -> None:
         raise
 
 
-def _events(server: "ProbeServer", message: RMessage) -> None:
+def _events(server: ProbeServer, message: RMessage) -> None:
     data = json.dumps(server.events).encode()
     message.WriteL(0, data)
     message.Complete(len(data))
 
 
-def _client(server: "ProbeServer", message: RMessage) -> None:
+def _client(server: ProbeServer, message: RMessage) -> None:
     data = json.dumps(message.Client()._asdict()).encode()
     message.WriteL(0, data)
     message.Complete(len(data))
@@ -146,20 +146,20 @@ def _try(message: RMessage, operation) -> None:
     message.Complete(result or 0)
 
 
-def _try_write(server: "ProbeServer", message: RMessage) -> None:
+def _try_write(server: ProbeServer, message: RMessage) -> None:
     _try(message, lambda: message.WriteL(1, message.ReadL(0), message.Int2()))
 
 
-def _try_read(server: "ProbeServer", message: RMessage) -> None:
+def _try_read(server: ProbeServer, message: RMessage) -> None:
     _try(message, lambda: len(message.ReadL(1)))
 
 
-def _sleep(server: "ProbeServer", message: RMessage) -> None:
+def _sleep(server: ProbeServer, message: RMessage) -> None:
     time.sleep(message.Int0() / 1000)
     message.Complete(message.Int1())
 
 
-def _echo_shuffled(server: "ProbeServer", message: RMessage) -> None:
+def _echo_shuffled(server: ProbeServer, message: RMessage) -> None:
     with server.shuffle_lock:
         server.shuffled.append(message)
         if len(server.shuffled) < 8:
@@ -170,7 +170,7 @@ def _echo_shuffled(server: "ProbeServer", message: RMessage) -> None:
         held.Complete(held.Int0())
 
 
-def _des_info(server: "ProbeServer", message: RMessage) -> None:
+def _des_info(server: ProbeServer, message: RMessage) -> None:
     message.Complete(message.GetDesLength(0) * 1000 + message.GetDesMaxLength(0))
 
 
