@@ -6,7 +6,7 @@ Theory of operation
 messages with the routing id they came from, peer and process deaths, and the identity of each
 new process; every method returns a list of actions (`Send`, `Watch`, `Unwatch`) for the loop to
 perform. Nothing here touches a socket, a clock, a thread or the OS, so the rules can be tested and
-fuzzed by feeding messages and reading actions (tests/kernel/test_kernel_state.py).
+fuzzed by feeding messages and reading actions (tests/kernel/test_state_*.py).
 
 Rules this module keeps:
 

@@ -36,7 +36,7 @@ from ipcfw.protocol import (
     Terminating,
     TerminationReason,
 )
-from test_kernel_state import (
+from kernel_world import (
     ASYNC,
     BLIND,
     C1,
