@@ -33,7 +33,8 @@ from typing import Optional
 from ..client import RSession, TRequestStatus
 from ..endpoint import IPC_PATH_MAX
 from ..testing import Stack, StartError
-from .bench import WINDOW, percentile  # the same measurements as the bench's, in small
+from .bench.clients import WINDOW  # the same pipelined measurement as the bench's, in small
+from .bench.measure import percentile
 
 SYNC_CALLS = 2000
 WARMUP_CALLS = 200
