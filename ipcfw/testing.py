@@ -93,14 +93,18 @@ class ReadySignal(threading.Event):
     on `fd` and closes it (later ones, after a re-registration, only set the event).
 
     ``ipcfw kernel`` and ``ipcfw serve`` pass one to ``Kernel.run(ready)`` and
-    ``ServerHost.run(ready)``; with `fd` None it is a plain Event.
+    ``ServerHost.run(ready)``; with `fd` None it is a plain Event. Raises ValueError if `fd`
+    is not open.
     """
 
     def __init__(self, fd: int | None) -> None:
         super().__init__()
         self._fd = fd
         if fd is not None:
-            os.set_inheritable(fd, False)  # not passed on to processes this one starts
+            try:
+                os.set_inheritable(fd, False)  # not passed on to processes this one starts
+            except OSError as exc:
+                raise ValueError(f"file descriptor {fd} is not open: {exc.strerror}") from None
 
     def set(self) -> None:
         super().set()

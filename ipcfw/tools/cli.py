@@ -22,6 +22,7 @@ from .. import errors
 
 if TYPE_CHECKING:
     from ..kernel.limits import KernelLimits
+    from ..testing import ReadySignal
 
 log = logging.getLogger("ipcfw.cli")
 
@@ -160,10 +161,24 @@ def _on_signals(stop: Callable[[], None]) -> None:
         signal.signal(signum, lambda *_: stop())
 
 
-def _run_kernel(args: argparse.Namespace) -> int:
-    from ..kernel import Kernel, KernelAlreadyRunning
+def _ready_signal(args: argparse.Namespace) -> ReadySignal | None:
+    """What tells the starter (``--ready-fd``) that this process is ready; None, after saying
+    why, if that descriptor is not open."""
     from ..testing import ReadySignal
 
+    try:
+        return ReadySignal(args.ready_fd)
+    except ValueError as exc:
+        print(f"ipcfw: --ready-fd: {exc}", file=sys.stderr)
+        return None
+
+
+def _run_kernel(args: argparse.Namespace) -> int:
+    from ..kernel import Kernel, KernelAlreadyRunning
+
+    ready = _ready_signal(args)
+    if ready is None:
+        return 2
     try:
         kernel = Kernel(args.endpoint, limits=_limits_of(args))
     except ValueError as exc:
@@ -171,7 +186,7 @@ def _run_kernel(args: argparse.Namespace) -> int:
         return 2
     _on_signals(kernel.stop)
     try:
-        kernel.run(ReadySignal(args.ready_fd))
+        kernel.run(ready)
     except KernelAlreadyRunning as exc:
         print(f"ipcfw: {exc}", file=sys.stderr)
         return 1
@@ -196,8 +211,10 @@ def load_plugin(spec: str) -> type:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from ..server import ServerHost
-    from ..testing import ReadySignal
 
+    ready = _ready_signal(args)
+    if ready is None:
+        return 2
     try:
         top = load_plugin(args.plugin)()
         for spec in args.overlay:
@@ -208,7 +225,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     host = ServerHost(top, args.endpoint, reconnect=not args.no_reconnect)
     _on_signals(host.stop)
-    host.run(ReadySignal(args.ready_fd))
+    host.run(ready)
     return 3 if host.kernel_died or host.dropped else 0
 
 
