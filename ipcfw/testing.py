@@ -373,8 +373,6 @@ class Stack:
 
     def _close_client_runtime(self) -> None:
         """So that the kernel's exit is not reported (and logged) as a death."""
-        if "ipcfw.client.runtime" not in sys.modules:
-            return
         from .client.runtime import Runtime
 
         try:
