@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from typing import Callable, Iterator, Optional
 
 import pytest
 
-import ipcfw
+from ipcfw import testing
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
@@ -40,75 +39,40 @@ def wait_until(
         time.sleep(0.01)
 
 
-class ManagedProcess:
-    """A child process with its output in a log file, stopped for sure at teardown."""
+class ManagedProcess(testing.Process):
+    """A child process with its output in a log file, stopped for sure at teardown (started
+    in the repository unless `cwd` says otherwise)."""
 
     def __init__(
         self, argv: list[str], log_path: Path, env: dict[str, str], cwd: Optional[str] = None
     ) -> None:
-        self.argv = argv
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.popen = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd or str(REPO),
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self, signum: int = signal.SIGKILL) -> None:
-        if self.alive():
-            os.kill(self.popen.pid, signum)
-
-    def stop(self, timeout: float = 5.0) -> Optional[int]:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout)
-        self._log.close()
-        return self.popen.returncode
+        super().__init__(argv, log_path, env, cwd or str(REPO))
 
 
 class KernelFixture:
-    """A real kernel on a private endpoint, plus helpers to start servers and clients."""
+    """A real kernel on a private endpoint, plus helpers to start servers and clients: an
+    `ipcfw.testing.Stack` with the names the tests use."""
 
     def __init__(self, workdir: Path, options: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
-        self.endpoint = f"ipc://{workdir}/kernel"
-        self.env = dict(os.environ, IPCFW_KERNEL=self.endpoint, PYTHONPATH=PYTHONPATH)
-        self.children: list[ManagedProcess] = []
         self.options = options  # e.g. ("--max-backlog", "2000"), from @pytest.mark.kernel_options
-        self.process = self._spawn("kernel", ["kernel", "--endpoint", self.endpoint, *options])
-        wait_until(lambda: os.path.exists(f"{workdir}/kernel") or not self.process.alive(),
-                   what="the kernel socket")
-        assert self.process.alive(), f"kernel failed to start:\n{self.process.log()}"
+        self.stack = testing.Stack(
+            workdir, kernel_options=options, env={"PYTHONPATH": PYTHONPATH}, cwd=str(REPO),
+            log_level="info",
+        )
+        self.endpoint = self.stack.endpoint
+        self.env = self.stack.env
+        self.children = self.stack.processes  # tests may add processes for teardown to stop
+        try:
+            self.process = self.stack.start()
+        except BaseException:
+            self.stack.stop()
+            raise
 
-    def _spawn(self, label: str, ipcfw_args: list[str]) -> ManagedProcess:
-        argv = [sys.executable, "-m", "ipcfw", "--log-level", "info", *ipcfw_args]
-        log = self.workdir / f"{label}-{len(self.children)}.log"
-        child = ManagedProcess(argv, log, self.env)
-        self.children.append(child)
-        return child
-
-    def serve(self, plugin: str, name: Optional[str] = None, *extra: str) -> ManagedProcess:
-        """Host `plugin` (module:Class) in its own process; return once it is registered."""
-        server = self._spawn("serve", ["serve", plugin, "--endpoint", self.endpoint, *extra])
-        if name is not None:
-            wait_until(lambda: f"server {name!r} registered" in server.log() or not server.alive(),
-                       what=f"server {name!r} to register")
-            assert server.alive(), f"server {plugin} died:\n{server.log()}"
-        return server
+    def serve(self, plugin: str, name: Optional[str] = None, *extra: str) -> testing.Process:
+        """Host `plugin` (module:Class) in its own process; with a `name`, return once it is
+        registered (without one, at once: for a server expected to fail)."""
+        return self.stack.serve(plugin, *extra, wait=name is not None)
 
     def client(self, argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
         """Run a client program to completion (bounded by `timeout`)."""
@@ -117,29 +81,19 @@ class KernelFixture:
             text=True, timeout=timeout,
         )
 
-    def spawn_client(self, argv: list[str], label: str = "client") -> ManagedProcess:
+    def spawn_client(self, argv: list[str], label: str = "client") -> testing.Process:
         """Start a client program in the background; it is stopped at teardown."""
-        child = ManagedProcess(
-            [sys.executable, *argv], self.workdir / f"{label}-{len(self.children)}.log", self.env
-        )
-        self.children.append(child)
-        return child
+        return self.stack.spawn([sys.executable, *argv], label)
 
     def restart(self) -> None:
         """SIGKILL the kernel and start a new one on the same endpoint."""
-        self.process.kill()
-        self.process.popen.wait(10)
-        self.process = self._spawn("kernel", ["kernel", "--endpoint", self.endpoint, *self.options])
-        wait_until(lambda: "listening" in self.process.log() or not self.process.alive(),
-                   what="the new kernel")
-        assert self.process.alive(), f"kernel failed to restart:\n{self.process.log()}"
+        self.process = self.stack.restart()
 
     def statistics(self) -> dict[str, int]:
-        return ipcfw.kernel_statistics(self.endpoint)
+        return self.stack.statistics()
 
     def stop(self) -> None:
-        for child in reversed(self.children):
-            child.stop()
+        self.stack.stop()
 
 
 @pytest.fixture

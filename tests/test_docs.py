@@ -218,19 +218,6 @@ def test_ipcfw_ps_sample_matches_the_kernels_counters():
 # -- (c) the guide's code, run against real processes -----------------------------------------
 
 
-class ChildInDir(ManagedProcess):
-    """A ManagedProcess started in a directory of our choosing (the conftest one uses REPO)."""
-
-    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str], cwd: Path) -> None:
-        self.argv = argv
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.popen = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=str(cwd),
-            start_new_session=True,
-        )
-
-
 def _ipcfw_command() -> list[str]:
     script = Path(sys.executable).with_name("ipcfw")
     return [str(script)] if script.exists() else [sys.executable, "-m", "ipcfw"]
@@ -253,13 +240,13 @@ def _env(kernel) -> dict[str, str]:
     return dict(os.environ, IPCFW_KERNEL=kernel.endpoint, PYTHONPATH=str(REPO))
 
 
-def _start(kernel, workdir: Path, argv: list[str], label: str) -> ChildInDir:
-    child = ChildInDir(argv, kernel.workdir / f"{label}.log", _env(kernel), workdir)
+def _start(kernel, workdir: Path, argv: list[str], label: str) -> ManagedProcess:
+    child = ManagedProcess(argv, kernel.workdir / f"{label}.log", _env(kernel), str(workdir))
     kernel.children.append(child)  # stopped by the kernel fixture at teardown
     return child
 
 
-def _wait_registered(kernel, child: ChildInDir) -> None:
+def _wait_registered(kernel, child: ManagedProcess) -> None:
     wait_until(
         lambda: kernel.statistics()["servers"] == 1 or not child.alive(),
         what="the hello server to register",
@@ -332,6 +319,7 @@ RUNNABLE_PAGES = [p for p in sorted(DOCS.glob("*.md")) if p != GUIDE and _runnab
 
 def test_pages_with_runnable_examples_are_found():
     assert DOCS / "sharing.md" in RUNNABLE_PAGES
+    assert DOCS / "testing.md" in RUNNABLE_PAGES
 
 
 @pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=lambda p: p.name)

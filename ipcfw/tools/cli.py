@@ -22,6 +22,7 @@ from .. import errors
 
 if TYPE_CHECKING:
     from ..kernel.limits import KernelLimits
+    from ..testing import ReadySignal
 
 log = logging.getLogger("ipcfw.cli")
 
@@ -39,7 +40,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.endpoint:
         args.endpoint = args.endpoint.strip()
     try:
-        return args.run(args)
+        status: int = args.run(args)
+        return status
     except endpoints.EndpointError as exc:
         print(f"ipcfw: {exc}", file=sys.stderr)
         return 2
@@ -58,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
     kernel = commands.add_parser("kernel", help="run the kernel in the foreground")
     _endpoint_option(kernel)
+    _ready_fd_option(kernel, "listens")
     _limit_options(kernel)
     kernel.set_defaults(run=_run_kernel)
 
@@ -70,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="exit (status 3) when the kernel dies or stops serving this server, "
                             "instead of registering again")
     _endpoint_option(serve)
+    _ready_fd_option(serve, "is registered")
     serve.set_defaults(run=_run_serve)
 
     demo = commands.add_parser(
@@ -116,6 +120,14 @@ def _endpoint_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _ready_fd_option(parser: argparse.ArgumentParser, when: str) -> None:
+    parser.add_argument(
+        "--ready-fd", type=int, metavar="N",
+        help=f"write READY on the inherited file descriptor N once it {when}, then close it "
+             "(how ipcfw.testing waits for it)",
+    )
+
+
 _LIMIT_HELP = {
     "sessions_per_process": "sessions one process may hold (default %(default)s)",
     "outstanding_per_process": "requests one process may have outstanding (default %(default)s)",
@@ -149,9 +161,24 @@ def _on_signals(stop: Callable[[], None]) -> None:
         signal.signal(signum, lambda *_: stop())
 
 
+def _ready_signal(args: argparse.Namespace) -> ReadySignal | None:
+    """What tells the starter (``--ready-fd``) that this process is ready; None, after saying
+    why, if that descriptor is not open."""
+    from ..testing import ReadySignal
+
+    try:
+        return ReadySignal(args.ready_fd)
+    except ValueError as exc:
+        print(f"ipcfw: --ready-fd: {exc}", file=sys.stderr)
+        return None
+
+
 def _run_kernel(args: argparse.Namespace) -> int:
     from ..kernel import Kernel, KernelAlreadyRunning
 
+    ready = _ready_signal(args)
+    if ready is None:
+        return 2
     try:
         kernel = Kernel(args.endpoint, limits=_limits_of(args))
     except ValueError as exc:
@@ -159,7 +186,7 @@ def _run_kernel(args: argparse.Namespace) -> int:
         return 2
     _on_signals(kernel.stop)
     try:
-        kernel.run()
+        kernel.run(ready)
     except KernelAlreadyRunning as exc:
         print(f"ipcfw: {exc}", file=sys.stderr)
         return 1
@@ -174,15 +201,20 @@ def load_plugin(spec: str) -> type:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     module = importlib.import_module(module_name)
-    try:
-        return getattr(module, class_name)
-    except AttributeError:
-        raise ValueError(f"module {module_name!r} has no {class_name!r}") from None
+    found = getattr(module, class_name, None)
+    if found is None:
+        raise ValueError(f"module {module_name!r} has no {class_name!r}")
+    if not isinstance(found, type):
+        raise ValueError(f"{spec!r} is not a class")
+    return found
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from ..server import ServerHost
 
+    ready = _ready_signal(args)
+    if ready is None:
+        return 2
     try:
         top = load_plugin(args.plugin)()
         for spec in args.overlay:
@@ -193,7 +225,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     host = ServerHost(top, args.endpoint, reconnect=not args.no_reconnect)
     _on_signals(host.stop)
-    host.run()
+    host.run(ready)
     return 3 if host.kernel_died or host.dropped else 0
 
 

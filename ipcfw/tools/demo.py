@@ -3,7 +3,7 @@
 Needs nothing configured: the demo makes a private temporary directory (0700, under ``/tmp`` so
 the ipc path stays short), starts ``python -m ipcfw kernel`` on a socket in it and the example
 servers (``servers.echo``, ``servers.kv``, ``servers.notifier``) as ``python -m ipcfw serve``
-processes, waits until each answers (by condition, against a deadline), runs the example clients
+processes with `ipcfw.testing.Stack`, waits until each is ready, runs the example clients
 (``clients/*_client.py``) in this process, then measures a synchronous round trip and
 pipelined asynchronous throughput against the echo server.
 
@@ -22,8 +22,6 @@ import importlib
 import os
 import shutil
 import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,14 +30,12 @@ from collections import deque
 from pathlib import Path
 from typing import Optional
 
-from .. import errors
-from .children import stop_processes
-from .bench import WINDOW  # the same pipelined measurement, in small
-from ..client import RSession, TRequestStatus, kernel_statistics
+from ..client import RSession, TRequestStatus
 from ..endpoint import IPC_PATH_MAX
+from ..testing import Stack, StartError
+from .bench.clients import WINDOW  # the same pipelined measurement as the bench's, in small
+from .bench.measure import percentile
 
-STARTUP_TIMEOUT = 15.0  # seconds for the kernel and every server to answer
-STOP_TIMEOUT = 5.0  # seconds for a process to exit after SIGTERM, before SIGKILL
 SYNC_CALLS = 2000
 WARMUP_CALLS = 200
 PIPELINE_SECONDS = 1.0
@@ -70,108 +66,26 @@ def repo_root() -> Optional[Path]:
     return None
 
 
-class _Child:
-    def __init__(
-        self, name: str, argv: list[str], log_path: Path, env: dict[str, str], cwd: Path
-    ) -> None:
-        self.name = name
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            # A session of its own: a Ctrl-C at the terminal reaches only the demo, which then
-            # stops its children in order.
-            self.popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, cwd=str(cwd), start_new_session=True,
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").rstrip()
-        except OSError:
-            return "    (no log)"
-        if not text:
-            return "    (empty log)"
-        return "\n".join(f"    | {line}" for line in text.splitlines()[-lines:])
+def _make_stack(root: Path) -> Stack | None:
+    """A stack in a private directory under /tmp; None if its path is too long for a socket."""
+    workdir = Path(tempfile.mkdtemp(prefix="ipcfw-demo-", dir="/tmp"))
+    os.chmod(workdir, 0o700)
+    pythonpath = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    stack = Stack(workdir, env={"PYTHONPATH": pythonpath}, cwd=root)
+    if len(stack.endpoint) - len("ipc://") > IPC_PATH_MAX:
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(f"ipcfw demo: temporary path {workdir} is too long for an ipc socket",
+              file=sys.stderr)
+        return None
+    return stack
 
 
-class _Stack:
-    """The processes the demo started: the kernel first, then the servers."""
-
-    def __init__(self, workdir: Path, root: Path) -> None:
-        self.workdir = workdir
-        self.root = root
-        self.endpoint = f"ipc://{workdir}/kernel"
-        pythonpath = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
-        self.env = {**os.environ, "IPCFW_KERNEL": self.endpoint, "PYTHONPATH": pythonpath}
-        self.kernel: Optional[_Child] = None
-        self.servers: list[_Child] = []
-
-    def _spawn(self, name: str, ipcfw_args: list[str]) -> _Child:
-        argv = [sys.executable, "-m", "ipcfw", *ipcfw_args, "--endpoint", self.endpoint]
-        return _Child(name, argv, self.workdir / f"{name}.log", self.env, self.root)
-
-    def start_kernel(self, deadline: float) -> _Child:
-        self.kernel = self._spawn("kernel", ["kernel"])
-        socket_path = self.endpoint[len("ipc://"):]
-        while not os.path.exists(socket_path):
-            self._check_alive(self.kernel)
-            _before(deadline, "the kernel to create its socket")
-            time.sleep(0.01)
-        while True:  # the socket exists; wait until the kernel answers
-            self._check_alive(self.kernel)
-            try:
-                kernel_statistics(self.endpoint, timeout=1.0)
-                return self.kernel
-            except (errors.IpcError, TimeoutError):
-                _before(deadline, "the kernel to answer")
-                time.sleep(0.02)
-
-    def start_server(self, name: str, plugin: str) -> _Child:
-        child = self._spawn(name, ["serve", plugin])
-        self.servers.append(child)
-        return child
-
-    def wait_registered(self, child: _Child, deadline: float) -> None:
-        """Retry connecting to the server until it is registered (not NotFound any more)."""
-        while True:
-            self._check_alive(child)
-            try:
-                RSession.connect(child.name, endpoint=self.endpoint).Close()
-                return
-            except errors.NotFound:
-                _before(deadline, f"server {child.name!r} to register")
-                time.sleep(0.02)
-
-    def _check_alive(self, child: _Child) -> None:
-        if not child.alive():
-            raise DemoError(f"{child.name} exited with status {child.popen.returncode}")
-        if self.kernel is not None and child is not self.kernel and not self.kernel.alive():
-            raise DemoError(f"the kernel exited with status {self.kernel.popen.returncode}")
-
-    def children(self) -> list[_Child]:
-        return [*self.servers, *([self.kernel] if self.kernel else [])]
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"  {c.name} log ({c.log_path.name}):\n{c.log_tail()}" for c in self.children()
-        )
-
-    def stop(self) -> None:
-        """SIGTERM the servers, then the kernel; wait with a deadline; SIGKILL stragglers."""
-        for group in (self.servers, [self.kernel] if self.kernel else []):
-            stop_processes((child.popen for child in group), STOP_TIMEOUT)
-
-
-def _before(deadline: float, what: str) -> None:
-    if time.monotonic() > deadline:
-        raise DemoError(f"timed out after {STARTUP_TIMEOUT:.0f} s waiting for {what}")
+def _logs(stack: Stack) -> str:
+    """Each process's log tail, the servers first, for a failure report."""
+    processes = [*stack.servers, *([stack.kernel] if stack.kernel else [])]
+    return "\n".join(
+        f"  {p.name} log ({p.log_path.name}):\n{p.log_tail()}" for p in processes
+    )
 
 
 def _print(line: str = "") -> None:
@@ -199,11 +113,6 @@ def _run_clients(endpoint: str) -> bool:
     return all_ok
 
 
-def _percentile(sorted_values: list[int], q: float) -> int:
-    index = min(len(sorted_values) - 1, max(0, round(q / 100 * len(sorted_values)) - 1))
-    return sorted_values[index]
-
-
 def _measure_sync(session: RSession) -> tuple[float, float, int]:
     """Median and p99 of a synchronous EEchoInt round trip, in microseconds."""
     call = session.SendReceive
@@ -219,7 +128,7 @@ def _measure_sync(session: RSession) -> tuple[float, float, int]:
             if value != 42:
                 raise DemoError(f"EEchoInt(42) returned {value}")
     samples.sort()
-    return statistics.median(samples) / 1000, _percentile(samples, 99) / 1000, SYNC_CALLS
+    return percentile(samples, 50) / 1000, percentile(samples, 99) / 1000, SYNC_CALLS
 
 
 def _measure_pipelined(session: RSession) -> float:
@@ -270,14 +179,6 @@ def _measure(endpoint: str) -> None:
         _print(f"  async pipelined: {rate:,.0f} calls/s ({WINDOW} in flight)")
 
 
-def _close_client_runtime(endpoint: str) -> None:
-    """Stop this process's client runtime for `endpoint` (its I/O thread and sockets) before the
-    kernel stops, so that it does not report the kernel's exit as a death."""
-    from ..client.runtime import Runtime
-
-    Runtime.shutdown(endpoint)
-
-
 # -- the command ---------------------------------------------------------------------------------
 
 
@@ -295,13 +196,8 @@ def run_demo() -> int:
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))  # for `clients.*` and `servers.*`
 
-    workdir = Path(tempfile.mkdtemp(prefix="ipcfw-demo-", dir="/tmp"))
-    os.chmod(workdir, 0o700)
-    stack = _Stack(workdir, root)
-    if len(stack.endpoint) - len("ipc://") > IPC_PATH_MAX:
-        shutil.rmtree(workdir, ignore_errors=True)
-        print(f"ipcfw demo: temporary path {workdir} is too long for an ipc socket",
-              file=sys.stderr)
+    stack = _make_stack(root)
+    if stack is None:
         return 2
 
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -318,9 +214,12 @@ def run_demo() -> int:
         print("ipcfw demo: terminated; stopping", file=sys.stderr, flush=True)
         status = 143
     except Exception as exc:  # DemoError, or anything unexpected: report it with the logs
-        detail = str(exc) if isinstance(exc, DemoError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, (DemoError, StartError)):
+            detail = str(exc).split("\n", 1)[0]  # the logs follow
+        else:
+            detail = f"{type(exc).__name__}: {exc}"
         print(f"ipcfw demo: failed: {detail}", file=sys.stderr)
-        print(stack.logs(), file=sys.stderr, flush=True)
+        print(_logs(stack), file=sys.stderr, flush=True)
         status = 1
     finally:
         # Clean up whatever happened; a second Ctrl-C or SIGTERM must not cut the cleanup short.
@@ -328,15 +227,11 @@ def run_demo() -> int:
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            try:
-                _close_client_runtime(stack.endpoint)
-            except Exception:  # best effort: the processes below are what must go
-                pass
-            stack.stop()
+            stack.stop()  # this process's client runtime first, then the servers, the kernel
             if stack.kernel is not None:
                 servers = len(stack.servers)
                 _print(f"stopped kernel and {servers} server{'s' if servers != 1 else ''}")
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(stack.workdir, ignore_errors=True)
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGINT, previous_sigint)
@@ -348,18 +243,17 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise _Terminated()
 
 
-def _run(stack: _Stack) -> int:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    kernel = stack.start_kernel(deadline)
+def _run(stack: Stack) -> int:
+    kernel = stack.start()
     _print(f"ipcfw demo: kernel pid {kernel.pid} on {stack.endpoint}")
-    for name, plugin, _client in EXAMPLES:
-        stack.start_server(name, plugin)
-    for child in stack.servers:
-        stack.wait_registered(child, deadline)
+    for name, plugin, _client in EXAMPLES:  # started together, then waited for
+        stack.serve(plugin, wait=False, name=name)
+    for server in stack.servers:
+        stack.wait_ready(server)
 
     if not _run_clients(stack.endpoint):
         print("ipcfw demo: an example client failed", file=sys.stderr)
-        print(stack.logs(), file=sys.stderr, flush=True)
+        print(_logs(stack), file=sys.stderr, flush=True)
         return 1
     _measure(stack.endpoint)
     return 0

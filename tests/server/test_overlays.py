@@ -32,9 +32,8 @@ def stop(server_host: ServerHost, thread: threading.Thread) -> None:
 
 
 def test_login_and_audit_stacked_over_kv_with_ipcfw_serve(kernel):
-    server = kernel.serve("servers.kv:KvServer", None, "--overlay", "servers.login:LoginOverlay",
-                          "--overlay", "servers.audit:AuditOverlay")
-    wait_until(lambda: "registered" in server.log(), what="the stack to register")
+    server = kernel.serve("servers.kv:KvServer", "kv", "--overlay", "servers.login:LoginOverlay",
+                          "--overlay", "servers.audit:AuditOverlay")  # returns once registered
     with RSession.connect("kv") as session:
         with pytest.raises(ipcfw.NotReady):  # the login overlay manages the session first
             session.SendReceive(ESet, (b"k", b"v"))

@@ -1,0 +1,257 @@
+"""The driver of ``ipcfw bench``: its options, the run (start, warm up, measure, stop, whatever
+happens) and the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import zmq
+
+from ...testing import private_dir
+from .clients import STOP_TIMEOUT, WINDOW, BenchError, watchdog
+from .measure import (
+    CHUNKS, SHARED_SYSTEM, SHARED_THREADS, RunResult, SharedCase, SharedResult, System,
+    best_of, best_shared, guarded, run_once, summarize_shared, warm_up,
+)
+from .report import (
+    BASELINE, PIPELINED_TARGET, SYNC_TARGET, environment, format_cpu, format_header,
+    format_shared, format_table, format_targets, verdicts, write_json,
+)
+from .systems import (
+    Processes, Unavailable, start_bare_forwarder, start_bare_pingpong, start_ipcfw,
+)
+
+DEFAULT_SYNC, DEFAULT_PIPELINED = 5000, 20000
+QUICK_SYNC, QUICK_PIPELINED = 1000, 5000
+DEFAULT_SHARED, QUICK_SHARED = 1000, 250
+"""Sync calls per thread in the shared-session case."""
+
+IPCFW_CLIENT_LOGGER = "ipcfw.client"
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="ipcfw bench",
+        description="Sync latency and pipelined throughput of ipcfw against bare pyzmq baselines.")
+    p.add_argument("--sync", type=int, metavar="N",
+                   help=f"sync calls per system (default {DEFAULT_SYNC})")
+    p.add_argument("--pipelined", type=int, metavar="N",
+                   help=f"pipelined calls per system (default {DEFAULT_PIPELINED})")
+    p.add_argument("--shared", type=int, metavar="N",
+                   help=f"sync calls per thread in the {SHARED_THREADS}-thread shared-session case "
+                        f"(default {DEFAULT_SHARED}; 0 leaves the case out)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK_SYNC} sync / {QUICK_PIPELINED} pipelined"
+                        f" / {QUICK_SHARED} shared calls")
+    p.add_argument("--repeat", type=int, default=1, metavar="R",
+                   help="run the interleaved set R times, report each system's best run")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 2 when ipcfw misses a target")
+    p.add_argument("--no-ipcfw", action="store_true", help="measure the bare systems only")
+    argv = list(argv)
+    if argv[:1] == ["--"]:  # `ipcfw bench -- --quick`: the CLI may pass the separator through
+        argv = argv[1:]
+    args = p.parse_args(argv)
+    quick = (QUICK_SYNC, QUICK_PIPELINED) if args.quick else (DEFAULT_SYNC, DEFAULT_PIPELINED)
+    args.sync = args.sync if args.sync is not None else quick[0]
+    args.pipelined = args.pipelined if args.pipelined is not None else quick[1]
+    if args.shared is None:
+        args.shared = QUICK_SHARED if args.quick else DEFAULT_SHARED
+    if args.sync < 1 or args.pipelined < 1 or args.repeat < 1:
+        p.error("--sync, --pipelined and --repeat must be at least 1")
+    if args.shared < 0:
+        p.error("--shared must be at least 0")
+    return args
+
+
+@dataclass
+class Outcome:
+    results: dict[str, RunResult]
+    runs: dict[str, list[RunResult]]
+    failed: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+    shared: SharedResult | None = None
+    shared_runs: list[SharedResult] = field(default_factory=list)
+
+
+def start_systems(
+    processes: Processes, ctx: zmq.Context[zmq.Socket[bytes]], workdir: Path, with_ipcfw: bool,
+    shared_threads: int = 0,
+) -> tuple[list[System], SharedCase | None, dict[str, str]]:
+    systems = [System("bare-pingpong", *start_bare_pingpong(processes, ctx, workdir)),
+               System(BASELINE, *start_bare_forwarder(processes, ctx, workdir))]
+    failed: dict[str, str] = {}
+    if not with_ipcfw:
+        failed["ipcfw"] = "skipped (--no-ipcfw)"
+        return systems, None, failed
+    try:
+        stack = start_ipcfw(processes, workdir, shared_threads)
+    except Unavailable as exc:
+        failed["ipcfw"] = str(exc)
+        if shared_threads:
+            failed[SHARED_SYSTEM] = "the ipcfw stack is not available"
+        return systems, None, failed
+    systems.append(System("ipcfw", stack.client, stack.pids))
+    if stack.shared_error is not None:
+        failed[SHARED_SYSTEM] = stack.shared_error
+    return systems, SharedCase(stack.shared) if stack.shared is not None else None, failed
+
+
+def measure(systems: list[System], shared: SharedCase | None, failed: dict[str, str],
+            args: argparse.Namespace) -> Outcome:
+    for s in systems:
+        guarded(s, functools.partial(warm_up, s, args.sync, args.pipelined),
+                args.sync + args.pipelined)
+    if shared is not None:
+        warm = max(10, args.shared // 10)
+        guarded(shared, functools.partial(shared.runner.run, warm), warm * SHARED_THREADS)
+    runs: dict[str, list[RunResult]] = {s.name: [] for s in systems}
+    shared_runs: list[SharedResult] = []
+    for _ in range(args.repeat):
+        results = run_once(systems, args.sync, args.pipelined, shared, args.shared)
+        for name, result in results.items():
+            runs[name].append(result)
+        if shared is not None and shared.error is None:
+            shared_runs.append(summarize_shared(shared, results.get("ipcfw")))
+    for s in systems:
+        if s.error is not None:
+            failed[s.name] = s.error
+            runs.pop(s.name, None)
+    if shared is not None and shared.error is not None:
+        failed[SHARED_SYSTEM] = shared.error
+        shared_runs = []
+    results = {name: best_of(r) for name, r in runs.items()}
+    best = best_shared(shared_runs) if shared_runs else None
+    return Outcome(results, runs, failed, shared=best, shared_runs=shared_runs)
+
+
+def close_clients(systems: list[System], shared: SharedCase | None = None) -> list[str]:
+    """Close and forget every client (so a second call is a no-op); return what went wrong."""
+    problems = []
+    closers: list[tuple[str, Callable[[], None]]] = [(s.name, s.client.close) for s in systems]
+    if shared is not None:
+        closers.append((shared.name, shared.runner.close))
+    systems.clear()
+    for name, close in reversed(closers):
+        try:
+            with watchdog(2 * STOP_TIMEOUT):
+                close()
+        except Exception as exc:  # reported; the processes are stopped next anyway
+            problems.append(f"{name}: closing the client raised {type(exc).__name__}: {exc}")
+    return problems
+
+
+def bench(args: argparse.Namespace, workdir: Path) -> Outcome:
+    """Start everything, measure, and stop everything, whatever happens."""
+    processes = Processes(workdir)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    systems: list[System] = []
+    shared: SharedCase | None = None
+    try:
+        systems, shared, failed = start_systems(
+            processes, ctx, workdir, with_ipcfw=not args.no_ipcfw,
+            shared_threads=SHARED_THREADS if args.shared else 0)
+        outcome = measure(systems, shared, failed, args)
+        outcome.notes += close_clients(systems, shared)
+        shared = None
+        return outcome
+    finally:
+        close_clients(systems, shared)
+        # We stop the kernel on purpose: the client runtime's "kernel has died" warning is noise.
+        logging.getLogger(IPCFW_CLIENT_LOGGER).setLevel(logging.ERROR)
+        processes.stop()
+        ctx.destroy(linger=0)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Make SIGTERM unwind like Ctrl-C, so ``finally`` blocks stop the processes."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report(args: argparse.Namespace, outcome: Outcome) -> int:
+    env = environment()
+    print(format_header(env, args.sync, args.pipelined, args.repeat,
+                        0 if args.no_ipcfw else args.shared))
+    print()
+    print(format_table(outcome.results, outcome.failed))
+    print()
+    if outcome.results:
+        print(format_cpu(outcome.results))
+        print()
+    if outcome.shared is not None:
+        print(format_shared(outcome.shared, args.shared))
+        print()
+    for name, reason in outcome.failed.items():
+        print(f"{name}: NOT MEASURED: {reason}")
+    for note in outcome.notes:
+        print(f"note: {note}")
+    v = verdicts(outcome.results)
+    print(format_targets(v))
+    if args.json:
+        write_json(args.json, {
+            "environment": env,
+            "config": {"sync": args.sync, "pipelined": args.pipelined, "window": WINDOW,
+                       "shared": args.shared, "shared_threads": SHARED_THREADS,
+                       "repeat": args.repeat, "chunks": CHUNKS, "baseline": BASELINE,
+                       "sync_target": SYNC_TARGET, "pipelined_target": PIPELINED_TARGET},
+            "results": {n: asdict(r) for n, r in outcome.results.items()},
+            "runs": {n: [asdict(r) for r in rs] for n, rs in outcome.runs.items()},
+            "shared": None if outcome.shared is None else {
+                **asdict(outcome.shared), "system": SHARED_SYSTEM,
+                "vs_single": outcome.shared.vs_single,
+                "runs": [asdict(r) for r in outcome.shared_runs]},
+            "not_measured": outcome.failed,
+            "notes": outcome.notes,
+            "targets": v,
+        })
+    if ("ipcfw" in outcome.failed or SHARED_SYSTEM in outcome.failed) and not args.no_ipcfw:
+        return 1
+    return 2 if args.strict and not (v["sync_pass"] and v["pipelined_pass"]) else 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``ipcfw bench``; returns the process exit status."""
+    args = parse_args(argv)
+    saved_kernel = os.environ.get("IPCFW_KERNEL")
+    client_log = logging.getLogger(IPCFW_CLIENT_LOGGER)
+    saved_log_level = client_log.level
+    workdir = private_dir("ipcfw-bench-")
+    try:
+        with _sigterm_as_interrupt():
+            outcome = bench(args, workdir)
+        return _report(args, outcome)
+    except KeyboardInterrupt:
+        print("ipcfw bench: interrupted; all helper processes stopped", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"ipcfw bench: a baseline failed, no results: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if saved_kernel is None:
+            os.environ.pop("IPCFW_KERNEL", None)
+        else:
+            os.environ["IPCFW_KERNEL"] = saved_kernel
+        client_log.setLevel(saved_log_level)
+        shutil.rmtree(workdir, ignore_errors=True)
