@@ -85,15 +85,17 @@ def test_the_host_forgets_messages_once_completed_cancelled_or_disconnected(kern
         for tag, status in enumerate(held):
             session.SendReceive(probe.EHold, (tag,), status)
         wait_until(lambda: len(host.server.held) == 3, what="three held messages")
-        in_service = host._in_service[session.Handle()]
-        assert sorted(m.Int0() for m in in_service.values()) == [0, 1, 2]
+        handle = session.Handle()
+        assert sorted(m.Int0() for m in host.state.in_service(handle)) == [0, 1, 2]
         assert held[0].Cancel() == KErrCancel
-        wait_until(lambda: len(in_service) == 2, what="the cancelled one forgotten")
+        wait_until(lambda: len(host.state.in_service(handle)) == 2,
+                   what="the cancelled one forgotten")
         assert session.SendReceive(probe.ECompleteHeld, (1, 11)) == 0
         assert held[1].Wait(5) == 11
-        assert [m.Int0() for m in in_service.values()] == [2]
+        assert [m.Int0() for m in host.state.in_service(handle)] == [2]
         session.Close()  # the last one is still held by the server's code...
-        wait_until(lambda: not host._in_service, what="the host to forget the closed session's")
+        wait_until(lambda: host.state.statistics()["in_service"] == 0,
+                   what="the host to forget the closed session's")
         assert host.server.held.keys() >= {2}
     finally:
         host.stop()
