@@ -106,6 +106,35 @@ class ServerHost:
         """True when called on the loop thread, where ``ServiceL`` runs."""
         return threading.get_ident() == self._loop_thread
 
+    def Deregister(self, timeout: float | None = None) -> None:
+        """End this server's registration: no new requests; returns once every message still
+        outstanding has been completed (seed 002), then the host stops.
+
+        Call it from another thread than the loop (the loop must go on completing the
+        outstanding messages); from the loop thread, including from ``TerminateIndication``,
+        it raises ``RuntimeError`` instead of deadlocking. Raises ``TimeoutError`` if
+        `timeout` seconds pass first.
+        """
+        state = self.state
+        if self.on_loop_thread():
+            where = ("TerminateIndication" if state is not None and state.in_indication
+                     else "the server's loop thread")
+            raise RuntimeError(
+                f"Deregister() called from {where}: it waits for the loop to complete the "
+                "outstanding messages, so it must be called from another thread"
+            )
+        if self._loop_thread is None or state is None:
+            raise RuntimeError("the server is not running")
+        ended = self._deregistered
+        self.call_soon(state.deregister)
+        if not ended.wait(timeout):
+            raise TimeoutError(f"outstanding messages still pending after {timeout} s")
+        if self.dropped:
+            raise errors.IpcError(errors.KErrDisconnected, "the kernel stopped serving this server "
+                                  "during Deregister (it left too many frames unread)")
+        if not state.deregistered:
+            raise errors.IpcError(errors.KErrServerTerminated, "the kernel died during Deregister")
+
     def run(self, ready: threading.Event | None = None) -> None:
         """Register the server and serve until stopped. Raises the kernel's refusal (e.g.
         ``AlreadyExists``) or ``CouldNotConnect`` if no kernel answers."""
@@ -262,11 +291,11 @@ class ServerHost:
                 continue
             outcome = state.receive(message)
             if outcome is not None:
-                self._registration_over(outcome)
+                self._registration_over(state, outcome)
                 if self.dropped:
                     return  # nothing the kernel sent after its notice is meant for us
 
-    def _registration_over(self, outcome: Outcome) -> None:
+    def _registration_over(self, state: ServerState, outcome: Outcome) -> None:
         if outcome is Outcome.DEREGISTERED:
             self._deregistered.set()
             self.stop()
@@ -274,9 +303,9 @@ class ServerHost:
         self.dropped = True
         then = "it registers again" if self.reconnect else "it stops"
         log.error(
-            "the ipcfw kernel stopped serving server %r: frames waited unread for it (the "
+            "the ipcfw kernel stopped serving server %r: %d frames waited unread for it (the "
             "kernel's max_backlog; was this process stopped or its loop blocked?); %s",
-            self.server.name, then,
+            self.server.name, state.dropped.waiting if state.dropped else 0, then,
         )
 
     def _flush_outbox(self) -> None:
@@ -289,35 +318,6 @@ class ServerHost:
         outbox = self._outbox
         while outbox:
             self._socket.send(outbox.popleft())
-
-    def Deregister(self, timeout: float | None = None) -> None:
-        """End this server's registration: no new requests; returns once every message still
-        outstanding has been completed (seed 002), then the host stops.
-
-        Call it from another thread than the loop (the loop must go on completing the
-        outstanding messages); from the loop thread, including from ``TerminateIndication``,
-        it raises ``RuntimeError`` instead of deadlocking. Raises ``TimeoutError`` if
-        `timeout` seconds pass first.
-        """
-        state = self.state
-        if self.on_loop_thread():
-            where = ("TerminateIndication" if state is not None and state.in_indication
-                     else "the server's loop thread")
-            raise RuntimeError(
-                f"Deregister() called from {where}: it waits for the loop to complete the "
-                "outstanding messages, so it must be called from another thread"
-            )
-        if self._loop_thread is None or state is None:
-            raise RuntimeError("the server is not running")
-        ended = self._deregistered
-        self.call_soon(state.deregister)
-        if not ended.wait(timeout):
-            raise TimeoutError(f"outstanding messages still pending after {timeout} s")
-        if self.dropped:
-            raise errors.IpcError(errors.KErrDisconnected, "the kernel stopped serving this server "
-                                  "during Deregister (it left too many frames unread)")
-        if not state.deregistered:
-            raise errors.IpcError(errors.KErrServerTerminated, "the kernel died during Deregister")
 
 
 def serve(server: CServer | COverlay, endpoint: str | None = None,

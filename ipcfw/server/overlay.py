@@ -17,7 +17,6 @@ overlay manages it asks the overlay to stop::
 An overlay may own error codes outside Symbian's set (`error_strings`); `RSession.ErrorString`
 asks the overlays first, then the server, then `ipcfw.errors`.
 
-
 The layering lives here too: `Layers` (a server and its overlays: which layer opens a session,
 whose ``ErrorString`` answers) and `LayeredSession` (a session of an overlaid server, which
 sends each request to the layer managing it now). The server's state uses them through the

@@ -128,7 +128,7 @@ class ServerState:
         self.in_indication = False  # ... and is running now
         self.deregistering = False  # Deregister was sent
         self.deregistered = False  # ... and the kernel confirmed it
-        self.dropped = False
+        self.dropped: Dropped | None = None  # the kernel's notice, once it stopped serving us
         self._handlers: dict[type, Callable[[Any], Outcome | None]] = {
             Deliver: self._on_deliver,
             Completed: self._on_completed,
@@ -346,7 +346,7 @@ class ServerState:
         if notice.routing_id != self._routing_id:
             self.report("Dropped notice for another socket", notice.routing_id.hex())
             return None
-        self.dropped = True
+        self.dropped = notice
         return Outcome.DROPPED
 
 

@@ -323,6 +323,17 @@ def test_error_string_asks_the_overlays_first_then_the_server(server):
     assert server.events == [("create", "Recorder")]  # ServiceL never saw them
 
 
+def test_a_bad_error_string_request_is_refused_and_the_server_goes_on(harness, server):
+    harness.connect()
+    not_a_descriptor = harness.deliver(ERROR_STRING_FUNCTION, (5, 7))
+    not_an_int = harness.deliver(ERROR_STRING_FUNCTION, (b"x", (b"", 10)))
+    assert harness.take() == [Complete(not_a_descriptor, errors.KErrBadDescriptor, ()),
+                              Complete(not_an_int, errors.KErrArgument, ())]
+    server.actions.append(complete_with(4))
+    harness.deliver(1)
+    assert values(harness) == [4]
+
+
 # -- cancel ----------------------------------------------------------------------------------
 
 
@@ -377,6 +388,25 @@ def test_complete_and_cancel_racing_on_threads_end_each_message_once(harness, se
     assert completed.isdisjoint(cancelled)
     assert len(completed) + len(cancelled) == len(messages)
     assert all(m.IsNull() for m in messages) and harness.state.in_service(HANDLE) == []
+
+
+def test_a_message_is_forgotten_once_completed_cancelled_or_disconnected(harness, server):
+    """Each delivered request stays findable for a Cancel until it completes, is cancelled,
+    or its session ends; then the state forgets it (no leak), even if the plugin holds it."""
+    harness.connect()
+    server.actions += [complete_with(i) for i in range(20)]
+    for i in range(20):
+        harness.deliver(1, (i,))
+    assert values(harness) == list(range(20))
+    held = [harness.deliver(2, (tag,)) for tag in range(3)]
+    assert [m.Int0() for m in harness.state.in_service(HANDLE)] == [0, 1, 2]
+    harness.state.receive(Cancelled(held[0], HANDLE))
+    assert [m.Int0() for m in harness.state.in_service(HANDLE)] == [1, 2]
+    server.held[21].Complete(11)
+    assert [m.Int0() for m in harness.state.in_service(HANDLE)] == [2]
+    harness.state.receive(Disconnect(harness.msg_id(), HANDLE))
+    assert harness.state.statistics()["in_service"] == 0
+    assert not server.held[22].IsNull()  # the plugin's code still holds it
 
 
 # -- disconnect ------------------------------------------------------------------------------
