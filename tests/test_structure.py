@@ -22,7 +22,10 @@ from ipcfw import protocol
 
 PACKAGE = Path(ipcfw.__file__).resolve().parent
 ROOT = PACKAGE.parent
-PURE_MODULES = ["ipcfw/protocol.py", "ipcfw/kernel/state.py", "ipcfw/server/objectix.py"]
+PURE_MODULES = [
+    "ipcfw/protocol.py", "ipcfw/kernel/state.py", "ipcfw/server/objectix.py",
+    "ipcfw/server/state.py",
+]
 FORBIDDEN = frozenset(
     {"zmq", "os", "socket", "threading", "time", "psutil", "select", "subprocess"}
 )
@@ -119,8 +122,34 @@ def test_pure_module_is_pure_through_the_ipcfw_modules_it_imports(relpath: str) 
                 if target is not None:
                     todo.append(target)
     assert bad == [], f"{relpath} reaches I/O modules: {bad}"
-    if relpath.endswith("state.py"):
+    if relpath == "ipcfw/kernel/state.py":
         assert {"ipcfw/protocol.py", "ipcfw/naming.py", "ipcfw/errors.py"} <= seen
+
+
+def test_no_import_cycle() -> None:
+    """No ipcfw module imports itself through others (imports inside functions count). A
+    package's __init__ is left out: importing a submodule runs it, but it only re-exports."""
+    graph = {
+        relpath: {target for module, _ in _imports(relpath)
+                  if _top(module) == "ipcfw" and (target := _file_of(module)) is not None}
+        for relpath in ALL_MODULES if not _is_package(relpath)
+    }
+    cycles = []
+    for start in graph:
+        path, todo = {start: None}, [start]  # a search from `start`, remembering the way back
+        while todo:
+            current = todo.pop()
+            for target in graph.get(current, ()):
+                if target == start:
+                    cycle, at = [start], current
+                    while at is not None and at != start:
+                        cycle.insert(1, at)
+                        at = path[at]
+                    cycles.append(cycle)
+                elif target not in path:
+                    path[target] = current
+                    todo.append(target)
+    assert cycles == [], cycles
 
 
 def test_import_resolution_sees_what_it_should() -> None:

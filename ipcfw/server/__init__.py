@@ -1,9 +1,16 @@
 """The server side: the plugin API (`CServer`, `CSession`, `RMessage`, `CObjectIx`, `COverlay`)
-and the host that runs a plugin in its process (`ServerHost`, `serve`)."""
+and the host that runs a plugin in its process (`ServerHost`, `serve`).
 
-from .host import ClientInfo, CServer, CSession, RMessage, ServerHost, ServerPanic, serve
+Modules: `plugin` (CServer, CSession), `message` (RMessage, ClientInfo, ServerPanic), `objectix`
+(CObjectIx), `overlay` (COverlay, COverlaySession and the layering), `state` (the pure rules:
+sessions, messages in service, cancel, termination), `host` (the loop around the state).
+"""
+
+from .host import ServerHost, serve
+from .message import ClientInfo, RMessage, ServerPanic
 from .objectix import CObjectIx
 from .overlay import COverlay, COverlaySession
+from .plugin import CServer, CSession
 
 __all__ = [
     "CServer", "CSession", "RMessage", "ClientInfo", "ServerPanic", "CObjectIx", "COverlay",

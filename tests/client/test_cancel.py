@@ -3,12 +3,11 @@ dropped."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 
 import ipcfw
-from ipcfw import KErrCancel, RSession, ServerHost, TRequestStatus
+from ipcfw import KErrCancel, RSession, TRequestStatus
 from conftest import wait_until
 from plugins import probe
 
@@ -67,35 +66,3 @@ def test_cancel_racing_the_servers_completion_completes_exactly_once(kernel, pro
         assert session.SendReceive(probe.EEcho, (4,)) == 4
     wait_until(lambda: kernel.statistics()["messages"] == 0, what="no message left")
     assert kernel.statistics()["cancellable"] == 0
-
-
-def test_the_host_forgets_messages_once_completed_cancelled_or_disconnected(kernel):
-    """The server host keeps each delivered request findable for a Cancel until it completes,
-    is cancelled, or its session ends; then it forgets it (no leak)."""
-    host = ServerHost(probe.ProbeServer(), kernel.endpoint)
-    ready = threading.Event()
-    loop = threading.Thread(target=host.run, args=(ready,), name="probe-host")
-    loop.start()
-    try:
-        assert ready.wait(10)
-        session = RSession.connect("probe", VERSION)
-        for i in range(20):
-            assert session.SendReceive(probe.EEcho, (i,)) == i
-        held = [TRequestStatus() for _ in range(3)]
-        for tag, status in enumerate(held):
-            session.SendReceive(probe.EHold, (tag,), status)
-        wait_until(lambda: len(host.server.held) == 3, what="three held messages")
-        in_service = host._in_service[session.Handle()]
-        assert sorted(m.Int0() for m in in_service.values()) == [0, 1, 2]
-        assert held[0].Cancel() == KErrCancel
-        wait_until(lambda: len(in_service) == 2, what="the cancelled one forgotten")
-        assert session.SendReceive(probe.ECompleteHeld, (1, 11)) == 0
-        assert held[1].Wait(5) == 11
-        assert [m.Int0() for m in in_service.values()] == [2]
-        session.Close()  # the last one is still held by the server's code...
-        wait_until(lambda: not host._in_service, what="the host to forget the closed session's")
-        assert host.server.held.keys() >= {2}
-    finally:
-        host.stop()
-        loop.join(10)
-    assert not loop.is_alive()

@@ -114,13 +114,3 @@ def test_the_overlaid_server_refusing_the_session_fails_the_client(kernel):
                 session.SendReceive(0, (1,))
     finally:
         stop(server_host, thread)
-
-
-def test_a_bad_error_string_request_is_refused_and_the_server_goes_on(kernel):
-    kernel.serve("servers.kv:KvServer", "kv")
-    with RSession.connect("kv") as session:
-        with pytest.raises(ipcfw.BadDescriptor):
-            session.SendReceive(ipcfw.protocol.ERROR_STRING_FUNCTION, (5, 7))
-        with pytest.raises(ipcfw.BadArgument):
-            session.SendReceive(ipcfw.protocol.ERROR_STRING_FUNCTION, (b"x", bytearray(10)))
-        assert session.ErrorString(-1).startswith("KErrNotFound (-1)")  # still serving

@@ -1,0 +1,347 @@
+"""RMessage: a request as the server sees it, and the one interface it completes through.
+
+An `RMessage` is built by the server's state (`ipcfw.server.state`) for each connect, request
+and disconnect the kernel delivers. The plugin reads its arguments and completes it exactly
+once, from any thread. The message knows nothing of sockets or of the host: when it completes,
+it hands the frame to send to its `Completer` (``completed(message, frame)``) and reads the
+kernel's frame limit from it (``max_frame``). That is the whole interface.
+
+Exactly once, from any thread, without a lock: a message records who ended it (Complete, Panic,
+or the client's cancel) in a one-entry dict with ``dict.setdefault``, which is atomic (one C call
+on an int key: under the GIL, or the dict's own lock in a free-threaded build). The first caller
+stores its token and wins; every later caller reads the winner's. This keeps the pure state
+free of `threading`, and costs less than a lock on the hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple, Protocol
+
+from .. import errors
+from ..protocol import (
+    I32_MAX,
+    I32_MIN,
+    MAX_CATEGORY,
+    MAX_FRAME,
+    Complete,
+    Negotiated,
+    Panic,
+    encode,
+)
+
+log = logging.getLogger("ipcfw.server")
+
+__all__ = ["ClientInfo", "ServerPanic", "RMessage", "Completer", "MessageKind"]
+
+
+class ClientInfo(NamedTuple):
+    """Who sent a message, as the kernel saw it from the transport (never self-reported)."""
+
+    pid: int
+    uid: int
+    gid: int
+    exe: str
+
+
+class ServerPanic(Exception):
+    """The server code misused the framework (Symbian panics the server thread).
+
+    Raised, for example, by completing a message twice (``USER 70``). It is a bug in the server;
+    nothing is sent to the client for the offending call.
+    """
+
+    def __init__(self, category: str, reason: int, message: str = "") -> None:
+        super().__init__(f"server panic {category} {reason}" + (f": {message}" if message else ""))
+        self.category = category
+        self.reason = reason
+
+
+class Completer(Protocol):
+    """What an `RMessage` needs from whatever completes it: the server's state, or a test's
+    recorder. Nothing else of the host is reachable from a message.
+
+    Attributes:
+        max_frame: the largest frame the kernel accepts; a completion over it is replaced by
+            one with ``KErrOverflow``.
+    """
+
+    max_frame: int
+
+    def completed(self, message: RMessage, frame: bytes) -> None:
+        """`message` was completed (once: the message guarantees it) and `frame` is its
+        completion. Called on whichever thread completed it; it must not block."""
+
+
+class MessageKind:
+    """What a message is: a connect, a request, or a disconnect."""
+
+    CONNECT = "connect"
+    REQUEST = "request"
+    DISCONNECT = "disconnect"
+
+
+class _Discard:
+    """The completer of a stand-in message: its completion goes nowhere."""
+
+    max_frame = MAX_FRAME
+
+    def completed(self, message: RMessage, frame: bytes) -> None:
+        log.debug("dropping the completion of stand-in %r", message)
+
+
+_DISCARD = _Discard()
+_CANCEL = "Cancel"  # who ended a message the client cancelled
+
+
+class RMessage:
+    """A request as the server sees it (Symbian ``RMessage2``).
+
+    It carries the function number and four arguments, and is completed exactly once, by
+    ``Complete(value)`` or ``Panic(category, reason)``, from any thread.
+    """
+
+    __slots__ = (
+        "_completer", "_msg_id", "_kind", "_function", "_args", "_session", "_client",
+        "_content", "_end", "_held_in", "__weakref__",
+    )
+
+    def __init__(self, completer: Completer, msg_id: int, kind: str, function: int,
+                 args: tuple[Any, ...], session: Any, client: ClientInfo | None,
+                 held_in: dict[int, RMessage] | None = None) -> None:
+        self._completer = completer
+        self._msg_id = msg_id
+        self._kind = kind
+        self._function = function
+        self._args = args
+        self._session = session
+        self._client = client
+        self._content: dict[int, bytearray] | None = None  # index -> buffer, once WriteL was called
+        # {0: (who,)} once ended, `who` being "Complete", "Panic" or "Cancel" (see the module)
+        self._end: dict[int, tuple[str]] = {}
+        # Its session's table of requests in service, which it leaves when it is ended.
+        self._held_in = held_in
+
+    @classmethod
+    def stand_in(cls, kind: str, client: ClientInfo | None) -> RMessage:
+        """A message the kernel never sent, whose completion goes nowhere (an overlay's
+        hand-off gives one to the next layer's ``NewSessionL`` as its connect message)."""
+        return cls(_DISCARD, 0, kind, -1 if kind == MessageKind.CONNECT else -2, (), None, client)
+
+    # -- what was sent -----------------------------------------------------------------------
+
+    def Function(self) -> int:
+        """The function number (opcode) the client sent; -1 for connect, -2 for disconnect."""
+        return self._function
+
+    def Int0(self) -> int:
+        return self._int(0)
+
+    def Int1(self) -> int:
+        return self._int(1)
+
+    def Int2(self) -> int:
+        return self._int(2)
+
+    def Int3(self) -> int:
+        return self._int(3)
+
+    def _int(self, index: int) -> int:
+        if index >= len(self._args):
+            return 0  # unspecified arguments read as 0, as in Symbian
+        arg = self._args[index]
+        if type(arg) is not int:
+            raise errors.IpcError(
+                errors.KErrArgument, f"argument {index} is a descriptor, not an int"
+            )
+        return arg
+
+    def _descriptor(self, index: int) -> Any:
+        if type(index) is not int or not 0 <= index <= 3:
+            raise errors.IpcError(
+                errors.KErrArgument, f"argument index must be 0..3, got {index!r}"
+            )
+        if self._kind != MessageKind.REQUEST:
+            raise ServerPanic("KERN-EXEC", 44, f"a {self._kind} message has no arguments")
+        arg = self._args[index] if index < len(self._args) else 0
+        if type(arg) is int:
+            raise errors.IpcError(errors.KErrBadDescriptor, f"argument {index} is not a descriptor")
+        return arg
+
+    def _current(self, index: int) -> bytes:
+        if self._content is not None and index in self._content:
+            return bytes(self._content[index])
+        arg = self._descriptor(index)
+        content: bytes = arg if type(arg) is bytes else arg[0]  # (content, max length)
+        return content
+
+    def GetDesLength(self, index: int) -> int:
+        """Length of descriptor argument `index`; ``BadDescriptor`` if it is an int."""
+        return len(self._current(index))
+
+    def GetDesMaxLength(self, index: int) -> int:
+        """Max length of descriptor argument `index` (its length, if read-only)."""
+        arg = self._descriptor(index)
+        return len(arg) if type(arg) is bytes else int(arg[1])
+
+    def ReadL(self, index: int, offset: int = 0) -> bytes:
+        """The content of descriptor argument `index`, from `offset`."""
+        if type(offset) is not int or offset < 0:
+            raise errors.IpcError(errors.KErrArgument, f"offset must be >= 0, got {offset!r}")
+        return self._current(index)[offset:]
+
+    def WriteL(self, index: int, data: bytes, offset: int = 0) -> None:
+        """Write `data` at `offset` into the client's writable descriptor `index`.
+
+        The client's ``bytearray`` then holds its first `offset` bytes followed by `data` (its
+        length becomes ``offset + len(data)``), when the request completes. Raises
+        ``BadDescriptor`` for an int or read-only argument, ``Overflow`` past its max length.
+        """
+        arg = self._descriptor(index)
+        if type(arg) is bytes:
+            raise errors.IpcError(errors.KErrBadDescriptor, f"argument {index} is read-only")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"WriteL data must be bytes-like, not {type(data).__name__}")
+        if type(offset) is not int or offset < 0:
+            raise errors.IpcError(errors.KErrArgument, f"offset must be >= 0, got {offset!r}")
+        if offset + len(data) > arg[1]:
+            raise errors.IpcError(
+                errors.KErrOverflow,
+                f"writing {len(data)} bytes at offset {offset} overflows argument {index} "
+                f"(max length {arg[1]})",
+            )
+        if self._content is None:
+            self._content = {}
+        buffer = self._content.setdefault(index, bytearray(arg[0]))
+        if len(buffer) < offset:
+            buffer.extend(bytes(offset - len(buffer)))
+        buffer[offset:] = data
+
+    # -- who sent it -------------------------------------------------------------------------
+
+    def Client(self) -> ClientInfo:
+        """The sending process: pid, uid, gid and executable, as the kernel saw them."""
+        if self._client is None:
+            raise ServerPanic("KERN-EXEC", 44, "this message has no client")
+        return self._client
+
+    def SecureId(self) -> int:
+        """The client's secure identity: its uid, which the transport vouches for."""
+        return self.Client().uid
+
+    def Session(self) -> Any:
+        """The `CSession` this message belongs to (None for a connect message)."""
+        return self._session
+
+    # -- completion --------------------------------------------------------------------------
+
+    def IsNull(self) -> bool:
+        """True once the message has been completed (or panicked)."""
+        return bool(self._end)
+
+    def Complete(self, value: int) -> None:
+        """Complete the message with `value` (>= 0 success, < 0 an error code). Any thread.
+
+        Raises ``ServerPanic("USER", 70)`` if the message was already completed or panicked
+        (Symbian's ``ETMesCompletion``); nothing is sent twice.
+        """
+        if type(value) is not int:
+            value = _completion_code(value)
+        if not I32_MIN <= value <= I32_MAX:
+            raise ValueError(f"completion value {value} does not fit in 32 bits")
+        writes: tuple[tuple[int, bytes], ...] = ()
+        if self._content:
+            writes = tuple((i, bytes(b)) for i, b in sorted(self._content.items()))
+        if not self._claim("Complete"):
+            return  # cancelled by the client: the kernel completed it already
+        frame = encode(Complete(self._msg_id, value, writes))
+        if len(frame) > self._completer.max_frame:
+            log.error("completion of %r is %d bytes, over the kernel's limit; completing with "
+                      "KErrOverflow instead", self, len(frame))
+            frame = encode(Complete(self._msg_id, errors.KErrOverflow, ()))
+        self._completer.completed(self, frame)
+
+    def Panic(self, category: str, reason: int) -> None:
+        """Panic the client: its call raises ``ClientPanic(category, reason)``, its session dies
+        and this server gets ``Disconnect``. `category` is truncated to 16 characters.
+
+        This completes the message. Raises ``ServerPanic("KERN-EXEC", 44)`` if the message was
+        already completed or panicked (Symbian's ``EBadMessageHandle``: a completed message's
+        handle is null); nothing is sent then, and the client keeps its session.
+        """
+        if not isinstance(category, str):
+            raise TypeError(f"panic category must be a str, not {type(category).__name__}")
+        if type(reason) is not int or not I32_MIN <= reason <= I32_MAX:
+            raise ValueError(f"panic reason must be a 32-bit int, got {reason!r}")
+        if not self._claim("Panic"):
+            return
+        frame = encode(Panic(self._msg_id, category[:MAX_CATEGORY], reason))
+        self._completer.completed(self, frame)
+
+    def IsCancelled(self) -> bool:
+        """True if the client cancelled this message (it was completed for the client)."""
+        return self._end.get(0, ("",))[0] == _CANCEL
+
+    # -- the server's state's side (not for plugins) ------------------------------------------
+
+    def complete_connect(self, reply: bytes) -> None:
+        """Accept the connect this message is: the kernel gets the negotiation `reply`."""
+        if self._claim("Complete"):
+            frame = encode(Negotiated(self._msg_id, errors.KErrNone, reply))
+            self._completer.completed(self, frame)
+
+    def client_cancelled(self) -> bool:
+        """The kernel says the client cancelled this message. True if it was still pending here
+        (it is ended now: a later ``Complete()`` is silently dropped), False if it had been
+        completed already (the kernel dropped that completion, or will)."""
+        token = (_CANCEL,)
+        if self._end.setdefault(0, token) is not token:
+            return False
+        self._out_of_service()
+        return True
+
+    def set_session(self, session: Any) -> None:
+        """Make `session` the one `Session()` returns (the layer an overlaid session's request
+        goes to)."""
+        self._session = session
+
+    def _claim(self, by: str) -> bool:
+        """End the message `by` Complete or Panic; False if the client cancelled it (send
+        nothing). Raises the server panic Symbian gives for a message already completed."""
+        token = (by,)  # a new tuple per call: `is` tells this caller from any other
+        winner = self._end.setdefault(0, token)
+        if winner is not token:
+            if winner[0] == _CANCEL:
+                return False
+            raise self._already_completed(by, winner[0])
+        self._out_of_service()
+        return True
+
+    def _already_completed(self, by: str, ended_by: str) -> ServerPanic:
+        # Symbian nulls a message's handle when it completes: Complete() on a null handle is
+        # USER 70; Panic() hands the null handle to the kernel, which answers KERN-EXEC 44.
+        what = f"{by}() on message {self._msg_id} (function {self._function})"
+        was = "completed" if ended_by == "Complete" else "completed by Panic()"
+        if by == "Panic":
+            return ServerPanic("KERN-EXEC", 44, f"{what}, which was already {was}: only a "
+                                                "pending message can panic its client")
+        return ServerPanic("USER", 70, f"{what}, which was already {was}: a message is "
+                                       "completed once")
+
+    def _out_of_service(self) -> None:
+        if self._held_in is not None:
+            self._held_in.pop(self._msg_id, None)
+
+    def __repr__(self) -> str:
+        state = "completed" if self._end else "pending"
+        return f"<RMessage {self._msg_id} {self._kind} function={self._function} {state}>"
+
+
+def _completion_code(value: object) -> int:
+    """A completion value that is not a plain int: an `IpcError` (its code) or an int subclass
+    (an IntEnum, a bool)."""
+    if isinstance(value, errors.IpcError):
+        return value.code
+    if isinstance(value, int):
+        return int(value)
+    raise TypeError(f"completion value must be an int, not {type(value).__name__}")

@@ -1,0 +1,360 @@
+"""The server's tables and every rule about its sessions and messages. No I/O.
+
+Theory of operation
+-------------------
+`ServerState` is one registration of a server with one kernel. The host (`ipcfw.server.host`)
+decodes what the kernel sends and feeds it to `receive()`; the state keeps the tables, calls the
+plugin's code (``AcceptL``, ``NewSessionL``/``CreateL`` through the `Stack`, ``ServiceL``,
+``Cancelled``, ``Disconnect``, ``TerminateIndication``), and hands every frame to send to the
+`emit` function the host gave it. `receive()` returns an `Outcome` when the host must act
+(stop: the registration is over). Nothing here touches a socket, a clock, a thread or the OS,
+so the rules are tested by feeding messages and reading frames
+(tests/server/test_server_state.py). When the kernel goes (dies, or stops serving the host),
+the host ends this state and makes a new one for the next kernel.
+
+Rules this module keeps:
+
+1. A connect (`NewSession`) runs ``AcceptL``, then the layers' ``NewSessionL`` and ``CreateL``;
+   anything raised refuses it with its code and leaves no session. The handle of a refused
+   connect is remembered (the last 256), because the client may have sent its first request
+   with the connect: that request is answered ``KErrBadHandle`` without a warning.
+2. A request (`Deliver`) goes to its session's ``ServiceL`` and stays "in service" (findable by
+   a Cancel) until it completes. ``ServiceL`` raising completes it through ``ServiceError``.
+   A request for a session this registration does not know is answered ``KErrBadHandle``.
+3. A message is completed exactly once (`RMessage` enforces it: USER 70 / KERN-EXEC 44). A
+   cancel (`Cancelled`) of a message still in service ends it here, and the session's
+   ``Cancelled`` is told; a cancel that lost the race to a completion changes nothing.
+4. `Disconnect` ends a session: its requests in service are forgotten (the kernel has answered
+   them), its ``Disconnect`` runs, and its subsessions are closed whatever that did.
+5. Generations: a state lives as long as its registration. Once `end()` has run, nothing is
+   sent, ever: a message of a dead kernel completed later (held by the plugin, or the
+   Disconnects `end()` itself gives) must not complete a request of the next kernel, which
+   numbers its messages anew.
+6. Termination: the kernel's `Terminating` is indicated to the server once
+   (``TerminateIndication``), then the server deregisters itself. A deregistration is asked for
+   once, whoever asks (the indication, or ``ServerHost.Deregister``); the kernel's `Completed`
+   for it ends the registration (`Outcome.DEREGISTERED`).
+7. A `Dropped` notice for our socket means the kernel stopped serving us (`Outcome.DROPPED`);
+   nothing after it is for us.
+
+Threads: every method runs on the host's loop thread, except `completed`, which an `RMessage`
+calls from whichever thread completed it; it only reads `ended` and calls `emit`, which the
+host makes safe from any thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+from typing import Any, Callable, Protocol
+
+from .. import errors
+from ..protocol import (
+    ERROR_STRING_FUNCTION,
+    MAX_PAYLOAD,
+    Cancelled,
+    Completed,
+    Deliver,
+    Deregister,
+    Disconnect,
+    Dropped,
+    NewSession,
+    PeerGone,
+    PeerInfo,
+    Terminating,
+    TerminationReason,
+    encode,
+)
+from ..version import TVersion
+from .message import ClientInfo, MessageKind, RMessage, ServerPanic
+from .plugin import CServer, CSession, close_subsessions, code_of, service_failed
+
+log = logging.getLogger("ipcfw.server")
+
+__all__ = ["ServerState", "Outcome", "Stack", "DEREGISTER_REQ"]
+
+DEREGISTER_REQ = 2  # the request id of Deregister (Register used 1)
+_REFUSED_KEPT = 256  # handles of refused connects remembered, for a first request behind one
+
+
+class Outcome(enum.Enum):
+    """What `ServerState.receive` tells the host to do: the registration is over."""
+
+    DEREGISTERED = "the kernel confirmed the deregistration"
+    DROPPED = "the kernel stopped serving this server (it left too many frames unread)"
+
+
+class Stack(Protocol):
+    """What the state needs of the server and its overlays (`ipcfw.server.overlay.Layers`)."""
+
+    @property
+    def server(self) -> CServer:
+        """The server at the bottom of the stack."""
+
+    def open_session(self, version: TVersion, connect: RMessage, handle: int,
+                     client: ClientInfo | None) -> CSession:
+        """The session for a new client, ``CreateL`` done; raises to refuse the connect."""
+
+    def error_string(self, code: int) -> str | None:
+        """The description of `code` from the layer that owns it, if any."""
+
+
+class ServerState:
+    """One registration of a server with one kernel: its sessions, the messages in service,
+    and the rules (see the module's theory of operation).
+
+    `stack` is the server and its overlays; `emit(frame)` sends a frame to the kernel (from
+    any thread); `max_frame` is the kernel's frame limit; `routing_id` is the host's socket
+    identity (a `Dropped` notice names it).
+    """
+
+    def __init__(self, stack: Stack, emit: Callable[[bytes], None], *, max_frame: int,
+                 routing_id: bytes = b"") -> None:
+        self.stack = stack
+        self.max_frame = max_frame
+        self._emit = emit
+        self._routing_id = routing_id
+        self.sessions: dict[int, CSession] = {}
+        self.clients: dict[int, ClientInfo] = {}
+        # Per session handle, its delivered requests not yet completed (in ServiceL, or held),
+        # by msg_id, so a Cancel can find them. A request leaves when it completes; the
+        # session's table goes when the session is disconnected.
+        self._in_service: dict[int, dict[int, RMessage]] = {}
+        self._refused: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.problems: collections.Counter[str] = collections.Counter()
+        self.ended = False
+        self.indicated = False  # TerminateIndication was called
+        self.in_indication = False  # ... and is running now
+        self.deregistering = False  # Deregister was sent
+        self.deregistered = False  # ... and the kernel confirmed it
+        self.dropped: Dropped | None = None  # the kernel's notice, once it stopped serving us
+        self._handlers: dict[type, Callable[[Any], Outcome | None]] = {
+            Deliver: self._on_deliver,
+            Completed: self._on_completed,
+            PeerInfo: self._on_peer_info,
+            PeerGone: self._on_peer_gone,
+            Cancelled: self._on_cancelled,
+            NewSession: self._on_new_session,
+            Disconnect: self._on_disconnect,
+            Terminating: self._on_terminating,
+            Dropped: self._on_dropped,
+        }
+
+    # -- input -------------------------------------------------------------------------------
+
+    def receive(self, message: object) -> Outcome | None:
+        """Apply one decoded message from the kernel; returns an `Outcome` when the
+        registration is over."""
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            self.report("unexpected message", f"{type(message).__name__} is not sent to servers")
+            return None
+        return handler(message)
+
+    def report(self, kind: str, detail: str) -> None:
+        """Count a problem with what the kernel sent (logged the first time of each kind)."""
+        self.problems[kind] += 1
+        if self.problems[kind] == 1:
+            log.warning("server %r dropped %s: %s (further ones are counted, not logged)",
+                        self.stack.server.name, kind, detail)
+
+    def deregister(self) -> None:
+        """Ask the kernel to end this registration once outstanding messages have completed
+        (sent once, whoever asks)."""
+        if not self.deregistering and not self.ended:
+            self.deregistering = True
+            self._emit(encode(Deregister(DEREGISTER_REQ)))
+
+    def end(self) -> int:
+        """The registration is over (kernel death, deregistration, dropped): every session
+        ends. Each gets its ``Disconnect`` (whose completion, like that of any message of this
+        registration from now on, is never sent) and loses its subsessions. Returns how many
+        sessions ended."""
+        self.ended = True
+        sessions, self.sessions = self.sessions, {}
+        self.clients.clear()
+        self._refused.clear()
+        self._in_service.clear()
+        for session in sessions.values():
+            message = RMessage(self, 0, MessageKind.DISCONNECT, -2, (), session, None)
+            try:
+                session.Disconnect(message)
+            except Exception:
+                log.exception("Disconnect of a session of an ended registration raised")
+            close_subsessions(session)
+        return len(sessions)
+
+    # -- output: the Completer of this registration's messages ---------------------------------
+
+    def completed(self, message: RMessage, frame: bytes) -> None:
+        """Send a completion (from any thread), unless the registration has ended."""
+        if self.ended:
+            # From a kernel that died: the next one numbers its messages anew, so sending this
+            # would complete somebody else's request.
+            log.debug("dropping the completion of %r: its registration has ended", message)
+            return
+        self._emit(frame)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def in_service(self, handle: int) -> list[RMessage]:
+        """The requests of session `handle` delivered and not yet completed, in order."""
+        return list(self._in_service.get(handle, {}).values())
+
+    def statistics(self) -> dict[str, int]:
+        """Counts: sessions, requests in service, refused connects remembered."""
+        return {
+            "sessions": len(self.sessions),
+            "in_service": sum(len(held) for held in self._in_service.values()),
+            "refused": len(self._refused),
+        }
+
+    def __repr__(self) -> str:
+        stats = " ".join(f"{k}={v}" for k, v in self.statistics().items())
+        flags = "ended " if self.ended else ""
+        return f"<ServerState {self.stack.server.name!r} {flags}{stats}>"
+
+    # -- the handlers --------------------------------------------------------------------------
+
+    def _on_deliver(self, request: Deliver) -> None:
+        session = self.sessions.get(request.handle)
+        if session is None:
+            self._deliver_to_unknown(request)
+            return
+        if request.function == ERROR_STRING_FUNCTION:
+            self._error_string(
+                RMessage(self, request.msg_id, MessageKind.REQUEST, request.function,
+                         request.args, session, self.clients.get(request.client))
+            )
+            return
+        held = self._in_service[request.handle]
+        message = RMessage(self, request.msg_id, MessageKind.REQUEST, request.function,
+                           request.args, session, self.clients.get(request.client), held)
+        held[request.msg_id] = message
+        try:
+            session.ServiceL(message)
+        except Exception as exc:
+            service_failed(session, message, exc)
+
+    def _deliver_to_unknown(self, request: Deliver) -> None:
+        if request.handle in self._refused:
+            del self._refused[request.handle]  # a refused connect's first request: expected
+        else:
+            self.report("request for an unknown session", f"handle 0x{request.handle:x}")
+        RMessage(self, request.msg_id, MessageKind.REQUEST, request.function, request.args,
+                 None, self.clients.get(request.client)).Complete(errors.KErrBadHandle)
+
+    def _error_string(self, message: RMessage) -> None:
+        """Answer ``RSession.ErrorString``: the overlays, outermost first, then the server."""
+        try:
+            text = self.stack.error_string(message.Int0())
+            data = (text or "").encode()[: message.GetDesMaxLength(1)]
+            if data:
+                message.WriteL(1, data)
+            message.Complete(len(data))
+        except Exception as exc:  # bad arguments, or a layer's ErrorString raising
+            log.info("ErrorString request failed: %s", exc,
+                     exc_info=not isinstance(exc, errors.IpcError))
+            if not message.IsNull():
+                message.Complete(code_of(exc))
+
+    def _on_new_session(self, request: NewSession) -> None:
+        client = self.clients.get(request.client)
+        message = RMessage(self, request.msg_id, MessageKind.CONNECT, -1, (), None, client)
+        try:
+            version = TVersion(*request.version)
+            reply = _negotiation_reply(
+                self.stack.server.AcceptL(client, version, request.payload)
+            )
+            session = self.stack.open_session(version, message, request.handle, client)
+            if message.IsNull():
+                raise ServerPanic(
+                    "CServer", 2, "NewSessionL or CreateL completed the connect message"
+                )
+        except Exception as exc:
+            log.info("connect to %r refused: %s", self.stack.server.name, exc,
+                     exc_info=not isinstance(exc, errors.IpcError))
+            if not message.IsNull():
+                message.Complete(code_of(exc))
+            self._refused[request.handle] = None  # its first request, if any, comes next
+            if len(self._refused) > _REFUSED_KEPT:
+                self._refused.popitem(last=False)
+            return
+        self.sessions[request.handle] = session
+        self._in_service[request.handle] = {}
+        message.complete_connect(reply)
+
+    def _on_disconnect(self, request: Disconnect) -> None:
+        session = self.sessions.pop(request.handle, None)
+        # The kernel has answered what the session still held: a Cancel now finds nothing.
+        self._in_service.pop(request.handle, None)
+        message = RMessage(self, request.msg_id, MessageKind.DISCONNECT, -2, (), session, None)
+        if session is None:
+            message.Complete(errors.KErrNone)
+            return
+        try:
+            session.Disconnect(message)
+        except Exception:
+            log.exception("Disconnect raised; completing the disconnect anyway")
+            if not message.IsNull():
+                message.Complete(errors.KErrNone)
+        finally:
+            # The session's subsessions end with it, whatever an overriding Disconnect did.
+            close_subsessions(session)
+
+    def _on_cancelled(self, request: Cancelled) -> None:
+        message = self._in_service.get(request.handle, {}).get(request.msg_id)
+        if message is None or not message.client_cancelled():
+            return  # completed already: the kernel dropped our completion, or will
+        try:
+            message.Session().Cancelled(message)
+        except Exception:
+            log.exception("Cancelled raised")
+
+    def _on_peer_info(self, info: PeerInfo) -> None:
+        self.clients[info.client] = ClientInfo(info.pid, info.uid, info.gid, info.exe)
+
+    def _on_peer_gone(self, notice: PeerGone) -> None:
+        self.clients.pop(notice.client, None)  # messages already built keep their ClientInfo
+
+    def _on_terminating(self, notice: Terminating) -> None:
+        if self.indicated:
+            return
+        self.indicated = True
+        reason = TerminationReason(notice.reason)
+        log.warning("server %r: the kernel ends its registration (%s)",
+                    self.stack.server.name, reason.name)
+        self.in_indication = True
+        try:
+            self.stack.server.TerminateIndication(reason)
+        except Exception:
+            log.exception("TerminateIndication raised")
+        finally:
+            self.in_indication = False
+        # Deregister ourselves: the registration ends once the kernel says every outstanding
+        # message has completed.
+        self.deregister()
+
+    def _on_completed(self, reply: Completed) -> Outcome | None:
+        if reply.req_id == DEREGISTER_REQ and self.deregistering:
+            self.deregistered = True
+            return Outcome.DEREGISTERED
+        return None
+
+    def _on_dropped(self, notice: Dropped) -> Outcome | None:
+        if notice.routing_id != self._routing_id:
+            self.report("Dropped notice for another socket", notice.routing_id.hex())
+            return None
+        self.dropped = notice
+        return Outcome.DROPPED
+
+
+def _negotiation_reply(reply: object) -> bytes:
+    if reply is None:
+        return b""
+    if not isinstance(reply, bytes):
+        raise TypeError(f"AcceptL must return bytes or None, not {type(reply).__name__}")
+    if len(reply) > MAX_PAYLOAD:
+        raise ValueError(f"AcceptL's reply of {len(reply)} bytes exceeds {MAX_PAYLOAD}")
+    return reply
