@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Union
+from typing import Iterable
 
 from ..protocol import I32_MAX, I32_MIN
 
 __all__ = ["Arg", "Args", "NO_ARGS", "TIpcArgs"]
 
-Arg = Union[int, bytes, bytearray]
-WireArg = Union[int, bytes, tuple[bytes, int]]  # a writable descriptor: (contents, max length)
+Arg = int | bytes | bytearray
+WireArg = int | bytes | tuple[bytes, int]  # a writable descriptor: (contents, max length)
 
 
 class TIpcArgs:
@@ -57,7 +57,7 @@ class TIpcArgs:
         raise TypeError(f"argument {index}: {type(arg).__name__} is not an int, bytes or bytearray")
 
     @classmethod
-    def of(cls, args: Union["TIpcArgs", Iterable[Arg], None]) -> "TIpcArgs":
+    def of(cls, args: TIpcArgs | Iterable[Arg] | None) -> TIpcArgs:
         if type(args) is tuple:
             return cls(*args)
         if isinstance(args, TIpcArgs):
@@ -75,4 +75,4 @@ class TIpcArgs:
 
 
 NO_ARGS = TIpcArgs()
-Args = Union[TIpcArgs, Iterable[Arg], None]  # what a request's `args` may be
+Args = TIpcArgs | Iterable[Arg] | None  # what a request's `args` may be

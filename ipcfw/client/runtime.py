@@ -1,4 +1,8 @@
-"""The client runtime of one process: its sockets, its I/O thread, its pending requests.
+"""The client runtime of one process: its sockets, its I/O thread, and waiting.
+
+The tables and rules it applies (pending requests, completion exactly once, descriptor
+write-back, the lifecycle of sessions) are `ipcfw.client.state`'s, which does no I/O; the runtime
+feeds it what arrives and carries out what it decides, from whichever thread is at hand.
 
 Theory of operation
 -------------------
@@ -49,7 +53,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Iterable, Optional, Protocol, Sequence, TypeVar, cast
+from typing import Iterable, Protocol, Sequence, TypeVar, cast
 
 import zmq
 
@@ -138,12 +142,12 @@ class Channel:
         self.closed = False
         # Why the kernel stopped serving this channel, once it has (see the module docstring);
         # `ended` once the kernel's own notice has been read from it: nothing can follow it.
-        self.dropped: Optional[str] = None
+        self.dropped: str | None = None
         self.ended = False
         self.replaced = False  # its thread has a new channel: close this one once it has ended
         # Synchronous calls in progress on this channel (req_id -> reply once read). A
         # done-callback run during a call may settle the channel and read the call's reply.
-        self.replies: dict[int, Optional[Message]] = {}
+        self.replies: dict[int, Message | None] = {}
         self.abandoned: set[int] = set()  # connects that timed out: close them if they succeed
         self.loop_readers: dict[object, int] = {}  # asyncio loop -> awaits settling it there
 
@@ -163,7 +167,7 @@ class Channel:
         """The error of a request this channel can no longer answer (a new one each time)."""
         return errors.IpcError(errors.KErrDisconnected, self.dropped or "the channel was dropped")
 
-    def _refusal(self) -> Optional[errors.IpcError]:
+    def _refusal(self) -> errors.IpcError | None:
         """Why nothing can be sent on this channel any more, or None. Call with the lock held:
         another thread may have read the kernel's notice, or closed it, since it was fetched."""
         if self.ended:
@@ -198,7 +202,7 @@ class Channel:
             try:
                 self.socket.send(frame)
             except BaseException:
-                runtime.state.take(req_id)
+                runtime.state.take(req_id)  # withdrawn: it was never sent
                 with self.count_lock:
                     self.pending -= 1
                 raise
@@ -209,7 +213,7 @@ class Channel:
             runtime.nudge()  # the I/O thread may be asleep with nothing to watch
 
     def call(
-        self, frame: bytes, req_id: int, timeout: Optional[float] = None, *, connect: bool = False
+        self, frame: bytes, req_id: int, timeout: float | None = None, *, connect: bool = False
     ) -> Message:
         """Send `frame` and return the reply carrying `req_id`, holding the lock throughout.
 
@@ -241,7 +245,7 @@ class Channel:
         self.runtime.nudge()  # the I/O thread settles this channel, and closes it then
 
     def call_then(
-        self, frame: bytes, req_id: int, then_id: int, timeout: Optional[float]
+        self, frame: bytes, req_id: int, then_id: int, timeout: float | None
     ) -> tuple[Message, Message | TimeoutError | None]:
         """A Connect carrying a first request: its Connected, then (if it succeeded) the first
         request's answer (or the TimeoutError that ended the wait for it), both awaited under
@@ -273,7 +277,7 @@ class Channel:
                 self.replies.pop(then_id, None)
                 self.last_used = time.monotonic()
 
-    def _receive(self, req_id: int, timeout: Optional[float]) -> Message:
+    def _receive(self, req_id: int, timeout: float | None) -> Message:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             reply = self.replies.get(req_id)
@@ -362,13 +366,14 @@ class _ThreadSentinel:
 
 
 class Runtime:
-    """Per process and per kernel endpoint: the inbox thread, channels and pending requests."""
+    """Per process and per kernel endpoint: the inbox thread, the channels, and the state
+    (`ClientState`: pending requests, the holders of each session)."""
 
     _lock = threading.Lock()
     _instances: dict[tuple[int, str], "Runtime"] = {}
 
     @classmethod
-    def for_endpoint(cls, endpoint: Optional[str] = None) -> "Runtime":
+    def for_endpoint(cls, endpoint: str | None = None) -> "Runtime":
         """The live runtime for `endpoint` in this process, started on first use."""
         resolved = endpoints.resolve(endpoint)
         key = (os.getpid(), resolved)  # a forked child gets runtimes of its own
@@ -382,7 +387,7 @@ class Runtime:
             return runtime
 
     @classmethod
-    def shutdown(cls, endpoint: Optional[str] = None) -> None:
+    def shutdown(cls, endpoint: str | None = None) -> None:
         """Stop this process's runtime for `endpoint`; its sessions become unusable."""
         key = (os.getpid(), endpoints.resolve(endpoint))
         with cls._lock:
@@ -412,7 +417,7 @@ class Runtime:
         # The runtime can no longer talk to its kernel: it died, or stopped serving this
         # process's inbox. `_gone_reason` says which (code, message), for `kernel_gone_error`.
         self.kernel_dead = False
-        self._gone_reason: Optional[tuple[int, str]] = None
+        self._gone_reason: tuple[int, str] | None = None
         self._closed = False
         self.state: ClientState[Channel] = ClientState()  # pending requests, session holders
         self.channels: set[Channel] = set()
@@ -462,8 +467,8 @@ class Runtime:
         self._inbox.wake()
 
     def complete(
-        self, req_id: int, value: int, writes: Iterable[tuple[int, bytes]] = (),
-        error: Optional[BaseException] = None,
+        self, req_id: int, value: int, writes: Sequence[tuple[int, bytes]] = (),
+        error: BaseException | None = None,
     ) -> None:
         """Complete a pending async request, once; a late or unknown completion is dropped.
 
@@ -506,7 +511,7 @@ class Runtime:
         if closing.tell_kernel:
             self.channel().send(encode(Close(handle)))
 
-    def wait(self, waits: Sequence[tuple[W, Optional[Channel]]], timeout: Optional[float]) -> W:
+    def wait(self, waits: Sequence[tuple[W, Channel | None]], timeout: float | None) -> W:
         """Block until one of the statuses in `waits` completes and return it; settle their
         channels (each status's, None if it has none) meanwhile.
 
@@ -522,11 +527,11 @@ class Runtime:
             _add_watchers(channels, -1)
 
     def _wait(
-        self, waits: Sequence[tuple[W, Optional[Channel]]], channels: set[Channel],
-        timeout: Optional[float],
+        self, waits: Sequence[tuple[W, Channel | None]], channels: set[Channel],
+        timeout: float | None,
     ) -> W:
         deadline = None if timeout is None else time.monotonic() + timeout
-        poller: Optional[zmq.Poller] = None
+        poller: zmq.Poller | None = None
         while True:
             busy = False
             for status, channel in waits:
@@ -547,7 +552,7 @@ class Runtime:
                 poller.poll(int(remaining * 1000))
 
     def _sleep_on_completions(
-        self, waits: Sequence[tuple[Waitable, Optional[Channel]]], seconds: float
+        self, waits: Sequence[tuple[Waitable, Channel | None]], seconds: float
     ) -> None:
         with self.completions:
             self.blocked_waiters += 1
@@ -598,7 +603,7 @@ class Runtime:
             channel.closed = True
             channel.socket.close()
 
-    def kernel_died(self, lost: Optional[tuple[int, str]] = None) -> None:
+    def kernel_died(self, lost: tuple[int, str] | None = None) -> None:
         """The kernel has gone (or, with `lost`, a code and message, stopped serving this
         process): every session is lost and every pending request fails with that error; the
         next call starts a new runtime."""
@@ -649,7 +654,7 @@ class _Inbox:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._ready = threading.Event()
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
         self._wakeup = WakePipe()
         self._stopping = False
         self.routing_id = b""  # the inbox socket's, once it is open

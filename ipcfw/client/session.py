@@ -24,7 +24,7 @@ import logging
 import threading
 import types
 import warnings
-from typing import Any, Callable, Optional, Union, overload
+from typing import Any, Callable, overload
 
 from .. import errors
 from ..naming import name_problem
@@ -81,11 +81,11 @@ class _OnClassOrInstance:
         # (A descriptor, not a callable, so typeshed's signature does not fit; it wraps alike.)
         functools.update_wrapper(self, function)  # type: ignore[arg-type]
 
-    def __get__(self, session: Optional["RSession"], owner: type) -> Callable[..., "RSession"]:
+    def __get__(self, session: RSession | None, owner: type) -> Callable[..., "RSession"]:
         return types.MethodType(self.__func__, owner if session is None else session)
 
 
-def _session_of(target: Union[type, "RSession"]) -> "RSession":
+def _session_of(target: type | RSession) -> RSession:
     return target() if isinstance(target, type) else target
 
 
@@ -115,19 +115,19 @@ class RSession:
     def __init__(self) -> None:
         # The handle, held through a runtime, and how the session ended (ipcfw.client.state).
         self._life: SessionLife[Runtime] = SessionLife(self, threading.Lock())
-        self._owner: Optional[threading.Thread] = None  # unshared sessions are its creator's alone
+        self._owner: threading.Thread | None = None  # unshared sessions are its creator's alone
         self._sharing = EUnsharableSessions  # or shared: ShareAuto, ShareProtected (by token)
         self._negotiation_reply = b""
 
     @_OnClassOrInstance
     def connect(
-        target: Union[type["RSession"], "RSession"],
+        target: type[RSession] | RSession,
         name: str,
         version: tuple[int, ...] = TVersion(1, 0, 0),
         message_slots: int = -1,
         *,
-        endpoint: Optional[str] = None,
-        timeout: Optional[float] = None,
+        endpoint: str | None = None,
+        timeout: float | None = None,
         payload: bytes = b"",
     ) -> "RSession":
         """Create and return a connected session (see `CreateSession`).
@@ -147,11 +147,11 @@ class RSession:
         version: tuple[int, ...] = TVersion(1, 0, 0),
         message_slots: int = -1,
         *,
-        endpoint: Optional[str] = None,
-        timeout: Optional[float] = None,
+        endpoint: str | None = None,
+        timeout: float | None = None,
         payload: bytes = b"",
-        first_request: Optional[tuple[int, Args]] = None,
-    ) -> Optional[int]:
+        first_request: tuple[int, Args] | None = None,
+    ) -> int | None:
         """Connect to the server registered as `name` (case-insensitive).
 
         `message_slots`: ``-1`` draws async slots from the kernel's pool, ``0`` allows only
@@ -183,11 +183,11 @@ class RSession:
         name: str,
         version: tuple[int, ...],
         message_slots: int,
-        endpoint: Optional[str],
-        timeout: Optional[float],
+        endpoint: str | None,
+        timeout: float | None,
         payload: bytes,
-        first_request: Optional[tuple[int, Args]],
-    ) -> Optional[int]:
+        first_request: tuple[int, Args] | None,
+    ) -> int | None:
         version = to_version(version)
         problem = name_problem(name)
         if problem:
@@ -228,7 +228,7 @@ class RSession:
 
     @staticmethod
     def _first_request(
-        first_request: Optional[tuple[int, Args]]
+        first_request: tuple[int, Args] | None
     ) -> tuple[tuple[object, ...], TIpcArgs]:
         if first_request is None:
             return (), NO_ARGS
@@ -254,11 +254,11 @@ class RSession:
 
     @_OnClassOrInstance
     def Open(
-        target: Union[type["RSession"], "RSession"],
+        target: type[RSession] | RSession,
         token: bytes,
         *,
-        endpoint: Optional[str] = None,
-        timeout: Optional[float] = None,
+        endpoint: str | None = None,
+        timeout: float | None = None,
     ) -> "RSession":
         """Attach to a session another process shared with `ShareProtected` (by its token).
 
@@ -282,7 +282,7 @@ class RSession:
             session._life.end()
         return session
 
-    def _open(self, token: bytes, endpoint: Optional[str], timeout: Optional[float]) -> None:
+    def _open(self, token: bytes, endpoint: str | None, timeout: float | None) -> None:
         if not isinstance(token, bytes):
             raise TypeError(f"token must be bytes, not {type(token).__name__}")
         if len(token) > MAX_TOKEN:
@@ -335,7 +335,7 @@ class RSession:
         """The kernel's handle for this session; 0 when not connected."""
         return self._life.handle
 
-    def death(self) -> Optional[BaseException]:
+    def death(self) -> BaseException | None:
         """Why the session died under this ``RSession`` (its server died or panicked this
         client, or the kernel went), or None while it lives. Every later call raises it."""
         return self._life.dead
@@ -343,23 +343,23 @@ class RSession:
     @overload
     def SendReceive(
         self, function: int, args: Args = (), status: None = None, *,
-        timeout: Optional[float] = None,
+        timeout: float | None = None,
     ) -> int: ...
 
     @overload
     def SendReceive(
         self, function: int, args: Args, status: TRequestStatus, *,
-        timeout: Optional[float] = None,
+        timeout: float | None = None,
     ) -> None: ...
 
     def SendReceive(
         self,
         function: int,
         args: Args = (),
-        status: Optional[TRequestStatus] = None,
+        status: TRequestStatus | None = None,
         *,
-        timeout: Optional[float] = None,
-    ) -> Optional[int]:
+        timeout: float | None = None,
+    ) -> int | None:
         """Send a request to the server.
 
         Without `status` the call is synchronous: it returns the completion value (>= 0) or
@@ -443,7 +443,7 @@ class RSession:
         return f"<RSession 0x{handle:x} pending={pending}{state}>"
 
     def SetAbortCallback(
-        self, callback: Optional[Callable[["RSession", errors.IpcError], None]]
+        self, callback: Callable[["RSession", errors.IpcError], None] | None
     ) -> None:
         """Call ``callback(session, error)`` once, as soon as the session's server is gone.
 
@@ -485,8 +485,8 @@ def terminate_server(
     name: str,
     reason: TerminationReason = TerminationReason.ADMINISTRATOR,
     *,
-    endpoint: Optional[str] = None,
-    timeout: Optional[float] = None,
+    endpoint: str | None = None,
+    timeout: float | None = None,
 ) -> None:
     """End server `name`'s registration with `reason` (what ``ipcfw terminate`` does).
 
@@ -502,7 +502,7 @@ def terminate_server(
     errors.check(reply.value)
 
 
-def kernel_statistics(endpoint: Optional[str] = None, timeout: float = 5.0) -> dict[str, int]:
+def kernel_statistics(endpoint: str | None = None, timeout: float = 5.0) -> dict[str, int]:
     """The kernel's counters: peers, processes, servers, sessions by state, messages, slots."""
     runtime = Runtime.for_endpoint(endpoint)
     req_id = runtime.next_req_id()

@@ -43,7 +43,8 @@ import logging
 import weakref
 from contextlib import AbstractContextManager
 from typing import (
-    Any, Callable, Generic, Iterable, Mapping, NamedTuple, Optional, Protocol, TypeVar,
+    Any, Callable, Generic, Iterable, Mapping, NamedTuple, Protocol, Sequence,
+    TypeVar,
 )
 
 from .. import errors
@@ -70,7 +71,7 @@ def write_back(buffers: Mapping[int, bytearray], writes: Iterable[tuple[int, byt
 class Completable(Protocol):
     """What a pending request completes: a `TRequestStatus`."""
 
-    def complete(self, value: int, error: Optional[BaseException] = None) -> None: ...
+    def complete(self, value: int, error: BaseException | None = None) -> None: ...
 
 
 class Pending(Generic[C]):
@@ -88,12 +89,13 @@ class Pending(Generic[C]):
         self.channel = channel
 
     def complete(
-        self, value: int, writes: Iterable[tuple[int, bytes]] = (),
-        error: Optional[BaseException] = None,
+        self, value: int, writes: Sequence[tuple[int, bytes]] = (),
+        error: BaseException | None = None,
     ) -> None:
         """Write back, then complete the status (running its callbacks). Call only for a
         request taken from the table (`ClientState.take`): that is what makes it once."""
-        write_back(self.buffers, writes)
+        if writes:
+            write_back(self.buffers, writes)
         self.status.complete(value, error)
 
 
@@ -140,8 +142,8 @@ class Hold(Generic[V]):
 
     def __init__(self, words: Words, lock: Lock) -> None:
         self.handle = 0
-        self.via: Optional[V] = None
-        self.busy: Optional[Named] = None  # the thread connecting or creating it, meanwhile
+        self.via: V | None = None
+        self.busy: Named | None = None  # the thread connecting or creating it, meanwhile
         self.words = words
         self.lock = lock
 
@@ -171,7 +173,7 @@ class Hold(Generic[V]):
     def attach(self, via: V, handle: int) -> None:
         self.via, self.handle = via, handle
 
-    def detach(self) -> tuple[Optional[V], int]:
+    def detach(self) -> tuple[V | None, int]:
         """Let go of the handle; return what it was held through and the handle (0: none)."""
         with self.lock:
             via, handle = self.via, self.handle
@@ -196,8 +198,8 @@ class SessionLife(Hold[V]):
     def __init__(self, session: object, lock: Lock) -> None:
         super().__init__(SESSION_WORDS, lock)
         self._session = weakref.ref(session)  # the abort callback's argument
-        self.dead: Optional[BaseException] = None
-        self._abort_callback: Optional[AbortCallback] = None
+        self.dead: BaseException | None = None
+        self._abort_callback: AbortCallback | None = None
         # req_id -> channel, of sync calls in flight: a Close from another thread ends them.
         self.sync_calls: dict[int, Any] = {}
 
@@ -207,12 +209,14 @@ class SessionLife(Hold[V]):
 
     def usable(self) -> tuple[V, int]:
         """As `Hold.usable`; raise the error the session died with, if it died."""
-        via, handle = super().usable()
-        if self.dead is not None:
-            raise self.dead
-        return via, handle
+        via, handle, dead = self.via, self.handle, self.dead
+        if handle and via is not None and dead is None:
+            return via, handle  # (every call's path: no call to super() on it)
+        super().usable()  # raises if not connected
+        assert dead is not None
+        raise dead
 
-    def lose(self, error: BaseException) -> Optional[Abort]:
+    def lose(self, error: BaseException) -> Abort | None:
         """The session died under this holder: the first loss counts (rule 3). Returns the
         abort callback to run, if any; run it with no lock held."""
         with self.lock:
@@ -221,7 +225,7 @@ class SessionLife(Hold[V]):
             self.dead = error
             return self._abort(error)
 
-    def set_abort_callback(self, callback: Optional[AbortCallback]) -> Optional[Abort]:
+    def set_abort_callback(self, callback: AbortCallback | None) -> Abort | None:
         """Keep `callback` for a loss to come; returns it to run at once if the session is
         lost already."""
         with self.lock:
@@ -229,7 +233,7 @@ class SessionLife(Hold[V]):
             dead = self.dead
             return None if dead is None else self._abort(dead)
 
-    def _abort(self, error: BaseException) -> Optional[Abort]:
+    def _abort(self, error: BaseException) -> Abort | None:
         callback, session = self._abort_callback, self._session()
         if callback is None or session is None or not isinstance(error, errors.IpcError):
             return None  # (a ClientPanic is raised by the call that was panicked)
@@ -245,7 +249,8 @@ class SessionLife(Hold[V]):
             raise panic
         if type(reply) is not Completed:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply: {reply!r}")
-        write_back(buffers, reply.writes)
+        if reply.writes:
+            write_back(buffers, reply.writes)
         return errors.check(reply.value)
 
 
@@ -273,7 +278,7 @@ class ClientState(Generic[C]):
         """Register an async request before it is sent: its answer may be read at once."""
         self.pending[req_id] = pending
 
-    def take(self, req_id: int) -> Optional[Pending[C]]:
+    def take(self, req_id: int) -> Pending[C] | None:
         """The request to complete, once: None if it completed already or never was."""
         return self.pending.pop(req_id, None)  # atomic: exactly one caller gets it
 

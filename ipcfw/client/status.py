@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from typing import Any, Callable, Generator, Iterator, Optional
+from typing import Any, Callable, Generator, Iterator
 
 from .. import errors
 from ..protocol import Cancel, encode
@@ -49,10 +49,10 @@ class TRequestStatus:
         self._value = errors.KRequestPending
         self._done = False
         # made on first use
-        self._callbacks: Optional[list[Callable[["TRequestStatus"], None]]] = None
+        self._callbacks: list[Callable[["TRequestStatus"], None]] | None = None
         # What result() raises, when more is known than the value (a panic, or why it failed).
-        self._error: Optional[BaseException] = None
-        self._channel: Optional[Channel] = None  # where its answer arrives, once in use
+        self._error: BaseException | None = None
+        self._channel: Channel | None = None  # where its answer arrives, once in use
         self._req_id = 0
 
     def Int(self) -> int:
@@ -62,7 +62,7 @@ class TRequestStatus:
     def done(self) -> bool:
         return self._done
 
-    def Wait(self, timeout: Optional[float] = None) -> int:
+    def Wait(self, timeout: float | None = None) -> int:
         """Block until the request completes and return its raw value.
 
         Raises ``TimeoutError`` if `timeout` seconds pass first (the request stays pending).
@@ -74,7 +74,7 @@ class TRequestStatus:
             channel.runtime.wait([(self, channel)], timeout)
         return self._value
 
-    def Cancel(self, timeout: Optional[float] = 5.0) -> int:
+    def Cancel(self, timeout: float | None = 5.0) -> int:
         """Cancel the pending request and return its final value, like Symbian's
         ``CActive::Cancel``: it waits until the request has completed.
 
@@ -90,7 +90,7 @@ class TRequestStatus:
             channel.send(encode(Cancel(self._req_id)))
         return self.Wait(timeout)
 
-    def result(self, timeout: Optional[float] = None) -> int:
+    def result(self, timeout: float | None = None) -> int:
         """Block until completion; return the value, or raise the error it completed with."""
         value = self.Wait(timeout)
         if self._error is not None:
@@ -146,7 +146,7 @@ class TRequestStatus:
         pending."""
         self._channel = None
 
-    def complete(self, value: int, error: Optional[BaseException] = None) -> None:
+    def complete(self, value: int, error: BaseException | None = None) -> None:
         """(ipcfw's own) The request completed with `value` (`error`: what `result()` raises,
         when more is known than the value); run the callbacks. Called once per request, by the
         one thread that took it from the runtime's table (`ClientState.take`)."""
@@ -200,7 +200,7 @@ class User:
 
     @staticmethod
     def WaitForRequest(
-        *statuses: TRequestStatus, timeout: Optional[float] = None
+        *statuses: TRequestStatus, timeout: float | None = None
     ) -> TRequestStatus:
         """Block until one of `statuses` completes; return the first completed one.
 

@@ -38,7 +38,7 @@ import logging
 import struct
 import threading
 import warnings
-from typing import Any, Optional, cast, overload
+from typing import Any, cast, overload
 
 from .. import errors
 from .args import Arg, Args, TIpcArgs
@@ -75,7 +75,7 @@ class RSubSession:
     manager that closes the subsession on exit.
     """
 
-    def __init__(self, close_function: Optional[int] = None) -> None:
+    def __init__(self, close_function: int | None = None) -> None:
         # The handle, held through its session (ipcfw.client.state).
         self._hold: Hold[RSession] = Hold(SUBSESSION_WORDS, threading.Lock())
         self._close_function = close_function
@@ -137,23 +137,23 @@ class RSubSession:
     @overload
     def SendReceive(
         self, function: int, args: Args = (), status: None = None, *,
-        timeout: Optional[float] = None,
+        timeout: float | None = None,
     ) -> int: ...
 
     @overload
     def SendReceive(
         self, function: int, args: Args, status: TRequestStatus, *,
-        timeout: Optional[float] = None,
+        timeout: float | None = None,
     ) -> None: ...
 
     def SendReceive(
         self,
         function: int,
         args: Args = (),
-        status: Optional[TRequestStatus] = None,
+        status: TRequestStatus | None = None,
         *,
-        timeout: Optional[float] = None,
-    ) -> Optional[int]:
+        timeout: float | None = None,
+    ) -> int | None:
         """Send a request on the subsession: `args` (at most three) plus the handle as argument 3.
 
         Synchronous without `status` (returns the completion value or raises its ``IpcError``),
@@ -196,7 +196,7 @@ class RSubSession:
         """The server's handle for this subsession; 0 when it is not open."""
         return self._hold.handle
 
-    def Session(self) -> Optional[RSession]:
+    def Session(self) -> RSession | None:
         """The session the subsession was opened in; None when it is not open."""
         return self._hold.via
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -33,9 +33,9 @@ class FakeStatus:
     """Records every completion it is given (a TRequestStatus completes once per request)."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[int, Optional[BaseException]]] = []
+        self.calls: list[tuple[int, BaseException | None]] = []
 
-    def complete(self, value: int, error: Optional[BaseException] = None) -> None:
+    def complete(self, value: int, error: BaseException | None = None) -> None:
         self.calls.append((value, error))
 
 
@@ -50,7 +50,7 @@ def life_on(handle: int, holder: Holder, via: object = "runtime") -> SessionLife
 
 
 def complete(state: ClientState[Any], req_id: int, value: int, writes: tuple = (),
-             error: Optional[BaseException] = None) -> bool:
+             error: BaseException | None = None) -> bool:
     """What the runtime does with an answer, minus its counting and waking."""
     pending = state.take(req_id)
     if pending is None:
@@ -302,7 +302,7 @@ def test_close_answers_the_sync_calls_in_flight_with_kerrsessionclosed() -> None
     ],
 )
 def test_close_tells_the_kernel_unless_it_ended_the_session(
-    ended: bool, dead: Optional[BaseException], tell: bool
+    ended: bool, dead: BaseException | None, tell: bool
 ) -> None:
     state: ClientState[Any] = ClientState()
     life = life_on(H, holder := Holder())
@@ -317,7 +317,7 @@ def test_a_sync_call_ended_by_close_from_another_thread() -> None:
     state: ClientState[Any] = ClientState()
     life = life_on(H, holder := Holder())
     state.register(life)
-    replies: dict[int, Optional[Completed]] = {}
+    replies: dict[int, Completed | None] = {}
     answered = threading.Condition()
     in_flight = threading.Event()
     outcome: list[BaseException] = []
@@ -393,3 +393,16 @@ def test_a_session_reconnected_after_its_death_is_alive() -> None:
         life.usable()
     life.attach("runtime", OTHER)
     assert life.usable() == ("runtime", OTHER) and life.dead is None and holder is not None
+
+
+def test_an_rsession_tells_why_it_died() -> None:
+    session = ipcfw.RSession()
+    assert session.death() is None and session.Handle() == 0
+    life = session._life  # (what a connect would attach; no kernel here)
+    life.attach("runtime", H)
+    error = IpcError(ipcfw.KErrServerTerminated)
+    life.lose(error)
+    assert session.death() is error
+    with pytest.raises(ipcfw.ServerTerminated):
+        session.SendReceive(1)
+    life.detach()  # (no Close: there is no runtime to tell)
