@@ -171,7 +171,9 @@ class Hold(Generic[V]):
             self.busy = None
 
     def attach(self, via: V, handle: int) -> None:
-        self.via, self.handle = via, handle
+        """Hold `handle` now (the connect or create succeeded), through `via`."""
+        with self.lock:
+            self.via, self.handle = via, handle
 
     def detach(self) -> tuple[V | None, int]:
         """Let go of the handle; return what it was held through and the handle (0: none)."""
@@ -204,6 +206,7 @@ class SessionLife(Hold[V]):
         self.sync_calls: dict[int, Any] = {}
 
     def attach(self, via: V, handle: int) -> None:
+        """As `Hold.attach`, alive: a new session, whatever became of the last one."""
         with self.lock:
             self.via, self.handle, self.dead = via, handle, None
 
@@ -252,7 +255,6 @@ class SessionLife(Hold[V]):
         if reply.writes:
             write_back(buffers, reply.writes)
         return errors.check(reply.value)
-
 
 
 class Closing(NamedTuple):
