@@ -1,7 +1,11 @@
 """The client side: the API a client program uses (`RSession`, `RSubSession`, `TIpcArgs`,
-`TRequestStatus`, `User`), and the runtime that carries its requests (`runtime`)."""
+`TRequestStatus`, `User`); its rules, with no I/O (`state`: pending requests, completion,
+descriptor write-back, session lifecycle); and the runtime that carries its requests
+(`runtime`: sockets, the I/O thread, waiting)."""
 
-from .session import RSession, TIpcArgs, TRequestStatus, User, kernel_statistics, terminate_server
+from .args import TIpcArgs
+from .session import RSession, kernel_statistics, terminate_server
+from .status import TRequestStatus, User
 from .subsession import RSubSession
 
 __all__ = [

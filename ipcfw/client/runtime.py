@@ -1,4 +1,8 @@
-"""The client runtime of one process: its sockets, its I/O thread, its pending requests.
+"""The client runtime of one process: its sockets, its I/O thread, and waiting.
+
+The tables and rules it applies (pending requests, completion exactly once, descriptor
+write-back, the lifecycle of sessions) are `ipcfw.client.state`'s, which does no I/O; the runtime
+feeds it what arrives and carries out what it decides, from whichever thread is at hand.
 
 Theory of operation
 -------------------
@@ -49,7 +53,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Iterable, Optional
+from typing import Iterable, Protocol, Sequence, TypeVar, cast
 
 import zmq
 
@@ -73,6 +77,7 @@ from ..protocol import (
     decode,
     encode,
 )
+from .state import ClientState, Pending, SessionLife
 
 log = logging.getLogger("ipcfw.client")
 
@@ -82,19 +87,16 @@ SETTLE_INTERVAL = 0.001  # a thread only sending async requests still settles th
 _SLICE = 0.05  # blocked waits wake this often (seconds) to notice a dead kernel or a deadline
 
 
-class Pending:
-    """An asynchronous request not yet completed: its status, session and writable buffers."""
+class Waitable(Protocol):
+    """What `Runtime.wait` waits for: a `TRequestStatus`."""
 
-    __slots__ = ("status", "session", "buffers", "channel")
-
-    def __init__(self, status: Any, session: Any, buffers: dict, channel: "Channel") -> None:
-        self.status = status
-        self.session = session
-        self.buffers = buffers
-        self.channel = channel
+    def done(self) -> bool: ...
 
 
-def _hello(socket: zmq.Socket, role: Role, endpoint: str) -> Welcome:
+W = TypeVar("W", bound=Waitable)
+
+
+def _hello(socket: zmq.Socket[bytes], role: Role, endpoint: str) -> Welcome:
     socket.send(encode(Hello(int(role), PROTOCOL_VERSION)))
     if not socket.poll(int(HELLO_TIMEOUT * 1000)):
         raise errors.IpcError(
@@ -129,7 +131,7 @@ class Channel:
         except BaseException:
             self.socket.close(linger=0)
             raise
-        self.fd: int = self.socket.get(zmq.FD)
+        self.fd = cast(int, self.socket.get(zmq.FD))
         self.max_frame = welcome.max_frame
         self.pending = 0  # async requests sent here and not yet completed (under count_lock)
         self.watchers = 0  # other threads that may sleep on `fd` (under count_lock)
@@ -140,14 +142,14 @@ class Channel:
         self.closed = False
         # Why the kernel stopped serving this channel, once it has (see the module docstring);
         # `ended` once the kernel's own notice has been read from it: nothing can follow it.
-        self.dropped: Optional[str] = None
+        self.dropped: str | None = None
         self.ended = False
         self.replaced = False  # its thread has a new channel: close this one once it has ended
         # Synchronous calls in progress on this channel (req_id -> reply once read). A
         # done-callback run during a call may settle the channel and read the call's reply.
-        self.replies: dict[int, Optional[Message]] = {}
+        self.replies: dict[int, Message | None] = {}
         self.abandoned: set[int] = set()  # connects that timed out: close them if they succeed
-        self.loop_readers: dict = {}  # asyncio loop -> awaits settling this channel in it
+        self.loop_readers: dict[object, int] = {}  # asyncio loop -> awaits settling it there
 
     def check_size(self, frame: bytes) -> None:
         if len(frame) > self.max_frame:
@@ -165,7 +167,7 @@ class Channel:
         """The error of a request this channel can no longer answer (a new one each time)."""
         return errors.IpcError(errors.KErrDisconnected, self.dropped or "the channel was dropped")
 
-    def _refusal(self) -> Optional[errors.IpcError]:
+    def _refusal(self) -> errors.IpcError | None:
         """Why nothing can be sent on this channel any more, or None. Call with the lock held:
         another thread may have read the kernel's notice, or closed it, since it was fetched."""
         if self.ended:
@@ -186,7 +188,7 @@ class Channel:
             self._settle()
             self.last_used = time.monotonic()
 
-    def send_async(self, frame: bytes, req_id: int, pending: Pending) -> None:
+    def send_async(self, frame: bytes, req_id: int, pending: Pending[Channel]) -> None:
         """Send an async request, registered first: its answer may be read at once."""
         self.check_size(frame)
         runtime = self.runtime
@@ -194,13 +196,13 @@ class Channel:
             refusal = self._refusal()
             if refusal is not None:
                 raise refusal
-            runtime.pending[req_id] = pending
+            runtime.state.add(req_id, pending)
             with self.count_lock:
                 self.pending += 1
             try:
                 self.socket.send(frame)
             except BaseException:
-                del runtime.pending[req_id]
+                runtime.state.take(req_id)  # withdrawn: it was never sent
                 with self.count_lock:
                     self.pending -= 1
                 raise
@@ -211,7 +213,7 @@ class Channel:
             runtime.nudge()  # the I/O thread may be asleep with nothing to watch
 
     def call(
-        self, frame: bytes, req_id: int, timeout: Optional[float] = None, *, connect: bool = False
+        self, frame: bytes, req_id: int, timeout: float | None = None, *, connect: bool = False
     ) -> Message:
         """Send `frame` and return the reply carrying `req_id`, holding the lock throughout.
 
@@ -243,10 +245,11 @@ class Channel:
         self.runtime.nudge()  # the I/O thread settles this channel, and closes it then
 
     def call_then(
-        self, frame: bytes, req_id: int, then_id: int, timeout: Optional[float]
-    ) -> tuple[Message, Optional[Message]]:
+        self, frame: bytes, req_id: int, then_id: int, timeout: float | None
+    ) -> tuple[Message, Message | TimeoutError | None]:
         """A Connect carrying a first request: its Connected, then (if it succeeded) the first
-        request's answer, both awaited under one hold of the lock."""
+        request's answer (or the TimeoutError that ended the wait for it), both awaited under
+        one hold of the lock."""
         self.check_size(frame)
         with self.lock:
             refusal = self._refusal()
@@ -274,7 +277,7 @@ class Channel:
                 self.replies.pop(then_id, None)
                 self.last_used = time.monotonic()
 
-    def _receive(self, req_id: int, timeout: Optional[float]) -> Message:
+    def _receive(self, req_id: int, timeout: float | None) -> Message:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             reply = self.replies.get(req_id)
@@ -295,6 +298,13 @@ class Channel:
             except ProtocolError as exc:
                 log.error("dropping a malformed frame from the kernel: %s", exc)
 
+    def end_call(self, req_id: int, reply: Message) -> None:
+        """Answer the sync call `req_id` in flight here with `reply` ourselves: the kernel will
+        not (its session was closed by another thread). Its thread sees it within one wait
+        slice, in `_receive`."""
+        if req_id in self.replies:
+            self.replies[req_id] = reply
+
     def try_settle(self) -> bool:
         """Settle if nobody else holds the lock; False if somebody does (they will settle)."""
         if not self.lock.acquire(blocking=False):
@@ -310,7 +320,8 @@ class Channel:
         """Read and dispatch everything waiting. Call with the lock held."""
         self.settled_at = time.monotonic()
         socket = self.socket
-        while not self.closed and socket.get(EVENTS) & POLLIN:  # (closed by a Dropped notice)
+        # (closed by a Dropped notice; EVENTS is an int option, not the bytes `get` may return)
+        while not self.closed and socket.get(EVENTS) & POLLIN:  # type: ignore[operator]
             try:
                 self._dispatch(decode(socket.recv()))
             except ProtocolError as exc:
@@ -355,13 +366,14 @@ class _ThreadSentinel:
 
 
 class Runtime:
-    """Per process and per kernel endpoint: the inbox thread, channels and pending requests."""
+    """Per process and per kernel endpoint: the inbox thread, the channels, and the state
+    (`ClientState`: pending requests, the holders of each session)."""
 
     _lock = threading.Lock()
     _instances: dict[tuple[int, str], "Runtime"] = {}
 
     @classmethod
-    def for_endpoint(cls, endpoint: Optional[str] = None) -> "Runtime":
+    def for_endpoint(cls, endpoint: str | None = None) -> "Runtime":
         """The live runtime for `endpoint` in this process, started on first use."""
         resolved = endpoints.resolve(endpoint)
         key = (os.getpid(), resolved)  # a forked child gets runtimes of its own
@@ -375,7 +387,7 @@ class Runtime:
             return runtime
 
     @classmethod
-    def shutdown(cls, endpoint: Optional[str] = None) -> None:
+    def shutdown(cls, endpoint: str | None = None) -> None:
         """Stop this process's runtime for `endpoint`; its sessions become unusable."""
         key = (os.getpid(), endpoints.resolve(endpoint))
         with cls._lock:
@@ -403,13 +415,11 @@ class Runtime:
         self.context = zmq.Context()
         self.context.linger = 1000  # let a last Close reach the kernel when a thread ends
         # The runtime can no longer talk to its kernel: it died, or stopped serving this
-        # process's inbox. `_lost` says which (code, message), for `kernel_gone_error`.
+        # process's inbox. `_gone_reason` says which (code, message), for `kernel_gone_error`.
         self.kernel_dead = False
-        self._lost: Optional[tuple[int, str]] = None
+        self._gone_reason: tuple[int, str] | None = None
         self._closed = False
-        self.pending: dict[int, Pending] = {}
-        # handle -> the RSession objects of this process for it (several after Open).
-        self.sessions: dict[int, "weakref.WeakSet[Any]"] = {}
+        self.state: ClientState[Channel] = ClientState()  # pending requests, session holders
         self.channels: set[Channel] = set()
         self.completions = threading.Condition()  # for waiters who cannot settle themselves
         self.blocked_waiters = 0
@@ -445,8 +455,8 @@ class Runtime:
 
     def kernel_gone_error(self) -> errors.IpcError:
         """The error of a call this runtime can no longer make (a new one each time)."""
-        if self._lost is not None:
-            return errors.IpcError(*self._lost)
+        if self._gone_reason is not None:
+            return errors.IpcError(*self._gone_reason)
         return errors.IpcError(
             errors.KErrServerTerminated, f"the ipcfw kernel at {self.endpoint} has gone"
         )
@@ -456,33 +466,26 @@ class Runtime:
     def nudge(self) -> None:
         self._inbox.wake()
 
-    def complete(self, req_id: int, value: int, writes: tuple = (), error: Any = None) -> None:
+    def complete(
+        self, req_id: int, value: int, writes: Sequence[tuple[int, bytes]] = (),
+        error: BaseException | None = None,
+    ) -> None:
         """Complete a pending async request, once; a late or unknown completion is dropped.
 
         Any thread may call it (settling, Close, a dead kernel): it never waits for socket I/O.
         """
-        pending = self.pending.pop(req_id, None)
+        pending = self.state.take(req_id)
         if pending is None:
-            return  # completed already (dict.pop is atomic: exactly one caller gets it)
+            return  # completed already
         channel = pending.channel
+        # Counted down before the callbacks run: one may send again on this channel, and must
+        # then see the count it would see had the completion come first (send_async's nudge).
         with channel.count_lock:
             channel.pending -= 1
-        for index, data in writes:
-            buffer = pending.buffers.get(index)
-            if buffer is not None:
-                buffer[:] = data
-        pending.status._complete(value, error)
+        pending.complete(value, writes, error)
         if self.blocked_waiters:
             with self.completions:
                 self.completions.notify_all()
-
-    def requests_on(self, channel: Channel) -> list[int]:
-        """The req_ids of the async requests still pending on `channel`."""
-        return [req_id for req_id, p in list(self.pending.items()) if p.channel is channel]
-
-    def requests_of(self, session: Any) -> list[int]:
-        """The req_ids of `session`'s async requests still pending (for its Close)."""
-        return [req_id for req_id, p in list(self.pending.items()) if p.session is session]
 
     def panicked(self, reply: Panicked) -> None:
         panic = errors.ClientPanic(reply.category, reply.reason)
@@ -490,65 +493,72 @@ class Runtime:
             self.session_lost(reply.handle, panic)
         self.complete(reply.req_id, errors.KErrDied, (), panic)
 
-    def register_session(self, handle: int, session: Any) -> None:
-        self.sessions.setdefault(handle, weakref.WeakSet()).add(session)
-
-    def forget_session(self, handle: int, session: Any) -> None:
-        holders = self.sessions.get(handle)
-        if holders is not None:
-            holders.discard(session)
-            if not holders:
-                del self.sessions[handle]
-
     def session_lost(self, handle: int, error: BaseException) -> None:
         """Every RSession of this process on `handle` is dead (server death or panic)."""
-        for session in list(self.sessions.get(handle, ())):
-            session._lost(error)
+        for abort in self.state.session_lost(handle, error):
+            abort.run()
 
-    def wait(self, statuses: Iterable[Any], timeout: Optional[float]) -> Any:
-        """Block until one of `statuses` completes and return it; settle their channels meanwhile.
+    def close_session(self, life: SessionLife[Runtime], handle: int, owner_gone: bool) -> None:
+        """An RSession let go of `handle` (its Close): its requests still pending and its sync
+        calls in flight on other threads complete with KErrSessionClosed; the kernel is told,
+        unless it ended the session already (it is gone, or, `owner_gone`, the unshared
+        session's thread ended, and its channel's end closed the session)."""
+        closing = self.state.close(life, handle, ended=self.kernel_dead or owner_gone)
+        for req_id in closing.requests:
+            self.complete(req_id, errors.KErrSessionClosed)
+        for channel, answer in closing.answers:
+            channel.end_call(answer.req_id, answer)
+        if closing.tell_kernel:
+            self.channel().send(encode(Close(handle)))
+
+    def wait(self, waits: Sequence[tuple[W, Channel | None]], timeout: float | None) -> W:
+        """Block until one of the statuses in `waits` completes and return it; settle their
+        channels (each status's, None if it has none) meanwhile.
 
         Raises TimeoutError after `timeout` seconds.
         """
-        statuses = tuple(statuses)
-        channels = {s._channel for s in statuses if s._channel is not None}
+        channels = {channel for _, channel in waits if channel is not None}
         # Watch before the first settle: a send on these channels from now on settles after
         # itself, so it cannot leave an answer unread behind a consumed FD signal.
         _add_watchers(channels, 1)
         try:
-            return self._wait(statuses, channels, timeout)
+            return self._wait(waits, channels, timeout)
         finally:
             _add_watchers(channels, -1)
 
-    def _wait(self, statuses: tuple, channels: set, timeout: Optional[float]) -> Any:
+    def _wait(
+        self, waits: Sequence[tuple[W, Channel | None]], channels: set[Channel],
+        timeout: float | None,
+    ) -> W:
         deadline = None if timeout is None else time.monotonic() + timeout
-        poller: Optional[zmq.Poller] = None
+        poller: zmq.Poller | None = None
         while True:
             busy = False
-            for status in statuses:
+            for status, channel in waits:
                 if status.done():
                     return status
-                channel = status._channel
                 if channel is not None and not channel.try_settle():
                     busy = True
-            for status in statuses:
+            for status, _ in waits:
                 if status.done():
                     return status
             remaining = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
             if remaining <= 0:
                 raise TimeoutError(f"request still pending after {timeout} s")
             if busy:
-                self._sleep_on_completions(statuses, remaining)  # another thread settles for us
+                self._sleep_on_completions(waits, remaining)  # another thread settles for us
             else:
                 poller = poller or _fd_poller(channels)
-                poller.poll(remaining * 1000)
+                poller.poll(int(remaining * 1000))
 
-    def _sleep_on_completions(self, statuses: tuple, seconds: float) -> None:
+    def _sleep_on_completions(
+        self, waits: Sequence[tuple[Waitable, Channel | None]], seconds: float
+    ) -> None:
         with self.completions:
             self.blocked_waiters += 1
             try:
                 # (Checked again once counted: a completion just before went unnotified.)
-                self.completions.wait_for(lambda: any(s.done() for s in statuses), seconds)
+                self.completions.wait_for(lambda: any(s.done() for s, _ in waits), seconds)
             finally:
                 self.blocked_waiters -= 1
 
@@ -560,7 +570,7 @@ class Runtime:
         locally with KErrDied, as a thread's requests die with it in Symbian. (Answers that
         reached the channel before that are delivered first.)"""
         channel.try_settle()
-        for req_id in self.requests_on(channel):
+        for req_id in self.state.requests_on(channel):
             self.complete(req_id, errors.KErrDied)
         self.channels.discard(channel)
         channel.close()
@@ -582,7 +592,7 @@ class Runtime:
         if channel.dropped is None:  # (the channel's notice overtook the inbox's)
             self.channel_dropped(channel.routing_id, waiting)
         channel.ended = True
-        for req_id in self.requests_on(channel):
+        for req_id in self.state.requests_on(channel):
             self.complete(req_id, errors.KErrDisconnected, (), channel.dropped_error())
         self._close_if_finished(channel)
 
@@ -593,15 +603,15 @@ class Runtime:
             channel.closed = True
             channel.socket.close()
 
-    def kernel_died(self, lost: Optional[tuple[int, str]] = None) -> None:
+    def kernel_died(self, lost: tuple[int, str] | None = None) -> None:
         """The kernel has gone (or, with `lost`, a code and message, stopped serving this
         process): every session is lost and every pending request fails with that error; the
         next call starts a new runtime."""
-        self._lost = lost
+        self._gone_reason = lost
         self.kernel_dead = True
-        for handle in list(self.sessions):
-            self.session_lost(handle, self.kernel_gone_error())
-        for req_id in list(self.pending):
+        for abort in self.state.every_session_lost(self.kernel_gone_error):
+            abort.run()
+        for req_id in list(self.state.pending):
             error = self.kernel_gone_error()
             self.complete(req_id, error.code, (), error)
 
@@ -609,7 +619,7 @@ class Runtime:
         """Stop the inbox thread and close every idle channel (tests, interpreter exit)."""
         self._closed = True
         self._inbox.stop()
-        for req_id in list(self.pending):
+        for req_id in list(self.state.pending):
             self.complete(req_id, errors.KErrDisconnected)
         self.close_channels()
 
@@ -644,7 +654,7 @@ class _Inbox:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._ready = threading.Event()
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
         self._wakeup = WakePipe()
         self._stopping = False
         self.routing_id = b""  # the inbox socket's, once it is open
@@ -688,7 +698,7 @@ class _Inbox:
             if kernel_fd is not None:
                 os.close(kernel_fd)
 
-    def _serve(self, socket: zmq.Socket, kernel_fd: int) -> None:
+    def _serve(self, socket: zmq.Socket[bytes], kernel_fd: int) -> None:
         while not self._stopping and not self.runtime.kernel_dead:
             poller = zmq.Poller()
             poller.register(socket, zmq.POLLIN)
@@ -699,7 +709,7 @@ class _Inbox:
                 poller.register(channel.fd, zmq.POLLIN)
             waiting = any(c.awaits_answers() for c in list(self.runtime.channels))
             try:
-                ready = dict(poller.poll(IDLE * 1000 if waiting else None))
+                ready = dict(poller.poll(int(IDLE * 1000) if waiting else None))
             except zmq.ZMQError:
                 continue  # a watched channel was closed under us (its thread ended): look again
             if self._wakeup.fd in ready:
@@ -721,8 +731,8 @@ class _Inbox:
             if not c.closed and c.awaits_answers() and now - c.last_used > IDLE
         ]
 
-    def _drain(self, socket: zmq.Socket) -> None:
-        while socket.get(EVENTS) & POLLIN:
+    def _drain(self, socket: zmq.Socket[bytes]) -> None:
+        while socket.get(EVENTS) & POLLIN:  # type: ignore[operator]  # (as in Channel._settle)
             raw = socket.recv()
             try:
                 self._dispatch(decode(raw))

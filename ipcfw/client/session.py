@@ -1,4 +1,4 @@
-"""The client side: RSession, TIpcArgs, TRequestStatus and User.
+"""RSession: a client's handle to a session with a server; terminate_server; kernel_statistics.
 
 A client is any Python process that holds `RSession` handles. It needs no setup beyond a running
 kernel (found through ``IPCFW_KERNEL`` or the default endpoint)::
@@ -13,38 +13,32 @@ kernel (found through ``IPCFW_KERNEL`` or the default endpoint)::
         session.SendReceive(1, (7,), status)                # asynchronous
         assert status.Wait() == 7
 
-Every method may be called from any thread; see `ipcfw._runtime` for how.
+Every method may be called from any thread; see `ipcfw.client.runtime` for how. The rules
+of a session's lifecycle are in `ipcfw.client.state`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import logging
 import threading
 import types
 import warnings
-from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, overload
 
 from .. import errors
-from .runtime import Channel, Pending, Runtime
 from ..naming import name_problem
 from ..protocol import (
-    I32_MAX,
-    I32_MIN,
-    EGlobalSharableSessions,
-    ESharableSessions,
-    EUnsharableSessions,
-    TServerType,
     ERROR_STRING_FUNCTION,
+    I32_MAX,
     MAX_PAYLOAD,
     MAX_TOKEN,
-    Cancel,
-    Close,
     Completed,
     Connect,
     Connected,
+    EGlobalSharableSessions,
+    ESharableSessions,
+    EUnsharableSessions,
     Mode,
     Open,
     Panicked,
@@ -55,267 +49,21 @@ from ..protocol import (
     StatsReply,
     Terminate,
     TerminationReason,
+    TServerType,
     encode,
 )
 from ..version import TVersion, to_version
+from .args import NO_ARGS, Args, TIpcArgs
+from .runtime import Runtime
+from .state import Pending, SessionLife
+from .status import TRequestStatus
 
 log = logging.getLogger("ipcfw.client")
 
-__all__ = [
-    "RSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics", "terminate_server"
-]
+__all__ = ["RSession", "kernel_statistics", "terminate_server"]
 
 _SYNC, _ASYNC, _BLIND = int(Mode.SYNC), int(Mode.ASYNC), int(Mode.BLIND)  # (enum reads cost 0.1 us)
 _ERROR_STRING_MAX = 1024  # bytes of an error description fetched from a server
-Arg = Union[int, bytes, bytearray]
-
-
-class TIpcArgs:
-    """Up to four request arguments (Symbian ``TIpcArgs``).
-
-    Each argument is one of:
-
-    * an ``int``: a 32-bit signed integer (``RMessage.Int0()`` ...);
-    * ``bytes``: a read-only descriptor (``ReadL``, ``GetDesLength``);
-    * a ``bytearray``: a writable descriptor. Its length before the call is its max length; when
-      the request completes it holds exactly what the server wrote (``WriteL``), and its length
-      becomes offset + bytes written.
-
-    Bad arguments raise ``TypeError`` or ``ValueError`` here, before anything is sent. A plain
-    tuple is accepted wherever a TIpcArgs is::
-
-        session.SendReceive(EWrite, TIpcArgs(3, b"data"))
-        session.SendReceive(EWrite, (3, b"data"))
-    """
-
-    __slots__ = ("wire", "buffers")
-
-    def __init__(self, *args: Arg) -> None:
-        if len(args) > 4:
-            raise ValueError(f"TIpcArgs takes at most 4 arguments, got {len(args)}")
-        self.buffers: dict[int, bytearray] = {}
-        self.wire: tuple = args  # plain ints and bytes go on the wire as they are
-        for arg in args:
-            kind = type(arg)
-            if not (kind is bytes or (kind is int and I32_MIN <= arg <= I32_MAX)):
-                self.wire = tuple(self._wire_arg(index, arg) for index, arg in enumerate(args))
-                break
-
-    def _wire_arg(self, index: int, arg: Arg) -> Any:
-        if isinstance(arg, bytearray):
-            self.buffers[index] = arg
-            return (bytes(arg), len(arg))
-        if isinstance(arg, bytes):
-            return bytes(arg)
-        if isinstance(arg, int):
-            if not I32_MIN <= arg <= I32_MAX:
-                raise ValueError(f"argument {index}: {arg} does not fit in a 32-bit signed int")
-            return int(arg)
-        raise TypeError(f"argument {index}: {type(arg).__name__} is not an int, bytes or bytearray")
-
-    @classmethod
-    def of(cls, args: Union["TIpcArgs", Iterable[Arg], None]) -> "TIpcArgs":
-        if type(args) is tuple:
-            return cls(*args)
-        if isinstance(args, TIpcArgs):
-            return args
-        if args is None:
-            return _NO_ARGS
-        if isinstance(args, (bytes, bytearray, str, int)):
-            raise TypeError(
-                f"args must be a TIpcArgs or a tuple of arguments, not {type(args).__name__}"
-            )
-        return cls(*args)
-
-    def __repr__(self) -> str:
-        return f"TIpcArgs{self.wire!r}"
-
-
-_NO_ARGS = TIpcArgs()
-
-
-class TRequestStatus:
-    """The status of an asynchronous request (Symbian ``TRequestStatus``).
-
-    ``Int()`` is the raw value: ``KRequestPending`` until the request completes, then its
-    completion value. Wait for it Symbian style (``Wait()`` returns the raw value, negative for an
-    error), Python style (``result()`` and ``await status`` return it or raise the ``IpcError``
-    for a negative one), or with ``add_done_callback``. ``User.WaitForRequest`` waits for the
-    first of several. A status may be reused once its request has completed::
-
-        status = TRequestStatus()
-        session.SendReceive(EGetNotification, (), status)
-        ...
-        if status.Wait(timeout=5.0) == KErrNone:
-            ...
-
-    If the server panicked the client, ``Int()`` is ``KErrDied`` and ``result()`` raises
-    ``ClientPanic``. Where ipcfw itself completes a request with an error, ``result()`` raises
-    an ``IpcError`` whose message says why (for example ``Disconnected`` when the kernel
-    stopped serving the thread).
-    """
-
-    __slots__ = ("_value", "_done", "_callbacks", "_error", "_channel", "_req_id")
-
-    def __init__(self) -> None:
-        self._value = errors.KRequestPending
-        self._done = False
-        # made on first use
-        self._callbacks: Optional[list[Callable[["TRequestStatus"], None]]] = None
-        # What result() raises, when more is known than the value (a panic, or why it failed).
-        self._error: Optional[Exception] = None
-        self._channel: Optional[Channel] = None  # where its answer arrives, once in use
-        self._req_id = 0
-
-    def Int(self) -> int:
-        """The raw value: ``KRequestPending`` while pending, else the completion value."""
-        return self._value
-
-    def done(self) -> bool:
-        return self._done
-
-    def Wait(self, timeout: Optional[float] = None) -> int:
-        """Block until the request completes and return its raw value.
-
-        Raises ``TimeoutError`` if `timeout` seconds pass first (the request stays pending).
-        """
-        if not self._done:
-            channel = self._channel
-            if channel is None:
-                raise RuntimeError("this TRequestStatus has not been given to a request")
-            channel.runtime.wait((self,), timeout)
-        return self._value
-
-    def Cancel(self, timeout: Optional[float] = 5.0) -> int:
-        """Cancel the pending request and return its final value, like Symbian's
-        ``CActive::Cancel``: it waits until the request has completed.
-
-        The value is ``KErrCancel``, unless the server completed the request first (then its
-        value). Either way it completes exactly once, its message slot is freed, and the
-        server's session is told (``CSession.Cancelled``). Cancelling a completed request
-        returns its value and sends nothing.
-        """
-        if not self._done:
-            channel = self._channel
-            if channel is None:
-                raise RuntimeError("this TRequestStatus has not been given to a request")
-            channel.send(encode(Cancel(self._req_id)))
-        return self.Wait(timeout)
-
-    def result(self, timeout: Optional[float] = None) -> int:
-        """Block until completion; return the value, or raise the error it completed with."""
-        value = self.Wait(timeout)
-        if self._error is not None:
-            raise self._error
-        return errors.check(value)
-
-    def add_done_callback(self, fn: Callable[["TRequestStatus"], None]) -> None:
-        """Call ``fn(status)`` once the request completes (at once if it already has).
-
-        The callback runs on whichever thread processes the completion: a thread waiting for
-        it, the thread that made the request when it next waits or makes a call (within a
-        millisecond or so if it only sends async requests), or, if that thread is idle, the
-        runtime's I/O thread within milliseconds. Keep callbacks short.
-        """
-        with _STATUS_LOCK:
-            if not self._done:
-                if self._callbacks is None:
-                    self._callbacks = []
-                self._callbacks.append(fn)
-                return
-        fn(self)
-
-    def __await__(self) -> Generator[Any, None, int]:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.add_done_callback(lambda _: loop.call_soon_threadsafe(_resolve, future))
-        channel = self._channel
-        if self._done or channel is None:
-            yield from future.__await__()
-        else:
-            with _settled_by_loop(loop, channel):
-                yield from future.__await__()
-        return self.result(0)
-
-    def _begin(self, channel: Channel, req_id: int) -> None:
-        if self._channel is not None and not self._done:
-            raise RuntimeError("this TRequestStatus is already in use by a pending request")
-        self._req_id = req_id
-        self._value = errors.KRequestPending
-        self._error = None
-        self._done = False
-        self._channel = channel
-
-    def _abandon(self) -> None:
-        """The request could not be sent: the status is free again, still pending."""
-        self._channel = None
-
-    def _complete(self, value: int, error: Optional[Exception] = None) -> None:
-        with _STATUS_LOCK:
-            self._value = value
-            self._error = error
-            self._done = True
-            callbacks, self._callbacks = self._callbacks, None
-        for fn in callbacks or ():
-            try:
-                fn(self)
-            except Exception:
-                log.exception("a TRequestStatus callback raised")
-
-    def __repr__(self) -> str:
-        value = "KRequestPending" if self._value == errors.KRequestPending else self._value
-        return f"<TRequestStatus {value}>"
-
-
-# Guards TRequestStatus callback lists against a completion racing add_done_callback.
-_STATUS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _settled_by_loop(loop: asyncio.AbstractEventLoop, channel: Channel) -> Iterator[None]:
-    """While awaited, the event loop settles `channel` whenever its socket signals."""
-    count = channel.loop_readers.get(loop, 0)
-    if count == 0:
-        loop.add_reader(channel.fd, channel.try_settle)
-    channel.loop_readers[loop] = count + 1
-    # Registered first, then settled: an answer that arrived behind a send which did not
-    # settle is read now, and later sends settle (they see the loop among the readers).
-    channel.try_settle()
-    try:
-        yield
-    finally:
-        count = channel.loop_readers.pop(loop) - 1
-        if count:
-            channel.loop_readers[loop] = count
-        else:
-            loop.remove_reader(channel.fd)
-
-
-def _resolve(future: "asyncio.Future[None]") -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class User:
-    """Symbian's ``User`` class, for the calls that concern requests."""
-
-    @staticmethod
-    def WaitForRequest(
-        *statuses: TRequestStatus, timeout: Optional[float] = None
-    ) -> TRequestStatus:
-        """Block until one of `statuses` completes; return the first completed one.
-
-        Raises ``TimeoutError`` if none completes within `timeout` seconds.
-        """
-        if not statuses:
-            raise TypeError("WaitForRequest needs at least one TRequestStatus")
-        for status in statuses:
-            if status.done():
-                return status
-        channel = next((s._channel for s in statuses if s._channel is not None), None)
-        if channel is None:
-            raise RuntimeError("none of these TRequestStatus objects has been given to a request")
-        return channel.runtime.wait(statuses, timeout)
 
 
 class _OnClassOrInstance:
@@ -330,13 +78,14 @@ class _OnClassOrInstance:
 
     def __init__(self, function: Callable[..., "RSession"]) -> None:
         self.__func__ = function
-        functools.update_wrapper(self, function)
+        # (A descriptor, not a callable, so typeshed's signature does not fit; it wraps alike.)
+        functools.update_wrapper(self, function)  # type: ignore[arg-type]
 
-    def __get__(self, session: Optional["RSession"], owner: type) -> Callable[..., "RSession"]:
+    def __get__(self, session: RSession | None, owner: type) -> Callable[..., "RSession"]:
         return types.MethodType(self.__func__, owner if session is None else session)
 
 
-def _session_of(target: Union[type, "RSession"]) -> "RSession":
+def _session_of(target: type | RSession) -> RSession:
     return target() if isinstance(target, type) else target
 
 
@@ -364,26 +113,21 @@ class RSession:
     """
 
     def __init__(self) -> None:
-        self._handle = 0
-        self._runtime: Optional[Runtime] = None
-        self._owner: Optional[threading.Thread] = None  # unshared sessions are its creator's alone
+        # The handle, held through a runtime, and how the session ended (ipcfw.client.state).
+        self._life: SessionLife[Runtime] = SessionLife(self, threading.Lock())
+        self._owner: threading.Thread | None = None  # unshared sessions are its creator's alone
         self._sharing = EUnsharableSessions  # or shared: ShareAuto, ShareProtected (by token)
         self._negotiation_reply = b""
-        self._dead: Optional[BaseException] = None
-        self._abort_callback: Optional[Callable[["RSession", errors.IpcError], None]] = None
-        self._sync_calls: dict[int, Channel] = {}  # req_id -> channel, of sync calls in flight
-        self._connecting: Optional[threading.Thread] = None  # the thread connecting it, meanwhile
-        self._lock = threading.Lock()
 
     @_OnClassOrInstance
     def connect(
-        target: Union[type["RSession"], "RSession"],
+        target: type[RSession] | RSession,
         name: str,
-        version: tuple = TVersion(1, 0, 0),
+        version: tuple[int, ...] = TVersion(1, 0, 0),
         message_slots: int = -1,
         *,
-        endpoint: Optional[str] = None,
-        timeout: Optional[float] = None,
+        endpoint: str | None = None,
+        timeout: float | None = None,
         payload: bytes = b"",
     ) -> "RSession":
         """Create and return a connected session (see `CreateSession`).
@@ -400,14 +144,14 @@ class RSession:
     def CreateSession(
         self,
         name: str,
-        version: tuple = TVersion(1, 0, 0),
+        version: tuple[int, ...] = TVersion(1, 0, 0),
         message_slots: int = -1,
         *,
-        endpoint: Optional[str] = None,
-        timeout: Optional[float] = None,
+        endpoint: str | None = None,
+        timeout: float | None = None,
         payload: bytes = b"",
-        first_request: Optional[tuple] = None,
-    ) -> Optional[int]:
+        first_request: tuple[int, Args] | None = None,
+    ) -> int | None:
         """Connect to the server registered as `name` (case-insensitive).
 
         `message_slots`: ``-1`` draws async slots from the kernel's pool, ``0`` allows only
@@ -426,24 +170,24 @@ class RSession:
         ``RSession`` is connected already, ``ClientPanic("KERN-EXEC", 9)`` if another thread is
         connecting it; nothing is sent then.
         """
-        self._begin_connect()
+        self._life.begin(threading.current_thread())
         try:
             return self._create_session(
                 name, version, message_slots, endpoint, timeout, payload, first_request
             )
         finally:
-            self._end_connect()
+            self._life.end()
 
     def _create_session(
         self,
         name: str,
-        version: tuple,
+        version: tuple[int, ...],
         message_slots: int,
-        endpoint: Optional[str],
-        timeout: Optional[float],
+        endpoint: str | None,
+        timeout: float | None,
         payload: bytes,
-        first_request: Optional[tuple],
-    ) -> Optional[int]:
+        first_request: tuple[int, Args] | None,
+    ) -> int | None:
         version = to_version(version)
         problem = name_problem(name)
         if problem:
@@ -464,11 +208,11 @@ class RSession:
         first, first_args = self._first_request(first_request)
         runtime = Runtime.for_endpoint(endpoint)
         req_id = runtime.next_req_id()
-        if first:
-            first = (runtime.next_req_id(), *first)
+        then_id = runtime.next_req_id() if first else 0
+        first = (then_id, *first) if first else ()
         frame = encode(Connect(req_id, name, version, message_slots, payload, first))
         if first:
-            reply, answer = runtime.channel().call_then(frame, req_id, first[0], timeout)
+            reply, answer = runtime.channel().call_then(frame, req_id, then_id, timeout)
         else:
             reply, answer = runtime.channel().call(frame, req_id, timeout, connect=True), None
         if type(reply) is Panicked:
@@ -480,34 +224,14 @@ class RSession:
         self._negotiation_reply = reply.payload
         if isinstance(answer, TimeoutError):
             raise TimeoutError(f"connected, but the first request had no answer within {timeout} s")
-        return None if answer is None else self._finish(answer, first_args)
-
-    def _begin_connect(self) -> None:
-        """Mark this RSession as connecting, or raise the panic Symbian gives a second connect."""
-        with self._lock:
-            if self._handle:
-                raise errors.ClientPanic(
-                    "KERN-EXEC", 57,
-                    f"this RSession is already connected (handle 0x{self._handle:x}): close it "
-                    "first, or connect another RSession",
-                )
-            connecting = self._connecting
-            if connecting is not None:
-                raise errors.ClientPanic(
-                    "KERN-EXEC", 9,
-                    f"this RSession is already being connected, by thread {connecting.name!r}: "
-                    "one RSession holds one session, so connect another RSession",
-                )
-            self._connecting = threading.current_thread()
-
-    def _end_connect(self) -> None:
-        with self._lock:
-            self._connecting = None
+        return None if answer is None else self._life.finish(answer, first_args.buffers)
 
     @staticmethod
-    def _first_request(first_request: Optional[tuple]) -> tuple[tuple, "TIpcArgs"]:
+    def _first_request(
+        first_request: tuple[int, Args] | None
+    ) -> tuple[tuple[object, ...], TIpcArgs]:
         if first_request is None:
-            return (), _NO_ARGS
+            return (), NO_ARGS
         if not isinstance(first_request, tuple) or len(first_request) != 2:
             raise TypeError("first_request must be a (function, args) pair")
         function, args = first_request
@@ -530,11 +254,11 @@ class RSession:
 
     @_OnClassOrInstance
     def Open(
-        target: Union[type["RSession"], "RSession"],
+        target: type[RSession] | RSession,
         token: bytes,
         *,
-        endpoint: Optional[str] = None,
-        timeout: Optional[float] = None,
+        endpoint: str | None = None,
+        timeout: float | None = None,
     ) -> "RSession":
         """Attach to a session another process shared with `ShareProtected` (by its token).
 
@@ -551,14 +275,14 @@ class RSession:
         connecting it.
         """
         session = _session_of(target)
-        session._begin_connect()
+        session._life.begin(threading.current_thread())
         try:
             session._open(token, endpoint, timeout)
         finally:
-            session._end_connect()
+            session._life.end()
         return session
 
-    def _open(self, token: bytes, endpoint: Optional[str], timeout: Optional[float]) -> None:
+    def _open(self, token: bytes, endpoint: str | None, timeout: float | None) -> None:
         if not isinstance(token, bytes):
             raise TypeError(f"token must be bytes, not {type(token).__name__}")
         if len(token) > MAX_TOKEN:
@@ -594,7 +318,7 @@ class RSession:
         req_id = runtime.next_req_id()
         reply = runtime.channel().call(encode(Share(req_id, handle, mode)), req_id)
         if type(reply) is Panicked:
-            self._finish(reply, _NO_ARGS)
+            self._life.finish(reply, NO_ARGS.buffers)  # (raises the panic)
         if type(reply) is not Shared:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Share: {reply!r}")
         errors.check(reply.result)
@@ -602,23 +326,40 @@ class RSession:
         return reply.token
 
     def _attach(self, runtime: Runtime, handle: int, sharing: TServerType) -> None:
-        self._runtime, self._handle, self._dead = runtime, handle, None
+        self._life.attach(runtime, handle)
         self._owner = threading.current_thread()
         self._sharing = sharing
-        runtime.register_session(handle, self)
+        runtime.state.register(self._life)
 
     def Handle(self) -> int:
         """The kernel's handle for this session; 0 when not connected."""
-        return self._handle
+        return self._life.handle
+
+    def death(self) -> BaseException | None:
+        """Why the session died under this ``RSession`` (its server died or panicked this
+        client, or the kernel went), or None while it lives. Every later call raises it."""
+        return self._life.dead
+
+    @overload
+    def SendReceive(
+        self, function: int, args: Args = (), status: None = None, *,
+        timeout: float | None = None,
+    ) -> int: ...
+
+    @overload
+    def SendReceive(
+        self, function: int, args: Args, status: TRequestStatus, *,
+        timeout: float | None = None,
+    ) -> None: ...
 
     def SendReceive(
         self,
         function: int,
-        args: Union[TIpcArgs, Iterable[Arg], None] = (),
-        status: Optional[TRequestStatus] = None,
+        args: Args = (),
+        status: TRequestStatus | None = None,
         *,
-        timeout: Optional[float] = None,
-    ) -> Optional[int]:
+        timeout: float | None = None,
+    ) -> int | None:
         """Send a request to the server.
 
         Without `status` the call is synchronous: it returns the completion value (>= 0) or
@@ -631,25 +372,26 @@ class RSession:
         ipc_args = TIpcArgs.of(args)
         runtime, handle = self._check_usable(function)
         req_id = runtime.next_req_id()
+        life = self._life
         if status is None:
             frame = encode(Request(req_id, handle, function, ipc_args.wire, _SYNC))
             channel = runtime.channel()
-            self._sync_calls[req_id] = channel  # so a Close from another thread can end it
+            life.sync_calls[req_id] = channel  # so a Close from another thread can end it
             try:
-                return self._finish(channel.call(frame, req_id, timeout), ipc_args)
+                return life.finish(channel.call(frame, req_id, timeout), ipc_args.buffers)
             finally:
-                self._sync_calls.pop(req_id, None)
+                life.sync_calls.pop(req_id, None)
         frame = encode(Request(req_id, handle, function, ipc_args.wire, _ASYNC))
         channel = runtime.channel()
-        status._begin(channel, req_id)
+        status.begin(channel, req_id)
         try:
-            channel.send_async(frame, req_id, Pending(status, self, ipc_args.buffers, channel))
+            channel.send_async(frame, req_id, Pending(status, life, ipc_args.buffers, channel))
         except BaseException:
-            status._abandon()
+            status.abandon()
             raise
         return None
 
-    def Send(self, function: int, args: Union[TIpcArgs, Iterable[Arg], None] = ()) -> None:
+    def Send(self, function: int, args: Args = ()) -> None:
         """Send a blind request: the server gets it; its completion value is not returned.
 
         Takes a message slot until the server completes it. Returns once the kernel has queued
@@ -660,7 +402,7 @@ class RSession:
         runtime, handle = self._check_usable(function)
         req_id = runtime.next_req_id()
         frame = encode(Request(req_id, handle, function, ipc_args.wire, _BLIND))
-        self._finish(runtime.channel().call(frame, req_id), _NO_ARGS)
+        self._life.finish(runtime.channel().call(frame, req_id), NO_ARGS.buffers)
 
     def Close(self) -> None:
         """Close the session. The server gets ``Disconnect`` once, after every earlier request.
@@ -671,29 +413,15 @@ class RSession:
         owner = self._owner
         unshared = self._sharing == EUnsharableSessions
         owner_gone = unshared and owner is not None and not owner.is_alive()
-        if self._handle and unshared and owner is not threading.current_thread() and not owner_gone:
+        current = threading.current_thread()
+        if self._life.handle and unshared and owner is not current and not owner_gone:
             raise errors.ClientPanic(
                 "KERN-EXEC", 0,
                 "an unshared session can only be closed by the thread that created it",
             )
-        with self._lock:
-            runtime, handle = self._runtime, self._handle
-            self._handle, self._runtime = 0, None
-        if not handle:
-            return
-        runtime.forget_session(handle, self)
-        for req_id in runtime.requests_of(self):
-            runtime.complete(req_id, errors.KErrSessionClosed)
-        for req_id, channel in list(self._sync_calls.items()):
-            # Another thread waits in a sync call on this session: the kernel will not answer
-            # it now, so it is answered here (its thread sees this within one wait slice).
-            if req_id in channel.replies:
-                channel.replies[req_id] = Completed(req_id, errors.KErrSessionClosed, ())
-        # When the creating thread has ended, or the kernel stopped serving its channel
-        # (Disconnected), the channel's end already closed the session.
-        ended_with_channel = isinstance(self._dead, errors.Disconnected)
-        if not runtime.kernel_dead and not owner_gone and not ended_with_channel:
-            runtime.channel().send(encode(Close(handle)))
+        runtime, handle = self._life.detach()
+        if handle and runtime is not None:
+            runtime.close_session(self._life, handle, owner_gone)
 
     def __enter__(self) -> "RSession":
         return self
@@ -702,60 +430,20 @@ class RSession:
         self.Close()
 
     def __del__(self) -> None:
-        if self._handle:
+        if self._life.handle:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
 
     def __repr__(self) -> str:
-        if not self._handle:
-            return (
-                "<RSession connecting>" if self._connecting is not None
-                else "<RSession not connected>"
-            )
-        state = f" dead: {self._dead}" if self._dead else ""
-        runtime = self._runtime  # (once: a Close on another thread may clear it meanwhile)
-        pending = len(runtime.requests_of(self)) if runtime is not None else 0
-        return f"<RSession 0x{self._handle:x} pending={pending}{state}>"
-
-    # -- internals ---------------------------------------------------------------------------
-
-    def _check_usable(self, function: int) -> tuple[Runtime, int]:
-        if type(function) is not int:
-            raise TypeError(f"function must be an int, not {type(function).__name__}")
-        if not 0 <= function <= I32_MAX:
-            raise ValueError(f"function must be in 0..2**31-1, got {function}")
-        runtime, handle = self._runtime, self._handle
-        if not handle or runtime is None:
-            raise errors.ClientPanic("KERN-EXEC", 0, "the session is not connected")
-        if self._dead is not None:
-            raise self._dead
-        return runtime, handle
-
-    def _finish(self, reply: Any, ipc_args: TIpcArgs) -> int:
-        if type(reply) is Panicked:
-            panic = errors.ClientPanic(reply.category, reply.reason)
-            if reply.session_dead and reply.handle == self._handle:
-                self._lost(panic)
-            raise panic
-        if type(reply) is not Completed:
-            raise errors.IpcError(errors.KErrGeneral, f"unexpected reply: {reply!r}")
-        for index, data in reply.writes:
-            buffer = ipc_args.buffers.get(index)
-            if buffer is not None:
-                buffer[:] = data
-        return errors.check(reply.value)
-
-    def _lost(self, error: BaseException) -> None:
-        """The session died under us (server panic or death, kernel death)."""
-        with self._lock:
-            if self._dead is not None:
-                return
-            self._dead = error
-            callback = self._abort_callback
-        if callback is not None and isinstance(error, errors.IpcError):
-            self._run_abort_callback(callback, error)
+        life = self._life
+        runtime, handle = life.via, life.handle  # (once: a Close on another thread may clear it)
+        if not handle:
+            return "<RSession connecting>" if life.busy is not None else "<RSession not connected>"
+        state = f" dead: {life.dead}" if life.dead else ""
+        pending = len(runtime.state.requests_of(life)) if runtime is not None else 0
+        return f"<RSession 0x{handle:x} pending={pending}{state}>"
 
     def SetAbortCallback(
-        self, callback: Optional[Callable[["RSession", errors.IpcError], None]]
+        self, callback: Callable[["RSession", errors.IpcError], None] | None
     ) -> None:
         """Call ``callback(session, error)`` once, as soon as the session's server is gone.
 
@@ -766,17 +454,18 @@ class RSession:
         panicking this client does not call it (the client's call raises ``ClientPanic``).
         ``None`` removes it.
         """
-        with self._lock:
-            self._abort_callback = callback
-            dead = self._dead
-        if callback is not None and isinstance(dead, errors.IpcError):
-            self._run_abort_callback(callback, dead)
+        abort = self._life.set_abort_callback(callback)
+        if abort is not None:
+            abort.run()
 
-    def _run_abort_callback(self, callback: Callable, error: errors.IpcError) -> None:
-        try:
-            callback(self, error)
-        except Exception:
-            log.exception("an abort callback raised")
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_usable(self, function: int) -> tuple[Runtime, int]:
+        if type(function) is not int:
+            raise TypeError(f"function must be an int, not {type(function).__name__}")
+        if not 0 <= function <= I32_MAX:
+            raise ValueError(f"function must be in 0..2**31-1, got {function}")
+        return self._life.usable()
 
 
 def _check_connected(code: int, also: str = "") -> None:
@@ -796,8 +485,8 @@ def terminate_server(
     name: str,
     reason: TerminationReason = TerminationReason.ADMINISTRATOR,
     *,
-    endpoint: Optional[str] = None,
-    timeout: Optional[float] = None,
+    endpoint: str | None = None,
+    timeout: float | None = None,
 ) -> None:
     """End server `name`'s registration with `reason` (what ``ipcfw terminate`` does).
 
@@ -813,7 +502,7 @@ def terminate_server(
     errors.check(reply.value)
 
 
-def kernel_statistics(endpoint: Optional[str] = None, timeout: float = 5.0) -> dict[str, int]:
+def kernel_statistics(endpoint: str | None = None, timeout: float = 5.0) -> dict[str, int]:
     """The kernel's counters: peers, processes, servers, sessions by state, messages, slots."""
     runtime = Runtime.for_endpoint(endpoint)
     req_id = runtime.next_req_id()

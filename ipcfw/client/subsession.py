@@ -38,18 +38,19 @@ import logging
 import struct
 import threading
 import warnings
-from typing import Any, Iterable, Optional, Union
+from typing import Any, cast, overload
 
 from .. import errors
-from .session import RSession, TIpcArgs, TRequestStatus
+from .args import Arg, Args, TIpcArgs
+from .session import RSession
+from .state import SUBSESSION_WORDS, Hold
+from .status import TRequestStatus
 
 log = logging.getLogger("ipcfw.subsession")
 
 __all__ = ["RSubSession"]
 
 _HANDLE = struct.Struct("<i")  # Symbian's TPckgBuf<TInt>: the handle as 4 little-endian bytes
-Arg = Union[int, bytes, bytearray]
-Args = Union[TIpcArgs, Iterable[Arg], None]
 
 
 class RSubSession:
@@ -74,12 +75,10 @@ class RSubSession:
     manager that closes the subsession on exit.
     """
 
-    def __init__(self, close_function: Optional[int] = None) -> None:
-        self._session: Optional[RSession] = None
-        self._handle = 0
+    def __init__(self, close_function: int | None = None) -> None:
+        # The handle, held through its session (ipcfw.client.state).
+        self._hold: Hold[RSession] = Hold(SUBSESSION_WORDS, threading.Lock())
         self._close_function = close_function
-        self._creating: Optional[threading.Thread] = None  # the thread creating it, meanwhile
-        self._lock = threading.Lock()
 
     @classmethod
     def open(
@@ -110,28 +109,11 @@ class RSubSession:
         if not isinstance(session, RSession):
             raise TypeError(f"CreateSubSession needs an RSession, not {type(session).__name__}")
         first = _first_three(args)
-        self._begin_create()
+        self._hold.begin(threading.current_thread())
         try:
             self._create(session, function, first)
         finally:
-            with self._lock:
-                self._creating = None
-
-    def _begin_create(self) -> None:
-        with self._lock:
-            if self._handle:
-                raise errors.ClientPanic(
-                    "KERN-EXEC", 57,
-                    f"this RSubSession is already open (handle 0x{self._handle:x}): close it first",
-                )
-            creating = self._creating
-            if creating is not None:
-                raise errors.ClientPanic(
-                    "KERN-EXEC", 9,
-                    f"this RSubSession is already being created, by thread {creating.name!r}: "
-                    "one RSubSession holds one subsession, so create another RSubSession",
-                )
-            self._creating = threading.current_thread()
+            self._hold.end()
 
     def _create(self, session: RSession, function: int, first: list[Arg]) -> None:
         buffer = bytearray(_HANDLE.size)
@@ -150,16 +132,28 @@ class RSubSession:
                 "the server wrote no subsession handle, or wrote 0, which names none (a server "
                 "opens a subsession with CSession.NewSubSessionL, whose handles are never 0)",
             )
-        self._session, self._handle = session, handle
+        self._hold.attach(session, handle)
+
+    @overload
+    def SendReceive(
+        self, function: int, args: Args = (), status: None = None, *,
+        timeout: float | None = None,
+    ) -> int: ...
+
+    @overload
+    def SendReceive(
+        self, function: int, args: Args, status: TRequestStatus, *,
+        timeout: float | None = None,
+    ) -> None: ...
 
     def SendReceive(
         self,
         function: int,
         args: Args = (),
-        status: Optional[TRequestStatus] = None,
+        status: TRequestStatus | None = None,
         *,
-        timeout: Optional[float] = None,
-    ) -> Optional[int]:
+        timeout: float | None = None,
+    ) -> int | None:
         """Send a request on the subsession: `args` (at most three) plus the handle as argument 3.
 
         Synchronous without `status` (returns the completion value or raises its ``IpcError``),
@@ -182,7 +176,7 @@ class RSubSession:
         gone, or the client panicked): the server has released the subsession's object then, or
         will when the session ends. Closing a subsession that is not open does nothing.
         """
-        session, handle = self._session, self._handle
+        session, handle = self._hold.via, self._hold.handle
         if handle and session is not None:
             if not session.Handle():
                 log.debug("subsession 0x%x: its session is already closed", handle)
@@ -192,19 +186,19 @@ class RSubSession:
                 except errors.IpcError as exc:
                     log.debug("subsession 0x%x: closing it gave %s (ignored)", handle, exc)
                 except errors.ClientPanic as exc:
-                    if session._dead is None:
+                    if session.death() is None:
                         raise  # refused (a thread that may not use the session): still open
                     log.debug("subsession 0x%x: its session is dead: %s", handle, exc)
         # Only now: a bad `function` (TypeError) or an interrupted wait leaves it open, to retry.
-        self._session, self._handle = None, 0
+        self._hold.detach()
 
     def SubSessionHandle(self) -> int:
         """The server's handle for this subsession; 0 when it is not open."""
-        return self._handle
+        return self._hold.handle
 
-    def Session(self) -> Optional[RSession]:
+    def Session(self) -> RSession | None:
         """The session the subsession was opened in; None when it is not open."""
-        return self._session
+        return self._hold.via
 
     def __enter__(self) -> "RSubSession":
         if self._close_function is None:
@@ -220,21 +214,20 @@ class RSubSession:
         self.CloseSubSession(self._close_function)
 
     def __del__(self) -> None:
-        if self._handle:
+        if self._hold.handle:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
 
     def __repr__(self) -> str:
-        if not self._handle:
+        session, handle = self._hold.via, self._hold.handle
+        if not handle:
             return f"<{type(self).__name__} not open>"
-        return f"<{type(self).__name__} 0x{self._handle:x} in {self._session!r}>"
+        return f"<{type(self).__name__} 0x{handle:x} in {session!r}>"
 
     # -- internals ---------------------------------------------------------------------------
 
     def _request(self, args: Args) -> tuple[RSession, TIpcArgs]:
         first = _first_three(args)
-        session, handle = self._session, self._handle
-        if not handle or session is None:
-            raise errors.ClientPanic("KERN-EXEC", 0, "the subsession is not open")
+        session, handle = self._hold.usable()
         return session, TIpcArgs(*first, handle)
 
 
@@ -250,5 +243,8 @@ def _first_three(args: Args) -> list[Arg]:
             f"a subsession request takes at most 3 arguments (argument 3 carries the subsession "
             f"handle), got {len(ipc_args.wire)}"
         )
-    first: list[Arg] = [ipc_args.buffers.get(i, wire) for i, wire in enumerate(ipc_args.wire)]
+    first: list[Arg] = []
+    for index, wire in enumerate(ipc_args.wire):
+        buffer = ipc_args.buffers.get(index)  # a writable descriptor is passed on as given
+        first.append(buffer if buffer is not None else cast(Arg, wire))  # (an int or bytes)
     return first + [0] * (3 - len(first))

@@ -253,7 +253,7 @@ def test_closing_a_shared_session_ends_another_threads_sync_call(probe_server):
 
     thread = threading.Thread(target=blocked)
     thread.start()
-    wait_until(lambda: session._sync_calls, what="the sync call to be in flight")
+    wait_until(lambda: session._life.sync_calls, what="the sync call to be in flight")
     started = time.monotonic()
     session.Close()
     thread.join(5)

@@ -209,7 +209,7 @@ FORGE = (
     "import sys, ipcfw\n"
     "from ipcfw.client.runtime import Runtime\n"
     "forged = ipcfw.RSession()\n"
-    "forged._runtime, forged._handle = Runtime.for_endpoint(), int(sys.argv[1])  # not held here\n"
+    "forged._life.attach(Runtime.for_endpoint(), int(sys.argv[1]))  # not held here\n"
     "try:\n"
     "    forged.SendReceive(1, (9,))\n"
     "    print('accepted')\n"

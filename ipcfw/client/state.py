@@ -1,0 +1,325 @@
+"""The client's tables and rules: pending requests, completion, descriptor write-back, and the
+lifecycle of sessions and subsessions. No I/O.
+
+Theory of operation
+-------------------
+The runtime (`ipcfw.client.runtime`) owns the sockets, the I/O thread and waiting; the API
+classes (`RSession`, `RSubSession`, `TRequestStatus`) are what a client program calls. Every rule
+about what a request or a session may do next lives here, so that it can be tested with no
+kernel, socket or thread (tests/client/test_client_state.py). Nothing here imports a socket, a
+clock, a thread or the OS; decoded replies come in, and what the caller must do comes out (the
+abort callbacks to run, the requests and sync calls to end, whether to tell the kernel).
+
+Rules this module keeps:
+
+1. An async request is pending from its send until its completion, and completes exactly once:
+   whoever takes it from the table (`ClientState.take`) completes it; a late or duplicate
+   completion (the kernel's answer racing a Close, a thread's end or a dead kernel) finds
+   nothing and is dropped.
+2. A request's writable descriptors receive what the server wrote (`write_back`) when, and only
+   when, the request completes with the server's answer: in one place, sync and async alike.
+3. Several RSession objects of this process may hold one session handle (after `Open`); the
+   table `ClientState.sessions` finds them all. When the session is lost (its server died or
+   panicked the client, the kernel went), every holder is dead: each later call raises the
+   error it died with, and each holder's abort callback runs once (not for a panic: the call
+   that was panicked raises it).
+4. `Close` detaches the RSession (`ClientState.close` says what to do): its pending requests
+   complete with KErrSessionClosed, its sync calls in flight on other threads are answered
+   KErrSessionClosed, and the kernel is told unless it has ended the session itself.
+5. One RSession holds one session, one RSubSession one subsession (`Hold`): connecting or
+   creating one that holds one already is ClientPanic KERN-EXEC 57; while another thread is
+   connecting or creating it, KERN-EXEC 9.
+
+Threads: the table's exactly-once rests on `dict.pop`, which is atomic (one caller gets the
+entry), so completions need no lock. A hold is changed by its users' threads and by whichever
+thread learns of a death, and "dead once, abort callback once" needs a lock: its owner gives
+`Hold` one (this module imports no threading, so it creates none) and `Hold` takes it around
+each change, never around a callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from contextlib import AbstractContextManager
+from typing import (
+    Any, Callable, Generic, Iterable, Mapping, NamedTuple, Protocol, Sequence,
+    TypeVar,
+)
+
+from .. import errors
+from ..protocol import Completed, Message, Panicked
+
+log = logging.getLogger("ipcfw.client")
+
+C = TypeVar("C")  # the runtime's channel: where a request's answer arrives
+V = TypeVar("V")  # what a hold is held through: a runtime (a session), a session (a subsession)
+
+AbortCallback = Callable[[Any, errors.IpcError], None]  # (session, error)
+Lock = AbstractContextManager[object]
+
+
+def write_back(buffers: Mapping[int, bytearray], writes: Iterable[tuple[int, bytes]]) -> None:
+    """Put what the server wrote into the request's writable descriptors (rule 2): each
+    bytearray then holds exactly the written bytes, its length offset + bytes written."""
+    for index, data in writes:
+        buffer = buffers.get(index)
+        if buffer is not None:
+            buffer[:] = data
+
+
+class Completable(Protocol):
+    """What a pending request completes: a `TRequestStatus`."""
+
+    def complete(self, value: int, error: BaseException | None = None) -> None: ...
+
+
+class Pending(Generic[C]):
+    """An asynchronous request not yet completed: its status, session and writable buffers,
+    and the channel its answer arrives on."""
+
+    __slots__ = ("status", "session", "buffers", "channel")
+
+    def __init__(
+        self, status: Completable, session: object, buffers: Mapping[int, bytearray], channel: C
+    ) -> None:
+        self.status = status
+        self.session = session
+        self.buffers = buffers
+        self.channel = channel
+
+    def complete(
+        self, value: int, writes: Sequence[tuple[int, bytes]] = (),
+        error: BaseException | None = None,
+    ) -> None:
+        """Write back, then complete the status (running its callbacks). Call only for a
+        request taken from the table (`ClientState.take`): that is what makes it once."""
+        if writes:
+            write_back(self.buffers, writes)
+        self.status.complete(value, error)
+
+
+class Abort(NamedTuple):
+    """An abort callback to run, for a session that was lost (rule 3)."""
+
+    callback: AbortCallback
+    session: object
+    error: errors.IpcError
+
+    def run(self) -> None:
+        try:
+            self.callback(self.session, self.error)
+        except Exception:  # a user's callback: log it, keep serving everyone else
+            log.exception("an abort callback raised")
+
+
+class Named(Protocol):
+    """A thread, as a hold's panics name it."""
+
+    @property
+    def name(self) -> str: ...
+
+
+class Words(NamedTuple):
+    """How the panics of rule 5 name the holder and what it holds."""
+
+    kind: str  # "RSession"
+    thing: str  # "session"
+    held: str  # "connected": the state of a holder that holds one
+    doing: str  # "connected": as in "being connected"
+    verb: str  # "connect"
+
+
+SESSION_WORDS = Words("RSession", "session", "connected", "connected", "connect")
+SUBSESSION_WORDS = Words("RSubSession", "subsession", "open", "created", "create")
+
+
+class Hold(Generic[V]):
+    """One API object's hold on one handle (rule 5): the handle (0 when none), what it is
+    held through, and the thread connecting or creating it meanwhile."""
+
+    __slots__ = ("handle", "via", "busy", "words", "lock", "__weakref__")
+
+    def __init__(self, words: Words, lock: Lock) -> None:
+        self.handle = 0
+        self.via: V | None = None
+        self.busy: Named | None = None  # the thread connecting or creating it, meanwhile
+        self.words = words
+        self.lock = lock
+
+    def begin(self, thread: Named) -> None:
+        """`thread` starts to connect (create) it; raise the panic Symbian gives a second one."""
+        w = self.words
+        with self.lock:
+            if self.handle:
+                raise errors.ClientPanic(
+                    "KERN-EXEC", 57,
+                    f"this {w.kind} is already {w.held} (handle 0x{self.handle:x}): close it "
+                    f"first, or {w.verb} another {w.kind}",
+                )
+            if self.busy is not None:
+                raise errors.ClientPanic(
+                    "KERN-EXEC", 9,
+                    f"this {w.kind} is already being {w.doing}, by thread {self.busy.name!r}: "
+                    f"one {w.kind} holds one {w.thing}, so {w.verb} another {w.kind}",
+                )
+            self.busy = thread
+
+    def end(self) -> None:
+        """The connect (create) begun by `begin` is over, whatever its outcome."""
+        with self.lock:
+            self.busy = None
+
+    def attach(self, via: V, handle: int) -> None:
+        """Hold `handle` now (the connect or create succeeded), through `via`."""
+        with self.lock:
+            self.via, self.handle = via, handle
+
+    def detach(self) -> tuple[V | None, int]:
+        """Let go of the handle; return what it was held through and the handle (0: none)."""
+        with self.lock:
+            via, handle = self.via, self.handle
+            self.via, self.handle = None, 0
+        return via, handle
+
+    def usable(self) -> tuple[V, int]:
+        """What to send a request through, and the handle; ClientPanic KERN-EXEC 0 if none."""
+        via, handle = self.via, self.handle
+        if not handle or via is None:
+            w = self.words
+            raise errors.ClientPanic("KERN-EXEC", 0, f"the {w.thing} is not {w.held}")
+        return via, handle
+
+
+class SessionLife(Hold[V]):
+    """An RSession's hold on a session, and how the session ended under it (rules 3 and 4):
+    the error it died with, its abort callback, and its sync calls in flight."""
+
+    __slots__ = ("dead", "sync_calls", "_abort_callback", "_session")
+
+    def __init__(self, session: object, lock: Lock) -> None:
+        super().__init__(SESSION_WORDS, lock)
+        self._session = weakref.ref(session)  # the abort callback's argument
+        self.dead: BaseException | None = None
+        self._abort_callback: AbortCallback | None = None
+        # req_id -> channel, of sync calls in flight: a Close from another thread ends them.
+        self.sync_calls: dict[int, Any] = {}
+
+    def attach(self, via: V, handle: int) -> None:
+        """As `Hold.attach`, alive: a new session, whatever became of the last one."""
+        with self.lock:
+            self.via, self.handle, self.dead = via, handle, None
+
+    def usable(self) -> tuple[V, int]:
+        """As `Hold.usable`; raise the error the session died with, if it died."""
+        via, handle, dead = self.via, self.handle, self.dead
+        if handle and via is not None and dead is None:
+            return via, handle  # (every call's path: no call to super() on it)
+        super().usable()  # raises if not connected
+        assert dead is not None
+        raise dead
+
+    def lose(self, error: BaseException) -> Abort | None:
+        """The session died under this holder: the first loss counts (rule 3). Returns the
+        abort callback to run, if any; run it with no lock held."""
+        with self.lock:
+            if self.dead is not None:
+                return None
+            self.dead = error
+            return self._abort(error)
+
+    def set_abort_callback(self, callback: AbortCallback | None) -> Abort | None:
+        """Keep `callback` for a loss to come; returns it to run at once if the session is
+        lost already."""
+        with self.lock:
+            self._abort_callback = callback
+            dead = self.dead
+            return None if dead is None else self._abort(dead)
+
+    def _abort(self, error: BaseException) -> Abort | None:
+        callback, session = self._abort_callback, self._session()
+        if callback is None or session is None or not isinstance(error, errors.IpcError):
+            return None  # (a ClientPanic is raised by the call that was panicked)
+        return Abort(callback, session, error)
+
+    def finish(self, reply: Message, buffers: Mapping[int, bytearray]) -> int:
+        """The value of a sync call's reply, its descriptors written back (rule 2); raise its
+        error, or the panic it carries (which kills this holder if it kills the session)."""
+        if type(reply) is Panicked:
+            panic = errors.ClientPanic(reply.category, reply.reason)
+            if reply.session_dead and reply.handle == self.handle:
+                self.lose(panic)  # (a panic has no abort to run)
+            raise panic
+        if type(reply) is not Completed:
+            raise errors.IpcError(errors.KErrGeneral, f"unexpected reply: {reply!r}")
+        if reply.writes:
+            write_back(buffers, reply.writes)
+        return errors.check(reply.value)
+
+
+class Closing(NamedTuple):
+    """What a Close must do (rule 4)."""
+
+    requests: list[int]  # pending requests: complete each with KErrSessionClosed
+    answers: list[tuple[Any, Completed]]  # sync calls in flight: (channel, the answer to give)
+    tell_kernel: bool  # send the kernel a Close for the handle
+
+
+class ClientState(Generic[C]):
+    """One runtime's tables: the pending async requests (rule 1) and the holders of each
+    session handle (rule 3)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, Pending[C]] = {}
+        # handle -> the holds of this process's RSession objects on it (several after Open).
+        self.sessions: dict[int, weakref.WeakSet[SessionLife[Any]]] = {}
+
+    # -- pending requests (rules 1 and 2) -----------------------------------------------------
+
+    def add(self, req_id: int, pending: Pending[C]) -> None:
+        """Register an async request before it is sent: its answer may be read at once."""
+        self.pending[req_id] = pending
+
+    def take(self, req_id: int) -> Pending[C] | None:
+        """The request to complete, once: None if it completed already or never was."""
+        return self.pending.pop(req_id, None)  # atomic: exactly one caller gets it
+
+    def requests_on(self, channel: C) -> list[int]:
+        """The req_ids of the requests still pending on `channel`."""
+        return [req_id for req_id, p in list(self.pending.items()) if p.channel is channel]
+
+    def requests_of(self, session: object) -> list[int]:
+        """The req_ids of `session`'s requests still pending."""
+        return [req_id for req_id, p in list(self.pending.items()) if p.session is session]
+
+    # -- sessions (rules 3 and 4) -------------------------------------------------------------
+
+    def register(self, life: SessionLife[Any]) -> None:
+        """`life` holds its handle now (a connect or an Open succeeded)."""
+        self.sessions.setdefault(life.handle, weakref.WeakSet()).add(life)
+
+    def session_lost(self, handle: int, error: BaseException) -> list[Abort]:
+        """Every holder of `handle` is dead; returns the abort callbacks to run."""
+        aborts = (life.lose(error) for life in list(self.sessions.get(handle, ())))
+        return [abort for abort in aborts if abort is not None]
+
+    def every_session_lost(self, error: Callable[[], BaseException]) -> list[Abort]:
+        """The kernel has gone: every session is lost, each with a new `error()`."""
+        return [abort for handle in list(self.sessions)
+                for abort in self.session_lost(handle, error())]
+
+    def close(self, life: SessionLife[Any], handle: int, *, ended: bool) -> Closing:
+        """`life` let go of `handle` (its Close; see `Hold.detach`): forget it, and say what
+        to do (rule 4). `ended`: the kernel has ended the session already, for a reason this
+        state cannot see (the kernel is gone, or the unshared session's thread ended)."""
+        holders = self.sessions.get(handle)
+        if holders is not None:
+            holders.discard(life)
+            if not holders:
+                del self.sessions[handle]
+        answers = [(channel, Completed(req_id, errors.KErrSessionClosed, ()))
+                   for req_id, channel in list(life.sync_calls.items())]
+        # Disconnected: the kernel stopped serving the session's creating channel, and ended
+        # the session with it.
+        ended = ended or isinstance(life.dead, errors.Disconnected)
+        return Closing(self.requests_of(life), answers, not ended)

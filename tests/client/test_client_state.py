@@ -1,0 +1,408 @@
+"""The client's pure rules (ipcfw.client.state): pending requests, completion exactly once,
+descriptor write-back, session and subsession lifecycles. No kernel, socket or sleep: requests
+and replies go in, statuses, holders and what a Close must do are checked.
+(The same scenarios with real processes: test_sessions.py, test_client_runtime.py, test_cancel.py.)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+
+import ipcfw
+from ipcfw import ClientPanic, IpcError, TRequestStatus
+from ipcfw.client.state import (
+    SESSION_WORDS,
+    SUBSESSION_WORDS,
+    Abort,
+    ClientState,
+    Hold,
+    Pending,
+    SessionLife,
+    write_back,
+)
+from ipcfw.protocol import Completed, Panicked, Welcome
+
+H, OTHER = 0x2A, 0x2B  # session handles
+
+
+class FakeStatus:
+    """Records every completion it is given (a TRequestStatus completes once per request)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, BaseException | None]] = []
+
+    def complete(self, value: int, error: BaseException | None = None) -> None:
+        self.calls.append((value, error))
+
+
+class Holder:
+    """Stands for an RSession: what a SessionLife passes to its abort callback."""
+
+
+def life_on(handle: int, holder: Holder, via: object = "runtime") -> SessionLife[Any]:
+    life: SessionLife[Any] = SessionLife(holder, threading.Lock())
+    life.attach(via, handle)
+    return life
+
+
+def complete(state: ClientState[Any], req_id: int, value: int, writes: tuple = (),
+             error: BaseException | None = None) -> bool:
+    """What the runtime does with an answer, minus its counting and waking."""
+    pending = state.take(req_id)
+    if pending is None:
+        return False
+    pending.complete(value, writes, error)
+    return True
+
+
+# -- completion, exactly once -------------------------------------------------------------------
+
+
+def test_a_request_completes_once_and_a_late_completion_is_dropped() -> None:
+    state: ClientState[str] = ClientState()
+    status = FakeStatus()
+    state.add(1, Pending(status, "session", {}, "channel"))
+    assert complete(state, 1, 5)
+    assert not complete(state, 1, -3)  # a duplicate (the kernel's answer after a Close)
+    assert not complete(state, 99, 0)  # a request this process never made
+    assert status.calls == [(5, None)]
+    assert state.pending == {}
+
+
+def test_racing_completers_complete_each_request_exactly_once() -> None:
+    """Settling threads, a Close and a dead kernel may all try to complete one request."""
+    state: ClientState[str] = ClientState()
+    statuses = [FakeStatus() for _ in range(2000)]
+    for req_id, status in enumerate(statuses):
+        state.add(req_id, Pending(status, "session", {}, "channel"))
+    start = threading.Barrier(4)
+
+    def complete_all(value: int) -> None:
+        start.wait()
+        for req_id in range(len(statuses)):
+            complete(state, req_id, value)
+
+    threads = [threading.Thread(target=complete_all, args=(v,)) for v in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert [len(s.calls) for s in statuses] == [1] * len(statuses)
+
+
+def test_a_real_status_completes_with_its_value_or_its_error() -> None:
+    state: ClientState[str] = ClientState()
+    done, failed = TRequestStatus(), TRequestStatus()
+    fired: list[int] = []
+    done.add_done_callback(lambda s: fired.append(s.Int()))
+    state.add(1, Pending(done, "session", {}, "channel"))
+    state.add(2, Pending(failed, "session", {}, "channel"))
+    complete(state, 1, 7)
+    complete(state, 1, 8)
+    complete(state, 2, ipcfw.KErrDied, (), ClientPanic("PROBE", 3))
+    assert (done.Int(), done.result(0), fired) == (7, 7, [7])
+    assert failed.Int() == ipcfw.KErrDied
+    with pytest.raises(ClientPanic):
+        failed.result(0)
+
+
+def test_requests_are_found_by_channel_and_by_session() -> None:
+    state: ClientState[str] = ClientState()
+    state.add(1, Pending(FakeStatus(), "s1", {}, "c1"))
+    state.add(2, Pending(FakeStatus(), "s2", {}, "c1"))
+    state.add(3, Pending(FakeStatus(), "s1", {}, "c2"))
+    assert state.requests_on("c1") == [1, 2]
+    assert state.requests_of("s1") == [1, 3]
+    complete(state, 1, 0)
+    assert state.requests_on("c1") == [2] and state.requests_of("s1") == [3]
+
+
+# -- descriptor write-back -----------------------------------------------------------------------
+
+
+def test_write_back_gives_each_buffer_exactly_what_was_written() -> None:
+    shrunk, grown, untouched = bytearray(b"12345678"), bytearray(2), bytearray(b"keep")
+    write_back({0: shrunk, 1: grown, 3: untouched}, [(0, b"abc"), (1, b"wxyz"), (2, b"none")])
+    assert (shrunk, grown, untouched) == (b"abc", b"wxyz", b"keep")
+
+
+def test_an_async_request_writes_back_once_and_only_when_it_completes() -> None:
+    state: ClientState[str] = ClientState()
+    buffer = bytearray(8)
+    state.add(1, Pending(FakeStatus(), "session", {0: buffer}, "channel"))
+    assert buffer == bytearray(8)  # pending: untouched
+    complete(state, 1, 0, ((0, b"first"),))
+    assert buffer == b"first"
+    buffer[:] = b"mine now"
+    complete(state, 1, 0, ((0, b"again"),))  # a duplicate writes nothing
+    assert buffer == b"mine now"
+
+
+def test_a_request_ended_without_the_servers_answer_leaves_its_buffer_alone() -> None:
+    state: ClientState[Any] = ClientState()
+    holder = Holder()
+    life = life_on(H, holder)
+    state.register(life)
+    buffer = bytearray(b"before")
+    state.add(1, Pending(FakeStatus(), life, {0: buffer}, "channel"))
+    for req_id in state.close(life, H, ended=False).requests:
+        complete(state, req_id, ipcfw.KErrSessionClosed)
+    complete(state, 1, 0, ((0, b"late"),))  # the server's answer, after the Close
+    assert buffer == b"before"
+
+
+def test_a_sync_reply_writes_back_then_returns_or_raises() -> None:
+    life = life_on(H, holder := Holder())
+    buffer = bytearray(4)
+    assert life.finish(Completed(1, 3, ((0, b"hi"),)), {0: buffer}) == 3
+    assert buffer == b"hi"
+    with pytest.raises(ipcfw.NotFound):
+        life.finish(Completed(2, ipcfw.KErrNotFound, ((0, b"err"),)), {0: buffer})
+    assert buffer == b"err"  # what the server wrote before failing still arrives
+    with pytest.raises(IpcError) as raised:
+        life.finish(Welcome(1, 1, 1), {0: buffer})
+    assert raised.value.code == ipcfw.KErrGeneral
+    assert life.dead is None and holder is not None
+
+
+def test_a_sync_reply_that_panics_writes_nothing_and_may_kill_the_session() -> None:
+    life = life_on(H, Holder())
+    aborted: list[object] = []
+    life.set_abort_callback(lambda s, e: aborted.append(e))
+    buffer = bytearray(b"kept")
+    with pytest.raises(ClientPanic):
+        life.finish(Panicked(1, OTHER, "KERN-EXEC", 0, 1), {0: buffer})  # another handle
+    assert life.dead is None
+    with pytest.raises(ClientPanic) as raised:
+        life.finish(Panicked(2, H, "PROBE", 7, 1), {0: buffer})
+    assert life.dead is raised.value and buffer == b"kept"
+    assert aborted == []  # a panic runs no abort callback: the panicked call raises it
+    with pytest.raises(ClientPanic) as again:
+        life.usable()
+    assert again.value is raised.value
+
+
+# -- session lost, and abort callbacks -----------------------------------------------------------
+
+
+def test_a_lost_session_kills_every_holder_and_runs_each_abort_callback_once() -> None:
+    state: ClientState[Any] = ClientState()
+    first, second, bystander = Holder(), Holder(), Holder()
+    lives = [life_on(H, first), life_on(H, second), life_on(OTHER, bystander)]
+    calls: list[tuple[object, int]] = []
+    for life in lives:
+        state.register(life)
+        life.set_abort_callback(lambda session, error: calls.append((session, error.code)))
+    error = ipcfw.IpcError(ipcfw.KErrServerTerminated)
+    for abort in state.session_lost(H, error):
+        abort.run()
+    assert sorted(map(id, (s for s, _ in calls))) == sorted(map(id, (first, second)))
+    assert {code for _, code in calls} == {ipcfw.KErrServerTerminated}
+    assert lives[0].dead is error and lives[1].dead is error and lives[2].dead is None
+    assert state.session_lost(H, ipcfw.IpcError(ipcfw.KErrDied)) == []  # lost once
+    assert lives[0].dead is error
+    with pytest.raises(ipcfw.ServerTerminated):
+        lives[1].usable()
+    assert lives[2].usable() == ("runtime", OTHER)
+
+
+def test_a_panic_kills_every_holder_and_runs_no_abort_callback() -> None:
+    state: ClientState[Any] = ClientState()
+    life = life_on(H, holder := Holder())
+    state.register(life)
+    life.set_abort_callback(lambda s, e: pytest.fail("called for a panic"))
+    panic = ClientPanic("PROBE", 1)
+    assert state.session_lost(H, panic) == []
+    assert life.dead is panic and holder is not None
+
+
+def test_an_abort_callback_set_after_the_loss_runs_at_once_and_none_removes_it() -> None:
+    life = life_on(H, holder := Holder())
+    assert life.set_abort_callback(None) is None
+    error = ipcfw.IpcError(ipcfw.KErrServerTerminated)
+    assert life.lose(error) is None  # no callback yet
+    abort = life.set_abort_callback(lambda s, e: None)
+    assert abort is not None and abort.session is holder and abort.error is error
+    assert life.set_abort_callback(None) is None
+
+
+def test_when_the_kernel_goes_every_session_is_lost_each_with_its_own_error() -> None:
+    state: ClientState[Any] = ClientState()
+    holders = [Holder(), Holder()]
+    lives = [life_on(H, holders[0]), life_on(OTHER, holders[1])]
+    for life in lives:
+        state.register(life)
+        life.set_abort_callback(lambda s, e: None)
+    aborts = state.every_session_lost(lambda: IpcError(ipcfw.KErrServerTerminated, "gone"))
+    assert len(aborts) == 2 and aborts[0].error is not aborts[1].error
+    assert all(isinstance(life.dead, ipcfw.ServerTerminated) for life in lives)
+
+
+def test_an_abort_callback_that_raises_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(session: object, error: IpcError) -> None:
+        raise RuntimeError("user bug")
+
+    with caplog.at_level(logging.ERROR, logger="ipcfw.client"):
+        Abort(broken, Holder(), IpcError(ipcfw.KErrServerTerminated)).run()
+    assert "abort callback raised" in caplog.text and "user bug" in caplog.text
+
+
+def test_a_holder_gone_from_memory_leaves_the_table() -> None:
+    state: ClientState[Any] = ClientState()
+    holder = Holder()
+    state.register(life_on(H, holder))  # (only the holder keeps its life alive)
+    assert state.session_lost(H, IpcError(ipcfw.KErrServerTerminated)) == []
+    assert len(state.sessions[H]) == 0
+
+
+# -- Close ---------------------------------------------------------------------------------------
+
+
+def test_close_ends_that_sessions_requests_only_and_forgets_the_holder() -> None:
+    state: ClientState[Any] = ClientState()
+    mine, shared_too = Holder(), Holder()
+    life, other = life_on(H, mine), life_on(H, shared_too)
+    state.register(life)
+    state.register(other)
+    state.add(1, Pending(FakeStatus(), life, {}, "channel"))
+    state.add(2, Pending(FakeStatus(), other, {}, "channel"))
+    state.add(3, Pending(FakeStatus(), life, {}, "channel"))
+    assert life.detach() == ("runtime", H) and life.handle == 0
+    closing = state.close(life, H, ended=False)
+    assert closing.requests == [1, 3] and closing.tell_kernel
+    assert list(state.sessions[H]) == [other]
+    state.close(other, H, ended=False)
+    assert H not in state.sessions
+
+
+def test_close_answers_the_sync_calls_in_flight_with_kerrsessionclosed() -> None:
+    state: ClientState[Any] = ClientState()
+    life = life_on(H, holder := Holder())
+    life.sync_calls[7] = "channel of thread A"
+    life.sync_calls[9] = "channel of thread B"
+    closing = state.close(life, H, ended=False)
+    assert closing.answers == [
+        ("channel of thread A", Completed(7, ipcfw.KErrSessionClosed, ())),
+        ("channel of thread B", Completed(9, ipcfw.KErrSessionClosed, ())),
+    ]
+    assert holder is not None
+
+
+@pytest.mark.parametrize(
+    ("ended", "dead", "tell"),
+    [
+        (False, None, True),
+        (True, None, False),  # the kernel is gone, or the owner thread's end closed it
+        (False, ipcfw.IpcError(ipcfw.KErrDisconnected), False),  # dropped with its channel
+        (False, ipcfw.IpcError(ipcfw.KErrServerTerminated), True),  # the kernel still holds it
+    ],
+)
+def test_close_tells_the_kernel_unless_it_ended_the_session(
+    ended: bool, dead: BaseException | None, tell: bool
+) -> None:
+    state: ClientState[Any] = ClientState()
+    life = life_on(H, holder := Holder())
+    if dead is not None:
+        life.lose(dead)
+    assert state.close(life, H, ended=ended).tell_kernel is tell and holder is not None
+
+
+def test_a_sync_call_ended_by_close_from_another_thread() -> None:
+    """Thread A waits in a sync call; the main thread closes the (shared) session: A's call
+    raises SessionClosed, with no answer from any kernel."""
+    state: ClientState[Any] = ClientState()
+    life = life_on(H, holder := Holder())
+    state.register(life)
+    replies: dict[int, Completed | None] = {}
+    answered = threading.Condition()
+    in_flight = threading.Event()
+    outcome: list[BaseException] = []
+
+    def sync_call() -> None:  # as RSession.SendReceive and Channel.call do it
+        replies[5] = None
+        life.sync_calls[5] = "A's channel"
+        in_flight.set()
+        with answered:
+            answered.wait_for(lambda: replies[5] is not None, timeout=10)
+        reply = replies.pop(5)
+        life.sync_calls.pop(5)
+        try:
+            life.finish(reply if reply is not None else Welcome(0, 0, 0), {})
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=sync_call)
+    thread.start()
+    assert in_flight.wait(10)
+    _, handle = life.detach()
+    for _channel, answer in state.close(life, handle, ended=False).answers:
+        with answered:  # as Channel.end_call does
+            replies[answer.req_id] = answer
+            answered.notify_all()
+    thread.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], ipcfw.SessionClosed)
+    assert holder is not None
+
+
+# -- one holder, one handle (RSession and RSubSession) -------------------------------------------
+
+
+def test_a_hold_refuses_a_second_connect_while_connected_or_connecting() -> None:
+    hold: Hold[str] = Hold(SESSION_WORDS, threading.Lock())
+    hold.begin(threading.current_thread())
+    other = threading.Thread(name="other-thread")
+    with pytest.raises(ClientPanic) as busy:
+        hold.begin(other)
+    assert (busy.value.category, busy.value.reason) == ("KERN-EXEC", 9)
+    assert "already being connected" in str(busy.value) and "'MainThread'" in str(busy.value)
+    hold.attach("runtime", H)
+    hold.end()
+    with pytest.raises(ClientPanic) as held:
+        hold.begin(other)
+    assert (held.value.category, held.value.reason) == ("KERN-EXEC", 57)
+    assert "already connected (handle 0x2a)" in str(held.value)
+    assert hold.detach() == ("runtime", H)
+    hold.begin(other)  # free again
+    assert hold.busy is other
+
+
+def test_a_subsession_hold_speaks_of_subsessions_and_refuses_use_when_not_open() -> None:
+    hold: Hold[str] = Hold(SUBSESSION_WORDS, threading.Lock())
+    with pytest.raises(ClientPanic, match="the subsession is not open") as raised:
+        hold.usable()
+    assert (raised.value.category, raised.value.reason) == ("KERN-EXEC", 0)
+    hold.attach("session", OTHER)
+    assert hold.usable() == ("session", OTHER)
+    with pytest.raises(ClientPanic, match="RSubSession is already open"):
+        hold.begin(threading.current_thread())
+    assert hold.detach() == ("session", OTHER)
+    assert hold.detach() == (None, 0)  # closing twice does nothing
+
+
+def test_a_session_reconnected_after_its_death_is_alive() -> None:
+    life = life_on(H, holder := Holder())
+    life.lose(IpcError(ipcfw.KErrServerTerminated))
+    with pytest.raises(ipcfw.ServerTerminated):
+        life.usable()
+    life.detach()
+    with pytest.raises(ClientPanic, match="the session is not connected"):
+        life.usable()
+    life.attach("runtime", OTHER)
+    assert life.usable() == ("runtime", OTHER) and life.dead is None and holder is not None
+
+
+def test_an_rsession_tells_why_it_died() -> None:
+    session = ipcfw.RSession()
+    assert session.death() is None and session.Handle() == 0
+    life = session._life  # (what a connect would attach; no kernel here)
+    life.attach("runtime", H)
+    error = IpcError(ipcfw.KErrServerTerminated)
+    life.lose(error)
+    assert session.death() is error
+    with pytest.raises(ipcfw.ServerTerminated):
+        session.SendReceive(1)
+    life.detach()  # (no Close: there is no runtime to tell)
