@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -44,7 +44,7 @@ class ManagedProcess(testing.Process):
     in the repository unless `cwd` says otherwise)."""
 
     def __init__(
-        self, argv: list[str], log_path: Path, env: dict[str, str], cwd: Optional[str] = None
+        self, argv: list[str], log_path: Path, env: dict[str, str], cwd: str | None = None
     ) -> None:
         super().__init__(argv, log_path, env, cwd or str(REPO))
 
@@ -69,7 +69,7 @@ class KernelFixture:
             self.stack.stop()
             raise
 
-    def serve(self, plugin: str, name: Optional[str] = None, *extra: str) -> testing.Process:
+    def serve(self, plugin: str, name: str | None = None, *extra: str) -> testing.Process:
         """Host `plugin` (module:Class) in its own process; with a `name`, return once it is
         registered (without one, at once: for a server expected to fail)."""
         return self.stack.serve(plugin, *extra, wait=name is not None)

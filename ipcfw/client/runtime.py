@@ -53,7 +53,8 @@ import os
 import threading
 import time
 import weakref
-from typing import Iterable, Protocol, Sequence, TypeVar, cast
+from typing import Protocol, TypeVar, cast
+from collections.abc import Iterable, Sequence
 
 import zmq
 
@@ -118,7 +119,7 @@ def _hello(socket: zmq.Socket[bytes], role: Role, endpoint: str) -> Welcome:
 class Channel:
     """A DEALER socket to the kernel, used only under `lock`; created for one thread."""
 
-    def __init__(self, runtime: "Runtime") -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         # Reentrant: a done-callback run while this thread settles may itself make a request.
         self.lock = threading.RLock()
@@ -355,7 +356,7 @@ class Channel:
 class _ThreadSentinel:
     """Lives in a thread's local storage: when the thread ends, its channel is retired."""
 
-    def __init__(self, runtime: "Runtime", channel: Channel) -> None:
+    def __init__(self, runtime: Runtime, channel: Channel) -> None:
         self.runtime = weakref.ref(runtime)
         self.channel = channel
 
@@ -370,10 +371,10 @@ class Runtime:
     (`ClientState`: pending requests, the holders of each session)."""
 
     _lock = threading.Lock()
-    _instances: dict[tuple[int, str], "Runtime"] = {}
+    _instances: dict[tuple[int, str], Runtime] = {}
 
     @classmethod
-    def for_endpoint(cls, endpoint: str | None = None) -> "Runtime":
+    def for_endpoint(cls, endpoint: str | None = None) -> Runtime:
         """The live runtime for `endpoint` in this process, started on first use."""
         resolved = endpoints.resolve(endpoint)
         key = (os.getpid(), resolved)  # a forked child gets runtimes of its own

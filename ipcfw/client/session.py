@@ -24,7 +24,8 @@ import logging
 import threading
 import types
 import warnings
-from typing import Any, Callable, overload
+from typing import Any, overload
+from collections.abc import Callable
 
 from .. import errors
 from ..naming import name_problem
@@ -76,12 +77,12 @@ class _OnClassOrInstance:
     gets the class or the instance as its first argument.
     """
 
-    def __init__(self, function: Callable[..., "RSession"]) -> None:
+    def __init__(self, function: Callable[..., RSession]) -> None:
         self.__func__ = function
         # (A descriptor, not a callable, so typeshed's signature does not fit; it wraps alike.)
         functools.update_wrapper(self, function)  # type: ignore[arg-type]
 
-    def __get__(self, session: RSession | None, owner: type) -> Callable[..., "RSession"]:
+    def __get__(self, session: RSession | None, owner: type) -> Callable[..., RSession]:
         return types.MethodType(self.__func__, owner if session is None else session)
 
 
@@ -129,7 +130,7 @@ class RSession:
         endpoint: str | None = None,
         timeout: float | None = None,
         payload: bytes = b"",
-    ) -> "RSession":
+    ) -> RSession:
         """Create and return a connected session (see `CreateSession`).
 
         Called on an ``RSession`` (``session.connect(name)``) it connects that one and returns
@@ -259,7 +260,7 @@ class RSession:
         *,
         endpoint: str | None = None,
         timeout: float | None = None,
-    ) -> "RSession":
+    ) -> RSession:
         """Attach to a session another process shared with `ShareProtected` (by its token).
 
         Returns a new `RSession` on the same server-side session, usable from any thread of
@@ -423,7 +424,7 @@ class RSession:
         if handle and runtime is not None:
             runtime.close_session(self._life, handle, owner_gone)
 
-    def __enter__(self) -> "RSession":
+    def __enter__(self) -> RSession:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -443,7 +444,7 @@ class RSession:
         return f"<RSession 0x{handle:x} pending={pending}{state}>"
 
     def SetAbortCallback(
-        self, callback: Callable[["RSession", errors.IpcError], None] | None
+        self, callback: Callable[[RSession, errors.IpcError], None] | None
     ) -> None:
         """Call ``callback(session, error)`` once, as soon as the session's server is gone.
 

@@ -43,9 +43,10 @@ import logging
 import weakref
 from contextlib import AbstractContextManager
 from typing import (
-    Any, Callable, Generic, Iterable, Mapping, NamedTuple, Protocol, Sequence,
+    Any, Generic, NamedTuple, Protocol,
     TypeVar,
 )
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .. import errors
 from ..protocol import Completed, Message, Panicked

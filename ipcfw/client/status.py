@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import threading
-from typing import Any, Callable, Generator, Iterator
+from typing import Any
+from collections.abc import Callable, Generator, Iterator
 
 from .. import errors
 from ..protocol import Cancel, encode
@@ -49,7 +50,7 @@ class TRequestStatus:
         self._value = errors.KRequestPending
         self._done = False
         # made on first use
-        self._callbacks: list[Callable[["TRequestStatus"], None]] | None = None
+        self._callbacks: list[Callable[[TRequestStatus], None]] | None = None
         # What result() raises, when more is known than the value (a panic, or why it failed).
         self._error: BaseException | None = None
         self._channel: Channel | None = None  # where its answer arrives, once in use
@@ -97,7 +98,7 @@ class TRequestStatus:
             raise self._error
         return errors.check(value)
 
-    def add_done_callback(self, fn: Callable[["TRequestStatus"], None]) -> None:
+    def add_done_callback(self, fn: Callable[[TRequestStatus], None]) -> None:
         """Call ``fn(status)`` once the request completes (at once if it already has).
 
         The callback runs on whichever thread processes the completion: a thread waiting for
@@ -190,7 +191,7 @@ def _settled_by_loop(loop: asyncio.AbstractEventLoop, channel: Channel) -> Itera
             loop.remove_reader(channel.fd)
 
 
-def _resolve(future: "asyncio.Future[None]") -> None:
+def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 

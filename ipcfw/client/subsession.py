@@ -83,7 +83,7 @@ class RSubSession:
     @classmethod
     def open(
         cls, session: RSession, create_function: int, close_function: int, args: Args = ()
-    ) -> "RSubSession":
+    ) -> RSubSession:
         """Create a subsession (see `CreateSubSession`) that ``with`` closes with `close_function`::
 
             with RSubSession.open(session, EOpenTable, ECloseTable, (b"fruit",)) as table:
@@ -200,7 +200,7 @@ class RSubSession:
         """The session the subsession was opened in; None when it is not open."""
         return self._hold.via
 
-    def __enter__(self) -> "RSubSession":
+    def __enter__(self) -> RSubSession:
         if self._close_function is None:
             raise TypeError(
                 "this RSubSession does not know which function closes it: open it with "

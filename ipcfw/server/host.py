@@ -20,7 +20,8 @@ import os
 import select
 import signal
 import threading
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import zmq
 

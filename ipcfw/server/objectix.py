@@ -28,7 +28,8 @@ server's loop thread, where ``ServiceL`` runs).
 from __future__ import annotations
 
 import heapq
-from typing import Any, Iterator, Optional
+from typing import Any
+from collections.abc import Iterator
 
 from .. import errors
 
@@ -56,7 +57,7 @@ class CObjectIx:
     """
 
     def __init__(self) -> None:
-        self._slots: list[Optional[tuple[int, Any]]] = []  # slot -> (instance, object) or None
+        self._slots: list[tuple[int, Any] | None] = []  # slot -> (instance, object) or None
         self._free: list[int] = []  # a heap of the empty slots in _slots
         self._instance = 0  # the instance of the last handle handed out
         self._count = 0
@@ -83,7 +84,7 @@ class CObjectIx:
         self._count += 1
         return (self._instance << _INSTANCE_SHIFT) | slot
 
-    def At(self, handle: int) -> Optional[Any]:
+    def At(self, handle: int) -> Any | None:
         """The object `handle` refers to, or None if it refers to none now."""
         slot = self._slot_of(handle)
         return None if slot is None else self._slots[slot][1]  # type: ignore[index]
@@ -118,7 +119,7 @@ class CObjectIx:
         self._slots.clear()
         self._free.clear()
         self._count = 0
-        first: Optional[BaseException] = None
+        first: BaseException | None = None
         for obj in objects:
             try:
                 _close(obj)
@@ -143,7 +144,7 @@ class CObjectIx:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _slot_of(self, handle: object) -> Optional[int]:
+    def _slot_of(self, handle: object) -> int | None:
         """The slot `handle` names, if it is a current handle; else None."""
         if type(handle) is not int or handle <= 0:
             return None

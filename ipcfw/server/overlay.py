@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, ClassVar, Protocol, cast
+from typing import ClassVar, Protocol, cast
+from collections.abc import Callable
 
 from .. import errors
 from ..version import TVersion

@@ -47,7 +47,8 @@ from __future__ import annotations
 import collections
 import enum
 import logging
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable
 
 from .. import errors
 from ..protocol import (

@@ -15,7 +15,8 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from .. import endpoint as endpoints
 from .. import errors
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ipcfw.cli")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     args, bench_args = _split_bench_args(parser, argv)
@@ -103,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _split_bench_args(
     parser: argparse.ArgumentParser, argv: list[str]
-) -> tuple[argparse.Namespace, Optional[list[str]]]:
+) -> tuple[argparse.Namespace, list[str] | None]:
     """`ipcfw bench` hands every argument after `bench` to the benchmark's own parser."""
     at = 0
     while at < len(argv) and argv[at].startswith("-"):  # global options come first

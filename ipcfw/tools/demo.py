@@ -28,7 +28,6 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Optional
 
 from ..client import RSession, TRequestStatus
 from ..endpoint import IPC_PATH_MAX
@@ -58,7 +57,7 @@ class _Terminated(BaseException):
     """SIGTERM arrived: stop like on Ctrl-C."""
 
 
-def repo_root() -> Optional[Path]:
+def repo_root() -> Path | None:
     """The source checkout holding ``ipcfw/``, ``servers/`` and ``clients/``; None if absent."""
     root = Path(__file__).resolve().parents[2]
     if (root / "servers" / "echo.py").is_file() and (root / "clients" / "__init__.py").is_file():

@@ -405,7 +405,7 @@ class _HolderSession(CSession):
 
 
 class _Counted:
-    def __init__(self, server: "_HolderServer") -> None:
+    def __init__(self, server: _HolderServer) -> None:
         self.server = server
         server.opened += 1
 
