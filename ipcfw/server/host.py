@@ -88,7 +88,10 @@ class ServerHost:
         self._wakeup = WakePipe()
         self._stopping = False
         self._loop_thread: int | None = None
-        self._deregistered = threading.Event()  # set when a registration ends
+        # The current (or last) registration's state and the event set when it ends, read and
+        # written together: a Deregister racing a reconnect must wait on its own registration.
+        self._registration: tuple[ServerState, threading.Event] | None = None
+        self._deregister_asked = False  # by Deregister(): a kernel dying meanwhile ends the host
         self.kernel_died = False
         self.dropped = False  # the kernel stopped serving this registration (Dropped)
         self.reconnect = reconnect
@@ -116,17 +119,18 @@ class ServerHost:
         it raises ``RuntimeError`` instead of deadlocking. Raises ``TimeoutError`` if
         `timeout` seconds pass first.
         """
-        state = self.state
+        registration = self._registration
         if self.on_loop_thread():
-            where = ("TerminateIndication" if state is not None and state.in_indication
-                     else "the server's loop thread")
+            where = ("TerminateIndication" if registration is not None
+                     and registration[0].in_indication else "the server's loop thread")
             raise RuntimeError(
                 f"Deregister() called from {where}: it waits for the loop to complete the "
                 "outstanding messages, so it must be called from another thread"
             )
-        if self._loop_thread is None or state is None:
+        if self._loop_thread is None or registration is None:
             raise RuntimeError("the server is not running")
-        ended = self._deregistered
+        state, ended = registration
+        self._deregister_asked = True  # (before the loop runs it: see run())
         self.call_soon(state.deregister)
         if not ended.wait(timeout):
             raise TimeoutError(f"outstanding messages still pending after {timeout} s")
@@ -144,7 +148,7 @@ class ServerHost:
             while self.reconnect and (self.kernel_died or self.dropped) and not self._stopping:
                 why = "the kernel died" if self.kernel_died else "the kernel stopped serving it"
                 self._end_registration(why)
-                if self.state is not None and self.state.deregistering:
+                if self._deregister_asked or (self.state is not None and self.state.deregistering):
                     # it was ending anyway: no new registration
                     log.warning("server %r stops: %s while it deregistered", self.server.name, why)
                     return
@@ -162,7 +166,8 @@ class ServerHost:
         finally:
             self._loop_thread = None
             context.destroy(linger=1000)
-            self._deregistered.set()  # a waiter learns whether it completed
+            if self._registration is not None:
+                self._registration[1].set()  # a waiter learns whether it completed
             if self.state is not None and self.state.deregistered:
                 self._end_registration("the server deregistered")  # its sessions end here too
 
@@ -174,9 +179,9 @@ class ServerHost:
         kernel_pid, max_frame = self._register()
         outbox: collections.deque[bytes] = collections.deque()  # this registration's
         self._outbox = outbox
-        self._deregistered = threading.Event()
         self.state = ServerState(self.layers, lambda frame: self._emit(outbox, frame),
                                  max_frame=max_frame, routing_id=self._socket.routing_id)
+        self._registration = (self.state, threading.Event())
         self._loop_thread = threading.get_ident()
         log.info("server %r registered with kernel %d", self.server.name, kernel_pid)
         if ready is not None:
@@ -298,7 +303,8 @@ class ServerHost:
 
     def _registration_over(self, state: ServerState, outcome: Outcome) -> None:
         if outcome is Outcome.DEREGISTERED:
-            self._deregistered.set()
+            if self._registration is not None:
+                self._registration[1].set()  # Deregister() returns
             self.stop()
             return
         self.dropped = True

@@ -34,6 +34,9 @@ log = logging.getLogger("ipcfw.server")
 
 __all__ = ["ClientInfo", "ServerPanic", "RMessage", "Completer", "MessageKind"]
 
+# The functions at the end of this module are the framework's own side of a message (the
+# server's state and the overlays use them); they are not in __all__ and not for plugins.
+
 
 class ClientInfo(NamedTuple):
     """Who sent a message, as the kernel saw it from the transport (never self-reported)."""
@@ -121,12 +124,6 @@ class RMessage:
         self._end: dict[int, tuple[str]] = {}
         # Its session's table of requests in service, which it leaves when it is ended.
         self._held_in = held_in
-
-    @classmethod
-    def stand_in(cls, kind: str, client: ClientInfo | None) -> RMessage:
-        """A message the kernel never sent, whose completion goes nowhere (an overlay's
-        hand-off gives one to the next layer's ``NewSessionL`` as its connect message)."""
-        return cls(_DISCARD, 0, kind, -1 if kind == MessageKind.CONNECT else -2, (), None, client)
 
     # -- what was sent -----------------------------------------------------------------------
 
@@ -249,11 +246,13 @@ class RMessage:
             value = _completion_code(value)
         if not I32_MIN <= value <= I32_MAX:
             raise ValueError(f"completion value {value} does not fit in 32 bits")
+        if self._claim("Complete"):  # (False: cancelled by the client, who has its answer)
+            self._send_completion(value)
+
+    def _send_completion(self, value: int) -> None:
         writes: tuple[tuple[int, bytes], ...] = ()
         if self._content:
             writes = tuple((i, bytes(b)) for i, b in sorted(self._content.items()))
-        if not self._claim("Complete"):
-            return  # cancelled by the client: the kernel completed it already
         frame = encode(Complete(self._msg_id, value, writes))
         if len(frame) > self._completer.max_frame:
             log.error("completion of %r is %d bytes, over the kernel's limit; completing with "
@@ -282,40 +281,26 @@ class RMessage:
         """True if the client cancelled this message (it was completed for the client)."""
         return self._end.get(0, ("",))[0] == _CANCEL
 
-    # -- the server's state's side (not for plugins) ------------------------------------------
-
-    def complete_connect(self, reply: bytes) -> None:
-        """Accept the connect this message is: the kernel gets the negotiation `reply`."""
-        if self._claim("Complete"):
-            frame = encode(Negotiated(self._msg_id, errors.KErrNone, reply))
-            self._completer.completed(self, frame)
-
-    def client_cancelled(self) -> bool:
-        """The kernel says the client cancelled this message. True if it was still pending here
-        (it is ended now: a later ``Complete()`` is silently dropped), False if it had been
-        completed already (the kernel dropped that completion, or will)."""
-        token = (_CANCEL,)
-        if self._end.setdefault(0, token) is not token:
-            return False
-        self._out_of_service()
-        return True
-
-    def set_session(self, session: Any) -> None:
-        """Make `session` the one `Session()` returns (the layer an overlaid session's request
-        goes to)."""
-        self._session = session
-
     def _claim(self, by: str) -> bool:
         """End the message `by` Complete or Panic; False if the client cancelled it (send
         nothing). Raises the server panic Symbian gives for a message already completed."""
+        winner = self._end_by(by)
+        if winner is None:
+            return True
+        if winner == _CANCEL:
+            return False
+        raise self._already_completed(by, winner)
+
+    def _end_by(self, by: str) -> str | None:
+        """End the message `by` Complete, Panic or Cancel, if nothing has ended it: None then,
+        else who had. Exactly one caller wins, from any thread: ``dict.setdefault`` with an int
+        key is atomic (the state is pure, so it has no lock to take)."""
         token = (by,)  # a new tuple per call: `is` tells this caller from any other
         winner = self._end.setdefault(0, token)
         if winner is not token:
-            if winner[0] == _CANCEL:
-                return False
-            raise self._already_completed(by, winner[0])
+            return winner[0]
         self._out_of_service()
-        return True
+        return None
 
     def _already_completed(self, by: str, ended_by: str) -> ServerPanic:
         # Symbian nulls a message's handle when it completes: Complete() on a null handle is
@@ -345,3 +330,40 @@ def _completion_code(value: object) -> int:
     if isinstance(value, int):
         return int(value)
     raise TypeError(f"completion value must be an int, not {type(value).__name__}")
+
+
+# -- the framework's side of a message (not for plugins) ------------------------------------------
+
+
+def stand_in_message(kind: str, client: ClientInfo | None) -> RMessage:
+    """A message the kernel never sent, whose completion goes nowhere (an overlay's hand-off
+    gives one to the next layer's ``NewSessionL`` as its connect message)."""
+    return RMessage(_DISCARD, 0, kind, -1 if kind == MessageKind.CONNECT else -2, (), None, client)
+
+
+def accept_connect(message: RMessage, reply: bytes) -> None:
+    """Accept the connect `message` is: the kernel gets the negotiation `reply`."""
+    if message._claim("Complete"):
+        frame = encode(Negotiated(message._msg_id, errors.KErrNone, reply))
+        message._completer.completed(message, frame)
+
+
+def cancel_by_client(message: RMessage) -> bool:
+    """The kernel says the client cancelled `message`. True if it was still pending here (it is
+    ended now: a later ``Complete()`` is silently dropped), False if it had been completed
+    already (the kernel dropped that completion, or will)."""
+    return message._end_by(_CANCEL) is None
+
+
+def complete_unless_ended(message: RMessage, value: int) -> None:
+    """Complete `message` with `value` unless it has been ended already: the framework's own
+    fallback (a ``ServiceL`` or ``Disconnect`` that raised), which must neither panic nor send
+    twice when another thread completed the message meanwhile."""
+    if message._end_by("Complete") is None:
+        message._send_completion(value)
+
+
+def route_to(message: RMessage, session: Any) -> None:
+    """Make `session` the one ``message.Session()`` returns (the layer an overlaid session's
+    request goes to)."""
+    message._session = session

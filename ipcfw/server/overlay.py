@@ -33,12 +33,14 @@ from collections.abc import Callable
 
 from .. import errors
 from ..version import TVersion
-from .message import ClientInfo, MessageKind, RMessage
+from .message import ClientInfo, MessageKind, RMessage, route_to, stand_in_message
 from .plugin import CServer, CSession, close_subsessions, code_of, service_failed, start_session
 
 log = logging.getLogger("ipcfw.server")
 
-__all__ = ["COverlay", "COverlaySession", "layers_of", "Layers", "LayeredSession", "LoopAccess"]
+# What plugin authors use. `Layers`, `LayeredSession` and `LoopAccess` are the host's and the
+# server state's side of the layering, not part of the plugin API.
+__all__ = ["COverlay", "COverlaySession", "layers_of"]
 
 
 class COverlay:
@@ -211,7 +213,7 @@ class LayeredSession(CSession):
         self._handoff_pending = False
         if self.current is not None:
             close_subsessions(self.current)  # the overlay's own subsessions end with its part
-        connect = RMessage.stand_in(MessageKind.CONNECT, self._client)
+        connect = stand_in_message(MessageKind.CONNECT, self._client)
         try:
             self._enter(
                 *self.layers.open_layer(self.index + 1, self._version, connect, self.handle)
@@ -230,7 +232,7 @@ class LayeredSession(CSession):
                 self.failed if self.failed is not None else errors.KErrBadHandle,
                 "the overlaid server refused this session",
             )
-        message.set_session(current)
+        route_to(message, current)
         self._servicing = True
         try:
             current.ServiceL(message)

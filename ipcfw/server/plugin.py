@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 from .. import errors
 from ..protocol import EUnsharableSessions, TerminationReason, TServerType
 from ..version import QueryVersionSupported, TVersion, to_version
-from .message import ClientInfo, RMessage
+from .message import ClientInfo, RMessage, complete_unless_ended
 from .objectix import CObjectIx
 
 log = logging.getLogger("ipcfw.server")
@@ -131,9 +131,9 @@ class CSession:
         raise errors.IpcError(errors.KErrNotSupported, f"function {message.Function()}")
 
     def ServiceError(self, message: RMessage, error: errors.IpcError) -> None:
-        """Called when ServiceL raised; the default completes the message with the error's code."""
-        if not message.IsNull():
-            message.Complete(error.code)
+        """Called when ServiceL raised; the default completes the message with the error's code
+        (unless it was completed already: by another thread, for example)."""
+        complete_unless_ended(message, error.code)
 
     def Cancelled(self, message: RMessage) -> None:
         """The client cancelled `message`, which this session still holds. The default does
@@ -249,8 +249,7 @@ def service_failed(session: CSession, message: RMessage, exc: Exception) -> None
         session.ServiceError(message, error)
     except Exception:
         log.exception("ServiceError raised")
-    if not message.IsNull():
-        message.Complete(error.code)
+    complete_unless_ended(message, error.code)
 
 
 def close_subsessions(session: CSession) -> None:

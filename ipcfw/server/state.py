@@ -39,7 +39,9 @@ Rules this module keeps:
 
 Threads: every method runs on the host's loop thread, except `completed`, which an `RMessage`
 calls from whichever thread completed it; it only reads `ended` and calls `emit`, which the
-host makes safe from any thread.
+host makes safe from any thread. A message ended on another thread also takes itself out of its
+session's table of messages in service (one ``dict.pop``, atomic), so that a later Cancel
+finds nothing.
 """
 
 from __future__ import annotations
@@ -68,7 +70,15 @@ from ..protocol import (
     encode,
 )
 from ..version import TVersion
-from .message import ClientInfo, MessageKind, RMessage, ServerPanic
+from .message import (
+    ClientInfo,
+    MessageKind,
+    RMessage,
+    ServerPanic,
+    accept_connect,
+    cancel_by_client,
+    complete_unless_ended,
+)
 from .plugin import CServer, CSession, close_subsessions, code_of, service_failed
 
 log = logging.getLogger("ipcfw.server")
@@ -257,8 +267,7 @@ class ServerState:
         except Exception as exc:  # bad arguments, or a layer's ErrorString raising
             log.info("ErrorString request failed: %s", exc,
                      exc_info=not isinstance(exc, errors.IpcError))
-            if not message.IsNull():
-                message.Complete(code_of(exc))
+            complete_unless_ended(message, code_of(exc))
 
     def _on_new_session(self, request: NewSession) -> None:
         client = self.clients.get(request.client)
@@ -276,15 +285,14 @@ class ServerState:
         except Exception as exc:
             log.info("connect to %r refused: %s", self.stack.server.name, exc,
                      exc_info=not isinstance(exc, errors.IpcError))
-            if not message.IsNull():
-                message.Complete(code_of(exc))
+            complete_unless_ended(message, code_of(exc))
             self._refused[request.handle] = None  # its first request, if any, comes next
             if len(self._refused) > _REFUSED_KEPT:
                 self._refused.popitem(last=False)
             return
         self.sessions[request.handle] = session
         self._in_service[request.handle] = {}
-        message.complete_connect(reply)
+        accept_connect(message, reply)
 
     def _on_disconnect(self, request: Disconnect) -> None:
         session = self.sessions.pop(request.handle, None)
@@ -298,15 +306,14 @@ class ServerState:
             session.Disconnect(message)
         except Exception:
             log.exception("Disconnect raised; completing the disconnect anyway")
-            if not message.IsNull():
-                message.Complete(errors.KErrNone)
+            complete_unless_ended(message, errors.KErrNone)
         finally:
             # The session's subsessions end with it, whatever an overriding Disconnect did.
             close_subsessions(session)
 
     def _on_cancelled(self, request: Cancelled) -> None:
         message = self._in_service.get(request.handle, {}).get(request.msg_id)
-        if message is None or not message.client_cancelled():
+        if message is None or not cancel_by_client(message):
             return  # completed already: the kernel dropped our completion, or will
         try:
             message.Session().Cancelled(message)

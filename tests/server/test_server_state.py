@@ -45,6 +45,7 @@ from ipcfw.server import (
     RMessage,
     ServerPanic,
 )
+from ipcfw.server.message import cancel_by_client, complete_unless_ended
 from ipcfw.server.overlay import Layers
 from ipcfw.server.state import DEREGISTER_REQ, Outcome, ServerState
 from ipcfw.version import TVersion
@@ -308,6 +309,24 @@ def test_a_service_error_override_answers_instead(server):
     assert harness.take() == [Complete(msg_id, 1000 - errors.KErrNotFound, ())]
 
 
+def test_the_frameworks_fallback_completion_never_panics_nor_sends_twice(harness, server):
+    """`complete_unless_ended` is how the framework completes a message for a plugin that did
+    not (ServiceL or Disconnect raised): if another thread ended the message first, it must
+    neither raise USER 70 out of the loop nor send a second answer."""
+    harness.connect()
+    done_id, _, pending_id = (harness.deliver(1) for _ in range(3))
+    done, cancelled, pending = server.held
+    done.Complete(5)  # a worker thread won the race
+    assert cancel_by_client(cancelled)
+    complete_unless_ended(done, errors.KErrGeneral)
+    complete_unless_ended(cancelled, errors.KErrGeneral)
+    complete_unless_ended(pending, errors.KErrGeneral)
+    assert harness.take() == [Complete(done_id, 5, ()),
+                              Complete(pending_id, errors.KErrGeneral, ())]
+    with pytest.raises(ServerPanic, match="USER 70"):
+        pending.Complete(0)  # the plugin's own second Complete still panics
+
+
 def test_error_string_asks_the_overlays_first_then_the_server(server):
     class Owner(COverlay):
         error_strings = {-9001: "overlay's", -9002: "overlay only"}
@@ -377,7 +396,7 @@ def test_complete_and_cancel_racing_on_threads_end_each_message_once(harness, se
 
     def cancel_all() -> None:
         start.wait()
-        wins.extend(message.client_cancelled() for message in messages)
+        wins.extend(cancel_by_client(message) for message in messages)
 
     threads = [threading.Thread(target=complete_all), threading.Thread(target=cancel_all)]
     for thread in threads:
