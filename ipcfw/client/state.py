@@ -172,9 +172,13 @@ class Hold(Generic[V]):
             self.busy = None
 
     def attach(self, via: V, handle: int) -> None:
-        """Hold `handle` now (the connect or create succeeded), through `via`."""
+        """Hold `handle` now (the connect or create succeeded), through `via`.
+
+        `via` is written before `handle`, and `usable` reads them in the other order: a
+        reader that sees the new handle sees its `via` too."""
         with self.lock:
-            self.via, self.handle = via, handle
+            self.via = via
+            self.handle = handle
 
     def detach(self) -> tuple[V | None, int]:
         """Let go of the handle; return what it was held through and the handle (0: none)."""
@@ -184,12 +188,20 @@ class Hold(Generic[V]):
         return via, handle
 
     def usable(self) -> tuple[V, int]:
-        """What to send a request through, and the handle; ClientPanic KERN-EXEC 0 if none."""
-        via, handle = self.via, self.handle
+        """What to send a request through, and the handle; ClientPanic KERN-EXEC 0 if none.
+
+        Reads without the lock (every call's path), once each, in the order `attach` makes
+        safe, and decides from what it read."""
+        handle = self.handle
+        via = self.via
         if not handle or via is None:
-            w = self.words
-            raise errors.ClientPanic("KERN-EXEC", 0, f"the {w.thing} is not {w.held}")
+            raise self._not_held()
         return via, handle
+
+    def _not_held(self) -> errors.ClientPanic:
+        """The panic of a call on a holder that holds nothing (KERN-EXEC 0)."""
+        w = self.words
+        return errors.ClientPanic("KERN-EXEC", 0, f"the {w.thing} is not {w.held}")
 
 
 class SessionLife(Hold[V]):
@@ -207,18 +219,28 @@ class SessionLife(Hold[V]):
         self.sync_calls: dict[int, Any] = {}
 
     def attach(self, via: V, handle: int) -> None:
-        """As `Hold.attach`, alive: a new session, whatever became of the last one."""
+        """As `Hold.attach`, alive: a new session, whatever became of the last one. The last
+        one's death is cleared first, so that no reader sees the new handle with it."""
         with self.lock:
-            self.via, self.handle, self.dead = via, handle, None
+            self.dead = None
+            self.via = via
+            self.handle = handle
 
     def usable(self) -> tuple[V, int]:
-        """As `Hold.usable`; raise the error the session died with, if it died."""
-        via, handle, dead = self.via, self.handle, self.dead
-        if handle and via is not None and dead is None:
-            return via, handle  # (every call's path: no call to super() on it)
-        super().usable()  # raises if not connected
-        assert dead is not None
-        raise dead
+        """As `Hold.usable`; raise the error the session died with, if it died.
+
+        One read of each field, handle first and death last (the reverse of `attach`), and
+        the decision from those reads alone: with a connect, Open or Close finishing on
+        another thread meanwhile, the call goes ahead, raises KERN-EXEC 0, or raises the
+        death of the handle it read (never a previous session's death on a new handle)."""
+        handle = self.handle
+        via = self.via
+        dead = self.dead
+        if not handle or via is None:
+            raise self._not_held()
+        if dead is not None:
+            raise dead
+        return via, handle
 
     def lose(self, error: BaseException) -> Abort | None:
         """The session died under this holder: the first loss counts (rule 3). Returns the

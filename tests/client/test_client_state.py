@@ -7,8 +7,11 @@ and replies go in, statuses, holders and what a Close must do are checked.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+from types import CodeType, FrameType
 from typing import Any
+from collections.abc import Callable
 
 import pytest
 
@@ -57,6 +60,54 @@ def complete(state: ClientState[Any], req_id: int, value: int, writes: tuple = (
         return False
     pending.complete(value, writes, error)
     return True
+
+
+def interrupted(call: Callable[[], Any], code: CodeType, at: int,
+                intruder: Callable[[], None]) -> tuple[bool, Any]:
+    """Run `call()`, and run `intruder()` once, between two bytecodes of `code` (the `at`-th
+    and the next): another thread's work landing there. Returns whether the intruder ran,
+    and what `call` returned or raised."""
+    steps = 0
+
+    def step(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal steps
+        if event == "opcode":
+            if steps == at:
+                intruder()  # (runs untraced: tracing is off inside a trace function)
+            steps += 1
+        return step
+
+    def enter(frame: FrameType, event: str, arg: object) -> Any:
+        if frame.f_code is not code:
+            return None
+        frame.f_trace_opcodes = True
+        return step
+
+    previous = sys.gettrace()
+    sys.settrace(enter)
+    try:
+        outcome: Any = call()
+    except BaseException as exc:
+        outcome = exc
+    finally:
+        sys.settrace(previous)
+    return steps > at, outcome
+
+
+def every_interleaving(
+    setup: Callable[[], Any], call: Callable[[Any], Any], code: CodeType,
+    intruder: Callable[[Any], None],
+) -> list[Any]:
+    """The outcomes of `call(setup())` with `intruder` landing at each point of `code` in
+    turn (each on a new setup), until it runs out of points."""
+    outcomes = []
+    for at in range(10_000):
+        world = setup()
+        ran, outcome = interrupted(lambda: call(world), code, at, lambda: intruder(world))
+        if not ran:
+            return outcomes
+        outcomes.append(outcome)
+    raise AssertionError("no end to the points")
 
 
 # -- completion, exactly once -------------------------------------------------------------------
@@ -393,6 +444,51 @@ def test_a_session_reconnected_after_its_death_is_alive() -> None:
         life.usable()
     life.attach("runtime", OTHER)
     assert life.usable() == ("runtime", OTHER) and life.dead is None and holder is not None
+
+
+def previously_dead_life() -> SessionLife[Any]:
+    """A holder whose last session died, then was closed: not connected."""
+    life = life_on(H, Holder())
+    life.lose(IpcError(ipcfw.KErrServerTerminated))
+    life.detach()
+    return life
+
+
+def fresh_life() -> SessionLife[Any]:
+    """A holder never connected."""
+    return SessionLife(Holder(), threading.Lock())
+
+
+def allowed_outcome(outcome: object) -> bool:
+    """Before the connect: KERN-EXEC 0. After it: the new session, alive."""
+    if isinstance(outcome, ClientPanic):
+        return (outcome.category, outcome.reason) == ("KERN-EXEC", 0)
+    return outcome == ("new runtime", OTHER)
+
+
+@pytest.mark.parametrize("setup", [fresh_life, previously_dead_life])
+def test_a_call_racing_a_connect_sees_the_state_before_or_after_it(
+    setup: Callable[[], SessionLife[Any]]
+) -> None:
+    """A connect (or Open) finishing on another thread at any point of a call's check, or
+    the call's check at any point of the connect: never an AssertionError or TypeError,
+    never the previous session's death on the new handle."""
+    def connect(life: SessionLife[Any]) -> None:
+        life.attach("new runtime", OTHER)
+
+    def call(life: SessionLife[Any]) -> object:
+        try:
+            return life.usable()
+        except BaseException as exc:
+            return exc
+
+    during_call = every_interleaving(setup, call, SessionLife.usable.__code__, connect)
+    during_connect: list[object] = []  # what calls made at each point of the connect saw
+    every_interleaving(setup, connect, SessionLife.attach.__code__,
+                       lambda life: during_connect.append(call(life)))
+    assert during_call and during_connect
+    bad = [o for o in during_call + during_connect if not allowed_outcome(o)]
+    assert bad == []
 
 
 def test_an_rsession_tells_why_it_died() -> None:
