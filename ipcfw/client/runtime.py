@@ -420,7 +420,8 @@ class Runtime:
         self.kernel_dead = False
         self._gone_reason: tuple[int, str] | None = None
         self._closed = False
-        self.state: ClientState[Channel] = ClientState()  # pending requests, session holders
+        # pending requests, session holders
+        self.state: ClientState[Channel] = ClientState(threading.Lock())
         self.channels: set[Channel] = set()
         self.completions = threading.Condition()  # for waiters who cannot settle themselves
         self.blocked_waiters = 0

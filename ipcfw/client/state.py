@@ -30,11 +30,13 @@ Rules this module keeps:
    creating one that holds one already is ClientPanic KERN-EXEC 57; while another thread is
    connecting or creating it, KERN-EXEC 9.
 
-Threads: the table's exactly-once rests on `dict.pop`, which is atomic (one caller gets the
-entry), so completions need no lock. A hold is changed by its users' threads and by whichever
-thread learns of a death, and "dead once, abort callback once" needs a lock: its owner gives
-`Hold` one (this module imports no threading, so it creates none) and `Hold` takes it around
-each change, never around a callback.
+Threads: the pending table's exactly-once rests on `dict.pop`, which is atomic (one caller
+gets the entry), so completions need no lock. The holders table (`ClientState.sessions`) does
+need one: a connect or Open adds to it and a Close removes from it on the API's threads while
+the I/O thread walks it for a lost session. A hold is changed by its users' threads and by
+whichever thread learns of a death, and "dead once, abort callback once" needs a lock too.
+This module imports no threading, so it creates no lock: the owner gives `ClientState` and
+each `Hold` one, which they take around each change, never around a callback.
 """
 
 from __future__ import annotations
@@ -290,12 +292,13 @@ class Closing(NamedTuple):
 
 class ClientState(Generic[C]):
     """One runtime's tables: the pending async requests (rule 1) and the holders of each
-    session handle (rule 3)."""
+    session handle (rule 3). `lock` guards the holders table (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lock: Lock) -> None:
         self.pending: dict[int, Pending[C]] = {}
         # handle -> the holds of this process's RSession objects on it (several after Open).
         self.sessions: dict[int, weakref.WeakSet[SessionLife[Any]]] = {}
+        self.lock = lock
 
     # -- pending requests (rules 1 and 2) -----------------------------------------------------
 
@@ -319,27 +322,32 @@ class ClientState(Generic[C]):
 
     def register(self, life: SessionLife[Any]) -> None:
         """`life` holds its handle now (a connect or an Open succeeded)."""
-        self.sessions.setdefault(life.handle, weakref.WeakSet()).add(life)
+        with self.lock:
+            self.sessions.setdefault(life.handle, weakref.WeakSet()).add(life)
 
     def session_lost(self, handle: int, error: BaseException) -> list[Abort]:
         """Every holder of `handle` is dead; returns the abort callbacks to run."""
-        aborts = (life.lose(error) for life in list(self.sessions.get(handle, ())))
+        with self.lock:
+            holders = list(self.sessions.get(handle, ()))
+        aborts = (life.lose(error) for life in holders)
         return [abort for abort in aborts if abort is not None]
 
     def every_session_lost(self, error: Callable[[], BaseException]) -> list[Abort]:
         """The kernel has gone: every session is lost, each with a new `error()`."""
-        return [abort for handle in list(self.sessions)
-                for abort in self.session_lost(handle, error())]
+        with self.lock:
+            handles = list(self.sessions)
+        return [abort for handle in handles for abort in self.session_lost(handle, error())]
 
     def close(self, life: SessionLife[Any], handle: int, *, ended: bool) -> Closing:
         """`life` let go of `handle` (its Close; see `Hold.detach`): forget it, and say what
         to do (rule 4). `ended`: the kernel has ended the session already, for a reason this
         state cannot see (the kernel is gone, or the unshared session's thread ended)."""
-        holders = self.sessions.get(handle)
-        if holders is not None:
-            holders.discard(life)
-            if not holders:
-                del self.sessions[handle]
+        with self.lock:
+            holders = self.sessions.get(handle)
+            if holders is not None:
+                holders.discard(life)
+                if not holders:
+                    del self.sessions[handle]
         answers = [(channel, Completed(req_id, errors.KErrSessionClosed, ()))
                    for req_id, channel in list(life.sync_calls.items())]
         # Disconnected: the kernel stopped serving the session's creating channel, and ended

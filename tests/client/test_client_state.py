@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import weakref
 from types import CodeType, FrameType
 from typing import Any
 from collections.abc import Callable
@@ -63,15 +64,15 @@ def complete(state: ClientState[Any], req_id: int, value: int, writes: tuple = (
 
 
 def interrupted(call: Callable[[], Any], code: CodeType, at: int,
-                intruder: Callable[[], None]) -> tuple[bool, Any]:
-    """Run `call()`, and run `intruder()` once, between two bytecodes of `code` (the `at`-th
-    and the next): another thread's work landing there. Returns whether the intruder ran,
-    and what `call` returned or raised."""
+                intruder: Callable[[], None], unit: str = "opcode") -> tuple[bool, Any]:
+    """Run `call()`, and run `intruder()` once, between two bytecodes (`unit` "line": two
+    lines) of `code`, the `at`-th and the next: another thread's work landing there. Returns
+    whether the intruder ran, and what `call` returned or raised."""
     steps = 0
 
     def step(frame: FrameType, event: str, arg: object) -> Any:
         nonlocal steps
-        if event == "opcode":
+        if event == unit:
             if steps == at:
                 intruder()  # (runs untraced: tracing is off inside a trace function)
             steps += 1
@@ -96,14 +97,16 @@ def interrupted(call: Callable[[], Any], code: CodeType, at: int,
 
 def every_interleaving(
     setup: Callable[[], Any], call: Callable[[Any], Any], code: CodeType,
-    intruder: Callable[[Any], None],
+    intruder: Callable[[Any], None], unit: str = "opcode",
 ) -> list[Any]:
     """The outcomes of `call(setup())` with `intruder` landing at each point of `code` in
     turn (each on a new setup), until it runs out of points."""
     outcomes = []
     for at in range(10_000):
         world = setup()
-        ran, outcome = interrupted(lambda: call(world), code, at, lambda: intruder(world))
+        ran, outcome = interrupted(
+            lambda: call(world), code, at, lambda: intruder(world), unit
+        )
         if not ran:
             return outcomes
         outcomes.append(outcome)
@@ -114,7 +117,7 @@ def every_interleaving(
 
 
 def test_a_request_completes_once_and_a_late_completion_is_dropped() -> None:
-    state: ClientState[str] = ClientState()
+    state: ClientState[str] = ClientState(threading.Lock())
     status = FakeStatus()
     state.add(1, Pending(status, "session", {}, "channel"))
     assert complete(state, 1, 5)
@@ -126,7 +129,7 @@ def test_a_request_completes_once_and_a_late_completion_is_dropped() -> None:
 
 def test_racing_completers_complete_each_request_exactly_once() -> None:
     """Settling threads, a Close and a dead kernel may all try to complete one request."""
-    state: ClientState[str] = ClientState()
+    state: ClientState[str] = ClientState(threading.Lock())
     statuses = [FakeStatus() for _ in range(2000)]
     for req_id, status in enumerate(statuses):
         state.add(req_id, Pending(status, "session", {}, "channel"))
@@ -146,7 +149,7 @@ def test_racing_completers_complete_each_request_exactly_once() -> None:
 
 
 def test_a_real_status_completes_with_its_value_or_its_error() -> None:
-    state: ClientState[str] = ClientState()
+    state: ClientState[str] = ClientState(threading.Lock())
     done, failed = TRequestStatus(), TRequestStatus()
     fired: list[int] = []
     done.add_done_callback(lambda s: fired.append(s.Int()))
@@ -162,7 +165,7 @@ def test_a_real_status_completes_with_its_value_or_its_error() -> None:
 
 
 def test_requests_are_found_by_channel_and_by_session() -> None:
-    state: ClientState[str] = ClientState()
+    state: ClientState[str] = ClientState(threading.Lock())
     state.add(1, Pending(FakeStatus(), "s1", {}, "c1"))
     state.add(2, Pending(FakeStatus(), "s2", {}, "c1"))
     state.add(3, Pending(FakeStatus(), "s1", {}, "c2"))
@@ -182,7 +185,7 @@ def test_write_back_gives_each_buffer_exactly_what_was_written() -> None:
 
 
 def test_an_async_request_writes_back_once_and_only_when_it_completes() -> None:
-    state: ClientState[str] = ClientState()
+    state: ClientState[str] = ClientState(threading.Lock())
     buffer = bytearray(8)
     state.add(1, Pending(FakeStatus(), "session", {0: buffer}, "channel"))
     assert buffer == bytearray(8)  # pending: untouched
@@ -194,7 +197,7 @@ def test_an_async_request_writes_back_once_and_only_when_it_completes() -> None:
 
 
 def test_a_request_ended_without_the_servers_answer_leaves_its_buffer_alone() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     holder = Holder()
     life = life_on(H, holder)
     state.register(life)
@@ -241,7 +244,7 @@ def test_a_sync_reply_that_panics_writes_nothing_and_may_kill_the_session() -> N
 
 
 def test_a_lost_session_kills_every_holder_and_runs_each_abort_callback_once() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     first, second, bystander = Holder(), Holder(), Holder()
     lives = [life_on(H, first), life_on(H, second), life_on(OTHER, bystander)]
     calls: list[tuple[object, int]] = []
@@ -262,7 +265,7 @@ def test_a_lost_session_kills_every_holder_and_runs_each_abort_callback_once() -
 
 
 def test_a_panic_kills_every_holder_and_runs_no_abort_callback() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     life = life_on(H, holder := Holder())
     state.register(life)
     life.set_abort_callback(lambda s, e: pytest.fail("called for a panic"))
@@ -282,7 +285,7 @@ def test_an_abort_callback_set_after_the_loss_runs_at_once_and_none_removes_it()
 
 
 def test_when_the_kernel_goes_every_session_is_lost_each_with_its_own_error() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     holders = [Holder(), Holder()]
     lives = [life_on(H, holders[0]), life_on(OTHER, holders[1])]
     for life in lives:
@@ -303,18 +306,85 @@ def test_an_abort_callback_that_raises_is_logged(caplog: pytest.LogCaptureFixtur
 
 
 def test_a_holder_gone_from_memory_leaves_the_table() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     holder = Holder()
     state.register(life_on(H, holder))  # (only the holder keeps its life alive)
     assert state.session_lost(H, IpcError(ipcfw.KErrServerTerminated)) == []
     assert len(state.sessions[H]) == 0
 
 
+class Racing:
+    """A state with holders on H, and threads registering more meanwhile (as an Open)."""
+
+    def __init__(self, holders: int) -> None:
+        self.state: ClientState[Any] = ClientState(threading.Lock())
+        self.holders = [Holder() for _ in range(holders + 1)]
+        self.lives = [life_on(H, holder) for holder in self.holders]
+        for life in self.lives[:-1]:
+            self.state.register(life)
+        self.threads: list[threading.Thread] = []
+
+    def open_on_another_thread(self) -> None:
+        """Register the last life from another thread, and give it a moment: it cannot
+        finish while the interrupted call holds the state's lock."""
+        thread = threading.Thread(target=self.state.register, args=(self.lives[-1],))
+        thread.start()
+        thread.join(0.01)
+        self.threads.append(thread)
+
+    def settle(self) -> None:
+        for thread in self.threads:
+            thread.join(10)
+
+
+def test_a_session_lost_while_another_holder_opens_kills_every_holder() -> None:
+    """The I/O thread walks the holders of a lost session while an Open registers one more:
+    no "Set changed size during iteration", every holder it walked is dead."""
+    def lose(world: Racing) -> object:
+        try:
+            return world.state.session_lost(H, IpcError(ipcfw.KErrServerTerminated))
+        except BaseException as exc:
+            return exc
+        finally:
+            world.settle()
+
+    worlds: list[Racing] = []
+
+    def setup() -> Racing:
+        worlds.append(Racing(2))
+        return worlds[-1]
+
+    outcomes = every_interleaving(setup, lose, weakref.WeakSet.__iter__.__code__,
+                                  Racing.open_on_another_thread, unit="line")
+    assert outcomes and [o for o in outcomes if not isinstance(o, list)] == []
+    assert all(life.dead is not None for world in worlds for life in world.lives[:-1])
+
+
+def test_a_close_racing_an_open_on_the_same_handle_keeps_the_new_holder() -> None:
+    """A Close forgets the last holder of H while an Open registers a new one: the table
+    keeps the new holder."""
+    def close(world: Racing) -> None:
+        world.lives[0].detach()
+        world.state.close(world.lives[0], H, ended=False)
+        world.settle()
+
+    worlds: list[Racing] = []
+
+    def setup() -> Racing:
+        worlds.append(Racing(1))
+        return worlds[-1]
+
+    assert every_interleaving(setup, close, ClientState.close.__code__,
+                              Racing.open_on_another_thread, unit="line")
+    raced = worlds[:-1]  # (the last ran out of points: nothing registered there)
+    assert all(list(world.state.sessions.get(H, ())) == [world.lives[-1]] for world in raced)
+
+
 # -- Close ---------------------------------------------------------------------------------------
 
 
 def test_close_ends_that_sessions_requests_only_and_forgets_the_holder() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     mine, shared_too = Holder(), Holder()
     life, other = life_on(H, mine), life_on(H, shared_too)
     state.register(life)
@@ -331,7 +401,7 @@ def test_close_ends_that_sessions_requests_only_and_forgets_the_holder() -> None
 
 
 def test_close_answers_the_sync_calls_in_flight_with_kerrsessionclosed() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     life = life_on(H, holder := Holder())
     life.sync_calls[7] = "channel of thread A"
     life.sync_calls[9] = "channel of thread B"
@@ -355,7 +425,7 @@ def test_close_answers_the_sync_calls_in_flight_with_kerrsessionclosed() -> None
 def test_close_tells_the_kernel_unless_it_ended_the_session(
     ended: bool, dead: BaseException | None, tell: bool
 ) -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     life = life_on(H, holder := Holder())
     if dead is not None:
         life.lose(dead)
@@ -365,7 +435,7 @@ def test_close_tells_the_kernel_unless_it_ended_the_session(
 def test_a_sync_call_ended_by_close_from_another_thread() -> None:
     """Thread A waits in a sync call; the main thread closes the (shared) session: A's call
     raises SessionClosed, with no answer from any kernel."""
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     life = life_on(H, holder := Holder())
     state.register(life)
     replies: dict[int, Completed | None] = {}
