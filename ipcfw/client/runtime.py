@@ -500,6 +500,15 @@ class Runtime:
         for abort in self.state.session_lost(handle, error):
             abort.run()
 
+    def attach_session(self, life: SessionLife[Runtime]) -> None:
+        """An RSession holds `life.handle` now (its connect or Open succeeded): it learns of
+        the session's loss from now on. `close_session` undoes it."""
+        self.state.register(life)
+
+    def requests_pending(self, life: SessionLife[Runtime]) -> int:
+        """How many async requests of the RSession holding `life` are still pending."""
+        return len(self.state.requests_of(life))
+
     def close_session(self, life: SessionLife[Runtime], handle: int, owner_gone: bool) -> None:
         """An RSession let go of `handle` (its Close): its requests still pending and its sync
         calls in flight on other threads complete with KErrSessionClosed; the kernel is told,

@@ -330,7 +330,7 @@ class RSession:
         self._life.attach(runtime, handle)
         self._owner = threading.current_thread()
         self._sharing = sharing
-        runtime.state.register(self._life)
+        runtime.attach_session(self._life)
 
     def Handle(self) -> int:
         """The kernel's handle for this session; 0 when not connected."""
@@ -440,7 +440,7 @@ class RSession:
         if not handle:
             return "<RSession connecting>" if life.busy is not None else "<RSession not connected>"
         state = f" dead: {life.dead}" if life.dead else ""
-        pending = len(runtime.state.requests_of(life)) if runtime is not None else 0
+        pending = runtime.requests_pending(life) if runtime is not None else 0
         return f"<RSession 0x{handle:x} pending={pending}{state}>"
 
     def SetAbortCallback(
