@@ -57,7 +57,7 @@ from ..version import TVersion, to_version
 from .args import NO_ARGS, Args, TIpcArgs
 from .runtime import Runtime
 from .state import Pending, SessionLife
-from .status import TRequestStatus
+from .status import TRequestStatus, abandon_request, begin_request, complete_request
 
 log = logging.getLogger("ipcfw.client")
 
@@ -336,11 +336,6 @@ class RSession:
         """The kernel's handle for this session; 0 when not connected."""
         return self._life.handle
 
-    def death(self) -> BaseException | None:
-        """Why the session died under this ``RSession`` (its server died or panicked this
-        client, or the kernel went), or None while it lives. Every later call raises it."""
-        return self._life.dead
-
     @overload
     def SendReceive(
         self, function: int, args: Args = (), status: None = None, *,
@@ -384,11 +379,12 @@ class RSession:
                 life.sync_calls.pop(req_id, None)
         frame = encode(Request(req_id, handle, function, ipc_args.wire, _ASYNC))
         channel = runtime.channel()
-        status.begin(channel, req_id)
+        begin_request(status, channel, req_id)
+        pending = Pending(status, complete_request, life, ipc_args.buffers, channel)
         try:
-            channel.send_async(frame, req_id, Pending(status, life, ipc_args.buffers, channel))
+            channel.send_async(frame, req_id, pending)
         except BaseException:
-            status.abandon()
+            abandon_request(status)
             raise
         return None
 
@@ -467,6 +463,13 @@ class RSession:
         if not 0 <= function <= I32_MAX:
             raise ValueError(f"function must be in 0..2**31-1, got {function}")
         return self._life.usable()
+
+
+def death_of(session: RSession) -> BaseException | None:
+    """(ipcfw's own, for RSubSession) Why the session died under `session` (its server
+    died or panicked this client, or the kernel went), or None while it lives: the error
+    every later call on it raises."""
+    return session._life.dead
 
 
 def _check_connected(code: int, also: str = "") -> None:

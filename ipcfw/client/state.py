@@ -71,22 +71,23 @@ def write_back(buffers: Mapping[int, bytearray], writes: Iterable[tuple[int, byt
             buffer[:] = data
 
 
-class Completable(Protocol):
-    """What a pending request completes: a `TRequestStatus`."""
-
-    def complete(self, value: int, error: BaseException | None = None) -> None: ...
+CompleteStatus = Callable[[Any, int, "BaseException | None"], None]
+"""How a request's status is completed: ``complete_status(status, value, error)``
+(`ipcfw.client.status.complete_request` for a `TRequestStatus`; this module cannot import it)."""
 
 
 class Pending(Generic[C]):
-    """An asynchronous request not yet completed: its status, session and writable buffers,
-    and the channel its answer arrives on."""
+    """An asynchronous request not yet completed: its status and how to complete it, its
+    session and writable buffers, and the channel its answer arrives on."""
 
-    __slots__ = ("status", "session", "buffers", "channel")
+    __slots__ = ("status", "complete_status", "session", "buffers", "channel")
 
     def __init__(
-        self, status: Completable, session: object, buffers: Mapping[int, bytearray], channel: C
+        self, status: object, complete_status: CompleteStatus, session: object,
+        buffers: Mapping[int, bytearray], channel: C,
     ) -> None:
         self.status = status
+        self.complete_status = complete_status
         self.session = session
         self.buffers = buffers
         self.channel = channel
@@ -99,7 +100,7 @@ class Pending(Generic[C]):
         request taken from the table (`ClientState.take`): that is what makes it once."""
         if writes:
             write_back(self.buffers, writes)
-        self.status.complete(value, error)
+        self.complete_status(self.status, value, error)
 
 
 class Abort(NamedTuple):

@@ -28,6 +28,8 @@ from ipcfw.client.state import (
     SessionLife,
     write_back,
 )
+from ipcfw.client.session import death_of
+from ipcfw.client.status import complete_request
 from ipcfw.protocol import Completed, Panicked, Welcome
 
 H, OTHER = 0x2A, 0x2B  # session handles
@@ -39,8 +41,10 @@ class FakeStatus:
     def __init__(self) -> None:
         self.calls: list[tuple[int, BaseException | None]] = []
 
-    def complete(self, value: int, error: BaseException | None = None) -> None:
-        self.calls.append((value, error))
+
+def record(status: FakeStatus, value: int, error: BaseException | None) -> None:
+    """Complete a FakeStatus, as `complete_request` completes a TRequestStatus."""
+    status.calls.append((value, error))
 
 
 class Holder:
@@ -119,7 +123,7 @@ def every_interleaving(
 def test_a_request_completes_once_and_a_late_completion_is_dropped() -> None:
     state: ClientState[str] = ClientState(threading.Lock())
     status = FakeStatus()
-    state.add(1, Pending(status, "session", {}, "channel"))
+    state.add(1, Pending(status, record, "session", {}, "channel"))
     assert complete(state, 1, 5)
     assert not complete(state, 1, -3)  # a duplicate (the kernel's answer after a Close)
     assert not complete(state, 99, 0)  # a request this process never made
@@ -132,7 +136,7 @@ def test_racing_completers_complete_each_request_exactly_once() -> None:
     state: ClientState[str] = ClientState(threading.Lock())
     statuses = [FakeStatus() for _ in range(2000)]
     for req_id, status in enumerate(statuses):
-        state.add(req_id, Pending(status, "session", {}, "channel"))
+        state.add(req_id, Pending(status, record, "session", {}, "channel"))
     start = threading.Barrier(4)
 
     def complete_all(value: int) -> None:
@@ -153,8 +157,8 @@ def test_a_real_status_completes_with_its_value_or_its_error() -> None:
     done, failed = TRequestStatus(), TRequestStatus()
     fired: list[int] = []
     done.add_done_callback(lambda s: fired.append(s.Int()))
-    state.add(1, Pending(done, "session", {}, "channel"))
-    state.add(2, Pending(failed, "session", {}, "channel"))
+    state.add(1, Pending(done, complete_request, "session", {}, "channel"))
+    state.add(2, Pending(failed, complete_request, "session", {}, "channel"))
     complete(state, 1, 7)
     complete(state, 1, 8)
     complete(state, 2, ipcfw.KErrDied, (), ClientPanic("PROBE", 3))
@@ -164,11 +168,19 @@ def test_a_real_status_completes_with_its_value_or_its_error() -> None:
         failed.result(0)
 
 
+def test_a_status_offers_a_client_no_way_to_begin_or_complete_a_request() -> None:
+    """Only the runtime completes a request (exactly once): a client program sees no method
+    that would complete it again."""
+    status = TRequestStatus()
+    public = {name for name in dir(status) if not name.startswith("_")}
+    assert public == {"Cancel", "Int", "Wait", "add_done_callback", "done", "result"}
+
+
 def test_requests_are_found_by_channel_and_by_session() -> None:
     state: ClientState[str] = ClientState(threading.Lock())
-    state.add(1, Pending(FakeStatus(), "s1", {}, "c1"))
-    state.add(2, Pending(FakeStatus(), "s2", {}, "c1"))
-    state.add(3, Pending(FakeStatus(), "s1", {}, "c2"))
+    state.add(1, Pending(FakeStatus(), record, "s1", {}, "c1"))
+    state.add(2, Pending(FakeStatus(), record, "s2", {}, "c1"))
+    state.add(3, Pending(FakeStatus(), record, "s1", {}, "c2"))
     assert state.requests_on("c1") == [1, 2]
     assert state.requests_of("s1") == [1, 3]
     complete(state, 1, 0)
@@ -187,7 +199,7 @@ def test_write_back_gives_each_buffer_exactly_what_was_written() -> None:
 def test_an_async_request_writes_back_once_and_only_when_it_completes() -> None:
     state: ClientState[str] = ClientState(threading.Lock())
     buffer = bytearray(8)
-    state.add(1, Pending(FakeStatus(), "session", {0: buffer}, "channel"))
+    state.add(1, Pending(FakeStatus(), record, "session", {0: buffer}, "channel"))
     assert buffer == bytearray(8)  # pending: untouched
     complete(state, 1, 0, ((0, b"first"),))
     assert buffer == b"first"
@@ -202,7 +214,7 @@ def test_a_request_ended_without_the_servers_answer_leaves_its_buffer_alone() ->
     life = life_on(H, holder)
     state.register(life)
     buffer = bytearray(b"before")
-    state.add(1, Pending(FakeStatus(), life, {0: buffer}, "channel"))
+    state.add(1, Pending(FakeStatus(), record, life, {0: buffer}, "channel"))
     for req_id in state.close(life, H, ended=False).requests:
         complete(state, req_id, ipcfw.KErrSessionClosed)
     complete(state, 1, 0, ((0, b"late"),))  # the server's answer, after the Close
@@ -389,9 +401,9 @@ def test_close_ends_that_sessions_requests_only_and_forgets_the_holder() -> None
     life, other = life_on(H, mine), life_on(H, shared_too)
     state.register(life)
     state.register(other)
-    state.add(1, Pending(FakeStatus(), life, {}, "channel"))
-    state.add(2, Pending(FakeStatus(), other, {}, "channel"))
-    state.add(3, Pending(FakeStatus(), life, {}, "channel"))
+    state.add(1, Pending(FakeStatus(), record, life, {}, "channel"))
+    state.add(2, Pending(FakeStatus(), record, other, {}, "channel"))
+    state.add(3, Pending(FakeStatus(), record, life, {}, "channel"))
     assert life.detach() == ("runtime", H) and life.handle == 0
     closing = state.close(life, H, ended=False)
     assert closing.requests == [1, 3] and closing.tell_kernel
@@ -561,14 +573,15 @@ def test_a_call_racing_a_connect_sees_the_state_before_or_after_it(
     assert bad == []
 
 
-def test_an_rsession_tells_why_it_died() -> None:
+def test_an_rsession_tells_ipcfw_why_it_died() -> None:
     session = ipcfw.RSession()
-    assert session.death() is None and session.Handle() == 0
+    assert death_of(session) is None and session.Handle() == 0
+    assert not hasattr(session, "death")  # (not for a client program: its calls raise it)
     life = session._life  # (what a connect would attach; no kernel here)
     life.attach("runtime", H)
     error = IpcError(ipcfw.KErrServerTerminated)
     life.lose(error)
-    assert session.death() is error
+    assert death_of(session) is error
     with pytest.raises(ipcfw.ServerTerminated):
         session.SendReceive(1)
     life.detach()  # (no Close: there is no runtime to tell)
