@@ -21,8 +21,8 @@ Rules this module keeps:
 3. Several RSession objects of this process may hold one session handle (after `Open`); the
    table `ClientState.sessions` finds them all. When the session is lost (its server died or
    panicked the client, the kernel went), every holder is dead: each later call raises the
-   error it died with, and each holder's abort callback runs once (not for a panic: the call
-   that was panicked raises it).
+   error it died with, and each abort callback given to a holder runs once: at the loss, or
+   at once if given after it (not for a panic: the call that was panicked raises it).
 4. `Close` detaches the RSession (`ClientState.close` says what to do): its pending requests
    complete with KErrSessionClosed, its sync calls in flight on other threads are answered
    KErrSessionClosed, and the kernel is told unless it has ended the session itself.
