@@ -214,8 +214,7 @@ class Process:
                 raise StartError(f"{self.name} not ready within {timeout:.0f} s\n{self.log_tail()}")
             if also is not None and not also.alive():
                 raise also.exited("while " + self.name + " started")
-            readable, _, _ = select.select([fd], [], [], min(remaining, _POLL))
-            if readable:
+            if _readable(fd, min(remaining, _POLL)):
                 chunk = os.read(fd, len(READY_LINE))
                 if not chunk:
                     self._close_ready()
@@ -246,6 +245,14 @@ class Process:
             os.close(fd)
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether `fd` has data or its end of file within `timeout` seconds (poll, not select:
+    a long test process may hold descriptors beyond select's 1024)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 class Stack:
     """A kernel on a private endpoint and the servers hosted next to it, stopped for sure.
 
@@ -257,6 +264,10 @@ class Stack:
 
     Use it as a context manager (``with Stack() as stack:``), or call `start` and `stop`. Pass
     ``endpoint=stack.endpoint`` to ``RSession.connect``, or set ``IPCFW_KERNEL`` to it.
+
+    A stack not used as a context manager must be stopped (``try: ... finally:
+    stack.stop()``): nothing else stops it. Its processes run in sessions of their own, so
+    neither a Ctrl-C nor this process's exit ends them, and its directory stays.
     """
 
     def __init__(
@@ -361,15 +372,21 @@ class Stack:
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Close this process's client runtime for the endpoint (its sessions become
         unusable), stop every other process, then the kernel (each group: SIGTERM, at most
-        `timeout` seconds, SIGKILL); remove the workdir if the stack made it."""
+        `timeout` seconds, SIGKILL); remove the workdir if the stack made it.
+
+        If stopping the others is interrupted (a KeyboardInterrupt during the wait), those
+        still running are killed, and the kernel is stopped and the workdir removed all the
+        same."""
         self._close_client_runtime()
         others = [p for p in reversed(self.processes) if p not in self._kernels]
-        for group in (others, self._kernels):
-            stop_processes((p.popen for p in group), timeout)
-            for process in group:
-                process.stop(0)  # reaped already: closes its ready pipe
-        if self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            _stop_group(others, timeout)
+        finally:
+            try:
+                _stop_group(self._kernels, timeout)
+            finally:
+                if self._owns_workdir:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _close_client_runtime(self) -> None:
         """So that the kernel's exit is not reported (and logged) as a death."""
@@ -379,3 +396,13 @@ class Stack:
             Runtime.shutdown(self.endpoint)
         except Exception:  # best effort: the processes are what must go
             log.exception("closing the client runtime for %s", self.endpoint)
+
+
+def _stop_group(group: Sequence[Process], timeout: float) -> None:
+    """Stop `group` together (`stop_processes`), then close their ready pipes; if the wait
+    is interrupted, SIGKILL (and reap) those still running."""
+    try:
+        stop_processes((p.popen for p in group), timeout)
+    finally:
+        for process in group:
+            process.stop(0)  # reaped already, or (interrupted) killed now; closes its pipe

@@ -4,15 +4,20 @@ one percentile formula of the demo and the bench."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
+import subprocess
 import sys
 import time
+from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 
 import ipcfw
+from ipcfw import testing
 from conftest import PYTHONPATH, wait_until
-from ipcfw.testing import READY_LINE, ReadySignal, Stack, StartError
+from ipcfw.testing import READY_LINE, Process, ReadySignal, Stack, StartError
 from ipcfw.tools.bench.measure import percentile
 
 # -- pure ---------------------------------------------------------------------------------------
@@ -101,6 +106,61 @@ def test_a_process_that_is_never_ready_times_out_and_is_stopped_for_sure() -> No
         stack.stop(timeout=0.5)
         assert time.monotonic() - started < 5
     assert stubborn.returncode == -signal.SIGKILL
+
+
+@pytest.mark.process
+def test_readiness_is_seen_on_a_descriptor_beyond_select_s_limit(tmp_path: Path) -> None:
+    """A long test process may hold more than 1024 descriptors (zmq sockets): the ready
+    pipe's may be beyond what select() can watch."""
+    code = "import os, sys; os.write(int(sys.argv[-1]), b'READY\\n')"
+    child = Process([sys.executable, "-c", code], tmp_path / "child.log", ready=True)
+    high = 1500
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= high:
+        if hard != resource.RLIM_INFINITY and hard <= high:
+            pytest.skip(f"descriptors limited to {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (high + 1, hard))
+    try:
+        low = child._ready_fd
+        assert low is not None
+        os.dup2(low, high)  # (the pipe, as the 1501st descriptor would be)
+        os.close(low)
+        child._ready_fd = high
+        child.wait_ready(10)
+        assert child.ready
+    finally:
+        child.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.process
+def test_a_stack_interrupted_while_stopping_its_servers_still_stops_its_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Ctrl-C never reaches the children (they run in sessions of their own): a stop
+    interrupted while it waits for the servers must still stop everything."""
+    stack = Stack()
+    stack.start()
+    sleeper = stack.spawn([sys.executable, "-c", "import time; time.sleep(60)"], "sleeper")
+    real_stop = testing.stop_processes
+    calls = []
+
+    def interrupted_once(processes: Iterable[subprocess.Popen[bytes]], timeout: float) -> None:
+        calls.append(timeout)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # (as if during the wait)
+        real_stop(processes, timeout)
+
+    monkeypatch.setattr(testing, "stop_processes", interrupted_once)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stack.stop()
+        assert stack.kernel is not None and stack.kernel.returncode is not None
+        assert sleeper.returncode in (-signal.SIGTERM, -signal.SIGKILL)  # stopped, reaped
+        assert not os.path.exists(stack.workdir)
+    finally:  # (whatever this test finds, it leaves nothing running)
+        monkeypatch.undo()
+        stack.stop(0)
 
 
 @pytest.mark.process

@@ -420,7 +420,8 @@ class Runtime:
         self.kernel_dead = False
         self._gone_reason: tuple[int, str] | None = None
         self._closed = False
-        self.state: ClientState[Channel] = ClientState()  # pending requests, session holders
+        # pending requests, session holders
+        self.state: ClientState[Channel] = ClientState(threading.Lock())
         self.channels: set[Channel] = set()
         self.completions = threading.Condition()  # for waiters who cannot settle themselves
         self.blocked_waiters = 0
@@ -498,6 +499,15 @@ class Runtime:
         """Every RSession of this process on `handle` is dead (server death or panic)."""
         for abort in self.state.session_lost(handle, error):
             abort.run()
+
+    def attach_session(self, life: SessionLife[Runtime]) -> None:
+        """An RSession holds `life.handle` now (its connect or Open succeeded): it learns of
+        the session's loss from now on. `close_session` undoes it."""
+        self.state.register(life)
+
+    def requests_pending(self, life: SessionLife[Runtime]) -> int:
+        """How many async requests of the RSession holding `life` are still pending."""
+        return len(self.state.requests_of(life))
 
     def close_session(self, life: SessionLife[Runtime], handle: int, owner_gone: bool) -> None:
         """An RSession let go of `handle` (its Close): its requests still pending and its sync

@@ -57,7 +57,7 @@ from ..version import TVersion, to_version
 from .args import NO_ARGS, Args, TIpcArgs
 from .runtime import Runtime
 from .state import Pending, SessionLife
-from .status import TRequestStatus
+from .status import TRequestStatus, abandon_request, begin_request, complete_request
 
 log = logging.getLogger("ipcfw.client")
 
@@ -330,16 +330,11 @@ class RSession:
         self._life.attach(runtime, handle)
         self._owner = threading.current_thread()
         self._sharing = sharing
-        runtime.state.register(self._life)
+        runtime.attach_session(self._life)
 
     def Handle(self) -> int:
         """The kernel's handle for this session; 0 when not connected."""
         return self._life.handle
-
-    def death(self) -> BaseException | None:
-        """Why the session died under this ``RSession`` (its server died or panicked this
-        client, or the kernel went), or None while it lives. Every later call raises it."""
-        return self._life.dead
 
     @overload
     def SendReceive(
@@ -384,11 +379,12 @@ class RSession:
                 life.sync_calls.pop(req_id, None)
         frame = encode(Request(req_id, handle, function, ipc_args.wire, _ASYNC))
         channel = runtime.channel()
-        status.begin(channel, req_id)
+        begin_request(status, channel, req_id)
+        pending = Pending(status, complete_request, life, ipc_args.buffers, channel)
         try:
-            channel.send_async(frame, req_id, Pending(status, life, ipc_args.buffers, channel))
+            channel.send_async(frame, req_id, pending)
         except BaseException:
-            status.abandon()
+            abandon_request(status)
             raise
         return None
 
@@ -440,7 +436,7 @@ class RSession:
         if not handle:
             return "<RSession connecting>" if life.busy is not None else "<RSession not connected>"
         state = f" dead: {life.dead}" if life.dead else ""
-        pending = len(runtime.state.requests_of(life)) if runtime is not None else 0
+        pending = runtime.requests_pending(life) if runtime is not None else 0
         return f"<RSession 0x{handle:x} pending={pending}{state}>"
 
     def SetAbortCallback(
@@ -467,6 +463,13 @@ class RSession:
         if not 0 <= function <= I32_MAX:
             raise ValueError(f"function must be in 0..2**31-1, got {function}")
         return self._life.usable()
+
+
+def death_of(session: RSession) -> BaseException | None:
+    """(ipcfw's own, for RSubSession) Why the session died under `session` (its server
+    died or panicked this client, or the kernel went), or None while it lives: the error
+    every later call on it raises."""
+    return session._life.dead
 
 
 def _check_connected(code: int, also: str = "") -> None:

@@ -21,8 +21,8 @@ Rules this module keeps:
 3. Several RSession objects of this process may hold one session handle (after `Open`); the
    table `ClientState.sessions` finds them all. When the session is lost (its server died or
    panicked the client, the kernel went), every holder is dead: each later call raises the
-   error it died with, and each holder's abort callback runs once (not for a panic: the call
-   that was panicked raises it).
+   error it died with, and each abort callback given to a holder runs once: at the loss, or
+   at once if given after it (not for a panic: the call that was panicked raises it).
 4. `Close` detaches the RSession (`ClientState.close` says what to do): its pending requests
    complete with KErrSessionClosed, its sync calls in flight on other threads are answered
    KErrSessionClosed, and the kernel is told unless it has ended the session itself.
@@ -30,11 +30,13 @@ Rules this module keeps:
    creating one that holds one already is ClientPanic KERN-EXEC 57; while another thread is
    connecting or creating it, KERN-EXEC 9.
 
-Threads: the table's exactly-once rests on `dict.pop`, which is atomic (one caller gets the
-entry), so completions need no lock. A hold is changed by its users' threads and by whichever
-thread learns of a death, and "dead once, abort callback once" needs a lock: its owner gives
-`Hold` one (this module imports no threading, so it creates none) and `Hold` takes it around
-each change, never around a callback.
+Threads: the pending table's exactly-once rests on `dict.pop`, which is atomic (one caller
+gets the entry), so completions need no lock. The holders table (`ClientState.sessions`) does
+need one: a connect or Open adds to it and a Close removes from it on the API's threads while
+the I/O thread walks it for a lost session. A hold is changed by its users' threads and by
+whichever thread learns of a death, and "dead once, abort callback once" needs a lock too.
+This module imports no threading, so it creates no lock: the owner gives `ClientState` and
+each `Hold` one, which they take around each change, never around a callback.
 """
 
 from __future__ import annotations
@@ -69,22 +71,23 @@ def write_back(buffers: Mapping[int, bytearray], writes: Iterable[tuple[int, byt
             buffer[:] = data
 
 
-class Completable(Protocol):
-    """What a pending request completes: a `TRequestStatus`."""
-
-    def complete(self, value: int, error: BaseException | None = None) -> None: ...
+CompleteStatus = Callable[[Any, int, "BaseException | None"], None]
+"""How a request's status is completed: ``complete_status(status, value, error)``
+(`ipcfw.client.status.complete_request` for a `TRequestStatus`; this module cannot import it)."""
 
 
 class Pending(Generic[C]):
-    """An asynchronous request not yet completed: its status, session and writable buffers,
-    and the channel its answer arrives on."""
+    """An asynchronous request not yet completed: its status and how to complete it, its
+    session and writable buffers, and the channel its answer arrives on."""
 
-    __slots__ = ("status", "session", "buffers", "channel")
+    __slots__ = ("status", "complete_status", "session", "buffers", "channel")
 
     def __init__(
-        self, status: Completable, session: object, buffers: Mapping[int, bytearray], channel: C
+        self, status: object, complete_status: CompleteStatus, session: object,
+        buffers: Mapping[int, bytearray], channel: C,
     ) -> None:
         self.status = status
+        self.complete_status = complete_status
         self.session = session
         self.buffers = buffers
         self.channel = channel
@@ -97,7 +100,7 @@ class Pending(Generic[C]):
         request taken from the table (`ClientState.take`): that is what makes it once."""
         if writes:
             write_back(self.buffers, writes)
-        self.status.complete(value, error)
+        self.complete_status(self.status, value, error)
 
 
 class Abort(NamedTuple):
@@ -172,9 +175,13 @@ class Hold(Generic[V]):
             self.busy = None
 
     def attach(self, via: V, handle: int) -> None:
-        """Hold `handle` now (the connect or create succeeded), through `via`."""
+        """Hold `handle` now (the connect or create succeeded), through `via`.
+
+        `via` is written before `handle`, and `usable` reads them in the other order: a
+        reader that sees the new handle sees its `via` too."""
         with self.lock:
-            self.via, self.handle = via, handle
+            self.via = via
+            self.handle = handle
 
     def detach(self) -> tuple[V | None, int]:
         """Let go of the handle; return what it was held through and the handle (0: none)."""
@@ -184,12 +191,20 @@ class Hold(Generic[V]):
         return via, handle
 
     def usable(self) -> tuple[V, int]:
-        """What to send a request through, and the handle; ClientPanic KERN-EXEC 0 if none."""
-        via, handle = self.via, self.handle
+        """What to send a request through, and the handle; ClientPanic KERN-EXEC 0 if none.
+
+        Reads without the lock (every call's path), once each, in the order `attach` makes
+        safe, and decides from what it read."""
+        handle = self.handle
+        via = self.via
         if not handle or via is None:
-            w = self.words
-            raise errors.ClientPanic("KERN-EXEC", 0, f"the {w.thing} is not {w.held}")
+            raise self._not_held()
         return via, handle
+
+    def _not_held(self) -> errors.ClientPanic:
+        """The panic of a call on a holder that holds nothing (KERN-EXEC 0)."""
+        w = self.words
+        return errors.ClientPanic("KERN-EXEC", 0, f"the {w.thing} is not {w.held}")
 
 
 class SessionLife(Hold[V]):
@@ -207,18 +222,28 @@ class SessionLife(Hold[V]):
         self.sync_calls: dict[int, Any] = {}
 
     def attach(self, via: V, handle: int) -> None:
-        """As `Hold.attach`, alive: a new session, whatever became of the last one."""
+        """As `Hold.attach`, alive: a new session, whatever became of the last one. The last
+        one's death is cleared first, so that no reader sees the new handle with it."""
         with self.lock:
-            self.via, self.handle, self.dead = via, handle, None
+            self.dead = None
+            self.via = via
+            self.handle = handle
 
     def usable(self) -> tuple[V, int]:
-        """As `Hold.usable`; raise the error the session died with, if it died."""
-        via, handle, dead = self.via, self.handle, self.dead
-        if handle and via is not None and dead is None:
-            return via, handle  # (every call's path: no call to super() on it)
-        super().usable()  # raises if not connected
-        assert dead is not None
-        raise dead
+        """As `Hold.usable`; raise the error the session died with, if it died.
+
+        One read of each field, handle first and death last (the reverse of `attach`), and
+        the decision from those reads alone: with a connect, Open or Close finishing on
+        another thread meanwhile, the call goes ahead, raises KERN-EXEC 0, or raises the
+        death of the handle it read (never a previous session's death on a new handle)."""
+        handle = self.handle
+        via = self.via
+        dead = self.dead
+        if not handle or via is None:
+            raise self._not_held()
+        if dead is not None:
+            raise dead
+        return via, handle
 
     def lose(self, error: BaseException) -> Abort | None:
         """The session died under this holder: the first loss counts (rule 3). Returns the
@@ -268,12 +293,13 @@ class Closing(NamedTuple):
 
 class ClientState(Generic[C]):
     """One runtime's tables: the pending async requests (rule 1) and the holders of each
-    session handle (rule 3)."""
+    session handle (rule 3). `lock` guards the holders table (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lock: Lock) -> None:
         self.pending: dict[int, Pending[C]] = {}
         # handle -> the holds of this process's RSession objects on it (several after Open).
         self.sessions: dict[int, weakref.WeakSet[SessionLife[Any]]] = {}
+        self.lock = lock
 
     # -- pending requests (rules 1 and 2) -----------------------------------------------------
 
@@ -297,27 +323,32 @@ class ClientState(Generic[C]):
 
     def register(self, life: SessionLife[Any]) -> None:
         """`life` holds its handle now (a connect or an Open succeeded)."""
-        self.sessions.setdefault(life.handle, weakref.WeakSet()).add(life)
+        with self.lock:
+            self.sessions.setdefault(life.handle, weakref.WeakSet()).add(life)
 
     def session_lost(self, handle: int, error: BaseException) -> list[Abort]:
         """Every holder of `handle` is dead; returns the abort callbacks to run."""
-        aborts = (life.lose(error) for life in list(self.sessions.get(handle, ())))
+        with self.lock:
+            holders = list(self.sessions.get(handle, ()))
+        aborts = (life.lose(error) for life in holders)
         return [abort for abort in aborts if abort is not None]
 
     def every_session_lost(self, error: Callable[[], BaseException]) -> list[Abort]:
         """The kernel has gone: every session is lost, each with a new `error()`."""
-        return [abort for handle in list(self.sessions)
-                for abort in self.session_lost(handle, error())]
+        with self.lock:
+            handles = list(self.sessions)
+        return [abort for handle in handles for abort in self.session_lost(handle, error())]
 
     def close(self, life: SessionLife[Any], handle: int, *, ended: bool) -> Closing:
         """`life` let go of `handle` (its Close; see `Hold.detach`): forget it, and say what
         to do (rule 4). `ended`: the kernel has ended the session already, for a reason this
         state cannot see (the kernel is gone, or the unshared session's thread ended)."""
-        holders = self.sessions.get(handle)
-        if holders is not None:
-            holders.discard(life)
-            if not holders:
-                del self.sessions[handle]
+        with self.lock:
+            holders = self.sessions.get(handle)
+            if holders is not None:
+                holders.discard(life)
+                if not holders:
+                    del self.sessions[handle]
         answers = [(channel, Completed(req_id, errors.KErrSessionClosed, ()))
                    for req_id, channel in list(life.sync_calls.items())]
         # Disconnected: the kernel stopped serving the session's creating channel, and ended

@@ -2,7 +2,9 @@
 
 A status is completed once, by the runtime (`ipcfw.client.runtime`), from whichever thread reads
 its answer; its waiters settle its channel themselves, or sleep until another thread has (see the
-runtime's docstring).
+runtime's docstring). RSession starts a request with `begin_request` and the runtime completes it
+with `complete_request`: functions of ipcfw's own, not methods, so that a client program sees
+none of them on a status and cannot complete a request twice.
 """
 
 from __future__ import annotations
@@ -130,38 +132,6 @@ class TRequestStatus:
                 yield from future.__await__()
         return self.result(0)
 
-    # -- for ipcfw itself: RSession starts and the runtime completes a request ----------------
-
-    def begin(self, channel: Channel, req_id: int) -> None:
-        """(ipcfw's own) The status is given to request `req_id`, answered on `channel`."""
-        if self._channel is not None and not self._done:
-            raise RuntimeError("this TRequestStatus is already in use by a pending request")
-        self._req_id = req_id
-        self._value = errors.KRequestPending
-        self._error = None
-        self._done = False
-        self._channel = channel
-
-    def abandon(self) -> None:
-        """(ipcfw's own) The request could not be sent: the status is free again, still
-        pending."""
-        self._channel = None
-
-    def complete(self, value: int, error: BaseException | None = None) -> None:
-        """(ipcfw's own) The request completed with `value` (`error`: what `result()` raises,
-        when more is known than the value); run the callbacks. Called once per request, by the
-        one thread that took it from the runtime's table (`ClientState.take`)."""
-        with _STATUS_LOCK:
-            self._value = value
-            self._error = error
-            self._done = True
-            callbacks, self._callbacks = self._callbacks, None
-        for fn in callbacks or ():
-            try:
-                fn(self)
-            except Exception:
-                log.exception("a TRequestStatus callback raised")
-
     def __repr__(self) -> str:
         value = "KRequestPending" if self._value == errors.KRequestPending else self._value
         return f"<TRequestStatus {value}>"
@@ -169,6 +139,45 @@ class TRequestStatus:
 
 # Guards TRequestStatus callback lists against a completion racing add_done_callback.
 _STATUS_LOCK = threading.Lock()
+
+
+# -- for ipcfw itself: RSession starts a request, the runtime completes it ----------------------
+# (Functions, not methods: they are no part of what a client program calls. A status completed
+# twice would break exactly-once.)
+
+
+def begin_request(status: TRequestStatus, channel: Channel, req_id: int) -> None:
+    """`status` is given to request `req_id`, answered on `channel` (RuntimeError if it is
+    in use by a request still pending)."""
+    if status._channel is not None and not status._done:
+        raise RuntimeError("this TRequestStatus is already in use by a pending request")
+    status._req_id = req_id
+    status._value = errors.KRequestPending
+    status._error = None
+    status._done = False
+    status._channel = channel
+
+
+def abandon_request(status: TRequestStatus) -> None:
+    """The request begun by `begin_request` could not be sent: `status` is free again, still
+    pending."""
+    status._channel = None
+
+
+def complete_request(status: TRequestStatus, value: int, error: BaseException | None) -> None:
+    """The request completed with `value` (`error`: what `result()` raises, when more is
+    known than the value); run the callbacks. Called once per request, by the one thread that
+    took it from the runtime's table (`ClientState.take`, through `Pending.complete`)."""
+    with _STATUS_LOCK:
+        status._value = value
+        status._error = error
+        status._done = True
+        callbacks, status._callbacks = status._callbacks, None
+    for fn in callbacks or ():
+        try:
+            fn(status)
+        except Exception:
+            log.exception("a TRequestStatus callback raised")
 
 
 @contextlib.contextmanager

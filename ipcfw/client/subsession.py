@@ -42,7 +42,7 @@ from typing import Any, cast, overload
 
 from .. import errors
 from .args import Arg, Args, TIpcArgs
-from .session import RSession
+from .session import RSession, death_of
 from .state import SUBSESSION_WORDS, Hold
 from .status import TRequestStatus
 
@@ -186,7 +186,7 @@ class RSubSession:
                 except errors.IpcError as exc:
                     log.debug("subsession 0x%x: closing it gave %s (ignored)", handle, exc)
                 except errors.ClientPanic as exc:
-                    if session.death() is None:
+                    if death_of(session) is None:
                         raise  # refused (a thread that may not use the session): still open
                     log.debug("subsession 0x%x: its session is dead: %s", handle, exc)
         # Only now: a bad `function` (TypeError) or an interrupted wait leaves it open, to retry.

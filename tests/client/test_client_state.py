@@ -7,8 +7,12 @@ and replies go in, statuses, holders and what a Close must do are checked.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+import weakref
+from types import CodeType, FrameType
 from typing import Any
+from collections.abc import Callable
 
 import pytest
 
@@ -24,6 +28,8 @@ from ipcfw.client.state import (
     SessionLife,
     write_back,
 )
+from ipcfw.client.session import death_of
+from ipcfw.client.status import complete_request
 from ipcfw.protocol import Completed, Panicked, Welcome
 
 H, OTHER = 0x2A, 0x2B  # session handles
@@ -35,8 +41,10 @@ class FakeStatus:
     def __init__(self) -> None:
         self.calls: list[tuple[int, BaseException | None]] = []
 
-    def complete(self, value: int, error: BaseException | None = None) -> None:
-        self.calls.append((value, error))
+
+def record(status: FakeStatus, value: int, error: BaseException | None) -> None:
+    """Complete a FakeStatus, as `complete_request` completes a TRequestStatus."""
+    status.calls.append((value, error))
 
 
 class Holder:
@@ -59,13 +67,63 @@ def complete(state: ClientState[Any], req_id: int, value: int, writes: tuple = (
     return True
 
 
+def interrupted(call: Callable[[], Any], code: CodeType, at: int,
+                intruder: Callable[[], None], unit: str = "opcode") -> tuple[bool, Any]:
+    """Run `call()`, and run `intruder()` once, between two bytecodes (`unit` "line": two
+    lines) of `code`, the `at`-th and the next: another thread's work landing there. Returns
+    whether the intruder ran, and what `call` returned or raised."""
+    steps = 0
+
+    def step(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal steps
+        if event == unit:
+            if steps == at:
+                intruder()  # (runs untraced: tracing is off inside a trace function)
+            steps += 1
+        return step
+
+    def enter(frame: FrameType, event: str, arg: object) -> Any:
+        if frame.f_code is not code:
+            return None
+        frame.f_trace_opcodes = True
+        return step
+
+    previous = sys.gettrace()
+    sys.settrace(enter)
+    try:
+        outcome: Any = call()
+    except BaseException as exc:
+        outcome = exc
+    finally:
+        sys.settrace(previous)
+    return steps > at, outcome
+
+
+def every_interleaving(
+    setup: Callable[[], Any], call: Callable[[Any], Any], code: CodeType,
+    intruder: Callable[[Any], None], unit: str = "opcode",
+) -> list[Any]:
+    """The outcomes of `call(setup())` with `intruder` landing at each point of `code` in
+    turn (each on a new setup), until it runs out of points."""
+    outcomes = []
+    for at in range(10_000):
+        world = setup()
+        ran, outcome = interrupted(
+            lambda: call(world), code, at, lambda: intruder(world), unit
+        )
+        if not ran:
+            return outcomes
+        outcomes.append(outcome)
+    raise AssertionError("no end to the points")
+
+
 # -- completion, exactly once -------------------------------------------------------------------
 
 
 def test_a_request_completes_once_and_a_late_completion_is_dropped() -> None:
-    state: ClientState[str] = ClientState()
+    state: ClientState[str] = ClientState(threading.Lock())
     status = FakeStatus()
-    state.add(1, Pending(status, "session", {}, "channel"))
+    state.add(1, Pending(status, record, "session", {}, "channel"))
     assert complete(state, 1, 5)
     assert not complete(state, 1, -3)  # a duplicate (the kernel's answer after a Close)
     assert not complete(state, 99, 0)  # a request this process never made
@@ -75,10 +133,10 @@ def test_a_request_completes_once_and_a_late_completion_is_dropped() -> None:
 
 def test_racing_completers_complete_each_request_exactly_once() -> None:
     """Settling threads, a Close and a dead kernel may all try to complete one request."""
-    state: ClientState[str] = ClientState()
+    state: ClientState[str] = ClientState(threading.Lock())
     statuses = [FakeStatus() for _ in range(2000)]
     for req_id, status in enumerate(statuses):
-        state.add(req_id, Pending(status, "session", {}, "channel"))
+        state.add(req_id, Pending(status, record, "session", {}, "channel"))
     start = threading.Barrier(4)
 
     def complete_all(value: int) -> None:
@@ -95,12 +153,12 @@ def test_racing_completers_complete_each_request_exactly_once() -> None:
 
 
 def test_a_real_status_completes_with_its_value_or_its_error() -> None:
-    state: ClientState[str] = ClientState()
+    state: ClientState[str] = ClientState(threading.Lock())
     done, failed = TRequestStatus(), TRequestStatus()
     fired: list[int] = []
     done.add_done_callback(lambda s: fired.append(s.Int()))
-    state.add(1, Pending(done, "session", {}, "channel"))
-    state.add(2, Pending(failed, "session", {}, "channel"))
+    state.add(1, Pending(done, complete_request, "session", {}, "channel"))
+    state.add(2, Pending(failed, complete_request, "session", {}, "channel"))
     complete(state, 1, 7)
     complete(state, 1, 8)
     complete(state, 2, ipcfw.KErrDied, (), ClientPanic("PROBE", 3))
@@ -110,11 +168,19 @@ def test_a_real_status_completes_with_its_value_or_its_error() -> None:
         failed.result(0)
 
 
+def test_a_status_offers_a_client_no_way_to_begin_or_complete_a_request() -> None:
+    """Only the runtime completes a request (exactly once): a client program sees no method
+    that would complete it again."""
+    status = TRequestStatus()
+    public = {name for name in dir(status) if not name.startswith("_")}
+    assert public == {"Cancel", "Int", "Wait", "add_done_callback", "done", "result"}
+
+
 def test_requests_are_found_by_channel_and_by_session() -> None:
-    state: ClientState[str] = ClientState()
-    state.add(1, Pending(FakeStatus(), "s1", {}, "c1"))
-    state.add(2, Pending(FakeStatus(), "s2", {}, "c1"))
-    state.add(3, Pending(FakeStatus(), "s1", {}, "c2"))
+    state: ClientState[str] = ClientState(threading.Lock())
+    state.add(1, Pending(FakeStatus(), record, "s1", {}, "c1"))
+    state.add(2, Pending(FakeStatus(), record, "s2", {}, "c1"))
+    state.add(3, Pending(FakeStatus(), record, "s1", {}, "c2"))
     assert state.requests_on("c1") == [1, 2]
     assert state.requests_of("s1") == [1, 3]
     complete(state, 1, 0)
@@ -131,9 +197,9 @@ def test_write_back_gives_each_buffer_exactly_what_was_written() -> None:
 
 
 def test_an_async_request_writes_back_once_and_only_when_it_completes() -> None:
-    state: ClientState[str] = ClientState()
+    state: ClientState[str] = ClientState(threading.Lock())
     buffer = bytearray(8)
-    state.add(1, Pending(FakeStatus(), "session", {0: buffer}, "channel"))
+    state.add(1, Pending(FakeStatus(), record, "session", {0: buffer}, "channel"))
     assert buffer == bytearray(8)  # pending: untouched
     complete(state, 1, 0, ((0, b"first"),))
     assert buffer == b"first"
@@ -143,12 +209,12 @@ def test_an_async_request_writes_back_once_and_only_when_it_completes() -> None:
 
 
 def test_a_request_ended_without_the_servers_answer_leaves_its_buffer_alone() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     holder = Holder()
     life = life_on(H, holder)
     state.register(life)
     buffer = bytearray(b"before")
-    state.add(1, Pending(FakeStatus(), life, {0: buffer}, "channel"))
+    state.add(1, Pending(FakeStatus(), record, life, {0: buffer}, "channel"))
     for req_id in state.close(life, H, ended=False).requests:
         complete(state, req_id, ipcfw.KErrSessionClosed)
     complete(state, 1, 0, ((0, b"late"),))  # the server's answer, after the Close
@@ -190,7 +256,7 @@ def test_a_sync_reply_that_panics_writes_nothing_and_may_kill_the_session() -> N
 
 
 def test_a_lost_session_kills_every_holder_and_runs_each_abort_callback_once() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     first, second, bystander = Holder(), Holder(), Holder()
     lives = [life_on(H, first), life_on(H, second), life_on(OTHER, bystander)]
     calls: list[tuple[object, int]] = []
@@ -211,7 +277,7 @@ def test_a_lost_session_kills_every_holder_and_runs_each_abort_callback_once() -
 
 
 def test_a_panic_kills_every_holder_and_runs_no_abort_callback() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     life = life_on(H, holder := Holder())
     state.register(life)
     life.set_abort_callback(lambda s, e: pytest.fail("called for a panic"))
@@ -231,7 +297,7 @@ def test_an_abort_callback_set_after_the_loss_runs_at_once_and_none_removes_it()
 
 
 def test_when_the_kernel_goes_every_session_is_lost_each_with_its_own_error() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     holders = [Holder(), Holder()]
     lives = [life_on(H, holders[0]), life_on(OTHER, holders[1])]
     for life in lives:
@@ -252,25 +318,92 @@ def test_an_abort_callback_that_raises_is_logged(caplog: pytest.LogCaptureFixtur
 
 
 def test_a_holder_gone_from_memory_leaves_the_table() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     holder = Holder()
     state.register(life_on(H, holder))  # (only the holder keeps its life alive)
     assert state.session_lost(H, IpcError(ipcfw.KErrServerTerminated)) == []
     assert len(state.sessions[H]) == 0
 
 
+class Racing:
+    """A state with holders on H, and threads registering more meanwhile (as an Open)."""
+
+    def __init__(self, holders: int) -> None:
+        self.state: ClientState[Any] = ClientState(threading.Lock())
+        self.holders = [Holder() for _ in range(holders + 1)]
+        self.lives = [life_on(H, holder) for holder in self.holders]
+        for life in self.lives[:-1]:
+            self.state.register(life)
+        self.threads: list[threading.Thread] = []
+
+    def open_on_another_thread(self) -> None:
+        """Register the last life from another thread, and give it a moment: it cannot
+        finish while the interrupted call holds the state's lock."""
+        thread = threading.Thread(target=self.state.register, args=(self.lives[-1],))
+        thread.start()
+        thread.join(0.01)
+        self.threads.append(thread)
+
+    def settle(self) -> None:
+        for thread in self.threads:
+            thread.join(10)
+
+
+def test_a_session_lost_while_another_holder_opens_kills_every_holder() -> None:
+    """The I/O thread walks the holders of a lost session while an Open registers one more:
+    no "Set changed size during iteration", every holder it walked is dead."""
+    def lose(world: Racing) -> object:
+        try:
+            return world.state.session_lost(H, IpcError(ipcfw.KErrServerTerminated))
+        except BaseException as exc:
+            return exc
+        finally:
+            world.settle()
+
+    worlds: list[Racing] = []
+
+    def setup() -> Racing:
+        worlds.append(Racing(2))
+        return worlds[-1]
+
+    outcomes = every_interleaving(setup, lose, weakref.WeakSet.__iter__.__code__,
+                                  Racing.open_on_another_thread, unit="line")
+    assert outcomes and [o for o in outcomes if not isinstance(o, list)] == []
+    assert all(life.dead is not None for world in worlds for life in world.lives[:-1])
+
+
+def test_a_close_racing_an_open_on_the_same_handle_keeps_the_new_holder() -> None:
+    """A Close forgets the last holder of H while an Open registers a new one: the table
+    keeps the new holder."""
+    def close(world: Racing) -> None:
+        world.lives[0].detach()
+        world.state.close(world.lives[0], H, ended=False)
+        world.settle()
+
+    worlds: list[Racing] = []
+
+    def setup() -> Racing:
+        worlds.append(Racing(1))
+        return worlds[-1]
+
+    assert every_interleaving(setup, close, ClientState.close.__code__,
+                              Racing.open_on_another_thread, unit="line")
+    raced = worlds[:-1]  # (the last ran out of points: nothing registered there)
+    assert all(list(world.state.sessions.get(H, ())) == [world.lives[-1]] for world in raced)
+
+
 # -- Close ---------------------------------------------------------------------------------------
 
 
 def test_close_ends_that_sessions_requests_only_and_forgets_the_holder() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     mine, shared_too = Holder(), Holder()
     life, other = life_on(H, mine), life_on(H, shared_too)
     state.register(life)
     state.register(other)
-    state.add(1, Pending(FakeStatus(), life, {}, "channel"))
-    state.add(2, Pending(FakeStatus(), other, {}, "channel"))
-    state.add(3, Pending(FakeStatus(), life, {}, "channel"))
+    state.add(1, Pending(FakeStatus(), record, life, {}, "channel"))
+    state.add(2, Pending(FakeStatus(), record, other, {}, "channel"))
+    state.add(3, Pending(FakeStatus(), record, life, {}, "channel"))
     assert life.detach() == ("runtime", H) and life.handle == 0
     closing = state.close(life, H, ended=False)
     assert closing.requests == [1, 3] and closing.tell_kernel
@@ -280,7 +413,7 @@ def test_close_ends_that_sessions_requests_only_and_forgets_the_holder() -> None
 
 
 def test_close_answers_the_sync_calls_in_flight_with_kerrsessionclosed() -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     life = life_on(H, holder := Holder())
     life.sync_calls[7] = "channel of thread A"
     life.sync_calls[9] = "channel of thread B"
@@ -304,7 +437,7 @@ def test_close_answers_the_sync_calls_in_flight_with_kerrsessionclosed() -> None
 def test_close_tells_the_kernel_unless_it_ended_the_session(
     ended: bool, dead: BaseException | None, tell: bool
 ) -> None:
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     life = life_on(H, holder := Holder())
     if dead is not None:
         life.lose(dead)
@@ -314,7 +447,7 @@ def test_close_tells_the_kernel_unless_it_ended_the_session(
 def test_a_sync_call_ended_by_close_from_another_thread() -> None:
     """Thread A waits in a sync call; the main thread closes the (shared) session: A's call
     raises SessionClosed, with no answer from any kernel."""
-    state: ClientState[Any] = ClientState()
+    state: ClientState[Any] = ClientState(threading.Lock())
     life = life_on(H, holder := Holder())
     state.register(life)
     replies: dict[int, Completed | None] = {}
@@ -395,14 +528,60 @@ def test_a_session_reconnected_after_its_death_is_alive() -> None:
     assert life.usable() == ("runtime", OTHER) and life.dead is None and holder is not None
 
 
-def test_an_rsession_tells_why_it_died() -> None:
+def previously_dead_life() -> SessionLife[Any]:
+    """A holder whose last session died, then was closed: not connected."""
+    life = life_on(H, Holder())
+    life.lose(IpcError(ipcfw.KErrServerTerminated))
+    life.detach()
+    return life
+
+
+def fresh_life() -> SessionLife[Any]:
+    """A holder never connected."""
+    return SessionLife(Holder(), threading.Lock())
+
+
+def allowed_outcome(outcome: object) -> bool:
+    """Before the connect: KERN-EXEC 0. After it: the new session, alive."""
+    if isinstance(outcome, ClientPanic):
+        return (outcome.category, outcome.reason) == ("KERN-EXEC", 0)
+    return outcome == ("new runtime", OTHER)
+
+
+@pytest.mark.parametrize("setup", [fresh_life, previously_dead_life])
+def test_a_call_racing_a_connect_sees_the_state_before_or_after_it(
+    setup: Callable[[], SessionLife[Any]]
+) -> None:
+    """A connect (or Open) finishing on another thread at any point of a call's check, or
+    the call's check at any point of the connect: never an AssertionError or TypeError,
+    never the previous session's death on the new handle."""
+    def connect(life: SessionLife[Any]) -> None:
+        life.attach("new runtime", OTHER)
+
+    def call(life: SessionLife[Any]) -> object:
+        try:
+            return life.usable()
+        except BaseException as exc:
+            return exc
+
+    during_call = every_interleaving(setup, call, SessionLife.usable.__code__, connect)
+    during_connect: list[object] = []  # what calls made at each point of the connect saw
+    every_interleaving(setup, connect, SessionLife.attach.__code__,
+                       lambda life: during_connect.append(call(life)))
+    assert during_call and during_connect
+    bad = [o for o in during_call + during_connect if not allowed_outcome(o)]
+    assert bad == []
+
+
+def test_an_rsession_tells_ipcfw_why_it_died() -> None:
     session = ipcfw.RSession()
-    assert session.death() is None and session.Handle() == 0
+    assert death_of(session) is None and session.Handle() == 0
+    assert not hasattr(session, "death")  # (not for a client program: its calls raise it)
     life = session._life  # (what a connect would attach; no kernel here)
     life.attach("runtime", H)
     error = IpcError(ipcfw.KErrServerTerminated)
     life.lose(error)
-    assert session.death() is error
+    assert death_of(session) is error
     with pytest.raises(ipcfw.ServerTerminated):
         session.SendReceive(1)
     life.detach()  # (no Close: there is no runtime to tell)

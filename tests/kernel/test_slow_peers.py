@@ -229,6 +229,7 @@ def test_a_request_on_a_channel_that_has_ended_fails_at_once(kernel: KernelFixtu
     """A thread that fetched its channel just before another thread read the kernel's notice
     from it must not send into the void (the kernel ignores the channel): it fails at once."""
     from ipcfw.client.runtime import Pending, Runtime
+    from ipcfw.client.status import complete_request
 
     kernel.serve(DAM, "dam")
     with RSession.connect("dam", message_slots=4) as session:
@@ -237,9 +238,9 @@ def test_a_request_on_a_channel_that_has_ended_fails_at_once(kernel: KernelFixtu
             channel.dropped, channel.ended = (
                 "the kernel stopped serving this thread's channel", True
             )
-        status = TRequestStatus()
+        pending = Pending(TRequestStatus(), complete_request, session, {}, channel)
         with pytest.raises(IpcError, match="stopped serving this thread's channel"):
-            channel.send_async(b"unsent", 1, Pending(status, session, {}, channel))
+            channel.send_async(b"unsent", 1, pending)
         with pytest.raises(IpcError, match="stopped serving this thread's channel"):
             channel.call(b"unsent", 2, timeout=5)
         channel.send(b"unsent")  # a Close or Cancel: nothing left to tell
