@@ -76,6 +76,20 @@ CompleteStatus = Callable[[Any, int, "BaseException | None"], None]
 (`ipcfw.client.status.complete_request` for a `TRequestStatus`; this module cannot import it)."""
 
 
+K = TypeVar("K")  # a table's keys
+T = TypeVar("T")  # a table's values
+
+
+def snapshot(table: dict[K, T]) -> list[tuple[K, T]]:
+    """The items of a table other threads change, taken at once.
+
+    ``list(table.items())`` is not atomic: each item's tuple is a new object, whose allocation
+    may start a garbage collection, whose finalizers run Python code, during which another
+    thread may add to the table ("dictionary changed size during iteration"). ``dict.copy``
+    allocates no object per item, so no other thread runs while it copies."""
+    return list(table.copy().items())
+
+
 class Pending(Generic[C]):
     """An asynchronous request not yet completed: its status and how to complete it, its
     session and writable buffers, and the channel its answer arrives on."""
@@ -313,11 +327,11 @@ class ClientState(Generic[C]):
 
     def requests_on(self, channel: C) -> list[int]:
         """The req_ids of the requests still pending on `channel`."""
-        return [req_id for req_id, p in list(self.pending.items()) if p.channel is channel]
+        return [req_id for req_id, p in snapshot(self.pending) if p.channel is channel]
 
     def requests_of(self, session: object) -> list[int]:
         """The req_ids of `session`'s requests still pending."""
-        return [req_id for req_id, p in list(self.pending.items()) if p.session is session]
+        return [req_id for req_id, p in snapshot(self.pending) if p.session is session]
 
     # -- sessions (rules 3 and 4) -------------------------------------------------------------
 
@@ -350,7 +364,7 @@ class ClientState(Generic[C]):
                 if not holders:
                     del self.sessions[handle]
         answers = [(channel, Completed(req_id, errors.KErrSessionClosed, ()))
-                   for req_id, channel in list(life.sync_calls.items())]
+                   for req_id, channel in snapshot(life.sync_calls)]
         # Disconnected: the kernel stopped serving the session's creating channel, and ended
         # the session with it.
         ended = ended or isinstance(life.dead, errors.Disconnected)
