@@ -290,8 +290,10 @@ def test_only_protocol_uses_msgpack() -> None:
 
 # -- (d) no module uses another's private names ------------------------------------------------
 
-#: Underscore names that are public API elsewhere: namedtuple's methods and fields.
-PUBLIC_UNDERSCORE = frozenset({"_fields", "_field_defaults", "_replace", "_asdict", "_make"})
+#: Underscore names that are public API elsewhere: namedtuple's methods and fields, os._exit.
+PUBLIC_UNDERSCORE = frozenset(
+    {"_fields", "_field_defaults", "_replace", "_asdict", "_make", "_exit"}
+)
 
 
 def _private(name: str) -> bool:

@@ -1,4 +1,5 @@
-"""``ipcfw bench``: how much does the ipcfw stack cost over a hand-written ZeroMQ broker?
+"""``ipcfw bench``: how much does the ipcfw stack cost over a hand-written ZeroMQ broker, and
+how far is it from what the standard library offers?
 
 What is measured
 ----------------
@@ -19,7 +20,9 @@ For each system, from this (the bench) process acting as the client:
   broker, the server), all threads included, over the pipelined steps: where the time goes.
 
 Every request carries the equivalent of an opcode and four 32-bit ints (a 32-byte body for the
-bare systems, ``SendReceive(1, (42, 0, 0, 0))`` for ipcfw), and every reply echoes it.
+bare systems, ``SendReceive(1, (42, 0, 0, 0))`` for ipcfw, ``adder.add(42, 0, 0, 0)`` for
+managers, the tuple ``(1, 42, 0, 0, 0)`` for mp-pipe), and every reply echoes it (managers'
+returns the sum).
 
 The systems
 -----------
@@ -36,6 +39,16 @@ The systems
     of ipcfw to it isolates what ipcfw itself adds (codec, handle and slot checks, policy,
     completion routing, the client runtime), while the ratio to ``bare-pingpong`` also
     includes the price of having a broker at all.
+``managers``
+    ``multiprocessing.managers``: a ``BaseManager`` process serving one object, and a proxy in
+    this process calling its ``add`` method. Two processes, one hop, a thread of the server's
+    per connection reading a plain Unix socket. A proxy call blocks until its answer, so it has
+    no pipelined figure. It is what a user would pick instead of ipcfw: a reference, not a
+    target for the kernel path (every ipcfw call crosses the kernel).
+``mp-pipe``
+    ``multiprocessing.connection``, the ``Connection`` objects ``multiprocessing.Pipe`` gives
+    (here over a Unix socket, so that a separately started process can serve it): pickled
+    tuples sent and echoed by a helper process, with blocking reads.
 ``ipcfw``
     The real stack, started by `ipcfw.testing.Stack`: ``python -m ipcfw kernel``, ``python -m
     ipcfw serve ipcfw.tools.bench.echo:EchoServer`` (``echo``, unsharable sessions) and an
@@ -49,7 +62,8 @@ The systems
     Reported in its own table below the main one; ``--shared 0`` leaves it out.
 
 Targets: ipcfw's sync median at most 1.5x bare-forwarder's, and its pipelined throughput at
-least 0.5x bare-forwarder's.
+least 0.5x bare-forwarder's. The report also prints ipcfw's sync median as a multiple of
+managers' (a reference, in the JSON as ``managers_sync_ratio``).
 
 All systems are started first, warmed up, and then measured in interleaved chunks (the order
 rotates chunk by chunk; the shared-session case takes its turn among the sync chunks), so that
@@ -61,7 +75,7 @@ ipcfw or its shared-session case could not be started or measured (the other num
 reported) or a baseline failed, 2 with ``--strict`` when ipcfw was measured but missed a target,
 130 when interrupted.
 
-The package, by idea: ``roles`` (the bare baselines' helper processes, ``python -m
+The package, by idea: ``roles`` (the baselines' helper processes, ``python -m
 ipcfw.tools.bench.roles``), ``echo`` (the ipcfw echo servers), ``clients`` (one client per
 system, and what a call is), ``systems`` (starting them all with `ipcfw.testing`: each process
 writes READY on an inherited pipe once it can serve, the kernel's and ``ipcfw serve``'s

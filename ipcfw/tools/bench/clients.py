@@ -16,11 +16,13 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from multiprocessing import connection
 from typing import Protocol
 
 import zmq
 
 from ...client import RSession, TRequestStatus
+from .roles import MANAGERS_AUTHKEY, AdderManager
 
 WINDOW = 64
 """Requests in flight in the pipelined measurement."""
@@ -85,6 +87,8 @@ def gc_paused() -> Iterator[None]:
 class Client(Protocol):
     expected: object
     """What ``call()`` must return."""
+    pipelines: bool
+    """Whether it can keep several calls in flight (a managers proxy cannot)."""
 
     def call(self) -> object:
         """One synchronous round trip; returns the reply."""
@@ -99,6 +103,7 @@ class BareClient:
     """A DEALER sending PAYLOAD; a missing reply raises BenchError instead of hanging."""
 
     expected: object = PAYLOAD
+    pipelines = True
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
         self._sock = ctx.socket(zmq.DEALER)
@@ -135,6 +140,7 @@ class IpcfwClient:
     """An ``RSession`` to the echo server; pipelining keeps TRequestStatus objects in a deque."""
 
     expected: object = ECHO_ARGS[0]
+    pipelines = True
 
     def __init__(self, session: RSession) -> None:
         self._session = session
@@ -161,6 +167,60 @@ class IpcfwClient:
 
     def close(self) -> None:
         self._session.Close()
+
+
+class ManagersClient:
+    """A ``multiprocessing.managers`` proxy: ``adder.add(42, 0, 0, 0)``, one call at a time (a
+    proxy call blocks until its answer: it cannot pipeline)."""
+
+    expected: object = sum(ECHO_ARGS)
+    pipelines = False
+
+    def __init__(self, address: str) -> None:
+        self._manager = AdderManager(address=address, authkey=MANAGERS_AUTHKEY)
+        self._manager.connect()
+        self._adder = self._manager.Adder()  # type: ignore[attr-defined]  # (registered)
+
+    def call(self) -> object:
+        return self._adder.add(*ECHO_ARGS)
+
+    def pipelined(self, n: int, window: int) -> None:
+        raise NotImplementedError("a managers proxy makes one call at a time")
+
+    def close(self) -> None:
+        del self._adder  # its decref is the proxy's last message to the server
+
+
+class PipeClient:
+    """A ``multiprocessing.connection`` (what ``multiprocessing.Pipe`` gives) sending the
+    opcode and four ints as a tuple, pickled; the helper sends it back."""
+
+    expected: object = (ECHO_INT, *ECHO_ARGS)
+    pipelines = True
+
+    def __init__(self, address: str) -> None:
+        self._conn = connection.Client(address, family="AF_UNIX")
+
+    # A blocking recv, as a user's would be (a poll with a timeout builds a selector per
+    # call, several times the round trip); each step's watchdog bounds a lost reply.
+
+    def call(self) -> object:
+        self._conn.send(self.expected)
+        return self._conn.recv()
+
+    def pipelined(self, n: int, window: int) -> None:
+        send, recv, message = self._conn.send, self._conn.recv, self.expected
+        issued = min(window, n)
+        for _ in range(issued):
+            send(message)
+        for _ in range(n):
+            recv()
+            if issued < n:
+                send(message)
+                issued += 1
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 class SharedEcho:

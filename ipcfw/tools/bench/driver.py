@@ -24,11 +24,12 @@ from .measure import (
     best_of, best_shared, guarded, run_once, summarize_shared, warm_up,
 )
 from .report import (
-    BASELINE, PIPELINED_TARGET, SYNC_TARGET, environment, format_cpu, format_header,
+    BASELINE, MANAGERS, PIPELINED_TARGET, SYNC_TARGET, environment, format_cpu, format_header,
     format_shared, format_table, format_targets, verdicts, write_json,
 )
 from .systems import (
     Processes, Unavailable, start_bare_forwarder, start_bare_pingpong, start_ipcfw,
+    start_managers, start_mp_pipe,
 )
 
 DEFAULT_SYNC, DEFAULT_PIPELINED = 5000, 20000
@@ -89,7 +90,9 @@ def start_systems(
     shared_threads: int = 0,
 ) -> tuple[list[System], SharedCase | None, dict[str, str]]:
     systems = [System("bare-pingpong", *start_bare_pingpong(processes, ctx, workdir)),
-               System(BASELINE, *start_bare_forwarder(processes, ctx, workdir))]
+               System(BASELINE, *start_bare_forwarder(processes, ctx, workdir)),
+               System(MANAGERS, *start_managers(processes, workdir)),
+               System("mp-pipe", *start_mp_pipe(processes, workdir))]
     failed: dict[str, str] = {}
     if not with_ipcfw:
         failed["ipcfw"] = "skipped (--no-ipcfw)"

@@ -79,7 +79,8 @@ def cpu_seconds(pid: int) -> float:
 class RunResult:
     sync_median_us: float
     sync_p99_us: float
-    pipelined_calls_per_s: float
+    pipelined_calls_per_s: float | None
+    """None for a system that cannot pipeline (a managers proxy)."""
     sync_calls_per_s: float = 0.0
     """Sync calls divided by the sum of their latencies: one thread's sync throughput."""
     pipelined_cpu_us: dict[str, float] = field(default_factory=dict)
@@ -136,7 +137,8 @@ def warm_up(system: System, sync_n: int, pipelined_n: int) -> None:
     if reply != system.client.expected:
         raise WrongReply(f"echo returned {reply!r}, expected {system.client.expected!r}")
     time_sync(system.client, max(50, sync_n // 10))
-    time_pipelined(system.client, max(WINDOW, pipelined_n // 10))
+    if system.client.pipelines:
+        time_pipelined(system.client, max(WINDOW, pipelined_n // 10))
 
 
 def split(n: int, parts: int) -> list[int]:
@@ -183,7 +185,8 @@ def run_once(systems: Sequence[System], sync_n: int, pipelined_n: int,
         for system, step, calls in _rotations(steps, i):
             guarded(system, step, calls)
     for i, n in enumerate(split(pipelined_n, CHUNKS)):
-        pipelined: list[Step] = [(s, functools.partial(_add_pipelined, s, n), n) for s in systems]
+        pipelined: list[Step] = [(s, functools.partial(_add_pipelined, s, n), n)
+                                 for s in systems if s.client.pipelines]
         for system, step, calls in _rotations(pipelined, i):
             guarded(system, step, calls)
     return {s.name: summarize(s) for s in systems if s.error is None}
@@ -236,7 +239,8 @@ def summarize(system: System) -> RunResult:
     return RunResult(
         sync_median_us=percentile(lat, 50) / 1000,
         sync_p99_us=percentile(lat, 99) / 1000,
-        pipelined_calls_per_s=system.pipelined_calls / system.pipelined_seconds,
+        pipelined_calls_per_s=(system.pipelined_calls / system.pipelined_seconds
+                               if system.pipelined_calls else None),
         sync_calls_per_s=len(lat) / (sum(lat) / 1e9),
         pipelined_cpu_us={role: seconds / system.pipelined_calls * 1e6
                           for role, seconds in system.pipelined_cpu_s.items()},
@@ -247,7 +251,7 @@ def best_of(runs: Sequence[RunResult]) -> RunResult:
     """Best sync median (with that run's p99) and best throughputs across repeats (with the
     CPU of the run with the best pipelined throughput)."""
     fastest = min(runs, key=lambda r: r.sync_median_us)
-    most = max(runs, key=lambda r: r.pipelined_calls_per_s)
+    most = max(runs, key=lambda r: r.pipelined_calls_per_s or 0.0)
     return RunResult(fastest.sync_median_us, fastest.sync_p99_us, most.pipelined_calls_per_s,
                      max(r.sync_calls_per_s for r in runs), most.pipelined_cpu_us)
 

@@ -1,19 +1,27 @@
-"""The bare baselines' helper processes: ``python -m ipcfw.tools.bench.roles --role ROLE``.
+"""The baselines' helper processes: ``python -m ipcfw.tools.bench.roles --role ROLE``.
 
 ``echo-router`` is bare-pingpong's server, ``forwarder`` and ``echo-worker`` are bare-forwarder's
-broker and worker (see the ``ipcfw.tools.bench`` docstring). Each is a plain pyzmq loop with no
-ipcfw in its path. A role started with ``--ready-fd N`` writes READY on it once it can serve
-(`ipcfw.testing.ReadySignal`, the handshake the kernel and ``ipcfw serve`` use too); the forwarder
-only once its worker has registered, so that one handshake covers both processes. Each returns
-when the bench process that started it (``--parent-pid``) is gone.
-"""
+broker and worker (see the ``ipcfw.tools.bench`` docstring): each a plain pyzmq loop with no
+ipcfw in its path. ``managers`` serves an `Adder` with ``multiprocessing.managers``, and
+``mp-pipe`` echoes what a ``multiprocessing.connection`` sends (the `Connection` objects
+``multiprocessing.Pipe`` gives, over a Unix socket here): what a user would pick instead of
+ipcfw, from the standard library.
+
+A role started with ``--ready-fd N`` writes READY on it once it can serve
+(`ipcfw.testing.ReadySignal`, the handshake the kernel and ``ipcfw serve`` use too); the
+forwarder only once its worker has registered, so that one handshake covers both processes.
+Each returns, or exits, when the bench process that started it (``--parent-pid``) is gone."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
+from multiprocessing.connection import Listener
+from multiprocessing.managers import BaseManager
 
 import zmq
 
@@ -116,6 +124,62 @@ def run_forwarder(frontend: str, backend: str, parent_pid: int, ready: ReadySign
                     _pump_replies(back, front)
 
 
+class Adder:
+    """The object the ``managers`` baseline serves: a method adding four ints (an opcode's worth
+    of work, as the echo servers' is)."""
+
+    def add(self, a: int, b: int, c: int, d: int) -> int:
+        return a + b + c + d
+
+
+_ADDER = Adder()
+
+
+def _the_adder() -> Adder:
+    return _ADDER
+
+
+class AdderManager(BaseManager):
+    """``multiprocessing.managers``' side of the ``managers`` baseline: ``manager.Adder()`` is a
+    proxy to the one `Adder` of the server process."""
+
+
+AdderManager.register("Adder", callable=_the_adder)
+MANAGERS_AUTHKEY = b"ipcfw-bench"  # (the socket is in the bench's private 0700 directory)
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """End this process once the bench is gone, whatever its main thread is blocked in."""
+    def watch() -> None:
+        while not _orphaned(parent_pid):
+            time.sleep(PARENT_CHECK_MS / 1000)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
+def run_managers(address: str, parent_pid: int, ready: ReadySignal) -> None:
+    """The ``managers`` baseline's server: a `BaseManager` serving one `Adder`."""
+    server = AdderManager(address=address, authkey=MANAGERS_AUTHKEY).get_server()
+    _exit_when_orphaned(parent_pid)
+    ready.set()
+    server.serve_forever()
+
+
+def run_mp_pipe(address: str, parent_pid: int, ready: ReadySignal) -> None:
+    """The ``mp-pipe`` baseline's server: send back every object the one client sends."""
+    _exit_when_orphaned(parent_pid)
+    with Listener(address, family="AF_UNIX") as listener:
+        ready.set()
+        with listener.accept() as conn:
+            while True:
+                try:
+                    message = conn.recv()
+                except EOFError:  # the bench closed its end
+                    return
+                conn.send(message)
+
+
 def role_argv(role: str, endpoint: str, *extra: str) -> list[str]:
     """The command line of a helper process of this (the bench) process."""
     return [sys.executable, "-m", __name__, "--role", role, "--endpoint", endpoint,
@@ -125,7 +189,8 @@ def role_argv(role: str, endpoint: str, *extra: str) -> list[str]:
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m ipcfw.tools.bench.roles")
     parser.add_argument("--role", required=True,
-                        choices=("echo-router", "forwarder", "echo-worker"))
+                        choices=("echo-router", "forwarder", "echo-worker", "managers",
+                                 "mp-pipe"))
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--backend", help="the worker side (the forwarder only)")
     parser.add_argument("--parent-pid", type=int, default=0)
@@ -139,6 +204,10 @@ def main(argv: Sequence[str]) -> int:
             run_echo_router(args.endpoint, args.parent_pid, ready)
         elif args.role == "echo-worker":
             run_echo_worker(args.endpoint, args.parent_pid)
+        elif args.role == "managers":
+            run_managers(args.endpoint, args.parent_pid, ready)
+        elif args.role == "mp-pipe":
+            run_mp_pipe(args.endpoint, args.parent_pid, ready)
         else:
             run_forwarder(args.endpoint, args.backend, args.parent_pid, ready)
     except KeyboardInterrupt:

@@ -16,7 +16,16 @@ import zmq
 from ... import errors
 from ...client import RSession
 from ...testing import Process, Stack, StartError, stop_processes
-from .clients import STOP_TIMEOUT, BareClient, BenchError, IpcfwClient, SharedEcho, watchdog
+from .clients import (
+    STOP_TIMEOUT,
+    BareClient,
+    BenchError,
+    IpcfwClient,
+    ManagersClient,
+    PipeClient,
+    SharedEcho,
+    watchdog,
+)
 from .echo import SHARED_SERVER
 from .roles import STARTUP_TIMEOUT, role_argv
 
@@ -81,6 +90,20 @@ def start_bare_forwarder(
         "bare-forwarder-worker", role_argv("echo-worker", back), ready=False)
     _wait_ready(forwarder)  # the forwarder is ready once the worker has registered with it
     return BareClient(ctx, front), {"broker": forwarder.pid, "server": worker.pid}
+
+
+def start_managers(processes: Processes, workdir: Path) -> tuple[ManagersClient, dict[str, int]]:
+    address = str(workdir / "managers")
+    server = processes.spawn("managers", role_argv("managers", address), ready=True)
+    _wait_ready(server)
+    return ManagersClient(address), {"server": server.pid}
+
+
+def start_mp_pipe(processes: Processes, workdir: Path) -> tuple[PipeClient, dict[str, int]]:
+    address = str(workdir / "mp-pipe")
+    server = processes.spawn("mp-pipe", role_argv("mp-pipe", address), ready=True)
+    _wait_ready(server)
+    return PipeClient(address), {"server": server.pid}
 
 
 @dataclass
