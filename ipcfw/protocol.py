@@ -42,13 +42,13 @@ before building it:
   descriptor) is bounded by its frame alone: it costs its own bytes, and the transport bounds
   the frame (the kernel's ``MAXMSGSIZE``; a server decodes whatever its kernel sends).
 
-Length limits do not bound the number of objects: a tree of 7-item arrays with cached leaves
+Length limits do not bound the number of objects: a tree of 8-item arrays with cached leaves
 (small ints, ``()``) makes a 64-byte tuple of every two bytes. So, above `_SMALL_FRAME` bytes,
 a ``list_hook`` also counts the arrays msgpack finishes and refuses the ninth (`_MAX_ARRAYS`:
 Connect with a first request of four writable descriptors has eight, the most of any message:
 itself, its version, the request, its arguments, four descriptors). msgpack finishes arrays
 innermost first, so it holds at most those eight plus the arrays it has started, 1024 deep at
-most (its own limit) with 7 items each: about 0.6 MiB at worst, whatever the frame's size.
+most (its own limit) with 8 items each: under 1 MiB at worst, whatever the frame's size.
 
 Counting costs a Python call per array: about 0.4 us a frame, a third of the hot path's 1.2 us
 decode. The hot path's frames are small, and a frame of at most `_SMALL_FRAME` (4 KiB) bytes is
@@ -64,7 +64,7 @@ Measured with tests/hostile_decoding.py (the tracemalloc peak of `decode` as a m
 frame's size, for the worst frames of up to 15 MiB): before, up to 81 (1.2 GiB and 5.8 s for the
 15 MiB of empty maps); now at most 1.08 for frames of megabytes (the copy msgpack's Unpacker
 takes of a StatsReply; 1.0 for a frame holding one big bin, nothing for one refused at a header),
-and at most 0.6 MiB, the open arrays above, for any frame (0.12 MiB for one of 4 KiB).
+and under 1 MiB, the open arrays above, for any frame (0.12 MiB for one of 4 KiB).
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ __all__ = [
     "Kind",
     "Role",
     "Mode",
+    "Path",
+    "Attach",
     "Message",
     "Hello",
     "Welcome",
@@ -130,8 +132,8 @@ __all__ = [
     "check_args",
 ]
 
-PROTOCOL_VERSION = 8  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
-#                       6: terminate; 7: PeerGone; 8: Dropped
+PROTOCOL_VERSION = 9  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
+#                       6: terminate; 7: PeerGone; 8: Dropped; 9: the direct path
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -178,6 +180,8 @@ class Kind(enum.IntEnum):
     CANCEL = 12
     TERMINATE = 14
     DEREGISTER = 15
+    # client -> server, on a direct connection (also: REQUEST, CANCEL, CLOSE)
+    ATTACH = 16
     # kernel -> client
     WELCOME = 20
     CONNECTED = 21
@@ -236,6 +240,13 @@ class Mode(enum.IntEnum):
     SYNC = 0  # reply on the sending channel; takes no message slot
     ASYNC = 1  # reply on the sending channel too; takes a slot
     BLIND = 2  # the kernel acknowledges on the channel once queued; the server's answer is dropped
+
+
+class Path(enum.IntEnum):
+    """A session's data path: how its requests reach the server."""
+
+    KERNEL = 0  # through the kernel, on the client thread's channel
+    DIRECT = 1  # on a direct connection from the client thread to the server's process
 
 
 # -- field checkers --------------------------------------------------------------------------
@@ -303,6 +314,7 @@ _function = _int_in(0, I32_MAX, "a function number in 0..2**31-1")
 _sharing = _int_in(min(TServerType), max(TServerType), "a sharing mode 0..2")
 _role = _int_in(min(Role), max(Role), "a role")
 _mode = _int_in(min(Mode), max(Mode), "a mode")
+_path = _int_in(min(Path), max(Path), "a data path 0..1")
 _u16 = _int_in(0, 0xFFFF, "an unsigned 16-bit int")
 _reason = _int_in(min(TerminationReason), max(TerminationReason), "a termination reason")
 
@@ -379,12 +391,17 @@ class Hello(NamedTuple):
 
 
 class Register(NamedTuple):
-    """Server -> kernel: register a server name. Answered by Completed(req_id, code)."""
+    """Server -> kernel: register a server name. Answered by Completed(req_id, code).
+
+    `direct` is the path of the Unix socket where the server takes direct connections, or ""
+    (the server takes none: every session uses the kernel path).
+    """
 
     req_id: int
     name: str
     sharing: int
     version: Version
+    direct: str = ""
 
 
 class Connect(NamedTuple):
@@ -392,7 +409,9 @@ class Connect(NamedTuple):
 
     `payload` is the negotiation payload the server's ``AcceptL`` sees (seed 003). `first` is
     ``()`` or ``(req_id, function, args)``: a first request, delivered right after the
-    session's creation and answered by Completed(req_id) on the same channel.
+    session's creation and answered by Completed(req_id) on the same channel. `path` asks for
+    the session's data path (`Path`): DIRECT is granted when the server takes direct
+    connections, and the Connected answer then carries the server's socket and a ticket.
     """
 
     req_id: int
@@ -401,6 +420,7 @@ class Connect(NamedTuple):
     slots: int
     payload: bytes
     first: tuple[Any, ...] = ()
+    path: int = 0
 
 
 class Request(NamedTuple):
@@ -465,6 +485,19 @@ class Cancel(NamedTuple):
     req_id: int
 
 
+class Attach(NamedTuple):
+    """Client -> server, on a direct connection: use the session of this one-time ticket (from
+    Connected) on this connection. Answered by Completed(req_id, handle), or Completed(req_id,
+    KErrPermissionDenied) for a ticket that is unknown, used, or presented by another process.
+
+    After it, the connection carries the session's Requests, Cancels and a Close (the client
+    is done with the session on this connection), and the server's Completed and Panicked.
+    """
+
+    req_id: int
+    ticket: bytes
+
+
 class Stats(NamedTuple):
     """Any peer -> kernel: ask for the kernel's counters. Answered by StatsReply."""
 
@@ -481,12 +514,19 @@ class Welcome(NamedTuple):
 
 
 class Connected(NamedTuple):
-    """Kernel -> channel: the result of Connect; `handle` is 0 when `result` is an error."""
+    """Kernel -> channel: the result of Connect; `handle` is 0 when `result` is an error.
+
+    For a session on the direct path, `direct` is the server's socket and `ticket` the
+    one-time ticket that attaches the session to a direct connection (`Attach`); both are
+    empty on the kernel path.
+    """
 
     req_id: int
     result: int
     handle: int
     payload: bytes
+    direct: str = ""
+    ticket: bytes = b""
 
 
 class Completed(NamedTuple):
@@ -535,13 +575,21 @@ class StatsReply(NamedTuple):
 
 
 class NewSession(NamedTuple):
-    """Kernel -> server: a client asks for a session (NewSessionL, CreateL)."""
+    """Kernel -> server: a client asks for a session (NewSessionL, CreateL).
+
+    For a session on the direct path, `ticket` is what the client will present (`Attach`) on
+    a direct connection from the process PeerInfo named for `client`, and `slots` the
+    session's message slots (the server counts those of its direct requests); the ticket is
+    empty on the kernel path.
+    """
 
     msg_id: int
     handle: int
     version: Version
     client: int
     payload: bytes
+    ticket: bytes = b""
+    slots: int = 0
 
 
 class Deliver(NamedTuple):
@@ -620,15 +668,17 @@ Message = (
     Hello | Register | Connect | Negotiated | Request | Close | Share | Open | Complete | Panic |
     Stats | Welcome | Connected | Completed | Panicked | Shared | SessionLost | StatsReply |
     NewSession | Deliver | Disconnect | PeerInfo | PeerGone | Dropped | Cancel | Cancelled |
-    Terminate | Deregister | Terminating
+    Terminate | Deregister | Terminating | Attach
 )
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Hello: (Kind.HELLO, (_role, _u16)),
-    Register: (Kind.REGISTER, (_u63, _str_upto(MAX_NAME), _sharing, _version)),
+    Register: (
+        Kind.REGISTER, (_u63, _str_upto(MAX_NAME), _sharing, _version, _str_upto(MAX_PATH))
+    ),
     Connect: (
         Kind.CONNECT,
-        (_u63, _str_upto(MAX_NAME), _version, _i32, _bytes_upto(MAX_PAYLOAD), _first),
+        (_u63, _str_upto(MAX_NAME), _version, _i32, _bytes_upto(MAX_PAYLOAD), _first, _path),
     ),
     Negotiated: (Kind.NEGOTIATED, (_u63, _i32, _bytes_upto(MAX_PAYLOAD))),
     Request: (Kind.REQUEST, (_u63, _handle, _function, check_args, _mode)),
@@ -642,7 +692,8 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Welcome: (Kind.WELCOME, (_u32, _u63, _u16)),
     Connected: (
         Kind.CONNECTED,
-        (_u63, _i32, _int_in(0, I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD)),
+        (_u63, _i32, _int_in(0, I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD),
+         _str_upto(MAX_PATH), _bytes_upto(MAX_TOKEN)),
     ),
     Completed: (Kind.COMPLETED, (_u63, _i32, _writes)),
     Panicked: (
@@ -651,7 +702,11 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Shared: (Kind.SHARED, (_u63, _i32, _bytes_upto(MAX_TOKEN))),
     SessionLost: (Kind.SESSION_LOST, (_handle, _i32)),
     StatsReply: (Kind.STATS_REPLY, (_u63, _counters)),
-    NewSession: (Kind.NEW_SESSION, (_u63, _handle, _version, _u63, _bytes_upto(MAX_PAYLOAD))),
+    NewSession: (
+        Kind.NEW_SESSION,
+        (_u63, _handle, _version, _u63, _bytes_upto(MAX_PAYLOAD), _bytes_upto(MAX_TOKEN),
+         _int_in(-1, 255, "message slots -1..255")),
+    ),
     Deliver: (Kind.DELIVER, (_u63, _handle, _function, check_args, _u63)),
     Disconnect: (Kind.DISCONNECT, (_u63, _handle)),
     Cancelled: (Kind.CANCELLED, (_u63, _handle)),
@@ -661,6 +716,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     PeerGone: (Kind.PEER_GONE, (_u63,)),
     Dropped: (Kind.DROPPED, (_bytes_upto(255), _u63)),
     PeerInfo: (Kind.PEER_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH))),
+    Attach: (Kind.ATTACH, (_u63, _bytes_upto(MAX_TOKEN))),
 }
 
 

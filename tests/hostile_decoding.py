@@ -51,7 +51,7 @@ def array_of(item: bytes, size: int = FRAME_SIZE) -> bytes:
     return b"\xdd" + struct.pack(">I", count) + item * count
 
 
-def tree_of(item: bytes, size: int = FRAME_SIZE, width: int = 7) -> bytes:
+def tree_of(item: bytes, size: int = FRAME_SIZE, width: int = 8) -> bytes:
     """A tree of `width`-item arrays with `item` leaves, as big as fits in `size` bytes.
 
     Every array is no longer than the protocol's longest message, so no length limit refuses it:
@@ -63,7 +63,7 @@ def tree_of(item: bytes, size: int = FRAME_SIZE, width: int = 7) -> bytes:
     return bytes([0x90 + count]) + item * count if count > 0 else item
 
 
-def spine_of(item: bytes, depth: int = 1023, width: int = 7) -> bytes:
+def spine_of(item: bytes, depth: int = 1023, width: int = 8) -> bytes:
     """`depth` nested `width`-item arrays, each holding `width - 1` copies of `item` before the
     next. msgpack finishes no array until it has read the innermost one, so a hook counting
     finished arrays sees none before then: what it builds is bounded by msgpack's depth limit

@@ -16,6 +16,7 @@ import pytest
 
 from ipcfw import protocol
 from ipcfw.protocol import (
+    Attach,
     PeerGone,
     Dropped,
     Deregister,
@@ -133,12 +134,18 @@ ROUND_TRIP: list = [
     Connect(4, "first", (1, 0, 0), 0, b"hi", (5, 1, (7, b"x", (b"", 4)))),
     Cancelled(1, 1),
     Cancelled(U63_MAX, I32_MAX),
+    # the direct path (protocol 9)
+    Register(10, "direct", 0, (1, 0, 0), "/run/ipcfw/d-0123456789ab"),
+    Connect(5, "echo", (1, 0, 0), 4, b"", (), 1),
+    Attach(1, b"t" * 16),
+    Attach(U63_MAX, b""),
     # kernel -> client
     Welcome(0, MAX_FRAME, PROTOCOL_VERSION),
     Welcome(2**32 - 1, U63_MAX, PROTOCOL_VERSION),
     Connected(1, 0, 1, b""),
     Connected(2, -1, 0, b""),
     Connected(U63_MAX, I32_MIN, I32_MAX, b"p" * MAX_PAYLOAD),
+    Connected(3, 0, 7, b"", "/run/ipcfw/d-0123456789ab", b"t" * 16),
     Completed(1, 0, ()),
     Completed(U63_MAX, I32_MAX, ((2, b"\x00" * 100),)),
     Completed(3, I32_MIN, ((0, b""), (1, b"x"), (2, b"yy"), (3, b"zzz"))),
@@ -152,6 +159,8 @@ ROUND_TRIP: list = [
     # kernel -> server
     NewSession(1, 1, (1, 0, 0), 1, b""),
     NewSession(U63_MAX, I32_MAX, (127, 127, 32767), U63_MAX, b"q" * MAX_PAYLOAD),
+    NewSession(2, 7, (1, 0, 0), 3, b"", b"t" * 16, -1),
+    NewSession(3, 7, (1, 0, 0), 3, b"", b"t" * MAX_TOKEN, 255),
     *[Deliver(100 + i, 2, 7, args, 1) for i, args in enumerate(EDGE_ARGS)],
     Deliver(U63_MAX, I32_MAX, I32_MAX, (I32_MIN,), U63_MAX),
     Disconnect(1, 1),
@@ -169,7 +178,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 29
+    assert len(MESSAGE_CLASSES) == 30
 
 
 def test_every_kind_has_exactly_one_class() -> None:
