@@ -86,6 +86,7 @@ from ..protocol import (
     Deregister,
     Negotiated,
     NewSession,
+    Path,
     Open,
     Cancel,
     Cancelled,
@@ -301,6 +302,7 @@ class ServerRecord:
     process: ProcessRecord
     sharing: int
     version: Version
+    direct: str = ""  # the socket where it takes direct connections ("": none)
     sessions: set[int] = field(default_factory=set)
     messages: dict[int, MessageRecord] = field(default_factory=dict)
     informed: set[int] = field(default_factory=set)  # client keys this server has a PeerInfo for
@@ -329,6 +331,9 @@ class SessionRecord:
     holders: dict[ProcessRecord, int] = field(default_factory=dict)  # -> its Open count
     attached: set[bytes] = field(default_factory=set)  # routing ids of channels attached
     token: bytes | None = None  # set by ShareProtected; Open(token) attaches a process
+    # On the direct path: the creator's one-time ticket, until the Connected that carries it.
+    ticket: bytes = b""
+    direct: bool = False  # its creator's requests go on a direct connection to the server
 
     def __repr__(self) -> str:
         return (
@@ -582,6 +587,7 @@ class KernelState:
             "tokens": len(self.tokens),
             "cancellable": len(self.cancellable),
             "held": sum(len(self.server_of_peer[rid].held or ()) for rid in self.held_back),
+            "sessions_direct": sum(s.direct for s in self.sessions.values()),
         }
         for state in SessionState:
             counts[f"sessions_{state.value.lower()}"] = 0
@@ -597,7 +603,7 @@ class KernelState:
         if code:
             return [Send(peer.rid, Completed(message.req_id, code, ()))]
         server = ServerRecord(
-            message.name, peer.rid, peer.process, message.sharing, message.version
+            message.name, peer.rid, peer.process, message.sharing, message.version, message.direct
         )
         self.servers[lookup_key(message.name)] = server
         self.server_of_peer[peer.rid] = server
@@ -639,6 +645,10 @@ class KernelState:
             return [Send(peer.rid, Connected(message.req_id, code, 0, b""))]
         server = self.servers[lookup_key(message.name)]
         session = SessionRecord(self._new_handle(), server, peer, message.slots)
+        if message.path == Path.DIRECT and server.direct:
+            # The ticket goes to the server first (NewSession), then to the client (Connected):
+            # the server knows it before anyone can present it.
+            session.ticket, session.direct = self.new_token(), True
         self.sessions[session.handle] = session
         server.sessions.add(session.handle)
         peer.owned.add(session.handle)
@@ -656,6 +666,8 @@ class KernelState:
                     message.version,
                     peer.process.client_key,
                     message.payload,
+                    session.ticket,
+                    message.slots,
                 ),
             )
         )
@@ -1059,8 +1071,11 @@ class KernelState:
             actions = self._transition(session, _E.CONNECT_FAILED)
             return actions + self._answer(record, Connected(record.req_id, value, 0, b""))
         actions = self._transition(session, _E.CONNECT_OK)
+        direct = session.server.direct if session.direct else ""
+        ticket, session.ticket = session.ticket, b""  # (one client learns it, once)
         return actions + self._answer(
-            record, Connected(record.req_id, errors.KErrNone, session.handle, payload)
+            record,
+            Connected(record.req_id, errors.KErrNone, session.handle, payload, direct, ticket),
         )
 
     def _panic(self, peer: Peer, message: Panic) -> list[Action]:

@@ -207,7 +207,7 @@ def test_stats_answers_any_peer_with_statistics() -> None:
     assert stats["sessions"] == 0 and stats["pool_slots"] == 4096
     assert {k for k in stats if k.startswith("sessions_")} == {
         f"sessions_{s.value.lower()}" for s in SessionState
-    }
+    } | {"sessions_direct"}
 
 
 # -- Register ----------------------------------------------------------------------------------
@@ -328,7 +328,7 @@ def test_connect_path_peer_info_once_per_client_process_per_server() -> None:
     assert actions[0] == Send(S1, PeerInfo(key, CLI.pid, CLI.uid, CLI.gid, CLI.exe))
     new = actions[1].message
     assert actions[1].rid == S1 and type(new) is NewSession
-    assert new == NewSession(new.msg_id, new.handle, (1, 2, 3), key, b"negotiation")
+    assert new == NewSession(new.msg_id, new.handle, (1, 2, 3), key, b"negotiation", b"", 4)
     assert ks.statistics()["sessions_connecting"] == 1
     # The same process again, from another channel: no second PeerInfo.
     hello(ks, C1B, CHANNEL, CLI)
