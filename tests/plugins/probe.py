@@ -232,3 +232,10 @@ class ProbeServer(CServer):
         if version.build == REJECT_BUILD:
             raise IpcError(KErrPermissionDenied, "probe refuses build 99")
         return super().NewSessionL(version, message)
+
+
+class KernelPathProbeServer(ProbeServer):
+    """The probe, taking no direct connections: every session uses the kernel path."""
+
+    name = "probe-kernel-path"
+    direct = False
