@@ -236,7 +236,8 @@ class DirectRules:
         if not connection.open:
             return
         connection.open = False
-        for message in list(connection.in_service.values()):
+        # (copy(): another thread completing a message takes it out of the dict meanwhile)
+        for message in connection.in_service.copy().values():
             self._cancel(message, tell_client=False, connection=connection)
         connection.in_service.clear()
         for handle in list(connection.attached):

@@ -69,7 +69,7 @@ _DIRECT_OUTBOX = 1000  # frames a direct connection may leave unread before it i
 _DIRECT_BATCH = 64  # frames read from one direct connection per turn of the loop
 _DIRECT_CONNECTIONS = 1024  # direct connections at once; more are closed as they come
 _DIRECT_SNDBUF = 4 << 20  # asked for on each connection (the OS caps it: net.core.wmem_max)
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_PEERCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
 
 class ServerHost:
@@ -305,8 +305,8 @@ class ServerHost:
                     self._flush_outbox()
                 if self._socket in ready:
                     self._drain()
-                if port.path:
-                    port.serve(ready)
+                if port.path and (len(ready) > 1 or self._socket not in ready):
+                    port.serve(ready)  # (not when the kernel socket alone is ready: its hot path)
                 if kernel_fd in ready:
                     log.error("the ipcfw kernel has died; server %r stops", self.server.name)
                     self.kernel_died = True
