@@ -332,3 +332,24 @@ def test_a_server_with_direct_false_registers_without_a_socket():
     finally:
         hosted.close()
 
+
+
+def test_a_kernel_death_closes_the_direct_path_and_a_new_registration_opens_another(kernel):
+    kernel.serve(PROBE, "probe")
+
+    def sockets() -> list[Path]:
+        return [p for p in kernel.workdir.iterdir() if p.name.startswith("d-")]
+
+    (first,) = wait_until(sockets, what="the server's direct socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.settimeout(WAIT)
+        sock.connect(str(first))
+        assert call(sock, Attach(1, os.urandom(16))) == Completed(1, KErrPermissionDenied, ())
+        kernel.restart()
+        assert receive(sock) is None  # the connection closed with the registration
+    finally:
+        sock.close()
+    second = wait_until(lambda: [p for p in sockets() if p != first],
+                        what="a new direct socket for the new registration")
+    assert not first.exists() and len(second) == 1
