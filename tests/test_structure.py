@@ -24,7 +24,8 @@ PACKAGE = Path(ipcfw.__file__).resolve().parent
 ROOT = PACKAGE.parent
 PURE_MODULES = [
     "ipcfw/protocol.py", "ipcfw/kernel/state.py", "ipcfw/server/objectix.py",
-    "ipcfw/server/state.py", "ipcfw/client/state.py", "ipcfw/client/args.py",
+    "ipcfw/server/state.py", "ipcfw/server/direct.py", "ipcfw/client/state.py",
+    "ipcfw/client/args.py",
 ]
 FORBIDDEN = frozenset(
     {"zmq", "os", "socket", "threading", "time", "psutil", "select", "subprocess"}

@@ -3,7 +3,8 @@ and the host that runs a plugin in its process (`ServerHost`, `serve`).
 
 Modules: `plugin` (CServer, CSession), `message` (RMessage, ClientInfo, ServerPanic), `objectix`
 (CObjectIx), `overlay` (COverlay, COverlaySession and the layering), `state` (the pure rules:
-sessions, messages in service, cancel, termination), `host` (the loop around the state).
+sessions, messages in service, cancel, termination), `direct` (the pure rules of the direct
+path), `host` (the loop around the state, and the direct connections).
 """
 
 from .host import ServerHost, serve

@@ -25,8 +25,10 @@ from ..protocol import (
     MAX_CATEGORY,
     MAX_FRAME,
     Complete,
+    Completed,
     Negotiated,
     Panic,
+    Panicked,
     encode,
 )
 
@@ -274,8 +276,10 @@ class RMessage:
             raise ValueError(f"panic reason must be a 32-bit int, got {reason!r}")
         if not self._claim("Panic"):
             return
-        frame = encode(Panic(self._msg_id, category[:MAX_CATEGORY], reason))
-        self._completer.completed(self, frame)
+        self._completer.completed(self, self._panic_frame(category[:MAX_CATEGORY], reason))
+
+    def _panic_frame(self, category: str, reason: int) -> bytes:
+        return encode(Panic(self._msg_id, category, reason))
 
     def IsCancelled(self) -> bool:
         """True if the client cancelled this message (it was completed for the client)."""
@@ -320,6 +324,48 @@ class RMessage:
     def __repr__(self) -> str:
         state = "completed" if self._end else "pending"
         return f"<RMessage {self._msg_id} {self._kind} function={self._function} {state}>"
+
+
+class DirectMessage(RMessage):
+    """A request that came on a direct connection (client -> server, no kernel between them).
+
+    For the plugin it is an `RMessage` like any other. Its completion is the frame the client
+    reads: ``Completed(req_id, value, writes)``, or ``Panicked(req_id, handle, category, reason,
+    1)``; `msg_id` is the client's req_id. `handle` and `mode` are what the direct rules
+    (`ipcfw.server.direct`) need when it ends (its slot, a blind answer dropped), and `panic` is
+    set to (category, reason) when ``Panic`` ended it. Not for plugins.
+    """
+
+    __slots__ = ("handle", "mode", "panic")
+
+    def __init__(self, completer: Completer, req_id: int, function: int, args: tuple[Any, ...],
+                 session: Any, client: ClientInfo | None, held_in: dict[int, RMessage] | None,
+                 handle: int, mode: int) -> None:
+        super().__init__(completer, req_id, MessageKind.REQUEST, function, args, session, client,
+                         held_in)
+        self.handle = handle
+        self.mode = mode
+        self.panic: tuple[str, int] | None = None
+
+    @property
+    def req_id(self) -> int:
+        """The client's id of this request on its connection."""
+        return self._msg_id
+
+    def _send_completion(self, value: int) -> None:
+        writes: tuple[tuple[int, bytes], ...] = ()
+        if self._content:
+            writes = tuple((i, bytes(b)) for i, b in sorted(self._content.items()))
+        frame = encode(Completed(self._msg_id, value, writes))
+        if len(frame) > self._completer.max_frame:
+            log.error("completion of %r is %d bytes, over the kernel's limit; completing with "
+                      "KErrOverflow instead", self, len(frame))
+            frame = encode(Completed(self._msg_id, errors.KErrOverflow, ()))
+        self._completer.completed(self, frame)
+
+    def _panic_frame(self, category: str, reason: int) -> bytes:
+        self.panic = (category, reason)
+        return encode(Panicked(self._msg_id, self.handle, category, reason, 1))
 
 
 def _completion_code(value: object) -> int:

@@ -51,12 +51,17 @@ class CServer:
         version: the interface version served; clients asking for a newer one are refused.
         sharing: the most sharing a session may ask for (``EUnsharableSessions`` ...).
         session_class: the `CSession` subclass the default `NewSessionL` creates.
+        direct: whether the host takes direct connections (True, the default): a client that
+            asks for the direct path (``path="direct"``) then sends its session's requests
+            straight to this process on a Unix socket, not through the kernel. The plugin
+            sees no difference. False keeps every session of this server on the kernel path.
     """
 
     name: ClassVar[str] = ""
     version: ClassVar[TVersion] = TVersion(1, 0, 0)
     sharing: ClassVar[TServerType] = EUnsharableSessions
     session_class: ClassVar[type | None] = None
+    direct: ClassVar[bool] = True
     error_strings: ClassVar[dict[int, str]] = {}
 
     def ErrorString(self, code: int) -> str | None:

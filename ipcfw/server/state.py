@@ -36,6 +36,9 @@ Rules this module keeps:
    for it ends the registration (`Outcome.DEREGISTERED`).
 7. A `Dropped` notice for our socket means the kernel stopped serving us (`Outcome.DROPPED`);
    nothing after it is for us.
+8. The direct path (`ipcfw.server.direct`, `self.direct`): an accepted `NewSession` with a
+   ticket leaves the ticket there (before the acceptance is sent), and a `Disconnect` of a
+   session a direct connection still holds waits there until the connection lets it go.
 
 Threads: every method runs on the host's loop thread, except `completed`, which an `RMessage`
 calls from whichever thread completed it; it only reads `ended` and calls `emit`, which the
@@ -70,6 +73,7 @@ from ..protocol import (
     encode,
 )
 from ..version import TVersion
+from .direct import DirectIO, DirectRules
 from .message import (
     ClientInfo,
     MessageKind,
@@ -117,11 +121,13 @@ class ServerState:
 
     `stack` is the server and its overlays; `emit(frame)` sends a frame to the kernel (from
     any thread); `max_frame` is the kernel's frame limit; `routing_id` is the host's socket
-    identity (a `Dropped` notice names it).
+    identity (a `Dropped` notice names it). With `direct` (the host's sending side of its
+    direct connections), the state keeps the direct path's rules in `self.direct`
+    (`ipcfw.server.direct`); without it, tickets are ignored.
     """
 
     def __init__(self, stack: Stack, emit: Callable[[bytes], None], *, max_frame: int,
-                 routing_id: bytes = b"") -> None:
+                 routing_id: bytes = b"", direct: DirectIO | None = None) -> None:
         self.stack = stack
         self.max_frame = max_frame
         self._emit = emit
@@ -140,6 +146,8 @@ class ServerState:
         self.deregistering = False  # Deregister was sent
         self.deregistered = False  # ... and the kernel confirmed it
         self.dropped: Dropped | None = None  # the kernel's notice, once it stopped serving us
+        self.direct = (DirectRules(self, direct, max_frame=max_frame, name=stack.server.name)
+                       if direct is not None else None)
         self._handlers: dict[type, Callable[[Any], Outcome | None]] = {
             Deliver: self._on_deliver,
             Completed: self._on_completed,
@@ -183,6 +191,8 @@ class ServerState:
         registration from now on, is never sent) and loses its subsessions. Returns how many
         sessions ended."""
         self.ended = True
+        if self.direct is not None:
+            self.direct.end()
         sessions, self.sessions = self.sessions, {}
         self.clients.clear()
         self._refused.clear()
@@ -234,7 +244,7 @@ class ServerState:
             self._deliver_to_unknown(request)
             return
         if request.function == ERROR_STRING_FUNCTION:
-            self._error_string(
+            self.error_string(
                 RMessage(self, request.msg_id, MessageKind.REQUEST, request.function,
                          request.args, session, self.clients.get(request.client))
             )
@@ -256,7 +266,7 @@ class ServerState:
         RMessage(self, request.msg_id, MessageKind.REQUEST, request.function, request.args,
                  None, self.clients.get(request.client)).Complete(errors.KErrBadHandle)
 
-    def _error_string(self, message: RMessage) -> None:
+    def error_string(self, message: RMessage) -> None:
         """Answer ``RSession.ErrorString``: the overlays, outermost first, then the server."""
         try:
             text = self.stack.error_string(message.Int0())
@@ -292,9 +302,21 @@ class ServerState:
             return
         self.sessions[request.handle] = session
         self._in_service[request.handle] = {}
+        if request.ticket and self.direct is not None:
+            # before the acceptance is sent: the client's Attach may follow it at once
+            self.direct.add_ticket(request.ticket, request.handle, client, request.slots)
         accept_connect(message, reply)
 
     def _on_disconnect(self, request: Disconnect) -> None:
+        if self.direct is not None and self.direct.hold_disconnect(request):
+            return  # a direct connection still has the session: see ipcfw.server.direct
+        self.disconnect(request)
+
+    def disconnect(self, request: Disconnect) -> None:
+        """Run the kernel's Disconnect of a session (rule 4): at once, or once the direct
+        connections that had the session have let it go."""
+        if self.direct is not None:
+            self.direct.session_ended(request.handle)
         session = self.sessions.pop(request.handle, None)
         # The kernel has answered what the session still held: a Cancel now finds nothing.
         self._in_service.pop(request.handle, None)

@@ -1,0 +1,399 @@
+"""The direct path's rules on the server side: tickets, attached sessions, slots. No I/O.
+
+Theory of operation
+-------------------
+A session on the direct path is created and owned by the kernel as any other; only its
+requests from the thread that created it travel on a Unix SOCK_SEQPACKET connection from that
+thread straight to this process (the host's listening socket, in the kernel's private
+directory). `DirectRules` belongs to one `ServerState` (one registration) and decides what
+happens on those connections; the host accepts them, reads their frames, decodes them and
+feeds them here, and sends what the rules hand to its `DirectIO`.
+
+Rules this module keeps:
+
+1. Tickets. A `NewSession` carrying a ticket, once accepted, leaves the ticket here with the
+   session's handle, the client's identity (from the kernel's PeerInfo) and its message slots.
+   A refused connect leaves nothing. A ticket goes when it is used, or when its session ends.
+2. Attach. ``Attach(req_id, ticket)`` attaches the ticket's session to the connection if the
+   ticket is known (so: not used yet), its session is open and alive, and the connection's
+   SO_PEERCRED pid (read by the host at accept) is the pid the kernel named for the client.
+   The answer is ``Completed(req_id, handle)``. Anything else: ``Completed(req_id,
+   KErrPermissionDenied)``, a log line (once per kind), and the connection stays open.
+3. Requests. A request for a handle not attached to its connection is answered
+   ``Panicked(req_id, handle, "KERN-EXEC", 0, 0)`` and served nowhere. Otherwise it goes to the
+   session's ``ServiceL`` as a kernel `Deliver` does (`DirectMessage`, the same overlays,
+   ERROR_STRING_FUNCTION answered by the host); its completion goes back on the connection.
+4. Slots. SYNC requests take none; ASYNC and BLIND take one of the session's until they end:
+   slots 0 allows none, n allows n, -1 (the kernel's shared pool on the kernel path) allows
+   `POOL_SLOTS`. Past the limit: ``Completed(req_id, KErrServerBusy)``, not served. A BLIND
+   request is answered ``Completed(req_id, KErrNone)`` as it is accepted; its own completion
+   is never sent.
+5. Panic. A request panicked by the server answers ``Panicked(..., 1)``, and the session is dead
+   on the direct path: every later request for it, on any connection, gets the same answer,
+   until the kernel's Disconnect (the kernel is told nothing extra).
+6. Cancel. ``Cancel(req_id)`` ends that request of the connection if it is still in service
+   (it is then answered ``Completed(req_id, KErrCancel)`` and the session's ``Cancelled`` is
+   told); a request already completed is left alone.
+7. Close and connection end. ``Close(handle)`` detaches the handle from the connection (not
+   answered). A connection that ends detaches all its handles, and its requests still in
+   service are ended as cancelled (``Cancelled`` is told; their completions go nowhere).
+8. Disconnect waits. The kernel's Disconnect of a session still attached to a connection is
+   held until every such connection has sent Close for it or ended: the client sends Close on
+   its direct connection before it closes the session with the kernel, so every request it sent
+   is served before the session's ``Disconnect``.
+9. Misbehaviour. Any other message on a connection (or, in the host, a frame that does not
+   decode) is logged once per kind and the connection is closed; other connections go on.
+10. Generations. Once the registration has ended (`end`), nothing is sent.
+
+Threads: as in `ServerState`, everything runs on the loop thread except the completion of a
+message, which reaches `DirectConnection.completed` on whichever thread made it; that hands it
+to `DirectIO.post`, which the host makes bring it to the loop thread, where `finish` applies
+the rules (a slot freed, a blind answer dropped, a panic noted) and sends it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import NamedTuple, Protocol
+
+from .. import errors
+from ..protocol import (
+    ERROR_STRING_FUNCTION,
+    Attach,
+    Cancel,
+    Close,
+    Completed,
+    Disconnect,
+    Mode,
+    Panicked,
+    Request,
+    encode,
+)
+from .message import ClientInfo, DirectMessage, RMessage, cancel_by_client
+from .plugin import CSession, service_failed
+
+log = logging.getLogger("ipcfw.server")
+
+__all__ = ["DirectRules", "DirectConnection", "DirectIO", "POOL_SLOTS"]
+
+#: The most ASYNC/BLIND requests outstanding on the direct path for a session whose slots are
+#: the kernel's shared pool (-1): a bound per session, as the pool bounds the kernel path.
+POOL_SLOTS = 255
+
+_SYNC, _BLIND = int(Mode.SYNC), int(Mode.BLIND)
+
+
+class DirectIO(Protocol):
+    """What the rules need from the host: sending on a connection, and bringing a completion
+    made on any thread to the loop thread."""
+
+    def send(self, connection: DirectConnection, frame: bytes) -> None:
+        """Send `frame` on `connection` (loop thread; dropped if it has closed)."""
+
+    def post(self, connection: DirectConnection, message: DirectMessage, frame: bytes) -> None:
+        """`message` of `connection` completed with `frame`, on any thread: have the loop
+        thread call `DirectRules.finish` with them (or drop them once the host has stopped)."""
+
+
+class StateView(Protocol):
+    """What the rules need of the `ServerState` that owns them."""
+
+    sessions: dict[int, CSession]
+
+    def error_string(self, message: RMessage) -> None:
+        """Answer an ``RSession.ErrorString`` request."""
+
+    def disconnect(self, request: Disconnect) -> None:
+        """Run the kernel's Disconnect (rule 8 held it until now)."""
+
+
+class _Ticket(NamedTuple):
+    handle: int
+    client: ClientInfo
+    slots: int
+
+
+class DirectConnection:
+    """One accepted direct connection as the rules see it: who is at the other end (SO_PEERCRED,
+    from the host), the handles attached to it and its requests in service, by req_id. It is
+    the `Completer` of those requests. `key` is the host's name for it."""
+
+    def __init__(self, rules: DirectRules, key: int, pid: int, uid: int, gid: int) -> None:
+        self.key = key
+        self.pid, self.uid, self.gid = pid, uid, gid
+        self.max_frame = rules.max_frame
+        self.attached: set[int] = set()
+        self.in_service: dict[int, RMessage] = {}
+        self.open = True
+        self._io = rules.io
+
+    def completed(self, message: RMessage, frame: bytes) -> None:
+        """A request of this connection completed (any thread): to the loop, through the host."""
+        assert isinstance(message, DirectMessage)
+        self._io.post(self, message, frame)
+
+    def __repr__(self) -> str:
+        state = "open" if self.open else "closed"
+        return (f"<DirectConnection {self.key} pid={self.pid} {state} "
+                f"attached={len(self.attached)} in_service={len(self.in_service)}>")
+
+
+class DirectRules:
+    """The direct path's rules for one registration (see the module's theory of operation).
+
+    `state` is the `ServerState` they belong to, `io` the host's sending side, `max_frame` the
+    kernel's frame limit (a completion over it is answered KErrOverflow, as on the kernel path).
+    """
+
+    def __init__(self, state: StateView, io: DirectIO, *, max_frame: int, name: str = "") -> None:
+        self.io = io
+        self.max_frame = max_frame
+        self.ended = False
+        self._state = state
+        self._name = name
+        self._tickets: dict[bytes, _Ticket] = {}
+        self._ticket_of: dict[int, bytes] = {}  # handle -> its unused ticket
+        self._client_of: dict[int, ClientInfo] = {}  # handle -> who attached it
+        self._slots: dict[int, int] = {}  # handle -> its limit of ASYNC/BLIND outstanding
+        self._outstanding: dict[int, int] = {}  # handle -> ASYNC/BLIND requests not ended
+        self._holders: dict[int, set[DirectConnection]] = {}  # handle -> connections attached
+        self._dead: dict[int, tuple[str, int]] = {}  # handle -> the panic that killed it
+        self._held: dict[int, Disconnect] = {}  # handle -> the kernel's Disconnect, held
+        self.problems: collections.Counter[str] = collections.Counter()
+        self._handlers = {
+            Request: self._on_request,
+            Attach: self._on_attach,
+            Cancel: self._on_cancel,
+            Close: self._on_close,
+        }
+
+    # -- from the kernel, through ServerState ----------------------------------------------------
+
+    def add_ticket(self, ticket: bytes, handle: int, client: ClientInfo | None,
+                   slots: int) -> None:
+        """An accepted NewSession carried `ticket` (rule 1)."""
+        if not ticket or self.ended:
+            return
+        if client is None:
+            # Without the client's pid the ticket could not be checked: the session stays on
+            # the kernel path (the client's Attach fails, and it falls back).
+            self.report("ticket of an unknown client", f"session 0x{handle:x}")
+            return
+        self._tickets[ticket] = _Ticket(handle, client, slots)
+        self._ticket_of[handle] = ticket
+
+    def hold_disconnect(self, request: Disconnect) -> bool:
+        """Rule 8: True if the Disconnect must wait (it runs later, through the state)."""
+        if self._holders.get(request.handle):
+            self._held[request.handle] = request
+            return True
+        return False
+
+    def session_ended(self, handle: int) -> None:
+        """The session's Disconnect ran: forget everything about it."""
+        ticket = self._ticket_of.pop(handle, None)
+        if ticket is not None:
+            self._tickets.pop(ticket, None)
+        self._client_of.pop(handle, None)
+        self._slots.pop(handle, None)
+        self._outstanding.pop(handle, None)
+        self._dead.pop(handle, None)
+        self._held.pop(handle, None)
+
+    def end(self) -> None:
+        """The registration is over (rule 10): nothing is sent from now on."""
+        self.ended = True
+        self._tickets.clear()
+        self._ticket_of.clear()
+        self._held.clear()
+        for holders in self._holders.values():
+            for connection in holders:
+                connection.open = False
+        self._holders.clear()
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def connection(self, key: int, pid: int, uid: int, gid: int) -> DirectConnection:
+        """A connection was accepted; `pid`, `uid`, `gid` are its SO_PEERCRED."""
+        return DirectConnection(self, key, pid, uid, gid)
+
+    def receive(self, connection: DirectConnection, message: object) -> bool:
+        """Apply one decoded frame from `connection`. True: it misbehaved, close it (rule 9)."""
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            self.misbehaved(connection, "unexpected message",
+                            f"{type(message).__name__} is not sent on a direct connection")
+            return True
+        return handler(connection, message)  # type: ignore[no-any-return,operator]
+
+    def misbehaved(self, connection: DirectConnection, kind: str, detail: str) -> None:
+        """Log (once per kind) why `connection` is being closed."""
+        self.report(kind, f"{detail}; closing the direct connection of pid {connection.pid}")
+
+    def connection_ended(self, connection: DirectConnection) -> None:
+        """`connection` ended (EOF, error, or closed by the host): rule 7, then rule 8."""
+        if not connection.open:
+            return
+        connection.open = False
+        # (copy(): another thread completing a message takes it out of the dict meanwhile)
+        for message in connection.in_service.copy().values():
+            self._cancel(message, tell_client=False, connection=connection)
+        connection.in_service.clear()
+        for handle in list(connection.attached):
+            self._detach(connection, handle)
+
+    def finish(self, connection: DirectConnection, message: DirectMessage, frame: bytes) -> None:
+        """A request of `connection` completed with `frame` (loop thread): free its slot, note a
+        panic (rule 5), and send the frame unless it answers a BLIND request (rule 4)."""
+        if self.ended:
+            return
+        if message.mode != _SYNC:
+            self._free_slot(message.handle)
+        if message.panic is not None and message.handle in self._state.sessions:
+            self._dead.setdefault(message.handle, message.panic)
+        if connection.open and message.mode != _BLIND:
+            self.io.send(connection, frame)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def report(self, kind: str, detail: str) -> None:
+        """Count a problem on the direct path (logged the first time of each kind)."""
+        self.problems[kind] += 1
+        if self.problems[kind] == 1:
+            log.warning("server %r, direct path: %s: %s (further ones are counted, not logged)",
+                        self._name, kind, detail)
+
+    def attached(self, handle: int) -> int:
+        """How many connections have `handle` attached."""
+        return len(self._holders.get(handle, ()))
+
+    def statistics(self) -> dict[str, int]:
+        """Counts: unused tickets, attached sessions, outstanding slots, dead sessions, held
+        Disconnects."""
+        return {
+            "tickets": len(self._tickets),
+            "attached": sum(1 for holders in self._holders.values() if holders),
+            "slots_used": sum(self._outstanding.values()),
+            "dead": len(self._dead),
+            "held_disconnects": len(self._held),
+        }
+
+    def __repr__(self) -> str:
+        stats = " ".join(f"{k}={v}" for k, v in self.statistics().items())
+        return f"<DirectRules {self._name!r} {'ended ' if self.ended else ''}{stats}>"
+
+    # -- the handlers ----------------------------------------------------------------------------
+
+    def _on_attach(self, connection: DirectConnection, attach: Attach) -> bool:
+        ticket = self._tickets.get(attach.ticket)
+        if ticket is None:
+            return self._refuse(connection, attach, "unknown or used ticket")
+        if ticket.client.pid != connection.pid:
+            return self._refuse(connection, attach, "ticket presented by another process",
+                                f"the kernel named pid {ticket.client.pid}")
+        handle = ticket.handle
+        if handle not in self._state.sessions or handle in self._dead:
+            return self._refuse(connection, attach, "ticket of a closed session")
+        del self._tickets[attach.ticket]
+        del self._ticket_of[handle]
+        self._client_of[handle] = ticket.client
+        self._slots[handle] = POOL_SLOTS if ticket.slots < 0 else ticket.slots
+        connection.attached.add(handle)
+        self._holders.setdefault(handle, set()).add(connection)
+        self.io.send(connection, encode(Completed(attach.req_id, handle, ())))
+        return False
+
+    def _refuse(self, connection: DirectConnection, attach: Attach, kind: str,
+                detail: str = "") -> bool:
+        self.report(f"Attach refused: {kind}",
+                    f"pid {connection.pid}" + (f" ({detail})" if detail else ""))
+        self.io.send(connection, encode(Completed(attach.req_id, errors.KErrPermissionDenied, ())))
+        return False
+
+    def _on_request(self, connection: DirectConnection, request: Request) -> bool:
+        req_id, handle = request.req_id, request.handle
+        session = self._state.sessions.get(handle)
+        if handle not in connection.attached or session is None:
+            self.io.send(connection, encode(Panicked(req_id, handle, "KERN-EXEC", 0, 0)))
+            return False
+        dead = self._dead.get(handle)
+        if dead is not None:
+            self.io.send(connection, encode(Panicked(req_id, handle, dead[0], dead[1], 1)))
+            return False
+        if req_id in connection.in_service:
+            self.misbehaved(connection, "request id in use",
+                            f"req_id {req_id} is still in service on this connection")
+            return True
+        mode = request.mode
+        if mode != _SYNC:
+            used = self._outstanding.get(handle, 0)
+            if used >= self._slots.get(handle, 0):
+                self.io.send(connection, encode(Completed(req_id, errors.KErrServerBusy, ())))
+                return False
+            self._outstanding[handle] = used + 1
+            if mode == _BLIND:
+                self.io.send(connection, encode(Completed(req_id, errors.KErrNone, ())))
+        client = self._client_of.get(handle)
+        if request.function == ERROR_STRING_FUNCTION:
+            self._state.error_string(
+                DirectMessage(connection, req_id, request.function, request.args, session,
+                              client, None, handle, mode)
+            )
+            return False
+        held = connection.in_service
+        message = DirectMessage(connection, req_id, request.function, request.args, session,
+                                client, held, handle, mode)
+        held[req_id] = message
+        try:
+            session.ServiceL(message)
+        except Exception as exc:
+            service_failed(session, message, exc)
+        return False
+
+    def _on_cancel(self, connection: DirectConnection, cancel: Cancel) -> bool:
+        message = connection.in_service.get(cancel.req_id)
+        if isinstance(message, DirectMessage) and message.mode != _BLIND:
+            self._cancel(message, tell_client=True, connection=connection)
+        return False
+
+    def _on_close(self, connection: DirectConnection, close: Close) -> bool:
+        if close.handle in connection.attached:
+            self._detach(connection, close.handle)
+        return False
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _cancel(self, message: RMessage, *, tell_client: bool,
+                connection: DirectConnection) -> None:
+        """End `message` as cancelled by its client, if it is still in service (rules 6, 7)."""
+        if not isinstance(message, DirectMessage) or not cancel_by_client(message):
+            return  # completed already: its completion is on its way through `finish`
+        if message.mode != _SYNC:
+            self._free_slot(message.handle)
+        if tell_client:
+            self.io.send(connection, encode(Completed(message.req_id, errors.KErrCancel, ())))
+        try:
+            message.Session().Cancelled(message)
+        except Exception:
+            log.exception("Cancelled raised")
+
+    def _detach(self, connection: DirectConnection, handle: int) -> None:
+        connection.attached.discard(handle)
+        holders = self._holders.get(handle)
+        if holders is None:
+            return
+        holders.discard(connection)
+        if holders:
+            return
+        del self._holders[handle]
+        held = self._held.pop(handle, None)
+        if held is not None:
+            self._state.disconnect(held)
+
+    def _free_slot(self, handle: int) -> None:
+        used = self._outstanding.get(handle, 0)
+        if used > 1:
+            self._outstanding[handle] = used - 1
+        else:
+            self._outstanding.pop(handle, None)

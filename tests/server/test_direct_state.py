@@ -1,0 +1,524 @@
+"""Tests of ipcfw.server.direct: the direct path's rules, fed as decoded frames, checked on frames.
+
+No processes, sockets or sleeps: a `ServerState` over a small plugin, with a fake `DirectIO`
+recording what the rules send on each connection. What a kernel sends is fed with `receive`;
+what a client sends on a direct connection with `rules.receive(connection, frame)`. The
+sockets (the host's `_DirectPort`) are tested in test_direct_process.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from collections.abc import Callable
+
+import pytest
+
+from ipcfw import errors
+from ipcfw.protocol import (
+    ERROR_STRING_FUNCTION,
+    MAX_FRAME,
+    Attach,
+    Cancel,
+    Close,
+    Complete,
+    Completed,
+    Connect,
+    Deliver,
+    Disconnect,
+    Mode,
+    Negotiated,
+    NewSession,
+    Panicked,
+    PeerInfo,
+    Request,
+    decode,
+)
+from ipcfw.server import ClientInfo, CServer, CSession, RMessage
+from ipcfw.server.direct import POOL_SLOTS, DirectConnection, DirectRules
+from ipcfw.server.message import DirectMessage
+from ipcfw.server.overlay import Layers
+from ipcfw.server.state import ServerState
+from ipcfw.version import TVersion
+
+HANDLE = 0x201
+CLIENT = 9
+PID, UID, GID = 4242, 1000, 1000
+TICKET = bytes(range(16))
+SYNC, ASYNC, BLIND = int(Mode.SYNC), int(Mode.ASYNC), int(Mode.BLIND)
+
+
+class Holder(CSession):
+    """Records what it is asked; holds messages unless the server has an action for them."""
+
+    def ServiceL(self, message: RMessage) -> None:
+        server = self.Server()
+        server.events.append(("service", message.Function(), message.Client().pid))
+        server.held.append(message)
+        action = server.actions.pop(0) if server.actions else None
+        if action is not None:
+            action(message)
+
+    def Cancelled(self, message: RMessage) -> None:
+        self.Server().events.append(("cancelled", message.Function()))
+
+    def Disconnect(self, message: RMessage) -> None:
+        self.Server().events.append(("disconnect",))
+        message.Complete(errors.KErrNone)
+
+
+class Server(CServer):
+    name = "direct-test"
+    version = TVersion(1, 0, 0)
+    session_class = Holder
+    error_strings = {-9002: "direct's own"}
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.held: list[RMessage] = []
+        self.actions: list[Callable[[RMessage], None] | None] = []
+        self.refuse = False
+
+    def AcceptL(self, client: ClientInfo | None, version: TVersion, payload: bytes) -> None:
+        if self.refuse:
+            raise errors.IpcError(errors.KErrPermissionDenied, "refused by the test")
+
+
+def complete_with(value: int) -> Callable[[RMessage], None]:
+    return lambda message: message.Complete(value)
+
+
+class FakeLoop:
+    def on_loop_thread(self) -> bool:
+        return True
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        fn()
+
+
+class FakeIO:
+    """The host's side: frames sent per connection (decoded), and completions made 'on another
+    thread' (queued until `run_posted`) when `on_loop` is False."""
+
+    def __init__(self) -> None:
+        self.rules: DirectRules | None = None
+        self.sent: dict[int, list[Any]] = {}
+        self.on_loop = True
+        self.posted: list[tuple[DirectConnection, DirectMessage, bytes]] = []
+
+    def send(self, connection: DirectConnection, frame: bytes) -> None:
+        if connection.open:
+            self.sent.setdefault(connection.key, []).append(decode(frame))
+
+    def post(self, connection: DirectConnection, message: DirectMessage, frame: bytes) -> None:
+        assert self.rules is not None
+        if self.on_loop:
+            self.rules.finish(connection, message, frame)
+        else:
+            self.posted.append((connection, message, frame))
+
+    def run_posted(self) -> None:
+        assert self.rules is not None
+        posted, self.posted = self.posted, []
+        for item in posted:
+            self.rules.finish(*item)
+
+
+class Harness:
+    def __init__(self, server: Server, max_frame: int = MAX_FRAME) -> None:
+        self.server = server
+        self.io = FakeIO()
+        self.kernel: list[Any] = []
+        self.state = ServerState(Layers(server, FakeLoop()), self.emit, max_frame=max_frame,
+                                 direct=self.io)
+        assert self.state.direct is not None
+        self.rules: DirectRules = self.state.direct
+        self.io.rules = self.rules
+        self._ids = 1000
+        self._keys = 0
+        self.state.receive(PeerInfo(CLIENT, PID, UID, GID, "/bin/client"))
+
+    def emit(self, frame: bytes) -> None:
+        self.kernel.append(decode(frame))
+
+    def next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def new_session(self, handle: int = HANDLE, ticket: bytes = TICKET, slots: int = 0) -> Any:
+        msg_id = self.next_id()
+        self.state.receive(NewSession(msg_id, handle, (1, 0, 0), CLIENT, b"", ticket, slots))
+        return self.kernel.pop()
+
+    def connection(self, pid: int = PID) -> DirectConnection:
+        self._keys += 1
+        return self.rules.connection(self._keys, pid, UID, GID)
+
+    def feed(self, connection: DirectConnection, message: Any) -> list[Any]:
+        """Feed one client frame; returns what was sent on `connection` meanwhile."""
+        assert self.rules.receive(connection, message) is False
+        return self.take(connection)
+
+    def take(self, connection: DirectConnection) -> list[Any]:
+        return self.io.sent.pop(connection.key, [])
+
+    def attached(self, handle: int = HANDLE, ticket: bytes = TICKET,
+                 slots: int = 0) -> DirectConnection:
+        assert self.new_session(handle, ticket, slots).value == errors.KErrNone
+        connection = self.connection()
+        assert self.feed(connection, Attach(1, ticket)) == [Completed(1, handle, ())]
+        return connection
+
+
+@pytest.fixture
+def server() -> Server:
+    return Server()
+
+
+@pytest.fixture
+def harness(server: Server) -> Harness:
+    return Harness(server)
+
+
+# -- tickets and Attach ---------------------------------------------------------------------------
+
+
+def test_a_ticket_attaches_its_session_and_requests_are_served_on_the_connection(harness, server):
+    connection = harness.attached()
+    server.actions = [complete_with(7)]
+    assert harness.feed(connection, Request(5, HANDLE, 3, (), SYNC)) == [Completed(5, 7, ())]
+    assert server.events == [("service", 3, PID)]
+    assert harness.kernel == []  # nothing goes to the kernel
+    assert harness.rules.statistics()["attached"] == 1
+
+
+def test_writes_travel_back_with_the_completion(harness, server):
+    connection = harness.attached()
+
+    def write(message: RMessage) -> None:
+        message.WriteL(0, b"hello")
+        message.Complete(5)
+
+    server.actions = [write]
+    assert harness.feed(connection, Request(6, HANDLE, 1, ((b"", 16),), SYNC)) == [
+        Completed(6, 5, ((0, b"hello"),))
+    ]
+
+
+def test_attach_from_another_process_is_refused_and_the_ticket_stays(harness):
+    harness.new_session()
+    intruder = harness.connection(pid=PID + 1)
+    assert harness.feed(intruder, Attach(1, TICKET)) == [
+        Completed(1, errors.KErrPermissionDenied, ())
+    ]
+    assert harness.feed(intruder, Request(2, HANDLE, 1, (), SYNC)) == [
+        Panicked(2, HANDLE, "KERN-EXEC", 0, 0)
+    ]
+    rightful = harness.connection()
+    assert harness.feed(rightful, Attach(3, TICKET)) == [Completed(3, HANDLE, ())]
+    assert harness.rules.problems == {"Attach refused: ticket presented by another process": 1}
+
+
+def test_forged_and_replayed_tickets_are_refused(harness):
+    connection = harness.attached()
+    again = harness.connection()
+    assert harness.feed(again, Attach(2, TICKET)) == [Completed(2, errors.KErrPermissionDenied, ())]
+    assert harness.feed(connection, Attach(3, b"\xff" * 16)) == [
+        Completed(3, errors.KErrPermissionDenied, ())
+    ]
+    assert harness.rules.problems == {"Attach refused: unknown or used ticket": 2}
+
+
+def test_a_refused_connect_leaves_no_ticket(harness, server):
+    server.refuse = True
+    assert harness.new_session().value == errors.KErrPermissionDenied
+    assert harness.rules.statistics()["tickets"] == 0
+    connection = harness.connection()
+    assert harness.feed(connection, Attach(1, TICKET)) == [
+        Completed(1, errors.KErrPermissionDenied, ())
+    ]
+
+
+def test_a_session_on_the_kernel_path_has_no_ticket(harness):
+    assert harness.new_session(ticket=b"").value == errors.KErrNone
+    assert harness.rules.statistics()["tickets"] == 0
+
+
+def test_a_ticket_of_a_closed_session_is_refused(harness):
+    harness.new_session()
+    harness.state.receive(Disconnect(harness.next_id(), HANDLE))
+    connection = harness.connection()
+    assert harness.feed(connection, Attach(1, TICKET)) == [
+        Completed(1, errors.KErrPermissionDenied, ())
+    ]
+    assert harness.rules.statistics()["tickets"] == 0
+
+
+def test_a_ticket_of_an_unknown_client_is_not_kept(harness):
+    harness.state.receive(NewSession(harness.next_id(), HANDLE, (1, 0, 0), CLIENT + 1, b"",
+                                     TICKET, 0))
+    assert harness.kernel.pop().value == errors.KErrNone  # the session works on the kernel path
+    assert harness.rules.statistics()["tickets"] == 0
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [SYNC, ASYNC, BLIND])
+def test_a_request_for_a_handle_not_attached_here_is_kern_exec_0(harness, server, mode):
+    harness.attached()
+    other = harness.connection()
+    assert harness.feed(other, Request(9, HANDLE, 1, (), mode)) == [
+        Panicked(9, HANDLE, "KERN-EXEC", 0, 0)
+    ]
+    assert harness.feed(other, Request(10, 0x7777, 1, (), mode)) == [
+        Panicked(10, 0x7777, "KERN-EXEC", 0, 0)
+    ]
+    assert server.events == []
+
+
+def test_error_string_is_answered_by_the_framework(harness, server):
+    connection = harness.attached()
+    reply = harness.feed(connection, Request(4, HANDLE, ERROR_STRING_FUNCTION,
+                                             (-9002, (b"", 64)), SYNC))
+    assert reply == [Completed(4, len(b"direct's own"), ((1, b"direct's own"),))]
+    assert server.events == []
+
+
+def test_serviceL_raising_completes_with_its_code(harness, server):
+    connection = harness.attached()
+
+    def fail(message: RMessage) -> None:
+        raise errors.IpcError(errors.KErrNotFound, "no")
+
+    server.actions = [fail]
+    assert harness.feed(connection, Request(4, HANDLE, 1, (), SYNC)) == [
+        Completed(4, errors.KErrNotFound, ())
+    ]
+
+
+def test_a_completion_over_the_frame_limit_is_overflow(server):
+    harness = Harness(server, max_frame=64)
+    connection = harness.attached()
+
+    def big(message: RMessage) -> None:
+        message.WriteL(0, b"x" * 100)
+        message.Complete(0)
+
+    server.actions = [big]
+    assert harness.feed(connection, Request(4, HANDLE, 1, ((b"", 200),), SYNC)) == [
+        Completed(4, errors.KErrOverflow, ())
+    ]
+
+
+def test_completions_from_another_thread_go_through_the_host(harness, server):
+    connection = harness.attached(slots=1)
+    harness.feed(connection, Request(4, HANDLE, 1, (), ASYNC))
+    harness.io.on_loop = False
+    server.held[0].Complete(3)
+    assert harness.take(connection) == []
+    assert harness.rules.statistics()["slots_used"] == 1  # freed on the loop thread
+    harness.io.run_posted()
+    assert harness.take(connection) == [Completed(4, 3, ())]
+    assert harness.rules.statistics()["slots_used"] == 0
+
+
+def test_a_reused_request_id_in_service_is_misbehaviour(harness):
+    connection = harness.attached()
+    harness.feed(connection, Request(4, HANDLE, 1, (), SYNC))
+    assert harness.rules.receive(connection, Request(4, HANDLE, 1, (), SYNC)) is True
+    assert harness.rules.problems == {"request id in use": 1}
+
+
+@pytest.mark.parametrize("message", [
+    Connect(1, "x", (1, 0, 0), 0, b""), Completed(1, 0, ()), Complete(1, 0, ()),
+    Deliver(1, HANDLE, 1, (), 1), Negotiated(1, 0, b""),
+])
+def test_any_other_message_is_misbehaviour(harness, message):
+    connection = harness.connection()
+    assert harness.rules.receive(connection, message) is True
+    assert harness.rules.problems == {"unexpected message": 1}
+
+
+# -- slots and blind requests -------------------------------------------------------------------
+
+
+def test_no_slots_refuses_async_and_blind_but_not_sync(harness, server):
+    connection = harness.attached(slots=0)
+    assert harness.feed(connection, Request(2, HANDLE, 1, (), ASYNC)) == [
+        Completed(2, errors.KErrServerBusy, ())
+    ]
+    assert harness.feed(connection, Request(3, HANDLE, 1, (), BLIND)) == [
+        Completed(3, errors.KErrServerBusy, ())
+    ]
+    server.actions = [complete_with(1)]
+    assert harness.feed(connection, Request(4, HANDLE, 1, (), SYNC)) == [Completed(4, 1, ())]
+    assert len(server.held) == 1
+
+
+def test_n_slots_allow_n_outstanding_and_a_completion_frees_one(harness, server):
+    connection = harness.attached(slots=2)
+    assert harness.feed(connection, Request(2, HANDLE, 1, (), ASYNC)) == []
+    assert harness.feed(connection, Request(3, HANDLE, 1, (), BLIND)) == [
+        Completed(3, errors.KErrNone, ())
+    ]
+    assert harness.feed(connection, Request(4, HANDLE, 1, (), ASYNC)) == [
+        Completed(4, errors.KErrServerBusy, ())
+    ]
+    assert harness.feed(connection, Request(5, HANDLE, 1, (), SYNC)) == []  # sync takes none
+    server.held[0].Complete(0)
+    assert harness.take(connection) == [Completed(2, 0, ())]
+    assert harness.feed(connection, Request(6, HANDLE, 1, (), ASYNC)) == []
+
+
+def test_the_kernel_pool_allows_a_bounded_number_on_the_direct_path(harness):
+    connection = harness.attached(slots=-1)
+    for req_id in range(POOL_SLOTS):
+        assert harness.feed(connection, Request(req_id + 10, HANDLE, 1, (), ASYNC)) == []
+    assert harness.feed(connection, Request(1, HANDLE, 1, (), ASYNC)) == [
+        Completed(1, errors.KErrServerBusy, ())
+    ]
+
+
+def test_a_blind_requests_own_completion_is_not_sent(harness, server):
+    connection = harness.attached(slots=1)
+    assert harness.feed(connection, Request(2, HANDLE, 1, (), BLIND)) == [
+        Completed(2, errors.KErrNone, ())
+    ]
+    server.held[0].Complete(99)
+    assert harness.take(connection) == []
+    assert harness.rules.statistics()["slots_used"] == 0
+
+
+# -- cancel ------------------------------------------------------------------------------------
+
+
+def test_cancel_ends_a_request_in_service(harness, server):
+    connection = harness.attached(slots=1)
+    harness.feed(connection, Request(2, HANDLE, 8, (), ASYNC))
+    assert harness.feed(connection, Cancel(2)) == [Completed(2, errors.KErrCancel, ())]
+    assert server.events[-1] == ("cancelled", 8)
+    assert server.held[0].IsCancelled()
+    server.held[0].Complete(0)  # dropped: the client has its answer
+    assert harness.take(connection) == []
+    assert harness.rules.statistics()["slots_used"] == 0
+
+
+def test_cancel_of_a_completed_request_does_nothing(harness, server):
+    connection = harness.attached(slots=1)
+    server.actions = [complete_with(4)]
+    assert harness.feed(connection, Request(2, HANDLE, 8, (), ASYNC)) == [Completed(2, 4, ())]
+    assert harness.feed(connection, Cancel(2)) == []
+    assert harness.feed(connection, Cancel(12345)) == []
+    assert ("cancelled", 8) not in server.events
+
+
+def test_cancel_on_another_connection_finds_nothing(harness, server):
+    connection = harness.attached(slots=1)
+    harness.feed(connection, Request(2, HANDLE, 8, (), ASYNC))
+    assert harness.feed(harness.connection(), Cancel(2)) == []
+    assert not server.held[0].IsNull()
+
+
+# -- Close, connection end, Disconnect -------------------------------------------------------
+
+
+def test_close_detaches_the_handle_from_the_connection(harness, server):
+    connection = harness.attached()
+    assert harness.feed(connection, Close(HANDLE)) == []
+    assert harness.feed(connection, Request(2, HANDLE, 1, (), SYNC)) == [
+        Panicked(2, HANDLE, "KERN-EXEC", 0, 0)
+    ]
+    assert harness.feed(connection, Close(HANDLE)) == []  # again: nothing
+    assert harness.rules.attached(HANDLE) == 0
+
+
+def test_a_disconnect_waits_for_the_close_on_the_direct_connection(harness, server):
+    connection = harness.attached()
+    harness.feed(connection, Request(2, HANDLE, 1, (), SYNC))
+    msg_id = harness.next_id()
+    harness.state.receive(Disconnect(msg_id, HANDLE))
+    assert harness.kernel == [] and ("disconnect",) not in server.events
+    assert harness.rules.statistics()["held_disconnects"] == 1
+    # a request sent before the Close is still served
+    server.actions = [complete_with(1)]
+    assert harness.feed(connection, Request(3, HANDLE, 1, (), SYNC)) == [Completed(3, 1, ())]
+    harness.feed(connection, Close(HANDLE))
+    assert harness.kernel == [Complete(msg_id, errors.KErrNone, ())]
+    assert server.events[-1] == ("disconnect",)
+    assert harness.state.statistics()["sessions"] == 0
+    assert harness.rules.statistics() == {
+        "tickets": 0, "attached": 0, "slots_used": 0, "dead": 0, "held_disconnects": 0,
+    }
+
+
+def test_a_disconnect_of_a_session_not_attached_runs_at_once(harness, server):
+    harness.new_session()  # ticket never used
+    msg_id = harness.next_id()
+    harness.state.receive(Disconnect(msg_id, HANDLE))
+    assert harness.kernel == [Complete(msg_id, errors.KErrNone, ())]
+    assert harness.rules.statistics()["tickets"] == 0
+
+
+def test_connection_end_cancels_its_requests_and_releases_a_held_disconnect(harness, server):
+    connection = harness.attached(slots=2)
+    harness.feed(connection, Request(2, HANDLE, 5, (), ASYNC))
+    harness.feed(connection, Request(3, HANDLE, 6, (), SYNC))
+    msg_id = harness.next_id()
+    harness.state.receive(Disconnect(msg_id, HANDLE))
+    assert harness.kernel == []
+    harness.rules.connection_ended(connection)
+    assert ("cancelled", 5) in server.events and ("cancelled", 6) in server.events
+    assert server.events[-1] == ("disconnect",)
+    assert harness.kernel == [Complete(msg_id, errors.KErrNone, ())]
+    server.held[0].Complete(0)  # a late completion goes nowhere
+    assert harness.take(connection) == []
+    harness.rules.connection_ended(connection)  # twice: nothing more
+
+
+def test_the_kernel_path_is_unchanged_beside_the_direct_one(harness, server):
+    harness.attached()
+    server.actions = [complete_with(8)]
+    harness.state.receive(Deliver(77, HANDLE, 1, (), CLIENT))
+    assert harness.kernel == [Complete(77, 8, ())]
+
+
+# -- panic ----------------------------------------------------------------------------------------
+
+
+def test_a_panic_kills_the_session_on_the_direct_path_until_disconnect(harness, server):
+    connection = harness.attached()
+    server.actions = [lambda message: message.Panic("TEST", 7)]
+    assert harness.feed(connection, Request(2, HANDLE, 1, (), SYNC)) == [
+        Panicked(2, HANDLE, "TEST", 7, 1)
+    ]
+    assert harness.feed(connection, Request(3, HANDLE, 1, (), ASYNC)) == [
+        Panicked(3, HANDLE, "TEST", 7, 1)
+    ]
+    assert harness.kernel == []  # the kernel is told nothing extra
+    harness.feed(connection, Close(HANDLE))
+    harness.state.receive(Disconnect(harness.next_id(), HANDLE))
+    assert harness.rules.statistics()["dead"] == 0
+
+
+# -- the registration ends --------------------------------------------------------------------
+
+
+def test_nothing_is_sent_once_the_registration_has_ended(harness, server):
+    connection = harness.attached(slots=1)
+    harness.feed(connection, Request(2, HANDLE, 1, (), ASYNC))
+    harness.io.on_loop = False
+    harness.state.end()
+    server.held[0].Complete(0)
+    harness.io.run_posted()
+    assert harness.take(connection) == []
+    assert harness.rules.ended and not connection.open
+    assert harness.rules.statistics()["tickets"] == 0
+
+
+def test_a_state_without_direct_io_ignores_tickets(server):
+    kernel: list[Any] = []
+    state = ServerState(Layers(server, FakeLoop()), lambda f: kernel.append(decode(f)),
+                        max_frame=MAX_FRAME)
+    state.receive(PeerInfo(CLIENT, PID, UID, GID, "x"))
+    state.receive(NewSession(1, HANDLE, (1, 0, 0), CLIENT, b"", TICKET, 1))
+    assert state.direct is None and kernel == [Negotiated(1, errors.KErrNone, b"")]
