@@ -436,9 +436,14 @@ class DirectChannel:
         return None
 
     def _send(self, frame: bytes) -> None:
-        """Send under the lock; a connection that breaks ends (ServerTerminated)."""
+        """Send under the lock. A full socket (a server that reads no more for now) is waited
+        for, as long as the kernel lives; a connection that breaks ends (ServerTerminated)."""
+        socket = self.socket
         try:
-            self.socket.send(frame, HELLO_TIMEOUT)
+            while not socket.send(frame):
+                if self.runtime.kernel_dead:
+                    raise self.runtime.kernel_gone_error()
+                socket.wait_writable(_SLICE)
         except OSError as exc:
             log.debug("the direct connection to %s failed: %s", self.path, exc)
             self._end()

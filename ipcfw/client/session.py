@@ -394,7 +394,8 @@ class RSession:
         runtime, handle = self._check_usable(function)
         req_id = runtime.next_req_id()
         life = self._life
-        direct: DirectChannel | None = life.route(_get_ident())
+        # (The kernel path pays one attribute read here, not a call: ~5 ns, not ~50.)
+        direct: DirectChannel | None = None if life.direct is None else life.route(_get_ident())
         if status is None:
             frame = encode(Request(req_id, handle, function, ipc_args.wire, _SYNC))
             channel: AnyChannel = runtime.channel() if direct is None else direct

@@ -295,10 +295,19 @@ def test_a_direct_socket_spins_then_sleeps_and_sees_the_peers_end() -> None:
         assert direct.receive() == b"two"
         threading.Timer(SPIN / 2, peer.send, (b"late",)).start()
         assert direct.wait_readable(1.0) == b"late"
-        direct.send(b"x" * 1000, 1.0)
+        assert direct.send(b"x" * 1000)
         assert peer.recv(2000) == b"x" * 1000
         peer.close()
         assert direct.wait_readable(1.0) == b""  # the peer's end
+        direct.close()
+        direct = DirectSocket(path, 1.0)
+        peer, _ = listener.accept()
+        while direct.send(b"y" * 10000):  # the peer reads nothing: the buffer fills
+            pass
+        direct.wait_writable(0.05)  # (returns, full or not)
+        peer.close()  # with frames unread: the connection is reset
+        with pytest.raises(ConnectionResetError):
+            direct.send(b"z")
         direct.close()
     finally:
         listener.close()
