@@ -285,6 +285,7 @@ def test_a_direct_socket_spins_then_sleeps_and_sees_the_peers_end() -> None:
     try:
         direct = DirectSocket(path, 1.0)
         peer, _ = listener.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         assert direct.receive() is None
         started = time.perf_counter()
         assert direct.wait_readable(0.05) is None
@@ -297,6 +298,12 @@ def test_a_direct_socket_spins_then_sleeps_and_sees_the_peers_end() -> None:
         assert direct.wait_readable(1.0) == b"late"
         assert direct.send(b"x" * 1000)
         assert peer.recv(2000) == b"x" * 1000
+        assert direct.send(b"b" * 300_000)  # over the default send buffer's 208 KiB
+        assert peer.recv(400_000) == b"b" * 300_000
+        with pytest.raises(ValueError, match="path='kernel'"):
+            direct.send(b"h" * 40_000_000)  # no datagram this large: refused, still connected
+        peer.send(b"c" * 300_000)  # (peers raise their send buffer as the client does)
+        assert direct.wait_readable(1.0) == b"c" * 300_000
         peer.close()
         assert direct.wait_readable(1.0) == b""  # the peer's end
         direct.close()
@@ -347,3 +354,15 @@ def test_a_close_from_another_thread_ends_a_direct_sync_call_in_flight(world: Wo
     assert len(outcome) == 1 and isinstance(outcome[0], ipcfw.SessionClosed)
     wait_until(lambda: Close(handle) in world.server.events, 5)
     wait_until(lambda: Close(handle) in world.kernel.events, 5)
+
+
+def test_a_request_too_large_for_a_datagram_is_refused_and_the_session_lives(
+    world: World,
+) -> None:
+    with world.connect() as session:
+        with pytest.raises(ValueError, match="path='kernel'"):
+            session.SendReceive(EECHO, (b"x" * 10_000_000,))
+        status = TRequestStatus()
+        with pytest.raises(ValueError):
+            session.SendReceive(EECHO, (b"x" * 10_000_000,), status)
+        assert session.SendReceive(EECHO, (7,)) == 7
