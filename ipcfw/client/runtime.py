@@ -40,6 +40,24 @@ that needs an answer fetch it itself, and keeps its own I/O thread off the hot p
   up to the kernel's notice. Requests answered before it complete with their answers; the rest
   then complete with KErrDisconnected, naming why.
 
+Direct connections (the direct data path)
+----------------------------------------
+A session created with ``path="direct"`` whose Connected carries a ticket is attached (Attach)
+to a **direct connection** of the creating thread: a SOCK_SEQPACKET socket to the server's
+process (`DirectChannel`, over `ipcfw.client.direct.DirectSocket`), one per thread per server
+socket, made on first use. The session's requests from that thread go on it; every other
+thread's, and everything else (Connect, Share, Open, Close), go to the kernel. A direct
+connection follows the channel's rules: used only under its lock, settled by whoever needs
+progress, its requests in the same pending table, waited for by the same `Runtime.wait`, its
+file descriptor in the same pollers (level triggered: a frame waiting keeps it readable). A
+synchronous call spins on a non-blocking receive before it sleeps (`direct.SPIN`: waking a
+sleeping thread costs more than the round trip). Its ends: the thread's end closes it (its
+requests complete with KErrDied); the server closing it (death) completes its requests with
+KErrServerTerminated, and later calls on it raise ServerTerminated; the kernel's death closes
+them all. A Close says Close(handle) on the session's direct connections before the kernel's
+Close, so that the server's Disconnect follows every request sent before it. If a connection
+cannot be made or the Attach fails, the session stays on the kernel path (logged at debug).
+
 Routing ids are random 128-bit values: the kernel never trusts them as identity (it reads the
 process credentials the transport gives it), but a random id cannot collide with libzmq's own.
 """
@@ -53,8 +71,8 @@ import os
 import threading
 import time
 import weakref
-from typing import Protocol, TypeVar, cast
-from collections.abc import Iterable, Sequence
+from typing import Protocol, TypeAlias, TypeVar, cast
+from collections.abc import Callable, Iterable, Sequence
 
 import zmq
 
@@ -64,6 +82,7 @@ from .._wakeup import WakePipe
 from .._zmqflags import EVENTS, POLLIN
 from ..protocol import (
     PROTOCOL_VERSION,
+    Attach,
     Close,
     Completed,
     Connected,
@@ -78,6 +97,7 @@ from ..protocol import (
     decode,
     encode,
 )
+from .direct import DirectSocket
 from .state import ClientState, Pending, SessionLife
 
 log = logging.getLogger("ipcfw.client")
@@ -86,6 +106,7 @@ HELLO_TIMEOUT = 5.0  # seconds to wait for a Welcome before declaring the kernel
 IDLE = 0.005  # a channel untouched this long is settled by the I/O thread
 SETTLE_INTERVAL = 0.001  # a thread only sending async requests still settles this often
 _SLICE = 0.05  # blocked waits wake this often (seconds) to notice a dead kernel or a deadline
+ATTACH_TIMEOUT = 5.0  # seconds to connect to a server's socket and attach, if the connect had none
 
 
 class Waitable(Protocol):
@@ -189,7 +210,7 @@ class Channel:
             self._settle()
             self.last_used = time.monotonic()
 
-    def send_async(self, frame: bytes, req_id: int, pending: Pending[Channel]) -> None:
+    def send_async(self, frame: bytes, req_id: int, pending: Pending[AnyChannel]) -> None:
         """Send an async request, registered first: its answer may be read at once."""
         self.check_size(frame)
         runtime = self.runtime
@@ -353,17 +374,249 @@ class Channel:
             self.socket.close()
 
 
+class DirectChannel:
+    """A direct connection from one thread to one server's socket (`DirectSocket`), used only
+    under `lock`; beside the thread's `Channel`, sharing the runtime's tables and waiting.
+
+    It carries the Attach, Requests, Cancels and Closes of the sessions the thread created on
+    the direct path, and their answers (Completed, Panicked). Its file descriptor is level
+    triggered: a frame waiting keeps it readable, so a send needs no settle to re-arm it.
+    """
+
+    def __init__(self, runtime: Runtime, path: str, max_frame: int, timeout: float) -> None:
+        """Connect to the server's socket `path`; raise OSError if that cannot be done."""
+        self.runtime = runtime
+        self.path = path
+        self.max_frame = max_frame
+        self.socket = DirectSocket(path, timeout)
+        self.fd = self.socket.fd
+        self.thread = threading.get_ident()  # the one thread whose sessions' calls it carries
+        self.lock = threading.RLock()  # (reentrant, as the Channel's)
+        self.pending = 0  # async requests sent here and not yet completed (under count_lock)
+        self.watchers = 0  # other threads that may sleep on `fd` (under count_lock)
+        self.count_lock = threading.Lock()
+        self.poller = zmq.Poller()  # for threads waiting on this channel without the lock
+        self.poller.register(self.fd, zmq.POLLIN)
+        self.last_used = self.settled_at = time.monotonic()
+        self.closed = False
+        self.ended = False  # the server closed the connection (it died, or refused us)
+        self.replies: dict[int, Message | None] = {}  # sync calls in progress, as the Channel's
+        self.loop_readers: dict[object, int] = {}
+
+    def __repr__(self) -> str:
+        state = " ended" if self.ended else " closed" if self.closed else ""
+        return f"<DirectChannel {self.path} pending={self.pending}{state}>"
+
+    def check_size(self, frame: bytes) -> None:
+        if len(frame) > self.max_frame:
+            raise ValueError(
+                f"request of {len(frame)} bytes exceeds the kernel's limit of"
+                f" {self.max_frame} bytes"
+            )
+
+    def awaits_answers(self) -> bool:
+        return bool(self.pending)
+
+    def ended_error(self) -> errors.IpcError:
+        return errors.IpcError(
+            errors.KErrServerTerminated,
+            f"the server closed this thread's direct connection ({self.path})",
+        )
+
+    def _refusal(self) -> errors.IpcError | None:
+        """Why nothing can be sent here any more, or None. Call with the lock held."""
+        if self.ended:
+            return self.ended_error()
+        if self.runtime.kernel_dead:
+            return self.runtime.kernel_gone_error()
+        if self.closed:
+            return errors.IpcError(
+                errors.KErrDisconnected, f"the direct connection to {self.path} was closed"
+            )
+        return None
+
+    def _send(self, frame: bytes) -> None:
+        """Send under the lock. A full socket (a server that reads no more for now) is waited
+        for, as long as the kernel lives; a connection that breaks ends (ServerTerminated)."""
+        socket = self.socket
+        try:
+            while not socket.send(frame):
+                if self.runtime.kernel_dead:
+                    raise self.runtime.kernel_gone_error()
+                socket.wait_writable(_SLICE)
+        except OSError as exc:
+            log.debug("the direct connection to %s failed: %s", self.path, exc)
+            self._end()
+            raise self.ended_error() from None
+
+    def send(self, frame: bytes) -> None:
+        """Send one frame that expects no answer (a Cancel, a Close). On a connection that
+        has ended or closed nothing is sent: its requests are all completed already."""
+        self.check_size(frame)
+        with self.lock:
+            if self.ended or self.closed:
+                return
+            try:
+                self._send(frame)
+            except errors.IpcError:
+                return  # (ended: its requests completed with KErrServerTerminated)
+            self._settle()
+            self.last_used = time.monotonic()
+
+    def send_async(self, frame: bytes, req_id: int, pending: Pending[AnyChannel]) -> None:
+        """Send an async request, registered first: its answer may be read at once."""
+        self.check_size(frame)
+        runtime = self.runtime
+        with self.lock:
+            refusal = self._refusal()
+            if refusal is not None:
+                raise refusal
+            runtime.state.add(req_id, pending)
+            with self.count_lock:
+                self.pending += 1
+            try:
+                self._send(frame)
+            except BaseException:
+                if runtime.state.take(req_id) is not None:  # withdrawn: it was never sent
+                    with self.count_lock:
+                        self.pending -= 1
+                raise
+            now = self.last_used = time.monotonic()
+            if now - self.settled_at > SETTLE_INTERVAL:
+                self._settle()  # (the server's buffer for us is bounded: keep reading)
+        if self.pending == 1:
+            runtime.nudge()  # the I/O thread may be asleep with nothing to watch
+
+    def call(self, frame: bytes, req_id: int, timeout: float | None = None) -> Message:
+        """Send `frame` and return the reply carrying `req_id`, holding the lock throughout."""
+        self.check_size(frame)
+        with self.lock:
+            refusal = self._refusal()
+            if refusal is not None:
+                raise refusal
+            self.replies[req_id] = None
+            try:
+                self._send(frame)
+                return self._receive(req_id, timeout)
+            finally:
+                self.replies.pop(req_id, None)
+                self.last_used = time.monotonic()
+
+    def _receive(self, req_id: int, timeout: float | None) -> Message:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        socket = self.socket
+        while True:
+            reply = self.replies.get(req_id)
+            if reply is not None:
+                return reply  # read by a nested settle, or ended by a Close
+            if self.ended:
+                raise self.ended_error()
+            if self.closed:
+                raise self._refusal() or self.ended_error()
+            wait = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
+            try:
+                frame = socket.wait_readable(max(wait, 0.0))
+            except OSError as exc:
+                log.debug("the direct connection to %s failed: %s", self.path, exc)
+                frame = b""
+            if frame is None:
+                if self.runtime.kernel_dead:
+                    raise self.runtime.kernel_gone_error()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"no reply within {timeout} s")
+                continue
+            if not frame:
+                self._end()
+                continue
+            self._dispatch_frame(frame)
+
+    def end_call(self, req_id: int, reply: Message) -> None:
+        """Answer the sync call `req_id` in flight here with `reply` (a Close on another
+        thread); its thread sees it within one wait slice."""
+        if req_id in self.replies:
+            self.replies[req_id] = reply
+
+    def try_settle(self) -> bool:
+        """Settle if nobody else holds the lock; False if somebody does (they will settle)."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            if not self.closed:
+                self._settle()
+        finally:
+            self.lock.release()
+        return True
+
+    def _settle(self) -> None:
+        """Read and dispatch everything waiting. Call with the lock held."""
+        self.settled_at = time.monotonic()
+        while not self.closed:
+            try:
+                frame = self.socket.receive()
+            except OSError as exc:
+                log.debug("the direct connection to %s failed: %s", self.path, exc)
+                frame = b""
+            if frame is None:
+                return
+            if not frame:
+                self._end()
+                return
+            self._dispatch_frame(frame)
+
+    def _dispatch_frame(self, frame: bytes) -> None:
+        try:
+            reply = decode(frame)
+        except ProtocolError as exc:
+            log.error("dropping a malformed frame from the server at %s: %s", self.path, exc)
+            return
+        req_id = getattr(reply, "req_id", None)
+        if req_id in self.replies:
+            self.replies[req_id] = reply
+        elif type(reply) is Completed:
+            self.runtime.complete(reply.req_id, reply.value, reply.writes)
+        elif type(reply) is Panicked:
+            self.runtime.panicked(reply)
+        else:
+            log.error("unexpected %s from the server at %s", type(reply).__name__, self.path)
+
+    def _end(self) -> None:
+        """The server closed the connection (EOF or error): its requests still pending
+        complete with KErrServerTerminated. Call with the lock held."""
+        if not self.ended:
+            self.ended = True
+            self.runtime.retire_direct(self, self.ended_error)
+
+    def close(self) -> None:
+        """Close the socket (the lock held or not: a thread's end, the kernel's death)."""
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.socket.close()
+
+
+AnyChannel: TypeAlias = Channel | DirectChannel
+"""Where a request's answer arrives: the thread's channel to the kernel, or a direct one."""
+
+
 class _ThreadSentinel:
-    """Lives in a thread's local storage: when the thread ends, its channel is retired."""
+    """Lives in a thread's local storage: when the thread ends, its channel and its direct
+    connections (server socket path -> connection) are retired."""
 
     def __init__(self, runtime: Runtime, channel: Channel) -> None:
         self.runtime = weakref.ref(runtime)
         self.channel = channel
+        self.direct: dict[str, DirectChannel] = {}
 
     def __del__(self) -> None:
         runtime = self.runtime()
         if runtime is not None:
+            for direct in list(self.direct.values()):
+                runtime.retire_direct(direct, _thread_ended)
             runtime.retire(self.channel)
+
+
+def _thread_ended() -> errors.IpcError:
+    return errors.IpcError(errors.KErrDied, "the thread that made the request has ended")
 
 
 class Runtime:
@@ -421,8 +674,9 @@ class Runtime:
         self._gone_reason: tuple[int, str] | None = None
         self._closed = False
         # pending requests, session holders
-        self.state: ClientState[Channel] = ClientState(threading.Lock())
+        self.state: ClientState[AnyChannel] = ClientState(threading.Lock())
         self.channels: set[Channel] = set()
+        self.direct_channels: set[DirectChannel] = set()  # every thread's direct connections
         self.completions = threading.Condition()  # for waiters who cannot settle themselves
         self.blocked_waiters = 0
         self._req_ids = itertools.count(1)
@@ -441,6 +695,10 @@ class Runtime:
             raise errors.IpcError(
                 errors.KErrDisconnected, f"the client runtime for {self.endpoint} was shut down"
             )
+        return self._sentinel().channel
+
+    def _sentinel(self) -> _ThreadSentinel:
+        """The calling thread's sentinel, with its channel (created on first use)."""
         sentinel = getattr(self._local, "sentinel", None)
         if sentinel is None:
             channel = Channel(self)
@@ -453,7 +711,61 @@ class Runtime:
             with old.lock:
                 old.replaced = True
                 self._close_if_finished(old)
-        return sentinel.channel
+        return sentinel
+
+    def attach_direct(
+        self, path: str, ticket: bytes, handle: int, timeout: float | None
+    ) -> DirectChannel | None:
+        """Attach session `handle` to the calling thread's direct connection to the server
+        socket `path` (made on first use), with the `ticket` its Connected carried. Returns
+        the connection, or None if it cannot be made or the Attach fails: the session then
+        stays on the kernel path (logged at debug)."""
+        wait = ATTACH_TIMEOUT if timeout is None else min(timeout, ATTACH_TIMEOUT)
+        sentinel = self._sentinel()
+        channel = sentinel.direct.get(path)
+        if channel is None or channel.closed:
+            try:
+                channel = DirectChannel(self, path, sentinel.channel.max_frame, wait)
+            except OSError as exc:
+                log.debug("no direct connection to %s (%s): session 0x%x stays on the kernel "
+                          "path", path, exc, handle)
+                return None
+            sentinel.direct[path] = channel
+            self.direct_channels.add(channel)
+        req_id = self.next_req_id()
+        try:
+            reply = channel.call(encode(Attach(req_id, ticket)), req_id, wait)
+        except TimeoutError:
+            # It may attach later: its Close must then reach the server (rule 6).
+            self.state.attach_direct(handle, channel)
+            log.debug("the server at %s did not answer Attach within %s s: session 0x%x stays "
+                      "on the kernel path", path, wait, handle)
+            return None
+        except errors.IpcError as exc:
+            log.debug("Attach to %s failed (%s): session 0x%x stays on the kernel path",
+                      path, exc, handle)
+            return None
+        if type(reply) is Completed and reply.value == handle:
+            self.state.attach_direct(handle, channel)
+            return channel
+        log.debug("the server at %s refused Attach (%r): session 0x%x stays on the kernel path",
+                  path, reply, handle)
+        return None
+
+    def retire_direct(
+        self, channel: DirectChannel, error: Callable[[], errors.IpcError]
+    ) -> None:
+        """A direct connection ends (its thread ended, its server closed it, the kernel died):
+        answers already read are delivered, its requests still pending complete with a new
+        `error()`, and it closes."""
+        if not channel.ended:
+            channel.try_settle()
+        _handles, requests = self.state.connection_ended(channel)
+        for req_id in requests:
+            failure = error()
+            self.complete(req_id, failure.code, (), failure)
+        self.direct_channels.discard(channel)
+        channel.close()
 
     def kernel_gone_error(self) -> errors.IpcError:
         """The error of a call this runtime can no longer make (a new one each time)."""
@@ -464,6 +776,10 @@ class Runtime:
         )
 
     # -- pending requests --------------------------------------------------------------------
+
+    def all_channels(self) -> list[AnyChannel]:
+        """Every channel and direct connection, taken at once (other threads change them)."""
+        return [*list(self.channels), *list(self.direct_channels)]
 
     def nudge(self) -> None:
         self._inbox.wake()
@@ -511,18 +827,23 @@ class Runtime:
 
     def close_session(self, life: SessionLife[Runtime], handle: int, owner_gone: bool) -> None:
         """An RSession let go of `handle` (its Close): its requests still pending and its sync
-        calls in flight on other threads complete with KErrSessionClosed; the kernel is told,
-        unless it ended the session already (it is gone, or, `owner_gone`, the unshared
-        session's thread ended, and its channel's end closed the session)."""
+        calls in flight on other threads complete with KErrSessionClosed; every direct
+        connection attached to the handle is told, then the kernel, unless it ended the
+        session already (it is gone, or, `owner_gone`, the unshared session's thread ended,
+        and its channel's end closed the session)."""
         closing = self.state.close(life, handle, ended=self.kernel_dead or owner_gone)
         for req_id in closing.requests:
             self.complete(req_id, errors.KErrSessionClosed)
         for channel, answer in closing.answers:
-            channel.end_call(answer.req_id, answer)
+            channel.end_call(answer.req_id, answer)  # (before the Close below waits for its lock)
+        if closing.direct:
+            frame = encode(Close(handle))
+            for direct in closing.direct:  # before the kernel's: Disconnect follows them all
+                direct.send(frame)
         if closing.tell_kernel:
             self.channel().send(encode(Close(handle)))
 
-    def wait(self, waits: Sequence[tuple[W, Channel | None]], timeout: float | None) -> W:
+    def wait(self, waits: Sequence[tuple[W, AnyChannel | None]], timeout: float | None) -> W:
         """Block until one of the statuses in `waits` completes and return it; settle their
         channels (each status's, None if it has none) meanwhile.
 
@@ -538,7 +859,7 @@ class Runtime:
             _add_watchers(channels, -1)
 
     def _wait(
-        self, waits: Sequence[tuple[W, Channel | None]], channels: set[Channel],
+        self, waits: Sequence[tuple[W, AnyChannel | None]], channels: set[AnyChannel],
         timeout: float | None,
     ) -> W:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -563,7 +884,7 @@ class Runtime:
                 poller.poll(int(remaining * 1000))
 
     def _sleep_on_completions(
-        self, waits: Sequence[tuple[Waitable, Channel | None]], seconds: float
+        self, waits: Sequence[tuple[Waitable, AnyChannel | None]], seconds: float
     ) -> None:
         with self.completions:
             self.blocked_waiters += 1
@@ -625,6 +946,8 @@ class Runtime:
         for req_id in list(self.state.pending):
             error = self.kernel_gone_error()
             self.complete(req_id, error.code, (), error)
+        for direct in list(self.direct_channels):
+            self.retire_direct(direct, self.kernel_gone_error)
 
     def close(self) -> None:
         """Stop the inbox thread and close every idle channel (tests, interpreter exit)."""
@@ -635,6 +958,11 @@ class Runtime:
         self.close_channels()
 
     def close_channels(self) -> None:
+        for direct in list(self.direct_channels):
+            self.direct_channels.discard(direct)
+            if direct.lock.acquire(timeout=1.0):  # a thread may still be in a call
+                direct.close()
+                direct.lock.release()
         for channel in list(self.channels):
             if channel.lock.acquire(timeout=1.0):  # a thread may still be in a call
                 channel.closed = True
@@ -643,7 +971,7 @@ class Runtime:
         self.channels.clear()
 
 
-def _fd_poller(channels: set[Channel]) -> zmq.Poller:
+def _fd_poller(channels: set[AnyChannel]) -> zmq.Poller:
     if len(channels) == 1:
         return next(iter(channels)).poller
     poller = zmq.Poller()
@@ -652,7 +980,7 @@ def _fd_poller(channels: set[Channel]) -> zmq.Poller:
     return poller
 
 
-def _add_watchers(channels: Iterable[Channel], delta: int) -> None:
+def _add_watchers(channels: Iterable[AnyChannel], delta: int) -> None:
     for channel in channels:
         with channel.count_lock:
             channel.watchers += delta
@@ -718,7 +1046,7 @@ class _Inbox:
             watched = self._unattended_channels()
             for channel in watched:
                 poller.register(channel.fd, zmq.POLLIN)
-            waiting = any(c.awaits_answers() for c in list(self.runtime.channels))
+            waiting = any(c.awaits_answers() for c in self.runtime.all_channels())
             try:
                 ready = dict(poller.poll(int(IDLE * 1000) if waiting else None))
             except zmq.ZMQError:
@@ -735,10 +1063,10 @@ class _Inbox:
                 self.runtime.kernel_died()
                 return
 
-    def _unattended_channels(self) -> list[Channel]:
+    def _unattended_channels(self) -> list[AnyChannel]:
         now = time.monotonic()
         return [
-            c for c in list(self.runtime.channels)
+            c for c in self.runtime.all_channels()
             if not c.closed and c.awaits_answers() and now - c.last_used > IDLE
         ]
 

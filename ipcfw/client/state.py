@@ -29,6 +29,15 @@ Rules this module keeps:
 5. One RSession holds one session, one RSubSession one subsession (`Hold`): connecting or
    creating one that holds one already is ClientPanic KERN-EXEC 57; while another thread is
    connecting or creating it, KERN-EXEC 9.
+6. The direct path: a session created with ``path="direct"`` may be attached to a direct
+   connection of the creating thread (`ClientState.attach_direct`). Its calls from that thread
+   go on that connection (`SessionLife.route`), every other thread's on the kernel path. A
+   Close first says Close(handle) on every direct connection of the process attached to the
+   handle, then to the kernel (`Closing.direct`), so that the server's Disconnect follows
+   every request sent before it. A direct connection that ends (its thread ended, its server
+   closed it, the kernel died) forgets its attachments (`ClientState.connection_ended`); its
+   requests still pending complete on the way (the runtime chooses the code: KErrDied,
+   KErrServerTerminated, the kernel's end).
 
 Threads: the pending table's exactly-once rests on `dict.pop`, which is atomic (one caller
 gets the entry), so completions need no lock. The holders table (`ClientState.sessions`) does
@@ -225,7 +234,7 @@ class SessionLife(Hold[V]):
     """An RSession's hold on a session, and how the session ended under it (rules 3 and 4):
     the error it died with, its abort callback, and its sync calls in flight."""
 
-    __slots__ = ("dead", "sync_calls", "_abort_callback", "_session")
+    __slots__ = ("dead", "sync_calls", "direct", "direct_thread", "_abort_callback", "_session")
 
     def __init__(self, session: object, lock: Lock) -> None:
         super().__init__(SESSION_WORDS, lock)
@@ -234,14 +243,36 @@ class SessionLife(Hold[V]):
         self._abort_callback: AbortCallback | None = None
         # req_id -> channel, of sync calls in flight: a Close from another thread ends them.
         self.sync_calls: dict[int, Any] = {}
+        # The direct connection the session is attached to (rule 6), and its thread's ident.
+        self.direct: Any = None
+        self.direct_thread = 0
 
-    def attach(self, via: V, handle: int) -> None:
+    def attach(self, via: V, handle: int, direct: Any = None, thread: int = 0) -> None:
         """As `Hold.attach`, alive: a new session, whatever became of the last one. The last
-        one's death is cleared first, so that no reader sees the new handle with it."""
+        one's death is cleared first, so that no reader sees the new handle with it. `direct`:
+        the direct connection of thread `thread` the session is attached to (rule 6), if any."""
         with self.lock:
             self.dead = None
+            self.direct, self.direct_thread = direct, thread
             self.via = via
             self.handle = handle
+
+    def detach(self) -> tuple[V | None, int]:
+        """As `Hold.detach`; the session's calls no longer take its direct connection."""
+        with self.lock:
+            self.direct, self.direct_thread = None, 0
+            via, handle = self.via, self.handle
+            self.via, self.handle = None, 0
+        return via, handle
+
+    def route(self, thread: int) -> Any:
+        """The direct connection a call from thread `thread` (its ident) takes, or None for
+        the kernel path (rule 6). One read of each field, without the lock: a Close meanwhile
+        clears them, and the call then meets the closed session either way."""
+        direct = self.direct
+        if direct is not None and self.direct_thread == thread:
+            return direct
+        return None
 
     def usable(self) -> tuple[V, int]:
         """As `Hold.usable`; raise the error the session died with, if it died.
@@ -303,6 +334,7 @@ class Closing(NamedTuple):
     requests: list[int]  # pending requests: complete each with KErrSessionClosed
     answers: list[tuple[Any, Completed]]  # sync calls in flight: (channel, the answer to give)
     tell_kernel: bool  # send the kernel a Close for the handle
+    direct: list[Any]  # direct connections to send Close(handle) on first (rule 6)
 
 
 class ClientState(Generic[C]):
@@ -313,6 +345,8 @@ class ClientState(Generic[C]):
         self.pending: dict[int, Pending[C]] = {}
         # handle -> the holds of this process's RSession objects on it (several after Open).
         self.sessions: dict[int, weakref.WeakSet[SessionLife[Any]]] = {}
+        # direct connection -> the session handles attached to it (rule 6).
+        self.attached: dict[C, set[int]] = {}
         self.lock = lock
 
     # -- pending requests (rules 1 and 2) -----------------------------------------------------
@@ -363,9 +397,27 @@ class ClientState(Generic[C]):
                 holders.discard(life)
                 if not holders:
                     del self.sessions[handle]
+            direct = [c for c, handles in self.attached.items() if handle in handles]
+            for channel in direct:
+                self.attached[channel].discard(handle)
         answers = [(channel, Completed(req_id, errors.KErrSessionClosed, ()))
                    for req_id, channel in snapshot(life.sync_calls)]
         # Disconnected: the kernel stopped serving the session's creating channel, and ended
         # the session with it.
         ended = ended or isinstance(life.dead, errors.Disconnected)
-        return Closing(self.requests_of(life), answers, not ended)
+        return Closing(self.requests_of(life), answers, not ended, direct)
+
+    # -- direct connections (rule 6) ----------------------------------------------------------
+
+    def attach_direct(self, handle: int, channel: C) -> None:
+        """`handle` is attached to the direct connection `channel` (or may be: an Attach whose
+        answer never came). A Close of the handle says so on `channel` first."""
+        with self.lock:
+            self.attached.setdefault(channel, set()).add(handle)
+
+    def connection_ended(self, channel: C) -> tuple[set[int], list[int]]:
+        """The direct connection `channel` has ended: forget its attachments. Returns the
+        handles that were attached to it, and its requests still pending (complete each)."""
+        with self.lock:
+            handles = self.attached.pop(channel, set())
+        return handles, self.requests_on(channel)

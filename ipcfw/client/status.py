@@ -18,7 +18,7 @@ from collections.abc import Callable, Generator, Iterator
 
 from .. import errors
 from ..protocol import Cancel, encode
-from .runtime import Channel
+from .runtime import AnyChannel
 
 log = logging.getLogger("ipcfw.client")
 
@@ -55,7 +55,7 @@ class TRequestStatus:
         self._callbacks: list[Callable[[TRequestStatus], None]] | None = None
         # What result() raises, when more is known than the value (a panic, or why it failed).
         self._error: BaseException | None = None
-        self._channel: Channel | None = None  # where its answer arrives, once in use
+        self._channel: AnyChannel | None = None  # where its answer arrives, once in use
         self._req_id = 0
 
     def Int(self) -> int:
@@ -146,7 +146,7 @@ _STATUS_LOCK = threading.Lock()
 # twice would break exactly-once.)
 
 
-def begin_request(status: TRequestStatus, channel: Channel, req_id: int) -> None:
+def begin_request(status: TRequestStatus, channel: AnyChannel, req_id: int) -> None:
     """`status` is given to request `req_id`, answered on `channel` (RuntimeError if it is
     in use by a request still pending)."""
     if status._channel is not None and not status._done:
@@ -181,7 +181,7 @@ def complete_request(status: TRequestStatus, value: int, error: BaseException | 
 
 
 @contextlib.contextmanager
-def _settled_by_loop(loop: asyncio.AbstractEventLoop, channel: Channel) -> Iterator[None]:
+def _settled_by_loop(loop: asyncio.AbstractEventLoop, channel: AnyChannel) -> Iterator[None]:
     """While awaited, the event loop settles `channel` whenever its socket signals."""
     count = channel.loop_readers.get(loop, 0)
     if count == 0:

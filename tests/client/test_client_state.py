@@ -585,3 +585,56 @@ def test_an_rsession_tells_ipcfw_why_it_died() -> None:
     with pytest.raises(ipcfw.ServerTerminated):
         session.SendReceive(1)
     life.detach()  # (no Close: there is no runtime to tell)
+
+
+# -- the direct path (rule 6) -------------------------------------------------------------------
+
+
+def test_a_direct_session_routes_only_its_attaching_threads_calls() -> None:
+    life: SessionLife[Any] = SessionLife(Holder(), threading.Lock())
+    life.attach("runtime", H, "direct connection", thread=11)
+    assert life.route(11) == "direct connection"
+    assert life.route(12) is None  # another thread: the kernel path
+    assert life.detach() == ("runtime", H)
+    assert life.route(11) is None  # closed: nothing routes direct
+
+
+def test_a_kernel_path_session_routes_nothing_direct() -> None:
+    life = life_on(H, Holder())
+    assert life.route(0) is None and life.route(11) is None
+
+
+def test_close_names_the_direct_connections_to_tell_first_and_forgets_them() -> None:
+    state: ClientState[Any] = ClientState(threading.Lock())
+    life, other = life_on(H, holder := Holder()), life_on(OTHER, Holder())
+    state.register(life)
+    state.register(other)
+    state.attach_direct(H, "connection A")
+    state.attach_direct(OTHER, "connection A")
+    state.attach_direct(H, "connection B")  # (an Attach whose answer never came)
+    closing = state.close(life, H, ended=False)
+    assert sorted(closing.direct) == ["connection A", "connection B"] and closing.tell_kernel
+    assert state.close(life, H, ended=False).direct == []  # told once
+    assert state.close(other, OTHER, ended=True).direct == ["connection A"]
+    assert holder is not None
+
+
+def test_a_kernel_path_close_tells_no_direct_connection() -> None:
+    state: ClientState[Any] = ClientState(threading.Lock())
+    life = life_on(H, holder := Holder())
+    state.register(life)
+    assert state.close(life, H, ended=False).direct == [] and holder is not None
+
+
+def test_a_direct_connection_that_ends_gives_its_handles_and_its_pending_requests() -> None:
+    state: ClientState[Any] = ClientState(threading.Lock())
+    life = life_on(H, holder := Holder())
+    state.attach_direct(H, "connection A")
+    state.attach_direct(OTHER, "connection A")
+    state.add(1, Pending(FakeStatus(), record, life, {}, "connection A"))
+    state.add(2, Pending(FakeStatus(), record, life, {}, "kernel channel"))
+    state.add(3, Pending(FakeStatus(), record, life, {}, "connection A"))
+    assert state.connection_ended("connection A") == ({H, OTHER}, [1, 3])
+    assert state.connection_ended("connection A") == (set(), [1, 3])  # (until completed)
+    assert state.close(life, H, ended=False).direct == []  # it ended: nothing to tell it
+    assert holder is not None

@@ -1,0 +1,368 @@
+"""The client's direct path: a fake kernel and a fake server, both threads of this process
+(tests/client/fakes_direct.py), and a real client runtime between them. No process starts;
+every wait is bounded. (End-to-end tests with a real kernel and server come with them.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import ipcfw
+from ipcfw import ClientPanic, IpcError, RSession, TIpcArgs, TRequestStatus, User
+from ipcfw.client import runtime as client_runtime
+from ipcfw.client.direct import SPIN, DirectSocket
+from ipcfw.protocol import Attach, Close, Connect, Path, Request
+from conftest import wait_until
+from fakes_direct import EBUSY, EECHO, EHOLD, EPANIC, EWRITE, FakeKernel, FakeServer
+
+
+class World:
+    def __init__(self, kernel: FakeKernel, server: FakeServer) -> None:
+        self.kernel, self.server = kernel, server
+        self.endpoint = kernel.endpoint
+
+    def connect(self, path: str = "direct", **kwargs: Any) -> RSession:
+        return RSession.connect("fake", endpoint=self.endpoint, path=path, timeout=5, **kwargs)
+
+    def direct_requests(self) -> list[Request]:
+        return [e for e in self.server.events if isinstance(e, Request)]
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    directory = tempfile.mkdtemp(prefix="dk", dir="/tmp")
+    server = FakeServer(directory)
+    kernel = FakeKernel(server, directory)
+    try:
+        yield World(kernel, server)
+    finally:
+        client_runtime.Runtime.shutdown(kernel.endpoint)
+        server.kill()
+        kernel.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_bad_path_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match="'sideways'"):
+        RSession().CreateSession("fake", path="sideways")
+    with pytest.raises(ValueError, match="path"):
+        RSession.connect("fake", path=1)  # type: ignore[arg-type]
+
+
+def test_the_kernel_path_stays_the_default_and_asks_for_no_ticket(world: World) -> None:
+    with RSession.connect("fake", endpoint=world.endpoint) as session:
+        assert session.SendReceive(EECHO, (5,)) == 5
+    connect = next(e for e in world.kernel.events if isinstance(e, Connect))
+    assert connect.path == Path.KERNEL
+    assert world.kernel.served == 1 and world.direct_requests() == []
+
+
+def test_sync_calls_of_the_creating_thread_go_direct(world: World) -> None:
+    with world.connect() as session:
+        assert [session.SendReceive(EECHO, (i,)) for i in range(20)] == list(range(20))
+        reply = bytearray(16)
+        assert session.SendReceive(EWRITE, TIpcArgs(0, reply)) == 0
+        assert reply == b"direct"
+    connect = next(e for e in world.kernel.events if isinstance(e, Connect))
+    assert connect.path == Path.DIRECT
+    assert any(isinstance(e, Attach) for e in world.server.events)
+    assert world.kernel.served == 0 and len(world.direct_requests()) == 21
+
+
+def test_async_calls_go_direct_and_every_way_of_waiting_works(world: World) -> None:
+    with world.connect() as session:
+        statuses = [TRequestStatus() for _ in range(4)]
+        for i, status in enumerate(statuses):
+            session.SendReceive(EECHO, (i,), status)
+        assert statuses[0].Wait(timeout=5) == 0
+        assert statuses[1].result(timeout=5) == 1
+        assert User.WaitForRequest(statuses[2], timeout=5) in statuses
+        fired = threading.Event()
+        statuses[3].add_done_callback(lambda s: fired.set())
+        assert fired.wait(5) and statuses[3].Int() == 3
+
+        async def awaited() -> int:
+            status = TRequestStatus()
+            session.SendReceive(EECHO, (42,), status)
+            return await asyncio.wait_for(status, 5)
+
+        assert asyncio.run(awaited()) == 42
+    assert world.kernel.served == 0
+
+
+def test_a_callback_fires_while_the_thread_is_idle(world: World) -> None:
+    with world.connect() as session:
+        status = TRequestStatus()
+        fired = threading.Event()
+        status.add_done_callback(lambda s: fired.set())
+        session.SendReceive(EHOLD, (), status)
+        wait_until(lambda: any(r.function == EHOLD for r in world.direct_requests()), 5)
+        held = next(r.req_id for r in world.direct_requests() if r.function == EHOLD)
+        world.server.release(held, 9)
+        # This thread makes no ipcfw call: the runtime's I/O thread settles the connection.
+        assert fired.wait(5) and status.Int() == 9
+
+
+def test_wait_for_request_across_a_kernel_and_a_direct_session(world: World) -> None:
+    with world.connect() as direct, world.connect(path="kernel") as kernel_path:
+        held, quick = TRequestStatus(), TRequestStatus()
+        direct.SendReceive(EHOLD, (), held)
+        kernel_path.SendReceive(EECHO, (3,), quick)
+        assert User.WaitForRequest(held, quick, timeout=5) is quick
+        wait_until(lambda: any(r.function == EHOLD for r in world.direct_requests()), 5)
+        world.server.release(world.direct_requests()[-1].req_id, 4)
+        assert User.WaitForRequest(held, timeout=5) is held and held.Int() == 4
+
+
+def test_send_returns_on_the_servers_ack_and_raises_server_busy(world: World) -> None:
+    with world.connect() as session:
+        session.Send(EECHO, (1,))
+        with pytest.raises(ipcfw.ServerBusy):
+            session.Send(EBUSY)
+    assert [r.mode for r in world.direct_requests()] == [2, 2]
+
+
+def test_cancel_goes_on_the_direct_connection(world: World) -> None:
+    with world.connect() as session:
+        status = TRequestStatus()
+        session.SendReceive(EHOLD, (), status)
+        assert status.Cancel(timeout=5) == ipcfw.KErrCancel
+    assert world.kernel.served == 0
+
+
+def test_other_threads_of_a_shared_session_use_the_kernel_path(world: World) -> None:
+    with world.connect() as session:
+        session.ShareAuto()
+        answers: list[int] = []
+        thread = threading.Thread(target=lambda: answers.append(session.SendReceive(EECHO, (8,))))
+        thread.start()
+        thread.join(5)
+        assert answers == [8] and world.kernel.served == 1
+        assert session.SendReceive(EECHO, (9,)) == 9 and world.kernel.served == 1
+
+
+def test_close_tells_the_direct_connection_before_the_kernel(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    order: list[str] = []
+    direct_send = client_runtime.DirectChannel.send
+    kernel_send = client_runtime.Channel.send
+
+    def on_direct(self: Any, frame: bytes) -> None:
+        order.append("direct")
+        direct_send(self, frame)
+
+    def on_kernel(self: Any, frame: bytes) -> None:
+        order.append("kernel")
+        kernel_send(self, frame)
+
+    monkeypatch.setattr(client_runtime.DirectChannel, "send", on_direct)
+    monkeypatch.setattr(client_runtime.Channel, "send", on_kernel)
+    session = world.connect()
+    handle = session.Handle()
+    status = TRequestStatus()
+    session.SendReceive(EHOLD, (), status)
+    session.Close()
+    assert order == ["direct", "kernel"]
+    assert status.Int() == ipcfw.KErrSessionClosed
+    wait_until(lambda: Close(handle) in world.server.events, 5)
+    wait_until(lambda: Close(handle) in world.kernel.events, 5)
+
+
+def test_a_refused_attach_leaves_the_session_on_the_kernel_path(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.kernel.bad_tickets = True
+    with caplog.at_level(logging.DEBUG, logger="ipcfw.client"):
+        with world.connect() as session:
+            assert session.SendReceive(EECHO, (6,)) == 6
+    assert world.kernel.served == 1 and world.direct_requests() == []
+    assert "refused Attach" in caplog.text
+
+
+def test_an_unreachable_server_socket_leaves_the_session_on_the_kernel_path(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.server.kill()
+    os.unlink(world.server.path)
+    with caplog.at_level(logging.DEBUG, logger="ipcfw.client"):
+        with world.connect() as session:
+            assert session.SendReceive(EECHO, (6,)) == 6
+    assert world.kernel.served == 1
+    assert "no direct connection" in caplog.text
+
+
+def test_a_server_death_fails_pending_and_later_direct_calls(world: World) -> None:
+    session = world.connect()
+    status = TRequestStatus()
+    session.SendReceive(EHOLD, (), status)
+    wait_until(lambda: any(r.function == EHOLD for r in world.direct_requests()), 5)
+    world.server.kill()
+    assert status.Wait(timeout=5) == ipcfw.KErrServerTerminated
+    with pytest.raises(ipcfw.ServerTerminated):
+        session.SendReceive(EECHO, (1,))
+    session.Close()
+
+
+def test_a_server_death_during_a_sync_call_raises_server_terminated(world: World) -> None:
+    with world.connect() as session:
+        threading.Timer(0.1, world.server.kill).start()
+        with pytest.raises(ipcfw.ServerTerminated):
+            session.SendReceive(EHOLD, (), timeout=5)
+
+
+def test_a_panic_kills_the_session(world: World) -> None:
+    session = world.connect()
+    with pytest.raises(ClientPanic, match="TEST"):
+        session.SendReceive(EPANIC)
+    with pytest.raises(ClientPanic):
+        session.SendReceive(EECHO, (1,))
+    session.Close()
+
+
+def test_a_sync_call_times_out(world: World) -> None:
+    with world.connect() as session:
+        with pytest.raises(TimeoutError):
+            session.SendReceive(EHOLD, (), timeout=0.2)
+        assert session.SendReceive(EECHO, (2,)) == 2
+
+
+def test_a_thread_end_closes_its_direct_connection_and_fails_its_requests(world: World) -> None:
+    made: list[tuple[RSession, TRequestStatus]] = []
+
+    def run() -> None:
+        session = world.connect()
+        session.ShareAuto()  # (survives its thread)
+        status = TRequestStatus()
+        session.SendReceive(EHOLD, (), status)
+        made.append((session, status))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(5)
+    session, status = made[0]
+    wait_until(status.done, 5)
+    assert status.Int() == ipcfw.KErrDied
+    wait_until(lambda: world.server.eofs == 1, 5)
+    assert session.SendReceive(EECHO, (3,)) == 3  # this thread: the kernel path
+    assert world.kernel.served == 1
+    session.Close()
+
+
+def test_a_kernel_death_fails_pending_and_closes_every_direct_connection(world: World) -> None:
+    session = world.connect()
+    status = TRequestStatus()
+    session.SendReceive(EHOLD, (), status)
+    runtime = client_runtime.Runtime.for_endpoint(world.endpoint)
+    runtime.kernel_died()  # (what the I/O thread does when the kernel's pidfd fires)
+    assert status.Wait(timeout=5) == ipcfw.KErrServerTerminated
+    with pytest.raises(IpcError):
+        session.SendReceive(EECHO, (1,))
+    wait_until(lambda: world.server.eofs == 1, 5)
+    assert runtime.direct_channels == set()
+    session.Close()
+
+
+# -- the socket itself, against a socketpair peer ---------------------------------------------
+
+
+def test_a_direct_socket_spins_then_sleeps_and_sees_the_peers_end() -> None:
+    path = f"/tmp/dk-{os.getpid()}-{time.monotonic_ns()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(1)
+    try:
+        direct = DirectSocket(path, 1.0)
+        peer, _ = listener.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        assert direct.receive() is None
+        started = time.perf_counter()
+        assert direct.wait_readable(0.05) is None
+        assert time.perf_counter() - started >= 0.04
+        peer.send(b"one")
+        peer.send(b"two")
+        assert direct.wait_readable(1.0) == b"one"  # one frame a datagram
+        assert direct.receive() == b"two"
+        threading.Timer(SPIN / 2, peer.send, (b"late",)).start()
+        assert direct.wait_readable(1.0) == b"late"
+        assert direct.send(b"x" * 1000)
+        assert peer.recv(2000) == b"x" * 1000
+        assert direct.send(b"b" * 300_000)  # over the default send buffer's 208 KiB
+        assert peer.recv(400_000) == b"b" * 300_000
+        with pytest.raises(ValueError, match="path='kernel'"):
+            direct.send(b"h" * 40_000_000)  # no datagram this large: refused, still connected
+        peer.send(b"c" * 300_000)  # (peers raise their send buffer as the client does)
+        assert direct.wait_readable(1.0) == b"c" * 300_000
+        peer.close()
+        assert direct.wait_readable(1.0) == b""  # the peer's end
+        direct.close()
+        direct = DirectSocket(path, 1.0)
+        peer, _ = listener.accept()
+        while direct.send(b"y" * 10000):  # the peer reads nothing: the buffer fills
+            pass
+        direct.wait_writable(0.05)  # (returns, full or not)
+        peer.close()  # with frames unread: the connection is reset
+        with pytest.raises(ConnectionResetError):
+            direct.send(b"z")
+        direct.close()
+    finally:
+        listener.close()
+        os.unlink(path)
+
+
+def test_a_direct_socket_to_nowhere_raises_oserror() -> None:
+    with pytest.raises(OSError):
+        DirectSocket("/tmp/no-such-ipcfw-socket", 0.5)
+
+
+def test_a_close_from_another_thread_ends_a_direct_sync_call_in_flight(world: World) -> None:
+    session = world.connect()
+    session.ShareAuto()
+    handle = session.Handle()
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            session.SendReceive(EHOLD, (), timeout=5)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    # The creating thread makes the call (it goes direct); another thread closes.
+    closer_done = threading.Event()
+
+    def close_soon() -> None:
+        wait_until(lambda: any(r.function == EHOLD for r in world.direct_requests()), 5)
+        session.Close()
+        closer_done.set()
+
+    closer = threading.Thread(target=close_soon)
+    closer.start()
+    call()
+    closer.join(5)
+    assert closer_done.is_set()
+    assert len(outcome) == 1 and isinstance(outcome[0], ipcfw.SessionClosed)
+    wait_until(lambda: Close(handle) in world.server.events, 5)
+    wait_until(lambda: Close(handle) in world.kernel.events, 5)
+
+
+def test_a_request_too_large_for_a_datagram_is_refused_and_the_session_lives(
+    world: World,
+) -> None:
+    with world.connect() as session:
+        with pytest.raises(ValueError, match="path='kernel'"):
+            session.SendReceive(EECHO, (b"x" * 10_000_000,))
+        status = TRequestStatus()
+        with pytest.raises(ValueError):
+            session.SendReceive(EECHO, (b"x" * 10_000_000,), status)
+        assert session.SendReceive(EECHO, (7,)) == 7
