@@ -144,11 +144,14 @@ def test_bench_runs_every_system_end_to_end():
     assert result.returncode == 0, result.stdout + result.stderr
     table = result.stdout.split("\n\n")[1]
     rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[1:]}
-    assert set(rows) == {"bare-pingpong", "bare-forwarder", "managers", "mp-pipe", "ipcfw"}
+    assert set(rows) == {
+        "bare-pingpong", "bare-forwarder", "managers", "mp-pipe", "ipcfw", "ipcfw-direct"
+    }
     assert rows["managers"][2] == "-" and float(rows["managers"][0]) > 0  # a proxy cannot pipeline
     assert all(row[2] != "-" for name, row in rows.items() if name != "managers")
     assert "NOT MEASURED" not in result.stdout
     assert "reference: ipcfw sync median = " in result.stdout  # how far from managers'
+    assert "reference: ipcfw-direct sync median = " in result.stdout
 
     # Where the time goes: CPU per pipelined call of each process of each system.
     cpu_table = result.stdout.split("CPU per pipelined call", 1)[1].split("\n\n", 1)[0]
@@ -156,6 +159,6 @@ def test_bench_runs_every_system_end_to_end():
     assert cpu["bare-pingpong"][1] == "-" and "managers" not in cpu  # no broker; no pipelining
     for name, roles in {
         "bare-forwarder": (0, 1, 2), "ipcfw": (0, 1, 2), "bare-pingpong": (0, 2),
-        "mp-pipe": (0, 2),
+        "mp-pipe": (0, 2), "ipcfw-direct": (0, 2),
     }.items():
         assert all(float(cpu[name][i]) > 0 for i in roles), cpu_table

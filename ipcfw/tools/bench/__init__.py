@@ -53,6 +53,11 @@ The systems
     The real stack, started by `ipcfw.testing.Stack`: ``python -m ipcfw kernel``, ``python -m
     ipcfw serve ipcfw.tools.bench.echo:EchoServer`` (``echo``, unsharable sessions) and an
     ``RSession`` in this process.
+``ipcfw-direct``
+    The same kernel and echo server, a second ``RSession`` created with ``path="direct"``: the
+    kernel creates the session, but its requests go on a Unix socket from this thread straight
+    to the server's process. The report compares its sync median with managers' and its
+    pipelined rate with bare-pingpong's (a raw pyzmq DEALER/ROUTER, direct), as references.
 ``ipcfw-shared-8``
     The same kernel, a second server process ``python -m ipcfw serve
     ipcfw.tools.bench.echo:SharedEchoServer`` (the same server registered as ``echo-shared``

@@ -24,8 +24,8 @@ from .measure import (
     best_of, best_shared, guarded, run_once, summarize_shared, warm_up,
 )
 from .report import (
-    BASELINE, MANAGERS, PIPELINED_TARGET, SYNC_TARGET, environment, format_cpu, format_header,
-    format_shared, format_table, format_targets, verdicts, write_json,
+    BASELINE, DIRECT, MANAGERS, PIPELINED_TARGET, SYNC_TARGET, environment, format_cpu,
+    format_header, format_shared, format_table, format_targets, verdicts, write_json,
 )
 from .systems import (
     Processes, Unavailable, start_bare_forwarder, start_bare_pingpong, start_ipcfw,
@@ -105,6 +105,10 @@ def start_systems(
             failed[SHARED_SYSTEM] = "the ipcfw stack is not available"
         return systems, None, failed
     systems.append(System("ipcfw", stack.client, stack.pids))
+    if stack.direct is not None:
+        systems.append(System(DIRECT, stack.direct, {"server": stack.pids["server"]}))
+    else:
+        failed[DIRECT] = stack.direct_error or "not started"
     if stack.shared_error is not None:
         failed[SHARED_SYSTEM] = stack.shared_error
     return systems, SharedCase(stack.shared) if stack.shared is not None else None, failed
@@ -229,7 +233,8 @@ def _report(args: argparse.Namespace, outcome: Outcome) -> int:
             "notes": outcome.notes,
             "targets": v,
         })
-    if ("ipcfw" in outcome.failed or SHARED_SYSTEM in outcome.failed) and not args.no_ipcfw:
+    ipcfw_failed = {"ipcfw", DIRECT, SHARED_SYSTEM} & set(outcome.failed)
+    if ipcfw_failed and not args.no_ipcfw:
         return 1
     return 2 if args.strict and not (v["sync_pass"] and v["pipelined_pass"]) else 0
 

@@ -18,6 +18,9 @@ PIPELINED_TARGET = 0.5
 BASELINE = "bare-forwarder"
 MANAGERS = "managers"
 """The standard library's answer, which users compare ipcfw with: a reference, not a target."""
+DIRECT = "ipcfw-direct"
+"""ipcfw with the session on the direct path (its requests skip the kernel)."""
+PINGPONG = "bare-pingpong"
 
 
 def environment() -> dict[str, Any]:
@@ -125,7 +128,8 @@ def verdicts(results: dict[str, RunResult]) -> dict[str, Any]:
     ``managers_sync_ratio`` (ipcfw's sync median over managers') is a reference."""
     if "ipcfw" not in results:
         return {"sync_ratio": None, "pipelined_ratio": None,
-                "sync_pass": None, "pipelined_pass": None, "managers_sync_ratio": None}
+                "sync_pass": None, "pipelined_pass": None, "managers_sync_ratio": None,
+                **_direct_references(results)}
     ipcfw = results["ipcfw"]
     sync_ratio, pipe_ratio = ratios(ipcfw, results[BASELINE])
     managers = results.get(MANAGERS)
@@ -133,7 +137,18 @@ def verdicts(results: dict[str, RunResult]) -> dict[str, Any]:
             "sync_pass": sync_ratio <= SYNC_TARGET,
             "pipelined_pass": pipe_ratio is not None and pipe_ratio >= PIPELINED_TARGET,
             "managers_sync_ratio": (None if managers is None
-                                    else ipcfw.sync_median_us / managers.sync_median_us)}
+                                    else ipcfw.sync_median_us / managers.sync_median_us),
+            **_direct_references(results)}
+
+
+def _direct_references(results: dict[str, RunResult]) -> dict[str, float | None]:
+    """ipcfw-direct's sync median over managers', and its pipelined rate over bare-pingpong's
+    (a raw pyzmq DEALER/ROUTER, direct): references for the direct path."""
+    direct, managers, pingpong = (results.get(n) for n in (DIRECT, MANAGERS, PINGPONG))
+    sync = None if direct is None or managers is None else (
+        direct.sync_median_us / managers.sync_median_us)
+    pipelined = None if direct is None or pingpong is None else ratios(direct, pingpong)[1]
+    return {"direct_managers_sync_ratio": sync, "direct_pingpong_pipelined_ratio": pipelined}
 
 
 def format_targets(v: dict[str, Any]) -> str:
@@ -147,6 +162,12 @@ def format_targets(v: dict[str, Any]) -> str:
     if v["managers_sync_ratio"] is not None:
         lines.append(f"reference: ipcfw sync median = {v['managers_sync_ratio']:.2f}x "
                      "multiprocessing.managers' (every ipcfw call crosses the kernel)")
+    if v["direct_managers_sync_ratio"] is not None:
+        lines.append(f"reference: {DIRECT} sync median = {v['direct_managers_sync_ratio']:.2f}x "
+                     "multiprocessing.managers'")
+    if v["direct_pingpong_pipelined_ratio"] is not None:
+        lines.append(f"reference: {DIRECT} pipelined = "
+                     f"{v['direct_pingpong_pipelined_ratio']:.2f}x {PINGPONG}'s")
     return "\n".join(lines)
 
 

@@ -110,6 +110,9 @@ def start_mp_pipe(processes: Processes, workdir: Path) -> tuple[PipeClient, dict
 class IpcfwStack:
     client: IpcfwClient
     pids: dict[str, int]
+    direct: IpcfwClient | None = None
+    """A second session to the same echo server, on the direct path (None if not granted)."""
+    direct_error: str | None = None
     """The kernel ("broker") and the echo server ("server")."""
     shared: SharedEcho | None = None
     shared_error: str | None = None
@@ -123,8 +126,9 @@ def _close_quietly(session: RSession) -> None:
         pass
 
 
-def _connect(stack: Stack, server: Process, name: str) -> RSession:
-    """Wait until `server` is registered, then connect to `name`; raise Unavailable if not."""
+def _connect(stack: Stack, server: Process, name: str, path: str = "kernel") -> RSession:
+    """Wait until `server` is registered, then connect to `name` on `path`; raise Unavailable
+    if not."""
     try:
         stack.wait_ready(server)
     except StartError as exc:
@@ -132,7 +136,7 @@ def _connect(stack: Stack, server: Process, name: str) -> RSession:
     session = RSession()
     try:
         with watchdog(STARTUP_TIMEOUT + 2):
-            session.CreateSession(name, (1, 0, 0), message_slots=-1)
+            session.CreateSession(name, (1, 0, 0), message_slots=-1, path=path)
     except Exception as exc:
         _close_quietly(session)
         raise Unavailable(f"connecting to {name} raised {exc!r}\n{server.log_tail()}") from exc
@@ -156,12 +160,27 @@ def start_ipcfw(processes: Processes, workdir: Path, shared_threads: int = 0) ->
         shared_server = stack.serve(SHARED_PLUGIN, wait=False, name="ipcfw-echo-shared-server")
     session = _connect(stack, echo, "echo")
     result = IpcfwStack(IpcfwClient(session), {"broker": kernel.pid, "server": echo.pid})
+    try:
+        result.direct = _start_direct(stack, echo)
+    except Unavailable as exc:
+        result.direct_error = str(exc)
     if shared_threads:
         try:
             result.shared = _start_shared(stack, shared_server, shared_threads)
         except Unavailable as exc:
             result.shared_error = str(exc)
     return result
+
+
+def _start_direct(stack: Stack, server: Process) -> IpcfwClient:
+    """A session to the same echo server on the direct path; Unavailable if the kernel did not
+    grant it (it would silently be on the kernel path)."""
+    before = stack.statistics()["sessions_direct"]
+    session = _connect(stack, server, "echo", path="direct")
+    if stack.statistics()["sessions_direct"] == before:
+        _close_quietly(session)
+        raise Unavailable("the kernel did not grant the direct path")
+    return IpcfwClient(session)
 
 
 def _start_shared(stack: Stack, server: Process, threads: int) -> SharedEcho:
