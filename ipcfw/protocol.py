@@ -90,6 +90,7 @@ __all__ = [
     "Mode",
     "Path",
     "Attach",
+    "SessionPanicked",
     "Message",
     "Hello",
     "Welcome",
@@ -182,6 +183,8 @@ class Kind(enum.IntEnum):
     DEREGISTER = 15
     # client -> server, on a direct connection (also: REQUEST, CANCEL, CLOSE)
     ATTACH = 16
+    # server -> kernel, for a session on the direct path
+    SESSION_PANICKED = 17
     # kernel -> client
     WELCOME = 20
     CONNECTED = 21
@@ -498,6 +501,16 @@ class Attach(NamedTuple):
     ticket: bytes
 
 
+class SessionPanicked(NamedTuple):
+    """Server -> kernel: the server panicked the client of session `handle` on the direct path.
+    The session dies as for a Panic through the kernel: its requests there are answered
+    Panicked, and the server gets its Disconnect. Not answered."""
+
+    handle: int
+    category: str
+    reason: int
+
+
 class Stats(NamedTuple):
     """Any peer -> kernel: ask for the kernel's counters. Answered by StatsReply."""
 
@@ -668,7 +681,7 @@ Message = (
     Hello | Register | Connect | Negotiated | Request | Close | Share | Open | Complete | Panic |
     Stats | Welcome | Connected | Completed | Panicked | Shared | SessionLost | StatsReply |
     NewSession | Deliver | Disconnect | PeerInfo | PeerGone | Dropped | Cancel | Cancelled |
-    Terminate | Deregister | Terminating | Attach
+    Terminate | Deregister | Terminating | Attach | SessionPanicked
 )
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
@@ -717,6 +730,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Dropped: (Kind.DROPPED, (_bytes_upto(255), _u63)),
     PeerInfo: (Kind.PEER_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH))),
     Attach: (Kind.ATTACH, (_u63, _bytes_upto(MAX_TOKEN))),
+    SessionPanicked: (Kind.SESSION_PANICKED, (_handle, _str_upto(MAX_CATEGORY), _i32)),
 }
 
 

@@ -17,6 +17,7 @@ import pytest
 from ipcfw import protocol
 from ipcfw.protocol import (
     Attach,
+    SessionPanicked,
     PeerGone,
     Dropped,
     Deregister,
@@ -139,6 +140,8 @@ ROUND_TRIP: list = [
     Connect(5, "echo", (1, 0, 0), 4, b"", (), 1),
     Attach(1, b"t" * 16),
     Attach(U63_MAX, b""),
+    SessionPanicked(1, "KERN-EXEC", 0),
+    SessionPanicked(I32_MAX, "c" * MAX_CATEGORY, I32_MIN),
     # kernel -> client
     Welcome(0, MAX_FRAME, PROTOCOL_VERSION),
     Welcome(2**32 - 1, U63_MAX, PROTOCOL_VERSION),
@@ -178,7 +181,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 30
+    assert len(MESSAGE_CLASSES) == 31
 
 
 def test_every_kind_has_exactly_one_class() -> None:

@@ -87,6 +87,7 @@ from ..protocol import (
     Negotiated,
     NewSession,
     Path,
+    SessionPanicked,
     Open,
     Cancel,
     Cancelled,
@@ -408,6 +409,7 @@ class KernelState:
             Open: self._open,
             Complete: self._complete,
             Negotiated: self._negotiated,
+            SessionPanicked: self._session_panicked,
             Panic: self._panic,
             Stats: self._stats,
         }
@@ -1077,6 +1079,25 @@ class KernelState:
             record,
             Connected(record.req_id, errors.KErrNone, session.handle, payload, direct, ticket),
         )
+
+    def _session_panicked(self, peer: Peer, message: SessionPanicked) -> list[Action]:
+        """The server panicked a client on the direct path: the session dies as for a Panic
+        through the kernel (every holder learns it on its next request here)."""
+        self._require_role(peer, Role.SERVER, message)
+        session = self.sessions.get(message.handle)
+        if session is None or session.server is not self.server_of_peer.get(peer.rid):
+            raise PeerMisbehaved(
+                "panic of another's session", f"session 0x{message.handle:x} is not this server's"
+            )
+        if session.state is not _S.OPEN:
+            return []  # closing or dead already: the Disconnect is on its way
+        panic = Panic(0, message.category, message.reason)
+        actions: list[Action] = []
+        for msg_id in sorted(session.messages):
+            other = self.messages[msg_id]
+            actions += self._answer(other, self._panicked(other, panic))
+        session.panic = (message.category, message.reason)
+        return actions + self._transition(session, _E.PANIC)
 
     def _panic(self, peer: Peer, message: Panic) -> list[Action]:
         record = self._own_message(peer, message.msg_id, message)

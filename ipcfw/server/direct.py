@@ -30,7 +30,9 @@ Rules this module keeps:
    is never sent.
 5. Panic. A request panicked by the server answers ``Panicked(..., 1)``, and the session is dead
    on the direct path: every later request for it, on any connection, gets the same answer,
-   until the kernel's Disconnect (the kernel is told nothing extra).
+   until the kernel's Disconnect. The kernel is told (``SessionPanicked``): it ends the session
+   as for a panic through it, and its Disconnect is not held (rule 8): nothing is left to
+   serve in order.
 6. Cancel. ``Cancel(req_id)`` ends that request of the connection if it is still in service
    (it is then answered ``Completed(req_id, KErrCancel)`` and the session's ``Cancelled`` is
    told); a request already completed is left alone.
@@ -106,6 +108,9 @@ class StateView(Protocol):
 
     def disconnect(self, request: Disconnect) -> None:
         """Run the kernel's Disconnect (rule 8 held it until now)."""
+
+    def session_panicked(self, handle: int, category: str, reason: int) -> None:
+        """Tell the kernel the server panicked the client of `handle` on the direct path."""
 
 
 class _Ticket(NamedTuple):
@@ -184,8 +189,9 @@ class DirectRules:
         self._ticket_of[handle] = ticket
 
     def hold_disconnect(self, request: Disconnect) -> bool:
-        """Rule 8: True if the Disconnect must wait (it runs later, through the state)."""
-        if self._holders.get(request.handle):
+        """Rule 8: True if the Disconnect must wait (it runs later, through the state). A
+        session dead on the direct path serves no more requests there: nothing to wait for."""
+        if self._holders.get(request.handle) and request.handle not in self._dead:
             self._held[request.handle] = request
             return True
         return False
@@ -250,10 +256,21 @@ class DirectRules:
             return
         if message.mode != _SYNC:
             self._free_slot(message.handle)
-        if message.panic is not None and message.handle in self._state.sessions:
-            self._dead.setdefault(message.handle, message.panic)
         if connection.open and message.mode != _BLIND:
             self.io.send(connection, frame)
+        if message.panic is not None and message.handle in self._state.sessions:
+            self._panicked(message.handle, message.panic)
+
+    def _panicked(self, handle: int, panic: tuple[str, int]) -> None:
+        """Rule 5: the session is dead on the direct path; the kernel is told, so that it ends
+        the session as for a panic through it, and a Disconnect held for it runs now."""
+        if handle in self._dead:
+            return
+        self._dead[handle] = panic
+        self._state.session_panicked(handle, *panic)
+        held = self._held.pop(handle, None)
+        if held is not None:
+            self._state.disconnect(held)
 
     # -- reading ---------------------------------------------------------------------------------
 

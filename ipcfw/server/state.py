@@ -68,6 +68,7 @@ from ..protocol import (
     NewSession,
     PeerGone,
     PeerInfo,
+    SessionPanicked,
     Terminating,
     TerminationReason,
     encode,
@@ -216,6 +217,12 @@ class ServerState:
             log.debug("dropping the completion of %r: its registration has ended", message)
             return
         self._emit(frame)
+
+    def session_panicked(self, handle: int, category: str, reason: int) -> None:
+        """Tell the kernel the server panicked the client of `handle` on the direct path (it
+        then ends the session as for a panic through it)."""
+        if not self.ended:
+            self._emit(encode(SessionPanicked(handle, category, reason)))
 
     # -- reading -----------------------------------------------------------------------------
 

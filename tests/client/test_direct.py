@@ -115,6 +115,11 @@ def test_cancel_send_and_panic_on_the_direct_path(probe) -> None:
         assert (info.value.category, info.value.reason) == ("PROBE", 12)
         with pytest.raises(ClientPanic):
             session.SendReceive(EEcho, (1,))  # the session is dead
+        # As on the kernel path, the server gets its Disconnect at once (the kernel was told).
+        handle = session.Handle()
+        with RSession.connect("probe") as observer:
+            wait_until(lambda: ["disconnect", handle] in recorded_events(observer),
+                       what="the Disconnect after the panic")
 
 
 def test_disconnect_comes_after_every_request_sent_before_the_close(probe) -> None:

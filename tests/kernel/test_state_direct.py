@@ -11,17 +11,21 @@ from __future__ import annotations
 import pytest
 
 from ipcfw import errors
-from ipcfw.kernel.state import KernelState, Send
+from ipcfw.kernel.state import KernelState, PeerMisbehaved, Send, SessionState
 from ipcfw.protocol import (
     Complete,
     Completed,
     Connect,
     Connected,
     Deliver,
+    Disconnect,
+    Mode,
     Negotiated,
     NewSession,
+    Panicked,
     Path,
     Register,
+    SessionPanicked,
 )
 from kernel_world import (
     C1,
@@ -116,3 +120,32 @@ def test_a_direct_session_still_takes_requests_through_the_kernel() -> None:
 def test_a_server_registered_without_a_socket_takes_none() -> None:
     state = direct_world()
     assert state.servers["plain"].direct == "" and state.servers["echo"].direct == SOCKET
+
+
+def _open_direct(state: KernelState) -> int:
+    new = connect(state)
+    state.receive(S1, Complete(new.msg_id, errors.KErrNone, ()))
+    return new.handle
+
+
+def test_a_panic_on_the_direct_path_ends_the_session_as_one_through_the_kernel() -> None:
+    state = direct_world()
+    handle = _open_direct(state)
+    waiting = request(state, C1, handle, 7, mode=Mode.ASYNC)  # through the kernel meanwhile
+    waiting_msg = one(waiting, S1, Deliver).msg_id
+    actions = state.receive(S1, SessionPanicked(handle, "PROBE", 3))
+    assert Send(C1, Panicked(7, handle, "PROBE", 3, 1)) in actions
+    disconnect = one(actions, S1, Disconnect)
+    assert disconnect.handle == handle and state.sessions[handle].state is SessionState.PANICKED
+    assert state.messages[waiting_msg].reply_to is None  # answered (freed when the server ends it)
+    # Later requests through the kernel learn it too; a second notice changes nothing.
+    assert request(state, C1, handle, 8) == [Send(C1, Panicked(8, handle, "PROBE", 3, 1))]
+    assert state.receive(S1, SessionPanicked(handle, "PROBE", 3)) == []
+
+
+def test_a_server_cannot_panic_another_servers_session() -> None:
+    state = direct_world()
+    handle = _open_direct(state)
+    with pytest.raises(PeerMisbehaved):
+        state.receive(S2, SessionPanicked(handle, "X", 1))
+    assert state.sessions[handle].state is SessionState.OPEN

@@ -29,6 +29,7 @@ from ipcfw.protocol import (
     Negotiated,
     NewSession,
     Panicked,
+    SessionPanicked,
     PeerInfo,
     Request,
     decode,
@@ -494,10 +495,23 @@ def test_a_panic_kills_the_session_on_the_direct_path_until_disconnect(harness, 
     assert harness.feed(connection, Request(3, HANDLE, 1, (), ASYNC)) == [
         Panicked(3, HANDLE, "TEST", 7, 1)
     ]
-    assert harness.kernel == []  # the kernel is told nothing extra
-    harness.feed(connection, Close(HANDLE))
-    harness.state.receive(Disconnect(harness.next_id(), HANDLE))
+    assert harness.kernel == [SessionPanicked(HANDLE, "TEST", 7)]  # told once
+    harness.state.receive(Disconnect(harness.next_id(), HANDLE))  # not held: nothing to order
     assert harness.rules.statistics()["dead"] == 0
+    assert harness.rules.statistics()["held_disconnects"] == 0
+
+
+def test_a_panic_releases_a_disconnect_held_for_the_session(harness, server):
+    connection = harness.attached(slots=1)
+    harness.feed(connection, Request(2, HANDLE, 1, (), ASYNC))  # held by the plugin
+    disconnect = harness.next_id()
+    harness.state.receive(Disconnect(disconnect, HANDLE))
+    assert harness.rules.statistics()["held_disconnects"] == 1  # the client has not closed
+    server.held[0].Panic("TEST", 8)
+    # The kernel is told, and the held Disconnect runs (the plugin completes it at once).
+    assert harness.kernel == [SessionPanicked(HANDLE, "TEST", 8),
+                              Complete(disconnect, errors.KErrNone, ())]
+    assert harness.rules.statistics()["held_disconnects"] == 0
 
 
 # -- the registration ends --------------------------------------------------------------------
