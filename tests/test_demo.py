@@ -149,6 +149,9 @@ def test_demo_runs_reports_and_cleans_up(tmp_path):
     assert 0 < median <= p99 and calls == 2000
     pipelined = re.search(r"async pipelined: ([\d,]+) calls/s \(64 in flight\)", out)
     assert pipelined and int(pipelined.group(1).replace(",", "")) > 0, out
+    direct = re.search(r"the same on the direct path: median (\d+) us, p99 (\d+) us; "
+                       r"([\d,]+) calls/s", out)
+    assert direct and 0 < int(direct.group(1)) <= int(direct.group(2)), out
     assert out.rstrip().endswith("stopped kernel and 3 servers")
 
     assert _started_everything(demo), f"did not see the demo's processes: {demo.seen}"

@@ -176,6 +176,11 @@ def _measure(endpoint: str) -> None:
         _print(f"  sync round trip: median {median:.0f} us, p99 {p99:.0f} us ({calls} calls)")
         rate = _measure_pipelined(session)
         _print(f"  async pipelined: {rate:,.0f} calls/s ({WINDOW} in flight)")
+    with RSession.connect("echo", endpoint=endpoint, path="direct") as session:
+        median, p99, _ = _measure_sync(session)
+        rate = _measure_pipelined(session)
+        _print(f"  the same on the direct path: median {median:.0f} us, p99 {p99:.0f} us; "
+               f"{rate:,.0f} calls/s")
 
 
 # -- the command ---------------------------------------------------------------------------------
