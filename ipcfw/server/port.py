@@ -223,9 +223,8 @@ class DirectPort:
         self._end_closing()
 
     def serve(self, ready: dict[Any, int]) -> None:
-        """Accept, read and write what the poller found ready."""
-        if self.timeout is not None:
-            self._on_time()
+        """Accept, read and write what the poller found ready; then, if the port waits for a
+        time, see to it (after reading: an Attach that came while the loop was busy counts)."""
         if self._listener is not None and self._listener.fileno() in ready:
             self._accept()
         links = self._links
@@ -237,6 +236,8 @@ class DirectPort:
                 self._write(link)
             if events & (zmq.POLLIN | zmq.POLLERR):
                 self._read(link)
+        if self.timeout is not None:
+            self._on_time()
         self._end_closing()
 
     def _on_time(self) -> None:

@@ -289,3 +289,16 @@ def test_a_peer_gone_closes_the_processs_connections(setup):
     assert setup.wakes and closed(sock)
     assert setup.server.events == [("service", 1), ("cancelled", 1)]
     assert not setup.port._links
+
+
+def test_an_attach_read_late_because_the_loop_was_busy_still_counts(setup, monkeypatch):
+    monkeypatch.setattr(ports, "ATTACH_WITHIN", 0.05)
+    ticket = os.urandom(16)
+    setup.state.receive(NewSession(1, 0x46, (1, 0, 0), CLIENT, b"", ticket, 1))
+    sock = setup.connect()
+    setup.turn()  # accepted
+    sock.send(encode(Attach(1, ticket)))
+    time.sleep(0.06)  # the loop was busy past the deadline
+    setup.turn(100)
+    assert decode(sock.recv(MAX_FRAME)) == Completed(1, 0x46, ())
+    assert not closed(sock)
