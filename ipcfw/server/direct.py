@@ -16,7 +16,8 @@ Rules this module keeps:
    A refused connect leaves nothing. A ticket goes when it is used, or when its session ends.
 2. Attach. ``Attach(req_id, ticket)`` attaches the ticket's session to the connection if the
    ticket is known (so: not used yet), its session is open and alive, and the connection's
-   SO_PEERCRED pid (read by the host at accept) is the pid the kernel named for the client.
+   SO_PEERCRED pid and uid (read by the host at accept) are those the kernel named for the
+   client.
    The answer is ``Completed(req_id, handle)``. Anything else: ``Completed(req_id,
    KErrPermissionDenied)``, a log line (once per kind), and the connection stays open.
 3. Requests. A request for a handle not attached to its connection is answered
@@ -31,18 +32,24 @@ Rules this module keeps:
 5. Panic. A request panicked by the server answers ``Panicked(..., 1)``, and the session is dead
    on the direct path: every later request for it, on any connection, gets the same answer,
    until the kernel's Disconnect. The kernel is told (``SessionPanicked``): it ends the session
-   as for a panic through it, and its Disconnect is not held (rule 8): nothing is left to
-   serve in order.
+   as for a panic through it.
 6. Cancel. ``Cancel(req_id)`` ends that request of the connection if it is still in service
    (it is then answered ``Completed(req_id, KErrCancel)`` and the session's ``Cancelled`` is
    told); a request already completed is left alone.
 7. Close and connection end. ``Close(handle)`` detaches the handle from the connection (not
-   answered). A connection that ends detaches all its handles, and its requests still in
-   service are ended as cancelled (``Cancelled`` is told; their completions go nowhere).
-8. Disconnect waits. The kernel's Disconnect of a session still attached to a connection is
-   held until every such connection has sent Close for it or ended: the client sends Close on
-   its direct connection before it closes the session with the kernel, so every request it sent
-   is served before the session's ``Disconnect``.
+   answered); its requests still in service there are forgotten (as the kernel path forgets a
+   session's requests at Disconnect: ``Cancelled`` is not told). A connection that ends
+   detaches all its handles, and its requests still in service are ended as cancelled
+   (``Cancelled`` is told; their completions go nowhere). The kernel's `PeerGone` for a
+   client process closes every connection whose SO_PEERCRED pid is that process's.
+8. Disconnect comes last. Before the kernel's Disconnect of a session runs, the connections
+   attached to it are read until they have nothing more (`DirectIO.drain`): the client sends
+   Close on its direct connection before it closes the session with the kernel, and a local
+   SEQPACKET send is queued at the receiver before it returns, so every request it sent is
+   served first. Then the session is detached from every connection and its requests in
+   service there are forgotten: nothing of it is served, or told ``Cancelled``, after its
+   ``Disconnect``, whether or not the client cooperated (a forked child holding the
+   connection, a client that died).
 9. Misbehaviour. Any other message on a connection (or, in the host, a frame that does not
    decode) is logged once per kind and the connection is closed; other connections go on.
 10. Generations. Once the registration has ended (`end`), nothing is sent.
@@ -66,7 +73,6 @@ from ..protocol import (
     Cancel,
     Close,
     Completed,
-    Disconnect,
     Mode,
     Panicked,
     Request,
@@ -97,6 +103,13 @@ class DirectIO(Protocol):
         """`message` of `connection` completed with `frame`, on any thread: have the loop
         thread call `DirectRules.finish` with them (or drop them once the host has stopped)."""
 
+    def drain(self, connection: DirectConnection) -> None:
+        """Read what `connection` has sent and not yet been read, feeding it to the rules, until
+        it has nothing more (loop thread; rule 8)."""
+
+    def close_client(self, pid: int) -> None:
+        """Close every connection whose SO_PEERCRED pid is `pid` (loop thread)."""
+
 
 class StateView(Protocol):
     """What the rules need of the `ServerState` that owns them."""
@@ -105,9 +118,6 @@ class StateView(Protocol):
 
     def error_string(self, message: RMessage) -> None:
         """Answer an ``RSession.ErrorString`` request."""
-
-    def disconnect(self, request: Disconnect) -> None:
-        """Run the kernel's Disconnect (rule 8 held it until now)."""
 
     def session_panicked(self, handle: int, category: str, reason: int) -> None:
         """Tell the kernel the server panicked the client of `handle` on the direct path."""
@@ -129,6 +139,7 @@ class DirectConnection:
         self.pid, self.uid, self.gid = pid, uid, gid
         self.max_frame = rules.max_frame
         self.attached: set[int] = set()
+        self.attaches = 0  # Attach requests granted on it, ever
         self.in_service: dict[int, RMessage] = {}
         self.open = True
         self._io = rules.io
@@ -164,7 +175,6 @@ class DirectRules:
         self._outstanding: dict[int, int] = {}  # handle -> ASYNC/BLIND requests not ended
         self._holders: dict[int, set[DirectConnection]] = {}  # handle -> connections attached
         self._dead: dict[int, tuple[str, int]] = {}  # handle -> the panic that killed it
-        self._held: dict[int, Disconnect] = {}  # handle -> the kernel's Disconnect, held
         self.problems: collections.Counter[str] = collections.Counter()
         self._handlers = {
             Request: self._on_request,
@@ -188,16 +198,15 @@ class DirectRules:
         self._tickets[ticket] = _Ticket(handle, client, slots)
         self._ticket_of[handle] = ticket
 
-    def hold_disconnect(self, request: Disconnect) -> bool:
-        """Rule 8: True if the Disconnect must wait (it runs later, through the state). A
-        session dead on the direct path serves no more requests there: nothing to wait for."""
-        if self._holders.get(request.handle) and request.handle not in self._dead:
-            self._held[request.handle] = request
-            return True
-        return False
-
-    def session_ended(self, handle: int) -> None:
-        """The session's Disconnect ran: forget everything about it."""
+    def session_ending(self, handle: int) -> None:
+        """The kernel's Disconnect of `handle` is about to run (rule 8): serve what its
+        connections sent before it, then detach it from them and forget everything about it."""
+        for connection in list(self._holders.get(handle, ())):
+            if connection.open:
+                self.io.drain(connection)  # may detach it (a Close), or serve requests
+        for connection in self._holders.pop(handle, ()):
+            connection.attached.discard(handle)
+            _forget_requests(connection, handle)
         ticket = self._ticket_of.pop(handle, None)
         if ticket is not None:
             self._tickets.pop(ticket, None)
@@ -205,14 +214,18 @@ class DirectRules:
         self._slots.pop(handle, None)
         self._outstanding.pop(handle, None)
         self._dead.pop(handle, None)
-        self._held.pop(handle, None)
+
+    def client_gone(self, pid: int) -> None:
+        """The kernel's PeerGone: the client process `pid` is gone (rule 7). Its connections
+        close (one a forked child inherited would otherwise keep its sessions served)."""
+        if not self.ended:
+            self.io.close_client(pid)
 
     def end(self) -> None:
         """The registration is over (rule 10): nothing is sent from now on."""
         self.ended = True
         self._tickets.clear()
         self._ticket_of.clear()
-        self._held.clear()
         for holders in self._holders.values():
             for connection in holders:
                 connection.open = False
@@ -251,26 +264,24 @@ class DirectRules:
 
     def finish(self, connection: DirectConnection, message: DirectMessage, frame: bytes) -> None:
         """A request of `connection` completed with `frame` (loop thread): free its slot, note a
-        panic (rule 5), and send the frame unless it answers a BLIND request (rule 4)."""
+        panic (rule 5), and send the frame unless it answers a BLIND request (rule 4) or its
+        handle has left the connection (rules 7, 8)."""
         if self.ended:
             return
         if message.mode != _SYNC:
             self._free_slot(message.handle)
-        if connection.open and message.mode != _BLIND:
-            self.io.send(connection, frame)
+        if connection.open and message.mode != _BLIND and message.handle in connection.attached:
+            self.io.send(connection, frame)  # (not once Close or Disconnect let the handle go)
         if message.panic is not None and message.handle in self._state.sessions:
             self._panicked(message.handle, message.panic)
 
     def _panicked(self, handle: int, panic: tuple[str, int]) -> None:
         """Rule 5: the session is dead on the direct path; the kernel is told, so that it ends
-        the session as for a panic through it, and a Disconnect held for it runs now."""
+        the session as for a panic through it."""
         if handle in self._dead:
             return
         self._dead[handle] = panic
         self._state.session_panicked(handle, *panic)
-        held = self._held.pop(handle, None)
-        if held is not None:
-            self._state.disconnect(held)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -286,14 +297,12 @@ class DirectRules:
         return len(self._holders.get(handle, ()))
 
     def statistics(self) -> dict[str, int]:
-        """Counts: unused tickets, attached sessions, outstanding slots, dead sessions, held
-        Disconnects."""
+        """Counts: unused tickets, attached sessions, outstanding slots, dead sessions."""
         return {
             "tickets": len(self._tickets),
             "attached": sum(1 for holders in self._holders.values() if holders),
             "slots_used": sum(self._outstanding.values()),
             "dead": len(self._dead),
-            "held_disconnects": len(self._held),
         }
 
     def __repr__(self) -> str:
@@ -309,6 +318,9 @@ class DirectRules:
         if ticket.client.pid != connection.pid:
             return self._refuse(connection, attach, "ticket presented by another process",
                                 f"the kernel named pid {ticket.client.pid}")
+        if ticket.client.uid != connection.uid:
+            return self._refuse(connection, attach, "ticket presented by another user",
+                                f"uid {connection.uid}, the kernel named uid {ticket.client.uid}")
         handle = ticket.handle
         if handle not in self._state.sessions or handle in self._dead:
             return self._refuse(connection, attach, "ticket of a closed session")
@@ -317,6 +329,7 @@ class DirectRules:
         self._client_of[handle] = ticket.client
         self._slots[handle] = POOL_SLOTS if ticket.slots < 0 else ticket.slots
         connection.attached.add(handle)
+        connection.attaches += 1
         self._holders.setdefault(handle, set()).add(connection)
         self.io.send(connection, encode(Completed(attach.req_id, handle, ())))
         return False
@@ -377,6 +390,7 @@ class DirectRules:
     def _on_close(self, connection: DirectConnection, close: Close) -> bool:
         if close.handle in connection.attached:
             self._detach(connection, close.handle)
+            _forget_requests(connection, close.handle)
         return False
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -401,12 +415,8 @@ class DirectRules:
         if holders is None:
             return
         holders.discard(connection)
-        if holders:
-            return
-        del self._holders[handle]
-        held = self._held.pop(handle, None)
-        if held is not None:
-            self._state.disconnect(held)
+        if not holders:
+            del self._holders[handle]
 
     def _free_slot(self, handle: int) -> None:
         used = self._outstanding.get(handle, 0)
@@ -414,3 +424,13 @@ class DirectRules:
             self._outstanding[handle] = used - 1
         else:
             self._outstanding.pop(handle, None)
+
+
+def _forget_requests(connection: DirectConnection, handle: int) -> None:
+    """Take the requests of `handle` out of `connection`'s table in service (rules 7, 8): a
+    Cancel or the connection's end no longer finds them; their completions still free their
+    slots. (A scan: a connection has few requests in service, and this runs once per Close.)"""
+    in_service = connection.in_service
+    for req_id, message in list(in_service.items()):
+        if isinstance(message, DirectMessage) and message.handle == handle:
+            in_service.pop(req_id, None)

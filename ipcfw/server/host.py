@@ -285,7 +285,7 @@ class ServerHost:
         port.watch(poller)
         try:
             while not self._stopping and not self.dropped:
-                ready = dict(poller.poll())
+                ready = dict(poller.poll(port.timeout))
                 if self._wakeup.fd in ready:
                     self._flush_outbox()
                 if self._socket in ready:

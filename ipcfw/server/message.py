@@ -255,12 +255,17 @@ class RMessage:
         writes: tuple[tuple[int, bytes], ...] = ()
         if self._content:
             writes = tuple((i, bytes(b)) for i, b in sorted(self._content.items()))
-        frame = encode(Complete(self._msg_id, value, writes))
+        frame = self._completion_frame(value, writes)
         if len(frame) > self._completer.max_frame:
             log.error("completion of %r is %d bytes, over the kernel's limit; completing with "
                       "KErrOverflow instead", self, len(frame))
-            frame = encode(Complete(self._msg_id, errors.KErrOverflow, ()))
+            frame = self._completion_frame(errors.KErrOverflow, ())
         self._completer.completed(self, frame)
+
+    def _completion_frame(self, value: int, writes: tuple[tuple[int, bytes], ...]) -> bytes:
+        """The frame that completes this message with `value` and `writes` (the kernel's
+        ``Complete``; a direct message's is the client's ``Completed``)."""
+        return encode(Complete(self._msg_id, value, writes))
 
     def Panic(self, category: str, reason: int) -> None:
         """Panic the client: its call raises ``ClientPanic(category, reason)``, its session dies
@@ -352,16 +357,8 @@ class DirectMessage(RMessage):
         """The client's id of this request on its connection."""
         return self._msg_id
 
-    def _send_completion(self, value: int) -> None:
-        writes: tuple[tuple[int, bytes], ...] = ()
-        if self._content:
-            writes = tuple((i, bytes(b)) for i, b in sorted(self._content.items()))
-        frame = encode(Completed(self._msg_id, value, writes))
-        if len(frame) > self._completer.max_frame:
-            log.error("completion of %r is %d bytes, over the kernel's limit; completing with "
-                      "KErrOverflow instead", self, len(frame))
-            frame = encode(Completed(self._msg_id, errors.KErrOverflow, ()))
-        self._completer.completed(self, frame)
+    def _completion_frame(self, value: int, writes: tuple[tuple[int, bytes], ...]) -> bytes:
+        return encode(Completed(self._msg_id, value, writes))
 
     def _panic_frame(self, category: str, reason: int) -> bytes:
         self.panic = (category, reason)

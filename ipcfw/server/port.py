@@ -5,8 +5,16 @@ kernel (`Register.direct`), and the connections accepted on it, each polled by t
 beside the kernel socket. The port reads and decodes their frames and hands them to the
 state's direct rules (`ipcfw.server.direct`), and sends what the rules give it without
 blocking: a connection whose peer does not read keeps an outbox of at most `DIRECT_OUTBOX`
-frames, past which it is closed. Completions made on other threads go through the port's own
-outbox to the loop, as the kernel's go through the host's.
+frames and `outbox_bytes` bytes, past which it is closed. Completions made on other threads go
+through the port's own outbox to the loop, as the kernel's go through the host's (and are
+dropped once the registration's rules have ended).
+
+Bounds on what clients can make the port hold: connections at once (`connection_cap`, from
+RLIMIT_NOFILE), per client pid (`DIRECT_PER_PID`), and time to the first Attach
+(`ATTACH_WITHIN` seconds, checked on the port's own clock: `timeout` is the poll timeout the
+loop uses while the port waits for something). When accept() fails for want of descriptors
+(EMFILE, ENFILE), the port closes the waiting connection with a spare descriptor kept for that,
+or, failing that, stops polling the listener for `_PAUSE` seconds: never a busy loop.
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ import errno
 import logging
 import mmap
 import os
+import resource
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,8 +44,12 @@ log = logging.getLogger("ipcfw.server")
 __all__ = ["DirectPort", "DIRECT_OUTBOX"]
 
 DIRECT_OUTBOX = 1000  # frames a direct connection may leave unread before it is closed
+_OUTBOX_BYTES = 64 << 20  # ... and bytes, at most (4 frames of the kernel's limit, if less)
+DIRECT_PER_PID = 64  # direct connections of one client process at once
+ATTACH_WITHIN = 5.0  # seconds a connection may stay open without a granted Attach
 _DIRECT_BATCH = 64  # frames read from one direct connection per turn of the loop
-_DIRECT_CONNECTIONS = 1024  # direct connections at once; more are closed as they come
+_DRAIN_LIMIT = 4096  # frames read from one connection before a Disconnect (rule 8)
+_PAUSE = 0.1  # seconds the listener is not polled after an accept() out of descriptors
 _DIRECT_SNDBUF = 4 << 20  # asked for on each connection (the OS caps it: net.core.wmem_max)
 _PEERCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
@@ -44,14 +58,24 @@ class Link:
     """One accepted direct connection: its socket, its state in the rules, and the frames
     waiting for its peer to read (sends never block)."""
 
-    __slots__ = ("sock", "fd", "connection", "outbox", "closing")
+    __slots__ = ("sock", "fd", "connection", "outbox", "queued", "closing")
 
     def __init__(self, sock: socket.socket, connection: DirectConnection) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.connection = connection
         self.outbox: collections.deque[bytes] = collections.deque()
+        self.queued = 0  # bytes in the outbox
         self.closing = False
+
+
+def connection_cap() -> int:
+    """Direct connections at once: three quarters of the soft RLIMIT_NOFILE (the rest is the
+    process's own: the kernel's socket, the plugin's files), at least 16."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft > 1 << 16:
+        soft = 1 << 16
+    return max(16, soft * 3 // 4)
 
 
 class DirectPort:
@@ -75,6 +99,17 @@ class DirectPort:
             collections.deque()
         )
         self._buffer: mmap.mmap | None = None  # pages are only touched by the frames read
+        self.cap = connection_cap()
+        self._per_pid: collections.Counter[int] = collections.Counter()
+        self._spare: int | None = None  # a descriptor to give up when accept() has none
+        self._paused_until: float | None = None  # the listener is not polled until then
+        self._unattached: collections.deque[tuple[float, Link]] = collections.deque()
+        self.timeout: int | None = None  # ms the loop may wait before calling `serve`, or None
+
+    @property
+    def outbox_bytes(self) -> int:
+        """The most bytes a connection may leave unread before it is closed."""
+        return min(4 * self.max_frame, _OUTBOX_BYTES)
 
     def open(self, directory: str) -> None:
         """Make the listening socket in `directory` (the kernel's, private); on failure, log at
@@ -97,6 +132,7 @@ class DirectPort:
                 os.unlink(path)
             return
         self._listener, self.path = listener, path
+        self._spare = _open_spare()
 
     def watch(self, poller: zmq.Poller) -> None:
         """Poll the listener (and, later, each connection) with the loop's `poller`."""
@@ -113,8 +149,9 @@ class DirectPort:
         self._links.clear()
         self._outbox.clear()
         if self._listener is not None:
-            if self._poller is not None:
+            if self._poller is not None and self._paused_until is None:
                 self._poller.unregister(self._listener.fileno())
+            self._paused_until = None
             self._listener.close()
             self._listener = None
             try:
@@ -122,6 +159,11 @@ class DirectPort:
             except OSError:
                 pass  # removed already (the kernel's directory went with it)
         self.path = ""
+        self._unattached.clear()
+        self._per_pid.clear()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
         if self._buffer is not None:
             self._buffer.close()
             self._buffer = None
@@ -145,12 +187,31 @@ class DirectPort:
             self._failed_send(link, frame, exc)
 
     def post(self, connection: DirectConnection, message: DirectMessage, frame: bytes) -> None:
+        rules = self.rules
+        if rules is None or rules.ended:
+            return  # the registration is over: dropped, not kept
         if self._on_loop_thread():
-            if self.rules is not None:
-                self.rules.finish(connection, message, frame)
+            rules.finish(connection, message, frame)
         else:
             self._outbox.append((connection, message, frame))
             self._wake()  # does nothing once the host has stopped: dropped
+
+    def drain(self, connection: DirectConnection) -> None:
+        link = self._links.get(connection.key)
+        if link is None or link.connection is not connection or link.closing:
+            return
+        self._read(link, _DRAIN_LIMIT)
+        if self._closing:
+            self._wake()  # ended on the next turn (the rules are mid-way through a Disconnect)
+
+    def close_client(self, pid: int) -> None:
+        if not self._per_pid.get(pid):
+            return
+        for link in list(self._links.values()):
+            if link.connection.pid == pid:
+                self._close(link)
+        if self._closing:
+            self._wake()
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -162,7 +223,8 @@ class DirectPort:
         self._end_closing()
 
     def serve(self, ready: dict[Any, int]) -> None:
-        """Accept, read and write what the poller found ready."""
+        """Accept, read and write what the poller found ready; then, if the port waits for a
+        time, see to it (after reading: an Attach that came while the loop was busy counts)."""
         if self._listener is not None and self._listener.fileno() in ready:
             self._accept()
         links = self._links
@@ -174,7 +236,33 @@ class DirectPort:
                 self._write(link)
             if events & (zmq.POLLIN | zmq.POLLERR):
                 self._read(link)
+        if self.timeout is not None:
+            self._on_time()
         self._end_closing()
+
+    def _on_time(self) -> None:
+        """Re-arm a paused listener, close connections that did not Attach in time."""
+        now = time.monotonic()
+        if self._paused_until is not None and now >= self._paused_until:
+            self._paused_until = None
+            if self._listener is not None and self._poller is not None:
+                self._poller.register(self._listener.fileno(), zmq.POLLIN)
+        unattached = self._unattached
+        while unattached and unattached[0][0] <= now:
+            link = unattached.popleft()[1]
+            if (not link.closing and link.connection.attaches == 0
+                    and self._links.get(link.fd) is link):
+                assert self.rules is not None
+                self.rules.report("no Attach in time",
+                                  f"pid {link.connection.pid} sent none in {ATTACH_WITHIN} s; "
+                                  "closing its direct connection")
+                self._close(link)
+        self._set_timeout(now)
+
+    def _set_timeout(self, now: float) -> None:
+        when = [t for t in (self._paused_until,
+                            self._unattached[0][0] if self._unattached else None) if t is not None]
+        self.timeout = max(1, int((min(when) - now) * 1000) + 1) if when else None
 
     def _accept(self) -> None:
         assert self._listener is not None and self.rules is not None and self._poller is not None
@@ -183,33 +271,82 @@ class DirectPort:
                 sock, _ = self._listener.accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # EMFILE and the like: the others are served meanwhile
-                self.rules.report("accept failed", str(exc))
+            except OSError as exc:
+                shed = self._shed() if exc.errno in (errno.EMFILE, errno.ENFILE) else False
+                if shed is None:
+                    return  # (Linux takes the descriptor before it looks at the backlog)
+                if shed:
+                    self.rules.report("out of file descriptors",
+                                      f"accept() failed ({exc}); closing the new direct "
+                                      "connection at once (the client uses the kernel path)")
+                    continue
+                self.rules.report("accept failed",
+                                  f"{exc}; the listener rests for {_PAUSE} s")
+                self._pause()
                 return
-            if len(self._links) >= _DIRECT_CONNECTIONS:
-                self.rules.report("too many direct connections", f"{len(self._links)} open")
-                sock.close()
-                continue
             sock.setblocking(False)
             pid, uid, gid = _PEERCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             )
+            if len(self._links) >= self.cap:
+                self.rules.report("too many direct connections", f"{len(self._links)} open")
+                sock.close()
+                continue
+            if self._per_pid[pid] >= DIRECT_PER_PID:
+                self.rules.report("too many direct connections of one process",
+                                  f"pid {pid} has {self._per_pid[pid]} open")
+                sock.close()
+                continue
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _DIRECT_SNDBUF)
             except OSError:
                 pass  # the default buffer: completions over it are answered KErrOverflow
             link = Link(sock, self.rules.connection(sock.fileno(), pid, uid, gid))
             self._links[link.fd] = link
+            self._per_pid[pid] += 1
             self._poller.register(link.fd, zmq.POLLIN)
+            now = time.monotonic()
+            self._unattached.append((now + ATTACH_WITHIN, link))
+            if self.timeout is None:
+                self._set_timeout(now)
 
-    def _read(self, link: Link) -> None:
+    def _shed(self) -> bool | None:
+        """accept() has no descriptor for a waiting connection: give up the spare one, accept
+        the connection and close it, take the spare again. False if there was no spare to give
+        (or accept failed again), None if no connection was waiting."""
+        if self._spare is None:
+            self._spare = _open_spare()
+            return False
+        assert self._listener is not None
+        os.close(self._spare)
+        self._spare = None
+        shed: bool | None
+        try:
+            self._listener.accept()[0].close()
+            shed = True
+        except BlockingIOError:
+            shed = None
+        except OSError:
+            shed = False
+        self._spare = _open_spare()
+        return shed
+
+    def _pause(self) -> None:
+        """Stop polling the listener for `_PAUSE` seconds (`serve` re-arms it)."""
+        if self._paused_until is None and self._listener is not None and self._poller is not None:
+            self._poller.unregister(self._listener.fileno())
+            now = time.monotonic()
+            self._paused_until = now + _PAUSE
+            self._set_timeout(now)
+
+    def _read(self, link: Link, limit: int = _DIRECT_BATCH) -> None:
         rules = self.rules
         assert rules is not None
         if self._buffer is None:
             self._buffer = mmap.mmap(-1, self.max_frame)
         buffer = self._buffer
         connection = link.connection
-        for _ in range(_DIRECT_BATCH):
+        for _ in range(limit):
             if link.closing:
                 return
             try:
@@ -247,21 +384,24 @@ class DirectPort:
             except BlockingIOError:
                 return
             except OSError as exc:
-                self._failed_send(link, outbox.popleft(), exc)
+                frame = outbox.popleft()
+                link.queued -= len(frame)
+                self._failed_send(link, frame, exc)
                 continue
-            outbox.popleft()
+            link.queued -= len(outbox.popleft())
         if not link.closing and self._poller is not None:
             self._poller.register(link.fd, zmq.POLLIN)  # nothing left to write
 
     def _queue(self, link: Link, frame: bytes) -> None:
-        if len(link.outbox) >= DIRECT_OUTBOX:
+        if len(link.outbox) >= DIRECT_OUTBOX or link.queued + len(frame) > self.outbox_bytes:
             assert self.rules is not None
             self.rules.report("client does not read",
-                              f"{len(link.outbox)} frames unread by pid {link.connection.pid}; "
-                              "closing its direct connection")
+                              f"{len(link.outbox)} frames ({link.queued} bytes) unread by pid "
+                              f"{link.connection.pid}; closing its direct connection")
             self._close(link)
             return
         link.outbox.append(frame)
+        link.queued += len(frame)
 
     def _failed_send(self, link: Link, frame: bytes, exc: OSError) -> None:
         if exc.errno != errno.EMSGSIZE:
@@ -292,7 +432,21 @@ class DirectPort:
     def _forget(self, link: Link) -> None:
         if self._links.get(link.fd) is link:
             del self._links[link.fd]
+            pid = link.connection.pid
+            if self._per_pid[pid] > 1:
+                self._per_pid[pid] -= 1
+            else:
+                del self._per_pid[pid]
             if self._poller is not None:
                 self._poller.unregister(link.fd)
         link.outbox.clear()
+        link.queued = 0
         link.sock.close()
+
+
+def _open_spare() -> int | None:
+    """A descriptor kept to be given up when accept() finds none (EMFILE), or None."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None

@@ -37,8 +37,9 @@ Rules this module keeps:
 7. A `Dropped` notice for our socket means the kernel stopped serving us (`Outcome.DROPPED`);
    nothing after it is for us.
 8. The direct path (`ipcfw.server.direct`, `self.direct`): an accepted `NewSession` with a
-   ticket leaves the ticket there (before the acceptance is sent), and a `Disconnect` of a
-   session a direct connection still holds waits there until the connection lets it go.
+   ticket leaves the ticket there (before the acceptance is sent); before a `Disconnect` runs,
+   the direct connections holding the session are read to their end and let it go; a
+   `PeerGone` closes the client process's direct connections.
 
 Threads: every method runs on the host's loop thread, except `completed`, which an `RMessage`
 calls from whichever thread completed it; it only reads `ended` and calls `emit`, which the
@@ -315,15 +316,9 @@ class ServerState:
         accept_connect(message, reply)
 
     def _on_disconnect(self, request: Disconnect) -> None:
-        if self.direct is not None and self.direct.hold_disconnect(request):
-            return  # a direct connection still has the session: see ipcfw.server.direct
-        self.disconnect(request)
-
-    def disconnect(self, request: Disconnect) -> None:
-        """Run the kernel's Disconnect of a session (rule 4): at once, or once the direct
-        connections that had the session have let it go."""
         if self.direct is not None:
-            self.direct.session_ended(request.handle)
+            # what its direct connections sent first is served first: see ipcfw.server.direct
+            self.direct.session_ending(request.handle)
         session = self.sessions.pop(request.handle, None)
         # The kernel has answered what the session still held: a Cancel now finds nothing.
         self._in_service.pop(request.handle, None)
@@ -353,7 +348,9 @@ class ServerState:
         self.clients[info.client] = ClientInfo(info.pid, info.uid, info.gid, info.exe)
 
     def _on_peer_gone(self, notice: PeerGone) -> None:
-        self.clients.pop(notice.client, None)  # messages already built keep their ClientInfo
+        info = self.clients.pop(notice.client, None)  # messages already built keep theirs
+        if info is not None and self.direct is not None:
+            self.direct.client_gone(info.pid)
 
     def _on_terminating(self, notice: Terminating) -> None:
         if self.indicated:

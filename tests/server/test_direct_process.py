@@ -40,6 +40,7 @@ from ipcfw.protocol import (
     Negotiated,
     NewSession,
     Panicked,
+    PeerGone,
     PeerInfo,
     Register,
     Request,
@@ -200,7 +201,7 @@ def test_the_direct_socket_is_private_in_the_kernels_directory(hosted):
     assert not path.exists()
 
 
-def test_requests_cancel_blind_slots_close_and_a_held_disconnect(hosted):
+def test_requests_cancel_blind_slots_close_and_disconnect(hosted):
     handle = 0x10
     sock = hosted.attached(handle, slots=2)
     assert call(sock, Request(2, handle, EEcho, (42,), SYNC)) == Completed(2, 42, ())
@@ -215,12 +216,13 @@ def test_requests_cancel_blind_slots_close_and_a_held_disconnect(hosted):
     assert call(sock, Request(8, handle, EEcho, (1,), ASYNC)) == Completed(8, KErrServerBusy, ())
     assert call(sock, Cancel(6)) == Completed(6, KErrCancel, ())
     assert call(sock, Cancel(7)) == Completed(7, KErrCancel, ())
-    # the kernel's Disconnect waits for the Close on the direct connection
+    # a request and Close on the direct connection, then the kernel's Disconnect: the request
+    # is served before the Disconnect runs
+    sock.send(encode(Request(9, handle, EEcho, (9,), SYNC)))
+    sock.send(encode(Close(handle)))
     disconnect = hosted.next_id()
     hosted.fake.send(Disconnect(disconnect, handle))
-    assert call(sock, Request(9, handle, EEcho, (9,), SYNC)) == Completed(9, 9, ())
-    assert not any(type(m) is Complete for m in hosted.fake.received)
-    sock.send(encode(Close(handle)))
+    assert receive(sock) == Completed(9, 9, ())
     assert hosted.fake.completion(disconnect) == Complete(disconnect, KErrNone, ())
     assert call(sock, Request(10, handle, EEcho, (1,), SYNC)) == Panicked(
         10, handle, "KERN-EXEC", 0, 0
@@ -242,15 +244,23 @@ def test_a_panic_kills_the_session_on_the_direct_path(hosted):
     assert call(sock, Request(3, 0x12, EEcho, (1,), SYNC)) == Panicked(3, 0x12, "PROBE", 5, 1)
 
 
-def test_the_end_of_a_connection_lets_a_held_disconnect_run(hosted):
+def test_a_disconnect_without_close_runs_at_once_and_ends_the_session_there(hosted):
+    # (a client that died, or a forked child holding the connection, never sends Close)
     sock = hosted.attached(0x13)
     sock.send(encode(Request(2, 0x13, EHold, (1,), ASYNC)))
     disconnect = hosted.next_id()
     hosted.fake.send(Disconnect(disconnect, 0x13))
-    with pytest.raises(pytest.fail.Exception):
-        hosted.fake.completion(disconnect, timeout=0.3)
-    sock.close()
     assert hosted.fake.completion(disconnect) == Complete(disconnect, KErrNone, ())
+    assert call(sock, Request(3, 0x13, EEcho, (1,), SYNC)) == Panicked(
+        3, 0x13, "KERN-EXEC", 0, 0
+    )
+
+
+def test_a_peer_gone_closes_the_client_processs_connections(hosted):
+    sock = hosted.attached(0x14)
+    assert call(sock, Request(2, 0x14, EEcho, (4,), SYNC)) == Completed(2, 4, ())
+    hosted.fake.send(PeerGone(hosted._client))
+    assert ended(sock)
 
 
 _CHILD = """

@@ -30,6 +30,7 @@ from ipcfw.protocol import (
     NewSession,
     Panicked,
     SessionPanicked,
+    PeerGone,
     PeerInfo,
     Request,
     decode,
@@ -105,6 +106,18 @@ class FakeIO:
         self.sent: dict[int, list[Any]] = {}
         self.on_loop = True
         self.posted: list[tuple[DirectConnection, DirectMessage, bytes]] = []
+        self.unread: dict[int, list[Any]] = {}  # frames sent by clients, not read yet
+        self.closed_pids: list[int] = []
+
+    def drain(self, connection: DirectConnection) -> None:
+        assert self.rules is not None
+        for message in self.unread.pop(connection.key, []):
+            if self.rules.receive(connection, message):
+                self.rules.connection_ended(connection)
+                return
+
+    def close_client(self, pid: int) -> None:
+        self.closed_pids.append(pid)
 
     def send(self, connection: DirectConnection, frame: bytes) -> None:
         if connection.open:
@@ -433,23 +446,64 @@ def test_close_detaches_the_handle_from_the_connection(harness, server):
     assert harness.rules.attached(HANDLE) == 0
 
 
-def test_a_disconnect_waits_for_the_close_on_the_direct_connection(harness, server):
+def test_a_disconnect_first_serves_what_the_connection_sent_before_its_close(harness, server):
     connection = harness.attached()
-    harness.feed(connection, Request(2, HANDLE, 1, (), SYNC))
+    server.actions = [complete_with(1)]
+    # the client sent a request, then Close, on its direct connection, then Close to the
+    # kernel: its Disconnect arrives before the server has read them
+    harness.io.unread[connection.key] = [Request(3, HANDLE, 4, (), SYNC), Close(HANDLE)]
     msg_id = harness.next_id()
     harness.state.receive(Disconnect(msg_id, HANDLE))
-    assert harness.kernel == [] and ("disconnect",) not in server.events
-    assert harness.rules.statistics()["held_disconnects"] == 1
-    # a request sent before the Close is still served
-    server.actions = [complete_with(1)]
-    assert harness.feed(connection, Request(3, HANDLE, 1, (), SYNC)) == [Completed(3, 1, ())]
-    harness.feed(connection, Close(HANDLE))
+    assert harness.take(connection) == [Completed(3, 1, ())]
+    assert server.events == [("service", 4, PID), ("disconnect",)]
     assert harness.kernel == [Complete(msg_id, errors.KErrNone, ())]
-    assert server.events[-1] == ("disconnect",)
     assert harness.state.statistics()["sessions"] == 0
-    assert harness.rules.statistics() == {
-        "tickets": 0, "attached": 0, "slots_used": 0, "dead": 0, "held_disconnects": 0,
-    }
+    assert harness.rules.statistics() == {"tickets": 0, "attached": 0, "slots_used": 0, "dead": 0}
+
+
+def test_a_disconnect_without_close_runs_at_once_and_nothing_of_the_session_follows_it(
+        harness, server):
+    # a client that never sends Close (it died, or a forked child holds its connection)
+    connection = harness.attached(slots=2)
+    harness.feed(connection, Request(2, HANDLE, 5, (), ASYNC))  # held by the plugin
+    msg_id = harness.next_id()
+    harness.state.receive(Disconnect(msg_id, HANDLE))
+    assert harness.kernel == [Complete(msg_id, errors.KErrNone, ())]
+    assert harness.rules.attached(HANDLE) == 0 and connection.in_service == {}
+    assert harness.feed(connection, Request(3, HANDLE, 1, (), SYNC)) == [
+        Panicked(3, HANDLE, "KERN-EXEC", 0, 0)
+    ]
+    assert harness.feed(connection, Cancel(2)) == []
+    harness.rules.connection_ended(connection)
+    assert server.events[-1] == ("disconnect",)  # no Cancelled after it
+    server.held[0].Complete(0)  # a late completion goes nowhere
+    assert harness.take(connection) == []
+
+
+def test_close_then_disconnect_then_connection_end_tells_no_cancelled(harness, server):
+    # the reviewer's case: connect, a held request, Close, Disconnect, the thread ends
+    connection = harness.attached(slots=1)
+    harness.feed(connection, Request(2, HANDLE, 3, (), ASYNC))
+    harness.feed(connection, Close(HANDLE))
+    harness.state.receive(Disconnect(harness.next_id(), HANDLE))
+    harness.rules.connection_ended(connection)
+    assert [e[0] for e in server.events] == ["service", "disconnect"]
+
+
+def test_a_peer_gone_closes_the_processs_direct_connections(harness):
+    harness.state.receive(PeerGone(CLIENT))
+    assert harness.io.closed_pids == [PID]
+    harness.state.receive(PeerGone(CLIENT))  # once: the client is forgotten
+    assert harness.io.closed_pids == [PID]
+
+
+def test_attach_from_another_user_is_refused(harness):
+    harness.new_session()
+    connection = harness.rules.connection(99, PID, UID + 1, GID)
+    assert harness.feed(connection, Attach(1, TICKET)) == [
+        Completed(1, errors.KErrPermissionDenied, ())
+    ]
+    assert harness.rules.problems == {"Attach refused: ticket presented by another user": 1}
 
 
 def test_a_disconnect_of_a_session_not_attached_runs_at_once(harness, server):
@@ -460,17 +514,13 @@ def test_a_disconnect_of_a_session_not_attached_runs_at_once(harness, server):
     assert harness.rules.statistics()["tickets"] == 0
 
 
-def test_connection_end_cancels_its_requests_and_releases_a_held_disconnect(harness, server):
+def test_connection_end_cancels_its_requests(harness, server):
     connection = harness.attached(slots=2)
     harness.feed(connection, Request(2, HANDLE, 5, (), ASYNC))
     harness.feed(connection, Request(3, HANDLE, 6, (), SYNC))
-    msg_id = harness.next_id()
-    harness.state.receive(Disconnect(msg_id, HANDLE))
-    assert harness.kernel == []
     harness.rules.connection_ended(connection)
     assert ("cancelled", 5) in server.events and ("cancelled", 6) in server.events
-    assert server.events[-1] == ("disconnect",)
-    assert harness.kernel == [Complete(msg_id, errors.KErrNone, ())]
+    assert harness.rules.attached(HANDLE) == 0
     server.held[0].Complete(0)  # a late completion goes nowhere
     assert harness.take(connection) == []
     harness.rules.connection_ended(connection)  # twice: nothing more
@@ -496,22 +546,18 @@ def test_a_panic_kills_the_session_on_the_direct_path_until_disconnect(harness, 
         Panicked(3, HANDLE, "TEST", 7, 1)
     ]
     assert harness.kernel == [SessionPanicked(HANDLE, "TEST", 7)]  # told once
-    harness.state.receive(Disconnect(harness.next_id(), HANDLE))  # not held: nothing to order
+    harness.state.receive(Disconnect(harness.next_id(), HANDLE))
     assert harness.rules.statistics()["dead"] == 0
-    assert harness.rules.statistics()["held_disconnects"] == 0
 
 
-def test_a_panic_releases_a_disconnect_held_for_the_session(harness, server):
-    connection = harness.attached(slots=1)
+def test_the_disconnect_after_a_panic_is_the_last_the_session_hears(harness, server):
+    connection = harness.attached(slots=2)
     harness.feed(connection, Request(2, HANDLE, 1, (), ASYNC))  # held by the plugin
-    disconnect = harness.next_id()
-    harness.state.receive(Disconnect(disconnect, HANDLE))
-    assert harness.rules.statistics()["held_disconnects"] == 1  # the client has not closed
-    server.held[0].Panic("TEST", 8)
-    # The kernel is told, and the held Disconnect runs (the plugin completes it at once).
-    assert harness.kernel == [SessionPanicked(HANDLE, "TEST", 8),
-                              Complete(disconnect, errors.KErrNone, ())]
-    assert harness.rules.statistics()["held_disconnects"] == 0
+    server.actions = [lambda message: message.Panic("TEST", 8)]
+    harness.feed(connection, Request(3, HANDLE, 2, (), SYNC))
+    harness.state.receive(Disconnect(harness.next_id(), HANDLE))  # the client has not closed
+    harness.rules.connection_ended(connection)
+    assert server.events[-1] == ("disconnect",)  # the held request is not Cancelled after it
 
 
 # -- the registration ends --------------------------------------------------------------------
@@ -536,3 +582,15 @@ def test_a_state_without_direct_io_ignores_tickets(server):
     state.receive(PeerInfo(CLIENT, PID, UID, GID, "x"))
     state.receive(NewSession(1, HANDLE, (1, 0, 0), CLIENT, b"", TICKET, 1))
     assert state.direct is None and kernel == [Negotiated(1, errors.KErrNone, b"")]
+
+
+def test_the_overflow_rule_is_written_once_for_both_paths(server):
+    # A direct message differs from a kernel one only in its completion frame.
+    assert "_send_completion" not in DirectMessage.__dict__
+    assert "_completion_frame" in DirectMessage.__dict__
+    harness = Harness(server, max_frame=256)
+    connection = harness.attached()
+    server.actions = [lambda message: (message.WriteL(0, b"x" * 300), message.Complete(1))]
+    assert harness.feed(connection, Request(2, HANDLE, 1, ((b"", 400),), SYNC)) == [
+        Completed(2, errors.KErrOverflow, ())
+    ]
