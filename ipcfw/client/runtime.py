@@ -98,7 +98,7 @@ from ..protocol import (
     encode,
 )
 from .direct import DirectSocket
-from .state import ClientState, Pending, SessionLife
+from .state import ClientState, Pending, SessionLife, log_once
 
 log = logging.getLogger("ipcfw.client")
 
@@ -571,13 +571,20 @@ class DirectChannel:
             return
         req_id = getattr(reply, "req_id", None)
         if req_id in self.replies:
-            self.replies[req_id] = reply
+            self.replies[req_id] = reply  # (a sync call made here)
         elif type(reply) is Completed:
-            self.runtime.complete(reply.req_id, reply.value, reply.writes)
+            # Only a request sent on this connection: a server cannot complete another's.
+            if not self.runtime.complete(reply.req_id, reply.value, reply.writes, on=self):
+                self._foreign(reply)
         elif type(reply) is Panicked:
-            self.runtime.panicked(reply)
+            self.runtime.panicked(reply, on=self)
         else:
             log.error("unexpected %s from the server at %s", type(reply).__name__, self.path)
+
+    def _foreign(self, reply: Completed) -> None:
+        if self.runtime.state.pending.get(reply.req_id) is not None:
+            log_once("foreign-completion", "dropping a completion from the server at %s of a "
+                     "request not sent on its connection", self.path)
 
     def _end(self) -> None:
         """The server closed the connection (EOF or error): its requests still pending
@@ -786,15 +793,17 @@ class Runtime:
 
     def complete(
         self, req_id: int, value: int, writes: Sequence[tuple[int, bytes]] = (),
-        error: BaseException | None = None,
-    ) -> None:
-        """Complete a pending async request, once; a late or unknown completion is dropped.
+        error: BaseException | None = None, *, on: DirectChannel | None = None,
+    ) -> bool:
+        """Complete a pending async request, once; a late or unknown completion is dropped
+        (False). `on`: the direct connection the answer came on; a request sent elsewhere is
+        not completed (False).
 
         Any thread may call it (settling, Close, a dead kernel): it never waits for socket I/O.
         """
-        pending = self.state.take(req_id)
+        pending = self.state.take(req_id) if on is None else self.state.take_on(req_id, on)
         if pending is None:
-            return  # completed already
+            return False  # completed already (or, `on`, not sent there)
         channel = pending.channel
         # Counted down before the callbacks run: one may send again on this channel, and must
         # then see the count it would see had the completion come first (send_async's nudge).
@@ -804,12 +813,19 @@ class Runtime:
         if self.blocked_waiters:
             with self.completions:
                 self.completions.notify_all()
+        return True
 
-    def panicked(self, reply: Panicked) -> None:
+    def panicked(self, reply: Panicked, on: DirectChannel | None = None) -> None:
+        """A panic (from the kernel, or, `on`, from a direct connection: it may then only end
+        a session attached to that connection, and only a request sent on it)."""
         panic = errors.ClientPanic(reply.category, reply.reason)
         if reply.session_dead:
-            self.session_lost(reply.handle, panic)
-        self.complete(reply.req_id, errors.KErrDied, (), panic)
+            if on is None or self.state.is_attached(on, reply.handle):
+                self.session_lost(reply.handle, panic)
+            else:
+                log_once("foreign-panic", "ignoring a panic from the server at %s of a session "
+                         "not attached to its connection", on.path)
+        self.complete(reply.req_id, errors.KErrDied, (), panic, on=on)
 
     def session_lost(self, handle: int, error: BaseException) -> None:
         """Every RSession of this process on `handle` is dead (server death or panic)."""
