@@ -400,6 +400,7 @@ class DirectChannel:
         self.last_used = self.settled_at = time.monotonic()
         self.closed = False
         self.ended = False  # the server closed the connection (it died, or refused us)
+        self.inherited = False  # closed in a forked child: the parent's (`forked`)
         self.replies: dict[int, Message | None] = {}  # sync calls in progress, as the Channel's
         self.loop_readers: dict[object, int] = {}
 
@@ -429,6 +430,12 @@ class DirectChannel:
             return self.ended_error()
         if self.runtime.kernel_dead:
             return self.runtime.kernel_gone_error()
+        if self.inherited:
+            return errors.IpcError(
+                errors.KErrDisconnected,
+                f"the direct connection to {self.path} belongs to the parent process: a "
+                "forked child cannot use it (connect a session of its own)",
+            )
         if self.closed:
             return errors.IpcError(
                 errors.KErrDisconnected, f"the direct connection to {self.path} was closed"
@@ -593,6 +600,16 @@ class DirectChannel:
             self.ended = True
             self.runtime.retire_direct(self, self.ended_error)
 
+    def forked(self) -> None:
+        """In a forked child: close the inherited socket, sending nothing, and refuse every
+        later use (KErrDisconnected). The connection is the parent's: the server must see it
+        end when the parent does. Takes no lock: a thread that held one did not survive the
+        fork, so fresh locks replace them."""
+        self.lock = threading.RLock()
+        self.count_lock = threading.Lock()
+        self.inherited = self.closed = True
+        self.socket.close()
+
     def close(self) -> None:
         """Close the socket (the lock held or not: a thread's end, the kernel's death)."""
         with self.lock:
@@ -690,6 +707,14 @@ class Runtime:
         self._local = threading.local()
         self._inbox = _Inbox(self)
         self._inbox.start_and_wait()
+
+    def forked(self) -> None:
+        """In a forked child (`_after_fork_in_child`): close every direct connection inherited
+        from the parent, sending nothing; calls on them then fail (KErrDisconnected). The
+        child's own sessions use a runtime of its own (`for_endpoint` keys them by pid)."""
+        for direct in list(self.direct_channels):
+            direct.forked()
+        self.direct_channels.clear()
 
     def next_req_id(self) -> int:
         return next(self._req_ids)
@@ -1129,4 +1154,12 @@ def _session_lost_error(code: int) -> errors.IpcError:
     return errors.IpcError(code)
 
 
+def _after_fork_in_child() -> None:
+    """A forked child must not speak on its parent's direct connections (the server checked
+    the parent's pid at Attach), nor keep them open once the parent has gone."""
+    for runtime in list(Runtime._instances.values()):  # (no lock: see DirectChannel.forked)
+        runtime.forked()
+
+
 atexit.register(Runtime.shutdown_all)
+os.register_at_fork(after_in_child=_after_fork_in_child)
