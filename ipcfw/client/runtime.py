@@ -55,7 +55,9 @@ sleeping thread costs more than the round trip). Its ends: the thread's end clos
 requests complete with KErrDied); the server closing it (death) completes its requests with
 KErrServerTerminated, and later calls on it raise ServerTerminated; the kernel's death closes
 them all. A Close says Close(handle) on the session's direct connections before the kernel's
-Close, so that the server's Disconnect follows every request sent before it. If a connection
+Close, so that the server's Disconnect follows every request sent before it; a Close or
+Cancel from any thread is sent without the connection's lock (one datagram: atomic), or, if the
+socket is full, queued for its owner or the I/O thread. If a connection
 cannot be made or the Attach fails, the session stays on the kernel path (logged at debug).
 
 Routing ids are random 128-bit values: the kernel never trusts them as identity (it reads the
@@ -71,6 +73,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from typing import Protocol, TypeAlias, TypeVar, cast
 from collections.abc import Callable, Iterable, Sequence
 
@@ -403,6 +406,12 @@ class DirectChannel:
         self.inherited = False  # closed in a forked child: the parent's (`forked`)
         self.replies: dict[int, Message | None] = {}  # sync calls in progress, as the Channel's
         self.loop_readers: dict[object, int] = {}
+        # Cancels and Closes of other threads that found the socket full, in order, each with
+        # the event to set once it has left (or the connection has gone): sent by whoever
+        # holds the lock next (`_flush`), the owner or the I/O thread. Guarded by
+        # `outbox_lock`, which is held only across a non-blocking send.
+        self.outbox: deque[tuple[bytes, threading.Event]] = deque()
+        self.outbox_lock = threading.Lock()
 
     def __repr__(self) -> str:
         state = " ended" if self.ended else " closed" if self.closed else ""
@@ -416,7 +425,7 @@ class DirectChannel:
             )
 
     def awaits_answers(self) -> bool:
-        return bool(self.pending)
+        return bool(self.pending or self.outbox)
 
     def ended_error(self) -> errors.IpcError:
         return errors.IpcError(
@@ -447,6 +456,10 @@ class DirectChannel:
         for, as long as the kernel lives; a connection that breaks ends (ServerTerminated)."""
         socket = self.socket
         try:
+            while self.outbox and not self._flush():  # (what other threads posted goes first)
+                if self.runtime.kernel_dead:
+                    raise self.runtime.kernel_gone_error()
+                socket.wait_writable(_SLICE)
             while not socket.send(frame):
                 if self.runtime.kernel_dead:
                     raise self.runtime.kernel_gone_error()
@@ -456,19 +469,48 @@ class DirectChannel:
             self._end()
             raise self.ended_error() from None
 
-    def send(self, frame: bytes) -> None:
-        """Send one frame that expects no answer (a Cancel, a Close). On a connection that
-        has ended or closed nothing is sent: its requests are all completed already."""
+    def send(self, frame: bytes) -> threading.Event | None:
+        """Send one small frame that expects no answer (a Cancel, a Close), from any thread,
+        without the lock: a datagram send is atomic, so it never waits behind the owner's
+        sync call. None once sent (or if the connection has ended or closed: its requests are
+        all completed already). If the socket is full, the frame is queued for the owner or
+        the I/O thread to send, in order; the event returned is set once it has left or the
+        connection has gone."""
         self.check_size(frame)
-        with self.lock:
-            if self.ended or self.closed:
-                return
-            try:
-                self._send(frame)
-            except errors.IpcError:
-                return  # (ended: its requests completed with KErrServerTerminated)
-            self._settle()
-            self.last_used = time.monotonic()
+        if self.ended or self.closed:
+            return None
+        with self.outbox_lock:
+            if not self.outbox:
+                try:
+                    if self.socket.send(frame):
+                        return None
+                except (OSError, ValueError) as exc:  # (its reader will see the end)
+                    log.debug("the direct connection to %s failed: %s", self.path, exc)
+                    return None
+            sent = threading.Event()
+            self.outbox.append((frame, sent))
+        self.runtime.nudge()  # the I/O thread sends it if the owner does not
+        return sent
+
+    def _flush(self) -> bool:
+        """Send what other threads queued (`send`), in order; False if the socket filled up
+        again. Call with the lock held. Raises OSError on a broken connection."""
+        outbox = self.outbox
+        while outbox:
+            with self.outbox_lock:
+                frame, sent = outbox[0]
+                if not self.socket.send(frame):
+                    return False
+                outbox.popleft()
+            sent.set()
+        return True
+
+    def _drop_outbox(self) -> None:
+        """The connection has gone: nothing queued will be sent (its waiters go on)."""
+        with self.outbox_lock:
+            queued, self.outbox = self.outbox, deque()
+        for _frame, sent in queued:
+            sent.set()
 
     def send_async(self, frame: bytes, req_id: int, pending: Pending[AnyChannel]) -> None:
         """Send an async request, registered first: its answer may be read at once."""
@@ -522,6 +564,8 @@ class DirectChannel:
                 raise self._refusal() or self.ended_error()
             wait = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
             try:
+                if self.outbox:
+                    self._flush()  # (queued by other threads during this call)
                 frame = socket.wait_readable(max(wait, 0.0))
             except OSError as exc:
                 log.debug("the direct connection to %s failed: %s", self.path, exc)
@@ -559,6 +603,8 @@ class DirectChannel:
         self.settled_at = time.monotonic()
         while not self.closed:
             try:
+                if self.outbox:
+                    self._flush()
                 frame = self.socket.receive()
             except OSError as exc:
                 log.debug("the direct connection to %s failed: %s", self.path, exc)
@@ -598,6 +644,7 @@ class DirectChannel:
         complete with KErrServerTerminated. Call with the lock held."""
         if not self.ended:
             self.ended = True
+            self._drop_outbox()
             self.runtime.retire_direct(self, self.ended_error)
 
     def forked(self) -> None:
@@ -608,6 +655,8 @@ class DirectChannel:
         self.lock = threading.RLock()
         self.count_lock = threading.Lock()
         self.inherited = self.closed = True
+        self.outbox_lock = threading.Lock()
+        self.outbox = deque()
         self.socket.close()
 
     def close(self) -> None:
@@ -615,7 +664,9 @@ class DirectChannel:
         with self.lock:
             if not self.closed:
                 self.closed = True
-                self.socket.close()
+                with self.outbox_lock:  # (not while another thread sends on it)
+                    self.socket.close()
+                self._drop_outbox()
 
 
 AnyChannel: TypeAlias = Channel | DirectChannel
@@ -877,12 +928,29 @@ class Runtime:
             self.complete(req_id, errors.KErrSessionClosed)
         for channel, answer in closing.answers:
             channel.end_call(answer.req_id, answer)  # (before the Close below waits for its lock)
+        queued: list[threading.Event] = []
         if closing.direct:
             frame = encode(Close(handle))
             for direct in closing.direct:  # before the kernel's: Disconnect follows them all
-                direct.send(frame)
+                sent = direct.send(frame)  # (never waits for the connection's owner)
+                if sent is not None:
+                    queued.append(sent)
         if closing.tell_kernel:
-            self.channel().send(encode(Close(handle)))
+            channel, frame = self.channel(), encode(Close(handle))
+            if queued:  # a full socket: the kernel's Close follows once the direct ones left
+                threading.Thread(
+                    target=self._close_after, args=(queued, channel, frame),
+                    name="ipcfw-close", daemon=True,
+                ).start()
+            else:
+                channel.send(frame)
+
+    def _close_after(self, queued: list[threading.Event], channel: Channel, frame: bytes) -> None:
+        for sent in queued:
+            while not sent.wait(_SLICE * 10):
+                if self.kernel_dead or self._closed:
+                    return
+        channel.send(frame)
 
     def wait(self, waits: Sequence[tuple[W, AnyChannel | None]], timeout: float | None) -> W:
         """Block until one of the statuses in `waits` completes and return it; settle their

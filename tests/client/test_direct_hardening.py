@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,9 +19,9 @@ import pytest
 import ipcfw
 from ipcfw import RSession, TIpcArgs, TRequestStatus
 from ipcfw.client import runtime as client_runtime
-from ipcfw.protocol import Completed, Panicked, Request, encode
+from ipcfw.protocol import Close, Completed, Panicked, Request, encode
 from conftest import wait_until
-from fakes_direct import EECHO, EWRITE, FakeKernel, FakeServer
+from fakes_direct import EECHO, EHOLD, EWRITE, FakeKernel, FakeServer
 
 EHOLDK = 66  # the kernel path holds it: never answered
 
@@ -96,3 +98,56 @@ def test_a_write_past_a_descriptor_or_to_no_descriptor_is_bad_descriptor(world: 
         assert status.Wait(5) == ipcfw.KErrBadDescriptor
         enough = bytearray(6)
         assert session.SendReceive(EWRITE, TIpcArgs(0, enough)) == 0 and enough == b"direct"
+
+
+def test_a_close_from_another_thread_does_not_wait_behind_an_unrelated_sync_call(
+    world: World,
+) -> None:
+    shared = world.connect()
+    shared.ShareAuto()
+    busy = world.connect()
+    assert shared.SendReceive(EECHO, (1,)) == 1
+    handle = shared.Handle()
+    took: list[float] = []
+
+    def close_soon() -> None:
+        wait_until(lambda: any(isinstance(e, Request) and e.function == EHOLD
+                               for e in world.server.events), 5)
+        started = time.monotonic()
+        shared.Close()
+        took.append(time.monotonic() - started)
+
+    closer = threading.Thread(target=close_soon)
+    closer.start()
+    with pytest.raises(TimeoutError):
+        busy.SendReceive(EHOLD, (), timeout=1.5)  # holds this thread's direct connection
+    closer.join(5)
+    assert took and took[0] < 0.5, took
+    assert Close(handle) in world.server.events and Close(handle) in world.kernel.events
+    busy.Close()
+
+
+def test_a_close_that_finds_the_socket_full_is_sent_later_and_the_kernels_after_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = world.connect()
+    handle = session.Handle()
+    direct = session._life.direct
+    status = TRequestStatus()
+    session.SendReceive(EHOLD, (), status)
+    full = threading.Event()
+    full.set()
+    send = direct.socket.send
+
+    def send_unless_full(frame: bytes) -> bool:
+        return False if full.is_set() else send(frame)
+
+    monkeypatch.setattr(direct.socket, "send", send_unless_full)
+    started = time.monotonic()
+    session.Close()
+    assert time.monotonic() - started < 0.2 and status.Int() == ipcfw.KErrSessionClosed
+    time.sleep(0.2)
+    assert Close(handle) not in world.server.events and Close(handle) not in world.kernel.events
+    full.clear()  # the server reads again: the I/O thread sends the Close, then the kernel's
+    wait_until(lambda: Close(handle) in world.server.events, 5)
+    wait_until(lambda: Close(handle) in world.kernel.events, 5)
