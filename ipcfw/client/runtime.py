@@ -52,13 +52,15 @@ progress, its requests in the same pending table, waited for by the same `Runtim
 file descriptor in the same pollers (level triggered: a frame waiting keeps it readable). A
 synchronous call spins on a non-blocking receive before it sleeps (`direct.SPIN`: waking a
 sleeping thread costs more than the round trip). Its ends: the thread's end closes it (its
-requests complete with KErrDied); the server closing it (death) completes its requests with
-KErrServerTerminated, and later calls on it raise ServerTerminated; the kernel's death closes
-them all. A Close says Close(handle) on the session's direct connections before the kernel's
-Close, so that the server's Disconnect follows every request sent before it; a Close or
-Cancel from any thread is sent without the connection's lock (one datagram: atomic), or, if the
-socket is full, queued for its owner or the I/O thread. If a connection
-cannot be made or the Attach fails, the session stays on the kernel path (logged at debug).
+requests complete with KErrDied); the server closing it (its death, or too many answers left
+unread) completes its requests with KErrServerTerminated, and later calls on it raise
+ServerTerminated; the kernel's death closes them all. A Close says Close(handle) on the
+session's direct connections before the kernel's Close, so that the server's Disconnect follows
+every request sent before it; a Close or Cancel from any thread is sent without the
+connection's lock (one datagram: atomic), or, if the socket is full, queued for its owner or
+the I/O thread. A connection is made only to a socket in the kernel's directory; if it cannot
+be made or the Attach fails, the session stays on the kernel path (logged at debug). A forked
+child closes the direct connections it inherited, sending nothing.
 
 Routing ids are random 128-bit values: the kernel never trusts them as identity (it reads the
 process credentials the transport gives it), but a random id cannot collide with libzmq's own.
@@ -377,6 +379,15 @@ class Channel:
             self.socket.close()
 
 
+class DirectConnectionClosed(errors.ServerTerminated):
+    """KErrServerTerminated for the requests and calls of a direct connection the server
+    closed: it died, or it stopped serving the connection (the thread left too many answers
+    unread). Its text says only that the server closed the connection."""
+
+    def __str__(self) -> str:
+        return f"KErrServerTerminated ({self.code}): {self.message}"
+
+
 class DirectChannel:
     """A direct connection from one thread to one server's socket (`DirectSocket`), used only
     under `lock`; beside the thread's `Channel`, sharing the runtime's tables and waiting.
@@ -428,9 +439,9 @@ class DirectChannel:
         return bool(self.pending or self.outbox)
 
     def ended_error(self) -> errors.IpcError:
-        return errors.IpcError(
-            errors.KErrServerTerminated,
-            f"the server closed this thread's direct connection ({self.path})",
+        return DirectConnectionClosed(
+            f"the server closed this thread's direct connection ({self.path}); it may still "
+            "serve (it closes a connection that leaves too many answers unread)"
         )
 
     def _refusal(self) -> errors.IpcError | None:
@@ -803,6 +814,10 @@ class Runtime:
         socket `path` (made on first use), with the `ticket` its Connected carried. Returns
         the connection, or None if it cannot be made or the Attach fails: the session then
         stays on the kernel path (logged at debug)."""
+        if not endpoints.in_kernel_dir(self.endpoint, path):
+            log.debug("the server socket %r is not in the kernel's directory: session 0x%x "
+                      "stays on the kernel path", path, handle)
+            return None
         wait = ATTACH_TIMEOUT if timeout is None else min(timeout, ATTACH_TIMEOUT)
         sentinel = self._sentinel()
         channel = sentinel.direct.get(path)

@@ -7,6 +7,7 @@ Uses the fakes of tests/client/fakes_direct.py (threads of this process, no kern
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import threading
@@ -151,3 +152,35 @@ def test_a_close_that_finds_the_socket_full_is_sent_later_and_the_kernels_after_
     full.clear()  # the server reads again: the I/O thread sends the Close, then the kernel's
     wait_until(lambda: Close(handle) in world.server.events, 5)
     wait_until(lambda: Close(handle) in world.kernel.events, 5)
+
+
+def test_a_server_socket_outside_the_kernels_directory_is_not_connected_to(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    directory = tempfile.mkdtemp(prefix="dk", dir="/tmp")
+    elsewhere = tempfile.mkdtemp(prefix="dk", dir="/tmp")
+    server = FakeServer(elsewhere)
+    kernel = FakeKernel(server, directory)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="ipcfw.client"):
+            with RSession.connect("fake", endpoint=kernel.endpoint, path="direct",
+                                  timeout=5) as session:
+                assert session.SendReceive(EECHO, (4,)) == 4
+        assert kernel.served == 1 and server.events == []
+        assert "not in the kernel's directory" in caplog.text
+    finally:
+        client_runtime.Runtime.shutdown(kernel.endpoint)
+        server.kill()
+        kernel.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_a_connection_the_server_closed_does_not_claim_the_server_died(world: World) -> None:
+    session = world.connect()
+    world.server.kill()
+    with pytest.raises(ipcfw.ServerTerminated) as raised:
+        session.SendReceive(EECHO, (1,))
+    assert "server closed this thread's direct connection" in str(raised.value)
+    assert "crashed" not in str(raised.value) and "died" not in str(raised.value)
+    session.Close()
