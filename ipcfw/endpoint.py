@@ -57,6 +57,15 @@ def ipc_path(endpoint: str) -> str:
     return path
 
 
+def in_kernel_dir(endpoint: str, path: str) -> bool:
+    """Whether `path` (a server's direct socket, as the kernel named it) lies directly in the
+    directory of the kernel's socket at `endpoint`: the private directory, the boundary."""
+    if not os.path.isabs(path):
+        return False
+    directory = os.path.dirname(os.path.normpath(ipc_path(endpoint)))
+    return os.path.dirname(os.path.normpath(path)) == directory
+
+
 def ensure_private_dir(path: str) -> None:
     """Create `path` 0700 if missing; refuse one not owned by us or open to others."""
     os.makedirs(path, mode=0o700, exist_ok=True)

@@ -30,12 +30,15 @@ class TIpcArgs:
         session.SendReceive(EWrite, (3, b"data"))
     """
 
-    __slots__ = ("wire", "buffers")
+    __slots__ = ("wire", "buffers", "limits")
 
     def __init__(self, *args: Arg) -> None:
         if len(args) > 4:
             raise ValueError(f"TIpcArgs takes at most 4 arguments, got {len(args)}")
         self.buffers: dict[int, bytearray] = {}
+        # index -> max length of each writable descriptor, as sent (its wire form's): a reply
+        # may write no more, and only there (`state.writes_fit`).
+        self.limits: dict[int, int] = {}
         # Plain ints and bytes go on the wire as they are (no copy on the hot path); anything
         # else (a bytearray, an int to check) has the loop below replace the whole tuple.
         self.wire: tuple[WireArg, ...] = args  # type: ignore[assignment]
@@ -47,6 +50,7 @@ class TIpcArgs:
     def _wire_arg(self, index: int, arg: Arg) -> WireArg:
         if isinstance(arg, bytearray):
             self.buffers[index] = arg
+            self.limits[index] = len(arg)
             return (bytes(arg), len(arg))
         if isinstance(arg, bytes):
             return bytes(arg)

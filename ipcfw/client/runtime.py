@@ -52,11 +52,15 @@ progress, its requests in the same pending table, waited for by the same `Runtim
 file descriptor in the same pollers (level triggered: a frame waiting keeps it readable). A
 synchronous call spins on a non-blocking receive before it sleeps (`direct.SPIN`: waking a
 sleeping thread costs more than the round trip). Its ends: the thread's end closes it (its
-requests complete with KErrDied); the server closing it (death) completes its requests with
-KErrServerTerminated, and later calls on it raise ServerTerminated; the kernel's death closes
-them all. A Close says Close(handle) on the session's direct connections before the kernel's
-Close, so that the server's Disconnect follows every request sent before it. If a connection
-cannot be made or the Attach fails, the session stays on the kernel path (logged at debug).
+requests complete with KErrDied); the server closing it (its death, or too many answers left
+unread) completes its requests with KErrServerTerminated, and later calls on it raise
+ServerTerminated; the kernel's death closes them all. A Close says Close(handle) on the
+session's direct connections before the kernel's Close, so that the server's Disconnect follows
+every request sent before it; a Close or Cancel from any thread is sent without the
+connection's lock (one datagram: atomic), or, if the socket is full, queued for its owner or
+the I/O thread. A connection is made only to a socket in the kernel's directory; if it cannot
+be made or the Attach fails, the session stays on the kernel path (logged at debug). A forked
+child closes the direct connections it inherited, sending nothing.
 
 Routing ids are random 128-bit values: the kernel never trusts them as identity (it reads the
 process credentials the transport gives it), but a random id cannot collide with libzmq's own.
@@ -71,6 +75,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from typing import Protocol, TypeAlias, TypeVar, cast
 from collections.abc import Callable, Iterable, Sequence
 
@@ -98,7 +103,7 @@ from ..protocol import (
     encode,
 )
 from .direct import DirectSocket
-from .state import ClientState, Pending, SessionLife
+from .state import ClientState, Pending, SessionLife, log_once
 
 log = logging.getLogger("ipcfw.client")
 
@@ -374,6 +379,15 @@ class Channel:
             self.socket.close()
 
 
+class DirectConnectionClosed(errors.ServerTerminated):
+    """KErrServerTerminated for the requests and calls of a direct connection the server
+    closed: it died, or it stopped serving the connection (the thread left too many answers
+    unread). Its text says only that the server closed the connection."""
+
+    def __str__(self) -> str:
+        return f"KErrServerTerminated ({self.code}): {self.message}"
+
+
 class DirectChannel:
     """A direct connection from one thread to one server's socket (`DirectSocket`), used only
     under `lock`; beside the thread's `Channel`, sharing the runtime's tables and waiting.
@@ -400,8 +414,15 @@ class DirectChannel:
         self.last_used = self.settled_at = time.monotonic()
         self.closed = False
         self.ended = False  # the server closed the connection (it died, or refused us)
+        self.inherited = False  # closed in a forked child: the parent's (`forked`)
         self.replies: dict[int, Message | None] = {}  # sync calls in progress, as the Channel's
         self.loop_readers: dict[object, int] = {}
+        # Cancels and Closes of other threads that found the socket full, in order, each with
+        # the event to set once it has left (or the connection has gone): sent by whoever
+        # holds the lock next (`_flush`), the owner or the I/O thread. Guarded by
+        # `outbox_lock`, which is held only across a non-blocking send.
+        self.outbox: deque[tuple[bytes, threading.Event]] = deque()
+        self.outbox_lock = threading.Lock()
 
     def __repr__(self) -> str:
         state = " ended" if self.ended else " closed" if self.closed else ""
@@ -415,12 +436,12 @@ class DirectChannel:
             )
 
     def awaits_answers(self) -> bool:
-        return bool(self.pending)
+        return bool(self.pending or self.outbox)
 
     def ended_error(self) -> errors.IpcError:
-        return errors.IpcError(
-            errors.KErrServerTerminated,
-            f"the server closed this thread's direct connection ({self.path})",
+        return DirectConnectionClosed(
+            f"the server closed this thread's direct connection ({self.path}); it may still "
+            "serve (it closes a connection that leaves too many answers unread)"
         )
 
     def _refusal(self) -> errors.IpcError | None:
@@ -429,6 +450,12 @@ class DirectChannel:
             return self.ended_error()
         if self.runtime.kernel_dead:
             return self.runtime.kernel_gone_error()
+        if self.inherited:
+            return errors.IpcError(
+                errors.KErrDisconnected,
+                f"the direct connection to {self.path} belongs to the parent process: a "
+                "forked child cannot use it (connect a session of its own)",
+            )
         if self.closed:
             return errors.IpcError(
                 errors.KErrDisconnected, f"the direct connection to {self.path} was closed"
@@ -440,6 +467,10 @@ class DirectChannel:
         for, as long as the kernel lives; a connection that breaks ends (ServerTerminated)."""
         socket = self.socket
         try:
+            while self.outbox and not self._flush():  # (what other threads posted goes first)
+                if self.runtime.kernel_dead:
+                    raise self.runtime.kernel_gone_error()
+                socket.wait_writable(_SLICE)
             while not socket.send(frame):
                 if self.runtime.kernel_dead:
                     raise self.runtime.kernel_gone_error()
@@ -449,19 +480,48 @@ class DirectChannel:
             self._end()
             raise self.ended_error() from None
 
-    def send(self, frame: bytes) -> None:
-        """Send one frame that expects no answer (a Cancel, a Close). On a connection that
-        has ended or closed nothing is sent: its requests are all completed already."""
+    def send(self, frame: bytes) -> threading.Event | None:
+        """Send one small frame that expects no answer (a Cancel, a Close), from any thread,
+        without the lock: a datagram send is atomic, so it never waits behind the owner's
+        sync call. None once sent (or if the connection has ended or closed: its requests are
+        all completed already). If the socket is full, the frame is queued for the owner or
+        the I/O thread to send, in order; the event returned is set once it has left or the
+        connection has gone."""
         self.check_size(frame)
-        with self.lock:
-            if self.ended or self.closed:
-                return
-            try:
-                self._send(frame)
-            except errors.IpcError:
-                return  # (ended: its requests completed with KErrServerTerminated)
-            self._settle()
-            self.last_used = time.monotonic()
+        if self.ended or self.closed:
+            return None
+        with self.outbox_lock:
+            if not self.outbox:
+                try:
+                    if self.socket.send(frame):
+                        return None
+                except (OSError, ValueError) as exc:  # (its reader will see the end)
+                    log.debug("the direct connection to %s failed: %s", self.path, exc)
+                    return None
+            sent = threading.Event()
+            self.outbox.append((frame, sent))
+        self.runtime.nudge()  # the I/O thread sends it if the owner does not
+        return sent
+
+    def _flush(self) -> bool:
+        """Send what other threads queued (`send`), in order; False if the socket filled up
+        again. Call with the lock held. Raises OSError on a broken connection."""
+        outbox = self.outbox
+        while outbox:
+            with self.outbox_lock:
+                frame, sent = outbox[0]
+                if not self.socket.send(frame):
+                    return False
+                outbox.popleft()
+            sent.set()
+        return True
+
+    def _drop_outbox(self) -> None:
+        """The connection has gone: nothing queued will be sent (its waiters go on)."""
+        with self.outbox_lock:
+            queued, self.outbox = self.outbox, deque()
+        for _frame, sent in queued:
+            sent.set()
 
     def send_async(self, frame: bytes, req_id: int, pending: Pending[AnyChannel]) -> None:
         """Send an async request, registered first: its answer may be read at once."""
@@ -515,6 +575,8 @@ class DirectChannel:
                 raise self._refusal() or self.ended_error()
             wait = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
             try:
+                if self.outbox:
+                    self._flush()  # (queued by other threads during this call)
                 frame = socket.wait_readable(max(wait, 0.0))
             except OSError as exc:
                 log.debug("the direct connection to %s failed: %s", self.path, exc)
@@ -552,6 +614,8 @@ class DirectChannel:
         self.settled_at = time.monotonic()
         while not self.closed:
             try:
+                if self.outbox:
+                    self._flush()
                 frame = self.socket.receive()
             except OSError as exc:
                 log.debug("the direct connection to %s failed: %s", self.path, exc)
@@ -571,27 +635,49 @@ class DirectChannel:
             return
         req_id = getattr(reply, "req_id", None)
         if req_id in self.replies:
-            self.replies[req_id] = reply
+            self.replies[req_id] = reply  # (a sync call made here)
         elif type(reply) is Completed:
-            self.runtime.complete(reply.req_id, reply.value, reply.writes)
+            # Only a request sent on this connection: a server cannot complete another's.
+            if not self.runtime.complete(reply.req_id, reply.value, reply.writes, on=self):
+                self._foreign(reply)
         elif type(reply) is Panicked:
-            self.runtime.panicked(reply)
+            self.runtime.panicked(reply, on=self)
         else:
             log.error("unexpected %s from the server at %s", type(reply).__name__, self.path)
+
+    def _foreign(self, reply: Completed) -> None:
+        if self.runtime.state.pending.get(reply.req_id) is not None:
+            log_once("foreign-completion", "dropping a completion from the server at %s of a "
+                     "request not sent on its connection", self.path)
 
     def _end(self) -> None:
         """The server closed the connection (EOF or error): its requests still pending
         complete with KErrServerTerminated. Call with the lock held."""
         if not self.ended:
             self.ended = True
+            self._drop_outbox()
             self.runtime.retire_direct(self, self.ended_error)
+
+    def forked(self) -> None:
+        """In a forked child: close the inherited socket, sending nothing, and refuse every
+        later use (KErrDisconnected). The connection is the parent's: the server must see it
+        end when the parent does. Takes no lock: a thread that held one did not survive the
+        fork, so fresh locks replace them."""
+        self.lock = threading.RLock()
+        self.count_lock = threading.Lock()
+        self.inherited = self.closed = True
+        self.outbox_lock = threading.Lock()
+        self.outbox = deque()
+        self.socket.close()
 
     def close(self) -> None:
         """Close the socket (the lock held or not: a thread's end, the kernel's death)."""
         with self.lock:
             if not self.closed:
                 self.closed = True
-                self.socket.close()
+                with self.outbox_lock:  # (not while another thread sends on it)
+                    self.socket.close()
+                self._drop_outbox()
 
 
 AnyChannel: TypeAlias = Channel | DirectChannel
@@ -684,6 +770,14 @@ class Runtime:
         self._inbox = _Inbox(self)
         self._inbox.start_and_wait()
 
+    def forked(self) -> None:
+        """In a forked child (`_after_fork_in_child`): close every direct connection inherited
+        from the parent, sending nothing; calls on them then fail (KErrDisconnected). The
+        child's own sessions use a runtime of its own (`for_endpoint` keys them by pid)."""
+        for direct in list(self.direct_channels):
+            direct.forked()
+        self.direct_channels.clear()
+
     def next_req_id(self) -> int:
         return next(self._req_ids)
 
@@ -720,6 +814,10 @@ class Runtime:
         socket `path` (made on first use), with the `ticket` its Connected carried. Returns
         the connection, or None if it cannot be made or the Attach fails: the session then
         stays on the kernel path (logged at debug)."""
+        if not endpoints.in_kernel_dir(self.endpoint, path):
+            log.debug("the server socket %r is not in the kernel's directory: session 0x%x "
+                      "stays on the kernel path", path, handle)
+            return None
         wait = ATTACH_TIMEOUT if timeout is None else min(timeout, ATTACH_TIMEOUT)
         sentinel = self._sentinel()
         channel = sentinel.direct.get(path)
@@ -786,15 +884,17 @@ class Runtime:
 
     def complete(
         self, req_id: int, value: int, writes: Sequence[tuple[int, bytes]] = (),
-        error: BaseException | None = None,
-    ) -> None:
-        """Complete a pending async request, once; a late or unknown completion is dropped.
+        error: BaseException | None = None, *, on: DirectChannel | None = None,
+    ) -> bool:
+        """Complete a pending async request, once; a late or unknown completion is dropped
+        (False). `on`: the direct connection the answer came on; a request sent elsewhere is
+        not completed (False).
 
         Any thread may call it (settling, Close, a dead kernel): it never waits for socket I/O.
         """
-        pending = self.state.take(req_id)
+        pending = self.state.take(req_id) if on is None else self.state.take_on(req_id, on)
         if pending is None:
-            return  # completed already
+            return False  # completed already (or, `on`, not sent there)
         channel = pending.channel
         # Counted down before the callbacks run: one may send again on this channel, and must
         # then see the count it would see had the completion come first (send_async's nudge).
@@ -804,12 +904,19 @@ class Runtime:
         if self.blocked_waiters:
             with self.completions:
                 self.completions.notify_all()
+        return True
 
-    def panicked(self, reply: Panicked) -> None:
+    def panicked(self, reply: Panicked, on: DirectChannel | None = None) -> None:
+        """A panic (from the kernel, or, `on`, from a direct connection: it may then only end
+        a session attached to that connection, and only a request sent on it)."""
         panic = errors.ClientPanic(reply.category, reply.reason)
         if reply.session_dead:
-            self.session_lost(reply.handle, panic)
-        self.complete(reply.req_id, errors.KErrDied, (), panic)
+            if on is None or self.state.is_attached(on, reply.handle):
+                self.session_lost(reply.handle, panic)
+            else:
+                log_once("foreign-panic", "ignoring a panic from the server at %s of a session "
+                         "not attached to its connection", on.path)
+        self.complete(reply.req_id, errors.KErrDied, (), panic, on=on)
 
     def session_lost(self, handle: int, error: BaseException) -> None:
         """Every RSession of this process on `handle` is dead (server death or panic)."""
@@ -836,12 +943,29 @@ class Runtime:
             self.complete(req_id, errors.KErrSessionClosed)
         for channel, answer in closing.answers:
             channel.end_call(answer.req_id, answer)  # (before the Close below waits for its lock)
+        queued: list[threading.Event] = []
         if closing.direct:
             frame = encode(Close(handle))
             for direct in closing.direct:  # before the kernel's: Disconnect follows them all
-                direct.send(frame)
+                sent = direct.send(frame)  # (never waits for the connection's owner)
+                if sent is not None:
+                    queued.append(sent)
         if closing.tell_kernel:
-            self.channel().send(encode(Close(handle)))
+            channel, frame = self.channel(), encode(Close(handle))
+            if queued:  # a full socket: the kernel's Close follows once the direct ones left
+                threading.Thread(
+                    target=self._close_after, args=(queued, channel, frame),
+                    name="ipcfw-close", daemon=True,
+                ).start()
+            else:
+                channel.send(frame)
+
+    def _close_after(self, queued: list[threading.Event], channel: Channel, frame: bytes) -> None:
+        for sent in queued:
+            while not sent.wait(_SLICE * 10):
+                if self.kernel_dead or self._closed:
+                    return
+        channel.send(frame)
 
     def wait(self, waits: Sequence[tuple[W, AnyChannel | None]], timeout: float | None) -> W:
         """Block until one of the statuses in `waits` completes and return it; settle their
@@ -1113,4 +1237,12 @@ def _session_lost_error(code: int) -> errors.IpcError:
     return errors.IpcError(code)
 
 
+def _after_fork_in_child() -> None:
+    """A forked child must not speak on its parent's direct connections (the server checked
+    the parent's pid at Attach), nor keep them open once the parent has gone."""
+    for runtime in list(Runtime._instances.values()):  # (no lock: see DirectChannel.forked)
+        runtime.forked()
+
+
 atexit.register(Runtime.shutdown_all)
+os.register_at_fork(after_in_child=_after_fork_in_child)

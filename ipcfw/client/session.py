@@ -247,7 +247,9 @@ class RSession:
         self._negotiation_reply = reply.payload
         if isinstance(answer, TimeoutError):
             raise TimeoutError(f"connected, but the first request had no answer within {timeout} s")
-        return None if answer is None else self._life.finish(answer, first_args.buffers)
+        if answer is None:
+            return None
+        return self._life.finish(answer, first_args.buffers, first_args.limits)
 
     @staticmethod
     def _first_request(
@@ -401,14 +403,16 @@ class RSession:
             channel: AnyChannel = runtime.channel() if direct is None else direct
             life.sync_calls[req_id] = channel  # so a Close from another thread can end it
             try:
-                return life.finish(channel.call(frame, req_id, timeout), ipc_args.buffers)
+                return life.finish(
+                    channel.call(frame, req_id, timeout), ipc_args.buffers, ipc_args.limits
+                )
             finally:
                 life.sync_calls.pop(req_id, None)
         frame = encode(Request(req_id, handle, function, ipc_args.wire, _ASYNC))
         channel = runtime.channel() if direct is None else direct
         begin_request(status, channel, req_id)
         pending: Pending[AnyChannel] = Pending(
-            status, complete_request, life, ipc_args.buffers, channel
+            status, complete_request, life, ipc_args.buffers, channel, ipc_args.limits
         )
         try:
             channel.send_async(frame, req_id, pending)

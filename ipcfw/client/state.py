@@ -80,6 +80,38 @@ def write_back(buffers: Mapping[int, bytearray], writes: Iterable[tuple[int, byt
             buffer[:] = data
 
 
+def writes_fit(limits: Mapping[int, int], writes: Iterable[tuple[int, bytes]]) -> bool:
+    """Whether every write goes to a writable descriptor of the request (`limits`: index ->
+    max length, as sent) and fits its max length. The kernel refuses any other completion
+    with KErrBadDescriptor; a direct server's answers are held to the same rule here."""
+    for index, data in writes:
+        limit = limits.get(index)
+        if limit is None or len(data) > limit:
+            return False
+    return True
+
+
+_logged: set[str] = set()
+
+
+def log_once(kind: str, message: str, *args: object) -> None:
+    """Log an error the first time a `kind` of misbehaviour is seen in this process."""
+    if kind not in _logged:
+        _logged.add(kind)
+        log.error(message + " (logged once)", *args)
+
+
+def bad_writes(value: int, writes: Sequence[tuple[int, bytes]], limits: Mapping[int, int]
+               ) -> tuple[int, Sequence[tuple[int, bytes]]]:
+    """`(value, writes)`, or `(KErrBadDescriptor, ())` if the writes do not fit `limits`
+    (logged once): the request fails, its buffers untouched."""
+    if not writes or writes_fit(limits, writes):
+        return value, writes
+    log_once("bad-descriptor", "a server wrote past a descriptor's max length or to an argument "
+             "that is not a writable descriptor: the request completes with KErrBadDescriptor")
+    return errors.KErrBadDescriptor, ()
+
+
 CompleteStatus = Callable[[Any, int, "BaseException | None"], None]
 """How a request's status is completed: ``complete_status(status, value, error)``
 (`ipcfw.client.status.complete_request` for a `TRequestStatus`; this module cannot import it)."""
@@ -103,16 +135,19 @@ class Pending(Generic[C]):
     """An asynchronous request not yet completed: its status and how to complete it, its
     session and writable buffers, and the channel its answer arrives on."""
 
-    __slots__ = ("status", "complete_status", "session", "buffers", "channel")
+    __slots__ = ("status", "complete_status", "session", "buffers", "limits", "channel")
 
     def __init__(
         self, status: object, complete_status: CompleteStatus, session: object,
-        buffers: Mapping[int, bytearray], channel: C,
+        buffers: Mapping[int, bytearray], channel: C, limits: Mapping[int, int] | None = None,
     ) -> None:
+        """`limits`: each writable descriptor's max length as sent (`TIpcArgs.limits`);
+        without it, each buffer's length now."""
         self.status = status
         self.complete_status = complete_status
         self.session = session
         self.buffers = buffers
+        self.limits = {i: len(b) for i, b in buffers.items()} if limits is None else limits
         self.channel = channel
 
     def complete(
@@ -120,8 +155,10 @@ class Pending(Generic[C]):
         error: BaseException | None = None,
     ) -> None:
         """Write back, then complete the status (running its callbacks). Call only for a
-        request taken from the table (`ClientState.take`): that is what makes it once."""
+        request taken from the table (`ClientState.take`): that is what makes it once. Writes
+        that do not fit the request's descriptors write nothing: KErrBadDescriptor."""
         if writes:
+            value, writes = bad_writes(value, writes, self.limits)
             write_back(self.buffers, writes)
         self.complete_status(self.status, value, error)
 
@@ -313,9 +350,14 @@ class SessionLife(Hold[V]):
             return None  # (a ClientPanic is raised by the call that was panicked)
         return Abort(callback, session, error)
 
-    def finish(self, reply: Message, buffers: Mapping[int, bytearray]) -> int:
+    def finish(
+        self, reply: Message, buffers: Mapping[int, bytearray],
+        limits: Mapping[int, int] | None = None,
+    ) -> int:
         """The value of a sync call's reply, its descriptors written back (rule 2); raise its
-        error, or the panic it carries (which kills this holder if it kills the session)."""
+        error, or the panic it carries (which kills this holder if it kills the session).
+        Writes that do not fit the descriptors (`limits`, as `Pending`'s) write nothing and
+        raise KErrBadDescriptor."""
         if type(reply) is Panicked:
             panic = errors.ClientPanic(reply.category, reply.reason)
             if reply.session_dead and reply.handle == self.handle:
@@ -323,9 +365,13 @@ class SessionLife(Hold[V]):
             raise panic
         if type(reply) is not Completed:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply: {reply!r}")
+        value = reply.value
         if reply.writes:
-            write_back(buffers, reply.writes)
-        return errors.check(reply.value)
+            if limits is None:
+                limits = {i: len(b) for i, b in buffers.items()}
+            value, writes = bad_writes(value, reply.writes, limits)
+            write_back(buffers, writes)
+        return errors.check(value)
 
 
 class Closing(NamedTuple):
@@ -414,6 +460,20 @@ class ClientState(Generic[C]):
         answer never came). A Close of the handle says so on `channel` first."""
         with self.lock:
             self.attached.setdefault(channel, set()).add(handle)
+
+    def is_attached(self, channel: C, handle: int) -> bool:
+        """Whether `handle` is attached to the direct connection `channel` (a panic that
+        kills a session counts only from the connection that carries it)."""
+        with self.lock:
+            return handle in self.attached.get(channel, ())
+
+    def take_on(self, req_id: int, channel: C) -> Pending[C] | None:
+        """As `take`, only if the request was sent on `channel`: a connection answers only
+        its own requests."""
+        pending = self.pending.get(req_id)
+        if pending is None or pending.channel is not channel:
+            return None
+        return self.take(req_id)
 
     def connection_ended(self, channel: C) -> tuple[set[int], list[int]]:
         """The direct connection `channel` has ended: forget its attachments. Returns the

@@ -27,6 +27,7 @@ from ipcfw.client.state import (
     Pending,
     SessionLife,
     write_back,
+    writes_fit,
 )
 from ipcfw.client.session import death_of
 from ipcfw.client.status import complete_request
@@ -227,12 +228,37 @@ def test_a_sync_reply_writes_back_then_returns_or_raises() -> None:
     assert life.finish(Completed(1, 3, ((0, b"hi"),)), {0: buffer}) == 3
     assert buffer == b"hi"
     with pytest.raises(ipcfw.NotFound):
-        life.finish(Completed(2, ipcfw.KErrNotFound, ((0, b"err"),)), {0: buffer})
+        life.finish(Completed(2, ipcfw.KErrNotFound, ((0, b"err"),)), {0: buffer}, {0: 4})
     assert buffer == b"err"  # what the server wrote before failing still arrives
     with pytest.raises(IpcError) as raised:
         life.finish(Welcome(1, 1, 1), {0: buffer})
     assert raised.value.code == ipcfw.KErrGeneral
     assert life.dead is None and holder is not None
+
+
+def test_writes_that_do_not_fit_the_descriptors_write_nothing_and_fail() -> None:
+    """As the kernel refuses them (a direct server's answers do not pass through it)."""
+    assert writes_fit({1: 4}, [(1, b"four")]) and not writes_fit({1: 4}, [(1, b"fives")])
+    assert not writes_fit({1: 4}, [(0, b"")]) and writes_fit({}, [])
+    life = life_on(H, Holder())
+    buffer = bytearray(b"four")
+    with pytest.raises(IpcError) as raised:
+        life.finish(Completed(1, 0, ((0, b"ok"), (1, b"x"))), {0: buffer}, {0: 4})
+    assert raised.value.code == ipcfw.KErrBadDescriptor and buffer == b"four"
+    state: ClientState[str] = ClientState(threading.Lock())
+    status = FakeStatus()
+    state.add(1, Pending(status, record, "session", {0: buffer}, "c", {0: 4}))
+    complete(state, 1, 7, ((0, b"toolong"),))
+    assert buffer == b"four" and status.calls == [(ipcfw.KErrBadDescriptor, None)]
+
+
+def test_a_connection_takes_only_its_own_requests_and_attached_handles() -> None:
+    state: ClientState[str] = ClientState(threading.Lock())
+    state.add(1, Pending(FakeStatus(), record, "session", {}, "kernel channel"))
+    assert state.take_on(1, "connection A") is None and 1 in state.pending
+    assert state.take_on(1, "kernel channel") is not None
+    state.attach_direct(H, "connection A")
+    assert state.is_attached("connection A", H) and not state.is_attached("connection B", H)
 
 
 def test_a_sync_reply_that_panics_writes_nothing_and_may_kill_the_session() -> None:

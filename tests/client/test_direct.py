@@ -244,3 +244,41 @@ raw.connect(sys.argv[1])
 raw.send(encode(Attach(1, bytes.fromhex(sys.argv[2]))))
 print(decode(raw.recv(65536)).value)
 """
+
+
+FORKING_CLIENT = r"""
+import os, sys, time
+from ipcfw import IpcError, RSession
+session = RSession.connect("probe", (1, 0, 0), 4, path="direct")
+assert session.SendReceive(1, (5,)) == 5
+print(session.Handle(), flush=True)
+if os.fork() == 0:
+    time.sleep(float(sys.argv[1]))  # the parent has died by now, without a Close
+    try:
+        print("served", session.SendReceive(1, (77,), timeout=2), file=sys.stderr, flush=True)
+    except IpcError as exc:
+        print("refused", exc.code, exc, file=sys.stderr, flush=True)
+    os._exit(0)
+os._exit(0)
+"""
+
+
+def test_a_forked_child_cannot_use_or_keep_open_the_parents_direct_connection(probe) -> None:
+    child_sleeps = 4.0
+    client = subprocess.Popen(
+        [sys.executable, "-c", FORKING_CLIENT, str(child_sleeps)], env=probe.env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert client.stdout is not None and client.stderr is not None
+        handle = int(client.stdout.readline())
+        client.wait(10)  # the parent is dead; its child lives on
+        started = time.monotonic()
+        with RSession.connect("probe") as observer:
+            wait_until(lambda: ["disconnect", handle] in recorded_events(observer),
+                       child_sleeps - 1.5)
+        assert time.monotonic() - started < child_sleeps - 1.0  # not the child's exit
+        # (stderr closes when the child exits)
+        assert client.stderr.read().split()[:2] == ["refused", str(-36)]
+    finally:
+        client.kill()

@@ -6,7 +6,9 @@ every wait is bounded. (End-to-end tests with a real kernel and server come with
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import mmap
 import os
 import shutil
 import socket
@@ -20,6 +22,7 @@ import pytest
 
 import ipcfw
 from ipcfw import ClientPanic, IpcError, RSession, TIpcArgs, TRequestStatus, User
+from ipcfw.client import direct as client_direct
 from ipcfw.client import runtime as client_runtime
 from ipcfw.client.direct import SPIN, DirectSocket
 from ipcfw.protocol import Attach, Close, Connect, Path, Request
@@ -316,6 +319,50 @@ def test_a_direct_socket_spins_then_sleeps_and_sees_the_peers_end() -> None:
         with pytest.raises(ConnectionResetError):
             direct.send(b"z")
         direct.close()
+    finally:
+        listener.close()
+        os.unlink(path)
+
+
+def _resident_bytes(buffer: mmap.mmap) -> int:
+    """How much of `buffer` is resident (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    pages = (len(buffer) + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vector = (ctypes.c_ubyte * pages)()
+    result = libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(len(buffer)), vector)
+    assert result == 0, os.strerror(ctypes.get_errno())
+    return sum(v & 1 for v in vector) * mmap.PAGESIZE
+
+
+def test_a_large_frame_does_not_stay_resident_and_a_failed_setup_leaks_no_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = f"/tmp/dk-{os.getpid()}-{time.monotonic_ns()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(1)
+    try:
+        direct = DirectSocket(path, 1.0)
+        peer, _ = listener.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        peer.send(b"s" * 100_000)
+        assert direct.wait_readable(1.0) == b"s" * 100_000
+        peer.send(b"L" * 3_000_000)
+        assert direct.wait_readable(1.0) == b"L" * 3_000_000
+        assert _resident_bytes(direct._buffer) < 1_000_000  # its pages were given back
+        peer.close()
+        direct.close()
+        fds = len(os.listdir("/proc/self/fd"))
+
+        def no_memory(*args: object, **kwargs: object) -> None:
+            raise OSError(12, "no memory")
+
+        monkeypatch.setattr(client_direct.mmap, "mmap", no_memory)
+        with pytest.raises(OSError):
+            DirectSocket(path, 1.0)
+        listener.accept()[0].close()
+        assert len(os.listdir("/proc/self/fd")) == fds
     finally:
         listener.close()
         os.unlink(path)
