@@ -121,9 +121,9 @@ def test_a_close_from_another_thread_does_not_wait_behind_an_unrelated_sync_call
     closer = threading.Thread(target=close_soon)
     closer.start()
     with pytest.raises(TimeoutError):
-        busy.SendReceive(EHOLD, (), timeout=1.5)  # holds this thread's direct connection
+        busy.SendReceive(EHOLD, (), timeout=3.0)  # holds this thread's direct connection
     closer.join(5)
-    assert took and took[0] < 0.5, took
+    assert took and took[0] < 1.5, took  # not behind the 3 s call (a bound, not a speed)
     assert Close(handle) in world.server.events and Close(handle) in world.kernel.events
     busy.Close()
 
@@ -146,7 +146,8 @@ def test_a_close_that_finds_the_socket_full_is_sent_later_and_the_kernels_after_
     monkeypatch.setattr(direct.socket, "send", send_unless_full)
     started = time.monotonic()
     session.Close()
-    assert time.monotonic() - started < 0.2 and status.Int() == ipcfw.KErrSessionClosed
+    # (A bound against blocking until the socket drains, which it never would here.)
+    assert time.monotonic() - started < 1.0 and status.Int() == ipcfw.KErrSessionClosed
     time.sleep(0.2)
     assert Close(handle) not in world.server.events and Close(handle) not in world.kernel.events
     full.clear()  # the server reads again: the I/O thread sends the Close, then the kernel's
