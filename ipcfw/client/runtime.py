@@ -142,7 +142,45 @@ def _hello(socket: zmq.Socket[bytes], role: Role, endpoint: str) -> Welcome:
     return reply
 
 
-class Channel:
+class _LockedChannel:
+    """What both kinds of channel share: a socket used only under `lock`, the sync calls in
+    progress on it (`replies`), and settling (reading everything waiting) by whoever holds
+    the lock. Subclasses give `_settle` and the attributes set in their ``__init__``."""
+
+    lock: threading.RLock
+    closed: bool
+    max_frame: int
+    replies: dict[int, Message | None]
+
+    def _settle(self) -> None:
+        raise NotImplementedError
+
+    def check_size(self, frame: bytes) -> None:
+        if len(frame) > self.max_frame:
+            raise ValueError(
+                f"request of {len(frame)} bytes exceeds the kernel's limit of"
+                f" {self.max_frame} bytes"
+            )
+
+    def end_call(self, req_id: int, reply: Message) -> None:
+        """Answer the sync call `req_id` in flight here with `reply` ourselves (its session was
+        closed by another thread): its thread sees it within one wait slice."""
+        if req_id in self.replies:
+            self.replies[req_id] = reply
+
+    def try_settle(self) -> bool:
+        """Settle if nobody else holds the lock; False if somebody does (they will settle)."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            if not self.closed:  # its thread ended and retired it meanwhile
+                self._settle()
+        finally:
+            self.lock.release()
+        return True
+
+
+class Channel(_LockedChannel):
     """A DEALER socket to the kernel, used only under `lock`; created for one thread."""
 
     def __init__(self, runtime: Runtime) -> None:
@@ -177,13 +215,6 @@ class Channel:
         self.replies: dict[int, Message | None] = {}
         self.abandoned: set[int] = set()  # connects that timed out: close them if they succeed
         self.loop_readers: dict[object, int] = {}  # asyncio loop -> awaits settling it there
-
-    def check_size(self, frame: bytes) -> None:
-        if len(frame) > self.max_frame:
-            raise ValueError(
-                f"request of {len(frame)} bytes exceeds the kernel's limit of"
-                f" {self.max_frame} bytes"
-            )
 
     def awaits_answers(self) -> bool:
         """Whether something someone waits for will still arrive here: answers to async
@@ -325,24 +356,6 @@ class Channel:
             except ProtocolError as exc:
                 log.error("dropping a malformed frame from the kernel: %s", exc)
 
-    def end_call(self, req_id: int, reply: Message) -> None:
-        """Answer the sync call `req_id` in flight here with `reply` ourselves: the kernel will
-        not (its session was closed by another thread). Its thread sees it within one wait
-        slice, in `_receive`."""
-        if req_id in self.replies:
-            self.replies[req_id] = reply
-
-    def try_settle(self) -> bool:
-        """Settle if nobody else holds the lock; False if somebody does (they will settle)."""
-        if not self.lock.acquire(blocking=False):
-            return False
-        try:
-            if not self.closed:  # its thread ended and retired it meanwhile
-                self._settle()
-        finally:
-            self.lock.release()
-        return True
-
     def _settle(self) -> None:
         """Read and dispatch everything waiting. Call with the lock held."""
         self.settled_at = time.monotonic()
@@ -388,7 +401,7 @@ class DirectConnectionClosed(errors.ServerTerminated):
         return f"KErrServerTerminated ({self.code}): {self.message}"
 
 
-class DirectChannel:
+class DirectChannel(_LockedChannel):
     """A direct connection from one thread to one server's socket (`DirectSocket`), used only
     under `lock`; beside the thread's `Channel`, sharing the runtime's tables and waiting.
 
@@ -427,13 +440,6 @@ class DirectChannel:
     def __repr__(self) -> str:
         state = " ended" if self.ended else " closed" if self.closed else ""
         return f"<DirectChannel {self.path} pending={self.pending}{state}>"
-
-    def check_size(self, frame: bytes) -> None:
-        if len(frame) > self.max_frame:
-            raise ValueError(
-                f"request of {len(frame)} bytes exceeds the kernel's limit of"
-                f" {self.max_frame} bytes"
-            )
 
     def awaits_answers(self) -> bool:
         return bool(self.pending or self.outbox)
@@ -591,23 +597,6 @@ class DirectChannel:
                 self._end()
                 continue
             self._dispatch_frame(frame)
-
-    def end_call(self, req_id: int, reply: Message) -> None:
-        """Answer the sync call `req_id` in flight here with `reply` (a Close on another
-        thread); its thread sees it within one wait slice."""
-        if req_id in self.replies:
-            self.replies[req_id] = reply
-
-    def try_settle(self) -> bool:
-        """Settle if nobody else holds the lock; False if somebody does (they will settle)."""
-        if not self.lock.acquire(blocking=False):
-            return False
-        try:
-            if not self.closed:
-                self._settle()
-        finally:
-            self.lock.release()
-        return True
 
     def _settle(self) -> None:
         """Read and dispatch everything waiting. Call with the lock held."""

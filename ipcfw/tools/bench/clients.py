@@ -14,10 +14,10 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import connection
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import zmq
 
@@ -99,6 +99,23 @@ class Client(Protocol):
     def close(self) -> None: ...
 
 
+T = TypeVar("T")
+
+
+def pipeline(send: Callable[[T], object], request: T, receive: Callable[[], object], n: int,
+             window: int) -> None:
+    """Complete `n` calls of a socket-like client with up to `window` in flight: send
+    `request` `window` times, then once more for each answer received."""
+    issued = min(window, n)
+    for _ in range(issued):
+        send(request)
+    for _ in range(n):
+        receive()
+        if issued < n:
+            send(request)
+            issued += 1
+
+
 class BareClient:
     """A DEALER sending PAYLOAD; a missing reply raises BenchError instead of hanging."""
 
@@ -122,15 +139,7 @@ class BareClient:
         return self._recv()
 
     def pipelined(self, n: int, window: int) -> None:
-        send, recv = self._sock.send, self._recv
-        issued = min(window, n)
-        for _ in range(issued):
-            send(PAYLOAD)
-        for _ in range(n):
-            recv()
-            if issued < n:
-                send(PAYLOAD)
-                issued += 1
+        pipeline(self._sock.send, PAYLOAD, self._recv, n, window)
 
     def close(self) -> None:
         self._sock.close(linger=0)
@@ -209,15 +218,7 @@ class PipeClient:
         return self._conn.recv()
 
     def pipelined(self, n: int, window: int) -> None:
-        send, recv, message = self._conn.send, self._conn.recv, self.expected
-        issued = min(window, n)
-        for _ in range(issued):
-            send(message)
-        for _ in range(n):
-            recv()
-            if issued < n:
-                send(message)
-                issued += 1
+        pipeline(self._conn.send, self.expected, self._conn.recv, n, window)
 
     def close(self) -> None:
         self._conn.close()
