@@ -68,7 +68,6 @@ from typing import NamedTuple, Protocol
 
 from .. import errors
 from ..protocol import (
-    ERROR_STRING_FUNCTION,
     Attach,
     Cancel,
     Close,
@@ -79,7 +78,7 @@ from ..protocol import (
     encode,
 )
 from .message import ClientInfo, DirectMessage, RMessage, cancel_by_client
-from .plugin import CSession, service_failed
+from .plugin import CSession
 
 log = logging.getLogger("ipcfw.server")
 
@@ -116,8 +115,9 @@ class StateView(Protocol):
 
     sessions: dict[int, CSession]
 
-    def error_string(self, message: RMessage) -> None:
-        """Answer an ``RSession.ErrorString`` request."""
+    def service(self, session: CSession, message: RMessage, function: int,
+                held: dict[int, RMessage], key: int) -> None:
+        """Serve one request as a kernel Deliver is served (``ServiceL``, ErrorString)."""
 
     def session_panicked(self, handle: int, category: str, reason: int) -> None:
         """Tell the kernel the server panicked the client of `handle` on the direct path."""
@@ -364,21 +364,10 @@ class DirectRules:
             self._outstanding[handle] = used + 1
             if mode == _BLIND:
                 self.io.send(connection, encode(Completed(req_id, errors.KErrNone, ())))
-        client = self._client_of.get(handle)
-        if request.function == ERROR_STRING_FUNCTION:
-            self._state.error_string(
-                DirectMessage(connection, req_id, request.function, request.args, session,
-                              client, None, handle, mode)
-            )
-            return False
         held = connection.in_service
         message = DirectMessage(connection, req_id, request.function, request.args, session,
-                                client, held, handle, mode)
-        held[req_id] = message
-        try:
-            session.ServiceL(message)
-        except Exception as exc:
-            service_failed(session, message, exc)
+                                self._client_of.get(handle), held, handle, mode)
+        self._state.service(session, message, request.function, held, req_id)
         return False
 
     def _on_cancel(self, connection: DirectConnection, cancel: Cancel) -> bool:

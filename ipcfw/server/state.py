@@ -251,16 +251,21 @@ class ServerState:
         if session is None:
             self._deliver_to_unknown(request)
             return
-        if request.function == ERROR_STRING_FUNCTION:
-            self.error_string(
-                RMessage(self, request.msg_id, MessageKind.REQUEST, request.function,
-                         request.args, session, self.clients.get(request.client))
-            )
-            return
         held = self._in_service[request.handle]
         message = RMessage(self, request.msg_id, MessageKind.REQUEST, request.function,
                            request.args, session, self.clients.get(request.client), held)
-        held[request.msg_id] = message
+        self.service(session, message, request.function, held, request.msg_id)
+
+    def service(self, session: CSession, message: RMessage, function: int,
+                held: dict[int, RMessage], key: int) -> None:
+        """Serve one request (its `function`), from the kernel or a direct connection:
+        ``RSession.ErrorString`` is answered here; anything else goes to ``ServiceL`` (raising:
+        ``ServiceError``), and stays in `held` under `key`, findable by a cancel, until it
+        ends."""
+        if function == ERROR_STRING_FUNCTION:
+            self._error_string(message)
+            return
+        held[key] = message
         try:
             session.ServiceL(message)
         except Exception as exc:
@@ -274,7 +279,7 @@ class ServerState:
         RMessage(self, request.msg_id, MessageKind.REQUEST, request.function, request.args,
                  None, self.clients.get(request.client)).Complete(errors.KErrBadHandle)
 
-    def error_string(self, message: RMessage) -> None:
+    def _error_string(self, message: RMessage) -> None:
         """Answer ``RSession.ErrorString``: the overlays, outermost first, then the server."""
         try:
             text = self.stack.error_string(message.Int0())
