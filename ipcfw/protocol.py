@@ -131,10 +131,17 @@ __all__ = [
     "encode",
     "decode",
     "check_args",
+    "check_mapped_args",
+    "MAX_MAPPED",
+    "MAX_MAPPED_FDS",
+    "SharedMemory",
+    "MappedRequest",
+    "MappedCompleted",
 ]
 
-PROTOCOL_VERSION = 9  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
-#                       6: terminate; 7: PeerGone; 8: Dropped; 9: the direct path
+PROTOCOL_VERSION = 10  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
+#                        6: terminate; 7: PeerGone; 8: Dropped; 9: the direct path;
+#                        10: shared memory on the direct path
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -149,6 +156,10 @@ MAX_CATEGORY = 16
 MAX_TOKEN = 64
 #: Longest executable path in a PeerInfo.
 MAX_PATH = 4096
+#: Largest descriptor in shared memory on a direct connection (`MappedRequest`).
+MAX_MAPPED = 1 << 30
+#: Most file descriptors one frame on a direct connection carries: one per argument.
+MAX_MAPPED_FDS = 4
 
 #: The range of a 32-bit signed int: every argument int, completion value and panic reason.
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
@@ -203,6 +214,10 @@ class Kind(enum.IntEnum):
     CANCELLED = 45
     TERMINATING = 46
     PEER_GONE = 47
+    # on a direct connection, shared memory: client -> server, then server -> client
+    SHARED_MEMORY = 60
+    MAPPED_REQUEST = 61
+    MAPPED_COMPLETED = 62
 
 
 class TerminationReason(enum.IntEnum):
@@ -341,6 +356,45 @@ def check_args(value: Any) -> Args:
                 raise ValueError(f"argument {index}: malformed writable descriptor")
         elif kind is not bytes:
             raise ValueError(f"argument {index}: {kind.__name__} is not int, bytes or a pair")
+    return value
+
+
+def check_mapped_args(value: Any) -> Args:
+    """Check the arguments of a `MappedRequest`: as `check_args`, and also descriptors in
+    shared memory, each ``(fd_index, length, writable)``: the index (0..3) of its file
+    descriptor among those the frame carries, its length (a writable one's is its max length,
+    as a bytearray's is), and 1 for a writable descriptor, 0 for a read-only one."""
+    if type(value) is not tuple or len(value) > 4:
+        raise ValueError("expected a tuple of at most 4 arguments")
+    plain = []
+    for index, arg in enumerate(value):
+        if type(arg) is tuple and len(arg) == 3:
+            fd_index, length, writable = arg
+            if (
+                type(fd_index) is not int or not 0 <= fd_index < MAX_MAPPED_FDS
+                or type(length) is not int or not 0 <= length <= MAX_MAPPED
+                or type(writable) is not int or writable not in (0, 1)
+            ):
+                raise ValueError(f"argument {index}: malformed shared-memory descriptor")
+        else:
+            plain.append(arg)
+    check_args(tuple(plain))
+    return value
+
+
+def _mapped_writes(value: Any) -> tuple[tuple[int, bytes | int], ...]:
+    if type(value) is not tuple or len(value) > 4:
+        raise ValueError("expected a tuple of at most 4 (index, bytes or length) writes")
+    for item in value:
+        if (
+            type(item) is not tuple
+            or len(item) != 2
+            or type(item[0]) is not int
+            or not 0 <= item[0] <= 3
+            or not (type(item[1]) is bytes
+                    or (type(item[1]) is int and 0 <= item[1] <= MAX_MAPPED))
+        ):
+            raise ValueError("expected (index 0..3, bytes or a length) pairs")
     return value
 
 
@@ -499,6 +553,37 @@ class Attach(NamedTuple):
 
     req_id: int
     ticket: bytes
+
+
+class SharedMemory(NamedTuple):
+    """Client -> server, on a direct connection: frames from now on may carry file
+    descriptors (SCM_RIGHTS): the shared memory of `MappedRequest` descriptors. Sent once,
+    before the connection's first MappedRequest; not answered. (The server reads a connection
+    with its ancillary data only after it: receiving it costs ~1.7 us a frame.)"""
+
+
+class MappedRequest(NamedTuple):
+    """Client -> server, on a direct connection: a `Request` some of whose descriptors are in
+    shared memory (see `check_mapped_args`): memfds, sent with the frame (SCM_RIGHTS), one per
+    such descriptor, in the order of their `fd_index`. Answered as a Request is, and, once
+    the server has completed it, by `MappedCompleted` (never Completed): from then on the
+    server no longer touches the memory."""
+
+    req_id: int
+    handle: int
+    function: int
+    args: Args
+    mode: int
+
+
+class MappedCompleted(NamedTuple):
+    """Server -> client, on a direct connection: the completion of a `MappedRequest`. Each
+    write is ``(index, content)`` for a descriptor sent in the frame, or ``(index, length)``
+    for one in shared memory: the server wrote its first `length` bytes there."""
+
+    req_id: int
+    value: int
+    writes: tuple[tuple[int, bytes | int], ...]
 
 
 class SessionPanicked(NamedTuple):
@@ -681,7 +766,8 @@ Message = (
     Hello | Register | Connect | Negotiated | Request | Close | Share | Open | Complete | Panic |
     Stats | Welcome | Connected | Completed | Panicked | Shared | SessionLost | StatsReply |
     NewSession | Deliver | Disconnect | PeerInfo | PeerGone | Dropped | Cancel | Cancelled |
-    Terminate | Deregister | Terminating | Attach | SessionPanicked
+    Terminate | Deregister | Terminating | Attach | SessionPanicked | SharedMemory |
+    MappedRequest | MappedCompleted
 )
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
@@ -731,6 +817,9 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     PeerInfo: (Kind.PEER_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH))),
     Attach: (Kind.ATTACH, (_u63, _bytes_upto(MAX_TOKEN))),
     SessionPanicked: (Kind.SESSION_PANICKED, (_handle, _str_upto(MAX_CATEGORY), _i32)),
+    SharedMemory: (Kind.SHARED_MEMORY, ()),
+    MappedRequest: (Kind.MAPPED_REQUEST, (_u63, _handle, _function, check_mapped_args, _mode)),
+    MappedCompleted: (Kind.MAPPED_COMPLETED, (_u63, _i32, _mapped_writes)),
 }
 
 

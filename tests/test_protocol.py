@@ -142,6 +142,15 @@ ROUND_TRIP: list = [
     Attach(U63_MAX, b""),
     SessionPanicked(1, "KERN-EXEC", 0),
     SessionPanicked(I32_MAX, "c" * MAX_CATEGORY, I32_MIN),
+    # shared memory on a direct connection
+    protocol.SharedMemory(),
+    protocol.MappedRequest(1, 1, 1, ((0, 1 << 20, 0),), Mode.SYNC),
+    protocol.MappedRequest(
+        U63_MAX, I32_MAX, 0,
+        ((3, protocol.MAX_MAPPED, 1), b"ro", (b"rw", 16), (0, 0, 0)), Mode.ASYNC,
+    ),
+    protocol.MappedCompleted(1, 0, ()),
+    protocol.MappedCompleted(2, -1, ((0, b"abc"), (1, protocol.MAX_MAPPED), (3, 0))),
     # kernel -> client
     Welcome(0, MAX_FRAME, PROTOCOL_VERSION),
     Welcome(2**32 - 1, U63_MAX, PROTOCOL_VERSION),
@@ -181,7 +190,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 31
+    assert len(MESSAGE_CLASSES) == 34
 
 
 def test_every_kind_has_exactly_one_class() -> None:
@@ -412,6 +421,19 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("writable triple", pack(Q, 1, 1, 1, [[b"", 4, 4]], 0), r"argument 0: malformed writable"),
     ("writable single", pack(Q, 1, 1, 1, [[b""]], 0), r"argument 0: malformed writable"),
     ("writable empty", pack(Q, 1, 1, 1, [[]], 0), r"argument 0: malformed writable"),
+    ("mapped fd index 4", pack(Kind.MAPPED_REQUEST, 1, 1, 1, [[4, 1, 0]], 0),
+     r"MappedRequest\.args: argument 0: malformed shared-memory descriptor"),
+    ("mapped length over MAX_MAPPED",
+     pack(Kind.MAPPED_REQUEST, 1, 1, 1, [[0, (1 << 30) + 1, 0]], 0),
+     r"argument 0: malformed shared-memory"),
+    ("mapped writable 2", pack(Kind.MAPPED_REQUEST, 1, 1, 1, [[0, 1, 2]], 0),
+     r"argument 0: malformed shared-memory"),
+    ("mapped length -1", pack(Kind.MAPPED_REQUEST, 1, 1, 1, [[0, -1, 0]], 0),
+     r"argument 0: malformed shared-memory"),
+    ("mapped placeholder in a Request", pack(Q, 1, 1, 1, [[0, 1, 0]], 0),
+     r"Request\.args: argument 0: malformed writable"),
+    ("mapped write length over MAX_MAPPED",
+     pack(Kind.MAPPED_COMPLETED, 1, 0, [[0, (1 << 30) + 1]]), r"MappedCompleted\.writes"),
     ("deliver arg outside 32 bits", pack(Kind.DELIVER, 1, 1, 1, [2**31], 1),
      r"Deliver\.args: argument 0"),
     ("deliver writable too long", pack(Kind.DELIVER, 1, 1, 1, [1, [b"xx", 1]], 1),
@@ -507,6 +529,10 @@ def test_every_message_with_a_field_missing_or_extra(message: tuple) -> None:
     cls = type(message)
     items = msgpack.unpackb(encode(message), use_list=False)
     n = len(cls._fields)
+    if n == 0:  # (SharedMemory: nothing to leave out)
+        with pytest.raises(ProtocolError, match=rf"^{cls.__name__} needs 0 fields, got 1$"):
+            decode(msgpack.packb((*items, 0)))
+        return
     missing = msgpack.packb(items[:-1])
     extra = msgpack.packb((*items, 0))
     if cls._fields[-1] in cls._field_defaults:

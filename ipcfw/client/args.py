@@ -6,7 +6,12 @@ from collections.abc import Iterable
 
 from ..protocol import I32_MAX, I32_MIN
 
-__all__ = ["Arg", "Args", "NO_ARGS", "TIpcArgs"]
+__all__ = ["Arg", "Args", "NO_ARGS", "TIpcArgs", "SHARED_OVER"]
+
+#: Descriptors of at least this many bytes go through shared memory on a direct connection
+#: (`ipcfw.client.shm`): below it, the frame's copy costs less than a memfd's handling, and
+#: above, the copy into the socket grows with the size (see docs/protocol.md, measured there).
+SHARED_OVER = 64 * 1024
 
 Arg = int | bytes | bytearray
 WireArg = int | bytes | tuple[bytes, int]  # a writable descriptor: (contents, max length)
@@ -30,7 +35,7 @@ class TIpcArgs:
         session.SendReceive(EWrite, (3, b"data"))
     """
 
-    __slots__ = ("wire", "buffers", "limits")
+    __slots__ = ("wire", "buffers", "limits", "large")
 
     def __init__(self, *args: Arg) -> None:
         if len(args) > 4:
@@ -39,11 +44,15 @@ class TIpcArgs:
         # index -> max length of each writable descriptor, as sent (its wire form's): a reply
         # may write no more, and only there (`state.writes_fit`).
         self.limits: dict[int, int] = {}
+        # Some descriptor is of SHARED_OVER bytes or more: on a direct connection it goes in
+        # shared memory, and such a bytearray is in `wire` as itself, not a copy.
+        self.large = False
         # Plain ints and bytes go on the wire as they are (no copy on the hot path); anything
         # else (a bytearray, an int to check) has the loop below replace the whole tuple.
         self.wire: tuple[WireArg, ...] = args  # type: ignore[assignment]
         for arg in args:
-            if not (type(arg) is bytes or (type(arg) is int and I32_MIN <= arg <= I32_MAX)):
+            if not ((type(arg) is bytes and len(arg) < SHARED_OVER)
+                    or (type(arg) is int and I32_MIN <= arg <= I32_MAX)):
                 self.wire = tuple(self._wire_arg(index, arg) for index, arg in enumerate(args))
                 break
 
@@ -51,8 +60,13 @@ class TIpcArgs:
         if isinstance(arg, bytearray):
             self.buffers[index] = arg
             self.limits[index] = len(arg)
+            if len(arg) >= SHARED_OVER:
+                self.large = True
+                return (arg, len(arg))  # type: ignore[return-value]  # (msgpack sends it)
             return (bytes(arg), len(arg))
         if isinstance(arg, bytes):
+            if len(arg) >= SHARED_OVER:
+                self.large = True
             return bytes(arg)
         if isinstance(arg, int):
             if not I32_MIN <= arg <= I32_MAX:

@@ -10,12 +10,14 @@ costs more than a whole round trip to a server that answers at once.
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import mmap
 import select
 import socket
 import time
+from collections.abc import Sequence
 
 log = logging.getLogger("ipcfw.client")
 
@@ -65,12 +67,18 @@ class DirectSocket:
             self.socket.close()  # (a failing mmap or poll must not leak the connection)
             raise
 
-    def send(self, frame: bytes) -> bool:
-        """Send one frame; False if the socket's buffer is full (nothing sent: wait with
-        `wait_writable`). Raises ValueError for a frame larger than a datagram can be here
-        (nothing sent, the connection intact), OSError if the peer has gone."""
+    def send(self, frame: bytes, fds: Sequence[int] = ()) -> bool:
+        """Send one frame, with the file descriptors `fds` (SCM_RIGHTS) if any; False if the
+        socket's buffer is full (nothing sent: wait with `wait_writable`). Raises ValueError
+        for a frame larger than a datagram can be here (nothing sent, the connection intact),
+        OSError if the peer has gone."""
         try:
-            self.socket.send(frame)
+            if fds:
+                self.socket.sendmsg(
+                    [frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                )
+            else:
+                self.socket.send(frame)
         except BlockingIOError:
             return False
         except OSError as exc:

@@ -93,6 +93,7 @@ from ..protocol import (
     Connected,
     Dropped,
     Hello,
+    MappedCompleted,
     Message,
     Panicked,
     ProtocolError,
@@ -102,6 +103,7 @@ from ..protocol import (
     decode,
     encode,
 )
+from . import shm
 from .direct import DirectSocket
 from .state import ClientState, Pending, SessionLife, log_once
 
@@ -436,6 +438,7 @@ class DirectChannel(_LockedChannel):
         # `outbox_lock`, which is held only across a non-blocking send.
         self.outbox: deque[tuple[bytes, threading.Event]] = deque()
         self.outbox_lock = threading.Lock()
+        self.shm: shm.Pool | None = None  # memfds for large descriptors, once one was sent
 
     def __repr__(self) -> str:
         state = " ended" if self.ended else " closed" if self.closed else ""
@@ -468,16 +471,17 @@ class DirectChannel(_LockedChannel):
             )
         return None
 
-    def _send(self, frame: bytes) -> None:
-        """Send under the lock. A full socket (a server that reads no more for now) is waited
-        for, as long as the kernel lives; a connection that breaks ends (ServerTerminated)."""
+    def _send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
+        """Send under the lock (with the file descriptors `fds`, if any). A full socket (a
+        server that reads no more for now) is waited for, as long as the kernel lives; a
+        connection that breaks ends (ServerTerminated)."""
         socket = self.socket
         try:
             while self.outbox and not self._flush():  # (what other threads posted goes first)
                 if self.runtime.kernel_dead:
                     raise self.runtime.kernel_gone_error()
                 socket.wait_writable(_SLICE)
-            while not socket.send(frame):
+            while not socket.send(frame, fds):
                 if self.runtime.kernel_dead:
                     raise self.runtime.kernel_gone_error()
                 socket.wait_writable(_SLICE)
@@ -529,7 +533,8 @@ class DirectChannel(_LockedChannel):
         for _frame, sent in queued:
             sent.set()
 
-    def send_async(self, frame: bytes, req_id: int, pending: Pending[AnyChannel]) -> None:
+    def send_async(self, frame: bytes, req_id: int, pending: Pending[AnyChannel],
+                   fds: Sequence[int] = ()) -> None:
         """Send an async request, registered first: its answer may be read at once."""
         self.check_size(frame)
         runtime = self.runtime
@@ -541,7 +546,7 @@ class DirectChannel(_LockedChannel):
             with self.count_lock:
                 self.pending += 1
             try:
-                self._send(frame)
+                self._send(frame, fds)
             except BaseException:
                 if runtime.state.take(req_id) is not None:  # withdrawn: it was never sent
                     with self.count_lock:
@@ -553,8 +558,10 @@ class DirectChannel(_LockedChannel):
         if self.pending == 1:
             runtime.nudge()  # the I/O thread may be asleep with nothing to watch
 
-    def call(self, frame: bytes, req_id: int, timeout: float | None = None) -> Message:
-        """Send `frame` and return the reply carrying `req_id`, holding the lock throughout."""
+    def call(self, frame: bytes, req_id: int, timeout: float | None = None,
+             fds: Sequence[int] = ()) -> Message:
+        """Send `frame` (with the file descriptors `fds`, if any) and return the reply carrying
+        `req_id`, holding the lock throughout."""
         self.check_size(frame)
         with self.lock:
             refusal = self._refusal()
@@ -562,7 +569,7 @@ class DirectChannel(_LockedChannel):
                 raise refusal
             self.replies[req_id] = None
             try:
-                self._send(frame)
+                self._send(frame, fds)
                 return self._receive(req_id, timeout)
             finally:
                 self.replies.pop(req_id, None)
@@ -631,10 +638,14 @@ class DirectChannel(_LockedChannel):
                 self._foreign(reply)
         elif type(reply) is Panicked:
             self.runtime.panicked(reply, on=self)
+        elif type(reply) is MappedCompleted:  # (its memory copied back by shm.MappedPending)
+            writes = shm.Answered(reply.writes)
+            if not self.runtime.complete(reply.req_id, reply.value, writes, on=self):
+                self._foreign(reply)
         else:
             log.error("unexpected %s from the server at %s", type(reply).__name__, self.path)
 
-    def _foreign(self, reply: Completed) -> None:
+    def _foreign(self, reply: Completed | MappedCompleted) -> None:
         if self.runtime.state.pending.get(reply.req_id) is not None:
             log_once("foreign-completion", "dropping a completion from the server at %s of a "
                      "request not sent on its connection", self.path)
@@ -658,6 +669,8 @@ class DirectChannel(_LockedChannel):
         self.outbox_lock = threading.Lock()
         self.outbox = deque()
         self.socket.close()
+        if self.shm is not None:
+            self.shm.forked()
 
     def close(self) -> None:
         """Close the socket (the lock held or not: a thread's end, the kernel's death)."""
@@ -667,6 +680,8 @@ class DirectChannel(_LockedChannel):
                 with self.outbox_lock:  # (not while another thread sends on it)
                     self.socket.close()
                 self._drop_outbox()
+                if self.shm is not None:
+                    self.shm.close()
 
 
 AnyChannel: TypeAlias = Channel | DirectChannel

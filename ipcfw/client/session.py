@@ -56,6 +56,7 @@ from ..protocol import (
 )
 from ..version import TVersion, to_version
 from .args import NO_ARGS, Args, TIpcArgs
+from . import shm
 from .runtime import AnyChannel, DirectChannel, Runtime
 from .state import Pending, SessionLife
 from .status import TRequestStatus, abandon_request, begin_request, complete_request
@@ -398,6 +399,8 @@ class RSession:
         life = self._life
         # (The kernel path pays one attribute read here, not a call: ~5 ns, not ~50.)
         direct: DirectChannel | None = None if life.direct is None else life.route(_get_ident())
+        if direct is not None and ipc_args.large:
+            return self._send_mapped(direct, req_id, handle, function, ipc_args, status, timeout)
         if status is None:
             frame = encode(Request(req_id, handle, function, ipc_args.wire, _SYNC))
             channel: AnyChannel = runtime.channel() if direct is None else direct
@@ -432,10 +435,54 @@ class RSession:
         ipc_args = TIpcArgs.of(args)
         runtime, handle = self._check_usable(function)
         req_id = runtime.next_req_id()
-        frame = encode(Request(req_id, handle, function, ipc_args.wire, _BLIND))
         direct: DirectChannel | None = self._life.route(_get_ident())
+        if direct is not None and ipc_args.large:
+            self._send_mapped(direct, req_id, handle, function, ipc_args, None, None, _BLIND)
+            return
+        frame = encode(Request(req_id, handle, function, ipc_args.wire, _BLIND))
         channel: AnyChannel = runtime.channel() if direct is None else direct
         self._life.finish(channel.call(frame, req_id), NO_ARGS.buffers)
+
+    def _send_mapped(
+        self, channel: DirectChannel, req_id: int, handle: int, function: int,
+        ipc_args: TIpcArgs, status: TRequestStatus | None, timeout: float | None,
+        mode: int = _SYNC,
+    ) -> int | None:
+        """`SendReceive` or `Send` (`mode`) on a direct connection, for arguments with a large
+        descriptor: in shared memory (`ipcfw.client.shm`)."""
+        with channel.lock:
+            pool, notice = shm.pool_of(channel)
+        if notice is not None:
+            channel.send(notice)  # (before the first MappedRequest: the outbox keeps the order)
+        call = shm.MappedCall(pool, ipc_args)
+        life = self._life
+        if status is None:
+            if mode == _SYNC:
+                life.sync_calls[req_id] = channel  # so a Close from another thread can end it
+            reply: Any = None
+            try:
+                reply = channel.call(call.frame(req_id, handle, function, mode), req_id, timeout,
+                                     fds=call.fds)
+            finally:
+                reply = call.finish(reply, ipc_args.buffers, ipc_args.limits)
+                life.sync_calls.pop(req_id, None)
+            if mode != _SYNC:
+                life.finish(reply, NO_ARGS.buffers)
+                return None
+            return life.finish(reply, ipc_args.buffers, ipc_args.limits)
+        frame = call.frame(req_id, handle, function, _ASYNC)
+        begin_request(status, channel, req_id)
+        pending = shm.MappedPending(
+            status, complete_request, life, ipc_args.buffers, channel, ipc_args.limits
+        )
+        pending.call = call
+        try:
+            channel.send_async(frame, req_id, pending, fds=call.fds)
+        except BaseException:
+            abandon_request(status)
+            call.finish(None)
+            raise
+        return None
 
     def Close(self) -> None:
         """Close the session. The server gets ``Disconnect`` once, after every earlier request.

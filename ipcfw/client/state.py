@@ -86,7 +86,7 @@ def writes_fit(limits: Mapping[int, int], writes: Iterable[tuple[int, bytes]]) -
     with KErrBadDescriptor; a direct server's answers are held to the same rule here."""
     for index, data in writes:
         limit = limits.get(index)
-        if limit is None or len(data) > limit:
+        if limit is None or type(data) is not bytes or len(data) > limit:
             return False
     return True
 

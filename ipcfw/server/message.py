@@ -26,11 +26,13 @@ from ..protocol import (
     MAX_FRAME,
     Complete,
     Completed,
+    MappedCompleted,
     Negotiated,
     Panic,
     Panicked,
     encode,
 )
+from .mapped import MappedArgs, MappedDescriptor
 
 log = logging.getLogger("ipcfw.server")
 
@@ -176,17 +178,25 @@ class RMessage:
 
     def GetDesLength(self, index: int) -> int:
         """Length of descriptor argument `index`; ``BadDescriptor`` if it is an int."""
+        arg = self._descriptor(index)
+        if type(arg) is MappedDescriptor:
+            return arg.length
         return len(self._current(index))
 
     def GetDesMaxLength(self, index: int) -> int:
         """Max length of descriptor argument `index` (its length, if read-only)."""
         arg = self._descriptor(index)
+        if type(arg) is MappedDescriptor:
+            return arg.max_length
         return len(arg) if type(arg) is bytes else int(arg[1])
 
     def ReadL(self, index: int, offset: int = 0) -> bytes:
         """The content of descriptor argument `index`, from `offset`."""
         if type(offset) is not int or offset < 0:
             raise errors.IpcError(errors.KErrArgument, f"offset must be >= 0, got {offset!r}")
+        arg = self._descriptor(index)
+        if type(arg) is MappedDescriptor:  # (in the client's shared memory: only what is read)
+            return arg.read(offset)
         return self._current(index)[offset:]
 
     def WriteL(self, index: int, data: bytes, offset: int = 0) -> None:
@@ -197,18 +207,23 @@ class RMessage:
         ``BadDescriptor`` for an int or read-only argument, ``Overflow`` past its max length.
         """
         arg = self._descriptor(index)
-        if type(arg) is bytes:
+        mapped = type(arg) is MappedDescriptor
+        if type(arg) is bytes or (mapped and not arg.writable):
             raise errors.IpcError(errors.KErrBadDescriptor, f"argument {index} is read-only")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"WriteL data must be bytes-like, not {type(data).__name__}")
         if type(offset) is not int or offset < 0:
             raise errors.IpcError(errors.KErrArgument, f"offset must be >= 0, got {offset!r}")
-        if offset + len(data) > arg[1]:
+        limit = arg.max_length if mapped else arg[1]
+        if offset + len(data) > limit:
             raise errors.IpcError(
                 errors.KErrOverflow,
                 f"writing {len(data)} bytes at offset {offset} overflows argument {index} "
-                f"(max length {arg[1]})",
+                f"(max length {limit})",
             )
+        if mapped:  # straight into the client's shared memory; the completion says its length
+            arg.write(data, offset)
+            return
         if self._content is None:
             self._content = {}
         buffer = self._content.setdefault(index, bytearray(arg[0]))
@@ -341,7 +356,7 @@ class DirectMessage(RMessage):
     set to (category, reason) when ``Panic`` ended it. Not for plugins.
     """
 
-    __slots__ = ("handle", "mode", "panic")
+    __slots__ = ("handle", "mode", "panic", "mapped")
 
     def __init__(self, completer: Completer, req_id: int, function: int, args: tuple[Any, ...],
                  session: Any, client: ClientInfo | None, held_in: dict[int, RMessage] | None,
@@ -351,6 +366,8 @@ class DirectMessage(RMessage):
         self.handle = handle
         self.mode = mode
         self.panic: tuple[str, int] | None = None
+        # Its descriptors in shared memory (ipcfw.server.mapped), released when it ends.
+        self.mapped: MappedArgs | None = args if type(args) is MappedArgs else None
 
     @property
     def req_id(self) -> int:
@@ -358,7 +375,19 @@ class DirectMessage(RMessage):
         return self._msg_id
 
     def _completion_frame(self, value: int, writes: tuple[tuple[int, bytes], ...]) -> bytes:
-        return encode(Completed(self._msg_id, value, writes))
+        mapped = self.mapped
+        if mapped is None:
+            return encode(Completed(self._msg_id, value, writes))
+        # A MappedRequest's answer, even an error: it tells the client its memory is free.
+        lengths: list[tuple[int, bytes | int]] = list(writes)
+        lengths += [(i, arg.length) for i, arg in enumerate(mapped)
+                    if type(arg) is MappedDescriptor and arg.written]
+        return encode(MappedCompleted(self._msg_id, value, tuple(sorted(lengths))))
+
+    def _out_of_service(self) -> None:
+        super()._out_of_service()
+        if self.mapped is not None:
+            self.mapped.release()
 
     def _panic_frame(self, category: str, reason: int) -> bytes:
         self.panic = (category, reason)

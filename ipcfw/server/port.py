@@ -35,8 +35,18 @@ import zmq
 
 from .. import endpoint as endpoints
 from .. import errors
-from ..protocol import Completed, ProtocolError, decode, encode
+from ..protocol import (
+    MAX_MAPPED_FDS,
+    Completed,
+    MappedRequest,
+    ProtocolError,
+    SharedMemory,
+    decode,
+    encode,
+)
+from . import shm
 from .direct import DirectConnection, DirectRules
+from .mapped import MappedArgs
 from .message import DirectMessage
 
 log = logging.getLogger("ipcfw.server")
@@ -58,7 +68,7 @@ class Link:
     """One accepted direct connection: its socket, its state in the rules, and the frames
     waiting for its peer to read (sends never block)."""
 
-    __slots__ = ("sock", "fd", "connection", "outbox", "queued", "closing")
+    __slots__ = ("sock", "fd", "connection", "outbox", "queued", "closing", "maps")
 
     def __init__(self, sock: socket.socket, connection: DirectConnection) -> None:
         self.sock = sock
@@ -67,6 +77,9 @@ class Link:
         self.outbox: collections.deque[bytes] = collections.deque()
         self.queued = 0  # bytes in the outbox
         self.closing = False
+        # Its client's shared memory (ipcfw.server.shm), once it said it sends some: from then
+        # on its frames are read with their file descriptors.
+        self.maps: shm.Maps | None = None
 
 
 def connection_cap() -> int:
@@ -349,6 +362,10 @@ class DirectPort:
         for _ in range(limit):
             if link.closing:
                 return
+            if link.maps is not None:
+                if not self._read_shared(link, rules, buffer):
+                    return
+                continue
             try:
                 size = link.sock.recv_into(buffer, 0, socket.MSG_DONTWAIT | socket.MSG_TRUNC)
             except BlockingIOError:
@@ -372,9 +389,87 @@ class DirectPort:
                 rules.misbehaved(connection, "malformed frame", str(exc))
                 self._close(link)
                 return
-            if rules.receive(connection, message):
+            if type(message) is SharedMemory:
+                link.maps = shm.Maps()  # (file descriptors sent before it were closed by Linux)
+            elif rules.receive(connection, message):
                 self._close(link)
                 return
+
+    def _read_shared(self, link: Link, rules: DirectRules, buffer: mmap.mmap) -> bool:
+        """`_read`'s turn for a connection that sends shared memory: one frame with its file
+        descriptors, every one of them closed before this returns (`ipcfw.server.shm`). False
+        when there is nothing more to read now, or the connection is closing."""
+        connection, maps = link.connection, link.maps
+        assert maps is not None
+        try:
+            size, fds, truncated = shm.receive(link.sock, buffer)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            log.debug("direct connection of pid %d failed: %s", connection.pid, exc)
+            self._close(link)
+            return False
+        try:
+            if size == 0:  # the peer closed it (or sent an empty frame)
+                self._close(link)
+                return False
+            if truncated:
+                problem = f"more than {MAX_MAPPED_FDS} file descriptors with one frame"
+            elif size > len(buffer):
+                problem = f"a frame of {size} bytes, over {len(buffer)}"
+            else:
+                try:
+                    with memoryview(buffer)[:size] as frame:
+                        message = decode(frame)
+                except ProtocolError as exc:
+                    problem = f"malformed frame: {exc}"
+                else:
+                    if type(message) is MappedRequest:
+                        return self._mapped(link, rules, message, fds)
+                    if not fds:
+                        if type(message) is SharedMemory:
+                            return True
+                        if rules.receive(connection, message):
+                            self._close(link)
+                            return False
+                        return True
+                    problem = f"file descriptors with a {type(message).__name__}"
+            rules.misbehaved(connection, "bad frame with shared memory", problem)
+            self._close(link)
+            return False
+        finally:
+            shm.close_fds(fds)
+
+    def _mapped(self, link: Link, rules: DirectRules, message: MappedRequest,
+                fds: list[int]) -> bool:
+        """A MappedRequest and its memfds: mapped, then served as a Request; or answered with
+        an error code and not served (a bad memfd); or the connection misbehaved."""
+        assert link.maps is not None
+        request = shm.adopt(message, fds, link.maps)
+        if isinstance(request, str):
+            rules.misbehaved(link.connection, "bad MappedRequest", request)
+            self._close(link)
+            return False
+        if isinstance(request, shm.Refused):
+            code, why = request
+            rules.report("bad shared memory" if code == errors.KErrBadDescriptor
+                         else "too much shared memory",
+                         f"pid {link.connection.pid}, request {message.req_id}: {why}; "
+                         f"answered {errors.describe(code)}")
+            self.send(link.connection, encode(Completed(message.req_id, code, ())))
+            return True
+        in_service = link.connection.in_service
+        misbehaved = rules.receive(link.connection, request)
+        if in_service.get(message.req_id) is None:
+            # Not in service: never served (refused), or served and completed (released
+            # already): either way its memory is not the server's any more (idempotent).
+            args = request.args
+            if isinstance(args, MappedArgs):
+                args.release()
+        if misbehaved:
+            self._close(link)
+            return False
+        return True
 
     def _write(self, link: Link) -> None:
         outbox = link.outbox
@@ -442,6 +537,8 @@ class DirectPort:
         link.outbox.clear()
         link.queued = 0
         link.sock.close()
+        if link.maps is not None:
+            link.maps.close()
 
 
 def _open_spare() -> int | None:

@@ -21,6 +21,8 @@ import zmq
 
 from ipcfw import errors
 from ipcfw.protocol import (
+    MappedCompleted,
+    MappedRequest,
     MAX_FRAME,
     PROTOCOL_VERSION,
     Attach,
@@ -152,6 +154,8 @@ class FakeServer:
             reply = self._serve(fd, message, attached)
             if reply is not None:
                 conn.send(encode(reply))
+        elif isinstance(message, MappedRequest):  # (its memfds were dropped by recv: unread)
+            conn.send(encode(MappedCompleted(message.req_id, 0, ())))
 
     def _serve(self, fd: int, request: Request, attached: set[int]) -> Any:
         req_id, handle = request.req_id, request.handle

@@ -25,7 +25,7 @@ from ipcfw import ClientPanic, IpcError, RSession, TIpcArgs, TRequestStatus, Use
 from ipcfw.client import direct as client_direct
 from ipcfw.client import runtime as client_runtime
 from ipcfw.client.direct import SPIN, DirectSocket
-from ipcfw.protocol import Attach, Close, Connect, Path, Request
+from ipcfw.protocol import Attach, Close, Connect, MappedRequest, Path, Request, SharedMemory
 from conftest import wait_until
 from fakes_direct import EBUSY, EECHO, EHOLD, EPANIC, EWRITE, FakeKernel, FakeServer
 
@@ -403,13 +403,14 @@ def test_a_close_from_another_thread_ends_a_direct_sync_call_in_flight(world: Wo
     wait_until(lambda: Close(handle) in world.kernel.events, 5)
 
 
-def test_a_request_too_large_for_a_datagram_is_refused_and_the_session_lives(
-    world: World,
-) -> None:
+def test_a_large_descriptor_goes_in_shared_memory_not_in_the_frame(world: World) -> None:
+    # (Before shared memory, a frame over the socket's buffer was refused with ValueError.)
     with world.connect() as session:
-        with pytest.raises(ValueError, match="path='kernel'"):
-            session.SendReceive(EECHO, (b"x" * 10_000_000,))
+        assert session.SendReceive(EECHO, (b"x" * 10_000_000,)) == 0
         status = TRequestStatus()
-        with pytest.raises(ValueError):
-            session.SendReceive(EECHO, (b"x" * 10_000_000,), status)
+        session.SendReceive(EECHO, (b"x" * 10_000_000,), status)
+        assert status.Wait(10) == 0
         assert session.SendReceive(EECHO, (7,)) == 7
+    seen = [e for e in world.server.events if isinstance(e, (SharedMemory, MappedRequest))]
+    assert seen[0] == SharedMemory()  # once, before the first MappedRequest
+    assert [e.args for e in seen[1:]] == [((0, 10_000_000, 0),)] * 2
