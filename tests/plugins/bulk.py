@@ -14,10 +14,10 @@ ELengths = 3  # complete with GetDesLength(Int1) (Int2 == 0) or GetDesMaxLength(
 EReverse = 4  # WriteL(0, ReadL(0)[::-1]): an in-out descriptor; complete with its length
 EFill = 5  # WriteL(0, bytes([Int1]) * Int2, offset=Int3); complete with GetDesLength(0)
 EHold = 6  # keep the message (tag Int1)
-ECompleteHeld = 7  # WriteL(0, ReadL(1)) into the held message Int1 (its arg 0), complete it
+ECompleteHeld = 7  # WriteL(0, ReadL(1)) into the held message Int0 (its arg 0), complete it
 EFds = 8  # complete with the number of this process's open file descriptors
-ETryAfter = 9  # complete, then try ReadL(0): complete code recorded (EFds-like: see held_error)
-ELastError = 10  # complete with the error code the last ETryAfter saw (0: none)
+ETryAfter = 9  # complete, then try ReadL(0) and record the error code it raised (0: none)
+ELastError = 10  # complete with minus the code the last ETryAfter recorded
 
 
 class BulkSession(CSession):
@@ -45,7 +45,7 @@ class BulkSession(CSession):
         elif function == EHold:
             server.held[message.Int1()] = message
         elif function == ECompleteHeld:
-            held = server.held.pop(message.Int1())
+            held = server.held.pop(message.Int0())
             held.WriteL(0, message.ReadL(1))
             held.Complete(held.GetDesLength(0))
             message.Complete(0)
