@@ -33,6 +33,7 @@ from collections.abc import Mapping
 
 from .. import errors
 from ..protocol import (
+    MAX_MAPPED,
     Completed,
     MappedCompleted,
     MappedRequest,
@@ -177,7 +178,9 @@ class MappedPending(Pending[Any]):
 
 class MappedCall:
     """One request's descriptors in shared memory: made from its `TIpcArgs` (copying each
-    large descriptor into a memfd of `pool`), then ended once (`finish`)."""
+    large descriptor into a memfd of `pool`), then ended once (`finish`). Raises ValueError
+    for a descriptor over `MAX_MAPPED` and NoMemory when no memfd can be made, sending
+    nothing."""
 
     __slots__ = ("pool", "regions", "fds", "wire")
 
@@ -195,7 +198,17 @@ class MappedCall:
                     content, writable = arg[0], 1
                 else:
                     continue
-                region = pool.take(len(content))
+                if len(content) > MAX_MAPPED:
+                    raise ValueError(
+                        f"argument {index}: a descriptor of {len(content)} bytes is larger than "
+                        f"a direct connection carries ({MAX_MAPPED} bytes)"
+                    )
+                try:
+                    region = pool.take(len(content))
+                except OSError as exc:
+                    raise errors.IpcError(
+                        errors.KErrNoMemory, f"no shared memory for argument {index}: {exc}"
+                    ) from None
                 self.regions[index] = region
                 region.map[: len(content)] = content
                 wire[index] = (len(self.fds), len(content), writable)

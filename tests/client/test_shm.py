@@ -97,3 +97,25 @@ def test_idle_memfds_stay_within_the_process_budget() -> None:
         for pool in pools:
             pool.close()
     assert shm._idle_bytes == 0
+
+
+def test_a_descriptor_over_the_largest_mapped_one_is_refused_before_anything_is_made(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(shm, "MAX_MAPPED", SIZE - 1)
+    pool = shm.Pool()
+    with pytest.raises(ValueError, match="larger than a direct connection carries"):
+        shm.MappedCall(pool, TIpcArgs(b"d" * SIZE))
+    assert shm._idle_bytes == 0
+    pool.close()
+
+
+def test_no_memfd_to_be_had_is_no_memory(monkeypatch) -> None:
+    def fail(size: int) -> shm.Region:
+        raise OSError(24, "Too many open files")
+
+    pool = shm.Pool()
+    monkeypatch.setattr(pool, "take", fail)
+    with pytest.raises(errors.IpcError) as info:
+        shm.MappedCall(pool, TIpcArgs(b"d" * SIZE))
+    assert info.value.code == errors.KErrNoMemory
