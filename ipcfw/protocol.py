@@ -363,7 +363,9 @@ def check_mapped_args(value: Any) -> Args:
     """Check the arguments of a `MappedRequest`: as `check_args`, and also descriptors in
     shared memory, each ``(fd_index, length, writable)``: the index (0..3) of its file
     descriptor among those the frame carries, its length (a writable one's is its max length,
-    as a bytearray's is), and 1 for a writable descriptor, 0 for a read-only one."""
+    as a bytearray's is), and 0 for a read-only descriptor, 1 for a writable one, 2 for a
+    writable one whose content is all zeros and was not copied into the memory (the server
+    reads zeros until it writes)."""
     if type(value) is not tuple or len(value) > 4:
         raise ValueError("expected a tuple of at most 4 arguments")
     plain = []
@@ -373,7 +375,7 @@ def check_mapped_args(value: Any) -> Args:
             if (
                 type(fd_index) is not int or not 0 <= fd_index < MAX_MAPPED_FDS
                 or type(length) is not int or not 0 <= length <= MAX_MAPPED
-                or type(writable) is not int or writable not in (0, 1)
+                or type(writable) is not int or writable not in (0, 1, 2)
             ):
                 raise ValueError(f"argument {index}: malformed shared-memory descriptor")
         else:

@@ -147,7 +147,7 @@ ROUND_TRIP: list = [
     protocol.MappedRequest(1, 1, 1, ((0, 1 << 20, 0),), Mode.SYNC),
     protocol.MappedRequest(
         U63_MAX, I32_MAX, 0,
-        ((3, protocol.MAX_MAPPED, 1), b"ro", (b"rw", 16), (0, 0, 0)), Mode.ASYNC,
+        ((3, protocol.MAX_MAPPED, 1), b"ro", (b"rw", 16), (0, 0, 2)), Mode.ASYNC,
     ),
     protocol.MappedCompleted(1, 0, ()),
     protocol.MappedCompleted(2, -1, ((0, b"abc"), (1, protocol.MAX_MAPPED), (3, 0))),
@@ -426,7 +426,7 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("mapped length over MAX_MAPPED",
      pack(Kind.MAPPED_REQUEST, 1, 1, 1, [[0, (1 << 30) + 1, 0]], 0),
      r"argument 0: malformed shared-memory"),
-    ("mapped writable 2", pack(Kind.MAPPED_REQUEST, 1, 1, 1, [[0, 1, 2]], 0),
+    ("mapped writable 3", pack(Kind.MAPPED_REQUEST, 1, 1, 1, [[0, 1, 3]], 0),
      r"argument 0: malformed shared-memory"),
     ("mapped length -1", pack(Kind.MAPPED_REQUEST, 1, 1, 1, [[0, -1, 0]], 0),
      r"argument 0: malformed shared-memory"),

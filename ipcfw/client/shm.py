@@ -17,10 +17,14 @@ panic) closes its memfds instead, since the server may still touch them. Idle me
 bounded for the whole process by `IDLE_BYTES` (past it, they are closed); a pool's memfds go
 only to its one server (a memfd never carries one server's data to another).
 
-A writable descriptor's content is copied in too: the server may read it (`ReadL`), and
-fetching it only then would make the server wait on its client in the middle of ``ServiceL``
-(a client could stall a server's loop: rejected); checking it for zeros costs as much as the
-copy (1.1 ms against 1.0 ms for 16 MiB, measured). The frame carries only its max length.
+A writable descriptor's content is needed only if the server reads it (`ReadL`), but fetching
+it only then would make the server wait on its client in the middle of ``ServiceL`` (a client
+could stall a server's loop: rejected). So a bytearray whose content is all zeros (a fresh
+output buffer) is sent as its max length alone: nothing is copied, and the server reads zeros
+until it writes (the memfd may hold a former request's bytes; the server never shows them).
+Any other content is copied in. The test for zeros compares with a read-only anonymous map
+(every page the kernel's one zero page): 1.1 ms for 16 MiB of zeros against 1.3-1.9 ms for the
+copy it saves, measured here, and it stops at the first byte that is not zero.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 _budget_lock = threading.Lock()
 _idle_bytes = 0
+_zeros: memoryview | None = None  # a read-only map of zeros, as long as the longest test
 
 
 def _reset_after_fork() -> None:
@@ -64,6 +69,18 @@ def _reset_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def all_zeros(content: bytes | bytearray) -> bool:
+    """Whether `content` is all zero bytes (compared with a map of the zero page: no copy)."""
+    global _zeros
+    zeros = _zeros
+    if zeros is None or len(zeros) < len(content):
+        size = capacity(len(content))
+        zeros = _zeros = memoryview(mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                              mmap.PROT_READ))
+    same: bool = content == zeros[: len(content)]  # type: ignore[comparison-overlap]
+    return same  # (bytes compare with any buffer: a memcmp)
 
 
 def capacity(size: int) -> int:
@@ -196,6 +213,8 @@ class MappedCall:
                     writable = 0
                 elif type(arg) is tuple and arg[1] >= SHARED_OVER:
                     content, writable = arg[0], 1
+                    if all_zeros(arg[0]):
+                        writable = 2  # nothing to copy: the server reads zeros
                 else:
                     continue
                 if len(content) > MAX_MAPPED:
@@ -210,7 +229,8 @@ class MappedCall:
                         errors.KErrNoMemory, f"no shared memory for argument {index}: {exc}"
                     ) from None
                 self.regions[index] = region
-                region.map[: len(content)] = content
+                if writable != 2:
+                    region.map[: len(content)] = content
                 wire[index] = (len(self.fds), len(content), writable)
                 self.fds.append(region.fd)
         except BaseException:

@@ -11,10 +11,14 @@ the maps; this module decides the rest:
 2. A `MappedDescriptor` is one descriptor argument of an `RMessage`: its memory (anything that
    slices as bytes: an ``mmap`` in the host, a ``bytearray`` in the tests), its length, max
    length and whether it is writable. It keeps the semantics of a descriptor sent in the frame
-   (`RMessage.ReadL`, `WriteL` with offsets): the content is the memory's first `length`
-   bytes; ``WriteL(data, offset)`` makes it the first `offset` bytes (zeros past the old
-   length) followed by `data`. A written descriptor's completion says its new length, not its
-   bytes: the client copies them from its own map of the same memory.
+   (`RMessage.ReadL`, `WriteL` with offsets): the content is the memory's first `valid` bytes
+   followed by zeros up to `length` (a writable descriptor whose content is all zeros is not
+   copied into the memory by the client, which may hold a former request's bytes: `valid` is
+   0 then, else `length`); ``WriteL(data, offset)`` makes the content its first `offset` bytes
+   (zeros past the old length) followed by `data`, writing zeros into the memory from `valid`
+   to `offset` first, so that the memory's first `length` bytes are the content again. A
+   written descriptor's completion says its new length, not its bytes: the client copies them
+   from its own map of the same memory.
 3. The memory is the server's only while the message is in service: the message's end
    releases it (`release`, once), after which `read` and `write` fail with KErrBadDescriptor,
    never touching the memory, which the client may be using for its next request.
@@ -42,13 +46,15 @@ class MappedDescriptor:
     slice assignment (an mmap, a bytearray); `release` is what to call, once, when the message
     no longer needs the memory (the host's count of the map's users; None for none)."""
 
-    __slots__ = ("memory", "length", "max_length", "writable", "written", "_release", "_gone")
+    __slots__ = ("memory", "length", "max_length", "valid", "writable", "written", "_release",
+                 "_gone")
 
     def __init__(self, memory: Any, length: int, writable: bool,
-                 release: Callable[[], None] | None = None) -> None:
+                 release: Callable[[], None] | None = None, zeros: bool = False) -> None:
         self.memory = memory
         self.length = length  # the content's length now (the server's writes change it)
         self.max_length = length  # (a writable one's length when sent is its max length)
+        self.valid = 0 if zeros else length  # the memory's bytes that are content; zeros after
         self.writable = writable
         self.written = False
         self._release = release
@@ -56,19 +62,27 @@ class MappedDescriptor:
 
     def read(self, offset: int) -> bytes:
         """The content from `offset` (b"" past its end)."""
-        if offset >= self.length:
+        length, valid = self.length, self.valid
+        if offset >= length:
             self._check()
             return b""
-        return self._get(offset, self.length)
+        if valid >= length:
+            return self._get(offset, length)
+        if offset >= valid:
+            self._check()
+            return bytes(length - offset)
+        return self._get(offset, valid) + bytes(length - valid)
 
     def write(self, data: bytes, offset: int) -> None:
         """Make the content its first `offset` bytes followed by `data` (the caller has checked
         that it is writable and that offset + len(data) <= max_length)."""
         end = offset + len(data)
-        for start in range(self.length, offset, len(ZEROS)):  # a gap: zeros, as in the frame
+        # From `valid` to `offset` the content is zeros (a gap past the length, as in the
+        # frame, or content that was not copied): the memory must say so.
+        for start in range(self.valid, offset, len(ZEROS)):
             self._set(start, ZEROS[: min(len(ZEROS), offset - start)])
         self._set(offset, data)
-        self.length = end
+        self.length = self.valid = end
         self.written = True
 
     def release(self) -> None:
@@ -116,13 +130,14 @@ class MappedArgs(tuple[Any, ...]):
             descriptor.release()
 
 
-def plan(args: tuple[Any, ...], fds: int) -> list[tuple[int, int, int, bool]] | str:
+def plan(args: tuple[Any, ...], fds: int) -> list[tuple[int, int, int, int]] | str:
     """Rule 1: for a `MappedRequest`'s checked `args` and the number of file descriptors that
-    came with its frame, the placeholders as ``(argument index, fd_index, length, writable)``;
-    or why the frame is refused (the connection then misbehaved)."""
+    came with its frame, the placeholders as ``(argument index, fd_index, length, writable)``
+    (`writable` as sent: 0, 1, or 2 for zeros not copied); or why the frame is refused (the
+    connection then misbehaved)."""
     if fds > MAX_MAPPED_FDS:
         return f"{fds} file descriptors with one frame (at most {MAX_MAPPED_FDS})"
-    placed: list[tuple[int, int, int, bool]] = []
+    placed: list[tuple[int, int, int, int]] = []
     used: set[int] = set()
     for index, arg in enumerate(args):
         if type(arg) is tuple and len(arg) == 3:
@@ -132,7 +147,7 @@ def plan(args: tuple[Any, ...], fds: int) -> list[tuple[int, int, int, bool]] | 
             if fd_index in used:
                 return f"argument {index} names file descriptor {fd_index} twice"
             used.add(fd_index)
-            placed.append((index, fd_index, length, bool(writable)))
+            placed.append((index, fd_index, length, writable))
     if not placed:
         return "a MappedRequest with no descriptor in shared memory"
     if len(used) != fds:

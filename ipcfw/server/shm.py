@@ -97,9 +97,11 @@ class Maps:
     def __len__(self) -> int:
         return len(self._maps)
 
-    def take(self, fd: int, length: int, writable: bool) -> MappedDescriptor | tuple[int, str]:
-        """A descriptor of `length` bytes in the memfd `fd` (not closed here), or the code to
-        answer the request with and why (KErrBadDescriptor, KErrNoMemory)."""
+    def take(self, fd: int, length: int, writable: bool,
+             zeros: bool = False) -> MappedDescriptor | tuple[int, str]:
+        """A descriptor of `length` bytes in the memfd `fd` (not closed here; `zeros`: its
+        content is zeros, not in the memory), or the code to answer the request with and why
+        (KErrBadDescriptor, KErrNoMemory)."""
         bad = errors.KErrBadDescriptor
         try:
             info = os.fstat(fd)
@@ -116,7 +118,7 @@ class Maps:
         except OSError as exc:
             return bad, f"unreadable file descriptor ({exc})"
         if info.st_size == 0:
-            return MappedDescriptor(bytearray(), 0, writable)
+            return MappedDescriptor(bytearray(), 0, writable, zeros=zeros)
         key = (info.st_dev, info.st_ino)
         busy = errors.KErrNoMemory, f"{LIVE_MAPS} maps in use on the connection"
         with self._lock:
@@ -138,7 +140,8 @@ class Maps:
                 self._idle.pop(key, None)
                 self._live += 1
             entry.users += 1
-        return MappedDescriptor(entry.map, length, writable, lambda: self._release(entry))
+        return MappedDescriptor(entry.map, length, writable, lambda: self._release(entry),
+                                zeros)
 
     def _map(self, key: tuple[int, int], fd: int, size: int) -> _Map:
         try:
@@ -195,7 +198,7 @@ def adopt(request: MappedRequest, fds: list[int], maps: Maps) -> Request | Refus
         return placed
     taken: dict[int, MappedDescriptor] = {}
     for index, fd_index, length, writable in placed:
-        descriptor = maps.take(fds[fd_index], length, writable)
+        descriptor = maps.take(fds[fd_index], length, writable > 0, writable == 2)
         if not isinstance(descriptor, MappedDescriptor):
             for done in taken.values():
                 done.release()

@@ -89,6 +89,19 @@ def test_read_and_write_at_offsets_as_on_the_kernel_path(bulk) -> None:
     assert filled == bytes(size - 1000) + b"\x5a" * 1000
 
 
+def test_a_zero_bytearray_reads_as_zeros_in_the_server_whatever_its_memfd_held(bulk) -> None:
+    size = 2 * MiB
+    with session() as direct:
+        out = bytearray(size)
+        direct.SendReceive(ECopy, (pattern(size), out, 0, 0))  # its memfd now holds the pattern
+        zeros = bytearray(size)  # sent as its length alone, on one of the same memfds
+        assert direct.SendReceive(ECrc, (zeros, 0, 0)) == zlib.crc32(bytes(size)) & 0x7FFFFFFF
+        assert direct.SendReceive(ECrc, (zeros, 0, size - 10)) == zlib.crc32(bytes(10)) & 0x7FFFFFFF
+        # Written at an offset: the content before it is zeros in the client too.
+        direct.SendReceive(EFill, (zeros, 0x33, 100, size - 100))
+        assert zeros == bytes(size - 100) + b"\x33" * 100
+
+
 def test_a_held_request_is_written_when_the_server_completes_it_later(bulk) -> None:
     with session() as direct:
         out = bytearray(4 * MiB)

@@ -40,6 +40,19 @@ def test_large_descriptors_are_placeholders_and_small_ones_stay_in_the_frame() -
     pool.close()
 
 
+def test_a_zero_bytearray_is_sent_as_its_length_alone() -> None:
+    pool = shm.Pool()
+    stale = pool.take(SIZE)
+    stale.map[:SIZE] = b"\xee" * SIZE  # a former request's bytes
+    pool.give(stale)
+    call = shm.MappedCall(pool, TIpcArgs(bytearray(SIZE)))
+    assert call.wire == ((0, SIZE, 2),)  # 2: zeros, not copied
+    assert call.regions[0] is stale and stale.map[:SIZE] == b"\xee" * SIZE
+    call.finish(None)
+    assert shm.all_zeros(bytearray(3 * SIZE)) and not shm.all_zeros(bytearray(SIZE) + b"\x01")
+    pool.close()
+
+
 def _call(pool: shm.Pool) -> tuple[shm.MappedCall, TIpcArgs, bytearray]:
     out = bytearray(b"o" * SIZE)
     ipc_args = TIpcArgs(b"d" * SIZE, out)

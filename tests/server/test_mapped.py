@@ -110,6 +110,25 @@ def test_read_and_write_with_offsets_as_in_the_frame(writes, reads) -> None:
         assert bytes(descriptor.memory[: descriptor.length]) == framed.ReadL(1)
 
 
+@pytest.mark.parametrize(("writes", "reads"), CASES)
+def test_zero_content_not_copied_reads_as_zeros_never_the_memorys_old_bytes(writes, reads) -> None:
+    max_length = 200_000 if any(o > 200 for _, o in writes) else 200
+    framed = _frame_message(bytes(max_length), max_length)
+    stale = bytearray(b"\xee" * (max_length + 64))  # a former request's bytes in the memfd
+    descriptor = MappedDescriptor(stale, max_length, True, zeros=True)
+    shared = direct_message(mapped_args((b"ro", (0, max_length, 2)), {1: descriptor}))
+    for offset in reads:
+        assert shared.ReadL(1, offset) == framed.ReadL(1, offset)
+    for data, offset in writes:
+        framed.WriteL(1, data, offset)
+        shared.WriteL(1, data, offset)
+        assert shared.GetDesLength(1) == framed.GetDesLength(1)
+        for offset in reads:
+            assert shared.ReadL(1, offset) == framed.ReadL(1, offset)
+    if writes:
+        assert bytes(descriptor.memory[: descriptor.length]) == framed.ReadL(1)
+
+
 def test_a_read_only_mapped_descriptor_reads_and_refuses_writes() -> None:
     message = direct_message(mapped_args((3, (0, 200, 0)), {1: mapped(CONTENT, False)}))
     assert message.ReadL(1) == CONTENT and message.ReadL(1, 150) == CONTENT[150:]
