@@ -450,10 +450,10 @@ class RSession:
     ) -> int | None:
         """`SendReceive` or `Send` (`mode`) on a direct connection, for arguments with a large
         descriptor: in shared memory (`ipcfw.client.shm`)."""
-        with channel.lock:
+        with channel.lock:  # (the notice leaves, or is queued, before any MappedRequest)
             pool, notice = shm.pool_of(channel)
-        if notice is not None:
-            channel.send(notice)  # (before the first MappedRequest: the outbox keeps the order)
+            if notice is not None:
+                channel.send(notice)
         call = shm.MappedCall(pool, ipc_args)
         life = self._life
         if status is None:

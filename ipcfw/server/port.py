@@ -38,6 +38,7 @@ from .. import errors
 from ..protocol import (
     MAX_MAPPED_FDS,
     Completed,
+    MappedCompleted,
     MappedRequest,
     ProtocolError,
     SharedMemory,
@@ -508,8 +509,8 @@ class DirectPort:
         reply = decode(frame)
         log.error("a completion of %d bytes does not fit the direct connection of pid %d; "
                   "completing with KErrOverflow instead", len(frame), link.connection.pid)
-        if type(reply) is Completed:
-            self.send(link.connection, encode(Completed(reply.req_id, errors.KErrOverflow, ())))
+        if type(reply) is Completed or type(reply) is MappedCompleted:
+            self.send(link.connection, encode(type(reply)(reply.req_id, errors.KErrOverflow, ())))
 
     def _close(self, link: Link) -> None:
         """Close `link` once the current turn is over (the rules may be mid-way through it)."""
