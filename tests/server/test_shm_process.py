@@ -213,3 +213,30 @@ def test_a_hostile_peer_with_file_descriptors_cannot_hurt_the_server(
     # (its own count sees one more: the directory it lists)
     assert call(good, Request(4, 3, EFds, (), 0)) == Completed(4, before + 1, ())
     assert bulk.server.alive()
+
+
+def test_maps_are_bounded_per_connection_and_all_closed_with_it(bulk) -> None:
+    from ipcfw.errors import KErrNoMemory
+    from ipcfw.server.shm import IDLE_MAPS, LIVE_MAPS
+    from plugins.bulk import EHold
+
+    before = server_fds(bulk)
+    sock = shared(bulk, 7)
+    # Served one after the other, ten memfds leave at most IDLE_MAPS maps (one descriptor each).
+    for req_id in range(10):
+        fd = memfd(SIZE)
+        send(sock, MappedRequest(req_id + 1, 7, ECrc, ((0, SIZE, 0), 0, 0), 0), [fd])
+        os.close(fd)
+        assert type(receive(sock)) is MappedCompleted
+    # (the descriptor received with the last frame is closed just after its answer is sent)
+    wait_until(lambda: server_fds(bulk) <= before + 1 + IDLE_MAPS,  # (+1: the connection)
+               what=f"at most {IDLE_MAPS} idle maps")
+    # Held by the server, LIVE_MAPS memfds are in use; one more is refused, not mapped.
+    for tag in range(LIVE_MAPS + 1):
+        fd = memfd(SIZE)
+        send(sock, MappedRequest(100 + tag, 7, EHold, ((0, SIZE, 0), tag), 0), [fd])
+        os.close(fd)
+    assert receive(sock) == Completed(100 + LIVE_MAPS, KErrNoMemory, ())
+    sock.close()
+    wait_until(lambda: server_fds(bulk) == before,
+               what="the server to close the maps of the held messages too")
