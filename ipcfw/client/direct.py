@@ -5,7 +5,11 @@ Every frame is one `protocol.encode(message)`, one datagram. This module only mo
 it knows nothing of requests, sessions or the runtime's tables. Its one policy is how a thread
 waits for an answer (`DirectSocket.wait_readable`): it spins on a non-blocking receive for up
 to `SPIN` seconds before it sleeps in poll, because waking a thread that slept in the kernel
-costs more than a whole round trip to a server that answers at once.
+costs more than a whole round trip to a server that answers at once. The spin adapts: a spin
+that ends without an answer makes the next ones be skipped, twice as many after each further
+miss (up to `SKIP_MOST`), and one answered resets it. With more busy processes than cores
+(eight clients and a server on two), answers come late, the spin only burns the core the
+server needs, and it mostly stops; with a core to spare it stays on.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ log = logging.getLogger("ipcfw.client")
 # 31-35 us, 200 us 30-32 us. 100 us covers a real server's answer; a slower answer costs at
 # most 100 us of one core's time before the thread sleeps.
 SPIN = 100e-6
+# The most waits skipped without a spin after misses: a loaded machine wastes at most one spin
+# in this many (+1) waits; an idle one learns again within as many calls.
+SKIP_MOST = 63
 # Above protocol.MAX_FRAME. Frames are received into one buffer of this size per connection:
 # private anonymous memory, so only the pages a frame touched are resident, and those of a
 # frame over `RELEASE_OVER` are given back at once (madvise MADV_DONTNEED), so that one large
@@ -37,6 +44,32 @@ SPIN = 100e-6
 MAX_DATAGRAM = 17 * 1024 * 1024
 RELEASE_OVER = 1024 * 1024
 _RECEIVE_FLAGS = socket.MSG_DONTWAIT | socket.MSG_TRUNC
+
+
+class AdaptiveSpin:
+    """Whether a wait spins first: after a spin that ended without an answer, the next waits
+    do not spin, one after the first miss, 3 after a second in a row, then 7, ... up to
+    `SKIP_MOST`; a spin that caught an answer starts it over."""
+
+    __slots__ = ("misses", "skip")
+
+    def __init__(self) -> None:
+        self.misses = 0  # spins in a row that ended without an answer
+        self.skip = 0  # waits still to make without a spin
+
+    def now(self) -> bool:
+        """Should this wait spin? (Counts a skipped one.)"""
+        if self.skip:
+            self.skip -= 1
+            return False
+        return True
+
+    def answered(self) -> None:
+        self.misses = 0
+
+    def missed(self) -> None:
+        self.misses += 1
+        self.skip = min(SKIP_MOST, (1 << min(self.misses, 16)) - 1)
 
 
 class DirectSocket:
@@ -61,6 +94,7 @@ class DirectSocket:
             self._view = memoryview(self._buffer)
             self._poll = select.poll()
             self._poll.register(self.fd, select.POLLIN)
+            self.spin = AdaptiveSpin()
         except BaseException:
             self.socket.close()  # (a failing mmap or poll must not leak the connection)
             raise
@@ -114,14 +148,24 @@ class DirectSocket:
         frame = self.receive()
         if frame is not None:
             return frame
-        perf = time.perf_counter
-        spin_end = perf() + min(SPIN, seconds)  # (read each time: a benchmark may vary it)
-        while perf() < spin_end:
-            frame = self.receive()
+        if self.spin.now() and seconds > 0:
+            frame = self._spin(min(SPIN, seconds))  # (SPIN read each time: a bench may vary it)
             if frame is not None:
                 return frame
         if self._poll.poll(max(0, int(seconds * 1000))):
             return self.receive()
+        return None
+
+    def _spin(self, seconds: float) -> bytes | None:
+        """Receive without sleeping for up to `seconds`."""
+        perf = time.perf_counter
+        spin_end = perf() + seconds
+        while perf() < spin_end:
+            frame = self.receive()
+            if frame is not None:
+                self.spin.answered()
+                return frame
+        self.spin.missed()
         return None
 
     def close(self) -> None:

@@ -86,6 +86,7 @@ from .. import errors
 from .._wakeup import WakePipe
 from .._zmqflags import EVENTS, POLLIN
 from ..protocol import (
+    DIRECT_MAX_UNREAD,
     PROTOCOL_VERSION,
     Attach,
     Close,
@@ -530,28 +531,44 @@ class DirectChannel(_LockedChannel):
             sent.set()
 
     def send_async(self, frame: bytes, req_id: int, pending: Pending[AnyChannel]) -> None:
-        """Send an async request, registered first: its answer may be read at once."""
+        """Send an async request, registered first: its answer may be read at once. With
+        `DIRECT_MAX_UNREAD` pending here already, complete it with KErrServerBusy instead: the
+        server closes a connection that leaves more answers than that unread (a paused
+        thread's), so a thread within the limit is never cut off."""
         self.check_size(frame)
         runtime = self.runtime
         with self.lock:
             refusal = self._refusal()
             if refusal is not None:
                 raise refusal
-            runtime.state.add(req_id, pending)
-            with self.count_lock:
-                self.pending += 1
-            try:
-                self._send(frame)
-            except BaseException:
-                if runtime.state.take(req_id) is not None:  # withdrawn: it was never sent
-                    with self.count_lock:
-                        self.pending -= 1
-                raise
-            now = self.last_used = time.monotonic()
-            if now - self.settled_at > SETTLE_INTERVAL:
-                self._settle()  # (the server's buffer for us is bounded: keep reading)
-        if self.pending == 1:
+            busy = self.pending >= DIRECT_MAX_UNREAD
+            if not busy:
+                self._send_registered(frame, req_id, pending)
+        if busy:
+            pending.complete(errors.KErrServerBusy, error=errors.IpcError(
+                errors.KErrServerBusy,
+                f"{DIRECT_MAX_UNREAD} asynchronous requests of this thread are pending on its "
+                f"direct connection to {self.path}",
+            ))
+        elif self.pending == 1:
             runtime.nudge()  # the I/O thread may be asleep with nothing to watch
+
+    def _send_registered(self, frame: bytes, req_id: int, pending: Pending[AnyChannel]) -> None:
+        """Register and send an async request. Call with the lock held."""
+        runtime = self.runtime
+        runtime.state.add(req_id, pending)
+        with self.count_lock:
+            self.pending += 1
+        try:
+            self._send(frame)
+        except BaseException:
+            if runtime.state.take(req_id) is not None:  # withdrawn: it was never sent
+                with self.count_lock:
+                    self.pending -= 1
+            raise
+        now = self.last_used = time.monotonic()
+        if now - self.settled_at > SETTLE_INTERVAL:
+            self._settle()  # (the server's buffer for us is bounded: keep reading)
 
     def call(self, frame: bytes, req_id: int, timeout: float | None = None) -> Message:
         """Send `frame` and return the reply carrying `req_id`, holding the lock throughout."""
