@@ -126,7 +126,7 @@ def _close_quietly(session: RSession) -> None:
         pass
 
 
-def _connect(stack: Stack, server: Process, name: str, path: str = "kernel") -> RSession:
+def _connect(stack: Stack, server: Process, name: str, path: str) -> RSession:
     """Wait until `server` is registered, then connect to `name` on `path`; raise Unavailable
     if not."""
     try:
@@ -158,7 +158,7 @@ def start_ipcfw(processes: Processes, workdir: Path, shared_threads: int = 0) ->
     echo = stack.serve(ECHO_PLUGIN, wait=False, name="ipcfw-echo-server")
     if shared_threads:
         shared_server = stack.serve(SHARED_PLUGIN, wait=False, name="ipcfw-echo-shared-server")
-    session = _connect(stack, echo, "echo")
+    session = _connect(stack, echo, "echo", path="kernel")
     result = IpcfwStack(IpcfwClient(session), {"broker": kernel.pid, "server": echo.pid})
     try:
         result.direct = _start_direct(stack, echo)
@@ -184,7 +184,7 @@ def _start_direct(stack: Stack, server: Process) -> IpcfwClient:
 
 
 def _start_shared(stack: Stack, server: Process, threads: int) -> SharedEcho:
-    session = _connect(stack, server, SHARED_SERVER)
+    session = _connect(stack, server, SHARED_SERVER, path="kernel")
     try:
         session.ShareAuto()
     except (errors.IpcError, TimeoutError) as exc:
