@@ -1,0 +1,129 @@
+"""Many open sessions: does a call get slower when a server has 10,000 idle sessions?
+
+The bench's direct session is timed (sync calls, as in the main table) with `small` extra idle
+direct sessions open to the same echo server, then with `large`, then with `small` again; the
+two `small` halves are pooled, so that drift during the run does not favour either count. The
+extra sessions are opened by this thread, so on the server they share the timed session's direct
+connection (one per client thread per server process): the figure is about tables of sessions,
+not connections. The kernel's and the server's footprints are taken before any extra session is
+opened and with `large` open.
+
+A process may hold ``--sessions-per-process`` sessions (10,000 by default): the bench starts its
+kernel with room for `large` more than its own (`kernel_options`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ...client import RSession
+from ...kernel.limits import KernelLimits
+from .clients import Client
+from .measure import percentile, time_sync
+from .memory import Footprint, footprints
+
+DEFAULT_SMALL, DEFAULT_LARGE = 1_000, 10_000
+HEADROOM = 100
+"""Sessions the bench holds beside the extra ones (its clients, the shared case, the
+descriptor sessions), with room to spare."""
+GROWTH_TARGET = 1.2
+"""The sync median with `large` open at most this many times the median with `small` open."""
+
+
+def kernel_options(large: int) -> tuple[str, ...]:
+    """``ipcfw kernel`` options that let the bench process hold `large` extra sessions."""
+    limit = max(KernelLimits().sessions_per_process, large + HEADROOM)
+    return ("--sessions-per-process", str(limit))
+
+
+@dataclass(frozen=True)
+class CrowdResult:
+    small: int
+    large: int
+    small_median_us: float
+    small_p99_us: float
+    large_median_us: float
+    large_p99_us: float
+    before: dict[str, Footprint]
+    """The kernel's ("broker") and the server's footprint with no extra session open."""
+    with_large: dict[str, Footprint]
+
+    @property
+    def growth(self) -> float:
+        return self.large_median_us / self.small_median_us
+
+    def rss_per_session(self) -> dict[str, float]:
+        return {role: (self.with_large[role].rss - self.before[role].rss) / self.large
+                for role in self.before}
+
+
+class Crowd:
+    """Extra idle direct sessions to `server`, opened and closed by this thread."""
+
+    def __init__(self, server: str, statistics: Callable[[], dict[str, int]],
+                 progress: Callable[[int, int], None]) -> None:
+        self.server, self.statistics, self.progress = server, statistics, progress
+        self.sessions: list[RSession] = []
+
+    def grow(self, n: int) -> None:
+        """Open sessions until `n` are open; raise if the kernel did not grant the direct
+        path to all of them (counted once sessions closed before have gone)."""
+        before = self._settled()["sessions_direct"]
+        added = n - len(self.sessions)
+        while len(self.sessions) < n:
+            self.sessions.append(RSession.connect(self.server, path="direct"))
+            if len(self.sessions) % 500 == 0:
+                self.progress(len(self.sessions), n)
+        granted = self.statistics()["sessions_direct"] - before
+        if granted != added:
+            raise RuntimeError(f"the kernel granted the direct path to {granted} of {added} "
+                               "new sessions")
+
+    def _settled(self, timeout: float = 10.0) -> dict[str, int]:
+        """The kernel's counters once no session is closing (or after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while (counts := self.statistics())["sessions_closing"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return counts
+
+    def shrink(self, n: int, timeout: float) -> None:
+        """Close sessions until `n` are open, and wait until the kernel has closed them."""
+        target = self.statistics()["sessions"] - (len(self.sessions) - n)
+        while len(self.sessions) > n:
+            self.sessions.pop().Close()
+        deadline = time.monotonic() + timeout
+        while (left := self.statistics()["sessions"]) > target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{left - target} closed sessions still held by the kernel "
+                                   f"after {timeout:.0f} s")
+            time.sleep(0.05)
+
+
+def measure_crowd(client: Client, crowd: Crowd, pids: dict[str, int], small: int, large: int,
+                  calls: int, timeout: float) -> CrowdResult:
+    """Time `client` with `small`, `large`, then `small` extra sessions open; close them all."""
+    try:
+        before = footprints(pids)
+        crowd.grow(small)
+        small_ns = _timed(client, calls // 2)
+        crowd.grow(large)
+        with_large = footprints(pids)
+        large_ns = _timed(client, calls)
+        crowd.shrink(small, timeout)
+        small_ns += _timed(client, calls - calls // 2)
+    finally:
+        crowd.shrink(0, timeout)
+    return CrowdResult(small, large, *_median_p99(small_ns), *_median_p99(large_ns),
+                       before, with_large)
+
+
+def _timed(client: Client, n: int) -> list[int]:
+    time_sync(client, max(10, n // 10))  # warm up
+    return time_sync(client, max(1, n))
+
+
+def _median_p99(latencies_ns: Sequence[int]) -> tuple[float, float]:
+    ordered = sorted(latencies_ns)
+    return percentile(ordered, 50) / 1000, percentile(ordered, 99) / 1000
