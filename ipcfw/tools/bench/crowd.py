@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from ...client import RSession
 from ...kernel.limits import KernelLimits
 from .clients import Client
-from .measure import percentile, time_sync
+from .measure import cpu_seconds, percentile, time_sync
 from .memory import Footprint, footprints
 
 DEFAULT_SMALL, DEFAULT_LARGE = 1_000, 10_000
 HEADROOM = 100
 """Sessions the bench holds beside the extra ones (its clients, the shared case, the
 descriptor sessions), with room to spare."""
+QUIET_WINDOW, QUIET_SHARE, QUIET_TIMEOUT = 0.1, 0.05, 10.0
 GROWTH_TARGET = 1.2
 """The sync median with `large` open at most this many times the median with `small` open."""
 
@@ -101,17 +102,32 @@ class Crowd:
             time.sleep(0.05)
 
 
+def wait_quiet(pids: dict[str, int], timeout: float = QUIET_TIMEOUT) -> None:
+    """Wait until the processes of `pids` have used at most `QUIET_SHARE` of a core over a
+    `QUIET_WINDOW`, or `timeout`: after thousands of sessions open or close, the kernel and the
+    server are busy for a while, and a call timed then measures that, not the open sessions."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = sum(cpu_seconds(pid) for pid in pids.values())
+        time.sleep(QUIET_WINDOW)
+        if sum(cpu_seconds(pid) for pid in pids.values()) - before <= QUIET_SHARE * QUIET_WINDOW:
+            return
+
+
 def measure_crowd(client: Client, crowd: Crowd, pids: dict[str, int], small: int, large: int,
                   calls: int, timeout: float) -> CrowdResult:
     """Time `client` with `small`, `large`, then `small` extra sessions open; close them all."""
     try:
         before = footprints(pids)
         crowd.grow(small)
+        wait_quiet(pids)
         small_ns = _timed(client, calls // 2)
         crowd.grow(large)
+        wait_quiet(pids)
         with_large = footprints(pids)
         large_ns = _timed(client, calls)
         crowd.shrink(small, timeout)
+        wait_quiet(pids)
         small_ns += _timed(client, calls - calls // 2)
     finally:
         crowd.shrink(0, timeout)

@@ -29,6 +29,9 @@ SIZES = (1 << 10, 64 << 10, 1 << 20, 16 << 20)
 BUDGET_MIB = 128
 """MiB each path moves per size (split over the rounds), between 3 and `MAX_REPEATS` calls."""
 MAX_REPEATS = 1000
+LEAST_COPIES = 30
+"""The copy is cheap: at least this many, whatever the size (its median is noisy above the
+caches' size on a shared machine)."""
 PATHS = ("copy", "direct", "kernel")
 """``copy``: the in-process copy; ``direct`` and ``kernel``: round trips on an ``echo`` session
 of that path."""
@@ -115,7 +118,7 @@ class DescriptorBench:
         data, n = pattern(size), repeats(size, self.budget_mib)
         outs = {path: bytearray(size) for path in PATHS}
         steps: dict[str, Callable[[int], list[int]]] = {
-            "copy": lambda k: time_copy(data, outs["copy"], k),
+            "copy": lambda k: time_copy(data, outs["copy"], max(k, LEAST_COPIES // ROUNDS)),
             **{path: _round_trips(session, data, outs[path])
                for path, session in sessions.items()},
         }
