@@ -26,7 +26,7 @@ from pathlib import Path
 from ...client import RSession
 from ...testing import Process, ReadySignal, stop_processes
 from .clients import Client, IpcfwClient, ManagersClient, WrongReply
-from .measure import ROUNDS
+from .measure import ROUNDS, cpu_seconds
 from .roles import exit_when_orphaned, role_argv
 
 SYSTEMS = {"ipcfw-direct": "direct", "ipcfw": "kernel", "managers": None}
@@ -79,6 +79,9 @@ class FleetResult:
     calls: int
     seconds: float
     """The sum of every run's span."""
+    cpu_us: dict[str, float]
+    """CPU microseconds per call of the client processes together ("clients") and of the
+    system's other processes ("broker", "server"), over the runs."""
 
     @property
     def calls_per_s(self) -> float:
@@ -118,15 +121,32 @@ class Fleet:
         start, end = min(a[1] for a in answers), max(a[2] for a in answers)
         return sum(a[0] for a in answers), (end - start) / 1e9
 
-    def measure(self, seconds: float, rounds: int = ROUNDS) -> dict[str, FleetResult]:
-        totals = {system: (0, 0.0) for system in self.conns}
+    def cpu(self, system: str, others: dict[str, int]) -> dict[str, float]:
+        """CPU seconds so far of the clients of `system` together, and of `others` by role."""
+        clients = sum(cpu_seconds(process.pid) for process, _ in self.members[system])
+        return {"clients": clients, **{role: cpu_seconds(pid) for role, pid in others.items()}}
+
+    def measure(self, seconds: float, others: dict[str, dict[str, int]],
+                rounds: int = ROUNDS) -> dict[str, FleetResult]:
+        """`seconds` of calls by each system's clients, in `rounds` alternating runs; `others`
+        are each system's other processes by role, whose CPU is reported with the clients'."""
+        calls = dict.fromkeys(self.conns, 0)
+        spans = dict.fromkeys(self.conns, 0.0)
+        cpu: dict[str, dict[str, float]] = {system: {} for system in self.conns}
         names = list(self.conns)
         for i in range(rounds):
             for system in names[i % len(names):] + names[:i % len(names)]:
-                calls, span = self.run(system, seconds / rounds)
-                totals[system] = (totals[system][0] + calls, totals[system][1] + span)
-        return {system: FleetResult(len(self.conns[system]), calls, span)
-                for system, (calls, span) in totals.items()}
+                before = self.cpu(system, others.get(system, {}))
+                n, span = self.run(system, seconds / rounds)
+                after = self.cpu(system, others.get(system, {}))
+                calls[system] += n
+                spans[system] += span
+                for role, value in after.items():
+                    cpu[system][role] = cpu[system].get(role, 0.0) + value - before[role]
+        return {system: FleetResult(len(self.conns[system]), calls[system], spans[system],
+                                    {role: s / calls[system] * 1e6
+                                     for role, s in cpu[system].items()})
+                for system in self.conns}
 
     def close(self) -> None:
         """Hang up: each process closes its client and exits."""

@@ -25,7 +25,7 @@ from .memory import ConnectionCost, per_connection
 from .progress import Progress
 from .roles import STARTUP_TIMEOUT
 from .systems import Processes, managers_address
-from .targets import DIRECT
+from .targets import DIRECT, MANAGERS
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class Context:
     direct: IpcfwClient
     pids: dict[str, int]
     """The kernel ("broker") and the echo server ("server")."""
+    managers_pid: int
     progress: Progress
 
 
@@ -96,7 +97,9 @@ def _fleet(ctx: Context, args: argparse.Namespace, extras: Extras) -> None:
                   targets, args.fleet)
     try:
         fleet.connect(STARTUP_TIMEOUT + args.fleet)
-        extras.fleet = fleet.measure(args.fleet_seconds)
+        extras.fleet = fleet.measure(args.fleet_seconds, {
+            DIRECT: {"server": ctx.pids["server"]}, "ipcfw": ctx.pids,
+            MANAGERS: {"server": ctx.managers_pid}})
     finally:
         fleet.close()
         fleet.stop(STOP_TIMEOUT)
@@ -124,10 +127,11 @@ def _churn(ctx: Context, args: argparse.Namespace, extras: Extras) -> None:
 def direct_context(processes: Processes, workdir: Path, systems: list[System],
                    progress: Progress) -> Context | None:
     """The phases' context, or None when the direct system is not running."""
-    direct = next((s for s in systems if s.name == DIRECT and s.error is None), None)
-    kernel_path = next((s for s in systems if s.name == "ipcfw"), None)
+    by_name = {s.name: s for s in systems}
+    direct, kernel_path, managers = (by_name.get(n) for n in (DIRECT, "ipcfw", MANAGERS))
     stack = processes.stack
-    if (direct is None or kernel_path is None or stack is None
-            or not isinstance(direct.client, IpcfwClient)):
+    if (direct is None or direct.error is not None or kernel_path is None or managers is None
+            or stack is None or not isinstance(direct.client, IpcfwClient)):
         return None
-    return Context(processes, stack, workdir, direct.client, kernel_path.pids, progress)
+    return Context(processes, stack, workdir, direct.client, kernel_path.pids,
+                   managers.pids["server"], progress)

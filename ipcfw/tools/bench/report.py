@@ -133,10 +133,14 @@ def format_fleet(fleet: dict[str, FleetResult], seconds: float) -> str:
     managers = fleet.get(MANAGERS)
     lines = [f"{processes} client processes, each its own client making sync calls "
              f"({seconds:g} s per system, in alternating runs); aggregate calls/s",
-             f"{'system':<16}{'calls':>12}{'calls/s':>14}{'vs managers':>14}"]
+             f"{'system':<16}{'calls':>12}{'calls/s':>14}{'vs managers':>14}"
+             "   CPU us per call: clients / broker / server / total"]
     for name, r in fleet.items():
         ratio = "-" if managers is None else f"{r.calls_per_s / managers.calls_per_s:.2f}x"
-        lines.append(f"{name:<16}{r.calls:>12,}{r.calls_per_s:>14,.0f}{ratio:>14}")
+        cpu = " / ".join(f"{r.cpu_us[role]:.1f}" if role in r.cpu_us else "-"
+                         for role in ("clients", "broker", "server"))
+        lines.append(f"{name:<16}{r.calls:>12,}{r.calls_per_s:>14,.0f}{ratio:>14}"
+                     f"   {cpu} / {sum(r.cpu_us.values()):.1f}")
     return "\n".join(lines)
 
 
