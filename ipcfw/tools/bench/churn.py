@@ -39,9 +39,18 @@ def wait_for_sessions(statistics: Callable[[], dict[str, int]], at_most: int,
     return held
 
 
+def settled(statistics: Callable[[], dict[str, int]], timeout: float) -> dict[str, int]:
+    """The kernel's counters once no session is closing (or after `timeout`): sessions an
+    earlier step closed are still counted until the server has seen them go."""
+    deadline = time.monotonic() + timeout
+    while (counts := statistics())["sessions_closing"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return counts
+
+
 def churn(server: str, statistics: Callable[[], dict[str, int]], pids: dict[str, int],
           cycles: int, progress: Callable[[int, int], None], timeout: float) -> ChurnResult:
-    baseline = statistics()["sessions"]
+    baseline = settled(statistics, timeout)["sessions"]
     warm = min(cycles, max(100, cycles // 20))
     for _ in range(warm):
         RSession.connect(server, path="direct").Close()

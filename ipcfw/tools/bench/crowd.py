@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ...client import RSession
 from ...kernel.limits import KernelLimits
+from .churn import settled
 from .clients import Client
 from .measure import cpu_seconds, percentile, time_sync
 from .memory import Footprint, footprints
@@ -64,14 +65,16 @@ class Crowd:
     """Extra idle direct sessions to `server`, opened and closed by this thread."""
 
     def __init__(self, server: str, statistics: Callable[[], dict[str, int]],
-                 progress: Callable[[int, int], None]) -> None:
+                 progress: Callable[[int, int], None], timeout: float) -> None:
         self.server, self.statistics, self.progress = server, statistics, progress
+        self.timeout = timeout
+        """Seconds the kernel has to close the sessions closed."""
         self.sessions: list[RSession] = []
 
     def grow(self, n: int) -> None:
         """Open sessions until `n` are open; raise if the kernel did not grant the direct
         path to all of them (counted once sessions closed before have gone)."""
-        before = self._settled()["sessions_direct"]
+        before = settled(self.statistics, self.timeout)["sessions_direct"]
         added = n - len(self.sessions)
         while len(self.sessions) < n:
             self.sessions.append(RSession.connect(self.server, path="direct"))
@@ -82,23 +85,16 @@ class Crowd:
             raise RuntimeError(f"the kernel granted the direct path to {granted} of {added} "
                                "new sessions")
 
-    def _settled(self, timeout: float = 10.0) -> dict[str, int]:
-        """The kernel's counters once no session is closing (or after `timeout`)."""
-        deadline = time.monotonic() + timeout
-        while (counts := self.statistics())["sessions_closing"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return counts
-
-    def shrink(self, n: int, timeout: float) -> None:
+    def shrink(self, n: int) -> None:
         """Close sessions until `n` are open, and wait until the kernel has closed them."""
         target = self.statistics()["sessions"] - (len(self.sessions) - n)
         while len(self.sessions) > n:
             self.sessions.pop().Close()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self.timeout
         while (left := self.statistics()["sessions"]) > target:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{left - target} closed sessions still held by the kernel "
-                                   f"after {timeout:.0f} s")
+                                   f"after {self.timeout:.0f} s")
             time.sleep(0.05)
 
 
@@ -115,7 +111,7 @@ def wait_quiet(pids: dict[str, int], timeout: float = QUIET_TIMEOUT) -> None:
 
 
 def measure_crowd(client: Client, crowd: Crowd, pids: dict[str, int], small: int, large: int,
-                  calls: int, timeout: float) -> CrowdResult:
+                  calls: int) -> CrowdResult:
     """Time `client` with `small`, `large`, then `small` extra sessions open; close them all."""
     try:
         before = footprints(pids)
@@ -126,11 +122,11 @@ def measure_crowd(client: Client, crowd: Crowd, pids: dict[str, int], small: int
         wait_quiet(pids)
         with_large = footprints(pids)
         large_ns = _timed(client, calls)
-        crowd.shrink(small, timeout)
+        crowd.shrink(small)
         wait_quiet(pids)
         small_ns += _timed(client, calls - calls // 2)
     finally:
-        crowd.shrink(0, timeout)
+        crowd.shrink(0)
     return CrowdResult(small, large, *_median_p99(small_ns), *_median_p99(large_ns),
                        before, with_large)
 

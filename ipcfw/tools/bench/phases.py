@@ -110,9 +110,10 @@ def _descriptors(extras: Extras, budget_mib: int) -> None:
 
 
 def _crowd(ctx: Context, args: argparse.Namespace, extras: Extras) -> None:
-    crowd = Crowd(ECHO, ctx.stack.statistics, ctx.progress.counter("open sessions"))
+    crowd = Crowd(ECHO, ctx.stack.statistics, ctx.progress.counter("open sessions"),
+                  SETTLE_TIMEOUT)
     extras.crowd = measure_crowd(ctx.direct, crowd, ctx.pids, args.open_sessions // 10,
-                                 args.open_sessions, args.sync, SETTLE_TIMEOUT)
+                                 args.open_sessions, args.sync)
 
 
 def _connections(ctx: Context, args: argparse.Namespace, extras: Extras) -> None:
