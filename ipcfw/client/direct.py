@@ -5,11 +5,8 @@ Every frame is one `protocol.encode(message)`, one datagram. This module only mo
 it knows nothing of requests, sessions or the runtime's tables. Its one policy is how a thread
 waits for an answer (`DirectSocket.wait_readable`): it spins on a non-blocking receive for up
 to `SPIN` seconds before it sleeps in poll, because waking a thread that slept in the kernel
-costs more than a whole round trip to a server that answers at once. The spin adapts: a spin
-that ends without an answer makes the next ones be skipped, twice as many after each further
-miss (up to `SKIP_MOST`), and one answered resets it. With more busy processes than cores
-(eight clients and a server on two), answers come late, the spin only burns the core the
-server needs, and it mostly stops; with a core to spare it stays on.
+costs more than a whole round trip to a server that answers at once; the spin adapts to how
+fast answers come (`ipcfw._spin`).
 """
 
 from __future__ import annotations
@@ -21,21 +18,10 @@ import select
 import socket
 import time
 
+from .._spin import SPIN, AdaptiveSpin
+
 log = logging.getLogger("ipcfw.client")
 
-# How long a synchronous call spins on a non-blocking receive before it sleeps in poll.
-# Measured here (a forked echo peer with ipcfw's codec, 3,000 calls per setting, two runs):
-# round trip median with no spin 104-130 us, 20 us spin 67-98 us, 50 us spin 27 us, 100 us
-# spin 27 us, 200 us spin 27 us; with a peer spending 30 us per request (about what a
-# ServerState and a small ServiceL cost), 50 us spin 93-146 us, 100 us spin 58-60 us, 150 us
-# spin 58-59 us. Through RSession (a fake server in another process, 5,000 calls, on a loaded
-# machine, where sleeping threads wake fast): no spin 32-34 us, 50 us 57-60 us, 100 us
-# 31-35 us, 200 us 30-32 us. 100 us covers a real server's answer; a slower answer costs at
-# most 100 us of one core's time before the thread sleeps.
-SPIN = 100e-6
-# The most waits skipped without a spin after misses: a loaded machine wastes at most one spin
-# in this many (+1) waits; an idle one learns again within as many calls.
-SKIP_MOST = 63
 # Above protocol.MAX_FRAME. Frames are received into one buffer of this size per connection:
 # private anonymous memory, so only the pages a frame touched are resident, and those of a
 # frame over `RELEASE_OVER` are given back at once (madvise MADV_DONTNEED), so that one large
@@ -44,32 +30,6 @@ SKIP_MOST = 63
 MAX_DATAGRAM = 17 * 1024 * 1024
 RELEASE_OVER = 1024 * 1024
 _RECEIVE_FLAGS = socket.MSG_DONTWAIT | socket.MSG_TRUNC
-
-
-class AdaptiveSpin:
-    """Whether a wait spins first: after a spin that ended without an answer, the next waits
-    do not spin, one after the first miss, 3 after a second in a row, then 7, ... up to
-    `SKIP_MOST`; a spin that caught an answer starts it over."""
-
-    __slots__ = ("misses", "skip")
-
-    def __init__(self) -> None:
-        self.misses = 0  # spins in a row that ended without an answer
-        self.skip = 0  # waits still to make without a spin
-
-    def now(self) -> bool:
-        """Should this wait spin? (Counts a skipped one.)"""
-        if self.skip:
-            self.skip -= 1
-            return False
-        return True
-
-    def answered(self) -> None:
-        self.misses = 0
-
-    def missed(self) -> None:
-        self.misses += 1
-        self.skip = min(SKIP_MOST, (1 << min(self.misses, 16)) - 1)
 
 
 class DirectSocket:
@@ -163,7 +123,7 @@ class DirectSocket:
         while perf() < spin_end:
             frame = self.receive()
             if frame is not None:
-                self.spin.answered()
+                self.spin.caught()
                 return frame
         self.spin.missed()
         return None

@@ -24,7 +24,8 @@ import ipcfw
 from ipcfw import ClientPanic, IpcError, RSession, TIpcArgs, TRequestStatus, User
 from ipcfw.client import direct as client_direct
 from ipcfw.client import runtime as client_runtime
-from ipcfw.client.direct import SKIP_MOST, SPIN, AdaptiveSpin, DirectSocket
+from ipcfw._spin import SKIP_MOST, AdaptiveSpin
+from ipcfw.client.direct import SPIN, DirectSocket
 from ipcfw.protocol import Attach, Close, Connect, Path, Request
 from conftest import wait_until
 from fakes_direct import EBUSY, EECHO, EHOLD, EPANIC, EWRITE, FakeKernel, FakeServer
@@ -482,5 +483,5 @@ def test_the_spin_backs_off_after_misses_and_comes_back_after_an_answer() -> Non
     assert SKIP_MOST == 63
     spin.skip = 0
     assert spin.now()
-    spin.answered()  # the server answers fast again: spin every time
+    spin.caught()  # the server answers fast again: spin every time
     assert [spin.now() for _ in range(5)] == [True] * 5
