@@ -6,7 +6,9 @@ loop waiting for a client's next request) spin on a non-blocking read for up to 
 before they sleep. With more busy processes than cores (eight clients and a server on two) the
 frame comes late, and the spin only burns the core the peer needs: a spin that ends without a
 frame makes the next ones be skipped, twice as many after each further miss (up to
-`SKIP_MOST`), and one that caught a frame starts over.
+`SKIP_MOST`), and one that caught a frame starts over; so does a skipped wait whose frame came
+within `SPIN` anyway (a spin would have caught it), so that a burst of load on the machine
+does not leave the spin off once it is over.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ SKIP_MOST = 63
 class AdaptiveSpin:
     """Whether a wait spins first: after a spin that ended without a frame, the next waits do
     not spin, one after the first miss, 3 after a second in a row, then 7, ... up to
-    `SKIP_MOST`; a spin that caught a frame starts it over."""
+    `SKIP_MOST`; a frame caught by a spin, or that a spin would have caught, starts it over."""
 
     __slots__ = ("misses", "skip")
 
@@ -47,7 +49,12 @@ class AdaptiveSpin:
 
     def caught(self) -> None:
         """The spin caught a frame."""
-        self.misses = 0
+        self.misses = self.skip = 0
+
+    def slept(self, waited: float) -> None:
+        """A wait that did not spin slept `waited` seconds until its frame came."""
+        if waited < SPIN:
+            self.misses = self.skip = 0
 
     def missed(self) -> None:
         """The spin ended without a frame."""

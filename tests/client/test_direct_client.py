@@ -485,3 +485,15 @@ def test_the_spin_backs_off_after_misses_and_comes_back_after_an_answer() -> Non
     assert spin.now()
     spin.caught()  # the server answers fast again: spin every time
     assert [spin.now() for _ in range(5)] == [True] * 5
+
+
+def test_a_wait_that_slept_but_would_have_caught_its_frame_turns_the_spin_back_on() -> None:
+    spin = AdaptiveSpin()
+    for _ in range(6):
+        spin.missed()
+    assert spin.skip == SKIP_MOST
+    assert not spin.now()
+    spin.slept(SPIN * 3)  # late: a spin would have missed it too
+    assert not spin.now()
+    spin.slept(SPIN / 4)  # the load is over: a spin would have caught it
+    assert spin.now() and spin.misses == 0
