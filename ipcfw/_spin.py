@@ -3,60 +3,52 @@
 Waking a thread that slept in the kernel costs more than a whole round trip to a peer that
 answers at once, so the direct path's waiters (a client thread waiting for its answer, a server
 loop waiting for a client's next request) spin on a non-blocking read for up to `SPIN` seconds
-before they sleep. With more busy processes than cores (eight clients and a server on two) the
-frame comes late, and the spin only burns the core the peer needs: a spin that ends without a
-frame makes the next ones be skipped, twice as many after each further miss (up to
-`SKIP_MOST`), and one that caught a frame starts over; so does a skipped wait whose frame came
-within `SPIN` anyway (a spin would have caught it), so that a burst of load on the machine
-does not leave the spin off once it is over.
+before they sleep. With more busy processes than cores (eight clients and a server on two, or
+other work on the machine) the frame comes late, and the spin only burns the core the peer
+needs. So each waiter keeps a score, a moving average of how often its spins caught their
+frame: it spins while the score is at least one half, and otherwise only every `PROBE`-th wait,
+to learn when the machine is free again. (A waiter that slept cannot tell: the sleep itself
+gave its core to the peer.)
 """
 
 from __future__ import annotations
 
-__all__ = ["AdaptiveSpin", "SKIP_MOST", "SPIN"]
+__all__ = ["AdaptiveSpin", "PROBE", "SPIN"]
 
 # How long a wait spins before it sleeps. Measured here (a forked echo peer with ipcfw's codec,
 # 3,000 calls per setting, two runs): round trip median with no spin 104-130 us, 20 us spin
 # 67-98 us, 50 us spin 27 us, 100 us spin 27 us, 200 us spin 27 us; with a peer spending 30 us
 # per request (about what a ServerState and a small ServiceL cost), 50 us spin 93-146 us, 100
-# us spin 58-60 us, 150 us spin 58-59 us. Through RSession (a fake server in another process,
-# 5,000 calls, on a loaded machine, where sleeping threads wake fast): no spin 32-34 us, 50 us
-# 57-60 us, 100 us 31-35 us, 200 us 30-32 us. 100 us covers a real server's answer; a slower
+# us spin 58-60 us, 150 us spin 58-59 us. 100 us covers a real server's answer; a slower
 # answer costs at most 100 us of one core's time before the thread sleeps.
 SPIN = 100e-6
-# The most waits skipped without a spin after misses: a loaded machine wastes at most one spin
-# in this many (+1) waits; an idle one learns again within as many.
-SKIP_MOST = 63
+# While spins mostly miss, one wait in this many spins (a probe): at most SPIN / PROBE of a
+# core per wait is spent on a loaded machine.
+PROBE = 16
+_WEIGHT = 0.125  # of the newest outcome in the score: about the last eight spins count
 
 
 class AdaptiveSpin:
-    """Whether a wait spins first: after a spin that ended without a frame, the next waits do
-    not spin, one after the first miss, 3 after a second in a row, then 7, ... up to
-    `SKIP_MOST`; a frame caught by a spin, or that a spin would have caught, starts it over."""
+    """Whether a wait spins first (see the module): spin while at least half of the recent
+    spins caught their frame, else only every `PROBE`-th wait."""
 
-    __slots__ = ("misses", "skip")
+    __slots__ = ("score", "waits")
 
     def __init__(self) -> None:
-        self.misses = 0  # spins in a row that ended without a frame
-        self.skip = 0  # waits still to make without a spin
+        self.score = 1.0  # moving average of the spins' outcomes: 1 caught, 0 missed
+        self.waits = 0  # waits since the score fell below one half
 
     def now(self) -> bool:
-        """Should this wait spin? (Counts a skipped one.)"""
-        if self.skip:
-            self.skip -= 1
-            return False
-        return True
+        """Should this wait spin?"""
+        if self.score >= 0.5:
+            return True
+        self.waits += 1
+        return self.waits % PROBE == 0
 
     def caught(self) -> None:
-        """The spin caught a frame."""
-        self.misses = self.skip = 0
-
-    def slept(self, waited: float) -> None:
-        """A wait that did not spin slept `waited` seconds until its frame came."""
-        if waited < SPIN:
-            self.misses = self.skip = 0
+        """The spin caught its frame."""
+        self.score += (1.0 - self.score) * _WEIGHT
 
     def missed(self) -> None:
         """The spin ended without a frame."""
-        self.misses += 1
-        self.skip = min(SKIP_MOST, (1 << min(self.misses, 16)) - 1)
+        self.score -= self.score * _WEIGHT

@@ -108,16 +108,11 @@ class DirectSocket:
         frame = self.receive()
         if frame is not None:
             return frame
-        spin = self.spin
-        spun = spin.now() and seconds > 0
-        if spun:
+        if self.spin.now() and seconds > 0:
             frame = self._spin(min(SPIN, seconds))  # (SPIN read each time: a bench may vary it)
             if frame is not None:
                 return frame
-        slept_at = time.perf_counter()
         if self._poll.poll(max(0, int(seconds * 1000))):
-            if not spun:
-                spin.slept(time.perf_counter() - slept_at)
             return self.receive()
         return None
 

@@ -291,13 +291,9 @@ class ServerHost:
             while not self._stopping and not self.dropped:
                 # After a turn that served a direct connection, its client's next request is
                 # likely to come at once: spin for it rather than sleep (see ipcfw._spin).
-                spun = served_direct and spin.now()
-                ready = _spin_for(poller, spin) if spun else None
+                ready = _spin_for(poller, spin) if served_direct and spin.now() else None
                 if ready is None:
-                    slept_at = time.perf_counter()
                     ready = dict(poller.poll(port.timeout))
-                    if served_direct and not spun:
-                        spin.slept(time.perf_counter() - slept_at)
                 if self._wakeup.fd in ready:
                     self._flush_outbox()
                 if self._socket in ready:

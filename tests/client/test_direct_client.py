@@ -24,7 +24,7 @@ import ipcfw
 from ipcfw import ClientPanic, IpcError, RSession, TIpcArgs, TRequestStatus, User
 from ipcfw.client import direct as client_direct
 from ipcfw.client import runtime as client_runtime
-from ipcfw._spin import SKIP_MOST, AdaptiveSpin
+from ipcfw._spin import PROBE, AdaptiveSpin
 from ipcfw.client.direct import SPIN, DirectSocket
 from ipcfw.protocol import Attach, Close, Connect, Path, Request
 from conftest import wait_until
@@ -463,37 +463,34 @@ def test_a_request_too_large_for_a_datagram_is_refused_and_the_session_lives(
         assert session.SendReceive(EECHO, (7,)) == 7
 
 
-def test_the_spin_backs_off_after_misses_and_comes_back_after_an_answer() -> None:
+def test_the_spin_stops_while_spins_miss_probes_and_comes_back() -> None:
     spin = AdaptiveSpin()
-    assert [spin.now() for _ in range(3)] == [True] * 3  # answers come fast: always spin
-
-    def spins_in(waits: int) -> list[bool]:
-        decided = []
-        for _ in range(waits):
-            decided.append(spin.now())
-            if decided[-1]:
-                spin.missed()  # a loaded machine: every spin ends without an answer
-        return decided
-
-    # skipped: 1 wait after the first miss, 3 after the second, then 7, ... up to SKIP_MOST
-    decided = spins_in(1 + 1 + 1 + 3 + 1 + 7 + 1 + 15 + 1 + 31 + 1 + 63 + 1 + 63 + 1)
-    spun_at = [i for i, spun in enumerate(decided) if spun]
-    gaps = [b - a - 1 for a, b in zip(spun_at, spun_at[1:])]
-    assert gaps == [1, 3, 7, 15, 31, 63, SKIP_MOST]
-    assert SKIP_MOST == 63
-    spin.skip = 0
-    assert spin.now()
-    spin.caught()  # the server answers fast again: spin every time
-    assert [spin.now() for _ in range(5)] == [True] * 5
-
-
-def test_a_wait_that_slept_but_would_have_caught_its_frame_turns_the_spin_back_on() -> None:
-    spin = AdaptiveSpin()
-    for _ in range(6):
+    assert all(spin.now() for _ in range(100))  # nothing learnt yet: spin
+    spin.missed()
+    assert spin.now()  # one miss is noise
+    misses = 1
+    while spin.now():  # a loaded machine: every spin misses
         spin.missed()
-    assert spin.skip == SKIP_MOST
-    assert not spin.now()
-    spin.slept(SPIN * 3)  # late: a spin would have missed it too
-    assert not spin.now()
-    spin.slept(SPIN / 4)  # the load is over: a spin would have caught it
-    assert spin.now() and spin.misses == 0
+        misses += 1
+    assert 2 < misses < 10  # a few misses in a row turn it off
+    decided = [spin.now() for _ in range(PROBE * 4)]
+    assert decided.count(True) == 4  # only probes while off
+    while not spin.now():
+        pass
+    spin.caught()  # the probes catch their frames again ...
+    caught = 1
+    while not spin.now() or spin.score < 0.5:
+        spin.caught()
+        caught += 1
+    assert caught < 10  # ... and a few turn it back on
+    assert all(spin.now() for _ in range(100))
+
+
+def test_occasional_misses_do_not_turn_the_spin_off() -> None:
+    spin = AdaptiveSpin()
+    for call in range(1000):
+        assert spin.now()
+        if call % 5 == 0:
+            spin.missed()  # one spin in five misses its frame
+        else:
+            spin.caught()
