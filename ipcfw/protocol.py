@@ -84,6 +84,7 @@ __all__ = [
     "MAX_NAME",
     "MAX_PAYLOAD",
     "MAX_CATEGORY",
+    "DIRECT_MAX_UNREAD",
     "ProtocolError",
     "Kind",
     "Role",
@@ -160,6 +161,10 @@ MAX_PATH = 4096
 MAX_MAPPED = 1 << 30
 #: Most file descriptors one frame on a direct connection carries: one per argument.
 MAX_MAPPED_FDS = 4
+#: Answers a server queues for a direct connection that does not read them before it closes
+#: the connection; a client keeps fewer asynchronous requests pending on one, so that a paused
+#: client within that limit is never cut off (the kernel path's --outstanding-per-process).
+DIRECT_MAX_UNREAD = 100_000
 
 #: The range of a 32-bit signed int: every argument int, completion value and panic reason.
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
