@@ -364,7 +364,7 @@ class SessionRecord:
     token: bytes | None = None  # set by ShareProtected; Open(token) attaches a process
     # On the direct path: the creator's one-time ticket, until the Connected that carries it.
     ticket: bytes = b""
-    direct: bool = False  # its creator's requests go on a direct connection to the server
+    direct: bool = False  # its threads' requests go on direct connections to the server
 
     def __repr__(self) -> str:
         return (
@@ -1212,10 +1212,16 @@ class KernelState:
         code = code or self._attach(session, peer)
         if code:
             return [Send(peer.rid, Connected(req_id, code, 0, b""))]
-        if not session.direct or session.state is not _S.OPEN:
+        process = peer.process
+        if (not session.direct or session.state is not _S.OPEN
+                or len(session.messages) >= MAX_OUTSTANDING
+                or process.outstanding >= self.outstanding_per_process):
+            # (the limits bound what Joins can make the kernel and the server hold)
             return [Send(peer.rid, Connected(req_id, errors.KErrNone, handle, b""))]
         record = self._new_message(session, MessageKind.ADMIT, req_id, reply_to=peer.rid)
         record.ticket = self.new_token()
+        record.payer = process
+        process.outstanding += 1
         server = session.server
         actions = self._inform(server, peer.process)
         actions.append(Send(server.rid, Admit(

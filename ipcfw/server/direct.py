@@ -3,11 +3,11 @@
 Theory of operation
 -------------------
 A session on the direct path is created and owned by the kernel as any other; only its
-requests from the thread that created it travel on a Unix SOCK_SEQPACKET connection from that
-thread straight to this process (the host's listening socket, in the kernel's private
-directory). `DirectRules` belongs to one `ServerState` (one registration) and decides what
-happens on those connections; the host accepts them, reads their frames, decodes them and
-feeds them here, and sends what the rules hand to its `DirectIO`.
+requests travel on Unix SOCK_SEQPACKET connections from each client thread that uses it
+straight to this process (the host's listening socket, in the kernel's private directory).
+`DirectRules` belongs to one `ServerState` (one registration) and decides what happens on
+those connections; the host accepts them, reads their frames, decodes them and feeds them
+here, and sends what the rules hand to its `DirectIO`.
 
 Rules this module keeps:
 

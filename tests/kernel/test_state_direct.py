@@ -343,3 +343,14 @@ def test_a_census_from_a_peer_that_is_no_server_or_malformed_is_misbehaviour() -
         state.receive(C1, CensusReply(0, b""))
     with pytest.raises(PeerMisbehaved):
         state.receive(S1, CensusReply(0, b"\x01"))
+
+
+def test_joins_waiting_for_the_server_count_towards_the_processs_outstanding_limit() -> None:
+    state, handle = shared_direct_world()
+    state.outstanding_per_process = 1
+    admit = one(join(state, C1B, handle), S1, Admit)
+    assert join(state, C1, handle, req_id=31) == [  # the limit: the kernel path, no ticket
+        Send(C1, Connected(31, errors.KErrNone, handle, b""))
+    ]
+    state.receive(S1, Complete(admit.msg_id, errors.KErrNone, ()))
+    assert state.processes[CLI.key].outstanding == 0
