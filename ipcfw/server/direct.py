@@ -328,13 +328,11 @@ class DirectRules:
         """Per session with any, its requests in service on its direct connections (the
         kernel's Census, for `ipcfw ps`)."""
         counts: dict[int, int] = {}
-        for handle, holders in self._holders.items():
-            count = sum(
-                1 for connection in holders for message in connection.in_service.copy().values()
-                if isinstance(message, DirectMessage) and message.handle == handle
-            )
-            if count:
-                counts[handle] = count
+        connections = {c for holders in self._holders.values() for c in holders}
+        for connection in connections:  # (one pass over each connection's requests)
+            for message in connection.in_service.copy().values():
+                if isinstance(message, DirectMessage) and message.handle in connection.attached:
+                    counts[message.handle] = counts.get(message.handle, 0) + 1
         return counts
 
     def statistics(self) -> dict[str, int]:

@@ -223,6 +223,18 @@ def test_a_thread_whose_attach_is_refused_uses_the_kernel_path(
         assert world.kernel.served == 1 and "refused Attach" in caplog.text
 
 
+def test_a_thread_whose_connection_cannot_be_made_uses_the_kernel_path(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    with world.connect() as session:
+        session.ShareAuto()
+        os.unlink(world.server.path)  # the creator's connection lives on; no new one can be made
+        with caplog.at_level(logging.DEBUG, logger="ipcfw.client"):
+            assert in_thread(lambda: session.SendReceive(EECHO, (5,))) == 5
+        assert world.kernel.served == 1 and "no direct connection" in caplog.text
+        assert session.SendReceive(EECHO, (6,)) == 6 and world.kernel.served == 1
+
+
 def test_a_close_tells_every_threads_direct_connection_before_the_kernel(world: World) -> None:
     session = world.connect()
     session.ShareAuto()
