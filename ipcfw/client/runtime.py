@@ -108,7 +108,7 @@ from ..protocol import (
     encode,
 )
 from .direct import DirectSocket
-from .state import ClientState, Pending, SessionLife, log_once
+from .state import UNDECIDED, ClientState, Pending, SessionLife, log_once
 
 log = logging.getLogger("ipcfw.client")
 
@@ -689,11 +689,17 @@ class _ThreadSentinel:
         self.thread = threading.get_ident()
         self.direct: dict[str, DirectChannel] = {}
         self.routes: list[tuple[weakref.ref[SessionLife[Runtime]], DirectChannel | None]] = []
+        self._prune_at = _ROUTES_KEPT
 
     def route(self, life: SessionLife[Runtime], direct: DirectChannel | None) -> None:
         """This thread's calls on `life`'s session take `direct` (None: the kernel path)."""
         life.set_route(self.thread, direct)
         self.routes.append((weakref.ref(life), direct))
+        if len(self.routes) > self._prune_at:
+            # Keep only the routes still in use (a closed session forgot them): a thread that
+            # opens and closes sessions for ever keeps as many as it holds, not one per session.
+            self.routes = [(ref, d) for ref, d in self.routes if _still_routes(ref, self.thread, d)]
+            self._prune_at = max(_ROUTES_KEPT, 2 * len(self.routes))
 
     def __del__(self) -> None:
         for ref, direct in self.routes:
@@ -705,6 +711,15 @@ class _ThreadSentinel:
             for channel in list(self.direct.values()):
                 runtime.retire_direct(channel, _thread_ended)
             runtime.retire(self.channel)
+
+
+_ROUTES_KEPT = 64  # a thread's sentinel keeps this many routes before it drops unused ones
+
+
+def _still_routes(ref: weakref.ref[SessionLife[Runtime]], thread: int,
+                  direct: DirectChannel | None) -> bool:
+    life = ref()
+    return life is not None and life.routes.get(thread, UNDECIDED) is direct
 
 
 def _thread_ended() -> errors.IpcError:

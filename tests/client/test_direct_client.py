@@ -235,6 +235,14 @@ def test_a_thread_whose_connection_cannot_be_made_uses_the_kernel_path(
         assert session.SendReceive(EECHO, (6,)) == 6 and world.kernel.served == 1
 
 
+def test_a_thread_opening_and_closing_sessions_keeps_no_route_per_session(world: World) -> None:
+    runtime = client_runtime.Runtime.for_endpoint(world.endpoint)
+    for _ in range(300):
+        with world.connect() as session:
+            assert session.SendReceive(EECHO, (1,)) == 1
+    assert len(runtime._local.sentinel.routes) <= 2 * client_runtime._ROUTES_KEPT
+
+
 def test_a_close_tells_every_threads_direct_connection_before_the_kernel(world: World) -> None:
     session = world.connect()
     session.ShareAuto()
