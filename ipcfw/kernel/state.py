@@ -1235,9 +1235,9 @@ class KernelState:
             # The thread uses the kernel path (which answers a closed or dead session).
             reply = Connected(record.req_id, errors.KErrNone, session.handle, b"")
         else:
-            self.admitted += 1
             reply = Connected(record.req_id, errors.KErrNone, session.handle, b"",
                               session.server.direct, record.ticket)
+            self.admitted += record.reply_to is not None  # (the thread may have gone meanwhile)
         return self._answer(record, reply)
 
     # -- the session list (ipcfw ps) -----------------------------------------------------------
