@@ -58,7 +58,7 @@ class Link:
     """One accepted direct connection: its socket, its state in the rules, and the frames
     waiting for its peer to read (sends never block)."""
 
-    __slots__ = ("sock", "fd", "connection", "outbox", "queued", "closing")
+    __slots__ = ("sock", "fd", "connection", "outbox", "queued", "closing", "hung_up")
 
     def __init__(self, sock: socket.socket, connection: DirectConnection) -> None:
         self.sock = sock
@@ -67,6 +67,10 @@ class Link:
         self.outbox: collections.deque[bytes] = collections.deque()
         self.queued = 0  # bytes in the outbox
         self.closing = False
+        # The client closed its end (a send failed with EPIPE): nothing more is sent, but what
+        # it sent before is still read, and served, up to the end of file (a thread that ends
+        # right after its requests, or after a Close: the Disconnect comes after them).
+        self.hung_up = False
 
 
 def connection_cap() -> int:
@@ -172,7 +176,7 @@ class DirectPort:
 
     def send(self, connection: DirectConnection, frame: bytes) -> None:
         link = self._links.get(connection.key)
-        if link is None or link.connection is not connection or link.closing:
+        if link is None or link.connection is not connection or link.closing or link.hung_up:
             return  # it has closed: dropped
         if link.outbox:
             self._queue(link, frame)
@@ -404,6 +408,11 @@ class DirectPort:
         link.queued += len(frame)
 
     def _failed_send(self, link: Link, frame: bytes, exc: OSError) -> None:
+        if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+            link.hung_up = True  # (its reader closes it at the end of file)
+            link.outbox.clear()
+            link.queued = 0
+            return
         if exc.errno != errno.EMSGSIZE:
             log.debug("direct connection of pid %d failed: %s", link.connection.pid, exc)
             self._close(link)

@@ -7,13 +7,16 @@ its own and its requests bypass the kernel (the kernel's `messages` does not cou
 the server holds them; `admitted` counts the tickets); the kernel still counts every thread as
 attached, and a thread's end detaches it; the server's Disconnect follows every request every
 thread sent before the Close; a sharing process killed with SIGKILL ends nothing for the
-others; `ipcfw ps` lists every session with its path, holders and outstanding messages.
+others; a ticket a thread got by Join serves only its own process, once, and a process that
+holds no handle gets none; `ipcfw ps` lists every session with its path, holders and
+outstanding messages.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,9 +25,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from conftest import REPO, KernelFixture, wait_until
-from ipcfw import KErrNone, RSession, TRequestStatus
+from ipcfw import KErrNone, KErrPermissionDenied, RSession, TRequestStatus
 from ipcfw.client import kernel_sessions
-from ipcfw.protocol import Path
+from ipcfw.protocol import Attach, Path, decode, encode
 from plugins.probe import ECompleteHeld, EEcho, EHold, recorded_events
 
 PROBE = "plugins.probe:ProbeServer"
@@ -195,6 +198,8 @@ def test_a_sigkilled_sharing_process_does_not_end_the_session_for_the_others(
     with RSession.connect("probe", (1, 0, 0), -1, path="direct") as session:
         handle = session.Handle()
         child = opener(session.ShareProtected())
+        wait_until(lambda: ["service", handle, EHold] in recorded_events(session),
+                   what="the other process's held request to reach the server")
         child.send_signal(signal.SIGKILL)
         child.wait(10)
         # Its direct connection's end cancels what it had in service; its holder is released.
@@ -239,3 +244,67 @@ def test_ps_lists_every_session_with_its_path_holders_and_outstanding_messages(p
         holding.release()
         direct.Close()
         kernel_path.Close()
+
+
+HOSTILE = r"""
+import os, socket, sys
+import zmq
+from ipcfw.protocol import (PROTOCOL_VERSION, Attach, Hello, Join, Open, Role, decode,
+                            encode)
+handle, token = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
+context = zmq.Context()
+channel = context.socket(zmq.DEALER)
+channel.routing_id, channel.linger, channel.rcvtimeo = os.urandom(16), 0, 10_000
+channel.connect(os.environ["IPCFW_KERNEL"])
+channel.send(encode(Hello(int(Role.CHANNEL), PROTOCOL_VERSION)))
+decode(channel.recv())
+
+
+def ask(message):
+    channel.send(encode(message))
+    return decode(channel.recv())
+
+
+refused = ask(Join(1, handle))  # holding nothing
+print(type(refused).__name__, refused.category, refused.reason, flush=True)
+opened = ask(Open(2, token))
+assert opened.result == 0 and opened.direct and not opened.ticket, opened
+joined = ask(Join(3, handle))
+print(joined.direct, joined.ticket.hex(), flush=True)
+sys.stdin.readline()  # the test presents the ticket from its own process first
+raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+raw.settimeout(10)
+raw.connect(joined.direct)
+for req_id in (4, 5):  # the rightful process, then a replay
+    raw.send(encode(Attach(req_id, joined.ticket)))
+    print(decode(raw.recv(65536)).value, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_joined_ticket_serves_only_its_process_once_and_a_non_holder_gets_none(probe) -> None:
+    with RSession.connect("probe", (1, 0, 0), -1, path="direct") as session:
+        handle = session.Handle()
+        child = subprocess.Popen(
+            [sys.executable, "-c", HOSTILE, str(handle), session.ShareProtected().hex()],
+            env=probe.env, cwd=str(REPO), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdin is not None and child.stdout is not None
+            assert child.stdout.readline().split() == ["Panicked", "KERN-EXEC", "0"]
+            path, ticket = child.stdout.readline().split()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as raw:  # borrowed
+                raw.settimeout(10)
+                raw.connect(path)
+                raw.send(encode(Attach(1, bytes.fromhex(ticket))))
+                assert decode(raw.recv(65536)).value == KErrPermissionDenied
+            child.stdin.write("\n")
+            child.stdin.flush()
+            assert int(child.stdout.readline()) == handle  # its own process, once
+            assert int(child.stdout.readline()) == KErrPermissionDenied  # replayed
+            child.communicate("\n", timeout=30)
+        finally:
+            child.kill()
+            child.wait(10)
+        assert session.SendReceive(EEcho, (6,)) == 6
