@@ -142,11 +142,14 @@ def test_disconnect_comes_after_every_request_every_thread_sent(probe) -> None:
 
 
 OPENER = r"""
-import sys
+import json, os, sys
 from ipcfw import RSession, TRequestStatus
-from plugins.probe import EEcho, EHold
+from plugins.probe import EClient, EEcho, EHold
 shared = RSession.Open(bytes.fromhex(sys.argv[1]))
 assert [shared.SendReceive(EEcho, (n,)) for n in range(3)] == [0, 1, 2]
+client = bytearray(1024)
+shared.SendReceive(EClient, (client,))
+print("client", json.loads(client)["pid"], os.getpid(), flush=True)
 status = TRequestStatus()
 shared.SendReceive(EHold, (77,), status)
 print("held", flush=True)
@@ -166,7 +169,10 @@ def opener(probe: KernelFixture) -> Iterator[Callable[[bytes], subprocess.Popen[
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         children.append(child)
-        assert child.stdout is not None and child.stdout.readline() == "held\n"
+        assert child.stdout is not None
+        seen, own = child.stdout.readline().split()[1:]
+        assert seen == own  # the server's ClientInfo on its connection is its own process's
+        assert child.stdout.readline() == "held\n"
         return child
 
     try:
