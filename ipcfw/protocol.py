@@ -85,6 +85,7 @@ __all__ = [
     "MAX_NAME",
     "MAX_PAYLOAD",
     "MAX_CATEGORY",
+    "DIRECT_MAX_UNREAD",
     "ProtocolError",
     "Kind",
     "Role",
@@ -164,6 +165,10 @@ MAX_CATEGORY = 16
 MAX_TOKEN = 64
 #: Longest executable path in a PeerInfo.
 MAX_PATH = 4096
+#: Answers a server queues for a direct connection that does not read them before it closes
+#: the connection; a client keeps fewer asynchronous requests pending on one, so that a paused
+#: client within that limit is never cut off (the kernel path's --outstanding-per-process).
+DIRECT_MAX_UNREAD = 100_000
 
 #: The range of a 32-bit signed int: every argument int, completion value and panic reason.
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1

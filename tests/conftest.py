@@ -118,6 +118,16 @@ def kernel(
     assert not crashed, f"the kernel died during the test:\n{kernel_log}"
 
 
+@pytest.fixture(params=["kernel", "direct"])
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once per data path: every session created without ``path=``, in this process
+    and in the processes the test starts, takes it (through ``IPCFW_PATH``). A module applies
+    it to all its tests with ``pytestmark = pytest.mark.usefixtures("data_path")``, which pytest
+    sets up before the `kernel` fixture, whose processes inherit the environment."""
+    monkeypatch.setenv("IPCFW_PATH", request.param)
+    return str(request.param)
+
+
 # -- process tests -------------------------------------------------------------------------------
 # A test that starts a process is a process test: marked `process`, so that `pytest -m "not
 # process"` runs the pure tests alone, in seconds. Tests that use the `kernel` fixture are marked

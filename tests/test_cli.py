@@ -138,7 +138,9 @@ def test_ps_shows_the_kernel_counters(kernel):
 def test_bench_runs_every_system_end_to_end():
     # A functional check only: speed is measured by `ipcfw bench` itself, never by tests.
     result = subprocess.run(
-        [sys.executable, "-m", "ipcfw", "bench", "--sync", "200", "--pipelined", "500"],
+        [sys.executable, "-m", "ipcfw", "bench", "--sync", "200", "--pipelined", "500",
+         "--fleet", "2", "--fleet-seconds", "0.3", "--open-sessions", "50",
+         "--descriptor-mib", "1", "--connections", "2", "--churn", "50"],
         capture_output=True, text=True, timeout=120, cwd=str(REPO),
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -151,7 +153,21 @@ def test_bench_runs_every_system_end_to_end():
     assert all(row[2] != "-" for name, row in rows.items() if name != "managers")
     assert "NOT MEASURED" not in result.stdout
     assert "reference: ipcfw sync median = " in result.stdout  # how far from managers'
-    assert "reference: ipcfw-direct sync median = " in result.stdout
+    targets = [line for line in result.stdout.splitlines() if line.startswith("target: ")]
+    assert len(targets) == 7 and all(line.endswith(("PASS", "FAIL")) or "FAIL (" in line
+                                     for line in targets), targets
+
+    # The second part: client processes, descriptors, open sessions, memory, churn.
+    fleet = result.stdout.split("2 client processes", 1)[1].split("\n\n", 1)[0]
+    assert {line.split()[0] for line in fleet.splitlines()[2:]} == {
+        "ipcfw-direct", "ipcfw", "managers"}
+    descriptors = result.stdout.split("descriptor round trips", 1)[1].split("\n\n", 1)[0]
+    rows = {line.split()[0] + line.split()[1]: line.split()[2:]
+            for line in descriptors.splitlines()[2:6]}
+    assert set(rows) == {"1KiB", "64KiB", "1MiB", "16MiB"}
+    assert all(float(cell.replace(",", "")) > 0 for cell in rows["1KiB"][:3])  # every path
+    assert "with 50 open" in result.stdout and "per direct connection" in result.stdout
+    assert "sessions left in the kernel: 0" in result.stdout
 
     # Where the time goes: CPU per pipelined call of each process of each system.
     cpu_table = result.stdout.split("CPU per pipelined call", 1)[1].split("\n\n", 1)[0]

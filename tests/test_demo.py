@@ -143,15 +143,16 @@ def test_demo_runs_reports_and_cleans_up(tmp_path):
         assert re.search(rf"^  {name}\s+ok  \(.+\)$", out, re.MULTILINE), out
     assert "'colour' = 'blue'" in out
     assert "2 waiters woken by one publish" in out
-    sync = re.search(r"sync round trip: median (\d+) us, p99 (\d+) us \((\d+) calls\)", out)
+    sync = re.search(r"direct path: sync round trip median (\d+) us, p99 (\d+) us "
+                     r"\((\d+) calls\)", out)
     assert sync, out
     median, p99, calls = map(int, sync.groups())
     assert 0 < median <= p99 and calls == 2000
-    pipelined = re.search(r"async pipelined: ([\d,]+) calls/s \(64 in flight\)", out)
+    pipelined = re.search(r"direct path: async pipelined ([\d,]+) calls/s \(64 in flight\)", out)
     assert pipelined and int(pipelined.group(1).replace(",", "")) > 0, out
-    direct = re.search(r"the same on the direct path: median (\d+) us, p99 (\d+) us; "
-                       r"([\d,]+) calls/s", out)
-    assert direct and 0 < int(direct.group(1)) <= int(direct.group(2)), out
+    kernel_path = re.search(r"the same through the kernel \(path='kernel'\): median (\d+) us, "
+                            r"p99 (\d+) us; ([\d,]+) calls/s", out)
+    assert kernel_path and 0 < int(kernel_path.group(1)) <= int(kernel_path.group(2)), out
     assert out.rstrip().endswith("stopped kernel and 3 servers")
 
     assert _started_everything(demo), f"did not see the demo's processes: {demo.seen}"

@@ -25,7 +25,7 @@ ROOT = PACKAGE.parent
 PURE_MODULES = [
     "ipcfw/protocol.py", "ipcfw/kernel/state.py", "ipcfw/server/objectix.py",
     "ipcfw/server/state.py", "ipcfw/server/direct.py", "ipcfw/client/state.py",
-    "ipcfw/client/args.py",
+    "ipcfw/client/args.py", "ipcfw/_spin.py",
 ]
 FORBIDDEN = frozenset(
     {"zmq", "os", "socket", "threading", "time", "psutil", "select", "subprocess"}

@@ -29,6 +29,8 @@ from plugins.differences import (
     ESubSessions,
 )
 
+pytestmark = pytest.mark.usefixtures("data_path")  # each test on both data paths
+
 NAME = "differences"
 PLAIN = TVersion(1, 0, 0)
 GATED = TVersion(1, 0, differences.GATED)

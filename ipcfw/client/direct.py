@@ -5,7 +5,8 @@ Every frame is one `protocol.encode(message)`, one datagram. This module only mo
 it knows nothing of requests, sessions or the runtime's tables. Its one policy is how a thread
 waits for an answer (`DirectSocket.wait_readable`): it spins on a non-blocking receive for up
 to `SPIN` seconds before it sleeps in poll, because waking a thread that slept in the kernel
-costs more than a whole round trip to a server that answers at once.
+costs more than a whole round trip to a server that answers at once; the spin adapts to how
+fast answers come (`ipcfw._spin`).
 """
 
 from __future__ import annotations
@@ -17,18 +18,10 @@ import select
 import socket
 import time
 
+from .._spin import SPIN, AdaptiveSpin
+
 log = logging.getLogger("ipcfw.client")
 
-# How long a synchronous call spins on a non-blocking receive before it sleeps in poll.
-# Measured here (a forked echo peer with ipcfw's codec, 3,000 calls per setting, two runs):
-# round trip median with no spin 104-130 us, 20 us spin 67-98 us, 50 us spin 27 us, 100 us
-# spin 27 us, 200 us spin 27 us; with a peer spending 30 us per request (about what a
-# ServerState and a small ServiceL cost), 50 us spin 93-146 us, 100 us spin 58-60 us, 150 us
-# spin 58-59 us. Through RSession (a fake server in another process, 5,000 calls, on a loaded
-# machine, where sleeping threads wake fast): no spin 32-34 us, 50 us 57-60 us, 100 us
-# 31-35 us, 200 us 30-32 us. 100 us covers a real server's answer; a slower answer costs at
-# most 100 us of one core's time before the thread sleeps.
-SPIN = 100e-6
 # Above protocol.MAX_FRAME. Frames are received into one buffer of this size per connection:
 # private anonymous memory, so only the pages a frame touched are resident, and those of a
 # frame over `RELEASE_OVER` are given back at once (madvise MADV_DONTNEED), so that one large
@@ -61,6 +54,7 @@ class DirectSocket:
             self._view = memoryview(self._buffer)
             self._poll = select.poll()
             self._poll.register(self.fd, select.POLLIN)
+            self.spin = AdaptiveSpin()
         except BaseException:
             self.socket.close()  # (a failing mmap or poll must not leak the connection)
             raise
@@ -114,14 +108,24 @@ class DirectSocket:
         frame = self.receive()
         if frame is not None:
             return frame
-        perf = time.perf_counter
-        spin_end = perf() + min(SPIN, seconds)  # (read each time: a benchmark may vary it)
-        while perf() < spin_end:
-            frame = self.receive()
+        if self.spin.now() and seconds > 0:
+            frame = self._spin(min(SPIN, seconds))  # (SPIN read each time: a bench may vary it)
             if frame is not None:
                 return frame
         if self._poll.poll(max(0, int(seconds * 1000))):
             return self.receive()
+        return None
+
+    def _spin(self, seconds: float) -> bytes | None:
+        """Receive without sleeping for up to `seconds`."""
+        perf = time.perf_counter
+        spin_end = perf() + seconds
+        while perf() < spin_end:
+            frame = self.receive()
+            if frame is not None:
+                self.spin.caught()
+                return frame
+        self.spin.missed()
         return None
 
     def close(self) -> None:

@@ -90,6 +90,7 @@ from .. import errors
 from .._wakeup import WakePipe
 from .._zmqflags import EVENTS, POLLIN
 from ..protocol import (
+    DIRECT_MAX_UNREAD,
     PROTOCOL_VERSION,
     Attach,
     Close,
@@ -273,7 +274,7 @@ class Channel(_LockedChannel):
             if self.watchers or self.loop_readers or now - self.settled_at > SETTLE_INTERVAL:
                 self._settle()
         if self.pending == 1:
-            runtime.nudge()  # the I/O thread may be asleep with nothing to watch
+            runtime.first_pending()
 
     def call(
         self, frame: bytes, req_id: int, timeout: float | None = None, *, connect: bool = False
@@ -535,28 +536,44 @@ class DirectChannel(_LockedChannel):
             sent.set()
 
     def send_async(self, frame: bytes, req_id: int, pending: Pending[AnyChannel]) -> None:
-        """Send an async request, registered first: its answer may be read at once."""
+        """Send an async request, registered first: its answer may be read at once. With
+        `DIRECT_MAX_UNREAD` pending here already, complete it with KErrServerBusy instead: the
+        server closes a connection that leaves more answers than that unread (a paused
+        thread's), so a thread within the limit is never cut off."""
         self.check_size(frame)
         runtime = self.runtime
         with self.lock:
             refusal = self._refusal()
             if refusal is not None:
                 raise refusal
-            runtime.state.add(req_id, pending)
-            with self.count_lock:
-                self.pending += 1
-            try:
-                self._send(frame)
-            except BaseException:
-                if runtime.state.take(req_id) is not None:  # withdrawn: it was never sent
-                    with self.count_lock:
-                        self.pending -= 1
-                raise
-            now = self.last_used = time.monotonic()
-            if now - self.settled_at > SETTLE_INTERVAL:
-                self._settle()  # (the server's buffer for us is bounded: keep reading)
-        if self.pending == 1:
-            runtime.nudge()  # the I/O thread may be asleep with nothing to watch
+            busy = self.pending >= DIRECT_MAX_UNREAD
+            if not busy:
+                self._send_registered(frame, req_id, pending)
+        if busy:
+            pending.complete(errors.KErrServerBusy, error=errors.IpcError(
+                errors.KErrServerBusy,
+                f"{DIRECT_MAX_UNREAD} asynchronous requests of this thread are pending on its "
+                f"direct connection to {self.path}",
+            ))
+        elif self.pending == 1:
+            runtime.first_pending()
+
+    def _send_registered(self, frame: bytes, req_id: int, pending: Pending[AnyChannel]) -> None:
+        """Register and send an async request. Call with the lock held."""
+        runtime = self.runtime
+        runtime.state.add(req_id, pending)
+        with self.count_lock:
+            self.pending += 1
+        try:
+            self._send(frame)
+        except BaseException:
+            if runtime.state.take(req_id) is not None:  # withdrawn: it was never sent
+                with self.count_lock:
+                    self.pending -= 1
+            raise
+        now = self.last_used = time.monotonic()
+        if now - self.settled_at > SETTLE_INTERVAL:
+            self._settle()  # (the server's buffer for us is bounded: keep reading)
 
     def call(self, frame: bytes, req_id: int, timeout: float | None = None) -> Message:
         """Send `frame` and return the reply carrying `req_id`, holding the lock throughout."""
@@ -882,8 +899,7 @@ class Runtime:
         attach the session to the thread's direct connection to the server (made on first
         use, one per server socket). Returns the connection, or None for the kernel path,
         which the thread then keeps (logged at debug) unless the kernel refused the Join: the
-        call then goes to the kernel, which answers it as it answers any refused request.
-        Raises the ClientPanic of a handle not held, or of a panicked session."""
+        call then goes to the kernel, which answers it as it answers any refused request."""
         sentinel = self._sentinel()
         existing = sentinel.direct.get(life.direct_path)
         if existing is not None and not existing.closed and self.state.is_attached(
@@ -898,10 +914,11 @@ class Runtime:
                       "kernel path for this thread", ATTACH_TIMEOUT, handle)
             sentinel.route(life, None)
             return None
-        if type(reply) is Panicked:
-            life.finish(reply, {})  # (raises it)
         if type(reply) is not Connected or reply.result < 0:
-            return None  # (not kept: the kernel path answers this call's refusal)
+            # Refused (a handle not held, a panicked session, the 255...): not kept; the call
+            # goes to the kernel, which refuses it as it refuses any request (an async one
+            # through its status).
+            return None
         direct = None
         if reply.ticket:
             direct = self.attach_direct(reply.direct, reply.ticket, handle, None)
@@ -941,7 +958,15 @@ class Runtime:
         return [*list(self.channels), *list(self.direct_channels)]
 
     def nudge(self) -> None:
+        """Wake the I/O thread (it settles the channels left to it, and sends their outbox)."""
         self._inbox.wake()
+
+    def first_pending(self) -> None:
+        """A channel has its first pending request: wake the I/O thread if it sleeps with no
+        timeout (it settles channels left idle), not otherwise: a wake-up costs the writer a
+        syscall and the I/O thread a turn for the GIL, on every burst of requests."""
+        if self._inbox.sleeps_for_good:
+            self._inbox.wake()
 
     def complete(
         self, req_id: int, value: int, writes: Sequence[tuple[int, bytes]] = (),
@@ -1181,6 +1206,10 @@ class _Inbox:
         self._error: BaseException | None = None
         self._wakeup = WakePipe()
         self._stopping = False
+        # True from before the thread looks for channels awaiting answers until its poll
+        # returns, unless it found some (it then polls with a timeout): a channel's first
+        # pending request wakes it only then (`Runtime.first_pending`).
+        self.sleeps_for_good = False
         self.routing_id = b""  # the inbox socket's, once it is open
         self._thread = threading.Thread(target=self._main, name="ipcfw-inbox", daemon=True)
 
@@ -1231,11 +1260,15 @@ class _Inbox:
             watched = self._unattended_channels()
             for channel in watched:
                 poller.register(channel.fd, zmq.POLLIN)
+            self.sleeps_for_good = True  # (before looking: see __init__)
             waiting = any(c.awaits_answers() for c in self.runtime.all_channels())
+            self.sleeps_for_good = not waiting
             try:
                 ready = dict(poller.poll(int(IDLE * 1000) if waiting else None))
             except zmq.ZMQError:
                 continue  # a watched channel was closed under us (its thread ended): look again
+            finally:
+                self.sleeps_for_good = False
             if self._wakeup.fd in ready:
                 self._wakeup.drain()
             if socket in ready:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import types
 import warnings
@@ -70,6 +71,8 @@ __all__ = ["RSession", "kernel_statistics", "terminate_server"]
 
 _SYNC, _ASYNC, _BLIND = int(Mode.SYNC), int(Mode.ASYNC), int(Mode.BLIND)  # (enum reads cost 0.1 us)
 _PATHS = {"kernel": int(Path.KERNEL), "direct": int(Path.DIRECT)}  # CreateSession's `path`
+#: The environment variable naming the data path of sessions created without ``path=``.
+PATH_VAR = "IPCFW_PATH"
 _get_ident = threading.get_ident
 _ERROR_STRING_MAX = 1024  # bytes of an error description fetched from a server
 
@@ -137,7 +140,7 @@ class RSession:
         endpoint: str | None = None,
         timeout: float | None = None,
         payload: bytes = b"",
-        path: str = "kernel",
+        path: str | None = None,
     ) -> RSession:
         """Create and return a connected session (see `CreateSession`).
 
@@ -161,7 +164,7 @@ class RSession:
         timeout: float | None = None,
         payload: bytes = b"",
         first_request: tuple[int, Args] | None = None,
-        path: str = "kernel",
+        path: str | None = None,
     ) -> int | None:
         """Connect to the server registered as `name` (case-insensitive).
 
@@ -174,25 +177,24 @@ class RSession:
         returned (or its error raised; the session stays connected either way). Without it,
         returns None.
 
-        `path` is the session's data path: ``"kernel"`` (the default: every request goes
-        through the kernel) or ``"direct"``: the requests of each thread that uses the
-        session (the creating thread, every thread of the process after `ShareAuto`, every
-        thread of another process after `Open`) go on a direct connection from that thread
-        to the server's process, if the server takes them (its ``direct`` attribute) and the
-        connection can be made; otherwise through the kernel. Everything else (sharing,
-        Close, deaths, errors) is the same on both paths.
+        `path` is the session's data path: ``"direct"`` (the default) sends the requests of
+        each thread that uses the session (the creating thread, every thread of the process
+        after `ShareAuto`, every thread of another process after `Open`) on a direct
+        connection from that thread to the server's process, if the server takes them (its
+        ``direct`` attribute) and the connection can be made; otherwise through the kernel.
+        ``"kernel"`` sends every request through the kernel. Everything else (sharing,
+        Close, deaths, errors) is the same on both paths. Without `path`, the ``IPCFW_PATH``
+        environment variable (``kernel`` or ``direct``) chooses, if set.
 
         Raises ``NotFound`` if no server has that name, ``BadName`` for an invalid name,
         ``BadArgument`` for a bad slot count or a payload over 256 bytes, and whatever the
         server's ``AcceptL``, ``NewSessionL`` or ``CreateL`` raised (``NotSupported`` for a
         version it does not serve). Raises ``ClientPanic("KERN-EXEC", 57)`` if this
         ``RSession`` is connected already, ``ClientPanic("KERN-EXEC", 9)`` if another thread is
-        connecting it; nothing is sent then. Raises ``ValueError`` for a `path` other than
-        ``"kernel"`` or ``"direct"``.
+        connecting it; nothing is sent then. Raises ``ValueError`` for a `path` (or an
+        ``IPCFW_PATH``) other than ``"kernel"`` or ``"direct"``.
         """
-        wire_path = _PATHS.get(path) if isinstance(path, str) else None
-        if wire_path is None:
-            raise ValueError(f"path must be 'kernel' or 'direct', got {path!r}")
+        wire_path = _wire_path(path)
         self._life.begin(threading.current_thread())
         try:
             return self._create_session(
@@ -530,6 +532,20 @@ def death_of(session: RSession) -> BaseException | None:
     died or panicked this client, or the kernel went), or None while it lives: the error
     every later call on it raises."""
     return session._life.dead
+
+
+def _wire_path(path: str | None) -> int:
+    """`path` (or, if None, $IPCFW_PATH, else "direct") as the protocol's `Path`."""
+    if path is None:
+        chosen = os.environ.get(PATH_VAR) or "direct"
+        wire_path = _PATHS.get(chosen)
+        if wire_path is None:
+            raise ValueError(f"{PATH_VAR} must be 'kernel' or 'direct', got {chosen!r}")
+        return wire_path
+    wire_path = _PATHS.get(path) if isinstance(path, str) else None
+    if wire_path is None:
+        raise ValueError(f"path must be 'kernel' or 'direct', got {path!r}")
+    return wire_path
 
 
 def _check_connected(code: int, also: str = "") -> None:

@@ -33,6 +33,8 @@ import collections
 import fcntl
 import logging
 import os
+import re
+import stat
 import threading
 from typing import cast
 from collections.abc import Iterable
@@ -50,6 +52,7 @@ from .state import (
     KernelInvariantError,
     KernelState,
     PeerMisbehaved,
+    RemoveSocket,
     Send,
     Unwatch,
     Watch,
@@ -57,6 +60,7 @@ from .state import (
 
 log = logging.getLogger("ipcfw.kernel")
 
+_DIRECT_SOCKET = re.compile(r"d-[0-9a-f]+")  # a server's direct socket (ipcfw.server.port)
 _DRAIN_BATCH = 512  # frames per socket per loop turn, so no source can starve another
 _COPY_UPTO = 65_536  # frames up to this size are copied out of zmq to be decoded
 _SEND_HWM = 10_000  # frames queued in libzmq per peer before the kernel's backlog takes over
@@ -347,7 +351,22 @@ class Kernel:
                 fd = self._watcher.unwatch(action.key)
                 if fd is not None:
                     self._poller.unregister(fd)
+            elif type(action) is RemoveSocket:
+                self._remove_socket(action.path)
         self._settle_departures()
+
+    def _remove_socket(self, path: str) -> None:
+        """Remove a server's direct socket, only if it is one: a socket named like the ones
+        servers make (``d-<hex>``), in this kernel's own directory. (The path is the server's
+        word: anything else is left alone.)"""
+        directory, name = os.path.split(path)
+        if directory != os.path.dirname(self.socket_path) or not _DIRECT_SOCKET.fullmatch(name):
+            return
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except OSError:
+            pass  # gone already: the server removed it as it stopped
 
     def _settle_departures(self) -> None:
         """Forget the peers found gone, and stop serving those past the backlog limit."""

@@ -38,7 +38,9 @@ Rules this module keeps:
    (KErrServerTerminated) and connects to the name fail with KErrServerTerminated;
    outstanding messages still complete and reach their clients. When none is left, every
    waiter gets its Completed, the name is released and the sessions end as if the server
-   had died.
+   had died. A server that takes direct connections may still be serving requests the kernel
+   cannot see: its registration ends only once the server has also deregistered (it does so
+   after the indication, when its direct requests have ended), or died.
 8. A peer that breaks the protocol (wrong role, unknown message id of its own server...) gets
    `PeerMisbehaved` raised before any table changes; the loop logs it once per kind and drops
    the message. Other peers are never affected.
@@ -186,7 +188,14 @@ class Unwatch(NamedTuple):
     key: ProcessKey
 
 
-Action = Send | Watch | Unwatch
+class RemoveSocket(NamedTuple):
+    """A server's registration ended: remove its direct socket `path` from the kernel's
+    directory, if it is there (a server killed with SIGKILL could not)."""
+
+    path: str
+
+
+Action = Send | Watch | Unwatch | RemoveSocket
 
 
 class PeerMisbehaved(Exception):
@@ -334,6 +343,7 @@ class ServerRecord:
     messages: dict[int, MessageRecord] = field(default_factory=dict)
     informed: set[int] = field(default_factory=set)  # client keys this server has a PeerInfo for
     terminating: int | None = None  # the TerminationReason once termination began
+    deregistered: bool = False  # the server sent Deregister (its direct requests have ended)
     waiters: list[tuple[bytes, int]] = field(default_factory=list)  # answered when it has ended
     # While the server is not reading: what it is sent, in order, keyed by msg_id for the
     # messages of the kernel's tables (so a freed one is taken out) and by a negative number
@@ -684,6 +694,8 @@ class KernelState:
         server.waiters.clear()
         for handle in sorted(server.sessions):
             actions += self._transition(self.sessions[handle], _E.SERVER_DIED)
+        if server.direct:
+            actions.append(RemoveSocket(server.direct))
         return actions + self._census_done(server.rid)
 
     # -- sessions ----------------------------------------------------------------------------
@@ -1345,6 +1357,7 @@ class KernelState:
             self._require_role(peer, Role.SERVER, message)
             # Its registration has ended already (a termination with nothing outstanding).
             return [Send(peer.rid, Completed(message.req_id, errors.KErrNone, ()))]
+        server.deregistered = True
         return self._begin_termination(
             server, TerminationReason.DEREGISTERED, (peer.rid, message.req_id)
         )
@@ -1363,8 +1376,11 @@ class KernelState:
 
     def _finish_termination_if_drained(self, server: ServerRecord) -> list[Action]:
         """End the registration once no message of the server is outstanding, and nothing is
-        held back for it (its Terminating notice may be)."""
+        held back for it (its Terminating notice may be), and, for a server taking direct
+        connections, once it has deregistered too (rule 7)."""
         if server.terminating is None or server.messages or server.held:
+            return []
+        if server.direct and not server.deregistered:
             return []
         return self._server_died(server)  # answers the waiters, releases the name
 

@@ -59,6 +59,13 @@ Rules this module keeps:
 9. Misbehaviour. Any other message on a connection (or, in the host, a frame that does not
    decode) is logged once per kind and the connection is closed; other connections go on.
 10. Generations. Once the registration has ended (`end`), nothing is sent.
+11. Deregistration. The kernel cannot see the requests in service on direct connections, so
+    the server deregisters only once they have ended (`close`): from then on an Attach is
+    refused and a request is answered ``Completed(req_id, KErrServerTerminated)``, as the
+    kernel answers a request through it once a deregistration has begun; when no direct
+    request is live (taken and neither finished, cancelled nor forgotten), `close`'s callback
+    runs, once. A request forgotten by a Close or a Disconnect does not count: the kernel path
+    does not wait for a closed session's requests either.
 
 Threads: as in `ServerState`, everything runs on the loop thread except the completion of a
 message, which reaches `DirectConnection.completed` on whichever thread made it; that hands it
@@ -71,6 +78,7 @@ from __future__ import annotations
 import collections
 import logging
 from typing import NamedTuple, Protocol
+from collections.abc import Callable
 
 from .. import errors
 from ..protocol import (
@@ -184,6 +192,10 @@ class DirectRules:
         self._outstanding: dict[int, int] = {}  # handle -> ASYNC/BLIND requests not ended
         self._holders: dict[int, set[DirectConnection]] = {}  # handle -> connections attached
         self._dead: dict[int, tuple[str, int]] = {}  # handle -> the panic that killed it
+        # Requests taken and not yet ended here (rule 11): finished, cancelled or forgotten.
+        self._live: set[DirectMessage] = set()
+        self.closing = False  # a deregistration has begun (rule 11)
+        self._when_idle: Callable[[], None] | None = None
         self.problems: collections.Counter[str] = collections.Counter()
         self._handlers = {
             Request: self._on_request,
@@ -236,7 +248,7 @@ class DirectRules:
                 self.io.drain(connection)  # may detach it (a Close), or serve requests
         for connection in self._holders.pop(handle, ()):
             connection.attached.discard(handle)
-            _forget_requests(connection, handle)
+            self._forget_requests(connection, handle)
         for ticket in self._ticket_of.pop(handle, ()):
             self._tickets.pop(ticket, None)
         self._slots.pop(handle, None)
@@ -249,9 +261,20 @@ class DirectRules:
         if not self.ended:
             self.io.close_client(pid)
 
+    def close(self, when_idle: Callable[[], None]) -> None:
+        """A deregistration begins (rule 11): take no new work, and call `when_idle` (once)
+        when no direct request is live, now if none is."""
+        if self.closing or self.ended:
+            return
+        self.closing = True
+        self._when_idle = when_idle
+        self._idle_check()
+
     def end(self) -> None:
         """The registration is over (rule 10): nothing is sent from now on."""
         self.ended = True
+        self._when_idle = None
+        self._live.clear()
         self._tickets.clear()
         self._ticket_of.clear()
         for holders in self._holders.values():
@@ -289,6 +312,7 @@ class DirectRules:
         connection.in_service.clear()
         for handle in list(connection.attached):
             self._detach(connection, handle)
+        self._idle_check()
 
     def finish(self, connection: DirectConnection, message: DirectMessage, frame: bytes) -> None:
         """A request of `connection` completed with `frame` (loop thread): free its slot, note a
@@ -302,6 +326,10 @@ class DirectRules:
             self.io.send(connection, frame)  # (not once Close or Disconnect let the handle go)
         if message.panic is not None and message.handle in self._state.sessions:
             self._panicked(message.handle, message.panic)
+        if self._live:
+            self._live.discard(message)
+            if self.closing:
+                self._idle_check()
 
     def _panicked(self, handle: int, panic: tuple[str, int]) -> None:
         """Rule 5: the session is dead on the direct path; the kernel is told, so that it ends
@@ -351,6 +379,8 @@ class DirectRules:
     # -- the handlers ----------------------------------------------------------------------------
 
     def _on_attach(self, connection: DirectConnection, attach: Attach) -> bool:
+        if self.closing:
+            return self._refuse(connection, attach, "the server is deregistering")
         ticket = self._tickets.get(attach.ticket)
         if ticket is None:
             return self._refuse(connection, attach, "unknown or used ticket")
@@ -396,6 +426,9 @@ class DirectRules:
             self.misbehaved(connection, "request id in use",
                             f"req_id {req_id} is still in service on this connection")
             return True
+        if self.closing:
+            self.io.send(connection, encode(Completed(req_id, errors.KErrServerTerminated, ())))
+            return False
         mode = request.mode
         if mode != _SYNC:
             used = self._outstanding.get(handle, 0)
@@ -408,6 +441,7 @@ class DirectRules:
         held = connection.in_service
         message = DirectMessage(connection, req_id, request.function, request.args, session,
                                 connection.client, held, handle, mode)
+        self._live.add(message)
         self._state.service(session, message, request.function, held, req_id)
         return False
 
@@ -420,7 +454,7 @@ class DirectRules:
     def _on_close(self, connection: DirectConnection, close: Close) -> bool:
         if close.handle in connection.attached:
             self._detach(connection, close.handle)
-            _forget_requests(connection, close.handle)
+            self._forget_requests(connection, close.handle)
         return False
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -430,6 +464,7 @@ class DirectRules:
         """End `message` as cancelled by its client, if it is still in service (rules 6, 7)."""
         if not isinstance(message, DirectMessage) or not cancel_by_client(message):
             return  # completed already: its completion is on its way through `finish`
+        self._live.discard(message)
         if message.mode != _SYNC:
             self._free_slot(message.handle)
         if tell_client:
@@ -438,6 +473,8 @@ class DirectRules:
             message.Session().Cancelled(message)
         except Exception:
             log.exception("Cancelled raised")
+        if self.closing:
+            self._idle_check()
 
     def _detach(self, connection: DirectConnection, handle: int) -> None:
         connection.attached.discard(handle)
@@ -448,6 +485,25 @@ class DirectRules:
         if not holders:
             del self._holders[handle]
 
+    def _forget_requests(self, connection: DirectConnection, handle: int) -> None:
+        """Take the requests of `handle` out of `connection`'s table in service (rules 7, 8):
+        a Cancel or the connection's end no longer finds them, a deregistration no longer
+        waits for them (rule 11); their completions still free their slots. (A scan: a
+        connection has few requests in service, and this runs once per Close.)"""
+        in_service = connection.in_service
+        for req_id, message in list(in_service.items()):
+            if isinstance(message, DirectMessage) and message.handle == handle:
+                in_service.pop(req_id, None)
+                self._live.discard(message)
+        if self.closing:
+            self._idle_check()
+
+    def _idle_check(self) -> None:
+        """Rule 11: once a deregistration has begun and no direct request is live, go on."""
+        if self._when_idle is not None and not self._live:
+            when_idle, self._when_idle = self._when_idle, None
+            when_idle()
+
     def _free_slot(self, handle: int) -> None:
         used = self._outstanding.get(handle, 0)
         if used > 1:
@@ -455,12 +511,3 @@ class DirectRules:
         else:
             self._outstanding.pop(handle, None)
 
-
-def _forget_requests(connection: DirectConnection, handle: int) -> None:
-    """Take the requests of `handle` out of `connection`'s table in service (rules 7, 8): a
-    Cancel or the connection's end no longer finds them; their completions still free their
-    slots. (A scan: a connection has few requests in service, and this runs once per Close.)"""
-    in_service = connection.in_service
-    for req_id, message in list(in_service.items()):
-        if isinstance(message, DirectMessage) and message.handle == handle:
-            in_service.pop(req_id, None)

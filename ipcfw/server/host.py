@@ -23,6 +23,7 @@ import os
 import select
 import signal
 import threading
+import time
 from typing import Any
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ import zmq
 
 from .. import endpoint as endpoints
 from .. import errors
+from .._spin import SPIN, AdaptiveSpin
 from .._wakeup import WakePipe
 from .._zmqflags import NOBLOCK
 from ..protocol import (
@@ -283,14 +285,21 @@ class ServerHost:
         port = self._port
         assert port is not None  # (made before the registration)
         port.watch(poller)
+        spin = AdaptiveSpin()
+        served_direct = False
         try:
             while not self._stopping and not self.dropped:
-                ready = dict(poller.poll(port.timeout))
+                # After a turn that served a direct connection, its client's next request is
+                # likely to come at once: spin for it rather than sleep (see ipcfw._spin).
+                ready = _spin_for(poller, spin) if served_direct and spin.now() else None
+                if ready is None:
+                    ready = dict(poller.poll(port.timeout))
                 if self._wakeup.fd in ready:
                     self._flush_outbox()
                 if self._socket in ready:
                     self._drain()
-                if port.path and (len(ready) > 1 or self._socket not in ready):
+                served_direct = bool(port.path) and (len(ready) > 1 or self._socket not in ready)
+                if served_direct:
                     port.serve(ready)  # (not when the kernel socket alone is ready: its hot path)
                 if kernel_fd in ready:
                     log.error("the ipcfw kernel has died; server %r stops", self.server.name)
@@ -346,6 +355,19 @@ class ServerHost:
             self._socket.send(outbox.popleft())
         if self._port is not None:
             self._port.flush()
+
+
+def _spin_for(poller: zmq.Poller, spin: AdaptiveSpin) -> dict[Any, int] | None:
+    """Poll without sleeping for up to `SPIN` seconds: what is ready, or None (learnt)."""
+    perf = time.perf_counter
+    spin_end = perf() + SPIN
+    while perf() < spin_end:
+        ready = poller.poll(0)
+        if ready:
+            spin.caught()
+            return dict(ready)
+    spin.missed()
+    return None
 
 
 def serve(server: CServer | COverlay, endpoint: str | None = None,

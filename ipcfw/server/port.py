@@ -4,10 +4,10 @@ A SOCK_SEQPACKET listening socket in the kernel socket's private directory, regi
 kernel (`Register.direct`), and the connections accepted on it, each polled by the host's loop
 beside the kernel socket. The port reads and decodes their frames and hands them to the
 state's direct rules (`ipcfw.server.direct`), and sends what the rules give it without
-blocking: a connection whose peer does not read keeps an outbox of at most `DIRECT_OUTBOX`
-frames and `outbox_bytes` bytes, past which it is closed. Completions made on other threads go
-through the port's own outbox to the loop, as the kernel's go through the host's (and are
-dropped once the registration's rules have ended).
+blocking: a connection whose peer does not read keeps an outbox of at most
+`protocol.DIRECT_MAX_UNREAD` frames and `outbox_bytes` bytes, past which it is closed.
+Completions made on other threads go through the port's own outbox to the loop, as the
+kernel's go through the host's (and are dropped once the registration's rules have ended).
 
 Bounds on what clients can make the port hold: connections at once (`connection_cap`, from
 RLIMIT_NOFILE), per client pid (`DIRECT_PER_PID`), and time to the first Attach
@@ -35,16 +35,15 @@ import zmq
 
 from .. import endpoint as endpoints
 from .. import errors
-from ..protocol import Completed, ProtocolError, decode, encode
+from ..protocol import DIRECT_MAX_UNREAD, Completed, ProtocolError, decode, encode
 from .direct import DirectConnection, DirectRules
 from .message import DirectMessage
 
 log = logging.getLogger("ipcfw.server")
 
-__all__ = ["DirectPort", "DIRECT_OUTBOX"]
+__all__ = ["DirectPort"]
 
-DIRECT_OUTBOX = 1000  # frames a direct connection may leave unread before it is closed
-_OUTBOX_BYTES = 64 << 20  # ... and bytes, at most (4 frames of the kernel's limit, if less)
+_OUTBOX_BYTES = 64 << 20  # bytes a connection may leave unread (or 4 of the kernel's frames)
 DIRECT_PER_PID = 64  # direct connections of one client process at once
 ATTACH_WITHIN = 5.0  # seconds a connection may stay open without a granted Attach
 _DIRECT_BATCH = 64  # frames read from one direct connection per turn of the loop
@@ -397,7 +396,7 @@ class DirectPort:
             self._poller.register(link.fd, zmq.POLLIN)  # nothing left to write
 
     def _queue(self, link: Link, frame: bytes) -> None:
-        if len(link.outbox) >= DIRECT_OUTBOX or link.queued + len(frame) > self.outbox_bytes:
+        if len(link.outbox) >= DIRECT_MAX_UNREAD or link.queued + len(frame) > self.outbox_bytes:
             assert self.rules is not None
             self.rules.report("client does not read",
                               f"{len(link.outbox)} frames ({link.queued} bytes) unread by pid "

@@ -33,7 +33,10 @@ Rules this module keeps:
 6. Termination: the kernel's `Terminating` is indicated to the server once
    (``TerminateIndication``), then the server deregisters itself. A deregistration is asked for
    once, whoever asks (the indication, or ``ServerHost.Deregister``); the kernel's `Completed`
-   for it ends the registration (`Outcome.DEREGISTERED`).
+   for it ends the registration (`Outcome.DEREGISTERED`). The kernel cannot see requests in
+   service on direct connections: with any live, `Deregister` is sent once they have ended
+   (`DirectRules.close`), and meanwhile the server refuses new work itself as the kernel would
+   (a request or a connect is answered ``KErrServerTerminated``).
 7. A `Dropped` notice for our socket means the kernel stopped serving us (`Outcome.DROPPED`);
    nothing after it is for us.
 8. The direct path (`ipcfw.server.direct`, `self.direct`): an accepted `NewSession` with a
@@ -152,7 +155,8 @@ class ServerState:
         self.ended = False
         self.indicated = False  # TerminateIndication was called
         self.in_indication = False  # ... and is running now
-        self.deregistering = False  # Deregister was sent
+        self.deregistering = False  # a deregistration has begun (rule 6)
+        self.deregister_sent = False  # ... Deregister was sent (no direct request is live)
         self.deregistered = False  # ... and the kernel confirmed it
         self.dropped: Dropped | None = None  # the kernel's notice, once it stopped serving us
         self.direct = (DirectRules(self, direct, max_frame=max_frame, name=stack.server.name)
@@ -191,10 +195,24 @@ class ServerState:
 
     def deregister(self) -> None:
         """Ask the kernel to end this registration once outstanding messages have completed
-        (sent once, whoever asks)."""
-        if not self.deregistering and not self.ended:
-            self.deregistering = True
+        (asked once, whoever asks; after the direct path's requests have ended: rule 6)."""
+        if self.deregistering or self.ended:
+            return
+        self.deregistering = True
+        if self.direct is not None:
+            self.direct.close(when_idle=self._send_deregister)
+        else:
+            self._send_deregister()
+
+    def _send_deregister(self) -> None:
+        self.deregister_sent = True
+        if not self.ended:
             self._emit(encode(Deregister(DEREGISTER_REQ)))
+
+    @property
+    def _refusing(self) -> bool:
+        """Deregistering, and the kernel not told yet: the server refuses new work itself."""
+        return self.deregistering and not self.deregister_sent
 
     def end(self) -> int:
         """The registration is over (kernel death, deregistration, dropped): every session
@@ -257,8 +275,8 @@ class ServerState:
 
     def _on_deliver(self, request: Deliver) -> None:
         session = self.sessions.get(request.handle)
-        if session is None:
-            self._deliver_to_unknown(request)
+        if session is None or self._refusing:
+            self._refuse_delivery(request)
             return
         held = self._in_service[request.handle]
         message = RMessage(self, request.msg_id, MessageKind.REQUEST, request.function,
@@ -280,13 +298,19 @@ class ServerState:
         except Exception as exc:
             service_failed(session, message, exc)
 
-    def _deliver_to_unknown(self, request: Deliver) -> None:
+    def _refuse_delivery(self, request: Deliver) -> None:
+        """A request for a session not known here (KErrBadHandle), or one that came while the
+        direct path's requests drain before a deregistration (KErrServerTerminated)."""
         if request.handle in self._refused:
             del self._refused[request.handle]  # a refused connect's first request: expected
+            code = errors.KErrBadHandle
+        elif request.handle in self.sessions:
+            code = errors.KErrServerTerminated
         else:
             self.report("request for an unknown session", f"handle 0x{request.handle:x}")
+            code = errors.KErrBadHandle
         RMessage(self, request.msg_id, MessageKind.REQUEST, request.function, request.args,
-                 None, self.clients.get(request.client)).Complete(errors.KErrBadHandle)
+                 None, self.clients.get(request.client)).Complete(code)
 
     def _error_string(self, message: RMessage) -> None:
         """Answer ``RSession.ErrorString``: the overlays, outermost first, then the server."""
@@ -305,6 +329,8 @@ class ServerState:
         client = self.clients.get(request.client)
         message = RMessage(self, request.msg_id, MessageKind.CONNECT, -1, (), None, client)
         try:
+            if self._refusing:
+                raise errors.IpcError(errors.KErrServerTerminated, "the server is deregistering")
             version = TVersion(*request.version)
             reply = _negotiation_reply(
                 self.stack.server.AcceptL(client, version, request.payload)

@@ -171,16 +171,17 @@ class _gc_paused:
 
 
 def _measure(endpoint: str) -> None:
-    with RSession.connect("echo", endpoint=endpoint) as session:
-        median, p99, calls = _measure_sync(session)
-        _print(f"  sync round trip: median {median:.0f} us, p99 {p99:.0f} us ({calls} calls)")
-        rate = _measure_pipelined(session)
-        _print(f"  async pipelined: {rate:,.0f} calls/s ({WINDOW} in flight)")
     with RSession.connect("echo", endpoint=endpoint, path="direct") as session:
+        median, p99, calls = _measure_sync(session)
+        _print(f"  direct path: sync round trip median {median:.0f} us, p99 {p99:.0f} us "
+               f"({calls} calls)")
+        rate = _measure_pipelined(session)
+        _print(f"  direct path: async pipelined {rate:,.0f} calls/s ({WINDOW} in flight)")
+    with RSession.connect("echo", endpoint=endpoint, path="kernel") as session:
         median, p99, _ = _measure_sync(session)
         rate = _measure_pipelined(session)
-        _print(f"  the same on the direct path: median {median:.0f} us, p99 {p99:.0f} us; "
-               f"{rate:,.0f} calls/s")
+        _print(f"  the same through the kernel (path='kernel'): median {median:.0f} us, "
+               f"p99 {p99:.0f} us; {rate:,.0f} calls/s")
 
 
 # -- the command ---------------------------------------------------------------------------------

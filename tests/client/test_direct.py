@@ -78,7 +78,7 @@ def test_a_direct_session_bypasses_the_kernel_and_answers_as_the_kernel_path(pro
 
 def test_the_same_session_on_the_kernel_path_counts_in_the_kernel(probe) -> None:
     # The contrast to the test above: the observation it rests on can fail.
-    with RSession.connect("probe", (1, 0, 0), 4) as session:
+    with RSession.connect("probe", (1, 0, 0), 4, path="kernel") as session:
         assert probe.statistics()["sessions_direct"] == 0
         status = TRequestStatus()
         session.SendReceive(EHold, (7,), status)

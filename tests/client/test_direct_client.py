@@ -24,6 +24,7 @@ import ipcfw
 from ipcfw import ClientPanic, IpcError, RSession, TIpcArgs, TRequestStatus, User
 from ipcfw.client import direct as client_direct
 from ipcfw.client import runtime as client_runtime
+from ipcfw._spin import PROBE, AdaptiveSpin
 from ipcfw.client.direct import SPIN, DirectSocket
 from ipcfw.protocol import Attach, Close, Connect, Join, Path, Request
 from conftest import wait_until
@@ -63,12 +64,33 @@ def test_a_bad_path_is_refused_naming_it() -> None:
         RSession.connect("fake", path=1)  # type: ignore[arg-type]
 
 
-def test_the_kernel_path_stays_the_default_and_asks_for_no_ticket(world: World) -> None:
-    with RSession.connect("fake", endpoint=world.endpoint) as session:
+@pytest.mark.parametrize("chosen, expected", [
+    ({}, Path.DIRECT),
+    ({"env": "kernel"}, Path.KERNEL),
+    ({"env": "kernel", "path": "direct"}, Path.DIRECT),
+    ({"env": "direct", "path": "kernel"}, Path.KERNEL),
+])
+def test_the_direct_path_is_the_default_and_ipcfw_path_or_path_choose(
+    world: World, monkeypatch: pytest.MonkeyPatch, chosen: dict[str, str], expected: Path
+) -> None:
+    monkeypatch.delenv("IPCFW_PATH", raising=False)
+    if "env" in chosen:
+        monkeypatch.setenv("IPCFW_PATH", chosen["env"])
+    path = {"path": chosen["path"]} if "path" in chosen else {}
+    with RSession.connect("fake", endpoint=world.endpoint, **path) as session:
         assert session.SendReceive(EECHO, (5,)) == 5
     connect = next(e for e in world.kernel.events if isinstance(e, Connect))
-    assert connect.path == Path.KERNEL
-    assert world.kernel.served == 1 and world.direct_requests() == []
+    assert connect.path == expected
+    if expected == Path.KERNEL:  # no ticket asked for, nothing on a direct connection
+        assert world.kernel.served == 1 and world.direct_requests() == []
+    else:
+        assert world.kernel.served == 0 and len(world.direct_requests()) == 1
+
+
+def test_a_bad_ipcfw_path_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IPCFW_PATH", "sideways")
+    with pytest.raises(ValueError, match="IPCFW_PATH .*'sideways'"):
+        RSession().CreateSession("fake")
 
 
 def test_sync_calls_of_the_creating_thread_go_direct(world: World) -> None:
@@ -134,6 +156,32 @@ def test_send_returns_on_the_servers_ack_and_raises_server_busy(world: World) ->
         with pytest.raises(ipcfw.ServerBusy):
             session.Send(EBUSY)
     assert [r.mode for r in world.direct_requests()] == [2, 2]
+
+
+def test_a_thread_keeps_fewer_answers_pending_than_the_server_leaves_unread(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server closes a connection that leaves DIRECT_MAX_UNREAD answers unread; past that
+    # many pending, a request completes with KErrServerBusy and is not sent, so a thread that
+    # stops reading within the limit is never cut off.
+    monkeypatch.setattr(client_runtime, "DIRECT_MAX_UNREAD", 3)
+    with world.connect() as session:
+        held = [TRequestStatus() for _ in range(3)]
+        for status in held:
+            session.SendReceive(EHOLD, (), status)
+        busy = TRequestStatus()
+        session.SendReceive(EECHO, (1,), busy)
+        assert busy.Wait(5) == ipcfw.KErrServerBusy
+        with pytest.raises(ipcfw.ServerBusy, match="3 asynchronous requests of this thread"):
+            busy.result()
+        assert session.SendReceive(EECHO, (2,)) == 2  # a sync call is not refused
+        wait_until(lambda: len(world.direct_requests()) == 4, 5)
+        world.server.release(world.direct_requests()[0].req_id, 7)
+        assert held[0].Wait(5) == 7
+        again = TRequestStatus()
+        session.SendReceive(EECHO, (3,), again)  # room again
+        assert again.Wait(5) == 3
+        assert [r.function for r in world.direct_requests()] == [EHOLD] * 3 + [EECHO] * 2
 
 
 def test_cancel_goes_on_the_direct_connection(world: World) -> None:
@@ -549,3 +597,36 @@ def test_a_request_too_large_for_a_datagram_is_refused_and_the_session_lives(
         with pytest.raises(ValueError):
             session.SendReceive(EECHO, (b"x" * 10_000_000,), status)
         assert session.SendReceive(EECHO, (7,)) == 7
+
+
+def test_the_spin_stops_while_spins_miss_probes_and_comes_back() -> None:
+    spin = AdaptiveSpin()
+    assert all(spin.now() for _ in range(100))  # nothing learnt yet: spin
+    spin.missed()
+    assert spin.now()  # one miss is noise
+    misses = 1
+    while spin.now():  # a loaded machine: every spin misses
+        spin.missed()
+        misses += 1
+    assert 2 < misses < 10  # a few misses in a row turn it off
+    decided = [spin.now() for _ in range(PROBE * 4)]
+    assert decided.count(True) == 4  # only probes while off
+    while not spin.now():
+        pass
+    spin.caught()  # the probes catch their frames again ...
+    caught = 1
+    while not spin.now() or spin.score < 0.5:
+        spin.caught()
+        caught += 1
+    assert caught < 10  # ... and a few turn it back on
+    assert all(spin.now() for _ in range(100))
+
+
+def test_occasional_misses_do_not_turn_the_spin_off() -> None:
+    spin = AdaptiveSpin()
+    for call in range(1000):
+        assert spin.now()
+        if call % 5 == 0:
+            spin.missed()  # one spin in five misses its frame
+        else:
+            spin.caught()

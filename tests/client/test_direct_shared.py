@@ -219,7 +219,7 @@ def test_a_sigkilled_sharing_process_does_not_end_the_session_for_the_others(
 
 def test_ps_lists_every_session_with_its_path_holders_and_outstanding_messages(probe) -> None:
     direct = shared_direct_session()
-    kernel_path = RSession.connect("probe", (1, 0, 0), 4)
+    kernel_path = RSession.connect("probe", (1, 0, 0), 4, path="kernel")
     kernel_status = TRequestStatus()
     kernel_path.SendReceive(EHold, (200,), kernel_status)
     holding = Holding(direct, 2)

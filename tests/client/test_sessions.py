@@ -29,6 +29,8 @@ from ipcfw import (
 from conftest import wait_until
 from plugins import probe
 
+pytestmark = pytest.mark.usefixtures("data_path")  # each test on both data paths
+
 VERSION = TVersion(1, 2, 0)
 
 

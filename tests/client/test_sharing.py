@@ -12,6 +12,8 @@ from ipcfw import ClientPanic, RSession
 from conftest import wait_until
 from plugins import probe
 
+pytestmark = pytest.mark.usefixtures("data_path")  # each test on both data paths
+
 VERSION = (1, 2, 0)
 
 

@@ -51,6 +51,8 @@ from servers.kv import (
     ETableSet,
 )
 
+pytestmark = pytest.mark.usefixtures("data_path")  # each test on both data paths
+
 TIMEOUT = 5.0
 
 

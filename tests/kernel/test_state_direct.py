@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from ipcfw import errors
-from ipcfw.kernel.state import KernelState, PeerMisbehaved, Send, SessionState
+from ipcfw.kernel.state import KernelState, PeerMisbehaved, RemoveSocket, Send, SessionState
 from ipcfw.protocol import (
     SESSIONS_PAGE,
     Admit,
@@ -32,6 +32,7 @@ from ipcfw.protocol import (
     Connect,
     Connected,
     Deliver,
+    Deregister,
     Disconnect,
     Mode,
     Negotiated,
@@ -40,6 +41,9 @@ from ipcfw.protocol import (
     Path,
     Register,
     SessionPanicked,
+    Terminate,
+    Terminating,
+    TerminationReason,
 )
 from kernel_world import (
     C1,
@@ -354,3 +358,26 @@ def test_joins_waiting_for_the_server_count_towards_the_processs_outstanding_lim
     ]
     state.receive(S1, Complete(admit.msg_id, errors.KErrNone, ()))
     assert state.processes[CLI.key].outstanding == 0
+
+
+def test_a_termination_of_a_server_taking_direct_connections_ends_when_it_deregisters() -> None:
+    # The kernel cannot see the requests it serves on direct connections: it deregisters once
+    # they have ended, and only then is the name released.
+    state = direct_world()
+    actions = state.receive(C1, Terminate(77, "Echo", TerminationReason.ADMINISTRATOR))
+    assert sends(actions, S1) == [Terminating(TerminationReason.ADMINISTRATOR)]
+    assert sends(actions, C1) == []
+    assert "echo" in state.servers
+    released = state.receive(S1, Deregister(5))
+    assert one(released, C1, Completed).req_id == 77
+    assert one(released, S1, Completed).req_id == 5
+    assert "echo" not in state.servers
+    assert RemoveSocket(SOCKET) in released  # (a killed server could not remove it itself)
+
+
+def test_a_termination_of_a_server_taking_none_ends_once_drained() -> None:
+    state = direct_world()
+    actions = state.receive(C1, Terminate(78, "Plain", TerminationReason.ADMINISTRATOR))
+    assert one(actions, C1, Completed).req_id == 78
+    assert "plain" not in state.servers
+    assert not any(isinstance(action, RemoveSocket) for action in actions)  # it has none

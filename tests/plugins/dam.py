@@ -32,6 +32,9 @@ def _release(held):
 class DamServer(CServer):
     name = "dam"
     session_class = DamSession
+    # Its tests (test_slow_peers.py) are about the kernel's queues and limits: every request
+    # goes through the kernel. The direct path's own bounds are in test_direct_port.py.
+    direct = False
 
     def __init__(self):
         self.held = []

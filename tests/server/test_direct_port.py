@@ -22,6 +22,7 @@ import zmq
 
 from ipcfw import errors
 from ipcfw.protocol import (
+    DIRECT_MAX_UNREAD,
     Attach,
     Close,
     Complete,
@@ -39,7 +40,7 @@ from ipcfw.server import ClientInfo, CServer, CSession, RMessage
 from ipcfw.server import port as ports
 from ipcfw.server.message import DirectMessage
 from ipcfw.server.overlay import Layers
-from ipcfw.server.port import DIRECT_OUTBOX, DIRECT_PER_PID, DirectPort
+from ipcfw.server.port import DIRECT_PER_PID, DirectPort
 from ipcfw.server.state import ServerState
 from ipcfw.version import TVersion
 
@@ -238,13 +239,13 @@ def test_a_client_that_does_not_read_is_bounded_in_bytes(setup):
     connection = link.connection
     frame = encode(Completed(9, 0, ((0, b"x" * (MAX_FRAME - 64)),)))
     most = 0
-    for _ in range(DIRECT_OUTBOX + 10_000):
+    for _ in range(DIRECT_MAX_UNREAD + 10_000):
         setup.port.send(connection, frame)
         if link.closing:
             break
         most = max(most, link.queued)
     assert link.closing, "never closed"
-    assert most <= setup.port.outbox_bytes < DIRECT_OUTBOX * len(frame)
+    assert most <= setup.port.outbox_bytes < DIRECT_MAX_UNREAD * len(frame)
     assert sock is not None
 
 

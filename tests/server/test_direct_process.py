@@ -10,6 +10,7 @@ wait is bounded, every process is stopped.
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import socket
 import stat
@@ -363,3 +364,12 @@ def test_a_kernel_death_closes_the_direct_path_and_a_new_registration_opens_anot
     second = wait_until(lambda: [p for p in sockets() if p != first],
                         what="a new direct socket for the new registration")
     assert not first.exists() and len(second) == 1
+
+
+def test_the_kernel_removes_the_direct_socket_of_a_killed_server(kernel):
+    server = kernel.serve(PROBE, "probe")
+    (path,) = wait_until(lambda: [p for p in kernel.workdir.iterdir() if p.name.startswith("d-")],
+                         what="the server's direct socket")
+    server.kill(signal.SIGKILL)  # it cannot remove its socket itself
+    wait_until(lambda: not path.exists(), what="the kernel to remove the dead server's socket")
+    assert (kernel.workdir / "kernel").exists()

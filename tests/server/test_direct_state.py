@@ -28,6 +28,7 @@ from ipcfw.protocol import (
     Completed,
     Connect,
     Deliver,
+    Deregister,
     Disconnect,
     Mode,
     Negotiated,
@@ -726,3 +727,69 @@ def test_unused_tickets_are_bounded_per_session(harness):
     ]
     harness.state.receive(Disconnect(harness.next_id(), HANDLE))
     assert harness.rules.statistics()["tickets"] == 0
+
+
+# -- deregistration (rule 11) -----------------------------------------------------------------
+
+
+def deregisters_sent(harness: Harness) -> int:
+    return sum(isinstance(frame, Deregister) for frame in harness.kernel)
+
+
+def test_a_deregistration_waits_for_the_live_direct_requests(harness, server):
+    connection = harness.attached(slots=2)
+    harness.feed(connection, Request(5, HANDLE, 1, (0,), ASYNC))
+    harness.state.deregister()
+    assert deregisters_sent(harness) == 0  # the kernel cannot see that request
+    # new work is refused meanwhile, as the kernel refuses it once it is told
+    assert harness.feed(connection, Request(6, HANDLE, 2, (0,), SYNC)) == [
+        Completed(6, errors.KErrServerTerminated, ())
+    ]
+    harness.state.receive(Deliver(77, HANDLE, 3, (0,), CLIENT))
+    assert harness.kernel.pop() == Complete(77, errors.KErrServerTerminated, ())
+    assert harness.new_session(0x202, b"\x01" * 16).value == errors.KErrServerTerminated
+    assert harness.feed(harness.connection(), Attach(2, b"\x01" * 16)) == [
+        Completed(2, errors.KErrPermissionDenied, ())
+    ]
+    server.held[0].Complete(5)
+    assert harness.take(connection) == [Completed(5, 5, ())]
+    assert deregisters_sent(harness) == 1
+    harness.state.deregister()  # asked again: sent once
+    assert deregisters_sent(harness) == 1
+
+
+def test_a_deregistration_without_live_direct_requests_is_sent_at_once(harness):
+    harness.attached()
+    harness.state.deregister()
+    assert deregisters_sent(harness) == 1
+
+
+def test_a_completion_made_on_another_thread_is_sent_before_the_deregistration(harness, server):
+    connection = harness.attached()
+    harness.feed(connection, Request(5, HANDLE, 1, (0,), SYNC))
+    harness.io.on_loop = False
+    server.held[0].Complete(1)  # out of the table in service, its frame not sent yet
+    harness.state.deregister()
+    assert deregisters_sent(harness) == 0
+    harness.io.run_posted()
+    assert harness.take(connection) == [Completed(5, 1, ())]
+    assert deregisters_sent(harness) == 1
+
+
+@pytest.mark.parametrize("end", ["cancel", "close", "connection end", "disconnect"])
+def test_requests_ended_without_a_completion_do_not_hold_back_the_deregistration(
+    harness, server, end
+):
+    connection = harness.attached(slots=1)
+    harness.feed(connection, Request(5, HANDLE, 1, (0,), ASYNC))
+    harness.state.deregister()
+    assert deregisters_sent(harness) == 0
+    if end == "cancel":
+        harness.feed(connection, Cancel(5))
+    elif end == "close":
+        harness.feed(connection, Close(HANDLE))
+    elif end == "connection end":
+        harness.rules.connection_ended(connection)
+    else:
+        harness.state.receive(Disconnect(99, HANDLE))
+    assert deregisters_sent(harness) == 1

@@ -11,6 +11,8 @@ import ipcfw
 from ipcfw import RSession
 from plugins import gate
 
+pytestmark = pytest.mark.usefixtures("data_path")  # each test on both data paths
+
 
 @pytest.fixture
 def gate_server(kernel):

@@ -15,6 +15,8 @@ from plugins.overlays import EchoServer, LongWorkOverlay, RefusingServer, WorkOv
 from servers.kv import EGet, ESet
 from servers.login import ELogin, KErrLoginFailed, LoginOverlay
 
+pytestmark = pytest.mark.usefixtures("data_path")  # each test on both data paths
+
 
 def host(top) -> tuple[ServerHost, threading.Thread]:
     server_host = ServerHost(top)

@@ -13,6 +13,8 @@ from conftest import wait_until
 from plugins import terminable
 from plugins.terminable import TerminableServer
 
+pytestmark = pytest.mark.usefixtures("data_path")  # each test on both data paths
+
 
 def test_termination_refuses_new_work_and_ends_if_the_server_dies(kernel):
     server = kernel.serve("plugins.terminable:TerminableServer", "terminable")

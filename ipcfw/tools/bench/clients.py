@@ -30,6 +30,9 @@ WINDOW = 64
 ECHO_INT = 1
 """The echo servers' opcode ``EEchoInt``: completes with ``Int0``."""
 ECHO_ARGS = (42, 0, 0, 0)
+ECHO_DES = 2
+"""The echo servers' opcode ``EEchoDes``: writes descriptor 0 into descriptor 1, completes
+with its length."""
 PAYLOAD = struct.pack("<I4i", ECHO_INT, *ECHO_ARGS).ljust(32, b"\0")
 """The bare systems' request body: opcode + four int32, padded to 32 bytes."""
 
@@ -152,14 +155,14 @@ class IpcfwClient:
     pipelines = True
 
     def __init__(self, session: RSession) -> None:
-        self._session = session
+        self.session = session
 
     def call(self) -> object:
-        return self._session.SendReceive(ECHO_INT, ECHO_ARGS)
+        return self.session.SendReceive(ECHO_INT, ECHO_ARGS)
 
     def _issue(self) -> TRequestStatus:
         status = TRequestStatus()
-        self._session.SendReceive(ECHO_INT, ECHO_ARGS, status)
+        self.session.SendReceive(ECHO_INT, ECHO_ARGS, status)
         return status
 
     def pipelined(self, n: int, window: int) -> None:
@@ -175,7 +178,7 @@ class IpcfwClient:
                 issued += 1
 
     def close(self) -> None:
-        self._session.Close()
+        self.session.Close()
 
 
 class ManagersClient:

@@ -23,19 +23,32 @@ from .measure import (
     CHUNKS, SHARED_SYSTEM, SHARED_THREADS, RunResult, SharedCase, SharedResult, System,
     best_of, best_shared, guarded, run_once, summarize_shared, warm_up,
 )
+from .churn import DEFAULT_CHURN
+from .crowd import DEFAULT_LARGE, kernel_options
+from .descriptors import BUDGET_MIB
+from .fleet import DEFAULT_PROCESSES
+from .memory import DEFAULT_CONNECTIONS
+from .phases import Extras, direct_context, run_phases
+from .progress import Progress
 from .report import (
-    BASELINE, DIRECT, MANAGERS, PIPELINED_TARGET, SYNC_TARGET, environment, format_cpu,
-    format_header, format_shared, format_table, format_targets, verdicts, write_json,
+    environment, format_churn, format_connections, format_cpu, format_crowd,
+    format_descriptors, format_fleet, format_header, format_shared, format_table,
+    format_targets, write_json,
 )
 from .systems import (
     Processes, Unavailable, start_bare_forwarder, start_bare_pingpong, start_ipcfw,
     start_managers, start_mp_pipe,
+)
+from .targets import (
+    BASELINE, DIRECT, MANAGERS, Target, crowd_target, descriptor_target, fleet_target,
+    references, run_targets,
 )
 
 DEFAULT_SYNC, DEFAULT_PIPELINED = 5000, 20000
 QUICK_SYNC, QUICK_PIPELINED = 1000, 5000
 DEFAULT_SHARED, QUICK_SHARED = 1000, 250
 """Sync calls per thread in the shared-session case."""
+DEFAULT_FLEET_SECONDS, QUICK_FLEET_SECONDS = 3.0, 1.5
 
 IPCFW_CLIENT_LOGGER = "ipcfw.client"
 
@@ -54,6 +67,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK_SYNC} sync / {QUICK_PIPELINED} pipelined"
                         f" / {QUICK_SHARED} shared calls")
+    p.add_argument("--fleet", type=int, default=DEFAULT_PROCESSES, metavar="N",
+                   help="client processes per system in the aggregate calls/s case "
+                        f"(default {DEFAULT_PROCESSES}; 0 leaves it out)")
+    p.add_argument("--fleet-seconds", type=float, metavar="S",
+                   help="seconds of calls per system in that case, over 3 alternating runs "
+                        f"(default {DEFAULT_FLEET_SECONDS:g}; --quick {QUICK_FLEET_SECONDS:g})")
+    p.add_argument("--open-sessions", type=int, default=DEFAULT_LARGE, metavar="N",
+                   help="time ipcfw-direct with N/10, then N idle direct sessions open "
+                        f"(default {DEFAULT_LARGE}; 0 leaves it out)")
+    p.add_argument("--descriptor-mib", type=int, default=BUDGET_MIB, metavar="M",
+                   help="MiB each path moves per descriptor size "
+                        f"(default {BUDGET_MIB}; 0 leaves descriptors out)")
+    p.add_argument("--connections", type=int, default=DEFAULT_CONNECTIONS, metavar="N",
+                   help="client threads, each with a direct connection, for the memory per "
+                        f"connection (default {DEFAULT_CONNECTIONS}, at most 60; 0 leaves it out)")
+    p.add_argument("--churn", type=int, default=DEFAULT_CHURN, metavar="N",
+                   help="direct sessions opened and closed to look for growth "
+                        f"(default {DEFAULT_CHURN}; issue 11 asks for 100000; 0 leaves it out)")
     p.add_argument("--repeat", type=int, default=1, metavar="R",
                    help="run the interleaved set R times, report each system's best run")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -68,6 +99,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.pipelined = args.pipelined if args.pipelined is not None else quick[1]
     if args.shared is None:
         args.shared = QUICK_SHARED if args.quick else DEFAULT_SHARED
+    if args.fleet_seconds is None:
+        args.fleet_seconds = QUICK_FLEET_SECONDS if args.quick else DEFAULT_FLEET_SECONDS
+    counts = ("fleet", "open_sessions", "descriptor_mib", "connections", "churn")
+    if any(getattr(args, name) < 0 for name in counts) or args.fleet_seconds <= 0:
+        p.error("--fleet, --open-sessions, --descriptor-mib, --connections and --churn must "
+                "be at least 0, --fleet-seconds more than 0")
+    if args.connections > 60:
+        p.error("--connections must be at most 60 (a server takes 64 direct connections "
+                "from one process)")
     if args.sync < 1 or args.pipelined < 1 or args.repeat < 1:
         p.error("--sync, --pipelined and --repeat must be at least 1")
     if args.shared < 0:
@@ -83,11 +123,12 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     shared: SharedResult | None = None
     shared_runs: list[SharedResult] = field(default_factory=list)
+    extras: Extras = field(default_factory=Extras)
 
 
 def start_systems(
     processes: Processes, ctx: zmq.Context[zmq.Socket[bytes]], workdir: Path, with_ipcfw: bool,
-    shared_threads: int = 0,
+    shared_threads: int = 0, open_sessions: int = 0,
 ) -> tuple[list[System], SharedCase | None, dict[str, str]]:
     systems = [System("bare-pingpong", *start_bare_pingpong(processes, ctx, workdir)),
                System(BASELINE, *start_bare_forwarder(processes, ctx, workdir)),
@@ -98,7 +139,7 @@ def start_systems(
         failed["ipcfw"] = "skipped (--no-ipcfw)"
         return systems, None, failed
     try:
-        stack = start_ipcfw(processes, workdir, shared_threads)
+        stack = start_ipcfw(processes, workdir, shared_threads, kernel_options(open_sessions))
     except Unavailable as exc:
         failed["ipcfw"] = str(exc)
         if shared_threads:
@@ -167,8 +208,14 @@ def bench(args: argparse.Namespace, workdir: Path) -> Outcome:
     try:
         systems, shared, failed = start_systems(
             processes, ctx, workdir, with_ipcfw=not args.no_ipcfw,
-            shared_threads=SHARED_THREADS if args.shared else 0)
+            shared_threads=SHARED_THREADS if args.shared else 0,
+            open_sessions=args.open_sessions)
         outcome = measure(systems, shared, failed, args)
+        context = direct_context(processes, workdir, systems, Progress())
+        if context is not None:
+            outcome.extras = run_phases(context, args)
+        elif not args.no_ipcfw:
+            outcome.extras.failed["later phases"] = f"{DIRECT} is not running"
         outcome.notes += close_clients(systems, shared)
         shared = None
         return outcome
@@ -197,6 +244,55 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def targets_of(args: argparse.Namespace, outcome: Outcome) -> list[Target]:
+    extras = outcome.extras
+    crowd = extras.crowd
+    large = args.open_sessions
+    return [*run_targets(outcome.results),
+            fleet_target(extras.fleet, args.fleet),
+            crowd_target(None if crowd is None else crowd.growth, large // 10, large),
+            descriptor_target(extras.descriptors)]
+
+
+def _print_extras(args: argparse.Namespace, extras: Extras) -> None:
+    sections = [
+        extras.fleet and format_fleet(extras.fleet, args.fleet_seconds),
+        extras.descriptors and format_descriptors(extras.descriptors),
+        extras.crowd and format_crowd(extras.crowd),
+        extras.connections and format_connections(extras.connections),
+        extras.churn and format_churn(extras.churn),
+    ]
+    for section in sections:
+        if section:
+            print(section)
+            print()
+
+
+def _config(args: argparse.Namespace) -> dict[str, object]:
+    return {"sync": args.sync, "pipelined": args.pipelined, "window": WINDOW,
+            "shared": args.shared, "shared_threads": SHARED_THREADS,
+            "repeat": args.repeat, "chunks": CHUNKS, "baseline": BASELINE,
+            "fleet": args.fleet, "fleet_seconds": args.fleet_seconds,
+            "open_sessions": [args.open_sessions // 10, args.open_sessions],
+            "descriptor_mib": args.descriptor_mib, "connections": args.connections,
+            "churn": args.churn}
+
+
+def _extras_json(extras: Extras) -> dict[str, object]:
+    crowd, connections, churn = extras.crowd, extras.connections, extras.churn
+    return {
+        "fleet": None if extras.fleet is None else {
+            n: {**asdict(r), "calls_per_s": r.calls_per_s} for n, r in extras.fleet.items()},
+        "descriptors": [asdict(r) for r in extras.descriptors],
+        "open_sessions": None if crowd is None else {
+            **asdict(crowd), "growth": crowd.growth, "rss_per_session": crowd.rss_per_session()},
+        "memory_per_connection": None if connections is None else {
+            **asdict(connections), "rss_per_connection": connections.rss_per_connection(),
+            "fds_per_connection": connections.fds_per_connection()},
+        "churn": None if churn is None else asdict(churn),
+    }
+
+
 def _report(args: argparse.Namespace, outcome: Outcome) -> int:
     env = environment()
     print(format_header(env, args.sync, args.pipelined, args.repeat,
@@ -210,33 +306,34 @@ def _report(args: argparse.Namespace, outcome: Outcome) -> int:
     if outcome.shared is not None:
         print(format_shared(outcome.shared, args.shared))
         print()
-    for name, reason in outcome.failed.items():
+    _print_extras(args, outcome.extras)
+    for name, reason in {**outcome.failed, **outcome.extras.failed}.items():
         print(f"{name}: NOT MEASURED: {reason}")
     for note in outcome.notes:
         print(f"note: {note}")
-    v = verdicts(outcome.results)
-    print(format_targets(v))
+    targets = targets_of(args, outcome)
+    refs = references(outcome.results)
+    print(format_targets(targets, refs))
     if args.json:
         write_json(args.json, {
             "environment": env,
-            "config": {"sync": args.sync, "pipelined": args.pipelined, "window": WINDOW,
-                       "shared": args.shared, "shared_threads": SHARED_THREADS,
-                       "repeat": args.repeat, "chunks": CHUNKS, "baseline": BASELINE,
-                       "sync_target": SYNC_TARGET, "pipelined_target": PIPELINED_TARGET},
+            "config": _config(args),
             "results": {n: asdict(r) for n, r in outcome.results.items()},
             "runs": {n: [asdict(r) for r in rs] for n, rs in outcome.runs.items()},
             "shared": None if outcome.shared is None else {
                 **asdict(outcome.shared), "system": SHARED_SYSTEM,
                 "vs_single": outcome.shared.vs_single,
                 "runs": [asdict(r) for r in outcome.shared_runs]},
-            "not_measured": outcome.failed,
+            **_extras_json(outcome.extras),
+            "not_measured": {**outcome.failed, **outcome.extras.failed},
             "notes": outcome.notes,
-            "targets": v,
+            "targets": {t.name: t.record() for t in targets},
+            "references": refs,
         })
     ipcfw_failed = {"ipcfw", DIRECT, SHARED_SYSTEM} & set(outcome.failed)
-    if ipcfw_failed and not args.no_ipcfw:
+    if (ipcfw_failed or outcome.extras.failed) and not args.no_ipcfw:
         return 1
-    return 2 if args.strict and not (v["sync_pass"] and v["pipelined_pass"]) else 0
+    return 2 if args.strict and any(t.passed is False for t in targets) else 0
 
 
 def main(argv: Sequence[str]) -> int:

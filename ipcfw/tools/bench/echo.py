@@ -1,4 +1,6 @@
-"""The echo servers ipcfw is measured against: ``EEchoInt`` (1) completes with ``Int0()``.
+"""The echo servers ipcfw is measured against: ``EEchoInt`` (1) completes with ``Int0()``;
+``EEchoDes`` (2) reads descriptor 0 whole, writes it into descriptor 1 (a writable one at least
+as long) and completes with its length.
 
 ``EchoServer`` registers as ``echo`` with unsharable sessions, as the example
 ``servers.echo.EchoServer`` does, and answers the bench's request (opcode 1 with four ints) the
@@ -13,7 +15,7 @@ from ...errors import IpcError, KErrNotSupported
 from ...protocol import ESharableSessions
 from ...server import CServer, CSession, RMessage
 from ...version import TVersion
-from .clients import ECHO_INT
+from .clients import ECHO_DES, ECHO_INT
 
 SHARED_SERVER = "echo-shared"
 """The name ``SharedEchoServer`` registers."""
@@ -24,6 +26,10 @@ class EchoSession(CSession):
         function = message.Function()
         if function == ECHO_INT:
             message.Complete(message.Int0())
+        elif function == ECHO_DES:
+            data = message.ReadL(0)
+            message.WriteL(1, data)
+            message.Complete(len(data))
         else:
             raise IpcError(KErrNotSupported, f"the bench's echo has no function {function}")
 

@@ -24,6 +24,9 @@ SHARED_THREADS = 8
 SHARED_SYSTEM = f"ipcfw-shared-{SHARED_THREADS}"
 CHUNKS = 10
 """Each measurement is split into this many chunks, interleaved across systems."""
+ROUNDS = 3
+"""The measurements of the bench's second part (client processes, descriptors) alternate their
+systems or paths in this many rounds."""
 
 STEP_BUDGET_S, STEP_BUDGET_PER_CALL_S = 20.0, 0.005
 """A step's watchdog: this many seconds, plus this many per call."""

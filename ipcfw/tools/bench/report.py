@@ -11,17 +11,13 @@ from typing import Any
 import zmq
 
 from .clients import WINDOW
+from .churn import ChurnResult
+from .crowd import CrowdResult
+from .descriptors import PATHS, DescriptorResult
+from .fleet import FleetResult
 from .measure import CPU_ROLES, SHARED_SYSTEM, SHARED_THREADS, RunResult, SharedResult
-
-SYNC_TARGET = 1.5
-PIPELINED_TARGET = 0.5
-BASELINE = "bare-forwarder"
-MANAGERS = "managers"
-"""The standard library's answer, which users compare ipcfw with: a reference, not a target."""
-DIRECT = "ipcfw-direct"
-"""ipcfw with the session on the direct path (its requests skip the kernel)."""
-PINGPONG = "bare-pingpong"
-
+from .memory import ConnectionCost, Footprint
+from .targets import BASELINE, DIRECT, MANAGERS, Target
 
 def environment() -> dict[str, Any]:
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
@@ -123,51 +119,108 @@ def format_shared(shared: SharedResult, shared_n: int) -> str:
     return "\n".join(lines)
 
 
-def verdicts(results: dict[str, RunResult]) -> dict[str, Any]:
-    """Targets for ipcfw against the baseline; ``passed`` is None when ipcfw was not measured.
-    ``managers_sync_ratio`` (ipcfw's sync median over managers') is a reference."""
-    if "ipcfw" not in results:
-        return {"sync_ratio": None, "pipelined_ratio": None,
-                "sync_pass": None, "pipelined_pass": None, "managers_sync_ratio": None,
-                **_direct_references(results)}
-    ipcfw = results["ipcfw"]
-    sync_ratio, pipe_ratio = ratios(ipcfw, results[BASELINE])
-    managers = results.get(MANAGERS)
-    return {"sync_ratio": sync_ratio, "pipelined_ratio": pipe_ratio,
-            "sync_pass": sync_ratio <= SYNC_TARGET,
-            "pipelined_pass": pipe_ratio is not None and pipe_ratio >= PIPELINED_TARGET,
-            "managers_sync_ratio": (None if managers is None
-                                    else ipcfw.sync_median_us / managers.sync_median_us),
-            **_direct_references(results)}
+def format_targets(targets: list[Target], refs: dict[str, float | None]) -> str:
+    lines = [t.line() for t in targets]
+    if refs.get("kernel_managers_sync_ratio") is not None:
+        lines.append(f"reference: ipcfw sync median = {refs['kernel_managers_sync_ratio']:.2f}x "
+                     f"{MANAGERS}' (every ipcfw call crosses the kernel)")
+    return "\n".join(lines)
 
 
-def _direct_references(results: dict[str, RunResult]) -> dict[str, float | None]:
-    """ipcfw-direct's sync median over managers', and its pipelined rate over bare-pingpong's
-    (a raw pyzmq DEALER/ROUTER, direct): references for the direct path."""
-    direct, managers, pingpong = (results.get(n) for n in (DIRECT, MANAGERS, PINGPONG))
-    sync = None if direct is None or managers is None else (
-        direct.sync_median_us / managers.sync_median_us)
-    pipelined = None if direct is None or pingpong is None else ratios(direct, pingpong)[1]
-    return {"direct_managers_sync_ratio": sync, "direct_pingpong_pipelined_ratio": pipelined}
+def format_fleet(fleet: dict[str, FleetResult], seconds: float) -> str:
+    """The client-processes table: aggregate sync calls/s of each system's processes."""
+    processes = next(iter(fleet.values())).processes
+    managers = fleet.get(MANAGERS)
+    lines = [f"{processes} client processes, each its own client making sync calls "
+             f"({seconds:g} s per system, in alternating runs); aggregate calls/s",
+             f"{'system':<16}{'calls':>12}{'calls/s':>14}{'vs managers':>14}"
+             "   CPU us per call: clients / broker / server / total"]
+    for name, r in fleet.items():
+        ratio = "-" if managers is None else f"{r.calls_per_s / managers.calls_per_s:.2f}x"
+        cpu = " / ".join(f"{r.cpu_us[role]:.1f}" if role in r.cpu_us else "-"
+                         for role in ("clients", "broker", "server"))
+        lines.append(f"{name:<16}{r.calls:>12,}{r.calls_per_s:>14,.0f}{ratio:>14}"
+                     f"   {cpu} / {sum(r.cpu_us.values()):.1f}")
+    return "\n".join(lines)
 
 
-def format_targets(v: dict[str, Any]) -> str:
-    def mark(ok: bool | None, ratio: float | None) -> str:
-        return "n/a   NOT MEASURED" if ok is None else f"{ratio:.2f}x  {'PASS' if ok else 'MISS'}"
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
-    lines = [f"target: ipcfw sync median  <= {SYNC_TARGET:.1f}x {BASELINE}: "
-             f"{mark(v['sync_pass'], v['sync_ratio'])}",
-             f"target: ipcfw pipelined    >= {PIPELINED_TARGET:.1f}x {BASELINE}: "
-             f"{mark(v['pipelined_pass'], v['pipelined_ratio'])}"]
-    if v["managers_sync_ratio"] is not None:
-        lines.append(f"reference: ipcfw sync median = {v['managers_sync_ratio']:.2f}x "
-                     "multiprocessing.managers' (every ipcfw call crosses the kernel)")
-    if v["direct_managers_sync_ratio"] is not None:
-        lines.append(f"reference: {DIRECT} sync median = {v['direct_managers_sync_ratio']:.2f}x "
-                     "multiprocessing.managers'")
-    if v["direct_pingpong_pipelined_ratio"] is not None:
-        lines.append(f"reference: {DIRECT} pipelined = "
-                     f"{v['direct_pingpong_pipelined_ratio']:.2f}x {PINGPONG}'s")
+
+def format_descriptors(results: list[DescriptorResult]) -> str:
+    """Descriptor round trips (bytes in, bytearray of the same size out, echoed) in MB/s of
+    descriptor size per round trip, beside an in-process bytes -> bytearray copy."""
+    lines = ["descriptor round trips: SendReceive(2, (bytes of S, bytearray of S)), the server "
+             "writes it back; MB/s = S / median round trip (10^6 bytes)",
+             f"{'size':<10}" + "".join(f"{p + ' MB/s':>16}" for p in PATHS)
+             + f"{'direct vs copy':>16}"]
+    by_size: dict[int, dict[str, DescriptorResult]] = {}
+    for r in results:
+        by_size.setdefault(r.size, {})[r.path] = r
+    failures = []
+    for size, row in by_size.items():
+        cells = []
+        for path in PATHS:
+            cell = row.get(path)
+            if cell is None or cell.mb_per_s is None:
+                cells.append("FAIL")
+                if cell is not None:
+                    failures.append(f"  {_size(size)} {path}: FAIL: {cell.error}")
+            else:
+                cells.append(f"{cell.mb_per_s:,.1f}")
+        direct, copy = row.get("direct"), row.get("copy")
+        ratio = ("-" if direct is None or copy is None or not direct.mb_per_s
+                 or not copy.mb_per_s else f"{direct.mb_per_s / copy.mb_per_s:.1%}")
+        lines.append(f"{_size(size):<10}" + "".join(f"{c:>16}" for c in cells) + f"{ratio:>16}")
+    return "\n".join(lines + failures)
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _kib(n: float) -> str:
+    return f"{n / 1024:.2f} KiB"
+
+
+def format_crowd(crowd: CrowdResult) -> str:
+    per_session = crowd.rss_per_session()
+    lines = [f"open sessions: {DIRECT} sync calls with idle direct sessions open"
+             " to the same server (one connection)",
+             f"{'open':>8}{'median us':>12}{'p99 us':>12}",
+             f"{crowd.small:>8,}{crowd.small_median_us:>12.1f}{crowd.small_p99_us:>12.1f}",
+             f"{crowd.large:>8,}{crowd.large_median_us:>12.1f}{crowd.large_p99_us:>12.1f}"
+             f"   ({crowd.growth:.2f}x)"]
+    for role, name in (("broker", "kernel"), ("server", "server")):
+        lines.append(f"{name} RSS: {_mib(crowd.before[role].rss)} with none open, "
+                     f"{_mib(crowd.with_large[role].rss)} with {crowd.large:,} open "
+                     f"({_kib(per_session[role])} per session)")
+    return "\n".join(lines)
+
+
+def format_connections(cost: ConnectionCost) -> str:
+    rss, fds = cost.rss_per_connection(), cost.fds_per_connection()
+    names = {"broker": "kernel", "server": "server", "client": "client"}
+    return "\n".join(
+        [f"per direct connection ({cost.connections} client threads each holding a direct "
+         "session, RSS and fd deltas / threads):"]
+        + [f"  {names.get(role, role):<8}{_kib(rss[role]):>12} RSS{fds[role]:>8.2f} fds "
+           f"(RSS {_mib(cost.before[role].rss)} -> {_mib(cost.after[role].rss)})"
+           for role in rss])
+
+
+def _change(before: Footprint, after: Footprint) -> str:
+    return (f"RSS {_mib(before.rss)} -> {_mib(after.rss)} ({(after.rss - before.rss) / 1024:+,.0f}"
+            f" KiB), fds {before.fds} -> {after.fds}")
+
+
+def format_churn(churn: ChurnResult) -> str:
+    lines = [f"churn: {churn.cycles:,} direct sessions opened and closed in {churn.seconds:.1f} s"
+             f" ({churn.cycles / churn.seconds:,.0f}/s); sessions left in the kernel: "
+             f"{churn.sessions_left}"]
+    for role, name in (("broker", "kernel"), ("server", "server")):
+        lines.append(f"  {name:<8}{_change(churn.before[role], churn.after[role])}")
     return "\n".join(lines)
 
 

@@ -148,7 +148,7 @@ AdderManager.register("Adder", callable=_the_adder)
 MANAGERS_AUTHKEY = b"ipcfw-bench"  # (the socket is in the bench's private 0700 directory)
 
 
-def _exit_when_orphaned(parent_pid: int) -> None:
+def exit_when_orphaned(parent_pid: int) -> None:
     """End this process once the bench is gone, whatever its main thread is blocked in."""
     def watch() -> None:
         while not _orphaned(parent_pid):
@@ -161,14 +161,14 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 def run_managers(address: str, parent_pid: int, ready: ReadySignal) -> None:
     """The ``managers`` baseline's server: a `BaseManager` serving one `Adder`."""
     server = AdderManager(address=address, authkey=MANAGERS_AUTHKEY).get_server()
-    _exit_when_orphaned(parent_pid)
+    exit_when_orphaned(parent_pid)
     ready.set()
     server.serve_forever()
 
 
 def run_mp_pipe(address: str, parent_pid: int, ready: ReadySignal) -> None:
     """The ``mp-pipe`` baseline's server: send back every object the one client sends."""
-    _exit_when_orphaned(parent_pid)
+    exit_when_orphaned(parent_pid)
     with Listener(address, family="AF_UNIX") as listener:
         ready.set()
         with listener.accept() as conn:
@@ -180,9 +180,10 @@ def run_mp_pipe(address: str, parent_pid: int, ready: ReadySignal) -> None:
                 conn.send(message)
 
 
-def role_argv(role: str, endpoint: str, *extra: str) -> list[str]:
-    """The command line of a helper process of this (the bench) process."""
-    return [sys.executable, "-m", __name__, "--role", role, "--endpoint", endpoint,
+def role_argv(role: str, endpoint: str, *extra: str, module: str = __name__) -> list[str]:
+    """The command line of a helper process of this (the bench) process (``python -m
+    module``)."""
+    return [sys.executable, "-m", module, "--role", role, "--endpoint", endpoint,
             "--parent-pid", str(os.getpid()), *extra]
 
 

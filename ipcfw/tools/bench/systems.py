@@ -92,8 +92,13 @@ def start_bare_forwarder(
     return BareClient(ctx, front), {"broker": forwarder.pid, "server": worker.pid}
 
 
+def managers_address(workdir: Path) -> str:
+    """Where the managers baseline's server listens (the fleet's managers clients connect)."""
+    return str(workdir / "managers")
+
+
 def start_managers(processes: Processes, workdir: Path) -> tuple[ManagersClient, dict[str, int]]:
-    address = str(workdir / "managers")
+    address = managers_address(workdir)
     server = processes.spawn("managers", role_argv("managers", address), ready=True)
     _wait_ready(server)
     return ManagersClient(address), {"server": server.pid}
@@ -126,7 +131,7 @@ def _close_quietly(session: RSession) -> None:
         pass
 
 
-def _connect(stack: Stack, server: Process, name: str, path: str = "kernel") -> RSession:
+def _connect(stack: Stack, server: Process, name: str, path: str) -> RSession:
     """Wait until `server` is registered, then connect to `name` on `path`; raise Unavailable
     if not."""
     try:
@@ -143,13 +148,16 @@ def _connect(stack: Stack, server: Process, name: str, path: str = "kernel") -> 
     return session
 
 
-def start_ipcfw(processes: Processes, workdir: Path, shared_threads: int = 0) -> IpcfwStack:
-    """Start kernel + echo server (+ the shared echo server), connect; raise Unavailable on any
-    failure of the single-session stack. A failure of the shared case only is `shared_error`.
+def start_ipcfw(processes: Processes, workdir: Path, shared_threads: int = 0,
+                kernel_options: tuple[str, ...] = ()) -> IpcfwStack:
+    """Start kernel (with `kernel_options`) + echo server (+ the shared echo server), connect;
+    raise Unavailable on any failure of the single-session stack. A failure of the shared case
+    only is `shared_error`.
 
     Sets ``IPCFW_KERNEL`` in this process (``main`` restores it).
     """
-    stack = processes.stack = Stack(workdir, timeout=STARTUP_TIMEOUT)
+    stack = processes.stack = Stack(workdir, timeout=STARTUP_TIMEOUT,
+                                    kernel_options=kernel_options)
     os.environ["IPCFW_KERNEL"] = stack.endpoint
     try:
         kernel = stack.start()
@@ -158,7 +166,7 @@ def start_ipcfw(processes: Processes, workdir: Path, shared_threads: int = 0) ->
     echo = stack.serve(ECHO_PLUGIN, wait=False, name="ipcfw-echo-server")
     if shared_threads:
         shared_server = stack.serve(SHARED_PLUGIN, wait=False, name="ipcfw-echo-shared-server")
-    session = _connect(stack, echo, "echo")
+    session = _connect(stack, echo, "echo", path="kernel")
     result = IpcfwStack(IpcfwClient(session), {"broker": kernel.pid, "server": echo.pid})
     try:
         result.direct = _start_direct(stack, echo)
@@ -184,7 +192,7 @@ def _start_direct(stack: Stack, server: Process) -> IpcfwClient:
 
 
 def _start_shared(stack: Stack, server: Process, threads: int) -> SharedEcho:
-    session = _connect(stack, server, SHARED_SERVER)
+    session = _connect(stack, server, SHARED_SERVER, path="kernel")
     try:
         session.ShareAuto()
     except (errors.IpcError, TimeoutError) as exc:
