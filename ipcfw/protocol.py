@@ -72,6 +72,7 @@ from __future__ import annotations
 import enum
 import re
 import reprlib
+import struct
 from typing import Any, NamedTuple
 from collections.abc import Callable
 
@@ -92,6 +93,19 @@ __all__ = [
     "Path",
     "Attach",
     "SessionPanicked",
+    "Join",
+    "Admit",
+    "ListSessions",
+    "SessionList",
+    "SessionRow",
+    "Census",
+    "CensusReply",
+    "pack_session_rows",
+    "unpack_session_rows",
+    "pack_census",
+    "unpack_census",
+    "SESSIONS_PAGE",
+    "ROW_HOLDERS",
     "Message",
     "Hello",
     "Welcome",
@@ -140,9 +154,10 @@ __all__ = [
     "MappedCompleted",
 ]
 
-PROTOCOL_VERSION = 10  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
+PROTOCOL_VERSION = 11  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
 #                        6: terminate; 7: PeerGone; 8: Dropped; 9: the direct path;
-#                        10: shared memory on the direct path
+#                        10: every thread direct (Join, Admit), the session list (ListSessions);
+#                        11: shared memory on the direct path
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -201,6 +216,11 @@ class Kind(enum.IntEnum):
     ATTACH = 16
     # server -> kernel, for a session on the direct path
     SESSION_PANICKED = 17
+    CENSUS_REPLY = 50  # (11 is left unused)
+    # channel -> kernel: a ticket for this thread's direct connection
+    JOIN = 18
+    # any peer -> kernel: the session list
+    LIST_SESSIONS = 19
     # kernel -> client
     WELCOME = 20
     CONNECTED = 21
@@ -209,6 +229,7 @@ class Kind(enum.IntEnum):
     SESSION_LOST = 24
     STATS_REPLY = 25
     SHARED = 26
+    SESSION_LIST = 27
     # kernel -> any peer
     DROPPED = 30
     # kernel -> server
@@ -219,6 +240,8 @@ class Kind(enum.IntEnum):
     CANCELLED = 45
     TERMINATING = 46
     PEER_GONE = 47
+    ADMIT = 48
+    CENSUS = 49
     # on a direct connection, shared memory: client -> server, then server -> client
     SHARED_MEMORY = 60
     MAPPED_REQUEST = 61
@@ -603,6 +626,74 @@ class SessionPanicked(NamedTuple):
     reason: int
 
 
+class Join(NamedTuple):
+    """Channel -> kernel: this thread uses session `handle` (attach on first use); for a
+    session on the direct path, ask for a one-time ticket for this thread's direct connection.
+    Answered by Connected(req_id, result, handle, b"", direct, ticket): `direct` and `ticket`
+    empty when the session is on the kernel path, or the server could not take the ticket;
+    Panicked(req_id, handle, "KERN-EXEC", 0, 0) for a handle the channel does not hold."""
+
+    req_id: int
+    handle: int
+
+
+class Admit(NamedTuple):
+    """Kernel -> server: a thread of process `client` (its PeerInfo) will present `ticket`
+    (`Attach`) for session `handle` on a direct connection. The server answers
+    Complete(msg_id, KErrNone) once it holds the ticket (the kernel passes it to the client only
+    then), or Complete(msg_id, code < 0) if it cannot take it."""
+
+    msg_id: int
+    handle: int
+    client: int
+    ticket: bytes
+
+
+class ListSessions(NamedTuple):
+    """Any peer -> kernel: list the sessions whose handle is above `after`, in handle order,
+    at most `SESSIONS_PAGE`. Answered by SessionList."""
+
+    req_id: int
+    after: int
+
+
+class SessionList(NamedTuple):
+    """Kernel -> peer: a page of the session list. `rows` is `pack_session_rows` of at most
+    `SESSIONS_PAGE` `SessionRow`s; `next` is the `after` of the next page, 0 after the last."""
+
+    req_id: int
+    next: int
+    rows: bytes
+
+
+class SessionRow(NamedTuple):
+    """One session, as `ipcfw ps` shows it: its handle, server, data path (`Path`), state (the
+    kernel's, e.g. "OPEN"), outstanding messages (through the kernel, and, for a direct
+    session, what its server reported in service on its direct connections), and holders:
+    (pid, threads attached) for each process holding it, at most `ROW_HOLDERS`."""
+
+    handle: int
+    server: str
+    path: int
+    state: str
+    outstanding: int
+    holders: tuple[tuple[int, int], ...]
+
+
+class Census(NamedTuple):
+    """Kernel -> server: report the messages in service of your direct sessions (CensusReply)."""
+
+    req_id: int
+
+
+class CensusReply(NamedTuple):
+    """Server -> kernel, answers Census: `counts` is `pack_census` of (handle, messages in
+    service on its direct connections) for each direct session with any."""
+
+    req_id: int
+    counts: bytes
+
+
 class Stats(NamedTuple):
     """Any peer -> kernel: ask for the kernel's counters. Answered by StatsReply."""
 
@@ -773,8 +864,9 @@ Message = (
     Hello | Register | Connect | Negotiated | Request | Close | Share | Open | Complete | Panic |
     Stats | Welcome | Connected | Completed | Panicked | Shared | SessionLost | StatsReply |
     NewSession | Deliver | Disconnect | PeerInfo | PeerGone | Dropped | Cancel | Cancelled |
-    Terminate | Deregister | Terminating | Attach | SessionPanicked | SharedMemory |
-    MappedRequest | MappedCompleted
+    Terminate | Deregister | Terminating | Attach | SessionPanicked | Join | Admit |
+    ListSessions | SessionList | Census | CensusReply | SharedMemory | MappedRequest |
+    MappedCompleted
 )
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
@@ -824,6 +916,14 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     PeerInfo: (Kind.PEER_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH))),
     Attach: (Kind.ATTACH, (_u63, _bytes_upto(MAX_TOKEN))),
     SessionPanicked: (Kind.SESSION_PANICKED, (_handle, _str_upto(MAX_CATEGORY), _i32)),
+    Join: (Kind.JOIN, (_u63, _handle)),
+    Admit: (Kind.ADMIT, (_u63, _handle, _u63, _bytes_upto(MAX_TOKEN))),
+    ListSessions: (Kind.LIST_SESSIONS, (_u63, _int_in(0, I32_MAX, "a handle or 0"))),
+    SessionList: (
+        Kind.SESSION_LIST, (_u63, _int_in(0, I32_MAX, "a handle or 0"), _bytes_upto(MAX_FRAME))
+    ),
+    Census: (Kind.CENSUS, (_u63,)),
+    CensusReply: (Kind.CENSUS_REPLY, (_u63, _bytes_upto(MAX_FRAME))),
     SharedMemory: (Kind.SHARED_MEMORY, ()),
     MappedRequest: (Kind.MAPPED_REQUEST, (_u63, _handle, _function, check_mapped_args, _mode)),
     MappedCompleted: (Kind.MAPPED_COMPLETED, (_u63, _i32, _mapped_writes)),
@@ -866,6 +966,78 @@ def encode(message: Message) -> bytes:
     """Return the one frame that carries `message`. Raises KeyError for a non-message."""
     frame: bytes = msgpack.packb((_KIND_OF[type(message)], *message))
     return frame
+
+
+# -- the tables inside SessionList and CensusReply -------------------------------------------
+# Their many items would break the limits every frame is decoded under (arrays of at most 8),
+# so each travels as one bin field, read here under limits of its own: only the peer that asked
+# for the table (`ipcfw ps`, the kernel) unpacks it.
+
+#: Most rows in a SessionList page.
+SESSIONS_PAGE = 256
+#: Most holding processes listed in a SessionRow (the rest are left out).
+ROW_HOLDERS = 64
+_CENSUS_ITEM = struct.Struct("<II")  # handle, messages in service
+
+
+def pack_census(counts: dict[int, int]) -> bytes:
+    """The bytes of a CensusReply: (handle, count) pairs, 8 bytes each."""
+    return b"".join(_CENSUS_ITEM.pack(handle, count) for handle, count in counts.items())
+
+
+def unpack_census(data: bytes) -> dict[int, int]:
+    """Read `pack_census`'s bytes; ProtocolError for anything else."""
+    if len(data) % _CENSUS_ITEM.size:
+        raise ProtocolError(f"CensusReply.counts: {len(data)} bytes is not a whole number of "
+                            f"{_CENSUS_ITEM.size}-byte (handle, count) pairs")
+    counts = dict(_CENSUS_ITEM.iter_unpack(data))
+    if any(not 1 <= handle <= I32_MAX for handle in counts):
+        raise ProtocolError("CensusReply.counts: a handle outside 1..2**31-1")
+    return counts
+
+
+def pack_session_rows(rows: list[SessionRow]) -> bytes:
+    """The bytes of a SessionList: a msgpack array of rows, each
+    ``[handle, server, path, state, outstanding, [pid, threads, pid, threads, ...]]``."""
+    packed: bytes = msgpack.packb([
+        (row.handle, row.server, row.path, row.state, row.outstanding,
+         [n for holder in row.holders[:ROW_HOLDERS] for n in holder])
+        for row in rows[:SESSIONS_PAGE]
+    ])
+    return packed
+
+
+def unpack_session_rows(data: bytes) -> list[SessionRow]:
+    """Read `pack_session_rows`'s bytes, under limits (at most `SESSIONS_PAGE` rows of
+    `ROW_HOLDERS` holders; no map, no ext); ProtocolError for anything else."""
+    limit = max(SESSIONS_PAGE, 2 * ROW_HOLDERS)
+    try:
+        items = _unpackb(
+            data, use_list=False, max_array_len=limit, max_map_len=0, max_ext_len=0,
+            max_str_len=_MAX_STR_BYTES, object_hook=_refuse_map, ext_hook=_refuse_ext,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"SessionList.rows: {_unpack_error(exc)}") from None
+    if type(items) is not tuple or len(items) > SESSIONS_PAGE:
+        raise ProtocolError(f"SessionList.rows: not an array of rows: {_show(items)}")
+    rows = []
+    for item in items:
+        try:
+            handle, server, path, state, outstanding, flat = item
+            _handle(handle)
+            _str_upto(MAX_NAME)(server)
+            _path(path)
+            _str_upto(16)(state)
+            _u63(outstanding)
+            if type(flat) is not tuple or len(flat) % 2 or len(flat) > 2 * ROW_HOLDERS:
+                raise ValueError("expected (pid, threads) pairs")
+            for n in flat:
+                _u32(n)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"SessionList.rows: {exc}, got {_show(item)}") from None
+        holders = tuple(zip(flat[::2], flat[1::2]))
+        rows.append(SessionRow(handle, server, path, state, outstanding, holders))
+    return rows
 
 
 # -- bounded decoding (see the module docstring) ----------------------------------------------

@@ -18,6 +18,17 @@ from ipcfw import protocol
 from ipcfw.protocol import (
     Attach,
     SessionPanicked,
+    Admit,
+    Census,
+    CensusReply,
+    Join,
+    ListSessions,
+    SessionList,
+    SessionRow,
+    pack_census,
+    pack_session_rows,
+    unpack_census,
+    unpack_session_rows,
     PeerGone,
     Dropped,
     Deregister,
@@ -142,6 +153,19 @@ ROUND_TRIP: list = [
     Attach(U63_MAX, b""),
     SessionPanicked(1, "KERN-EXEC", 0),
     SessionPanicked(I32_MAX, "c" * MAX_CATEGORY, I32_MIN),
+    # every thread on the direct path, and the session list (protocol 10)
+    Join(1, 1),
+    Join(U63_MAX, I32_MAX),
+    Admit(1, 1, 1, b"t" * 16),
+    Admit(U63_MAX, I32_MAX, U63_MAX, b"t" * MAX_TOKEN),
+    ListSessions(1, 0),
+    ListSessions(U63_MAX, I32_MAX),
+    SessionList(1, 0, b"\x90"),
+    SessionList(U63_MAX, I32_MAX, pack_session_rows(
+        [SessionRow(7, "echo", 1, "OPEN", 2, ((4242, 3), (4243, 0)))])),
+    Census(1),
+    CensusReply(1, b""),
+    CensusReply(U63_MAX, pack_census({1: 2, I32_MAX: 2**32 - 1})),
     # shared memory on a direct connection
     protocol.SharedMemory(),
     protocol.MappedRequest(1, 1, 1, ((0, 1 << 20, 0),), Mode.SYNC),
@@ -190,7 +214,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 34
+    assert len(MESSAGE_CLASSES) == 40
 
 
 def test_every_kind_has_exactly_one_class() -> None:
@@ -788,3 +812,30 @@ def test_compiled_validators_accept_exactly_what_the_field_checkers_accept() -> 
             assert verdict == expected, (type(message).__name__, fields)
             verdicts[expected] += 1
     assert verdicts[True] > 1_000 and verdicts[False] > 1_000
+
+
+# -- the tables inside SessionList and CensusReply (protocol 10) ------------------------------
+
+
+def test_session_rows_and_censuses_round_trip() -> None:
+    rows = [SessionRow(1, "echo", 0, "OPEN", 0, ()),
+            SessionRow(I32_MAX, "s" * 80, 1, "CLOSING", 3, ((1, 255), (2**32 - 1, 0)))]
+    assert unpack_session_rows(pack_session_rows(rows)) == rows
+    assert unpack_census(pack_census({5: 1, 6: 0})) == {5: 1, 6: 0}
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\xc1", msgpack.packb({"a": 1}), msgpack.packb([[1, "x", 0, "OPEN", 0]]),
+    msgpack.packb([[0, "x", 0, "OPEN", 0, []]]), msgpack.packb([[1, "x", 2, "OPEN", 0, []]]),
+    msgpack.packb([[1, "x", 0, "OPEN", 0, [1]]]), msgpack.packb([[1, "x", 0, "OPEN", -1, []]]),
+    msgpack.packb([[1, "x", 0, "OPEN", 0, []]] * 257), msgpack.packb(list(range(10**5))),
+])
+def test_a_malformed_session_table_is_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(ProtocolError, match="SessionList.rows"):
+        unpack_session_rows(data)
+
+
+@pytest.mark.parametrize("data", [b"\x01", b"\x00" * 8, b"\xff\xff\xff\xff" + b"\x00" * 4])
+def test_a_malformed_census_is_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(ProtocolError, match="CensusReply.counts"):
+        unpack_census(data)

@@ -4,11 +4,11 @@ descriptor write-back, session lifecycle); and the runtime that carries its requ
 (`runtime`: sockets, the I/O thread, waiting)."""
 
 from .args import TIpcArgs
-from .session import RSession, kernel_statistics, terminate_server
+from .session import RSession, kernel_sessions, kernel_statistics, terminate_server
 from .status import TRequestStatus, User
 from .subsession import RSubSession
 
 __all__ = [
     "RSession", "RSubSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics",
-    "terminate_server",
+    "kernel_sessions", "terminate_server",
 ]

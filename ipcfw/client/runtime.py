@@ -45,8 +45,12 @@ Direct connections (the direct data path)
 A session created with ``path="direct"`` whose Connected carries a ticket is attached (Attach)
 to a **direct connection** of the creating thread: a SOCK_SEQPACKET socket to the server's
 process (`DirectChannel`, over `ipcfw.client.direct.DirectSocket`), one per thread per server
-socket, made on first use. The session's requests from that thread go on it; every other
-thread's, and everything else (Connect, Share, Open, Close), go to the kernel. A direct
+socket, made on first use and reused by every session of that server the thread uses. Any
+other thread that uses the session (ShareAuto, or a thread of another process after Open)
+asks the kernel for a ticket of its own on its first call (`Runtime.join`: Join, answered
+once the server holds the ticket) and attaches the session to its own direct connection. The
+session's requests from each such thread go on that thread's connection; everything else
+(Connect, Share, Open, Join, Close) goes to the kernel. A direct
 connection follows the channel's rules: used only under its lock, settled by whoever needs
 progress, its requests in the same pending table, waited for by the same `Runtime.wait`, its
 file descriptor in the same pollers (level triggered: a frame waiting keeps it readable). A
@@ -94,6 +98,7 @@ from ..protocol import (
     Connected,
     Dropped,
     Hello,
+    Join,
     MappedCompleted,
     Message,
     Panicked,
@@ -106,7 +111,7 @@ from ..protocol import (
 )
 from . import shm
 from .direct import DirectSocket
-from .state import ClientState, Pending, SessionLife, log_once
+from .state import UNDECIDED, ClientState, Pending, SessionLife, log_once
 
 log = logging.getLogger("ipcfw.client")
 
@@ -709,19 +714,46 @@ AnyChannel: TypeAlias = Channel | DirectChannel
 
 class _ThreadSentinel:
     """Lives in a thread's local storage: when the thread ends, its channel and its direct
-    connections (server socket path -> connection) are retired."""
+    connections (server socket path -> connection) are retired, and the routes it chose for
+    direct sessions are forgotten (its ident may be reused by a later thread)."""
 
     def __init__(self, runtime: Runtime, channel: Channel) -> None:
         self.runtime = weakref.ref(runtime)
         self.channel = channel
+        self.thread = threading.get_ident()
         self.direct: dict[str, DirectChannel] = {}
+        self.routes: list[tuple[weakref.ref[SessionLife[Runtime]], DirectChannel | None]] = []
+        self._prune_at = _ROUTES_KEPT
+
+    def route(self, life: SessionLife[Runtime], direct: DirectChannel | None) -> None:
+        """This thread's calls on `life`'s session take `direct` (None: the kernel path)."""
+        life.set_route(self.thread, direct)
+        self.routes.append((weakref.ref(life), direct))
+        if len(self.routes) > self._prune_at:
+            # Keep only the routes still in use (a closed session forgot them): a thread that
+            # opens and closes sessions for ever keeps as many as it holds, not one per session.
+            self.routes = [(ref, d) for ref, d in self.routes if _still_routes(ref, self.thread, d)]
+            self._prune_at = max(_ROUTES_KEPT, 2 * len(self.routes))
 
     def __del__(self) -> None:
+        for ref, direct in self.routes:
+            life = ref()
+            if life is not None:
+                life.forget_route(self.thread, direct)
         runtime = self.runtime()
         if runtime is not None:
-            for direct in list(self.direct.values()):
-                runtime.retire_direct(direct, _thread_ended)
+            for channel in list(self.direct.values()):
+                runtime.retire_direct(channel, _thread_ended)
             runtime.retire(self.channel)
+
+
+_ROUTES_KEPT = 64  # a thread's sentinel keeps this many routes before it drops unused ones
+
+
+def _still_routes(ref: weakref.ref[SessionLife[Runtime]], thread: int,
+                  direct: DirectChannel | None) -> bool:
+    life = ref()
+    return life is not None and life.routes.get(thread, UNDECIDED) is direct
 
 
 def _thread_ended() -> errors.IpcError:
@@ -872,6 +904,46 @@ class Runtime:
         log.debug("the server at %s refused Attach (%r): session 0x%x stays on the kernel path",
                   path, reply, handle)
         return None
+
+    def route(self, life: SessionLife[Runtime], direct: DirectChannel | None) -> None:
+        """The calling thread's calls on `life`'s session take `direct` (None: the kernel
+        path) from now on, until the thread ends."""
+        self._sentinel().route(life, direct)
+
+    def join(self, life: SessionLife[Runtime], handle: int) -> DirectChannel | None:
+        """The calling thread's first use of direct session `handle` (held by `life`): ask the
+        kernel for a ticket of its own (Join: it attaches the thread, as a request would) and
+        attach the session to the thread's direct connection to the server (made on first
+        use, one per server socket). Returns the connection, or None for the kernel path,
+        which the thread then keeps (logged at debug) unless the kernel refused the Join: the
+        call then goes to the kernel, which answers it as it answers any refused request."""
+        sentinel = self._sentinel()
+        existing = sentinel.direct.get(life.direct_path)
+        if existing is not None and not existing.closed and self.state.is_attached(
+                existing, handle):
+            sentinel.route(life, existing)  # (another RSession of this process, same handle)
+            return existing
+        req_id = self.next_req_id()
+        try:
+            reply = sentinel.channel.call(encode(Join(req_id, handle)), req_id, ATTACH_TIMEOUT)
+        except TimeoutError:
+            log.debug("the kernel did not answer Join within %s s: session 0x%x stays on the "
+                      "kernel path for this thread", ATTACH_TIMEOUT, handle)
+            sentinel.route(life, None)
+            return None
+        if type(reply) is not Connected or reply.result < 0:
+            # Refused (a handle not held, a panicked session, the 255...): not kept; the call
+            # goes to the kernel, which refuses it as it refuses any request (an async one
+            # through its status).
+            return None
+        direct = None
+        if reply.ticket:
+            direct = self.attach_direct(reply.direct, reply.ticket, handle, None)
+        else:
+            log.debug("the server did not take a ticket for session 0x%x: it stays on the "
+                      "kernel path for this thread", handle)
+        sentinel.route(life, direct)
+        return direct
 
     def retire_direct(
         self, channel: DirectChannel, error: Callable[[], errors.IpcError]

@@ -25,7 +25,7 @@ import os
 import threading
 import types
 import warnings
-from typing import Any, overload
+from typing import Any, cast, overload
 from collections.abc import Callable
 
 from .. import errors
@@ -38,6 +38,9 @@ from ..protocol import (
     Completed,
     Connect,
     Connected,
+    ListSessions,
+    SessionList,
+    SessionRow,
     EGlobalSharableSessions,
     ESharableSessions,
     EUnsharableSessions,
@@ -54,12 +57,13 @@ from ..protocol import (
     TerminationReason,
     TServerType,
     encode,
+    unpack_session_rows,
 )
 from ..version import TVersion, to_version
 from .args import NO_ARGS, Args, TIpcArgs
 from . import shm
 from .runtime import AnyChannel, DirectChannel, Runtime
-from .state import Pending, SessionLife
+from .state import UNDECIDED, Pending, SessionLife
 from .status import TRequestStatus, abandon_request, begin_request, complete_request
 
 log = logging.getLogger("ipcfw.client")
@@ -175,12 +179,13 @@ class RSession:
         returns None.
 
         `path` is the session's data path: ``"direct"`` (the default) sends the requests of
-        the creating thread on a direct connection from that thread to the server's process,
-        if the server takes them (its ``direct`` attribute) and the connection can be made;
-        otherwise, and for every other thread of a shared session, they go through the
-        kernel. ``"kernel"`` sends every request through the kernel. Everything else
-        (sharing, Close, deaths, errors) is the same on both paths. Without `path`, the
-        ``IPCFW_PATH`` environment variable (``kernel`` or ``direct``) chooses, if set.
+        each thread that uses the session (the creating thread, every thread of the process
+        after `ShareAuto`, every thread of another process after `Open`) on a direct
+        connection from that thread to the server's process, if the server takes them (its
+        ``direct`` attribute) and the connection can be made; otherwise through the kernel.
+        ``"kernel"`` sends every request through the kernel. Everything else (sharing,
+        Close, deaths, errors) is the same on both paths. Without `path`, the ``IPCFW_PATH``
+        environment variable (``kernel`` or ``direct``) chooses, if set.
 
         Raises ``NotFound`` if no server has that name, ``BadName`` for an invalid name,
         ``BadArgument`` for a bad slot count or a payload over 256 bytes, and whatever the
@@ -246,7 +251,8 @@ class RSession:
         direct = None
         if reply.ticket:
             direct = runtime.attach_direct(reply.direct, reply.ticket, reply.handle, timeout)
-        self._attach(runtime, reply.handle, sharing=EUnsharableSessions, direct=direct)
+        self._attach(runtime, reply.handle, sharing=EUnsharableSessions,
+                     direct_path=reply.direct if reply.ticket else "", direct=direct)
         self._negotiation_reply = reply.payload
         if isinstance(answer, TimeoutError):
             raise TimeoutError(f"connected, but the first request had no answer within {timeout} s")
@@ -321,7 +327,8 @@ class RSession:
         if type(reply) is not Connected:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Open: {reply!r}")
         _check_connected(reply.result, also="255 threads are attached to the session, or ")
-        self._attach(runtime, reply.handle, sharing=EGlobalSharableSessions)
+        self._attach(runtime, reply.handle, sharing=EGlobalSharableSessions,
+                     direct_path=reply.direct)
 
     def ShareAuto(self) -> None:
         """Let every thread of this process use the session (Symbian ``ShareAuto``).
@@ -354,13 +361,27 @@ class RSession:
         return reply.token
 
     def _attach(
-        self, runtime: Runtime, handle: int, sharing: TServerType,
+        self, runtime: Runtime, handle: int, sharing: TServerType, direct_path: str = "",
         direct: DirectChannel | None = None,
     ) -> None:
-        self._life.attach(runtime, handle, direct, _get_ident() if direct is not None else 0)
+        """Hold `handle` now. `direct_path`: the server's socket, for a session on the direct
+        path: each thread's first call attaches it on that thread's direct connection, the
+        creating thread's at connect (`direct`, or None if that could not be made)."""
+        life = self._life
+        life.attach(runtime, handle, direct_path)
+        if direct_path and sharing == EUnsharableSessions:
+            runtime.route(life, direct)  # the creating thread's route
         self._owner = threading.current_thread()
         self._sharing = sharing
-        runtime.attach_session(self._life)
+        runtime.attach_session(life)
+
+    def _route(self, runtime: Runtime, handle: int) -> DirectChannel | None:
+        """The calling thread's direct connection for this direct session, attached on the
+        thread's first use (`Runtime.join`), or None for the kernel path."""
+        direct = self._life.route(_get_ident())
+        if direct is UNDECIDED:
+            return runtime.join(self._life, handle)
+        return cast("DirectChannel | None", direct)
 
     def Handle(self) -> int:
         """The kernel's handle for this session; 0 when not connected."""
@@ -399,8 +420,11 @@ class RSession:
         runtime, handle = self._check_usable(function)
         req_id = runtime.next_req_id()
         life = self._life
-        # (The kernel path pays one attribute read here, not a call: ~5 ns, not ~50.)
-        direct: DirectChannel | None = None if life.direct is None else life.route(_get_ident())
+        # (The kernel path pays one attribute read here, not a call: ~5 ns, not ~50; the direct
+        # path a dict lookup, once the thread's route is decided.)
+        direct = None if not life.direct_path else life.routes.get(_get_ident(), UNDECIDED)
+        if direct is UNDECIDED:
+            direct = runtime.join(life, handle)
         if direct is not None and ipc_args.large:
             return self._send_mapped(direct, req_id, handle, function, ipc_args, status, timeout)
         if status is None:
@@ -437,7 +461,7 @@ class RSession:
         ipc_args = TIpcArgs.of(args)
         runtime, handle = self._check_usable(function)
         req_id = runtime.next_req_id()
-        direct: DirectChannel | None = self._life.route(_get_ident())
+        direct = None if not self._life.direct_path else self._route(runtime, handle)
         if direct is not None and ipc_args.large:
             self._send_mapped(direct, req_id, handle, function, ipc_args, None, None, _BLIND)
             return
@@ -613,3 +637,25 @@ def kernel_statistics(endpoint: str | None = None, timeout: float = 5.0) -> dict
     if type(reply) is not StatsReply:
         raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Stats: {reply!r}")
     return dict(reply.counters)
+
+
+def kernel_sessions(endpoint: str | None = None, timeout: float = 5.0) -> list[SessionRow]:
+    """Every session the kernel holds, in handle order (what ``ipcfw ps`` lists): handle,
+    server, data path, state, outstanding messages (for a direct session, with what its
+    server has in service on its direct connections) and holders, as (pid, attached threads)
+    per process. Asked a page at a time (`ipcfw.protocol.SESSIONS_PAGE` sessions)."""
+    runtime = Runtime.for_endpoint(endpoint)
+    rows: list[SessionRow] = []
+    after = 0
+    while True:
+        req_id = runtime.next_req_id()
+        reply = runtime.channel().call(encode(ListSessions(req_id, after)), req_id, timeout)
+        if type(reply) is not SessionList:
+            raise errors.IpcError(
+                errors.KErrGeneral, f"unexpected reply to ListSessions: {reply!r}"
+            )
+        rows += unpack_session_rows(reply.rows)
+        if not reply.next:
+            return rows
+        after = reply.next
+

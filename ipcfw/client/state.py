@@ -29,15 +29,20 @@ Rules this module keeps:
 5. One RSession holds one session, one RSubSession one subsession (`Hold`): connecting or
    creating one that holds one already is ClientPanic KERN-EXEC 57; while another thread is
    connecting or creating it, KERN-EXEC 9.
-6. The direct path: a session created with ``path="direct"`` may be attached to a direct
-   connection of the creating thread (`ClientState.attach_direct`). Its calls from that thread
-   go on that connection (`SessionLife.route`), every other thread's on the kernel path. A
-   Close first says Close(handle) on every direct connection of the process attached to the
-   handle, then to the kernel (`Closing.direct`), so that the server's Disconnect follows
-   every request sent before it. A direct connection that ends (its thread ended, its server
-   closed it, the kernel died) forgets its attachments (`ClientState.connection_ended`); its
-   requests still pending complete on the way (the runtime chooses the code: KErrDied,
-   KErrServerTerminated, the kernel's end).
+6. The direct path: a session on the direct path (``path="direct"``, or an Open of one: its
+   `SessionLife.direct_path` names the server's socket) is attached to a direct connection of
+   each thread that uses it, on that thread's first use (`ClientState.attach_direct`): the
+   creating thread's at connect, any other's (ShareAuto, or another process after Open) with
+   a ticket of its own from the kernel (Join). Each thread's calls go on its route
+   (`SessionLife.route`): its direct connection, or the kernel path where none could be made
+   (decided once per thread, `SessionLife.set_route`; forgotten at the thread's end,
+   `forget_route`). A Close by the process's last holder of the handle first says
+   Close(handle) on every direct connection of the process attached to it, then to the kernel
+   (`Closing.direct`), so that the server's Disconnect follows every request sent before it.
+   A direct connection that ends (its thread ended, its server closed it, the kernel died)
+   forgets its attachments (`ClientState.connection_ended`); its requests still pending
+   complete on the way (the runtime chooses the code: KErrDied, KErrServerTerminated, the
+   kernel's end).
 
 Threads: the pending table's exactly-once rests on `dict.pop`, which is atomic (one caller
 gets the entry), so completions need no lock. The holders table (`ClientState.sessions`) does
@@ -271,7 +276,7 @@ class SessionLife(Hold[V]):
     """An RSession's hold on a session, and how the session ended under it (rules 3 and 4):
     the error it died with, its abort callback, and its sync calls in flight."""
 
-    __slots__ = ("dead", "sync_calls", "direct", "direct_thread", "_abort_callback", "_session")
+    __slots__ = ("dead", "sync_calls", "direct_path", "routes", "_abort_callback", "_session")
 
     def __init__(self, session: object, lock: Lock) -> None:
         super().__init__(SESSION_WORDS, lock)
@@ -280,36 +285,54 @@ class SessionLife(Hold[V]):
         self._abort_callback: AbortCallback | None = None
         # req_id -> channel, of sync calls in flight: a Close from another thread ends them.
         self.sync_calls: dict[int, Any] = {}
-        # The direct connection the session is attached to (rule 6), and its thread's ident.
-        self.direct: Any = None
-        self.direct_thread = 0
+        # Rule 6: the server's socket if the session is on the direct path (else ""), and each
+        # thread's route (its ident -> its direct connection, or None for the kernel path).
+        self.direct_path = ""
+        self.routes: dict[int, Any] = {}
 
-    def attach(self, via: V, handle: int, direct: Any = None, thread: int = 0) -> None:
+    def attach(self, via: V, handle: int, direct_path: str = "",
+               routes: dict[int, Any] | None = None) -> None:
         """As `Hold.attach`, alive: a new session, whatever became of the last one. The last
-        one's death is cleared first, so that no reader sees the new handle with it. `direct`:
-        the direct connection of thread `thread` the session is attached to (rule 6), if any."""
+        one's death is cleared first, so that no reader sees the new handle with it.
+        `direct_path`: the server's socket, for a session on the direct path; `routes`: the
+        threads' routes decided already (the creating thread's, at connect) (rule 6)."""
         with self.lock:
             self.dead = None
-            self.direct, self.direct_thread = direct, thread
+            self.direct_path, self.routes = direct_path, dict(routes or {})
             self.via = via
             self.handle = handle
 
     def detach(self) -> tuple[V | None, int]:
-        """As `Hold.detach`; the session's calls no longer take its direct connection."""
+        """As `Hold.detach`; the session's calls no longer take its direct connections."""
         with self.lock:
-            self.direct, self.direct_thread = None, 0
+            self.direct_path, self.routes = "", {}
             via, handle = self.via, self.handle
             self.via, self.handle = None, 0
         return via, handle
 
     def route(self, thread: int) -> Any:
-        """The direct connection a call from thread `thread` (its ident) takes, or None for
-        the kernel path (rule 6). One read of each field, without the lock: a Close meanwhile
-        clears them, and the call then meets the closed session either way."""
-        direct = self.direct
-        if direct is not None and self.direct_thread == thread:
-            return direct
-        return None
+        """The route of a call from thread `thread` (its ident): its direct connection, None
+        for the kernel path, or `UNDECIDED` (the thread's first use of a direct session: ask
+        the kernel for a ticket, then `set_route`) (rule 6). One read of each field, without
+        the lock: a Close meanwhile clears them, and the call then meets the closed session
+        either way."""
+        if not self.direct_path:
+            return None
+        return self.routes.get(thread, UNDECIDED)
+
+    def set_route(self, thread: int, direct: Any) -> None:
+        """Thread `thread`'s calls take `direct` (None: the kernel path) from now on, while the
+        session is held (a Close, or a new session, forgets it)."""
+        with self.lock:
+            if self.direct_path:
+                self.routes[thread] = direct
+
+    def forget_route(self, thread: int, direct: Any) -> None:
+        """Thread `thread` ended (its ident may be reused): forget its route if it is still
+        `direct` (its connection, or None)."""
+        with self.lock:
+            if thread in self.routes and self.routes[thread] is direct:
+                del self.routes[thread]
 
     def usable(self) -> tuple[V, int]:
         """As `Hold.usable`; raise the error the session died with, if it died.
@@ -372,6 +395,15 @@ class SessionLife(Hold[V]):
             value, writes = bad_writes(value, reply.writes, limits)
             write_back(buffers, writes)
         return errors.check(value)
+
+
+class _Undecided:
+    def __repr__(self) -> str:
+        return "UNDECIDED"
+
+
+#: `SessionLife.route` for a thread that has not used a direct session yet.
+UNDECIDED: Any = _Undecided()
 
 
 class Closing(NamedTuple):
@@ -443,7 +475,9 @@ class ClientState(Generic[C]):
                 holders.discard(life)
                 if not holders:
                     del self.sessions[handle]
-            direct = [c for c, handles in self.attached.items() if handle in handles]
+            direct: list[Any] = []
+            if not holders:  # the process's last holder: its direct connections let go
+                direct = [c for c, handles in self.attached.items() if handle in handles]
             for channel in direct:
                 self.attached[channel].discard(handle)
         answers = [(channel, Completed(req_id, errors.KErrSessionClosed, ()))

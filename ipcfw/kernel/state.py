@@ -53,6 +53,17 @@ Rules this module keeps:
    as if its socket had closed, and told so with a `Dropped` notice: on its own socket, behind
    what it has not read, and for a client thread also on its process's inbox, with a
    SessionLost (KErrDisconnected) for each unshared session that ended with it.
+11. The direct path: a session created with Connect.path DIRECT on a server with a socket
+   gives its creator a one-time ticket, to the server first (NewSession) then to the client
+   (Connected). Any other thread that may use it (a channel of a holder process) asks with
+   `Join`: it is attached as by a request (the 255), and the server is sent `Admit` with a new
+   ticket; only once the server completes it does the thread get the ticket (Connected), so the
+   server always knows a ticket before anyone can present it. Requests that then go direct
+   never reach the kernel; the kernel still decides who holds, counts holders and ends the
+   session. An Open of a direct session names the server's socket (no ticket).
+12. The session list (`ListSessions`, for `ipcfw ps`) is answered from the tables, a page at
+   a time; for direct sessions the servers are first asked (`Census`, one at a time per server)
+   what is in service on their direct connections. A server's death answers for it.
 """
 
 from __future__ import annotations
@@ -86,6 +97,17 @@ from ..protocol import (
     Message,
     Mode,
     Deregister,
+    Admit,
+    Census,
+    CensusReply,
+    Join,
+    ListSessions,
+    ProtocolError,
+    SessionList,
+    SessionRow,
+    SESSIONS_PAGE,
+    pack_session_rows,
+    unpack_census,
     Negotiated,
     NewSession,
     Path,
@@ -121,6 +143,9 @@ _COMPLETION_OVERHEAD = 1024
 MAX_ATTACHED = 255
 #: Bytes in a ShareProtected token (128 bits: unguessable).
 TOKEN_BYTES = 16
+#: Session lists (`ListSessions`) waiting for servers' censuses at once; past it, a list is
+#: answered at once with the counts the servers last reported.
+MAX_LISTINGS = 64
 
 
 #: A process's identity across pid reuse: (pid, creation time).
@@ -266,6 +291,7 @@ class MessageKind(enum.Enum):
     CONNECT = "CONNECT"
     REQUEST = "REQUEST"
     DISCONNECT = "DISCONNECT"
+    ADMIT = "ADMIT"  # a thread's ticket for the direct path, until the server holds it
 
 
 class SlotSource(enum.Enum):
@@ -323,6 +349,10 @@ class ServerRecord:
     # messages of the kernel's tables (so a freed one is taken out) and by a negative number
     # for the others. None while it reads.
     held: collections.OrderedDict[int, Message] | None = None
+    # Messages in service on its direct connections, per session, as its last CensusReply said;
+    # and whether a Census is on its way to it.
+    census: dict[int, int] = field(default_factory=dict)
+    census_asked: bool = False
 
 
 @dataclass(eq=False)
@@ -344,7 +374,7 @@ class SessionRecord:
     token: bytes | None = None  # set by ShareProtected; Open(token) attaches a process
     # On the direct path: the creator's one-time ticket, until the Connected that carries it.
     ticket: bytes = b""
-    direct: bool = False  # its creator's requests go on a direct connection to the server
+    direct: bool = False  # its threads' requests go on direct connections to the server
 
     def __repr__(self) -> str:
         return (
@@ -365,6 +395,17 @@ class MessageRecord:
     slot: SlotSource
     writable: dict[int, int]  # arg index -> max length
     payer: ProcessRecord | None = None  # a request's process: it counts towards its limit
+    ticket: bytes = b""  # an ADMIT's: the client gets it once the server holds it
+
+
+@dataclass(eq=False)
+class Listing:
+    """A ListSessions waiting for the censuses of the servers of its direct sessions."""
+
+    rid: bytes
+    req_id: int
+    after: int
+    waiting: set[bytes]  # routing ids of the servers not yet answered
 
 
 class KernelState:
@@ -406,6 +447,8 @@ class KernelState:
         self._msg_ids = itertools.count(1)
         self._held_keys = itertools.count(1)
         self.held_back: set[bytes] = set()  # servers whose messages are held back
+        self.listings: list[Listing] = []  # session lists waiting for censuses
+        self.admitted = 0  # tickets granted to threads by Join, ever
         self._client_keys = itertools.count(1)
         self._dispatch: dict[type, Callable[[Peer, Any], list[Action]]] = {
             Register: self._register,
@@ -422,6 +465,9 @@ class KernelState:
             SessionPanicked: self._session_panicked,
             Panic: self._panic,
             Stats: self._stats,
+            Join: self._join,
+            ListSessions: self._list_sessions,
+            CensusReply: self._census_reply,
         }
 
     # -- inputs ------------------------------------------------------------------------------
@@ -576,7 +622,7 @@ class KernelState:
         for action in actions:
             if type(action) is Send and action.rid in self.held_back:
                 message = action.message
-                if isinstance(message, (Deliver, NewSession, Disconnect)):
+                if isinstance(message, (Deliver, NewSession, Disconnect, Admit)):
                     key = message.msg_id
                 else:
                     key = -next(self._held_keys)
@@ -600,6 +646,8 @@ class KernelState:
             "cancellable": len(self.cancellable),
             "held": sum(len(self.server_of_peer[rid].held or ()) for rid in self.held_back),
             "sessions_direct": sum(s.direct for s in self.sessions.values()),
+            "admitted": self.admitted,
+            "listings": len(self.listings),
         }
         for state in SessionState:
             counts[f"sessions_{state.value.lower()}"] = 0
@@ -648,7 +696,7 @@ class KernelState:
             actions += self._transition(self.sessions[handle], _E.SERVER_DIED)
         if server.direct:
             actions.append(RemoveSocket(server.direct))
-        return actions
+        return actions + self._census_done(server.rid)
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -848,7 +896,12 @@ class KernelState:
             return [Send(peer.rid, Connected(message.req_id, code, 0, b""))]
         session.holders[peer.process] = session.holders.get(peer.process, 0) + 1
         peer.process.sessions.add(session.handle)
-        return [Send(peer.rid, Connected(message.req_id, errors.KErrNone, session.handle, b""))]
+        # A direct session: the path names the server's socket, and each thread asks for its
+        # own ticket with Join (no ticket here: the server must hold one before the client).
+        direct = session.server.direct if session.direct else ""
+        return [Send(peer.rid, Connected(
+            message.req_id, errors.KErrNone, session.handle, b"", direct
+        ))]
 
     def _transition(self, session: SessionRecord, event: SessionEvent) -> list[Action]:
         """Move `session` along `_SESSION_TRANSITIONS`, performing the event's side effects."""
@@ -1064,6 +1117,8 @@ class KernelState:
             return self._answer(record, Completed(record.req_id, value, writes))
         if kind is _CONNECT:
             return self._connect_done(record, value)
+        if kind is MessageKind.ADMIT:
+            return self._admitted(record, value)
         return self._transition(session, _E.DISCONNECT_DONE)
 
     def _negotiated(self, peer: Peer, message: Negotiated) -> list[Action]:
@@ -1146,9 +1201,121 @@ class KernelState:
         return Panicked(record.req_id, record.session.handle, message.category, message.reason, 1)
 
     def _reply(self, record: MessageRecord, code: int) -> Message:
-        if record.kind is MessageKind.CONNECT:
+        if record.kind is MessageKind.CONNECT or record.kind is MessageKind.ADMIT:
             return Connected(record.req_id, code, 0, b"")
         return Completed(record.req_id, code, ())
+
+    # -- every thread on the direct path ------------------------------------------------------
+
+    def _join(self, peer: Peer, message: Join) -> list[Action]:
+        """A thread uses a session: attach its channel (as a request would, counted against
+        the 255), and for a direct session ask the server to take a ticket for it (Admit);
+        the thread gets the ticket once the server holds it (`_admitted`)."""
+        self._require_role(peer, _CHANNEL, message)
+        req_id, handle = message.req_id, message.handle
+        session = self.sessions.get(handle)
+        if session is None or not self._holds(peer, session):
+            return [Send(peer.rid, Panicked(req_id, handle, "KERN-EXEC", 0, 0))]
+        if session.panic is not None:
+            return [Send(peer.rid, Panicked(req_id, handle, *session.panic, 1))]
+        code = errors.KErrNone
+        if session.server.terminating is not None or not session.deliverable:
+            code = errors.KErrServerTerminated
+        code = code or self._attach(session, peer)
+        if code:
+            return [Send(peer.rid, Connected(req_id, code, 0, b""))]
+        process = peer.process
+        if (not session.direct or session.state is not _S.OPEN
+                or len(session.messages) >= MAX_OUTSTANDING
+                or process.outstanding >= self.outstanding_per_process):
+            # (the limits bound what Joins can make the kernel and the server hold)
+            return [Send(peer.rid, Connected(req_id, errors.KErrNone, handle, b""))]
+        record = self._new_message(session, MessageKind.ADMIT, req_id, reply_to=peer.rid)
+        record.ticket = self.new_token()
+        record.payer = process
+        process.outstanding += 1
+        server = session.server
+        actions = self._inform(server, peer.process)
+        actions.append(Send(server.rid, Admit(
+            record.msg_id, handle, peer.process.client_key, record.ticket
+        )))
+        return actions
+
+    def _admitted(self, record: MessageRecord, value: int) -> list[Action]:
+        session = record.session
+        if value < 0 or not session.deliverable:
+            # The thread uses the kernel path (which answers a closed or dead session).
+            reply = Connected(record.req_id, errors.KErrNone, session.handle, b"")
+        else:
+            reply = Connected(record.req_id, errors.KErrNone, session.handle, b"",
+                              session.server.direct, record.ticket)
+            self.admitted += record.reply_to is not None  # (the thread may have gone meanwhile)
+        return self._answer(record, reply)
+
+    # -- the session list (ipcfw ps) -----------------------------------------------------------
+
+    def _list_sessions(self, peer: Peer, message: ListSessions) -> list[Action]:
+        """A page of the session list; for its direct sessions, first ask their servers what
+        is in service on their direct connections (one Census per server at a time)."""
+        page = self._session_page(message.after)
+        servers = {s.server for s in page if s.direct and s.server.rid in self.server_of_peer}
+        if not servers or len(self.listings) >= MAX_LISTINGS:
+            return [self._session_list(peer.rid, message.req_id, message.after)]
+        self.listings.append(
+            Listing(peer.rid, message.req_id, message.after, {s.rid for s in servers})
+        )
+        actions: list[Action] = []
+        for server in sorted(servers, key=lambda s: s.name):
+            if not server.census_asked:
+                server.census_asked = True
+                actions.append(Send(server.rid, Census(0)))
+        return actions
+
+    def _census_reply(self, peer: Peer, message: CensusReply) -> list[Action]:
+        server = self.server_of_peer.get(peer.rid)
+        if server is None:
+            raise PeerMisbehaved(
+                "not a server", "CensusReply from a peer that registered no server"
+            )
+        try:
+            counts = unpack_census(message.counts)
+        except ProtocolError as exc:
+            raise PeerMisbehaved("bad census", str(exc)) from None
+        server.census = {h: n for h, n in counts.items() if h in server.sessions}
+        server.census_asked = False
+        return self._census_done(server.rid)
+
+    def _census_done(self, server_rid: bytes) -> list[Action]:
+        """Server `server_rid` answered its Census, or is gone: answer the lists it completes."""
+        actions: list[Action] = []
+        for listing in list(self.listings):
+            listing.waiting.discard(server_rid)
+            if not listing.waiting:
+                self.listings.remove(listing)
+                if listing.rid in self.peers:
+                    actions.append(self._session_list(listing.rid, listing.req_id, listing.after))
+        return actions
+
+    def _session_page(self, after: int) -> list[SessionRecord]:
+        handles = sorted(h for h in self.sessions if h > after)[:SESSIONS_PAGE]
+        return [self.sessions[h] for h in handles]
+
+    def _session_list(self, rid: bytes, req_id: int, after: int) -> Send:
+        page = self._session_page(after)
+        rows = [self._session_row(session) for session in page]
+        more = page[-1].handle if len(page) == SESSIONS_PAGE else 0
+        return Send(rid, SessionList(req_id, more, pack_session_rows(rows)))
+
+    def _session_row(self, session: SessionRecord) -> SessionRow:
+        threads: collections.Counter[ProcessRecord] = collections.Counter(
+            self.peers[rid].process for rid in session.attached
+        )
+        holders = tuple(sorted((p.identity.pid, threads[p]) for p in session.holders))
+        outstanding = len(session.messages)
+        if session.direct:
+            outstanding += session.server.census.get(session.handle, 0)
+        return SessionRow(session.handle, session.server.name, int(session.direct),
+                          session.state.value, outstanding, holders)
 
     def _cancel(self, peer: Peer, message: Cancel) -> list[Action]:
         """Complete the request with KErrCancel now, free its slot, and tell the server.

@@ -3,21 +3,27 @@
 Theory of operation
 -------------------
 A session on the direct path is created and owned by the kernel as any other; only its
-requests from the thread that created it travel on a Unix SOCK_SEQPACKET connection from that
-thread straight to this process (the host's listening socket, in the kernel's private
-directory). `DirectRules` belongs to one `ServerState` (one registration) and decides what
-happens on those connections; the host accepts them, reads their frames, decodes them and
-feeds them here, and sends what the rules hand to its `DirectIO`.
+requests travel on Unix SOCK_SEQPACKET connections from each client thread that uses it
+straight to this process (the host's listening socket, in the kernel's private directory).
+`DirectRules` belongs to one `ServerState` (one registration) and decides what happens on
+those connections; the host accepts them, reads their frames, decodes them and feeds them
+here, and sends what the rules hand to its `DirectIO`.
 
 Rules this module keeps:
 
 1. Tickets. A `NewSession` carrying a ticket, once accepted, leaves the ticket here with the
    session's handle, the client's identity (from the kernel's PeerInfo) and its message slots.
-   A refused connect leaves nothing. A ticket goes when it is used, or when its session ends.
+   A refused connect leaves nothing. Every other thread of a holder gets a ticket of its own:
+   the kernel's `Admit` leaves it here for an open direct session (`admit`), before the kernel
+   gives it to the thread. A ticket goes when it is used, or when its session ends; a session
+   keeps at most `MAX_UNUSED_TICKETS` unused (the oldest goes first).
 2. Attach. ``Attach(req_id, ticket)`` attaches the ticket's session to the connection if the
    ticket is known (so: not used yet), its session is open and alive, and the connection's
    SO_PEERCRED pid and uid (read by the host at accept) are those the kernel named for the
-   client.
+   client. A session may be attached to many connections (one per client thread using it, in
+   any holder process), and a connection to many sessions (one connection per client thread
+   per server process); each connection's requests are served in its order, and its
+   `ClientInfo` is that of its tickets.
    The answer is ``Completed(req_id, handle)``. Anything else: ``Completed(req_id,
    KErrPermissionDenied)``, a log line (once per kind), and the connection stays open.
 3. Requests. A request for a handle not attached to its connection is answered
@@ -90,11 +96,14 @@ from .plugin import CSession
 
 log = logging.getLogger("ipcfw.server")
 
-__all__ = ["DirectRules", "DirectConnection", "DirectIO", "POOL_SLOTS"]
+__all__ = ["DirectRules", "DirectConnection", "DirectIO", "POOL_SLOTS", "MAX_UNUSED_TICKETS"]
 
 #: The most ASYNC/BLIND requests outstanding on the direct path for a session whose slots are
 #: the kernel's shared pool (-1): a bound per session, as the pool bounds the kernel path.
 POOL_SLOTS = 255
+#: The most tickets a session keeps unused (granted by the kernel, not yet presented): past
+#: it, the oldest goes (its thread, if it ever attaches, is refused and uses the kernel path).
+MAX_UNUSED_TICKETS = 256
 
 _SYNC, _BLIND = int(Mode.SYNC), int(Mode.BLIND)
 
@@ -148,6 +157,7 @@ class DirectConnection:
         self.max_frame = rules.max_frame
         self.attached: set[int] = set()
         self.attaches = 0  # Attach requests granted on it, ever
+        self.client: ClientInfo | None = None  # the kernel's PeerInfo for it, from its tickets
         self.in_service: dict[int, RMessage] = {}
         self.open = True
         self._io = rules.io
@@ -177,8 +187,7 @@ class DirectRules:
         self._state = state
         self._name = name
         self._tickets: dict[bytes, _Ticket] = {}
-        self._ticket_of: dict[int, bytes] = {}  # handle -> its unused ticket
-        self._client_of: dict[int, ClientInfo] = {}  # handle -> who attached it
+        self._ticket_of: dict[int, dict[bytes, None]] = {}  # handle -> its unused tickets
         self._slots: dict[int, int] = {}  # handle -> its limit of ASYNC/BLIND outstanding
         self._outstanding: dict[int, int] = {}  # handle -> ASYNC/BLIND requests not ended
         self._holders: dict[int, set[DirectConnection]] = {}  # handle -> connections attached
@@ -207,8 +216,29 @@ class DirectRules:
             # the kernel path (the client's Attach fails, and it falls back).
             self.report("ticket of an unknown client", f"session 0x{handle:x}")
             return
-        self._tickets[ticket] = _Ticket(handle, client, slots)
-        self._ticket_of[handle] = ticket
+        self._slots[handle] = POOL_SLOTS if slots < 0 else slots
+        self._keep_ticket(ticket, _Ticket(handle, client, slots))
+
+    def admit(self, ticket: bytes, handle: int, client: ClientInfo | None) -> int:
+        """The kernel's Admit: another thread of a holder (`client`) will present `ticket` for
+        session `handle` (rule 1). KErrNone once kept; an error if the session is not open on
+        the direct path here (or its client is unknown): that thread uses the kernel path."""
+        if self.ended or handle not in self._slots or handle in self._dead:
+            return errors.KErrNotSupported  # not a direct session here (or no longer)
+        if client is None:
+            self.report("ticket of an unknown client", f"session 0x{handle:x}")
+            return errors.KErrNotSupported
+        self._keep_ticket(ticket, _Ticket(handle, client, self._slots[handle]))
+        return errors.KErrNone
+
+    def _keep_ticket(self, ticket: bytes, entry: _Ticket) -> None:
+        unused = self._ticket_of.setdefault(entry.handle, {})
+        if len(unused) >= MAX_UNUSED_TICKETS:  # a client that never attaches: the oldest goes
+            oldest = next(iter(unused))
+            del unused[oldest]
+            self._tickets.pop(oldest, None)
+        self._tickets[ticket] = entry
+        unused[ticket] = None
 
     def session_ending(self, handle: int) -> None:
         """The kernel's Disconnect of `handle` is about to run (rule 8): serve what its
@@ -219,10 +249,8 @@ class DirectRules:
         for connection in self._holders.pop(handle, ()):
             connection.attached.discard(handle)
             self._forget_requests(connection, handle)
-        ticket = self._ticket_of.pop(handle, None)
-        if ticket is not None:
+        for ticket in self._ticket_of.pop(handle, ()):
             self._tickets.pop(ticket, None)
-        self._client_of.pop(handle, None)
         self._slots.pop(handle, None)
         self._outstanding.pop(handle, None)
         self._dead.pop(handle, None)
@@ -324,6 +352,17 @@ class DirectRules:
         """How many connections have `handle` attached."""
         return len(self._holders.get(handle, ()))
 
+    def census(self) -> dict[int, int]:
+        """Per session with any, its requests in service on its direct connections (the
+        kernel's Census, for `ipcfw ps`)."""
+        counts: dict[int, int] = {}
+        connections = {c for holders in self._holders.values() for c in holders}
+        for connection in connections:  # (one pass over each connection's requests)
+            for message in connection.in_service.copy().values():
+                if isinstance(message, DirectMessage) and message.handle in connection.attached:
+                    counts[message.handle] = counts.get(message.handle, 0) + 1
+        return counts
+
     def statistics(self) -> dict[str, int]:
         """Counts: unused tickets, attached sessions, outstanding slots, dead sessions."""
         return {
@@ -355,9 +394,11 @@ class DirectRules:
         if handle not in self._state.sessions or handle in self._dead:
             return self._refuse(connection, attach, "ticket of a closed session")
         del self._tickets[attach.ticket]
-        del self._ticket_of[handle]
-        self._client_of[handle] = ticket.client
-        self._slots[handle] = POOL_SLOTS if ticket.slots < 0 else ticket.slots
+        unused = self._ticket_of[handle]
+        del unused[attach.ticket]
+        if not unused:
+            del self._ticket_of[handle]
+        connection.client = ticket.client  # (one process: the pid was checked)
         connection.attached.add(handle)
         connection.attaches += 1
         self._holders.setdefault(handle, set()).add(connection)
@@ -399,7 +440,7 @@ class DirectRules:
                 self.io.send(connection, encode(Completed(req_id, errors.KErrNone, ())))
         held = connection.in_service
         message = DirectMessage(connection, req_id, request.function, request.args, session,
-                                self._client_of.get(handle), held, handle, mode)
+                                connection.client, held, handle, mode)
         self._live.add(message)
         self._state.service(session, message, request.function, held, req_id)
         return False

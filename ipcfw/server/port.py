@@ -69,7 +69,7 @@ class Link:
     """One accepted direct connection: its socket, its state in the rules, and the frames
     waiting for its peer to read (sends never block)."""
 
-    __slots__ = ("sock", "fd", "connection", "outbox", "queued", "closing", "maps")
+    __slots__ = ("sock", "fd", "connection", "outbox", "queued", "closing", "hung_up", "maps")
 
     def __init__(self, sock: socket.socket, connection: DirectConnection) -> None:
         self.sock = sock
@@ -78,6 +78,10 @@ class Link:
         self.outbox: collections.deque[bytes] = collections.deque()
         self.queued = 0  # bytes in the outbox
         self.closing = False
+        # The client closed its end (a send failed with EPIPE): nothing more is sent, but what
+        # it sent before is still read, and served, up to the end of file (a thread that ends
+        # right after its requests, or after a Close: the Disconnect comes after them).
+        self.hung_up = False
         # Its client's shared memory (ipcfw.server.shm), once it said it sends some: from then
         # on its frames are read with their file descriptors.
         self.maps: shm.Maps | None = None
@@ -186,7 +190,7 @@ class DirectPort:
 
     def send(self, connection: DirectConnection, frame: bytes) -> None:
         link = self._links.get(connection.key)
-        if link is None or link.connection is not connection or link.closing:
+        if link is None or link.connection is not connection or link.closing or link.hung_up:
             return  # it has closed: dropped
         if link.outbox:
             self._queue(link, frame)
@@ -500,6 +504,11 @@ class DirectPort:
         link.queued += len(frame)
 
     def _failed_send(self, link: Link, frame: bytes, exc: OSError) -> None:
+        if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+            link.hung_up = True  # (its reader closes it at the end of file)
+            link.outbox.clear()
+            link.queued = 0
+            return
         if exc.errno != errno.EMSGSIZE:
             log.debug("direct connection of pid %d failed: %s", link.connection.pid, exc)
             self._close(link)

@@ -42,7 +42,9 @@ Rules this module keeps:
 8. The direct path (`ipcfw.server.direct`, `self.direct`): an accepted `NewSession` with a
    ticket leaves the ticket there (before the acceptance is sent); before a `Disconnect` runs,
    the direct connections holding the session are read to their end and let it go; a
-   `PeerGone` closes the client process's direct connections.
+   `PeerGone` closes the client process's direct connections. An `Admit` (another thread of a
+   holder) leaves its ticket there and is answered at once; a `Census` is answered with what
+   is in service on the direct connections, per session.
 
 Threads: every method runs on the host's loop thread, except `completed`, which an `RMessage`
 calls from whichever thread completed it; it only reads `ended` and calls `emit`, which the
@@ -63,7 +65,11 @@ from .. import errors
 from ..protocol import (
     ERROR_STRING_FUNCTION,
     MAX_PAYLOAD,
+    Admit,
     Cancelled,
+    Census,
+    CensusReply,
+    Complete,
     Completed,
     Deliver,
     Deregister,
@@ -76,6 +82,7 @@ from ..protocol import (
     Terminating,
     TerminationReason,
     encode,
+    pack_census,
 )
 from ..version import TVersion
 from .direct import DirectIO, DirectRules
@@ -164,6 +171,8 @@ class ServerState:
             Disconnect: self._on_disconnect,
             Terminating: self._on_terminating,
             Dropped: self._on_dropped,
+            Admit: self._on_admit,
+            Census: self._on_census,
         }
 
     # -- input -------------------------------------------------------------------------------
@@ -374,6 +383,19 @@ class ServerState:
             message.Session().Cancelled(message)
         except Exception:
             log.exception("Cancelled raised")
+
+    def _on_admit(self, admit: Admit) -> None:
+        # Answered only once the ticket is kept: the kernel then gives it to the client thread.
+        code = errors.KErrNotSupported
+        if self.direct is not None and admit.handle in self.sessions:
+            code = self.direct.admit(admit.ticket, admit.handle, self.clients.get(admit.client))
+        if not self.ended:
+            self._emit(encode(Complete(admit.msg_id, code, ())))
+
+    def _on_census(self, census: Census) -> None:
+        counts = self.direct.census() if self.direct is not None else {}
+        if not self.ended:
+            self._emit(encode(CensusReply(census.req_id, pack_census(counts))))
 
     def _on_peer_info(self, info: PeerInfo) -> None:
         self.clients[info.client] = ClientInfo(info.pid, info.uid, info.gid, info.exe)

@@ -4,7 +4,7 @@
     ipcfw serve package.module:ServerClass       host a server plugin
     ipcfw demo                                   kernel + example servers + example clients
     ipcfw bench                                  latency and throughput against bare pyzmq
-    ipcfw ps                                     the kernel's counters
+    ipcfw ps                                     the kernel's counters and sessions
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from .. import endpoint as endpoints
 from .. import errors
+from ..protocol import Path, SessionRow
 
 if TYPE_CHECKING:
     from ..kernel.limits import KernelLimits
@@ -96,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     _endpoint_option(terminate)
     terminate.set_defaults(run=_run_terminate)
 
-    ps = commands.add_parser("ps", help="show the kernel's counters")
+    ps = commands.add_parser("ps", help="show the kernel's counters and sessions")
     _endpoint_option(ps)
     ps.set_defaults(run=_run_ps)
     return parser
@@ -251,10 +252,28 @@ def _run_terminate(args: argparse.Namespace) -> int:
 
 
 def _run_ps(args: argparse.Namespace) -> int:
-    from ..client import kernel_statistics
+    from ..client import kernel_sessions, kernel_statistics
 
     counters = kernel_statistics(args.endpoint)
     width = max(len(name) for name in counters)
     for name, count in counters.items():
         print(f"{name:<{width}}  {count}")
+    rows = kernel_sessions(args.endpoint)
+    if rows:
+        print()
+        print(format_sessions(rows))
     return 0
+
+
+def format_sessions(rows: list[SessionRow]) -> str:
+    """The session table of ``ipcfw ps``: one line per session, holders as pid/threads."""
+    table = [("SESSION", "SERVER", "PATH", "STATE", "OUTSTANDING", "HOLDERS (pid/threads)")]
+    for row in rows:
+        holders = " ".join(f"{pid}/{threads}" for pid, threads in row.holders) or "-"
+        table.append((f"0x{row.handle:x}", row.server, Path(row.path).name.lower(), row.state,
+                      str(row.outstanding), holders))
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1]
+        for line in table
+    )

@@ -1,9 +1,10 @@
 """A fake kernel and a fake direct server, each a thread of the test process, for the client's
 direct path (tests/client/test_direct_client.py). They start no process.
 
-`FakeKernel` is a ROUTER socket that speaks just enough of protocol 9 to a client runtime:
-Hello, Connect (answering a DIRECT one with the fake server's socket and a ticket), Share,
-Close, and Requests on the kernel path (echoed, and recorded as served by the kernel).
+`FakeKernel` is a ROUTER socket that speaks just enough of protocol 10 to a client runtime:
+Hello, Connect (answering a DIRECT one with the fake server's socket and a ticket), Join
+(another thread's ticket), Share, Close, and Requests on the kernel path (echoed, and
+recorded as served by the kernel).
 `FakeServer` listens on a SOCK_SEQPACKET socket and answers Attach, Requests, Cancels and
 Closes as the contract's server does; `kill()` closes every connection (a server's death).
 """
@@ -32,6 +33,7 @@ from ipcfw.protocol import (
     Connect,
     Connected,
     Hello,
+    Join,
     Mode,
     Panicked,
     Path,
@@ -65,6 +67,7 @@ class FakeServer:
         self.held: dict[int, tuple[int, int]] = {}  # req_id -> (fd, handle)
         self.events: list[tuple[Any, ...]] = []  # what it saw, in order
         self.eofs = 0
+        self.accepted = 0  # connections, ever
         self.error: BaseException | None = None  # what ended its thread, if not kill()
         self._stop = False
         self._lock = threading.Lock()
@@ -107,6 +110,7 @@ class FakeServer:
                             return
                         if fd == self.listener.fileno():
                             conn, _ = self.listener.accept()
+                            self.accepted += 1
                             self.connections[conn.fileno()] = conn
                             self.attached[conn.fileno()] = set()
                         elif fd in self.connections:
@@ -190,6 +194,8 @@ class FakeKernel:
         self.events: list[Any] = []
         self.served = 0  # requests served on the kernel path
         self.bad_tickets = False  # give tickets the server does not know
+        self.no_join_tickets = False  # answer Join without a ticket (the server took none)
+        self.direct_handles: set[int] = set()
         self._next_handle = 0x100
         self._stop = False
         self._thread = threading.Thread(target=self._main, name="fake-kernel", daemon=True)
@@ -220,8 +226,15 @@ class FakeKernel:
             handle = self._next_handle
             if message.path == Path.DIRECT and self.server is not None:
                 ticket = os.urandom(16) if self.bad_tickets else self.server.new_ticket(handle)
+                self.direct_handles.add(handle)
                 return Connected(message.req_id, 0, handle, b"", self.server.path, ticket)
             return Connected(message.req_id, 0, handle, b"")
+        if isinstance(message, Join):
+            handle = message.handle
+            if handle not in self.direct_handles or self.no_join_tickets or self.server is None:
+                return Connected(message.req_id, 0, handle, b"")
+            ticket = os.urandom(16) if self.bad_tickets else self.server.new_ticket(handle)
+            return Connected(message.req_id, 0, handle, b"", self.server.path, ticket)
         if isinstance(message, Share):
             return Shared(message.req_id, 0, b"")
         if isinstance(message, Request):

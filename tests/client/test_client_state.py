@@ -20,6 +20,7 @@ import ipcfw
 from ipcfw import ClientPanic, IpcError, TRequestStatus
 from ipcfw.client.state import (
     SESSION_WORDS,
+    UNDECIDED,
     SUBSESSION_WORDS,
     Abort,
     ClientState,
@@ -616,13 +617,33 @@ def test_an_rsession_tells_ipcfw_why_it_died() -> None:
 # -- the direct path (rule 6) -------------------------------------------------------------------
 
 
-def test_a_direct_session_routes_only_its_attaching_threads_calls() -> None:
+def test_a_direct_session_routes_each_thread_on_its_own_route() -> None:
     life: SessionLife[Any] = SessionLife(Holder(), threading.Lock())
-    life.attach("runtime", H, "direct connection", thread=11)
-    assert life.route(11) == "direct connection"
-    assert life.route(12) is None  # another thread: the kernel path
+    life.attach("runtime", H, "/run/ipcfw/d-1", {11: "connection of 11"})
+    assert life.route(11) == "connection of 11"
+    assert life.route(12) is UNDECIDED  # another thread's first use: it asks for a ticket
+    life.set_route(12, "connection of 12")
+    life.set_route(13, None)  # no connection could be made: the kernel path, decided once
+    assert (life.route(12), life.route(13)) == ("connection of 12", None)
+    life.forget_route(12, "another connection")  # (a later thread with a reused ident's)
+    assert life.route(12) == "connection of 12"
+    life.forget_route(12, "connection of 12")  # the thread ended
+    assert life.route(12) is UNDECIDED
     assert life.detach() == ("runtime", H)
     assert life.route(11) is None  # closed: nothing routes direct
+    life.set_route(11, "late")  # (a join finishing after the Close)
+    assert life.route(11) is None
+
+
+def test_a_close_leaves_the_direct_connections_while_another_holder_of_the_process_holds() -> None:
+    state: ClientState[Any] = ClientState(threading.Lock())
+    first, second = life_on(H, one := Holder()), life_on(H, two := Holder())  # (two Opens)
+    state.register(first)
+    state.register(second)
+    state.attach_direct(H, "connection A")
+    assert state.close(first, H, ended=False).direct == []  # the other one still uses it
+    assert state.close(second, H, ended=False).direct == ["connection A"]
+    assert one is not None and two is not None
 
 
 def test_a_kernel_path_session_routes_nothing_direct() -> None:

@@ -15,7 +15,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -26,7 +26,9 @@ from ipcfw.client import direct as client_direct
 from ipcfw.client import runtime as client_runtime
 from ipcfw._spin import PROBE, AdaptiveSpin
 from ipcfw.client.direct import SPIN, DirectSocket
-from ipcfw.protocol import Attach, Close, Connect, MappedRequest, Path, Request, SharedMemory
+from ipcfw.protocol import (
+    Attach, Close, Connect, Join, MappedRequest, Path, Request, SharedMemory,
+)
 from conftest import wait_until
 from fakes_direct import EBUSY, EECHO, EHOLD, EPANIC, EWRITE, FakeKernel, FakeServer
 
@@ -192,15 +194,151 @@ def test_cancel_goes_on_the_direct_connection(world: World) -> None:
     assert world.kernel.served == 0
 
 
-def test_other_threads_of_a_shared_session_use_the_kernel_path(world: World) -> None:
+def in_thread(fn: Callable[[], Any]) -> Any:
+    """Run `fn` in a new thread (which then ends) and return what it returned, or raise."""
+    result: list[Any] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def joins(world: World) -> list[Join]:
+    return [e for e in world.kernel.events if isinstance(e, Join)]
+
+
+def test_other_threads_of_a_shared_session_go_direct_each_on_its_own_connection(
+    world: World,
+) -> None:
     with world.connect() as session:
         session.ShareAuto()
-        answers: list[int] = []
-        thread = threading.Thread(target=lambda: answers.append(session.SendReceive(EECHO, (8,))))
-        thread.start()
+
+        def use() -> tuple[int, int]:
+            return session.SendReceive(EECHO, (8,)), session.SendReceive(EECHO, (9,))
+
+        assert in_thread(use) == (8, 9)
+        assert session.SendReceive(EECHO, (10,)) == 10
+        assert world.kernel.served == 0 and len(world.direct_requests()) == 3
+        assert [j.handle for j in joins(world)] == [session.Handle()]  # once, for that thread
+        assert len([e for e in world.server.events if isinstance(e, Attach)]) == 2
+        wait_until(lambda: world.server.eofs == 1, 5)  # the thread's end closed its connection
+
+
+def test_a_thread_uses_one_connection_for_every_session_of_a_server(world: World) -> None:
+    with world.connect() as first, world.connect() as second:
+        first.ShareAuto()
+        second.ShareAuto()
+        assert in_thread(lambda: first.SendReceive(EECHO, (1,)) + second.SendReceive(
+            EECHO, (2,))) == 3
+    attaches = [e for e in world.server.events if isinstance(e, Attach)]
+    assert len(attaches) == 4  # two sessions, each on two threads' connections
+    assert world.server.accepted == 2  # one per thread
+    assert len(joins(world)) == 2 and world.kernel.served == 0
+
+
+def test_a_thread_without_a_ticket_keeps_the_kernel_path_and_says_why(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.kernel.no_join_tickets = True
+    with world.connect() as session:
+        session.ShareAuto()
+        with caplog.at_level(logging.DEBUG, logger="ipcfw.client"):
+            assert in_thread(lambda: [session.SendReceive(EECHO, (i,)) for i in range(3)]) == [
+                0, 1, 2
+            ]
+        assert world.kernel.served == 3 and len(joins(world)) == 1  # decided once
+        assert "stays on the kernel path for this thread" in caplog.text
+        assert session.SendReceive(EECHO, (4,)) == 4 and world.kernel.served == 3
+
+
+def test_a_thread_whose_attach_is_refused_uses_the_kernel_path(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    with world.connect() as session:
+        session.ShareAuto()
+        world.kernel.bad_tickets = True
+        with caplog.at_level(logging.DEBUG, logger="ipcfw.client"):
+            assert in_thread(lambda: session.SendReceive(EECHO, (5,))) == 5
+        assert world.kernel.served == 1 and "refused Attach" in caplog.text
+
+
+def test_a_thread_whose_connection_cannot_be_made_uses_the_kernel_path(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    with world.connect() as session:
+        session.ShareAuto()
+        os.unlink(world.server.path)  # the creator's connection lives on; no new one can be made
+        with caplog.at_level(logging.DEBUG, logger="ipcfw.client"):
+            assert in_thread(lambda: session.SendReceive(EECHO, (5,))) == 5
+        assert world.kernel.served == 1 and "no direct connection" in caplog.text
+        assert session.SendReceive(EECHO, (6,)) == 6 and world.kernel.served == 1
+
+
+def test_a_thread_opening_and_closing_sessions_keeps_no_route_per_session(world: World) -> None:
+    runtime = client_runtime.Runtime.for_endpoint(world.endpoint)
+    for _ in range(300):
+        with world.connect() as session:
+            assert session.SendReceive(EECHO, (1,)) == 1
+    assert len(runtime._local.sentinel.routes) <= 2 * client_runtime._ROUTES_KEPT
+
+
+def test_a_close_tells_every_threads_direct_connection_before_the_kernel(world: World) -> None:
+    session = world.connect()
+    session.ShareAuto()
+    handle = session.Handle()
+    ready, done = threading.Event(), threading.Event()
+    statuses: list[TRequestStatus] = []
+
+    def hold() -> None:  # a thread that stays alive with a request held by the server
+        status = TRequestStatus()
+        session.SendReceive(EHOLD, (), status)
+        statuses.append(status)
+        ready.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        session.SendReceive(EECHO, (1,))
+        session.Close()
+        assert statuses[0].Wait(5) == ipcfw.KErrSessionClosed
+        wait_until(lambda: Close(handle) in world.kernel.events, 5)
+        closes = [e for e in world.server.events if e == Close(handle)]
+        assert len(closes) == 2  # one on each thread's connection, before the kernel's
+    finally:
+        done.set()
         thread.join(5)
-        assert answers == [8] and world.kernel.served == 1
-        assert session.SendReceive(EECHO, (9,)) == 9 and world.kernel.served == 1
+
+
+def test_a_joined_thread_ending_forgets_its_route_and_fails_its_requests(world: World) -> None:
+    with world.connect() as session:
+        session.ShareAuto()
+        held: list[TRequestStatus] = []
+
+        def hold() -> None:
+            status = TRequestStatus()
+            session.SendReceive(EHOLD, (), status)
+            held.append(status)
+
+        in_thread(hold)
+        wait_until(held[0].done, 5)
+        assert held[0].Int() == ipcfw.KErrDied
+        wait_until(lambda: world.server.eofs == 1, 5)
+        wait_until(lambda: len(session._life.routes) == 1, 5)  # the creator's alone
+        assert in_thread(lambda: session.SendReceive(EECHO, (7,))) == 7  # a new thread: Join
+        assert len(joins(world)) == 2 and world.kernel.served == 0
 
 
 def test_close_tells_the_direct_connection_before_the_kernel(
@@ -306,8 +444,8 @@ def test_a_thread_end_closes_its_direct_connection_and_fails_its_requests(world:
     wait_until(status.done, 5)
     assert status.Int() == ipcfw.KErrDied
     wait_until(lambda: world.server.eofs == 1, 5)
-    assert session.SendReceive(EECHO, (3,)) == 3  # this thread: the kernel path
-    assert world.kernel.served == 1
+    assert session.SendReceive(EECHO, (3,)) == 3  # this thread: a connection of its own
+    assert world.kernel.served == 0 and len(joins(world)) == 1
     session.Close()
 
 

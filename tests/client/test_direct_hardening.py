@@ -133,7 +133,7 @@ def test_a_close_that_finds_the_socket_full_is_sent_later_and_the_kernels_after_
 ) -> None:
     session = world.connect()
     handle = session.Handle()
-    direct = session._life.direct
+    direct = session._life.routes[threading.get_ident()]
     status = TRequestStatus()
     session.SendReceive(EHOLD, (), status)
     full = threading.Event()

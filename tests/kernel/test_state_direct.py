@@ -13,6 +13,20 @@ import pytest
 from ipcfw import errors
 from ipcfw.kernel.state import KernelState, PeerMisbehaved, RemoveSocket, Send, SessionState
 from ipcfw.protocol import (
+    SESSIONS_PAGE,
+    Admit,
+    Census,
+    CensusReply,
+    Join,
+    ListSessions,
+    Open,
+    PeerInfo,
+    SessionList,
+    SessionRow,
+    Share,
+    Shared,
+    pack_census,
+    unpack_session_rows,
     Complete,
     Completed,
     Connect,
@@ -33,6 +47,13 @@ from ipcfw.protocol import (
 )
 from kernel_world import (
     C1,
+    C1B,
+    C2,
+    CHANNEL,
+    CLI,
+    CLI2,
+    IN2,
+    targets,
     S1,
     S2,
     SERVER,
@@ -153,6 +174,190 @@ def test_a_server_cannot_panic_another_servers_session() -> None:
     with pytest.raises(PeerMisbehaved):
         state.receive(S2, SessionPanicked(handle, "X", 1))
     assert state.sessions[handle].state is SessionState.OPEN
+
+
+# -- every thread and process of a shared direct session (Join, Admit) -------------------------
+
+
+def shared_direct_world() -> tuple[KernelState, int]:
+    """As `direct_world`, "Echo" allowing every sharing mode, a second channel (C1B) of the
+    client, and a second client process (CLI2: C2, IN2); returns the state and the handle of
+    an open direct session created by C1 and shared with ShareProtected (token TICKETS[1])."""
+    state = new_state(new_token=numbered_tokens())
+    hello(state, S1, SERVER, SRV)
+    state.receive(S1, Register(900, "Echo", 2, (1, 0, 0), SOCKET))
+    start_client(state)
+    hello(state, C1B, CHANNEL, CLI)
+    start_client(state, CLI2, C2, IN2)
+    handle = _open_direct(state)
+    assert state.receive(C1, Share(2, handle, 2)) == [
+        Send(C1, Shared(2, errors.KErrNone, TICKETS[1]))
+    ]
+    return state, handle
+
+
+def join(state: KernelState, chan: bytes, handle: int, req_id: int = 30) -> list:
+    return state.receive(chan, Join(req_id, handle))
+
+
+def test_another_thread_gets_its_own_ticket_once_the_server_holds_it() -> None:
+    state, handle = shared_direct_world()
+    actions = join(state, C1B, handle)
+    admit = one(actions, S1, Admit)  # the server first; the thread nothing yet
+    assert sends(actions, C1B) == []
+    assert (admit.handle, admit.ticket) == (handle, b"tok-000000000003")
+    assert C1B in state.sessions[handle].attached  # attached on first use, as by a request
+    assert state.receive(S1, Complete(admit.msg_id, errors.KErrNone, ())) == [
+        Send(C1B, Connected(30, errors.KErrNone, handle, b"", SOCKET, admit.ticket))
+    ]
+    assert state.statistics()["admitted"] == 1 and state.statistics()["messages"] == 0
+
+
+def test_another_process_opens_a_direct_session_and_its_thread_joins() -> None:
+    state, handle = shared_direct_world()
+    # Open names the server's socket, with no ticket: each thread asks for its own.
+    assert state.receive(C2, Open(5, TICKETS[1])) == [
+        Send(C2, Connected(5, errors.KErrNone, handle, b"", SOCKET))
+    ]
+    actions = join(state, C2, handle)
+    info = one(actions, S1, PeerInfo)  # the server learns who may present the ticket
+    admit = one(actions, S1, Admit)
+    assert info.pid == CLI2.pid and admit.client == info.client
+    assert targets(actions) == [S1, S1]  # (PeerInfo before Admit)
+    reply = one(state.receive(S1, Complete(admit.msg_id, errors.KErrNone, ())), C2, Connected)
+    assert (reply.direct, reply.ticket) == (SOCKET, admit.ticket)
+
+
+def test_a_server_refusing_the_ticket_leaves_the_thread_on_the_kernel_path() -> None:
+    state, handle = shared_direct_world()
+    admit = one(join(state, C1B, handle), S1, Admit)
+    assert state.receive(S1, Complete(admit.msg_id, errors.KErrNotSupported, ())) == [
+        Send(C1B, Connected(30, errors.KErrNone, handle, b""))
+    ]
+    assert C1B in state.sessions[handle].attached and state.statistics()["admitted"] == 0
+
+
+def test_a_join_needs_a_held_handle_and_a_free_place_among_the_255() -> None:
+    state, handle = shared_direct_world()
+    # C2's process has not opened it: KERN-EXEC 0, nothing reaches the server
+    assert join(state, C2, handle) == [Send(C2, Panicked(30, handle, "KERN-EXEC", 0, 0))]
+    session = state.sessions[handle]
+    session.attached.update(b"other-%03d" % i for i in range(254))  # 255 with C1
+    assert join(state, C1B, handle) == [Send(C1B, Connected(30, errors.KErrOverflow, 0, b""))]
+
+
+def test_an_unshared_direct_session_cannot_be_joined_by_another_thread() -> None:
+    state = direct_world()
+    handle = _open_direct(state)
+    hello(state, C1B, CHANNEL, CLI)
+    assert join(state, C1B, handle) == [Send(C1B, Panicked(30, handle, "KERN-EXEC", 0, 0))]
+
+
+def test_a_join_of_a_kernel_path_session_attaches_without_a_ticket() -> None:
+    state = direct_world()
+    new = connect(state, path=Path.KERNEL)
+    state.receive(S1, Complete(new.msg_id, errors.KErrNone, ()))
+    assert join(state, C1, new.handle) == [
+        Send(C1, Connected(30, errors.KErrNone, new.handle, b""))
+    ]
+
+
+def test_a_session_ending_while_the_server_takes_the_ticket_answers_the_thread() -> None:
+    state, handle = shared_direct_world()
+    admit = one(join(state, C1B, handle), S1, Admit)
+    actions = state.receive(S1, SessionPanicked(handle, "PROBE", 1))  # the session dies
+    assert Send(C1B, Panicked(30, handle, "PROBE", 1, 1)) in actions
+    assert state.receive(S1, Complete(admit.msg_id, errors.KErrNone, ())) == []  # late
+
+
+def test_a_server_death_while_it_takes_the_ticket_answers_the_thread() -> None:
+    state, handle = shared_direct_world()
+    one(join(state, C1B, handle), S1, Admit)
+    actions = state.peer_gone(S1)
+    assert Send(C1B, Connected(30, errors.KErrServerTerminated, 0, b"")) in actions
+
+
+def test_a_joined_thread_ending_detaches_it_and_the_session_lives_on() -> None:
+    state, handle = shared_direct_world()
+    admit = one(join(state, C1B, handle), S1, Admit)
+    state.receive(S1, Complete(admit.msg_id, errors.KErrNone, ()))
+    assert state.peer_gone(C1B) == []
+    session = state.sessions[handle]
+    assert C1B not in session.attached and session.state is SessionState.OPEN
+
+
+def test_a_killed_sharing_process_does_not_end_the_session_for_the_others() -> None:
+    state, handle = shared_direct_world()
+    state.receive(C2, Open(5, TICKETS[1]))
+    admit = one(join(state, C2, handle), S1, Admit)
+    state.receive(S1, Complete(admit.msg_id, errors.KErrNone, ()))
+    actions = state.process_died(CLI2.key)
+    assert sends(actions, S1, Disconnect) == []
+    assert state.sessions[handle].state is SessionState.OPEN
+    assert [p.identity.pid for p in state.sessions[handle].holders] == [CLI.pid]
+
+
+# -- the session list (ipcfw ps) ---------------------------------------------------------------
+
+
+def listing(actions: list, rid: bytes = C1) -> tuple[int, list[SessionRow]]:
+    reply = one(actions, rid, SessionList)
+    return reply.next, unpack_session_rows(reply.rows)
+
+
+def test_the_list_asks_the_server_of_a_direct_session_what_is_in_service() -> None:
+    state, handle = shared_direct_world()
+    state.receive(C2, Open(5, TICKETS[1]))
+    kernel_path = connect(state, path=Path.KERNEL, req_id=6)
+    actions = state.receive(C1, ListSessions(40, 0))
+    one(actions, S1, Census)
+    assert sends(actions, C1) == [] and state.statistics()["listings"] == 1
+    assert state.receive(C1B, ListSessions(41, 0)) == []  # (one Census at a time per server)
+    actions = state.receive(S1, CensusReply(0, pack_census({handle: 3, 0x7777: 9})))
+    assert listing(actions, C1) == (0, [
+        SessionRow(handle, "Echo", 1, "OPEN", 3, ((CLI.pid, 1), (CLI2.pid, 1))),
+        SessionRow(kernel_path.handle, "Echo", 0, "CONNECTING", 1, ((CLI.pid, 1),)),
+    ])
+    assert listing(actions, C1B)[1][0].outstanding == 3
+    assert state.statistics()["listings"] == 0
+
+
+def test_a_list_without_direct_sessions_is_answered_at_once_a_page_at_a_time() -> None:
+    state = direct_world()
+    for n in range(SESSIONS_PAGE + 3):
+        state.receive(C1, Connect(100 + n, "Plain", (1, 0, 0), 0, b""))
+    more, rows = listing(state.receive(C1, ListSessions(40, 0)))
+    assert len(rows) == SESSIONS_PAGE and more == rows[-1].handle == SESSIONS_PAGE
+    assert rows[0] == SessionRow(1, "Plain", 0, "CONNECTING", 1, ((CLI.pid, 1),))
+    more, rows = listing(state.receive(C1, ListSessions(41, more)))
+    assert more == 0 and [row.handle for row in rows] == [257, 258, 259]
+
+
+def test_a_server_dying_before_its_census_answers_the_list() -> None:
+    state, handle = shared_direct_world()
+    one(state.receive(C1, ListSessions(40, 0)), S1, Census)
+    actions = state.peer_gone(S1)
+    _, rows = listing(actions)
+    assert rows[0].handle == handle and rows[0].state == "DEAD"
+
+
+def test_a_census_from_a_peer_that_is_no_server_or_malformed_is_misbehaviour() -> None:
+    state, _ = shared_direct_world()
+    with pytest.raises(PeerMisbehaved):
+        state.receive(C1, CensusReply(0, b""))
+    with pytest.raises(PeerMisbehaved):
+        state.receive(S1, CensusReply(0, b"\x01"))
+
+
+def test_joins_waiting_for_the_server_count_towards_the_processs_outstanding_limit() -> None:
+    state, handle = shared_direct_world()
+    state.outstanding_per_process = 1
+    admit = one(join(state, C1B, handle), S1, Admit)
+    assert join(state, C1, handle, req_id=31) == [  # the limit: the kernel path, no ticket
+        Send(C1, Connected(31, errors.KErrNone, handle, b""))
+    ]
+    state.receive(S1, Complete(admit.msg_id, errors.KErrNone, ()))
+    assert state.processes[CLI.key].outstanding == 0
 
 
 def test_a_termination_of_a_server_taking_direct_connections_ends_when_it_deregisters() -> None:

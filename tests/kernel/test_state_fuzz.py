@@ -25,6 +25,14 @@ from ipcfw.kernel.state import (
 )
 from ipcfw.protocol import (
     MAX_FRAME,
+    Admit,
+    Census,
+    CensusReply,
+    Join,
+    ListSessions,
+    SessionList,
+    pack_census,
+    unpack_session_rows,
     PROTOCOL_VERSION,
     Close,
     Complete,
@@ -90,6 +98,12 @@ class Fuzz:
     def __init__(self, seed: int, pool_slots: int = 6) -> None:
         self.rng = random.Random(seed)
         self.flow_rng = random.Random(-seed)
+        # The direct path's inputs (Join, ListSessions, CensusReply, and whether a server takes
+        # direct connections and a connect asks for them) draw on a stream of their own too.
+        self.direct_rng = random.Random(seed + 10**6)
+        self.join_reqs: set[int] = set()  # req_ids of every Join
+        self.legit_joins: set[int] = set()  # ... that a correct client sent
+        self.list_reqs: set[int] = set()  # req_ids of every ListSessions
         self.state = KernelState(kernel_pid=1, pool_slots=pool_slots,
                                  protserv_uids=frozenset({1001}),
                                  new_token=numbered_tokens(b"fz"))
@@ -142,8 +156,15 @@ class Fuzz:
                 if kind is Panicked and message.category == "KERN-EXEC":
                     # A handle the client rightly holds is never refused as not held.
                     assert (message.req_id not in self.legit
-                            and message.req_id not in self.legit_shares), message
-                if kind is Connected and message.req_id in self.open_reqs:
+                            and message.req_id not in self.legit_shares
+                            and message.req_id not in self.legit_joins), message
+                if kind is Connected and message.req_id in self.join_reqs:
+                    # a Join attaches the thread; it holds nothing more than before
+                    assert message.result != 0 or message.handle != 0, message
+                    if message.ticket:
+                        assert message.result == 0 and message.direct, message
+                        self.counts["join with a ticket"] += 1
+                elif kind is Connected and message.req_id in self.open_reqs:
                     self.absorb_open(key, message)
                 elif kind is Connected and message.result == 0:
                     # else shared before it was connected
@@ -168,12 +189,21 @@ class Fuzz:
                 )
                 if message.handle in self.shared.get(key, ()):
                     self.counts["SessionLost of a shared session"] += 1
-            elif kind in (NewSession, Deliver, Disconnect):
+            elif kind in (NewSession, Deliver, Disconnect, Admit):
                 assert rid in self.servers
                 self.pending[rid][message.msg_id] = message
+            elif kind is SessionList:
+                assert message.req_id in self.list_reqs, message
+                self.answers[message.req_id] += 1
+                assert self.answers[message.req_id] == 1, f"req {message.req_id} answered twice"
+                assert rid == self.requests[message.req_id], (rid, message)
+                rows = unpack_session_rows(message.rows)
+                assert [r.handle for r in rows] == sorted(r.handle for r in rows)
+            elif kind is Census:
+                assert rid in self.servers
             # never an answer to a request: only its own Hello and Stats, and notices
             if role is INBOX:
-                assert kind in (Welcome, StatsReply, SessionLost), (rid, message)
+                assert kind in (Welcome, StatsReply, SessionLost, SessionList), (rid, message)
             self.counts[kind.__name__] += 1
 
     def absorb_shared(self, rid: bytes, key: tuple, message: Shared) -> None:
@@ -304,6 +334,9 @@ class Fuzz:
         flow = self.flow_rng.random()
         if flow < 0.04:
             self.run("hold_back" if flow < 0.008 else "release")
+        direct = self.direct_rng.random()
+        if direct < 0.1:
+            self.run(["join", "join", "join", "list", "census"][int(direct * 50)])
         self.run(op)
 
     def run(self, op: str) -> None:
@@ -388,9 +421,10 @@ class Fuzz:
         req_id = self.new_registration(rid)
 
         sharing = self.rng.choice([0, 1, 2, 2, 2])
+        direct = "/run/fz/d-%d" % len(self.servers) if self.direct_rng.random() < 0.6 else ""
 
         def call():
-            actions = self.state.receive(rid, Register(req_id, name, sharing, (1, 0, 0)))
+            actions = self.state.receive(rid, Register(req_id, name, sharing, (1, 0, 0), direct))
             # registered already: KErrInUse, held back with the rest
             if rid in self.state.held_back:
                 assert sends(actions) == []
@@ -412,7 +446,10 @@ class Fuzz:
         )
         slots = self.rng.choice([-1, -1, 0, 1, 2, 3, -2, 256])
         req_id = self.new_req(rid)
-        return False, lambda: self.state.receive(rid, Connect(req_id, name, (1, 0, 0), slots, b""))
+        path = self.direct_rng.choice([0, 1, 1])
+        return False, lambda: self.state.receive(
+            rid, Connect(req_id, name, (1, 0, 0), slots, b"", (), path)
+        )
 
     def op_request(self):
         usable = self.usable()
@@ -525,7 +562,8 @@ class Fuzz:
 
             def call():
                 actions = state.receive(rid, message)
-                if type(message) is Register and sends(actions)[0].value == 0:
+                # (a server held back is registered already: its KErrInUse is held back too)
+                if type(message) is Register and sends(actions) and sends(actions)[0].value == 0:
                     self.servers[rid] = message.name
                 return actions
 
@@ -543,6 +581,47 @@ class Fuzz:
             return role is not CHANNEL, lambda: state.receive(rid, message)
         # a duplicate hello
         return True, lambda: hello(state, rid, INBOX, self.IDENTITIES[1])
+
+    def op_join(self):
+        """A thread's first use of a session (a direct one: its ticket), or a forged one."""
+        rng = self.direct_rng
+        usable = self.usable()
+        if usable and rng.random() < 0.8:
+            rid, handle = rng.choice(usable)
+            req_id = self.new_req(rid)
+            self.legit_joins.add(req_id)
+        else:
+            rid = self.pick()
+            if rid is None:
+                return False, None
+            handle = rng.randint(1, self.state._next_handle + 2)
+            req_id = self.new_req(rid)
+        self.join_reqs.add(req_id)
+        return self.peers[rid][0] is not CHANNEL, lambda: self.state.receive(
+            rid, Join(req_id, handle)
+        )
+
+    def op_list(self):
+        rid = self.pick()
+        if rid is None:
+            return False, None
+        req_id = self.new_req(rid)
+        self.list_reqs.add(req_id)
+        after = self.direct_rng.choice([0, 0, 1, self.state._next_handle])
+        return False, lambda: self.state.receive(rid, ListSessions(req_id, after))
+
+    def op_census(self):
+        """A server's CensusReply (asked for or not), or one from a peer that is no server."""
+        rng = self.direct_rng
+        rid = self.pick(SERVER) if rng.random() < 0.9 else self.pick()
+        if rid is None:
+            return False, None
+        handles = range(1, self.state._next_handle + 2)
+        counts = b"\x01" if rng.random() < 0.05 else pack_census(
+            {h: rng.randrange(4) for h in rng.sample(handles, min(3, len(handles)))}
+        )
+        bad = rid not in self.servers or counts == b"\x01"
+        return bad, lambda: self.state.receive(rid, CensusReply(0, counts))
 
     def op_stats(self):
         rid = self.pick()
@@ -719,6 +798,13 @@ def check_invariants(state: KernelState) -> None:
     assert stats["peers"] == len(state.peers) and stats["processes"] == len(state.processes)
     assert stats["tokens"] == len(state.tokens)
     assert stats["attached"] == sum(len(s.attached) for s in state.sessions.values())
+    # A session list waits only for live servers that have a Census on its way.
+    assert len(state.listings) <= kstate.MAX_LISTINGS
+    for listing in state.listings:
+        assert listing.waiting
+        for rid in listing.waiting:
+            server = state.server_of_peer.get(rid)
+            assert server is not None and server.census_asked, listing
 
 
 def check_model(fuzz: Fuzz) -> None:
@@ -794,7 +880,9 @@ def test_fuzz_random_operations_keep_the_tables_consistent(seed: int) -> None:
                  "async without an inbox", *(f"state {s.value}" for s in SessionState),
                  "share", "open", "Shared", "share ok", "share refused", "open ok", "open refused",
                  "request on a shared session", "close shared, the last open",
-                 "close shared, not the last open", "hold_back", "release"):
+                 "close shared, not the last open", "hold_back", "release",
+                 "join", "list", "census", "Admit", "Census", "SessionList",
+                 "join with a ticket"):
         assert c[name] > 0, (name, dict(c))
     assert sum(fuzz.answers.values()) > 300 and len(fuzz.legit) > 300
     # Every Share and Open a correct client sent was answered, once.
@@ -810,7 +898,11 @@ def test_fuzz_random_operations_keep_the_tables_consistent(seed: int) -> None:
             == stats["sessions_panicked"] == 0)
     # When every process dies, the kernel forgets everything.
     fuzz.kill_everything()
-    assert fuzz.state.statistics() == KernelState(pool_slots=fuzz.state.pool_slots).statistics()
+    stats = fuzz.state.statistics()
+    assert stats.pop("admitted") == c["join with a ticket"]  # (a count of tickets ever given)
+    fresh = KernelState(pool_slots=fuzz.state.pool_slots).statistics()
+    fresh.pop("admitted")
+    assert stats == fresh
     assert not fuzz.state.servers and not fuzz.state.server_of_peer
 
 

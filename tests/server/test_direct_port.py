@@ -293,3 +293,18 @@ def test_an_attach_read_late_because_the_loop_was_busy_still_counts(setup, monke
     setup.turn(100)
     assert decode(sock.recv(MAX_FRAME)) == Completed(1, 0x46, ())
     assert not closed(sock)
+
+
+def test_what_a_client_sent_before_it_hung_up_is_still_served(setup):
+    # A client thread that ends right after its requests: the first answer finds its end
+    # closed (EPIPE), and the requests behind it are still read and served, to the end of file.
+    sock = setup.attached(0x51)
+    for n in range(5):
+        sock.send(encode(Request(10 + n, 0x51, 1, (n,), SYNC)))
+    sock.close()
+    setup.sockets.remove(sock)
+    for _ in range(3):
+        setup.turn(100)
+        setup.port.flush()
+    assert setup.server.events == [("service", n) for n in range(5)]
+    assert setup.port.rules is not None and setup.port.rules.attached(0x51) == 0  # it ended

@@ -16,6 +16,10 @@ import pytest
 from ipcfw import errors
 from ipcfw.protocol import (
     ERROR_STRING_FUNCTION,
+    Admit,
+    Census,
+    CensusReply,
+    unpack_census,
     MAX_FRAME,
     Attach,
     Cancel,
@@ -37,7 +41,7 @@ from ipcfw.protocol import (
     decode,
 )
 from ipcfw.server import ClientInfo, CServer, CSession, RMessage
-from ipcfw.server.direct import POOL_SLOTS, DirectConnection, DirectRules
+from ipcfw.server.direct import MAX_UNUSED_TICKETS, POOL_SLOTS, DirectConnection, DirectRules
 from ipcfw.server.message import DirectMessage
 from ipcfw.server.overlay import Layers
 from ipcfw.server.state import ServerState
@@ -595,6 +599,134 @@ def test_the_overflow_rule_is_written_once_for_both_paths(server):
     assert harness.feed(connection, Request(2, HANDLE, 1, ((b"", 400),), SYNC)) == [
         Completed(2, errors.KErrOverflow, ())
     ]
+
+
+# -- a session on several connections (every thread of a shared session) ---------------------
+
+
+CLIENT2, PID2 = 10, 5151  # a second client process, after Open
+
+
+def admitted(harness: Harness, ticket: bytes, client: int = CLIENT, pid: int = PID,
+             handle: int = HANDLE) -> DirectConnection:
+    """The kernel admits another thread (of process `client`) with `ticket`; that thread's
+    connection attaches it."""
+    msg_id = harness.next_id()
+    harness.state.receive(Admit(msg_id, handle, client, ticket))
+    assert harness.kernel.pop() == Complete(msg_id, errors.KErrNone, ())
+    connection = harness.connection(pid)
+    assert harness.feed(connection, Attach(1, ticket)) == [Completed(1, handle, ())]
+    return connection
+
+
+@pytest.fixture
+def two(harness: Harness) -> tuple[DirectConnection, DirectConnection]:
+    """The session attached on the creator's connection and on another process's."""
+    harness.state.receive(PeerInfo(CLIENT2, PID2, UID, GID, "/bin/other"))
+    first = harness.attached(slots=2)
+    return first, admitted(harness, b"t2" * 8, CLIENT2, PID2)
+
+
+def test_an_admit_keeps_a_ticket_for_another_thread_and_answers_once_it_is_kept(harness):
+    harness.attached()
+    same_process = admitted(harness, b"t2" * 8)
+    assert harness.rules.attached(HANDLE) == 2 and same_process.pid == PID
+
+
+@pytest.mark.parametrize("handle, ticket", [(0x7777, TICKET), (HANDLE, b"")])
+def test_an_admit_for_a_session_not_direct_here_is_refused(harness, handle, ticket):
+    harness.new_session(ticket=ticket)  # b"": a session on the kernel path
+    harness.state.receive(Admit(50, handle, CLIENT, b"t2" * 8))
+    assert harness.kernel == [Complete(50, errors.KErrNotSupported, ())]
+
+
+def test_each_connection_is_served_in_its_order_with_its_own_client(harness, server, two):
+    first, second = two
+    server.actions = [complete_with(1), complete_with(2), complete_with(3)]
+    assert harness.feed(first, Request(5, HANDLE, 10, (), SYNC)) == [Completed(5, 1, ())]
+    assert harness.feed(second, Request(5, HANDLE, 20, (), SYNC)) == [Completed(5, 2, ())]
+    assert harness.feed(first, Request(6, HANDLE, 11, (), SYNC)) == [Completed(6, 3, ())]
+    assert server.events == [("service", 10, PID), ("service", 20, PID2), ("service", 11, PID)]
+    assert harness.kernel == []
+
+
+def test_slots_are_the_sessions_across_its_connections(harness, server, two):
+    first, second = two
+    harness.feed(first, Request(2, HANDLE, 1, (), ASYNC))
+    harness.feed(second, Request(2, HANDLE, 1, (), ASYNC))
+    assert harness.feed(second, Request(3, HANDLE, 1, (), ASYNC)) == [
+        Completed(3, errors.KErrServerBusy, ())
+    ]
+
+
+def test_a_cancel_ends_only_its_connections_request(harness, server, two):
+    first, second = two
+    harness.feed(first, Request(2, HANDLE, 1, (), ASYNC))
+    harness.feed(second, Request(2, HANDLE, 2, (), ASYNC))
+    assert harness.feed(second, Cancel(2)) == [Completed(2, errors.KErrCancel, ())]
+    assert server.events[-1] == ("cancelled", 2)
+    server.held[0].Complete(7)
+    assert harness.take(first) == [Completed(2, 7, ())]
+
+
+def test_a_close_on_one_connection_detaches_only_that_one(harness, server, two):
+    first, second = two
+    assert harness.feed(second, Close(HANDLE)) == []
+    assert harness.feed(second, Request(3, HANDLE, 1, (), SYNC)) == [
+        Panicked(3, HANDLE, "KERN-EXEC", 0, 0)
+    ]
+    server.actions = [complete_with(4)]
+    assert harness.feed(first, Request(3, HANDLE, 1, (), SYNC)) == [Completed(3, 4, ())]
+    assert harness.rules.attached(HANDLE) == 1 and "disconnect" not in str(server.events)
+
+
+def test_a_connection_ending_cancels_its_requests_and_the_session_lives(harness, server, two):
+    first, second = two
+    harness.feed(second, Request(2, HANDLE, 5, (), ASYNC))  # held
+    harness.rules.connection_ended(second)  # the thread ended, or its process was killed
+    assert server.events[-1] == ("cancelled", 5) and harness.rules.attached(HANDLE) == 1
+    server.actions = [complete_with(6)]
+    assert harness.feed(first, Request(3, HANDLE, 1, (), SYNC)) == [Completed(3, 6, ())]
+
+
+def test_the_disconnect_runs_once_after_what_every_connection_sent(harness, server, two):
+    first, second = two
+    server.actions = [complete_with(1), complete_with(2), complete_with(3)]
+    harness.io.unread[first.key] = [Request(7, HANDLE, 10, (), SYNC), Close(HANDLE)]
+    harness.io.unread[second.key] = [Request(7, HANDLE, 20, (), SYNC),
+                                     Request(8, HANDLE, 21, (), SYNC)]  # no Close: it died
+    msg_id = harness.next_id()
+    harness.state.receive(Disconnect(msg_id, HANDLE))
+    functions = [e[1] for e in server.events[:-1]]  # (the connections' order is not fixed)
+    assert sorted(functions) == [10, 20, 21] and functions.index(20) < functions.index(21)
+    assert server.events[-1] == ("disconnect",)
+    assert len(harness.take(first)) == 1 and len(harness.take(second)) == 2
+    assert harness.kernel == [Complete(msg_id, errors.KErrNone, ())]
+    assert harness.rules.attached(HANDLE) == 0
+
+
+def test_a_census_counts_what_is_in_service_on_every_connection(harness, server, two):
+    first, second = two
+    harness.feed(first, Request(2, HANDLE, 1, (), ASYNC))
+    harness.feed(second, Request(2, HANDLE, 1, (), ASYNC))
+    harness.state.receive(Census(4))
+    reply = harness.kernel.pop()
+    assert type(reply) is CensusReply and unpack_census(reply.counts) == {HANDLE: 2}
+    server.held[0].Complete(0)
+    assert harness.rules.census() == {HANDLE: 1}
+
+
+def test_unused_tickets_are_bounded_per_session(harness):
+    harness.attached()
+    for n in range(MAX_UNUSED_TICKETS + 1):
+        harness.state.receive(Admit(harness.next_id(), HANDLE, CLIENT, b"%016d" % n))
+    assert harness.rules.statistics()["tickets"] == MAX_UNUSED_TICKETS
+    late = harness.connection()
+    assert harness.feed(late, Attach(1, b"%016d" % 0)) == [  # the oldest went
+        Completed(1, errors.KErrPermissionDenied, ())
+    ]
+    harness.state.receive(Disconnect(harness.next_id(), HANDLE))
+    assert harness.rules.statistics()["tickets"] == 0
 
 
 # -- deregistration (rule 11) -----------------------------------------------------------------
