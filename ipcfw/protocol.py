@@ -148,6 +148,8 @@ __all__ = [
     "check_args",
     "check_mapped_args",
     "MAX_MAPPED",
+    "SHARED_OVER",
+    "mapped_capacity",
     "MAX_MAPPED_FDS",
     "SharedMemory",
     "MappedRequest",
@@ -174,6 +176,17 @@ MAX_TOKEN = 64
 MAX_PATH = 4096
 #: Largest descriptor in shared memory on a direct connection (`MappedRequest`).
 MAX_MAPPED = 1 << 30
+#: Descriptors of at least this many bytes go through shared memory on a direct connection
+#: (`ipcfw.client.shm`): below it, the frame's copy costs less than a memfd's handling, and
+#: above, the copy into the socket grows with the size (see docs/protocol.md, measured there).
+SHARED_OVER = 64 * 1024
+
+
+def mapped_capacity(size: int) -> int:
+    """The size of the memfd that carries a descriptor of `size` bytes: a power of two, so
+    that memfds are reused across nearby sizes. A server refuses a larger one (it would map
+    memory the descriptor does not need)."""
+    return 1 << (max(size, SHARED_OVER) - 1).bit_length()
 #: Most file descriptors one frame on a direct connection carries: one per argument.
 MAX_MAPPED_FDS = 4
 #: Answers a server queues for a direct connection that does not read them before it closes
@@ -413,19 +426,11 @@ def check_mapped_args(value: Any) -> Args:
 
 
 def _mapped_writes(value: Any) -> tuple[tuple[int, bytes | int], ...]:
-    if type(value) is not tuple or len(value) > 4:
-        raise ValueError("expected a tuple of at most 4 (index, bytes or length) writes")
-    for item in value:
-        if (
-            type(item) is not tuple
-            or len(item) != 2
-            or type(item[0]) is not int
-            or not 0 <= item[0] <= 3
-            or not (type(item[1]) is bytes
-                    or (type(item[1]) is int and 0 <= item[1] <= MAX_MAPPED))
-        ):
-            raise ValueError("expected (index 0..3, bytes or a length) pairs")
-    return value
+    return _checked_writes(value, _is_write_or_length, "bytes or a length")  # type: ignore[no-any-return]
+
+
+def _is_write_or_length(data: Any) -> bool:
+    return type(data) is bytes or (type(data) is int and 0 <= data <= MAX_MAPPED)
 
 
 def _first(value: Any) -> tuple[Any, ...]:
@@ -440,17 +445,26 @@ def _first(value: Any) -> tuple[Any, ...]:
 
 
 def _writes(value: Any) -> Writes:
+    return _checked_writes(value, _is_bytes, "bytes")  # type: ignore[no-any-return]
+
+
+def _is_bytes(data: Any) -> bool:
+    return type(data) is bytes
+
+
+def _checked_writes(value: Any, data_ok: Callable[[Any], bool], what: str) -> Any:
+    """`value` if it is a tuple of at most 4 (index 0..3, data) pairs whose data `data_ok`."""
     if type(value) is not tuple or len(value) > 4:
-        raise ValueError("expected a tuple of at most 4 (index, bytes) writes")
+        raise ValueError(f"expected a tuple of at most 4 (index, {what}) writes")
     for item in value:
         if (
             type(item) is not tuple
             or len(item) != 2
             or type(item[0]) is not int
             or not 0 <= item[0] <= 3
-            or type(item[1]) is not bytes
+            or not data_ok(item[1])
         ):
-            raise ValueError("expected (index 0..3, bytes) pairs")
+            raise ValueError(f"expected (index 0..3, {what}) pairs")
     return value
 
 

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..protocol import I32_MAX, I32_MIN
+from ..protocol import I32_MAX, I32_MIN, SHARED_OVER
 
 __all__ = ["Arg", "Args", "NO_ARGS", "TIpcArgs", "SHARED_OVER"]
-
-#: Descriptors of at least this many bytes go through shared memory on a direct connection
-#: (`ipcfw.client.shm`): below it, the frame's copy costs less than a memfd's handling, and
-#: above, the copy into the socket grows with the size (see docs/protocol.md, measured there).
-SHARED_OVER = 64 * 1024
 
 Arg = int | bytes | bytearray
 WireArg = int | bytes | tuple[bytes, int]  # a writable descriptor: (contents, max length)

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from .. import errors
 from ..protocol import (
     MAX_MAPPED,
+    mapped_capacity,
     Completed,
     MappedCompleted,
     MappedRequest,
@@ -76,17 +77,11 @@ def all_zeros(content: bytes | bytearray) -> bool:
     global _zeros
     zeros = _zeros
     if zeros is None or len(zeros) < len(content):
-        size = capacity(len(content))
+        size = mapped_capacity(len(content))
         zeros = _zeros = memoryview(mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                               mmap.PROT_READ))
     same: bool = content == zeros[: len(content)]  # type: ignore[comparison-overlap]
     return same  # (bytes compare with any buffer: a memcmp)
-
-
-def capacity(size: int) -> int:
-    """The size of the memfd made for a descriptor of `size` bytes: a power of two, so that
-    memfds are reused across nearby sizes (pages never touched cost nothing)."""
-    return 1 << (max(size, SHARED_OVER) - 1).bit_length()
 
 
 class Region:
@@ -121,17 +116,18 @@ class Pool:
         self.closed = False
 
     def take(self, size: int) -> Region:
-        """An idle memfd of at least `size` bytes (the smallest), or a new one."""
+        """An idle memfd of `mapped_capacity(size)` bytes, or a new one (a server refuses a
+        larger one)."""
         global _idle_bytes
+        wanted = mapped_capacity(size)
         with self._lock:
-            fits = [region for region in self._idle if region.size >= size]
-            if fits:
-                region = min(fits, key=lambda r: r.size)
+            region = next((r for r in self._idle if r.size == wanted), None)
+            if region is not None:
                 self._idle.remove(region)
                 with _budget_lock:
                     _idle_bytes -= region.size
                 return region
-        return Region(capacity(size))
+        return Region(mapped_capacity(size))
 
     def give(self, region: Region) -> None:
         """`region` is free again (the server said so): keep it, within `IDLE_BYTES`."""

@@ -41,6 +41,7 @@ from ..protocol import (
     Completed,
     MappedCompleted,
     MappedRequest,
+    Request,
     ProtocolError,
     SharedMemory,
     decode,
@@ -450,6 +451,10 @@ class DirectPort:
         """A MappedRequest and its memfds: mapped, then served as a Request; or answered with
         an error code and not served (a bad memfd); or the connection misbehaved."""
         assert link.maps is not None
+        if message.handle not in link.connection.attached:
+            # Nothing is mapped for a session not attached here: the rules answer it as any
+            # request for it (KERN-EXEC 0), and its file descriptors are closed unread.
+            return self._unmapped(link, rules, message)
         request = shm.adopt(message, fds, link.maps)
         if isinstance(request, str):
             rules.misbehaved(link.connection, "bad MappedRequest", request)
@@ -472,6 +477,13 @@ class DirectPort:
             if isinstance(args, MappedArgs):
                 args.release()
         if misbehaved:
+            self._close(link)
+            return False
+        return True
+
+    def _unmapped(self, link: Link, rules: DirectRules, message: MappedRequest) -> bool:
+        request = Request(message.req_id, message.handle, message.function, (), message.mode)
+        if rules.receive(link.connection, request):
             self._close(link)
             return False
         return True

@@ -37,7 +37,7 @@ import threading
 from typing import Any, NamedTuple
 
 from .. import errors
-from ..protocol import MAX_MAPPED_FDS, MappedRequest, Request
+from ..protocol import MAX_MAPPED_FDS, MappedRequest, Request, mapped_capacity
 from .mapped import MappedDescriptor, mapped_args, plan
 
 __all__ = [
@@ -113,8 +113,9 @@ class Maps:
                 return bad, "not a memfd (no seals)"
             if seals & _SEALS != _SEALS:
                 return bad, "a memfd not sealed against shrinking and growing"
-            if info.st_size < length:
-                return bad, f"a memfd of {info.st_size} bytes for a descriptor of {length}"
+            if not length <= info.st_size <= mapped_capacity(length):
+                return bad, (f"a memfd of {info.st_size} bytes for a descriptor of {length} "
+                             f"(at least that, at most {mapped_capacity(length)})")
         except OSError as exc:
             return bad, f"unreadable file descriptor ({exc})"
         if info.st_size == 0:

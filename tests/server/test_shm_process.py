@@ -81,7 +81,7 @@ def test_a_mapped_request_is_served_from_the_memfds_and_keeps_no_descriptor(bulk
     before = server_fds(bulk)
     sock = shared(bulk, 7)
     data = os.urandom(SIZE)
-    source, target = memfd(SIZE, data), memfd(SIZE + 4096, b"\xaa" * SIZE)
+    source, target = memfd(SIZE, data), memfd(SIZE, b"\xaa" * SIZE)
     try:
         # ReadL(0, offset 100) written at offset 50 of the writable descriptor
         send(sock, MappedRequest(2, 7, ECopy, ((0, SIZE, 0), (1, SIZE, 1), 100, 50), 0),
@@ -109,6 +109,12 @@ def _unsealed(sock: socket.socket) -> None:
 
 def _too_small(sock: socket.socket) -> None:
     fd = memfd(1000)
+    send(sock, MappedRequest(5, 7, ECrc, ((0, SIZE, 0), 0, 0), 0), [fd])
+    os.close(fd)
+
+
+def _too_large(sock: socket.socket) -> None:
+    fd = memfd(64 * SIZE)  # more than a descriptor of SIZE bytes needs: not mapped
     send(sock, MappedRequest(5, 7, ECrc, ((0, SIZE, 0), 0, 0), 0), [fd])
     os.close(fd)
 
@@ -180,6 +186,7 @@ def _unattached_handle(sock: socket.socket) -> None:
 HOSTILE: list[tuple[Callable[[socket.socket], None], bool, Any]] = [
     (_unsealed, True, Completed(5, KErrBadDescriptor, ())),
     (_too_small, True, Completed(5, KErrBadDescriptor, ())),
+    (_too_large, True, Completed(5, KErrBadDescriptor, ())),
     (_a_pipe, True, Completed(5, KErrBadDescriptor, ())),
     (_read_only_for_writable, True, Completed(5, KErrBadDescriptor, ())),
     (_unattached_handle, True, Panicked(5, 99, "KERN-EXEC", 0, 0)),
@@ -240,3 +247,18 @@ def test_maps_are_bounded_per_connection_and_all_closed_with_it(bulk) -> None:
     sock.close()
     wait_until(lambda: server_fds(bulk) == before,
                what="the server to close the maps of the held messages too")
+
+
+def test_a_connection_without_the_session_gets_nothing_mapped(bulk) -> None:
+    sock = bulk.connect()  # no Attach: it holds no session here
+    huge = memfd(1 << 29)  # sparse: 512 MiB, sealed, of the size its descriptor declares
+    try:
+        send(sock, SharedMemory())
+        send(sock, MappedRequest(5, 7, ECrc, ((0, 1 << 29, 0), 0, 0), 0), [huge])
+        assert receive(sock) == Panicked(5, 7, "KERN-EXEC", 0, 0)
+        with open(f"/proc/{bulk.server.popen.pid}/maps") as maps:
+            assert "memfd:test" not in maps.read()  # nothing of it was mapped
+    finally:
+        sock.close()
+        os.close(huge)
+
