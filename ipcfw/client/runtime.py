@@ -1068,6 +1068,11 @@ class Runtime:
             while not sent.wait(_SLICE * 10):
                 if self.kernel_dead or self._closed:
                     return
+        if channel.closed:
+            # The closing thread has ended meanwhile (its channel with it): this thread's own
+            # carries the Close (any thread of a holding process may close a shared handle; an
+            # unshared one ended with its thread's channel).
+            channel = self.channel()
         channel.send(frame)
 
     def wait(self, waits: Sequence[tuple[W, AnyChannel | None]], timeout: float | None) -> W:

@@ -185,3 +185,31 @@ def test_a_connection_the_server_closed_does_not_claim_the_server_died(world: Wo
     assert "server closed this thread's direct connection" in str(raised.value)
     assert "crashed" not in str(raised.value) and "died" not in str(raised.value)
     session.Close()
+
+
+def test_a_close_sent_later_reaches_the_kernel_when_the_closing_thread_has_ended(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = world.connect()
+    session.ShareAuto()
+    handle = session.Handle()
+    direct = session._life.routes[threading.get_ident()]
+    full = threading.Event()
+    full.set()
+    send = direct.socket.send
+    monkeypatch.setattr(direct.socket, "send",
+                        lambda frame: False if full.is_set() else send(frame))
+    runtime, _ = session._life.usable()
+    channels = []
+
+    def close() -> None:  # (a shared session: any thread may close it)
+        channels.append(runtime.channel())
+        session.Close()
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    closer.join(5)
+    # the closing thread has ended, and its channel with it, before the socket drains
+    wait_until(lambda: channels[0].closed, 5)
+    full.clear()
+    wait_until(lambda: Close(handle) in world.kernel.events, 5)
