@@ -157,6 +157,8 @@ class ServerState:
         self.in_indication = False  # ... and is running now
         self.deregistering = False  # a deregistration has begun (rule 6)
         self.deregister_sent = False  # ... Deregister was sent (no direct request is live)
+        # Deregistering, and the kernel not told yet: the server refuses new work itself.
+        self._refusing = False
         self.deregistered = False  # ... and the kernel confirmed it
         self.dropped: Dropped | None = None  # the kernel's notice, once it stopped serving us
         self.direct = (DirectRules(self, direct, max_frame=max_frame, name=stack.server.name)
@@ -198,21 +200,16 @@ class ServerState:
         (asked once, whoever asks; after the direct path's requests have ended: rule 6)."""
         if self.deregistering or self.ended:
             return
-        self.deregistering = True
+        self.deregistering = self._refusing = True
         if self.direct is not None:
             self.direct.close(when_idle=self._send_deregister)
         else:
             self._send_deregister()
 
     def _send_deregister(self) -> None:
-        self.deregister_sent = True
+        self.deregister_sent, self._refusing = True, False
         if not self.ended:
             self._emit(encode(Deregister(DEREGISTER_REQ)))
-
-    @property
-    def _refusing(self) -> bool:
-        """Deregistering, and the kernel not told yet: the server refuses new work itself."""
-        return self.deregistering and not self.deregister_sent
 
     def end(self) -> int:
         """The registration is over (kernel death, deregistration, dropped): every session
