@@ -419,30 +419,21 @@ class DirectPort:
             if size == 0:  # the peer closed it (or sent an empty frame)
                 self._close(link)
                 return False
-            if truncated:
-                problem = f"more than {MAX_MAPPED_FDS} file descriptors with one frame"
-            elif size > len(buffer):
-                problem = f"a frame of {size} bytes, over {len(buffer)}"
-            else:
-                try:
-                    with memoryview(buffer)[:size] as frame:
-                        message = decode(frame)
-                except ProtocolError as exc:
-                    problem = f"malformed frame: {exc}"
-                else:
-                    if type(message) is MappedRequest:
-                        return self._mapped(link, rules, message, fds)
-                    if not fds:
-                        if type(message) is SharedMemory:
-                            return True
-                        if rules.receive(connection, message):
-                            self._close(link)
-                            return False
-                        return True
-                    problem = f"file descriptors with a {type(message).__name__}"
-            rules.misbehaved(connection, "bad frame with shared memory", problem)
-            self._close(link)
-            return False
+            message = _decoded(buffer, size, truncated)
+            if type(message) is MappedRequest:
+                return self._mapped(link, rules, message, fds)
+            if isinstance(message, str) or fds:
+                problem = (message if isinstance(message, str)
+                           else f"file descriptors with a {type(message).__name__}")
+                rules.misbehaved(connection, "bad frame with shared memory", problem)
+                self._close(link)
+                return False
+            if type(message) is SharedMemory:
+                return True
+            if rules.receive(connection, message):
+                self._close(link)
+                return False
+            return True
         finally:
             shm.close_fds(fds)
 
@@ -561,6 +552,20 @@ class DirectPort:
         link.sock.close()
         if link.maps is not None:
             link.maps.close()
+
+
+def _decoded(buffer: mmap.mmap, size: int, truncated: bool) -> object:
+    """The message of a frame of `size` bytes received into `buffer` with file descriptors, or
+    a str saying what is wrong with it (`truncated`: more descriptors came than fit)."""
+    if truncated:
+        return f"more than {MAX_MAPPED_FDS} file descriptors with one frame"
+    if size > len(buffer):
+        return f"a frame of {size} bytes, over {len(buffer)}"
+    try:
+        with memoryview(buffer)[:size] as frame:
+            return decode(frame)
+    except ProtocolError as exc:
+        return f"malformed frame: {exc}"
 
 
 def _open_spare() -> int | None:
