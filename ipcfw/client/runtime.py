@@ -119,6 +119,8 @@ HELLO_TIMEOUT = 5.0  # seconds to wait for a Welcome before declaring the kernel
 IDLE = 0.005  # a channel untouched this long is settled by the I/O thread
 SETTLE_INTERVAL = 0.001  # a thread only sending async requests still settles this often
 _SLICE = 0.05  # blocked waits wake this often (seconds) to notice a dead kernel or a deadline
+_JOIN_RETRY = 1.0  # seconds on the kernel path after a Join that timed out, before asking again
+_JOIN_RETRY_MOST = 60.0  # ... doubling after each one that times out, up to this
 ATTACH_TIMEOUT = 5.0  # seconds to connect to a server's socket and attach, if the connect had none
 
 
@@ -724,6 +726,10 @@ class _ThreadSentinel:
         self.direct: dict[str, DirectChannel] = {}
         self.routes: list[tuple[weakref.ref[SessionLife[Runtime]], DirectChannel | None]] = []
         self._prune_at = _ROUTES_KEPT
+        # Sessions whose Join timed out: when to ask again, and the wait after that one.
+        self.join_after: weakref.WeakKeyDictionary[SessionLife[Runtime], tuple[float, float]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def route(self, life: SessionLife[Runtime], direct: DirectChannel | None) -> None:
         """This thread's calls on `life`'s session take `direct` (None: the kernel path)."""
@@ -923,14 +929,22 @@ class Runtime:
                 existing, handle):
             sentinel.route(life, existing)  # (another RSession of this process, same handle)
             return existing
+        retry = sentinel.join_after.get(life)
+        if retry is not None and time.monotonic() < retry[0]:
+            return None  # the last Join timed out: the kernel path until it is time to ask again
         req_id = self.next_req_id()
         try:
             reply = sentinel.channel.call(encode(Join(req_id, handle)), req_id, ATTACH_TIMEOUT)
         except TimeoutError:
-            log.debug("the kernel did not answer Join within %s s: session 0x%x stays on the "
-                      "kernel path for this thread", ATTACH_TIMEOUT, handle)
-            sentinel.route(life, None)
+            # (The server's loop was busy: a Join is asked again later, each wait twice the
+            # last, so that a thread does not stay on the kernel path for good.)
+            wait = _JOIN_RETRY if retry is None else min(2 * retry[1], _JOIN_RETRY_MOST)
+            sentinel.join_after[life] = (time.monotonic() + wait, wait)
+            log.debug("the kernel did not answer Join within %s s: session 0x%x takes the "
+                      "kernel path for this thread, and asks again in %s s", ATTACH_TIMEOUT,
+                      handle, wait)
             return None
+        sentinel.join_after.pop(life, None)
         if type(reply) is not Connected or reply.result < 0:
             # Refused (a handle not held, a panicked session, the 255...): not kept; the call
             # goes to the kernel, which refuses it as it refuses any request (an async one

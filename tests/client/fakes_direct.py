@@ -195,6 +195,7 @@ class FakeKernel:
         self.served = 0  # requests served on the kernel path
         self.bad_tickets = False  # give tickets the server does not know
         self.no_join_tickets = False  # answer Join without a ticket (the server took none)
+        self.silent_joins = False  # leave Joins unanswered (a server's loop busy for long)
         self.direct_handles: set[int] = set()
         self._next_handle = 0x100
         self._stop = False
@@ -231,6 +232,8 @@ class FakeKernel:
             return Connected(message.req_id, 0, handle, b"")
         if isinstance(message, Join):
             handle = message.handle
+            if self.silent_joins:
+                return None
             if handle not in self.direct_handles or self.no_join_tickets or self.server is None:
                 return Connected(message.req_id, 0, handle, b"")
             ticket = os.urandom(16) if self.bad_tickets else self.server.new_ticket(handle)

@@ -262,6 +262,28 @@ def test_a_thread_without_a_ticket_keeps_the_kernel_path_and_says_why(
         assert session.SendReceive(EECHO, (4,)) == 4 and world.kernel.served == 3
 
 
+def test_a_join_that_timed_out_is_asked_again_later_not_never(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client_runtime, "ATTACH_TIMEOUT", 0.2)
+    monkeypatch.setattr(client_runtime, "_JOIN_RETRY", 0.5)
+    with world.connect() as session:
+        session.ShareAuto()
+        world.kernel.silent_joins = True
+
+        def calls() -> list[int]:
+            values = [session.SendReceive(EECHO, (i,)) for i in range(3)]  # kernel path
+            assert len(joins(world)) == 1  # asked once, not on every call meanwhile
+            world.kernel.silent_joins = False
+            time.sleep(0.6)
+            values.append(session.SendReceive(EECHO, (3,)))  # asked again: direct now
+            return values
+
+        assert in_thread(calls) == [0, 1, 2, 3]
+        assert len(joins(world)) == 2 and world.kernel.served == 3
+        assert [r.args[0] for r in world.direct_requests()] == [3]
+
+
 def test_a_thread_whose_attach_is_refused_uses_the_kernel_path(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
