@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from ..client import RSession, TRequestStatus
@@ -55,6 +56,32 @@ class DemoError(Exception):
 
 class _Terminated(BaseException):
     """SIGTERM arrived: stop like on Ctrl-C."""
+
+
+# The exception a signal raised (KeyboardInterrupt, _Terminated). Raised at a moment Python
+# runs a finalizer or a weakref callback, it is only reported there, not propagated: the demo
+# raises it again at its next step (`_raise_if_signalled`), and does not report it.
+_signalled: list[BaseException] = []
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    exc: BaseException = KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
+    _signalled.append(exc)
+    raise exc
+
+
+def _raise_if_signalled() -> None:
+    if _signalled:
+        raise _signalled[0]
+
+
+def _unraisable(
+    previous: Callable[[sys.UnraisableHookArgs], object],
+) -> Callable[[sys.UnraisableHookArgs], object]:
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        if unraisable.exc_value not in _signalled:  # (that one is raised again: see above)
+            previous(unraisable)
+    return hook
 
 
 def repo_root() -> Path | None:
@@ -173,13 +200,16 @@ class _gc_paused:
 def _measure(endpoint: str) -> None:
     with RSession.connect("echo", endpoint=endpoint, path="direct") as session:
         median, p99, calls = _measure_sync(session)
+        _raise_if_signalled()
         _print(f"  direct path: sync round trip median {median:.0f} us, p99 {p99:.0f} us "
                f"({calls} calls)")
         rate = _measure_pipelined(session)
+        _raise_if_signalled()
         _print(f"  direct path: async pipelined {rate:,.0f} calls/s ({WINDOW} in flight)")
     with RSession.connect("echo", endpoint=endpoint, path="kernel") as session:
         median, p99, _ = _measure_sync(session)
         rate = _measure_pipelined(session)
+        _raise_if_signalled()
         _print(f"  the same through the kernel (path='kernel'): median {median:.0f} us, "
                f"p99 {p99:.0f} us; {rate:,.0f} calls/s")
 
@@ -206,12 +236,17 @@ def run_demo() -> int:
         return 2
 
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigterm = None
+    previous_sigterm = previous_interrupt = None
     if in_main_thread:
-        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+        _signalled.clear()
+        previous_sigterm = signal.signal(signal.SIGTERM, _on_signal)
+        previous_interrupt = signal.signal(signal.SIGINT, _on_signal)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _unraisable(previous_hook)
     status = 1
     try:
         status = _run(stack)
+        _raise_if_signalled()
     except KeyboardInterrupt:
         print("\nipcfw demo: interrupted; stopping", file=sys.stderr, flush=True)
         status = 130
@@ -228,8 +263,8 @@ def run_demo() -> int:
         status = 1
     finally:
         # Clean up whatever happened; a second Ctrl-C or SIGTERM must not cut the cleanup short.
-        previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
         if in_main_thread:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             stack.stop()  # this process's client runtime first, then the servers, the kernel
@@ -238,14 +273,11 @@ def run_demo() -> int:
                 _print(f"stopped kernel and {servers} server{'s' if servers != 1 else ''}")
             shutil.rmtree(stack.workdir, ignore_errors=True)
         finally:
+            sys.unraisablehook = previous_hook
             if in_main_thread:
-                signal.signal(signal.SIGINT, previous_sigint)
+                signal.signal(signal.SIGINT, previous_interrupt)
                 signal.signal(signal.SIGTERM, previous_sigterm)
     return status
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated()
 
 
 def _run(stack: Stack) -> int:
@@ -260,5 +292,6 @@ def _run(stack: Stack) -> int:
         print("ipcfw demo: an example client failed", file=sys.stderr)
         print(_logs(stack), file=sys.stderr, flush=True)
         return 1
+    _raise_if_signalled()
     _measure(stack.endpoint)
     return 0
