@@ -678,6 +678,10 @@ class KernelState:
             return errors.KErrPermissionDenied
         if lookup_key(message.name) in self.servers:
             return errors.KErrAlreadyExists
+        if message.direct and any(s.direct == message.direct for s in self.servers.values()):
+            # Another registration's socket: its clients would be sent there, and its end
+            # would remove the other's socket (RemoveSocket).
+            return errors.KErrInUse
         return errors.KErrNone
 
     def _server_died(self, server: ServerRecord) -> list[Action]:

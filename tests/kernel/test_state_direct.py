@@ -381,3 +381,15 @@ def test_a_termination_of_a_server_taking_none_ends_once_drained() -> None:
     assert one(actions, C1, Completed).req_id == 78
     assert "plain" not in state.servers
     assert not any(isinstance(action, RemoveSocket) for action in actions)  # it has none
+
+
+def test_a_registration_naming_another_servers_direct_socket_is_refused() -> None:
+    state = direct_world()
+    hello(state, b"srv-3", SERVER, SRV2)
+    assert state.receive(b"srv-3", Register(901, "Impostor", 0, (1, 0, 0), SOCKET)) == [
+        Send(b"srv-3", Completed(901, errors.KErrInUse, ()))
+    ]
+    assert "impostor" not in state.servers
+    assert state.receive(b"srv-3", Register(902, "Honest", 0, (1, 0, 0), SOCKET + "f")) == [
+        Send(b"srv-3", Completed(902, errors.KErrNone, ()))
+    ]
