@@ -405,8 +405,8 @@ class DirectPort:
         """`_read`'s turn for a connection that sends shared memory: one frame with its file
         descriptors, every one of them closed before this returns (`ipcfw.server.shm`). False
         when there is nothing more to read now, or the connection is closing."""
-        connection, maps = link.connection, link.maps
-        assert maps is not None
+        connection = link.connection
+        assert link.maps is not None
         try:
             size, fds, truncated = shm.receive(link.sock, buffer)
         except BlockingIOError:

@@ -7,20 +7,25 @@ Hello, Connect (answering a DIRECT one with the fake server's socket and a ticke
 recorded as served by the kernel).
 `FakeServer` listens on a SOCK_SEQPACKET socket and answers Attach, Requests, Cancels and
 Closes as the contract's server does; `kill()` closes every connection (a server's death).
+`fake_world()` runs both and hands the tests a `World`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import shutil
 import socket
 import tempfile
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
 
-from ipcfw import errors
+from ipcfw import RSession, errors
+from ipcfw.client import runtime as client_runtime
 from ipcfw.protocol import (
     MappedCompleted,
     MappedRequest,
@@ -248,3 +253,33 @@ class FakeKernel:
                 return Completed(message.req_id, 0, ())
             return Completed(message.req_id, message.args[0], ())
         return None  # Close, Cancel: recorded only
+
+
+class World:
+    """A fake kernel and a fake server (and a client runtime to them: this process's)."""
+
+    def __init__(self, kernel: FakeKernel, server: FakeServer) -> None:
+        self.kernel, self.server = kernel, server
+        self.endpoint = kernel.endpoint
+
+    def connect(self, path: str = "direct", **kwargs: Any) -> RSession:
+        return RSession.connect("fake", endpoint=self.endpoint, path=path, timeout=5, **kwargs)
+
+    def direct_requests(self) -> list[Request]:
+        return [e for e in self.server.events if isinstance(e, Request)]
+
+
+@contextlib.contextmanager
+def fake_world(kernel_class: type[FakeKernel] = FakeKernel) -> Iterator[World]:
+    """A `World` in a private directory, stopped for sure (the runtime to it first)."""
+    directory = tempfile.mkdtemp(prefix="dk", dir="/tmp")
+    server = FakeServer(directory)
+    kernel = kernel_class(server, directory)
+    try:
+        yield World(kernel, server)
+    finally:
+        client_runtime.Runtime.shutdown(kernel.endpoint)
+        server.kill()
+        kernel.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+

@@ -10,9 +10,7 @@ import ctypes
 import logging
 import mmap
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,36 +25,16 @@ from ipcfw.client import runtime as client_runtime
 from ipcfw._spin import PROBE, AdaptiveSpin
 from ipcfw.client.direct import SPIN, DirectSocket
 from ipcfw.protocol import (
-    Attach, Close, Connect, Join, MappedRequest, Path, Request, SharedMemory,
+    Attach, Close, Connect, Join, MappedRequest, Path, SharedMemory,
 )
 from conftest import wait_until
-from fakes_direct import EBUSY, EECHO, EHOLD, EPANIC, EWRITE, FakeKernel, FakeServer
-
-
-class World:
-    def __init__(self, kernel: FakeKernel, server: FakeServer) -> None:
-        self.kernel, self.server = kernel, server
-        self.endpoint = kernel.endpoint
-
-    def connect(self, path: str = "direct", **kwargs: Any) -> RSession:
-        return RSession.connect("fake", endpoint=self.endpoint, path=path, timeout=5, **kwargs)
-
-    def direct_requests(self) -> list[Request]:
-        return [e for e in self.server.events if isinstance(e, Request)]
+from fakes_direct import EBUSY, EECHO, EHOLD, EPANIC, EWRITE, World, fake_world
 
 
 @pytest.fixture
 def world() -> Iterator[World]:
-    directory = tempfile.mkdtemp(prefix="dk", dir="/tmp")
-    server = FakeServer(directory)
-    kernel = FakeKernel(server, directory)
-    try:
-        yield World(kernel, server)
-    finally:
-        client_runtime.Runtime.shutdown(kernel.endpoint)
-        server.kill()
-        kernel.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    with fake_world() as world:
+        yield world
 
 
 def test_a_bad_path_is_refused_naming_it() -> None:
@@ -488,48 +466,57 @@ def test_a_kernel_death_fails_pending_and_closes_every_direct_connection(world: 
 # -- the socket itself, against a socketpair peer ---------------------------------------------
 
 
-def test_a_direct_socket_spins_then_sleeps_and_sees_the_peers_end() -> None:
+@pytest.fixture
+def seqpacket_listener() -> Iterator[tuple[str, socket.socket]]:
+    """A SOCK_SEQPACKET socket listening at a fresh path, for a DirectSocket to connect to."""
     path = f"/tmp/dk-{os.getpid()}-{time.monotonic_ns()}"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen(1)
     try:
-        direct = DirectSocket(path, 1.0)
-        peer, _ = listener.accept()
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-        assert direct.receive() is None
-        started = time.perf_counter()
-        assert direct.wait_readable(0.05) is None
-        assert time.perf_counter() - started >= 0.04
-        peer.send(b"one")
-        peer.send(b"two")
-        assert direct.wait_readable(1.0) == b"one"  # one frame a datagram
-        assert direct.receive() == b"two"
-        threading.Timer(SPIN / 2, peer.send, (b"late",)).start()
-        assert direct.wait_readable(1.0) == b"late"
-        assert direct.send(b"x" * 1000)
-        assert peer.recv(2000) == b"x" * 1000
-        assert direct.send(b"b" * 300_000)  # over the default send buffer's 208 KiB
-        assert peer.recv(400_000) == b"b" * 300_000
-        with pytest.raises(ValueError, match="path='kernel'"):
-            direct.send(b"h" * 40_000_000)  # no datagram this large: refused, still connected
-        peer.send(b"c" * 300_000)  # (peers raise their send buffer as the client does)
-        assert direct.wait_readable(1.0) == b"c" * 300_000
-        peer.close()
-        assert direct.wait_readable(1.0) == b""  # the peer's end
-        direct.close()
-        direct = DirectSocket(path, 1.0)
-        peer, _ = listener.accept()
-        while direct.send(b"y" * 10000):  # the peer reads nothing: the buffer fills
-            pass
-        direct.wait_writable(0.05)  # (returns, full or not)
-        peer.close()  # with frames unread: the connection is reset
-        with pytest.raises(ConnectionResetError):
-            direct.send(b"z")
-        direct.close()
+        yield path, listener
     finally:
         listener.close()
         os.unlink(path)
+
+
+def test_a_direct_socket_spins_then_sleeps_and_sees_the_peers_end(
+    seqpacket_listener: tuple[str, socket.socket],
+) -> None:
+    path, listener = seqpacket_listener
+    direct = DirectSocket(path, 1.0)
+    peer, _ = listener.accept()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    assert direct.receive() is None
+    started = time.perf_counter()
+    assert direct.wait_readable(0.05) is None
+    assert time.perf_counter() - started >= 0.04
+    peer.send(b"one")
+    peer.send(b"two")
+    assert direct.wait_readable(1.0) == b"one"  # one frame a datagram
+    assert direct.receive() == b"two"
+    threading.Timer(SPIN / 2, peer.send, (b"late",)).start()
+    assert direct.wait_readable(1.0) == b"late"
+    assert direct.send(b"x" * 1000)
+    assert peer.recv(2000) == b"x" * 1000
+    assert direct.send(b"b" * 300_000)  # over the default send buffer's 208 KiB
+    assert peer.recv(400_000) == b"b" * 300_000
+    with pytest.raises(ValueError, match="path='kernel'"):
+        direct.send(b"h" * 40_000_000)  # no datagram this large: refused, still connected
+    peer.send(b"c" * 300_000)  # (peers raise their send buffer as the client does)
+    assert direct.wait_readable(1.0) == b"c" * 300_000
+    peer.close()
+    assert direct.wait_readable(1.0) == b""  # the peer's end
+    direct.close()
+    direct = DirectSocket(path, 1.0)
+    peer, _ = listener.accept()
+    while direct.send(b"y" * 10000):  # the peer reads nothing: the buffer fills
+        pass
+    direct.wait_writable(0.05)  # (returns, full or not)
+    peer.close()  # with frames unread: the connection is reset
+    with pytest.raises(ConnectionResetError):
+        direct.send(b"z")
+    direct.close()
 
 
 def _resident_bytes(buffer: mmap.mmap) -> int:
@@ -544,36 +531,30 @@ def _resident_bytes(buffer: mmap.mmap) -> int:
 
 
 def test_a_large_frame_does_not_stay_resident_and_a_failed_setup_leaks_no_socket(
+    seqpacket_listener: tuple[str, socket.socket],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    path = f"/tmp/dk-{os.getpid()}-{time.monotonic_ns()}"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(path)
-    listener.listen(1)
-    try:
-        direct = DirectSocket(path, 1.0)
-        peer, _ = listener.accept()
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-        peer.send(b"s" * 100_000)
-        assert direct.wait_readable(1.0) == b"s" * 100_000
-        peer.send(b"L" * 3_000_000)
-        assert direct.wait_readable(1.0) == b"L" * 3_000_000
-        assert _resident_bytes(direct._buffer) < 1_000_000  # its pages were given back
-        peer.close()
-        direct.close()
-        fds = len(os.listdir("/proc/self/fd"))
+    path, listener = seqpacket_listener
+    direct = DirectSocket(path, 1.0)
+    peer, _ = listener.accept()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    peer.send(b"s" * 100_000)
+    assert direct.wait_readable(1.0) == b"s" * 100_000
+    peer.send(b"L" * 3_000_000)
+    assert direct.wait_readable(1.0) == b"L" * 3_000_000
+    assert _resident_bytes(direct._buffer) < 1_000_000  # its pages were given back
+    peer.close()
+    direct.close()
+    fds = len(os.listdir("/proc/self/fd"))
 
-        def no_memory(*args: object, **kwargs: object) -> None:
-            raise OSError(12, "no memory")
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise OSError(12, "no memory")
 
-        monkeypatch.setattr(client_direct.mmap, "mmap", no_memory)
-        with pytest.raises(OSError):
-            DirectSocket(path, 1.0)
-        listener.accept()[0].close()
-        assert len(os.listdir("/proc/self/fd")) == fds
-    finally:
-        listener.close()
-        os.unlink(path)
+    monkeypatch.setattr(client_direct.mmap, "mmap", no_memory)
+    with pytest.raises(OSError):
+        DirectSocket(path, 1.0)
+    listener.accept()[0].close()
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 def test_a_direct_socket_to_nowhere_raises_oserror() -> None:

@@ -22,7 +22,7 @@ from ipcfw import RSession, TIpcArgs, TRequestStatus
 from ipcfw.client import runtime as client_runtime
 from ipcfw.protocol import Close, Completed, Panicked, Request, encode
 from conftest import wait_until
-from fakes_direct import EECHO, EHOLD, EWRITE, FakeKernel, FakeServer
+from fakes_direct import EECHO, EHOLD, EWRITE, FakeKernel, FakeServer, World, fake_world
 
 EHOLDK = 66  # the kernel path holds it: never answered
 
@@ -34,26 +34,10 @@ class HoldingKernel(FakeKernel):
         return super()._answer(message)
 
 
-class World:
-    def __init__(self, kernel: HoldingKernel, server: FakeServer) -> None:
-        self.kernel, self.server = kernel, server
-
-    def connect(self, path: str = "direct") -> RSession:
-        return RSession.connect("fake", endpoint=self.kernel.endpoint, path=path, timeout=5)
-
-
 @pytest.fixture
 def world() -> Iterator[World]:
-    directory = tempfile.mkdtemp(prefix="dk", dir="/tmp")
-    server = FakeServer(directory)
-    kernel = HoldingKernel(server, directory)
-    try:
-        yield World(kernel, server)
-    finally:
-        client_runtime.Runtime.shutdown(kernel.endpoint)
-        server.kill()
-        kernel.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    with fake_world(HoldingKernel) as world:
+        yield world
 
 
 def test_a_direct_server_cannot_complete_or_kill_what_is_not_on_its_connection(
