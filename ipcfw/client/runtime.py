@@ -47,8 +47,11 @@ to a **direct connection** of the creating thread: a SOCK_SEQPACKET socket to th
 process (`DirectChannel`, over `ipcfw.client.direct.DirectSocket`), one per thread per server
 socket, made on first use and reused by every session of that server the thread uses. Any
 other thread that uses the session (ShareAuto, or a thread of another process after Open)
-asks the kernel for a ticket of its own on its first call (`Runtime.join`: Join, answered
-once the server holds the ticket) and attaches the session to its own direct connection. The
+asks the kernel for a ticket of its own with its first call (`Runtime.join`: Join, answered
+once the server holds the ticket) and attaches the session to its own direct connection,
+its calls taking the kernel path meanwhile: none waits for that, and the thread switches
+once its kernel-path requests are known to have reached the server
+(`ipcfw.client.joining`). The
 session's requests from each such thread go on that thread's connection; everything else
 (Connect, Share, Open, Join, Close) goes to the kernel. A direct
 connection follows the channel's rules: used only under its lock, settled by whoever needs
@@ -81,7 +84,7 @@ import time
 import weakref
 from collections import deque
 from typing import Protocol, TypeAlias, TypeVar, cast
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 
 import zmq
 
@@ -111,6 +114,7 @@ from ..protocol import (
 )
 from . import shm
 from .direct import DirectSocket
+from .joining import Joining, Step
 from .state import UNDECIDED, ClientState, Pending, SessionLife, log_once
 
 log = logging.getLogger("ipcfw.client")
@@ -119,8 +123,6 @@ HELLO_TIMEOUT = 5.0  # seconds to wait for a Welcome before declaring the kernel
 IDLE = 0.005  # a channel untouched this long is settled by the I/O thread
 SETTLE_INTERVAL = 0.001  # a thread only sending async requests still settles this often
 _SLICE = 0.05  # blocked waits wake this often (seconds) to notice a dead kernel or a deadline
-_JOIN_RETRY = 1.0  # seconds on the kernel path after a Join that timed out, before asking again
-_JOIN_RETRY_MOST = 60.0  # ... doubling after each one that times out, up to this
 ATTACH_TIMEOUT = 5.0  # seconds to connect to a server's socket and attach, if the connect had none
 
 
@@ -224,6 +226,7 @@ class Channel(_LockedChannel):
         # done-callback run during a call may settle the channel and read the call's reply.
         self.replies: dict[int, Message | None] = {}
         self.abandoned: set[int] = set()  # connects that timed out: close them if they succeed
+        self.joins: dict[int, Joining] = {}  # Joins in flight (req_id -> the move they serve)
         self.loop_readers: dict[object, int] = {}  # asyncio loop -> awaits settling it there
 
     def awaits_answers(self) -> bool:
@@ -279,6 +282,22 @@ class Channel(_LockedChannel):
                 self._settle()
         if self.pending == 1:
             runtime.first_pending()
+
+    def send_join(self, frame: bytes, req_id: int, joining: Joining) -> None:
+        """Send a Join (`ipcfw.client.joining`) without waiting for its answer: whoever reads
+        it records it in `joining`."""
+        with self.lock:
+            refusal = self._refusal()
+            if refusal is not None:
+                raise refusal
+            self.joins[req_id] = joining
+            try:
+                self.socket.send(frame)
+            except BaseException:
+                del self.joins[req_id]
+                raise
+            self._settle()
+            self.last_used = time.monotonic()
 
     def call(
         self, frame: bytes, req_id: int, timeout: float | None = None, *, connect: bool = False
@@ -381,6 +400,14 @@ class Channel(_LockedChannel):
         req_id = getattr(reply, "req_id", None)
         if req_id in self.replies:
             self.replies[req_id] = reply
+            return
+        if self.joins and req_id in self.joins:
+            joining = self.joins[req_id]
+            if type(reply) is Connected:
+                joining.joined(reply.result, reply.direct, reply.ticket)
+            else:  # Panicked: the kernel panics the call that the thread sent with it too
+                joining.joined(errors.KErrGeneral)
+            del self.joins[req_id]  # (after: `Runtime.join` reads "gone, unanswered" as lost)
             return
         # (`type(x) is C`, not a saved `type(x)`, so that type checkers narrow `reply`.)
         if type(reply) is Completed:
@@ -726,10 +753,8 @@ class _ThreadSentinel:
         self.direct: dict[str, DirectChannel] = {}
         self.routes: list[tuple[weakref.ref[SessionLife[Runtime]], DirectChannel | None]] = []
         self._prune_at = _ROUTES_KEPT
-        # Sessions whose Join timed out: when to ask again, and the wait after that one.
-        self.join_after: weakref.WeakKeyDictionary[SessionLife[Runtime], tuple[float, float]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Session handle -> the thread's move of it to the direct path, while under way.
+        self.joining: dict[int, Joining] = {}
 
     def route(self, life: SessionLife[Runtime], direct: DirectChannel | None) -> None:
         """This thread's calls on `life`'s session take `direct` (None: the kernel path)."""
@@ -740,6 +765,11 @@ class _ThreadSentinel:
             # opens and closes sessions for ever keeps as many as it holds, not one per session.
             self.routes = [(ref, d) for ref, d in self.routes if _still_routes(ref, self.thread, d)]
             self._prune_at = max(_ROUTES_KEPT, 2 * len(self.routes))
+
+    def prune_joining(self, held: Container[int]) -> None:
+        """Forget the moves of sessions no longer `held` (closed while under way)."""
+        for handle in [h for h in self.joining if h not in held]:
+            del self.joining[handle]
 
     def __del__(self) -> None:
         for ref, direct in self.routes:
@@ -760,6 +790,10 @@ def _still_routes(ref: weakref.ref[SessionLife[Runtime]], thread: int,
                   direct: DirectChannel | None) -> bool:
     life = ref()
     return life is not None and life.routes.get(thread, UNDECIDED) is direct
+
+
+def _attach_answered(joining: Joining, value: int, _error: BaseException | None) -> None:
+    joining.attach_answered(value)  # (a Pending's completion: see Runtime._attach_joined)
 
 
 def _thread_ended() -> errors.IpcError:
@@ -875,22 +909,13 @@ class Runtime:
         socket `path` (made on first use), with the `ticket` its Connected carried. Returns
         the connection, or None if it cannot be made or the Attach fails: the session then
         stays on the kernel path (logged at debug)."""
-        if not endpoints.in_kernel_dir(self.endpoint, path):
-            log.debug("the server socket %r is not in the kernel's directory: session 0x%x "
-                      "stays on the kernel path", path, handle)
-            return None
         wait = ATTACH_TIMEOUT if timeout is None else min(timeout, ATTACH_TIMEOUT)
-        sentinel = self._sentinel()
-        channel = sentinel.direct.get(path)
-        if channel is None or channel.closed:
-            try:
-                channel = DirectChannel(self, path, sentinel.channel.max_frame, wait)
-            except OSError as exc:
-                log.debug("no direct connection to %s (%s): session 0x%x stays on the kernel "
-                          "path", path, exc, handle)
-                return None
-            sentinel.direct[path] = channel
-            self.direct_channels.add(channel)
+        try:
+            channel = self._direct_channel(path, wait)
+        except OSError as exc:
+            log.debug("no direct connection to %s (%s): session 0x%x stays on the kernel "
+                      "path", path, exc, handle)
+            return None
         req_id = self.next_req_id()
         try:
             reply = channel.call(encode(Attach(req_id, ticket)), req_id, wait)
@@ -911,53 +936,117 @@ class Runtime:
                   path, reply, handle)
         return None
 
+    def _direct_channel(self, path: str, timeout: float) -> DirectChannel:
+        """The calling thread's direct connection to the server socket `path`, made now if it
+        has none (within `timeout` seconds; 0: only if it can be made at once). Raises OSError
+        if it cannot be made (BlockingIOError: not at once), or if `path` is not in the
+        kernel's directory."""
+        if not endpoints.in_kernel_dir(self.endpoint, path):
+            raise OSError(f"the server socket {path!r} is not in the kernel's directory")
+        sentinel = self._sentinel()
+        channel = sentinel.direct.get(path)
+        if channel is None or channel.closed:
+            channel = DirectChannel(self, path, sentinel.channel.max_frame, timeout)
+            sentinel.direct[path] = channel
+            self.direct_channels.add(channel)
+        return channel
+
     def route(self, life: SessionLife[Runtime], direct: DirectChannel | None) -> None:
         """The calling thread's calls on `life`'s session take `direct` (None: the kernel
         path) from now on, until the thread ends."""
         self._sentinel().route(life, direct)
 
-    def join(self, life: SessionLife[Runtime], handle: int) -> DirectChannel | None:
-        """The calling thread's first use of direct session `handle` (held by `life`): ask the
-        kernel for a ticket of its own (Join: it attaches the thread, as a request would) and
-        attach the session to the thread's direct connection to the server (made on first
-        use, one per server socket). Returns the connection, or None for the kernel path,
-        which the thread then keeps (logged at debug) unless the kernel refused the Join: the
-        call then goes to the kernel, which answers it as it answers any refused request."""
+    def join(self, life: SessionLife[Runtime], handle: int, mode: int) -> DirectChannel | None:
+        """A call (`mode`) of the calling thread on direct session `handle` (held by `life`)
+        whose route is not decided yet: the connection to send it on, or None for the kernel
+        path. Never waits for the kernel or the server: the thread's move to its direct
+        connection (`ipcfw.client.joining`: Join, Attach, then the switch once its earlier
+        requests are proved to have arrived) goes on in the background, one step at each
+        call; a call that took the kernel path must then tell `sent_joining`. A thread that
+        cannot go direct keeps the kernel path (logged at debug)."""
         sentinel = self._sentinel()
-        existing = sentinel.direct.get(life.direct_path)
-        if existing is not None and not existing.closed and self.state.is_attached(
-                existing, handle):
-            sentinel.route(life, existing)  # (another RSession of this process, same handle)
-            return existing
-        retry = sentinel.join_after.get(life)
-        if retry is not None and time.monotonic() < retry[0]:
-            return None  # the last Join timed out: the kernel path until it is time to ask again
+        joining = sentinel.joining.get(handle)
+        if joining is None:
+            existing = sentinel.direct.get(life.direct_path)
+            if existing is not None and not existing.closed and self.state.is_attached(
+                    existing, handle):
+                sentinel.route(life, existing)  # (another RSession of this process, same handle)
+                return existing
+            joining = sentinel.joining[handle] = Joining(handle)
+            if len(sentinel.joining) > _ROUTES_KEPT:
+                sentinel.prune_joining(self.state.sessions)
+        elif (joining.join_id and joining.answer is None
+              and joining.join_id not in sentinel.channel.joins):
+            joining.join_lost()  # sent on a channel the kernel dropped since: ask again
+        if joining.join_id:
+            sentinel.channel.try_settle()  # (its answer may be waiting)
+        if joining.attach_id and not joining.attached:
+            direct = sentinel.direct.get(joining.path)
+            if direct is not None:
+                direct.try_settle()
+        step = joining.decide(self.state.pending)
+        if step is Step.ATTACH:
+            step = self._attach_joined(joining)
+        if step is Step.SWITCH:
+            del sentinel.joining[handle]
+            direct = sentinel.direct.get(joining.path)
+            if direct is not None and not direct.closed:
+                sentinel.route(life, direct)
+                return direct
+            step = Step.STAY
+        if step is Step.STAY:
+            del sentinel.joining[handle]
+            direct = sentinel.direct.get(joining.path)
+            if joining.attach_id and direct is not None:
+                self.state.detach_direct(handle, direct)  # (refused: not attached there)
+            log.debug("session 0x%x stays on the kernel path for this thread: %s", handle,
+                      joining.why_staying())
+            sentinel.route(life, None)
+            return None
+        if step is Step.FORGET:
+            del sentinel.joining[handle]
+            return None  # (the kernel refuses the call as it refused the Join)
+        if joining.join_now(mode):
+            self._send_join(sentinel.channel, joining)
+        return None
+
+    def sent_joining(self, handle: int, req_id: int, mode: int) -> None:
+        """The calling thread sent request `req_id` (`mode`; a synchronous one: answered with
+        a value >= 0) on the kernel path while it moves session `handle` to its direct
+        connection (`join` returned None): a Join follows it if one is due."""
+        sentinel = self._sentinel()
+        joining = sentinel.joining.get(handle)
+        if joining is not None and joining.sent(req_id, mode):
+            self._send_join(sentinel.channel, joining)
+
+    def _send_join(self, channel: Channel, joining: Joining) -> None:
         req_id = self.next_req_id()
+        channel.send_join(encode(Join(req_id, joining.handle)), req_id, joining)
+        joining.join_sent(req_id)
+
+    def _attach_joined(self, joining: Joining) -> Step:
+        """Present the ticket a Join brought on the thread's direct connection (made now if
+        it can be at once: else at a later call), without waiting for the answer. Returns
+        what the call does: KERNEL (the move goes on), or STAY if the connection failed."""
+        handle = joining.handle
         try:
-            reply = sentinel.channel.call(encode(Join(req_id, handle)), req_id, ATTACH_TIMEOUT)
-        except TimeoutError:
-            # (The server's loop was busy: a Join is asked again later, each wait twice the
-            # last, so that a thread does not stay on the kernel path for good.)
-            wait = _JOIN_RETRY if retry is None else min(2 * retry[1], _JOIN_RETRY_MOST)
-            sentinel.join_after[life] = (time.monotonic() + wait, wait)
-            log.debug("the kernel did not answer Join within %s s: session 0x%x takes the "
-                      "kernel path for this thread, and asks again in %s s", ATTACH_TIMEOUT,
-                      handle, wait)
-            return None
-        sentinel.join_after.pop(life, None)
-        if type(reply) is not Connected or reply.result < 0:
-            # Refused (a handle not held, a panicked session, the 255...): not kept; the call
-            # goes to the kernel, which refuses it as it refuses any request (an async one
-            # through its status).
-            return None
-        direct = None
-        if reply.ticket:
-            direct = self.attach_direct(reply.direct, reply.ticket, handle, None)
-        else:
-            log.debug("the server did not take a ticket for session 0x%x: it stays on the "
-                      "kernel path for this thread", handle)
-        sentinel.route(life, direct)
-        return direct
+            direct = self._direct_channel(joining.path, 0.0)
+        except BlockingIOError:
+            return Step.KERNEL  # the server's backlog of connections is full: at a later call
+        except OSError as exc:
+            log.debug("no direct connection to %s (%s)", joining.path, exc)
+            return Step.STAY
+        req_id = self.next_req_id()
+        pending: Pending[AnyChannel] = Pending(joining, _attach_answered, None, {}, direct)
+        self.state.attach_direct(handle, direct)  # (it may attach: a Close must reach it)
+        try:
+            direct.send_async(encode(Attach(req_id, joining.ticket)), req_id, pending)
+        except errors.IpcError as exc:
+            log.debug("Attach to %s failed (%s)", joining.path, exc)
+            self.state.detach_direct(handle, direct)
+            return Step.STAY
+        joining.attach_sent(req_id)
+        return Step.KERNEL
 
     def retire_direct(
         self, channel: DirectChannel, error: Callable[[], errors.IpcError]

@@ -25,7 +25,7 @@ import os
 import threading
 import types
 import warnings
-from typing import Any, cast, overload
+from typing import Any, overload
 from collections.abc import Callable
 
 from .. import errors
@@ -375,14 +375,6 @@ class RSession:
         self._sharing = sharing
         runtime.attach_session(life)
 
-    def _route(self, runtime: Runtime, handle: int) -> DirectChannel | None:
-        """The calling thread's direct connection for this direct session, attached on the
-        thread's first use (`Runtime.join`), or None for the kernel path."""
-        direct = self._life.route(_get_ident())
-        if direct is UNDECIDED:
-            return runtime.join(self._life, handle)
-        return cast("DirectChannel | None", direct)
-
     def Handle(self) -> int:
         """The kernel's handle for this session; 0 when not connected."""
         return self._life.handle
@@ -423,8 +415,9 @@ class RSession:
         # (The kernel path pays one attribute read here, not a call: ~5 ns, not ~50; the direct
         # path a dict lookup, once the thread's route is decided.)
         direct = None if not life.direct_path else life.routes.get(_get_ident(), UNDECIDED)
-        if direct is UNDECIDED:
-            direct = runtime.join(life, handle)
+        joining = direct is UNDECIDED  # (the thread's move to its direct connection)
+        if joining:
+            direct = runtime.join(life, handle, _SYNC if status is None else _ASYNC)
         if direct is not None and ipc_args.large:
             return self._send_mapped(direct, req_id, handle, function, ipc_args, status, timeout)
         if status is None:
@@ -432,11 +425,14 @@ class RSession:
             channel: AnyChannel = runtime.channel() if direct is None else direct
             life.sync_calls[req_id] = channel  # so a Close from another thread can end it
             try:
-                return life.finish(
+                value = life.finish(
                     channel.call(frame, req_id, timeout), ipc_args.buffers, ipc_args.limits
                 )
             finally:
                 life.sync_calls.pop(req_id, None)
+            if joining and direct is None:
+                runtime.sent_joining(handle, req_id, _SYNC)  # (answered by the server)
+            return value
         frame = encode(Request(req_id, handle, function, ipc_args.wire, _ASYNC))
         channel = runtime.channel() if direct is None else direct
         begin_request(status, channel, req_id)
@@ -448,6 +444,8 @@ class RSession:
         except BaseException:
             abandon_request(status)
             raise
+        if joining and direct is None:
+            runtime.sent_joining(handle, req_id, _ASYNC)
         return None
 
     def Send(self, function: int, args: Args = ()) -> None:
@@ -461,13 +459,20 @@ class RSession:
         ipc_args = TIpcArgs.of(args)
         runtime, handle = self._check_usable(function)
         req_id = runtime.next_req_id()
-        direct = None if not self._life.direct_path else self._route(runtime, handle)
+        life = self._life
+        direct = None if not life.direct_path else life.routes.get(_get_ident(), UNDECIDED)
+        joining = direct is UNDECIDED  # (the thread's move to its direct connection)
+        if joining:
+            direct = runtime.join(life, handle, _BLIND)
         if direct is not None and ipc_args.large:
             self._send_mapped(direct, req_id, handle, function, ipc_args, None, None, _BLIND)
             return
         frame = encode(Request(req_id, handle, function, ipc_args.wire, _BLIND))
         channel: AnyChannel = runtime.channel() if direct is None else direct
-        self._life.finish(channel.call(frame, req_id), NO_ARGS.buffers)
+        reply = channel.call(frame, req_id)
+        if joining and direct is None:
+            runtime.sent_joining(handle, req_id, _BLIND)
+        life.finish(reply, NO_ARGS.buffers)
 
     def _send_mapped(
         self, channel: DirectChannel, req_id: int, handle: int, function: int,

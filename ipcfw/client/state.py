@@ -495,6 +495,13 @@ class ClientState(Generic[C]):
         with self.lock:
             self.attached.setdefault(channel, set()).add(handle)
 
+    def detach_direct(self, handle: int, channel: C) -> None:
+        """`handle` is not attached to `channel` after all (the server refused it)."""
+        with self.lock:
+            handles = self.attached.get(channel)
+            if handles is not None:
+                handles.discard(handle)
+
     def is_attached(self, channel: C, handle: int) -> bool:
         """Whether `handle` is attached to the direct connection `channel` (a panic that
         kills a session counts only from the connection that carries it)."""

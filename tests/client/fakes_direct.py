@@ -200,7 +200,9 @@ class FakeKernel:
         self.served = 0  # requests served on the kernel path
         self.bad_tickets = False  # give tickets the server does not know
         self.no_join_tickets = False  # answer Join without a ticket (the server took none)
-        self.silent_joins = False  # leave Joins unanswered (a server's loop busy for long)
+        # Hold Joins unanswered (a server's loop busy for long); answered once it is False.
+        self.silent_joins = False
+        self._held_joins: list[tuple[bytes, Join]] = []
         self.direct_handles: set[int] = set()
         self._next_handle = 0x100
         self._stop = False
@@ -215,11 +217,18 @@ class FakeKernel:
 
     def _main(self) -> None:
         while not self._stop:
-            if not self.socket.poll(50):
+            if self._held_joins and not self.silent_joins:
+                for routing_id, join in self._held_joins:
+                    self.socket.send_multipart([routing_id, encode(self._answer(join))])
+                self._held_joins = []
+            if not self.socket.poll(20):
                 continue
             routing_id, frame = self.socket.recv_multipart()
             message = decode(frame)
             self.events.append(message)
+            if isinstance(message, Join) and self.silent_joins:
+                self._held_joins.append((routing_id, message))
+                continue
             reply = self._answer(message)
             if reply is not None:
                 self.socket.send_multipart([routing_id, encode(reply)])
@@ -237,8 +246,6 @@ class FakeKernel:
             return Connected(message.req_id, 0, handle, b"")
         if isinstance(message, Join):
             handle = message.handle
-            if self.silent_joins:
-                return None
             if handle not in self.direct_handles or self.no_join_tickets or self.server is None:
                 return Connected(message.req_id, 0, handle, b"")
             ticket = os.urandom(16) if self.bad_tickets else self.server.new_ticket(handle)

@@ -196,18 +196,34 @@ def joins(world: World) -> list[Join]:
     return [e for e in world.kernel.events if isinstance(e, Join)]
 
 
+def go_direct(world: World, session: RSession) -> int:
+    """Make sync calls (EECHO 0) on `session` from this thread until one goes direct: the
+    thread's move to its direct connection goes on in the background, one step per call.
+    Returns how many took the kernel path meanwhile."""
+    before = world.kernel.served
+    deadline = time.monotonic() + 5
+    while True:
+        sent = len(world.direct_requests())
+        assert session.SendReceive(EECHO, (0,)) == 0
+        if len(world.direct_requests()) > sent:
+            return world.kernel.served - before
+        assert time.monotonic() < deadline, "the thread did not go direct within 5 s"
+
+
 def test_other_threads_of_a_shared_session_go_direct_each_on_its_own_connection(
     world: World,
 ) -> None:
     with world.connect() as session:
         session.ShareAuto()
 
-        def use() -> tuple[int, int]:
-            return session.SendReceive(EECHO, (8,)), session.SendReceive(EECHO, (9,))
+        def use() -> tuple[int, int, int]:
+            kernel_path = go_direct(world, session)
+            return kernel_path, session.SendReceive(EECHO, (8,)), session.SendReceive(EECHO, (9,))
 
-        assert in_thread(use) == (8, 9)
+        kernel_path, *values = in_thread(use)
+        assert values == [8, 9] and kernel_path >= 1  # its first call did not wait
         assert session.SendReceive(EECHO, (10,)) == 10
-        assert world.kernel.served == 0 and len(world.direct_requests()) == 3
+        assert world.kernel.served == kernel_path and len(world.direct_requests()) == 4
         assert [j.handle for j in joins(world)] == [session.Handle()]  # once, for that thread
         assert len([e for e in world.server.events if isinstance(e, Attach)]) == 2
         wait_until(lambda: world.server.eofs == 1, 5)  # the thread's end closed its connection
@@ -217,12 +233,11 @@ def test_a_thread_uses_one_connection_for_every_session_of_a_server(world: World
     with world.connect() as first, world.connect() as second:
         first.ShareAuto()
         second.ShareAuto()
-        assert in_thread(lambda: first.SendReceive(EECHO, (1,)) + second.SendReceive(
-            EECHO, (2,))) == 3
+        in_thread(lambda: (go_direct(world, first), go_direct(world, second)))
     attaches = [e for e in world.server.events if isinstance(e, Attach)]
     assert len(attaches) == 4  # two sessions, each on two threads' connections
     assert world.server.accepted == 2  # one per thread
-    assert len(joins(world)) == 2 and world.kernel.served == 0
+    assert len(joins(world)) == 2
 
 
 def test_a_thread_without_a_ticket_keeps_the_kernel_path_and_says_why(
@@ -240,26 +255,28 @@ def test_a_thread_without_a_ticket_keeps_the_kernel_path_and_says_why(
         assert session.SendReceive(EECHO, (4,)) == 4 and world.kernel.served == 3
 
 
-def test_a_join_that_timed_out_is_asked_again_later_not_never(
-    world: World, monkeypatch: pytest.MonkeyPatch
+def test_a_threads_first_calls_do_not_wait_for_its_join_and_it_goes_direct_once_answered(
+    world: World,
 ) -> None:
-    monkeypatch.setattr(client_runtime, "ATTACH_TIMEOUT", 0.2)
-    monkeypatch.setattr(client_runtime, "_JOIN_RETRY", 0.5)
     with world.connect() as session:
         session.ShareAuto()
-        world.kernel.silent_joins = True
+        world.kernel.silent_joins = True  # (the server's loop busy: no ticket yet)
 
         def calls() -> list[int]:
-            values = [session.SendReceive(EECHO, (i,)) for i in range(3)]  # kernel path
+            status = TRequestStatus()
+            started = time.monotonic()
+            session.SendReceive(EECHO, (1,), status)  # the thread's first call
+            assert time.monotonic() - started < 0.5
+            values = [status.Wait(5), session.SendReceive(EECHO, (2,))]  # kernel path
             assert len(joins(world)) == 1  # asked once, not on every call meanwhile
             world.kernel.silent_joins = False
-            time.sleep(0.6)
-            values.append(session.SendReceive(EECHO, (3,)))  # asked again: direct now
+            go_direct(world, session)
+            values.append(session.SendReceive(EECHO, (3,)))
             return values
 
-        assert in_thread(calls) == [0, 1, 2, 3]
-        assert len(joins(world)) == 2 and world.kernel.served == 3
-        assert [r.args[0] for r in world.direct_requests()] == [3]
+        assert in_thread(calls) == [1, 2, 3]
+        assert len(joins(world)) == 1
+        assert [r.args[0] for r in world.direct_requests()] == [0, 3]
 
 
 def test_a_thread_whose_attach_is_refused_uses_the_kernel_path(
@@ -269,8 +286,10 @@ def test_a_thread_whose_attach_is_refused_uses_the_kernel_path(
         session.ShareAuto()
         world.kernel.bad_tickets = True
         with caplog.at_level(logging.DEBUG, logger="ipcfw.client"):
-            assert in_thread(lambda: session.SendReceive(EECHO, (5,))) == 5
-        assert world.kernel.served == 1 and "refused Attach" in caplog.text
+            assert in_thread(lambda: [session.SendReceive(EECHO, (i,)) for i in range(5)]) == [
+                0, 1, 2, 3, 4
+            ]
+        assert world.kernel.served == 5 and "refused its Attach" in caplog.text
 
 
 def test_a_thread_whose_connection_cannot_be_made_uses_the_kernel_path(
@@ -280,9 +299,11 @@ def test_a_thread_whose_connection_cannot_be_made_uses_the_kernel_path(
         session.ShareAuto()
         os.unlink(world.server.path)  # the creator's connection lives on; no new one can be made
         with caplog.at_level(logging.DEBUG, logger="ipcfw.client"):
-            assert in_thread(lambda: session.SendReceive(EECHO, (5,))) == 5
-        assert world.kernel.served == 1 and "no direct connection" in caplog.text
-        assert session.SendReceive(EECHO, (6,)) == 6 and world.kernel.served == 1
+            assert in_thread(lambda: [session.SendReceive(EECHO, (i,)) for i in range(3)]) == [
+                0, 1, 2
+            ]
+        assert world.kernel.served == 3 and "no direct connection" in caplog.text
+        assert session.SendReceive(EECHO, (6,)) == 6 and world.kernel.served == 3
 
 
 def test_a_thread_opening_and_closing_sessions_keeps_no_route_per_session(world: World) -> None:
@@ -301,6 +322,7 @@ def test_a_close_tells_every_threads_direct_connection_before_the_kernel(world: 
     statuses: list[TRequestStatus] = []
 
     def hold() -> None:  # a thread that stays alive with a request held by the server
+        go_direct(world, session)
         status = TRequestStatus()
         session.SendReceive(EHOLD, (), status)
         statuses.append(status)
@@ -328,6 +350,7 @@ def test_a_joined_thread_ending_forgets_its_route_and_fails_its_requests(world: 
         held: list[TRequestStatus] = []
 
         def hold() -> None:
+            go_direct(world, session)
             status = TRequestStatus()
             session.SendReceive(EHOLD, (), status)
             held.append(status)
@@ -337,8 +360,8 @@ def test_a_joined_thread_ending_forgets_its_route_and_fails_its_requests(world: 
         assert held[0].Int() == ipcfw.KErrDied
         wait_until(lambda: world.server.eofs == 1, 5)
         wait_until(lambda: len(session._life.routes) == 1, 5)  # the creator's alone
-        assert in_thread(lambda: session.SendReceive(EECHO, (7,))) == 7  # a new thread: Join
-        assert len(joins(world)) == 2 and world.kernel.served == 0
+        in_thread(lambda: go_direct(world, session))  # a new thread: Join
+        assert len(joins(world)) == 2
 
 
 def test_close_tells_the_direct_connection_before_the_kernel(
@@ -444,8 +467,9 @@ def test_a_thread_end_closes_its_direct_connection_and_fails_its_requests(world:
     wait_until(status.done, 5)
     assert status.Int() == ipcfw.KErrDied
     wait_until(lambda: world.server.eofs == 1, 5)
-    assert session.SendReceive(EECHO, (3,)) == 3  # this thread: a connection of its own
-    assert world.kernel.served == 0 and len(joins(world)) == 1
+    go_direct(world, session)  # this thread: a connection of its own
+    assert session.SendReceive(EECHO, (3,)) == 3
+    assert len(joins(world)) == 1
     session.Close()
 
 

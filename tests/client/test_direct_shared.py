@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -46,6 +47,15 @@ def shared_direct_session() -> RSession:
     return session
 
 
+def until_direct(session: RSession) -> None:
+    """Sync calls (EEcho) from this thread until its calls on `session` take its direct
+    connection: its move there goes on in the background, one step per call."""
+    deadline = time.monotonic() + 10
+    while session._life.routes.get(threading.get_ident()) is None:
+        assert session.SendReceive(EEcho, (0,)) == 0
+        assert time.monotonic() < deadline, "the thread did not go direct within 10 s"
+
+
 class Holding:
     """Threads that each use `session` (sync calls, then an async EHold with tag 100 + i held
     by the server) and stay alive until `release`."""
@@ -68,6 +78,7 @@ class Holding:
             assert [self.session.SendReceive(EEcho, (i * 10 + n,)) for n in range(3)] == [
                 i * 10, i * 10 + 1, i * 10 + 2
             ]
+            until_direct(self.session)
             if before is not None:
                 before(i)
             self.session.SendReceive(EHold, (100 + i,), self.statuses[i])
@@ -117,6 +128,9 @@ def test_disconnect_comes_after_every_request_every_thread_sent(probe) -> None:
     close_done = threading.Event()
 
     def send_then_wait() -> None:
+        # (On the direct path: a Close from another thread may overtake the kernel-path
+        # requests of a thread still moving there, as on the kernel path: docs/sharing.md.)
+        until_direct(session)
         statuses = [TRequestStatus() for _ in range(5)]
         for n, status in enumerate(statuses):
             session.SendReceive(EEcho, (n,), status)
@@ -137,16 +151,20 @@ def test_disconnect_comes_after_every_request_every_thread_sent(probe) -> None:
         wait_until(lambda: ["disconnect", handle] in recorded_events(observer),
                    what="the Disconnect")
         events = [e[0] for e in recorded_events(observer) if e[1] == handle]
-    assert events == ["connect"] + ["service"] * 15 + ["disconnect"]
-    assert probe.statistics()["admitted"] == 3
+    assert events[-16:] == ["service"] * 15 + ["disconnect"]
+    assert set(events[:-16]) == {"connect", "service"}
+    assert probe.statistics()["admitted"] >= 3  # (and a Join may prove a thread's requests)
 
 
 OPENER = r"""
-import json, os, sys
+import json, os, sys, threading, time
 from ipcfw import RSession, TRequestStatus
 from plugins.probe import EClient, EEcho, EHold
 shared = RSession.Open(bytes.fromhex(sys.argv[1]))
 assert [shared.SendReceive(EEcho, (n,)) for n in range(3)] == [0, 1, 2]
+deadline = time.monotonic() + 10  # until this thread's calls go direct (its move: one step a call)
+while shared._life.routes.get(threading.get_ident()) is None and time.monotonic() < deadline:
+    shared.SendReceive(EEcho, (0,))
 client = bytearray(1024)
 shared.SendReceive(EClient, (client,))
 print("client", json.loads(client)["pid"], os.getpid(), flush=True)

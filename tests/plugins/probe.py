@@ -34,6 +34,7 @@ ETryRead = 12  # complete with len(ReadL(1)), or -code of the error seen
 ESleep = 13  # sleep Int0 ms, then complete with Int1
 EDesInfo = 14  # complete with GetDesLength(0) * 1000 + GetDesMaxLength(0)
 EEchoShuffled = 15  # complete with Int0, out of order: held in batches, latest first
+ERecord = 16  # record ["arg", handle, Int0] (the order requests arrive in), complete with Int0
 
 REJECT_BUILD = 99  # NewSessionL refuses clients asking for build 99 with KErrPermissionDenied
 FAIL_CREATE_BUILD = 98  # CreateL raises ValueError for build 98
@@ -170,6 +171,11 @@ def _echo_shuffled(server: ProbeServer, message: RMessage) -> None:
         held.Complete(held.Int0())
 
 
+def _record(server: ProbeServer, message: RMessage) -> None:
+    server.record("arg", message.Session()._handle, message.Int0())
+    message.Complete(message.Int0())
+
+
 def _des_info(server: ProbeServer, message: RMessage) -> None:
     message.Complete(message.GetDesLength(0) * 1000 + message.GetDesMaxLength(0))
 
@@ -190,6 +196,7 @@ _HANDLERS = {
     ESleep: _sleep,
     EDesInfo: _des_info,
     EEchoShuffled: _echo_shuffled,
+    ERecord: _record,
 }
 
 
