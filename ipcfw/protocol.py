@@ -86,6 +86,9 @@ __all__ = [
     "MAX_PAYLOAD",
     "MAX_CATEGORY",
     "DIRECT_MAX_UNREAD",
+    "DIRECT_MAX_UNREAD_BYTES",
+    "DIRECT_ANSWER_OVERHEAD",
+    "direct_unread_bytes",
     "ProtocolError",
     "Kind",
     "Role",
@@ -193,6 +196,20 @@ MAX_MAPPED_FDS = 4
 #: the connection; a client keeps fewer asynchronous requests pending on one, so that a paused
 #: client within that limit is never cut off (the kernel path's --outstanding-per-process).
 DIRECT_MAX_UNREAD = 100_000
+#: Bytes of answers a server queues for a direct connection that does not read them before it
+#: closes the connection (at most 4 of the kernel's frames: `direct_unread_bytes`); a client
+#: keeps fewer owed on one (its pending asynchronous requests' writable descriptors carried in
+#: the frame, each answer counted with `DIRECT_ANSWER_OVERHEAD`), as for DIRECT_MAX_UNREAD.
+DIRECT_MAX_UNREAD_BYTES = 64 << 20
+#: Bytes an answer on a direct connection takes beyond what it writes: its header, and a
+#: write's or a panic's fields (a Completed of 4 empty writes is 33 bytes, a Panicked 39).
+DIRECT_ANSWER_OVERHEAD = 64
+
+
+def direct_unread_bytes(max_frame: int) -> int:
+    """The bytes a direct connection may leave unread before its server closes it, with the
+    kernel's frame limit `max_frame` (what server and client both apply)."""
+    return min(4 * max_frame, DIRECT_MAX_UNREAD_BYTES)
 
 #: The range of a 32-bit signed int: every argument int, completion value and panic reason.
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1

@@ -93,7 +93,9 @@ from .. import errors
 from .._wakeup import WakePipe
 from .._zmqflags import EVENTS, POLLIN
 from ..protocol import (
+    DIRECT_ANSWER_OVERHEAD,
     DIRECT_MAX_UNREAD,
+    SHARED_OVER,
     PROTOCOL_VERSION,
     Attach,
     Close,
@@ -110,6 +112,7 @@ from ..protocol import (
     SessionLost,
     Welcome,
     decode,
+    direct_unread_bytes,
     encode,
 )
 from . import shm
@@ -163,6 +166,9 @@ class _LockedChannel:
     closed: bool
     max_frame: int
     replies: dict[int, Message | None]
+    pending: int  # async requests sent here and not yet completed (under count_lock)
+    owed = 0  # bytes their answers may take (a direct connection's bound; under count_lock)
+    count_lock: threading.Lock
 
     def _settle(self) -> None:
         raise NotImplementedError
@@ -452,6 +458,7 @@ class DirectChannel(_LockedChannel):
         self.runtime = runtime
         self.path = path
         self.max_frame = max_frame
+        self.max_owed = direct_unread_bytes(max_frame)  # (the server's bound: see send_async)
         self.socket = DirectSocket(path, timeout)
         self.fd = self.socket.fd
         self.thread = threading.get_ident()  # the one thread whose sessions' calls it carries
@@ -571,26 +578,37 @@ class DirectChannel(_LockedChannel):
     def send_async(self, frame: bytes, req_id: int, pending: Pending[AnyChannel],
                    fds: Sequence[int] = ()) -> None:
         """Send an async request, registered first: its answer may be read at once. With
-        `DIRECT_MAX_UNREAD` pending here already, complete it with KErrServerBusy instead: the
-        server closes a connection that leaves more answers than that unread (a paused
-        thread's), so a thread within the limit is never cut off."""
+        `DIRECT_MAX_UNREAD` pending here already, or answers of more bytes than the server's
+        bound owed (`direct_unread_bytes`: each pending request's writable descriptors carried
+        in its answer's frame, and `DIRECT_ANSWER_OVERHEAD`), complete it with KErrServerBusy
+        instead: the server closes a connection that leaves more than either unread (a paused
+        thread's), so a thread within the limits is never cut off."""
         self.check_size(frame)
         runtime = self.runtime
+        owed = pending.owed = DIRECT_ANSWER_OVERHEAD + sum(
+            n for n in pending.limits.values() if n < SHARED_OVER  # (larger: shared memory)
+        )
         with self.lock:
             refusal = self._refusal()
             if refusal is not None:
                 raise refusal
-            busy = self.pending >= DIRECT_MAX_UNREAD
+            busy = self.pending >= DIRECT_MAX_UNREAD or self.owed + owed > self.max_owed
             if not busy:
                 self._send_registered(frame, req_id, pending, fds)
         if busy:
-            pending.complete(errors.KErrServerBusy, error=errors.IpcError(
-                errors.KErrServerBusy,
-                f"{DIRECT_MAX_UNREAD} asynchronous requests of this thread are pending on its "
-                f"direct connection to {self.path}",
-            ))
+            pending.complete(errors.KErrServerBusy, error=self._busy_error(owed))
         elif self.pending == 1:
             runtime.first_pending()
+
+    def _busy_error(self, owed: int) -> errors.IpcError:
+        if self.pending >= DIRECT_MAX_UNREAD:
+            why = f"{DIRECT_MAX_UNREAD} asynchronous requests of this thread are pending"
+        else:
+            why = (f"the answers to this thread's pending asynchronous requests may take "
+                   f"{self.owed} bytes, and this one's {owed} more would pass the server's "
+                   f"bound of {self.max_owed} bytes unread")
+        return errors.IpcError(errors.KErrServerBusy,
+                               f"{why} on its direct connection to {self.path}")
 
     def _send_registered(self, frame: bytes, req_id: int, pending: Pending[AnyChannel],
                          fds: Sequence[int] = ()) -> None:
@@ -600,12 +618,14 @@ class DirectChannel(_LockedChannel):
         runtime.state.add(req_id, pending)
         with self.count_lock:
             self.pending += 1
+            self.owed += pending.owed
         try:
             self._send(frame, fds)
         except BaseException:
             if runtime.state.take(req_id) is not None:  # withdrawn: it was never sent
                 with self.count_lock:
                     self.pending -= 1
+                    self.owed -= pending.owed
             raise
         now = self.last_used = time.monotonic()
         if now - self.settled_at > SETTLE_INTERVAL:
@@ -1106,6 +1126,7 @@ class Runtime:
         # then see the count it would see had the completion come first (send_async's nudge).
         with channel.count_lock:
             channel.pending -= 1
+            channel.owed -= pending.owed
         pending.complete(value, writes, error)
         if self.blocked_waiters:
             with self.completions:

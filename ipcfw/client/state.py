@@ -140,7 +140,7 @@ class Pending(Generic[C]):
     """An asynchronous request not yet completed: its status and how to complete it, its
     session and writable buffers, and the channel its answer arrives on."""
 
-    __slots__ = ("status", "complete_status", "session", "buffers", "limits", "channel")
+    __slots__ = ("status", "complete_status", "session", "buffers", "limits", "channel", "owed")
 
     def __init__(
         self, status: object, complete_status: CompleteStatus, session: object,
@@ -154,6 +154,7 @@ class Pending(Generic[C]):
         self.buffers = buffers
         self.limits = {i: len(b) for i, b in buffers.items()} if limits is None else limits
         self.channel = channel
+        self.owed = 0  # bytes its answer may take on a direct connection (the runtime's count)
 
     def complete(
         self, value: int, writes: Sequence[tuple[int, bytes]] = (),

@@ -37,6 +37,7 @@ from .. import endpoint as endpoints
 from .. import errors
 from ..protocol import (
     DIRECT_MAX_UNREAD,
+    direct_unread_bytes,
     MAX_MAPPED_FDS,
     Completed,
     MappedCompleted,
@@ -56,7 +57,6 @@ log = logging.getLogger("ipcfw.server")
 
 __all__ = ["DirectPort"]
 
-_OUTBOX_BYTES = 64 << 20  # bytes a connection may leave unread (or 4 of the kernel's frames)
 DIRECT_PER_PID = 64  # direct connections of one client process at once
 ATTACH_WITHIN = 5.0  # seconds a connection may stay open without a granted Attach
 _DIRECT_BATCH = 64  # frames read from one direct connection per turn of the loop
@@ -128,7 +128,7 @@ class DirectPort:
     @property
     def outbox_bytes(self) -> int:
         """The most bytes a connection may leave unread before it is closed."""
-        return min(4 * self.max_frame, _OUTBOX_BYTES)
+        return direct_unread_bytes(self.max_frame)
 
     def open(self, directory: str) -> None:
         """Make the listening socket in `directory` (the kernel's, private); on failure, log at

@@ -25,7 +25,8 @@ from ipcfw.client import runtime as client_runtime
 from ipcfw._spin import PROBE, AdaptiveSpin
 from ipcfw.client.direct import SPIN, DirectSocket
 from ipcfw.protocol import (
-    Attach, Close, Connect, Join, MappedRequest, Path, SharedMemory,
+    DIRECT_ANSWER_OVERHEAD, DIRECT_MAX_UNREAD_BYTES, Attach, Close, Connect, Join, MappedRequest,
+    Path, SharedMemory,
 )
 from conftest import wait_until
 from fakes_direct import EBUSY, EECHO, EHOLD, EPANIC, EWRITE, World, fake_world
@@ -162,6 +163,33 @@ def test_a_thread_keeps_fewer_answers_pending_than_the_server_leaves_unread(
         session.SendReceive(EECHO, (3,), again)  # room again
         assert again.Wait(5) == 3
         assert [r.function for r in world.direct_requests()] == [EHOLD] * 3 + [EECHO] * 2
+
+
+def test_a_thread_is_owed_fewer_answer_bytes_than_the_server_leaves_unread(world: World) -> None:
+    # The server closes a connection that leaves direct_unread_bytes(max_frame) (64 MiB here)
+    # of answers unread; each pending request counts its writable descriptors carried in the
+    # frame (here 60 KiB) and DIRECT_ANSWER_OVERHEAD: past the bound, KErrServerBusy, unsent.
+    size = 60 * 1024
+    fits = DIRECT_MAX_UNREAD_BYTES // (size + DIRECT_ANSWER_OVERHEAD)
+    with world.connect() as session:
+        held = [TRequestStatus() for _ in range(fits)]
+        for status in held:
+            session.SendReceive(EHOLD, (0, bytearray(size)), status)
+        busy = TRequestStatus()
+        session.SendReceive(EHOLD, (0, bytearray(size)), busy)
+        assert busy.Wait(5) == ipcfw.KErrServerBusy
+        with pytest.raises(ipcfw.ServerBusy, match=f"bound of {DIRECT_MAX_UNREAD_BYTES} bytes"):
+            busy.result()
+        small = TRequestStatus()
+        session.SendReceive(EECHO, (1,), small)  # an answer with no write still fits
+        assert small.Wait(5) == 1
+        wait_until(lambda: len(world.direct_requests()) == fits + 1, 10)
+        world.server.release(world.direct_requests()[0].req_id, 7)
+        assert held[0].Wait(5) == 7
+        again = TRequestStatus()
+        session.SendReceive(EHOLD, (0, bytearray(size)), again)  # room again
+        wait_until(lambda: len(world.direct_requests()) == fits + 2, 10)
+        assert not again.done()
 
 
 def test_cancel_goes_on_the_direct_connection(world: World) -> None:
