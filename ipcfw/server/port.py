@@ -9,8 +9,9 @@ blocking: a connection whose peer does not read keeps an outbox of at most
 Completions made on other threads go through the port's own outbox to the loop, as the
 kernel's go through the host's (and are dropped once the registration's rules have ended).
 
-Bounds on what clients can make the port hold: connections at once (`connection_cap`, from
-RLIMIT_NOFILE), per client pid (`DIRECT_PER_PID`), and time to the first Attach
+Bounds on what clients can make the port hold: file descriptors at once, for connections and
+their maps of clients' memfds, one each (`connection_cap`, from RLIMIT_NOFILE, in one
+`shm.FdBudget`), connections per client pid (`DIRECT_PER_PID`), and time to the first Attach
 (`ATTACH_WITHIN` seconds, checked on the port's own clock: `timeout` is the poll timeout the
 loop uses while the port waits for something). When accept() fails for want of descriptors
 (EMFILE, ENFILE), the port closes the waiting connection with a spare descriptor kept for that,
@@ -89,8 +90,9 @@ class Link:
 
 
 def connection_cap() -> int:
-    """Direct connections at once: three quarters of the soft RLIMIT_NOFILE (the rest is the
-    process's own: the kernel's socket, the plugin's files), at least 16."""
+    """File descriptors a port holds at once, for its direct connections and their maps: three
+    quarters of the soft RLIMIT_NOFILE (the rest is the process's own: the kernel's socket,
+    the plugin's files), at least 16."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY or soft > 1 << 16:
         soft = 1 << 16
@@ -118,7 +120,7 @@ class DirectPort:
             collections.deque()
         )
         self._buffer: mmap.mmap | None = None  # pages are only touched by the frames read
-        self.cap = connection_cap()
+        self.fds = shm.FdBudget(connection_cap())  # connections and their maps, one each
         self._per_pid: collections.Counter[int] = collections.Counter()
         self._spare: int | None = None  # a descriptor to give up when accept() has none
         self._paused_until: float | None = None  # the listener is not polled until then
@@ -307,13 +309,15 @@ class DirectPort:
             pid, uid, gid = _PEERCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             )
-            if len(self._links) >= self.cap:
-                self.rules.report("too many direct connections", f"{len(self._links)} open")
-                sock.close()
-                continue
             if self._per_pid[pid] >= DIRECT_PER_PID:
                 self.rules.report("too many direct connections of one process",
                                   f"pid {pid} has {self._per_pid[pid]} open")
+                sock.close()
+                continue
+            if not self.fds.take():
+                self.rules.report("too many direct connections",
+                                  f"{len(self._links)} open, holding {self.fds.used} of "
+                                  f"{self.fds.cap} file descriptors with their maps")
                 sock.close()
                 continue
             try:
@@ -396,7 +400,7 @@ class DirectPort:
                 self._close(link)
                 return
             if type(message) is SharedMemory:
-                link.maps = shm.Maps()  # (file descriptors sent before it were closed by Linux)
+                link.maps = shm.Maps(self.fds)  # (descriptors sent before it: closed by Linux)
             elif rules.receive(connection, message):
                 self._close(link)
                 return
@@ -540,6 +544,7 @@ class DirectPort:
     def _forget(self, link: Link) -> None:
         if self._links.get(link.fd) is link:
             del self._links[link.fd]
+            self.fds.give()
             pid = link.connection.pid
             if self._per_pid[pid] > 1:
                 self._per_pid[pid] -= 1

@@ -21,7 +21,10 @@ a new map, 1.0 ms through one already faulted in). A map is in use while a messa
 at most `IDLE_MAPS` unused ones are kept (least recently used first to go), and at most
 `LIVE_MAPS` are in use on one connection (a request over it is answered KErrNoMemory). All of
 them close with the connection. Each map holds one file descriptor (Python's ``mmap`` keeps a
-duplicate), so a connection holds at most LIVE_MAPS + IDLE_MAPS of them.
+duplicate), so a connection holds at most LIVE_MAPS + IDLE_MAPS of them; and every map counts,
+with every connection, in the port's one budget of descriptors (`FdBudget`, of
+``port.connection_cap()``): a map past it takes an idle map's place, or the request is
+answered KErrNoMemory (a new connection past it is closed at once).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from ..protocol import MAX_MAPPED_FDS, MappedRequest, Request, mapped_capacity
 from .mapped import MappedDescriptor, mapped_args, plan
 
 __all__ = [
-    "Maps", "Refused", "receive", "adopt", "close_fds", "ANCILLARY_SIZE", "IDLE_MAPS", "LIVE_MAPS",
+    "FdBudget", "Maps", "Refused", "receive", "adopt", "close_fds", "ANCILLARY_SIZE", "IDLE_MAPS",
+    "LIVE_MAPS",
 ]
 
 IDLE_MAPS = 4  # unused maps kept per connection, for the client's next requests
@@ -83,11 +87,36 @@ class _Map:
         self.users = 0
 
 
+class FdBudget:
+    """The file descriptors a direct port may hold at once (`cap`): its connections and their
+    maps, one each. Taken on the loop thread, given back on any thread (a map released at a
+    message's end): a lock."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """One more descriptor, if the budget has room."""
+        with self._lock:
+            if self.used >= self.cap:
+                return False
+            self.used += 1
+            return True
+
+    def give(self, count: int = 1) -> None:
+        with self._lock:
+            self.used -= count
+
+
 class Maps:
     """One direct connection's maps of its client's memfds (see the module docstring). Maps
-    are taken on the loop thread and released on any thread (a message's end): a lock."""
+    are taken on the loop thread and released on any thread (a message's end): a lock. Each
+    counts in `budget`, the port's."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: FdBudget) -> None:
+        self._budget = budget
         self._maps: dict[tuple[int, int], _Map] = {}
         self._idle: collections.OrderedDict[tuple[int, int], _Map] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -129,9 +158,16 @@ class Maps:
             if entry is None:
                 if self._live >= LIVE_MAPS:
                     return busy
+                if not self._budget.take():
+                    if not self._idle:
+                        return errors.KErrNoMemory, (
+                            f"the server holds its budget of {self._budget.cap} file "
+                            "descriptors (direct connections and their maps)")
+                    self._drop_oldest_idle()  # (its descriptor is this one's now)
                 try:
                     entry = self._map(key, fd, info.st_size)
                 except (OSError, ValueError) as exc:
+                    self._budget.give()
                     return bad, f"cannot map it ({exc})"
             if writable and not entry.writable:
                 return bad, "a writable descriptor in a memfd that cannot be written"
@@ -163,9 +199,15 @@ class Maps:
             self._live -= 1
             self._idle[entry.key] = entry
             while len(self._idle) > IDLE_MAPS:
-                _, oldest = self._idle.popitem(last=False)
-                del self._maps[oldest.key]
-                oldest.map.close()
+                self._drop_oldest_idle()
+                self._budget.give()
+
+    def _drop_oldest_idle(self) -> None:
+        """Close the least recently used idle map (its descriptor stays counted). Call with
+        the lock held."""
+        _, oldest = self._idle.popitem(last=False)
+        del self._maps[oldest.key]
+        oldest.map.close()
 
     def close(self) -> None:
         """The connection has ended: close every map (a message still held reads
@@ -177,6 +219,7 @@ class Maps:
                     entry.map.close()
                 except BufferError:  # (never exported; closed with the last reference else)
                     pass
+            self._budget.give(len(self._maps))
             self._maps.clear()
             self._idle.clear()
             self._live = 0
