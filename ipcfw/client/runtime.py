@@ -882,6 +882,10 @@ class Runtime:
         self.blocked_waiters = 0
         self._req_ids = itertools.count(1)
         self._local = threading.local()
+        # Kernel Closes waiting for direct Closes queued on full sockets (`close_session`):
+        # sent by the I/O thread.
+        self._closes_later: list[tuple[list[threading.Event], Channel, bytes]] = []
+        self._later_lock = threading.Lock()
         self._inbox = _Inbox(self)
         self._inbox.start_and_wait()
 
@@ -1180,24 +1184,52 @@ class Runtime:
         if closing.tell_kernel:
             channel, frame = self.channel(), encode(Close(handle))
             if queued:  # a full socket: the kernel's Close follows once the direct ones left
-                threading.Thread(
-                    target=self._close_after, args=(queued, channel, frame),
-                    name="ipcfw-close", daemon=True,
-                ).start()
+                with self._later_lock:
+                    self._closes_later.append((queued, channel, frame))
+                self.nudge()  # (the I/O thread sends it: `send_closes_due`)
             else:
                 channel.send(frame)
 
-    def _close_after(self, queued: list[threading.Event], channel: Channel, frame: bytes) -> None:
-        for sent in queued:
-            while not sent.wait(_SLICE * 10):
-                if self.kernel_dead or self._closed:
-                    return
-        if channel.closed:
-            # The closing thread has ended meanwhile (its channel with it): this thread's own
-            # carries the Close (any thread of a holding process may close a shared handle; an
-            # unshared one ended with its thread's channel).
-            channel = self.channel()
-        channel.send(frame)
+    def closes_waiting(self) -> bool:
+        """Whether a kernel Close waits for direct ones to leave (`close_session`)."""
+        return bool(self._closes_later)
+
+    def send_closes_due(self) -> None:
+        """On the I/O thread: send each kernel Close whose direct Closes have left (or whose
+        connections have gone), on the closing thread's channel, without waiting for its lock
+        (a Close it cannot send now waits for the next turn). If that thread has ended
+        meanwhile (its channel with it), another channel of the process carries it: any thread
+        of a holding process may close a shared handle (an unshared one ended with its
+        thread's channel)."""
+        with self._later_lock:
+            waiting, self._closes_later = self._closes_later, []
+        if self.kernel_dead or self._closed:
+            return
+        still: list[tuple[list[threading.Event], Channel, bytes]] = []
+        for queued, channel, frame in waiting:
+            if not all(sent.is_set() for sent in queued) or not self._send_unwaiting(
+                    channel, frame):
+                still.append((queued, channel, frame))
+        if still:
+            with self._later_lock:
+                self._closes_later[:0] = still  # (in order, before any added meanwhile)
+
+    def _send_unwaiting(self, channel: Channel, frame: bytes) -> bool:
+        """Send `frame` on `channel`, or, if it has closed, on another live channel, if its
+        lock is free; False if none was (try again later)."""
+        if channel.closed or channel.dropped is not None:
+            others = [c for c in list(self.channels) if not c.closed and c.dropped is None]
+            if not others:
+                channel = self.channel()  # (the I/O thread's own, made now)
+            else:
+                channel = others[0]
+        if not channel.lock.acquire(blocking=False):
+            return False
+        try:
+            channel.send(frame)
+        finally:
+            channel.lock.release()
+        return True
 
     def wait(self, waits: Sequence[tuple[W, AnyChannel | None]], timeout: float | None) -> W:
         """Block until one of the statuses in `waits` completes and return it; settle their
@@ -1407,7 +1439,8 @@ class _Inbox:
             for channel in watched:
                 poller.register(channel.fd, zmq.POLLIN)
             self.sleeps_for_good = True  # (before looking: see __init__)
-            waiting = any(c.awaits_answers() for c in self.runtime.all_channels())
+            waiting = self.runtime.closes_waiting() or any(
+                c.awaits_answers() for c in self.runtime.all_channels())
             self.sleeps_for_good = not waiting
             try:
                 ready = dict(poller.poll(int(IDLE * 1000) if waiting else None))
@@ -1421,6 +1454,8 @@ class _Inbox:
                 self._drain(socket)
             for channel in watched:
                 channel.try_settle()
+            if self.runtime.closes_waiting():
+                self.runtime.send_closes_due()
             if kernel_fd in ready:
                 self._drain(socket)
                 log.warning("the ipcfw kernel at %s has died", self.runtime.endpoint)

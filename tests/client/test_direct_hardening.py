@@ -139,6 +139,33 @@ def test_a_close_that_finds_the_socket_full_is_sent_later_and_the_kernels_after_
     wait_until(lambda: Close(handle) in world.kernel.events, 5)
 
 
+def test_a_close_sent_later_is_sent_by_the_io_thread_not_a_thread_of_its_own(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = world.connect()
+    handle = session.Handle()
+    direct = session._life.routes[threading.get_ident()]
+    full = threading.Event()
+    full.set()
+    send = direct.socket.send
+    monkeypatch.setattr(direct.socket, "send",
+                        lambda frame: False if full.is_set() else send(frame))
+    senders: list[str] = []
+    kernel_send = client_runtime.Channel.send
+
+    def recording(channel: client_runtime.Channel, frame: bytes) -> None:
+        senders.append(threading.current_thread().name)
+        kernel_send(channel, frame)
+
+    monkeypatch.setattr(client_runtime.Channel, "send", recording)
+    before = {thread.name for thread in threading.enumerate()}
+    session.Close()
+    assert {thread.name for thread in threading.enumerate()} <= before  # (STYLE 3.3)
+    full.clear()
+    wait_until(lambda: Close(handle) in world.kernel.events, 5)
+    assert senders == ["ipcfw-inbox"]  # the runtime's own I/O thread, which it joins
+
+
 def test_a_server_socket_outside_the_kernels_directory_is_not_connected_to(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
