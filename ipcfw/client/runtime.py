@@ -228,6 +228,7 @@ class Channel(_LockedChannel):
         self.dropped: str | None = None
         self.ended = False
         self.replaced = False  # its thread has a new channel: close this one once it has ended
+        self.inherited = False  # a forked child's copy: never touch its socket (`forked`)
         # Synchronous calls in progress on this channel (req_id -> reply once read). A
         # done-callback run during a call may settle the channel and read the call's reply.
         self.replies: dict[int, Message | None] = {}
@@ -429,10 +430,18 @@ class Channel(_LockedChannel):
         else:
             log.debug("dropping a late reply on a channel: %r", reply)
 
+    def forked(self) -> None:
+        """In a forked child (`Runtime.forked`): closed, its socket left alone (the parent's
+        context's), with fresh locks. Takes no lock."""
+        self.lock = threading.RLock()
+        self.count_lock = threading.Lock()
+        self.inherited = self.closed = True
+
     def close(self) -> None:
         with self.lock:
             self.closed = True
-            self.socket.close()
+            if not self.inherited:
+                self.socket.close()
 
 
 class DirectConnectionClosed(errors.ServerTerminated):
@@ -861,6 +870,7 @@ class Runtime:
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
+        self._pid = os.getpid()  # (a forked child's copy is not its: `forked`)
         path = endpoints.ipc_path(endpoint)
         if not os.path.exists(path):
             raise errors.IpcError(
@@ -890,12 +900,36 @@ class Runtime:
         self._inbox.start_and_wait()
 
     def forked(self) -> None:
-        """In a forked child (`_after_fork_in_child`): close every direct connection inherited
-        from the parent, sending nothing; calls on them then fail (KErrDisconnected). The
-        child's own sessions use a runtime of its own (`for_endpoint` keys them by pid)."""
+        """In a forked child (`_after_fork_in_child`): nothing of this runtime, the parent's,
+        may be used. Its channels' zmq sockets belong to the parent's context, whose I/O
+        threads did not survive the fork (a send or a receive on one hangs): they are left
+        alone. Its direct connections are the parent's: closed, sending nothing. From now on
+        a call on one of the parent's sessions raises KErrDisconnected saying so; a Close of
+        one only forgets it, sending nothing (the parent still holds it, and the kernel never
+        counted the child); a wait for a request the parent made completes it with that
+        error. The child's own sessions use a runtime of its own (`for_endpoint` keys them by
+        pid). Takes no lock: fresh ones replace those a vanished thread may have held."""
+        self._gone_reason = (
+            errors.KErrDisconnected,
+            f"this session belongs to the parent process (pid {self._pid}), whose client "
+            "runtime a forked child cannot use: connect (or Open) a session of its own",
+        )
+        self.kernel_dead = True
+        self.completions = threading.Condition()
+        self._later_lock = threading.Lock()
+        self._closes_later = []
+        for channel in list(self.channels):
+            channel.forked()
         for direct in list(self.direct_channels):
             direct.forked()
         self.direct_channels.clear()
+
+    def _fail_inherited(self) -> None:
+        """In a forked child, on a thread that waits: the parent's pending requests complete
+        with the fork's error (`forked`), not in the fork handler, where no callback may run."""
+        for req_id in list(self.state.pending):
+            error = self.kernel_gone_error()
+            self.complete(req_id, error.code, (), error)
 
     def next_req_id(self) -> int:
         return next(self._req_ids)
@@ -1237,6 +1271,8 @@ class Runtime:
 
         Raises TimeoutError after `timeout` seconds.
         """
+        if self._pid != os.getpid():
+            self._fail_inherited()
         channels = {channel for _, channel in waits if channel is not None}
         # Watch before the first settle: a send on these channels from now on settles after
         # itself, so it cannot leave an answer unread behind a consumed FD signal.
@@ -1354,7 +1390,8 @@ class Runtime:
         for channel in list(self.channels):
             if channel.lock.acquire(timeout=1.0):  # a thread may still be in a call
                 channel.closed = True
-                channel.socket.close()
+                if not channel.inherited:
+                    channel.socket.close()
                 channel.lock.release()
         self.channels.clear()
 

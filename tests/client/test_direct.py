@@ -282,3 +282,44 @@ def test_a_forked_child_cannot_use_or_keep_open_the_parents_direct_connection(pr
         assert client.stderr.read().split()[:2] == ["refused", str(-36)]
     finally:
         client.kill()
+
+
+FORK_USES_PARENTS_SESSION = r"""
+import os, sys
+from ipcfw import IpcError, RSession, TRequestStatus
+path = sys.argv[1]
+session = RSession.connect("probe", (1, 0, 0), 4, path=path)
+held = TRequestStatus()
+session.SendReceive(2, (1,), held)  # EHold, tag 1: pending in the parent
+assert session.SendReceive(1, (5,)) == 5
+pid = os.fork()
+if pid == 0:
+    seen = []
+    try:
+        session.SendReceive(1, (6,), timeout=2)
+    except IpcError as exc:
+        seen.append(f"call {exc.code}")
+    seen.append(f"held {held.Wait(2)}")
+    session.Close()  # only forgets it: the parent holds it
+    seen.append("closed")
+    with RSession.connect("probe", path=path) as own:
+        seen.append(f"own {own.SendReceive(1, (7,), timeout=5)}")
+    print(" ".join(seen), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+print("parent", session.SendReceive(1, (8,), timeout=5), flush=True)
+session.Close()
+"""
+
+
+@pytest.mark.parametrize("path", ["kernel", "direct"])
+def test_a_forked_child_gets_a_clear_error_from_the_parents_session_and_its_close_returns(
+    probe, path: str
+) -> None:
+    # (Before: the child's Close, and its calls, hung on the parent's zmq sockets.)
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_USES_PARENTS_SESSION, path], env=probe.env,
+        capture_output=True, text=True, timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["call -36 held -36 closed own 7", "parent 8"]
