@@ -1,5 +1,5 @@
 """The socket of a direct connection: one client thread's SOCK_SEQPACKET connection to a
-server's process (the direct data path; ipcfw.client.runtime's `DirectChannel` uses it).
+server's process (the direct data path; ipcfw.client.connection's `DirectChannel` uses it).
 
 Every frame is one `protocol.encode(message)`, one datagram. This module only moves frames:
 it knows nothing of requests, sessions or the runtime's tables. Its one policy is how a thread

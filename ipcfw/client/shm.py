@@ -1,6 +1,6 @@
 """Large descriptors on a direct connection: through shared memory, not the socket.
 
-A request on a direct connection (`ipcfw.client.runtime.DirectChannel`) with a descriptor of
+A request on a direct connection (`ipcfw.client.connection.DirectChannel`) with a descriptor of
 `args.SHARED_OVER` bytes or more is sent as a `MappedRequest`: each such descriptor is copied
 into a memfd of the connection's `Pool`, the frame carries ``(fd_index, length, writable)`` in
 its place, and the memfds go with the frame (SCM_RIGHTS). The server maps them (see

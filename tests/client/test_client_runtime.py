@@ -10,7 +10,7 @@ import pytest
 
 import ipcfw
 from ipcfw import ClientPanic, RSession, TRequestStatus, User
-from ipcfw.client import runtime as _runtime
+from ipcfw.client import inbox as client_inbox
 from conftest import wait_until
 from plugins import probe
 
@@ -112,7 +112,7 @@ def test_await_reads_an_answer_that_arrived_behind_a_send(probe_server, monkeypa
     """An async send does not always read the socket, and a later send may consume the FD's
     signal while an answer waits: `await` must read what is there before it sleeps on the FD.
     (The I/O thread's rescue of idle channels is pushed out of reach, so a miss hangs.)"""
-    monkeypatch.setattr(_runtime, "IDLE", 60.0)
+    monkeypatch.setattr(client_inbox, "IDLE", 60.0)
     with connect() as session:
 
         async def main() -> None:

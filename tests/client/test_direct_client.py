@@ -21,6 +21,7 @@ import pytest
 import ipcfw
 from ipcfw import ClientPanic, IpcError, RSession, TIpcArgs, TRequestStatus, User
 from ipcfw.client import direct as client_direct
+from ipcfw.client import connection as client_connection
 from ipcfw.client import runtime as client_runtime
 from ipcfw._spin import PROBE, AdaptiveSpin
 from ipcfw.client.direct import SPIN, DirectSocket
@@ -145,7 +146,7 @@ def test_a_thread_keeps_fewer_answers_pending_than_the_server_leaves_unread(
     # The server closes a connection that leaves DIRECT_MAX_UNREAD answers unread; past that
     # many pending, a request completes with KErrServerBusy and is not sent, so a thread that
     # stops reading within the limit is never cut off.
-    monkeypatch.setattr(client_runtime, "DIRECT_MAX_UNREAD", 3)
+    monkeypatch.setattr(client_connection, "DIRECT_MAX_UNREAD", 3)
     with world.connect() as session:
         held = [TRequestStatus() for _ in range(3)]
         for status in held:
@@ -688,3 +689,29 @@ def test_occasional_misses_do_not_turn_the_spin_off() -> None:
             spin.missed()  # one spin in five misses its frame
         else:
             spin.caught()
+
+
+@pytest.mark.parametrize("path", ["kernel", "direct"])
+def test_a_failed_send_raced_by_a_completion_is_uncounted_once(
+    world: World, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    # A request whose send fails is withdrawn, and uncounted, only if it is still in the table:
+    # a Close (or the kernel's death) on another thread may have completed it meanwhile.
+    with world.connect(path=path) as session:
+        runtime, _ = session._life.usable()
+        channel = runtime.channel() if path == "kernel" else session._life.routes[
+            threading.get_ident()]
+        kind = type(channel)
+
+        def racing(self: Any, frame: bytes, fds: Any) -> None:
+            for req_id in list(runtime.state.pending):  # completed meanwhile, by a Close
+                runtime.complete(req_id, ipcfw.KErrSessionClosed)
+            raise OSError("the send failed")
+
+        monkeypatch.setattr(kind, "_transmit", racing)
+        status = TRequestStatus()
+        with pytest.raises(OSError):
+            session.SendReceive(EECHO, (1,), status)
+        assert channel.pending == 0 and channel.owed == 0  # (was -1 on the kernel channel)
+        monkeypatch.undo()
+        assert session.SendReceive(EECHO, (2,)) == 2
