@@ -112,22 +112,26 @@ def test_a_close_from_another_thread_does_not_wait_behind_an_unrelated_sync_call
     busy.Close()
 
 
+def fill(session: RSession, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """The calling thread's direct connection of `session` finds its socket full (a server
+    that reads no more) until the event returned is cleared."""
+    direct = session._life.routes[threading.get_ident()]
+    full = threading.Event()
+    full.set()
+    send = direct.socket.send
+    monkeypatch.setattr(direct.socket, "send",
+                        lambda frame: False if full.is_set() else send(frame))
+    return full
+
+
 def test_a_close_that_finds_the_socket_full_is_sent_later_and_the_kernels_after_it(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     session = world.connect()
     handle = session.Handle()
-    direct = session._life.routes[threading.get_ident()]
     status = TRequestStatus()
     session.SendReceive(EHOLD, (), status)
-    full = threading.Event()
-    full.set()
-    send = direct.socket.send
-
-    def send_unless_full(frame: bytes) -> bool:
-        return False if full.is_set() else send(frame)
-
-    monkeypatch.setattr(direct.socket, "send", send_unless_full)
+    full = fill(session, monkeypatch)
     started = time.monotonic()
     session.Close()
     # (A bound against blocking until the socket drains, which it never would here.)
@@ -144,12 +148,7 @@ def test_a_close_sent_later_is_sent_by_the_io_thread_not_a_thread_of_its_own(
 ) -> None:
     session = world.connect()
     handle = session.Handle()
-    direct = session._life.routes[threading.get_ident()]
-    full = threading.Event()
-    full.set()
-    send = direct.socket.send
-    monkeypatch.setattr(direct.socket, "send",
-                        lambda frame: False if full.is_set() else send(frame))
+    full = fill(session, monkeypatch)
     senders: list[str] = []
     kernel_send = client_runtime.Channel.send
 
@@ -204,12 +203,7 @@ def test_a_close_sent_later_reaches_the_kernel_when_the_closing_thread_has_ended
     session = world.connect()
     session.ShareAuto()
     handle = session.Handle()
-    direct = session._life.routes[threading.get_ident()]
-    full = threading.Event()
-    full.set()
-    send = direct.socket.send
-    monkeypatch.setattr(direct.socket, "send",
-                        lambda frame: False if full.is_set() else send(frame))
+    full = fill(session, monkeypatch)
     runtime, _ = session._life.usable()
     channels = []
 

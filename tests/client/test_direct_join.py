@@ -17,6 +17,7 @@ import pytest
 from conftest import KernelFixture, wait_until
 from ipcfw import RSession, TRequestStatus
 from plugins.probe import EEcho, ERecord, ESleep, recorded_events
+from test_direct_client import in_thread
 from test_direct_shared import until_direct
 
 pytestmark = pytest.mark.process
@@ -30,26 +31,6 @@ MOVES = 5  # threads, one after another, each moving to the direct path
 def probe(kernel: KernelFixture) -> KernelFixture:
     kernel.serve(PROBE, "probe")
     return kernel
-
-
-def in_thread(fn, timeout: float = 30.0):
-    """Run `fn` in a new thread (which then ends); return what it returned, or raise."""
-    result: list = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(fn())
-        except BaseException as exc:  # reported to the test
-            failure.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive()
-    if failure:
-        raise failure[0]
-    return result[0]
 
 
 def test_a_threads_first_async_call_does_not_wait_while_the_servers_loop_is_busy(probe) -> None:
