@@ -128,6 +128,13 @@ class LockedChannel:
         """Why nothing can be sent here any more, or None. Call with the lock held."""
         raise NotImplementedError
 
+    def _raise_refusal(self) -> None:
+        """Raise `_refusal`'s error, if any. Call with the lock held: another thread may have
+        closed the channel, or read its ending, since it was fetched."""
+        refusal = self._refusal()
+        if refusal is not None:
+            raise refusal
+
     def _transmit(self, frame: bytes, fds: Sequence[int]) -> None:
         """Send `frame` (with the file descriptors `fds`). Call with the lock held."""
         raise NotImplementedError
@@ -178,9 +185,7 @@ class LockedChannel:
         that error instead, unsent."""
         self.check_size(frame)
         with self.lock:
-            refusal = self._refusal()
-            if refusal is not None:
-                raise refusal
+            self._raise_refusal()
             busy = self._busy(pending)
             if busy is None:
                 self._send_registered(frame, req_id, pending, fds)
@@ -218,9 +223,7 @@ class LockedChannel:
         `req_id`, holding the lock throughout. Raises TimeoutError after `timeout` seconds."""
         self.check_size(frame)
         with self.lock:
-            refusal = self._refusal()
-            if refusal is not None:
-                raise refusal
+            self._raise_refusal()
             self.replies[req_id] = None
             try:
                 self._transmit(frame, fds)
@@ -304,9 +307,7 @@ class Channel(LockedChannel):
         """Send a Join (`ipcfw.client.joining`) without waiting for its answer: whoever reads
         it records it in `joining`."""
         with self.lock:
-            refusal = self._refusal()
-            if refusal is not None:
-                raise refusal
+            self._raise_refusal()
             self.joins[req_id] = joining
             try:
                 self.socket.send(frame)
@@ -350,9 +351,7 @@ class Channel(LockedChannel):
         one hold of the lock."""
         self.check_size(frame)
         with self.lock:
-            refusal = self._refusal()
-            if refusal is not None:
-                raise refusal
+            self._raise_refusal()
             self.replies[req_id] = self.replies[then_id] = None
             try:
                 self.socket.send(frame)
