@@ -320,11 +320,16 @@ class ServerHost:
         poller itself (polled without waiting) says which."""
         readiness = _Readiness(asyncio.get_running_loop())
         poller.mirror_to(readiness)
+        spin = AdaptiveSpin()
+        served_direct = False
         try:
             while not self._loop_ended():
                 ready = dict(poller.poll(0))
+                if not ready and served_direct and spin.now():
+                    ready = _spin_for(poller, spin) or {}  # as the synchronous loop does
                 if ready or not await readiness.wait(port.timeout):
-                    self._turn(ready, kernel_fd, port)  # (with nothing ready: the port's timers)
+                    # (with nothing ready: the port's timers)
+                    served_direct = self._turn(ready, kernel_fd, port)
                 await asyncio.sleep(0)  # the coroutines' turn
         finally:
             poller.mirror_to(None)
