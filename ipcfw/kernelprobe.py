@@ -85,7 +85,7 @@ def no_kernel_error(endpoint: str, waited: float | None = None) -> errors.IpcErr
     """``CouldNotConnect`` for a kernel that is not there: where it was looked for, how long,
     and how to start one or point at another."""
     if waited:
-        when = f" after waiting {waited:g} s"
+        when = f" after waiting {waited:.3g} s"
     else:
         when = ""
     return errors.IpcError(

@@ -54,7 +54,7 @@ def wait_for_server(name: str, timeout: float | None, endpoint: str | None = Non
         raise errors.IpcError(
             errors.KErrNotFound,
             f"no server {name!r} registered with the ipcfw kernel at {resolved} after waiting "
-            f"{timeout:g} s (is its `ipcfw serve` running, with the same {endpoints.ENV_VAR}?)",
+            f"{timeout:.3g} s (is its `ipcfw serve` running, with the same {endpoints.ENV_VAR}?)",
         )
 
 
