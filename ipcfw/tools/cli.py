@@ -246,7 +246,8 @@ def load_plugin(spec: str, base: type | None = None, what: str = "plugin") -> ty
     the reason (the module's own exception, if importing it raised, is its ``__cause__``)."""
     module_name, _, class_name = spec.partition(":")
     if not module_name or not class_name:
-        raise PluginError(f"{what} {spec!r} must look like package.module:ClassName")
+        example = "ServerClass" if what == "plugin" else "OverlayClass"
+        raise PluginError(f"{what} {spec!r} must look like package.module:{example}")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
