@@ -84,10 +84,7 @@ def wait_for_kernel(
 def no_kernel_error(endpoint: str, waited: float | None = None) -> errors.IpcError:
     """``CouldNotConnect`` for a kernel that is not there: where it was looked for, how long,
     and how to start one or point at another."""
-    if waited:
-        when = f" after waiting {waited:.3g} s"
-    else:
-        when = ""
+    when = f" after waiting {waited:.3g} s" if waited else ""
     return errors.IpcError(
         errors.KErrCouldNotConnect,
         f"no ipcfw kernel at {endpoint}{when}: start one with `ipcfw kernel`, or set "
