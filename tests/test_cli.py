@@ -347,3 +347,14 @@ def test_debug_logs_each_connect_request_and_completion(path, level, traced):
         assert bool(pattern.search(kernel_log)) is traced, (pattern, kernel_log)
     for pattern in server_lines:
         assert bool(pattern.search(server_log)) is traced, (pattern, server_log)
+
+
+def test_serve_waiting_for_a_kernel_stops_at_once_on_sigterm(unstarted):
+    server = unstarted.serve("servers.echo:EchoServer", "--wait-kernel", "60", wait=False)
+    wait_until(lambda: "waits for a kernel" in server.log() or not server.alive(),
+               what="the server to wait")
+    started = time.monotonic()
+    server.kill(signal.SIGTERM)
+    wait_until(lambda: not server.alive(), timeout=5, what="the server to exit")
+    assert time.monotonic() - started < 2
+    assert server.returncode == 0, server.log()

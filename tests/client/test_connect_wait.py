@@ -132,3 +132,20 @@ def test_bad_wait_arguments_are_refused_before_anything_is_sent(stack):
             RSession.connect("echo", wait=wait, endpoint=stack.endpoint)
     with pytest.raises(ipcfw.BadName):
         ipcfw.wait_for_server("a*b", 1, endpoint=stack.endpoint)
+
+
+def test_connect_wait_reconnects_after_a_kernel_restart(stack):
+    """The documented way back after a kernel death (docs/failures.md): a new session with
+    ``connect(wait=)``, which waits for the new kernel and the server's registration again."""
+    stack.start()
+    server = stack.serve(ECHO)
+    session = RSession.connect("echo", wait=10, endpoint=stack.endpoint)
+    try:
+        assert session.SendReceive(1, (1,)) == 1
+        stack.restart()
+        with pytest.raises(ipcfw.ServerTerminated):
+            session.SendReceive(1, (2,))
+    finally:
+        session.Close()
+    assert echo_call(stack.endpoint, 30) == 42  # `ipcfw serve` registers again meanwhile
+    assert server.alive()
