@@ -28,6 +28,7 @@ from .. import __version__
 from .. import endpoint as endpoints
 from .. import errors
 from ..protocol import Path, SessionRow
+from . import logs
 
 if TYPE_CHECKING:
     from ..kernel.limits import KernelLimits
@@ -50,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     if bench_args is not None:
         args.bench_args = bench_args
     level = getattr(args, "log_level", None) or _DEFAULT_LOG_LEVEL
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
-    )
+    try:
+        logs.configure(level, args.log_format, args.log_file)
+    except OSError as exc:
+        print(f"ipcfw: --log-file: {exc}", file=sys.stderr)
+        return 2
     if args.endpoint:
         args.endpoint = args.endpoint.strip()
     try:
@@ -73,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipcfw", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"ipcfw {__version__}")
-    _log_level_option(parser, _DEFAULT_LOG_LEVEL)
-    # Each command takes --log-level too (after its name); given there, it wins.
+    _log_options(parser, _DEFAULT_LOG_LEVEL, "text", None)
+    # Each command takes the log options too (after its name); given there, they win.
     common = argparse.ArgumentParser(add_help=False)
-    _log_level_option(common, argparse.SUPPRESS)
+    _log_options(common, argparse.SUPPRESS, argparse.SUPPRESS, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
     add = functools.partial(commands.add_parser, parents=[common])
 
@@ -143,10 +145,15 @@ def _split_bench_args(
     return parser.parse_args(argv), None
 
 
-def _log_level_option(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default,
+def _log_options(parser: argparse.ArgumentParser, level: str, form: str,
+                 path: str | None) -> None:
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=level,
                         help=f"what to log (default {_DEFAULT_LOG_LEVEL}); debug logs every "
                              "connect, request and completion")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=form,
+                        help="text (default), or json: one object per line")
+    parser.add_argument("--log-file", default=path, metavar="PATH",
+                        help="append the log to PATH (default: stderr)")
 
 
 def _seconds(text: str) -> float:
@@ -204,17 +211,23 @@ def _limits_of(args: argparse.Namespace) -> KernelLimits:
 
 
 def _on_signals(stop: Callable[[], None]) -> None:
+    from .systemd import stopping
+
+    def handler(signum: int, frame: object) -> None:
+        stopping()  # systemd: STOPPING=1 (nothing without $NOTIFY_SOCKET)
+        stop()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop())
+        signal.signal(signum, handler)
 
 
-def _ready_signal(args: argparse.Namespace) -> ReadySignal | None:
-    """What tells the starter (``--ready-fd``) that this process is ready; None, after saying
-    why, if that descriptor is not open."""
-    from ..testing import ReadySignal
+def _ready_signal(args: argparse.Namespace, status: str) -> ReadySignal | None:
+    """What tells the starter (``--ready-fd``) and systemd (``$NOTIFY_SOCKET``, with `status`)
+    that this process is ready; None, after saying why, if that descriptor is not open."""
+    from .systemd import ServiceReady
 
     try:
-        return ReadySignal(args.ready_fd)
+        return ServiceReady(args.ready_fd, status)
     except ValueError as exc:
         print(f"ipcfw: --ready-fd: {exc}", file=sys.stderr)
         return None
@@ -223,7 +236,7 @@ def _ready_signal(args: argparse.Namespace) -> ReadySignal | None:
 def _run_kernel(args: argparse.Namespace) -> int:
     from ..kernel import Kernel, KernelAlreadyRunning
 
-    ready = _ready_signal(args)
+    ready = _ready_signal(args, f"kernel at {endpoints.resolve(args.endpoint)}")
     if ready is None:
         return 2
     try:
@@ -293,15 +306,15 @@ def _plugin_stack(args: argparse.Namespace) -> Any:
 def _run_serve(args: argparse.Namespace) -> int:
     from ..server import ServerHost
 
-    ready = _ready_signal(args)
-    if ready is None:
-        return 2
     try:
         top = _plugin_stack(args)
     except PluginError as exc:
         # One line; the traceback of what the plugin raised only when asked for (debug).
         log.debug("%s", exc, exc_info=exc.__cause__)
         print(f"ipcfw: {exc}", file=sys.stderr)
+        return 2
+    ready = _ready_signal(args, f"serving {args.plugin} at {endpoints.resolve(args.endpoint)}")
+    if ready is None:
         return 2
     host = ServerHost(top, args.endpoint, reconnect=not args.no_reconnect,
                       wait_kernel=args.wait_kernel)
