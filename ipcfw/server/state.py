@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import inspect
 import logging
 from typing import Any, Protocol
 from collections.abc import Callable
@@ -85,9 +86,12 @@ from ..protocol import (
     pack_census,
 )
 from ..version import TVersion
+from . import trace
+from .coroutines import Coroutines, Spawn
 from .direct import DirectIO, DirectRules
 from .message import (
     ClientInfo,
+    DirectMessage,
     MessageKind,
     RMessage,
     ServerPanic,
@@ -139,7 +143,8 @@ class ServerState:
     """
 
     def __init__(self, stack: Stack, emit: Callable[[bytes], None], *, max_frame: int,
-                 routing_id: bytes = b"", direct: DirectIO | None = None) -> None:
+                 routing_id: bytes = b"", direct: DirectIO | None = None,
+                 spawn: Spawn | None = None) -> None:
         self.stack = stack
         self.max_frame = max_frame
         self._emit = emit
@@ -161,8 +166,11 @@ class ServerState:
         self._refusing = False
         self.deregistered = False  # ... and the kernel confirmed it
         self.dropped: Dropped | None = None  # the kernel's notice, once it stopped serving us
+        # what async ServiceLs are still serving (run by `spawn`: ipcfw.server.coroutines)
+        self.coroutines = Coroutines(spawn)
         self.direct = (DirectRules(self, direct, max_frame=max_frame, name=stack.server.name)
                        if direct is not None else None)
+        self._trace = trace.enabled()  # (read once: the hot path tests a bool)
         self._handlers: dict[type, Callable[[Any], Outcome | None]] = {
             Deliver: self._on_deliver,
             Completed: self._on_completed,
@@ -217,6 +225,7 @@ class ServerState:
         registration from now on, is never sent) and loses its subsessions. Returns how many
         sessions ended."""
         self.ended = True
+        self.coroutines.end()
         if self.direct is not None:
             self.direct.end()
         sessions, self.sessions = self.sessions, {}
@@ -241,6 +250,8 @@ class ServerState:
             # would complete somebody else's request.
             log.debug("dropping the completion of %r: its registration has ended", message)
             return
+        if self._trace:
+            trace.completion(self.stack.server.name, message, frame)
         self._emit(frame)
 
     def session_panicked(self, handle: int, category: str, reason: int) -> None:
@@ -261,6 +272,7 @@ class ServerState:
             "sessions": len(self.sessions),
             "in_service": sum(len(held) for held in self._in_service.values()),
             "refused": len(self._refused),
+            "coroutines": len(self.coroutines),
         }
 
     def __repr__(self) -> str:
@@ -290,8 +302,13 @@ class ServerState:
             self._error_string(message)
             return
         held[key] = message
+        if self._trace:
+            trace.request(self.stack.server.name, message,
+                          "direct" if isinstance(message, DirectMessage) else "kernel")
         try:
-            session.ServiceL(message)
+            served = session.ServiceL(message)
+            if served is not None and inspect.isawaitable(served):
+                self.coroutines.start(session, message, served)  # an async ServiceL
         except Exception as exc:
             service_failed(session, message, exc)
 
@@ -324,6 +341,9 @@ class ServerState:
 
     def _on_new_session(self, request: NewSession) -> None:
         client = self.clients.get(request.client)
+        if self._trace:
+            trace.connect(self.stack.server.name, request.handle, TVersion(*request.version),
+                          client)
         message = RMessage(self, request.msg_id, MessageKind.CONNECT, -1, (), None, client)
         try:
             if self._refusing:
@@ -363,6 +383,7 @@ class ServerState:
         if session is None:
             message.Complete(errors.KErrNone)
             return
+        self.coroutines.session_ended(session)
         try:
             session.Disconnect(message)
         except Exception:
@@ -376,6 +397,7 @@ class ServerState:
         message = self._in_service.get(request.handle, {}).get(request.msg_id)
         if message is None or not cancel_by_client(message):
             return  # completed already: the kernel dropped our completion, or will
+        self.coroutines.cancel(message)
         try:
             message.Session().Cancelled(message)
         except Exception:
