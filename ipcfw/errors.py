@@ -78,7 +78,8 @@ __all__ = [
     # Lookups.
     "describe", "name_of",
 ]
-# The table and its machinery (ErrorInfo, all_codes, exception_class, check, render_markdown)
+# The table and its machinery (ErrorInfo, all_codes, exception_class, check, from_server,
+# render_markdown)
 # are public here but left out of `__all__`: ``ipcfw`` re-exports the codes, the exceptions and
 # the lookups (``from .errors import *``), not these helpers.
 
@@ -154,13 +155,20 @@ class IpcError(Exception):
     ``IpcError`` for a code this module does not know.  A subclass may be
     raised without a code: ``ServerBusy("queue full")``.
 
+    An error a server completed a request with carries the server's text, if it gave one
+    (``raise IpcError(KErrNotFound, "no key b'colour'")`` in its ``ServiceL``), and says that
+    it came from the server: ``KErrNotFound (-1) from the server: no key b'colour'``.
+
     Attributes:
         code: the negative error code.
         message: optional detail text ("" if none).
+        from_server: True when the text is the server's (`from_server`); False for an error
+            raised in this process, or one the server gave without text.
     """
 
     code: int  # Class attribute on the subclasses, instance attribute always.
     message: str
+    from_server: bool = False
 
     def __new__(cls: type[_E], code: int | str | None = None, message: str = "") -> _E:
         if cls is IpcError:
@@ -188,8 +196,24 @@ class IpcError(Exception):
         self.message = message
 
     def __str__(self) -> str:
+        if self.from_server and self.message:
+            name = name_of(self.code)
+            what = f"{name} ({self.code})" if name else f"error {self.code}"
+            return f"{what} from the server: {self.message}"
         text = describe(self.code)
         return f"{text}: {self.message}" if self.message else text
+
+
+def from_server(code: int, text: str) -> IpcError:
+    """The error a server completed a request with: code `code`, and `text`, what the server
+    said happened ("" if it said nothing: then the error is as ``IpcError(code)``).
+
+    >>> str(from_server(-1, "no key b'colour'"))
+    "KErrNotFound (-1) from the server: no key b'colour'"
+    """
+    error = IpcError(code, text)
+    error.from_server = bool(text)
+    return error
 
 
 def _require_code(code: object) -> int:

@@ -16,6 +16,7 @@ free of `threading`, and costs less than a lock on the hot path.
 from __future__ import annotations
 
 import logging
+import reprlib
 from typing import Any, NamedTuple, Protocol
 
 from .. import errors
@@ -31,6 +32,7 @@ from ..protocol import (
     Panic,
     Panicked,
     encode,
+    error_text,
 )
 from .mapped import MappedArgs, MappedDescriptor
 
@@ -98,6 +100,8 @@ class _Discard:
 
 
 _DISCARD = _Discard()
+_REPR = reprlib.Repr()  # a completion value named in an error, shortened
+_REPR.maxstring = _REPR.maxother = 60
 _CANCEL = "Cancel"  # who ended a message the client cancelled
 
 
@@ -253,34 +257,46 @@ class RMessage:
         """True once the message has been completed (or panicked)."""
         return bool(self._end)
 
-    def Complete(self, value: int) -> None:
-        """Complete the message with `value` (>= 0 success, < 0 an error code). Any thread.
+    def Complete(self, value: int | errors.IpcError) -> None:
+        """Complete the message with `value`: an int (>= 0 success, < 0 an error code) or an
+        ``IpcError``, whose code and text reach the client (its exception then reads
+        ``KErrNotFound (-1) from the server: no key b'colour'``). Any thread::
 
+            message.Complete(len(data))
+            message.Complete(IpcError(KErrNotFound, f"no key {key!r}"))
+
+        Raises ``TypeError`` for anything else (a ``bool``, a ``str``, None) and ``ValueError``
+        for an int outside 32 bits, naming the value; the message stays pending then.
         Raises ``ServerPanic("USER", 70)`` if the message was already completed or panicked
         (Symbian's ``ETMesCompletion``); nothing is sent twice.
         """
+        text = ""
         if type(value) is not int:
-            value = _completion_code(value)
-        if not I32_MIN <= value <= I32_MAX:
-            raise ValueError(f"completion value {value} does not fit in 32 bits")
+            value, text = completion_of(value)
+        elif not I32_MIN <= value <= I32_MAX:
+            raise ValueError(f"Complete({value}): a completion value is a 32-bit signed int "
+                             f"({I32_MIN}..{I32_MAX})")
         if self._claim("Complete"):  # (False: cancelled by the client, who has its answer)
-            self._send_completion(value)
+            self._send_completion(value, text)
 
-    def _send_completion(self, value: int) -> None:
+    def _send_completion(self, value: int, text: str = "") -> None:
         writes: tuple[tuple[int, bytes], ...] = ()
         if self._content:
             writes = tuple((i, bytes(b)) for i, b in sorted(self._content.items()))
-        frame = self._completion_frame(value, writes)
+        frame = self._completion_frame(value, writes, error_text(text))
         if len(frame) > self._completer.max_frame:
             log.error("completion of %r is %d bytes, over the kernel's limit; completing with "
                       "KErrOverflow instead", self, len(frame))
-            frame = self._completion_frame(errors.KErrOverflow, ())
+            frame = self._completion_frame(errors.KErrOverflow, (), (
+                f"the server's answer to function {self._function} ({len(frame)} bytes) is over "
+                f"the {self._completer.max_frame}-byte frame limit"))
         self._completer.completed(self, frame)
 
-    def _completion_frame(self, value: int, writes: tuple[tuple[int, bytes], ...]) -> bytes:
-        """The frame that completes this message with `value` and `writes` (the kernel's
-        ``Complete``; a direct message's is the client's ``Completed``)."""
-        return encode(Complete(self._msg_id, value, writes))
+    def _completion_frame(self, value: int, writes: tuple[tuple[int, bytes], ...],
+                          text: str) -> bytes:
+        """The frame that completes this message with `value`, `writes` and `text` (the
+        kernel's ``Complete``; a direct message's is the client's ``Completed``)."""
+        return encode(Complete(self._msg_id, value, writes, text))
 
     def Panic(self, category: str, reason: int) -> None:
         """Panic the client: its call raises ``ClientPanic(category, reason)``, its session dies
@@ -374,15 +390,16 @@ class DirectMessage(RMessage):
         """The client's id of this request on its connection."""
         return self._msg_id
 
-    def _completion_frame(self, value: int, writes: tuple[tuple[int, bytes], ...]) -> bytes:
+    def _completion_frame(self, value: int, writes: tuple[tuple[int, bytes], ...],
+                          text: str) -> bytes:
         mapped = self.mapped
         if mapped is None:
-            return encode(Completed(self._msg_id, value, writes))
+            return encode(Completed(self._msg_id, value, writes, text))
         # A MappedRequest's answer, even an error: it tells the client its memory is free.
         lengths: list[tuple[int, bytes | int]] = list(writes)
         lengths += [(i, arg.length) for i, arg in enumerate(mapped)
                     if type(arg) is MappedDescriptor and arg.written]
-        return encode(MappedCompleted(self._msg_id, value, tuple(sorted(lengths))))
+        return encode(MappedCompleted(self._msg_id, value, tuple(sorted(lengths)), text))
 
     def _out_of_service(self) -> None:
         super()._out_of_service()
@@ -394,14 +411,23 @@ class DirectMessage(RMessage):
         return encode(Panicked(self._msg_id, self.handle, category, reason, 1))
 
 
-def _completion_code(value: object) -> int:
-    """A completion value that is not a plain int: an `IpcError` (its code) or an int subclass
-    (an IntEnum, a bool)."""
+def completion_of(value: object) -> tuple[int, str]:
+    """The code and text a completion `value` that is not a plain int stands for: an `IpcError`
+    (its code and message) or an int subclass (an IntEnum). TypeError or ValueError, naming the
+    value, for anything else: a bool (``Complete(True)`` is a bug, not 1), a str, None, an int
+    outside 32 bits."""
     if isinstance(value, errors.IpcError):
-        return value.code
+        return value.code, value.message
+    if isinstance(value, bool):
+        raise TypeError(f"Complete({value!r}): a bool is not a completion value; complete with "
+                        "an int (KErrNone, a count) or an IpcError")
     if isinstance(value, int):
-        return int(value)
-    raise TypeError(f"completion value must be an int, not {type(value).__name__}")
+        if not I32_MIN <= value <= I32_MAX:
+            raise ValueError(f"Complete({value}): a completion value is a 32-bit signed int "
+                             f"({I32_MIN}..{I32_MAX})")
+        return int(value), ""
+    raise TypeError(f"Complete({_REPR.repr(value)}): a completion value is an int (>= 0 success, "
+                    f"< 0 an error code) or an IpcError, not {type(value).__name__}")
 
 
 # -- the framework's side of a message (not for plugins) ------------------------------------------
@@ -427,12 +453,13 @@ def cancel_by_client(message: RMessage) -> bool:
     return message._end_by(_CANCEL) is None
 
 
-def complete_unless_ended(message: RMessage, value: int) -> None:
-    """Complete `message` with `value` unless it has been ended already: the framework's own
-    fallback (a ``ServiceL`` or ``Disconnect`` that raised), which must neither panic nor send
-    twice when another thread completed the message meanwhile."""
+def complete_unless_ended(message: RMessage, value: int, text: str = "") -> None:
+    """Complete `message` with `value` (and, for an error, `text`: what happened) unless it has
+    been ended already: the framework's own fallback (a ``ServiceL`` or ``Disconnect`` that
+    raised), which must neither panic nor send twice when another thread completed the message
+    meanwhile."""
     if message._end_by("Complete") is None:
-        message._send_completion(value)
+        message._send_completion(value, text)
 
 
 def route_to(message: RMessage, session: Any) -> None:

@@ -95,7 +95,7 @@ from .message import (
     cancel_by_client,
     complete_unless_ended,
 )
-from .plugin import CServer, CSession, close_subsessions, code_of, service_failed
+from .plugin import CServer, CSession, close_subsessions, code_of, service_failed, text_of
 
 log = logging.getLogger("ipcfw.server")
 
@@ -338,9 +338,11 @@ class ServerState:
                     "CServer", 2, "NewSessionL or CreateL completed the connect message"
                 )
         except Exception as exc:
-            log.info("connect to %r refused: %s", self.stack.server.name, exc,
+            server = self.stack.server
+            log.info("connect to %r refused: %s", server.name, exc,
                      exc_info=not isinstance(exc, errors.IpcError))
-            complete_unless_ended(message, code_of(exc))
+            complete_unless_ended(message, code_of(exc),
+                                  text_of(exc, "connect (AcceptL, NewSessionL, CreateL)", server))
             self._refused[request.handle] = None  # its first request, if any, comes next
             if len(self._refused) > _REFUSED_KEPT:
                 self._refused.popitem(last=False)

@@ -180,7 +180,8 @@ def test_a_connect_opens_a_session_and_answers_the_negotiation(harness, server):
 
 def test_a_version_not_served_refuses_the_connect(harness, server):
     reply = harness.connect(version=(1, 3, 0))
-    assert reply == Complete(reply.msg_id, errors.KErrNotSupported, ())
+    assert reply == Complete(reply.msg_id, errors.KErrNotSupported, (),
+                             "server 'state-test' serves version 1.2.0; the client asked for 1.3.0")
     assert server.events == [] and harness.state.statistics()["sessions"] == 0
 
 
@@ -273,22 +274,25 @@ def test_writes_reach_the_completion_and_an_oversized_one_becomes_overflow(serve
     big = harness.deliver(1, ((b"", 200),))
     server.held[1].WriteL(0, b"x" * 200)
     server.held[1].Complete(0)
-    assert harness.take() == [Complete(big, errors.KErrOverflow, ())]
+    assert harness.take() == [Complete(big, errors.KErrOverflow, (), "the server's answer to "
+                                       "function 1 (210 bytes) is over the 64-byte frame limit")]
 
 
 @pytest.mark.parametrize(
-    "exc, code",
-    [(errors.IpcError(errors.KErrNotFound), errors.KErrNotFound),
-     (KeyError("boom"), errors.KErrGeneral)],
+    "exc, code, text",
+    [(errors.IpcError(errors.KErrNotFound), errors.KErrNotFound, ""),
+     (errors.IpcError(errors.KErrNotFound, "no key"), errors.KErrNotFound, "no key"),
+     (KeyError("boom"), errors.KErrGeneral,
+      "KeyError in the server's ServiceL (function 1); the traceback is in the server's log")],
 )
-def test_service_l_raising_completes_through_service_error(harness, server, exc, code):
+def test_service_l_raising_completes_through_service_error(harness, server, exc, code, text):
     def fail(session: CSession, message: RMessage) -> None:
         raise exc
 
     server.actions.append(fail)
     harness.connect()
     msg_id = harness.deliver(1)
-    assert harness.take() == [Complete(msg_id, code, ())]
+    assert harness.take() == [Complete(msg_id, code, (), text)]
     assert harness.state.in_service(HANDLE) == []
     assert harness.deliver(2) and server.events[-1] == ("service", "Recorder", 2)  # still serving
 
