@@ -11,12 +11,20 @@ or the client's cancel) in a one-entry dict with ``dict.setdefault``, which is a
 on an int key: under the GIL, or the dict's own lock in a free-threaded build). The first caller
 stores its token and wins; every later caller reads the winner's. This keeps the pure state
 free of `threading`, and costs less than a lock on the hot path.
+
+Forgotten messages: a request the plugin neither completed nor kept (no reference to it is
+left) would leave its client waiting forever. The tables of requests in service hold them
+weakly (`InService`), so that such a message is finalized; its ``__del__`` hands it to its
+completer's ``forgotten``, which completes it later on the loop thread (a finalizer runs on
+any thread, at any point of the loop's own work: it must do no I/O itself). The message is
+alive again for that while (a finalizer may resurrect its object), and runs ``__del__`` once.
 """
 
 from __future__ import annotations
 
 import logging
 import reprlib
+import weakref
 from typing import Any, NamedTuple, Protocol
 
 from .. import errors
@@ -38,7 +46,7 @@ from .mapped import MappedArgs, MappedDescriptor
 
 log = logging.getLogger("ipcfw.server")
 
-__all__ = ["ClientInfo", "ServerPanic", "RMessage", "Completer", "MessageKind"]
+__all__ = ["ClientInfo", "ServerPanic", "RMessage", "Completer", "MessageKind", "InService"]
 
 # The functions at the end of this module are the framework's own side of a message (the
 # server's state and the overlays use them); they are not in __all__ and not for plugins.
@@ -81,6 +89,68 @@ class Completer(Protocol):
         """`message` was completed (once: the message guarantees it) and `frame` is its
         completion. Called on whichever thread completed it; it must not block."""
 
+    def forgotten(self, message: RMessage) -> None:
+        """The plugin let go of request `message` without completing it (called by its
+        finalizer: on any thread, possibly in the middle of the loop's own work). Complete it
+        later, on the loop thread; do no I/O here."""
+
+
+class InService:
+    """A table of requests in service by id (a session's on the kernel path, a direct
+    connection's), holding them weakly: a request the plugin let go of without completing it
+    is finalized (see the module's docstring), not kept alive by the table. An entry leaves
+    when its request ends (``pop``), even if its message was collected first.
+
+    `handle`: the session whose requests it holds (0 for a direct connection's, whose
+    messages know their session's handle themselves).
+    """
+
+    __slots__ = ("_refs", "handle")
+
+    def __init__(self, handle: int = 0) -> None:
+        self._refs: dict[int, weakref.ref[RMessage]] = {}
+        self.handle = handle
+
+    def __setitem__(self, key: int, message: RMessage) -> None:
+        self._refs[key] = weakref.ref(message)
+
+    def get(self, key: int) -> RMessage | None:
+        ref = self._refs.get(key)
+        return None if ref is None else ref()
+
+    def pop(self, key: int, default: None = None) -> RMessage | None:
+        ref = self._refs.pop(key, None)  # atomic: any thread
+        return None if ref is None else ref()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._refs
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def items(self) -> list[tuple[int, RMessage]]:
+        """A snapshot of the entries whose message is alive (other threads end them
+        meanwhile: see `client.state.snapshot` for why ``dict.copy``)."""
+        return [(key, message) for key, ref in self._refs.copy().items()
+                if (message := ref()) is not None]
+
+    def values(self) -> list[RMessage]:
+        """A snapshot of the messages alive, as `items`."""
+        return [message for ref in self._refs.copy().values() if (message := ref()) is not None]
+
+    def clear(self) -> None:
+        self._refs.clear()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, dict):  # (tests compare a table with {})
+            return dict(self.items()) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<InService handle=0x{self.handle:x} {len(self._refs)} requests>"
+
 
 class MessageKind:
     """What a message is: a connect, a request, or a disconnect."""
@@ -97,6 +167,9 @@ class _Discard:
 
     def completed(self, message: RMessage, frame: bytes) -> None:
         log.debug("dropping the completion of stand-in %r", message)
+
+    def forgotten(self, message: RMessage) -> None:
+        """(A stand-in is never in service.)"""
 
 
 _DISCARD = _Discard()
@@ -119,7 +192,7 @@ class RMessage:
 
     def __init__(self, completer: Completer, msg_id: int, kind: str, function: int,
                  args: tuple[Any, ...], session: Any, client: ClientInfo | None,
-                 held_in: dict[int, RMessage] | None = None) -> None:
+                 held_in: InService | None = None) -> None:
         self._completer = completer
         self._msg_id = msg_id
         self._kind = kind
@@ -357,6 +430,11 @@ class RMessage:
         if self._held_in is not None:
             self._held_in.pop(self._msg_id, None)
 
+    def __del__(self) -> None:
+        # A request in service that nobody completed and nobody holds (see the module).
+        if not self._end and self._held_in is not None:
+            self._completer.forgotten(self)
+
     def __repr__(self) -> str:
         state = "completed" if self._end else "pending"
         return f"<RMessage {self._msg_id} {self._kind} function={self._function} {state}>"
@@ -375,7 +453,7 @@ class DirectMessage(RMessage):
     __slots__ = ("handle", "mode", "panic", "mapped")
 
     def __init__(self, completer: Completer, req_id: int, function: int, args: tuple[Any, ...],
-                 session: Any, client: ClientInfo | None, held_in: dict[int, RMessage] | None,
+                 session: Any, client: ClientInfo | None, held_in: InService | None,
                  handle: int, mode: int) -> None:
         super().__init__(completer, req_id, MessageKind.REQUEST, function, args, session, client,
                          held_in)
@@ -460,6 +538,27 @@ def complete_unless_ended(message: RMessage, value: int, text: str = "") -> None
     meanwhile."""
     if message._end_by("Complete") is None:
         message._send_completion(value, text)
+
+
+#: The code a request the server let go of without completing it is completed with (see
+#: docs/failures.md): a bug in the server, as an exception in ``ServiceL`` is.
+FORGOTTEN_CODE = errors.KErrGeneral
+
+
+def complete_forgotten(message: RMessage) -> None:
+    """Complete `message`, which the plugin let go of without completing it (`forgotten`),
+    with `FORGOTTEN_CODE` and a text that says so; log it with its session and function.
+    On the loop thread."""
+    if message._end:
+        return  # (the client cancelled it meanwhile)
+    held_in = message._held_in
+    handle = getattr(message, "handle", None) or (held_in.handle if held_in is not None else 0)
+    log.error("the server let go of message %d (function %d) of session 0x%x without "
+              "completing it: its client gets %s", message._msg_id, message._function, handle,
+              errors.name_of(FORGOTTEN_CODE))
+    complete_unless_ended(message, FORGOTTEN_CODE, (
+        f"the server dropped the request without completing it (function {message._function}); "
+        "see the server's log"))
 
 
 def route_to(message: RMessage, session: Any) -> None:
