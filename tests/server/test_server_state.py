@@ -18,7 +18,9 @@ import pytest
 from ipcfw import errors
 from ipcfw.protocol import (
     ERROR_STRING_FUNCTION,
+    MAX_ERROR_TEXT,
     MAX_FRAME,
+    TRUNCATED,
     Cancelled,
     Complete,
     Completed,
@@ -736,3 +738,123 @@ def test_a_subsession_handle_in_argument_3_is_written_as_four_bytes(harness, ser
     harness.deliver(10, (0, 0, 0, (b"", 4)))
     (frame,) = harness.take()
     assert frame.writes == ((3, struct.pack("<i", frame.value)),)
+
+
+# -- errors that say what happened, forgotten completions -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, error, text",
+    [
+        (True, TypeError, "Complete(True): a bool is not a completion value; complete with an "
+                          "int (KErrNone, a count) or an IpcError"),
+        ("ok", TypeError, "Complete('ok'): a completion value is an int (>= 0 success, < 0 an "
+                          "error code) or an IpcError, not str"),
+        (None, TypeError, "Complete(None): a completion value is an int (>= 0 success, < 0 an "
+                          "error code) or an IpcError, not NoneType"),
+        (2**40, ValueError, "Complete(1099511627776): a completion value is a 32-bit signed int "
+                            "(-2147483648..2147483647)"),
+    ],
+)
+def test_a_bad_completion_value_raises_at_the_call_naming_it(harness, server, value, error, text):
+    harness.connect()
+    msg_id = harness.deliver(1)
+    with pytest.raises(error) as caught:
+        server.held[0].Complete(value)
+    assert str(caught.value) == text
+    assert not server.held[0].IsNull() and harness.take() == []  # still pending: nothing sent
+    server.held[0].Complete(7)
+    assert harness.take() == [Complete(msg_id, 7, ())]
+
+
+def test_complete_with_an_ipcerror_sends_its_code_and_text(harness, server):
+    harness.connect()
+    msg_id = harness.deliver(1)
+    server.held[0].Complete(errors.IpcError(errors.KErrNotFound, "no key b'colour'"))
+    assert harness.take() == [Complete(msg_id, errors.KErrNotFound, (), "no key b'colour'")]
+
+
+def test_an_error_text_is_cut_to_the_bound_with_a_marker(harness, server):
+    server.actions.append(lambda session, message: message.Complete(
+        errors.IpcError(errors.KErrArgument, "x" * (MAX_ERROR_TEXT + 1))))
+    harness.connect()
+    harness.deliver(1)
+    [complete] = harness.take()
+    assert len(complete.text) == MAX_ERROR_TEXT and complete.text.endswith(TRUNCATED)
+    assert complete.text == "x" * (MAX_ERROR_TEXT - len(TRUNCATED)) + TRUNCATED
+
+
+def test_a_bare_not_supported_names_the_function_and_the_fix(harness, server):
+    def refuse(session: CSession, message: RMessage) -> None:
+        raise errors.IpcError(errors.KErrNotSupported)
+
+    server.actions.append(refuse)
+    harness.connect()
+    msg_id = harness.deliver(42)
+    assert harness.take() == [Complete(msg_id, errors.KErrNotSupported, (), (
+        "server 'state-test' does not support function 42 (Recorder.ServiceL refused it): "
+        "check the function number the client sends, and that client and server use the same "
+        "interface version"))]
+
+
+@pytest.mark.parametrize("send_text", [False, True])
+def test_another_exception_names_its_type_and_the_log(server, send_text, caplog):
+    server.send_exception_text = send_text
+    harness = Harness(server)
+
+    def fail(session: CSession, message: RMessage) -> None:
+        raise KeyError("secret-key")
+
+    server.actions.append(fail)
+    harness.connect()
+    msg_id = harness.deliver(3)
+    detail = ": 'secret-key'" if send_text else ""
+    assert harness.take() == [Complete(msg_id, errors.KErrGeneral, (), (
+        f"KeyError in the server's ServiceL (function 3){detail}; the traceback is in the "
+        "server's log"))]
+    assert "KeyError: 'secret-key'" in caplog.text  # the traceback, in the server's log
+
+
+def test_a_request_let_go_of_is_completed_on_the_loop_and_logged(server, caplog):
+    loop = FakeLoop()
+    sent: list[Any] = []
+    state = ServerState(Layers(server, loop), lambda f: sent.append(decode(f)),
+                        max_frame=MAX_FRAME, defer=loop.call_soon)
+    state.receive(NewSession(1, HANDLE, (1, 0, 0), CLIENT, b""))
+    server.actions.append(lambda session, message: server.held.remove(message))  # let go
+    assert state.receive(Deliver(2, HANDLE, 5, (), CLIENT)) is None
+    assert sent[1:] == [] and len(loop.calls) == 1  # the finalizer did no I/O: deferred
+    loop.run_calls()
+    assert sent[1:] == [Complete(2, errors.KErrGeneral, (), (
+        "the server dropped the request without completing it (function 5); see the server's "
+        "log"))]
+    assert ("the server let go of message 2 (function 5) of session 0x101 without completing "
+            "it: its client gets KErrGeneral") in caplog.text
+    assert state.in_service(HANDLE) == [] and state.statistics()["in_service"] == 0
+
+
+def test_a_request_held_or_completed_is_not_forgotten(server):
+    loop = FakeLoop()
+    sent: list[Any] = []
+    state = ServerState(Layers(server, loop), lambda f: sent.append(decode(f)),
+                        max_frame=MAX_FRAME, defer=loop.call_soon)
+    state.receive(NewSession(1, HANDLE, (1, 0, 0), CLIENT, b""))
+    state.receive(Deliver(2, HANDLE, 5, (), CLIENT))  # held by the Recorder
+    server.actions.append(complete_with(9))
+    state.receive(Deliver(3, HANDLE, 5, (), CLIENT))
+    server.held.pop()  # completed, then let go: nothing more to do
+    assert loop.calls == [] and sent[1:] == [Complete(3, 9, ())]
+    assert [m.Function() for m in state.in_service(HANDLE)] == [5]
+
+
+def test_a_request_let_go_of_after_the_registration_ended_sends_nothing(server):
+    loop = FakeLoop()
+    sent: list[Any] = []
+    state = ServerState(Layers(server, loop), lambda f: sent.append(decode(f)),
+                        max_frame=MAX_FRAME, defer=loop.call_soon)
+    state.receive(NewSession(1, HANDLE, (1, 0, 0), CLIENT, b""))
+    state.receive(Deliver(2, HANDLE, 5, (), CLIENT))
+    state.end()
+    server.held.clear()
+    loop.run_calls()
+    assert loop.calls == [] and [m for m in sent if type(m) is Complete] == []
