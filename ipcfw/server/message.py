@@ -547,12 +547,17 @@ FORGOTTEN_CODE = errors.KErrGeneral
 
 def complete_forgotten(message: RMessage) -> None:
     """Complete `message`, which the plugin let go of without completing it (`forgotten`),
-    with `FORGOTTEN_CODE` and a text that says so; log it with its session and function.
-    On the loop thread."""
+    with `FORGOTTEN_CODE` and a text that says so (a disconnect: with KErrNone, which frees
+    the session); log it with its session and function. On the loop thread."""
     if message._end:
         return  # (the client cancelled it meanwhile)
     held_in = message._held_in
     handle = getattr(message, "handle", None) or (held_in.handle if held_in is not None else 0)
+    if message._kind == MessageKind.DISCONNECT:
+        log.error("the server's Disconnect let go of the disconnect message of session 0x%x "
+                  "without completing it: completing it, which frees the session", handle)
+        complete_unless_ended(message, errors.KErrNone)
+        return
     log.error("the server let go of message %d (function %d) of session 0x%x without "
               "completing it: its client gets %s", message._msg_id, message._function, handle,
               errors.name_of(FORGOTTEN_CODE))

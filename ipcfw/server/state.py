@@ -378,7 +378,9 @@ class ServerState:
         session = self.sessions.pop(request.handle, None)
         # The kernel has answered what the session still held: a Cancel now finds nothing.
         self._in_service.pop(request.handle, None)
-        message = RMessage(self, request.msg_id, MessageKind.DISCONNECT, -2, (), session, None)
+        # (its own table: held weakly, a Disconnect the plugin let go of is completed for it)
+        message = RMessage(self, request.msg_id, MessageKind.DISCONNECT, -2, (), session, None,
+                           InService(request.handle))
         if session is None:
             message.Complete(errors.KErrNone)
             return

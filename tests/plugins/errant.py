@@ -11,7 +11,7 @@ from ipcfw.protocol import MAX_ERROR_TEXT
 ERaiseText = 1  # raise IpcError(KErrNotFound, "no key b'colour'")
 ERaiseOther = 2  # 1 / 0
 ECompleteError = 3  # message.Complete(IpcError(KErrArgument, ...))
-ECompleteBad = 4  # message.Complete(<the value Int0 chooses>): the server's own TypeError/ValueError
+ECompleteBad = 4  # message.Complete(BAD_VALUES[Int0]): the server catches what it raises
 EForget = 5  # return without completing or keeping the message
 ELongText = 6  # an error text longer than MAX_ERROR_TEXT
 ERaiseIntoBuffer = 7  # write into argument 0, then raise with text (large: shared memory)

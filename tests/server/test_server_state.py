@@ -858,3 +858,21 @@ def test_a_request_let_go_of_after_the_registration_ended_sends_nothing(server):
     server.held.clear()
     loop.run_calls()
     assert loop.calls == [] and [m for m in sent if type(m) is Complete] == []
+
+
+def test_a_disconnect_let_go_of_is_completed_and_frees_the_session(server, caplog):
+    class Forgetful(Recorder):
+        def Disconnect(self, message: RMessage) -> None:
+            self.Server().events.append(("disconnect", "Forgetful"))  # neither completed nor kept
+
+    server.session_class = Forgetful
+    loop = FakeLoop()
+    sent: list[Any] = []
+    state = ServerState(Layers(server, loop), lambda f: sent.append(decode(f)),
+                        max_frame=MAX_FRAME, defer=loop.call_soon)
+    state.receive(NewSession(1, HANDLE, (1, 0, 0), CLIENT, b""))
+    state.receive(Disconnect(2, HANDLE))
+    assert sent[1:] == [] and len(loop.calls) == 1
+    loop.run_calls()
+    assert sent[1:] == [Complete(2, errors.KErrNone, ())]
+    assert "Disconnect let go of the disconnect message of session 0x101" in caplog.text
