@@ -815,12 +815,19 @@ def test_another_exception_names_its_type_and_the_log(server, send_text, caplog)
     assert "KeyError: 'secret-key'" in caplog.text  # the traceback, in the server's log
 
 
-def test_a_request_let_go_of_is_completed_on_the_loop_and_logged(server, caplog):
+def deferring_state(server: Server) -> tuple[ServerState, FakeLoop, list[Any]]:
+    """A state whose `defer` is a fake loop's call_soon (as the host's is), a session open
+    (connect msg 1, acknowledged in `sent[0]`), and the frames it sends, decoded."""
     loop = FakeLoop()
     sent: list[Any] = []
     state = ServerState(Layers(server, loop), lambda f: sent.append(decode(f)),
                         max_frame=MAX_FRAME, defer=loop.call_soon)
     state.receive(NewSession(1, HANDLE, (1, 0, 0), CLIENT, b""))
+    return state, loop, sent
+
+
+def test_a_request_let_go_of_is_completed_on_the_loop_and_logged(server, caplog):
+    state, loop, sent = deferring_state(server)
     server.actions.append(lambda session, message: server.held.remove(message))  # let go
     assert state.receive(Deliver(2, HANDLE, 5, (), CLIENT)) is None
     assert sent[1:] == [] and len(loop.calls) == 1  # the finalizer did no I/O: deferred
@@ -834,11 +841,7 @@ def test_a_request_let_go_of_is_completed_on_the_loop_and_logged(server, caplog)
 
 
 def test_a_request_held_or_completed_is_not_forgotten(server):
-    loop = FakeLoop()
-    sent: list[Any] = []
-    state = ServerState(Layers(server, loop), lambda f: sent.append(decode(f)),
-                        max_frame=MAX_FRAME, defer=loop.call_soon)
-    state.receive(NewSession(1, HANDLE, (1, 0, 0), CLIENT, b""))
+    state, loop, sent = deferring_state(server)
     state.receive(Deliver(2, HANDLE, 5, (), CLIENT))  # held by the Recorder
     server.actions.append(complete_with(9))
     state.receive(Deliver(3, HANDLE, 5, (), CLIENT))
@@ -848,11 +851,7 @@ def test_a_request_held_or_completed_is_not_forgotten(server):
 
 
 def test_a_request_let_go_of_after_the_registration_ended_sends_nothing(server):
-    loop = FakeLoop()
-    sent: list[Any] = []
-    state = ServerState(Layers(server, loop), lambda f: sent.append(decode(f)),
-                        max_frame=MAX_FRAME, defer=loop.call_soon)
-    state.receive(NewSession(1, HANDLE, (1, 0, 0), CLIENT, b""))
+    state, loop, sent = deferring_state(server)
     state.receive(Deliver(2, HANDLE, 5, (), CLIENT))
     state.end()
     server.held.clear()
@@ -866,11 +865,7 @@ def test_a_disconnect_let_go_of_is_completed_and_frees_the_session(server, caplo
             self.Server().events.append(("disconnect", "Forgetful"))  # neither completed nor kept
 
     server.session_class = Forgetful
-    loop = FakeLoop()
-    sent: list[Any] = []
-    state = ServerState(Layers(server, loop), lambda f: sent.append(decode(f)),
-                        max_frame=MAX_FRAME, defer=loop.call_soon)
-    state.receive(NewSession(1, HANDLE, (1, 0, 0), CLIENT, b""))
+    state, loop, sent = deferring_state(server)
     state.receive(Disconnect(2, HANDLE))
     assert sent[1:] == [] and len(loop.calls) == 1
     loop.run_calls()
