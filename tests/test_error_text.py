@@ -222,8 +222,12 @@ def test_a_request_the_server_let_go_of_fails_instead_of_hanging(errant_server):
         session.SendReceive(errant.EKeep, (), kept)
         assert session.SendReceive(errant.ECompleteKept, (3,)) == 0
         assert kept.Wait(TIMEOUT) == 3
-    wait_until(lambda: errant_server.log().count("let go of message") == 2,
-               what="two reports in the server's log")
+        # let go of on another thread: its finalizer runs there, the completion on the loop
+        with pytest.raises(ipcfw.General) as caught:
+            session.SendReceive(errant.EForgetOnThread)
+        assert said(caught.value) == SAID["forgotten"].replace("function 5", "function 11")
+    wait_until(lambda: errant_server.log().count("let go of message") == 3,
+               what="three reports in the server's log")
     lines = [line for line in errant_server.log().splitlines() if "let go of message" in line]
-    assert all(f"(function 5) of session 0x{handle:x} without completing it: its client gets "
-               "KErrGeneral" in line for line in lines)
+    assert [f"(function {n}) of session 0x{handle:x} without completing it: its client gets "
+            "KErrGeneral" in line for n, line in zip((5, 5, 11), lines)] == [True] * 3

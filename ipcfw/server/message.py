@@ -4,7 +4,8 @@ An `RMessage` is built by the server's state (`ipcfw.server.state`) for each con
 and disconnect the kernel delivers. The plugin reads its arguments and completes it exactly
 once, from any thread. The message knows nothing of sockets or of the host: when it completes,
 it hands the frame to send to its `Completer` (``completed(message, frame)``) and reads the
-kernel's frame limit from it (``max_frame``). That is the whole interface.
+kernel's frame limit from it (``max_frame``); a request the plugin let go of without completing
+it goes to ``forgotten(message)`` (below). That is the whole interface.
 
 Exactly once, from any thread, without a lock: a message records who ended it (Complete, Panic,
 or the client's cancel) in a one-entry dict with ``dict.setdefault``, which is atomic (one C call

@@ -3,6 +3,7 @@ each mistake (tests/test_error_text.py, and the quoted messages of docs/errors.m
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from ipcfw import CServer, CSession, IpcError, KErrArgument, KErrNotFound, TVersion
@@ -18,6 +19,7 @@ ERaiseIntoBuffer = 7  # write into argument 0, then raise with text (large: shar
 EKeep = 8  # keep the message (completed by ECompleteKept)
 ECompleteKept = 9  # complete the kept message with Int0
 EBareCode = 10  # raise IpcError(KErrNotFound): a code, no text
+EForgetOnThread = 11  # hand the message to a thread, which lets go of it without completing it
 # Any other function: CSession's default ServiceL refuses it (KErrNotSupported).
 
 # What ECompleteBad completes with, by Int0.
@@ -50,6 +52,10 @@ class ErrantSession(CSession):
             raise IpcError(KErrNotFound, "no such record")
         elif function == EKeep:
             self.kept.append(message)
+        elif function == EForgetOnThread:
+            # (the thread drops its arguments as it ends: the message is finalized there)
+            threading.Thread(target=lambda message: None, args=(message,),
+                             name="errant-forgetter").start()
         elif function == EBareCode:
             raise IpcError(KErrNotFound)
         elif function == ECompleteKept:
