@@ -262,7 +262,7 @@ def service_failed(session: CSession, message: RMessage, exc: Exception) -> None
     text, if the server's ``send_exception_text`` says so) and that the traceback is in the
     server's log."""
     function = message.Function()
-    server = getattr(session, "_server", None)  # (None for a session not started yet)
+    server = _server_under(getattr(session, "_server", None))  # (None: a session not started)
     if isinstance(exc, errors.IpcError):
         log.info("ServiceL(function %d) left with %s", function, exc, exc_info=True)
         error = exc
@@ -282,6 +282,14 @@ def service_failed(session: CSession, message: RMessage, exc: Exception) -> None
     except Exception:
         log.exception("ServiceError raised")
     complete_unless_ended(message, error.code, error.message)
+
+
+def _server_under(layer: object) -> CServer | None:
+    """The `CServer` at the bottom of `layer` (a server, or an overlay over one): the name a
+    client knows, and whose ``send_exception_text`` applies to its overlays too."""
+    while layer is not None and not isinstance(layer, CServer):
+        layer = getattr(layer, "overlaid", None)
+    return layer
 
 
 def text_of(exc: BaseException, where: str, server: object) -> str:

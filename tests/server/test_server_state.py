@@ -872,3 +872,20 @@ def test_a_disconnect_let_go_of_is_completed_and_frees_the_session(server, caplo
     loop.run_calls()
     assert sent[1:] == [Complete(2, errors.KErrNone, ())]
     assert "Disconnect let go of the disconnect message of session 0x101" in caplog.text
+
+
+def test_an_overlays_refusal_names_the_server_under_it(server):
+    class GateSession(COverlaySession):
+        def ServiceL(self, message: RMessage) -> None:
+            raise errors.IpcError(errors.KErrNotSupported)
+
+    class Gate(COverlay):
+        def NewSessionL(self, version: TVersion, message: RMessage) -> COverlaySession:
+            return GateSession()
+
+    harness = Harness(Gate(server))
+    harness.connect()
+    msg_id = harness.deliver(7)
+    [complete] = harness.take()
+    assert complete.msg_id == msg_id and complete.text.startswith(
+        "server 'state-test' does not support function 7 (GateSession.ServiceL refused it)")
