@@ -750,9 +750,15 @@ class KernelState:
 
     def _connect_error_text(self, name: str, code: int) -> str:
         """What the client's error says of a refused connect to `name` (`code`): for an unknown
-        name, the name and the closest registered ones (a typo, or the wrong case of a word)."""
+        name, the name and the closest registered ones (a typo, or the wrong case of a word);
+        for a bad name, what is wrong with it; for a server whose registration is ending, why."""
         if code == errors.KErrBadName:
             return name_problem(name) or ""
+        server = self.servers.get(lookup_key(name))
+        if code == errors.KErrServerTerminated and server is not None:
+            terminating = server.terminating
+            reason = "" if terminating is None else TerminationReason(terminating).name
+            return f"server {server.name!r} is ending its registration ({reason})"
         if code != errors.KErrNotFound:
             return ""
         close = difflib.get_close_matches(lookup_key(name), list(self.servers), n=3, cutoff=0.6)

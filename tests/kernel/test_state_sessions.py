@@ -44,6 +44,8 @@ from ipcfw.protocol import (
     Role,
     Stats,
     StatsReply,
+    Terminate,
+    TerminationReason,
     Welcome,
 )
 
@@ -901,3 +903,13 @@ def test_panic_of_an_abandoned_connect_removes_the_session() -> None:
     assert ks.receive(S1, Panic(new.msg_id, "Refuse", 3)) == []
     assert counts(ks) == ZERO
     assert ks.statistics()["sessions_abandoned"] == 0
+
+
+def test_a_connect_to_a_server_ending_its_registration_says_so() -> None:
+    ks = echo_world()
+    handle = open_session(ks)
+    ks.receive(C1, Request(5, handle, 1, (), Mode.SYNC))  # outstanding: the name is kept
+    ks.receive(C1, Terminate(77, "Echo", TerminationReason.ADMINISTRATOR))
+    [send] = ks.receive(C1, Connect(9, "echo", (1, 0, 0), -1, b""))
+    assert send.message == Connected(9, errors.KErrServerTerminated, 0, b"", text=(
+        "server 'Echo' is ending its registration (ADMINISTRATOR)"))
