@@ -92,6 +92,7 @@ from ..protocol import (
     Request,
     encode,
 )
+from .coroutines import Coroutines
 from .message import ClientInfo, DirectMessage, InService, RMessage, cancel_by_client
 from .plugin import CSession
 
@@ -132,6 +133,7 @@ class StateView(Protocol):
     """What the rules need of the `ServerState` that owns them."""
 
     sessions: dict[int, CSession]
+    coroutines: Coroutines  # what async ServiceLs are serving
 
     def service(self, session: CSession, message: RMessage, function: int,
                 held: InService, key: int) -> None:
@@ -478,6 +480,7 @@ class DirectRules:
             self._free_slot(message.handle)
         if tell_client:
             self.io.send(connection, encode(Completed(message.req_id, errors.KErrCancel, ())))
+        self._state.coroutines.cancel(message)
         try:
             message.Session().Cancelled(message)
         except Exception:
