@@ -226,8 +226,12 @@ def test_a_request_the_server_let_go_of_fails_instead_of_hanging(errant_server):
         with pytest.raises(ipcfw.General) as caught:
             session.SendReceive(errant.EForgetOnThread)
         assert said(caught.value) == SAID["forgotten"].replace("function 5", "function 11")
-    wait_until(lambda: errant_server.log().count("let go of message") == 3,
-               what="three reports in the server's log")
+        # let go of by an async ServiceL, once its coroutine has returned
+        with pytest.raises(ipcfw.General) as caught:
+            session.SendReceive(errant.EForgetAsync)
+        assert said(caught.value) == SAID["forgotten"].replace("function 5", "function 12")
+    wait_until(lambda: errant_server.log().count("let go of message") == 4,
+               what="four reports in the server's log")
     lines = [line for line in errant_server.log().splitlines() if "let go of message" in line]
     assert [f"(function {n}) of session 0x{handle:x} without completing it: its client gets "
-            "KErrGeneral" in line for n, line in zip((5, 5, 11), lines)] == [True] * 3
+            "KErrGeneral" in line for n, line in zip((5, 5, 11, 12), lines)] == [True] * 4

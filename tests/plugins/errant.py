@@ -3,8 +3,10 @@ each mistake (tests/test_error_text.py, and the quoted messages of docs/errors.m
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
+from collections.abc import Awaitable
 
 from ipcfw import CServer, CSession, IpcError, KErrArgument, KErrNotFound, TVersion
 from ipcfw.protocol import MAX_ERROR_TEXT
@@ -20,6 +22,7 @@ EKeep = 8  # keep the message (completed by ECompleteKept)
 ECompleteKept = 9  # complete the kept message with Int0
 EBareCode = 10  # raise IpcError(KErrNotFound): a code, no text
 EForgetOnThread = 11  # hand the message to a thread, which lets go of it without completing it
+EForgetAsync = 12  # an async ServiceL (a coroutine) that returns without completing the message
 # Any other function: CSession's default ServiceL refuses it (KErrNotSupported).
 
 # What ECompleteBad completes with, by Int0.
@@ -30,8 +33,10 @@ class ErrantSession(CSession):
     def CreateL(self) -> None:
         self.kept: list[Any] = []
 
-    def ServiceL(self, message: Any) -> None:
+    def ServiceL(self, message: Any) -> Awaitable[None] | None:
         function = message.Function()
+        if function == EForgetAsync:
+            return self.forget_later(message)
         if function == ERaiseText:
             raise IpcError(KErrNotFound, "no key b'colour'")
         if function == ERaiseOther:
@@ -62,7 +67,11 @@ class ErrantSession(CSession):
             self.kept.pop().Complete(message.Int0())
             message.Complete(0)
         else:
-            super().ServiceL(message)
+            return super().ServiceL(message)
+        return None
+
+    async def forget_later(self, message: Any) -> None:
+        await asyncio.sleep(0)  # served on the host's asyncio loop, then let go of
 
 
 class ErrantServer(CServer):
