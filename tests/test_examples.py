@@ -310,7 +310,8 @@ CLIENTS = [
     ("servers.echo:EchoServer", "echo", "clients/echo_client.py",
      ["EEchoInt(42)          -> 42", "b'hello'", "[100, 200, 300]"]),
     ("servers.kv:KvServer", "kv", "clients/kv_client.py",
-     ["ECount = 3", "KErrOverflow", "KErrNotFound", "async ECount = 2"]),
+     ["count() = 3", "SendReceive(ECount)   -> 3", "KErrOverflow", "KErrNotFound",
+      "async count() = 2"]),
     ("servers.notifier:NotifierServer", "notifier", "clients/notifier_client.py",
      ["woke 2 waits", "b'door opened'", "KErrCancel"]),
 ]
