@@ -68,8 +68,11 @@ class Operation(Generic[P, R]):
                 ) -> Operation[P, R] | BoundOperation[P, R]:
         if proxy is None:
             return self
-        spec = type(proxy).interface.named[self.function.__name__]
-        return BoundOperation(proxy.session, spec)
+        name = self.function.__name__
+        spec = type(proxy).interface.named[name]
+        bound: BoundOperation[P, R] = BoundOperation(proxy.session, spec)
+        vars(proxy)[name] = bound  # found there from now on, without this call
+        return bound
 
     def __repr__(self) -> str:
         return repr(self.spec) if self.spec is not None else f"<operation {self.number}>"

@@ -108,14 +108,16 @@ class OperationSpec:
                 ) -> tuple[tuple[int | bytes | bytearray, ...], bytearray | None]:
         """The request's arguments for a call with `args` and `kwargs`, and the reply buffer
         (None if the operation has none). TypeError or ValueError naming the parameter."""
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{self.title}(): {exc}") from None
-        bound.apply_defaults()
-        wire: list[int | bytes | bytearray] = []
-        for parameter in self.parameters:
-            wire.append(self._argument(parameter, bound.arguments[parameter.name]))
+        if kwargs or len(args) != len(self.parameters):  # (all positional: no binding)
+            try:
+                bound = self.signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{self.title}(): {exc}") from None
+            bound.apply_defaults()
+            args = tuple(bound.arguments[parameter.name] for parameter in self.parameters)
+        wire: list[int | bytes | bytearray] = [
+            self._argument(parameter, value) for parameter, value in zip(self.parameters, args)
+        ]
         reply = None
         if self.reply_index is not None:
             reply = bytearray(self.reply)
@@ -124,6 +126,8 @@ class OperationSpec:
 
     def _argument(self, parameter: Parameter, value: Any) -> int | bytes | bytearray:
         form = parameter.form
+        if form is Form.BYTES and type(value) is bytes:  # (the common case, first)
+            return value
         if value is None and parameter.optional:
             return 0
         if form is Form.BUFFER:
@@ -189,16 +193,17 @@ class OperationSpec:
 
     def _read(self, message: MessageLike, parameter: Parameter) -> Any:
         index, form = parameter.argument, parameter.form
-        max_length = _max_length(message, index)
-        if form in (Form.INT, Form.BOOL):
-            if max_length is not None:
-                raise _bad(self.title, parameter, "a descriptor")
-            value = _int(message, index)
+        if form is Form.INT or form is Form.BOOL:
+            try:
+                value = _int(message, index)
+            except errors.IpcError:  # (only a descriptor raises: no exception on the way)
+                raise _bad(self.title, parameter, "a descriptor") from None
             if form is Form.BOOL:
                 if value not in (0, 1):
                     raise _bad(self.title, parameter, f"the int {value}")
                 return bool(value)
             return value
+        max_length = _max_length(message, index)
         if max_length is None:  # an int where a descriptor belongs: not sent, or None
             if parameter.optional:
                 return None
@@ -250,6 +255,10 @@ class OperationSpec:
     def _completion(self, value: Any) -> int | bytes:
         """The completion value, or the bytes for the reply descriptor."""
         form = self.return_form
+        if type(value) is int and form is Form.INT and 0 <= value <= I32_MAX:
+            return value  # (the common cases, first)
+        if type(value) is bytes and form is Form.BYTES:
+            return value
         try:
             conformed = conform(self.returns, value)
         except Mismatch as exc:
@@ -378,7 +387,11 @@ def _max_length(message: MessageLike, index: int) -> int | None:
 
 
 def _int(message: MessageLike, index: int) -> int:
-    return (message.Int0, message.Int1, message.Int2, message.Int3)[index]()
+    read: Callable[[], int] = getattr(message, _INT_READERS[index])
+    return read()
+
+
+_INT_READERS = ("Int0", "Int1", "Int2", "Int3")
 
 
 def _bad(title: str, parameter: Parameter, got: str) -> errors.IpcError:
