@@ -93,6 +93,10 @@ class OperationSpec:
             len(parameters) if self.return_form in (Form.BYTES, Form.VALUE) else None
         )
         self.signature = signature
+        # Every parameter may be passed by position: a call with all of them so needs no binding.
+        self.positional = all(
+            p.kind is p.POSITIONAL_OR_KEYWORD for p in signature.parameters.values()
+        )
 
     @property
     def title(self) -> str:
@@ -108,7 +112,7 @@ class OperationSpec:
                 ) -> tuple[tuple[int | bytes | bytearray, ...], bytearray | None]:
         """The request's arguments for a call with `args` and `kwargs`, and the reply buffer
         (None if the operation has none). TypeError or ValueError naming the parameter."""
-        if kwargs or len(args) != len(self.parameters):  # (all positional: no binding)
+        if kwargs or len(args) != len(self.parameters) or not self.positional:
             try:
                 bound = self.signature.bind(*args, **kwargs)
             except TypeError as exc:
