@@ -65,7 +65,8 @@ Host it with ``ipcfw serve servers.kv:KvServer``; ``clients/kv_client.py`` shows
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from ipcfw import (
     BadDescriptor,
@@ -220,7 +221,7 @@ class KvSession(InterfaceSession[KeyValue]):
 
     # -- the raw subsession functions ---------------------------------------------------------
 
-    def ServiceL(self, message: RMessage) -> Any:
+    def ServiceL(self, message: RMessage) -> Awaitable[None] | None:
         function = message.Function()
         if function not in _SUBSESSION_FUNCTIONS:
             return super().ServiceL(message)  # the interface's operations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -135,15 +136,60 @@ def test_ps_shows_the_kernel_counters(kernel):
     assert counters["servers"] == "1"
 
 
-def test_bench_runs_every_system_end_to_end():
+def _check_plot(picture: Path, record: Path) -> None:
+    """The picture --plot drew shows every system measured and each target's verdict, and
+    --from-json draws the same record again without measuring."""
+    svg = picture.read_text()
+    assert svg.startswith("<?xml") and "</svg>" in svg
+    systems = json.loads(record.read_text())["results"]
+    assert all(f">{name}<" in svg for name in systems), systems
+    assert "sync median / managers'" in svg and "client processes" in svg
+    again = picture.with_suffix(".png")
+    result = subprocess.run(
+        [sys.executable, "-m", "ipcfw", "bench", "--plot", str(again), "--from-json", str(record)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ipcfw bench: sync" not in result.stdout  # nothing was measured
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--plot", "bench.txt"], "the file must end in .svg, .png, .pdf"),
+    (["--from-json", "bench.json"], "--from-json draws an earlier run: give --plot FILE too"),
+    (["--plot", "bench.svg", "--from-json", "missing.json"], "--from-json missing.json: "),
+])
+def test_bench_plot_options_are_checked_before_anything_runs(tmp_path, argv, expected):
+    result = subprocess.run([sys.executable, "-m", "ipcfw", "bench", *argv], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_bench_plot_without_matplotlib_says_how_to_get_it(tmp_path):
+    blocked = ("import sys; sys.modules['matplotlib'] = None\n"  # as if not installed
+               "from ipcfw.tools.cli import main\n"
+               "sys.exit(main(['bench', '--quick', '--plot', 'bench.svg']))\n")
+    result = subprocess.run([sys.executable, "-c", blocked], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--plot needs matplotlib, which is not installed: pip install 'ipcfw[plot]'" in (
+        result.stderr)
+    assert result.stdout == "" and not (tmp_path / "bench.svg").exists()
+
+
+def test_bench_runs_every_system_end_to_end(tmp_path):
     # A functional check only: speed is measured by `ipcfw bench` itself, never by tests.
+    record, picture = tmp_path / "bench.json", tmp_path / "bench.svg"
     result = subprocess.run(
         [sys.executable, "-m", "ipcfw", "bench", "--sync", "200", "--pipelined", "500",
          "--fleet", "2", "--fleet-seconds", "0.3", "--open-sessions", "50",
-         "--descriptor-mib", "1", "--connections", "2", "--churn", "50"],
+         "--descriptor-mib", "1", "--connections", "2", "--churn", "50",
+         "--json", str(record), "--plot", str(picture)],
         capture_output=True, text=True, timeout=120, cwd=str(REPO),
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    _check_plot(picture, record)
     table = result.stdout.split("\n\n")[1]
     rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[1:]}
     assert set(rows) == {

@@ -320,6 +320,7 @@ RUNNABLE_PAGES = [p for p in sorted(DOCS.glob("*.md")) if p != GUIDE and _runnab
 def test_pages_with_runnable_examples_are_found():
     assert DOCS / "sharing.md" in RUNNABLE_PAGES
     assert DOCS / "testing.md" in RUNNABLE_PAGES
+    assert DOCS / "asyncio.md" in RUNNABLE_PAGES
 
 
 @pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=lambda p: p.name)

@@ -32,7 +32,8 @@ class TRequestStatus:
     completion value. Wait for it Symbian style (``Wait()`` returns the raw value, negative for an
     error), Python style (``result()`` and ``await status`` return it or raise the ``IpcError``
     for a negative one), or with ``add_done_callback``. ``User.WaitForRequest`` waits for the
-    first of several. A status may be reused once its request has completed::
+    first of several. Cancelling the task that awaits it (``asyncio.wait_for`` timing out, for
+    one) cancels the request. A status may be reused once its request has completed::
 
         status = TRequestStatus()
         session.SendReceive(EGetNotification, (), status)
@@ -85,13 +86,22 @@ class TRequestStatus:
         value). Either way it completes exactly once, its message slot is freed, and the
         server's session is told (``CSession.Cancelled``). Cancelling a completed request
         returns its value and sends nothing.
+
+        On a thread running an asyncio event loop it never waits (the loop would stop): it
+        asks for the cancel and returns ``Int()`` as it is then, ``KRequestPending`` unless the
+        request had completed; ``await status`` gives the final value.
         """
         if not self._done:
-            channel = self._channel
-            if channel is None:
-                raise RuntimeError("this TRequestStatus has not been given to a request")
-            channel.send(encode(Cancel(self._req_id)))
+            self._ask_cancel()
+            if _running_loop() is not None:
+                return self._value
         return self.Wait(timeout)
+
+    def _ask_cancel(self) -> None:
+        channel = self._channel
+        if channel is None:
+            raise RuntimeError("this TRequestStatus has not been given to a request")
+        channel.send(encode(Cancel(self._req_id)))
 
     def result(self, timeout: float | None = None) -> int:
         """Block until completion; return the value, or raise the error it completed with."""
@@ -125,11 +135,18 @@ class TRequestStatus:
 
         self.add_done_callback(resolve)
         channel = self._channel
-        if self._done or channel is None:
-            yield from future.__await__()
-        else:
-            with _settled_by_loop(loop, channel):
+        try:
+            if self._done or channel is None:
                 yield from future.__await__()
+            else:
+                with _settled_by_loop(loop, channel):
+                    yield from future.__await__()
+        except asyncio.CancelledError:
+            # The awaiting task was cancelled (asyncio.wait_for timing out, for one): so is the
+            # request, without waiting. Its KErrCancel arrives later and frees its slot.
+            if not self._done:
+                self._ask_cancel()
+            raise
         return self.result(0)
 
     def __repr__(self) -> str:
@@ -198,6 +215,13 @@ def _settled_by_loop(loop: asyncio.AbstractEventLoop, channel: AnyChannel) -> It
             channel.loop_readers[loop] = count
         else:
             loop.remove_reader(channel.fd)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -4,9 +4,10 @@ returns; and `Deferred`, a result a method gives later, from any thread.
 
 A method may return its value (completed at once), a `Deferred` (completed when it is resolved,
 the Symbian pattern of holding a message), or an awaitable (an ``async def`` method): then
-``ServiceL`` returns an awaitable that completes the message with the method's result, which a
-host that runs awaitables returned by ``ServiceL`` awaits. Raising, at any of these points,
-completes the message as a raising ``ServiceL`` does (``ServiceError``).
+``ServiceL`` returns a coroutine that awaits it and completes the message with its result, and
+the host runs that coroutine on its asyncio loop, as it runs an ``async def ServiceL``
+(ipcfw.server.coroutines: the client's cancel and the session's end cancel it). Raising, at
+any of these points, completes the message as a raising ``ServiceL`` does (``ServiceError``).
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ class InterfaceSession(CSession, Generic[I]):
                             f"{cls.__name__}(InterfaceSession[YourInterface])")
         _check_methods(cls)
 
-    def ServiceL(self, message: RMessage) -> Any:
-        """Serve one request: decode, call the method, complete with its result."""
+    def ServiceL(self, message: RMessage) -> Awaitable[None] | None:
+        """Serve one request: decode, call the method, complete with its result (for an
+        ``async def`` method, return the coroutine that does, which the host runs)."""
         spec = self.interface.operation(message.Function())
         call = spec.arguments(message)
         result = getattr(self, spec.name)(*call.values)

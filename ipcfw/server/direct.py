@@ -91,6 +91,7 @@ from ..protocol import (
     Request,
     encode,
 )
+from .coroutines import Coroutines
 from .message import ClientInfo, DirectMessage, RMessage, cancel_by_client
 from .plugin import CSession
 
@@ -131,6 +132,7 @@ class StateView(Protocol):
     """What the rules need of the `ServerState` that owns them."""
 
     sessions: dict[int, CSession]
+    coroutines: Coroutines  # what async ServiceLs are serving
 
     def service(self, session: CSession, message: RMessage, function: int,
                 held: dict[int, RMessage], key: int) -> None:
@@ -469,6 +471,7 @@ class DirectRules:
             self._free_slot(message.handle)
         if tell_client:
             self.io.send(connection, encode(Completed(message.req_id, errors.KErrCancel, ())))
+        self._state.coroutines.cancel(message)
         try:
             message.Session().Cancelled(message)
         except Exception:

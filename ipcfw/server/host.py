@@ -17,6 +17,7 @@ polls beside the kernel's (see that module).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import os
@@ -25,7 +26,7 @@ import signal
 import threading
 import time
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import zmq
 
@@ -57,6 +58,7 @@ __all__ = ["ServerHost", "serve"]
 
 _REGISTER_TIMEOUT = 5.0
 _KERNEL_RETRY = 0.2  # seconds between looks for a new kernel after the old one died
+_COROUTINES_END = 2.0  # seconds the coroutines of async ServiceLs get to end when the host stops
 
 
 class ServerHost:
@@ -102,6 +104,7 @@ class ServerHost:
         self.dropped = False  # the kernel stopped serving this registration (Dropped)
         self.reconnect = reconnect
         self._port: DirectPort | None = None
+        self._asyncio: asyncio.AbstractEventLoop | None = None  # for async ServiceLs: _spawn
 
     def stop(self) -> None:
         """Ask the loop to finish. Safe from any thread and from signal handlers."""
@@ -165,6 +168,7 @@ class ServerHost:
                 self._run_with_kernel(None)
         finally:
             self._wakeup.close()  # later completions (of held messages) are dropped
+            self._close_asyncio()
 
     def _run_with_kernel(self, ready: threading.Event | None) -> None:
         context = zmq.Context()
@@ -193,7 +197,7 @@ class ServerHost:
         self._outbox = outbox
         self.state = ServerState(self.layers, lambda frame: self._emit(outbox, frame),
                                  max_frame=max_frame, routing_id=self._socket.routing_id,
-                                 direct=port if port.path else None)
+                                 direct=port if port.path else None, spawn=self._spawn)
         port.rules = self.state.direct
         port.max_frame = max_frame
         self._registration = (self.state, threading.Event())
@@ -278,37 +282,99 @@ class ServerHost:
 
     def _serve(self, kernel_pid: int) -> None:
         kernel_fd = os.pidfd_open(kernel_pid)
-        poller = zmq.Poller()
+        poller = _Poller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wakeup.fd, zmq.POLLIN)
         poller.register(kernel_fd, zmq.POLLIN)
         port = self._port
         assert port is not None  # (made before the registration)
         port.watch(poller)
-        spin = AdaptiveSpin()
-        served_direct = False
         try:
-            while not self._stopping and not self.dropped:
-                # After a turn that served a direct connection, its client's next request is
-                # likely to come at once: spin for it rather than sleep (see ipcfw._spin).
-                ready = _spin_for(poller, spin) if served_direct and spin.now() else None
-                if ready is None:
-                    ready = dict(poller.poll(port.timeout))
-                if self._wakeup.fd in ready:
-                    self._flush_outbox()
-                if self._socket in ready:
-                    self._drain()
-                served_direct = bool(port.path) and (len(ready) > 1 or self._socket not in ready)
-                if served_direct:
-                    port.serve(ready)  # (not when the kernel socket alone is ready: its hot path)
-                if kernel_fd in ready:
-                    log.error("the ipcfw kernel has died; server %r stops", self.server.name)
-                    self.kernel_died = True
-                    return
+            self._serve_sync(poller, kernel_fd, port)
+            if self._asyncio is not None and not self._loop_ended():
+                # an async ServiceL began: go on with its coroutines beside the loop's work
+                self._asyncio.run_until_complete(self._serve_async(poller, kernel_fd, port))
             if not self.dropped:
                 self._flush_outbox()  # completions made before stop() still reach their clients
         finally:
             os.close(kernel_fd)
+
+    def _loop_ended(self) -> bool:
+        return self._stopping or self.dropped or self.kernel_died
+
+    def _serve_sync(self, poller: zmq.Poller, kernel_fd: int, port: DirectPort) -> None:
+        """The loop, until it ends or a ``ServiceL`` returns an awaitable (`_spawn`)."""
+        spin = AdaptiveSpin()
+        served_direct = False
+        while not self._loop_ended() and self._asyncio is None:
+            # After a turn that served a direct connection, its client's next request is
+            # likely to come at once: spin for it rather than sleep (see ipcfw._spin).
+            ready = _spin_for(poller, spin) if served_direct and spin.now() else None
+            if ready is None:
+                ready = dict(poller.poll(port.timeout))
+            served_direct = self._turn(ready, kernel_fd, port)
+
+    async def _serve_async(self, poller: _Poller, kernel_fd: int, port: DirectPort) -> None:
+        """The loop as a coroutine on the host's asyncio loop, beside the coroutines of async
+        ``ServiceL``s: asyncio wakes it when one of the poller's sockets is ready, and the
+        poller itself (polled without waiting) says which."""
+        readiness = _Readiness(asyncio.get_running_loop())
+        poller.mirror_to(readiness)
+        spin = AdaptiveSpin()
+        served_direct = False
+        try:
+            while not self._loop_ended():
+                ready = dict(poller.poll(0))
+                if not ready and served_direct and spin.now():
+                    ready = _spin_for(poller, spin) or {}  # as the synchronous loop does
+                if ready or not await readiness.wait(port.timeout):
+                    # (with nothing ready: the port's timers)
+                    served_direct = self._turn(ready, kernel_fd, port)
+                await asyncio.sleep(0)  # the coroutines' turn
+        finally:
+            poller.mirror_to(None)
+            readiness.close()
+
+    def _turn(self, ready: dict[Any, int], kernel_fd: int, port: DirectPort) -> bool:
+        """Serve what `ready` holds (or, for the port, its timers); True if that included a
+        direct connection."""
+        if self._wakeup.fd in ready:
+            self._flush_outbox()
+        if self._socket in ready:
+            self._drain()
+        served_direct = bool(port.path) and (len(ready) > 1 or self._socket not in ready)
+        if served_direct:
+            port.serve(ready)  # (not when the kernel socket alone is ready: its hot path)
+        if kernel_fd in ready:
+            log.error("the ipcfw kernel has died; server %r stops", self.server.name)
+            self.kernel_died = True
+        return served_direct
+
+    def _close_asyncio(self) -> None:
+        """The host has stopped: cancel the coroutines still running (their registration has
+        ended, so nothing they complete is sent), let them finish, and close the loop."""
+        loop, self._asyncio = self._asyncio, None
+        if loop is None:
+            return
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.wait(tasks, timeout=_COROUTINES_END))
+        loop.close()
+
+    def _spawn(self, awaitable: Awaitable[Any],
+               done: Callable[[BaseException | None, bool], None]) -> asyncio.Task[Any]:
+        """Run an async ``ServiceL``'s awaitable on the host's asyncio loop (made on the first
+        one: a server with none never has one); `done` is called on the loop thread when it
+        has ended (see ipcfw.server.coroutines)."""
+        if self._asyncio is None:
+            self._asyncio = asyncio.new_event_loop()
+        task = self._asyncio.create_task(_awaited(awaitable))
+        task.add_done_callback(
+            lambda t: done(None, True) if t.cancelled() else done(t.exception(), False)
+        )
+        return task
 
     def _drain(self) -> None:
         socket, state = self._socket, self.state
@@ -355,6 +421,87 @@ class ServerHost:
             self._socket.send(outbox.popleft())
         if self._port is not None:
             self._port.flush()
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+class _Poller(zmq.Poller):
+    """The loop's poller, which can also keep a `_Readiness` watching what it polls: the direct
+    port registers and unregisters its connections as they come and go (unregistering before
+    it closes one, so asyncio never watches a closed or reused fd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mirror: _Readiness | None = None
+
+    def mirror_to(self, mirror: _Readiness | None) -> None:
+        self._mirror = mirror
+        if mirror is not None:
+            for sock, flags in self.sockets:
+                mirror.watch(sock, flags)
+
+    def register(self, socket: Any, flags: int = zmq.POLLIN | zmq.POLLOUT) -> None:
+        super().register(socket, flags)  # (flags 0 unregisters, through our unregister)
+        if flags and self._mirror is not None:
+            self._mirror.watch(socket, flags)
+
+    def unregister(self, socket: Any) -> None:
+        super().unregister(socket)
+        if self._mirror is not None:
+            self._mirror.unwatch(socket)
+
+
+class _Readiness:
+    """Wakes `_serve_async` when a socket the loop polls may be ready: asyncio's readers and
+    writers over the same sockets as the poller's (`_Poller.mirror_to`)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._watched: dict[Any, int] = {}  # socket or fd -> the zmq flags watched
+        self._woken: asyncio.Future[bool] | None = None
+
+    async def wait(self, timeout_ms: int | None) -> bool:
+        """Wait until a watched socket may be ready (True) or `timeout_ms` passed (False)."""
+        woken = self._woken = self._loop.create_future()
+        timer = (None if timeout_ms is None
+                 else self._loop.call_later(timeout_ms / 1000, _resolve, woken, False))
+        try:
+            return bool(await woken)
+        finally:
+            self._woken = None
+            if timer is not None:
+                timer.cancel()
+
+    def _wake(self) -> None:
+        if self._woken is not None:
+            _resolve(self._woken, True)
+
+    def watch(self, sock: Any, flags: int) -> None:
+        if sock in self._watched:
+            self.unwatch(sock)
+        if flags & zmq.POLLIN:
+            self._loop.add_reader(sock, self._wake)
+        if flags & zmq.POLLOUT:
+            self._loop.add_writer(sock, self._wake)
+        self._watched[sock] = flags
+
+    def unwatch(self, sock: Any) -> None:
+        flags = self._watched.pop(sock, 0)
+        if flags & zmq.POLLIN:
+            self._loop.remove_reader(sock)
+        if flags & zmq.POLLOUT:
+            self._loop.remove_writer(sock)
+
+    def close(self) -> None:
+        for sock in list(self._watched):
+            self.unwatch(sock)
+
+
+def _resolve(future: asyncio.Future[bool], woken: bool) -> None:
+    if not future.done():
+        future.set_result(woken)
 
 
 def _spin_for(poller: zmq.Poller, spin: AdaptiveSpin) -> dict[Any, int] | None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import struct
 from typing import Any, ClassVar
+from collections.abc import Awaitable
 
 from .. import errors
 from ..protocol import EUnsharableSessions, TerminationReason, TServerType
@@ -120,6 +121,11 @@ class CSession:
     host's loop thread. It completes the message now, or keeps it and completes it later (from
     any thread). Raising completes the message through ``ServiceError``.
 
+    ``ServiceL`` may be ``async def``: the host then runs it on its asyncio loop (on the same
+    thread), so a session awaiting I/O does not stop the others. Coroutines start in the order
+    their requests came; after their first ``await`` they interleave (docs/asyncio.md). The
+    client's cancel, or the session's end, cancels the coroutine.
+
     Subsessions (the client's ``RSubSession``) are objects in the session's `ObjectIx`:
     `NewSubSessionL` opens one, `SubSessionL` finds it, `CloseSubSessionL` closes it, and the
     ones left open are closed when the session ends.
@@ -131,8 +137,9 @@ class CSession:
     def CreateL(self) -> None:
         """Second-phase construction, after NewSessionL; raising fails the connect."""
 
-    def ServiceL(self, message: RMessage) -> None:
-        """Handle one request. The default refuses every function with KErrNotSupported."""
+    def ServiceL(self, message: RMessage) -> Awaitable[None] | None:
+        """Handle one request (or return an awaitable that does: an ``async def ServiceL``).
+        The default refuses every function with KErrNotSupported."""
         raise errors.IpcError(errors.KErrNotSupported, f"function {message.Function()}")
 
     def ServiceError(self, message: RMessage, error: errors.IpcError) -> None:

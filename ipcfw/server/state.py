@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import inspect
 import logging
 from typing import Any, Protocol
 from collections.abc import Callable
@@ -85,6 +86,7 @@ from ..protocol import (
     pack_census,
 )
 from ..version import TVersion
+from .coroutines import Coroutines, Spawn
 from .direct import DirectIO, DirectRules
 from .message import (
     ClientInfo,
@@ -139,7 +141,8 @@ class ServerState:
     """
 
     def __init__(self, stack: Stack, emit: Callable[[bytes], None], *, max_frame: int,
-                 routing_id: bytes = b"", direct: DirectIO | None = None) -> None:
+                 routing_id: bytes = b"", direct: DirectIO | None = None,
+                 spawn: Spawn | None = None) -> None:
         self.stack = stack
         self.max_frame = max_frame
         self._emit = emit
@@ -161,6 +164,8 @@ class ServerState:
         self._refusing = False
         self.deregistered = False  # ... and the kernel confirmed it
         self.dropped: Dropped | None = None  # the kernel's notice, once it stopped serving us
+        # what async ServiceLs are still serving (run by `spawn`: ipcfw.server.coroutines)
+        self.coroutines = Coroutines(spawn)
         self.direct = (DirectRules(self, direct, max_frame=max_frame, name=stack.server.name)
                        if direct is not None else None)
         self._handlers: dict[type, Callable[[Any], Outcome | None]] = {
@@ -217,6 +222,7 @@ class ServerState:
         registration from now on, is never sent) and loses its subsessions. Returns how many
         sessions ended."""
         self.ended = True
+        self.coroutines.end()
         if self.direct is not None:
             self.direct.end()
         sessions, self.sessions = self.sessions, {}
@@ -261,6 +267,7 @@ class ServerState:
             "sessions": len(self.sessions),
             "in_service": sum(len(held) for held in self._in_service.values()),
             "refused": len(self._refused),
+            "coroutines": len(self.coroutines),
         }
 
     def __repr__(self) -> str:
@@ -291,7 +298,9 @@ class ServerState:
             return
         held[key] = message
         try:
-            session.ServiceL(message)
+            served = session.ServiceL(message)
+            if served is not None and inspect.isawaitable(served):
+                self.coroutines.start(session, message, served)  # an async ServiceL
         except Exception as exc:
             service_failed(session, message, exc)
 
@@ -363,6 +372,7 @@ class ServerState:
         if session is None:
             message.Complete(errors.KErrNone)
             return
+        self.coroutines.session_ended(session)
         try:
             session.Disconnect(message)
         except Exception:
@@ -376,6 +386,7 @@ class ServerState:
         message = self._in_service.get(request.handle, {}).get(request.msg_id)
         if message is None or not cancel_by_client(message):
             return  # completed already: the kernel dropped our completion, or will
+        self.coroutines.cancel(message)
         try:
             message.Session().Cancelled(message)
         except Exception:

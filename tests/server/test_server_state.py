@@ -175,7 +175,9 @@ def test_a_connect_opens_a_session_and_answers_the_negotiation(harness, server):
     reply = harness.connect(payload=b"there")
     assert reply == Negotiated(reply.msg_id, errors.KErrNone, b"hi there")
     assert server.events == [("create", "Recorder")]
-    assert harness.state.statistics() == {"sessions": 1, "in_service": 0, "refused": 0}
+    assert harness.state.statistics() == {
+        "sessions": 1, "in_service": 0, "refused": 0, "coroutines": 0
+    }
 
 
 def test_a_version_not_served_refuses_the_connect(harness, server):
@@ -457,7 +459,9 @@ def test_disconnect_ends_the_session_and_closes_its_subsessions(server):
     harness.state.receive(Disconnect(disconnect_id, HANDLE))
     assert harness.take() == [Complete(disconnect_id, errors.KErrNone, ())]
     assert server.events[-1] == ("disconnect", "Recorder") and closed == ["closed"]
-    assert harness.state.statistics() == {"sessions": 0, "in_service": 0, "refused": 0}
+    assert harness.state.statistics() == {
+        "sessions": 0, "in_service": 0, "refused": 0, "coroutines": 0
+    }
     harness.state.receive(Cancelled(held, HANDLE))  # the kernel answered it: nothing to find
     assert server.events[-1] == ("disconnect", "Recorder")
 
@@ -528,7 +532,9 @@ def test_ending_closes_the_subsessions_of_every_session(server):
     harness.deliver(10, (0, 0, 0, (b"", 4)), HANDLE + 1)
     assert harness.state.end() == 2
     assert closed == ["closed", "closed"]
-    assert harness.state.statistics() == {"sessions": 0, "in_service": 0, "refused": 0}
+    assert harness.state.statistics() == {
+        "sessions": 0, "in_service": 0, "refused": 0, "coroutines": 0
+    }
 
 
 # -- termination and deregistration ---------------------------------------------------------

@@ -118,7 +118,8 @@ handshake too), ``measure`` (the interleaved runs and the one percentile formula
 ``phases`` (the second part, one module per step: ``fleet``, whose client processes are
 ``python -m ipcfw.tools.bench.fleet``, ``descriptors``, ``crowd``, ``memory``, ``churn``;
 ``progress`` on a terminal), ``targets`` (the targets and their verdicts), ``report`` (the
-tables and JSON) and ``driver`` (options, the run, the exit status).
+tables and JSON), ``plot`` (``--plot``: the same record drawn, with matplotlib) and ``driver``
+(options, the run, the exit status).
 """
 
 from __future__ import annotations

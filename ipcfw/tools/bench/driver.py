@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -29,6 +30,7 @@ from .descriptors import BUDGET_MIB
 from .fleet import DEFAULT_PROCESSES
 from .memory import DEFAULT_CONNECTIONS
 from .phases import Extras, direct_context, run_phases
+from .plot import PlotUnavailable, load as load_record, plot, require as require_plot
 from .progress import Progress
 from .report import (
     environment, format_churn, format_connections, format_cpu, format_crowd,
@@ -88,12 +90,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, metavar="R",
                    help="run the interleaved set R times, report each system's best run")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--plot", metavar="FILE",
+                   help="also draw the comparison into FILE (.svg, .png or .pdf; needs the "
+                        "[plot] extra: matplotlib)")
+    p.add_argument("--from-json", metavar="PATH",
+                   help="with --plot: draw the record an earlier --json wrote, measure nothing")
     p.add_argument("--strict", action="store_true", help="exit 2 when ipcfw misses a target")
     p.add_argument("--no-ipcfw", action="store_true", help="measure the bare systems only")
     argv = list(argv)
     if argv[:1] == ["--"]:  # `ipcfw bench -- --quick`: the CLI may pass the separator through
         argv = argv[1:]
     args = p.parse_args(argv)
+    if args.from_json and not args.plot:
+        p.error("--from-json draws an earlier run: give --plot FILE too")
+    if args.plot:
+        try:
+            require_plot(args.plot)  # now, not after minutes of measuring
+        except PlotUnavailable as exc:
+            p.error(str(exc))
     quick = (QUICK_SYNC, QUICK_PIPELINED) if args.quick else (DEFAULT_SYNC, DEFAULT_PIPELINED)
     args.sync = args.sync if args.sync is not None else quick[0]
     args.pipelined = args.pipelined if args.pipelined is not None else quick[1]
@@ -314,31 +328,53 @@ def _report(args: argparse.Namespace, outcome: Outcome) -> int:
     targets = targets_of(args, outcome)
     refs = references(outcome.results)
     print(format_targets(targets, refs))
+    record = _record(args, outcome, env, targets, refs)
     if args.json:
-        write_json(args.json, {
-            "environment": env,
-            "config": _config(args),
-            "results": {n: asdict(r) for n, r in outcome.results.items()},
-            "runs": {n: [asdict(r) for r in rs] for n, rs in outcome.runs.items()},
-            "shared": None if outcome.shared is None else {
-                **asdict(outcome.shared), "system": SHARED_SYSTEM,
-                "vs_single": outcome.shared.vs_single,
-                "runs": [asdict(r) for r in outcome.shared_runs]},
-            **_extras_json(outcome.extras),
-            "not_measured": {**outcome.failed, **outcome.extras.failed},
-            "notes": outcome.notes,
-            "targets": {t.name: t.record() for t in targets},
-            "references": refs,
-        })
+        write_json(args.json, record)
+    if args.plot:
+        plot(record, args.plot)
+        print(f"plot: {args.plot}")
     ipcfw_failed = {"ipcfw", DIRECT, SHARED_SYSTEM} & set(outcome.failed)
     if (ipcfw_failed or outcome.extras.failed) and not args.no_ipcfw:
         return 1
     return 2 if args.strict and any(t.passed is False for t in targets) else 0
 
 
+def _record(args: argparse.Namespace, outcome: Outcome, env: dict[str, Any],
+            targets: list[Target], refs: dict[str, float | None]) -> dict[str, Any]:
+    """The run as one record: what --json writes and --plot draws."""
+    return {
+        "environment": env,
+        "config": _config(args),
+        "results": {n: asdict(r) for n, r in outcome.results.items()},
+        "runs": {n: [asdict(r) for r in rs] for n, rs in outcome.runs.items()},
+        "shared": None if outcome.shared is None else {
+            **asdict(outcome.shared), "system": SHARED_SYSTEM,
+            "vs_single": outcome.shared.vs_single,
+            "runs": [asdict(r) for r in outcome.shared_runs]},
+        **_extras_json(outcome.extras),
+        "not_measured": {**outcome.failed, **outcome.extras.failed},
+        "notes": outcome.notes,
+        "targets": {t.name: t.record() for t in targets},
+        "references": refs,
+    }
+
+
+def _replot(source: str, target: str) -> int:
+    try:
+        plot(load_record(source), target)
+    except PlotUnavailable as exc:
+        print(f"ipcfw bench: {exc}", file=sys.stderr)
+        return 2
+    print(f"plot: {target}")
+    return 0
+
+
 def main(argv: Sequence[str]) -> int:
     """Entry point of ``ipcfw bench``; returns the process exit status."""
     args = parse_args(argv)
+    if args.from_json:
+        return _replot(args.from_json, args.plot)
     saved_kernel = os.environ.get("IPCFW_KERNEL")
     client_log = logging.getLogger(IPCFW_CLIENT_LOGGER)
     saved_log_level = client_log.level
