@@ -53,7 +53,12 @@ def test_the_clients_cancel_cancels_the_coroutine(sleeper):
                    timeout=TIMEOUT, what="the coroutine to be cancelled")
 
         async def timed_out() -> None:
-            await asyncio.wait_for(proxy.wait_forever.call_async(), 0.5)
+            awaiting = asyncio.ensure_future(
+                asyncio.wait_for(proxy.wait_forever.call_async(), 2.0))
+            deadline = time.monotonic() + TIMEOUT
+            while proxy.waiting() == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # (the coroutine starts well before the timeout)
+            await awaiting
 
         with pytest.raises(asyncio.TimeoutError):
             asyncio.run(timed_out())
