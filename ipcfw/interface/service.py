@@ -12,6 +12,7 @@ any of these points, completes the message as a raising ``ServiceL`` does (``Ser
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import threading
@@ -30,6 +31,10 @@ log = logging.getLogger("ipcfw.server")
 
 I = TypeVar("I", bound=Interface)  # noqa: E741
 T = TypeVar("T")
+
+# The request the running method serves: set around a plain method's call, and inside an async
+# method's coroutine (its task's context), so each sees its own.
+_serving: contextvars.ContextVar[RMessage] = contextvars.ContextVar("ipcfw_interface_message")
 
 
 class InterfaceSession(CSession, Generic[I]):
@@ -75,7 +80,11 @@ class InterfaceSession(CSession, Generic[I]):
         ``async def`` method, return the coroutine that does, which the host runs)."""
         spec = self.interface.operation(message.Function())
         call = spec.arguments(message)
-        result = getattr(self, spec.name)(*call.values)
+        token = _serving.set(message)
+        try:
+            result = getattr(self, spec.name)(*call.values)
+        finally:
+            _serving.reset(token)
         if isinstance(result, Deferred):
             result.attach(message, spec, call)
             return None
@@ -84,17 +93,28 @@ class InterfaceSession(CSession, Generic[I]):
         spec.complete(message, call, result)
         return None
 
+    def Message(self) -> RMessage:
+        """The request the calling method serves, as an ``RMessage``: its ``Client()`` (who is
+        calling), ``SecureId()``, ``Panic()``. Only from inside an operation's method (plain or
+        ``async def``, not from a thread it started); RuntimeError elsewhere."""
+        try:
+            return _serving.get()
+        except LookupError:
+            raise RuntimeError("Message() is only available inside an operation's method, while "
+                               "it serves a request") from None
+
 
 async def _complete_when_done(message: RMessage, spec: OperationSpec, call: Call,
                               result: Awaitable[Any]) -> None:
+    _serving.set(message)  # (in this coroutine's task: the method's coroutine runs in it)
     spec.complete(message, call, await result)
 
 
 def _check_methods(cls: type[InterfaceSession[Any]]) -> None:
     problems = []
     for name, spec in cls.interface.named.items():
-        if hasattr(CSession, name):
-            problems.append(f"operation {name!r} would replace CSession.{name}")
+        if hasattr(InterfaceSession, name):
+            problems.append(f"operation {name!r} would replace InterfaceSession.{name}")
             continue
         method = getattr(cls, name, None)
         if not callable(method):

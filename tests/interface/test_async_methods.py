@@ -6,6 +6,7 @@ an awaiting task timing out) cancels the coroutine."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -32,6 +33,7 @@ def test_async_methods_answer_with_what_they_return(sleeper):
         with pytest.raises(NotFound):
             proxy.fail(KErrNotFound)
         assert proxy.cancellations() == 0
+        assert proxy.caller_pid() == os.getpid()  # self.Message() in an async method
 
 
 def test_one_session_awaiting_does_not_stop_the_others(sleeper):

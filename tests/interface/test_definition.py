@@ -483,3 +483,41 @@ def test_async_methods_return_an_awaitable_that_completes_the_message() -> None:
     assert recorder.completions == []
     asyncio.run(awaitable)
     assert recorder.completions == [Complete(1, 9, ())]
+
+
+def test_a_method_sees_the_request_it_serves() -> None:
+    import asyncio
+
+    seen: list[RMessage] = []
+
+    class Watching(InterfaceSession[Later]):
+        def wait(self, payload: bytearray | None) -> int:
+            seen.append(self.Message())
+            return 1
+
+        async def text(self) -> str:
+            await asyncio.sleep(0)
+            seen.append(self.Message())
+            return "x"
+
+    session = Watching()
+    plain, _ = message(1)
+    session.ServiceL(plain)
+    awaited, _ = message(2, bytearray(8))
+    awaitable = session.ServiceL(awaited)
+    assert awaitable is not None
+    asyncio.run(awaitable)  # type: ignore[arg-type]
+    assert seen == [plain, awaited]
+    with pytest.raises(RuntimeError, match="only available inside an operation's method"):
+        session.Message()
+
+
+def test_an_operation_may_not_replace_the_sessions_own_methods() -> None:
+    class Clashing(Interface, name="clash"):
+        @operation(1)
+        def Message(self) -> None: ...
+
+    with pytest.raises(TypeError, match="operation 'Message' would replace "
+                                        "InterfaceSession.Message"):
+        class ClashSession(InterfaceSession[Clashing]):
+            pass

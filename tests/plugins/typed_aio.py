@@ -27,6 +27,9 @@ class Sleeper(Interface, name="sleeper", version=(1, 0, 0)):
     @operation(6)
     def waiting(self) -> int: ...
 
+    @operation(7)
+    def caller_pid(self) -> int: ...
+
 
 class SleeperSession(InterfaceSession[Sleeper]):
     async def sleep_then(self, delay_ms: int, value: int) -> int:
@@ -57,6 +60,10 @@ class SleeperSession(InterfaceSession[Sleeper]):
 
     def waiting(self) -> int:
         return int(self.Server().waiting)
+
+    async def caller_pid(self) -> int:
+        await asyncio.sleep(0)
+        return self.Message().Client().pid
 
 
 class SleeperServer(CServer):
