@@ -193,3 +193,30 @@ def test_deferred_results_and_bytearray_parameters_through_the_notifier(notifier
         with pytest.raises(BadArgument):
             publisher.publish(-1)
         assert publisher.waiter_count() == 0
+
+
+# A client that holds a wait and never returns: killed with SIGKILL by the test.
+_HOLDER = """
+import time
+from servers.notifier import Notifier
+notifier = Notifier.connect()
+notifier.wait_for_event.send(bytearray(16))
+print("waiting", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_clients_deferred_wait_is_released_and_the_server_goes_on(notifier):
+    holder = notifier.spawn_client(["-c", _HOLDER], label="holder")
+    with Notifier.connect() as observer:
+        wait_until(lambda: observer.waiter_count() == 1, timeout=TIMEOUT,
+                   what="the holder's wait to be held")
+        holder.kill()  # SIGKILL: Disconnect fails its Deferred
+        wait_until(lambda: observer.waiter_count() == 0, timeout=TIMEOUT,
+                   what="the killed client's wait to be released")
+        waiting = observer.wait_for_event.send()
+        wait_until(lambda: observer.waiter_count() == 1, timeout=TIMEOUT, what="a new wait")
+        assert observer.publish(3) == 1
+        assert waiting.result(TIMEOUT) == 3
+    wait_until(lambda: notifier.statistics()["sessions"] == 0, timeout=TIMEOUT,
+               what="every session to end")
