@@ -13,6 +13,7 @@ from .client import (
     User,
     kernel_statistics,
     terminate_server,
+    wait_for_server,
 )
 from .errors import *  # noqa: F401,F403  (the codes and exception classes: errors.__all__)
 from .errors import __all__ as _error_names
@@ -49,6 +50,7 @@ __all__ = [
     "User",
     "kernel_statistics",
     "terminate_server",
+    "wait_for_server",
     "TerminationReason",
     "CServer",
     "COverlay",

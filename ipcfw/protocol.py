@@ -96,6 +96,7 @@ __all__ = [
     "Join",
     "Admit",
     "ListSessions",
+    "AwaitServer",
     "SessionList",
     "SessionRow",
     "Census",
@@ -158,10 +159,10 @@ __all__ = [
     "MappedCompleted",
 ]
 
-PROTOCOL_VERSION = 11  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
+PROTOCOL_VERSION = 12  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
 #                        6: terminate; 7: PeerGone; 8: Dropped; 9: the direct path;
 #                        10: every thread direct (Join, Admit), the session list (ListSessions);
-#                        11: shared memory on the direct path
+#                        11: shared memory on the direct path; 12: AwaitServer
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -236,6 +237,8 @@ class Kind(enum.IntEnum):
     JOIN = 18
     # any peer -> kernel: the session list
     LIST_SESSIONS = 19
+    # channel -> kernel: answer when a server name is registered
+    AWAIT_SERVER = 51
     # kernel -> client
     WELCOME = 20
     CONNECTED = 21
@@ -673,6 +676,17 @@ class ListSessions(NamedTuple):
     after: int
 
 
+class AwaitServer(NamedTuple):
+    """Channel -> kernel: answer Completed(req_id, KErrNone) once a server is registered as
+    `name` (at once if one is, and its registration is not ending). KErrBadName for an invalid
+    name; KErrOverflow if the channel has as many waiting as the kernel allows one channel
+    (``ipcfw.kernel.state.MAX_AWAITS``). A `Cancel(req_id)` ends the wait: Completed(req_id,
+    KErrCancel). The wait also ends with its channel."""
+
+    req_id: int
+    name: str
+
+
 class SessionList(NamedTuple):
     """Kernel -> peer: a page of the session list. `rows` is `pack_session_rows` of at most
     `SESSIONS_PAGE` `SessionRow`s; `next` is the `after` of the next page, 0 after the last."""
@@ -882,7 +896,7 @@ Message = (
     NewSession | Deliver | Disconnect | PeerInfo | PeerGone | Dropped | Cancel | Cancelled |
     Terminate | Deregister | Terminating | Attach | SessionPanicked | Join | Admit |
     ListSessions | SessionList | Census | CensusReply | SharedMemory | MappedRequest |
-    MappedCompleted
+    MappedCompleted | AwaitServer
 )
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
@@ -938,6 +952,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     SessionList: (
         Kind.SESSION_LIST, (_u63, _int_in(0, I32_MAX, "a handle or 0"), _bytes_upto(MAX_FRAME))
     ),
+    AwaitServer: (Kind.AWAIT_SERVER, (_u63, _str_upto(MAX_NAME))),
     Census: (Kind.CENSUS, (_u63,)),
     CensusReply: (Kind.CENSUS_REPLY, (_u63, _bytes_upto(MAX_FRAME))),
     SharedMemory: (Kind.SHARED_MEMORY, ()),

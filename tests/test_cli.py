@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 import ipcfw
+import ipcfw.testing
 from conftest import PYTHONPATH, REPO, ManagedProcess, wait_until
 
 pytestmark = pytest.mark.process  # every test here runs the ipcfw command
@@ -117,17 +120,6 @@ def test_serve_finds_a_plugin_in_the_current_directory(kernel, tmp_path):
         subprocess.run(["rm", "-rf", str(plugin_dir)], check=False)
 
 
-@pytest.mark.parametrize("plugin, message", [
-    ("no_such_module:X", "cannot load plugin"),
-    ("servers.echo:Missing", "has no 'Missing'"),
-    ("servers.echo", "package.module:ServerClass"),
-])
-def test_serve_reports_a_bad_plugin_clearly(kernel, plugin, message):
-    result = kernel.client(["-m", "ipcfw", "serve", plugin])
-    assert result.returncode == 2
-    assert message in result.stderr
-
-
 def test_ps_shows_the_kernel_counters(kernel):
     kernel.serve("servers.echo:EchoServer", "echo")
     result = kernel.client(["-m", "ipcfw", "ps"])
@@ -224,3 +216,191 @@ def test_bench_runs_every_system_end_to_end(tmp_path):
         "mp-pipe": (0, 2), "ipcfw-direct": (0, 2),
     }.items():
         assert all(float(cpu[name][i]) > 0 for i in roles), cpu_table
+
+
+# -- start-up that cannot race, and the CLI's polish (issue 12, items 4 and 6) -------------------
+
+
+def ipcfw_run(*args: str, env: dict | None = None, cwd: Path | str = REPO, timeout: float = 60,
+              ) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, PYTHONPATH=PYTHONPATH, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "ipcfw", *args], capture_output=True, text=True,
+                          timeout=timeout, env=environment, cwd=str(cwd))
+
+
+@pytest.fixture
+def unstarted():
+    """A kernel's private endpoint with no kernel yet (the test may start it); stopped for sure."""
+    stack = ipcfw.testing.Stack(env={"PYTHONPATH": PYTHONPATH}, cwd=str(REPO))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def test_version_comes_from_one_place():
+    import importlib.metadata
+
+    result = ipcfw_run("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"ipcfw {ipcfw.__version__}"
+    assert importlib.metadata.version("ipcfw") == ipcfw.__version__  # (pyproject reads it)
+
+
+def test_log_level_is_accepted_before_or_after_the_command(kernel):
+    for args in (["--log-level", "warning", "ps"], ["ps", "--log-level", "warning"],
+                 ["--log-level", "debug", "ps", "--log-level", "error"]):
+        result = ipcfw_run(*args)
+        assert result.returncode == 0, (args, result.stderr)
+        assert "servers" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--log-level", "verbose", "ps"], ["ps", "--log-level", "loud"],
+                                  ["kernel", "--log-level", "WARNING"]])
+def test_an_unknown_log_level_is_refused_with_the_choices(args):
+    result = ipcfw_run(*args)
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr and "debug" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+PLUGIN_MODULES = {
+    "raises_at_import.py": "raise RuntimeError('the plugin\\nbroke')\n",
+    "not_servers.py": "class Thing:\n    pass\nvalue = 3\n",
+    "bad_init.py": (
+        "from ipcfw import CServer\n"
+        "class Server(CServer):\n"
+        "    name = 'badinit'\n"
+        "    def __init__(self):\n"
+        "        raise ValueError('no config file')\n"
+    ),
+}
+
+
+@pytest.fixture
+def plugin_dir(tmp_path):
+    for name, text in PLUGIN_MODULES.items():
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["raises_at_import:S"], "cannot load plugin 'raises_at_import:S': RuntimeError: the plugin "
+                             "broke"),
+    (["no_such_module:X"], "cannot load plugin 'no_such_module:X': ModuleNotFoundError: No "
+                           "module named 'no_such_module'"),
+    (["not_servers:Thing"], "cannot load plugin 'not_servers:Thing': Thing is not a subclass of "
+                            "ipcfw.CServer"),
+    (["not_servers:value"], "cannot load plugin 'not_servers:value': it is a int, not a class"),
+    (["not_servers:Missing"], "cannot load plugin 'not_servers:Missing': module 'not_servers' "
+                              "has no 'Missing'"),
+    (["not_servers"], "plugin 'not_servers' must look like package.module:ServerClass"),
+    (["bad_init:Server"], "cannot start plugin 'bad_init:Server': ValueError: no config file"),
+    (["servers.echo:EchoServer", "--overlay", "servers.echo:EchoServer"],
+     "cannot load overlay 'servers.echo:EchoServer': EchoServer is not a subclass of "
+     "ipcfw.COverlay"),
+])
+def test_a_bad_plugin_gets_one_line_naming_it_and_the_reason(unstarted, plugin_dir, args,
+                                                             message):
+    result = ipcfw_run("serve", *args, "--endpoint", unstarted.endpoint, cwd=plugin_dir)
+    assert result.returncode == 2
+    assert result.stderr == f"ipcfw: {message}\n"  # one line: no traceback, no "overlays []"
+
+
+def test_a_bad_plugin_shows_its_traceback_at_debug_level(unstarted, plugin_dir):
+    result = ipcfw_run("serve", "raises_at_import:S", "--log-level", "debug",
+                       "--endpoint", unstarted.endpoint, cwd=plugin_dir)
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "RuntimeError: the plugin" in result.stderr
+    assert result.stderr.endswith("ipcfw: cannot load plugin 'raises_at_import:S': "
+                                  "RuntimeError: the plugin broke\n")
+
+
+def test_serve_without_a_kernel_says_at_once_what_to_do(unstarted):
+    started = time.monotonic()
+    result = ipcfw_run("serve", "servers.echo:EchoServer", "--endpoint", unstarted.endpoint)
+    assert time.monotonic() - started < 4  # not the 5 s of an unanswered registration
+    assert result.returncode == 1
+    assert f"no ipcfw kernel at {unstarted.endpoint}:" in result.stderr
+    for hint in ("`ipcfw kernel`", "IPCFW_KERNEL", "--wait-kernel"):
+        assert hint in result.stderr, hint
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_wait_kernel_times_out_saying_how_long(unstarted):
+    result = ipcfw_run("serve", "servers.echo:EchoServer", "--wait-kernel", "0.3",
+                       "--endpoint", unstarted.endpoint)
+    assert result.returncode == 1
+    assert f"no ipcfw kernel at {unstarted.endpoint} after waiting 0.3 s" in result.stderr
+
+
+def test_serve_wait_kernel_registers_once_the_kernel_starts(unstarted):
+    server = unstarted.serve("servers.echo:EchoServer", "--wait-kernel", "30", wait=False)
+    wait_until(lambda: "waits for a kernel" in server.log() or not server.alive(),
+               what="the server to wait")
+    assert server.alive(), server.log()
+    unstarted.start()
+    unstarted.wait_ready(server)
+    with ipcfw.RSession.connect("echo", endpoint=unstarted.endpoint) as session:
+        assert session.SendReceive(1, (7,)) == 7
+
+
+def test_wait_exits_0_once_the_name_is_registered(unstarted):
+    waiter = unstarted.spawn(unstarted.ipcfw_argv("wait", "echo", "--timeout", "30"), "wait")
+    unstarted.start()
+    assert waiter.alive()  # the kernel is up, the server not yet
+    unstarted.serve("servers.echo:EchoServer")
+    wait_until(lambda: not waiter.alive(), timeout=20, what="ipcfw wait to exit")
+    assert waiter.returncode == 0, waiter.log()
+
+
+def test_wait_times_out_with_a_message(unstarted):
+    result = ipcfw_run("wait", "echo", "--timeout", "0.2", "--endpoint", unstarted.endpoint)
+    assert result.returncode == 1
+    assert "no ipcfw kernel at" in result.stderr and "after waiting 0.2 s" in result.stderr
+    unstarted.start()
+    result = ipcfw_run("wait", "echo", "--timeout", "0.2", "--endpoint", unstarted.endpoint)
+    assert result.returncode == 1
+    assert "no server 'echo' registered" in result.stderr
+    for bad in ("-1", "soon"):
+        result = ipcfw_run("wait", "echo", "--timeout", bad)
+        assert result.returncode == 2 and "expected a number of seconds" in result.stderr
+
+
+@pytest.mark.parametrize("level, traced", [("debug", True), ("info", False)])
+@pytest.mark.parametrize("path", ["kernel", "direct"])
+def test_debug_logs_each_connect_request_and_completion(path, level, traced):
+    with ipcfw.testing.Stack(env={"PYTHONPATH": PYTHONPATH}, cwd=str(REPO),
+                             log_level=level) as stack:
+        server = stack.serve("servers.echo:EchoServer")
+        with ipcfw.RSession.connect("echo", endpoint=stack.endpoint, path=path) as session:
+            assert session.SendReceive(1, (4242,)) == 4242
+        assert stack.kernel is not None
+        kernel_log, server_log = stack.kernel.log(), server.log()
+    kernel_lines = [re.compile(r"from pid \d+ channel: Connect\(req_id=\d+, name='echo'"),
+                    re.compile(r"to pid \d+ channel: Connected\(")]
+    if path == "kernel":
+        kernel_lines += [re.compile(r"from pid \d+ channel: Request\(.*args=\(4242,\)"),
+                         re.compile(r"to pid \d+ server: Deliver\(.*args=\(4242,\)"),
+                         re.compile(r"from pid \d+ server: Complete\(msg_id=\d+, value=4242"),
+                         re.compile(r"to pid \d+ channel: Completed\(req_id=\d+, value=4242")]
+    server_lines = [re.compile(r"server 'echo': connect of session 0x[0-9a-f]+ .*from pid \d+"),
+                    re.compile(rf"server 'echo': <RMessage \d+ request function=1 pending> "
+                               rf"from pid \d+ \({path} path\)"),
+                    re.compile(r"server 'echo': <RMessage \d+ request function=1 completed> "
+                               r"answered: Complete\w*\(\w+=\d+, value=4242")]
+    for pattern in kernel_lines:
+        assert bool(pattern.search(kernel_log)) is traced, (pattern, kernel_log)
+    for pattern in server_lines:
+        assert bool(pattern.search(server_log)) is traced, (pattern, server_log)
+
+
+def test_serve_waiting_for_a_kernel_stops_at_once_on_sigterm(unstarted):
+    server = unstarted.serve("servers.echo:EchoServer", "--wait-kernel", "60", wait=False)
+    wait_until(lambda: "waits for a kernel" in server.log() or not server.alive(),
+               what="the server to wait")
+    started = time.monotonic()
+    server.kill(signal.SIGTERM)
+    wait_until(lambda: not server.alive(), timeout=5, what="the server to exit")
+    assert time.monotonic() - started < 2
+    assert server.returncode == 0, server.log()

@@ -165,6 +165,9 @@ ROUND_TRIP: list = [
         [SessionRow(7, "echo", 1, "OPEN", 2, ((4242, 3), (4243, 0)))])),
     Census(1),
     CensusReply(1, b""),
+    # waiting for a server name (protocol 12)
+    protocol.AwaitServer(1, "echo"),
+    protocol.AwaitServer(U63_MAX, "n" * MAX_NAME),
     CensusReply(U63_MAX, pack_census({1: 2, I32_MAX: 2**32 - 1})),
     # shared memory on a direct connection
     protocol.SharedMemory(),
@@ -214,7 +217,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 40
+    assert len(MESSAGE_CLASSES) == 41
 
 
 def test_every_kind_has_exactly_one_class() -> None:
@@ -498,6 +501,9 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("name 257 chars", pack(R, 1, "n" * (MAX_NAME + 1), 0, V),
      r"Register\.name: expected a string of at most 256"),
     ("connect name 257 chars", pack(C, 1, "n" * (MAX_NAME + 1), V, 0, b""), r"Connect\.name"),
+    ("await name 257 chars", pack(Kind.AWAIT_SERVER, 1, "n" * (MAX_NAME + 1)),
+     r"AwaitServer\.name"),
+    ("await name bytes", pack(Kind.AWAIT_SERVER, 1, b"echo"), r"AwaitServer\.name"),
     ("payload over the limit", pack(C, 1, "n", V, 0, b"p" * (MAX_PAYLOAD + 1)),
      rf"Connect\.payload: expected bytes of at most {MAX_PAYLOAD}"),
     ("connected payload over the limit", pack(Kind.CONNECTED, 1, 0, 1, b"p" * (MAX_PAYLOAD + 1)),

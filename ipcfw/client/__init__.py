@@ -7,8 +7,9 @@ from .args import TIpcArgs
 from .session import RSession, kernel_sessions, kernel_statistics, terminate_server
 from .status import TRequestStatus, User
 from .subsession import RSubSession
+from .waiting import wait_for_server
 
 __all__ = [
     "RSession", "RSubSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics",
-    "kernel_sessions", "terminate_server",
+    "kernel_sessions", "terminate_server", "wait_for_server",
 ]

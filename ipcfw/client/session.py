@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import threading
+import time
 import types
 import warnings
 from typing import Any, cast, overload
@@ -65,6 +66,7 @@ from . import shm
 from .runtime import AnyChannel, DirectChannel, Runtime
 from .state import UNDECIDED, Pending, SessionLife
 from .status import TRequestStatus, abandon_request, begin_request, complete_request
+from .waiting import wait_for_server
 
 log = logging.getLogger("ipcfw.client")
 
@@ -142,8 +144,14 @@ class RSession:
         timeout: float | None = None,
         payload: bytes = b"",
         path: str | None = None,
+        wait: float | None = None,
     ) -> RSession:
         """Create and return a connected session (see `CreateSession`).
+
+        With `wait` (seconds), first wait for the kernel and for a server registered as `name`
+        (see `CreateSession`), so that a client started beside them cannot race them::
+
+            with RSession.connect("echo", wait=10) as session: ...
 
         Called on an ``RSession`` (``session.connect(name)``) it connects that one and returns
         it, raising as `CreateSession` does if it is connected or connecting.
@@ -151,7 +159,7 @@ class RSession:
         session = _session_of(target)
         session.CreateSession(
             name, version, message_slots, endpoint=endpoint, timeout=timeout, payload=payload,
-            path=path,
+            path=path, wait=wait,
         )
         return session
 
@@ -166,6 +174,7 @@ class RSession:
         payload: bytes = b"",
         first_request: tuple[int, Args] | None = None,
         path: str | None = None,
+        wait: float | None = None,
     ) -> int | None:
         """Connect to the server registered as `name` (case-insensitive).
 
@@ -187,6 +196,14 @@ class RSession:
         Close, deaths, errors) is the same on both paths. Without `path`, the ``IPCFW_PATH``
         environment variable (``kernel`` or ``direct``) chooses, if set.
 
+        `wait` (seconds; None, the default, does not wait) waits first for a kernel to answer
+        at the endpoint and for a server to register `name` (the kernel says when: see
+        `ipcfw.wait_for_server`), then connects; if that server goes before the connect
+        reaches it, or the kernel dies, it waits again, within the same `wait`. It then raises
+        ``CouldNotConnect`` ("no ipcfw kernel at ADDRESS after waiting S s") or ``NotFound``
+        ("no server NAME registered ... after waiting S s"). `timeout` still bounds the
+        connect's own answer.
+
         Raises ``NotFound`` if no server has that name, ``BadName`` for an invalid name,
         ``BadArgument`` for a bad slot count or a payload over 256 bytes, and whatever the
         server's ``AcceptL``, ``NewSessionL`` or ``CreateL`` raised (``NotSupported`` for a
@@ -196,12 +213,29 @@ class RSession:
         ``IPCFW_PATH``) other than ``"kernel"`` or ``"direct"``.
         """
         wire_path = _wire_path(path)
+        if wait is not None and (type(wait) not in (int, float) or not wait >= 0):
+            raise ValueError(f"wait must be a number of seconds >= 0, got {wait!r}")
         self._life.begin(threading.current_thread())
         try:
-            return self._create_session(
-                name, version, message_slots, endpoint, timeout, payload, first_request,
-                wire_path,
-            )
+            if wait is None:
+                return self._create_session(
+                    name, version, message_slots, endpoint, timeout, payload, first_request,
+                    wire_path,
+                )
+            deadline = time.monotonic() + wait
+            while True:
+                wait_for_server(name, max(0.0, deadline - time.monotonic()), endpoint)
+                try:
+                    return self._create_session(
+                        name, version, message_slots, endpoint, timeout, payload,
+                        first_request, wire_path,
+                    )
+                except (errors.NotFound, errors.CouldNotConnect, errors.ServerTerminated):
+                    # The server went (or the kernel died) between the wait and the connect:
+                    # wait again for what is left of `wait` (not once connected: a first
+                    # request's error is the caller's).
+                    if self._life.handle or time.monotonic() >= deadline:
+                        raise
         finally:
             self._life.end()
 

@@ -210,13 +210,15 @@ class Interface:
 
     @classmethod
     def connect(cls: type[I], message_slots: int = -1, *, endpoint: str | None = None,
-                timeout: float | None = None, path: str | None = None) -> I:
+                timeout: float | None = None, path: str | None = None,
+                wait: float | None = None) -> I:
         """Connect to the server of this interface's name, asking for its version, and return
-        a proxy; raises as ``RSession.connect`` does (``NotFound``, ``NotSupported`` for a
-        server too old, ...)."""
+        a proxy; the options and errors are ``RSession.connect``'s (``NotFound``,
+        ``NotSupported`` for a server too old; with `wait`, first wait that many seconds for
+        the kernel and the server)."""
         spec = cls.interface
         session = RSession.connect(spec.name, spec.version, message_slots, endpoint=endpoint,
-                                   timeout=timeout, path=path)
+                                   timeout=timeout, path=path, wait=wait)
         return cls(session)
 
     def Close(self) -> None:

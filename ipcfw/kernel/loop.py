@@ -34,6 +34,7 @@ import fcntl
 import logging
 import os
 import re
+import reprlib
 import stat
 import threading
 from typing import cast
@@ -63,6 +64,8 @@ log = logging.getLogger("ipcfw.kernel")
 _DIRECT_SOCKET = re.compile(r"d-[0-9a-f]+")  # a server's direct socket (ipcfw.server.port)
 _DRAIN_BATCH = 512  # frames per socket per loop turn, so no source can starve another
 _COPY_UPTO = 65_536  # frames up to this size are copied out of zmq to be decoded
+_TRACE_REPR = reprlib.Repr()  # the debug log's messages: long ones cut in the middle
+_TRACE_REPR.maxother = 400
 _SEND_HWM = 10_000  # frames queued in libzmq per peer before the kernel's backlog takes over
 _HOLD_AT = 1_000  # frames in a server's backlog before the state holds its messages back
 _RELEASE = 1_000  # held messages let go at once when the server's backlog has emptied
@@ -149,6 +152,9 @@ class Kernel:
         self._gone: list[bytes] = []
         self._cut: dict[bytes, int] = {}  # peers past the backlog limit -> frames they left unread
         self._dropped: set[bytes] = set()  # peers no longer served, until their socket closes
+        # Whether every message in and out is logged (at DEBUG): read once in run(), so the
+        # hot path pays a bool test per frame when it is not.
+        self._trace = False
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from signal handlers and other threads."""
@@ -163,6 +169,7 @@ class Kernel:
             self._router = self._bind(context)
             self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             log.info("kernel %d listening on %s", os.getpid(), self.endpoint)
+            self._trace = log.isEnabledFor(logging.DEBUG)
             if ready is not None:
                 ready.set()
             self._serve()
@@ -263,6 +270,8 @@ class Kernel:
                     "routing id reuse", f"routing id {rid.hex()} now from {_pid_in(body)}"
                 )
             else:
+                if self._trace:
+                    log.debug("from %s: %s", self._peer_name(rid), _TRACE_REPR.repr(message))
                 actions = self.state.receive(rid, message)
         except PeerMisbehaved as exc:
             self._reporter.report(exc.kind, exc.detail)
@@ -342,6 +351,11 @@ class Kernel:
     # -- actions -----------------------------------------------------------------------------
 
     def _perform(self, actions: list[Action]) -> None:
+        if self._trace:
+            for action in actions:
+                if type(action) is Send:
+                    log.debug("to %s: %s", self._peer_name(action.rid),
+                              _TRACE_REPR.repr(action.message))
         for action in actions:
             if type(action) is Send:
                 self._send(action.rid, encode(action.message))
@@ -354,6 +368,13 @@ class Kernel:
             elif type(action) is RemoveSocket:
                 self._remove_socket(action.path)
         self._settle_departures()
+
+    def _peer_name(self, rid: bytes) -> str:
+        """A peer as the debug log names it: its pid and role."""
+        peer = self.state.peers.get(rid)
+        if peer is None:
+            return f"peer {rid.hex()[:8]}"
+        return f"pid {peer.process.identity.pid} {peer.role.name.lower()}"
 
     def _remove_socket(self, path: str) -> None:
         """Remove a server's direct socket, only if it is one: a socket named like the ones

@@ -64,6 +64,11 @@ Rules this module keeps:
 12. The session list (`ListSessions`, for `ipcfw ps`) is answered from the tables, a page at
    a time; for direct sessions the servers are first asked (`Census`, one at a time per server)
    what is in service on their direct connections. A server's death answers for it.
+13. A channel may wait for a server name (`AwaitServer`, for start-up that cannot race): it is
+   answered Completed(KErrNone) as soon as a server registers the name, at once if one is
+   registered and not terminating. At most `MAX_AWAITS` waits per channel (KErrOverflow for the
+   next): a client that gives up on one cancels it (`Cancel`, answered KErrCancel), and a
+   channel's waits end with it, so the kernel's memory for waits stays bounded by its peers.
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ from ..protocol import (
     Mode,
     Deregister,
     Admit,
+    AwaitServer,
     Census,
     CensusReply,
     Join,
@@ -143,6 +149,8 @@ _COMPLETION_OVERHEAD = 1024
 MAX_ATTACHED = 255
 #: Bytes in a ShareProtected token (128 bits: unguessable).
 TOKEN_BYTES = 16
+#: `AwaitServer` waits one channel may have in the kernel at once (rule 13).
+MAX_AWAITS = 16
 #: Session lists (`ListSessions`) waiting for servers' censuses at once; past it, a list is
 #: answered at once with the counts the servers last reported.
 MAX_LISTINGS = 64
@@ -329,6 +337,7 @@ class Peer:
     process: ProcessRecord
     owned: set[int] = field(default_factory=set)  # unshared handles this channel created
     attached: set[int] = field(default_factory=set)  # handles this channel has used
+    awaits: dict[int, str] = field(default_factory=dict)  # AwaitServer req_id -> name's key
 
 
 @dataclass(eq=False)
@@ -448,6 +457,8 @@ class KernelState:
         self._held_keys = itertools.count(1)
         self.held_back: set[bytes] = set()  # servers whose messages are held back
         self.listings: list[Listing] = []  # session lists waiting for censuses
+        # A server name's lookup key -> the (channel, req_id) waiting for it, in arrival order.
+        self.awaits: dict[str, dict[tuple[bytes, int], None]] = {}
         self.admitted = 0  # tickets granted to threads by Join, ever
         self._client_keys = itertools.count(1)
         self._dispatch: dict[type, Callable[[Peer, Any], list[Action]]] = {
@@ -468,6 +479,7 @@ class KernelState:
             Join: self._join,
             ListSessions: self._list_sessions,
             CensusReply: self._census_reply,
+            AwaitServer: self._await_server,
         }
 
     # -- inputs ------------------------------------------------------------------------------
@@ -536,6 +548,8 @@ class KernelState:
         server = self.server_of_peer.get(rid)
         if server is not None:
             actions += self._server_died(server)
+        if peer.awaits:
+            self._forget_awaits(peer)
         for handle in sorted(peer.attached):
             self._detach(self.sessions[handle], peer)
         for handle in sorted(peer.owned):  # unshared sessions end with their thread
@@ -648,6 +662,7 @@ class KernelState:
             "sessions_direct": sum(s.direct for s in self.sessions.values()),
             "admitted": self.admitted,
             "listings": len(self.listings),
+            "awaits": sum(len(waiting) for waiting in self.awaits.values()),
         }
         for state in SessionState:
             counts[f"sessions_{state.value.lower()}"] = 0
@@ -665,9 +680,60 @@ class KernelState:
         server = ServerRecord(
             message.name, peer.rid, peer.process, message.sharing, message.version, message.direct
         )
-        self.servers[lookup_key(message.name)] = server
+        key = lookup_key(message.name)
+        self.servers[key] = server
         self.server_of_peer[peer.rid] = server
-        return [Send(peer.rid, Completed(message.req_id, errors.KErrNone, ()))]
+        return [Send(peer.rid, Completed(message.req_id, errors.KErrNone, ()))] + (
+            self._answer_awaits(key) if key in self.awaits else []
+        )
+
+    # -- waiting for a server name (rule 13) ---------------------------------------------------
+
+    def _await_server(self, peer: Peer, message: AwaitServer) -> list[Action]:
+        self._require_role(peer, Role.CHANNEL, message)
+        req_id = message.req_id
+        if req_id in peer.awaits:
+            raise PeerMisbehaved(
+                "duplicate await", f"pid {peer.process.identity.pid} reused req_id {req_id}"
+            )
+        code = errors.KErrBadName if name_problem(message.name) else None
+        key = lookup_key(message.name)
+        server = self.servers.get(key)
+        if code is None and server is not None and server.terminating is None:
+            code = errors.KErrNone
+        if code is None and len(peer.awaits) >= MAX_AWAITS:
+            code = errors.KErrOverflow
+        if code is not None:
+            return [Send(peer.rid, Completed(req_id, code, ()))]
+        peer.awaits[req_id] = key
+        self.awaits.setdefault(key, {})[(peer.rid, req_id)] = None
+        return []
+
+    def _answer_awaits(self, key: str) -> list[Action]:
+        """Server name `key` is registered: answer everyone waiting for it."""
+        actions: list[Action] = []
+        for rid, req_id in self.awaits.pop(key):
+            del self.peers[rid].awaits[req_id]
+            actions.append(Send(rid, Completed(req_id, errors.KErrNone, ())))
+        return actions
+
+    def _cancel_await(self, peer: Peer, req_id: int) -> list[Action]:
+        key = peer.awaits.pop(req_id, None)
+        if key is None:
+            return []  # answered already: the Cancel crossed it
+        self._drop_await(key, peer.rid, req_id)
+        return [Send(peer.rid, Completed(req_id, errors.KErrCancel, ()))]
+
+    def _forget_awaits(self, peer: Peer) -> None:
+        for req_id, key in peer.awaits.items():
+            self._drop_await(key, peer.rid, req_id)
+        peer.awaits.clear()
+
+    def _drop_await(self, key: str, rid: bytes, req_id: int) -> None:
+        waiting = self.awaits[key]
+        del waiting[(rid, req_id)]
+        if not waiting:
+            del self.awaits[key]
 
     def _registration_error(self, peer: Peer, message: Register) -> int:
         if peer.rid in self.server_of_peer:
@@ -1325,12 +1391,13 @@ class KernelState:
         """Complete the request with KErrCancel now, free its slot, and tell the server.
 
         A request already completed (or never async) is not found: nothing to do. The
-        server's later Complete finds no message and is dropped.
+        server's later Complete finds no message and is dropped. A Cancel of the channel's
+        `AwaitServer` ends that wait instead (rule 13).
         """
         self._require_role(peer, Role.CHANNEL, message)
         msg_id = self.cancellable.get((peer.rid, message.req_id))
         if msg_id is None:
-            return []
+            return self._cancel_await(peer, message.req_id) if peer.awaits else []
         record = self.messages[msg_id]
         session = record.session
         held = session.server.held

@@ -91,6 +91,7 @@ from ..protocol import (
     Request,
     encode,
 )
+from . import trace
 from .coroutines import Coroutines
 from .message import ClientInfo, DirectMessage, RMessage, cancel_by_client
 from .plugin import CSession
@@ -163,10 +164,14 @@ class DirectConnection:
         self.in_service: dict[int, RMessage] = {}
         self.open = True
         self._io = rules.io
+        self._server = rules._name  # (for the debug log)
+        self._trace = trace.enabled()  # (read once: the hot path tests a bool)
 
     def completed(self, message: RMessage, frame: bytes) -> None:
         """A request of this connection completed (any thread): to the loop, through the host."""
         assert isinstance(message, DirectMessage)
+        if self._trace:
+            trace.completion(self._server, message, frame)
         self._io.post(self, message, frame)
 
     def __repr__(self) -> str:

@@ -35,6 +35,7 @@ from .. import errors
 from .._spin import SPIN, AdaptiveSpin
 from .._wakeup import WakePipe
 from .._zmqflags import NOBLOCK
+from ..kernelprobe import no_kernel_error, wait_for_kernel
 from ..protocol import (
     PROTOCOL_VERSION,
     Completed,
@@ -57,7 +58,6 @@ log = logging.getLogger("ipcfw.server")
 __all__ = ["ServerHost", "serve"]
 
 _REGISTER_TIMEOUT = 5.0
-_KERNEL_RETRY = 0.2  # seconds between looks for a new kernel after the old one died
 _COROUTINES_END = 2.0  # seconds the coroutines of async ServiceLs get to end when the host stops
 
 
@@ -65,7 +65,9 @@ class ServerHost:
     """Hosts one `CServer` in this process: registers it and runs its loop.
 
     ``run()`` blocks until `stop()` is called (from any thread or a signal handler) or the
-    kernel goes away. ``ServiceL`` runs on the thread that called ``run()``.
+    kernel goes away. ``ServiceL`` runs on the thread that called ``run()``. With
+    `wait_kernel` (seconds) it first waits that long at most for a kernel to answer on the
+    endpoint (what ``ipcfw serve --wait-kernel`` uses); without it, a kernel must be there.
 
     With ``reconnect=True`` (what ``ipcfw serve`` uses) a kernel's death does not end the host:
     the sessions it had are dropped (their subsession objects closed), and the host waits for a
@@ -81,7 +83,8 @@ class ServerHost:
     """
 
     def __init__(
-        self, server: CServer | COverlay, endpoint: str | None = None, *, reconnect: bool = False
+        self, server: CServer | COverlay, endpoint: str | None = None, *, reconnect: bool = False,
+        wait_kernel: float | None = None,
     ) -> None:
         if not isinstance(server, (CServer, COverlay)):
             raise TypeError(
@@ -103,6 +106,7 @@ class ServerHost:
         self.kernel_died = False
         self.dropped = False  # the kernel stopped serving this registration (Dropped)
         self.reconnect = reconnect
+        self.wait_kernel = wait_kernel
         self._port: DirectPort | None = None
         self._asyncio: asyncio.AbstractEventLoop | None = None  # for async ServiceLs: _spawn
 
@@ -152,8 +156,11 @@ class ServerHost:
 
     def run(self, ready: threading.Event | None = None) -> None:
         """Register the server and serve until stopped. Raises the kernel's refusal (e.g.
-        ``AlreadyExists``) or ``CouldNotConnect`` if no kernel answers."""
+        ``AlreadyExists``) or ``CouldNotConnect`` if no kernel answers (within `wait_kernel`
+        seconds, if given), saying where it looked and how to start one."""
         try:
+            if not self._kernel_found():
+                return  # stopped while waiting
             self._run_with_kernel(ready)
             while self.reconnect and (self.kernel_died or self.dropped) and not self._stopping:
                 why = "the kernel died" if self.kernel_died else "the kernel stopped serving it"
@@ -224,28 +231,32 @@ class ServerHost:
         if ended:
             log.warning("server %r ended %d sessions: %s", self.server.name, ended, why)
 
-    def _await_kernel(self) -> bool:
-        """Wait until a kernel answers on our endpoint; False if stopped meanwhile."""
-        path = endpoints.ipc_path(self.endpoint)
-        log.info("server %r waits for a kernel at %s", self.server.name, self.endpoint)
-        while not self._stopping:
-            if os.path.exists(path) and self._kernel_answers():
-                return True
-            select.select([self._wakeup.fd], [], [], _KERNEL_RETRY)
-            self._wakeup.drain()
-        return False
+    def _kernel_found(self) -> bool:
+        """Before the first registration: True once a kernel is there (waiting `wait_kernel`
+        seconds for one, if set), False if stopped meanwhile; raises ``CouldNotConnect`` with
+        what to do if none is."""
+        if self.wait_kernel is None:
+            if not os.path.exists(endpoints.ipc_path(self.endpoint)):
+                raise no_kernel_error(self.endpoint)
+            return True
+        if self._await_kernel(self.wait_kernel):
+            return True
+        if self._stopping:
+            return False
+        raise no_kernel_error(self.endpoint, self.wait_kernel)
 
-    def _kernel_answers(self) -> bool:
-        context = zmq.Context()
-        try:
-            probe = context.socket(zmq.DEALER)
-            probe.routing_id = os.urandom(16)
-            probe.linger = 0
-            probe.connect(self.endpoint)
-            probe.send(encode(Hello(int(Role.SERVER), PROTOCOL_VERSION)))
-            return bool(probe.poll(int(_KERNEL_RETRY * 1000)))
-        finally:
-            context.destroy(linger=0)
+    def _await_kernel(self, timeout: float | None = None) -> bool:
+        """Wait until a kernel answers on our endpoint; False if stopped meanwhile or after
+        `timeout` seconds (None: no limit)."""
+        log.info("server %r waits for a kernel at %s", self.server.name, self.endpoint)
+        return wait_for_kernel(self.endpoint, timeout, self._pause)
+
+    def _pause(self, seconds: float) -> bool:
+        """Sleep `seconds`, or less if woken (`stop`); False once stopping."""
+        if not self._stopping:
+            select.select([self._wakeup.fd], [], [], seconds)
+            self._wakeup.drain()
+        return not self._stopping
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -270,9 +281,7 @@ class ServerHost:
     def _exchange(self, message: Any, expected: type) -> Any:
         self._socket.send(encode(message))
         if not self._socket.poll(int(_REGISTER_TIMEOUT * 1000)):
-            raise errors.IpcError(
-                errors.KErrCouldNotConnect, f"no ipcfw kernel answered at {self.endpoint}"
-            )
+            raise no_kernel_error(self.endpoint, _REGISTER_TIMEOUT)
         reply = decode(self._socket.recv())
         if type(reply) is not expected:
             raise errors.IpcError(errors.KErrGeneral, f"kernel answered {reply!r}")

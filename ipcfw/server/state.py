@@ -86,10 +86,12 @@ from ..protocol import (
     pack_census,
 )
 from ..version import TVersion
+from . import trace
 from .coroutines import Coroutines, Spawn
 from .direct import DirectIO, DirectRules
 from .message import (
     ClientInfo,
+    DirectMessage,
     MessageKind,
     RMessage,
     ServerPanic,
@@ -168,6 +170,7 @@ class ServerState:
         self.coroutines = Coroutines(spawn)
         self.direct = (DirectRules(self, direct, max_frame=max_frame, name=stack.server.name)
                        if direct is not None else None)
+        self._trace = trace.enabled()  # (read once: the hot path tests a bool)
         self._handlers: dict[type, Callable[[Any], Outcome | None]] = {
             Deliver: self._on_deliver,
             Completed: self._on_completed,
@@ -247,6 +250,8 @@ class ServerState:
             # would complete somebody else's request.
             log.debug("dropping the completion of %r: its registration has ended", message)
             return
+        if self._trace:
+            trace.completion(self.stack.server.name, message, frame)
         self._emit(frame)
 
     def session_panicked(self, handle: int, category: str, reason: int) -> None:
@@ -297,6 +302,9 @@ class ServerState:
             self._error_string(message)
             return
         held[key] = message
+        if self._trace:
+            trace.request(self.stack.server.name, message,
+                          "direct" if isinstance(message, DirectMessage) else "kernel")
         try:
             served = session.ServiceL(message)
             if served is not None and inspect.isawaitable(served):
@@ -333,6 +341,9 @@ class ServerState:
 
     def _on_new_session(self, request: NewSession) -> None:
         client = self.clients.get(request.client)
+        if self._trace:
+            trace.connect(self.stack.server.name, request.handle, TVersion(*request.version),
+                          client)
         message = RMessage(self, request.msg_id, MessageKind.CONNECT, -1, (), None, client)
         try:
             if self._refusing:

@@ -2,31 +2,46 @@
 
     ipcfw kernel [--endpoint ipc:///path]        the kernel, in the foreground
     ipcfw serve package.module:ServerClass       host a server plugin
+    ipcfw wait NAME [--timeout S]                until server NAME is registered (for scripts)
     ipcfw demo                                   kernel + example servers + example clients
     ipcfw bench                                  latency and throughput against bare pyzmq
     ipcfw ps                                     the kernel's counters and sessions
+    ipcfw terminate NAME                         end a server's registration
+
+``--log-level`` (debug, info, warning, error) goes before or after the command; at ``debug``
+the kernel and a server host log every connect, request and completion. Docs: docs/cli.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
 
+from .. import __version__
 from .. import endpoint as endpoints
 from .. import errors
 from ..protocol import Path, SessionRow
+from . import logs
 
 if TYPE_CHECKING:
     from ..kernel.limits import KernelLimits
     from ..testing import ReadySignal
 
 log = logging.getLogger("ipcfw.cli")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_DEFAULT_LOG_LEVEL = "info"
+
+
+class PluginError(ValueError):
+    """A plugin spec that names no usable class; the message names the spec and the reason."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     args, bench_args = _split_bench_args(parser, argv)
     if bench_args is not None:
         args.bench_args = bench_args
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
-    )
+    level = getattr(args, "log_level", None) or _DEFAULT_LOG_LEVEL
+    try:
+        logs.configure(level, args.log_format, args.log_file)
+    except OSError as exc:
+        print(f"ipcfw: --log-file: {exc}", file=sys.stderr)
+        return 2
     if args.endpoint:
         args.endpoint = args.endpoint.strip()
     try:
@@ -57,16 +74,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipcfw", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-level", default="info", help="debug, info (default), warning, error")
+    parser.add_argument("--version", action="version", version=f"ipcfw {__version__}")
+    _log_options(parser, _DEFAULT_LOG_LEVEL, "text", None)
+    # Each command takes the log options too (after its name); given there, they win.
+    common = argparse.ArgumentParser(add_help=False)
+    _log_options(common, argparse.SUPPRESS, argparse.SUPPRESS, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(commands.add_parser, parents=[common])
 
-    kernel = commands.add_parser("kernel", help="run the kernel in the foreground")
+    kernel = add("kernel", help="run the kernel in the foreground")
     _endpoint_option(kernel)
     _ready_fd_option(kernel, "listens")
     _limit_options(kernel)
     kernel.set_defaults(run=_run_kernel)
 
-    serve = commands.add_parser("serve", help="host a server plugin: package.module:ServerClass")
+    serve = add("serve", help="host a server plugin: package.module:ServerClass")
     serve.add_argument("plugin", help="module path and class, e.g. servers.echo:EchoServer")
     serve.add_argument("--overlay", action="append", default=[], metavar="MODULE:CLASS",
                        help="an overlay over the server"
@@ -74,13 +96,21 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-reconnect", action="store_true",
                        help="exit (status 3) when the kernel dies or stops serving this server, "
                             "instead of registering again")
+    serve.add_argument("--wait-kernel", type=_seconds, metavar="SECONDS",
+                       help="wait up to SECONDS for the kernel to start (default: it must be "
+                            "running)")
     _endpoint_option(serve)
     _ready_fd_option(serve, "is registered")
     serve.set_defaults(run=_run_serve)
 
-    demo = commands.add_parser(
-        "demo", help="start a kernel and the example servers, run the example clients"
-    )
+    wait = add("wait", help="wait until a server name is registered (exit 0), for scripts")
+    wait.add_argument("name", help="the server's name")
+    wait.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                      help="give up after SECONDS, with exit status 1 (default %(default)s)")
+    _endpoint_option(wait)
+    wait.set_defaults(run=_run_wait)
+
+    demo = add("demo", help="start a kernel and the example servers, run the example clients")
     demo.set_defaults(run=_run_demo, endpoint=None)
 
     bench = commands.add_parser(
@@ -89,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=_run_bench, endpoint=None, bench_args=[])
 
-    terminate = commands.add_parser(
+    terminate = add(
         "terminate", help="end a server's registration (administrator); waits for its held messages"
     )
     terminate.add_argument("name", help="the server's name")
@@ -97,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     _endpoint_option(terminate)
     terminate.set_defaults(run=_run_terminate)
 
-    ps = commands.add_parser("ps", help="show the kernel's counters and sessions")
+    ps = add("ps", help="show the kernel's counters and sessions")
     _endpoint_option(ps)
     ps.set_defaults(run=_run_ps)
     return parser
@@ -109,10 +139,32 @@ def _split_bench_args(
     """`ipcfw bench` hands every argument after `bench` to the benchmark's own parser."""
     at = 0
     while at < len(argv) and argv[at].startswith("-"):  # global options come first
-        at += 1 if "=" in argv[at] or argv[at] in ("-h", "--help") else 2
+        at += 1 if "=" in argv[at] or argv[at] in ("-h", "--help", "--version") else 2
     if argv[at : at + 1] == ["bench"]:
         return parser.parse_args(argv[: at + 1]), argv[at + 1 :]
     return parser.parse_args(argv), None
+
+
+def _log_options(parser: argparse.ArgumentParser, level: str, form: str,
+                 path: str | None) -> None:
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=level,
+                        help=f"what to log (default {_DEFAULT_LOG_LEVEL}); debug logs every "
+                             "connect, request and completion")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=form,
+                        help="text (default), or json: one object per line")
+    parser.add_argument("--log-file", default=path, metavar="PATH",
+                        help="append the log to PATH (default: stderr)")
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds, at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _endpoint_option(parser: argparse.ArgumentParser) -> None:
@@ -159,17 +211,23 @@ def _limits_of(args: argparse.Namespace) -> KernelLimits:
 
 
 def _on_signals(stop: Callable[[], None]) -> None:
+    from .systemd import stopping
+
+    def handler(signum: int, frame: object) -> None:
+        stopping()  # systemd: STOPPING=1 (nothing without $NOTIFY_SOCKET)
+        stop()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop())
+        signal.signal(signum, handler)
 
 
-def _ready_signal(args: argparse.Namespace) -> ReadySignal | None:
-    """What tells the starter (``--ready-fd``) that this process is ready; None, after saying
-    why, if that descriptor is not open."""
-    from ..testing import ReadySignal
+def _ready_signal(args: argparse.Namespace, status: str) -> ReadySignal | None:
+    """What tells the starter (``--ready-fd``) and systemd (``$NOTIFY_SOCKET``, with `status`)
+    that this process is ready; None, after saying why, if that descriptor is not open."""
+    from .systemd import ServiceReady
 
     try:
-        return ReadySignal(args.ready_fd)
+        return ServiceReady(args.ready_fd, status)
     except ValueError as exc:
         print(f"ipcfw: --ready-fd: {exc}", file=sys.stderr)
         return None
@@ -178,7 +236,7 @@ def _ready_signal(args: argparse.Namespace) -> ReadySignal | None:
 def _run_kernel(args: argparse.Namespace) -> int:
     from ..kernel import Kernel, KernelAlreadyRunning
 
-    ready = _ready_signal(args)
+    ready = _ready_signal(args, f"kernel at {endpoints.resolve(args.endpoint)}")
     if ready is None:
         return 2
     try:
@@ -195,40 +253,87 @@ def _run_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_plugin(spec: str) -> type:
-    """The class named by ``package.module:ClassName``, importable from sys.path or the cwd."""
+def load_plugin(spec: str, base: type | None = None, what: str = "plugin") -> type:
+    """The class named by ``package.module:ClassName``, importable from sys.path or the cwd,
+    and a subclass of `base` if given. Raises `PluginError` naming the spec (a `what`) and
+    the reason (the module's own exception, if importing it raised, is its ``__cause__``)."""
     module_name, _, class_name = spec.partition(":")
     if not module_name or not class_name:
-        raise ValueError(f"plugin {spec!r} must look like package.module:ServerClass")
+        example = "ServerClass" if what == "plugin" else "OverlayClass"
+        raise PluginError(f"{what} {spec!r} must look like package.module:{example}")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # (whatever the module raised while importing)
+        raise PluginError(f"cannot load {what} {spec!r}: {_one_line(exc)}") from exc
     found = getattr(module, class_name, None)
     if found is None:
-        raise ValueError(f"module {module_name!r} has no {class_name!r}")
+        raise PluginError(f"cannot load {what} {spec!r}: module {module_name!r} has no "
+                          f"{class_name!r}")
     if not isinstance(found, type):
-        raise ValueError(f"{spec!r} is not a class")
+        raise PluginError(f"cannot load {what} {spec!r}: it is a {type(found).__name__}, not a "
+                          "class")
+    if base is not None and not issubclass(found, base):
+        raise PluginError(f"cannot load {what} {spec!r}: {class_name} is not a subclass of "
+                          f"ipcfw.{base.__name__}")
     return found
+
+
+def _one_line(exc: BaseException) -> str:
+    """`exc` as ``Type: text`` on one line."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _plugin_stack(args: argparse.Namespace) -> Any:
+    """The server named by ``args.plugin``, under the overlays named by ``args.overlay``."""
+    from ..server import COverlay, CServer
+
+    server_class = load_plugin(args.plugin, CServer)
+    overlay_classes = [load_plugin(spec, COverlay, "overlay") for spec in args.overlay]
+    what, spec = "plugin", args.plugin
+    try:
+        top: Any = server_class()
+        for spec, overlay in zip(args.overlay, overlay_classes):
+            what = "overlay"
+            top = overlay(top)
+    except Exception as exc:  # (whatever the plugin's constructor raised)
+        raise PluginError(f"cannot start {what} {spec!r}: {_one_line(exc)}") from exc
+    return top
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from ..server import ServerHost
 
-    ready = _ready_signal(args)
+    try:
+        top = _plugin_stack(args)
+    except PluginError as exc:
+        # One line; the traceback of what the plugin raised only when asked for (debug).
+        log.debug("%s", exc, exc_info=exc.__cause__)
+        print(f"ipcfw: {exc}", file=sys.stderr)
+        return 2
+    ready = _ready_signal(args, f"serving {args.plugin} at {endpoints.resolve(args.endpoint)}")
     if ready is None:
         return 2
-    try:
-        top = load_plugin(args.plugin)()
-        for spec in args.overlay:
-            top = load_plugin(spec)(top)
-    except (ImportError, ValueError, TypeError) as exc:
-        print(f"ipcfw: cannot load plugin {args.plugin!r} with overlays {args.overlay}: {exc}",
-              file=sys.stderr)
-        return 2
-    host = ServerHost(top, args.endpoint, reconnect=not args.no_reconnect)
+    host = ServerHost(top, args.endpoint, reconnect=not args.no_reconnect,
+                      wait_kernel=args.wait_kernel)
     _on_signals(host.stop)
-    host.run(ready)
+    try:
+        host.run(ready)
+    except errors.CouldNotConnect as exc:
+        hint = "" if args.wait_kernel is not None else (
+            "; or wait for it to start: ipcfw serve --wait-kernel SECONDS ...")
+        print(f"ipcfw: {exc}{hint}", file=sys.stderr)
+        return 1
     return 3 if host.kernel_died or host.dropped else 0
+
+
+def _run_wait(args: argparse.Namespace) -> int:
+    from ..client import wait_for_server
+
+    wait_for_server(args.name, args.timeout, args.endpoint)
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:

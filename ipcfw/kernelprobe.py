@@ -1,0 +1,92 @@
+"""Whether a kernel listens at an endpoint, and waiting until one does: start-up that cannot race.
+
+A client (``RSession.connect(..., wait=S)``, ``ipcfw wait``) and a server host (``ipcfw serve
+--wait-kernel S``, and a host registering again after its kernel died) may start before the
+kernel. They wait here: the kernel's socket file must exist and a Hello on it must be answered
+(a socket file left by a kernel that was killed exists, but nobody answers). Nothing here can
+ask the kernel to say when it is up (there is no kernel to ask), so the wait polls, backing off
+(`delays`: 10 ms, doubling, then every 250 ms): a kernel that starts is found within a quarter
+of a second, and a waiter that waits long costs a stat() four times a second.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import zmq
+
+from . import endpoint as endpoints
+from . import errors
+from .protocol import PROTOCOL_VERSION, Hello, Role, encode
+
+__all__ = ["delays", "kernel_answers", "no_kernel_error", "wait_for_kernel"]
+
+FIRST_DELAY = 0.01
+"""Seconds before the second look for a kernel; each later one waits twice as long..."""
+MOST_DELAY = 0.25
+"""... up to this."""
+HELLO_WAIT = 1.0
+"""Seconds a Hello waits for the kernel's Welcome, at most, before the next look."""
+
+
+def delays(first: float = FIRST_DELAY, most: float = MOST_DELAY) -> Iterator[float]:
+    """The pauses between looks: `first`, doubling, then `most` for ever."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(2 * delay, most)
+
+
+def kernel_answers(endpoint: str, timeout: float = HELLO_WAIT) -> bool:
+    """Whether a kernel answers a Hello at `endpoint` within `timeout` seconds (False at once
+    if its socket file does not exist)."""
+    if not os.path.exists(endpoints.ipc_path(endpoint)):
+        return False
+    context = zmq.Context()
+    try:
+        probe = context.socket(zmq.DEALER)
+        probe.routing_id = os.urandom(16)  # (random, as every ipcfw peer's: see DESIGN.md 5)
+        probe.linger = 0
+        probe.connect(endpoint)
+        probe.send(encode(Hello(int(Role.SERVER), PROTOCOL_VERSION)))
+        return bool(probe.poll(max(1, int(timeout * 1000))))
+    finally:
+        context.destroy(linger=0)
+
+
+def wait_for_kernel(
+    endpoint: str,
+    timeout: float | None,
+    pause: Callable[[float], bool] | None = None,
+) -> bool:
+    """Return True once a kernel answers at `endpoint`; False after `timeout` seconds (None:
+    no limit), or as soon as `pause(seconds)` (which sleeps; default `time.sleep`) returns
+    False (the waiter was stopped)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for delay in delays():
+        remaining = None if deadline is None else deadline - time.monotonic()
+        hello_wait = HELLO_WAIT if remaining is None else min(HELLO_WAIT, max(remaining, 0.001))
+        if kernel_answers(endpoint, hello_wait):
+            return True
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return False
+        nap = delay if remaining is None else min(delay, remaining)
+        if pause is None:
+            time.sleep(nap)
+        elif not pause(nap):
+            return False
+    return False  # (unreachable: delays() never ends)
+
+
+def no_kernel_error(endpoint: str, waited: float | None = None) -> errors.IpcError:
+    """``CouldNotConnect`` for a kernel that is not there: where it was looked for, how long,
+    and how to start one or point at another."""
+    when = f" after waiting {waited:.3g} s" if waited else ""
+    return errors.IpcError(
+        errors.KErrCouldNotConnect,
+        f"no ipcfw kernel at {endpoint}{when}: start one with `ipcfw kernel`, or set "
+        f"{endpoints.ENV_VAR} to the endpoint of a running one",
+    )
