@@ -220,3 +220,24 @@ def test_a_killed_clients_deferred_wait_is_released_and_the_server_goes_on(notif
         assert waiting.result(TIMEOUT) == 3
     wait_until(lambda: notifier.statistics()["sessions"] == 0, timeout=TIMEOUT,
                what="every session to end")
+
+
+def test_connect_waits_for_the_server_to_register(kernel):
+    import threading
+
+    outcome: list[object] = []
+
+    def connect_and_call() -> None:
+        try:
+            with KeyValue.connect(wait=TIMEOUT * 2) as kv_proxy:
+                outcome.append(kv_proxy.count())
+        except Exception as exc:  # reported by the assertion below
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=connect_and_call)
+    waiter.start()
+    wait_until(lambda: kernel.statistics()["awaits"] == 1, timeout=TIMEOUT,
+               what="the proxy's connect to wait for 'kv'")
+    kernel.serve("servers.kv:KvServer", "kv")
+    waiter.join(TIMEOUT * 2)
+    assert outcome == [0]
