@@ -1086,9 +1086,7 @@ def unpack_value(data: bytes) -> Any:
     """Read `pack_value`'s bytes; ProtocolError for anything else (trailing bytes, an ext type,
     an unhashable map key). Nothing in it is larger than `data` itself."""
     try:
-        return _unpackb(
-            data, raw=False, strict_map_key=False, ext_hook=_refuse_ext,
-        )
+        return _unpackb(data, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types on garbage
