@@ -108,6 +108,8 @@ __all__ = [
     "unpack_session_rows",
     "pack_census",
     "unpack_census",
+    "pack_value",
+    "unpack_value",
     "SESSIONS_PAGE",
     "ROW_HOLDERS",
     "Message",
@@ -1095,6 +1097,28 @@ def unpack_session_rows(data: bytes) -> list[SessionRow]:
         holders = tuple(zip(flat[::2], flat[1::2]))
         rows.append(SessionRow(handle, server, path, state, outstanding, holders))
     return rows
+
+
+def pack_value(value: Any) -> bytes:
+    """The msgpack bytes of `value`, a typed interface's value carried in a descriptor
+    (`ipcfw.interface`): None, bool, int (64-bit), float, str, bytes, and lists, tuples and
+    dicts of them. TypeError naming the type for anything else; a tuple comes back a list."""
+    try:
+        packed: bytes = msgpack.packb(value, use_bin_type=True, strict_types=False)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"cannot be carried as a msgpack value: {exc}") from None
+    return packed
+
+
+def unpack_value(data: bytes) -> Any:
+    """Read `pack_value`'s bytes; ProtocolError for anything else (trailing bytes, an ext type,
+    an unhashable map key). Nothing in it is larger than `data` itself."""
+    try:
+        return _unpackb(data, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise _unpack_error(exc) from None
 
 
 # -- bounded decoding (see the module docstring) ----------------------------------------------
