@@ -26,7 +26,8 @@ PURE_MODULES = [
     "ipcfw/protocol.py", "ipcfw/kernel/state.py", "ipcfw/server/objectix.py",
     "ipcfw/server/state.py", "ipcfw/server/direct.py", "ipcfw/client/state.py",
     "ipcfw/client/args.py", "ipcfw/server/mapped.py", "ipcfw/_spin.py",
-    "ipcfw/client/joining.py", "ipcfw/server/coroutines.py",
+    "ipcfw/client/joining.py", "ipcfw/server/coroutines.py", "ipcfw/interface/codec.py",
+    "ipcfw/interface/spec.py",
 ]
 FORBIDDEN = frozenset(
     {"zmq", "os", "socket", "threading", "time", "psutil", "select", "subprocess"}
