@@ -1,8 +1,10 @@
 """Example client programs for the example servers in ``servers/``.
 
-Each module is a small runnable program and a thin client class in the style of Symbian's
-R-classes (``RKvSession`` and friends): one `RSession` inside, one method per server function,
-errors raised as ``IpcError`` subclasses::
+Each module is a small runnable program. The kv and notifier clients call their servers through
+typed interfaces (``KeyValue.connect()``, ``Notifier.connect()``: proxies with one method per
+operation, docs/interfaces.md); the echo client is a thin raw client class in the style of
+Symbian's R-classes (``RKvSession`` and friends): one `RSession` inside, one method per server
+function. Either way, errors are raised as ``IpcError`` subclasses::
 
     python clients/echo_client.py        # needs a kernel and `ipcfw serve servers.echo:EchoServer`
     python clients/kv_client.py          # ... servers.kv:KvServer
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import TypeVar
 
-from ipcfw import ClientPanic, IpcError, NotFound, RSession
+from ipcfw import ClientPanic, Interface, IpcError, NotFound, RSession
 from ipcfw.endpoint import EndpointError
 
 Out = Callable[[str], None]
+I = TypeVar("I", bound=Interface)  # noqa: E741
 
 
 class ExampleFailed(Exception):
@@ -70,9 +74,22 @@ def connect_session(name: str, plugin: str, endpoint: str | None = None) -> RSes
     try:
         return RSession.connect(name, endpoint=endpoint)
     except NotFound:
-        raise ExampleFailed(
-            f"no server named {name!r} is running; start it with `ipcfw serve {plugin}`"
-        ) from None
+        raise _not_running(name, plugin) from None
+
+
+def connect_proxy(interface: type[I], plugin: str, endpoint: str | None = None) -> I:
+    """A proxy of `interface` connected to its server; if none is registered, say how to start
+    it (`plugin`)."""
+    try:
+        return interface.connect(endpoint=endpoint)
+    except NotFound:
+        raise _not_running(interface.interface.name, plugin) from None
+
+
+def _not_running(name: str, plugin: str) -> ExampleFailed:
+    return ExampleFailed(
+        f"no server named {name!r} is running; start it with `ipcfw serve {plugin}`"
+    )
 
 
 def check(condition: bool, what: str) -> None:

@@ -1,5 +1,5 @@
-"""Example client for the key-value server: a thin client class, a cursor subsession, and
-idiomatic error handling.
+"""Example client for the key-value server: its typed interface (`KeyValue`), a raw cursor
+subsession over the same session, and idiomatic error handling.
 
 Run it from the repository root, with a kernel and the kv server running::
 
@@ -17,115 +17,40 @@ from collections.abc import Iterator
 if __package__ in (None, ""):  # run as a script: make `servers` and `clients` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ipcfw import EndOfFile, NotFound, Overflow, RSession, RSubSession, TIpcArgs, TRequestStatus  # noqa: E402
+from ipcfw import EndOfFile, NotFound, Overflow, RSubSession, TIpcArgs  # noqa: E402
 
-from clients import ExampleClient, Out, check, run_main  # noqa: E402
-from servers.kv import (  # noqa: E402
-    ECloseCursor,
-    ECount,
-    ECursorNext,
-    EDelete,
-    EGet,
-    EOpenCursor,
-    ESet,
-    EValueLength,
-)
+from clients import Out, check, connect_proxy, run_main  # noqa: E402
+from servers.kv import ECloseCursor, ECount, ECursorNext, EOpenCursor, KeyValue  # noqa: E402
 
-Key = bytes | str
-
-
-def _bytes(data: Key) -> bytes:
-    return data.encode() if isinstance(data, str) else bytes(data)
-
-
-class KvClient(ExampleClient):
-    """The kv server's client API (a Symbian R-class: a session plus one method per function).
-
-    ::
-
-        with KvClient.connect() as kv:
-            kv.Set("colour", "blue")
-            kv.Get("colour")            # -> b"blue"
-            kv.Get("missing")           # raises ipcfw.NotFound
-
-    Keys and values are bytes; a str is encoded as UTF-8.
-    """
-
-    SERVER = "kv"
-    PLUGIN = "servers.kv:KvServer"
-
-    def Session(self) -> RSession:
-        """The session inside (a subsession such as `RKvCursor` is opened through it)."""
-        return self._session
-
-    # -- one method per server function ---------------------------------------------------------
-
-    def Set(self, key: Key, value: Key) -> None:
-        self._session.SendReceive(ESet, TIpcArgs(_bytes(key), _bytes(value)))
-
-    def GetInto(self, key: Key, buffer: bytearray) -> int:
-        """Read the value into `buffer` (a writable descriptor; its length is the max length).
-
-        Returns the value's length; `buffer` then holds exactly the value. Raises ``NotFound``
-        for a missing key, ``Overflow`` if `buffer` is too short (it is left unchanged).
-        """
-        return self._session.SendReceive(EGet, TIpcArgs(_bytes(key), buffer))
-
-    def Delete(self, key: Key) -> None:
-        self._session.SendReceive(EDelete, TIpcArgs(_bytes(key)))
-
-    def Count(self) -> int:
-        return self._session.SendReceive(ECount)
-
-    def ValueLength(self, key: Key) -> int:
-        return self._session.SendReceive(EValueLength, TIpcArgs(_bytes(key)))
-
-    def CountAsync(self, status: TRequestStatus) -> None:
-        """Asynchronous ``ECount``: returns at once; `status` completes with the count."""
-        self._session.SendReceive(ECount, (), status)
-
-    def OpenCursor(self, prefix: Key = b"") -> RKvCursor:
-        """A cursor over the keys starting with `prefix` (see `RKvCursor`)."""
-        cursor = RKvCursor()
-        cursor.Open(self, prefix)
-        return cursor
-
-    # -- conveniences built on them ---------------------------------------------------------------
-
-    def Get(self, key: Key) -> bytes:
-        """The value of `key` (raises ``NotFound``): size the buffer first, then read.
-
-        Another client may make the value longer between the two calls; then the read
-        overflows and we size again.
-        """
-        while True:
-            buffer = bytearray(self.ValueLength(key))
-            try:
-                self.GetInto(key, buffer)
-                return bytes(buffer)
-            except Overflow:
-                continue
+PLUGIN = "servers.kv:KvServer"
 
 
 class RKvCursor(RSubSession):
-    """A cursor over the store's keys: a subsession of a `KvClient`'s session (as Symbian's
-    ``RFile`` is a subsession of an ``RFs``).
+    """A cursor over the store's keys: a raw subsession of a `KeyValue` proxy's session (as
+    Symbian's ``RFile`` is a subsession of an ``RFs``).
 
     ::
 
-        with kv.OpenCursor("user:") as cursor:
+        with RKvCursor.open_on(kv, b"user:") as cursor:
             for key, value in cursor:
                 ...
 
-    The cursor walks the keys present when it was opened, in sorted order. Closing the
-    `KvClient` closes its cursors too, in the server.
+    The cursor walks the keys present when it was opened, in sorted order. Closing the proxy
+    closes its cursors too, in the server.
     """
 
     def __init__(self) -> None:
         super().__init__(close_function=ECloseCursor)  # so that `with` closes it
 
-    def Open(self, kv: KvClient, prefix: Key = b"") -> None:
-        self.CreateSubSession(kv.Session(), EOpenCursor, TIpcArgs(_bytes(prefix)))
+    @classmethod
+    def open_on(cls, kv: KeyValue, prefix: bytes = b"") -> RKvCursor:
+        cursor = cls()
+        cursor.Open(kv, prefix)
+        return cursor
+
+    def Open(self, kv: KeyValue, prefix: bytes = b"") -> None:
+        """Open the cursor on `kv`'s session, over the keys starting with `prefix`."""
+        self.CreateSubSession(kv.session, EOpenCursor, TIpcArgs(prefix))
 
     def Next(self) -> tuple[bytes, bytes] | None:
         """The next (key, value), or None after the last key.
@@ -159,58 +84,67 @@ def run(out: Out = print, endpoint: str | None = None) -> str:
     at the start (left by an interrupted run) and at the end, and checks counts relative to the
     count it found.
     """
-    entries = {"colour": "blue", "shape": "round", "size": "large"}
-    with KvClient.connect(endpoint) as kv:
-        for key in entries:
+    entries = {b"colour": b"blue", b"shape": b"round", b"size": b"large"}
+    with connect_proxy(KeyValue, PLUGIN, endpoint) as kv:
+        for key in [*entries, b"big"]:
             try:
-                kv.Delete(key)
+                kv.delete(key)
             except NotFound:
                 pass
-        before = kv.Count()
+        before = kv.count()
 
-        for key, value in entries.items():
-            kv.Set(key, value)
-        count = kv.Count()
+        # A dict is a msgpack value: one request carries all three entries.
+        count = kv.put_many(entries)
         check(count == before + len(entries),
-              f"ECount gave {count}, expected {before + len(entries)}")
-        out(f"ESet x{len(entries)}               -> ECount = {count}")
+              f"put_many gave {count}, expected {before + len(entries)}")
+        out(f"put_many(3 entries)   -> count() = {count}")
 
-        # A cursor is a subsession: opened, used and closed through the session.
-        with kv.OpenCursor("s") as cursor:
+        # The same session, raw: the wire is plain SendReceive with the interface's numbers.
+        raw = kv.session.SendReceive(ECount)
+        check(raw == count, f"SendReceive(ECount) gave {raw}, count() {count}")
+        out(f"SendReceive(ECount)   -> {raw}  (the same operation, raw)")
+
+        # A cursor is a raw subsession: opened, used and closed through the proxy's session.
+        with RKvCursor.open_on(kv, b"s") as cursor:
             found = [key for key, _ in cursor]
         check({b"shape", b"size"} <= set(found) and all(key.startswith(b"s") for key in found),
               f"the cursor over prefix 's' gave {found}")
         out(f"cursor on prefix 's'  -> {[key.decode() for key in found]}"
             "  (ECursorNext until KErrEof)")
 
-        colour = kv.Get("colour")
-        check(colour == b"blue", f"EGet('colour') returned {colour!r}")
-        out(f"EGet('colour')        -> {colour!r}  (EValueLength sized the buffer: {len(colour)})")
+        keys = kv.keys(b"s")
+        check(keys == sorted(found), f"keys(b's') gave {keys}, the cursor {found}")
+        out(f"keys(b's')            -> {keys}  (a list, as msgpack in the reply descriptor)")
 
-        # A buffer shorter than the value: the server's WriteL overflows and the call fails.
-        small = bytearray(2)
+        colour = kv.get(b"colour")
+        check(colour == b"blue", f"get(b'colour') returned {colour!r}")
+        out(f"get(b'colour')        -> {colour!r}")
+
+        # A value longer than get's reply descriptor: the server refuses to write it.
+        kv.put(b"big", bytes(5000))
         try:
-            kv.GetInto("shape", small)
-            check(False, "EGet into a too-short buffer succeeded")
+            kv.get(b"big")
+            check(False, "get of a 5000-byte value into a 4096-byte reply succeeded")
         except Overflow:
-            out(f"EGet('shape') into a {len(small)}-byte buffer -> KErrOverflow")
+            out("get(b'big') of 5000 bytes -> KErrOverflow  (the reply descriptor holds 4096)")
+        kv.delete(b"big")
 
         try:
-            kv.Get("no-such-key")
-            check(False, "EGet of a missing key succeeded")
+            kv.get(b"no-such-key")
+            check(False, "get of a missing key succeeded")
         except NotFound:
-            out("EGet('no-such-key')   -> KErrNotFound")
+            out("get(b'no-such-key')   -> KErrNotFound")
 
-        kv.Delete("shape")
-        status = TRequestStatus()
-        kv.CountAsync(status)  # asynchronous, completed by the server like any other request
-        after_delete = status.Wait(timeout=5.0)
-        check(after_delete == count - 1, f"async ECount gave {after_delete}, expected {count - 1}")
-        out(f"EDelete('shape')      -> async ECount = {after_delete}")
+        kv.delete(b"shape")
+        reply = kv.count.send()  # asynchronous: a Reply at once, its value later
+        after_delete = reply.result(timeout=5.0)
+        check(after_delete == count - 1, f"async count() gave {after_delete}, "
+              f"expected {count - 1}")
+        out(f"delete(b'shape')      -> async count() = {after_delete}")
 
-        for key in ("colour", "size"):
-            kv.Delete(key)
-        check(kv.Count() == before, "the store did not return to its starting count")
+        for key in (b"colour", b"size"):
+            kv.delete(key)
+        check(kv.count() == before, "the store did not return to its starting count")
 
     return f"{len(entries)} keys set, 'colour' = {colour.decode()!r}, missing key -> KErrNotFound"
 

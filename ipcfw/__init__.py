@@ -17,6 +17,7 @@ from .client import (
 )
 from .errors import *  # noqa: F401,F403  (the codes and exception classes: errors.__all__)
 from .errors import __all__ as _error_names
+from .interface import Deferred, Interface, InterfaceSession, Reply, operation
 from .protocol import (
     EGlobalSharableSessions,
     ESharableSessions,
@@ -66,6 +67,11 @@ __all__ = [
     "ESharableSessions",
     "EGlobalSharableSessions",
     "QueryVersionSupported",
+    "Interface",
+    "operation",
+    "InterfaceSession",
+    "Deferred",
+    "Reply",
     "errors",
     *_error_names,
 ]

@@ -85,6 +85,9 @@ __all__ = [
     "MAX_NAME",
     "MAX_PAYLOAD",
     "MAX_CATEGORY",
+    "MAX_ERROR_TEXT",
+    "TRUNCATED",
+    "error_text",
     "DIRECT_MAX_UNREAD",
     "DIRECT_MAX_UNREAD_BYTES",
     "DIRECT_ANSWER_OVERHEAD",
@@ -108,6 +111,8 @@ __all__ = [
     "unpack_session_rows",
     "pack_census",
     "unpack_census",
+    "pack_value",
+    "unpack_value",
     "SESSIONS_PAGE",
     "ROW_HOLDERS",
     "Message",
@@ -160,10 +165,11 @@ __all__ = [
     "MappedCompleted",
 ]
 
-PROTOCOL_VERSION = 12  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
+PROTOCOL_VERSION = 13  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
 #                        6: terminate; 7: PeerGone; 8: Dropped; 9: the direct path;
 #                        10: every thread direct (Join, Admit), the session list (ListSessions);
-#                        11: shared memory on the direct path; 12: AwaitServer
+#                        11: shared memory on the direct path; 12: AwaitServer;
+#                        13: error text on completions
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -174,6 +180,11 @@ MAX_NAME = 256
 MAX_PAYLOAD = 256
 #: Longest panic category (Symbian truncates to 16 characters; so do we, before sending).
 MAX_CATEGORY = 16
+#: Longest error text on a completion (`Complete.text` ...): a longer one is cut to this many
+#: characters by `error_text`, its end replaced by `TRUNCATED`.
+MAX_ERROR_TEXT = 1024
+#: What ends an error text `error_text` shortened.
+TRUNCATED = "... [truncated]"
 #: Longest ShareProtected token.
 MAX_TOKEN = 64
 #: Longest executable path in a PeerInfo.
@@ -191,6 +202,14 @@ def mapped_capacity(size: int) -> int:
     that memfds are reused across nearby sizes. A server refuses a larger one (it would map
     memory the descriptor does not need)."""
     return 1 << (max(size, SHARED_OVER) - 1).bit_length()
+
+
+def error_text(text: str) -> str:
+    """`text` as a completion carries it: at most `MAX_ERROR_TEXT` characters, a longer one cut
+    and ended with `TRUNCATED` (so that the reader knows there was more)."""
+    if len(text) <= MAX_ERROR_TEXT:
+        return text
+    return text[: MAX_ERROR_TEXT - len(TRUNCATED)] + TRUNCATED
 #: Most file descriptors one frame on a direct connection carries: one per argument.
 MAX_MAPPED_FDS = 4
 #: Answers a server queues for a direct connection that does not read them before it closes
@@ -396,6 +415,7 @@ _mode = _int_in(min(Mode), max(Mode), "a mode")
 _path = _int_in(min(Path), max(Path), "a data path 0..1")
 _u16 = _int_in(0, 0xFFFF, "an unsigned 16-bit int")
 _reason = _int_in(min(TerminationReason), max(TerminationReason), "a termination reason")
+_text = _str_upto(MAX_ERROR_TEXT)
 
 
 def check_args(value: Any) -> Args:
@@ -569,11 +589,14 @@ class Negotiated(NamedTuple):
 
 
 class Complete(NamedTuple):
-    """Server -> kernel: complete a delivered message with a value and descriptor writes."""
+    """Server -> kernel: complete a delivered message with a value and descriptor writes, and,
+    for an error, what happened (`text`, at most `MAX_ERROR_TEXT` characters; the kernel passes
+    it on in the client's Completed or Connected)."""
 
     msg_id: int
     value: int
     writes: Writes
+    text: str = ""
 
 
 class Panic(NamedTuple):
@@ -648,6 +671,7 @@ class MappedCompleted(NamedTuple):
     req_id: int
     value: int
     writes: tuple[tuple[int, bytes | int], ...]
+    text: str = ""
 
 
 class SessionPanicked(NamedTuple):
@@ -759,7 +783,9 @@ class Connected(NamedTuple):
 
     For a session on the direct path, `direct` is the server's socket and `ticket` the
     one-time ticket that attaches the session to a direct connection (`Attach`); both are
-    empty on the kernel path.
+    empty on the kernel path. `text` says why a connect failed, when the server (its
+    ``NewSessionL`` raised an ``IpcError`` with a message) or the kernel (an unknown name: the
+    closest registered names) had more to say than the code.
     """
 
     req_id: int
@@ -768,14 +794,18 @@ class Connected(NamedTuple):
     payload: bytes
     direct: str = ""
     ticket: bytes = b""
+    text: str = ""
 
 
 class Completed(NamedTuple):
-    """Kernel -> client: a request's completion value and descriptor writes."""
+    """Kernel -> client (or server -> client, on a direct connection): a request's completion
+    value and descriptor writes, and the server's `text` saying what happened, if it gave one
+    (empty otherwise, and in the kernel's own answers)."""
 
     req_id: int
     value: int
     writes: Writes
+    text: str = ""
 
 
 class Panicked(NamedTuple):
@@ -926,7 +956,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Negotiated: (Kind.NEGOTIATED, (_u63, _i32, _bytes_upto(MAX_PAYLOAD))),
     Request: (Kind.REQUEST, (_u63, _handle, _function, check_args, _mode)),
     Close: (Kind.CLOSE, (_handle,)),
-    Complete: (Kind.COMPLETE, (_u63, _i32, _writes)),
+    Complete: (Kind.COMPLETE, (_u63, _i32, _writes, _text)),
     Panic: (Kind.PANIC, (_u63, _str_upto(MAX_CATEGORY), _i32)),
     Share: (Kind.SHARE, (_u63, _handle, _int_in(1, 2, "a sharing mode 1..2"))),
     Open: (Kind.OPEN, (_u63, _bytes_upto(MAX_TOKEN))),
@@ -936,9 +966,9 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Connected: (
         Kind.CONNECTED,
         (_u63, _i32, _int_in(0, I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD),
-         _str_upto(MAX_PATH), _bytes_upto(MAX_TOKEN)),
+         _str_upto(MAX_PATH), _bytes_upto(MAX_TOKEN), _text),
     ),
-    Completed: (Kind.COMPLETED, (_u63, _i32, _writes)),
+    Completed: (Kind.COMPLETED, (_u63, _i32, _writes, _text)),
     Panicked: (
         Kind.PANICKED, (_u63, _handle, _str_upto(MAX_CATEGORY), _i32, _int_in(0, 1, "0 or 1"))
     ),
@@ -972,7 +1002,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     CensusReply: (Kind.CENSUS_REPLY, (_u63, _bytes_upto(MAX_FRAME))),
     SharedMemory: (Kind.SHARED_MEMORY, ()),
     MappedRequest: (Kind.MAPPED_REQUEST, (_u63, _handle, _function, check_mapped_args, _mode)),
-    MappedCompleted: (Kind.MAPPED_COMPLETED, (_u63, _i32, _mapped_writes)),
+    MappedCompleted: (Kind.MAPPED_COMPLETED, (_u63, _i32, _mapped_writes, _text)),
 }
 
 
@@ -1084,6 +1114,28 @@ def unpack_session_rows(data: bytes) -> list[SessionRow]:
         holders = tuple(zip(flat[::2], flat[1::2]))
         rows.append(SessionRow(handle, server, path, state, outstanding, holders))
     return rows
+
+
+def pack_value(value: Any) -> bytes:
+    """The msgpack bytes of `value`, a typed interface's value carried in a descriptor
+    (`ipcfw.interface`): None, bool, int (64-bit), float, str, bytes, and lists, tuples and
+    dicts of them. TypeError naming the type for anything else; a tuple comes back a list."""
+    try:
+        packed: bytes = msgpack.packb(value, use_bin_type=True, strict_types=False)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"cannot be carried as a msgpack value: {exc}") from None
+    return packed
+
+
+def unpack_value(data: bytes) -> Any:
+    """Read `pack_value`'s bytes; ProtocolError for anything else (trailing bytes, an ext type,
+    an unhashable map key). Nothing in it is larger than `data` itself."""
+    try:
+        return _unpackb(data, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise _unpack_error(exc) from None
 
 
 # -- bounded decoding (see the module docstring) ----------------------------------------------

@@ -1,31 +1,44 @@
 """The key-value store server: one dictionary shared by every session of the server.
 
+Its interface is `KeyValue`, a typed interface (docs/interfaces.md): the one definition that the
+server (`KvSession`, an ``InterfaceSession[KeyValue]``) and its clients (``KeyValue.connect()``,
+a proxy) share. The subsessions (cursors, tables) stay raw Symbian-style functions, served by
+the same session: ``KvSession.ServiceL`` takes those and hands the others to the interface.
+
 This example shows the everyday shape of a Symbian-style server:
 
 * the data lives on the server object (`KvServer.store`), so every client sees the same store;
   a session holds only the subsessions its client opened (cursors, table handles), in its
   object index (``CSession.ObjectIx()``), which the framework empties when the session ends;
-* every function reads its arguments, does its work and completes the message at once, on the
-  loop thread, so the store needs no lock (``ServiceL`` is only ever called on that thread);
-* errors are not completed by hand: raising ``IpcError(code)`` (or letting ``ReadL``/``WriteL``
-  raise) completes the message with that code, and the client's call raises the matching
-  exception (``NotFound``, ``Overflow``, ...).
+* every operation does its work and answers at once, on the loop thread, so the store needs
+  no lock (``ServiceL`` is only ever called on that thread);
+* errors are raised, not completed by hand: raising ``IpcError(code)`` completes the message
+  with that code, and the client's call raises the matching exception (``NotFound``, ...).
 
-Functions (the client's opcodes; import them from here, the single source of truth):
+The operations (`KeyValue`; the raw opcodes ``ESet`` ... are their function numbers, for raw
+clients: the wire is plain ``SendReceive``):
 
-* ``ESet`` (1): key = descriptor 0, value = descriptor 1. Completes with ``KErrNone``.
-* ``EGet`` (2): key = descriptor 0; the value is written into writable descriptor 1. Completes
-  with the value's length; ``KErrNotFound`` if the key is missing; ``KErrOverflow`` if the
-  client's buffer is shorter than the value (nothing is written then).
-* ``EDelete`` (3): key = descriptor 0. Completes with ``KErrNone``; ``KErrNotFound`` if missing.
-* ``ECount`` (4): completes with the number of keys.
-* ``EValueLength`` (5): key = descriptor 0. Completes with the value's length, so a client can
-  size its buffer before ``EGet``; ``KErrNotFound`` if missing.
+* ``put(key, value)`` (``ESet``, 1): key = descriptor 0, value = descriptor 1.
+* ``get(key) -> bytes`` (``EGet``, 2): key = descriptor 0; the value is written into writable
+  descriptor 1 (the proxy's reply descriptor, 4096 bytes) and the completion value is its
+  length; ``KErrNotFound`` if the key is missing; ``KErrOverflow`` if descriptor 1 is shorter
+  than the value (nothing is written then).
+* ``delete(key)`` (``EDelete``, 3): ``KErrNotFound`` if missing.
+* ``count() -> int`` (``ECount``, 4): the number of keys.
+* ``value_length(key) -> int`` (``EValueLength``, 5): the value's length, so that a raw client
+  can size its buffer before ``EGet``; ``KErrNotFound`` if missing.
+* ``open_cursors() -> int`` (``EOpenCursors``, 9): the number of cursors open in the whole
+  server, all sessions together (closing a session closes its cursors).
+* ``keys(prefix=b"") -> list[bytes]`` (``EKeys``, 16): the keys starting with `prefix`, sorted;
+  a msgpack value, in a 16 KiB reply descriptor.
+* ``put_many(entries: dict[bytes, bytes]) -> int`` (``EPutMany``, 17): store every entry (a
+  msgpack map in descriptor 0); returns the number of keys afterwards.
 
-A key or value that is an int instead of a descriptor fails with ``KErrBadDescriptor``.
+A key or value of the wrong kind (an int instead of a descriptor) fails with ``KErrArgument``
+naming the parameter.
 
-Subsessions (the client opens them with ``ipcfw.RSubSession``; every request on one carries its
-handle in argument 3, and a handle that is not one of the session's open subsessions of the
+Subsessions (raw; the client opens them with ``ipcfw.RSubSession``; every request on one carries
+its handle in argument 3, and a handle that is not one of the session's open subsessions of the
 right kind fails with ``KErrBadHandle``):
 
 * A **cursor** walks the keys of the store as they were when it was opened, in sorted order.
@@ -38,14 +51,13 @@ right kind fails with ``KErrBadHandle``):
     buffer is too short, ``KErrOverflow``: nothing is written and the cursor stays put, so the
     client can retry with larger buffers.
   * ``ECloseCursor`` (8): closes the cursor.
-  * ``EOpenCursors`` (9): a plain session request: completes with the number of cursors open
-    in the whole server, all sessions together (closing a session closes its cursors).
 
 * A **table** is a named store of its own, shared by every session that opens the same name.
 
   * ``EOpenTable`` (10): table name = descriptor 0 (not empty: ``KErrBadName``).
   * ``ETableSet`` (11), ``ETableGet`` (12), ``ETableDelete`` (13), ``ETableCount`` (14): as
-    ``ESet``, ``EGet``, ``EDelete`` and ``ECount``, in the table.
+    ``ESet``, ``EGet``, ``EDelete`` and ``ECount``, in the table (a key or value that is an
+    int fails with ``KErrBadDescriptor`` there).
   * ``ECloseTable`` (15): closes the table handle (the table's data stays).
 
 Host it with ``ipcfw serve servers.kv:KvServer``; ``clients/kv_client.py`` shows a client.
@@ -53,33 +65,82 @@ Host it with ``ipcfw serve servers.kv:KvServer``; ``clients/kv_client.py`` shows
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from ipcfw import (
     BadDescriptor,
     CServer,
-    CSession,
+    Interface,
+    InterfaceSession,
     IpcError,
     KErrBadHandle,
     KErrBadName,
     KErrEof,
     KErrNone,
     KErrNotFound,
-    KErrNotSupported,
     KErrOverflow,
     RMessage,
-    TVersion,
+    operation,
 )
 
-ESet = 1
-EGet = 2
-EDelete = 3
-ECount = 4
-EValueLength = 5
+
+class KeyValue(Interface, name="kv", version=(1, 0, 0)):
+    """The key-value store's interface: what a client calls, what the server implements.
+
+    ::
+
+        with KeyValue.connect() as kv:
+            kv.put(b"colour", b"blue")
+            kv.get(b"colour")           # -> b"blue"
+            kv.get(b"missing")          # raises ipcfw.NotFound
+    """
+
+    @operation(1)
+    def put(self, key: bytes, value: bytes) -> None:
+        """Store `value` under `key`."""
+
+    @operation(2)
+    def get(self, key: bytes) -> bytes:
+        """The value of `key` (``NotFound`` if missing; ``Overflow`` over 4096 bytes)."""
+
+    @operation(3)
+    def delete(self, key: bytes) -> None:
+        """Remove `key` (``NotFound`` if missing)."""
+
+    @operation(4)
+    def count(self) -> int:
+        """The number of keys."""
+
+    @operation(5)
+    def value_length(self, key: bytes) -> int:
+        """The length of `key`'s value (``NotFound`` if missing)."""
+
+    @operation(9)
+    def open_cursors(self) -> int:
+        """The cursors open in the whole server."""
+
+    @operation(16, reply=16384)
+    def keys(self, prefix: bytes = b"") -> list[bytes]:
+        """The keys starting with `prefix`, sorted."""
+
+    @operation(17)
+    def put_many(self, entries: dict[bytes, bytes]) -> int:
+        """Store every entry; the number of keys afterwards."""
+
+
+# The raw opcodes, for raw clients and the subsession functions: the interface's numbers.
+ESet = KeyValue.put.number
+EGet = KeyValue.get.number
+EDelete = KeyValue.delete.number
+ECount = KeyValue.count.number
+EValueLength = KeyValue.value_length.number
+EOpenCursors = KeyValue.open_cursors.number
+EKeys = KeyValue.keys.number
+EPutMany = KeyValue.put_many.number
 EOpenCursor = 6
 ECursorNext = 7
 ECloseCursor = 8
-EOpenCursors = 9
 EOpenTable = 10
 ETableSet = 11
 ETableGet = 12
@@ -87,8 +148,10 @@ ETableDelete = 13
 ETableCount = 14
 ECloseTable = 15
 
-# A table function does what the store function does, in the table.
-_TABLE_FUNCTIONS = {ETableSet: ESet, ETableGet: EGet, ETableDelete: EDelete, ETableCount: ECount}
+_SUBSESSION_FUNCTIONS = frozenset(
+    {EOpenCursor, ECursorNext, ECloseCursor, EOpenTable, ETableSet, ETableGet, ETableDelete,
+     ETableCount, ECloseTable}
+)
 
 T = TypeVar("T")
 
@@ -118,23 +181,55 @@ class KvTable:
         self.data = data
 
 
-class KvSession(CSession):
+class KvSession(InterfaceSession[KeyValue]):
     """One client's session. The store belongs to the server; the session's only state is its
-    open subsessions, which `NewSubSessionL` keeps in its object index."""
+    open subsessions, which `NewSubSessionL` keeps in its object index.
 
-    def ServiceL(self, message: RMessage) -> None:
+    The interface's operations are its methods; the subsession functions are served raw, here.
+    """
+
+    # -- the interface (each method's arguments decoded, its return encoded, by the base) -------
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.Server().store[key] = value
+
+    def get(self, key: bytes) -> bytes:
+        # A value longer than the caller's reply descriptor: KErrOverflow, nothing written.
+        return _lookup(self.Server().store, key)
+
+    def delete(self, key: bytes) -> None:
         store = self.Server().store
+        _lookup(store, key)
+        del store[key]
+
+    def count(self) -> int:
+        return len(self.Server().store)
+
+    def value_length(self, key: bytes) -> int:
+        return len(_lookup(self.Server().store, key))
+
+    def open_cursors(self) -> int:
+        return int(self.Server().open_cursors)
+
+    def keys(self, prefix: bytes) -> list[bytes]:
+        return sorted(key for key in self.Server().store if key.startswith(prefix))
+
+    def put_many(self, entries: dict[bytes, bytes]) -> int:
+        store = self.Server().store
+        store.update(entries)
+        return len(store)
+
+    # -- the raw subsession functions ---------------------------------------------------------
+
+    def ServiceL(self, message: RMessage) -> Awaitable[None] | None:
         function = message.Function()
-
-        if function in (ESet, EGet, EDelete, ECount):
-            self._dict_request(message, function, store)
-
-        elif function == EValueLength:
-            message.Complete(len(self._lookup(store, message.ReadL(0))))
+        if function not in _SUBSESSION_FUNCTIONS:
+            return super().ServiceL(message)  # the interface's operations
+        store = self.Server().store
 
         # -- cursors ---------------------------------------------------------------------------
 
-        elif function == EOpenCursor:
+        if function == EOpenCursor:
             prefix = _optional_descriptor(message, 0)
             # The handle goes into the client's argument 3; if that fails, the cursor is closed.
             self.NewSubSessionL(message, KvCursor(self.Server(), store, prefix or b""))
@@ -148,9 +243,6 @@ class KvSession(CSession):
             self.CloseSubSessionL(message)  # removes it and calls KvCursor.Close
             message.Complete(KErrNone)
 
-        elif function == EOpenCursors:
-            message.Complete(self.Server().open_cursors)
-
         # -- tables ----------------------------------------------------------------------------
 
         elif function == EOpenTable:
@@ -161,17 +253,14 @@ class KvSession(CSession):
             self.NewSubSessionL(message, KvTable(data))
             message.Complete(KErrNone)
 
-        elif function in _TABLE_FUNCTIONS:
-            data = self._subsession(message, KvTable).data
-            self._dict_request(message, _TABLE_FUNCTIONS[function], data)
-
         elif function == ECloseTable:
             self._subsession(message, KvTable)
             self.CloseSubSessionL(message)
             message.Complete(KErrNone)
 
-        else:
-            raise IpcError(KErrNotSupported, f"kv has no function {function}")
+        else:  # a table function
+            self._table_request(message, function, self._subsession(message, KvTable).data)
+        return None
 
     def _subsession(self, message: RMessage, kind: type[T]) -> T:
         """The subsession object of `message` (argument 3), which must be a `kind`."""
@@ -201,39 +290,33 @@ class KvSession(CSession):
             return
         message.Complete(KErrEof)
 
-    def _dict_request(self, message: RMessage, function: int, data: dict[bytes, bytes]) -> None:
-        """ESet, EGet, EDelete or ECount on `data`: the store, or a table's."""
-        if function == ESet:
+    def _table_request(self, message: RMessage, function: int, data: dict[bytes, bytes]
+                       ) -> None:
+        """ETableSet, ETableGet, ETableDelete or ETableCount on a table's `data`."""
+        if function == ETableSet:
             # ReadL raises KErrBadDescriptor for an int argument: the client gets that code.
             data[message.ReadL(0)] = message.ReadL(1)
             message.Complete(KErrNone)
-        elif function == EGet:
-            value = self._lookup(data, message.ReadL(0))
+        elif function == ETableGet:
+            value = _lookup(data, message.ReadL(0))
             # WriteL raises KErrOverflow when the value is longer than the client's buffer
             # (its max length). We let it propagate: the framework completes the message with
             # the code, and the client's SendReceive raises Overflow.
             message.WriteL(1, value)
             message.Complete(len(value))
-        elif function == EDelete:
+        elif function == ETableDelete:
             key = message.ReadL(0)
-            self._lookup(data, key)
+            _lookup(data, key)
             del data[key]
             message.Complete(KErrNone)
         else:
             message.Complete(len(data))
 
-    @staticmethod
-    def _lookup(store: dict[bytes, bytes], key: bytes) -> bytes:
-        """The value stored under `key`; leaves with KErrNotFound if there is none."""
-        try:
-            return store[key]
-        except KeyError:
-            raise IpcError(KErrNotFound, f"no key {key!r}") from None
 
 
 class KvServer(CServer):
-    name = "kv"
-    version = TVersion(1, 0, 0)
+    name = KeyValue.interface.name
+    version = KeyValue.interface.version
     session_class = KvSession
 
     def __init__(self) -> None:
@@ -242,6 +325,14 @@ class KvServer(CServer):
         self.store: dict[bytes, bytes] = {}
         self.tables: dict[bytes, dict[bytes, bytes]] = {}
         self.open_cursors = 0
+
+
+def _lookup(store: dict[bytes, bytes], key: bytes) -> bytes:
+    """The value stored under `key`; leaves with KErrNotFound if there is none."""
+    try:
+        return store[key]
+    except KeyError:
+        raise IpcError(KErrNotFound, f"no key {key!r}") from None
 
 
 def _optional_descriptor(message: RMessage, index: int) -> bytes | None:

@@ -1,29 +1,31 @@
 """The notifier server: hold a client's request, complete it later from another thread.
 
-This is the Symbian "notification" pattern. A client sends ``EWaitForEvent`` asynchronously (with
-a `TRequestStatus`); the server does not complete it in ``ServiceL`` but keeps the `RMessage`.
-When some client publishes an event, the waiting messages are completed from a separate thread
-(a publisher thread, or a timer thread), while the server's loop thread goes on serving other
-requests. ``RMessage.Complete`` may be called from any thread; a message is owned by exactly one
-party at a time (the table of waiters, or the publisher that took it from there), so it is never
-completed twice.
+This is the Symbian "notification" pattern. A client calls ``wait_for_event`` asynchronously
+(``notifier.wait_for_event.send()``, or ``await notifier.wait_for_event.call_async()``); the
+server does not answer at once but returns a `Deferred` and keeps it. When some client
+publishes an event, the waiting requests are resolved from a separate thread (a publisher
+thread, or a timer thread), while the server's loop thread goes on serving other requests. A
+deferred result may be resolved from any thread; each is owned by exactly one party at a time
+(the table of waiters, or the publisher that took it from there), so it is never resolved
+twice.
 
-Functions (the client's opcodes; import them from here, the single source of truth):
+Its interface is `Notifier` (docs/interfaces.md); the raw opcodes (``EWaitForEvent`` ...) are
+its function numbers, for raw clients:
 
-* ``EWaitForEvent`` (1): held until the next event is published, then completes with the event's
-  value (an int >= 0). If argument 0 is a writable descriptor, the event's payload is written into
-  it first (``KErrOverflow`` instead if the payload does not fit). One wait per session at a
-  time: a second one completes at once with ``KErrInUse``.
-* ``EPublish`` (2): value = int 0 (>= 0), payload = descriptor 1 (optional). Takes every wait
-  held at this moment, by every session, completes with the number of waits taken, and then
-  completes those waits from a new publisher thread. A wait sent after the publish waits for the
-  next event.
-* ``ECancelWait`` (3): the Symbian cancel idiom. Completes this session's held wait with
-  ``KErrCancel`` (if there is one), then completes itself with ``KErrNone``.
-* ``EPublishAfter`` (4): delay in ms = int 0 (0..``MAX_DELAY_MS``), value = int 1, payload =
-  descriptor 2 (optional). Completes at once; after the delay a timer thread publishes the event
+* ``wait_for_event(payload=None) -> int`` (``EWaitForEvent``, 1): held until the next event is
+  published, then returns the event's value (an int >= 0). If `payload` (argument 0) is a
+  bytearray, the event's payload is written into it first (``KErrOverflow`` instead if it does
+  not fit). One wait per session at a time: a second one fails at once with ``KErrInUse``.
+* ``publish(value, payload=b"") -> int`` (``EPublish``, 2): value = int 0 (>= 0), payload =
+  descriptor 1. Takes every wait held at this moment, by every session, returns the number of
+  waits taken, and then answers those waits from a new publisher thread. A wait sent after
+  the publish waits for the next event.
+* ``cancel_wait()`` (``ECancelWait``, 3): the Symbian cancel idiom. Completes this session's
+  held wait with ``KErrCancel`` (if there is one), then itself.
+* ``publish_after(delay_ms, value, payload=b"")`` (``EPublishAfter``, 4): delay = int 0
+  (0..``MAX_DELAY_MS``). Returns at once; after the delay a timer thread publishes the event
   to the waits held at that moment.
-* ``EWaiterCount`` (5): completes with the number of waits held right now.
+* ``waiter_count() -> int`` (``EWaiterCount``, 5): the number of waits held right now.
 
 When a session closes with a wait still held, ``Disconnect`` completes that wait with
 ``KErrCancel`` (harmless: the client has already completed it locally with ``KErrSessionClosed``)
@@ -47,112 +49,135 @@ import threading
 from collections.abc import Callable
 
 from ipcfw import (
-    BadDescriptor,
     CServer,
-    CSession,
+    Deferred,
+    Interface,
+    InterfaceSession,
     IpcError,
     KErrArgument,
     KErrCancel,
     KErrInUse,
     KErrNone,
-    KErrNotSupported,
     RMessage,
-    TVersion,
+    operation,
 )
 
 log = logging.getLogger("servers.notifier")
 
-EWaitForEvent = 1
-EPublish = 2
-ECancelWait = 3
-EPublishAfter = 4
-EWaiterCount = 5
-
 MAX_DELAY_MS = 5000
-"""The longest delay ``EPublishAfter`` accepts: timer threads stay short-lived."""
+"""The longest delay ``publish_after`` accepts: timer threads stay short-lived."""
+
+
+class Notifier(Interface, name="notifier", version=(1, 0, 0)):
+    """The notifier's interface.
+
+    ::
+
+        with Notifier.connect() as notifier:
+            payload = bytearray(64)
+            waiting = notifier.wait_for_event.send(payload)     # a Reply, at once
+            ...
+            value = await waiting       # payload now holds the event's payload
+    """
+
+    @operation(1)
+    def wait_for_event(self, payload: bytearray | None = None) -> int:
+        """The next event's value; `payload`, if given, receives its payload."""
+
+    @operation(2)
+    def publish(self, value: int, payload: bytes = b"") -> int:
+        """Publish an event (`value` >= 0); returns how many waits it wakes."""
+
+    @operation(3)
+    def cancel_wait(self) -> None:
+        """Cancel this session's wait: it fails with ``Cancelled`` (KErrCancel)."""
+
+    @operation(4)
+    def publish_after(self, delay_ms: int, value: int, payload: bytes = b"") -> None:
+        """Have the server's timer thread publish an event after `delay_ms`."""
+
+    @operation(5)
+    def waiter_count(self) -> int:
+        """The number of waits held right now, by every session."""
+
+
+EWaitForEvent = Notifier.wait_for_event.number
+EPublish = Notifier.publish.number
+ECancelWait = Notifier.cancel_wait.number
+EPublishAfter = Notifier.publish_after.number
+EWaiterCount = Notifier.waiter_count.number
 
 
 class Waiter:
-    """A held ``EWaitForEvent`` message, and whether the client gave a buffer for the payload."""
+    """A held wait: its deferred result, and the client's buffer for the payload (or None)."""
 
-    __slots__ = ("message", "wants_payload")
+    __slots__ = ("deferred", "payload")
 
-    def __init__(self, message: RMessage) -> None:
-        self.message = message
-        try:
-            message.GetDesMaxLength(0)  # raises BadDescriptor if argument 0 is an int
-            self.wants_payload = True
-        except BadDescriptor:
-            self.wants_payload = False
+    def __init__(self, payload: bytearray | None) -> None:
+        self.deferred: Deferred[int] = Deferred()
+        self.payload = payload
 
     def deliver(self, value: int, payload: bytes) -> None:
-        """Complete the wait with the event. Called on a publisher or timer thread."""
-        if self.wants_payload:
-            try:
-                self.message.WriteL(0, payload)
-            except IpcError as exc:  # KErrOverflow: the client's buffer is too short
-                self.message.Complete(exc.code)
-                return
-        self.message.Complete(value)
+        """Answer the wait with the event. Called on a publisher or timer thread."""
+        if self.payload is not None:
+            self.payload[:] = payload  # written back (or KErrOverflow) when resolved
+        self.deferred.resolve(value)
+
+    def cancel(self) -> None:
+        self.deferred.fail(IpcError(KErrCancel))
 
 
-class NotifierSession(CSession):
-    def ServiceL(self, message: RMessage) -> None:
+class NotifierSession(InterfaceSession[Notifier]):
+    def wait_for_event(self, payload: bytearray | None) -> Deferred[int]:
+        # Not answered here: the server keeps it until an event is published.
+        waiter = Waiter(payload)
+        self.Server().hold(self, waiter)
+        return waiter.deferred
+
+    def publish(self, value: int, payload: bytes) -> int:
+        _check_event_value(value)
         server: NotifierServer = self.Server()
-        function = message.Function()
+        waiters = server.take_waiters()
+        # Hand the waits to a publisher thread, which answers them while the loop thread
+        # answers this publish and goes on serving.
+        server.run_later("publish", 0.0, lambda: _deliver_all(waiters, value, payload))
+        return len(waiters)
 
-        if function == EWaitForEvent:
-            # Not completed here: the server keeps it until an event is published.
-            server.hold(self, Waiter(message))
-
-        elif function == EPublish:
-            value, payload = _event_value(message.Int0()), _optional_descriptor(message, 1)
-            waiters = server.take_waiters()
-            # Complete the publish first, then hand the waits to a publisher thread: the loop
-            # thread is free again at once, and the waits complete from that other thread.
-            message.Complete(len(waiters))
-            server.run_later("publish", 0.0, lambda: _deliver_all(waiters, value, payload))
-
-        elif function == ECancelWait:
-            # Symbian's cancel idiom: complete the outstanding request with KErrCancel, then the
-            # cancel request itself. Cancelling when nothing is held is harmless.
-            waiter = server.release(self)
-            if waiter is not None:
-                waiter.message.Complete(KErrCancel)
-            message.Complete(KErrNone)
-
-        elif function == EPublishAfter:
-            delay_ms = message.Int0()
-            if not 0 <= delay_ms <= MAX_DELAY_MS:
-                raise IpcError(KErrArgument, f"delay must be 0..{MAX_DELAY_MS} ms, got {delay_ms}")
-            value, payload = _event_value(message.Int1()), _optional_descriptor(message, 2)
-            message.Complete(KErrNone)
-            # The waits are taken when the timer fires, not now: a wait sent meanwhile gets it.
-            server.run_later(
-                "timer", delay_ms / 1000,
-                lambda: _deliver_all(server.take_waiters(), value, payload),
-            )
-
-        elif function == EWaiterCount:
-            message.Complete(server.waiter_count())
-
-        else:
-            raise IpcError(KErrNotSupported, f"notifier has no function {function}")
-
-    def Disconnect(self, message: RMessage) -> None:
-        # Complete what we still hold (a late completion for a closed session is dropped by the
-        # kernel, so this is harmless), then the disconnect: the kernel frees the session.
+    def cancel_wait(self) -> None:
+        # Symbian's cancel idiom: complete the outstanding request with KErrCancel, then the
+        # cancel request itself. Cancelling when nothing is held is harmless.
         waiter = self.Server().release(self)
         if waiter is not None:
-            waiter.message.Complete(KErrCancel)
+            waiter.cancel()
+
+    def publish_after(self, delay_ms: int, value: int, payload: bytes) -> None:
+        if not 0 <= delay_ms <= MAX_DELAY_MS:
+            raise IpcError(KErrArgument, f"delay must be 0..{MAX_DELAY_MS} ms, got {delay_ms}")
+        _check_event_value(value)
+        server: NotifierServer = self.Server()
+        # The waits are taken when the timer fires, not now: a wait sent meanwhile gets it.
+        server.run_later(
+            "timer", delay_ms / 1000,
+            lambda: _deliver_all(server.take_waiters(), value, payload),
+        )
+
+    def waiter_count(self) -> int:
+        return int(self.Server().waiter_count())
+
+    def Disconnect(self, message: RMessage) -> None:
+        # Cancel what we still hold (a late completion for a closed session is dropped by the
+        # kernel, so this is harmless), then complete the disconnect: the kernel frees the
+        # session.
+        waiter = self.Server().release(self)
+        if waiter is not None:
+            waiter.cancel()
         message.Complete(KErrNone)
 
 
 class NotifierServer(CServer):
-    name = "notifier"
-    version = TVersion(1, 0, 0)
+    name = Notifier.interface.name
+    version = Notifier.interface.version
     session_class = NotifierSession
-
     def __init__(self) -> None:
         # The loop thread and the publisher/timer threads all touch these: guard them.
         self._lock = threading.Lock()
@@ -226,16 +251,7 @@ def _deliver_all(waiters: list[Waiter], value: int, payload: bytes) -> None:
         waiter.deliver(value, payload)
 
 
-def _event_value(value: int) -> int:
+def _check_event_value(value: int) -> None:
     # Waiters complete with this value; a negative one would reach them as an error code.
     if value < 0:
         raise IpcError(KErrArgument, f"an event value must be >= 0, got {value}")
-    return value
-
-
-def _optional_descriptor(message: RMessage, index: int) -> bytes:
-    """Descriptor argument `index`, or b"" if the client sent an int (or nothing) there."""
-    try:
-        return message.ReadL(index)
-    except BadDescriptor:
-        return b""

@@ -31,10 +31,33 @@ SUBCLASS_RECORDS = [info for info in all_codes() if info.exception is not None]
 
 
 def test_docs_page_matches_generator() -> None:
-    assert DOCS_ERRORS.read_text(encoding="utf-8") == errors.render_markdown(), (
+    page = DOCS_ERRORS.read_text(encoding="utf-8")
+    generated, marker, hand_written = page.partition(errors.HAND_WRITTEN)
+    assert generated == errors.render_markdown(), (
         "docs/errors.md is out of date; regenerate it with: "
-        "python -m ipcfw.errors --markdown > docs/errors.md"
+        "python -m ipcfw.errors --update docs/errors.md"
     )
+    assert marker and hand_written, "docs/errors.md lost its common mistakes"
+
+
+def test_update_rewrites_the_generated_part_and_keeps_the_rest(tmp_path: Path) -> None:
+    page = tmp_path / "errors.md"
+    page.write_text("stale table\n" + errors.HAND_WRITTEN + "by hand\n", encoding="utf-8")
+    assert errors.main(["--update", str(page)]) == 0
+    assert page.read_text(encoding="utf-8") == (
+        errors.render_markdown() + errors.HAND_WRITTEN + "by hand\n")
+
+
+def test_an_error_from_the_server_says_so() -> None:
+    error = errors.from_server(errors.KErrNotFound, "no key b'colour'")
+    assert type(error) is errors.NotFound and error.from_server
+    assert str(error) == "KErrNotFound (-1) from the server: no key b'colour'"
+    assert str(errors.from_server(-1000, "own")) == "error -1000 from the server: own"
+    plain = errors.from_server(errors.KErrNotFound, "")  # no text: as IpcError(code)
+    assert not plain.from_server and str(plain) == str(IpcError(errors.KErrNotFound))
+    copied = pickle.loads(pickle.dumps(error))
+    assert type(copied) is errors.NotFound and copied.from_server and str(copied) == str(error)
+    assert not IpcError(errors.KErrNotFound, "local").from_server
 
 
 def test_docs_page_content() -> None:

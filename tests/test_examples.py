@@ -113,9 +113,9 @@ def test_kv_buffer_too_small_raises_overflow_and_leaves_it_unchanged(kv):
 
 def test_kv_bad_arguments_are_errors_not_crashes(kv):
     with RSession.connect("kv") as session:
-        with pytest.raises(BadDescriptor):
+        with pytest.raises(BadArgument):
             session.SendReceive(ESet, (1, b"value"))  # key is an int
-        with pytest.raises(BadDescriptor):
+        with pytest.raises(BadArgument):
             session.SendReceive(ESet, (b"key",))  # no value
         session.SendReceive(ESet, (b"key", b"value"))
         with pytest.raises(BadDescriptor):
@@ -297,7 +297,7 @@ def test_a_late_completion_after_the_host_stopped_is_harmless(kernel, tmp_path):
     paths = [tmp_path / f"unrelated-{i}" for i in range(8)]
     files = [open(path, "wb", buffering=0) for path in paths]
     try:
-        waiter.message.Complete(1)  # from this thread, as the timer thread would: must be harmless
+        waiter.deliver(1, b"")  # from this thread, as the timer thread would: must be harmless
     finally:
         for file in files:
             file.close()
@@ -310,7 +310,8 @@ CLIENTS = [
     ("servers.echo:EchoServer", "echo", "clients/echo_client.py",
      ["EEchoInt(42)          -> 42", "b'hello'", "[100, 200, 300]"]),
     ("servers.kv:KvServer", "kv", "clients/kv_client.py",
-     ["ECount = 3", "KErrOverflow", "KErrNotFound", "async ECount = 2"]),
+     ["count() = 3", "SendReceive(ECount)   -> 3", "KErrOverflow", "KErrNotFound",
+      "async count() = 2"]),
     ("servers.notifier:NotifierServer", "notifier", "clients/notifier_client.py",
      ["woke 2 waits", "b'door opened'", "KErrCancel"]),
 ]

@@ -119,6 +119,8 @@ ROUND_TRIP: list = [
     Complete(U63_MAX, I32_MIN, ()),
     Complete(5, I32_MAX, ((0, b""), (3, b"abc"))),
     Complete(6, -38, ((0, b"a"), (1, b"b"), (2, b"c"), (3, b"d"))),
+    Complete(7, -1, (), "no key b'colour'"),
+    Complete(8, -2, ((0, b"x"),), "é" * protocol.MAX_ERROR_TEXT),
     Panic(1, "KERN-EXEC", 0),
     Panic(U63_MAX, "c" * MAX_CATEGORY, I32_MIN),
     Panic(2, "", I32_MAX),
@@ -178,6 +180,7 @@ ROUND_TRIP: list = [
     ),
     protocol.MappedCompleted(1, 0, ()),
     protocol.MappedCompleted(2, -1, ((0, b"abc"), (1, protocol.MAX_MAPPED), (3, 0))),
+    protocol.MappedCompleted(3, -1, ((1, 5),), "no such record"),
     # kernel -> client
     Welcome(0, MAX_FRAME, PROTOCOL_VERSION),
     Welcome(2**32 - 1, U63_MAX, PROTOCOL_VERSION),
@@ -185,9 +188,11 @@ ROUND_TRIP: list = [
     Connected(2, -1, 0, b""),
     Connected(U63_MAX, I32_MIN, I32_MAX, b"p" * MAX_PAYLOAD),
     Connected(3, 0, 7, b"", "/run/ipcfw/d-0123456789ab", b"t" * 16),
+    Connected(4, -1, 0, b"", text="no server is registered under 'x'"),
     Completed(1, 0, ()),
     Completed(U63_MAX, I32_MAX, ((2, b"\x00" * 100),)),
     Completed(3, I32_MIN, ((0, b""), (1, b"x"), (2, b"yy"), (3, b"zzz"))),
+    Completed(4, -1, (), "t" * protocol.MAX_ERROR_TEXT),
     Panicked(1, 1, "KERN-EXEC", 0, 0),
     Panicked(U63_MAX, I32_MAX, "c" * MAX_CATEGORY, I32_MIN, 1),
     SessionLost(1, -15),
@@ -305,6 +310,13 @@ NO_EXT = r"^(an ext type|ext type -?\d+), where the protocol has none$"
 MALFORMED: list[tuple[str, bytes, str]] = [
     # not msgpack at all, or not exactly one msgpack object
     ("empty", b"", r"not a msgpack frame"),
+    # an error's text: a str of at most MAX_ERROR_TEXT characters
+    ("text over the bound", pack(Kind.COMPLETED, 1, -1, [], "t" * 1025),
+     r"^Completed\.text: expected a string of at most 1024 characters"),
+    ("text is bytes", pack(Kind.COMPLETE, 1, -1, [], b"no"),
+     r"^Complete\.text: expected a string of at most 1024 characters"),
+    ("text is nil", pack(Kind.MAPPED_COMPLETED, 1, -1, [], None),
+     r"^MappedCompleted\.text: expected a string"),
     ("reserved byte 0xc1", b"\xc1", r"not a msgpack frame"),
     ("truncated request", _VALID_REQUEST[:-2], r"not a msgpack frame"),
     ("truncated to one byte", _VALID_REQUEST[:1], r"not a msgpack frame"),
@@ -845,3 +857,18 @@ def test_a_malformed_session_table_is_a_protocol_error(data: bytes) -> None:
 def test_a_malformed_census_is_a_protocol_error(data: bytes) -> None:
     with pytest.raises(ProtocolError, match="CensusReply.counts"):
         unpack_census(data)
+
+
+def test_an_error_text_is_cut_to_the_bound_with_a_marker():
+    assert protocol.error_text("short") == "short"
+    exact = "x" * protocol.MAX_ERROR_TEXT
+    assert protocol.error_text(exact) == exact
+    cut = protocol.error_text(exact + "y")
+    assert len(cut) == protocol.MAX_ERROR_TEXT and cut.endswith(protocol.TRUNCATED)
+    assert cut.startswith("x" * (protocol.MAX_ERROR_TEXT - len(protocol.TRUNCATED)))
+    assert decode(encode(Completed(1, -1, (), cut))).text == cut
+
+
+def test_a_completion_without_text_decodes_with_an_empty_one():
+    assert decode(pack(Kind.COMPLETED, 1, -1, [])) == Completed(1, -1, (), "")
+    assert decode(pack(Kind.COMPLETE, 1, -1, [])) == Complete(1, -1, (), "")

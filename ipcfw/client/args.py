@@ -23,7 +23,8 @@ class TIpcArgs:
       the request completes it holds exactly what the server wrote (``WriteL``), and its length
       becomes offset + bytes written.
 
-    Bad arguments raise ``TypeError`` or ``ValueError`` here, before anything is sent. A plain
+    Bad arguments raise ``TypeError`` or ``ValueError`` here, before anything is sent (a
+    ``bool`` too: ``True`` is not silently sent as 1). A plain
     tuple is accepted wherever a TIpcArgs is::
 
         session.SendReceive(EWrite, TIpcArgs(3, b"data"))
@@ -63,6 +64,9 @@ class TIpcArgs:
             if len(arg) >= SHARED_OVER:
                 self.large = True
             return bytes(arg)
+        if isinstance(arg, bool):
+            raise TypeError(f"argument {index}: {arg!r} is a bool, not an int; pass "
+                            f"{int(arg)} if you mean the number (an int, bytes or bytearray)")
         if isinstance(arg, int):
             if not I32_MIN <= arg <= I32_MAX:
                 raise ValueError(f"argument {index}: {arg} does not fit in a 32-bit signed int")

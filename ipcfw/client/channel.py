@@ -36,7 +36,7 @@ from ..protocol import (
     encode,
 )
 from .joining import Joining
-from .state import ClientState, Pending
+from .state import ClientState, Pending, server_error
 
 log = logging.getLogger("ipcfw.client")
 
@@ -421,7 +421,8 @@ class Channel(LockedChannel):
             return
         # (`type(x) is C`, not a saved `type(x)`, so that type checkers narrow `reply`.)
         if type(reply) is Completed:
-            self.runtime.complete(reply.req_id, reply.value, reply.writes)
+            error = server_error(reply.value, reply.text) if reply.text else None
+            self.runtime.complete(reply.req_id, reply.value, reply.writes, error)
         elif type(reply) is Panicked:
             self.runtime.panicked(reply)
         elif type(reply) is Dropped and reply.routing_id == self.routing_id:

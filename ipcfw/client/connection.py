@@ -33,7 +33,7 @@ from ..protocol import (
 from . import shm
 from .channel import SETTLE_INTERVAL, SLICE, Channel, Host, LockedChannel
 from .direct import DirectSocket
-from .state import Pending, log_once
+from .state import Pending, log_once, server_error
 
 log = logging.getLogger("ipcfw.client")
 
@@ -261,13 +261,15 @@ class DirectChannel(LockedChannel):
             self.replies[req_id] = reply  # (a sync call made here)
         elif type(reply) is Completed:
             # Only a request sent on this connection: a server cannot complete another's.
-            if not self.runtime.complete(reply.req_id, reply.value, reply.writes, on=self):
+            error = server_error(reply.value, reply.text) if reply.text else None
+            if not self.runtime.complete(reply.req_id, reply.value, reply.writes, error, on=self):
                 self._foreign(reply)
         elif type(reply) is Panicked:
             self.runtime.panicked(reply, on=self)
         elif type(reply) is MappedCompleted:  # (its memory copied back by shm.MappedPending)
             writes = shm.Answered(reply.writes)
-            if not self.runtime.complete(reply.req_id, reply.value, writes, on=self):
+            error = server_error(reply.value, reply.text) if reply.text else None
+            if not self.runtime.complete(reply.req_id, reply.value, writes, error, on=self):
                 self._foreign(reply)
         else:
             log.error("unexpected %s from the server at %s", type(reply).__name__, self.path)

@@ -281,7 +281,7 @@ class RSession:
             raise errors.ClientPanic(reply.category, reply.reason)
         if type(reply) is not Connected:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to connect: {reply!r}")
-        _check_connected(reply.result)
+        _check_connected(reply.result, text=reply.text)
         direct = None
         if reply.ticket:
             direct = runtime.attach_direct(reply.direct, reply.ticket, reply.handle, timeout)
@@ -360,7 +360,8 @@ class RSession:
         reply = runtime.channel().call(encode(Open(req_id, token)), req_id, timeout, connect=True)
         if type(reply) is not Connected:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Open: {reply!r}")
-        _check_connected(reply.result, also="255 threads are attached to the session, or ")
+        _check_connected(reply.result, also="255 threads are attached to the session, or ",
+                         text=reply.text)
         self._attach(runtime, reply.handle, sharing=EGlobalSharableSessions,
                      direct_path=reply.direct)
 
@@ -634,9 +635,12 @@ def _wire_path(path: str | None) -> int:
     return wire_path
 
 
-def _check_connected(code: int, also: str = "") -> None:
-    """Raise the error a connect or Open was refused with; for KErrOverflow, say which limits
-    it means (`also`: the other one an Open can meet)."""
+def _check_connected(code: int, also: str = "", text: str = "") -> None:
+    """Raise the error a connect or Open was refused with: with `text`, the refusal's own (the
+    server's, or the kernel's); for KErrOverflow without, say which limits it means (`also`:
+    the other one an Open can meet)."""
+    if code < 0 and text:
+        raise errors.IpcError(code, text)
     if code == errors.KErrOverflow:
         raise errors.IpcError(
             code,

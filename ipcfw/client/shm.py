@@ -183,6 +183,8 @@ class MappedPending(Pending[Any]):
             reply = self.call.finish(MappedCompleted(0, value, tuple(writes)),
                                      self.buffers, self.limits)
             assert type(reply) is Completed
+            if reply.value != value:  # (KErrBadDescriptor: not the server's error)
+                error = None
             value, writes = reply.value, reply.writes
         else:  # ended without the server's answer: it may still touch the memory
             self.call.finish(None)
@@ -262,7 +264,7 @@ class MappedCall:
             _copy_back(buffers[index], regions[index], length)
         for region in regions.values():
             self.pool.give(region)
-        return Completed(reply.req_id, value, plain)
+        return Completed(reply.req_id, value, plain, reply.text if fits else "")
 
 
 def _copy_back(buffer: bytearray, region: Region, length: int) -> None:

@@ -117,6 +117,14 @@ def bad_writes(value: int, writes: Sequence[tuple[int, bytes]], limits: Mapping[
     return errors.KErrBadDescriptor, ()
 
 
+def server_error(value: int, text: str) -> errors.IpcError | None:
+    """What a request the server completed with `value` and `text` raises, when the text says
+    more than the code: the server's error, saying it came from the server
+    (`errors.from_server`). None otherwise (a success, or an error without text: the code's
+    own exception, as `errors.check` raises it)."""
+    return errors.from_server(value, text) if value < 0 and text else None
+
+
 CompleteStatus = Callable[[Any, int, "BaseException | None"], None]
 """How a request's status is completed: ``complete_status(status, value, error)``
 (`ipcfw.client.status.complete_request` for a `TRequestStatus`; this module cannot import it)."""
@@ -162,9 +170,12 @@ class Pending(Generic[C]):
     ) -> None:
         """Write back, then complete the status (running its callbacks). Call only for a
         request taken from the table (`ClientState.take`): that is what makes it once. Writes
-        that do not fit the request's descriptors write nothing: KErrBadDescriptor."""
+        that do not fit the request's descriptors write nothing: KErrBadDescriptor (and
+        `error`, which was the server's, is not raised)."""
         if writes:
-            value, writes = bad_writes(value, writes, self.limits)
+            value, checked = bad_writes(value, writes, self.limits)
+            if checked is not writes:
+                error, writes = None, checked
             write_back(self.buffers, writes)
         self.complete_status(self.status, value, error)
 
@@ -395,6 +406,8 @@ class SessionLife(Hold[V]):
                 limits = {i: len(b) for i, b in buffers.items()}
             value, writes = bad_writes(value, reply.writes, limits)
             write_back(buffers, writes)
+        if value < 0 and reply.text and value == reply.value:
+            raise errors.from_server(value, reply.text)
         return errors.check(value)
 
 

@@ -74,6 +74,7 @@ Rules this module keeps:
 from __future__ import annotations
 
 import collections
+import difflib
 import enum
 import itertools
 import secrets
@@ -774,7 +775,8 @@ class KernelState:
         self._require_role(peer, Role.CHANNEL, message)
         code = self._connect_error(message) or self._session_limit_error(peer.process)
         if code:
-            return [Send(peer.rid, Connected(message.req_id, code, 0, b""))]
+            text = self._connect_error_text(message.name, code)
+            return [Send(peer.rid, Connected(message.req_id, code, 0, b"", text=text))]
         server = self.servers[lookup_key(message.name)]
         session = SessionRecord(self._new_handle(), server, peer, message.slots)
         if message.path == Path.DIRECT and server.direct:
@@ -811,6 +813,27 @@ class KernelState:
                 peer, Request(req_id, session.handle, function, args, Mode.SYNC)
             )
         return actions
+
+    def _connect_error_text(self, name: str, code: int) -> str:
+        """What the client's error says of a refused connect to `name` (`code`): for an unknown
+        name, the name and the closest registered ones (a typo, or the wrong case of a word);
+        for a bad name, what is wrong with it; for a server whose registration is ending, why."""
+        if code == errors.KErrBadName:
+            return name_problem(name) or ""
+        server = self.servers.get(lookup_key(name))
+        if code == errors.KErrServerTerminated and server is not None:
+            terminating = server.terminating
+            reason = "" if terminating is None else TerminationReason(terminating).name
+            return f"server {server.name!r} is ending its registration ({reason})"
+        if code != errors.KErrNotFound:
+            return ""
+        close = difflib.get_close_matches(lookup_key(name), list(self.servers), n=3, cutoff=0.6)
+        if not close:
+            return (f"no server is registered under {name!r} (start it, or wait for it to "
+                    f"register: {len(self.servers)} registered, none with a similar name)")
+        names = ", ".join(repr(self.servers[key].name) for key in close)
+        what = "name" if len(close) == 1 else "names"
+        return f"no server is registered under {name!r}; the closest registered {what}: {names}"
 
     def _connect_error(self, message: Connect) -> int:
         if name_problem(message.name):
@@ -1170,13 +1193,13 @@ class KernelState:
         record = self._own_message(peer, message.msg_id, message)
         if record is None:
             return []
-        value, writes = message.value, message.writes
+        value, writes, text = message.value, message.writes, message.text
         for index, data in writes:
             limit = record.writable.get(index)
             if limit is None or len(data) > limit:
                 # The server library never sends this; a hostile server must not corrupt
                 # the client's buffer, so the request fails instead.
-                value, writes = errors.KErrBadDescriptor, ()
+                value, writes, text = errors.KErrBadDescriptor, (), ""
                 break
         session = record.session
         self._free_message(record)
@@ -1184,9 +1207,10 @@ class KernelState:
         if kind is _REQUEST:
             if not session.deliverable:
                 return []
-            return self._answer(record, Completed(record.req_id, value, writes))
+            # (an error's text, what the server said happened, goes to the client as it is)
+            return self._answer(record, Completed(record.req_id, value, writes, text))
         if kind is _CONNECT:
-            return self._connect_done(record, value)
+            return self._connect_done(record, value, text=text)
         if kind is MessageKind.ADMIT:
             return self._admitted(record, value)
         return self._transition(session, _E.DISCONNECT_DONE)
@@ -1203,12 +1227,14 @@ class KernelState:
         return self._connect_done(record, message.value, message.payload)
 
     def _connect_done(
-        self, record: MessageRecord, value: int, payload: bytes = b""
+        self, record: MessageRecord, value: int, payload: bytes = b"", text: str = ""
     ) -> list[Action]:
         session = record.session
         if value < 0:
             actions = self._transition(session, _E.CONNECT_FAILED)
-            return actions + self._answer(record, Connected(record.req_id, value, 0, b""))
+            return actions + self._answer(
+                record, Connected(record.req_id, value, 0, b"", text=text)
+            )
         actions = self._transition(session, _E.CONNECT_OK)
         direct = session.server.direct if session.direct else ""
         ticket, session.ticket = session.ticket, b""  # (one client learns it, once)

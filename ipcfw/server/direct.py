@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import weakref
 from typing import NamedTuple, Protocol
 from collections.abc import Callable
 
@@ -93,7 +94,7 @@ from ..protocol import (
 )
 from . import trace
 from .coroutines import Coroutines
-from .message import ClientInfo, DirectMessage, RMessage, cancel_by_client
+from .message import ClientInfo, DirectMessage, InService, RMessage, cancel_by_client
 from .plugin import CSession
 
 log = logging.getLogger("ipcfw.server")
@@ -136,8 +137,11 @@ class StateView(Protocol):
     coroutines: Coroutines  # what async ServiceLs are serving
 
     def service(self, session: CSession, message: RMessage, function: int,
-                held: dict[int, RMessage], key: int) -> None:
+                held: InService, key: int) -> None:
         """Serve one request as a kernel Deliver is served (``ServiceL``, ErrorString)."""
+
+    def forgotten(self, message: RMessage) -> None:
+        """The plugin let go of `message` without completing it: complete it, soon."""
 
     def session_panicked(self, handle: int, category: str, reason: int) -> None:
         """Tell the kernel the server panicked the client of `handle` on the direct path."""
@@ -161,9 +165,10 @@ class DirectConnection:
         self.attached: set[int] = set()
         self.attaches = 0  # Attach requests granted on it, ever
         self.client: ClientInfo | None = None  # the kernel's PeerInfo for it, from its tickets
-        self.in_service: dict[int, RMessage] = {}
+        self.in_service = InService()  # (weakly: see ipcfw.server.message)
         self.open = True
         self._io = rules.io
+        self._state = rules._state
         self._server = rules._name  # (for the debug log)
         self._trace = trace.enabled()  # (read once: the hot path tests a bool)
 
@@ -173,6 +178,10 @@ class DirectConnection:
         if self._trace:
             trace.completion(self._server, message, frame)
         self._io.post(self, message, frame)
+
+    def forgotten(self, message: RMessage) -> None:
+        """The plugin let go of a request of this connection without completing it."""
+        self._state.forgotten(message)
 
     def __repr__(self) -> str:
         state = "open" if self.open else "closed"
@@ -200,7 +209,8 @@ class DirectRules:
         self._holders: dict[int, set[DirectConnection]] = {}  # handle -> connections attached
         self._dead: dict[int, tuple[str, int]] = {}  # handle -> the panic that killed it
         # Requests taken and not yet ended here (rule 11): finished, cancelled or forgotten.
-        self._live: set[DirectMessage] = set()
+        # (Weakly: a request the plugin let go of is finalized; see ipcfw.server.message.)
+        self._live: weakref.WeakSet[DirectMessage] = weakref.WeakSet()
         self.closing = False  # a deregistration has begun (rule 11)
         self._when_idle: Callable[[], None] | None = None
         self.problems: collections.Counter[str] = collections.Counter()
@@ -314,7 +324,7 @@ class DirectRules:
             return
         connection.open = False
         # (copy(): another thread completing a message takes it out of the dict meanwhile)
-        for message in connection.in_service.copy().values():
+        for message in connection.in_service.values():
             self._cancel(message, tell_client=False, connection=connection)
         connection.in_service.clear()
         for handle in list(connection.attached):
@@ -333,10 +343,9 @@ class DirectRules:
             self.io.send(connection, frame)  # (not once Close or Disconnect let the handle go)
         if message.panic is not None and message.handle in self._state.sessions:
             self._panicked(message.handle, message.panic)
-        if self._live:
-            self._live.discard(message)
-            if self.closing:
-                self._idle_check()
+        self._live.discard(message)
+        if self.closing:
+            self._idle_check()
 
     def _panicked(self, handle: int, panic: tuple[str, int]) -> None:
         """Rule 5: the session is dead on the direct path; the kernel is told, so that it ends
@@ -365,7 +374,7 @@ class DirectRules:
         counts: dict[int, int] = {}
         connections = {c for holders in self._holders.values() for c in holders}
         for connection in connections:  # (one pass over each connection's requests)
-            for message in connection.in_service.copy().values():
+            for message in connection.in_service.values():
                 if isinstance(message, DirectMessage) and message.handle in connection.attached:
                     counts[message.handle] = counts.get(message.handle, 0) + 1
         return counts
@@ -499,7 +508,7 @@ class DirectRules:
         waits for them (rule 11); their completions still free their slots. (A scan: a
         connection has few requests in service, and this runs once per Close.)"""
         in_service = connection.in_service
-        for req_id, message in list(in_service.items()):
+        for req_id, message in in_service.items():
             if isinstance(message, DirectMessage) and message.handle == handle:
                 in_service.pop(req_id, None)
                 self._live.discard(message)

@@ -204,7 +204,8 @@ class ServerHost:
         self._outbox = outbox
         self.state = ServerState(self.layers, lambda frame: self._emit(outbox, frame),
                                  max_frame=max_frame, routing_id=self._socket.routing_id,
-                                 direct=port if port.path else None, spawn=self._spawn)
+                                 direct=port if port.path else None, spawn=self._spawn,
+                                 defer=self.call_soon)
         port.rules = self.state.direct
         port.max_frame = max_frame
         self._registration = (self.state, threading.Event())

@@ -4,18 +4,28 @@ An `RMessage` is built by the server's state (`ipcfw.server.state`) for each con
 and disconnect the kernel delivers. The plugin reads its arguments and completes it exactly
 once, from any thread. The message knows nothing of sockets or of the host: when it completes,
 it hands the frame to send to its `Completer` (``completed(message, frame)``) and reads the
-kernel's frame limit from it (``max_frame``). That is the whole interface.
+kernel's frame limit from it (``max_frame``); a request the plugin let go of without completing
+it goes to ``forgotten(message)`` (below). That is the whole interface.
 
 Exactly once, from any thread, without a lock: a message records who ended it (Complete, Panic,
 or the client's cancel) in a one-entry dict with ``dict.setdefault``, which is atomic (one C call
 on an int key: under the GIL, or the dict's own lock in a free-threaded build). The first caller
 stores its token and wins; every later caller reads the winner's. This keeps the pure state
 free of `threading`, and costs less than a lock on the hot path.
+
+Forgotten messages: a request the plugin neither completed nor kept (no reference to it is
+left) would leave its client waiting forever. The tables of requests in service hold them
+weakly (`InService`), so that such a message is finalized; its ``__del__`` hands it to its
+completer's ``forgotten``, which completes it later on the loop thread (a finalizer runs on
+any thread, at any point of the loop's own work: it must do no I/O itself). The message is
+alive again for that while (a finalizer may resurrect its object), and runs ``__del__`` once.
 """
 
 from __future__ import annotations
 
 import logging
+import reprlib
+import weakref
 from typing import Any, NamedTuple, Protocol
 
 from .. import errors
@@ -31,12 +41,13 @@ from ..protocol import (
     Panic,
     Panicked,
     encode,
+    error_text,
 )
 from .mapped import MappedArgs, MappedDescriptor
 
 log = logging.getLogger("ipcfw.server")
 
-__all__ = ["ClientInfo", "ServerPanic", "RMessage", "Completer", "MessageKind"]
+__all__ = ["ClientInfo", "ServerPanic", "RMessage", "Completer", "MessageKind", "InService"]
 
 # The functions at the end of this module are the framework's own side of a message (the
 # server's state and the overlays use them); they are not in __all__ and not for plugins.
@@ -79,6 +90,68 @@ class Completer(Protocol):
         """`message` was completed (once: the message guarantees it) and `frame` is its
         completion. Called on whichever thread completed it; it must not block."""
 
+    def forgotten(self, message: RMessage) -> None:
+        """The plugin let go of request `message` without completing it (called by its
+        finalizer: on any thread, possibly in the middle of the loop's own work). Complete it
+        later, on the loop thread; do no I/O here."""
+
+
+class InService:
+    """A table of requests in service by id (a session's on the kernel path, a direct
+    connection's), holding them weakly: a request the plugin let go of without completing it
+    is finalized (see the module's docstring), not kept alive by the table. An entry leaves
+    when its request ends (``pop``), even if its message was collected first.
+
+    `handle`: the session whose requests it holds (0 for a direct connection's, whose
+    messages know their session's handle themselves).
+    """
+
+    __slots__ = ("_refs", "handle")
+
+    def __init__(self, handle: int = 0) -> None:
+        self._refs: dict[int, weakref.ref[RMessage]] = {}
+        self.handle = handle
+
+    def __setitem__(self, key: int, message: RMessage) -> None:
+        self._refs[key] = weakref.ref(message)
+
+    def get(self, key: int) -> RMessage | None:
+        ref = self._refs.get(key)
+        return None if ref is None else ref()
+
+    def pop(self, key: int, default: None = None) -> RMessage | None:
+        ref = self._refs.pop(key, None)  # atomic: any thread
+        return None if ref is None else ref()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._refs
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def items(self) -> list[tuple[int, RMessage]]:
+        """A snapshot of the entries whose message is alive (other threads end them
+        meanwhile: see `client.state.snapshot` for why ``dict.copy``)."""
+        return [(key, message) for key, ref in self._refs.copy().items()
+                if (message := ref()) is not None]
+
+    def values(self) -> list[RMessage]:
+        """A snapshot of the messages alive, as `items`."""
+        return [message for ref in self._refs.copy().values() if (message := ref()) is not None]
+
+    def clear(self) -> None:
+        self._refs.clear()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, dict):  # (tests compare a table with {})
+            return dict(self.items()) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<InService handle=0x{self.handle:x} {len(self._refs)} requests>"
+
 
 class MessageKind:
     """What a message is: a connect, a request, or a disconnect."""
@@ -96,8 +169,13 @@ class _Discard:
     def completed(self, message: RMessage, frame: bytes) -> None:
         log.debug("dropping the completion of stand-in %r", message)
 
+    def forgotten(self, message: RMessage) -> None:
+        """(A stand-in is never in service.)"""
+
 
 _DISCARD = _Discard()
+_REPR = reprlib.Repr()  # a completion value named in an error, shortened
+_REPR.maxstring = _REPR.maxother = 60
 _CANCEL = "Cancel"  # who ended a message the client cancelled
 
 
@@ -115,7 +193,7 @@ class RMessage:
 
     def __init__(self, completer: Completer, msg_id: int, kind: str, function: int,
                  args: tuple[Any, ...], session: Any, client: ClientInfo | None,
-                 held_in: dict[int, RMessage] | None = None) -> None:
+                 held_in: InService | None = None) -> None:
         self._completer = completer
         self._msg_id = msg_id
         self._kind = kind
@@ -253,34 +331,46 @@ class RMessage:
         """True once the message has been completed (or panicked)."""
         return bool(self._end)
 
-    def Complete(self, value: int) -> None:
-        """Complete the message with `value` (>= 0 success, < 0 an error code). Any thread.
+    def Complete(self, value: int | errors.IpcError) -> None:
+        """Complete the message with `value`: an int (>= 0 success, < 0 an error code) or an
+        ``IpcError``, whose code and text reach the client (its exception then reads
+        ``KErrNotFound (-1) from the server: no key b'colour'``). Any thread::
 
+            message.Complete(len(data))
+            message.Complete(IpcError(KErrNotFound, f"no key {key!r}"))
+
+        Raises ``TypeError`` for anything else (a ``bool``, a ``str``, None) and ``ValueError``
+        for an int outside 32 bits, naming the value; the message stays pending then.
         Raises ``ServerPanic("USER", 70)`` if the message was already completed or panicked
         (Symbian's ``ETMesCompletion``); nothing is sent twice.
         """
+        text = ""
         if type(value) is not int:
-            value = _completion_code(value)
-        if not I32_MIN <= value <= I32_MAX:
-            raise ValueError(f"completion value {value} does not fit in 32 bits")
+            value, text = completion_of(value)
+        elif not I32_MIN <= value <= I32_MAX:
+            raise ValueError(f"Complete({value}): a completion value is a 32-bit signed int "
+                             f"({I32_MIN}..{I32_MAX})")
         if self._claim("Complete"):  # (False: cancelled by the client, who has its answer)
-            self._send_completion(value)
+            self._send_completion(value, text)
 
-    def _send_completion(self, value: int) -> None:
+    def _send_completion(self, value: int, text: str = "") -> None:
         writes: tuple[tuple[int, bytes], ...] = ()
         if self._content:
             writes = tuple((i, bytes(b)) for i, b in sorted(self._content.items()))
-        frame = self._completion_frame(value, writes)
+        frame = self._completion_frame(value, writes, error_text(text))
         if len(frame) > self._completer.max_frame:
             log.error("completion of %r is %d bytes, over the kernel's limit; completing with "
                       "KErrOverflow instead", self, len(frame))
-            frame = self._completion_frame(errors.KErrOverflow, ())
+            frame = self._completion_frame(errors.KErrOverflow, (), (
+                f"the server's answer to function {self._function} ({len(frame)} bytes) is over "
+                f"the {self._completer.max_frame}-byte frame limit"))
         self._completer.completed(self, frame)
 
-    def _completion_frame(self, value: int, writes: tuple[tuple[int, bytes], ...]) -> bytes:
-        """The frame that completes this message with `value` and `writes` (the kernel's
-        ``Complete``; a direct message's is the client's ``Completed``)."""
-        return encode(Complete(self._msg_id, value, writes))
+    def _completion_frame(self, value: int, writes: tuple[tuple[int, bytes], ...],
+                          text: str) -> bytes:
+        """The frame that completes this message with `value`, `writes` and `text` (the
+        kernel's ``Complete``; a direct message's is the client's ``Completed``)."""
+        return encode(Complete(self._msg_id, value, writes, text))
 
     def Panic(self, category: str, reason: int) -> None:
         """Panic the client: its call raises ``ClientPanic(category, reason)``, its session dies
@@ -341,6 +431,11 @@ class RMessage:
         if self._held_in is not None:
             self._held_in.pop(self._msg_id, None)
 
+    def __del__(self) -> None:
+        # A request in service that nobody completed and nobody holds (see the module).
+        if not self._end and self._held_in is not None:
+            self._completer.forgotten(self)
+
     def __repr__(self) -> str:
         state = "completed" if self._end else "pending"
         return f"<RMessage {self._msg_id} {self._kind} function={self._function} {state}>"
@@ -359,7 +454,7 @@ class DirectMessage(RMessage):
     __slots__ = ("handle", "mode", "panic", "mapped")
 
     def __init__(self, completer: Completer, req_id: int, function: int, args: tuple[Any, ...],
-                 session: Any, client: ClientInfo | None, held_in: dict[int, RMessage] | None,
+                 session: Any, client: ClientInfo | None, held_in: InService | None,
                  handle: int, mode: int) -> None:
         super().__init__(completer, req_id, MessageKind.REQUEST, function, args, session, client,
                          held_in)
@@ -374,15 +469,16 @@ class DirectMessage(RMessage):
         """The client's id of this request on its connection."""
         return self._msg_id
 
-    def _completion_frame(self, value: int, writes: tuple[tuple[int, bytes], ...]) -> bytes:
+    def _completion_frame(self, value: int, writes: tuple[tuple[int, bytes], ...],
+                          text: str) -> bytes:
         mapped = self.mapped
         if mapped is None:
-            return encode(Completed(self._msg_id, value, writes))
+            return encode(Completed(self._msg_id, value, writes, text))
         # A MappedRequest's answer, even an error: it tells the client its memory is free.
         lengths: list[tuple[int, bytes | int]] = list(writes)
         lengths += [(i, arg.length) for i, arg in enumerate(mapped)
                     if type(arg) is MappedDescriptor and arg.written]
-        return encode(MappedCompleted(self._msg_id, value, tuple(sorted(lengths))))
+        return encode(MappedCompleted(self._msg_id, value, tuple(sorted(lengths)), text))
 
     def _out_of_service(self) -> None:
         super()._out_of_service()
@@ -394,14 +490,23 @@ class DirectMessage(RMessage):
         return encode(Panicked(self._msg_id, self.handle, category, reason, 1))
 
 
-def _completion_code(value: object) -> int:
-    """A completion value that is not a plain int: an `IpcError` (its code) or an int subclass
-    (an IntEnum, a bool)."""
+def completion_of(value: object) -> tuple[int, str]:
+    """The code and text a completion `value` that is not a plain int stands for: an `IpcError`
+    (its code and message) or an int subclass (an IntEnum). TypeError or ValueError, naming the
+    value, for anything else: a bool (``Complete(True)`` is a bug, not 1), a str, None, an int
+    outside 32 bits."""
     if isinstance(value, errors.IpcError):
-        return value.code
+        return value.code, value.message
+    if isinstance(value, bool):
+        raise TypeError(f"Complete({value!r}): a bool is not a completion value; complete with "
+                        "an int (KErrNone, a count) or an IpcError")
     if isinstance(value, int):
-        return int(value)
-    raise TypeError(f"completion value must be an int, not {type(value).__name__}")
+        if not I32_MIN <= value <= I32_MAX:
+            raise ValueError(f"Complete({value}): a completion value is a 32-bit signed int "
+                             f"({I32_MIN}..{I32_MAX})")
+        return int(value), ""
+    raise TypeError(f"Complete({_REPR.repr(value)}): a completion value is an int (>= 0 success, "
+                    f"< 0 an error code) or an IpcError, not {type(value).__name__}")
 
 
 # -- the framework's side of a message (not for plugins) ------------------------------------------
@@ -427,12 +532,39 @@ def cancel_by_client(message: RMessage) -> bool:
     return message._end_by(_CANCEL) is None
 
 
-def complete_unless_ended(message: RMessage, value: int) -> None:
-    """Complete `message` with `value` unless it has been ended already: the framework's own
-    fallback (a ``ServiceL`` or ``Disconnect`` that raised), which must neither panic nor send
-    twice when another thread completed the message meanwhile."""
+def complete_unless_ended(message: RMessage, value: int, text: str = "") -> None:
+    """Complete `message` with `value` (and, for an error, `text`: what happened) unless it has
+    been ended already: the framework's own fallback (a ``ServiceL`` or ``Disconnect`` that
+    raised), which must neither panic nor send twice when another thread completed the message
+    meanwhile."""
     if message._end_by("Complete") is None:
-        message._send_completion(value)
+        message._send_completion(value, text)
+
+
+#: The code a request the server let go of without completing it is completed with (see
+#: docs/failures.md): a bug in the server, as an exception in ``ServiceL`` is.
+FORGOTTEN_CODE = errors.KErrGeneral
+
+
+def complete_forgotten(message: RMessage) -> None:
+    """Complete `message`, which the plugin let go of without completing it (`forgotten`),
+    with `FORGOTTEN_CODE` and a text that says so (a disconnect: with KErrNone, which frees
+    the session); log it with its session and function. On the loop thread."""
+    if message._end:
+        return  # (the client cancelled it meanwhile)
+    held_in = message._held_in
+    handle = getattr(message, "handle", None) or (held_in.handle if held_in is not None else 0)
+    if message._kind == MessageKind.DISCONNECT:
+        log.error("the server's Disconnect let go of the disconnect message of session 0x%x "
+                  "without completing it: completing it, which frees the session", handle)
+        complete_unless_ended(message, errors.KErrNone)
+        return
+    log.error("the server let go of message %d (function %d) of session 0x%x without "
+              "completing it: its client gets %s", message._msg_id, message._function, handle,
+              errors.name_of(FORGOTTEN_CODE))
+    complete_unless_ended(message, FORGOTTEN_CODE, (
+        f"the server dropped the request without completing it (function {message._function}); "
+        "see the server's log"))
 
 
 def route_to(message: RMessage, session: Any) -> None:

@@ -56,6 +56,13 @@ class CServer:
             asks for the direct path (``path="direct"``) then sends its session's requests
             straight to this process on a Unix socket, not through the kernel. The plugin
             sees no difference. False keeps every session of this server on the kernel path.
+        send_exception_text: what the client learns of an exception other than an
+            ``IpcError`` raised by ``ServiceL`` (or ``NewSessionL``, ``CreateL``, ``AcceptL``).
+            False (the default): its type and where it was raised (``ZeroDivisionError in the
+            server's ServiceL (function 3); see the server's log``), the traceback staying in
+            the server's log. True: its text too, which may show any client the server's
+            internals (paths, keys, other clients' data): turn it on for servers whose
+            clients you trust, or while debugging.
     """
 
     name: ClassVar[str] = ""
@@ -63,6 +70,7 @@ class CServer:
     sharing: ClassVar[TServerType] = EUnsharableSessions
     session_class: ClassVar[type | None] = None
     direct: ClassVar[bool] = True
+    send_exception_text: ClassVar[bool] = False
     error_strings: ClassVar[dict[int, str]] = {}
 
     def ErrorString(self, code: int) -> str | None:
@@ -102,9 +110,11 @@ class CServer:
         per client or to refuse a client; any exception fails the connect with its code.
         """
         if not QueryVersionSupported(to_version(self.version), version):
+            served = ".".join(map(str, self.version))
             raise errors.IpcError(
                 errors.KErrNotSupported,
-                f"{self.name} serves version {tuple(self.version)}, client asked {tuple(version)}",
+                f"server {self.name!r} serves version {served}; the client asked for "
+                f"{'.'.join(map(str, version))}",
             )
         if self.session_class is None:
             raise NotImplementedError(
@@ -139,13 +149,16 @@ class CSession:
 
     def ServiceL(self, message: RMessage) -> Awaitable[None] | None:
         """Handle one request (or return an awaitable that does: an ``async def ServiceL``).
-        The default refuses every function with KErrNotSupported."""
-        raise errors.IpcError(errors.KErrNotSupported, f"function {message.Function()}")
+        The default refuses every function with KErrNotSupported (the client's error names the
+        function: see `service_failed`)."""
+        raise errors.IpcError(errors.KErrNotSupported)
 
     def ServiceError(self, message: RMessage, error: errors.IpcError) -> None:
         """Called when ServiceL raised; the default completes the message with the error's code
-        (unless it was completed already: by another thread, for example)."""
-        complete_unless_ended(message, error.code)
+        and text (unless it was completed already: by another thread, for example). For an
+        exception other than an ``IpcError``, `error` is a ``General`` whose text names its
+        type (see ``CServer.send_exception_text``) and whose ``__cause__`` is the exception."""
+        complete_unless_ended(message, error.code, error.message)
 
     def Cancelled(self, message: RMessage) -> None:
         """The client cancelled `message`, which this session still holds. The default does
@@ -249,19 +262,52 @@ def start_session(layer: Any, session: object, handle: int) -> CSession:
 
 def service_failed(session: CSession, message: RMessage, exc: Exception) -> None:
     """`session.ServiceL(message)` raised `exc`: log it, let ``ServiceError`` answer, and
-    complete the message with the error's code if that did not."""
+    complete the message with the error's code and text if that did not.
+
+    The text the client gets: an ``IpcError``'s own message; for a bare ``KErrNotSupported``,
+    the function it refused and what to check; for any other exception, its type (and its
+    text, if the server's ``send_exception_text`` says so) and that the traceback is in the
+    server's log."""
+    function = message.Function()
+    server = _server_under(getattr(session, "_server", None))  # (None: a session not started)
     if isinstance(exc, errors.IpcError):
-        log.info("ServiceL(function %d) left with %s", message.Function(), exc, exc_info=True)
+        log.info("ServiceL(function %d) left with %s", function, exc, exc_info=True)
         error = exc
+        if exc.code == errors.KErrNotSupported and not exc.message:
+            error = errors.IpcError(errors.KErrNotSupported, (
+                f"server {getattr(server, 'name', '')!r} does not support function {function} "
+                f"({type(session).__name__}.ServiceL refused it): check the function number "
+                "the client sends, and that client and server use the same interface version"))
+            error.__cause__ = exc
     else:
-        log.error("ServiceL(function %d) raised", message.Function(), exc_info=True)
-        error = errors.IpcError(errors.KErrGeneral, f"{type(exc).__name__}: {exc}")
+        log.error("ServiceL(function %d) raised", function, exc_info=True)
+        error = errors.IpcError(errors.KErrGeneral,
+                                text_of(exc, f"ServiceL (function {function})", server))
         error.__cause__ = exc
     try:
         session.ServiceError(message, error)
     except Exception:
         log.exception("ServiceError raised")
-    complete_unless_ended(message, error.code)
+    complete_unless_ended(message, error.code, error.message)
+
+
+def _server_under(layer: object) -> CServer | None:
+    """The `CServer` at the bottom of `layer` (a server, or an overlay over one): the name a
+    client knows, and whose ``send_exception_text`` applies to its overlays too."""
+    while layer is not None and not isinstance(layer, CServer):
+        layer = getattr(layer, "overlaid", None)
+    return layer
+
+
+def text_of(exc: BaseException, where: str, server: object) -> str:
+    """The text a client gets for `exc`, raised in the server's `where` (``"ServiceL (function
+    3)"``, ``"NewSessionL"``): an `IpcError`'s message; for anything else its type, its own
+    text if `server`'s ``send_exception_text`` allows it, and where the traceback is."""
+    if isinstance(exc, errors.IpcError):
+        return exc.message
+    detail = f": {exc}" if getattr(server, "send_exception_text", False) and str(exc) else ""
+    return (f"{type(exc).__name__} in the server's {where}{detail}; the traceback is in the "
+            "server's log")
 
 
 def close_subsessions(session: CSession) -> None:

@@ -92,14 +92,16 @@ from .direct import DirectIO, DirectRules
 from .message import (
     ClientInfo,
     DirectMessage,
+    InService,
     MessageKind,
     RMessage,
     ServerPanic,
     accept_connect,
     cancel_by_client,
+    complete_forgotten,
     complete_unless_ended,
 )
-from .plugin import CServer, CSession, close_subsessions, code_of, service_failed
+from .plugin import CServer, CSession, close_subsessions, code_of, service_failed, text_of
 
 log = logging.getLogger("ipcfw.server")
 
@@ -107,6 +109,10 @@ __all__ = ["ServerState", "Outcome", "Stack", "DEREGISTER_REQ"]
 
 DEREGISTER_REQ = 2  # the request id of Deregister (Register used 1)
 _REFUSED_KEPT = 256  # handles of refused connects remembered, for a first request behind one
+
+
+def _at_once(fn: Callable[[], None]) -> None:
+    fn()
 
 
 class Outcome(enum.Enum):
@@ -144,17 +150,21 @@ class ServerState:
 
     def __init__(self, stack: Stack, emit: Callable[[bytes], None], *, max_frame: int,
                  routing_id: bytes = b"", direct: DirectIO | None = None,
-                 spawn: Spawn | None = None) -> None:
+                 spawn: Spawn | None = None,
+                 defer: Callable[[Callable[[], None]], None] | None = None) -> None:
         self.stack = stack
         self.max_frame = max_frame
         self._emit = emit
+        # Runs a function on the loop thread, soon (the host's call_soon; without a host, at
+        # once): what a message's finalizer needs done (`forgotten`).
+        self._defer = defer if defer is not None else _at_once
         self._routing_id = routing_id
         self.sessions: dict[int, CSession] = {}
         self.clients: dict[int, ClientInfo] = {}
         # Per session handle, its delivered requests not yet completed (in ServiceL, or held),
         # by msg_id, so a Cancel can find them. A request leaves when it completes; the
         # session's table goes when the session is disconnected.
-        self._in_service: dict[int, dict[int, RMessage]] = {}
+        self._in_service: dict[int, InService] = {}
         self._refused: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.problems: collections.Counter[str] = collections.Counter()
         self.ended = False
@@ -254,6 +264,12 @@ class ServerState:
             trace.completion(self.stack.server.name, message, frame)
         self._emit(frame)
 
+    def forgotten(self, message: RMessage) -> None:
+        """The plugin let go of `message` without completing it (its finalizer, any thread):
+        complete it on the loop thread, soon, unless the registration has ended."""
+        if not self.ended:
+            self._defer(lambda: complete_forgotten(message))
+
     def session_panicked(self, handle: int, category: str, reason: int) -> None:
         """Tell the kernel the server panicked the client of `handle` on the direct path (it
         then ends the session as for a panic through it)."""
@@ -264,7 +280,8 @@ class ServerState:
 
     def in_service(self, handle: int) -> list[RMessage]:
         """The requests of session `handle` delivered and not yet completed, in order."""
-        return list(self._in_service.get(handle, {}).values())
+        held = self._in_service.get(handle)
+        return [] if held is None else held.values()
 
     def statistics(self) -> dict[str, int]:
         """Counts: sessions, requests in service, refused connects remembered."""
@@ -293,7 +310,7 @@ class ServerState:
         self.service(session, message, request.function, held, request.msg_id)
 
     def service(self, session: CSession, message: RMessage, function: int,
-                held: dict[int, RMessage], key: int) -> None:
+                held: InService, key: int) -> None:
         """Serve one request (its `function`), from the kernel or a direct connection:
         ``RSession.ErrorString`` is answered here; anything else goes to ``ServiceL`` (raising:
         ``ServiceError``), and stays in `held` under `key`, findable by a cancel, until it
@@ -358,15 +375,17 @@ class ServerState:
                     "CServer", 2, "NewSessionL or CreateL completed the connect message"
                 )
         except Exception as exc:
-            log.info("connect to %r refused: %s", self.stack.server.name, exc,
+            server = self.stack.server
+            log.info("connect to %r refused: %s", server.name, exc,
                      exc_info=not isinstance(exc, errors.IpcError))
-            complete_unless_ended(message, code_of(exc))
+            complete_unless_ended(message, code_of(exc),
+                                  text_of(exc, "connect (AcceptL, NewSessionL, CreateL)", server))
             self._refused[request.handle] = None  # its first request, if any, comes next
             if len(self._refused) > _REFUSED_KEPT:
                 self._refused.popitem(last=False)
             return
         self.sessions[request.handle] = session
-        self._in_service[request.handle] = {}
+        self._in_service[request.handle] = InService(request.handle)
         if request.ticket and self.direct is not None:
             # before the acceptance is sent: the client's Attach may follow it at once
             self.direct.add_ticket(request.ticket, request.handle, client, request.slots)
@@ -379,7 +398,9 @@ class ServerState:
         session = self.sessions.pop(request.handle, None)
         # The kernel has answered what the session still held: a Cancel now finds nothing.
         self._in_service.pop(request.handle, None)
-        message = RMessage(self, request.msg_id, MessageKind.DISCONNECT, -2, (), session, None)
+        # (its own table: held weakly, a Disconnect the plugin let go of is completed for it)
+        message = RMessage(self, request.msg_id, MessageKind.DISCONNECT, -2, (), session, None,
+                           InService(request.handle))
         if session is None:
             message.Complete(errors.KErrNone)
             return
@@ -394,7 +415,8 @@ class ServerState:
             close_subsessions(session)
 
     def _on_cancelled(self, request: Cancelled) -> None:
-        message = self._in_service.get(request.handle, {}).get(request.msg_id)
+        held = self._in_service.get(request.handle)
+        message = None if held is None else held.get(request.msg_id)
         if message is None or not cancel_by_client(message):
             return  # completed already: the kernel dropped our completion, or will
         self.coroutines.cancel(message)

@@ -44,6 +44,8 @@ from ipcfw.protocol import (
     Role,
     Stats,
     StatsReply,
+    Terminate,
+    TerminationReason,
     Welcome,
 )
 
@@ -309,8 +311,28 @@ def test_connect_refused(name: str, slots: int, code: int) -> None:
     ks = echo_world()
     before = snapshot(ks)
     actions = ks.receive(C1, Connect(9, name, (1, 0, 0), slots, b""))
-    assert actions == [Send(C1, Connected(9, code, 0, b""))]
+    [send] = actions
+    assert send.rid == C1 and send.message._replace(text="") == Connected(9, code, 0, b"")
+    if code == errors.KErrNotFound:  # the name asked for is repeated; a bad name's problem said
+        assert repr(name) in send.message.text
+    assert bool(send.message.text) == (code != errors.KErrArgument)
     assert snapshot(ks) == before
+
+
+def test_an_unknown_name_is_answered_with_the_closest_registered_names() -> None:
+    ks = echo_world()
+    start_server(ks, S2, SRV2, "EchoServer")
+    start_server(ks, b"srv-3", ident(120), "kv")
+    [send] = ks.receive(C1, Connect(9, "echo-server", (1, 0, 0), -1, b""))
+    assert send.message == Connected(9, errors.KErrNotFound, 0, b"", text=(
+        "no server is registered under 'echo-server'; the closest registered name: "
+        "'EchoServer'"))
+    [send] = ks.receive(C1, Connect(11, "ecoh", (1, 0, 0), -1, b""))
+    assert send.message.text == ("no server is registered under 'ecoh'; the closest "
+                                 "registered name: 'Echo'")
+    [send] = ks.receive(C1, Connect(10, "zzz", (1, 0, 0), -1, b""))
+    assert send.message.text == ("no server is registered under 'zzz' (start it, or wait for "
+                                 "it to register: 3 registered, none with a similar name)")
 
 
 @pytest.mark.parametrize("slots", [-1, 0, 1, 255])
@@ -881,3 +903,13 @@ def test_panic_of_an_abandoned_connect_removes_the_session() -> None:
     assert ks.receive(S1, Panic(new.msg_id, "Refuse", 3)) == []
     assert counts(ks) == ZERO
     assert ks.statistics()["sessions_abandoned"] == 0
+
+
+def test_a_connect_to_a_server_ending_its_registration_says_so() -> None:
+    ks = echo_world()
+    handle = open_session(ks)
+    ks.receive(C1, Request(5, handle, 1, (), Mode.SYNC))  # outstanding: the name is kept
+    ks.receive(C1, Terminate(77, "Echo", TerminationReason.ADMINISTRATOR))
+    [send] = ks.receive(C1, Connect(9, "echo", (1, 0, 0), -1, b""))
+    assert send.message == Connected(9, errors.KErrServerTerminated, 0, b"", text=(
+        "server 'Echo' is ending its registration (ADMINISTRATOR)"))

@@ -109,14 +109,16 @@ def test_the_sessions_end_cancels_all_its_coroutines_before_disconnect(harness):
     assert other.cancelled
 
 
-def test_a_coroutine_that_raises_fails_its_message_with_the_errors_code(harness):
+def test_a_coroutine_that_raises_fails_its_message_with_the_errors_code_and_text(harness):
     msg = harness.deliver(3)
     (task,) = harness.tasks
     task.finish(errors.IpcError(errors.KErrNotReady, "not yet"))
-    assert harness.take() == [Complete(msg, errors.KErrNotReady, ())]
+    assert harness.take() == [Complete(msg, errors.KErrNotReady, (), "not yet")]
     other = harness.deliver(4)
     harness.tasks[1].finish(ValueError("boom"))
-    assert harness.take() == [Complete(other, errors.KErrGeneral, ())]
+    assert harness.take() == [Complete(other, errors.KErrGeneral, (), (
+        "ValueError in the server's ServiceL (function 4); the traceback is in the server's "
+        "log"))]
 
 
 def test_a_coroutine_that_completed_its_message_then_raised_sends_nothing_more(harness):
@@ -133,5 +135,7 @@ def test_an_async_servicel_without_an_asyncio_host_fails_its_message():
     harness = AsyncHarness(Server(), spawn=False)
     harness.connect()
     msg = harness.deliver(3)
-    assert harness.take() == [Complete(msg, errors.KErrGeneral, ())]
+    assert harness.take() == [Complete(msg, errors.KErrGeneral, (), (
+        "TypeError in the server's ServiceL (function 3); the traceback is in the server's "
+        "log"))]
     assert harness.tasks == []

@@ -303,7 +303,7 @@ def test_error_string_is_answered_by_the_framework(harness, server):
     assert server.events == []
 
 
-def test_serviceL_raising_completes_with_its_code(harness, server):
+def test_serviceL_raising_completes_with_its_code_and_text(harness, server):
     connection = harness.attached()
 
     def fail(message: RMessage) -> None:
@@ -311,7 +311,7 @@ def test_serviceL_raising_completes_with_its_code(harness, server):
 
     server.actions = [fail]
     assert harness.feed(connection, Request(4, HANDLE, 1, (), SYNC)) == [
-        Completed(4, errors.KErrNotFound, ())
+        Completed(4, errors.KErrNotFound, (), "no")
     ]
 
 
@@ -325,7 +325,8 @@ def test_a_completion_over_the_frame_limit_is_overflow(server):
 
     server.actions = [big]
     assert harness.feed(connection, Request(4, HANDLE, 1, ((b"", 200),), SYNC)) == [
-        Completed(4, errors.KErrOverflow, ())
+        Completed(4, errors.KErrOverflow, (), "the server's answer to function 1 (110 bytes) is "
+                  "over the 64-byte frame limit")
     ]
 
 
@@ -597,7 +598,8 @@ def test_the_overflow_rule_is_written_once_for_both_paths(server):
     connection = harness.attached()
     server.actions = [lambda message: (message.WriteL(0, b"x" * 300), message.Complete(1))]
     assert harness.feed(connection, Request(2, HANDLE, 1, ((b"", 400),), SYNC)) == [
-        Completed(2, errors.KErrOverflow, ())
+        Completed(2, errors.KErrOverflow, (), "the server's answer to function 1 (311 bytes) is "
+                  "over the 256-byte frame limit")
     ]
 
 

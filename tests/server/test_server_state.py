@@ -18,7 +18,9 @@ import pytest
 from ipcfw import errors
 from ipcfw.protocol import (
     ERROR_STRING_FUNCTION,
+    MAX_ERROR_TEXT,
     MAX_FRAME,
+    TRUNCATED,
     Cancelled,
     Complete,
     Completed,
@@ -182,7 +184,8 @@ def test_a_connect_opens_a_session_and_answers_the_negotiation(harness, server):
 
 def test_a_version_not_served_refuses_the_connect(harness, server):
     reply = harness.connect(version=(1, 3, 0))
-    assert reply == Complete(reply.msg_id, errors.KErrNotSupported, ())
+    assert reply == Complete(reply.msg_id, errors.KErrNotSupported, (),
+                             "server 'state-test' serves version 1.2.0; the client asked for 1.3.0")
     assert server.events == [] and harness.state.statistics()["sessions"] == 0
 
 
@@ -275,24 +278,28 @@ def test_writes_reach_the_completion_and_an_oversized_one_becomes_overflow(serve
     big = harness.deliver(1, ((b"", 200),))
     server.held[1].WriteL(0, b"x" * 200)
     server.held[1].Complete(0)
-    assert harness.take() == [Complete(big, errors.KErrOverflow, ())]
+    assert harness.take() == [Complete(big, errors.KErrOverflow, (), "the server's answer to "
+                                       "function 1 (210 bytes) is over the 64-byte frame limit")]
 
 
 @pytest.mark.parametrize(
-    "exc, code",
-    [(errors.IpcError(errors.KErrNotFound), errors.KErrNotFound),
-     (KeyError("boom"), errors.KErrGeneral)],
+    "exc, code, text",
+    [(errors.IpcError(errors.KErrNotFound), errors.KErrNotFound, ""),
+     (errors.IpcError(errors.KErrNotFound, "no key"), errors.KErrNotFound, "no key"),
+     (KeyError("boom"), errors.KErrGeneral,
+      "KeyError in the server's ServiceL (function 1); the traceback is in the server's log")],
 )
-def test_service_l_raising_completes_through_service_error(harness, server, exc, code):
+def test_service_l_raising_completes_through_service_error(harness, server, exc, code, text):
     def fail(session: CSession, message: RMessage) -> None:
         raise exc
 
     server.actions.append(fail)
     harness.connect()
     msg_id = harness.deliver(1)
-    assert harness.take() == [Complete(msg_id, code, ())]
+    assert harness.take() == [Complete(msg_id, code, (), text)]
     assert harness.state.in_service(HANDLE) == []
     assert harness.deliver(2) and server.events[-1] == ("service", "Recorder", 2)  # still serving
+    server.held[-1].Complete(0)  # (not left for the interpreter's exit to find forgotten)
 
 
 def test_a_service_error_override_answers_instead(server):
@@ -738,3 +745,153 @@ def test_a_subsession_handle_in_argument_3_is_written_as_four_bytes(harness, ser
     harness.deliver(10, (0, 0, 0, (b"", 4)))
     (frame,) = harness.take()
     assert frame.writes == ((3, struct.pack("<i", frame.value)),)
+
+
+# -- errors that say what happened, forgotten completions -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, error, text",
+    [
+        (True, TypeError, "Complete(True): a bool is not a completion value; complete with an "
+                          "int (KErrNone, a count) or an IpcError"),
+        ("ok", TypeError, "Complete('ok'): a completion value is an int (>= 0 success, < 0 an "
+                          "error code) or an IpcError, not str"),
+        (None, TypeError, "Complete(None): a completion value is an int (>= 0 success, < 0 an "
+                          "error code) or an IpcError, not NoneType"),
+        (2**40, ValueError, "Complete(1099511627776): a completion value is a 32-bit signed int "
+                            "(-2147483648..2147483647)"),
+    ],
+)
+def test_a_bad_completion_value_raises_at_the_call_naming_it(harness, server, value, error, text):
+    harness.connect()
+    msg_id = harness.deliver(1)
+    with pytest.raises(error) as caught:
+        server.held[0].Complete(value)
+    assert str(caught.value) == text
+    assert not server.held[0].IsNull() and harness.take() == []  # still pending: nothing sent
+    server.held[0].Complete(7)
+    assert harness.take() == [Complete(msg_id, 7, ())]
+
+
+def test_complete_with_an_ipcerror_sends_its_code_and_text(harness, server):
+    harness.connect()
+    msg_id = harness.deliver(1)
+    server.held[0].Complete(errors.IpcError(errors.KErrNotFound, "no key b'colour'"))
+    assert harness.take() == [Complete(msg_id, errors.KErrNotFound, (), "no key b'colour'")]
+
+
+def test_an_error_text_is_cut_to_the_bound_with_a_marker(harness, server):
+    server.actions.append(lambda session, message: message.Complete(
+        errors.IpcError(errors.KErrArgument, "x" * (MAX_ERROR_TEXT + 1))))
+    harness.connect()
+    harness.deliver(1)
+    [complete] = harness.take()
+    assert len(complete.text) == MAX_ERROR_TEXT and complete.text.endswith(TRUNCATED)
+    assert complete.text == "x" * (MAX_ERROR_TEXT - len(TRUNCATED)) + TRUNCATED
+
+
+def test_a_bare_not_supported_names_the_function_and_the_fix(harness, server):
+    def refuse(session: CSession, message: RMessage) -> None:
+        raise errors.IpcError(errors.KErrNotSupported)
+
+    server.actions.append(refuse)
+    harness.connect()
+    msg_id = harness.deliver(42)
+    assert harness.take() == [Complete(msg_id, errors.KErrNotSupported, (), (
+        "server 'state-test' does not support function 42 (Recorder.ServiceL refused it): "
+        "check the function number the client sends, and that client and server use the same "
+        "interface version"))]
+
+
+@pytest.mark.parametrize("send_text", [False, True])
+def test_another_exception_names_its_type_and_the_log(server, send_text, caplog):
+    server.send_exception_text = send_text
+    harness = Harness(server)
+
+    def fail(session: CSession, message: RMessage) -> None:
+        raise KeyError("secret-key")
+
+    server.actions.append(fail)
+    harness.connect()
+    msg_id = harness.deliver(3)
+    detail = ": 'secret-key'" if send_text else ""
+    assert harness.take() == [Complete(msg_id, errors.KErrGeneral, (), (
+        f"KeyError in the server's ServiceL (function 3){detail}; the traceback is in the "
+        "server's log"))]
+    assert "KeyError: 'secret-key'" in caplog.text  # the traceback, in the server's log
+
+
+def deferring_state(server: Server) -> tuple[ServerState, FakeLoop, list[Any]]:
+    """A state whose `defer` is a fake loop's call_soon (as the host's is), a session open
+    (connect msg 1, acknowledged in `sent[0]`), and the frames it sends, decoded."""
+    loop = FakeLoop()
+    sent: list[Any] = []
+    state = ServerState(Layers(server, loop), lambda f: sent.append(decode(f)),
+                        max_frame=MAX_FRAME, defer=loop.call_soon)
+    state.receive(NewSession(1, HANDLE, (1, 0, 0), CLIENT, b""))
+    return state, loop, sent
+
+
+def test_a_request_let_go_of_is_completed_on_the_loop_and_logged(server, caplog):
+    state, loop, sent = deferring_state(server)
+    server.actions.append(lambda session, message: server.held.remove(message))  # let go
+    assert state.receive(Deliver(2, HANDLE, 5, (), CLIENT)) is None
+    assert sent[1:] == [] and len(loop.calls) == 1  # the finalizer did no I/O: deferred
+    loop.run_calls()
+    assert sent[1:] == [Complete(2, errors.KErrGeneral, (), (
+        "the server dropped the request without completing it (function 5); see the server's "
+        "log"))]
+    assert ("the server let go of message 2 (function 5) of session 0x101 without completing "
+            "it: its client gets KErrGeneral") in caplog.text
+    assert state.in_service(HANDLE) == [] and state.statistics()["in_service"] == 0
+
+
+def test_a_request_held_or_completed_is_not_forgotten(server):
+    state, loop, sent = deferring_state(server)
+    state.receive(Deliver(2, HANDLE, 5, (), CLIENT))  # held by the Recorder
+    server.actions.append(complete_with(9))
+    state.receive(Deliver(3, HANDLE, 5, (), CLIENT))
+    server.held.pop()  # completed, then let go: nothing more to do
+    assert loop.calls == [] and sent[1:] == [Complete(3, 9, ())]
+    assert [m.Function() for m in state.in_service(HANDLE)] == [5]
+
+
+def test_a_request_let_go_of_after_the_registration_ended_sends_nothing(server):
+    state, loop, sent = deferring_state(server)
+    state.receive(Deliver(2, HANDLE, 5, (), CLIENT))
+    state.end()
+    server.held.clear()
+    loop.run_calls()
+    assert loop.calls == [] and [m for m in sent if type(m) is Complete] == []
+
+
+def test_a_disconnect_let_go_of_is_completed_and_frees_the_session(server, caplog):
+    class Forgetful(Recorder):
+        def Disconnect(self, message: RMessage) -> None:
+            self.Server().events.append(("disconnect", "Forgetful"))  # neither completed nor kept
+
+    server.session_class = Forgetful
+    state, loop, sent = deferring_state(server)
+    state.receive(Disconnect(2, HANDLE))
+    assert sent[1:] == [] and len(loop.calls) == 1
+    loop.run_calls()
+    assert sent[1:] == [Complete(2, errors.KErrNone, ())]
+    assert "Disconnect let go of the disconnect message of session 0x101" in caplog.text
+
+
+def test_an_overlays_refusal_names_the_server_under_it(server):
+    class GateSession(COverlaySession):
+        def ServiceL(self, message: RMessage) -> None:
+            raise errors.IpcError(errors.KErrNotSupported)
+
+    class Gate(COverlay):
+        def NewSessionL(self, version: TVersion, message: RMessage) -> COverlaySession:
+            return GateSession()
+
+    harness = Harness(Gate(server))
+    harness.connect()
+    msg_id = harness.deliver(7)
+    [complete] = harness.take()
+    assert complete.msg_id == msg_id and complete.text.startswith(
+        "server 'state-test' does not support function 7 (GateSession.ServiceL refused it)")
