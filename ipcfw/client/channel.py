@@ -271,12 +271,15 @@ class Channel(LockedChannel):
         self.replies: dict[int, Message | None] = {}
         self.abandoned: set[int] = set()  # connects that timed out: close them if they succeed
         self.joins: dict[int, Joining] = {}  # Joins in flight (req_id -> the move they serve)
+        # Calls a coroutine awaits (req_id -> what to do with the answer: ipcfw.client.aio)
+        self.awaited: dict[int, Callable[[Message], None]] = {}
         self.loop_readers: dict[object, int] = {}  # asyncio loop -> awaits settling it there
 
     def awaits_answers(self) -> bool:
         """Whether something someone waits for will still arrive here: answers to async
         requests, to a connect that timed out, or the kernel's notice that it dropped us."""
-        return bool(self.pending or self.abandoned or (self.dropped and not self.ended))
+        return bool(self.pending or self.abandoned or self.awaited
+                    or (self.dropped and not self.ended))
 
     def dropped_error(self) -> errors.IpcError:
         """The error of a request this channel can no longer answer (a new one each time)."""
@@ -316,6 +319,30 @@ class Channel(LockedChannel):
                 raise
             self._settle()
             self.last_used = time.monotonic()
+
+    def send_awaited(self, frame: bytes, req_id: int,
+                     answered: Callable[[Message], None]) -> None:
+        """Send a request whose answer a coroutine awaits (`ipcfw.client.aio.call`): whoever
+        reads the answer (the coroutine's loop, another thread settling) hands it to
+        `answered`, once."""
+        self.check_size(frame)
+        with self.lock:
+            self._raise_refusal()
+            self.awaited[req_id] = answered
+            try:
+                self.socket.send(frame)
+            except BaseException:
+                del self.awaited[req_id]
+                raise
+            self.last_used = time.monotonic()
+
+    def forget_awaited(self, req_id: int, *, connect: bool = False) -> None:
+        """Nobody awaits the answer to `req_id` any more (the coroutine timed out or was
+        cancelled); a `connect` that succeeds later is closed at once. (Under the lock: an
+        answer read meanwhile is either handed over or, for a connect, closed.)"""
+        with self.lock:
+            if self.awaited.pop(req_id, None) is not None and connect:
+                self._abandon(req_id)
 
     def call(self, frame: bytes, req_id: int, timeout: float | None = None,
              fds: Sequence[int] = (), *, connect: bool = False) -> Message:
@@ -410,6 +437,9 @@ class Channel(LockedChannel):
         req_id = getattr(reply, "req_id", None)
         if req_id in self.replies:
             self.replies[req_id] = reply
+            return
+        if self.awaited and req_id in self.awaited:
+            self.awaited.pop(req_id)(reply)  # (under the lock, as forget_awaited)
             return
         if self.joins and req_id in self.joins:
             joining = self.joins[req_id]

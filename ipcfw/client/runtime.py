@@ -408,6 +408,16 @@ class Runtime:
             self._send_join(sentinel.channel, joining)
         return None
 
+    def attach_later(self, handle: int, path: str, ticket: bytes) -> None:
+        """The calling thread created direct session `handle` without attaching it (an async
+        connect, which never waits for the server's loop): its first calls take the kernel
+        path while its direct connection presents `ticket` to the server socket `path` in the
+        background, and it switches as another thread does after its Join (`join`)."""
+        joining = Joining(handle)
+        joining.joined(errors.KErrNone, path, ticket)  # (the ticket the Connected brought)
+        joining.join_due = False  # (a Join only if one is needed to prove earlier requests)
+        self._sentinel().joining[handle] = joining
+
     def sent_joining(self, handle: int, req_id: int, mode: int) -> None:
         """The calling thread sent request `req_id` (`mode`; a synchronous one: answered with
         a value >= 0) on the kernel path while it moves session `handle` to its direct

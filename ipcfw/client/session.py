@@ -36,6 +36,7 @@ from ..protocol import (
     I32_MAX,
     MAX_PAYLOAD,
     MAX_TOKEN,
+    Message,
     Completed,
     Connect,
     Connected,
@@ -66,7 +67,8 @@ from . import shm
 from .runtime import AnyChannel, DirectChannel, Runtime
 from .state import UNDECIDED, Pending, SessionLife
 from .status import TRequestStatus, abandon_request, begin_request, complete_request
-from .waiting import wait_for_server
+from . import aio
+from .waiting import wait_for_server, wait_for_server_async
 
 log = logging.getLogger("ipcfw.client")
 
@@ -163,6 +165,60 @@ class RSession:
         )
         return session
 
+    @classmethod
+    async def connect_async(
+        cls,
+        name: str,
+        version: tuple[int, ...] = TVersion(1, 0, 0),
+        message_slots: int = -1,
+        *,
+        endpoint: str | None = None,
+        timeout: float | None = None,
+        payload: bytes = b"",
+        path: str | None = None,
+        wait: float | None = None,
+    ) -> RSession:
+        """`connect` for a coroutine: a new session, connected without blocking the event
+        loop. The kernel's answer (and, with `wait`, the kernel's and the server's appearance)
+        is awaited; on the direct path the session's first calls take the kernel path while
+        this thread's direct connection attaches in the background. The session belongs to
+        the calling thread, the loop's, as `connect`'s does. Cancelling the awaiting task (or
+        `timeout` running out) leaves no session behind: one the kernel creates after all is
+        closed at once. Raises as `CreateSession` does."""
+        session = cls()
+        wire_path = _wire_path(path)
+        _check_wait(wait)
+        session._life.begin(threading.current_thread())
+        try:
+            await session._create_session_async(
+                name, version, message_slots, endpoint, timeout, payload, wire_path, wait)
+        finally:
+            session._life.end()
+        return session
+
+    async def _create_session_async(
+        self, name: str, version: tuple[int, ...], message_slots: int, endpoint: str | None,
+        timeout: float | None, payload: bytes, path: int, wait: float | None,
+    ) -> None:
+        runtime = Runtime.for_endpoint(endpoint) if wait is None else None
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            if deadline is not None:
+                await wait_for_server_async(name, max(0.0, deadline - time.monotonic()),
+                                            endpoint)
+                runtime = Runtime.for_endpoint(endpoint)
+            assert runtime is not None
+            frame, req_id, _, _ = self._connect_frame(
+                runtime, name, version, message_slots, payload, None, path)
+            try:
+                reply = await aio.call(runtime.channel(), frame, req_id, timeout, connect=True)
+                self._connected(runtime, reply, attach_later=True)
+                return
+            except (errors.NotFound, errors.CouldNotConnect, errors.ServerTerminated):
+                # (as CreateSession: the server went between the wait and the connect)
+                if deadline is None or self._life.handle or time.monotonic() >= deadline:
+                    raise
+
     def CreateSession(
         self,
         name: str,
@@ -213,8 +269,7 @@ class RSession:
         ``IPCFW_PATH``) other than ``"kernel"`` or ``"direct"``.
         """
         wire_path = _wire_path(path)
-        if wait is not None and (type(wait) not in (int, float) or not wait >= 0):
-            raise ValueError(f"wait must be a number of seconds >= 0, got {wait!r}")
+        _check_wait(wait)
         self._life.begin(threading.current_thread())
         try:
             if wait is None:
@@ -250,6 +305,26 @@ class RSession:
         first_request: tuple[int, Args] | None,
         path: int,
     ) -> int | None:
+        runtime = Runtime.for_endpoint(endpoint)
+        frame, req_id, then_id, first_args = self._connect_frame(
+            runtime, name, version, message_slots, payload, first_request, path)
+        if then_id:
+            reply, answer = runtime.channel().call_then(frame, req_id, then_id, timeout)
+        else:
+            reply, answer = runtime.channel().call(frame, req_id, timeout, connect=True), None
+        self._connected(runtime, reply, attach_timeout=timeout)
+        if isinstance(answer, TimeoutError):
+            raise TimeoutError(f"connected, but the first request had no answer within {timeout} s")
+        if answer is None:
+            return None
+        return self._life.finish(answer, first_args.buffers, first_args.limits)
+
+    def _connect_frame(
+        self, runtime: Runtime, name: str, version: tuple[int, ...], message_slots: int,
+        payload: bytes, first_request: tuple[int, Args] | None, path: int,
+    ) -> tuple[bytes, int, int, TIpcArgs]:
+        """The Connect to send, its req_id and its first request's (0: none), and the first
+        request's arguments; raises what is wrong with the arguments, before anything is sent."""
         version = to_version(version)
         problem = name_problem(name)
         if problem:
@@ -268,31 +343,36 @@ class RSession:
                 f"negotiation payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}",
             )
         first, first_args = self._first_request(first_request)
-        runtime = Runtime.for_endpoint(endpoint)
         req_id = runtime.next_req_id()
         then_id = runtime.next_req_id() if first else 0
         first = (then_id, *first) if first else ()
         frame = encode(Connect(req_id, name, version, message_slots, payload, first, path))
-        if first:
-            reply, answer = runtime.channel().call_then(frame, req_id, then_id, timeout)
-        else:
-            reply, answer = runtime.channel().call(frame, req_id, timeout, connect=True), None
+        return frame, req_id, then_id, first_args
+
+    def _connected(self, runtime: Runtime, reply: Message, *,
+                   attach_timeout: float | None = None, attach_later: bool = False) -> None:
+        """Hold the session the kernel's answer to a Connect gives (or raise its refusal). On
+        the direct path, the creating thread attaches it to its direct connection now
+        (within `attach_timeout`), or, `attach_later`, at its first calls, which take the
+        kernel path meanwhile (as another thread's do: `Runtime.join`)."""
         if type(reply) is Panicked:
             raise errors.ClientPanic(reply.category, reply.reason)
         if type(reply) is not Connected:
             raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to connect: {reply!r}")
         _check_connected(reply.result, text=reply.text)
-        direct = None
-        if reply.ticket:
-            direct = runtime.attach_direct(reply.direct, reply.ticket, reply.handle, timeout)
-        self._attach(runtime, reply.handle, sharing=EUnsharableSessions,
-                     direct_path=reply.direct if reply.ticket else "", direct=direct)
+        direct_path = reply.direct if reply.ticket else ""
+        if direct_path and attach_later:
+            runtime.attach_later(reply.handle, direct_path, reply.ticket)
+            self._attach(runtime, reply.handle, sharing=EUnsharableSessions,
+                         direct_path=direct_path, route=False)
+        else:
+            direct = None
+            if direct_path:
+                direct = runtime.attach_direct(direct_path, reply.ticket, reply.handle,
+                                               attach_timeout)
+            self._attach(runtime, reply.handle, sharing=EUnsharableSessions,
+                         direct_path=direct_path, direct=direct)
         self._negotiation_reply = reply.payload
-        if isinstance(answer, TimeoutError):
-            raise TimeoutError(f"connected, but the first request had no answer within {timeout} s")
-        if answer is None:
-            return None
-        return self._life.finish(answer, first_args.buffers, first_args.limits)
 
     @staticmethod
     def _first_request(
@@ -397,14 +477,15 @@ class RSession:
 
     def _attach(
         self, runtime: Runtime, handle: int, sharing: TServerType, direct_path: str = "",
-        direct: DirectChannel | None = None,
+        direct: DirectChannel | None = None, route: bool = True,
     ) -> None:
         """Hold `handle` now. `direct_path`: the server's socket, for a session on the direct
         path: each thread's first call attaches it on that thread's direct connection, the
-        creating thread's at connect (`direct`, or None if that could not be made)."""
+        creating thread's at connect (`direct`, or None if that could not be made), unless
+        not `route` (an async connect: at its first calls)."""
         life = self._life
         life.attach(runtime, handle, direct_path)
-        if direct_path and sharing == EUnsharableSessions:
+        if direct_path and sharing == EUnsharableSessions and route:
             runtime.route(life, direct)  # the creating thread's route
         self._owner = threading.current_thread()
         self._sharing = sharing
@@ -619,6 +700,11 @@ def death_of(session: RSession) -> BaseException | None:
     died or panicked this client, or the kernel went), or None while it lives: the error
     every later call on it raises."""
     return session._life.dead
+
+
+def _check_wait(wait: object) -> None:
+    if wait is not None and (type(wait) not in (int, float) or not wait >= 0):  # type: ignore[operator]
+        raise ValueError(f"wait must be a number of seconds >= 0, got {wait!r}")
 
 
 def _wire_path(path: str | None) -> int:

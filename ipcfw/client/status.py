@@ -10,14 +10,14 @@ none of them on a status and cannot complete a request twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from typing import Any
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 
 from .. import errors
 from ..protocol import Cancel, encode
+from .aio import settled_by_loop
 from .runtime import AnyChannel
 
 log = logging.getLogger("ipcfw.client")
@@ -139,7 +139,7 @@ class TRequestStatus:
             if self._done or channel is None:
                 yield from future.__await__()
             else:
-                with _settled_by_loop(loop, channel):
+                with settled_by_loop(loop, channel):
                     yield from future.__await__()
         except asyncio.CancelledError:
             # The awaiting task was cancelled (asyncio.wait_for timing out, for one): so is the
@@ -195,26 +195,6 @@ def complete_request(status: TRequestStatus, value: int, error: BaseException | 
             fn(status)
         except Exception:
             log.exception("a TRequestStatus callback raised")
-
-
-@contextlib.contextmanager
-def _settled_by_loop(loop: asyncio.AbstractEventLoop, channel: AnyChannel) -> Iterator[None]:
-    """While awaited, the event loop settles `channel` whenever its socket signals."""
-    count = channel.loop_readers.get(loop, 0)
-    if count == 0:
-        loop.add_reader(channel.fd, channel.try_settle)
-    channel.loop_readers[loop] = count + 1
-    # Registered first, then settled: an answer that arrived behind a send which did not
-    # settle is read now, and later sends settle (they see the loop among the readers).
-    channel.try_settle()
-    try:
-        yield
-    finally:
-        count = channel.loop_readers.pop(loop) - 1
-        if count:
-            channel.loop_readers[loop] = count
-        else:
-            loop.remove_reader(channel.fd)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -221,6 +221,18 @@ class Interface:
                                    timeout=timeout, path=path, wait=wait)
         return cls(session)
 
+    @classmethod
+    async def connect_async(cls: type[I], message_slots: int = -1, *,
+                            endpoint: str | None = None, timeout: float | None = None,
+                            path: str | None = None, wait: float | None = None) -> I:
+        """`connect` for a coroutine (``RSession.connect_async``): the loop is not blocked
+        while the kernel and the server answer."""
+        spec = cls.interface
+        session = await RSession.connect_async(spec.name, spec.version, message_slots,
+                                               endpoint=endpoint, timeout=timeout, path=path,
+                                               wait=wait)
+        return cls(session)
+
     def Close(self) -> None:
         """Close the session (``RSession.Close``)."""
         self.session.Close()

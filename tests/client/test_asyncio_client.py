@@ -5,6 +5,7 @@ never waits for the answer."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -81,3 +82,103 @@ def test_cancel_on_a_loops_thread_does_not_wait_for_the_answer(probe_server, dat
         assert first == KRequestPending or (data_path == "kernel" and first == KErrCancel)
         assert final == KErrCancel
         assert busy.Wait(5) == 0
+
+
+# -- connecting from a coroutine ---------------------------------------------------------------
+
+
+def _keep_the_server_busy(session: RSession) -> None:
+    """Make the probe server's loop sleep for 2 s. Nothing can tell when the sleep has begun
+    (the server answers nothing meanwhile), so the request gets a head start of 0.3 s, in
+    which it reaches an idle loop; the connects after it then wait at least 1.7 s."""
+    busy = TRequestStatus()
+    session.SendReceive(probe.ESleep, (2000, 0), busy)
+    time.sleep(0.3)
+
+
+async def _ticking_while(work):
+    """Run `work` (a coroutine) beside a ticker; return its result and how often the ticker
+    ran meanwhile (a blocked loop does not tick)."""
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.ensure_future(ticker())
+    try:
+        result = await work
+    finally:
+        task.cancel()
+    return result, ticks
+
+
+def test_connect_async_does_not_block_the_loop_while_the_server_is_busy(probe_server):
+    with RSession.connect("probe", VERSION) as other:
+        _keep_the_server_busy(other)
+
+        async def main() -> tuple[int, int]:
+            session, ticks = await _ticking_while(RSession.connect_async("probe", VERSION))
+            with session:
+                return session.SendReceive(probe.EEcho, (7,)), ticks
+
+        value, ticks = asyncio.run(asyncio.wait_for(main(), 20))
+        assert value == 7
+        assert ticks >= 10  # the loop ran while the server could not answer the connect
+
+
+def test_an_async_connected_session_keeps_one_threads_order_across_the_switch(probe_server):
+    async def main() -> list[int]:
+        session = await RSession.connect_async("probe", VERSION, message_slots=64)
+        with session:
+            statuses = []
+            for i in range(40):  # async and sync requests, as the session moves
+                if i % 3:
+                    status = TRequestStatus()
+                    session.SendReceive(probe.ERecord, (i,), status)
+                    statuses.append(status)
+                else:
+                    assert session.SendReceive(probe.ERecord, (i,)) == i
+            for status in statuses:
+                await status
+            return [e[2] for e in probe.recorded_events(session) if e[0] == "arg"]
+
+    assert asyncio.run(asyncio.wait_for(main(), 20)) == list(range(40))
+
+
+def test_connect_async_given_up_leaves_no_session_behind(kernel, probe_server):
+    with RSession.connect("probe", VERSION) as other:
+        before = kernel.statistics()["sessions"]
+        _keep_the_server_busy(other)  # the connect cannot be accepted yet
+
+        async def main() -> None:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(RSession.connect_async("probe", VERSION), 0.2)
+
+        asyncio.run(asyncio.wait_for(main(), 10))
+        # The kernel created the session once the server accepted it; nobody held it: closed.
+        wait_until(lambda: kernel.statistics()["sessions"] == before,
+                   what="the abandoned session to be closed")
+
+
+def test_connect_async_waits_for_a_server_that_starts_later(kernel):
+    async def main() -> int:
+        connecting = asyncio.ensure_future(RSession.connect_async("probe", VERSION, wait=20))
+        await asyncio.sleep(0.3)
+        assert not connecting.done()
+        await asyncio.get_running_loop().run_in_executor(
+            None, kernel.serve, "plugins.probe:ProbeServer", "probe")
+        with await connecting as session:
+            return session.SendReceive(probe.EEcho, (5,))
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == 5
+
+
+def test_connect_async_refused_raises_with_the_kernels_text(kernel, probe_server):
+    async def main() -> None:
+        await RSession.connect_async("prob", VERSION)
+
+    with pytest.raises(ipcfw.NotFound, match="closest registered name: 'probe'"):
+        asyncio.run(asyncio.wait_for(main(), 10))

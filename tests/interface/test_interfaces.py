@@ -241,3 +241,12 @@ def test_connect_waits_for_the_server_to_register(kernel):
     kernel.serve("servers.kv:KvServer", "kv")
     waiter.join(TIMEOUT * 2)
     assert outcome == [0]
+
+
+def test_a_proxy_connects_from_a_coroutine_and_awaits_its_calls(kv):
+    async def main() -> bytes:
+        with await KeyValue.connect_async(wait=5) as store:
+            await store.put.call_async(b"colour", b"blue")
+            return await store.get.call_async(b"colour")
+
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == b"blue"
