@@ -155,6 +155,17 @@ def test_a_long_text_is_cut_with_a_marker(errant_server):
     assert caught.value.message.endswith(TRUNCATED)
 
 
+@pytest.mark.parametrize("function", [errant.ENotUtf8, errant.ECompleteNotUtf8])
+def test_a_text_that_is_not_utf8_reaches_the_client_escaped(errant_server, function):
+    # (a lone surrogate, as os.fsdecode makes of a file name: msgpack cannot encode it)
+    with connect() as session:
+        with pytest.raises(ipcfw.NotFound) as caught:
+            session.SendReceive(function, timeout=TIMEOUT)
+        assert caught.value.message.endswith("no file caf\\udce9.txt")
+        with pytest.raises(ipcfw.BadArgument):  # the server goes on
+            session.SendReceive(errant.ECompleteError, timeout=TIMEOUT)
+
+
 def test_an_error_with_a_large_descriptor_keeps_its_text(errant_server):
     # (on the direct path, a descriptor this large travels in shared memory: MappedCompleted)
     for size in (16, SHARED_OVER + 1):
