@@ -223,6 +223,30 @@ def test_a_killed_clients_deferred_wait_is_released_and_the_server_goes_on(notif
                what="every session to end")
 
 
+def test_a_wait_the_client_cancelled_is_released_so_the_session_can_wait_again(notifier):
+    # The client's cancel (status.Cancel(), or the task awaiting it cancelled by wait_for)
+    # reaches the session's Cancelled hook: the notifier lets the wait go, or its next wait
+    # would be refused with KErrInUse ("already waiting").
+    with Notifier.connect() as waiter, Notifier.connect() as publisher:
+        first = waiter.wait_for_event.send()
+        wait_until(lambda: publisher.waiter_count() == 1, timeout=TIMEOUT, what="a held wait")
+        assert first.status.Cancel(TIMEOUT) == KErrCancel
+        wait_until(lambda: publisher.waiter_count() == 0, timeout=TIMEOUT,
+                   what="the cancelled wait to be released")
+
+        async def timed_out() -> None:
+            await asyncio.wait_for(waiter.wait_for_event.call_async(), 0.05)
+
+        with pytest.raises(asyncio.TimeoutError):
+            asyncio.run(timed_out())
+        wait_until(lambda: publisher.waiter_count() == 0, timeout=TIMEOUT,
+                   what="the timed-out wait to be released")
+        again = waiter.wait_for_event.send()
+        wait_until(lambda: publisher.waiter_count() == 1, timeout=TIMEOUT, what="a new wait")
+        assert publisher.publish(4) == 1
+        assert again.result(TIMEOUT) == 4
+
+
 def test_connect_waits_for_the_server_to_register(kernel):
     import threading
 
