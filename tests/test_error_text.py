@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import pytest
 
@@ -204,6 +205,16 @@ def test_an_unknown_name_repeats_it_and_lists_the_closest(kernel, errant_server)
     assert caught.value.message == (
         "no server is registered under 'kv' (start it, or wait for it to register: 1 "
         "registered, none with a similar name)")
+
+
+def test_a_servers_not_found_is_not_waited_out_by_connect_wait(kernel):
+    # connect(wait=) waits again when the kernel says the name is not registered (the server
+    # went between the wait and the connect), not when the server itself refused with NotFound.
+    kernel.serve("plugins.errant:RefusingServer", "refusing")
+    started = time.monotonic()
+    with pytest.raises(ipcfw.NotFound, match="no table 'orders'"):
+        RSession.connect("refusing", VERSION, wait=5, timeout=TIMEOUT)
+    assert time.monotonic() - started < 2.5
 
 
 def test_a_bool_argument_is_refused_before_sending(errant_server):

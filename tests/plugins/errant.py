@@ -89,6 +89,15 @@ class ErrantServer(CServer):
     session_class = ErrantSession
 
 
+class RefusingServer(ErrantServer):
+    """Refuses every connect with NotFound, as a server with no such table would."""
+
+    name = "refusing"
+
+    def NewSessionL(self, version: Any, message: Any) -> Any:
+        raise IpcError(KErrNotFound, "no table 'orders'")
+
+
 class TellingServer(ErrantServer):
     """The same, sending the text of its exceptions to its clients."""
 
