@@ -121,3 +121,20 @@ def test_requests_that_come_while_coroutines_complete_are_all_served(aio_server)
         thread.join(40)
     assert not any(thread.is_alive() for thread in threads)
     assert failures == []
+
+
+def test_an_async_server_under_an_overlay(kernel):
+    # After the overlay hands the session off, the layer under it serves with its async
+    # ServiceL: the coroutine it returns must be run, not dropped.
+    kernel.serve("plugins.aio:AioServer", "aio", "--overlay", "plugins.overlays:QuickWorkOverlay")
+    with RSession.connect("aio", VERSION, timeout=5) as session, \
+            RSession.connect("aio", VERSION, timeout=5) as other:
+        for handed_off in (session, other):
+            wait_until(lambda s=handed_off: s.SendReceive(aio.EStart, (5,), timeout=5) == 5,
+                       what="the overlay to hand the session off")
+        status = TRequestStatus()
+        session.SendReceive(aio.EWait, (7, 41), status)
+        assert other.SendReceive(aio.EOpen, (7,), timeout=5) == 0
+        assert status.Wait(5) == 41
+        with pytest.raises(ipcfw.General):
+            session.SendReceive(aio.ERaise, timeout=5)
