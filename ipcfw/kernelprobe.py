@@ -21,7 +21,7 @@ from . import endpoint as endpoints
 from . import errors
 from .protocol import PROTOCOL_VERSION, Hello, Role, encode
 
-__all__ = ["delays", "kernel_answers", "no_kernel_error", "wait_for_kernel"]
+__all__ = ["LEAST_ANSWER", "delays", "kernel_answers", "no_kernel_error", "wait_for_kernel"]
 
 FIRST_DELAY = 0.01
 """Seconds before the second look for a kernel; each later one waits twice as long..."""
@@ -29,6 +29,9 @@ MOST_DELAY = 0.25
 """... up to this."""
 HELLO_WAIT = 1.0
 """Seconds a Hello waits for the kernel's Welcome, at most, before the next look."""
+LEAST_ANSWER = 0.25
+"""Seconds a kernel that is there gets to answer, even at the end of a wait: a wait of 0 looks
+once, and still finds a running kernel on a loaded machine (a round trip is not instant)."""
 
 
 def delays(first: float = FIRST_DELAY, most: float = MOST_DELAY) -> Iterator[float]:
@@ -67,7 +70,8 @@ def wait_for_kernel(
     deadline = None if timeout is None else time.monotonic() + timeout
     for delay in delays():
         remaining = None if deadline is None else deadline - time.monotonic()
-        hello_wait = HELLO_WAIT if remaining is None else min(HELLO_WAIT, max(remaining, 0.001))
+        hello_wait = (HELLO_WAIT if remaining is None
+                      else min(HELLO_WAIT, max(remaining, LEAST_ANSWER)))
         if kernel_answers(endpoint, hello_wait):
             return True
         remaining = None if deadline is None else deadline - time.monotonic()

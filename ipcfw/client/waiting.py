@@ -15,7 +15,7 @@ import time
 
 from .. import endpoint as endpoints
 from .. import errors
-from ..kernelprobe import no_kernel_error, wait_for_kernel
+from ..kernelprobe import LEAST_ANSWER, no_kernel_error, wait_for_kernel
 from ..naming import name_problem
 from ..protocol import AwaitServer, Cancel, Completed, encode
 from .runtime import Runtime
@@ -63,8 +63,10 @@ def _await_name(runtime: Runtime, name: str, deadline: float | None) -> bool:
     (the wait is then cancelled)."""
     channel = runtime.channel()
     req_id = runtime.next_req_id()
+    # (a registered name is answered at once, but not instantly: give the answer its time)
+    timeout = None if deadline is None else max(_remaining(deadline) or 0.0, LEAST_ANSWER)
     try:
-        reply = channel.call(encode(AwaitServer(req_id, name)), req_id, _remaining(deadline))
+        reply = channel.call(encode(AwaitServer(req_id, name)), req_id, timeout)
     except TimeoutError:
         channel.send(encode(Cancel(req_id)))  # (its answer, KErrCancel, is dropped on arrival)
         return False
