@@ -24,6 +24,13 @@ def name_problem(name: object) -> str | None:
     return None
 
 
+def not_registered(name: str) -> str:
+    """How the kernel's refusal of a connect to an unregistered `name` begins (its text goes
+    on with the closest registered names): what tells a client that the kernel refused, not
+    the server (``RSession.connect(wait=)`` waits again only then)."""
+    return f"no server is registered under {name!r}"
+
+
 def lookup_key(name: str) -> str:
     """The key under which `name` is registered and found (case-insensitive)."""
     return name.casefold()

@@ -206,7 +206,14 @@ def mapped_capacity(size: int) -> int:
 
 def error_text(text: str) -> str:
     """`text` as a completion carries it: at most `MAX_ERROR_TEXT` characters, a longer one cut
-    and ended with `TRUNCATED` (so that the reader knows there was more)."""
+    and ended with `TRUNCATED` (so that the reader knows there was more); a character UTF-8
+    cannot encode (a lone surrogate, as ``os.fsdecode`` makes of a name that is not UTF-8)
+    written as its escape (``\\udce9``), since a frame carries only UTF-8."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "backslashreplace").decode()
     if len(text) <= MAX_ERROR_TEXT:
         return text
     return text[: MAX_ERROR_TEXT - len(TRUNCATED)] + TRUNCATED

@@ -27,6 +27,9 @@ its function numbers, for raw clients:
   to the waits held at that moment.
 * ``waiter_count() -> int`` (``EWaiterCount``, 5): the number of waits held right now.
 
+When the client cancels its wait (``Reply.status.Cancel()``, or the task awaiting it is
+cancelled), the session's ``Cancelled`` lets it go: the session may wait again at once.
+
 When a session closes with a wait still held, ``Disconnect`` completes that wait with
 ``KErrCancel`` (harmless: the client has already completed it locally with ``KErrSessionClosed``)
 before completing the disconnect itself.
@@ -163,6 +166,12 @@ class NotifierSession(InterfaceSession[Notifier]):
 
     def waiter_count(self) -> int:
         return int(self.Server().waiter_count())
+
+    def Cancelled(self, message: RMessage) -> None:
+        # The client cancelled its wait (Cancel(), or the task awaiting it was cancelled): it
+        # has its KErrCancel; let the wait go, so that this session may wait again. (The only
+        # request a notifier session holds is its wait.)
+        self.Server().release(self)
 
     def Disconnect(self, message: RMessage) -> None:
         # Cancel what we still hold (a late completion for a closed session is dropped by the

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import pytest
 
@@ -155,6 +156,17 @@ def test_a_long_text_is_cut_with_a_marker(errant_server):
     assert caught.value.message.endswith(TRUNCATED)
 
 
+@pytest.mark.parametrize("function", [errant.ENotUtf8, errant.ECompleteNotUtf8])
+def test_a_text_that_is_not_utf8_reaches_the_client_escaped(errant_server, function):
+    # (a lone surrogate, as os.fsdecode makes of a file name: msgpack cannot encode it)
+    with connect() as session:
+        with pytest.raises(ipcfw.NotFound) as caught:
+            session.SendReceive(function, timeout=TIMEOUT)
+        assert caught.value.message.endswith("no file caf\\udce9.txt")
+        with pytest.raises(ipcfw.BadArgument):  # the server goes on
+            session.SendReceive(errant.ECompleteError, timeout=TIMEOUT)
+
+
 def test_an_error_with_a_large_descriptor_keeps_its_text(errant_server):
     # (on the direct path, a descriptor this large travels in shared memory: MappedCompleted)
     for size in (16, SHARED_OVER + 1):
@@ -193,6 +205,16 @@ def test_an_unknown_name_repeats_it_and_lists_the_closest(kernel, errant_server)
     assert caught.value.message == (
         "no server is registered under 'kv' (start it, or wait for it to register: 1 "
         "registered, none with a similar name)")
+
+
+def test_a_servers_not_found_is_not_waited_out_by_connect_wait(kernel):
+    # connect(wait=) waits again when the kernel says the name is not registered (the server
+    # went between the wait and the connect), not when the server itself refused with NotFound.
+    kernel.serve("plugins.errant:RefusingServer", "refusing")
+    started = time.monotonic()
+    with pytest.raises(ipcfw.NotFound, match="no table 'orders'"):
+        RSession.connect("refusing", VERSION, wait=5, timeout=TIMEOUT)
+    assert time.monotonic() - started < 2.5
 
 
 def test_a_bool_argument_is_refused_before_sending(errant_server):

@@ -34,7 +34,10 @@ def test_a_wait_backs_off_until_its_deadline():
     started = time.monotonic()
     assert wait_for_kernel(NOWHERE, 0.2, pause) is False
     assert 0.2 <= time.monotonic() - started < 1.5
-    assert pauses[:4] == [0.01, 0.02, 0.04, 0.08]  # backing off, not spinning
+    # backing off, not spinning (the last pause is what was left of the wait: a loaded machine
+    # that sleeps late leaves less, so only the first three are exact)
+    assert pauses[:3] == [0.01, 0.02, 0.04]
+    assert all(0 < later <= 2 * earlier for earlier, later in zip(pauses, pauses[1:]))
     assert len(pauses) <= 6 and all(p <= 0.25 for p in pauses)
 
 

@@ -859,6 +859,14 @@ def test_a_malformed_census_is_a_protocol_error(data: bytes) -> None:
         unpack_census(data)
 
 
+def test_an_error_text_utf8_cannot_encode_is_escaped_so_that_its_frame_encodes():
+    text = "no file " + b"caf\xe9".decode("utf-8", "surrogateescape")
+    assert protocol.error_text(text) == "no file caf\\udce9"
+    assert protocol.error_text("café ✓") == "café ✓"
+    frame = protocol.encode(protocol.Complete(1, -1, (), protocol.error_text(text)))
+    assert protocol.decode(frame) == protocol.Complete(1, -1, (), "no file caf\\udce9")
+
+
 def test_an_error_text_is_cut_to_the_bound_with_a_marker():
     assert protocol.error_text("short") == "short"
     exact = "x" * protocol.MAX_ERROR_TEXT

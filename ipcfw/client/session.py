@@ -30,7 +30,7 @@ from typing import Any, overload
 from collections.abc import Callable
 
 from .. import errors
-from ..naming import name_problem
+from ..naming import name_problem, not_registered
 from ..protocol import (
     ERROR_STRING_FUNCTION,
     I32_MAX,
@@ -285,11 +285,12 @@ class RSession:
                         name, version, message_slots, endpoint, timeout, payload,
                         first_request, wire_path,
                     )
-                except (errors.NotFound, errors.CouldNotConnect, errors.ServerTerminated):
+                except (errors.NotFound, errors.CouldNotConnect, errors.ServerTerminated) as exc:
                     # The server went (or the kernel died) between the wait and the connect:
                     # wait again for what is left of `wait` (not once connected: a first
-                    # request's error is the caller's).
-                    if self._life.handle or time.monotonic() >= deadline:
+                    # request's error is the caller's; nor for the server's own NotFound).
+                    if (self._life.handle or time.monotonic() >= deadline
+                            or _refused_by_server(exc, name)):
                         raise
         finally:
             self._life.end()
@@ -719,6 +720,12 @@ def _wire_path(path: str | None) -> int:
     if wire_path is None:
         raise ValueError(f"path must be 'kernel' or 'direct', got {path!r}")
     return wire_path
+
+
+def _refused_by_server(exc: errors.IpcError, name: str) -> bool:
+    """Whether a connect's `NotFound` came from the server (its ``NewSessionL`` refused), not
+    from the kernel (no server registered as `name`)."""
+    return type(exc) is errors.NotFound and not exc.message.startswith(not_registered(name))
 
 
 def _check_connected(code: int, also: str = "", text: str = "") -> None:

@@ -173,7 +173,8 @@ class Deferred(Generic[T]):
         self._settle(value, None)
 
     def fail(self, error: errors.IpcError) -> None:
-        """Answer with `error`'s code (its text stays in the server's log)."""
+        """Answer with `error`: its code and its text reach the client, as when a method
+        raises it."""
         if not isinstance(error, errors.IpcError):
             raise TypeError(f"fail() takes an IpcError, not {type(error).__name__}")
         self._settle(None, error)
@@ -204,7 +205,7 @@ class Deferred(Generic[T]):
             except Exception:
                 message.Complete(errors.KErrGeneral)
                 raise
-        message.Complete(error.code)
+        message.Complete(error)  # (its code and text, as a raising method's)
 
     def __repr__(self) -> str:
         state = "done" if self._outcome is not None else "pending"

@@ -83,7 +83,7 @@ from typing import Any, NamedTuple
 from collections.abc import Callable
 
 from .. import errors
-from ..naming import is_protected, lookup_key, name_problem
+from ..naming import is_protected, lookup_key, name_problem, not_registered
 from ..protocol import (
     Args,
     Version,
@@ -829,11 +829,11 @@ class KernelState:
             return ""
         close = difflib.get_close_matches(lookup_key(name), list(self.servers), n=3, cutoff=0.6)
         if not close:
-            return (f"no server is registered under {name!r} (start it, or wait for it to "
+            return (f"{not_registered(name)} (start it, or wait for it to "
                     f"register: {len(self.servers)} registered, none with a similar name)")
         names = ", ".join(repr(self.servers[key].name) for key in close)
         what = "name" if len(close) == 1 else "names"
-        return f"no server is registered under {name!r}; the closest registered {what}: {names}"
+        return f"{not_registered(name)}; the closest registered {what}: {names}"
 
     def _connect_error(self, message: Connect) -> int:
         if name_problem(message.name):

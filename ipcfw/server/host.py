@@ -109,6 +109,7 @@ class ServerHost:
         self.wait_kernel = wait_kernel
         self._port: DirectPort | None = None
         self._asyncio: asyncio.AbstractEventLoop | None = None  # for async ServiceLs: _spawn
+        self._readiness: _Readiness | None = None  # what `_serve_async` awaits, while it runs
 
     def stop(self) -> None:
         """Ask the loop to finish. Safe from any thread and from signal handlers."""
@@ -220,6 +221,10 @@ class ServerHost:
         thread, else through that outbox (sent only while it is the current one)."""
         if threading.get_ident() == self._loop_thread:
             self._socket.send(frame)
+            if self._readiness is not None:
+                # (a coroutine's completion, while `_serve_async` awaits readiness: zmq's fd
+                # may have been reset by this send with a frame already waiting)
+                self._readiness.look_again()
         else:
             outbox.append(frame)
             self._wakeup.wake()  # does nothing once the host has stopped: the frame is dropped
@@ -328,7 +333,7 @@ class ServerHost:
         """The loop as a coroutine on the host's asyncio loop, beside the coroutines of async
         ``ServiceL``s: asyncio wakes it when one of the poller's sockets is ready, and the
         poller itself (polled without waiting) says which."""
-        readiness = _Readiness(asyncio.get_running_loop())
+        readiness = self._readiness = _Readiness(asyncio.get_running_loop())
         poller.mirror_to(readiness)
         spin = AdaptiveSpin()
         served_direct = False
@@ -342,6 +347,7 @@ class ServerHost:
                     served_direct = self._turn(ready, kernel_fd, port)
                 await asyncio.sleep(0)  # the coroutines' turn
         finally:
+            self._readiness = None
             poller.mirror_to(None)
             readiness.close()
 
@@ -465,7 +471,11 @@ class _Poller(zmq.Poller):
 
 class _Readiness:
     """Wakes `_serve_async` when a socket the loop polls may be ready: asyncio's readers and
-    writers over the same sockets as the poller's (`_Poller.mirror_to`)."""
+    writers over the same sockets as the poller's (`_Poller.mirror_to`).
+
+    A zmq socket's fd is edge-triggered: a send or receive on it outside of the poller's turn
+    (a coroutine completing its message) may consume the edge of a frame that came meanwhile,
+    leaving the fd quiet with the frame unread; whoever does that calls `look_again`."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -487,6 +497,11 @@ class _Readiness:
     def _wake(self) -> None:
         if self._woken is not None:
             _resolve(self._woken, True)
+
+    def look_again(self) -> None:
+        """A watched zmq socket was used outside of the poller's turn: wake the loop so that
+        its poller (which asks zmq, not the fd) looks at it again."""
+        self._wake()
 
     def watch(self, sock: Any, flags: int) -> None:
         if sock in self._watched:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 from typing import ClassVar, Protocol, cast
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .. import errors
 from ..version import TVersion
@@ -225,7 +225,7 @@ class LayeredSession(CSession):
                      self.layers.overlays[self.index], exc,
                      exc_info=not isinstance(exc, errors.IpcError))
 
-    def ServiceL(self, message: RMessage) -> None:
+    def ServiceL(self, message: RMessage) -> Awaitable[None] | None:
         current = self.current
         if self.failed is not None or current is None:
             raise errors.IpcError(
@@ -235,9 +235,11 @@ class LayeredSession(CSession):
         route_to(message, current)
         self._servicing = True
         try:
-            current.ServiceL(message)
+            # (an async ServiceL's coroutine goes back to the server's state, which runs it)
+            return current.ServiceL(message)
         except Exception as exc:
             service_failed(current, message, exc)
+            return None
         finally:
             self._servicing = False
             if self._handoff_pending:

@@ -122,7 +122,7 @@ def test_wait_for_server_returns_at_once_for_a_registered_name(stack):
     stack.serve(ECHO)
     started = time.monotonic()
     ipcfw.wait_for_server("ECHO", 10, endpoint=stack.endpoint)  # (case-insensitive)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5  # (well before its 10 s, even on a loaded machine)
     assert echo_call(stack.endpoint, 0) == 42
 
 

@@ -442,18 +442,20 @@ def test_a_deferred_resolved_before_it_is_returned_completes_at_once() -> None:
     assert recorder.completions == [Complete(1, 13, ((0, pack_value("done already")),))]
 
 
-def test_a_deferred_fails_with_an_error_code_and_an_overflow_completes_as_one() -> None:
+def test_a_deferred_fails_with_an_error_and_an_overflow_completes_as_one() -> None:
     session = LaterSession()
     msg, recorder = message(1)
     session.ServiceL(msg)
-    session.held[0][0].fail(IpcError(KErrCancel))
-    assert recorder.completions == [Complete(1, KErrCancel, ())]
+    session.held[0][0].fail(IpcError(KErrCancel, "the publisher went away"))
+    assert recorder.completions == [Complete(1, KErrCancel, (), "the publisher went away")]
     msg, recorder = message(1, bytearray(2))
     session.ServiceL(msg)
     deferred, payload = session.held[1]
     payload[:] = b"too long"
-    deferred.resolve(1)  # the payload does not fit: the caller gets KErrOverflow
-    assert recorder.completions == [Complete(1, KErrOverflow, ())]
+    deferred.resolve(1)  # the payload does not fit: the caller gets KErrOverflow, saying so
+    assert recorder.completions == [Complete(1, KErrOverflow, (), (
+        "later.wait: parameter 'payload' (argument 0): the server left 8 bytes in a bytearray "
+        "of at most 2"))]
     with pytest.raises(TypeError, match="fail\\(\\) takes an IpcError"):
         Deferred().fail(ValueError("no"))  # type: ignore[arg-type]
 

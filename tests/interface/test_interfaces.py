@@ -175,7 +175,8 @@ def test_deferred_results_and_bytearray_parameters_through_the_notifier(notifier
         waiting = alice.wait_for_event.send(small)
         wait_until(lambda: publisher.waiter_count() == 1, timeout=TIMEOUT, what="a held wait")
         publisher.publish(6, b"too long for it")
-        with pytest.raises(Overflow):
+        # (a Deferred's failure reaches the client with its text, as a method's raise does)
+        with pytest.raises(Overflow, match="in a bytearray of at most 2"):
             waiting.result(TIMEOUT)
         assert small == bytearray(2)
 
@@ -220,6 +221,30 @@ def test_a_killed_clients_deferred_wait_is_released_and_the_server_goes_on(notif
         assert waiting.result(TIMEOUT) == 3
     wait_until(lambda: notifier.statistics()["sessions"] == 0, timeout=TIMEOUT,
                what="every session to end")
+
+
+def test_a_wait_the_client_cancelled_is_released_so_the_session_can_wait_again(notifier):
+    # The client's cancel (status.Cancel(), or the task awaiting it cancelled by wait_for)
+    # reaches the session's Cancelled hook: the notifier lets the wait go, or its next wait
+    # would be refused with KErrInUse ("already waiting").
+    with Notifier.connect() as waiter, Notifier.connect() as publisher:
+        first = waiter.wait_for_event.send()
+        wait_until(lambda: publisher.waiter_count() == 1, timeout=TIMEOUT, what="a held wait")
+        assert first.status.Cancel(TIMEOUT) == KErrCancel
+        wait_until(lambda: publisher.waiter_count() == 0, timeout=TIMEOUT,
+                   what="the cancelled wait to be released")
+
+        async def timed_out() -> None:
+            await asyncio.wait_for(waiter.wait_for_event.call_async(), 0.05)
+
+        with pytest.raises(asyncio.TimeoutError):
+            asyncio.run(timed_out())
+        wait_until(lambda: publisher.waiter_count() == 0, timeout=TIMEOUT,
+                   what="the timed-out wait to be released")
+        again = waiter.wait_for_event.send()
+        wait_until(lambda: publisher.waiter_count() == 1, timeout=TIMEOUT, what="a new wait")
+        assert publisher.publish(4) == 1
+        assert again.result(TIMEOUT) == 4
 
 
 def test_connect_waits_for_the_server_to_register(kernel):

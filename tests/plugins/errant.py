@@ -23,6 +23,11 @@ ECompleteKept = 9  # complete the kept message with Int0
 EBareCode = 10  # raise IpcError(KErrNotFound): a code, no text
 EForgetOnThread = 11  # hand the message to a thread, which lets go of it without completing it
 EForgetAsync = 12  # an async ServiceL (a coroutine) that returns without completing the message
+ENotUtf8 = 13  # raise IpcError(KErrNotFound, a text with a file name that is not UTF-8)
+ECompleteNotUtf8 = 14  # message.Complete(IpcError(...)) with that text
+
+# A file name as os.fsdecode gives it for bytes that are not UTF-8 (a lone surrogate).
+NOT_UTF8 = "no file " + b"caf\xe9.txt".decode("utf-8", "surrogateescape")
 # Any other function: CSession's default ServiceL refuses it (KErrNotSupported).
 
 # What ECompleteBad completes with, by Int0.
@@ -61,6 +66,10 @@ class ErrantSession(CSession):
             # (the thread drops its arguments as it ends: the message is finalized there)
             threading.Thread(target=lambda message: None, args=(message,),
                              name="errant-forgetter").start()
+        elif function == ENotUtf8:
+            raise IpcError(KErrNotFound, NOT_UTF8)
+        elif function == ECompleteNotUtf8:
+            message.Complete(IpcError(KErrNotFound, NOT_UTF8))
         elif function == EBareCode:
             raise IpcError(KErrNotFound)
         elif function == ECompleteKept:
@@ -78,6 +87,15 @@ class ErrantServer(CServer):
     name = "errant"
     version = TVersion(1, 2, 0)
     session_class = ErrantSession
+
+
+class RefusingServer(ErrantServer):
+    """Refuses every connect with NotFound, as a server with no such table would."""
+
+    name = "refusing"
+
+    def NewSessionL(self, version: Any, message: Any) -> Any:
+        raise IpcError(KErrNotFound, "no table 'orders'")
 
 
 class TellingServer(ErrantServer):

@@ -58,3 +58,9 @@ class WorkOverlay(COverlay):
 
 class LongWorkOverlay(WorkOverlay):
     work_seconds = 30.0
+
+
+class QuickWorkOverlay(WorkOverlay):
+    """Hands each session off soon."""
+
+    work_seconds = 0.05

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 
 import pytest
 
@@ -95,3 +96,45 @@ def test_an_awaiting_client_of_an_async_server(aio_server):
             return [first, await waits[0], await waits[2]]
 
     assert asyncio.run(asyncio.wait_for(main(), 10)) == [1, 0, 2]
+
+
+def test_requests_that_come_while_coroutines_complete_are_all_served(aio_server):
+    # A coroutine's Complete sends on the kernel socket from the loop thread while the loop
+    # awaits its sockets' readiness; a request arriving then must still wake the loop.
+    def client(index: int, failures: list[str]) -> None:
+        with RSession.connect("aio", VERSION) as session:
+            for i in range(300):
+                status = TRequestStatus()
+                session.SendReceive(aio.EStart, (i,), status)
+                try:
+                    assert status.Wait(5) == i
+                except TimeoutError:
+                    failures.append(f"client {index}: request {i} not answered in 5 s")
+                    status.Cancel()
+                    return
+
+    failures: list[str] = []
+    threads = [threading.Thread(target=client, args=(n, failures)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(40)
+    assert not any(thread.is_alive() for thread in threads)
+    assert failures == []
+
+
+def test_an_async_server_under_an_overlay(kernel):
+    # After the overlay hands the session off, the layer under it serves with its async
+    # ServiceL: the coroutine it returns must be run, not dropped.
+    kernel.serve("plugins.aio:AioServer", "aio", "--overlay", "plugins.overlays:QuickWorkOverlay")
+    with RSession.connect("aio", VERSION, timeout=5) as session, \
+            RSession.connect("aio", VERSION, timeout=5) as other:
+        for handed_off in (session, other):
+            wait_until(lambda s=handed_off: s.SendReceive(aio.EStart, (5,), timeout=5) == 5,
+                       what="the overlay to hand the session off")
+        status = TRequestStatus()
+        session.SendReceive(aio.EWait, (7, 41), status)
+        assert other.SendReceive(aio.EOpen, (7,), timeout=5) == 0
+        assert status.Wait(5) == 41
+        with pytest.raises(ipcfw.General):
+            session.SendReceive(aio.ERaise, timeout=5)

@@ -475,7 +475,7 @@ def test_a_disconnect_without_close_runs_at_once_and_nothing_of_the_session_foll
     msg_id = harness.next_id()
     harness.state.receive(Disconnect(msg_id, HANDLE))
     assert harness.kernel == [Complete(msg_id, errors.KErrNone, ())]
-    assert harness.rules.attached(HANDLE) == 0 and connection.in_service == {}
+    assert harness.rules.attached(HANDLE) == 0 and len(connection.in_service) == 0
     assert harness.feed(connection, Request(3, HANDLE, 1, (), SYNC)) == [
         Panicked(3, HANDLE, "KERN-EXEC", 0, 0)
     ]
