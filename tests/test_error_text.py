@@ -217,6 +217,18 @@ def test_a_servers_not_found_is_not_waited_out_by_connect_wait(kernel):
     assert time.monotonic() - started < 2.5
 
 
+def test_a_servers_not_found_is_not_waited_out_by_connect_async_wait(kernel):
+    kernel.serve("plugins.errant:RefusingServer", "refusing")
+
+    async def main() -> None:
+        await RSession.connect_async("refusing", VERSION, wait=5, timeout=TIMEOUT)
+
+    started = time.monotonic()
+    with pytest.raises(ipcfw.NotFound, match="no table 'orders'"):
+        asyncio.run(asyncio.wait_for(main(), 10))
+    assert time.monotonic() - started < 2.5
+
+
 def test_a_bool_argument_is_refused_before_sending(errant_server):
     with connect() as session:
         with pytest.raises(TypeError) as caught:

@@ -214,9 +214,10 @@ class RSession:
                 reply = await aio.call(runtime.channel(), frame, req_id, timeout, connect=True)
                 self._connected(runtime, reply, attach_later=True)
                 return
-            except (errors.NotFound, errors.CouldNotConnect, errors.ServerTerminated):
+            except (errors.NotFound, errors.CouldNotConnect, errors.ServerTerminated) as exc:
                 # (as CreateSession: the server went between the wait and the connect)
-                if deadline is None or self._life.handle or time.monotonic() >= deadline:
+                if (deadline is None or self._life.handle or time.monotonic() >= deadline
+                        or _refused_by_server(exc, name)):
                     raise
 
     def CreateSession(

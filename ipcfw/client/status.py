@@ -144,7 +144,7 @@ class TRequestStatus:
         except asyncio.CancelledError:
             # The awaiting task was cancelled (asyncio.wait_for timing out, for one): so is the
             # request, without waiting. Its KErrCancel arrives later and frees its slot.
-            if not self._done:
+            if not self._done and self._channel is not None:
                 self._ask_cancel()
             raise
         return self.result(0)

@@ -48,6 +48,7 @@ from ..protocol import (
     encode,
 )
 from ..version import to_version
+from .aioloop import MirroredPoller, Readiness, awaited
 from .overlay import COverlay, Layers
 from .plugin import CServer
 from .port import DirectPort
@@ -109,7 +110,7 @@ class ServerHost:
         self.wait_kernel = wait_kernel
         self._port: DirectPort | None = None
         self._asyncio: asyncio.AbstractEventLoop | None = None  # for async ServiceLs: _spawn
-        self._readiness: _Readiness | None = None  # what `_serve_async` awaits, while it runs
+        self._readiness: Readiness | None = None  # what `_serve_async` awaits, while it runs
 
     def stop(self) -> None:
         """Ask the loop to finish. Safe from any thread and from signal handlers."""
@@ -297,7 +298,7 @@ class ServerHost:
 
     def _serve(self, kernel_pid: int) -> None:
         kernel_fd = os.pidfd_open(kernel_pid)
-        poller = _Poller()
+        poller = MirroredPoller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wakeup.fd, zmq.POLLIN)
         poller.register(kernel_fd, zmq.POLLIN)
@@ -329,11 +330,11 @@ class ServerHost:
                 ready = dict(poller.poll(port.timeout))
             served_direct = self._turn(ready, kernel_fd, port)
 
-    async def _serve_async(self, poller: _Poller, kernel_fd: int, port: DirectPort) -> None:
+    async def _serve_async(self, poller: MirroredPoller, kernel_fd: int, port: DirectPort) -> None:
         """The loop as a coroutine on the host's asyncio loop, beside the coroutines of async
         ``ServiceL``s: asyncio wakes it when one of the poller's sockets is ready, and the
         poller itself (polled without waiting) says which."""
-        readiness = self._readiness = _Readiness(asyncio.get_running_loop())
+        readiness = self._readiness = Readiness(asyncio.get_running_loop())
         poller.mirror_to(readiness)
         spin = AdaptiveSpin()
         served_direct = False
@@ -386,7 +387,7 @@ class ServerHost:
         has ended (see ipcfw.server.coroutines)."""
         if self._asyncio is None:
             self._asyncio = asyncio.new_event_loop()
-        task = self._asyncio.create_task(_awaited(awaitable))
+        task = self._asyncio.create_task(awaited(awaitable))
         task.add_done_callback(
             lambda t: done(None, True) if t.cancelled() else done(t.exception(), False)
         )
@@ -437,96 +438,6 @@ class ServerHost:
             self._socket.send(outbox.popleft())
         if self._port is not None:
             self._port.flush()
-
-
-async def _awaited(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
-
-
-class _Poller(zmq.Poller):
-    """The loop's poller, which can also keep a `_Readiness` watching what it polls: the direct
-    port registers and unregisters its connections as they come and go (unregistering before
-    it closes one, so asyncio never watches a closed or reused fd)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._mirror: _Readiness | None = None
-
-    def mirror_to(self, mirror: _Readiness | None) -> None:
-        self._mirror = mirror
-        if mirror is not None:
-            for sock, flags in self.sockets:
-                mirror.watch(sock, flags)
-
-    def register(self, socket: Any, flags: int = zmq.POLLIN | zmq.POLLOUT) -> None:
-        super().register(socket, flags)  # (flags 0 unregisters, through our unregister)
-        if flags and self._mirror is not None:
-            self._mirror.watch(socket, flags)
-
-    def unregister(self, socket: Any) -> None:
-        super().unregister(socket)
-        if self._mirror is not None:
-            self._mirror.unwatch(socket)
-
-
-class _Readiness:
-    """Wakes `_serve_async` when a socket the loop polls may be ready: asyncio's readers and
-    writers over the same sockets as the poller's (`_Poller.mirror_to`).
-
-    A zmq socket's fd is edge-triggered: a send or receive on it outside of the poller's turn
-    (a coroutine completing its message) may consume the edge of a frame that came meanwhile,
-    leaving the fd quiet with the frame unread; whoever does that calls `look_again`."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._watched: dict[Any, int] = {}  # socket or fd -> the zmq flags watched
-        self._woken: asyncio.Future[bool] | None = None
-
-    async def wait(self, timeout_ms: int | None) -> bool:
-        """Wait until a watched socket may be ready (True) or `timeout_ms` passed (False)."""
-        woken = self._woken = self._loop.create_future()
-        timer = (None if timeout_ms is None
-                 else self._loop.call_later(timeout_ms / 1000, _resolve, woken, False))
-        try:
-            return bool(await woken)
-        finally:
-            self._woken = None
-            if timer is not None:
-                timer.cancel()
-
-    def _wake(self) -> None:
-        if self._woken is not None:
-            _resolve(self._woken, True)
-
-    def look_again(self) -> None:
-        """A watched zmq socket was used outside of the poller's turn: wake the loop so that
-        its poller (which asks zmq, not the fd) looks at it again."""
-        self._wake()
-
-    def watch(self, sock: Any, flags: int) -> None:
-        if sock in self._watched:
-            self.unwatch(sock)
-        if flags & zmq.POLLIN:
-            self._loop.add_reader(sock, self._wake)
-        if flags & zmq.POLLOUT:
-            self._loop.add_writer(sock, self._wake)
-        self._watched[sock] = flags
-
-    def unwatch(self, sock: Any) -> None:
-        flags = self._watched.pop(sock, 0)
-        if flags & zmq.POLLIN:
-            self._loop.remove_reader(sock)
-        if flags & zmq.POLLOUT:
-            self._loop.remove_writer(sock)
-
-    def close(self) -> None:
-        for sock in list(self._watched):
-            self.unwatch(sock)
-
-
-def _resolve(future: asyncio.Future[bool], woken: bool) -> None:
-    if not future.done():
-        future.set_result(woken)
 
 
 def _spin_for(poller: zmq.Poller, spin: AdaptiveSpin) -> dict[Any, int] | None:

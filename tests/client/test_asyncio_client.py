@@ -182,3 +182,18 @@ def test_connect_async_refused_raises_with_the_kernels_text(kernel, probe_server
 
     with pytest.raises(ipcfw.NotFound, match="closest registered name: 'probe'"):
         asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_a_task_awaiting_an_unused_status_is_cancelled_as_any_task_is():
+    async def main() -> None:
+        task = asyncio.ensure_future(_await(TRequestStatus()))  # (given to no request)
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+
+
+async def _await(status: TRequestStatus) -> int:
+    return await status
