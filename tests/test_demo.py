@@ -148,6 +148,13 @@ def test_demo_runs_reports_and_cleans_up(tmp_path):
     assert sync, out
     median, p99, calls = map(int, sync.groups())
     assert 0 < median <= p99 and calls == 2000
+    managers = re.search(r"multiprocessing.managers proxy, for comparison: sync median (\d+) us, "
+                         r"p99 (\d+) us \(2000 calls; the direct path takes ([\d.]+)x its "
+                         r"time\); a proxy cannot pipeline", out)
+    assert managers, out
+    managers_median = int(managers.group(1))
+    assert 0 < managers_median <= int(managers.group(2))
+    assert abs(float(managers.group(3)) - median / managers_median) < 0.1  # (rounded medians)
     pipelined = re.search(r"direct path: async pipelined ([\d,]+) calls/s \(64 in flight\)", out)
     assert pipelined and int(pipelined.group(1).replace(",", "")) > 0, out
     kernel_path = re.search(r"the same through the kernel \(path='kernel'\): median (\d+) us, "

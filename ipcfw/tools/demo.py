@@ -5,7 +5,8 @@ the ipc path stays short), starts ``python -m ipcfw kernel`` on a socket in it a
 servers (``servers.echo``, ``servers.kv``, ``servers.notifier``) as ``python -m ipcfw serve``
 processes with `ipcfw.testing.Stack`, waits until each is ready, runs the example clients
 (``clients/*_client.py``) in this process, then measures a synchronous round trip and
-pipelined asynchronous throughput against the echo server.
+pipelined asynchronous throughput against the echo server, on the direct path beside a
+``multiprocessing.managers`` proxy (the standard library's answer), then through the kernel.
 
 Everything it starts is stopped on the way out: after success, after a failure, and on Ctrl-C
 (exit status 130) or SIGTERM (143). The processes' logs go to files in the temporary directory;
@@ -34,6 +35,8 @@ from ..client import RSession, TRequestStatus
 from ..endpoint import IPC_PATH_MAX
 from ..testing import Stack, StartError
 from .bench.clients import WINDOW  # the same pipelined measurement as the bench's, in small
+from .bench.clients import ManagersClient  # (and the same managers proxy)
+from .bench.roles import role_argv
 from .bench.measure import percentile
 
 SYNC_CALLS = 2000
@@ -141,20 +144,42 @@ def _run_clients(endpoint: str) -> bool:
 
 def _measure_sync(session: RSession) -> tuple[float, float, int]:
     """Median and p99 of a synchronous EEchoInt round trip, in microseconds."""
-    call = session.SendReceive
+    return _timed(lambda: session.SendReceive(EEchoInt, (42,)), 42, "EEchoInt(42)")
+
+
+def _timed(call: Callable[[], object], expected: object,
+           what: str) -> tuple[float, float, int]:
+    """Median and p99 of `call()`'s round trip in microseconds, after a warm-up."""
     for _ in range(WARMUP_CALLS):
-        call(EEchoInt, (42,))
+        call()
     clock = time.perf_counter_ns
     samples = [0] * SYNC_CALLS
     with _gc_paused():
         for i in range(SYNC_CALLS):
             t0 = clock()
-            value = call(EEchoInt, (42,))
+            value = call()
             samples[i] = clock() - t0
-            if value != 42:
-                raise DemoError(f"EEchoInt(42) returned {value}")
+            if value != expected:
+                raise DemoError(f"{what} returned {value}")
     samples.sort()
     return percentile(samples, 50) / 1000, percentile(samples, 99) / 1000, SYNC_CALLS
+
+
+def _measure_managers(stack: Stack, direct_median: float) -> None:
+    """The standard library's answer, measured the same way: a ``multiprocessing.managers``
+    proxy in this process calling a method of an object in another (the bench's managers
+    helper), printed beside the direct path's sync median (microseconds)."""
+    address = str(stack.workdir / "managers")
+    helper = stack.spawn(role_argv("managers", address), "managers", ready=True)
+    helper.wait_ready(stack.timeout)
+    client = ManagersClient(address)
+    try:
+        median, p99, calls = _timed(client.call, ManagersClient.expected, "adder.add")
+    finally:
+        client.close()
+    _print(f"  multiprocessing.managers proxy, for comparison: sync median {median:.0f} us, "
+           f"p99 {p99:.0f} us ({calls} calls; the direct path takes "
+           f"{direct_median / median:.2f}x its time); a proxy cannot pipeline")
 
 
 def _measure_pipelined(session: RSession) -> float:
@@ -197,12 +222,15 @@ class _gc_paused:
             gc.enable()
 
 
-def _measure(endpoint: str) -> None:
+def _measure(stack: Stack) -> None:
+    endpoint = stack.endpoint
     with RSession.connect("echo", endpoint=endpoint, path="direct") as session:
         median, p99, calls = _measure_sync(session)
         _raise_if_signalled()
         _print(f"  direct path: sync round trip median {median:.0f} us, p99 {p99:.0f} us "
                f"({calls} calls)")
+        _measure_managers(stack, median)
+        _raise_if_signalled()
         rate = _measure_pipelined(session)
         _raise_if_signalled()
         _print(f"  direct path: async pipelined {rate:,.0f} calls/s ({WINDOW} in flight)")
@@ -293,5 +321,5 @@ def _run(stack: Stack) -> int:
         print(_logs(stack), file=sys.stderr, flush=True)
         return 1
     _raise_if_signalled()
-    _measure(stack.endpoint)
+    _measure(stack)
     return 0
