@@ -342,7 +342,7 @@ class ServerHost:
             while not self._loop_ended():
                 ready = dict(poller.poll(0))
                 if not ready and served_direct and spin.now():
-                    ready = _spin_for(poller, spin) or {}  # as the synchronous loop does
+                    ready = await _spin_among_coroutines(poller, spin) or {}
                 if ready or not await readiness.wait(port.timeout):
                     # (with nothing ready: the port's timers)
                     served_direct = self._turn(ready, kernel_fd, port)
@@ -438,6 +438,22 @@ class ServerHost:
             self._socket.send(outbox.popleft())
         if self._port is not None:
             self._port.flush()
+
+
+async def _spin_among_coroutines(poller: zmq.Poller,
+                                 spin: AdaptiveSpin) -> dict[Any, int] | None:
+    """`_spin_for` on the asyncio loop: between looks, the coroutines run (one of them is
+    likely about to complete the request whose client will send the next one)."""
+    perf = time.perf_counter
+    spin_end = perf() + SPIN
+    while perf() < spin_end:
+        ready = poller.poll(0)
+        if ready:
+            spin.caught()
+            return dict(ready)
+        await asyncio.sleep(0)
+    spin.missed()
+    return None
 
 
 def _spin_for(poller: zmq.Poller, spin: AdaptiveSpin) -> dict[Any, int] | None:
