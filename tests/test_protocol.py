@@ -16,6 +16,9 @@ import pytest
 
 from ipcfw import protocol
 from ipcfw.protocol import (
+    BATCH_MARK,
+    pack_batch,
+    unpack_batch,
     Attach,
     SessionPanicked,
     Admit,
@@ -880,3 +883,29 @@ def test_an_error_text_is_cut_to_the_bound_with_a_marker():
 def test_a_completion_without_text_decodes_with_an_empty_one():
     assert decode(pack(Kind.COMPLETED, 1, -1, [])) == Completed(1, -1, (), "")
     assert decode(pack(Kind.COMPLETE, 1, -1, [])) == Complete(1, -1, (), "")
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+def test_a_batch_carries_its_frames_in_order_and_no_frame_looks_like_one() -> None:
+    frames = [encode(Completed(n, n, ())) for n in range(3)]
+    frames.append(encode(Completed(9, 0, ((0, b"x" * 300),))))
+    datagram = pack_batch(frames)
+    assert datagram[0] == BATCH_MARK and unpack_batch(datagram) == frames
+    # msgpack never begins a value with 0xc1: a frame is never mistaken for a batch.
+    with pytest.raises(ProtocolError):
+        decode(datagram)
+
+
+@pytest.mark.parametrize("datagram, pattern", [
+    (b"\xc1", "no frame"),
+    (b"\xc1\x05\x00\x00\x00abc", "a frame of 5 bytes at offset 5, with 3 bytes left"),
+    (b"\xc1\x00\x00\x00\x00", "a frame of 0 bytes"),
+    (b"\xc1\x01\x00\x00\x00a\x01\x00", "2 bytes left at offset 6, not a length"),
+    (b"\x93\x01\x02\x03", "does not begin with BATCH_MARK"),
+], ids=["empty", "short", "zero-length", "cut-length", "not-a-batch"])
+def test_a_malformed_batch_raises_protocol_error_naming_the_problem(datagram: bytes,
+                                                                    pattern: str) -> None:
+    with pytest.raises(ProtocolError, match=pattern):
+        unpack_batch(datagram)
