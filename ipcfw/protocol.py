@@ -169,11 +169,12 @@ __all__ = [
     "unpack_batch",
 ]
 
-PROTOCOL_VERSION = 17  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
+PROTOCOL_VERSION = 18  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
 #                        6: terminate; 7: PeerGone; 8: Dropped; 9: the direct path;
 #                        10: every thread direct (Join, Admit), the session list (ListSessions);
 #                        11: shared memory on the direct path; 12: AwaitServer;
-#                        13: error text on completions; 17: batches of frames (BATCH_MARK)
+#                        13: error text on completions; 17: batches of frames (BATCH_MARK);
+#                        18: capabilities (PeerInfo.capabilities)
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -193,6 +194,8 @@ TRUNCATED = "... [truncated]"
 MAX_TOKEN = 64
 #: Longest executable path in a PeerInfo.
 MAX_PATH = 4096
+#: Longest list of capability names in a PeerInfo (names of at most 64 characters).
+MAX_CAPABILITIES = 4096
 #: Largest descriptor in shared memory on a direct connection (`MappedRequest`).
 MAX_MAPPED = 1 << 30
 #: Descriptors of at least this many bytes go through shared memory on a direct connection
@@ -938,13 +941,15 @@ class Cancelled(NamedTuple):
 
 
 class PeerInfo(NamedTuple):
-    """Kernel -> server: who client key `client` is, sent before its first message."""
+    """Kernel -> server: who client key `client` is, sent before its first message, and the
+    capabilities the kernel grants it (names separated by spaces: see ipcfw.security)."""
 
     client: int
     pid: int
     uid: int
     gid: int
     exe: str
+    capabilities: str = ""
 
 
 Message = (
@@ -1000,7 +1005,8 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Terminating: (Kind.TERMINATING, (_reason,)),
     PeerGone: (Kind.PEER_GONE, (_u63,)),
     Dropped: (Kind.DROPPED, (_bytes_upto(255), _u63)),
-    PeerInfo: (Kind.PEER_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH))),
+    PeerInfo: (Kind.PEER_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH),
+                                _str_upto(MAX_CAPABILITIES))),
     Attach: (Kind.ATTACH, (_u63, _bytes_upto(MAX_TOKEN))),
     SessionPanicked: (Kind.SESSION_PANICKED, (_handle, _str_upto(MAX_CATEGORY), _i32)),
     Join: (Kind.JOIN, (_u63, _handle)),

@@ -215,6 +215,7 @@ ROUND_TRIP: list = [
     PeerInfo(1, 4242, 1000, 1000, "/usr/bin/python3"),
     PeerInfo(U63_MAX, 2**32 - 1, 0, 2**32 - 1, ""),
     PeerInfo(2, 1, 2, 3, "/" + "p" * 4095),
+    PeerInfo(3, 1, 2, 3, "/bin/x", "ProtServ ReadUserData com.example.Billing"),
 ]
 
 

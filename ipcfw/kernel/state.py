@@ -83,6 +83,7 @@ from typing import Any, NamedTuple
 from collections.abc import Callable
 
 from .. import errors
+from ..security import USER_CAPABILITIES
 from ..naming import is_protected, lookup_key, name_problem, not_registered
 from ..protocol import (
     Args,
@@ -1172,12 +1173,21 @@ class KernelState:
             return []
         server.informed.add(process.client_key)
         who = process.identity
+        granted = " ".join(sorted(self.capabilities_of(who)))
         return [
             Send(
                 server.rid,
-                PeerInfo(process.client_key, who.pid, who.uid, who.gid, who.exe),
+                PeerInfo(process.client_key, who.pid, who.uid, who.gid, who.exe, granted),
             )
         ]
+
+    def capabilities_of(self, identity: ProcessIdentity) -> frozenset[str]:
+        """The capabilities the kernel grants a process: those a user grants an application
+        (`USER_CAPABILITIES`: every process admitted runs as the kernel's user), and
+        ``ProtServ`` to the uids in `protserv_uids`."""
+        if identity.uid in self.protserv_uids:
+            return USER_CAPABILITIES | {"ProtServ"}
+        return USER_CAPABILITIES
 
     def _own_message(self, peer: Peer, msg_id: int, message: Message) -> MessageRecord | None:
         server = self.server_of_peer.get(peer.rid)

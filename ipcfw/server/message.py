@@ -43,6 +43,7 @@ from ..protocol import (
     encode,
     error_text,
 )
+from ..security import capability_name
 from .mapped import MappedArgs, MappedDescriptor
 
 log = logging.getLogger("ipcfw.server")
@@ -54,12 +55,14 @@ __all__ = ["ClientInfo", "ServerPanic", "RMessage", "Completer", "MessageKind", 
 
 
 class ClientInfo(NamedTuple):
-    """Who sent a message, as the kernel saw it from the transport (never self-reported)."""
+    """Who sent a message, as the kernel saw it from the transport (never self-reported), and
+    the capabilities the kernel grants that process (see ipcfw.security)."""
 
     pid: int
     uid: int
     gid: int
     exe: str
+    capabilities: frozenset[str] = frozenset()
 
 
 class ServerPanic(Exception):
@@ -311,8 +314,25 @@ class RMessage:
         return self._client
 
     def SecureId(self) -> int:
-        """The client's secure identity: its uid, which the transport vouches for."""
+        """The client's secure identity (Symbian's SID): its uid, which the transport vouches
+        for (see docs/security.md)."""
         return self.Client().uid
+
+    def VendorId(self) -> int:
+        """The client's vendor identity (Symbian's VID): its gid, which the transport vouches
+        for (see docs/security.md)."""
+        return self.Client().gid
+
+    def HasCapability(self, capability: str, diagnostic: str | None = None) -> bool:
+        """True if the kernel grants the client's process `capability` (a Symbian name such as
+        ``"ReadUserData"``, or a custom one). When it does not and `diagnostic` is given, the
+        refusal is logged (warning) with it, the client and the capability."""
+        held = capability_name(capability) in self.Client().capabilities
+        if not held and diagnostic is not None:
+            client = self.Client()
+            log.warning("%s: pid %d (%s) lacks capability %s", diagnostic, client.pid,
+                        client.exe or "unknown executable", capability)
+        return held
 
     def Session(self) -> Any:
         """The `CSession` this message belongs to (None for a connect message)."""
