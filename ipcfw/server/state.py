@@ -137,6 +137,10 @@ class Stack(Protocol):
     def error_string(self, code: int) -> str | None:
         """The description of `code` from the layer that owns it, if any."""
 
+    def reaches_server(self, session: CSession) -> bool:
+        """Whether a request for `session` goes to the server's own session (not an
+        overlay's)."""
+
 
 class ServerState:
     """One registration of a server with one kernel: its sessions, the messages in service,
@@ -327,7 +331,7 @@ class ServerState:
         if self._trace:
             trace.request(self.stack.server.name, message,
                           "direct" if isinstance(message, DirectMessage) else "kernel")
-        if self._gate is not None:
+        if self._gate is not None and self.stack.reaches_server(session):
             try:
                 if not self._gate.admits(session, message, self._serve):
                     return

@@ -264,3 +264,39 @@ def test_what_a_security_policy_says_is_missing() -> None:
     assert TSecurityPolicy.always_fail().missing(caps, 0, 0) is not None
     assert TSecurityPolicy.always_pass().missing(frozenset(), 0, 0) is None
     assert capability_name("com.example.Billing") == "com.example.Billing"
+
+
+def test_the_kv_examples_policy_lets_a_reader_read_and_not_write() -> None:
+    from servers.kv import EDelete, ECount, EGet, EKeys, EPutMany, ESet, ETableSet, KvServer
+
+    h, server = harness(frozenset({"ReadUserData"}), server=KvServer())
+    for function in (ESet, EDelete, ETableSet, EPutMany):
+        reply = h.call(function)
+        assert reply.value == errors.KErrPermissionDenied
+        assert "needs capability WriteUserData" in reply.text
+    for function in (EGet, ECount, EKeys):  # let through to the server (whose answer differs)
+        assert h.call(function).value != errors.KErrPermissionDenied
+    assert h.call(0).value == errors.KErrNotSupported
+
+
+def test_an_overlays_requests_are_not_the_servers_policy_to_check() -> None:
+    from ipcfw import COverlay, COverlaySession
+
+    class Login(COverlaySession):
+        def ServiceL(self, message: RMessage) -> None:
+            message.Complete(1000 + message.Function())
+            if message.Function() == 9:
+                self.HandOff()
+
+    class LoginOverlay(COverlay):
+        def NewSessionL(self, version: Any, message: RMessage) -> Login:
+            return Login()
+
+    server = Guarded()
+    h = Harness(LoginOverlay(server), frozenset())  # holds no capability at all
+    assert h.connect().value == errors.KErrNone
+    assert h.call(ELast + 50).value == 1000 + ELast + 50  # the overlay's: not checked
+    assert h.call(9).value == 1009  # handed off: from now on the server's policy applies
+    assert h.call(ERead).value == errors.KErrPermissionDenied
+    assert h.call(ELast + 50).value == errors.KErrNotSupported
+    assert server.served == []
