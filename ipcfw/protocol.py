@@ -169,12 +169,13 @@ __all__ = [
     "unpack_batch",
 ]
 
-PROTOCOL_VERSION = 18  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
+PROTOCOL_VERSION = 19  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
 #                        6: terminate; 7: PeerGone; 8: Dropped; 9: the direct path;
 #                        10: every thread direct (Join, Admit), the session list (ListSessions);
 #                        11: shared memory on the direct path; 12: AwaitServer;
 #                        13: error text on completions; 17: batches of frames (BATCH_MARK);
-#                        18: capabilities (PeerInfo.capabilities)
+#                        18: capabilities (PeerInfo.capabilities); 19: admission
+#                        (Welcome.refusal)
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -786,11 +787,13 @@ class Stats(NamedTuple):
 
 class Welcome(NamedTuple):
     """Kernel -> peer: the answer to Hello. A peer whose Hello named another protocol version
-    gets a Welcome naming the kernel's, and is not admitted."""
+    gets a Welcome naming the kernel's, and is not admitted; one the kernel's admission refuses
+    gets a Welcome whose `refusal` says why (empty: admitted)."""
 
     kernel_pid: int
     max_frame: int
     protocol: int
+    refusal: str = ""
 
 
 class Connected(NamedTuple):
@@ -979,7 +982,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Open: (Kind.OPEN, (_u63, _bytes_upto(MAX_TOKEN))),
     Cancel: (Kind.CANCEL, (_u63,)),
     Stats: (Kind.STATS, (_u63,)),
-    Welcome: (Kind.WELCOME, (_u32, _u63, _u16)),
+    Welcome: (Kind.WELCOME, (_u32, _u63, _u16, _str_upto(MAX_ERROR_TEXT))),
     Connected: (
         Kind.CONNECTED,
         (_u63, _i32, _int_in(0, I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD),

@@ -77,6 +77,7 @@ import collections
 import difflib
 import enum
 import itertools
+import logging
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -140,6 +141,8 @@ from ..protocol import (
     Welcome,
 )
 
+log = logging.getLogger("ipcfw.kernel")
+
 #: Symbian's per-session limit on outstanding messages (KMaxMsgLimit).
 MAX_OUTSTANDING = 512
 #: The largest per-session slot count a client may ask for (the documented Symbian contract).
@@ -177,6 +180,25 @@ class ProcessIdentity(NamedTuple):
 
 
 # -- actions ---------------------------------------------------------------------------------
+
+
+class Admission(NamedTuple):
+    """Who the kernel admits (its configuration's [admission]): its own uid, the `uids`, and
+    any process whose (primary) gid is one of `gids`."""
+
+    kernel_uid: int
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+
+    def refusal(self, identity: ProcessIdentity) -> str | None:
+        """Why `identity` is not admitted; None if it is."""
+        uid, gid = identity.uid, identity.gid
+        if uid == self.kernel_uid or uid in self.uids or gid in self.gids:
+            return None
+        admitted = ", ".join([f"uid {uid}" for uid in sorted({self.kernel_uid, *self.uids})]
+                             + [f"gid {gid}" for gid in sorted(self.gids)])
+        return (f"uid {identity.uid} (gid {identity.gid}) is not admitted: this kernel admits "
+                f"{admitted} ([admission] in its configuration)")
 
 
 class Send(NamedTuple):
@@ -431,6 +453,8 @@ class KernelState:
         kernel_pid: int = 0,
         pool_slots: int = 4096,
         protserv_uids: frozenset[int] = frozenset(),
+        admission: Admission | None = None,
+        grants: Callable[[int, int, str], frozenset[str]] | None = None,
         max_frame: int = MAX_FRAME,
         sessions_per_process: int = 10_000,
         outstanding_per_process: int = 100_000,
@@ -441,6 +465,10 @@ class KernelState:
         self.sessions_per_process = sessions_per_process
         self.outstanding_per_process = outstanding_per_process
         self.protserv_uids = protserv_uids
+        # Who may say Hello (None: everyone who reaches the socket, which is private to the
+        # kernel's user unless the configuration opens it), and the capabilities of each.
+        self.admission = admission
+        self.grants = grants
         self.max_frame = max_frame
         self.new_token = new_token
         self.tokens: dict[bytes, int] = {}  # ShareProtected token -> handle
@@ -494,6 +522,11 @@ class KernelState:
         if message.protocol != PROTOCOL_VERSION:
             # Not admitted; the Welcome tells the peer which protocol the kernel speaks.
             return [Send(rid, welcome)]
+        refusal = self.admission.refusal(identity) if self.admission is not None else None
+        if refusal is not None:
+            log.warning("refused pid %d (uid %d, gid %d, %s): %s", identity.pid, identity.uid,
+                        identity.gid, identity.exe or "unknown executable", refusal)
+            return [Send(rid, welcome._replace(refusal=refusal))]
         role = Role(message.role)
         process = self.processes.get(identity.key)
         if role is Role.INBOX and process is not None and process.inbox is not None:
@@ -1182,12 +1215,14 @@ class KernelState:
         ]
 
     def capabilities_of(self, identity: ProcessIdentity) -> frozenset[str]:
-        """The capabilities the kernel grants a process: those a user grants an application
-        (`USER_CAPABILITIES`: every process admitted runs as the kernel's user), and
-        ``ProtServ`` to the uids in `protserv_uids`."""
+        """The capabilities the kernel grants a process: what `grants` says (the configuration:
+        ipcfw.kernel.config), or else those a user grants an application
+        (`USER_CAPABILITIES`); and ``ProtServ`` to the uids in `protserv_uids`."""
+        granted = (self.grants(identity.uid, identity.gid, identity.exe)
+                   if self.grants is not None else USER_CAPABILITIES)
         if identity.uid in self.protserv_uids:
-            return USER_CAPABILITIES | {"ProtServ"}
-        return USER_CAPABILITIES
+            return granted | {"ProtServ"}
+        return granted
 
     def _own_message(self, peer: Peer, msg_id: int, message: Message) -> MessageRecord | None:
         server = self.server_of_peer.get(peer.rid)

@@ -15,6 +15,7 @@ the kernel and a server host log every connect, request and completion. Docs: do
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import logging
@@ -85,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     kernel = add("kernel", help="run the kernel in the foreground")
     _endpoint_option(kernel)
     _ready_fd_option(kernel, "listens")
+    kernel.add_argument("--config", metavar="PATH",
+                        help="the kernel's configuration file (TOML: admission, capability "
+                             "grants, limits; docs/security.md); a limit given as an option "
+                             "wins over the file's")
+    kernel.add_argument("--check-config", metavar="PATH",
+                        help="check the configuration file PATH, say what it sets, and exit "
+                             "(status 0, or 2 naming the first mistake and its line)")
     _limit_options(kernel)
     kernel.set_defaults(run=_run_kernel)
 
@@ -200,14 +208,14 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
 
     defaults = KernelLimits()
     for name, text in _LIMIT_HELP.items():
+        # (default None: an option not given leaves the configuration file's value)
         parser.add_argument("--" + name.replace("_", "-"), type=int, metavar="N",
-                            default=getattr(defaults, name), help=text)
+                            help=text % {"default": getattr(defaults, name)})
 
 
-def _limits_of(args: argparse.Namespace) -> KernelLimits:
-    from ..kernel.limits import KernelLimits
-
-    return KernelLimits(**{name: getattr(args, name) for name in _LIMIT_HELP})
+def _limits_of(args: argparse.Namespace, base: KernelLimits) -> KernelLimits:
+    given = {name: getattr(args, name) for name in _LIMIT_HELP if getattr(args, name) is not None}
+    return dataclasses.replace(base, **given).check()
 
 
 def _on_signals(stop: Callable[[], None]) -> None:
@@ -236,11 +244,27 @@ def _ready_signal(args: argparse.Namespace, status: str) -> ReadySignal | None:
 def _run_kernel(args: argparse.Namespace) -> int:
     from ..kernel import Kernel, KernelAlreadyRunning
 
+    from ..kernel.config import KernelConfig, read_config
+
+    if args.check_config is not None:
+        try:
+            checked = read_config(args.check_config)
+        except (OSError, ValueError) as exc:
+            print(f"ipcfw: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.check_config}: ok: {checked.summary()}")
+        return 0
+    try:
+        config = read_config(args.config) if args.config else KernelConfig()
+        limits = _limits_of(args, config.limits)
+    except (OSError, ValueError) as exc:
+        print(f"ipcfw: {exc}", file=sys.stderr)
+        return 2
     ready = _ready_signal(args, f"kernel at {endpoints.resolve(args.endpoint)}")
     if ready is None:
         return 2
     try:
-        kernel = Kernel(args.endpoint, limits=_limits_of(args))
+        kernel = Kernel(args.endpoint, limits=limits, config=config)
     except ValueError as exc:
         print(f"ipcfw: {exc}", file=sys.stderr)
         return 2
