@@ -3,10 +3,14 @@ does, and the error for each kind of mistake, naming the file, the line and the 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
+from conftest import PYTHONPATH
 from ipcfw.kernel.config import ConfigError, Grant, KernelConfig, parse
-from ipcfw.kernel.limits import KernelLimits
 from ipcfw.security import USER_CAPABILITIES
 
 EXAMPLE = """\
@@ -96,3 +100,38 @@ def test_each_mistake_names_the_file_line_and_key(text: str, error: str) -> None
     with pytest.raises(ConfigError) as info:
         parse(text, "kernel.toml")
     assert str(info.value).startswith(error), str(info.value)
+
+
+# -- ipcfw kernel --check-config / --config ----------------------------------------------------
+
+
+def _ipcfw(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ipcfw", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": PYTHONPATH})
+
+
+@pytest.mark.process
+def test_check_config_says_what_a_file_sets_or_its_first_mistake(tmp_path) -> None:
+    good = tmp_path / "kernel.toml"
+    good.write_text(EXAMPLE)
+    checked = _ipcfw("kernel", "--check-config", str(good))
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout == (
+        f"{good}: ok: admits the kernel's own uid, uid 1001, gid 2000; default capabilities "
+        "LocalServices ReadUserData WriteUserData; 2 grants; limits: sessions_per_process 500, "
+        "max_frame 65536\n")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[limits]\n\nsesions_per_process = 5\n")
+    refused = _ipcfw("kernel", "--check-config", str(bad))
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith(f"ipcfw: {bad}:3: limits.sesions_per_process is not a key")
+
+
+@pytest.mark.process
+def test_a_kernel_with_a_bad_config_does_not_start(tmp_path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[admission]\nuids = [\"root\"]\n")
+    refused = _ipcfw("kernel", "--config", str(bad), "--endpoint", f"ipc://{tmp_path}/k/kernel")
+    assert refused.returncode == 2
+    assert f"{bad}:2: admission.uids is a list of numeric ids" in refused.stderr
+    assert not (tmp_path / "k").exists()  # stopped before it made anything
