@@ -787,13 +787,15 @@ class Stats(NamedTuple):
 
 class Welcome(NamedTuple):
     """Kernel -> peer: the answer to Hello. A peer whose Hello named another protocol version
-    gets a Welcome naming the kernel's, and is not admitted; one the kernel's admission refuses
-    gets a Welcome whose `refusal` says why (empty: admitted)."""
+    gets a Welcome naming the kernel's, and is not admitted; one the kernel refuses gets a
+    Welcome whose `refusal` says why (empty: admitted) and `code` the error (KErrPermissionDenied
+    for admission, KErrOverflow for a limit)."""
 
     kernel_pid: int
     max_frame: int
     protocol: int
     refusal: str = ""
+    code: int = 0
 
 
 class Connected(NamedTuple):
@@ -982,7 +984,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Open: (Kind.OPEN, (_u63, _bytes_upto(MAX_TOKEN))),
     Cancel: (Kind.CANCEL, (_u63,)),
     Stats: (Kind.STATS, (_u63,)),
-    Welcome: (Kind.WELCOME, (_u32, _u63, _u16, _str_upto(MAX_ERROR_TEXT))),
+    Welcome: (Kind.WELCOME, (_u32, _u63, _u16, _str_upto(MAX_ERROR_TEXT), _i32)),
     Connected: (
         Kind.CONNECTED,
         (_u63, _i32, _int_in(0, I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD),

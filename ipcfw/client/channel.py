@@ -101,7 +101,7 @@ def hello(socket: zmq.Socket[bytes], role: Role, endpoint: str) -> Welcome:
             f"{PROTOCOL_VERSION}: run a kernel from the same ipcfw version",
         )
     if reply.refusal:
-        raise errors.IpcError(errors.KErrPermissionDenied,
+        raise errors.IpcError(reply.code or errors.KErrPermissionDenied,
                               f"the kernel at {endpoint} refused this process: {reply.refusal}")
     return reply
 

@@ -145,6 +145,7 @@ class Kernel:
             max_frame=self.limits.max_frame,
             sessions_per_process=self.limits.sessions_per_process,
             outstanding_per_process=self.limits.outstanding_per_process,
+            connections_per_uid=self.limits.connections_per_uid,
             protserv_uids=frozenset(protserv_uids),
             admission=Admission(os.getuid(), self.config.admit_uids, self.config.admit_gids),
             grants=self.config.capabilities,

@@ -458,12 +458,15 @@ class KernelState:
         max_frame: int = MAX_FRAME,
         sessions_per_process: int = 10_000,
         outstanding_per_process: int = 100_000,
+        connections_per_uid: int = 10_000,
         new_token: Callable[[], bytes] = lambda: secrets.token_bytes(TOKEN_BYTES),
     ) -> None:
         self.kernel_pid = kernel_pid
         self.pool_slots = pool_slots
         self.sessions_per_process = sessions_per_process
         self.outstanding_per_process = outstanding_per_process
+        self.connections_per_uid = connections_per_uid
+        self.connections_of_uid: collections.Counter[int] = collections.Counter()
         self.protserv_uids = protserv_uids
         # Who may say Hello (None: everyone who reaches the socket, which is private to the
         # kernel's user unless the configuration opens it), and the capabilities of each.
@@ -526,7 +529,13 @@ class KernelState:
         if refusal is not None:
             log.warning("refused pid %d (uid %d, gid %d, %s): %s", identity.pid, identity.uid,
                         identity.gid, identity.exe or "unknown executable", refusal)
-            return [Send(rid, welcome._replace(refusal=refusal))]
+            return [Send(rid, welcome._replace(refusal=refusal,
+                                               code=errors.KErrPermissionDenied))]
+        if self.connections_of_uid[identity.uid] >= self.connections_per_uid:
+            return [Send(rid, welcome._replace(code=errors.KErrOverflow, refusal=(
+                f"uid {identity.uid} has {self.connections_per_uid} connections open, the most "
+                f"this kernel allows one uid (its limit connections_per_uid)")))]
+        self.connections_of_uid[identity.uid] += 1
         role = Role(message.role)
         process = self.processes.get(identity.key)
         if role is Role.INBOX and process is not None and process.inbox is not None:
@@ -577,6 +586,10 @@ class KernelState:
             return []
         actions: list[Action] = []
         process = peer.process
+        uid = process.identity.uid
+        self.connections_of_uid[uid] -= 1
+        if not self.connections_of_uid[uid]:
+            del self.connections_of_uid[uid]
         process.peers.discard(rid)
         if process.inbox == rid:
             process.inbox = None

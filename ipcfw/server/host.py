@@ -278,7 +278,7 @@ class ServerHost:
                 f"{PROTOCOL_VERSION}: run a kernel from the same ipcfw version",
             )
         if welcome.refusal:
-            raise errors.IpcError(errors.KErrPermissionDenied,
+            raise errors.IpcError(welcome.code or errors.KErrPermissionDenied,
                                   f"the kernel at {self.endpoint} refused this server: "
                                   f"{welcome.refusal}")
         version = to_version(self.server.version, f"{type(self.server).__name__}.version")

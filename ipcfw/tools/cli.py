@@ -198,6 +198,8 @@ _LIMIT_HELP = {
     "max_frame": "largest frame in bytes any peer may send (default %(default)s)",
     "receive_hwm": "frames the kernel queues from one peer before its sends wait "
                    "(default %(default)s)",
+    "connections_per_uid": "connections one uid may have open: client threads, client "
+                           "processes' inboxes, servers (default %(default)s)",
     "max_backlog": "frames left unread by one peer before the kernel stops serving it "
                    "(default: outstanding-per-process + sessions-per-process + 10000)",
 }

@@ -68,8 +68,8 @@ def test_an_empty_file_is_the_kernels_defaults() -> None:
 @pytest.mark.parametrize("text, error", [
     ("[limits]\nsessions = 5\n",
      "kernel.toml:2: limits.sessions is not a key of the configuration (the keys of [limits] "
-     "are: max_backlog, max_frame, outstanding_per_process, pool_slots, receive_hwm, "
-     "sessions_per_process)"),
+     "are: connections_per_uid, max_backlog, max_frame, outstanding_per_process, pool_slots, "
+     "receive_hwm, sessions_per_process)"),
     ("colour = 1\n", "kernel.toml:1: colour is not a key of the configuration"),
     ("[admission]\n\nuids = [1, -2]\n",
      "kernel.toml:3: admission.uids is a list of numeric ids (0..2**32-1), not [1, -2]"),

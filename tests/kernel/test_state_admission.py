@@ -4,6 +4,7 @@ the capabilities each admitted process's PeerInfo carries."""
 
 from __future__ import annotations
 
+from ipcfw import errors
 from ipcfw.kernel.config import parse
 from ipcfw.kernel.state import Admission, ProcessIdentity, Send
 from ipcfw.protocol import Connect, PeerInfo, Register, Role, Welcome
@@ -44,7 +45,8 @@ def test_a_stranger_is_refused_at_hello_with_the_reason_and_never_known() -> Non
     assert actions == [Send(b"x" * 16, Welcome(KPID, ks.max_frame, actions[0].message.protocol,
                                                 "uid 4242 (gid 4242) is not admitted: this kernel "
                                                 "admits uid 1000, uid 1001, gid 2000 ([admission] "
-                                                "in its configuration)"))]
+                                                "in its configuration)",
+                                                errors.KErrPermissionDenied))]
     assert not ks.knows(b"x" * 16) and not ks.processes
 
 
@@ -60,3 +62,19 @@ def test_each_process_is_granted_the_defaults_and_its_grants() -> None:
     actions = ks.receive(b"q" * 16, Connect(1, "billing", (1, 0, 0), 4, b""))
     (info,) = [a.message for a in actions if type(a.message) is PeerInfo]
     assert "com.example.Billing" not in info.capabilities.split()
+
+
+def test_a_uid_past_its_connections_is_refused_with_overflow_until_one_goes() -> None:
+    ks = new_state(connections_per_uid=2)
+    me = identity(30, 1000, 1000)
+    hello(ks, b"1" * 16, Role.CHANNEL, me)
+    hello(ks, b"2" * 16, Role.INBOX, me)
+    (refused,) = hello(ks, b"3" * 16, Role.CHANNEL, identity(31, 1000, 1000))
+    assert refused.message.code == errors.KErrOverflow and not ks.knows(b"3" * 16)
+    assert refused.message.refusal == ("uid 1000 has 2 connections open, the most this kernel "
+                                       "allows one uid (its limit connections_per_uid)")
+    other = hello(ks, b"4" * 16, Role.CHANNEL, identity(32, 1001, 1001))  # another uid: its own
+    assert ks.knows(b"4" * 16) and other
+    ks.peer_gone(b"1" * 16)
+    hello(ks, b"5" * 16, Role.CHANNEL, identity(31, 1000, 1000))
+    assert ks.knows(b"5" * 16)

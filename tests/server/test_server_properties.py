@@ -8,7 +8,7 @@ others and completes them later, raises on some. After every step:
   exactly once by the time its session is disconnected;
 * the state forgets a session, and every request it held, at its disconnect.
 
-The same profiles as tests/kernel/test_state_properties.py (`ci` by default,
+The same profiles as tests/kernel/test_kernel_properties.py (`ci` by default,
 ``HYPOTHESIS_PROFILE=long`` locally).
 """
 
