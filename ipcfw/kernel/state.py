@@ -1395,8 +1395,10 @@ class KernelState:
         if type(message) is ListSessions:
             return {s.server for s in self._session_page(message.after) if s.direct}
         if type(message) is ListServers:
-            return {s for s in self._server_page(message.after) if s.direct}
-        return {s for s in self.servers.values() if s.direct}  # (any may serve any process)
+            servers: Iterable[ServerRecord] = self._server_page(message.after)
+        else:
+            servers = self.servers.values()  # (any may serve any process)
+        return {s for s in servers if s.direct and any(self.sessions[h].direct for h in s.sessions)}
 
     def _census_reply(self, peer: Peer, message: CensusReply) -> list[Action]:
         server = self.server_of_peer.get(peer.rid)

@@ -4,7 +4,7 @@ Views (docs/cli.md shows each): the servers, then one line of the kernel's count
 (``--counters``: all of them); ``--sessions``; ``--processes``; ``--older-than SECONDS``
 keeps only the servers and sessions holding a message outstanding longer than that. Each
 takes ``--json``. The rows come from the kernel (`ipcfw.client.introspect`); everything here
-but `run` is pure: rows in, text or JSON-ready dicts out (tests/tools/test_ps.py).
+but `run` is pure: rows in, text or JSON-ready dicts out (tests/test_ps_format.py).
 """
 
 from __future__ import annotations
@@ -121,16 +121,16 @@ def format_processes(rows: list[ProcessRow]) -> str:
 
 def format_summary(counters: dict[str, int]) -> str:
     """The kernel's counters in one line (``--counters`` shows each)."""
-    def count(key: str, noun: str) -> str:
+    def count(key: str, one: str, many: str) -> str:
         n = counters.get(key, 0)
-        return f"{n} {noun}{'' if n == 1 else 's'}"
+        return f"{n} {one if n == 1 else many}"
 
     return (
-        f"kernel: {count('processes', 'process').replace('processs', 'processes')} "
-        f"({count('peers', 'socket')}), {count('servers', 'server')}, "
-        f"{count('sessions', 'session')} ({counters.get('sessions_open', 0)} open, "
+        f"kernel: {count('processes', 'process', 'processes')} "
+        f"({count('peers', 'socket', 'sockets')}), {count('servers', 'server', 'servers')}, "
+        f"{count('sessions', 'session', 'sessions')} ({counters.get('sessions_open', 0)} open, "
         f"{counters.get('sessions_direct', 0)} direct), "
-        f"{count('messages', 'message')} outstanding through it, "
+        f"{count('messages', 'message', 'messages')} outstanding through it, "
         f"pool slots {counters.get('pool_used', 0)}/{counters.get('pool_slots', 0)} used; "
         f"all {len(counters)} counters: ipcfw ps --counters"
     )
