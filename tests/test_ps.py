@@ -13,10 +13,10 @@ import pytest
 
 from ipcfw import RSession, TRequestStatus
 from conftest import wait_until
+from plugins.holder import EEcho, EHold, ERelease
 
 pytestmark = pytest.mark.usefixtures("data_path")  # each test on both data paths
 
-EEcho, EHold, ERelease = 1, 2, 3  # tests/plugins/holder.py
 HELD = 0.6  # seconds a request is held before ps looks
 
 
@@ -40,7 +40,7 @@ def holder(kernel):
     try:
         yield server, session, status
     finally:
-        session.SendReceive(ERelease)
+        session.SendReceive(ERelease, (0,))
         status.Wait(10)
         session.Close()
 
@@ -68,7 +68,7 @@ def test_a_held_message_is_listed_with_its_age_and_a_completed_one_is_not(
     assert ps_json(kernel, "--older-than", "60") == {"servers": [], "sessions": []}
     table = ps(kernel, "--sessions", "--older-than", str(HELD / 2)).splitlines()
     assert len(table) == 2 and table[1].split()[0] == f"0x{session.Handle():x}"
-    session.SendReceive(ERelease)  # completed: no longer listed
+    session.SendReceive(ERelease, (0,))  # completed: no longer listed
     assert status.Wait(10) == 0
     assert ps_json(kernel, "--older-than", "0") == {"servers": [], "sessions": []}
     other.Close()

@@ -118,8 +118,8 @@ def test_the_summary_line_names_the_main_counters_and_says_where_the_rest_are() 
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--older-than", "x"], "not a number of seconds"),
-    (["--older-than", "-1"], "seconds >= 0"),
+    (["--older-than", "x"], "expected a number of seconds, got 'x'"),
+    (["--older-than", "-1"], "seconds >= 0, got '-1'"),
     (["--sessions", "--processes"], "not allowed with"),
 ])
 def test_bad_options_are_refused_by_name(argv: list[str], message: str, capsys) -> None:

@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     ps = add("ps", help="show the kernel's servers (and counters), sessions or processes")
     from .ps import add_arguments as ps_arguments
 
-    ps_arguments(ps)
+    ps_arguments(ps, _seconds)
     _endpoint_option(ps)
     ps.set_defaults(run=_run_ps)
     return parser

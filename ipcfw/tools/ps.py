@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..protocol import Path, ProcessRow, ServerRow, SessionRow, TServerType
 
@@ -224,8 +224,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``ipcfw ps``'s options (tools/cli.py registers the command)."""
+def add_arguments(parser: argparse.ArgumentParser,
+                  seconds: Callable[[str], float] = float) -> None:
+    """``ipcfw ps``'s options (tools/cli.py registers the command); `seconds` reads a number
+    of seconds (the command's own argparse type for them)."""
     view = parser.add_mutually_exclusive_group()
     view.add_argument("--sessions", action="store_true",
                       help="one line per session: handle, server, path, state, creator, slots, "
@@ -235,18 +237,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "channels, sessions held, outstanding requests, executable")
     view.add_argument("--counters", action="store_true",
                       help="every counter of the kernel, one per line")
-    parser.add_argument("--older-than", type=_seconds, metavar="SECONDS",
+    parser.add_argument("--older-than", type=seconds, metavar="SECONDS",
                         help="only the servers and sessions (with --sessions: only the "
                              "sessions) holding a message outstanding longer than SECONDS")
     parser.add_argument("--json", action="store_true",
                         help="print the view as JSON (its shape: docs/cli.md)")
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"a number of seconds >= 0, not {text!r}")
-    return value

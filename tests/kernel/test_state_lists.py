@@ -20,7 +20,6 @@ from ipcfw.protocol import (
     Path,
     ProcessList,
     ProcessRow,
-    Register,
     ServerList,
     ServerRow,
     SessionList,
@@ -39,7 +38,6 @@ from kernel_world import (
     CLI,
     S1,
     S2,
-    SERVER,
     SRV,
     SRV2,
     hello,
@@ -59,8 +57,7 @@ def world() -> KernelState:
     none; a client CLI with C1, C1B and its inbox."""
     state = new_state()
     state.now = 100.0
-    hello(state, S1, SERVER, SRV)
-    state.receive(S1, Register(900, "Echo", 1, (1, 2, 3), SOCKET))
+    start_server(state, S1, SRV, "Echo", sharing=1, version=(1, 2, 3), direct=SOCKET)
     state.now = 101.0
     start_server(state, S2, SRV2, "Plain")
     start_client(state)

@@ -1,32 +1,13 @@
-"""A server that holds requests until told to let them go: outstanding messages with an age,
-for ``ipcfw ps`` (tests/test_ps.py), on either data path."""
+"""The dam server (tests/plugins/dam.py) on both data paths, as "holder": it holds requests
+(EHold) until told to let them go (ERelease), so that ``ipcfw ps`` has outstanding messages
+with an age to show (tests/test_ps.py)."""
 
-from ipcfw import CServer, CSession
+from plugins.dam import DamServer, EEcho, EHold, ERelease
 
-EEcho = 1  # complete with Int0, now
-EHold = 2  # hold the request (not completed) until a release
-ERelease = 3  # complete every held request with 0, then this one with how many there were
-
-
-class HolderSession(CSession):
-    def ServiceL(self, message):
-        server = self.Server()
-        function = message.Function()
-        if function == EEcho:
-            message.Complete(message.Int0())
-        elif function == EHold:
-            server.held.append(message)
-        elif function == ERelease:
-            held, server.held = server.held, []
-            for request in held:
-                request.Complete(0)
-            message.Complete(len(held))
+__all__ = ["HolderServer", "EEcho", "EHold", "ERelease"]
 
 
-class HolderServer(CServer):
+class HolderServer(DamServer):
     name = "holder"
     version = (1, 2, 3)
-    session_class = HolderSession
-
-    def __init__(self):
-        self.held = []
+    direct = True
