@@ -448,5 +448,5 @@ def test_a_frame_of_empty_maps_neither_bloats_nor_stalls_the_kernel(kernel: Kern
         second = _send_beside_a_bystander(kernel, frame)
         print(second)
         assert second.p99_window <= 5 * second.p99_before, f"twice: {first}; {second}"
-    assert "array of 15728635 items exceeds the protocol's 8" in kernel.process.log()
+    assert "array of 15728635 items exceeds the protocol's 9" in kernel.process.log()
     assert kernel.process.alive()
