@@ -37,6 +37,7 @@ import re
 import reprlib
 import stat
 import threading
+import time
 from typing import cast
 from collections.abc import Iterable
 
@@ -217,7 +218,9 @@ class Kernel:
         self._poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
             timeout = 5 if self._backlog or self.state.held_back else 200
-            for source, _ in self._poller.poll(timeout):
+            events = self._poller.poll(timeout)
+            self.state.now = time.monotonic()  # (the state's clock: message ages, ipcfw ps)
+            for source, _ in events:
                 try:
                     if source is self._router:
                         self._drain_router()

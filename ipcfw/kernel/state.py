@@ -61,9 +61,13 @@ Rules this module keeps:
    server always knows a ticket before anyone can present it. Requests that then go direct
    never reach the kernel; the kernel still decides who holds, counts holders and ends the
    session. An Open of a direct session names the server's socket (no ticket).
-12. The session list (`ListSessions`, for `ipcfw ps`) is answered from the tables, a page at
-   a time; for direct sessions the servers are first asked (`Census`, one at a time per server)
-   what is in service on their direct connections. A server's death answers for it.
+12. The session, server and process lists (`ListSessions`, `ListServers`, `ListProcesses`,
+   for `ipcfw ps`) are answered from the tables, a page at a time; when the page counts what
+   servers taking direct connections hold, those servers are first asked (`Census`, one at a
+   time per server) what is in service on their direct connections. A server's death answers
+   for it. Every message the kernel holds has an age: `now` (set by the loop before each turn)
+   when it was made; a census says how long its oldest has been in service, per session and
+   client process; a list shows the oldest outstanding message's age of each row.
 13. A channel may wait for a server name (`AwaitServer`, for start-up that cannot race): it is
    answered Completed(KErrNone) as soon as a server registers the name, at once if one is
    registered and not terminating. At most `MAX_AWAITS` waits per channel (KErrOverflow for the
@@ -81,7 +85,7 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .. import errors
 from ..security import USER_CAPABILITIES
@@ -110,11 +114,21 @@ from ..protocol import (
     Census,
     CensusReply,
     Join,
+    ListProcesses,
+    ListServers,
     ListSessions,
+    ProcessList,
+    ProcessRow,
     ProtocolError,
+    ServerList,
+    ServerRow,
     SessionList,
     SessionRow,
+    PROCESSES_PAGE,
+    SERVERS_PAGE,
     SESSIONS_PAGE,
+    pack_process_rows,
+    pack_server_rows,
     pack_session_rows,
     unpack_census,
     Negotiated,
@@ -382,9 +396,11 @@ class ServerRecord:
     # messages of the kernel's tables (so a freed one is taken out) and by a negative number
     # for the others. None while it reads.
     held: collections.OrderedDict[int, Message] | None = None
-    # Messages in service on its direct connections, per session, as its last CensusReply said;
-    # and whether a Census is on its way to it.
-    census: dict[int, int] = field(default_factory=dict)
+    since: float = 0.0  # the kernel's `now` when it registered
+    # Messages in service on its direct connections, per (session, client pid), as its last
+    # CensusReply said: (count, slots used, the kernel's `now` when the oldest began); and
+    # whether a Census is on its way to it.
+    census: dict[tuple[int, int], tuple[int, int, float]] = field(default_factory=dict)
     census_asked: bool = False
 
 
@@ -408,6 +424,8 @@ class SessionRecord:
     # On the direct path: the creator's one-time ticket, until the Connected that carries it.
     ticket: bytes = b""
     direct: bool = False  # its threads' requests go on direct connections to the server
+    since: float = 0.0  # the kernel's `now` when it was created
+    thread: int = 0  # the creating thread's native id, as its Connect said (0: not said)
 
     def __repr__(self) -> str:
         return (
@@ -429,15 +447,16 @@ class MessageRecord:
     writable: dict[int, int]  # arg index -> max length
     payer: ProcessRecord | None = None  # a request's process: it counts towards its limit
     ticket: bytes = b""  # an ADMIT's: the client gets it once the server holds it
+    since: float = 0.0  # the kernel's `now` when it was made
 
 
 @dataclass(eq=False)
 class Listing:
-    """A ListSessions waiting for the censuses of the servers of its direct sessions."""
+    """A list (ListSessions, ListServers, ListProcesses) waiting for the censuses of the
+    servers whose direct connections its page counts."""
 
     rid: bytes
-    req_id: int
-    after: int
+    message: ListSessions | ListServers | ListProcesses
     waiting: set[bytes]  # routing ids of the servers not yet answered
 
 
@@ -462,6 +481,7 @@ class KernelState:
         new_token: Callable[[], bytes] = lambda: secrets.token_bytes(TOKEN_BYTES),
     ) -> None:
         self.kernel_pid = kernel_pid
+        self.now: float = 0.0  # the loop's clock (seconds), set before each turn: message ages
         self.pool_slots = pool_slots
         self.sessions_per_process = sessions_per_process
         self.outstanding_per_process = outstanding_per_process
@@ -510,7 +530,9 @@ class KernelState:
             Panic: self._panic,
             Stats: self._stats,
             Join: self._join,
-            ListSessions: self._list_sessions,
+            ListSessions: self._list,
+            ListServers: self._list,
+            ListProcesses: self._list,
             CensusReply: self._census_reply,
             AwaitServer: self._await_server,
         }
@@ -726,7 +748,8 @@ class KernelState:
         if code:
             return [Send(peer.rid, Completed(message.req_id, code, ()))]
         server = ServerRecord(
-            message.name, peer.rid, peer.process, message.sharing, message.version, message.direct
+            message.name, peer.rid, peer.process, message.sharing, message.version, message.direct,
+            since=self.now,
         )
         key = lookup_key(message.name)
         self.servers[key] = server
@@ -825,7 +848,8 @@ class KernelState:
             text = self._connect_error_text(message.name, code)
             return [Send(peer.rid, Connected(message.req_id, code, 0, b"", text=text))]
         server = self.servers[lookup_key(message.name)]
-        session = SessionRecord(self._new_handle(), server, peer, message.slots)
+        session = SessionRecord(self._new_handle(), server, peer, message.slots,
+                                since=self.now, thread=message.thread)
         if message.path == Path.DIRECT and server.direct:
             # The ticket goes to the server first (NewSession), then to the client (Connected):
             # the server knows it before anyone can present it.
@@ -1186,7 +1210,7 @@ class KernelState:
     ) -> MessageRecord:
         record = MessageRecord(
             next(self._msg_ids), kind, session, reply_to, reply_to, req_id, slot,
-            writable or _NO_WRITABLE,
+            writable or _NO_WRITABLE, since=self.now,
         )
         self.messages[record.msg_id] = record
         session.messages.add(record.msg_id)
@@ -1406,24 +1430,33 @@ class KernelState:
             self.admitted += record.reply_to is not None  # (the thread may have gone meanwhile)
         return self._answer(record, reply)
 
-    # -- the session list (ipcfw ps) -----------------------------------------------------------
+    # -- the session, server and process lists (ipcfw ps) -------------------------------------
 
-    def _list_sessions(self, peer: Peer, message: ListSessions) -> list[Action]:
-        """A page of the session list; for its direct sessions, first ask their servers what
-        is in service on their direct connections (one Census per server at a time)."""
-        page = self._session_page(message.after)
-        servers = {s.server for s in page if s.direct and s.server.rid in self.server_of_peer}
+    def _list(self, peer: Peer, message: ListSessions | ListServers | ListProcesses
+              ) -> list[Action]:
+        """A page of a list; if it counts what servers hold on their direct connections, first
+        ask those servers (one Census per server at a time)."""
+        servers = [s for s in self._census_servers(message) if s.rid in self.server_of_peer]
         if not servers or len(self.listings) >= MAX_LISTINGS:
-            return [self._session_list(peer.rid, message.req_id, message.after)]
-        self.listings.append(
-            Listing(peer.rid, message.req_id, message.after, {s.rid for s in servers})
-        )
+            return [self._list_page(peer.rid, message)]
+        self.listings.append(Listing(peer.rid, message, {s.rid for s in servers}))
         actions: list[Action] = []
         for server in sorted(servers, key=lambda s: s.name):
             if not server.census_asked:
                 server.census_asked = True
                 actions.append(Send(server.rid, Census(0)))
         return actions
+
+    def _census_servers(self, message: ListSessions | ListServers | ListProcesses
+                        ) -> set[ServerRecord]:
+        """The servers whose census the page `message` asks for counts."""
+        if type(message) is ListSessions:
+            return {s.server for s in self._session_page(message.after) if s.direct}
+        if type(message) is ListServers:
+            servers: Iterable[ServerRecord] = self._server_page(message.after)
+        else:
+            servers = self.servers.values()  # (any may serve any process)
+        return {s for s in servers if s.direct and any(self.sessions[h].direct for h in s.sessions)}
 
     def _census_reply(self, peer: Peer, message: CensusReply) -> list[Action]:
         server = self.server_of_peer.get(peer.rid)
@@ -1432,10 +1465,14 @@ class KernelState:
                 "not a server", "CensusReply from a peer that registered no server"
             )
         try:
-            counts = unpack_census(message.counts)
+            items = unpack_census(message.counts)
         except ProtocolError as exc:
             raise PeerMisbehaved("bad census", str(exc)) from None
-        server.census = {h: n for h, n in counts.items() if h in server.sessions}
+        server.census = {
+            (item.handle, item.pid): (item.messages, item.slots_used,
+                                      self.now - item.oldest / 1000)
+            for item in items if item.handle in server.sessions and item.messages
+        }
         server.census_asked = False
         return self._census_done(server.rid)
 
@@ -1447,29 +1484,106 @@ class KernelState:
             if not listing.waiting:
                 self.listings.remove(listing)
                 if listing.rid in self.peers:
-                    actions.append(self._session_list(listing.rid, listing.req_id, listing.after))
+                    actions.append(self._list_page(listing.rid, listing.message))
         return actions
+
+    def _list_page(self, rid: bytes, message: ListSessions | ListServers | ListProcesses
+                   ) -> Send:
+        if type(message) is ListSessions:
+            sessions = self._session_page(message.after)
+            more = sessions[-1].handle if len(sessions) == SESSIONS_PAGE else 0
+            rows = pack_session_rows([self._session_row(s) for s in sessions])
+            return Send(rid, SessionList(message.req_id, more, rows))
+        if type(message) is ListServers:
+            servers = self._server_page(message.after)
+            key = lookup_key(servers[-1].name) if len(servers) == SERVERS_PAGE else ""
+            rows = pack_server_rows([self._server_row(s) for s in servers])
+            return Send(rid, ServerList(message.req_id, key, rows))
+        assert type(message) is ListProcesses
+        pid = message.after
+        processes = sorted((p for p in self.processes.values() if p.identity.pid > pid),
+                           key=lambda p: p.identity.pid)
+        processes = processes[:PROCESSES_PAGE]
+        last = processes[-1].identity.pid if len(processes) == PROCESSES_PAGE else 0
+        rows = pack_process_rows(self._process_rows(processes))
+        return Send(rid, ProcessList(message.req_id, last, rows))
 
     def _session_page(self, after: int) -> list[SessionRecord]:
         handles = sorted(h for h in self.sessions if h > after)[:SESSIONS_PAGE]
         return [self.sessions[h] for h in handles]
 
-    def _session_list(self, rid: bytes, req_id: int, after: int) -> Send:
-        page = self._session_page(after)
-        rows = [self._session_row(session) for session in page]
-        more = page[-1].handle if len(page) == SESSIONS_PAGE else 0
-        return Send(rid, SessionList(req_id, more, pack_session_rows(rows)))
+    def _server_page(self, after: str) -> list[ServerRecord]:
+        keys = sorted(key for key in self.servers if key > after)[:SERVERS_PAGE]
+        return [self.servers[key] for key in keys]
+
+    def _age(self, since: float) -> int:
+        """Milliseconds from `since` to now (never negative)."""
+        return max(0, int((self.now - since) * 1000))
+
+    def _outstanding(self, records: Iterable[MessageRecord],
+                     direct: Iterable[tuple[int, int, float]]) -> tuple[int, int]:
+        """How many messages `records` and the census entries `direct` ((count, slots used,
+        since) each) hold, and the oldest one's age in ms (0 with none)."""
+        count, oldest = 0, self.now
+        for record in records:
+            count += 1
+            oldest = min(oldest, record.since)
+        for n, _, since in direct:
+            count += n
+            oldest = min(oldest, since)
+        return count, self._age(oldest) if count else 0
+
+    @staticmethod
+    def _census(server: ServerRecord) -> list[tuple[int, tuple[int, int, float]]]:
+        """(client pid, (count, slots used, since)) of `server`'s last census, for its sessions
+        still open on the direct path (a census is not pruned as sessions end)."""
+        return [(pid, entry) for (handle, pid), entry in server.census.items()
+                if handle in server.sessions]
 
     def _session_row(self, session: SessionRecord) -> SessionRow:
         threads: collections.Counter[ProcessRecord] = collections.Counter(
             self.peers[rid].process for rid in session.attached
         )
         holders = tuple(sorted((p.identity.pid, threads[p]) for p in session.holders))
-        outstanding = len(session.messages)
-        if session.direct:
-            outstanding += session.server.census.get(session.handle, 0)
+        census = session.server.census
+        direct = [entry for (handle, _), entry in census.items()
+                  if handle == session.handle] if session.direct else []
+        outstanding, oldest = self._outstanding(
+            (self.messages[m] for m in session.messages), direct
+        )
+        slots_used = session.slots_used + sum(slots for _, slots, _ in direct)
         return SessionRow(session.handle, session.server.name, int(session.direct),
-                          session.state.value, outstanding, holders)
+                          session.state.value, outstanding, holders, oldest,
+                          session.creator.process.identity.pid, session.thread,
+                          slots_used, session.slots, self._age(session.since))
+
+    def _server_row(self, server: ServerRecord) -> ServerRow:
+        outstanding, oldest = self._outstanding(
+            server.messages.values(), (entry for _, entry in self._census(server))
+        )
+        identity = server.process.identity
+        state = "running" if server.terminating is None else "terminating"
+        return ServerRow(server.name, identity.pid, identity.exe, server.version, server.sharing,
+                         bool(server.direct), len(server.sessions), outstanding, oldest,
+                         self._age(server.since), state)
+
+    def _process_rows(self, processes: list[ProcessRecord]) -> list[ProcessRow]:
+        direct: collections.Counter[int] = collections.Counter()  # pid -> in service
+        for server in self.servers.values():
+            for pid, (count, _, _) in self._census(server):
+                direct[pid] += count
+        rows = []
+        for process in processes:
+            peers = [self.peers[rid] for rid in process.peers]
+            identity = process.identity
+            names = tuple(sorted(self.server_of_peer[p.rid].name for p in peers
+                                 if p.rid in self.server_of_peer))
+            rows.append(ProcessRow(
+                identity.pid, identity.uid, identity.exe,
+                sum(p.role is Role.CHANNEL for p in peers), process.inbox is not None, names,
+                len(process.sessions), process.outstanding + direct[identity.pid],
+            ))
+        return rows
 
     def _cancel(self, peer: Peer, message: Cancel) -> list[Action]:
         """Complete the request with KErrCancel now, free its slot, and tell the server.

@@ -359,6 +359,8 @@ class ServerHost:
     def _turn(self, ready: dict[Any, int], kernel_fd: int, port: DirectPort) -> bool:
         """Serve what `ready` holds (or, for the port, its timers); True if that included a
         direct connection."""
+        if self.state is not None and self.state.direct is not None:
+            self.state.direct.now = time.monotonic()  # (the rules stamp requests with it)
         if self._wakeup.fd in ready:
             self._flush_outbox()
         if self._socket in ready:

@@ -461,10 +461,11 @@ class DirectMessage(RMessage):
     reads: ``Completed(req_id, value, writes)``, or ``Panicked(req_id, handle, category, reason,
     1)``; `msg_id` is the client's req_id. `handle` and `mode` are what the direct rules
     (`ipcfw.server.direct`) need when it ends (its slot, a blind answer dropped), and `panic` is
-    set to (category, reason) when ``Panic`` ended it. Not for plugins.
+    set to (category, reason) when ``Panic`` ended it; `since` is the direct rules' clock when
+    they took it (its age in ``ipcfw ps``). Not for plugins.
     """
 
-    __slots__ = ("handle", "mode", "panic", "mapped")
+    __slots__ = ("handle", "mode", "panic", "mapped", "since")
 
     def __init__(self, completer: Completer, req_id: int, function: int, args: tuple[Any, ...],
                  session: Any, client: ClientInfo | None, held_in: InService | None,
@@ -474,6 +475,7 @@ class DirectMessage(RMessage):
         self.handle = handle
         self.mode = mode
         self.panic: tuple[str, int] | None = None
+        self.since = 0.0
         # Its descriptors in shared memory (ipcfw.server.mapped), released when it ends.
         self.mapped: MappedArgs | None = args if type(args) is MappedArgs else None
 

@@ -455,7 +455,7 @@ class ServerState:
             self._emit(encode(Complete(admit.msg_id, code, ())))
 
     def _on_census(self, census: Census) -> None:
-        counts = self.direct.census() if self.direct is not None else {}
+        counts = self.direct.census() if self.direct is not None else []
         if not self.ended:
             self._emit(encode(CensusReply(census.req_id, pack_census(counts))))
 

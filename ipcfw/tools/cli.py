@@ -5,7 +5,7 @@
     ipcfw wait NAME [--timeout S]                until server NAME is registered (for scripts)
     ipcfw demo                                   kernel + example servers + example clients
     ipcfw bench                                  latency and throughput against bare pyzmq
-    ipcfw ps                                     the kernel's counters and sessions
+    ipcfw ps [--sessions|--processes] [--json]   servers, sessions, processes (tools/ps.py)
     ipcfw terminate NAME                         end a server's registration
 
 ``--log-level`` (debug, info, warning, error) goes before or after the command; at ``debug``
@@ -28,7 +28,6 @@ from collections.abc import Callable
 from .. import __version__
 from .. import endpoint as endpoints
 from .. import errors
-from ..protocol import Path, SessionRow
 from . import logs
 
 if TYPE_CHECKING:
@@ -135,7 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     _endpoint_option(terminate)
     terminate.set_defaults(run=_run_terminate)
 
-    ps = add("ps", help="show the kernel's counters and sessions")
+    ps = add("ps", help="show the kernel's servers (and counters), sessions or processes")
+    from .ps import add_arguments as ps_arguments
+
+    ps_arguments(ps, _seconds)
     _endpoint_option(ps)
     ps.set_defaults(run=_run_ps)
     return parser
@@ -383,28 +385,6 @@ def _run_terminate(args: argparse.Namespace) -> int:
 
 
 def _run_ps(args: argparse.Namespace) -> int:
-    from ..client import kernel_sessions, kernel_statistics
+    from .ps import run
 
-    counters = kernel_statistics(args.endpoint)
-    width = max(len(name) for name in counters)
-    for name, count in counters.items():
-        print(f"{name:<{width}}  {count}")
-    rows = kernel_sessions(args.endpoint)
-    if rows:
-        print()
-        print(format_sessions(rows))
-    return 0
-
-
-def format_sessions(rows: list[SessionRow]) -> str:
-    """The session table of ``ipcfw ps``: one line per session, holders as pid/threads."""
-    table = [("SESSION", "SERVER", "PATH", "STATE", "OUTSTANDING", "HOLDERS (pid/threads)")]
-    for row in rows:
-        holders = " ".join(f"{pid}/{threads}" for pid, threads in row.holders) or "-"
-        table.append((f"0x{row.handle:x}", row.server, Path(row.path).name.lower(), row.state,
-                      str(row.outstanding), holders))
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1]
-        for line in table
-    )
+    return run(args)
