@@ -557,13 +557,13 @@ class KernelState:
             return [Send(rid, welcome._replace(code=errors.KErrOverflow, refusal=(
                 f"uid {identity.uid} has {self.connections_per_uid} connections open, the most "
                 f"this kernel allows one uid (its limit connections_per_uid)")))]
-        self.connections_of_uid[identity.uid] += 1
         role = Role(message.role)
         process = self.processes.get(identity.key)
         if role is Role.INBOX and process is not None and process.inbox is not None:
             raise PeerMisbehaved(
                 "second inbox", f"pid {identity.pid} already has an inbox"
             )
+        self.connections_of_uid[identity.uid] += 1  # (after the checks: see rule 8)
         actions: list[Action] = []
         if process is None:
             process = ProcessRecord(identity, next(self._client_keys))

@@ -4,9 +4,11 @@ the capabilities each admitted process's PeerInfo carries."""
 
 from __future__ import annotations
 
+import pytest
+
 from ipcfw import errors
 from ipcfw.kernel.config import parse
-from ipcfw.kernel.state import Admission, ProcessIdentity, Send
+from ipcfw.kernel.state import Admission, PeerMisbehaved, ProcessIdentity, Send
 from ipcfw.protocol import Connect, PeerInfo, Register, Role, Welcome
 
 from kernel_world import KPID, hello, new_state
@@ -78,3 +80,18 @@ def test_a_uid_past_its_connections_is_refused_with_overflow_until_one_goes() ->
     ks.peer_gone(b"1" * 16)
     hello(ks, b"5" * 16, Role.CHANNEL, identity(31, 1000, 1000))
     assert ks.knows(b"5" * 16)
+
+
+def test_a_hello_refused_as_a_second_inbox_does_not_count_against_its_uid() -> None:
+    ks = new_state(connections_per_uid=2)
+    me = identity(40, 1000, 1000)
+    hello(ks, b"1" * 16, Role.INBOX, me)
+    for _ in range(3):  # each refused (misbehaved): none is a connection the uid holds
+        with pytest.raises(PeerMisbehaved, match="already has an inbox"):
+            hello(ks, b"2" * 16, Role.INBOX, me)
+    assert ks.connections_of_uid[1000] == 1
+    hello(ks, b"3" * 16, Role.CHANNEL, me)
+    assert ks.knows(b"3" * 16)
+    ks.peer_gone(b"1" * 16)
+    ks.peer_gone(b"3" * 16)
+    assert not ks.connections_of_uid
