@@ -69,7 +69,9 @@ def in_kernel_dir(endpoint: str, path: str) -> bool:
 def ensure_private_dir(path: str, group: int | None = None) -> None:
     """Create `path` 0700 if missing; refuse one not owned by us or open to others. With a
     `group` (a kernel whose configuration admits others): the directory is that group's too,
-    mode 2770 (set-group-id: the sockets made in it are the group's), and still closed to
+    mode 3770 (set-group-id: the sockets made in it are the group's; sticky: only a file's
+    owner, or the directory's, may remove or rename it, so no member of the group can put a
+    socket of its own in the place of the kernel's or a server's), and still closed to
     everyone else."""
     os.makedirs(path, mode=0o700, exist_ok=True)
     info = os.lstat(path)
@@ -79,7 +81,7 @@ def ensure_private_dir(path: str, group: int | None = None) -> None:
         raise EndpointError(f"{path} is owned by uid {info.st_uid}, not by us ({os.getuid()})")
     if group is not None:
         os.chown(path, -1, group)
-        os.chmod(path, 0o2770)
+        os.chmod(path, 0o3770)
         return
     if stat.S_IMODE(info.st_mode) & 0o077:
         raise EndpointError(

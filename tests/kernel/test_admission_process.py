@@ -82,7 +82,7 @@ def as_user(stack: Stack, uid: int, gid: int) -> str:
 
 def test_the_kernels_directory_is_opened_to_its_group_and_no_one_else(stack: Stack) -> None:
     directory = os.stat(os.path.dirname(stack.endpoint[len("ipc://"):]))
-    assert (directory.st_mode & 0o7777, directory.st_gid) == (0o2770, GROUP)
+    assert (directory.st_mode & 0o7777, directory.st_gid) == (0o3770, GROUP)
     socket = os.stat(stack.endpoint[len("ipc://"):])
     assert (socket.st_mode & 0o777, socket.st_gid) == (0o770, GROUP)
 
@@ -108,3 +108,41 @@ def test_a_user_outside_the_group_is_refused_at_the_directory(stack: Stack) -> N
 def test_the_kernels_own_user_is_still_served(stack: Stack) -> None:
     with RSession.connect("echo", endpoint=stack.endpoint) as session:
         assert session.SendReceive(1, (9,)) == 9
+
+
+# As a member of the group the kernel is not admitting: try to take the kernel's socket file's
+# place (unlink it or rename it away), as a process that then binds its own would.
+REPLACER = """
+import os, sys
+uid, gid, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+os.setgroups([])
+os.setgid(gid)
+os.setuid(uid)
+try:
+    os.rename(path, path + ".old")
+except PermissionError:
+    print("denied", flush=True)
+else:
+    os.rename(path + ".old", path)  # (put back: the unlink is tried on it next)
+    print("renamed", flush=True)
+try:
+    os.unlink(path)
+except PermissionError:
+    print("denied", flush=True)
+else:
+    print("unlinked", flush=True)
+"""
+
+
+def test_a_group_member_cannot_remove_or_rename_the_kernels_socket(stack: Stack) -> None:
+    # (2770 alone let any member of the group, admitted or not, unlink the kernel's socket and
+    # bind its own in its place: a kernel of its own, granting any capability it liked; the
+    # sticky bit leaves a file's removal to its owner and the directory's)
+    path = stack.endpoint[len("ipc://"):]
+    child = subprocess.run([sys.executable, "-c", REPLACER, str(OUTSIDER), str(GROUP), path],
+                           capture_output=True, text=True, timeout=30)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split() == ["denied", "denied"]
+    assert os.path.exists(path)
+    with RSession.connect("echo", endpoint=stack.endpoint) as session:
+        assert session.SendReceive(1, (3,)) == 3
