@@ -46,16 +46,23 @@ def delays(first: float = FIRST_DELAY, most: float = MOST_DELAY) -> Iterator[flo
 def kernel_socket_exists(endpoint: str) -> bool:
     """Whether the socket file of a kernel at `endpoint` exists. ``PermissionDenied`` if this
     process may not reach it (a kernel of another user, whose configuration does not open its
-    directory to this one): not mistaken for a kernel that is not there."""
+    directory to this one): not mistaken for a kernel that is not there. ``PermissionDenied``
+    too for a socket file that is not the kernel's user's (the directory's owner): in a
+    directory opened to a group, a member of it may bind its own where the kernel's was."""
     path = endpoints.ipc_path(endpoint)
     try:
-        os.stat(path)
+        owner = os.stat(path).st_uid
     except FileNotFoundError:
         return False
     except PermissionError:
         raise _not_admitted(endpoint, os.path.dirname(path)) from None
     if not os.access(path, os.R_OK | os.W_OK):
         raise _not_admitted(endpoint, path)
+    kernel_user = os.stat(os.path.dirname(path)).st_uid  # (ensure_private_dir: the kernel's)
+    if owner != kernel_user:
+        raise errors.IpcError(errors.KErrPermissionDenied, (
+            f"{path} belongs to uid {owner}, not to the kernel's user (uid {kernel_user}, who "
+            "owns its directory): not a kernel's socket; the kernel's user should remove it"))
     return True
 
 

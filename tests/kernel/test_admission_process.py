@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHONPATH, REPO
-from ipcfw import KErrPermissionDenied, RSession
+from ipcfw import IpcError, KErrPermissionDenied, RSession
+from ipcfw.kernelprobe import kernel_socket_exists
 from ipcfw.testing import Stack
 
 pytestmark = [
@@ -146,3 +147,44 @@ def test_a_group_member_cannot_remove_or_rename_the_kernels_socket(stack: Stack)
     assert os.path.exists(path)
     with RSession.connect("echo", endpoint=stack.endpoint) as session:
         assert session.SendReceive(1, (3,)) == 3
+
+
+# As a member of the group: bind a socket where the kernel's was, and keep it open.
+SQUATTER = """
+import os, socket, sys, time
+uid, gid, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+os.setgroups([])
+os.setgid(gid)
+os.setuid(uid)
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+os.umask(0o007)
+listener.bind(path)
+listener.listen()
+print("bound", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_socket_a_group_member_put_in_the_kernels_place_is_not_taken_for_the_kernel(
+        stack: Stack) -> None:
+    # (while the kernel is down, its socket's name is free: a member of the group may bind
+    # its own there; clients and servers must not take it for the kernel, which would let it
+    # answer their Hello and grant itself any capability)
+    path = stack.endpoint[len("ipc://"):]
+    assert stack.kernel is not None
+    stack.kernel.stop()
+    assert not os.path.exists(path)
+    squatter = subprocess.Popen([sys.executable, "-c", SQUATTER, str(OUTSIDER), str(GROUP), path],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "bound\n"
+        with pytest.raises(IpcError) as refused:
+            kernel_socket_exists(stack.endpoint)
+        assert refused.value.code == KErrPermissionDenied
+        assert f"{path} belongs to uid {OUTSIDER}, not to the kernel's user (uid 0, " in str(
+            refused.value)
+        with pytest.raises(IpcError, match="not to the kernel's user"):
+            RSession.connect("echo", endpoint=stack.endpoint)
+    finally:
+        squatter.kill()
+        squatter.wait(10)
