@@ -17,8 +17,18 @@ from pathlib import Path
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from ipcfw import testing
+
+# The hypothesis state machines' profiles (tests/*/test_*_properties.py), defined once here: a
+# profile loaded in a test module is every module's, whichever was imported last. "ci", the
+# default, runs in seconds; HYPOTHESIS_PROFILE=long for minutes.
+settings.register_profile("ci", max_examples=200, stateful_step_count=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=3000, stateful_step_count=150, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"

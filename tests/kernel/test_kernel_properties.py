@@ -15,10 +15,8 @@ minutes, locally. (tests/kernel/test_state_fuzz.py is a seeded random walk over 
 from __future__ import annotations
 
 import collections
-import os
 from typing import Any
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -49,11 +47,7 @@ from ipcfw.protocol import (
     Role,
 )
 
-settings.register_profile("ci", max_examples=200, stateful_step_count=60, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", max_examples=3000, stateful_step_count=120, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# (the hypothesis profiles, ci and long: tests/conftest.py)
 
 NAMES = ("alpha", "beta")
 CLIENTS = 3

@@ -15,10 +15,8 @@ The same profiles as tests/kernel/test_kernel_properties.py (`ci` by default,
 from __future__ import annotations
 
 import collections
-import os
 from typing import Any
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -38,11 +36,7 @@ from ipcfw.server import CServer, CSession, RMessage
 from ipcfw.server.overlay import Layers
 from ipcfw.server.state import ServerState
 
-settings.register_profile("ci", max_examples=150, stateful_step_count=60, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", max_examples=3000, stateful_step_count=150, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# (the hypothesis profiles, ci and long: tests/conftest.py)
 
 EComplete, EHold, ERaise, EPanic = 1, 2, 3, 4
 CLIENTS = (1, 2)
