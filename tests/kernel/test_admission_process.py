@@ -111,14 +111,18 @@ def test_the_kernels_own_user_is_still_served(stack: Stack) -> None:
         assert session.SendReceive(1, (9,)) == 9
 
 
-# As a member of the group the kernel is not admitting: try to take the kernel's socket file's
-# place (unlink it or rename it away), as a process that then binds its own would.
-REPLACER = """
+# A child run as root that drops to argv's uid and gid; argv[3] is a path.
+DROP = """
 import os, sys
 uid, gid, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 os.setgroups([])
 os.setgid(gid)
 os.setuid(uid)
+"""
+
+# As a member of the group the kernel is not admitting: try to take the kernel's socket file's
+# place (unlink it or rename it away), as a process that then binds its own would.
+REPLACER = DROP + """
 try:
     os.rename(path, path + ".old")
 except PermissionError:
@@ -150,12 +154,8 @@ def test_a_group_member_cannot_remove_or_rename_the_kernels_socket(stack: Stack)
 
 
 # As a member of the group: bind a socket where the kernel's was, and keep it open.
-SQUATTER = """
-import os, socket, sys, time
-uid, gid, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-os.setgroups([])
-os.setgid(gid)
-os.setuid(uid)
+SQUATTER = DROP + """
+import socket, time
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 os.umask(0o007)
 listener.bind(path)
