@@ -111,9 +111,10 @@ def test_the_kernels_own_user_is_still_served(stack: Stack) -> None:
         assert session.SendReceive(1, (9,)) == 9
 
 
-# A child run as root that drops to argv's uid and gid; argv[3] is a path.
+# A child run as root that drops to argv's uid and gid; argv[3] is a path. (What it imports,
+# it imports first: the interpreter's files may not be readable by the user it drops to.)
 DROP = """
-import os, sys
+import os, socket, sys, time
 uid, gid, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 os.setgroups([])
 os.setgid(gid)
@@ -155,7 +156,6 @@ def test_a_group_member_cannot_remove_or_rename_the_kernels_socket(stack: Stack)
 
 # As a member of the group: bind a socket where the kernel's was, and keep it open.
 SQUATTER = DROP + """
-import socket, time
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 os.umask(0o007)
 listener.bind(path)
