@@ -235,16 +235,16 @@ class DirectPort:
             self._send_gathered(link)
 
     def _send_gathered(self, link: Link) -> None:
-        """Send the frames gathered for `link`: one alone, several as one batch."""
-        gathered = link.gathered
-        if not gathered or link.hung_up:
-            return
-        link.gathered = []
-        link.gathered_bytes = 0
-        if len(gathered) == 1:
-            self._send_now(link, gathered[0])
-        else:
-            self._send_now(link, pack_batch(gathered), len(gathered))
+        """Send the frames gathered for `link`: one alone, several as one batch; and those
+        gathered meanwhile (a KErrOverflow sent in place of a frame too big)."""
+        while link.gathered and not link.hung_up:
+            gathered = link.gathered
+            link.gathered = []
+            link.gathered_bytes = 0
+            if len(gathered) == 1:
+                self._send_now(link, gathered[0])
+            else:
+                self._send_now(link, pack_batch(gathered), len(gathered))
 
     def _send_now(self, link: Link, frame: bytes, frames: int = 1) -> None:
         """Send `frame` (a datagram of `frames` frames) now, or queue it behind the others."""
@@ -592,12 +592,19 @@ class DirectPort:
             log.debug("direct connection of pid %d failed: %s", link.connection.pid, exc)
             self._close(link)
             return
+        if frame[0] == BATCH_MARK:
+            # A send buffer smaller than the batch (a small net.core.wmem_max): its frames go
+            # one by one, first in line, when the socket has room (a frame too big alone gets
+            # the KErrOverflow below then).
+            frames = unpack_batch(frame)
+            link.outbox.extendleft((one, 1) for one in reversed(frames))
+            link.queued += sum(len(one) for one in frames)
+            link.unread += len(frames)
+            if self._poller is not None:
+                self._poller.register(link.fd, zmq.POLLIN | zmq.POLLOUT)
+            return
         # A completion bigger than the connection's buffer: KErrOverflow, as one bigger than
         # the kernel's limit is on the kernel path.
-        if frame[0] == BATCH_MARK:  # (a batch is far smaller than any buffer: for sure)
-            for one in unpack_batch(frame):
-                self._failed_send(link, one, exc)
-            return
         reply = decode(frame)
         log.error("a completion of %d bytes does not fit the direct connection of pid %d; "
                   "completing with KErrOverflow instead", len(frame), link.connection.pid)

@@ -22,6 +22,7 @@ import zmq
 
 from ipcfw import errors
 from ipcfw.protocol import (
+    BATCH_MARK,
     DIRECT_MAX_UNREAD,
     Attach,
     Close,
@@ -55,6 +56,8 @@ class Echo(CSession):
         self.Server().events.append(("service", message.Int0()))
         if message.Function() == 1:
             message.Complete(message.Int0())
+        elif message.Function() == 3:  # an answer of about Int0() bytes
+            message.Complete(errors.IpcError(errors.KErrGeneral, "x" * message.Int0()))
         else:
             self.Server().held.append(message)
 
@@ -346,3 +349,28 @@ def test_answers_gathered_before_a_bad_frame_are_sent_before_the_connection_clos
     ]
     assert closed(sock)
 
+
+
+def test_a_batch_too_big_for_the_connections_buffer_goes_frame_by_frame(setup, monkeypatch):
+    # (a send buffer smaller than a batch, as a small net.core.wmem_max makes it: every answer
+    # still reaches the client, none turned into KErrOverflow, none lost)
+    monkeypatch.setattr(ports, "_DIRECT_SNDBUF", 4096)  # (Linux doubles it: 8 KiB)
+    sock = setup.attached(0x4A, slots=16)
+    for n in range(12):  # (answers of 1 KiB: 12 of them, over the buffer)
+        sock.send(encode(Request(10 + n, 0x4A, 3, (1000,), ASYNC)))
+    sock.setblocking(False)
+    answers: list[Any] = []
+    for _ in range(20):
+        setup.turn(100)
+        while len(answers) < 12:
+            try:
+                datagram = sock.recv(1 << 16)
+            except BlockingIOError:
+                break
+            frames = unpack_batch(datagram) if datagram[0] == BATCH_MARK else [datagram]
+            answers += [decode(frame) for frame in frames]
+        if len(answers) == 12:
+            break
+    assert [(a.req_id, a.value, len(a.text)) for a in answers] == [
+        (10 + n, errors.KErrGeneral, 1000) for n in range(12)
+    ]
