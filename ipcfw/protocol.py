@@ -1359,7 +1359,8 @@ def unpack_process_rows(data: bytes) -> list[ProcessRow]:
 #: The first byte of a batch: 0xc1, the one byte msgpack never uses, so no frame begins with it.
 BATCH_MARK = 0xC1
 #: Largest batch a server sends (frames that would pass it go in the next one; a larger frame
-#: alone): well under any connection's send buffer, so a batch never fails for its size.
+#: alone): well under a connection's send buffer (a buffer too small for one, as a small
+#: net.core.wmem_max makes, gets the batch's frames one by one).
 BATCH_BYTES = 32 * 1024
 _BATCH_LENGTH = struct.Struct("<I")
 _BATCH_HEADER = bytes([BATCH_MARK])
