@@ -811,7 +811,7 @@ class KernelState:
             return errors.KErrInUse
         if name_problem(message.name):
             return errors.KErrBadName
-        if is_protected(message.name) and peer.process.identity.uid not in self.protserv_uids:
+        if is_protected(message.name) and not self._holds_protserv(peer):
             return errors.KErrPermissionDenied
         if lookup_key(message.name) in self.servers:
             return errors.KErrAlreadyExists
@@ -1261,6 +1261,11 @@ class KernelState:
             return granted | {"ProtServ"}
         return granted
 
+    def _holds_protserv(self, peer: Peer) -> bool:
+        """Whether `peer`'s process holds ``ProtServ`` (what a protected ``!`` name needs): by
+        `protserv_uids`, or by the configuration's grants, as its PeerInfo says."""
+        return "ProtServ" in self.capabilities_of(peer.process.identity)
+
     def _own_message(self, peer: Peer, msg_id: int, message: Message) -> MessageRecord | None:
         server = self.server_of_peer.get(peer.rid)
         if server is None:
@@ -1613,7 +1618,7 @@ class KernelState:
         server = self.servers.get(lookup_key(message.name))
         if server is None:
             return [Send(peer.rid, Completed(message.req_id, errors.KErrNotFound, ()))]
-        if is_protected(server.name) and peer.process.identity.uid not in self.protserv_uids:
+        if is_protected(server.name) and not self._holds_protserv(peer):
             return [Send(peer.rid, Completed(message.req_id, errors.KErrPermissionDenied, ()))]
         if message.reason == TerminationReason.DEREGISTERED:
             # Only the server itself deregisters (and so needs no indication).

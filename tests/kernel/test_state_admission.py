@@ -9,7 +9,15 @@ import pytest
 from ipcfw import errors
 from ipcfw.kernel.config import parse
 from ipcfw.kernel.state import Admission, PeerMisbehaved, ProcessIdentity, Send
-from ipcfw.protocol import Connect, PeerInfo, Register, Role, Welcome
+from ipcfw.protocol import (
+    Connect,
+    PeerInfo,
+    Register,
+    Role,
+    Terminate,
+    TerminationReason,
+    Welcome,
+)
 
 from kernel_world import KPID, hello, new_state
 
@@ -95,3 +103,24 @@ def test_a_hello_refused_as_a_second_inbox_does_not_count_against_its_uid() -> N
     ks.peer_gone(b"1" * 16)
     ks.peer_gone(b"3" * 16)
     assert not ks.connections_of_uid
+
+
+def test_protserv_granted_by_the_configuration_lets_a_uid_register_and_end_a_protected_name(
+) -> None:
+    # (the configuration's grants were sent to servers in PeerInfo, but the kernel's own checks
+    # of ProtServ read only protserv_uids: a [[grant]] of ProtServ did nothing for `!` names)
+    ADMINISTRATOR = int(TerminationReason.ADMINISTRATOR)
+    config = parse('[[grant]]\nuid = 1001\ncapabilities = ["ProtServ"]\n')
+    ks = new_state(grants=config.capabilities)
+    hello(ks, b"s" * 16, Role.SERVER, identity(50, 1000, 1000))
+    refused = ks.receive(b"s" * 16, Register(1, "!billing", 0, (1, 0, 0)))
+    assert [a.message.value for a in refused] == [errors.KErrPermissionDenied]
+    hello(ks, b"t" * 16, Role.SERVER, identity(51, 1001, 1001))
+    registered = ks.receive(b"t" * 16, Register(2, "!billing", 0, (1, 0, 0)))
+    assert [a.message.value for a in registered] == [errors.KErrNone]
+    hello(ks, b"u" * 16, Role.CHANNEL, identity(52, 1000, 1000))  # no ProtServ: may not end it
+    (denied,) = ks.receive(b"u" * 16, Terminate(3, "!billing", ADMINISTRATOR))
+    assert denied.message.value == errors.KErrPermissionDenied
+    hello(ks, b"v" * 16, Role.CHANNEL, identity(53, 1001, 1001))
+    ended = ks.receive(b"v" * 16, Terminate(4, "!billing", ADMINISTRATOR))
+    assert errors.KErrPermissionDenied not in [getattr(a.message, "value", None) for a in ended]
