@@ -48,11 +48,21 @@ def identify(address: str | None) -> ProcessIdentity:
         raise UnknownPeer(f"pid {pid} vanished before it could be identified ({exc})") from None
     except OSError as exc:  # EMFILE and friends: refuse the peer, keep the kernel
         raise UnknownPeer(f"pid {pid} could not be identified ({exc})") from None
+    return ProcessIdentity(pid, create_time, uid, gid, executable(pid))
+
+
+def executable(pid: int) -> str:
+    """The executable `pid` runs, as /proc/PID/exe says; "" if this process may not read it (a
+    process of another user, to a kernel without the privilege) or it has none (a zombie).
+    Never guessed from the process's argv[0], as ``psutil.Process.exe`` does when it may not
+    read the link: the process writes its argv itself, and capabilities are granted by it."""
     try:
-        exe = process.exe()
-    except (psutil.Error, OSError):
-        exe = ""  # another user's process, or a zombie: the pid and uid still stand
-    return ProcessIdentity(pid, create_time, uid, gid, exe)
+        path = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+    if path.endswith(" (deleted)") and not os.path.exists(path):
+        path = path[: -len(" (deleted)")]  # (replaced since it started: the path it ran)
+    return path
 
 
 class ProcessWatcher:
