@@ -279,6 +279,7 @@ class KernelMachine(RuleBasedStateMachine):
         assert not self.state.peers and not self.state.processes and not self.state.servers
         assert not self.state.sessions and not self.state.messages and not self.state.cancellable
         assert self.state.pool_used == 0 and not self.state.tokens, stats
+        assert not self.state.connections_of_uid, self.state.connections_of_uid
 
 
 TestKernelStateMachine = KernelMachine.TestCase
