@@ -80,8 +80,14 @@ def ensure_private_dir(path: str, group: int | None = None) -> None:
     if info.st_uid != os.getuid():
         raise EndpointError(f"{path} is owned by uid {info.st_uid}, not by us ({os.getuid()})")
     if group is not None:
-        os.chown(path, -1, group)
-        os.chmod(path, 0o3770)
+        try:
+            os.chown(path, -1, group)
+            os.chmod(path, 0o3770)
+        except OSError as exc:
+            raise EndpointError(
+                f"cannot open {path} to group {group} ([admission] group): {exc.strerror}; "
+                f"the kernel's uid {os.getuid()} must be a member of that group"
+            ) from None
         return
     if stat.S_IMODE(info.st_mode) & 0o077:
         raise EndpointError(

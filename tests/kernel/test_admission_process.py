@@ -188,3 +188,36 @@ def test_a_socket_a_group_member_put_in_the_kernels_place_is_not_taken_for_the_k
     finally:
         squatter.kill()
         squatter.wait(10)
+
+
+# As a user not in GROUP: open a kernel's directory to it, as `ipcfw kernel` does with its
+# configuration's [admission] group.
+OPENER = "from ipcfw.endpoint import EndpointError, ensure_private_dir\n" + DROP + """
+try:
+    ensure_private_dir(path, int(sys.argv[4]))
+except EndpointError as error:
+    print("refused", error, flush=True)
+else:
+    print("opened", flush=True)
+"""
+
+
+def test_a_group_the_kernels_user_is_not_in_is_refused_with_what_to_do() -> None:
+    # (chown raised a bare PermissionError: a traceback from `ipcfw kernel`, not its "ipcfw:"
+    # line and status 2)
+    top = Path(tempfile.mkdtemp(prefix="ipcfw-group-"))
+    path = top / "k"
+    try:
+        top.chmod(0o777)  # (the child's user makes its directory in it)
+        child = subprocess.run([sys.executable, "-c", OPENER, str(OUTSIDER), str(OUTSIDER),
+                                str(path), str(GROUP)],
+                               capture_output=True, text=True, timeout=30,
+                               env={**os.environ, "PYTHONPATH": PYTHONPATH})
+    finally:
+        if path.exists():
+            path.rmdir()
+        top.rmdir()
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.startswith(
+        f"refused cannot open {path} to group {GROUP} ([admission] group): ")
+    assert f"uid {OUTSIDER} must be a member of that group" in child.stdout
