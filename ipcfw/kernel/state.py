@@ -157,6 +157,8 @@ from ..protocol import (
 
 log = logging.getLogger("ipcfw.kernel")
 
+_REFUSALS_LOGGED = 1024  # uids whose first refusal at Hello is logged (the rest are not)
+
 #: Symbian's per-session limit on outstanding messages (KMaxMsgLimit).
 MAX_OUTSTANDING = 512
 #: The largest per-session slot count a client may ask for (the documented Symbian contract).
@@ -491,6 +493,7 @@ class KernelState:
         # Who may say Hello (None: everyone who reaches the socket, which is private to the
         # kernel's user unless the configuration opens it), and the capabilities of each.
         self.admission = admission
+        self.refused_uids: set[int] = set()  # those whose refusal was logged
         self.grants = grants
         self.max_frame = max_frame
         self.new_token = new_token
@@ -549,8 +552,12 @@ class KernelState:
             return [Send(rid, welcome)]
         refusal = self.admission.refusal(identity) if self.admission is not None else None
         if refusal is not None:
-            log.warning("refused pid %d (uid %d, gid %d, %s): %s", identity.pid, identity.uid,
-                        identity.gid, identity.exe or "unknown executable", refusal)
+            if identity.uid not in self.refused_uids and len(self.refused_uids) < _REFUSALS_LOGGED:
+                # (once per uid: a stranger saying Hello in a loop must not fill the log)
+                self.refused_uids.add(identity.uid)
+                log.warning("refused pid %d (uid %d, gid %d, %s): %s (further refusals of uid "
+                            "%d are not logged)", identity.pid, identity.uid, identity.gid,
+                            identity.exe or "unknown executable", refusal, identity.uid)
             return [Send(rid, welcome._replace(refusal=refusal,
                                                code=errors.KErrPermissionDenied))]
         if self.connections_of_uid[identity.uid] >= self.connections_per_uid:

@@ -4,6 +4,8 @@ the capabilities each admitted process's PeerInfo carries."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from ipcfw import errors
@@ -124,3 +126,13 @@ def test_protserv_granted_by_the_configuration_lets_a_uid_register_and_end_a_pro
     hello(ks, b"v" * 16, Role.CHANNEL, identity(53, 1001, 1001))
     ended = ks.receive(b"v" * 16, Terminate(4, "!billing", ADMINISTRATOR))
     assert errors.KErrPermissionDenied not in [getattr(a.message, "value", None) for a in ended]
+
+
+def test_a_stranger_saying_hello_in_a_loop_is_logged_once(caplog) -> None:
+    ks = state()
+    with caplog.at_level(logging.WARNING, logger="ipcfw.kernel"):
+        for n in range(5):
+            (refused,) = hello(ks, b"x" * 16, Role.CHANNEL, identity(60 + n, 4242, 4242))
+            assert refused.message.code == errors.KErrPermissionDenied  # each one refused
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "refused pid 60 (uid 4242, gid 4242, /usr/bin/python3)"]
