@@ -17,8 +17,10 @@ def guarded(kernel):
     return kernel.serve("plugins.guarded:GuardedServer", "guarded")
 
 
-def test_a_policy_is_checked_before_service_l_on_either_path(guarded) -> None:
+def test_a_policy_is_checked_before_service_l_on_either_path(kernel, guarded, data_path) -> None:
     with RSession.connect("guarded", (1, 0, 0), 4) as session:
+        # (on the direct path, the session is: its requests go to the server, not the kernel)
+        assert kernel.statistics()["sessions_direct"] == (data_path == "direct")
         assert session.SendReceive(EPing, ()) == 100 + EPing
         assert session.SendReceive(ERead, ()) == 100 + ERead  # a user capability: granted
         with pytest.raises(IpcError) as info:
