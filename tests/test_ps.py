@@ -56,7 +56,9 @@ def test_a_held_message_is_listed_with_its_age_and_a_completed_one_is_not(
     held, done = rows[session.Handle()], rows[other.Handle()]
     assert held["path"] == data_path and done["path"] == data_path
     assert held["outstanding"] == 1 and held["oldest_ms"] >= HELD * 1000
-    assert held["oldest_ms"] <= (time.monotonic() - started) * 1000 + 100
+    # (a stamp is its loop turn's clock, read when the turn began: a turn's length early, and a
+    # turn of a loaded machine's kernel or server can take tens of milliseconds)
+    assert held["oldest_ms"] <= (time.monotonic() - started) * 1000 + 1000
     assert held["slots_used"] == 1 and held["slots"] == 4
     assert held["creator"] == {"pid": os.getpid(), "thread": threading.get_native_id()}
     assert held["holders"] == [{"pid": os.getpid(), "threads": 1}]
