@@ -6,6 +6,7 @@
     ipcfw demo                                   kernel + example servers + example clients
     ipcfw bench                                  latency and throughput against bare pyzmq
     ipcfw ps                                     the kernel's counters and sessions
+    ipcfw call NAME FUNCTION [ARG...]            send one request, print the answer
     ipcfw terminate NAME                         end a server's registration
 
 ``--log-level`` (debug, info, warning, error) goes before or after the command; at ``debug``
@@ -130,6 +131,29 @@ def _parser() -> argparse.ArgumentParser:
     ps = add("ps", help="show the kernel's counters and sessions")
     _endpoint_option(ps)
     ps.set_defaults(run=_run_ps)
+
+    call = add("call", help="send one request to a server and print its answer or its error")
+    call.add_argument("name", help="the server's name")
+    call.add_argument("function", help="the function number; with --interface, an operation's "
+                                       "name")
+    call.add_argument("arguments", nargs="*", metavar="ARG",
+                      help="up to four: an int, b:HEX (bytes), s:TEXT (UTF-8 bytes) or out:N (a "
+                           "writable buffer of N bytes, shown after the call); with --interface "
+                           "one per parameter, read by its type")
+    call.add_argument("--interface", metavar="MODULE:CLASS",
+                      help="an ipcfw.Interface class: call an operation by name, its arguments "
+                           "read by its parameters' types (str as it is, msgpack values as JSON)")
+    call.add_argument("--version", dest="server_version", metavar="X.Y.Z",
+                      help="the version to connect with (default: the interface's, else 1.0.0)")
+    call.add_argument("--path", choices=[path.name.lower() for path in Path],
+                      help="the session's data path (default: $IPCFW_PATH, else direct)")
+    call.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                      help="give up on the connect, then on the answer, after SECONDS "
+                           "(default %(default)s)")
+    call.add_argument("--json", action="store_true",
+                      help="print the outcome as one JSON object (an error too, on stdout)")
+    _endpoint_option(call)
+    call.set_defaults(run=_run_call)
     return parser
 
 
@@ -259,7 +283,7 @@ def load_plugin(spec: str, base: type | None = None, what: str = "plugin") -> ty
     the reason (the module's own exception, if importing it raised, is its ``__cause__``)."""
     module_name, _, class_name = spec.partition(":")
     if not module_name or not class_name:
-        example = "ServerClass" if what == "plugin" else "OverlayClass"
+        example = "ServerClass" if what == "plugin" else f"{what.capitalize()}Class"
         raise PluginError(f"{what} {spec!r} must look like package.module:{example}")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -346,6 +370,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
     return bench_main(args.bench_args)
+
+
+def _run_call(args: argparse.Namespace) -> int:
+    from .call import run
+
+    return run(args)
 
 
 def _run_terminate(args: argparse.Namespace) -> int:
