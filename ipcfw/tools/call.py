@@ -23,7 +23,7 @@ from .callargs import (
     Arg, BadArgument, Outcome, error_outcome, format_outcome, operation_arguments,
     operation_outcome, parse_arguments, parse_function, parse_version, request_outcome,
 )
-from .cli import PluginError, load_plugin
+from .plugins import PluginError, load_plugin
 
 class _Request:
     """What the words ask for: the function, its arguments, and the operation if any."""

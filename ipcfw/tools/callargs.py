@@ -27,17 +27,16 @@ from typing import Any
 
 from .. import errors
 from ..interface.codec import NO_DEFAULT, Form, describe_type
-from ..interface.spec import OperationSpec
+from ..interface.spec import MAX_ARGS, OperationSpec
 from ..protocol import I32_MAX, I32_MIN, MAX_FRAME
 from ..version import TVersion, to_version
 
 __all__ = [
-    "MAX_ARGS", "MAX_OUT", "BadArgument", "Arg", "Outcome", "parse_argument", "parse_arguments",
+    "MAX_OUT", "BadArgument", "Arg", "Outcome", "parse_argument", "parse_arguments",
     "parse_function", "parse_version", "operation_arguments", "parse_int", "show_bytes", "jsonable",
     "request_outcome", "operation_outcome", "error_outcome", "format_outcome",
 ]
 
-MAX_ARGS = 4
 MAX_OUT = MAX_FRAME
 """The largest ``out:N`` buffer, in bytes."""
 
