@@ -16,7 +16,6 @@ the kernel and a server host log every connect, request and completion. Docs: do
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import signal
 import sys
@@ -42,7 +41,7 @@ _DEFAULT_LOG_LEVEL = "info"
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _parser()
+    parser = build_parser()
     args, bench_args = _split_bench_args(parser, argv)
     if bench_args is not None:
         args.bench_args = bench_args
@@ -68,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ipcfw`` command's parser (`ipcfw.tools.clidoc` documents it)."""
     parser = argparse.ArgumentParser(prog="ipcfw", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"ipcfw {__version__}")
     _log_options(parser, _DEFAULT_LOG_LEVEL, "text", None)
@@ -76,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _log_options(common, argparse.SUPPRESS, argparse.SUPPRESS, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
-    add = functools.partial(commands.add_parser, parents=[common])
+
+    def add(name: str, help: str, **options: Any) -> argparse.ArgumentParser:
+        """A command: its `help` is its line in ``ipcfw --help`` and its ``--help``'s text."""
+        return commands.add_parser(name, help=help, description=help, parents=[common],
+                                   **options)
 
     kernel = add("kernel", help="run the kernel in the foreground")
     _endpoint_option(kernel)
@@ -111,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="measure ipcfw against bare pyzmq (ipcfw bench --help for its options)",
-        add_help=False,
+        description="measure ipcfw against bare pyzmq", add_help=False,
     )
     bench.set_defaults(run=_run_bench, endpoint=None, bench_args=[])
 
