@@ -6,6 +6,7 @@ example clients work; and the tests' own processes import the ipcfw the tests do
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,22 @@ def test_the_wheel_lists_every_package_and_maps_the_examples():
     assert sorted(config["packages"]) == sorted(in_tree | set(mapped))
     for directory in mapped.values():
         assert (REPO / directory / "__init__.py").is_file()
+
+
+def test_the_changelog_s_top_version_is_the_version_and_nothing_else_writes_it():
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    versions = re.findall(r"^## \[(\d+\.\d+\.\d+)\]", changelog, re.MULTILINE)
+    assert versions and versions[0] == ipcfw.__version__, (
+        f"CHANGELOG.md's newest version is {versions[:1]}, ipcfw.__version__ is "
+        f"{ipcfw.__version__}: add a section for it"
+    )
+    one_place = REPO / "ipcfw" / "__init__.py"
+    files = [REPO / "pyproject.toml", REPO / "README.md", *(REPO / "docs").glob("*.md"),
+             *(p for d in ("ipcfw", "servers", "clients") for p in (REPO / d).rglob("*.py"))]
+    written = [str(path.relative_to(REPO)) for path in files
+               if path != one_place and ipcfw.__version__ in path.read_text()]
+    assert written == [], f"the version is written outside {one_place.name}: {written}"
+    assert one_place.read_text().count(ipcfw.__version__) == 1
 
 
 def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
