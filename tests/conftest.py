@@ -145,6 +145,20 @@ def kernel(
     assert not crashed, f"the kernel died during the test:\n{kernel_log}"
 
 
+@pytest.fixture
+def echo(kernel: KernelFixture) -> KernelFixture:
+    """The kernel with the example echo server registered."""
+    kernel.serve("servers.echo:EchoServer", "echo")
+    return kernel
+
+
+@pytest.fixture
+def kv(kernel: KernelFixture) -> KernelFixture:
+    """The kernel with the example key-value server registered."""
+    kernel.serve("servers.kv:KvServer", "kv")
+    return kernel
+
+
 @pytest.fixture(params=["kernel", "direct"])
 def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test once per data path: every session created without ``path=``, in this process

@@ -24,18 +24,6 @@ def call(kernel, *words: str) -> subprocess.CompletedProcess:
     return kernel.client(["-m", "ipcfw", "call", *words], timeout=CALL_TIMEOUT)
 
 
-@pytest.fixture
-def echo(kernel):
-    kernel.serve("servers.echo:EchoServer", "echo")
-    return kernel
-
-
-@pytest.fixture
-def kv(kernel):
-    kernel.serve("servers.kv:KvServer", "kv")
-    return kernel
-
-
 @pytest.mark.smoke
 def test_a_raw_request_prints_its_value_and_what_the_server_wrote(echo):
     result = call(echo, "echo", "2", "s:hello", "out:16")

@@ -43,12 +43,6 @@ TIMEOUT = 5.0
 # -- kv ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def kv(kernel):
-    kernel.serve("servers.kv:KvServer", "kv")
-    return kernel
-
-
 @pytest.mark.smoke
 def test_kv_set_get_delete_count(kv):
     with RSession.connect("kv") as session:
