@@ -76,6 +76,16 @@ def test_a_bad_word_is_named_before_anything_is_connected(tmp_path, words, named
     assert "Traceback" not in result.stderr
 
 
+def test_a_panic_says_so(kernel):
+    kernel.serve("plugins.probe:ProbeServer", "probe")
+    result = call(kernel, "probe", "5", "7", "--version", "1.2.0")  # EPanic: "PROBE" 7
+    assert (result.returncode, result.stderr) == (1, "panicked: PROBE 7\n"), result.stdout
+    result = call(kernel, "probe", "5", "7", "--version", "1.2.0", "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout) == {"panic": {"category": "PROBE", "reason": 7,
+                                                   "text": ""}}
+
+
 def test_connect_failures_say_why(echo):
     result = call(echo, "nosuch", "1")
     assert result.returncode == 1

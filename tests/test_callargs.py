@@ -7,11 +7,12 @@ import json
 
 import pytest
 
-from ipcfw import IpcError, KErrNotFound, KErrNotSupported, TVersion
+from ipcfw import ClientPanic, IpcError, KErrNotFound, KErrNotSupported, TVersion
 from ipcfw.errors import from_server
 from ipcfw.tools.callargs import (
-    MAX_OUT, BadArgument, error_outcome, format_outcome, operation_arguments, operation_outcome,
-    parse_argument, parse_arguments, parse_function, parse_version, request_outcome, show_bytes,
+    MAX_OUT, BadArgument, error_outcome, failed, format_outcome, operation_arguments,
+    operation_outcome, panic_outcome, parse_argument, parse_arguments, parse_function,
+    parse_version, request_outcome, show_bytes,
 )
 from plugins.calls import Calls
 from servers.kv import KeyValue
@@ -157,3 +158,11 @@ def test_an_error_outcome_names_the_error_and_gives_both_texts():
     outcome = error_outcome(IpcError(KErrNotSupported, "version 9.0.0"), None)
     assert format_outcome(outcome) == "error: KErrNotSupported (-5)\n  version 9.0.0"
     assert format_outcome(error_outcome(IpcError(-4242), None)) == "error: error -4242"
+
+
+def test_a_panic_outcome_names_the_category_and_reason():
+    outcome = panic_outcome(ClientPanic("KERN-EXEC", 0, "handle 0x2a is not held"))
+    assert failed(outcome) and failed(error_outcome(IpcError(-1), None))
+    assert not failed(request_outcome(0, ()))
+    assert format_outcome(outcome) == "panicked: KERN-EXEC 0\n  handle 0x2a is not held"
+    assert format_outcome(panic_outcome(ClientPanic("PROBE", 7))) == "panicked: PROBE 7"

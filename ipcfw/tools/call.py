@@ -6,7 +6,8 @@ The words are read by `ipcfw.tools.callargs` (``42``, ``b:HEX``, ``s:TEXT``, ``o
 is connected, so a bad word costs nothing and is named. Then one session, one ``SendReceive``
 and a ``Close``. Exit status: 0 when the request completed with a value >= 0; 1 when it (or
 the connect) completed with an error, which is printed with the server's text and what the
-session's ``ErrorString`` says of the code; 2 for a bad word. Docs: docs/cli.md.
+session's ``ErrorString`` says of the code, or the server panicked the client; 2 for a bad
+word. Docs: docs/cli.md.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from .. import errors
 from ..client import RSession
 from ..interface import Interface
 from ..interface.spec import OperationSpec
+from ..version import TVersion
 from .callargs import (
-    Arg, BadArgument, Outcome, error_outcome, format_outcome, operation_arguments,
-    operation_outcome, parse_arguments, parse_function, parse_version, request_outcome,
+    Arg, BadArgument, Outcome, error_outcome, failed, format_outcome, operation_arguments,
+    operation_outcome, panic_outcome, parse_arguments, parse_function, parse_version,
+    request_outcome,
 )
 from .plugins import PluginError, load_plugin
+
 
 class _Request:
     """What the words ask for: the function, its arguments, and the operation if any."""
@@ -35,7 +39,7 @@ class _Request:
         if args.interface is None:
             self.function = parse_function(args.function)
             self.wire: tuple[Arg, ...] = parse_arguments(args.arguments)
-            self.version = version or (1, 0, 0)
+            self.version = version or TVersion(1, 0, 0)
             return
         interface_class: type[Interface] = load_plugin(args.interface, Interface, "interface")
         interface = interface_class.interface
@@ -76,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
             value = session.SendReceive(request.function, request.wire, timeout=args.timeout)
         except errors.IpcError as exc:
             return _show(args, error_outcome(exc, _error_string(session, exc.code)))
+        except errors.ClientPanic as exc:
+            return _show(args, panic_outcome(exc))
         try:
             outcome = request.outcome(value)
         except TypeError as exc:  # the server answered what the interface does not say
@@ -93,9 +99,10 @@ def _error_string(session: RSession, code: int) -> str | None:
 
 
 def _show(args: argparse.Namespace, outcome: Outcome) -> int:
-    failed = "error" in outcome
+    """Print `outcome` (an error on stderr, unless as JSON); its exit status."""
+    bad = failed(outcome)
     if args.json:
         print(json.dumps(outcome, ensure_ascii=False))
     else:
-        print(format_outcome(outcome), file=sys.stderr if failed else sys.stdout)
-    return 1 if failed else 0
+        print(format_outcome(outcome), file=sys.stderr if bad else sys.stdout)
+    return 1 if bad else 0

@@ -15,7 +15,8 @@ word per parameter, read by the parameter's type: an ``int`` as above; a ``bool`
 
 What the command prints is one `Outcome` dict, the same for ``--json`` (as it is) and for
 people (`format_outcome`): ``{"value": 5, "out": [...]}`` for a raw request, ``{"returned":
-...}`` for an operation, ``{"error": {...}}`` for an error completion. Bytes are shown as
+...}`` for an operation, ``{"error": {...}}`` for an error completion, ``{"panic": {...}}``
+when the client was panicked. Bytes are shown as
 ``{"bytes": N, "hex": "...", "text": "..."}`` (``text`` only when they are printable UTF-8).
 """
 
@@ -34,7 +35,8 @@ from ..version import TVersion, to_version
 __all__ = [
     "MAX_OUT", "BadArgument", "Arg", "Outcome", "parse_argument", "parse_arguments",
     "parse_function", "parse_version", "operation_arguments", "parse_int", "show_bytes", "jsonable",
-    "request_outcome", "operation_outcome", "error_outcome", "format_outcome",
+    "request_outcome", "operation_outcome", "error_outcome", "panic_outcome", "failed",
+    "format_outcome",
 ]
 
 MAX_OUT = MAX_FRAME
@@ -238,8 +240,23 @@ def error_outcome(error: errors.IpcError, error_string: str | None) -> Outcome:
     }}
 
 
+def panic_outcome(panic: errors.ClientPanic) -> Outcome:
+    """A request for which the server (or the kernel, ``KERN-EXEC``) panicked the client."""
+    return {"panic": {"category": panic.category, "reason": panic.reason,
+                      "text": panic.message}}
+
+
+def failed(outcome: Outcome) -> bool:
+    """True if `outcome` is an error or a panic (exit status 1), not an answer."""
+    return "error" in outcome or "panic" in outcome
+
+
 def format_outcome(outcome: Outcome) -> str:
     """`outcome` for people, one fact a line."""
+    if "panic" in outcome:
+        panic = outcome["panic"]
+        text = f"\n  {panic['text']}" if panic["text"] else ""
+        return f"panicked: {panic['category']} {panic['reason']}{text}"
     if "error" in outcome:
         error = outcome["error"]
         what = f"{error['name']} ({error['code']})" if error["name"] else f"error {error['code']}"
