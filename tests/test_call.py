@@ -130,6 +130,12 @@ def test_an_interface_operation_error_and_bad_words(kv):
     assert result.returncode == 2
     assert "cannot load interface 'servers.kv:Nope': module 'servers.kv' has no 'Nope'" in \
         result.stderr
+    result = call(kv, "kv", "get", "s:k", "--interface", "servers.kv")
+    assert result.returncode == 2
+    assert "interface 'servers.kv' must look like package.module:InterfaceClass" in result.stderr
+    result = call(kv, "kv", "get", "s:k", "--interface", "servers.kv:KvServer")
+    assert result.returncode == 2
+    assert "KvServer is not a subclass of ipcfw.Interface" in result.stderr
 
 
 def test_interface_arguments_are_read_by_their_types(kernel):
