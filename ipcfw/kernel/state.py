@@ -1258,6 +1258,10 @@ class KernelState:
             )
         ]
 
+    def _holds_protserv(self, peer: Peer) -> bool:
+        """Whether `peer`'s process may register (or terminate) a protected ``!name``."""
+        return "ProtServ" in self.capabilities_of(peer.process.identity)
+
     def capabilities_of(self, identity: ProcessIdentity) -> frozenset[str]:
         """The capabilities the kernel grants a process: what `grants` says (the configuration:
         ipcfw.kernel.config), or else those a user grants an application
@@ -1267,11 +1271,6 @@ class KernelState:
         if identity.uid in self.protserv_uids:
             return granted | {"ProtServ"}
         return granted
-
-    def _holds_protserv(self, peer: Peer) -> bool:
-        """Whether `peer`'s process holds ``ProtServ`` (what a protected ``!`` name needs): by
-        `protserv_uids`, or by the configuration's grants, as its PeerInfo says."""
-        return "ProtServ" in self.capabilities_of(peer.process.identity)
 
     def _own_message(self, peer: Peer, msg_id: int, message: Message) -> MessageRecord | None:
         server = self.server_of_peer.get(peer.rid)

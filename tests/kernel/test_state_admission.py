@@ -136,3 +136,13 @@ def test_a_stranger_saying_hello_in_a_loop_is_logged_once(caplog) -> None:
             assert refused.message.code == errors.KErrPermissionDenied  # each one refused
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
         "refused pid 60 (uid 4242, gid 4242, /usr/bin/python3)"]
+def test_a_protected_name_needs_protserv_granted_by_configuration_or_by_uid() -> None:
+    config = parse('[[grant]]\nuid = 1001\ncapabilities = ["ProtServ"]\n')
+    ks = new_state(grants=config.capabilities, protserv_uids=frozenset({1002}))
+    for pid, uid, expected in ((40, 1000, errors.KErrPermissionDenied), (41, 1001, 0),
+                               (42, 1002, 0)):
+        rid = b"%016d" % pid
+        hello(ks, rid, Role.SERVER, identity(pid, uid, uid))
+        (reply,) = [a.message for a in ks.receive(rid, Register(1, f"!guarded{pid}", 0,
+                                                                 (1, 0, 0)))]
+        assert reply.value == expected, (uid, reply)
