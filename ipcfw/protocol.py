@@ -163,13 +163,20 @@ __all__ = [
     "SharedMemory",
     "MappedRequest",
     "MappedCompleted",
+    "Monitor",
+    "MonitorEvents",
+    "Report",
+    "Traffic",
+    "MONITOR_CREDIT",
+    "MAX_EVENTS_FRAME",
 ]
 
-PROTOCOL_VERSION = 13  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
+PROTOCOL_VERSION = 15  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
 #                        6: terminate; 7: PeerGone; 8: Dropped; 9: the direct path;
 #                        10: every thread direct (Join, Admit), the session list (ListSessions);
 #                        11: shared memory on the direct path; 12: AwaitServer;
-#                        13: error text on completions
+#                        13: error text on completions; 15: the monitor (Monitor,
+#                        MonitorEvents, Report, Traffic)
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -292,6 +299,12 @@ class Kind(enum.IntEnum):
     SESSION_LIST = 27
     # kernel -> any peer
     DROPPED = 30
+    # the monitor: channel -> kernel, then kernel -> channel
+    MONITOR = 31
+    MONITOR_EVENTS = 32
+    # the monitor's direct-path traffic: kernel -> server, then server -> kernel
+    REPORT = 54
+    TRAFFIC = 55
     # kernel -> server
     NEW_SESSION = 40
     DELIVER = 41
@@ -771,6 +784,56 @@ class CensusReply(NamedTuple):
     counts: bytes
 
 
+#: The most batches a monitor may be owed at once (`Monitor.credit`): what the kernel sends it
+#: beyond what it has read is bounded by this many frames.
+MONITOR_CREDIT = 64
+#: The most event records in one MonitorEvents or Traffic frame (`ipcfw.events`).
+MAX_EVENTS_FRAME = 256
+
+
+class Monitor(NamedTuple):
+    """Channel -> kernel: stream what happens to server `name` ("" for every server):
+    connects, requests, completions, disconnects, deaths, on both data paths. Answered
+    Completed(req_id, KErrNone) once started (once the direct servers it concerns report their
+    traffic), then MonitorEvents(req_id, ...) batches; KErrBadName for an invalid name,
+    KErrOverflow past the kernel's monitors. `credit` is how many more batches the kernel may
+    send (at most `MONITOR_CREDIT` owed): the same req_id again grants more as the monitor reads
+    them. `Cancel(req_id)` stops it (Completed(req_id, KErrCancel)); it also ends with its
+    channel."""
+
+    req_id: int
+    name: str
+    credit: int
+
+
+class MonitorEvents(NamedTuple):
+    """Kernel -> channel: a batch of monitor `req_id`'s events (`ipcfw.events.pack_events`),
+    and how many events it lost (its buffer was full) since the last batch, before these."""
+
+    req_id: int
+    lost: int
+    events: bytes
+
+
+class Report(NamedTuple):
+    """Kernel -> server: report the requests and completions of your direct connections
+    (`on` 1: a monitor watches you) or stop (0). Reporting on is answered at once with
+    Traffic(req_id, 0, b"")."""
+
+    req_id: int
+    on: int
+
+
+class Traffic(NamedTuple):
+    """Server -> kernel: events of its direct connections (`ipcfw.events.pack_events`, at most
+    `MAX_EVENTS_FRAME`), and how many it lost since its last Traffic (its buffer was full);
+    `req_id` is that of the Report this answers, 0 otherwise."""
+
+    req_id: int
+    lost: int
+    events: bytes
+
+
 class Stats(NamedTuple):
     """Any peer -> kernel: ask for the kernel's counters. Answered by StatsReply."""
 
@@ -949,7 +1012,7 @@ Message = (
     NewSession | Deliver | Disconnect | PeerInfo | PeerGone | Dropped | Cancel | Cancelled |
     Terminate | Deregister | Terminating | Attach | SessionPanicked | Join | Admit |
     ListSessions | SessionList | Census | CensusReply | SharedMemory | MappedRequest |
-    MappedCompleted | AwaitServer
+    MappedCompleted | AwaitServer | Monitor | MonitorEvents | Report | Traffic
 )
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
@@ -1011,6 +1074,13 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     SharedMemory: (Kind.SHARED_MEMORY, ()),
     MappedRequest: (Kind.MAPPED_REQUEST, (_u63, _handle, _function, check_mapped_args, _mode)),
     MappedCompleted: (Kind.MAPPED_COMPLETED, (_u63, _i32, _mapped_writes, _text)),
+    Monitor: (
+        Kind.MONITOR,
+        (_u63, _str_upto(MAX_NAME), _int_in(0, MONITOR_CREDIT, f"a credit 0..{MONITOR_CREDIT}")),
+    ),
+    MonitorEvents: (Kind.MONITOR_EVENTS, (_u63, _u63, _bytes_upto(MAX_FRAME))),
+    Report: (Kind.REPORT, (_u63, _int_in(0, 1, "0 or 1"))),
+    Traffic: (Kind.TRAFFIC, (_u63, _u63, _bytes_upto(MAX_FRAME))),
 }
 
 

@@ -4,6 +4,7 @@ descriptor write-back, session lifecycle); and the runtime that carries its requ
 (`runtime`: sockets, the I/O thread, waiting)."""
 
 from .args import TIpcArgs
+from .monitoring import Monitor, MonitorEvent, monitor
 from .session import RSession, kernel_sessions, kernel_statistics, terminate_server
 from .status import TRequestStatus, User
 from .subsession import RSubSession
@@ -11,5 +12,6 @@ from .waiting import wait_for_server
 
 __all__ = [
     "RSession", "RSubSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics",
-    "kernel_sessions", "terminate_server", "wait_for_server",
+    "kernel_sessions", "terminate_server", "wait_for_server", "Monitor", "MonitorEvent",
+    "monitor",
 ]

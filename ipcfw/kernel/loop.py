@@ -37,6 +37,7 @@ import re
 import reprlib
 import stat
 import threading
+import time
 from typing import cast
 from collections.abc import Iterable
 
@@ -207,9 +208,12 @@ class Kernel:
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
+        state = self.state
         while not self._stop.is_set():
-            timeout = 5 if self._backlog or self.state.held_back else 200
-            for source, _ in self._poller.poll(timeout):
+            timeout = 5 if self._backlog or state.held_back else 200
+            ready = self._poller.poll(timeout)
+            state.now = time.monotonic()  # the turn's clock (message ages, monitor stamps)
+            for source, _ in ready:
                 try:
                     if source is self._router:
                         self._drain_router()
@@ -219,11 +223,16 @@ class Kernel:
                         self._process_exited(source)
                 except Exception:  # a bug or an exhausted resource must not end the kernel
                     log.exception("kernel loop error (the event was dropped; serving on)")
-            if self._backlog or self.state.held_back:
+            if self._backlog or state.held_back:
                 try:
                     self._flush_backlog()
                 except Exception:  # (it runs the state's rules too: release, drop)
                     log.exception("kernel loop error flushing backlogs (serving on)")
+            if state.monitor.active:  # each monitor's batch of this turn's events
+                try:
+                    self._perform(state.monitor_batches())
+                except Exception:
+                    log.exception("kernel loop error sending monitor events (serving on)")
 
     def _drain_router(self) -> None:
         # One zmq.Again per batch costs less than a getsockopt(EVENTS) per message.

@@ -69,6 +69,15 @@ Rules this module keeps:
    registered and not terminating. At most `MAX_AWAITS` waits per channel (KErrOverflow for the
    next): a client that gives up on one cancels it (`Cancel`, answered KErrCancel), and a
    channel's waits end with it, so the kernel's memory for waits stays bounded by its peers.
+14. The monitor (`ipcfw monitor`, the pure `ipcfw.kernel.monitor`): a channel's `Monitor`
+   watches a server name or every server. The kernel makes an event of each registration,
+   connect, request, completion, disconnect and death concerning a watched server, after one
+   test of the server record's `monitored` flag (of `monitor.active` for a client's death),
+   stamped with `now`, which the loop sets at each turn. A watched server on the direct path
+   is told to report the traffic of its direct connections (`Report`), and its `Traffic` is
+   handed to the monitors as the kernel's own events are; a monitor is answered once those
+   servers have begun. The batches go out once per loop turn (`monitor_batches`), within each
+   monitor's credit; a monitor's buffer is bounded, and what it loses it is told.
 """
 
 from __future__ import annotations
@@ -83,6 +92,7 @@ from typing import Any, NamedTuple
 from collections.abc import Callable
 
 from .. import errors
+from ..events import Event, EventKind, cut, summarize, unpack_events
 from ..naming import is_protected, lookup_key, name_problem, not_registered
 from ..protocol import (
     Args,
@@ -102,6 +112,9 @@ from ..protocol import (
     Hello,
     Message,
     Mode,
+    Monitor,
+    Report,
+    Traffic,
     Deregister,
     Admit,
     AwaitServer,
@@ -138,6 +151,7 @@ from ..protocol import (
     StatsReply,
     Welcome,
 )
+from .monitor import Monitors
 
 #: Symbian's per-session limit on outstanding messages (KMaxMsgLimit).
 MAX_OUTSTANDING = 512
@@ -329,6 +343,7 @@ class ProcessRecord:
     inbox: bytes | None = None
     sessions: set[int] = field(default_factory=set)  # handles this process holds
     outstanding: int = 0  # its requests not yet completed
+    servers: set[str] = field(default_factory=set)  # names it has had sessions of (monitor)
 
 
 @dataclass(eq=False)
@@ -363,6 +378,11 @@ class ServerRecord:
     # and whether a Census is on its way to it.
     census: dict[int, int] = field(default_factory=dict)
     census_asked: bool = False
+    # A monitor watches it (rule 14): its events are made. On the direct path, whether it
+    # was told to report its traffic, and the req_id of that Report until it answered (0).
+    monitored: bool = False
+    reporting: bool = False
+    report_asked: int = 0
 
 
 @dataclass(eq=False)
@@ -406,6 +426,7 @@ class MessageRecord:
     writable: dict[int, int]  # arg index -> max length
     payer: ProcessRecord | None = None  # a request's process: it counts towards its limit
     ticket: bytes = b""  # an ADMIT's: the client gets it once the server holds it
+    since: float = 0.0  # the kernel's `now` when it was made
 
 
 @dataclass(eq=False)
@@ -461,6 +482,10 @@ class KernelState:
         # A server name's lookup key -> the (channel, req_id) waiting for it, in arrival order.
         self.awaits: dict[str, dict[tuple[bytes, int], None]] = {}
         self.admitted = 0  # tickets granted to threads by Join, ever
+        # CLOCK_MONOTONIC seconds at the start of the loop's turn (the loop sets it).
+        self.now: float = 0.0
+        self.monitor = Monitors()  # rule 14
+        self._report_ids = itertools.count(1)
         self._client_keys = itertools.count(1)
         self._dispatch: dict[type, Callable[[Peer, Any], list[Action]]] = {
             Register: self._register,
@@ -481,6 +506,8 @@ class KernelState:
             ListSessions: self._list_sessions,
             CensusReply: self._census_reply,
             AwaitServer: self._await_server,
+            Monitor: self._monitor,
+            Traffic: self._traffic,
         }
 
     # -- inputs ------------------------------------------------------------------------------
@@ -548,9 +575,13 @@ class KernelState:
             process.inbox = None
         server = self.server_of_peer.get(rid)
         if server is not None:
+            if server.monitored:
+                self._event(server, EventKind.DIED, process.identity.pid, detail="server")
             actions += self._server_died(server)
         if peer.awaits:
             self._forget_awaits(peer)
+        if self.monitor.active:
+            actions += self._monitors_gone(rid)
         for handle in sorted(peer.attached):
             self._detach(self.sessions[handle], peer)
         for handle in sorted(peer.owned):  # unshared sessions end with their thread
@@ -560,6 +591,8 @@ class KernelState:
         if self.terminating:
             actions += self._finish_terminations()
         if not process.peers:
+            if self.monitor.active:
+                self._client_died(process)
             for handle in sorted(process.sessions):  # shared sessions end with their process
                 session = self.sessions.get(handle)
                 if session is not None and session.held:
@@ -664,6 +697,7 @@ class KernelState:
             "admitted": self.admitted,
             "listings": len(self.listings),
             "awaits": sum(len(waiting) for waiting in self.awaits.values()),
+            "monitors": len(self.monitor.watchers),
         }
         for state in SessionState:
             counts[f"sessions_{state.value.lower()}"] = 0
@@ -684,9 +718,11 @@ class KernelState:
         key = lookup_key(message.name)
         self.servers[key] = server
         self.server_of_peer[peer.rid] = server
-        return [Send(peer.rid, Completed(message.req_id, errors.KErrNone, ()))] + (
-            self._answer_awaits(key) if key in self.awaits else []
-        )
+        actions: list[Action] = [Send(peer.rid, Completed(message.req_id, errors.KErrNone, ()))]
+        if self.monitor.active and self.monitor.wants(key):
+            self._event(server, EventKind.REGISTER, peer.process.identity.pid)
+            actions += self._update_reporting()
+        return actions + (self._answer_awaits(key) if key in self.awaits else [])
 
     # -- waiting for a server name (rule 13) ---------------------------------------------------
 
@@ -763,6 +799,9 @@ class KernelState:
             if rid in self.peers
         ]
         server.waiters.clear()
+        if server.report_asked:  # the monitors waiting for it to report wait no more
+            server.report_asked = 0
+            actions += self._monitors_started(server.rid)
         for handle in sorted(server.sessions):
             actions += self._transition(self.sessions[handle], _E.SERVER_DIED)
         if server.direct:
@@ -788,8 +827,12 @@ class KernelState:
         peer.owned.add(session.handle)
         session.holders[peer.process] = 1
         peer.process.sessions.add(session.handle)
+        peer.process.servers.add(server.name)
         self._attach(session, peer)
         record = self._new_message(session, MessageKind.CONNECT, message.req_id, reply_to=peer.rid)
+        if server.monitored:
+            self._event(server, EventKind.CONNECT, peer.process.identity.pid, session,
+                        msg=record.msg_id, detail="version " + ".".join(map(str, message.version)))
         actions = self._inform(server, peer.process)
         actions.append(
             Send(
@@ -989,6 +1032,7 @@ class KernelState:
             return [Send(peer.rid, Connected(message.req_id, code, 0, b""))]
         session.holders[peer.process] = session.holders.get(peer.process, 0) + 1
         peer.process.sessions.add(session.handle)
+        peer.process.servers.add(session.server.name)
         # A direct session: the path names the server's socket, and each thread asks for its
         # own ticket with Join (no ticket here: the server must hold one before the client).
         direct = session.server.direct if session.direct else ""
@@ -1025,6 +1069,9 @@ class KernelState:
 
     def _deliver_disconnect(self, session: SessionRecord) -> list[Action]:
         record = self._new_message(session, MessageKind.DISCONNECT, 0)
+        if session.server.monitored:
+            self._event(session.server, EventKind.DISCONNECT,
+                        session.creator.process.identity.pid, session, msg=record.msg_id)
         return [Send(session.server.rid, Disconnect(record.msg_id, session.handle))]
 
     def _fail_outstanding(self, session: SessionRecord, code: int) -> list[Action]:
@@ -1088,6 +1135,10 @@ class KernelState:
         actions.append(Send(server.rid, Deliver(
             record.msg_id, session.handle, message.function, message.args, process.client_key
         )))
+        if server.monitored:
+            self._event(server, EventKind.REQUEST, process.identity.pid, session,
+                        msg=record.msg_id, function=message.function,
+                        detail=summarize(message.args))
         if blind:
             actions.append(Send(reply_to, Completed(req_id, errors.KErrNone, ())))
         return actions
@@ -1139,7 +1190,7 @@ class KernelState:
     ) -> MessageRecord:
         record = MessageRecord(
             next(self._msg_ids), kind, session, reply_to, reply_to, req_id, slot,
-            writable or _NO_WRITABLE,
+            writable or _NO_WRITABLE, since=self.now,
         )
         self.messages[record.msg_id] = record
         session.messages.add(record.msg_id)
@@ -1204,6 +1255,8 @@ class KernelState:
         session = record.session
         self._free_message(record)
         kind = record.kind
+        if session.server.monitored and kind is not MessageKind.ADMIT:
+            self._completion_event(record, value, text)
         if kind is _REQUEST:
             if not session.deliverable:
                 return []
@@ -1224,6 +1277,8 @@ class KernelState:
                 "negotiated a request", f"message {message.msg_id} is not a connect"
             )
         self._free_message(record)
+        if record.session.server.monitored:
+            self._completion_event(record, message.value, "")
         return self._connect_done(record, message.value, message.payload)
 
     def _connect_done(
@@ -1268,6 +1323,9 @@ class KernelState:
             return []
         session = record.session
         self._free_message(record)
+        if session.server.monitored and record.kind is not MessageKind.ADMIT:
+            self._completion_event(record, errors.KErrDied,
+                                   f"panicked the client: {message.category} {message.reason}")
         if record.kind is MessageKind.DISCONNECT:
             return self._transition(session, _E.DISCONNECT_DONE)
         if record.kind is MessageKind.CONNECT:
@@ -1423,12 +1481,16 @@ class KernelState:
         self._require_role(peer, Role.CHANNEL, message)
         msg_id = self.cancellable.get((peer.rid, message.req_id))
         if msg_id is None:
+            if self.monitor.active and self.monitor.get(peer.rid, message.req_id):
+                return self._stop_monitor(peer, message.req_id)
             return self._cancel_await(peer, message.req_id) if peer.awaits else []
         record = self.messages[msg_id]
         session = record.session
         held = session.server.held
         delivered = held is None or msg_id not in held
         self._free_message(record)
+        if session.server.monitored:
+            self._completion_event(record, errors.KErrCancel, "cancelled by the client")
         actions = self._answer(record, Completed(record.req_id, errors.KErrCancel, ()))
         if delivered:
             actions.append(Send(session.server.rid, Cancelled(msg_id, session.handle)))
@@ -1486,6 +1548,124 @@ class KernelState:
         for server in list(self.terminating):
             actions += self._finish_termination_if_drained(server)
         return actions
+
+    # -- the monitor (rule 14) -------------------------------------------------------------------
+
+    def _monitor(self, peer: Peer, message: Monitor) -> list[Action]:
+        """Start a monitor, or give one more credit (the same req_id again)."""
+        self._require_role(peer, _CHANNEL, message)
+        req_id = message.req_id
+        watcher = self.monitor.get(peer.rid, req_id)
+        if watcher is not None:
+            self.monitor.grant(watcher, message.credit)
+            return []
+        problem = name_problem(message.name) if message.name else ""
+        if problem:
+            return [Send(peer.rid, Completed(req_id, errors.KErrBadName, (), problem))]
+        if self.cancellable.get((peer.rid, req_id)) is not None or req_id in peer.awaits:
+            raise PeerMisbehaved("duplicate monitor",
+                                 f"pid {peer.process.identity.pid} reused req_id {req_id}")
+        key = lookup_key(message.name) if message.name else ""
+        watcher = self.monitor.add(peer.rid, req_id, key, message.credit)
+        if watcher is None:
+            text = f"the kernel has {self.monitor.most} monitors already"
+            return [Send(peer.rid, Completed(req_id, errors.KErrOverflow, (), text))]
+        actions = self._update_reporting()
+        watcher.waiting = {server.rid for k, server in self.servers.items()
+                           if server.report_asked and key in ("", k)}
+        if watcher.started:
+            actions.append(Send(peer.rid, Completed(req_id, errors.KErrNone, ())))
+        return actions
+
+    def _traffic(self, peer: Peer, message: Traffic) -> list[Action]:
+        """A server's direct-path events (or its answer to a Report)."""
+        server = self.server_of_peer.get(peer.rid)
+        if server is None:
+            raise PeerMisbehaved("not a server", "Traffic from a peer that registered no server")
+        try:
+            events = unpack_events(message.events)
+        except ProtocolError as exc:
+            raise PeerMisbehaved("bad traffic", str(exc)) from None
+        actions: list[Action] = []
+        if message.req_id and message.req_id == server.report_asked:
+            server.report_asked = 0
+            actions += self._monitors_started(server.rid)
+        if not server.monitored:
+            return actions  # (sent before it heard its Report(0))
+        key = lookup_key(server.name)
+        if message.lost:
+            self.monitor.lose(key, message.lost)
+        for event in events:
+            self.monitor.record(key, event._replace(server=server.name, path=1))
+        return actions
+
+    def monitor_batches(self) -> list[Action]:
+        """Each monitor's next batch of events, within its credit (the loop asks once a turn)."""
+        return [Send(rid, batch) for rid, batch in self.monitor.batches() if rid in self.peers]
+
+    def _stop_monitor(self, peer: Peer, req_id: int) -> list[Action]:
+        watcher = self.monitor.get(peer.rid, req_id)
+        assert watcher is not None  # (the caller found it)
+        self.monitor.remove(watcher)
+        return ([Send(peer.rid, Completed(req_id, errors.KErrCancel, ()))]
+                + self._update_reporting())
+
+    def _monitors_gone(self, rid: bytes) -> list[Action]:
+        """Channel `rid` is gone: so are its monitors."""
+        watchers = self.monitor.of_channel(rid)
+        for watcher in watchers:
+            self.monitor.remove(watcher)
+        return self._update_reporting() if watchers else []
+
+    def _monitors_started(self, server_rid: bytes) -> list[Action]:
+        return [Send(w.rid, Completed(w.req_id, errors.KErrNone, ()))
+                for w in self.monitor.server_reports(server_rid) if w.rid in self.peers]
+
+    def _update_reporting(self) -> list[Action]:
+        """Mark the servers some monitor watches; tell those on the direct path that begin or
+        stop being watched to report their traffic, or to stop."""
+        actions: list[Action] = []
+        for key, server in self.servers.items():
+            wanted = self.monitor.wants(key)
+            server.monitored = wanted
+            if server.direct and wanted != server.reporting:
+                server.reporting = wanted
+                req_id = next(self._report_ids) if wanted else 0
+                server.report_asked = req_id
+                if not wanted:
+                    actions += self._monitors_started(server.rid)  # (none wait for it now)
+                actions.append(Send(server.rid, Report(req_id, int(wanted))))
+        return actions
+
+    def _event(self, server: ServerRecord, kind: EventKind, pid: int,
+               session: SessionRecord | None = None, *, msg: int = 0, function: int = -1,
+               value: int = 0, micros: int = -1, detail: str = "") -> None:
+        handle, path = (0, 0) if session is None else (session.handle, int(session.direct))
+        self.monitor.record(lookup_key(server.name), Event(
+            self.now, int(kind), server.name, pid, handle, path, msg, function, value, micros,
+            detail,
+        ))
+
+    def _completion_event(self, record: MessageRecord, value: int, text: str) -> None:
+        """The event of `record`'s end: a request's completion, a connect's answer."""
+        session = record.session
+        kind = EventKind.CONNECTED if record.kind is _CONNECT else EventKind.COMPLETE
+        if record.kind is MessageKind.DISCONNECT:
+            return  # (its DISCONNECT event was made when it was sent)
+        payer = record.payer or session.creator.process
+        micros = max(0, round((self.now - record.since) * 1e6))
+        if kind is EventKind.CONNECTED and value >= 0:
+            value = session.handle
+        self._event(session.server, kind, payer.identity.pid, session, msg=record.msg_id,
+                    value=value, micros=micros, detail=cut(text))
+
+    def _client_died(self, process: ProcessRecord) -> None:
+        """Process `process` has no socket left: a DIED event for each watched server it had
+        sessions of."""
+        for name in sorted(process.servers):
+            server = self.servers.get(lookup_key(name))
+            if server is not None and server.monitored:
+                self._event(server, EventKind.DIED, process.identity.pid, detail="client")
 
     def _stats(self, peer: Peer, message: Stats) -> list[Action]:
         return [Send(peer.rid, StatsReply(message.req_id, self.statistics()))]

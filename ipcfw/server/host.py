@@ -207,7 +207,7 @@ class ServerHost:
         self.state = ServerState(self.layers, lambda frame: self._emit(outbox, frame),
                                  max_frame=max_frame, routing_id=self._socket.routing_id,
                                  direct=port if port.path else None, spawn=self._spawn,
-                                 defer=self.call_soon)
+                                 defer=self.call_soon, clock=time.monotonic)
         port.rules = self.state.direct
         port.max_frame = max_frame
         self._registration = (self.state, threading.Event())
@@ -365,7 +365,15 @@ class ServerHost:
         if kernel_fd in ready:
             log.error("the ipcfw kernel has died; server %r stops", self.server.name)
             self.kernel_died = True
+        elif port.rules is not None and port.rules.traffic.on:
+            self._send_traffic()  # what a monitor sees of the direct path: one frame a turn
         return served_direct
+
+    def _send_traffic(self) -> None:
+        state = self.state
+        frame = state.traffic_frame() if state is not None else None
+        if frame is not None:
+            self._emit(self._outbox, frame)
 
     def _close_asyncio(self) -> None:
         """The host has stopped: cancel the coroutines still running (their registration has

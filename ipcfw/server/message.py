@@ -444,7 +444,7 @@ class DirectMessage(RMessage):
     set to (category, reason) when ``Panic`` ended it. Not for plugins.
     """
 
-    __slots__ = ("handle", "mode", "panic", "mapped")
+    __slots__ = ("handle", "mode", "panic", "mapped", "since")
 
     def __init__(self, completer: Completer, req_id: int, function: int, args: tuple[Any, ...],
                  session: Any, client: ClientInfo | None, held_in: InService | None,
@@ -454,6 +454,7 @@ class DirectMessage(RMessage):
         self.handle = handle
         self.mode = mode
         self.panic: tuple[str, int] | None = None
+        self.since = -1.0  # when it came, on the host's clock, if a monitor watched (traffic)
         # Its descriptors in shared memory (ipcfw.server.mapped), released when it ends.
         self.mapped: MappedArgs | None = args if type(args) is MappedArgs else None
 
