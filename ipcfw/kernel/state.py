@@ -343,7 +343,9 @@ class ProcessRecord:
     inbox: bytes | None = None
     sessions: set[int] = field(default_factory=set)  # handles this process holds
     outstanding: int = 0  # its requests not yet completed
-    servers: set[str] = field(default_factory=set)  # names it has had sessions of (monitor)
+    # Per server name, its sessions that ended because this process's threads or the process
+    # itself went, not by a Close (counted while a monitor watches: rule 14's DIED events).
+    lost: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -587,17 +589,21 @@ class KernelState:
         for handle in sorted(peer.owned):  # unshared sessions end with their thread
             session = self.sessions.get(handle)
             if session is not None and session.held:
+                if self.monitor.active:
+                    self._lost_with(process, session)
                 actions += self._client_closed(session)
         if self.terminating:
             actions += self._finish_terminations()
         if not process.peers:
-            if self.monitor.active:
-                self._client_died(process)
             for handle in sorted(process.sessions):  # shared sessions end with their process
                 session = self.sessions.get(handle)
                 if session is not None and session.held:
+                    if self.monitor.active:
+                        self._lost_with(process, session)
                     actions += self._release_holder(session, process, everything=True)
             del self.processes[process.identity.key]
+            if process.lost:
+                self._client_died(process)
             for other in self.server_of_peer.values():
                 if process.client_key in other.informed:  # so it can forget the ClientInfo
                     other.informed.discard(process.client_key)
@@ -697,7 +703,6 @@ class KernelState:
             "admitted": self.admitted,
             "listings": len(self.listings),
             "awaits": sum(len(waiting) for waiting in self.awaits.values()),
-            "monitors": len(self.monitor.watchers),
         }
         for state in SessionState:
             counts[f"sessions_{state.value.lower()}"] = 0
@@ -827,7 +832,6 @@ class KernelState:
         peer.owned.add(session.handle)
         session.holders[peer.process] = 1
         peer.process.sessions.add(session.handle)
-        peer.process.servers.add(server.name)
         self._attach(session, peer)
         record = self._new_message(session, MessageKind.CONNECT, message.req_id, reply_to=peer.rid)
         if server.monitored:
@@ -1032,7 +1036,6 @@ class KernelState:
             return [Send(peer.rid, Connected(message.req_id, code, 0, b""))]
         session.holders[peer.process] = session.holders.get(peer.process, 0) + 1
         peer.process.sessions.add(session.handle)
-        peer.process.servers.add(session.server.name)
         # A direct session: the path names the server's socket, and each thread asks for its
         # own ticket with Join (no ticket here: the server must hold one before the client).
         direct = session.server.direct if session.direct else ""
@@ -1659,13 +1662,21 @@ class KernelState:
         self._event(session.server, kind, payer.identity.pid, session, msg=record.msg_id,
                     value=value, micros=micros, detail=cut(text))
 
+    def _lost_with(self, process: ProcessRecord, session: SessionRecord) -> None:
+        """`session` ends because `process`'s thread or the process itself went."""
+        if session.server.monitored:
+            name = session.server.name
+            process.lost[name] = process.lost.get(name, 0) + 1
+
     def _client_died(self, process: ProcessRecord) -> None:
-        """Process `process` has no socket left: a DIED event for each watched server it had
-        sessions of."""
-        for name in sorted(process.servers):
+        """Process `process` has no socket left, and sessions ended with its threads or with
+        it: a DIED event for each watched server they were of."""
+        for name, count in sorted(process.lost.items()):
             server = self.servers.get(lookup_key(name))
             if server is not None and server.monitored:
-                self._event(server, EventKind.DIED, process.identity.pid, detail="client")
+                what = "session" if count == 1 else "sessions"
+                self._event(server, EventKind.DIED, process.identity.pid,
+                            detail=f"client: {count} {what} ended with it")
 
     def _stats(self, peer: Peer, message: Stats) -> list[Action]:
         return [Send(peer.rid, StatsReply(message.req_id, self.statistics()))]

@@ -130,6 +130,13 @@ def _parser() -> argparse.ArgumentParser:
     ps = add("ps", help="show the kernel's counters and sessions")
     _endpoint_option(ps)
     ps.set_defaults(run=_run_ps)
+
+    monitor = add("monitor", help="show connects, requests, completions, disconnects and deaths, "
+                                  "live (Ctrl-C ends it)")
+    monitor.add_argument("name", nargs="?", help="only this server (default: every server)")
+    monitor.add_argument("--json", action="store_true", help="one JSON object per event")
+    _endpoint_option(monitor)
+    monitor.set_defaults(run=_run_monitor)
     return parser
 
 
@@ -354,6 +361,11 @@ def _run_terminate(args: argparse.Namespace) -> int:
     terminate_server(args.name, endpoint=args.endpoint, timeout=args.timeout)
     print(f"server {args.name!r} terminated")
     return 0
+
+
+def _run_monitor(args: argparse.Namespace) -> int:
+    from . import monitor
+    return monitor.run(args.name, args.endpoint, args.json)
 
 
 def _run_ps(args: argparse.Namespace) -> int:
