@@ -169,6 +169,11 @@ __all__ = [
     "Traffic",
     "MONITOR_CREDIT",
     "MAX_EVENTS_FRAME",
+    "MAX_DETAIL",
+    "Event",
+    "EventKind",
+    "pack_events",
+    "unpack_events",
 ]
 
 PROTOCOL_VERSION = 15  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
@@ -1194,6 +1199,96 @@ def unpack_session_rows(data: bytes) -> list[SessionRow]:
     return rows
 
 
+# -- the events inside MonitorEvents and Traffic (``ipcfw monitor``; see ipcfw.events) --------
+
+#: The longest `Event.detail`, in characters (a longer one is cut, ending with "...").
+MAX_DETAIL = 200
+
+
+class EventKind(enum.IntEnum):
+    """What an `Event` reports."""
+
+    REGISTER = 1  # a server registered its name (pid: the server's)
+    CONNECT = 2  # a client asked for a session (handle: the one it will have)
+    CONNECTED = 3  # the connect's answer: value (a handle or an error), micros
+    REQUEST = 4  # a request: function, detail (the argument summary)
+    COMPLETE = 5  # a request's completion: value, micros, detail (the error's text, a panic)
+    DISCONNECT = 6  # the session ended: its last holder closed it, or died
+    DIED = 7  # a process ended: a client that had sessions of the server, or the server
+
+
+class Event(NamedTuple):
+    """One event. `msg` matches a request to its completion (for one server and path);
+    `function` is -1, `value` 0 and `micros` -1 where they do not apply."""
+
+    time: float  # CLOCK_MONOTONIC seconds
+    kind: int  # EventKind
+    server: str
+    pid: int  # the client's process (the server's, for REGISTER and a server's DIED)
+    handle: int  # the session's, 0 for none
+    path: int  # protocol.Path: 0 kernel, 1 direct
+    msg: int
+    function: int
+    value: int
+    micros: int
+    detail: str
+
+
+_EVENT_KINDS = frozenset(int(kind) for kind in EventKind)
+_EVENT_FIELDS = 11
+
+
+def pack_events(events: list[Event]) -> bytes:
+    """The bytes of a MonitorEvents or Traffic frame's events: a msgpack array of arrays."""
+    packed: bytes = msgpack.packb([tuple(event) for event in events[:MAX_EVENTS_FRAME]])
+    return packed
+
+
+def unpack_events(data: bytes) -> list[Event]:
+    """Read `pack_events`'s bytes, under limits (at most `MAX_EVENTS_FRAME` events of the
+    fields above, no array in them, strings at most `MAX_NAME` and `MAX_DETAIL` characters);
+    ProtocolError naming what was wrong for anything else."""
+    try:
+        items = _unpackb(
+            data, use_list=False, max_array_len=MAX_EVENTS_FRAME, max_map_len=0, max_ext_len=0,
+            max_str_len=4 * max(MAX_NAME, MAX_DETAIL), object_hook=_refuse_map,
+            ext_hook=_refuse_ext, list_hook=_array_counter(MAX_EVENTS_FRAME + 1),
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"events: not a packed array of events ({exc})") from None
+    if type(items) is not tuple:
+        raise ProtocolError("events: not an array of events")
+    return [_event(item) for item in items]
+
+
+def _event(item: Any) -> Event:
+    if type(item) is not tuple or len(item) != _EVENT_FIELDS:
+        raise ProtocolError(
+            f"events: an event is an array of {_EVENT_FIELDS} fields, got {_show(item)}"
+        )
+    time, kind, server, pid, handle, path, msg, function, value, micros, detail = item
+    problem = (
+        "time" if type(time) is not float and type(time) is not int else
+        "kind" if type(kind) is not int or kind not in _EVENT_KINDS else
+        "server" if type(server) is not str or len(server) > MAX_NAME else
+        "pid" if type(pid) is not int or not 0 <= pid < 2**32 else
+        "handle" if type(handle) is not int or not 0 <= handle < 2**31 else
+        "path" if path not in (0, 1) or type(path) is not int else
+        "msg" if type(msg) is not int or not 0 <= msg < 2**63 else
+        "function" if type(function) is not int or not -1 <= function < 2**31 else
+        "value" if type(value) is not int or not -(2**31) <= value < 2**31 else
+        "micros" if type(micros) is not int or not -1 <= micros < 2**63 else
+        "detail" if type(detail) is not str or len(detail) > MAX_DETAIL else
+        ""
+    )
+    if problem:
+        raise ProtocolError(f"events: bad {problem} in {_show(item)}")
+    return Event(float(time), kind, server, pid, handle, path, msg, function, value, micros,
+                 detail)
+
+
 def pack_value(value: Any) -> bytes:
     """The msgpack bytes of `value`, a typed interface's value carried in a descriptor
     (`ipcfw.interface`): None, bool, int (64-bit), float, str, bytes, and lists, tuples and
@@ -1280,16 +1375,17 @@ def _unpack_counted(frame: bytes | memoryview) -> Any:
     )
 
 
-def _array_counter() -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
-    """A list_hook refusing the array past `_MAX_ARRAYS`. msgpack calls it as it finishes each
-    array, innermost first: once it refuses, nothing more is built."""
-    arrays_left = _MAX_ARRAYS
+def _array_counter(most: int = 0) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    """A list_hook refusing the array past `most` (default `_MAX_ARRAYS`). msgpack calls it as
+    it finishes each array, innermost first: once it refuses, nothing more is built."""
+    most = most or _MAX_ARRAYS
+    arrays_left = most
 
     def count_array(array: tuple[Any, ...]) -> tuple[Any, ...]:
         nonlocal arrays_left
         arrays_left -= 1
         if arrays_left < 0:
-            raise ProtocolError(f"more than {_MAX_ARRAYS} arrays, where no message has more")
+            raise ProtocolError(f"more than {most} arrays, where no message has more")
         return array
 
     return count_array

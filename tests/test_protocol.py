@@ -171,6 +171,15 @@ ROUND_TRIP: list = [
     protocol.AwaitServer(1, "echo"),
     protocol.AwaitServer(U63_MAX, "n" * MAX_NAME),
     CensusReply(U63_MAX, pack_census({1: 2, I32_MAX: 2**32 - 1})),
+    # the monitor (protocol 15)
+    protocol.Monitor(1, "", 0),
+    protocol.Monitor(U63_MAX, "n" * MAX_NAME, protocol.MONITOR_CREDIT),
+    protocol.MonitorEvents(1, 0, b"\x90"),
+    protocol.MonitorEvents(U63_MAX, U63_MAX, b"x" * 100),
+    protocol.Report(1, 0),
+    protocol.Report(U63_MAX, 1),
+    protocol.Traffic(0, 0, b"\x90"),
+    protocol.Traffic(U63_MAX, U63_MAX, b"x" * 100),
     # shared memory on a direct connection
     protocol.SharedMemory(),
     protocol.MappedRequest(1, 1, 1, ((0, 1 << 20, 0),), Mode.SYNC),
@@ -222,7 +231,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 41
+    assert len(MESSAGE_CLASSES) == 45
 
 
 def test_every_kind_has_exactly_one_class() -> None:
