@@ -327,6 +327,8 @@ class ServerHost:
             # likely to come at once: spin for it rather than sleep (see ipcfw._spin).
             ready = _spin_for(poller, spin) if served_direct and spin.now() else None
             if ready is None:
+                if port.rules is not None and port.rules.traffic.on:
+                    self._send_traffic()  # before sleeping: the monitors see it now
                 ready = dict(poller.poll(port.timeout))
             served_direct = self._turn(ready, kernel_fd, port)
 
@@ -343,6 +345,8 @@ class ServerHost:
                 ready = dict(poller.poll(0))
                 if not ready and served_direct and spin.now():
                     ready = await _spin_among_coroutines(poller, spin) or {}
+                if not ready and port.rules is not None and port.rules.traffic.on:
+                    self._send_traffic()  # before sleeping: the monitors see it now
                 if ready or not await readiness.wait(port.timeout):
                     # (with nothing ready: the port's timers)
                     served_direct = self._turn(ready, kernel_fd, port)
@@ -365,11 +369,13 @@ class ServerHost:
         if kernel_fd in ready:
             log.error("the ipcfw kernel has died; server %r stops", self.server.name)
             self.kernel_died = True
-        elif port.rules is not None and port.rules.traffic.on:
-            self._send_traffic()  # what a monitor sees of the direct path: one frame a turn
+        elif port.rules is not None and port.rules.traffic.full():
+            self._send_traffic()  # a frame's worth: at most one a turn
         return served_direct
 
     def _send_traffic(self) -> None:
+        """What a monitor sees of the direct path, to the kernel: sent when a frame's worth
+        is waiting, and before the loop sleeps (a client's burst of calls is one frame)."""
         state = self.state
         frame = state.traffic_frame() if state is not None else None
         if frame is not None:

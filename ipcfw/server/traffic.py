@@ -8,8 +8,10 @@ While a monitor watches this server, the kernel says so (`Report`, on), and `Tra
 keeps an event for each direct request and completion (`ipcfw.events.Event`), stamped with
 the host's clock (CLOCK_MONOTONIC: one clock for every process of the machine, so the kernel's
 stamps and these compare). A completion's duration is its own request's, measured here. The
-host sends what it holds to the kernel at most once per loop turn (`frame`: one `Traffic` of
-at most `MAX_EVENTS_FRAME` events), which hands it to the monitors.
+host sends what it holds to the kernel (`frame`: one `Traffic` of at most `MAX_EVENTS_FRAME`
+events) when a frame's worth is waiting (`full`) and before its loop sleeps: at most one frame
+a turn, and none between the calls of a client's burst, which the loop's spin serves without
+sleeping. The kernel hands it to the monitors.
 
 Rules this module keeps:
 
@@ -91,6 +93,10 @@ class TrafficLog:
         micros = -1 if since < 0 else max(0, round((now - since) * 1e6))
         self._keep(Event(now, int(EventKind.COMPLETE), self.server, pid, handle, _DIRECT, req_id,
                          -1, value, micros, cut(text)))
+
+    def full(self) -> bool:
+        """Whether a frame's worth of events waits (the host sends it in this turn)."""
+        return len(self.events) >= MAX_EVENTS_FRAME
 
     def frame(self) -> bytes | None:
         """The next `Traffic` frame for the kernel, or None if nothing waits."""

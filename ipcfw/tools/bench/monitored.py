@@ -86,7 +86,7 @@ def _read_all(watch: Monitor, expected: int, timeout: float = 10.0) -> list[Moni
 
 def _median_p99(latencies_ns: list[int]) -> tuple[float, float]:
     ordered = sorted(latencies_ns)
-    return percentile(ordered, 0.5) / 1000, percentile(ordered, 0.99) / 1000
+    return percentile(ordered, 50) / 1000, percentile(ordered, 99) / 1000
 
 
 def format_monitored(result: MonitoredResult) -> str:
