@@ -1193,7 +1193,7 @@ class KernelState:
     ) -> MessageRecord:
         record = MessageRecord(
             next(self._msg_ids), kind, session, reply_to, reply_to, req_id, slot,
-            writable or _NO_WRITABLE, since=self.now,
+            writable or _NO_WRITABLE, None, b"", self.now,  # (positional: the hot path)
         )
         self.messages[record.msg_id] = record
         session.messages.add(record.msg_id)
