@@ -5,6 +5,8 @@ report their traffic, when a monitor starts). No processes, sockets, clocks or s
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from ipcfw import errors
@@ -317,3 +319,37 @@ def test_nobody_monitoring_no_event_is_made_and_nothing_is_sent():
     request(state, C1, handle, 3)
     assert not state.monitor.active and state.monitor_batches() == []
     assert not any(server.monitored for server in state.servers.values())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_event_is_either_sent_or_counted_lost_whatever_the_order_of_things(seed):
+    rng = random.Random(seed)
+    monitors = Monitors(buffer=rng.randint(1, 50))
+    watchers = [monitors.add(b"c%d" % n, n, rng.choice(["", "echo", "other"]), rng.randint(0, 3))
+                for n in range(4)]
+    assert all(w is not None for w in watchers)
+    made = {id(w): 0 for w in watchers}
+    told = {id(w): 0 for w in watchers}
+    by_rid = {w.rid: w for w in watchers if w is not None}
+    for _ in range(2000):
+        op = rng.random()
+        if op < 0.7:
+            key = rng.choice(["echo", "other"])
+            monitors.record(key, event(0, key))
+            for w in monitors.watching(key):
+                made[id(w)] += 1
+        elif op < 0.85:
+            monitors.grant(rng.choice(watchers), rng.randint(0, 4))
+        else:
+            for rid, batch in monitors.batches():
+                told[id(by_rid[rid])] += len(batch_events(batch)) + batch.lost
+        for w in watchers:
+            assert len(w.events) <= monitors.buffer and 0 <= w.credit <= MONITOR_CREDIT
+    for w in watchers:
+        w.credit = MONITOR_CREDIT
+    while monitors.pending():
+        for rid, batch in monitors.batches():
+            told[id(by_rid[rid])] += len(batch_events(batch)) + batch.lost
+        for w in watchers:
+            w.credit = MONITOR_CREDIT
+    assert told == made
