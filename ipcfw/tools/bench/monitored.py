@@ -47,7 +47,8 @@ class MonitoredResult:
 def measure_monitored(server: str, calls: int) -> MonitoredResult:
     """Time `calls` sync calls per path to `server` without and with a monitor (see above)."""
     clients = {path: IpcfwClient(RSession.connect(server, path=path)) for path in PATHS}
-    latencies: dict[tuple[str, bool], list[int]] = {(p, m): [] for p in PATHS for m in (False, True)}
+    latencies: dict[tuple[str, bool], list[int]] = {
+        (p, m): [] for p in PATHS for m in (False, True)}
     seen = lost = 0
     try:
         for client in clients.values():
