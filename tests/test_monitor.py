@@ -165,3 +165,20 @@ def test_the_command_prints_a_line_per_event_and_ctrl_c_ends_it(kernel, data_pat
     events = [json.loads(line) for line in jsonl.log().splitlines() if line.startswith("{")]
     complete = [e for e in events if e["kind"] == "complete"][-1]
     assert complete["value"] == 5 and complete["path"] == data_path and complete["micros"] >= 0
+
+
+def test_an_async_servers_requests_are_seen_too(kernel, data_path):
+    from plugins import aio
+
+    kernel.serve("plugins.aio:AioServer", "aio")
+    with Monitor("aio") as watch, RSession.connect("aio", (1, 0, 0)) as session:
+        assert session.SendReceive(aio.EStart, (3,)) == 3
+        status = TRequestStatus()
+        session.SendReceive(aio.EWait, (1, 8), status)
+        assert session.SendReceive(aio.EOpen, (1,)) == 0
+        assert status.Wait(10) == 8
+        events = collect(watch, lambda ev: sum(e.kind == "complete" for e in ev) == 3)
+    functions = sorted(e.function for e in events if e.kind == "request")
+    assert functions == sorted([aio.EStart, aio.EWait, aio.EOpen])
+    completes = sorted(e.value for e in events if e.kind == "complete")
+    assert completes == [0, 3, 8] and {e.path for e in events} == {data_path}
