@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 
 from ...client import Monitor, MonitorEvent, RSession
 from .clients import IpcfwClient
-from .measure import percentile, time_sync
+from .measure import CHUNKS, percentile, time_sync
 
 DEFAULT_MONITORED = 2_000
 """Sync calls per path and condition by default (``--monitored``; 0 leaves the case out)."""
-CHUNKS = 10
 PATHS = ("kernel", "direct")
 
 
