@@ -1254,8 +1254,8 @@ def unpack_events(data: bytes) -> list[Event]:
             max_str_len=4 * max(MAX_NAME, MAX_DETAIL), object_hook=_refuse_map,
             ext_hook=_refuse_ext, list_hook=_array_counter(MAX_EVENTS_FRAME + 1),
         )
-    except ProtocolError:
-        raise
+    except ProtocolError as exc:
+        raise ProtocolError(f"events: {exc}") from None
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ProtocolError(f"events: not a packed array of events ({exc})") from None
     if type(items) is not tuple:

@@ -16,6 +16,10 @@ import pytest
 
 from ipcfw import protocol
 from ipcfw.protocol import (
+    Event,
+    EventKind,
+    pack_events,
+    unpack_events,
     Attach,
     SessionPanicked,
     Admit,
@@ -889,3 +893,28 @@ def test_an_error_text_is_cut_to_the_bound_with_a_marker():
 def test_a_completion_without_text_decodes_with_an_empty_one():
     assert decode(pack(Kind.COMPLETED, 1, -1, [])) == Completed(1, -1, (), "")
     assert decode(pack(Kind.COMPLETE, 1, -1, [])) == Complete(1, -1, (), "")
+
+
+def test_monitor_events_round_trip():
+    event = Event(12.5, int(EventKind.COMPLETE), "echo", 4242, 7, 1, 3, -1, -5, 40, "no key")
+    assert unpack_events(pack_events([event] * 3)) == [event] * 3
+    assert unpack_events(pack_events([])) == []
+
+
+_EVENT = list(Event(12.5, 5, "echo", 4242, 7, 1, 3, -1, -5, 40, "no key"))
+
+
+@pytest.mark.parametrize("data", [
+    msgpack.packb({"a": 1}),
+    msgpack.packb(5),
+    msgpack.packb([_EVENT[:10]]),  # an event too short
+    msgpack.packb([_EVENT[:1] + [99] + _EVENT[2:]]),  # an unknown kind
+    msgpack.packb([_EVENT[:3] + [-1] + _EVENT[4:]]),  # a pid out of range
+    msgpack.packb([_EVENT[:10] + [[1, 2]]]),  # an array in an event
+    msgpack.packb([_EVENT] * (protocol.MAX_EVENTS_FRAME + 1)),
+    msgpack.packb([[[[0] * 8] * 8] * 8] * 8),  # arrays the count refuses
+    b"\xc1\xff",
+], ids=["map", "int", "short", "kind", "pid", "nested", "too-many", "array-bomb", "garbage"])
+def test_anything_else_than_monitor_events_is_a_protocol_error_naming_them(data):
+    with pytest.raises(ProtocolError, match="^events: "):
+        unpack_events(data)
