@@ -47,10 +47,12 @@ import zmq.utils.monitor
 from .. import endpoint as endpoints
 from .._zmqflags import NOBLOCK, RCVMORE, SNDMORE
 from ..protocol import Hello, ProtocolError, decode, encode
+from .config import KernelConfig
 from .limits import KernelLimits
 from .liveness import ProcessWatcher, UnknownPeer, identify
 from .state import (
     Action,
+    Admission,
     KernelInvariantError,
     KernelState,
     PeerMisbehaved,
@@ -126,10 +128,12 @@ class Kernel:
         *,
         limits: KernelLimits | None = None,
         protserv_uids: Iterable[int] = (),
+        config: KernelConfig | None = None,
     ) -> None:
         self.endpoint = endpoints.resolve(endpoint)
         self.socket_path = endpoints.ipc_path(self.endpoint)
-        self.limits = (limits or KernelLimits()).check()
+        self.config = config or KernelConfig()
+        self.limits = (limits or self.config.limits).check()
         if self.limits.max_backlog < self.limits.least_backlog():
             log.warning(
                 "max_backlog %d is below %d (outstanding + sessions per process + slack): a "
@@ -142,7 +146,10 @@ class Kernel:
             max_frame=self.limits.max_frame,
             sessions_per_process=self.limits.sessions_per_process,
             outstanding_per_process=self.limits.outstanding_per_process,
+            connections_per_uid=self.limits.connections_per_uid,
             protserv_uids=frozenset(protserv_uids),
+            admission=Admission(os.getuid(), self.config.admit_uids, self.config.admit_gids),
+            grants=self.config.capabilities,
         )
         self._stop = threading.Event()
         self._reporter = _Reporter()
@@ -163,7 +170,7 @@ class Kernel:
 
     def run(self, ready: threading.Event | None = None) -> None:
         """Bind, serve until stopped, then remove the socket file. Blocks."""
-        endpoints.ensure_private_dir(os.path.dirname(self.socket_path))
+        endpoints.ensure_private_dir(os.path.dirname(self.socket_path), self.config.group)
         lock = _EndpointLock(self.socket_path)
         context = zmq.Context()
         try:
@@ -195,7 +202,8 @@ class Kernel:
         router.rcvhwm = self.limits.receive_hwm  # frames queued per peer: bounds their memory
         router.maxmsgsize = self.limits.max_frame + 4096  # last-resort guard; clients check first
         router.linger = 0
-        old_umask = os.umask(0o077)
+        # The socket file: the kernel's user's alone, or its configured group's too.
+        old_umask = os.umask(0o077 if self.config.group is None else 0o007)
         try:
             router.bind(self.endpoint)
         finally:

@@ -85,6 +85,7 @@ from .. import errors
 from ..protocol import (
     Attach,
     Cancel,
+    CensusItem,
     Close,
     Completed,
     Mode,
@@ -204,6 +205,7 @@ class DirectRules:
         self.traffic = TrafficLog(name, clock)
         self.max_frame = max_frame
         self.ended = False
+        self.now: float = 0.0  # the host's clock (seconds), set before each turn: request ages
         self._state = state
         self._name = name
         self._tickets: dict[bytes, _Ticket] = {}
@@ -345,7 +347,7 @@ class DirectRules:
             self._free_slot(message.handle)
         if self.traffic.on:
             self.traffic.completion(connection.pid, message.handle, message.req_id,
-                                    message.since, frame)
+                                    message.stamp, frame)
         if connection.open and message.mode != _BLIND and message.handle in connection.attached:
             self.io.send(connection, frame)  # (not once Close or Disconnect let the handle go)
         if message.panic is not None and message.handle in self._state.sessions:
@@ -375,16 +377,21 @@ class DirectRules:
         """How many connections have `handle` attached."""
         return len(self._holders.get(handle, ()))
 
-    def census(self) -> dict[int, int]:
-        """Per session with any, its requests in service on its direct connections (the
-        kernel's Census, for `ipcfw ps`)."""
-        counts: dict[int, int] = {}
+    def census(self) -> list[CensusItem]:
+        """Per session and client process with any, its requests in service on its direct
+        connections, how many of them hold a slot, and how long (ms, by `now`) the oldest has
+        been (the kernel's Census, for `ipcfw ps`)."""
+        found: dict[tuple[int, int], tuple[int, int, float]] = {}
         connections = {c for holders in self._holders.values() for c in holders}
         for connection in connections:  # (one pass over each connection's requests)
             for message in connection.in_service.values():
                 if isinstance(message, DirectMessage) and message.handle in connection.attached:
-                    counts[message.handle] = counts.get(message.handle, 0) + 1
-        return counts
+                    key = (message.handle, connection.pid)
+                    count, slots, since = found.get(key, (0, 0, message.since))
+                    found[key] = (count + 1, slots + (message.mode != _SYNC),
+                                  min(since, message.since))
+        return [CensusItem(handle, pid, count, slots, max(0, int((self.now - since) * 1000)))
+                for (handle, pid), (count, slots, since) in sorted(found.items())]
 
     def statistics(self) -> dict[str, int]:
         """Counts: unused tickets, attached sessions, outstanding slots, dead sessions."""
@@ -464,8 +471,9 @@ class DirectRules:
         held = connection.in_service
         message = DirectMessage(connection, req_id, request.function, request.args, session,
                                 connection.client, held, handle, mode)
+        message.since = self.now
         if self.traffic.on:
-            message.since = self.traffic.request(connection.pid, handle, req_id,
+            message.stamp = self.traffic.request(connection.pid, handle, req_id,
                                                  request.function, request.args)
         self._live.add(message)
         self._state.service(session, message, request.function, held, req_id)
@@ -497,7 +505,7 @@ class DirectRules:
             frame = encode(Completed(message.req_id, errors.KErrCancel, ()))
             if self.traffic.on:
                 self.traffic.completion(connection.pid, message.handle, message.req_id,
-                                        message.since, frame)
+                                        message.stamp, frame)
             self.io.send(connection, frame)
         self._state.coroutines.cancel(message)
         try:

@@ -5,7 +5,8 @@
     ipcfw wait NAME [--timeout S]                until server NAME is registered (for scripts)
     ipcfw demo                                   kernel + example servers + example clients
     ipcfw bench                                  latency and throughput against bare pyzmq
-    ipcfw ps                                     the kernel's counters and sessions
+    ipcfw ps [--sessions|--processes] [--json]   servers, sessions, processes (tools/ps.py)
+    ipcfw call NAME FUNCTION [ARG...]            send one request, print the answer
     ipcfw terminate NAME                         end a server's registration
 
 ``--log-level`` (debug, info, warning, error) goes before or after the command; at ``debug``
@@ -15,10 +16,8 @@ the kernel and a server host log every connect, request and completion. Docs: do
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
+import dataclasses
 import logging
-import os
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
@@ -27,8 +26,9 @@ from collections.abc import Callable
 from .. import __version__
 from .. import endpoint as endpoints
 from .. import errors
-from ..protocol import Path, SessionRow
+from ..protocol import Path
 from . import logs
+from .plugins import PluginError, load_plugin, one_line
 
 if TYPE_CHECKING:
     from ..kernel.limits import KernelLimits
@@ -40,13 +40,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _DEFAULT_LOG_LEVEL = "info"
 
 
-class PluginError(ValueError):
-    """A plugin spec that names no usable class; the message names the spec and the reason."""
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _parser()
+    parser = build_parser()
     args, bench_args = _split_bench_args(parser, argv)
     if bench_args is not None:
         args.bench_args = bench_args
@@ -72,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ipcfw`` command's parser (`ipcfw.tools.clidoc` documents it)."""
     parser = argparse.ArgumentParser(prog="ipcfw", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"ipcfw {__version__}")
     _log_options(parser, _DEFAULT_LOG_LEVEL, "text", None)
@@ -80,11 +77,22 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _log_options(common, argparse.SUPPRESS, argparse.SUPPRESS, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
-    add = functools.partial(commands.add_parser, parents=[common])
+
+    def add(name: str, help: str, **options: Any) -> argparse.ArgumentParser:
+        """A command: its `help` is its line in ``ipcfw --help`` and its ``--help``'s text."""
+        return commands.add_parser(name, help=help, description=help, parents=[common],
+                                   **options)
 
     kernel = add("kernel", help="run the kernel in the foreground")
     _endpoint_option(kernel)
     _ready_fd_option(kernel, "listens")
+    kernel.add_argument("--config", metavar="PATH",
+                        help="the kernel's configuration file (TOML: admission, capability "
+                             "grants, limits; docs/security.md); a limit given as an option "
+                             "wins over the file's")
+    kernel.add_argument("--check-config", metavar="PATH",
+                        help="check the configuration file PATH, say what it sets, and exit "
+                             "(status 0, or 2 naming the first mistake and its line)")
     _limit_options(kernel)
     kernel.set_defaults(run=_run_kernel)
 
@@ -115,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="measure ipcfw against bare pyzmq (ipcfw bench --help for its options)",
-        add_help=False,
+        description="measure ipcfw against bare pyzmq", add_help=False,
     )
     bench.set_defaults(run=_run_bench, endpoint=None, bench_args=[])
 
@@ -127,7 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     _endpoint_option(terminate)
     terminate.set_defaults(run=_run_terminate)
 
-    ps = add("ps", help="show the kernel's counters and sessions")
+    ps = add("ps", help="show the kernel's servers (and counters), sessions or processes")
+    from .ps import add_arguments as ps_arguments
+
+    ps_arguments(ps, _seconds)
     _endpoint_option(ps)
     ps.set_defaults(run=_run_ps)
 
@@ -137,6 +148,28 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--json", action="store_true", help="one JSON object per event")
     _endpoint_option(monitor)
     monitor.set_defaults(run=_run_monitor)
+    call = add("call", help="send one request to a server and print its answer or its error")
+    call.add_argument("name", help="the server's name")
+    call.add_argument("function", help="the function number; with --interface, an operation's "
+                                       "name")
+    call.add_argument("arguments", nargs="*", metavar="ARG",
+                      help="up to four: an int, b:HEX (bytes), s:TEXT (UTF-8 bytes) or out:N (a "
+                           "writable buffer of N bytes, shown after the call); with --interface "
+                           "one per parameter, read by its type")
+    call.add_argument("--interface", metavar="MODULE:CLASS",
+                      help="an ipcfw.Interface class: call an operation by name, its arguments "
+                           "read by its parameters' types (str as it is, msgpack values as JSON)")
+    call.add_argument("--version", dest="server_version", metavar="X.Y.Z",
+                      help="the version to connect with (default: the interface's, else 1.0.0)")
+    call.add_argument("--path", choices=[path.name.lower() for path in Path],
+                      help="the session's data path (default: $IPCFW_PATH, else direct)")
+    call.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                      help="give up on the connect, then on the answer, after SECONDS "
+                           "(default %(default)s)")
+    call.add_argument("--json", action="store_true",
+                      help="print the outcome as one JSON object (an error too, on stdout)")
+    _endpoint_option(call)
+    call.set_defaults(run=_run_call)
     return parser
 
 
@@ -197,6 +230,8 @@ _LIMIT_HELP = {
     "max_frame": "largest frame in bytes any peer may send (default %(default)s)",
     "receive_hwm": "frames the kernel queues from one peer before its sends wait "
                    "(default %(default)s)",
+    "connections_per_uid": "connections one uid may have open: client threads, client "
+                           "processes' inboxes, servers (default %(default)s)",
     "max_backlog": "frames left unread by one peer before the kernel stops serving it "
                    "(default: outstanding-per-process + sessions-per-process + 10000)",
 }
@@ -207,14 +242,14 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
 
     defaults = KernelLimits()
     for name, text in _LIMIT_HELP.items():
+        # (default None: an option not given leaves the configuration file's value)
         parser.add_argument("--" + name.replace("_", "-"), type=int, metavar="N",
-                            default=getattr(defaults, name), help=text)
+                            help=text % {"default": getattr(defaults, name)})
 
 
-def _limits_of(args: argparse.Namespace) -> KernelLimits:
-    from ..kernel.limits import KernelLimits
-
-    return KernelLimits(**{name: getattr(args, name) for name in _LIMIT_HELP})
+def _limits_of(args: argparse.Namespace, base: KernelLimits) -> KernelLimits:
+    given = {name: getattr(args, name) for name in _LIMIT_HELP if getattr(args, name) is not None}
+    return dataclasses.replace(base, **given).check()
 
 
 def _on_signals(stop: Callable[[], None]) -> None:
@@ -243,11 +278,27 @@ def _ready_signal(args: argparse.Namespace, status: str) -> ReadySignal | None:
 def _run_kernel(args: argparse.Namespace) -> int:
     from ..kernel import Kernel, KernelAlreadyRunning
 
+    from ..kernel.config import KernelConfig, read_config
+
+    if args.check_config is not None:
+        try:
+            checked = read_config(args.check_config)
+        except (OSError, ValueError) as exc:
+            print(f"ipcfw: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.check_config}: ok: {checked.summary()}")
+        return 0
+    try:
+        config = read_config(args.config) if args.config else KernelConfig()
+        limits = _limits_of(args, config.limits)
+    except (OSError, ValueError) as exc:
+        print(f"ipcfw: {exc}", file=sys.stderr)
+        return 2
     ready = _ready_signal(args, f"kernel at {endpoints.resolve(args.endpoint)}")
     if ready is None:
         return 2
     try:
-        kernel = Kernel(args.endpoint, limits=_limits_of(args))
+        kernel = Kernel(args.endpoint, limits=limits, config=config)
     except ValueError as exc:
         print(f"ipcfw: {exc}", file=sys.stderr)
         return 2
@@ -258,39 +309,6 @@ def _run_kernel(args: argparse.Namespace) -> int:
         print(f"ipcfw: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def load_plugin(spec: str, base: type | None = None, what: str = "plugin") -> type:
-    """The class named by ``package.module:ClassName``, importable from sys.path or the cwd,
-    and a subclass of `base` if given. Raises `PluginError` naming the spec (a `what`) and
-    the reason (the module's own exception, if importing it raised, is its ``__cause__``)."""
-    module_name, _, class_name = spec.partition(":")
-    if not module_name or not class_name:
-        example = "ServerClass" if what == "plugin" else "OverlayClass"
-        raise PluginError(f"{what} {spec!r} must look like package.module:{example}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # (whatever the module raised while importing)
-        raise PluginError(f"cannot load {what} {spec!r}: {_one_line(exc)}") from exc
-    found = getattr(module, class_name, None)
-    if found is None:
-        raise PluginError(f"cannot load {what} {spec!r}: module {module_name!r} has no "
-                          f"{class_name!r}")
-    if not isinstance(found, type):
-        raise PluginError(f"cannot load {what} {spec!r}: it is a {type(found).__name__}, not a "
-                          "class")
-    if base is not None and not issubclass(found, base):
-        raise PluginError(f"cannot load {what} {spec!r}: {class_name} is not a subclass of "
-                          f"ipcfw.{base.__name__}")
-    return found
-
-
-def _one_line(exc: BaseException) -> str:
-    """`exc` as ``Type: text`` on one line."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _plugin_stack(args: argparse.Namespace) -> Any:
@@ -306,7 +324,7 @@ def _plugin_stack(args: argparse.Namespace) -> Any:
             what = "overlay"
             top = overlay(top)
     except Exception as exc:  # (whatever the plugin's constructor raised)
-        raise PluginError(f"cannot start {what} {spec!r}: {_one_line(exc)}") from exc
+        raise PluginError(f"cannot start {what} {spec!r}: {one_line(exc)}") from exc
     return top
 
 
@@ -355,6 +373,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+def _run_call(args: argparse.Namespace) -> int:
+    from .call import run
+
+    return run(args)
+
+
 def _run_terminate(args: argparse.Namespace) -> int:
     from ..client import terminate_server
 
@@ -369,28 +393,6 @@ def _run_monitor(args: argparse.Namespace) -> int:
 
 
 def _run_ps(args: argparse.Namespace) -> int:
-    from ..client import kernel_sessions, kernel_statistics
+    from .ps import run
 
-    counters = kernel_statistics(args.endpoint)
-    width = max(len(name) for name in counters)
-    for name, count in counters.items():
-        print(f"{name:<{width}}  {count}")
-    rows = kernel_sessions(args.endpoint)
-    if rows:
-        print()
-        print(format_sessions(rows))
-    return 0
-
-
-def format_sessions(rows: list[SessionRow]) -> str:
-    """The session table of ``ipcfw ps``: one line per session, holders as pid/threads."""
-    table = [("SESSION", "SERVER", "PATH", "STATE", "OUTSTANDING", "HOLDERS (pid/threads)")]
-    for row in rows:
-        holders = " ".join(f"{pid}/{threads}" for pid, threads in row.holders) or "-"
-        table.append((f"0x{row.handle:x}", row.server, Path(row.path).name.lower(), row.state,
-                      str(row.outstanding), holders))
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1]
-        for line in table
-    )
+    return run(args)
