@@ -103,6 +103,10 @@ __all__ = [
     "Admit",
     "ListSessions",
     "AwaitServer",
+    "ListActivatable",
+    "ActivatableList",
+    "pack_activatable",
+    "unpack_activatable",
     "SessionList",
     "SessionRow",
     "Census",
@@ -114,6 +118,7 @@ __all__ = [
     "pack_value",
     "unpack_value",
     "SESSIONS_PAGE",
+    "ACTIVATABLE_ROWS",
     "ROW_HOLDERS",
     "Message",
     "Hello",
@@ -165,11 +170,12 @@ __all__ = [
     "MappedCompleted",
 ]
 
-PROTOCOL_VERSION = 13  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
+PROTOCOL_VERSION = 16  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
 #                        6: terminate; 7: PeerGone; 8: Dropped; 9: the direct path;
 #                        10: every thread direct (Join, Admit), the session list (ListSessions);
 #                        11: shared memory on the direct path; 12: AwaitServer;
-#                        13: error text on completions
+#                        13: error text on completions; 16: activation (ListActivatable,
+#                        ActivatableList, TerminationReason.IDLE)
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -281,6 +287,8 @@ class Kind(enum.IntEnum):
     LIST_SESSIONS = 19
     # channel -> kernel: answer when a server name is registered
     AWAIT_SERVER = 51
+    # any peer -> kernel: the servers the kernel can start (activation)
+    LIST_ACTIVATABLE = 33
     # kernel -> client
     WELCOME = 20
     CONNECTED = 21
@@ -290,6 +298,7 @@ class Kind(enum.IntEnum):
     STATS_REPLY = 25
     SHARED = 26
     SESSION_LIST = 27
+    ACTIVATABLE_LIST = 56
     # kernel -> any peer
     DROPPED = 30
     # kernel -> server
@@ -316,6 +325,7 @@ class TerminationReason(enum.IntEnum):
     ADMINISTRATOR = 3  # an administrator asked (`ipcfw terminate`)
     POLICY = 4  # a security policy revoked it
     DEREGISTERED = 5  # the server asked itself (ServerHost.Deregister)
+    IDLE = 6  # the kernel started it (activation) and it had no session for its idle_exit
 
 
 class TServerType(enum.IntEnum):
@@ -734,6 +744,21 @@ class AwaitServer(NamedTuple):
     name: str
 
 
+class ListActivatable(NamedTuple):
+    """Any peer -> kernel: list the servers the kernel can start (its service files, ``ipcfw
+    kernel --services DIR``). Answered by ActivatableList."""
+
+    req_id: int
+
+
+class ActivatableList(NamedTuple):
+    """Kernel -> peer: `rows` is `pack_activatable` of (name, state) for each service, by name;
+    state is "activatable" (not running), "starting", "running" or "stopping"."""
+
+    req_id: int
+    rows: bytes
+
+
 class SessionList(NamedTuple):
     """Kernel -> peer: a page of the session list. `rows` is `pack_session_rows` of at most
     `SESSIONS_PAGE` `SessionRow`s; `next` is the `after` of the next page, 0 after the last."""
@@ -949,7 +974,7 @@ Message = (
     NewSession | Deliver | Disconnect | PeerInfo | PeerGone | Dropped | Cancel | Cancelled |
     Terminate | Deregister | Terminating | Attach | SessionPanicked | Join | Admit |
     ListSessions | SessionList | Census | CensusReply | SharedMemory | MappedRequest |
-    MappedCompleted | AwaitServer
+    MappedCompleted | AwaitServer | ListActivatable | ActivatableList
 )
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
@@ -1006,6 +1031,8 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
         Kind.SESSION_LIST, (_u63, _int_in(0, I32_MAX, "a handle or 0"), _bytes_upto(MAX_FRAME))
     ),
     AwaitServer: (Kind.AWAIT_SERVER, (_u63, _str_upto(MAX_NAME))),
+    ListActivatable: (Kind.LIST_ACTIVATABLE, (_u63,)),
+    ActivatableList: (Kind.ACTIVATABLE_LIST, (_u63, _bytes_upto(MAX_FRAME))),
     Census: (Kind.CENSUS, (_u63,)),
     CensusReply: (Kind.CENSUS_REPLY, (_u63, _bytes_upto(MAX_FRAME))),
     SharedMemory: (Kind.SHARED_MEMORY, ()),
@@ -1121,6 +1148,41 @@ def unpack_session_rows(data: bytes) -> list[SessionRow]:
             raise ProtocolError(f"SessionList.rows: {exc}, got {_show(item)}") from None
         holders = tuple(zip(flat[::2], flat[1::2]))
         rows.append(SessionRow(handle, server, path, state, outstanding, holders))
+    return rows
+
+
+#: Most rows an ActivatableList holds (a kernel takes at most this many service files).
+ACTIVATABLE_ROWS = 1024
+
+
+def pack_activatable(rows: list[tuple[str, str]]) -> bytes:
+    """The bytes of an ActivatableList: a msgpack array of ``[name, state]`` rows."""
+    packed: bytes = msgpack.packb([list(row) for row in rows[:ACTIVATABLE_ROWS]])
+    return packed
+
+
+def unpack_activatable(data: bytes) -> list[tuple[str, str]]:
+    """Read `pack_activatable`'s bytes, under limits (at most `ACTIVATABLE_ROWS` rows of two
+    strings; no map, no ext); ProtocolError for anything else."""
+    try:
+        items = _unpackb(
+            data, use_list=False, max_array_len=ACTIVATABLE_ROWS, max_map_len=0,
+            max_ext_len=0, max_str_len=_MAX_STR_BYTES, object_hook=_refuse_map,
+            ext_hook=_refuse_ext,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"ActivatableList.rows: {_unpack_error(exc)}") from None
+    if type(items) is not tuple:
+        raise ProtocolError(f"ActivatableList.rows: not an array of rows: {_show(items)}")
+    rows = []
+    for item in items:
+        try:
+            name, state = item
+            _str_upto(MAX_NAME)(name)
+            _str_upto(16)(state)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"ActivatableList.rows: {exc}, got {_show(item)}") from None
+        rows.append((name, state))
     return rows
 
 

@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     _endpoint_option(kernel)
     _ready_fd_option(kernel, "listens")
     _limit_options(kernel)
+    kernel.add_argument("--services", metavar="DIR",
+                        help="start servers on demand: DIR holds one NAME.toml per server name "
+                             "(docs/getting-started.md#activation-on-demand)")
     kernel.set_defaults(run=_run_kernel)
 
     serve = add("serve", help="host a server plugin: package.module:ServerClass")
@@ -95,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                             " (repeatable: each one overlays the previous)")
     serve.add_argument("--no-reconnect", action="store_true",
                        help="exit (status 3) when the kernel dies or stops serving this server, "
-                            "instead of registering again")
+                            "instead of registering again (the default for a server the kernel "
+                            "started: $IPCFW_ACTIVATED is set)")
     serve.add_argument("--wait-kernel", type=_seconds, metavar="SECONDS",
                        help="wait up to SECONDS for the kernel to start (default: it must be "
                             "running)")
@@ -240,7 +244,8 @@ def _run_kernel(args: argparse.Namespace) -> int:
     if ready is None:
         return 2
     try:
-        kernel = Kernel(args.endpoint, limits=_limits_of(args))
+        services = _services(args.services)
+        kernel = Kernel(args.endpoint, limits=_limits_of(args), services=services)
     except ValueError as exc:
         print(f"ipcfw: {exc}", file=sys.stderr)
         return 2
@@ -251,6 +256,16 @@ def _run_kernel(args: argparse.Namespace) -> int:
         print(f"ipcfw: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _services(directory: str | None) -> list[Any]:
+    """The services of ``--services DIR`` (none without it); ValueError naming the file, the
+    key and what was wrong."""
+    if directory is None:
+        return []
+    from ..kernel.spawner import load_services
+
+    return load_services(directory)
 
 
 def load_plugin(spec: str, base: type | None = None, what: str = "plugin") -> type:
@@ -316,8 +331,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     ready = _ready_signal(args, f"serving {args.plugin} at {endpoints.resolve(args.endpoint)}")
     if ready is None:
         return 2
-    host = ServerHost(top, args.endpoint, reconnect=not args.no_reconnect,
-                      wait_kernel=args.wait_kernel)
+    from ..kernel.spawner import ACTIVATED_ENV
+
+    # A server its kernel started ends with that kernel: the next one starts its own.
+    reconnect = not (args.no_reconnect or os.environ.get(ACTIVATED_ENV))
+    host = ServerHost(top, args.endpoint, reconnect=reconnect, wait_kernel=args.wait_kernel)
     _on_signals(host.stop)
     try:
         host.run(ready)
@@ -367,6 +385,12 @@ def _run_ps(args: argparse.Namespace) -> int:
     if rows:
         print()
         print(format_sessions(rows))
+    from .activatable import format_activatable, kernel_activatable
+
+    services = kernel_activatable(args.endpoint)
+    if services:
+        print()
+        print(format_activatable(services))
     return 0
 
 
