@@ -170,6 +170,8 @@ ROUND_TRIP: list = [
     # waiting for a server name (protocol 12)
     protocol.AwaitServer(1, "echo"),
     protocol.AwaitServer(U63_MAX, "n" * MAX_NAME),
+    protocol.ListActivatable(1),
+    protocol.ActivatableList(1, protocol.pack_activatable([("echo", "starting")])),
     CensusReply(U63_MAX, pack_census({1: 2, I32_MAX: 2**32 - 1})),
     # shared memory on a direct connection
     protocol.SharedMemory(),
@@ -222,7 +224,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 41
+    assert len(MESSAGE_CLASSES) == 43
 
 
 def test_every_kind_has_exactly_one_class() -> None:
@@ -851,6 +853,23 @@ def test_session_rows_and_censuses_round_trip() -> None:
 def test_a_malformed_session_table_is_a_protocol_error(data: bytes) -> None:
     with pytest.raises(ProtocolError, match="SessionList.rows"):
         unpack_session_rows(data)
+
+
+def test_activatable_rows_round_trip() -> None:
+    rows = [("echo", "activatable"), ("s" * 80, "starting")]
+    assert protocol.unpack_activatable(protocol.pack_activatable(rows)) == rows
+    assert protocol.unpack_activatable(protocol.pack_activatable([])) == []
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\xc1", msgpack.packb({"a": 1}), msgpack.packb([["echo"]]),
+    msgpack.packb([["echo", 1]]), msgpack.packb([[b"echo", "running"]]),
+    msgpack.packb([["echo", "x" * 17]]), msgpack.packb([["n" * 257, "running"]]),
+    msgpack.packb([["echo", "running"]] * 1025), msgpack.packb(7),
+])
+def test_a_malformed_activatable_table_is_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(ProtocolError, match="ActivatableList.rows"):
+        protocol.unpack_activatable(data)
 
 
 @pytest.mark.parametrize("data", [b"\x01", b"\x00" * 8, b"\xff\xff\xff\xff" + b"\x00" * 4])

@@ -33,7 +33,7 @@ log = logging.getLogger("ipcfw.kernel.services")
 #: serve`` then exits when its kernel dies instead of registering with the next one.
 ACTIVATED_ENV = "IPCFW_ACTIVATED"
 #: Seconds the servers the kernel started have to exit after SIGTERM when the kernel stops.
-STOP_TIMEOUT = 3.0
+SERVERS_STOP_TIMEOUT = 3.0
 _TAIL_LINES = 12  # lines of a server's output kept for the error of a failed start
 _LINE_CHARS = 400  # characters kept of each
 _READ = 65536
@@ -226,7 +226,7 @@ class Spawner:
             log.warning("killing server %r (pid %d)", child.service.name, child.popen.pid)
             child.popen.kill()  # (not reaped until its pidfd fires: the pid cannot be reused)
 
-    def stop_all(self, timeout: float = STOP_TIMEOUT) -> None:
+    def stop_all(self, timeout: float = SERVERS_STOP_TIMEOUT) -> None:
         """The kernel stops: SIGTERM every process it started, wait up to `timeout` seconds
         for them together, SIGKILL those still running, and reap them all."""
         children = list(self.children.values())
