@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from .activation import MAX_SERVICES, SERVICE_SUFFIX, Service, ServiceFileError, parse_service
 
-log = logging.getLogger("ipcfw.kernel.services")
+log = logging.getLogger(__name__)
 
 #: Set (to the server's name) in the environment of each server the kernel starts: ``ipcfw
 #: serve`` then exits when its kernel dies instead of registering with the next one.
