@@ -238,3 +238,15 @@ def test_a_bad_service_file_stops_the_kernel_at_start(activating):
     assert result.stderr.strip() == (
         f"ipcfw: {activating.services / 'echo.toml'}: start_timeout: must be a number of "
         "seconds above 0, got an integer (-1)")
+
+
+def test_a_started_server_ends_with_its_kernel_instead_of_waiting_for_the_next(
+        activating, monkeypatch):
+    starts = activating.echo()
+    stack = started(activating.start(), monkeypatch)
+    with RSession.connect("echo", timeout=20) as session:
+        assert session.SendReceive(1, (1,)) == 1
+    pid, = pids(starts)
+    assert stack.kernel is not None
+    stack.kernel.kill()  # SIGKILL: the kernel cannot stop it; IPCFW_ACTIVATED makes it go
+    wait_until(lambda: gone(pid), timeout=10, what="the server to exit with its kernel")

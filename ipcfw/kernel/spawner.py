@@ -228,21 +228,27 @@ class Spawner:
 
     def stop_all(self, timeout: float = SERVERS_STOP_TIMEOUT) -> None:
         """The kernel stops: SIGTERM every process it started, wait up to `timeout` seconds
-        for them together, SIGKILL those still running, and reap them all."""
+        for them together (reading their output meanwhile, so that none blocks writing its
+        last lines), SIGKILL those still running, and reap them all."""
         children = list(self.children.values())
         self.children.clear()
         for child in children:
             log.info("stopping server %r (pid %d)", child.service.name, child.popen.pid)
             child.popen.terminate()
         deadline = time.monotonic() + timeout
+        running = list(children)
+        while running and time.monotonic() < deadline:
+            for child in running:
+                child.read()
+            running = [child for child in running if child.popen.poll() is None]
+            if running:
+                time.sleep(0.01)
+        for child in running:
+            log.warning("server %r (pid %d) did not stop within %g s: killed",
+                        child.service.name, child.popen.pid, timeout)
+            child.popen.kill()
         for child in children:
-            try:
-                child.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("server %r (pid %d) did not stop within %g s: killed",
-                            child.service.name, child.popen.pid, timeout)
-                child.popen.kill()
-                child.popen.wait()
+            child.popen.wait()
             child.read()
             if child.output is not None:
                 child.close_output()
