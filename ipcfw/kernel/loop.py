@@ -126,6 +126,9 @@ class Kernel:
 
         kernel = Kernel("ipc:///tmp/ipcfw-demo/kernel")
         kernel.run()          # blocks; stop() from a signal handler or another thread
+
+    `services` (``ipcfw.kernel.spawner.load_services(DIR)``, what ``--services DIR`` reads)
+    are the servers it starts on demand; it stops those it started when `run` returns.
     """
 
     def __init__(
