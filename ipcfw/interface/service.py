@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from .. import errors
 from ..server import CSession, RMessage
+from ..server.plugin import text_of
 from .proxy import Interface
 from .spec import Call, InterfaceSpec, OperationSpec
 
@@ -202,8 +203,11 @@ class Deferred(Generic[T]):
             except errors.IpcError as exc:  # a write that does not fit the caller's buffer
                 log.info("%s: %s", spec.title, exc)
                 error = exc
-            except Exception:
-                message.Complete(errors.KErrGeneral)
+            except Exception as exc:  # a value the interface does not allow: the server's bug
+                log.error("%s: Deferred.resolve was given a value the interface does not allow",
+                          spec.title, exc_info=True)
+                message.Complete(errors.IpcError(
+                    errors.KErrGeneral, text_of(exc, f"Deferred.resolve ({spec.title})", None)))
                 raise
         message.Complete(error)  # (its code and text, as a raising method's)
 

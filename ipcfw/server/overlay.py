@@ -69,6 +69,10 @@ class COverlay:
         return self.error_strings.get(code)
 
 
+# Guards COverlaySession's binding to its LayeredSession against a HandOff from another thread.
+_binding = threading.Lock()
+
+
 class COverlaySession(CSession):
     """An overlay's management of one session, until `HandOff()`.
 
@@ -77,7 +81,8 @@ class COverlaySession(CSession):
     or dies), then call `HandOff()` from that thread when done.
     """
 
-    _layered: LayeredSession  # set when its layer opens it
+    _layered: LayeredSession | None = None  # set once CreateL has returned
+    _early_hand_off = False  # HandOff came before that (from CreateL, or a thread it started)
 
     def __init__(self) -> None:
         self.stopping = threading.Event()
@@ -86,11 +91,27 @@ class COverlaySession(CSession):
         """Give the session to the overlaid layer. From any thread; once.
 
         Called from ``ServiceL`` (the host's loop), it takes effect before the next request is
-        delivered; from another thread, as soon as the loop gets to it. If the overlaid layer
+        delivered; from another thread, as soon as the loop gets to it. Called during
+        ``CreateL`` (or by a thread it started, before ``CreateL`` returned), it takes effect
+        once ``CreateL`` has returned, before the first request. If the overlaid layer
         refuses the session (its ``NewSessionL`` or ``CreateL`` raises), every later request
         of the client fails with that error.
         """
-        self._layered.hand_off_from(self)
+        with _binding:
+            layered = self._layered
+            if layered is None:
+                self._early_hand_off = True
+                return
+        layered.hand_off_from(self)
+
+    def bind(self, layered: LayeredSession) -> None:
+        """The framework's: `layered` now routes this session's requests (CreateL returned);
+        a HandOff that came earlier takes effect now."""
+        with _binding:
+            self._layered = layered
+            early = self._early_hand_off
+        if early:
+            layered.hand_off_from(self)
 
     def Stop(self) -> None:
         """The session is closing while this overlay manages it: stop promptly. The default
@@ -196,7 +217,7 @@ class LayeredSession(CSession):
     def _enter(self, index: int, session: CSession) -> None:
         self.index, self.current = index, session
         if isinstance(session, COverlaySession):
-            session._layered = self
+            session.bind(self)
 
     def hand_off_from(self, session: CSession) -> None:
         """`session` (an overlay's) hands the session to the next layer (`HandOff`)."""

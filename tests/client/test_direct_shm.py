@@ -10,7 +10,14 @@ import zlib
 import pytest
 
 from conftest import KernelFixture
-from ipcfw import IpcError, KErrBadDescriptor, KErrOverflow, RSession, TRequestStatus
+from ipcfw import (
+    IpcError,
+    KErrBadDescriptor,
+    KErrCancel,
+    KErrOverflow,
+    RSession,
+    TRequestStatus,
+)
 from ipcfw.client import shm
 from ipcfw.client.args import SHARED_OVER
 from plugins.bulk import (
@@ -111,6 +118,26 @@ def test_a_held_request_is_written_when_the_server_completes_it_later(bulk) -> N
         assert direct.SendReceive(ECompleteHeld, (1, data)) == 0
         assert status.Wait(30) == 3 * MiB
         assert out == data
+
+
+def test_a_write_after_the_client_cancelled_is_refused_and_reaches_no_other_request(bulk) -> None:
+    # The cancelled request's memory goes back to the client, which may reuse it at once: the
+    # server still holding the message must not be able to write into it any more.
+    with session() as direct:
+        out = bytearray(4 * MiB)
+        status = TRequestStatus()
+        direct.SendReceive(EHold, (out, 1), status)
+        status.Cancel()
+        assert status.Wait(30) == KErrCancel
+        reused = bytearray(4 * MiB)
+        assert direct.SendReceive(EFill, (reused, 0x11, 4 * MiB, 0)) == 4 * MiB
+        with pytest.raises(IpcError) as info:
+            direct.SendReceive(ECompleteHeld, (1, pattern(3 * MiB)))  # writes into the held one
+        assert info.value.code == KErrBadDescriptor
+        assert out == bytes(4 * MiB) and reused == b"\x11" * (4 * MiB)
+        # The memory the refused write aimed at carries the next request's content intact.
+        data = pattern(4 * MiB, seed=7)
+        assert direct.SendReceive(ECrc, (data, 0, 0)) == zlib.crc32(data) & 0x7FFFFFFF
 
 
 def test_writing_past_a_large_descriptors_max_length_overflows_in_the_server(bulk) -> None:

@@ -466,7 +466,9 @@ def test_a_deferred_resolved_with_a_bad_value_completes_with_kerrgeneral_and_rai
     session.ServiceL(msg)
     with pytest.raises(TypeError, match="later.wait returned str"):
         session.held[0][0].resolve("not an int")
-    assert recorder.completions == [Complete(1, KErrGeneral, ())]
+    assert recorder.completions == [Complete(1, KErrGeneral, (), (
+        "TypeError in the server's Deferred.resolve (later.wait); the traceback is in the "
+        "server's log"))]
 
 
 def test_async_methods_return_an_awaitable_that_completes_the_message() -> None:

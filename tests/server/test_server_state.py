@@ -677,6 +677,28 @@ def test_a_hand_off_from_another_thread_happens_on_the_loop_in_order(server):
     assert values(harness) == [1001, 1002, 3, 4]
 
 
+def test_a_hand_off_during_create_l_takes_effect_before_the_first_request(server):
+    # CreateL itself (or a thread it starts, which may run before CreateL returns) hands off:
+    # the session is not bound to its layer yet, so the hand-off waits for that.
+    class HandsOffAtOnce(Manager):
+        def CreateL(self) -> None:
+            self.HandOff()
+            self.log.append("created")
+
+    class Overlay(Managing):
+        def NewSessionL(self, version: TVersion, message: RMessage) -> Manager:
+            return HandsOffAtOnce(self.log)
+
+    overlay = Overlay(server)
+    harness = Harness(overlay)
+    harness.connect()
+    server.actions += [complete_with(5)]
+    harness.deliver(1)
+    assert overlay.log == ["created"]
+    assert served(server) == [("Recorder", 1)]
+    assert values(harness) == [5]
+
+
 def test_a_layer_refusing_the_handed_off_session_fails_every_later_request(server):
     overlay = Managing(server)
     harness = Harness(overlay)
