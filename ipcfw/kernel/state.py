@@ -1535,8 +1535,13 @@ class KernelState:
 
     def activatable(self) -> list[tuple[str, str]]:
         """(name, state) of each server the kernel can start, by name: state "activatable"
-        (not running), "starting", "running" or "stopping"."""
-        return self.activations.listing()
+        (not running), "starting", "running" (also when a server it did not start has the
+        name) or "stopping"."""
+        return [
+            (name, "running" if state == "activatable" and lookup_key(name) in self.servers
+             else state)
+            for name, state in self.activations.listing()
+        ]
 
     def _list_activatable(self, peer: Peer, message: ListActivatable) -> list[Action]:
         rows = pack_activatable(self.activatable())

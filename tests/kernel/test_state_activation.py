@@ -284,6 +284,7 @@ def test_another_server_registering_the_name_meanwhile_satisfies_the_waiters() -
     assert len(sends(actions, S2, NewSession)) == 1
     # the kernel's own process then fails to register (KErrAlreadyExists) and exits:
     assert state.service_exited("Echo", "exited with status 1", "AlreadyExists") == []
+    assert listing(state) == {"Echo": "running"}  # (the name is served all the same)
 
 
 def test_a_connect_while_the_registration_ends_waits_for_the_name_to_be_free() -> None:
