@@ -202,16 +202,23 @@ def test_connect_with_wait_fails_at_once_with_a_failed_start(activating, monkeyp
         RSession.connect("broken", wait=20)
 
 
-def test_the_kernel_stops_the_servers_it_started(activating, monkeypatch):
+def echo_started(activating: Activating, monkeypatch: pytest.MonkeyPatch) -> tuple[
+        testing.Process, int]:
+    """A kernel whose "echo" service a connect has started: the kernel, and the server's pid."""
     starts = activating.echo()
     stack = started(activating.start(), monkeypatch)
     with RSession.connect("echo", timeout=20) as session:
         assert session.SendReceive(1, (1,)) == 1
     pid, = pids(starts)
     assert stack.kernel is not None
-    assert stack.kernel.stop() == 0
+    return stack.kernel, pid
+
+
+def test_the_kernel_stops_the_servers_it_started(activating, monkeypatch):
+    kernel, pid = echo_started(activating, monkeypatch)
+    assert kernel.stop() == 0
     assert gone(pid)
-    assert "stopping server 'echo'" in stack.kernel.log()
+    assert "stopping server 'echo'" in kernel.log()
 
 
 def test_ipcfw_ps_shows_the_activatable_names(activating, monkeypatch):
@@ -242,11 +249,6 @@ def test_a_bad_service_file_stops_the_kernel_at_start(activating):
 
 def test_a_started_server_ends_with_its_kernel_instead_of_waiting_for_the_next(
         activating, monkeypatch):
-    starts = activating.echo()
-    stack = started(activating.start(), monkeypatch)
-    with RSession.connect("echo", timeout=20) as session:
-        assert session.SendReceive(1, (1,)) == 1
-    pid, = pids(starts)
-    assert stack.kernel is not None
-    stack.kernel.kill()  # SIGKILL: the kernel cannot stop it; IPCFW_ACTIVATED makes it go
+    kernel, pid = echo_started(activating, monkeypatch)
+    kernel.kill()  # SIGKILL: the kernel cannot stop it; IPCFW_ACTIVATED makes it go
     wait_until(lambda: gone(pid), timeout=10, what="the server to exit with its kernel")
