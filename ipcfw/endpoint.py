@@ -66,14 +66,21 @@ def in_kernel_dir(endpoint: str, path: str) -> bool:
     return os.path.dirname(os.path.normpath(path)) == directory
 
 
-def ensure_private_dir(path: str) -> None:
-    """Create `path` 0700 if missing; refuse one not owned by us or open to others."""
+def ensure_private_dir(path: str, group: int | None = None) -> None:
+    """Create `path` 0700 if missing; refuse one not owned by us or open to others. With a
+    `group` (a kernel whose configuration admits others): the directory is that group's too,
+    mode 2770 (set-group-id: the sockets made in it are the group's), and still closed to
+    everyone else."""
     os.makedirs(path, mode=0o700, exist_ok=True)
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode):
         raise EndpointError(f"{path} exists and is not a directory")
     if info.st_uid != os.getuid():
         raise EndpointError(f"{path} is owned by uid {info.st_uid}, not by us ({os.getuid()})")
+    if group is not None:
+        os.chown(path, -1, group)
+        os.chmod(path, 0o2770)
+        return
     if stat.S_IMODE(info.st_mode) & 0o077:
         raise EndpointError(
             f"{path} has mode {stat.S_IMODE(info.st_mode):o}; it must be private (0700)"

@@ -21,7 +21,8 @@ from . import endpoint as endpoints
 from . import errors
 from .protocol import PROTOCOL_VERSION, Hello, Role, encode
 
-__all__ = ["LEAST_ANSWER", "delays", "kernel_answers", "no_kernel_error", "wait_for_kernel"]
+__all__ = ["LEAST_ANSWER", "delays", "kernel_answers", "kernel_socket_exists", "no_kernel_error",
+           "wait_for_kernel"]
 
 FIRST_DELAY = 0.01
 """Seconds before the second look for a kernel; each later one waits twice as long..."""
@@ -42,10 +43,33 @@ def delays(first: float = FIRST_DELAY, most: float = MOST_DELAY) -> Iterator[flo
         delay = min(2 * delay, most)
 
 
+def kernel_socket_exists(endpoint: str) -> bool:
+    """Whether the socket file of a kernel at `endpoint` exists. ``PermissionDenied`` if this
+    process may not reach it (a kernel of another user, whose configuration does not open its
+    directory to this one): not mistaken for a kernel that is not there."""
+    path = endpoints.ipc_path(endpoint)
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        raise _not_admitted(endpoint, os.path.dirname(path)) from None
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise _not_admitted(endpoint, path)
+    return True
+
+
+def _not_admitted(endpoint: str, what: str) -> errors.IpcError:
+    return errors.IpcError(errors.KErrPermissionDenied, (
+        f"the kernel at {endpoint} does not admit this process (uid {os.getuid()}, gid "
+        f"{os.getgid()}): it may not reach {what}. A kernel admits its own user; others only "
+        "if its configuration says so ([admission] in docs/security.md)"))
+
+
 def kernel_answers(endpoint: str, timeout: float = HELLO_WAIT) -> bool:
     """Whether a kernel answers a Hello at `endpoint` within `timeout` seconds (False at once
-    if its socket file does not exist)."""
-    if not os.path.exists(endpoints.ipc_path(endpoint)):
+    if its socket file does not exist; PermissionDenied if this process may not reach it)."""
+    if not kernel_socket_exists(endpoint):
         return False
     context = zmq.Context()
     try:

@@ -34,7 +34,7 @@ default allows as many as the frame has bytes: one 15 MiB frame of empty maps (a
 for no more than the protocol can hold, and msgpack refuses the rest as it reads, at the header,
 before building it:
 
-* no array longer than the longest message (`_MAX_ARRAY_LEN`, 7: a kind and Connect's six
+* no array longer than the longest message (`_MAX_ARRAY_LEN`, 9: a kind and Connect's eight
   fields; arguments and writes hold at most 4 items, versions 3, writable descriptors 2);
 * no map (``max_map_len=0``, and a hook refuses empty ones), except the counters of a
   StatsReply (below), and no ext type (``max_ext_len=0``, and a hook for empty ones);
@@ -74,7 +74,7 @@ import re
 import reprlib
 import struct
 from typing import Any, NamedTuple
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import msgpack
 
@@ -109,17 +109,31 @@ __all__ = [
     "unpack_activatable",
     "SessionList",
     "SessionRow",
+    "ListServers",
+    "ServerList",
+    "ServerRow",
+    "ListProcesses",
+    "ProcessList",
+    "ProcessRow",
     "Census",
     "CensusReply",
+    "CensusItem",
     "pack_session_rows",
     "unpack_session_rows",
+    "pack_server_rows",
+    "unpack_server_rows",
+    "pack_process_rows",
+    "unpack_process_rows",
     "pack_census",
     "unpack_census",
     "pack_value",
     "unpack_value",
     "SESSIONS_PAGE",
     "ACTIVATABLE_ROWS",
+    "SERVERS_PAGE",
+    "PROCESSES_PAGE",
     "ROW_HOLDERS",
+    "ROW_SERVERS",
     "Message",
     "Hello",
     "Welcome",
@@ -168,14 +182,22 @@ __all__ = [
     "SharedMemory",
     "MappedRequest",
     "MappedCompleted",
+    "BATCH_MARK",
+    "BATCH_BYTES",
+    "pack_batch",
+    "unpack_batch",
 ]
 
-PROTOCOL_VERSION = 16  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
+PROTOCOL_VERSION = 19  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
 #                        6: terminate; 7: PeerGone; 8: Dropped; 9: the direct path;
 #                        10: every thread direct (Join, Admit), the session list (ListSessions);
 #                        11: shared memory on the direct path; 12: AwaitServer;
-#                        13: error text on completions; 16: activation (ListActivatable,
-#                        ActivatableList, TerminationReason.IDLE)
+#                        13: error text on completions; 14: the server and process lists
+#                        (ListServers, ListProcesses), message ages (SessionRow, CensusReply),
+#                        Connect.thread; 16: activation (ListActivatable, ActivatableList,
+#                        TerminationReason.IDLE); 17: batches of frames (BATCH_MARK);
+#                        18: capabilities (PeerInfo.capabilities); 19: admission
+#                        (Welcome.refusal, Welcome.code)
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -195,6 +217,8 @@ TRUNCATED = "... [truncated]"
 MAX_TOKEN = 64
 #: Longest executable path in a PeerInfo.
 MAX_PATH = 4096
+#: Longest list of capability names in a PeerInfo (names of at most 64 characters).
+MAX_CAPABILITIES = 4096
 #: Largest descriptor in shared memory on a direct connection (`MappedRequest`).
 MAX_MAPPED = 1 << 30
 #: Descriptors of at least this many bytes go through shared memory on a direct connection
@@ -283,8 +307,10 @@ class Kind(enum.IntEnum):
     CENSUS_REPLY = 50  # (11 is left unused)
     # channel -> kernel: a ticket for this thread's direct connection
     JOIN = 18
-    # any peer -> kernel: the session list
+    # any peer -> kernel: the session, server and process lists
     LIST_SESSIONS = 19
+    LIST_SERVERS = 28
+    LIST_PROCESSES = 52
     # channel -> kernel: answer when a server name is registered
     AWAIT_SERVER = 51
     # any peer -> kernel: the servers the kernel can start (activation)
@@ -299,6 +325,8 @@ class Kind(enum.IntEnum):
     SHARED = 26
     SESSION_LIST = 27
     ACTIVATABLE_LIST = 56
+    SERVER_LIST = 29
+    PROCESS_LIST = 53
     # kernel -> any peer
     DROPPED = 30
     # kernel -> server
@@ -580,6 +608,7 @@ class Connect(NamedTuple):
     payload: bytes
     first: tuple[Any, ...] = ()
     path: int = 0
+    thread: int = 0
 
 
 class Request(NamedTuple):
@@ -769,10 +798,13 @@ class SessionList(NamedTuple):
 
 
 class SessionRow(NamedTuple):
-    """One session, as `ipcfw ps` shows it: its handle, server, data path (`Path`), state (the
-    kernel's, e.g. "OPEN"), outstanding messages (through the kernel, and, for a direct
-    session, what its server reported in service on its direct connections), and holders:
-    (pid, threads attached) for each process holding it, at most `ROW_HOLDERS`."""
+    """One session, as `ipcfw ps --sessions` shows it: its handle, server, data path (`Path`),
+    state (the kernel's, e.g. "OPEN"), outstanding messages (through the kernel, and, for a
+    direct session, what its server reported in service on its direct connections), holders:
+    (pid, threads attached) for each process holding it, at most `ROW_HOLDERS`; `oldest`, the
+    milliseconds its oldest outstanding message has been outstanding (0 with none); its
+    creator's pid and native thread id (0: not said); its message slots in use and its slots
+    (-1: the kernel's pool, 0: sync calls only); and its age in milliseconds."""
 
     handle: int
     server: str
@@ -780,6 +812,83 @@ class SessionRow(NamedTuple):
     state: str
     outstanding: int
     holders: tuple[tuple[int, int], ...]
+    oldest: int = 0
+    creator_pid: int = 0
+    creator_thread: int = 0
+    slots_used: int = 0
+    slots: int = 0
+    age: int = 0
+
+
+class ListServers(NamedTuple):
+    """Any peer -> kernel: list the servers whose name's lookup key (`ipcfw.naming.lookup_key`)
+    sorts after `after` ("" first), in that order, at most `SERVERS_PAGE`. Answered by
+    ServerList."""
+
+    req_id: int
+    after: str
+
+
+class ServerList(NamedTuple):
+    """Kernel -> peer: a page of the server list. `rows` is `pack_server_rows` of at most
+    `SERVERS_PAGE` `ServerRow`s; `next` is the `after` of the next page, "" after the last."""
+
+    req_id: int
+    next: str
+    rows: bytes
+
+
+class ServerRow(NamedTuple):
+    """One server, as `ipcfw ps` shows it: name, its process (pid, executable as the kernel
+    read it, "" if it could not), version, sharing (`TServerType`), whether it takes direct
+    connections, its sessions, its outstanding messages (both paths) and the milliseconds the
+    oldest has been outstanding (0 with none), its registration's age in milliseconds, and its
+    state: "running", or "terminating" once its registration is ending."""
+
+    name: str
+    pid: int
+    exe: str
+    version: Version
+    sharing: int
+    direct: bool
+    sessions: int
+    outstanding: int
+    oldest: int
+    up: int
+    state: str
+
+
+class ListProcesses(NamedTuple):
+    """Any peer -> kernel: list the peer processes whose pid is above `after` (0 first), in
+    pid order, at most `PROCESSES_PAGE`. Answered by ProcessList."""
+
+    req_id: int
+    after: int
+
+
+class ProcessList(NamedTuple):
+    """Kernel -> peer: a page of the process list. `rows` is `pack_process_rows` of at most
+    `PROCESSES_PAGE` `ProcessRow`s; `next` is the `after` of the next page, 0 after the last."""
+
+    req_id: int
+    next: int
+    rows: bytes
+
+
+class ProcessRow(NamedTuple):
+    """One peer process, as `ipcfw ps --processes` shows it: pid, uid, executable (as the
+    kernel read it), its client threads' channels, whether it has an inbox, the servers it
+    hosts (at most `ROW_SERVERS` names), the sessions it holds, and its requests outstanding
+    (through the kernel, and in service on direct connections)."""
+
+    pid: int
+    uid: int
+    exe: str
+    channels: int
+    inbox: bool
+    servers: tuple[str, ...]
+    sessions: int
+    outstanding: int
 
 
 class Census(NamedTuple):
@@ -789,11 +898,24 @@ class Census(NamedTuple):
 
 
 class CensusReply(NamedTuple):
-    """Server -> kernel, answers Census: `counts` is `pack_census` of (handle, messages in
-    service on its direct connections) for each direct session with any."""
+    """Server -> kernel, answers Census: `counts` is `pack_census` of a `CensusItem` for each
+    (direct session, client process) with messages in service on its direct connections."""
 
     req_id: int
     counts: bytes
+
+
+class CensusItem(NamedTuple):
+    """What a server has in service on its direct connections for one session and one client
+    process (the connections' SO_PEERCRED pid): how many messages, how many of them take a
+    message slot (async and blind ones), and the milliseconds the oldest has been in
+    service."""
+
+    handle: int
+    pid: int
+    messages: int
+    slots_used: int
+    oldest: int
 
 
 class Stats(NamedTuple):
@@ -804,11 +926,15 @@ class Stats(NamedTuple):
 
 class Welcome(NamedTuple):
     """Kernel -> peer: the answer to Hello. A peer whose Hello named another protocol version
-    gets a Welcome naming the kernel's, and is not admitted."""
+    gets a Welcome naming the kernel's, and is not admitted; one the kernel refuses gets a
+    Welcome whose `refusal` says why (empty: admitted) and `code` the error (KErrPermissionDenied
+    for admission, KErrOverflow for a limit)."""
 
     kernel_pid: int
     max_frame: int
     protocol: int
+    refusal: str = ""
+    code: int = 0
 
 
 class Connected(NamedTuple):
@@ -959,13 +1085,15 @@ class Cancelled(NamedTuple):
 
 
 class PeerInfo(NamedTuple):
-    """Kernel -> server: who client key `client` is, sent before its first message."""
+    """Kernel -> server: who client key `client` is, sent before its first message, and the
+    capabilities the kernel grants it (names separated by spaces: see ipcfw.security)."""
 
     client: int
     pid: int
     uid: int
     gid: int
     exe: str
+    capabilities: str = ""
 
 
 Message = (
@@ -974,7 +1102,8 @@ Message = (
     NewSession | Deliver | Disconnect | PeerInfo | PeerGone | Dropped | Cancel | Cancelled |
     Terminate | Deregister | Terminating | Attach | SessionPanicked | Join | Admit |
     ListSessions | SessionList | Census | CensusReply | SharedMemory | MappedRequest |
-    MappedCompleted | AwaitServer | ListActivatable | ActivatableList
+    MappedCompleted | AwaitServer | ListServers | ServerList | ListProcesses | ProcessList |
+    ListActivatable | ActivatableList
 )
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
@@ -984,7 +1113,8 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     ),
     Connect: (
         Kind.CONNECT,
-        (_u63, _str_upto(MAX_NAME), _version, _i32, _bytes_upto(MAX_PAYLOAD), _first, _path),
+        (_u63, _str_upto(MAX_NAME), _version, _i32, _bytes_upto(MAX_PAYLOAD), _first, _path,
+         _u32),
     ),
     Negotiated: (Kind.NEGOTIATED, (_u63, _i32, _bytes_upto(MAX_PAYLOAD))),
     Request: (Kind.REQUEST, (_u63, _handle, _function, check_args, _mode)),
@@ -995,7 +1125,7 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Open: (Kind.OPEN, (_u63, _bytes_upto(MAX_TOKEN))),
     Cancel: (Kind.CANCEL, (_u63,)),
     Stats: (Kind.STATS, (_u63,)),
-    Welcome: (Kind.WELCOME, (_u32, _u63, _u16)),
+    Welcome: (Kind.WELCOME, (_u32, _u63, _u16, _str_upto(MAX_ERROR_TEXT), _i32)),
     Connected: (
         Kind.CONNECTED,
         (_u63, _i32, _int_in(0, I32_MAX, "a handle"), _bytes_upto(MAX_PAYLOAD),
@@ -1021,7 +1151,8 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     Terminating: (Kind.TERMINATING, (_reason,)),
     PeerGone: (Kind.PEER_GONE, (_u63,)),
     Dropped: (Kind.DROPPED, (_bytes_upto(255), _u63)),
-    PeerInfo: (Kind.PEER_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH))),
+    PeerInfo: (Kind.PEER_INFO, (_u63, _u32, _u32, _u32, _str_upto(MAX_PATH),
+                                _str_upto(MAX_CAPABILITIES))),
     Attach: (Kind.ATTACH, (_u63, _bytes_upto(MAX_TOKEN))),
     SessionPanicked: (Kind.SESSION_PANICKED, (_handle, _str_upto(MAX_CATEGORY), _i32)),
     Join: (Kind.JOIN, (_u63, _handle)),
@@ -1033,6 +1164,10 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     AwaitServer: (Kind.AWAIT_SERVER, (_u63, _str_upto(MAX_NAME))),
     ListActivatable: (Kind.LIST_ACTIVATABLE, (_u63,)),
     ActivatableList: (Kind.ACTIVATABLE_LIST, (_u63, _bytes_upto(MAX_FRAME))),
+    ListServers: (Kind.LIST_SERVERS, (_u63, _str_upto(MAX_NAME))),
+    ServerList: (Kind.SERVER_LIST, (_u63, _str_upto(MAX_NAME), _bytes_upto(MAX_FRAME))),
+    ListProcesses: (Kind.LIST_PROCESSES, (_u63, _u32)),
+    ProcessList: (Kind.PROCESS_LIST, (_u63, _u32, _bytes_upto(MAX_FRAME))),
     Census: (Kind.CENSUS, (_u63,)),
     CensusReply: (Kind.CENSUS_REPLY, (_u63, _bytes_upto(MAX_FRAME))),
     SharedMemory: (Kind.SHARED_MEMORY, ()),
@@ -1079,75 +1214,103 @@ def encode(message: Message) -> bytes:
     return frame
 
 
-# -- the tables inside SessionList and CensusReply -------------------------------------------
-# Their many items would break the limits every frame is decoded under (arrays of at most 8),
+# -- the tables inside SessionList, ServerList, ProcessList and CensusReply -------------------
+# Their many items would break the limits every frame is decoded under (arrays of at most 9),
 # so each travels as one bin field, read here under limits of its own: only the peer that asked
 # for the table (`ipcfw ps`, the kernel) unpacks it.
 
 #: Most rows in a SessionList page.
 SESSIONS_PAGE = 256
+#: Most rows in a ServerList page.
+SERVERS_PAGE = 256
+#: Most rows in a ProcessList page.
+PROCESSES_PAGE = 256
 #: Most holding processes listed in a SessionRow (the rest are left out).
 ROW_HOLDERS = 64
-_CENSUS_ITEM = struct.Struct("<II")  # handle, messages in service
+#: Most server names listed in a ProcessRow (the rest are left out).
+ROW_SERVERS = 64
+_CENSUS_ITEM = struct.Struct("<IIIIQ")  # handle, client pid, messages, slots used, oldest (ms)
+_U63_MS = 2**63 - 1
 
 
-def pack_census(counts: dict[int, int]) -> bytes:
-    """The bytes of a CensusReply: (handle, count) pairs, 8 bytes each."""
-    return b"".join(_CENSUS_ITEM.pack(handle, count) for handle, count in counts.items())
+def pack_census(items: Iterable[CensusItem]) -> bytes:
+    """The bytes of a CensusReply: `CensusItem`s, 24 bytes each (little-endian u32 handle,
+    pid, messages and slots used, u64 milliseconds)."""
+    return b"".join(_CENSUS_ITEM.pack(*item) for item in items)
 
 
-def unpack_census(data: bytes) -> dict[int, int]:
+def unpack_census(data: bytes) -> list[CensusItem]:
     """Read `pack_census`'s bytes; ProtocolError for anything else."""
     if len(data) % _CENSUS_ITEM.size:
         raise ProtocolError(f"CensusReply.counts: {len(data)} bytes is not a whole number of "
-                            f"{_CENSUS_ITEM.size}-byte (handle, count) pairs")
-    counts = dict(_CENSUS_ITEM.iter_unpack(data))
-    if any(not 1 <= handle <= I32_MAX for handle in counts):
-        raise ProtocolError("CensusReply.counts: a handle outside 1..2**31-1")
-    return counts
+                            f"{_CENSUS_ITEM.size}-byte items (handle, pid, messages, slots used, "
+                            "oldest)")
+    items = [CensusItem(*fields) for fields in _CENSUS_ITEM.iter_unpack(data)]
+    for item in items:
+        if not 1 <= item.handle <= I32_MAX:
+            raise ProtocolError("CensusReply.counts: a handle outside 1..2**31-1")
+        if item.oldest > _U63_MS:
+            raise ProtocolError("CensusReply.counts: an age beyond 2**63-1 ms")
+    return items
 
 
 def pack_session_rows(rows: list[SessionRow]) -> bytes:
-    """The bytes of a SessionList: a msgpack array of rows, each
-    ``[handle, server, path, state, outstanding, [pid, threads, pid, threads, ...]]``."""
+    """The bytes of a SessionList: a msgpack array of rows, each ``[handle, server, path,
+    state, outstanding, [pid, threads, pid, threads, ...], oldest, creator_pid, creator_thread,
+    slots_used, slots, age]``."""
     packed: bytes = msgpack.packb([
         (row.handle, row.server, row.path, row.state, row.outstanding,
-         [n for holder in row.holders[:ROW_HOLDERS] for n in holder])
+         [n for holder in row.holders[:ROW_HOLDERS] for n in holder], *row[6:])
         for row in rows[:SESSIONS_PAGE]
     ])
     return packed
 
 
-def unpack_session_rows(data: bytes) -> list[SessionRow]:
-    """Read `pack_session_rows`'s bytes, under limits (at most `SESSIONS_PAGE` rows of
-    `ROW_HOLDERS` holders; no map, no ext); ProtocolError for anything else."""
-    limit = max(SESSIONS_PAGE, 2 * ROW_HOLDERS)
+def _unpack_table(data: bytes, field: str, page: int, inner: int) -> tuple[Any, ...]:
+    """The rows of a table's bin field (`field` names it in errors): an array of at most `page`
+    rows, no array in them longer than `inner` or `page`, no map, no ext, no long str."""
     try:
         items = _unpackb(
-            data, use_list=False, max_array_len=limit, max_map_len=0, max_ext_len=0,
+            data, use_list=False, max_array_len=max(page, inner), max_map_len=0, max_ext_len=0,
             max_str_len=_MAX_STR_BYTES, object_hook=_refuse_map, ext_hook=_refuse_ext,
         )
     except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(f"SessionList.rows: {_unpack_error(exc)}") from None
-    if type(items) is not tuple or len(items) > SESSIONS_PAGE:
-        raise ProtocolError(f"SessionList.rows: not an array of rows: {_show(items)}")
+        raise ProtocolError(f"{field}: {_unpack_error(exc)}") from None
+    if type(items) is not tuple or len(items) > page:
+        raise ProtocolError(f"{field}: not an array of at most {page} rows: {_show(items)}")
+    return items
+
+
+def _row_error(field: str, exc: Exception, item: Any) -> ProtocolError:
+    return ProtocolError(f"{field}: {exc}, got {_show(item)}")
+
+
+def unpack_session_rows(data: bytes) -> list[SessionRow]:
+    """Read `pack_session_rows`'s bytes, under limits (at most `SESSIONS_PAGE` rows of
+    `ROW_HOLDERS` holders; no map, no ext); ProtocolError for anything else."""
     rows = []
-    for item in items:
+    for item in _unpack_table(data, "SessionList.rows", SESSIONS_PAGE, 2 * ROW_HOLDERS):
         try:
-            handle, server, path, state, outstanding, flat = item
+            (handle, server, path, state, outstanding, flat, oldest, creator_pid,
+             creator_thread, slots_used, slots, age) = item
             _handle(handle)
             _str_upto(MAX_NAME)(server)
             _path(path)
             _str_upto(16)(state)
-            _u63(outstanding)
+            for n in (outstanding, oldest, age):
+                _u63(n)
+            for n in (creator_pid, creator_thread, slots_used):
+                _u32(n)
+            _int_in(-1, 255, "message slots -1..255")(slots)
             if type(flat) is not tuple or len(flat) % 2 or len(flat) > 2 * ROW_HOLDERS:
                 raise ValueError("expected (pid, threads) pairs")
             for n in flat:
                 _u32(n)
         except (TypeError, ValueError) as exc:
-            raise ProtocolError(f"SessionList.rows: {exc}, got {_show(item)}") from None
+            raise _row_error("SessionList.rows", exc, item) from None
         holders = tuple(zip(flat[::2], flat[1::2]))
-        rows.append(SessionRow(handle, server, path, state, outstanding, holders))
+        rows.append(SessionRow(handle, server, path, state, outstanding, holders, oldest,
+                               creator_pid, creator_thread, slots_used, slots, age))
     return rows
 
 
@@ -1164,26 +1327,123 @@ def pack_activatable(rows: list[tuple[str, str]]) -> bytes:
 def unpack_activatable(data: bytes) -> list[tuple[str, str]]:
     """Read `pack_activatable`'s bytes, under limits (at most `ACTIVATABLE_ROWS` rows of two
     strings; no map, no ext); ProtocolError for anything else."""
-    try:
-        items = _unpackb(
-            data, use_list=False, max_array_len=ACTIVATABLE_ROWS, max_map_len=0,
-            max_ext_len=0, max_str_len=_MAX_STR_BYTES, object_hook=_refuse_map,
-            ext_hook=_refuse_ext,
-        )
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(f"ActivatableList.rows: {_unpack_error(exc)}") from None
-    if type(items) is not tuple:
-        raise ProtocolError(f"ActivatableList.rows: not an array of rows: {_show(items)}")
     rows = []
-    for item in items:
+    for item in _unpack_table(data, "ActivatableList.rows", ACTIVATABLE_ROWS, 2):
         try:
             name, state = item
             _str_upto(MAX_NAME)(name)
             _str_upto(16)(state)
         except (TypeError, ValueError) as exc:
-            raise ProtocolError(f"ActivatableList.rows: {exc}, got {_show(item)}") from None
+            raise _row_error("ActivatableList.rows", exc, item) from None
         rows.append((name, state))
     return rows
+
+
+def pack_server_rows(rows: list[ServerRow]) -> bytes:
+    """The bytes of a ServerList: a msgpack array of rows, each a `ServerRow`'s fields in order
+    (the version as a [major, minor, build] array, `direct` as a bool)."""
+    packed: bytes = msgpack.packb([tuple(row) for row in rows[:SERVERS_PAGE]])
+    return packed
+
+
+def unpack_server_rows(data: bytes) -> list[ServerRow]:
+    """Read `pack_server_rows`'s bytes, under limits (at most `SERVERS_PAGE` rows; no map, no
+    ext); ProtocolError for anything else."""
+    rows = []
+    for item in _unpack_table(data, "ServerList.rows", SERVERS_PAGE, len(ServerRow._fields)):
+        try:
+            row = ServerRow(*item)
+            _str_upto(MAX_NAME)(row.name)
+            _u32(row.pid)
+            _str_upto(MAX_PATH)(row.exe)
+            _version(row.version)
+            _sharing(row.sharing)
+            if type(row.direct) is not bool:
+                raise ValueError("expected a bool for direct")
+            for n in (row.sessions, row.outstanding, row.oldest, row.up):
+                _u63(n)
+            _str_upto(16)(row.state)
+        except (TypeError, ValueError) as exc:
+            raise _row_error("ServerList.rows", exc, item) from None
+        rows.append(row)
+    return rows
+
+
+def pack_process_rows(rows: list[ProcessRow]) -> bytes:
+    """The bytes of a ProcessList: a msgpack array of rows, each a `ProcessRow`'s fields in
+    order (`servers` an array of at most `ROW_SERVERS` names, `inbox` a bool)."""
+    packed: bytes = msgpack.packb([
+        (*row[:5], row.servers[:ROW_SERVERS], *row[6:]) for row in rows[:PROCESSES_PAGE]
+    ])
+    return packed
+
+
+def unpack_process_rows(data: bytes) -> list[ProcessRow]:
+    """Read `pack_process_rows`'s bytes, under limits (at most `PROCESSES_PAGE` rows of
+    `ROW_SERVERS` server names; no map, no ext); ProtocolError for anything else."""
+    rows = []
+    for item in _unpack_table(data, "ProcessList.rows", PROCESSES_PAGE, ROW_SERVERS):
+        try:
+            row = ProcessRow(*item)
+            _u32(row.pid)
+            _u32(row.uid)
+            _str_upto(MAX_PATH)(row.exe)
+            _u32(row.channels)
+            if type(row.inbox) is not bool:
+                raise ValueError("expected a bool for inbox")
+            if type(row.servers) is not tuple or len(row.servers) > ROW_SERVERS:
+                raise ValueError(f"expected at most {ROW_SERVERS} server names")
+            for name in row.servers:
+                _str_upto(MAX_NAME)(name)
+            _u63(row.sessions)
+            _u63(row.outstanding)
+        except (TypeError, ValueError) as exc:
+            raise _row_error("ProcessList.rows", exc, item) from None
+        rows.append(row)
+    return rows
+
+
+# -- batches: several frames in one datagram of a direct connection ---------------------------
+# A server that serves several requests of one connection in a turn of its loop answers them
+# in one datagram: one send and one receive for the lot, instead of one each (the system calls
+# were most of a pipelined call's cost). A datagram that begins with BATCH_MARK is a batch: a
+# sequence of (u32 little-endian length, frame); any other datagram is one frame.
+
+#: The first byte of a batch: 0xc1, the one byte msgpack never uses, so no frame begins with it.
+BATCH_MARK = 0xC1
+#: Largest batch a server sends (frames that would pass it go in the next one; a larger frame
+#: alone): well under any connection's send buffer, so a batch never fails for its size.
+BATCH_BYTES = 32 * 1024
+_BATCH_LENGTH = struct.Struct("<I")
+_BATCH_HEADER = bytes([BATCH_MARK])
+
+
+def pack_batch(frames: list[bytes]) -> bytes:
+    """One datagram carrying `frames`, in order (see `unpack_batch`)."""
+    pack = _BATCH_LENGTH.pack
+    return _BATCH_HEADER + b"".join(pack(len(frame)) + frame for frame in frames)
+
+
+def unpack_batch(datagram: bytes) -> list[bytes]:
+    """The frames of a datagram `pack_batch` made; ProtocolError naming what is wrong for
+    anything else (a length past the end, an empty frame, no frame at all)."""
+    if datagram[:1] != _BATCH_HEADER:
+        raise ProtocolError("batch: does not begin with BATCH_MARK (0xc1)")
+    frames, at, end = [], 1, len(datagram)
+    unpack_from, size = _BATCH_LENGTH.unpack_from, _BATCH_LENGTH.size
+    while at < end:
+        if at + size > end:
+            raise ProtocolError(f"batch: {end - at} bytes left at offset {at}, not a length")
+        (length,) = unpack_from(datagram, at)
+        at += size
+        if not 0 < length <= end - at:
+            raise ProtocolError(f"batch: a frame of {length} bytes at offset {at}, "
+                                f"with {end - at} bytes left")
+        frames.append(datagram[at:at + length])
+        at += length
+    if not frames:
+        raise ProtocolError("batch: no frame in it")
+    return frames
 
 
 def pack_value(value: Any) -> bytes:

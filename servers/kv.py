@@ -35,7 +35,8 @@ clients: the wire is plain ``SendReceive``):
   msgpack map in descriptor 0); returns the number of keys afterwards.
 
 A key or value of the wrong kind (an int instead of a descriptor) fails with ``KErrArgument``
-naming the parameter.
+naming the parameter. The server is a ``CPolicyServer`` (`KV_POLICY`): reads need the
+``ReadUserData`` capability, writes ``WriteUserData`` (docs/security.md).
 
 Subsessions (raw; the client opens them with ``ipcfw.RSubSession``; every request on one carries
 its handle in argument 3, and a handle that is not one of the session's open subsessions of the
@@ -69,8 +70,9 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from ipcfw import (
+    NOT_SUPPORTED,
     BadDescriptor,
-    CServer,
+    CPolicyServer,
     Interface,
     InterfaceSession,
     IpcError,
@@ -81,6 +83,9 @@ from ipcfw import (
     KErrNotFound,
     KErrOverflow,
     RMessage,
+    TPolicy,
+    TPolicyElement,
+    TSecurityPolicy,
     operation,
 )
 
@@ -314,10 +319,31 @@ class KvSession(InterfaceSession[KeyValue]):
 
 
 
-class KvServer(CServer):
+# Who may do what (docs/security.md): reading needs ReadUserData, writing WriteUserData (both
+# are granted to every process of the kernel's user); function 0 and those past the last are
+# not supported. Checked before ServiceL, on both data paths.
+_READ = TPolicyElement(TSecurityPolicy("ReadUserData"))
+_WRITE = TPolicyElement(TSecurityPolicy("WriteUserData"))
+KV_POLICY = TPolicy([
+    (0, NOT_SUPPORTED),
+    (ESet, _WRITE),          # 1 put
+    (EGet, _READ),           # 2 get
+    (EDelete, _WRITE),       # 3 delete
+    (ECount, _READ),         # 4-10: count, value_length, the cursors, open_cursors, open a table
+    (ETableSet, _WRITE),     # 11
+    (ETableGet, _READ),      # 12
+    (ETableDelete, _WRITE),  # 13
+    (ETableCount, _READ),    # 14-16: a table's count, close a table, keys
+    (EPutMany, _WRITE),      # 17
+    (EPutMany + 1, NOT_SUPPORTED),
+])
+
+
+class KvServer(CPolicyServer):
     name = KeyValue.interface.name
     version = KeyValue.interface.version
     session_class = KvSession
+    policy = KV_POLICY
 
     def __init__(self) -> None:
         # Shared by all sessions. Only touched from ServiceL, i.e. from the loop thread: no lock.

@@ -120,9 +120,9 @@ def test_serve_finds_a_plugin_in_the_current_directory(kernel, tmp_path):
         subprocess.run(["rm", "-rf", str(plugin_dir)], check=False)
 
 
-def test_ps_shows_the_kernel_counters(kernel):
+def test_ps_counters_shows_the_kernel_counters(kernel):
     kernel.serve("servers.echo:EchoServer", "echo")
-    result = kernel.client(["-m", "ipcfw", "ps"])
+    result = kernel.client(["-m", "ipcfw", "ps", "--counters"])
     assert result.returncode == 0, result.stderr
     counters = dict(line.split() for line in result.stdout.splitlines())
     assert counters["servers"] == "1"

@@ -8,7 +8,7 @@ Conventions for Markdown code blocks in ``docs/`` (the info string after the ope
   guide's server is up; the tests run it with ``python`` in that directory against a real kernel
   and server. A line ending in ``# -> TEXT`` promises that the program prints TEXT: each TEXT
   must appear in its output, in order.
-* ```` ```text ipcfw-ps ```` is sample ``ipcfw ps`` output; its counter names must be the
+* ```` ```text ipcfw-ps ```` is sample ``ipcfw ps --counters`` output; its counter names must be the
   kernel's.
 
 The walkthrough in docs/getting-started.md hosts ``hello_server:HelloServer`` with

@@ -16,6 +16,9 @@ import pytest
 
 from ipcfw import protocol
 from ipcfw.protocol import (
+    BATCH_MARK,
+    pack_batch,
+    unpack_batch,
     Attach,
     SessionPanicked,
     Admit,
@@ -25,9 +28,16 @@ from ipcfw.protocol import (
     ListSessions,
     SessionList,
     SessionRow,
+    CensusItem,
+    ProcessRow,
+    ServerRow,
     pack_census,
+    pack_process_rows,
+    pack_server_rows,
     pack_session_rows,
     unpack_census,
+    unpack_process_rows,
+    unpack_server_rows,
     unpack_session_rows,
     PeerGone,
     Dropped,
@@ -75,6 +85,9 @@ from ipcfw.protocol import (
 
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 U63_MAX = 2**63 - 1
+SERVER_ROW = ServerRow("echo", 4242, "/usr/bin/python3", (1, 2, 3), 1, True, 2, 3, 1500,
+                       60_000, "running")
+PROCESS_ROW = ProcessRow(4242, 1000, "/usr/bin/python3", 2, True, ("echo", "kv"), 3, 4)
 MESSAGE_CLASSES = frozenset(typing.get_args(protocol.Message))
 
 #: Arguments at every edge the codec accepts: ints at the 32-bit edges, read-only descriptors
@@ -172,7 +185,19 @@ ROUND_TRIP: list = [
     protocol.AwaitServer(U63_MAX, "n" * MAX_NAME),
     protocol.ListActivatable(1),
     protocol.ActivatableList(1, protocol.pack_activatable([("echo", "starting")])),
-    CensusReply(U63_MAX, pack_census({1: 2, I32_MAX: 2**32 - 1})),
+    CensusReply(U63_MAX, pack_census([
+        CensusItem(1, 2, 3, 1, 4), CensusItem(I32_MAX, 2**32 - 1, 2**32 - 1, 2**32 - 1, U63_MAX),
+    ])),
+    # the server and process lists, message ages (protocol 14)
+    Connect(1, "x", (1, 0, 0), 0, b"", (), 1, 2**32 - 1),
+    protocol.ListServers(1, ""),
+    protocol.ListServers(U63_MAX, "n" * MAX_NAME),
+    protocol.ServerList(1, "", b"\x90"),
+    protocol.ServerList(U63_MAX, "n" * MAX_NAME, pack_server_rows([SERVER_ROW])),
+    protocol.ListProcesses(1, 0),
+    protocol.ListProcesses(U63_MAX, 2**32 - 1),
+    protocol.ProcessList(1, 0, b"\x90"),
+    protocol.ProcessList(U63_MAX, 2**32 - 1, pack_process_rows([PROCESS_ROW])),
     # shared memory on a direct connection
     protocol.SharedMemory(),
     protocol.MappedRequest(1, 1, 1, ((0, 1 << 20, 0),), Mode.SYNC),
@@ -214,6 +239,7 @@ ROUND_TRIP: list = [
     PeerInfo(1, 4242, 1000, 1000, "/usr/bin/python3"),
     PeerInfo(U63_MAX, 2**32 - 1, 0, 2**32 - 1, ""),
     PeerInfo(2, 1, 2, 3, "/" + "p" * 4095),
+    PeerInfo(3, 1, 2, 3, "/bin/x", "ProtServ ReadUserData com.example.Billing"),
 ]
 
 
@@ -224,7 +250,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 43
+    assert len(MESSAGE_CLASSES) == 47
 
 
 def test_every_kind_has_exactly_one_class() -> None:
@@ -834,23 +860,43 @@ def test_compiled_validators_accept_exactly_what_the_field_checkers_accept() -> 
     assert verdicts[True] > 1_000 and verdicts[False] > 1_000
 
 
-# -- the tables inside SessionList and CensusReply (protocol 10) ------------------------------
+# -- the tables inside SessionList, ServerList, ProcessList and CensusReply (protocols 10, 14) --
 
 
 def test_session_rows_and_censuses_round_trip() -> None:
     rows = [SessionRow(1, "echo", 0, "OPEN", 0, ()),
-            SessionRow(I32_MAX, "s" * 80, 1, "CLOSING", 3, ((1, 255), (2**32 - 1, 0)))]
+            SessionRow(I32_MAX, "s" * 80, 1, "CLOSING", 3, ((1, 255), (2**32 - 1, 0)),
+                       U63_MAX, 2**32 - 1, 2**32 - 1, 255, -1, U63_MAX)]
     assert unpack_session_rows(pack_session_rows(rows)) == rows
-    assert unpack_census(pack_census({5: 1, 6: 0})) == {5: 1, 6: 0}
+    items = [CensusItem(5, 1, 1, 0, 0), CensusItem(6, 2, 7, 3, 1500)]
+    assert unpack_census(pack_census(items)) == items
+
+
+def test_server_and_process_rows_round_trip() -> None:
+    servers = [SERVER_ROW,
+               SERVER_ROW._replace(name="!p", exe="", direct=False, state="terminating")]
+    assert unpack_server_rows(pack_server_rows(servers)) == servers
+    processes = [PROCESS_ROW, PROCESS_ROW._replace(servers=(), inbox=False)]
+    assert unpack_process_rows(pack_process_rows(processes)) == processes
+
+
+_ROW = [1, "x", 0, "OPEN", 0, [], 0, 1, 2, 0, -1, 0]
+
+
+def _session_row(index: int, value: object) -> bytes:
+    row = list(_ROW)
+    row[index] = value
+    return msgpack.packb([row])
 
 
 @pytest.mark.parametrize("data", [
     b"", b"\xc1", msgpack.packb({"a": 1}), msgpack.packb([[1, "x", 0, "OPEN", 0]]),
-    msgpack.packb([[0, "x", 0, "OPEN", 0, []]]), msgpack.packb([[1, "x", 2, "OPEN", 0, []]]),
-    msgpack.packb([[1, "x", 0, "OPEN", 0, [1]]]), msgpack.packb([[1, "x", 0, "OPEN", -1, []]]),
-    msgpack.packb([[1, "x", 0, "OPEN", 0, []]] * 257), msgpack.packb(list(range(10**5))),
+    _session_row(0, 0), _session_row(2, 2), _session_row(5, [1]), _session_row(4, -1),
+    _session_row(6, -1), _session_row(7, "1"), _session_row(10, 256), _session_row(11, 2**63),
+    msgpack.packb([_ROW] * 257), msgpack.packb(list(range(10**5))),
 ])
 def test_a_malformed_session_table_is_a_protocol_error(data: bytes) -> None:
+    assert unpack_session_rows(msgpack.packb([_ROW]))  # (the row varied is good)
     with pytest.raises(ProtocolError, match="SessionList.rows"):
         unpack_session_rows(data)
 
@@ -872,7 +918,38 @@ def test_a_malformed_activatable_table_is_a_protocol_error(data: bytes) -> None:
         protocol.unpack_activatable(data)
 
 
-@pytest.mark.parametrize("data", [b"\x01", b"\x00" * 8, b"\xff\xff\xff\xff" + b"\x00" * 4])
+def _varied(row: tuple[object, ...], index: int, value: object) -> bytes:
+    fields = list(row)
+    fields[index] = value
+    return msgpack.packb([fields])
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\xc1", msgpack.packb({"a": 1}), msgpack.packb([list(SERVER_ROW)[:-1]]),
+    _varied(SERVER_ROW, 0, "n" * (MAX_NAME + 1)), _varied(SERVER_ROW, 1, -1),
+    _varied(SERVER_ROW, 3, [1, 0]), _varied(SERVER_ROW, 4, 3), _varied(SERVER_ROW, 5, 1),
+    _varied(SERVER_ROW, 7, -1), _varied(SERVER_ROW, 10, "s" * 17),
+    msgpack.packb([list(SERVER_ROW)] * 257),
+])
+def test_a_malformed_server_table_is_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(ProtocolError, match="ServerList.rows"):
+        unpack_server_rows(data)
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\xc1", msgpack.packb({"a": 1}), msgpack.packb([list(PROCESS_ROW)[:-1]]),
+    _varied(PROCESS_ROW, 0, -1), _varied(PROCESS_ROW, 2, 5), _varied(PROCESS_ROW, 4, 0),
+    _varied(PROCESS_ROW, 5, ["s"] * 65), _varied(PROCESS_ROW, 5, [1]),
+    _varied(PROCESS_ROW, 7, -1), msgpack.packb([list(PROCESS_ROW)] * 257),
+])
+def test_a_malformed_process_table_is_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(ProtocolError, match="ProcessList.rows"):
+        unpack_process_rows(data)
+
+
+@pytest.mark.parametrize("data", [
+    b"\x01", b"\x00" * 24, b"\xff\xff\xff\xff" + b"\x00" * 20, b"\x01" + b"\x00" * 22 + b"\x80",
+])
 def test_a_malformed_census_is_a_protocol_error(data: bytes) -> None:
     with pytest.raises(ProtocolError, match="CensusReply.counts"):
         unpack_census(data)
@@ -899,3 +976,29 @@ def test_an_error_text_is_cut_to_the_bound_with_a_marker():
 def test_a_completion_without_text_decodes_with_an_empty_one():
     assert decode(pack(Kind.COMPLETED, 1, -1, [])) == Completed(1, -1, (), "")
     assert decode(pack(Kind.COMPLETE, 1, -1, [])) == Complete(1, -1, (), "")
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+def test_a_batch_carries_its_frames_in_order_and_no_frame_looks_like_one() -> None:
+    frames = [encode(Completed(n, n, ())) for n in range(3)]
+    frames.append(encode(Completed(9, 0, ((0, b"x" * 300),))))
+    datagram = pack_batch(frames)
+    assert datagram[0] == BATCH_MARK and unpack_batch(datagram) == frames
+    # msgpack never begins a value with 0xc1: a frame is never mistaken for a batch.
+    with pytest.raises(ProtocolError):
+        decode(datagram)
+
+
+@pytest.mark.parametrize("datagram, pattern", [
+    (b"\xc1", "no frame"),
+    (b"\xc1\x05\x00\x00\x00abc", "a frame of 5 bytes at offset 5, with 3 bytes left"),
+    (b"\xc1\x00\x00\x00\x00", "a frame of 0 bytes"),
+    (b"\xc1\x01\x00\x00\x00a\x01\x00", "2 bytes left at offset 6, not a length"),
+    (b"\x93\x01\x02\x03", "does not begin with BATCH_MARK"),
+], ids=["empty", "short", "zero-length", "cut-length", "not-a-batch"])
+def test_a_malformed_batch_raises_protocol_error_naming_the_problem(datagram: bytes,
+                                                                    pattern: str) -> None:
+    with pytest.raises(ProtocolError, match=pattern):
+        unpack_batch(datagram)

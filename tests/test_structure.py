@@ -27,7 +27,8 @@ PURE_MODULES = [
     "ipcfw/server/state.py", "ipcfw/server/direct.py", "ipcfw/client/state.py",
     "ipcfw/client/args.py", "ipcfw/server/mapped.py", "ipcfw/_spin.py",
     "ipcfw/client/joining.py", "ipcfw/server/coroutines.py", "ipcfw/interface/codec.py",
-    "ipcfw/interface/spec.py", "ipcfw/kernel/activation.py",
+    "ipcfw/interface/spec.py", "ipcfw/security.py", "ipcfw/server/policy.py",
+    "ipcfw/kernel/activation.py",
 ]
 FORBIDDEN = frozenset(
     {"zmq", "os", "socket", "threading", "time", "psutil", "select", "subprocess"}

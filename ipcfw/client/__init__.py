@@ -4,12 +4,14 @@ descriptor write-back, session lifecycle); and the runtime that carries its requ
 (`runtime`: sockets, the I/O thread, waiting)."""
 
 from .args import TIpcArgs
-from .session import RSession, kernel_sessions, kernel_statistics, terminate_server
+from .introspect import kernel_processes, kernel_servers, kernel_sessions, kernel_statistics
+from .session import RSession, terminate_server
 from .status import TRequestStatus, User
 from .subsession import RSubSession
 from .waiting import wait_for_server
 
 __all__ = [
     "RSession", "RSubSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics",
-    "kernel_sessions", "terminate_server", "wait_for_server",
+    "kernel_sessions", "kernel_servers", "kernel_processes", "terminate_server",
+    "wait_for_server",
 ]

@@ -83,7 +83,8 @@ class Host(Protocol):
 
 def hello(socket: zmq.Socket[bytes], role: Role, endpoint: str) -> Welcome:
     """Say Hello on a new DEALER `socket` in `role`; the kernel's Welcome, or IpcError
-    (KErrCouldNotConnect, KErrNotSupported for another protocol)."""
+    (KErrCouldNotConnect, KErrNotSupported for another protocol, KErrPermissionDenied for a
+    process the kernel does not admit)."""
     socket.send(encode(Hello(int(role), PROTOCOL_VERSION)))
     if not socket.poll(int(HELLO_TIMEOUT * 1000)):
         raise errors.IpcError(
@@ -99,6 +100,9 @@ def hello(socket: zmq.Socket[bytes], role: Role, endpoint: str) -> Welcome:
             f"the kernel at {endpoint} speaks ipcfw protocol {reply.protocol}, this client "
             f"{PROTOCOL_VERSION}: run a kernel from the same ipcfw version",
         )
+    if reply.refusal:
+        raise errors.IpcError(reply.code or errors.KErrPermissionDenied,
+                              f"the kernel at {endpoint} refused this process: {reply.refusal}")
     return reply
 
 

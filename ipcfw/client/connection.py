@@ -19,6 +19,7 @@ import zmq
 
 from .. import errors
 from ..protocol import (
+    BATCH_MARK,
     DIRECT_ANSWER_OVERHEAD,
     DIRECT_MAX_UNREAD,
     SHARED_OVER,
@@ -29,6 +30,7 @@ from ..protocol import (
     ProtocolError,
     decode,
     direct_unread_bytes,
+    unpack_batch,
 )
 from . import shm
 from .channel import SETTLE_INTERVAL, SLICE, Channel, Host, LockedChannel
@@ -251,6 +253,18 @@ class DirectChannel(LockedChannel):
             self._dispatch_frame(frame)
 
     def _dispatch_frame(self, frame: bytes) -> None:
+        if frame[0] == BATCH_MARK:  # several answers in one datagram
+            try:
+                frames = unpack_batch(frame)
+            except ProtocolError as exc:
+                log.error("dropping a malformed batch from the server at %s: %s", self.path, exc)
+                return
+            for one in frames:
+                self._dispatch_one(one)
+        else:
+            self._dispatch_one(frame)
+
+    def _dispatch_one(self, frame: bytes) -> None:
         try:
             reply = decode(frame)
         except ProtocolError as exc:

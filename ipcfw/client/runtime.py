@@ -92,6 +92,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 import zmq
 
 from .. import endpoint as endpoints
+from ..kernelprobe import kernel_socket_exists
 from .. import errors
 from ..protocol import Attach, Close, Completed, Join, Panicked, encode
 from .channel import SLICE, Channel, W, Waitable
@@ -211,8 +212,7 @@ class Runtime:
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self._pid = os.getpid()  # (a forked child's copy is not its: `forked`)
-        path = endpoints.ipc_path(endpoint)
-        if not os.path.exists(path):
+        if not kernel_socket_exists(endpoint):
             raise errors.IpcError(
                 errors.KErrCouldNotConnect,
                 f"no ipcfw kernel at {endpoint} (start one with `ipcfw kernel`)",

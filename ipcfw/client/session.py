@@ -1,4 +1,4 @@
-"""RSession: a client's handle to a session with a server; terminate_server; kernel_statistics.
+"""RSession: a client's handle to a session with a server; terminate_server.
 
 A client is any Python process that holds `RSession` handles. It needs no setup beyond a running
 kernel (found through ``IPCFW_KERNEL`` or the default endpoint)::
@@ -40,9 +40,6 @@ from ..protocol import (
     Completed,
     Connect,
     Connected,
-    ListSessions,
-    SessionList,
-    SessionRow,
     EGlobalSharableSessions,
     ESharableSessions,
     EUnsharableSessions,
@@ -53,13 +50,10 @@ from ..protocol import (
     Request,
     Share,
     Shared,
-    Stats,
-    StatsReply,
     Terminate,
     TerminationReason,
     TServerType,
     encode,
-    unpack_session_rows,
 )
 from ..version import TVersion, to_version
 from .args import NO_ARGS, Args, TIpcArgs
@@ -72,7 +66,7 @@ from .waiting import wait_for_server, wait_for_server_async
 
 log = logging.getLogger("ipcfw.client")
 
-__all__ = ["RSession", "kernel_statistics", "terminate_server"]
+__all__ = ["RSession", "terminate_server"]
 
 _SYNC, _ASYNC, _BLIND = int(Mode.SYNC), int(Mode.ASYNC), int(Mode.BLIND)  # (enum reads cost 0.1 us)
 _PATHS = {"kernel": int(Path.KERNEL), "direct": int(Path.DIRECT)}  # CreateSession's `path`
@@ -348,7 +342,8 @@ class RSession:
         req_id = runtime.next_req_id()
         then_id = runtime.next_req_id() if first else 0
         first = (then_id, *first) if first else ()
-        frame = encode(Connect(req_id, name, version, message_slots, payload, first, path))
+        frame = encode(Connect(req_id, name, version, message_slots, payload, first, path,
+                               threading.get_native_id()))
         return frame, req_id, then_id, first_args
 
     def _connected(self, runtime: Runtime, reply: Message, *,
@@ -764,35 +759,4 @@ def terminate_server(
     if type(reply) is not Completed:
         raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Terminate: {reply!r}")
     errors.check(reply.value)
-
-
-def kernel_statistics(endpoint: str | None = None, timeout: float = 5.0) -> dict[str, int]:
-    """The kernel's counters: peers, processes, servers, sessions by state, messages, slots."""
-    runtime = Runtime.for_endpoint(endpoint)
-    req_id = runtime.next_req_id()
-    reply = runtime.channel().call(encode(Stats(req_id)), req_id, timeout)
-    if type(reply) is not StatsReply:
-        raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to Stats: {reply!r}")
-    return dict(reply.counters)
-
-
-def kernel_sessions(endpoint: str | None = None, timeout: float = 5.0) -> list[SessionRow]:
-    """Every session the kernel holds, in handle order (what ``ipcfw ps`` lists): handle,
-    server, data path, state, outstanding messages (for a direct session, with what its
-    server has in service on its direct connections) and holders, as (pid, attached threads)
-    per process. Asked a page at a time (`ipcfw.protocol.SESSIONS_PAGE` sessions)."""
-    runtime = Runtime.for_endpoint(endpoint)
-    rows: list[SessionRow] = []
-    after = 0
-    while True:
-        req_id = runtime.next_req_id()
-        reply = runtime.channel().call(encode(ListSessions(req_id, after)), req_id, timeout)
-        if type(reply) is not SessionList:
-            raise errors.IpcError(
-                errors.KErrGeneral, f"unexpected reply to ListSessions: {reply!r}"
-            )
-        rows += unpack_session_rows(reply.rows)
-        if not reply.next:
-            return rows
-        after = reply.next
 

@@ -42,6 +42,9 @@ class KernelLimits:
     #: Frames the kernel's socket queues from one peer before that peer's sends wait (zmq's
     #: receive high-water mark); at most this many times max_frame bytes per peer.
     receive_hwm: int = 1000
+    #: Connections one uid may have open at once (each client thread's channel, each client
+    #: process's inbox, each server): the next Hello of that uid is refused with KErrOverflow.
+    connections_per_uid: int = 10_000
     #: Frames waiting for one peer that is not reading before the kernel stops serving it
     #: (tells it, with a Dropped notice, and forgets it). 0: `least_backlog()`, derived from the
     #: limits above; a smaller value may cut off a paused client that keeps within them.

@@ -54,11 +54,13 @@ from .._zmqflags import NOBLOCK, RCVMORE, SNDMORE
 from ..naming import lookup_key
 from ..protocol import Hello, ProtocolError, decode, encode
 from .activation import Kill, Service, Spawn
+from .config import KernelConfig
 from .limits import KernelLimits
 from .liveness import ProcessWatcher, UnknownPeer, identify
 from .spawner import Exit, Spawner
 from .state import (
     Action,
+    Admission,
     KernelInvariantError,
     KernelState,
     PeerMisbehaved,
@@ -138,10 +140,12 @@ class Kernel:
         limits: KernelLimits | None = None,
         protserv_uids: Iterable[int] = (),
         services: Iterable[Service] = (),
+        config: KernelConfig | None = None,
     ) -> None:
         self.endpoint = endpoints.resolve(endpoint)
         self.socket_path = endpoints.ipc_path(self.endpoint)
-        self.limits = (limits or KernelLimits()).check()
+        self.config = config or KernelConfig()
+        self.limits = (limits or self.config.limits).check()
         if self.limits.max_backlog < self.limits.least_backlog():
             log.warning(
                 "max_backlog %d is below %d (outstanding + sessions per process + slack): a "
@@ -154,8 +158,11 @@ class Kernel:
             max_frame=self.limits.max_frame,
             sessions_per_process=self.limits.sessions_per_process,
             outstanding_per_process=self.limits.outstanding_per_process,
+            connections_per_uid=self.limits.connections_per_uid,
             protserv_uids=frozenset(protserv_uids),
             services=services,
+            admission=Admission(os.getuid(), self.config.admit_uids, self.config.admit_gids),
+            grants=self.config.capabilities,
         )
         self._spawner = Spawner(self.endpoint, self._watch_fd, self._unwatch_fd)
         self._stop = threading.Event()
@@ -177,7 +184,7 @@ class Kernel:
 
     def run(self, ready: threading.Event | None = None) -> None:
         """Bind, serve until stopped, then remove the socket file. Blocks."""
-        endpoints.ensure_private_dir(os.path.dirname(self.socket_path))
+        endpoints.ensure_private_dir(os.path.dirname(self.socket_path), self.config.group)
         lock = _EndpointLock(self.socket_path)
         context = zmq.Context()
         try:
@@ -210,7 +217,8 @@ class Kernel:
         router.rcvhwm = self.limits.receive_hwm  # frames queued per peer: bounds their memory
         router.maxmsgsize = self.limits.max_frame + 4096  # last-resort guard; clients check first
         router.linger = 0
-        old_umask = os.umask(0o077)
+        # The socket file: the kernel's user's alone, or its configured group's too.
+        old_umask = os.umask(0o077 if self.config.group is None else 0o007)
         try:
             router.bind(self.endpoint)
         finally:
@@ -225,11 +233,12 @@ class Kernel:
         self._poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
             timeout = 5 if self._backlog or self.state.held_back else 200
-            self.state.now = time.monotonic()
             if self.state.activations.timed:
-                timeout = self._activation_timeout(timeout)
-            for source, _ in self._poller.poll(timeout):
                 self.state.now = time.monotonic()
+                timeout = self._activation_timeout(timeout)
+            events = self._poller.poll(timeout)
+            self.state.now = time.monotonic()  # (the state's clock: message ages, ipcfw ps)
+            for source, _ in events:
                 try:
                     if source is self._router:
                         self._drain_router()

@@ -61,9 +61,13 @@ Rules this module keeps:
    server always knows a ticket before anyone can present it. Requests that then go direct
    never reach the kernel; the kernel still decides who holds, counts holders and ends the
    session. An Open of a direct session names the server's socket (no ticket).
-12. The session list (`ListSessions`, for `ipcfw ps`) is answered from the tables, a page at
-   a time; for direct sessions the servers are first asked (`Census`, one at a time per server)
-   what is in service on their direct connections. A server's death answers for it.
+12. The session, server and process lists (`ListSessions`, `ListServers`, `ListProcesses`,
+   for `ipcfw ps`) are answered from the tables, a page at a time; when the page counts what
+   servers taking direct connections hold, those servers are first asked (`Census`, one at a
+   time per server) what is in service on their direct connections. A server's death answers
+   for it. Every message the kernel holds has an age: `now` (set by the loop before each turn)
+   when it was made; a census says how long its oldest has been in service, per session and
+   client process; a list shows the oldest outstanding message's age of each row.
 13. A channel may wait for a server name (`AwaitServer`, for start-up that cannot race): it is
    answered Completed(KErrNone) as soon as a server registers the name, at once if one is
    registered and not terminating. At most `MAX_AWAITS` waits per channel (KErrOverflow for the
@@ -84,12 +88,14 @@ import collections
 import difflib
 import enum
 import itertools
+import logging
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from collections.abc import Callable, Iterable
 
 from .. import errors
+from ..security import USER_CAPABILITIES
 from ..naming import is_protected, lookup_key, name_problem, not_registered
 from ..protocol import (
     Args,
@@ -115,11 +121,21 @@ from ..protocol import (
     Census,
     CensusReply,
     Join,
+    ListProcesses,
+    ListServers,
     ListSessions,
+    ProcessList,
+    ProcessRow,
     ProtocolError,
+    ServerList,
+    ServerRow,
     SessionList,
     SessionRow,
+    PROCESSES_PAGE,
+    SERVERS_PAGE,
     SESSIONS_PAGE,
+    pack_process_rows,
+    pack_server_rows,
     pack_session_rows,
     unpack_census,
     Negotiated,
@@ -149,6 +165,8 @@ from ..protocol import (
     pack_activatable,
 )
 from .activation import MAX_HELD, Activations, Failure, Kill, Service, Spawn
+
+log = logging.getLogger("ipcfw.kernel")
 
 #: Symbian's per-session limit on outstanding messages (KMaxMsgLimit).
 MAX_OUTSTANDING = 512
@@ -187,6 +205,25 @@ class ProcessIdentity(NamedTuple):
 
 
 # -- actions ---------------------------------------------------------------------------------
+
+
+class Admission(NamedTuple):
+    """Who the kernel admits (its configuration's [admission]): its own uid, the `uids`, and
+    any process whose (primary) gid is one of `gids`."""
+
+    kernel_uid: int
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+
+    def refusal(self, identity: ProcessIdentity) -> str | None:
+        """Why `identity` is not admitted; None if it is."""
+        uid, gid = identity.uid, identity.gid
+        if uid == self.kernel_uid or uid in self.uids or gid in self.gids:
+            return None
+        admitted = ", ".join([f"uid {uid}" for uid in sorted({self.kernel_uid, *self.uids})]
+                             + [f"gid {gid}" for gid in sorted(self.gids)])
+        return (f"uid {identity.uid} (gid {identity.gid}) is not admitted: this kernel admits "
+                f"{admitted} ([admission] in its configuration)")
 
 
 class Send(NamedTuple):
@@ -372,9 +409,11 @@ class ServerRecord:
     # messages of the kernel's tables (so a freed one is taken out) and by a negative number
     # for the others. None while it reads.
     held: collections.OrderedDict[int, Message] | None = None
-    # Messages in service on its direct connections, per session, as its last CensusReply said;
-    # and whether a Census is on its way to it.
-    census: dict[int, int] = field(default_factory=dict)
+    since: float = 0.0  # the kernel's `now` when it registered
+    # Messages in service on its direct connections, per (session, client pid), as its last
+    # CensusReply said: (count, slots used, the kernel's `now` when the oldest began); and
+    # whether a Census is on its way to it.
+    census: dict[tuple[int, int], tuple[int, int, float]] = field(default_factory=dict)
     census_asked: bool = False
 
 
@@ -398,6 +437,8 @@ class SessionRecord:
     # On the direct path: the creator's one-time ticket, until the Connected that carries it.
     ticket: bytes = b""
     direct: bool = False  # its threads' requests go on direct connections to the server
+    since: float = 0.0  # the kernel's `now` when it was created
+    thread: int = 0  # the creating thread's native id, as its Connect said (0: not said)
 
     def __repr__(self) -> str:
         return (
@@ -419,15 +460,16 @@ class MessageRecord:
     writable: dict[int, int]  # arg index -> max length
     payer: ProcessRecord | None = None  # a request's process: it counts towards its limit
     ticket: bytes = b""  # an ADMIT's: the client gets it once the server holds it
+    since: float = 0.0  # the kernel's `now` when it was made
 
 
 @dataclass(eq=False)
 class Listing:
-    """A ListSessions waiting for the censuses of the servers of its direct sessions."""
+    """A list (ListSessions, ListServers, ListProcesses) waiting for the censuses of the
+    servers whose direct connections its page counts."""
 
     rid: bytes
-    req_id: int
-    after: int
+    message: ListSessions | ListServers | ListProcesses
     waiting: set[bytes]  # routing ids of the servers not yet answered
 
 
@@ -443,18 +485,27 @@ class KernelState:
         kernel_pid: int = 0,
         pool_slots: int = 4096,
         protserv_uids: frozenset[int] = frozenset(),
+        admission: Admission | None = None,
+        grants: Callable[[int, int, str], frozenset[str]] | None = None,
         max_frame: int = MAX_FRAME,
         sessions_per_process: int = 10_000,
         outstanding_per_process: int = 100_000,
+        connections_per_uid: int = 10_000,
         new_token: Callable[[], bytes] = lambda: secrets.token_bytes(TOKEN_BYTES),
         services: Iterable[Service] = (),
     ) -> None:
-        self.now: float = 0.0  # the loop's clock (time.monotonic()), set at each turn
         self.kernel_pid = kernel_pid
+        self.now: float = 0.0  # the loop's clock (seconds), set before each turn: message ages
         self.pool_slots = pool_slots
         self.sessions_per_process = sessions_per_process
         self.outstanding_per_process = outstanding_per_process
+        self.connections_per_uid = connections_per_uid
+        self.connections_of_uid: collections.Counter[int] = collections.Counter()
         self.protserv_uids = protserv_uids
+        # Who may say Hello (None: everyone who reaches the socket, which is private to the
+        # kernel's user unless the configuration opens it), and the capabilities of each.
+        self.admission = admission
+        self.grants = grants
         self.max_frame = max_frame
         self.new_token = new_token
         self.tokens: dict[bytes, int] = {}  # ShareProtected token -> handle
@@ -494,7 +545,9 @@ class KernelState:
             Panic: self._panic,
             Stats: self._stats,
             Join: self._join,
-            ListSessions: self._list_sessions,
+            ListSessions: self._list,
+            ListServers: self._list,
+            ListProcesses: self._list,
             CensusReply: self._census_reply,
             AwaitServer: self._await_server,
             ListActivatable: self._list_activatable,
@@ -510,6 +563,17 @@ class KernelState:
         if message.protocol != PROTOCOL_VERSION:
             # Not admitted; the Welcome tells the peer which protocol the kernel speaks.
             return [Send(rid, welcome)]
+        refusal = self.admission.refusal(identity) if self.admission is not None else None
+        if refusal is not None:
+            log.warning("refused pid %d (uid %d, gid %d, %s): %s", identity.pid, identity.uid,
+                        identity.gid, identity.exe or "unknown executable", refusal)
+            return [Send(rid, welcome._replace(refusal=refusal,
+                                               code=errors.KErrPermissionDenied))]
+        if self.connections_of_uid[identity.uid] >= self.connections_per_uid:
+            return [Send(rid, welcome._replace(code=errors.KErrOverflow, refusal=(
+                f"uid {identity.uid} has {self.connections_per_uid} connections open, the most "
+                f"this kernel allows one uid (its limit connections_per_uid)")))]
+        self.connections_of_uid[identity.uid] += 1
         role = Role(message.role)
         process = self.processes.get(identity.key)
         if role is Role.INBOX and process is not None and process.inbox is not None:
@@ -560,6 +624,10 @@ class KernelState:
             return []
         actions: list[Action] = []
         process = peer.process
+        uid = process.identity.uid
+        self.connections_of_uid[uid] -= 1
+        if not self.connections_of_uid[uid]:
+            del self.connections_of_uid[uid]
         process.peers.discard(rid)
         if process.inbox == rid:
             process.inbox = None
@@ -698,7 +766,8 @@ class KernelState:
         if code:
             return [Send(peer.rid, Completed(message.req_id, code, ()))]
         server = ServerRecord(
-            message.name, peer.rid, peer.process, message.sharing, message.version, message.direct
+            message.name, peer.rid, peer.process, message.sharing, message.version, message.direct,
+            since=self.now,
         )
         key = lookup_key(message.name)
         self.servers[key] = server
@@ -814,7 +883,8 @@ class KernelState:
             text = self._connect_error_text(message.name, code)
             return [Send(peer.rid, Connected(message.req_id, code, 0, b"", text=text))]
         server = self.servers[lookup_key(message.name)]
-        session = SessionRecord(self._new_handle(), server, peer, message.slots)
+        session = SessionRecord(self._new_handle(), server, peer, message.slots,
+                                since=self.now, thread=message.thread)
         if message.path == Path.DIRECT and server.direct:
             # The ticket goes to the server first (NewSession), then to the client (Connected):
             # the server knows it before anyone can present it.
@@ -1184,7 +1254,7 @@ class KernelState:
     ) -> MessageRecord:
         record = MessageRecord(
             next(self._msg_ids), kind, session, reply_to, reply_to, req_id, slot,
-            writable or _NO_WRITABLE,
+            writable or _NO_WRITABLE, since=self.now,
         )
         self.messages[record.msg_id] = record
         session.messages.add(record.msg_id)
@@ -1217,12 +1287,23 @@ class KernelState:
             return []
         server.informed.add(process.client_key)
         who = process.identity
+        granted = " ".join(sorted(self.capabilities_of(who)))
         return [
             Send(
                 server.rid,
-                PeerInfo(process.client_key, who.pid, who.uid, who.gid, who.exe),
+                PeerInfo(process.client_key, who.pid, who.uid, who.gid, who.exe, granted),
             )
         ]
+
+    def capabilities_of(self, identity: ProcessIdentity) -> frozenset[str]:
+        """The capabilities the kernel grants a process: what `grants` says (the configuration:
+        ipcfw.kernel.config), or else those a user grants an application
+        (`USER_CAPABILITIES`); and ``ProtServ`` to the uids in `protserv_uids`."""
+        granted = (self.grants(identity.uid, identity.gid, identity.exe)
+                   if self.grants is not None else USER_CAPABILITIES)
+        if identity.uid in self.protserv_uids:
+            return granted | {"ProtServ"}
+        return granted
 
     def _own_message(self, peer: Peer, msg_id: int, message: Message) -> MessageRecord | None:
         server = self.server_of_peer.get(peer.rid)
@@ -1393,24 +1474,33 @@ class KernelState:
             self.admitted += record.reply_to is not None  # (the thread may have gone meanwhile)
         return self._answer(record, reply)
 
-    # -- the session list (ipcfw ps) -----------------------------------------------------------
+    # -- the session, server and process lists (ipcfw ps) -------------------------------------
 
-    def _list_sessions(self, peer: Peer, message: ListSessions) -> list[Action]:
-        """A page of the session list; for its direct sessions, first ask their servers what
-        is in service on their direct connections (one Census per server at a time)."""
-        page = self._session_page(message.after)
-        servers = {s.server for s in page if s.direct and s.server.rid in self.server_of_peer}
+    def _list(self, peer: Peer, message: ListSessions | ListServers | ListProcesses
+              ) -> list[Action]:
+        """A page of a list; if it counts what servers hold on their direct connections, first
+        ask those servers (one Census per server at a time)."""
+        servers = [s for s in self._census_servers(message) if s.rid in self.server_of_peer]
         if not servers or len(self.listings) >= MAX_LISTINGS:
-            return [self._session_list(peer.rid, message.req_id, message.after)]
-        self.listings.append(
-            Listing(peer.rid, message.req_id, message.after, {s.rid for s in servers})
-        )
+            return [self._list_page(peer.rid, message)]
+        self.listings.append(Listing(peer.rid, message, {s.rid for s in servers}))
         actions: list[Action] = []
         for server in sorted(servers, key=lambda s: s.name):
             if not server.census_asked:
                 server.census_asked = True
                 actions.append(Send(server.rid, Census(0)))
         return actions
+
+    def _census_servers(self, message: ListSessions | ListServers | ListProcesses
+                        ) -> set[ServerRecord]:
+        """The servers whose census the page `message` asks for counts."""
+        if type(message) is ListSessions:
+            return {s.server for s in self._session_page(message.after) if s.direct}
+        if type(message) is ListServers:
+            servers: Iterable[ServerRecord] = self._server_page(message.after)
+        else:
+            servers = self.servers.values()  # (any may serve any process)
+        return {s for s in servers if s.direct and any(self.sessions[h].direct for h in s.sessions)}
 
     def _census_reply(self, peer: Peer, message: CensusReply) -> list[Action]:
         server = self.server_of_peer.get(peer.rid)
@@ -1419,10 +1509,14 @@ class KernelState:
                 "not a server", "CensusReply from a peer that registered no server"
             )
         try:
-            counts = unpack_census(message.counts)
+            items = unpack_census(message.counts)
         except ProtocolError as exc:
             raise PeerMisbehaved("bad census", str(exc)) from None
-        server.census = {h: n for h, n in counts.items() if h in server.sessions}
+        server.census = {
+            (item.handle, item.pid): (item.messages, item.slots_used,
+                                      self.now - item.oldest / 1000)
+            for item in items if item.handle in server.sessions and item.messages
+        }
         server.census_asked = False
         return self._census_done(server.rid)
 
@@ -1434,29 +1528,106 @@ class KernelState:
             if not listing.waiting:
                 self.listings.remove(listing)
                 if listing.rid in self.peers:
-                    actions.append(self._session_list(listing.rid, listing.req_id, listing.after))
+                    actions.append(self._list_page(listing.rid, listing.message))
         return actions
+
+    def _list_page(self, rid: bytes, message: ListSessions | ListServers | ListProcesses
+                   ) -> Send:
+        if type(message) is ListSessions:
+            sessions = self._session_page(message.after)
+            more = sessions[-1].handle if len(sessions) == SESSIONS_PAGE else 0
+            rows = pack_session_rows([self._session_row(s) for s in sessions])
+            return Send(rid, SessionList(message.req_id, more, rows))
+        if type(message) is ListServers:
+            servers = self._server_page(message.after)
+            key = lookup_key(servers[-1].name) if len(servers) == SERVERS_PAGE else ""
+            rows = pack_server_rows([self._server_row(s) for s in servers])
+            return Send(rid, ServerList(message.req_id, key, rows))
+        assert type(message) is ListProcesses
+        pid = message.after
+        processes = sorted((p for p in self.processes.values() if p.identity.pid > pid),
+                           key=lambda p: p.identity.pid)
+        processes = processes[:PROCESSES_PAGE]
+        last = processes[-1].identity.pid if len(processes) == PROCESSES_PAGE else 0
+        rows = pack_process_rows(self._process_rows(processes))
+        return Send(rid, ProcessList(message.req_id, last, rows))
 
     def _session_page(self, after: int) -> list[SessionRecord]:
         handles = sorted(h for h in self.sessions if h > after)[:SESSIONS_PAGE]
         return [self.sessions[h] for h in handles]
 
-    def _session_list(self, rid: bytes, req_id: int, after: int) -> Send:
-        page = self._session_page(after)
-        rows = [self._session_row(session) for session in page]
-        more = page[-1].handle if len(page) == SESSIONS_PAGE else 0
-        return Send(rid, SessionList(req_id, more, pack_session_rows(rows)))
+    def _server_page(self, after: str) -> list[ServerRecord]:
+        keys = sorted(key for key in self.servers if key > after)[:SERVERS_PAGE]
+        return [self.servers[key] for key in keys]
+
+    def _age(self, since: float) -> int:
+        """Milliseconds from `since` to now (never negative)."""
+        return max(0, int((self.now - since) * 1000))
+
+    def _outstanding(self, records: Iterable[MessageRecord],
+                     direct: Iterable[tuple[int, int, float]]) -> tuple[int, int]:
+        """How many messages `records` and the census entries `direct` ((count, slots used,
+        since) each) hold, and the oldest one's age in ms (0 with none)."""
+        count, oldest = 0, self.now
+        for record in records:
+            count += 1
+            oldest = min(oldest, record.since)
+        for n, _, since in direct:
+            count += n
+            oldest = min(oldest, since)
+        return count, self._age(oldest) if count else 0
+
+    @staticmethod
+    def _census(server: ServerRecord) -> list[tuple[int, tuple[int, int, float]]]:
+        """(client pid, (count, slots used, since)) of `server`'s last census, for its sessions
+        still open on the direct path (a census is not pruned as sessions end)."""
+        return [(pid, entry) for (handle, pid), entry in server.census.items()
+                if handle in server.sessions]
 
     def _session_row(self, session: SessionRecord) -> SessionRow:
         threads: collections.Counter[ProcessRecord] = collections.Counter(
             self.peers[rid].process for rid in session.attached
         )
         holders = tuple(sorted((p.identity.pid, threads[p]) for p in session.holders))
-        outstanding = len(session.messages)
-        if session.direct:
-            outstanding += session.server.census.get(session.handle, 0)
+        census = session.server.census
+        direct = [entry for (handle, _), entry in census.items()
+                  if handle == session.handle] if session.direct else []
+        outstanding, oldest = self._outstanding(
+            (self.messages[m] for m in session.messages), direct
+        )
+        slots_used = session.slots_used + sum(slots for _, slots, _ in direct)
         return SessionRow(session.handle, session.server.name, int(session.direct),
-                          session.state.value, outstanding, holders)
+                          session.state.value, outstanding, holders, oldest,
+                          session.creator.process.identity.pid, session.thread,
+                          slots_used, session.slots, self._age(session.since))
+
+    def _server_row(self, server: ServerRecord) -> ServerRow:
+        outstanding, oldest = self._outstanding(
+            server.messages.values(), (entry for _, entry in self._census(server))
+        )
+        identity = server.process.identity
+        state = "running" if server.terminating is None else "terminating"
+        return ServerRow(server.name, identity.pid, identity.exe, server.version, server.sharing,
+                         bool(server.direct), len(server.sessions), outstanding, oldest,
+                         self._age(server.since), state)
+
+    def _process_rows(self, processes: list[ProcessRecord]) -> list[ProcessRow]:
+        direct: collections.Counter[int] = collections.Counter()  # pid -> in service
+        for server in self.servers.values():
+            for pid, (count, _, _) in self._census(server):
+                direct[pid] += count
+        rows = []
+        for process in processes:
+            peers = [self.peers[rid] for rid in process.peers]
+            identity = process.identity
+            names = tuple(sorted(self.server_of_peer[p.rid].name for p in peers
+                                 if p.rid in self.server_of_peer))
+            rows.append(ProcessRow(
+                identity.pid, identity.uid, identity.exe,
+                sum(p.role is Role.CHANNEL for p in peers), process.inbox is not None, names,
+                len(process.sessions), process.outstanding + direct[identity.pid],
+            ))
+        return rows
 
     def _cancel(self, peer: Peer, message: Cancel) -> list[Action]:
         """Complete the request with KErrCancel now, free its slot, and tell the server.

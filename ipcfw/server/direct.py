@@ -85,6 +85,7 @@ from .. import errors
 from ..protocol import (
     Attach,
     Cancel,
+    CensusItem,
     Close,
     Completed,
     Mode,
@@ -200,6 +201,7 @@ class DirectRules:
         self.io = io
         self.max_frame = max_frame
         self.ended = False
+        self.now: float = 0.0  # the host's clock (seconds), set before each turn: request ages
         self._state = state
         self._name = name
         self._tickets: dict[bytes, _Ticket] = {}
@@ -368,16 +370,21 @@ class DirectRules:
         """How many connections have `handle` attached."""
         return len(self._holders.get(handle, ()))
 
-    def census(self) -> dict[int, int]:
-        """Per session with any, its requests in service on its direct connections (the
-        kernel's Census, for `ipcfw ps`)."""
-        counts: dict[int, int] = {}
+    def census(self) -> list[CensusItem]:
+        """Per session and client process with any, its requests in service on its direct
+        connections, how many of them hold a slot, and how long (ms, by `now`) the oldest has
+        been (the kernel's Census, for `ipcfw ps`)."""
+        found: dict[tuple[int, int], tuple[int, int, float]] = {}
         connections = {c for holders in self._holders.values() for c in holders}
         for connection in connections:  # (one pass over each connection's requests)
             for message in connection.in_service.values():
                 if isinstance(message, DirectMessage) and message.handle in connection.attached:
-                    counts[message.handle] = counts.get(message.handle, 0) + 1
-        return counts
+                    key = (message.handle, connection.pid)
+                    count, slots, since = found.get(key, (0, 0, message.since))
+                    found[key] = (count + 1, slots + (message.mode != _SYNC),
+                                  min(since, message.since))
+        return [CensusItem(handle, pid, count, slots, max(0, int((self.now - since) * 1000)))
+                for (handle, pid), (count, slots, since) in sorted(found.items())]
 
     def statistics(self) -> dict[str, int]:
         """Counts: unused tickets, attached sessions, outstanding slots, dead sessions."""
@@ -457,6 +464,7 @@ class DirectRules:
         held = connection.in_service
         message = DirectMessage(connection, req_id, request.function, request.args, session,
                                 connection.client, held, handle, mode)
+        message.since = self.now
         self._live.add(message)
         self._state.service(session, message, request.function, held, req_id)
         return False

@@ -35,7 +35,7 @@ from .. import errors
 from .._spin import SPIN, AdaptiveSpin
 from .._wakeup import WakePipe
 from .._zmqflags import NOBLOCK
-from ..kernelprobe import no_kernel_error, wait_for_kernel
+from ..kernelprobe import kernel_socket_exists, no_kernel_error, wait_for_kernel
 from ..protocol import (
     PROTOCOL_VERSION,
     Completed,
@@ -243,7 +243,7 @@ class ServerHost:
         seconds for one, if set), False if stopped meanwhile; raises ``CouldNotConnect`` with
         what to do if none is."""
         if self.wait_kernel is None:
-            if not os.path.exists(endpoints.ipc_path(self.endpoint)):
+            if not kernel_socket_exists(self.endpoint):
                 raise no_kernel_error(self.endpoint)
             return True
         if self._await_kernel(self.wait_kernel):
@@ -277,6 +277,10 @@ class ServerHost:
                 f"the kernel speaks ipcfw protocol {welcome.protocol}, this server "
                 f"{PROTOCOL_VERSION}: run a kernel from the same ipcfw version",
             )
+        if welcome.refusal:
+            raise errors.IpcError(welcome.code or errors.KErrPermissionDenied,
+                                  f"the kernel at {self.endpoint} refused this server: "
+                                  f"{welcome.refusal}")
         version = to_version(self.server.version, f"{type(self.server).__name__}.version")
         reply = self._exchange(
             Register(1, self.server.name, int(self.server.sharing), version, direct), Completed
@@ -355,6 +359,8 @@ class ServerHost:
     def _turn(self, ready: dict[Any, int], kernel_fd: int, port: DirectPort) -> bool:
         """Serve what `ready` holds (or, for the port, its timers); True if that included a
         direct connection."""
+        if self.state is not None and self.state.direct is not None:
+            self.state.direct.now = time.monotonic()  # (the rules stamp requests with it)
         if self._wakeup.fd in ready:
             self._flush_outbox()
         if self._socket in ready:

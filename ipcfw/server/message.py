@@ -43,6 +43,7 @@ from ..protocol import (
     encode,
     error_text,
 )
+from ..security import capability_name
 from .mapped import MappedArgs, MappedDescriptor
 
 log = logging.getLogger("ipcfw.server")
@@ -54,12 +55,14 @@ __all__ = ["ClientInfo", "ServerPanic", "RMessage", "Completer", "MessageKind", 
 
 
 class ClientInfo(NamedTuple):
-    """Who sent a message, as the kernel saw it from the transport (never self-reported)."""
+    """Who sent a message, as the kernel saw it from the transport (never self-reported), and
+    the capabilities the kernel grants that process (see ipcfw.security)."""
 
     pid: int
     uid: int
     gid: int
     exe: str
+    capabilities: frozenset[str] = frozenset()
 
 
 class ServerPanic(Exception):
@@ -311,8 +314,25 @@ class RMessage:
         return self._client
 
     def SecureId(self) -> int:
-        """The client's secure identity: its uid, which the transport vouches for."""
+        """The client's secure identity (Symbian's SID): its uid, which the transport vouches
+        for (see docs/security.md)."""
         return self.Client().uid
+
+    def VendorId(self) -> int:
+        """The client's vendor identity (Symbian's VID): its gid, which the transport vouches
+        for (see docs/security.md)."""
+        return self.Client().gid
+
+    def HasCapability(self, capability: str, diagnostic: str | None = None) -> bool:
+        """True if the kernel grants the client's process `capability` (a Symbian name such as
+        ``"ReadUserData"``, or a custom one). When it does not and `diagnostic` is given, the
+        refusal is logged (warning) with it, the client and the capability."""
+        held = capability_name(capability) in self.Client().capabilities
+        if not held and diagnostic is not None:
+            client = self.Client()
+            log.warning("%s: pid %d (%s) lacks capability %s", diagnostic, client.pid,
+                        client.exe or "unknown executable", capability)
+        return held
 
     def Session(self) -> Any:
         """The `CSession` this message belongs to (None for a connect message)."""
@@ -441,10 +461,11 @@ class DirectMessage(RMessage):
     reads: ``Completed(req_id, value, writes)``, or ``Panicked(req_id, handle, category, reason,
     1)``; `msg_id` is the client's req_id. `handle` and `mode` are what the direct rules
     (`ipcfw.server.direct`) need when it ends (its slot, a blind answer dropped), and `panic` is
-    set to (category, reason) when ``Panic`` ended it. Not for plugins.
+    set to (category, reason) when ``Panic`` ended it; `since` is the direct rules' clock when
+    they took it (its age in ``ipcfw ps``). Not for plugins.
     """
 
-    __slots__ = ("handle", "mode", "panic", "mapped")
+    __slots__ = ("handle", "mode", "panic", "mapped", "since")
 
     def __init__(self, completer: Completer, req_id: int, function: int, args: tuple[Any, ...],
                  session: Any, client: ClientInfo | None, held_in: InService | None,
@@ -454,6 +475,7 @@ class DirectMessage(RMessage):
         self.handle = handle
         self.mode = mode
         self.panic: tuple[str, int] | None = None
+        self.since = 0.0
         # Its descriptors in shared memory (ipcfw.server.mapped), released when it ends.
         self.mapped: MappedArgs | None = args if type(args) is MappedArgs else None
 

@@ -178,6 +178,12 @@ class Layers:
             self.server, self.server.NewSessionL(version, message), handle
         )
 
+    @staticmethod
+    def reaches_server(session: CSession) -> bool:
+        """Whether a request for `session` goes to the server's own session, not an overlay's
+        (a server's policy, ``CPolicyServer``, applies to those only)."""
+        return not isinstance(session, LayeredSession) or session.at_server()
+
     def error_string(self, code: int) -> str | None:
         """``RSession.ErrorString``'s answer: the overlays' (outermost first), then the
         server's; None if no layer owns `code`."""
@@ -218,6 +224,10 @@ class LayeredSession(CSession):
         self.index, self.current = index, session
         if isinstance(session, COverlaySession):
             session.bind(self)
+
+    def at_server(self) -> bool:
+        """True once the server (not an overlay) serves the session."""
+        return self.current is not None and self.index == len(self.layers.overlays)
 
     def hand_off_from(self, session: CSession) -> None:
         """`session` (an overlay's) hands the session to the next layer (`HandOff`)."""

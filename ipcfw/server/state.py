@@ -101,6 +101,7 @@ from .message import (
     complete_forgotten,
     complete_unless_ended,
 )
+from .policy import CPolicyServer, PolicyGate
 from .plugin import CServer, CSession, close_subsessions, code_of, service_failed, text_of
 
 log = logging.getLogger("ipcfw.server")
@@ -135,6 +136,10 @@ class Stack(Protocol):
 
     def error_string(self, code: int) -> str | None:
         """The description of `code` from the layer that owns it, if any."""
+
+    def reaches_server(self, session: CSession) -> bool:
+        """Whether a request for `session` goes to the server's own session (not an
+        overlay's)."""
 
 
 class ServerState:
@@ -178,6 +183,10 @@ class ServerState:
         self.dropped: Dropped | None = None  # the kernel's notice, once it stopped serving us
         # what async ServiceLs are still serving (run by `spawn`: ipcfw.server.coroutines)
         self.coroutines = Coroutines(spawn)
+        # A CPolicyServer's policy, checked before ServiceL (None: every request is served).
+        server = stack.server
+        self._gate = (PolicyGate(server, self.coroutines.start)
+                      if isinstance(server, CPolicyServer) else None)
         self.direct = (DirectRules(self, direct, max_frame=max_frame, name=stack.server.name)
                        if direct is not None else None)
         self._trace = trace.enabled()  # (read once: the hot path tests a bool)
@@ -322,6 +331,16 @@ class ServerState:
         if self._trace:
             trace.request(self.stack.server.name, message,
                           "direct" if isinstance(message, DirectMessage) else "kernel")
+        if self._gate is not None and self.stack.reaches_server(session):
+            try:
+                if not self._gate.admits(session, message, self._serve):
+                    return
+            except Exception as exc:  # a custom check that raised, or a bad result
+                service_failed(session, message, exc)
+                return
+        self._serve(session, message)
+
+    def _serve(self, session: CSession, message: RMessage) -> None:
         try:
             served = session.ServiceL(message)
             if served is not None and inspect.isawaitable(served):
@@ -366,6 +385,8 @@ class ServerState:
             if self._refusing:
                 raise errors.IpcError(errors.KErrServerTerminated, "the server is deregistering")
             version = TVersion(*request.version)
+            if self._gate is not None:
+                self._gate.admits_connect(message)
             reply = _negotiation_reply(
                 self.stack.server.AcceptL(client, version, request.payload)
             )
@@ -434,12 +455,13 @@ class ServerState:
             self._emit(encode(Complete(admit.msg_id, code, ())))
 
     def _on_census(self, census: Census) -> None:
-        counts = self.direct.census() if self.direct is not None else {}
+        counts = self.direct.census() if self.direct is not None else []
         if not self.ended:
             self._emit(encode(CensusReply(census.req_id, pack_census(counts))))
 
     def _on_peer_info(self, info: PeerInfo) -> None:
-        self.clients[info.client] = ClientInfo(info.pid, info.uid, info.gid, info.exe)
+        self.clients[info.client] = ClientInfo(info.pid, info.uid, info.gid, info.exe,
+                                               frozenset(info.capabilities.split()))
 
     def _on_peer_gone(self, notice: PeerGone) -> None:
         info = self.clients.pop(notice.client, None)  # messages already built keep theirs

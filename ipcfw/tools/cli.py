@@ -5,7 +5,7 @@
     ipcfw wait NAME [--timeout S]                until server NAME is registered (for scripts)
     ipcfw demo                                   kernel + example servers + example clients
     ipcfw bench                                  latency and throughput against bare pyzmq
-    ipcfw ps                                     the kernel's counters and sessions
+    ipcfw ps [--sessions|--processes] [--json]   servers, sessions, processes (tools/ps.py)
     ipcfw terminate NAME                         end a server's registration
 
 ``--log-level`` (debug, info, warning, error) goes before or after the command; at ``debug``
@@ -15,6 +15,7 @@ the kernel and a server host log every connect, request and completion. Docs: do
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import logging
@@ -27,7 +28,6 @@ from collections.abc import Callable
 from .. import __version__
 from .. import endpoint as endpoints
 from .. import errors
-from ..protocol import Path, SessionRow
 from . import logs
 
 if TYPE_CHECKING:
@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     kernel = add("kernel", help="run the kernel in the foreground")
     _endpoint_option(kernel)
     _ready_fd_option(kernel, "listens")
+    kernel.add_argument("--config", metavar="PATH",
+                        help="the kernel's configuration file (TOML: admission, capability "
+                             "grants, limits; docs/security.md); a limit given as an option "
+                             "wins over the file's")
+    kernel.add_argument("--check-config", metavar="PATH",
+                        help="check the configuration file PATH, say what it sets, and exit "
+                             "(status 0, or 2 naming the first mistake and its line)")
     _limit_options(kernel)
     kernel.add_argument("--services", metavar="DIR",
                         help="start servers on demand: DIR holds one NAME.toml per server name "
@@ -131,7 +138,10 @@ def _parser() -> argparse.ArgumentParser:
     _endpoint_option(terminate)
     terminate.set_defaults(run=_run_terminate)
 
-    ps = add("ps", help="show the kernel's counters and sessions")
+    ps = add("ps", help="show the kernel's servers (and counters), sessions or processes")
+    from .ps import add_arguments as ps_arguments
+
+    ps_arguments(ps, _seconds)
     _endpoint_option(ps)
     ps.set_defaults(run=_run_ps)
     return parser
@@ -194,6 +204,8 @@ _LIMIT_HELP = {
     "max_frame": "largest frame in bytes any peer may send (default %(default)s)",
     "receive_hwm": "frames the kernel queues from one peer before its sends wait "
                    "(default %(default)s)",
+    "connections_per_uid": "connections one uid may have open: client threads, client "
+                           "processes' inboxes, servers (default %(default)s)",
     "max_backlog": "frames left unread by one peer before the kernel stops serving it "
                    "(default: outstanding-per-process + sessions-per-process + 10000)",
 }
@@ -204,14 +216,14 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
 
     defaults = KernelLimits()
     for name, text in _LIMIT_HELP.items():
+        # (default None: an option not given leaves the configuration file's value)
         parser.add_argument("--" + name.replace("_", "-"), type=int, metavar="N",
-                            default=getattr(defaults, name), help=text)
+                            help=text % {"default": getattr(defaults, name)})
 
 
-def _limits_of(args: argparse.Namespace) -> KernelLimits:
-    from ..kernel.limits import KernelLimits
-
-    return KernelLimits(**{name: getattr(args, name) for name in _LIMIT_HELP})
+def _limits_of(args: argparse.Namespace, base: KernelLimits) -> KernelLimits:
+    given = {name: getattr(args, name) for name in _LIMIT_HELP if getattr(args, name) is not None}
+    return dataclasses.replace(base, **given).check()
 
 
 def _on_signals(stop: Callable[[], None]) -> None:
@@ -240,12 +252,28 @@ def _ready_signal(args: argparse.Namespace, status: str) -> ReadySignal | None:
 def _run_kernel(args: argparse.Namespace) -> int:
     from ..kernel import Kernel, KernelAlreadyRunning
 
+    from ..kernel.config import KernelConfig, read_config
+
+    if args.check_config is not None:
+        try:
+            checked = read_config(args.check_config)
+        except (OSError, ValueError) as exc:
+            print(f"ipcfw: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.check_config}: ok: {checked.summary()}")
+        return 0
+    try:
+        config = read_config(args.config) if args.config else KernelConfig()
+        limits = _limits_of(args, config.limits)
+    except (OSError, ValueError) as exc:
+        print(f"ipcfw: {exc}", file=sys.stderr)
+        return 2
     ready = _ready_signal(args, f"kernel at {endpoints.resolve(args.endpoint)}")
     if ready is None:
         return 2
     try:
         services = _services(args.services)
-        kernel = Kernel(args.endpoint, limits=_limits_of(args), services=services)
+        kernel = Kernel(args.endpoint, limits=limits, config=config, services=services)
     except ValueError as exc:
         print(f"ipcfw: {exc}", file=sys.stderr)
         return 2
@@ -375,34 +403,6 @@ def _run_terminate(args: argparse.Namespace) -> int:
 
 
 def _run_ps(args: argparse.Namespace) -> int:
-    from ..client import kernel_sessions, kernel_statistics
+    from .ps import run
 
-    counters = kernel_statistics(args.endpoint)
-    width = max(len(name) for name in counters)
-    for name, count in counters.items():
-        print(f"{name:<{width}}  {count}")
-    rows = kernel_sessions(args.endpoint)
-    if rows:
-        print()
-        print(format_sessions(rows))
-    from .activatable import format_activatable, kernel_activatable
-
-    services = kernel_activatable(args.endpoint)
-    if services:
-        print()
-        print(format_activatable(services))
-    return 0
-
-
-def format_sessions(rows: list[SessionRow]) -> str:
-    """The session table of ``ipcfw ps``: one line per session, holders as pid/threads."""
-    table = [("SESSION", "SERVER", "PATH", "STATE", "OUTSTANDING", "HOLDERS (pid/threads)")]
-    for row in rows:
-        holders = " ".join(f"{pid}/{threads}" for pid, threads in row.holders) or "-"
-        table.append((f"0x{row.handle:x}", row.server, Path(row.path).name.lower(), row.state,
-                      str(row.outstanding), holders))
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1]
-        for line in table
-    )
+    return run(args)

@@ -251,15 +251,18 @@ def test_ps_lists_every_session_with_its_path_holders_and_outstanding_messages(p
                 rows[direct.Handle()].holders) == (Path.DIRECT, 2, ((mine, 3),))
         assert (rows[kernel_path.Handle()].path, rows[kernel_path.Handle()].outstanding,
                 rows[kernel_path.Handle()].holders) == (Path.KERNEL, 1, ((mine, 1),))
-        result = probe.client(["-m", "ipcfw", "ps"])
+        result = probe.client(["-m", "ipcfw", "ps", "--sessions"])
         assert result.returncode == 0, result.stderr
-        table = result.stdout.split("\n\n")[1].splitlines()
-        assert table[0].split()[:5] == ["SESSION", "SERVER", "PATH", "STATE", "OUTSTANDING"]
+        table = result.stdout.splitlines()
+        columns = table[0].split()
+        assert columns[:4] == ["SESSION", "SERVER", "PATH", "STATE"]
         lines = {line.split()[0]: line.split() for line in table[1:]}
-        assert lines[f"0x{direct.Handle():x}"][1:] == ["probe", "direct", "OPEN", "2",
-                                                       f"{mine}/3"]
-        assert lines[f"0x{kernel_path.Handle():x}"][1:] == ["probe", "kernel", "OPEN", "1",
-                                                            f"{mine}/1"]
+        for handle, path, outstanding, holders in (
+                (direct.Handle(), "direct", "2", f"{mine}/3"),
+                (kernel_path.Handle(), "kernel", "1", f"{mine}/1")):
+            line = lines[f"0x{handle:x}"]
+            assert line[1:4] == ["probe", path, "OPEN"] and line[-1] == holders
+            assert line[columns.index("OUTSTANDING")] == outstanding
         for i in range(2):
             direct.SendReceive(ECompleteHeld, (100 + i, 0))
         kernel_path.SendReceive(ECompleteHeld, (200, 0))

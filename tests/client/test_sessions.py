@@ -411,6 +411,8 @@ def test_client_reports_the_real_pid_uid_and_exe(kernel, probe_server):
     assert info["pid"] == os.getpid()
     assert info["uid"] == os.getuid() and info["gid"] == os.getgid()
     assert os.path.realpath(info["exe"]) == os.path.realpath(sys.executable)
+    # and what the kernel grants it: the user capabilities (docs/security.md)
+    assert info["capabilities"] == sorted(ipcfw.security.USER_CAPABILITIES)
     script = (
         "import json, ipcfw; from plugins import probe\n"
         "s = ipcfw.RSession.connect('probe', (1, 2, 0)); b = bytearray(4096)\n"

@@ -90,15 +90,17 @@ def targets(actions: Iterable) -> list:
 
 def start_server(
     state: KernelState, rid: bytes = S1, identity: ProcessIdentity = SRV, name: str = "Echo",
-    sharing: int = 0,
+    sharing: int = 0, version: tuple[int, int, int] = (1, 0, 0), direct: str = "",
 ) -> bytes:
     hello(state, rid, SERVER, identity)
-    assert register(state, rid, name, sharing=sharing) == errors.KErrNone
+    assert register(state, rid, name, sharing=sharing, version=version,
+                    direct=direct) == errors.KErrNone
     return rid
 
 
-def register(state: KernelState, rid: bytes, name: str, req_id: int = 900, sharing: int = 0) -> int:
-    actions = state.receive(rid, Register(req_id, name, sharing, (1, 0, 0)))
+def register(state: KernelState, rid: bytes, name: str, req_id: int = 900, sharing: int = 0,
+             version: tuple[int, int, int] = (1, 0, 0), direct: str = "") -> int:
+    actions = state.receive(rid, Register(req_id, name, sharing, version, direct))
     assert len(actions) == 1
     reply = one(actions, rid, Completed)
     assert reply.req_id == req_id and reply.writes == ()

@@ -93,8 +93,8 @@ def counting_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_limits_are_the_protocols() -> None:
-    # The longest array is the longest message: its kind and Connect's seven fields.
-    assert protocol._MAX_ARRAY_LEN == 8 == 1 + max(
+    # The longest array is the longest message: its kind and Connect's eight fields.
+    assert protocol._MAX_ARRAY_LEN == 9 == 1 + max(
         len(cls._fields) for cls in typing.get_args(protocol.Message)
     )
     # No string field is longer, in UTF-8, than the str limit; no descriptor than the frame's.
@@ -159,10 +159,10 @@ def _bin32(size: int) -> bytes:
 #: (case, frame, the ProtocolError's whole message)
 LIMITS: list[tuple[str, bytes, str]] = [
     ("array of 15 MiB", b"\xdd" + struct.pack(">I", FRAME_SIZE),
-     r"^array of 15728640 items exceeds the protocol's 8$"),
-    ("array of 9", b"\x99" + b"\x00" * 9, r"^array of 9 items exceeds the protocol's 8$"),
-    ("array32 of 9", b"\xdd\x00\x00\x00\x09" + b"\x00" * 9,
-     r"^array of 9 items exceeds the protocol's 8$"),
+     r"^array of 15728640 items exceeds the protocol's 9$"),
+    ("array of 10", b"\x9a" + b"\x00" * 10, r"^array of 10 items exceeds the protocol's 9$"),
+    ("array32 of 10", b"\xdd\x00\x00\x00\x0a" + b"\x00" * 10,
+     r"^array of 10 items exceeds the protocol's 9$"),
     ("map32 of 2**32-1", b"\xdf\xff\xff\xff\xff",
      r"^a map of 4294967295 entries, where the protocol has none"),
     ("fixmap of 1", b"\x81\xa1k\x00", r"^a map of 1 entry, where the protocol has none"),
@@ -183,8 +183,8 @@ LIMITS: list[tuple[str, bytes, str]] = [
      r"^map of 257 entries exceeds the protocol's 256$"),
     ("counters of 2**32-1", b"\x93\x19\x01\xdf\xff\xff\xff\xff",
      r"^map of 4294967295 entries exceeds the protocol's 256$"),
-    ("a StatsReply of 9", b"\x99\x19" + b"\x00" * 8,
-     r"^array of 9 items exceeds the protocol's 8$"),
+    ("a StatsReply of 10", b"\x9a\x19" + b"\x00" * 9,
+     r"^array of 10 items exceeds the protocol's 9$"),
     ("tree of one-item arrays", tree_of(b"\x91\x00", 8192),
      r"^more than 8 arrays, where no message has more$"),
     ("deeper than msgpack allows", spine_of(b"\x00", 1100), r"^not a msgpack frame \(StackError"),
@@ -261,7 +261,7 @@ def test_a_descriptor_is_bounded_by_its_frame_alone() -> None:
 def test_the_frame_of_the_issue_is_refused_at_its_header() -> None:
     frame = array_of(EMPTY_MAP)
     peak, seconds, outcome = _peak_of_decode(frame)
-    assert outcome == "array of 15728635 items exceeds the protocol's 8"
+    assert outcome == "array of 15728635 items exceeds the protocol's 9"
     assert peak < 64 * 1024  # no dict, no tuple: refused before anything is built
 
 
@@ -448,5 +448,5 @@ def test_a_frame_of_empty_maps_neither_bloats_nor_stalls_the_kernel(kernel: Kern
         second = _send_beside_a_bystander(kernel, frame)
         print(second)
         assert second.p99_window <= 5 * second.p99_before, f"twice: {first}; {second}"
-    assert "array of 15728635 items exceeds the protocol's 8" in kernel.process.log()
+    assert "array of 15728635 items exceeds the protocol's 9" in kernel.process.log()
     assert kernel.process.alive()

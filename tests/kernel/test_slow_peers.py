@@ -247,3 +247,65 @@ def test_a_request_on_a_channel_that_has_ended_fails_at_once(kernel: KernelFixtu
         assert Runtime.for_endpoint().channel() is not channel  # the thread's next calls
     with RSession.connect("dam") as fresh:  # on the thread's new channel
         assert fresh.SendReceive(EEcho, (3,)) == 3
+
+
+@pytest.mark.kernel_options("--connections-per-uid", "3")
+def test_connections_per_uid_are_limited_with_a_clear_error(kernel: KernelFixture) -> None:
+    kernel.serve("plugins.dam:DamServer", "dam")  # (its connection is one of the uid's)
+    with RSession.connect("dam") as session:  # a channel, and the process's inbox
+        assert session.SendReceive(EEcho, (1,)) == 1
+        refused: list[BaseException] = []
+
+        def another_thread() -> None:  # a second channel: one too many
+            try:
+                RSession.connect("dam").Close()
+            except BaseException as exc:
+                refused.append(exc)
+
+        thread = threading.Thread(target=another_thread)
+        thread.start()
+        thread.join(30)
+        assert len(refused) == 1 and isinstance(refused[0], Overflow)
+        assert "the most this kernel allows one uid (its limit connections_per_uid)" in str(
+            refused[0])
+        assert session.SendReceive(EEcho, (2,)) == 2  # nothing lost for the others
+
+
+#: The kernel's memory for one connection (a peer's tables, its zmq pipe and buffers), at most:
+#: the ceiling docs/security.md gives. (28.5 KiB each is measured here, in three runs alike.)
+PEER_MEMORY_CEILING = 64 * 1024
+
+
+def test_the_kernels_memory_per_connection_stays_under_its_ceiling(kernel: KernelFixture) -> None:
+    import os
+
+    import psutil
+    import zmq
+
+    from ipcfw.protocol import PROTOCOL_VERSION, Hello, Role, Welcome, decode, encode
+
+    kernel_process = psutil.Process(kernel.process.pid)
+    context = zmq.Context()
+    sockets = []
+
+    def connect(count: int) -> None:
+        for _ in range(count):
+            sock = context.socket(zmq.DEALER)
+            sock.routing_id = os.urandom(16)
+            sock.linger = 0
+            sock.connect(kernel.endpoint)
+            sock.send(encode(Hello(int(Role.CHANNEL), PROTOCOL_VERSION)))
+            sockets.append(sock)
+        for sock in sockets[-count:]:
+            assert sock.poll(10_000) and type(decode(sock.recv())) is Welcome
+
+    try:
+        connect(100)  # (warm up: the allocator's first arenas)
+        before = kernel_process.memory_info().rss
+        connect(500)
+        grown = kernel_process.memory_info().rss - before
+        assert kernel.statistics()["peers"] >= 600
+        assert grown / 500 < PEER_MEMORY_CEILING, f"{grown / 500:.0f} bytes per connection"
+    finally:
+        context.destroy(linger=0)
+    wait_until(lambda: kernel.statistics()["peers"] <= 2, what="the connections to be forgotten")

@@ -26,6 +26,7 @@ from ipcfw.protocol import (
     Share,
     Shared,
     pack_census,
+    CensusItem,
     unpack_session_rows,
     Complete,
     Completed,
@@ -313,10 +314,15 @@ def test_the_list_asks_the_server_of_a_direct_session_what_is_in_service() -> No
     one(actions, S1, Census)
     assert sends(actions, C1) == [] and state.statistics()["listings"] == 1
     assert state.receive(C1B, ListSessions(41, 0)) == []  # (one Census at a time per server)
-    actions = state.receive(S1, CensusReply(0, pack_census({handle: 3, 0x7777: 9})))
+    actions = state.receive(S1, CensusReply(0, pack_census(
+        [CensusItem(handle, CLI.pid, 2, 0, 0), CensusItem(handle, CLI2.pid, 1, 0, 0),
+         CensusItem(0x7777, CLI.pid, 9, 9, 0)]
+    )))
     assert listing(actions, C1) == (0, [
-        SessionRow(handle, "Echo", 1, "OPEN", 3, ((CLI.pid, 1), (CLI2.pid, 1))),
-        SessionRow(kernel_path.handle, "Echo", 0, "CONNECTING", 1, ((CLI.pid, 1),)),
+        SessionRow(handle, "Echo", 1, "OPEN", 3, ((CLI.pid, 1), (CLI2.pid, 1)),
+                   creator_pid=CLI.pid, slots=4),
+        SessionRow(kernel_path.handle, "Echo", 0, "CONNECTING", 1, ((CLI.pid, 1),),
+                   creator_pid=CLI.pid, slots=4),
     ])
     assert listing(actions, C1B)[1][0].outstanding == 3
     assert state.statistics()["listings"] == 0
@@ -328,7 +334,8 @@ def test_a_list_without_direct_sessions_is_answered_at_once_a_page_at_a_time() -
         state.receive(C1, Connect(100 + n, "Plain", (1, 0, 0), 0, b""))
     more, rows = listing(state.receive(C1, ListSessions(40, 0)))
     assert len(rows) == SESSIONS_PAGE and more == rows[-1].handle == SESSIONS_PAGE
-    assert rows[0] == SessionRow(1, "Plain", 0, "CONNECTING", 1, ((CLI.pid, 1),))
+    assert rows[0] == SessionRow(1, "Plain", 0, "CONNECTING", 1, ((CLI.pid, 1),),
+                                 creator_pid=CLI.pid)
     more, rows = listing(state.receive(C1, ListSessions(41, more)))
     assert more == 0 and [row.handle for row in rows] == [257, 258, 259]
 

@@ -347,7 +347,8 @@ def test_connect_path_peer_info_once_per_client_process_per_server() -> None:
     actions = ks.receive(C1, Connect(1, "echo", (1, 2, 3), 4, b"negotiation"))
     key = ks.peers[C1].process.client_key
     assert len(actions) == 2
-    assert actions[0] == Send(S1, PeerInfo(key, CLI.pid, CLI.uid, CLI.gid, CLI.exe))
+    granted = "LocalServices Location NetworkServices ReadUserData UserEnvironment WriteUserData"
+    assert actions[0] == Send(S1, PeerInfo(key, CLI.pid, CLI.uid, CLI.gid, CLI.exe, granted))
     new = actions[1].message
     assert actions[1].rid == S1 and type(new) is NewSession
     assert new == NewSession(new.msg_id, new.handle, (1, 2, 3), key, b"negotiation", b"", 4)

@@ -133,7 +133,8 @@ def _events(server: ProbeServer, message: RMessage) -> None:
 
 
 def _client(server: ProbeServer, message: RMessage) -> None:
-    data = json.dumps(message.Client()._asdict()).encode()
+    client = message.Client()
+    data = json.dumps({**client._asdict(), "capabilities": sorted(client.capabilities)}).encode()
     message.WriteL(0, data)
     message.Complete(len(data))
 

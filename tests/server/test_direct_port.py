@@ -35,6 +35,7 @@ from ipcfw.protocol import (
     Request,
     decode,
     encode,
+    unpack_batch,
 )
 from ipcfw.server import ClientInfo, CServer, CSession, RMessage
 from ipcfw.server import port as ports
@@ -308,3 +309,40 @@ def test_what_a_client_sent_before_it_hung_up_is_still_served(setup):
         setup.port.flush()
     assert setup.server.events == [("service", n) for n in range(5)]
     assert setup.port.rules is not None and setup.port.rules.attached(0x51) == 0  # it ended
+
+
+def test_the_answers_to_requests_read_in_one_turn_go_in_one_datagram(setup):
+    sock = setup.attached(0x47, slots=8)
+    for n in range(5):
+        sock.send(encode(Request(10 + n, 0x47, 1, (n,), ASYNC)))
+    setup.turn(1000)
+    datagram = sock.recv(MAX_FRAME)
+    assert [decode(frame) for frame in unpack_batch(datagram)] == [
+        Completed(10 + n, n, ()) for n in range(5)
+    ]
+    sock.send(encode(Request(20, 0x47, 1, (9,), SYNC)))  # one answer: a plain frame
+    setup.turn(1000)
+    assert decode(sock.recv(MAX_FRAME)) == Completed(20, 9, ())
+
+
+def test_a_batch_holds_a_few_answers_so_the_client_gets_the_first_ones_early(setup):
+    sock = setup.attached(0x49, slots=64)
+    for n in range(40):
+        sock.send(encode(Request(100 + n, 0x49, 1, (n,), ASYNC)))
+    setup.turn(1000)
+    sizes = [len(unpack_batch(sock.recv(MAX_FRAME))) for _ in range(3)]
+    assert sizes == [ports.BATCH_FRAMES, ports.BATCH_FRAMES, 40 - 2 * ports.BATCH_FRAMES]
+
+
+def test_answers_gathered_before_a_bad_frame_are_sent_before_the_connection_closes(setup):
+    sock = setup.attached(0x48, slots=8)
+    sock.send(encode(Request(10, 0x48, 1, (1,), ASYNC)))
+    sock.send(encode(Request(11, 0x48, 1, (2,), ASYNC)))
+    sock.send(b"\x93not a frame")
+    setup.turn(1000)
+    datagram = sock.recv(MAX_FRAME)
+    assert [decode(frame) for frame in unpack_batch(datagram)] == [
+        Completed(10, 1, ()), Completed(11, 2, ())
+    ]
+    assert closed(sock)
+

@@ -20,6 +20,7 @@ from ipcfw.protocol import (
     Census,
     CensusReply,
     unpack_census,
+    CensusItem,
     MAX_FRAME,
     Attach,
     Cancel,
@@ -707,15 +708,24 @@ def test_the_disconnect_runs_once_after_what_every_connection_sent(harness, serv
     assert harness.rules.attached(HANDLE) == 0
 
 
-def test_a_census_counts_what_is_in_service_on_every_connection(harness, server, two):
+def test_a_census_counts_what_is_in_service_per_session_and_client_with_the_oldest_age(
+        harness, server, two):
     first, second = two
+    harness.rules.now = 100.0
     harness.feed(first, Request(2, HANDLE, 1, (), ASYNC))
+    harness.rules.now = 101.5
+    harness.feed(first, Request(3, HANDLE, 1, (), SYNC))
     harness.feed(second, Request(2, HANDLE, 1, (), ASYNC))
+    harness.rules.now = 103.0
     harness.state.receive(Census(4))
     reply = harness.kernel.pop()
-    assert type(reply) is CensusReply and unpack_census(reply.counts) == {HANDLE: 2}
-    server.held[0].Complete(0)
-    assert harness.rules.census() == {HANDLE: 1}
+    assert type(reply) is CensusReply and unpack_census(reply.counts) == [
+        CensusItem(HANDLE, PID, 2, 1, 3000), CensusItem(HANDLE, PID2, 1, 1, 1500),
+    ]
+    server.held[0].Complete(0)  # the oldest: the age is the next one's
+    assert harness.rules.census() == [
+        CensusItem(HANDLE, PID, 1, 0, 1500), CensusItem(HANDLE, PID2, 1, 1, 1500),
+    ]
 
 
 def test_unused_tickets_are_bounded_per_session(harness):

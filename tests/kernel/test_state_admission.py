@@ -1,0 +1,80 @@
+"""Admission and capability grants in the kernel's state, without processes: who may say
+Hello (the kernel's own uid, the configured uids and gids), the refusal a stranger reads, and
+the capabilities each admitted process's PeerInfo carries."""
+
+from __future__ import annotations
+
+from ipcfw import errors
+from ipcfw.kernel.config import parse
+from ipcfw.kernel.state import Admission, ProcessIdentity, Send
+from ipcfw.protocol import Connect, PeerInfo, Register, Role, Welcome
+
+from kernel_world import KPID, hello, new_state
+
+CONFIG = parse("""
+[admission]
+uids = [1001]
+gids = [2000]
+
+[[grant]]
+uid = 1001
+capabilities = ["com.example.Billing"]
+""")
+
+
+def identity(pid: int, uid: int, gid: int, exe: str = "/usr/bin/python3") -> ProcessIdentity:
+    return ProcessIdentity(pid, 1.0, uid, gid, exe)
+
+
+def state():
+    return new_state(admission=Admission(1000, CONFIG.admit_uids, CONFIG.admit_gids),
+                     grants=CONFIG.capabilities)
+
+
+def test_the_kernels_user_the_configured_uids_and_gids_are_admitted() -> None:
+    ks = state()
+    for rid, who in ((b"a" * 16, identity(10, 1000, 1000)), (b"b" * 16, identity(11, 1001, 5)),
+                     (b"c" * 16, identity(12, 4242, 2000))):
+        (reply,) = [a for a in hello(ks, rid, Role.CHANNEL, who) if type(a) is Send]
+        assert reply.message.refusal == "" and ks.knows(rid)
+
+
+def test_a_stranger_is_refused_at_hello_with_the_reason_and_never_known() -> None:
+    ks = state()
+    actions = hello(ks, b"x" * 16, Role.CHANNEL, identity(13, 4242, 4242))
+    assert actions == [Send(b"x" * 16, Welcome(KPID, ks.max_frame, actions[0].message.protocol,
+                                                "uid 4242 (gid 4242) is not admitted: this kernel "
+                                                "admits uid 1000, uid 1001, gid 2000 ([admission] "
+                                                "in its configuration)",
+                                                errors.KErrPermissionDenied))]
+    assert not ks.knows(b"x" * 16) and not ks.processes
+
+
+def test_each_process_is_granted_the_defaults_and_its_grants() -> None:
+    ks = state()
+    hello(ks, b"s" * 16, Role.SERVER, identity(20, 1000, 1000))
+    ks.receive(b"s" * 16, Register(1, "billing", 0, (1, 0, 0)))
+    hello(ks, b"p" * 16, Role.CHANNEL, identity(21, 1001, 1001))
+    actions = ks.receive(b"p" * 16, Connect(1, "billing", (1, 0, 0), 4, b""))
+    (info,) = [a.message for a in actions if type(a.message) is PeerInfo]
+    assert set(info.capabilities.split()) == CONFIG.default_capabilities | {"com.example.Billing"}
+    hello(ks, b"q" * 16, Role.CHANNEL, identity(22, 1000, 1000))
+    actions = ks.receive(b"q" * 16, Connect(1, "billing", (1, 0, 0), 4, b""))
+    (info,) = [a.message for a in actions if type(a.message) is PeerInfo]
+    assert "com.example.Billing" not in info.capabilities.split()
+
+
+def test_a_uid_past_its_connections_is_refused_with_overflow_until_one_goes() -> None:
+    ks = new_state(connections_per_uid=2)
+    me = identity(30, 1000, 1000)
+    hello(ks, b"1" * 16, Role.CHANNEL, me)
+    hello(ks, b"2" * 16, Role.INBOX, me)
+    (refused,) = hello(ks, b"3" * 16, Role.CHANNEL, identity(31, 1000, 1000))
+    assert refused.message.code == errors.KErrOverflow and not ks.knows(b"3" * 16)
+    assert refused.message.refusal == ("uid 1000 has 2 connections open, the most this kernel "
+                                       "allows one uid (its limit connections_per_uid)")
+    other = hello(ks, b"4" * 16, Role.CHANNEL, identity(32, 1001, 1001))  # another uid: its own
+    assert ks.knows(b"4" * 16) and other
+    ks.peer_gone(b"1" * 16)
+    hello(ks, b"5" * 16, Role.CHANNEL, identity(31, 1000, 1000))
+    assert ks.knows(b"5" * 16)
