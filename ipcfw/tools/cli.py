@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     _limit_options(kernel)
     kernel.add_argument("--services", metavar="DIR",
                         help="start servers on demand: DIR holds one NAME.toml per server name "
-                             "(docs/getting-started.md#activation-on-demand)")
+                             "(docs/getting-started.md#9-activation-on-demand)")
     kernel.set_defaults(run=_run_kernel)
 
     serve = add("serve", help="host a server plugin: package.module:ServerClass")
