@@ -16,6 +16,10 @@ kernel and the servers and runs these clients for you.
 Every module exposes ``run(out=print, endpoint=None) -> str`` (the walkthrough: prints what it
 does through `out`, returns a one-line summary, raises on failure) and ``main() -> int`` (the
 program: exit status 0 on success, 1 with a clear message on stderr on failure).
+
+The same files are installed by the wheel as ``ipcfw.examples.clients`` (beside
+``ipcfw.examples.servers``), so each client imports its server's names from whichever layout it
+was loaded in: ``python -m ipcfw.examples.clients.kv_client`` runs one from an installed wheel.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from ipcfw import ClientPanic, Interface, IpcError, NotFound, RSession
 from ipcfw.endpoint import EndpointError
 
 Out = Callable[[str], None]
+SERVERS = "ipcfw.examples.servers" if __name__ == "ipcfw.examples.clients" else "servers"
+"""The example servers' package, for the plugin specs the clients' messages name: ``servers``
+in a checkout (beside this package), ``ipcfw.examples.servers`` in an installed wheel."""
 I = TypeVar("I", bound=Interface)  # noqa: E741
 
 

@@ -17,8 +17,12 @@ if __package__ in (None, ""):  # run as a script: make `servers` and `clients` i
 
 from ipcfw import TIpcArgs, TRequestStatus, User  # noqa: E402
 
-from clients import ExampleClient, Out, check, run_main  # noqa: E402
-from servers.echo import EAdd, EDesLength, EEchoDes, EEchoInt  # noqa: E402
+if __package__ == "ipcfw.examples.clients":  # installed: the wheel's ipcfw.examples
+    from . import ExampleClient, Out, SERVERS, check, run_main
+    from ..servers.echo import EAdd, EDesLength, EEchoDes, EEchoInt
+else:  # a checkout: clients/ and servers/ side by side at its top
+    from clients import ExampleClient, Out, SERVERS, check, run_main  # noqa: E402
+    from servers.echo import EAdd, EDesLength, EEchoDes, EEchoInt  # noqa: E402
 
 
 class EchoClient(ExampleClient):
@@ -32,7 +36,7 @@ class EchoClient(ExampleClient):
     """
 
     SERVER = "echo"
-    PLUGIN = "servers.echo:EchoServer"
+    PLUGIN = f"{SERVERS}.echo:EchoServer"
 
     # -- synchronous calls: return the completion value or raise its IpcError -------------------
 

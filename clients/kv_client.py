@@ -19,10 +19,14 @@ if __package__ in (None, ""):  # run as a script: make `servers` and `clients` i
 
 from ipcfw import EndOfFile, NotFound, Overflow, RSubSession, TIpcArgs  # noqa: E402
 
-from clients import Out, check, connect_proxy, run_main  # noqa: E402
-from servers.kv import ECloseCursor, ECount, ECursorNext, EOpenCursor, KeyValue  # noqa: E402
+if __package__ == "ipcfw.examples.clients":  # installed: the wheel's ipcfw.examples
+    from . import Out, SERVERS, check, connect_proxy, run_main
+    from ..servers.kv import ECloseCursor, ECount, ECursorNext, EOpenCursor, KeyValue
+else:  # a checkout: clients/ and servers/ side by side at its top
+    from clients import Out, SERVERS, check, connect_proxy, run_main  # noqa: E402
+    from servers.kv import ECloseCursor, ECount, ECursorNext, EOpenCursor, KeyValue  # noqa: E402
 
-PLUGIN = "servers.kv:KvServer"
+PLUGIN = f"{SERVERS}.kv:KvServer"
 
 
 class RKvCursor(RSubSession):

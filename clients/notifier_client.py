@@ -19,10 +19,14 @@ if __package__ in (None, ""):  # run as a script: make `servers` and `clients` i
 
 from ipcfw import Cancelled, KErrCancel  # noqa: E402
 
-from clients import Out, check, connect_proxy, run_main  # noqa: E402
-from servers.notifier import Notifier  # noqa: E402
+if __package__ == "ipcfw.examples.clients":  # installed: the wheel's ipcfw.examples
+    from . import Out, SERVERS, check, connect_proxy, run_main
+    from ..servers.notifier import Notifier
+else:  # a checkout: clients/ and servers/ side by side at its top
+    from clients import Out, SERVERS, check, connect_proxy, run_main  # noqa: E402
+    from servers.notifier import Notifier  # noqa: E402
 
-PLUGIN = "servers.notifier:NotifierServer"
+PLUGIN = f"{SERVERS}.notifier:NotifierServer"
 TIMEOUT = 5.0  # seconds; an example must never hang
 
 

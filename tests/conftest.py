@@ -7,6 +7,7 @@ fixture also fails the test if the kernel died during it: no test may crash the 
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -18,11 +19,37 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+import ipcfw
 from ipcfw import testing
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
-PYTHONPATH = os.pathsep.join([str(REPO), str(TESTS)])
+INSTALLED = not Path(ipcfw.__file__).resolve().is_relative_to(REPO)
+"""True when the ipcfw under test is installed (CI's smoke run of the wheel), not the checkout."""
+
+
+def _examples_home() -> Path:
+    """A directory holding links to the checkout's ``servers/`` and ``clients/`` and nothing
+    else, removed at exit: run in it, with it on their path, the processes the fixtures start
+    find ``servers.echo:EchoServer`` and the installed ipcfw, not the checkout's."""
+    home = Path(tempfile.mkdtemp(prefix="ipcfw-tests-home-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    for name in ("servers", "clients"):
+        (home / name).symlink_to(REPO / name, target_is_directory=True)
+    sys.path.insert(0, str(home))  # for this process's own `from servers.kv import ...`
+    return home
+
+
+HOME = _examples_home() if INSTALLED else REPO
+"""Where the processes the fixtures start run, with it on their path: the checkout, or beside an
+installed ipcfw the links `_examples_home` makes."""
+PYTHONPATH = os.pathsep.join([str(HOME), str(TESTS)])
+
+
+def pytest_report_header() -> str:
+    """Which ipcfw the tests import (CI's smoke run of the wheel shows it is the installed one)."""
+    where = "installed" if INSTALLED else "this checkout"
+    return f"ipcfw {ipcfw.__version__} from {Path(ipcfw.__file__).parent} ({where})"
 
 
 def wait_until(
@@ -41,12 +68,12 @@ def wait_until(
 
 class ManagedProcess(testing.Process):
     """A child process with its output in a log file, stopped for sure at teardown (started
-    in the repository unless `cwd` says otherwise)."""
+    in `HOME` unless `cwd` says otherwise)."""
 
     def __init__(
         self, argv: list[str], log_path: Path, env: dict[str, str], cwd: str | None = None
     ) -> None:
-        super().__init__(argv, log_path, env, cwd or str(REPO))
+        super().__init__(argv, log_path, env, cwd or str(HOME))
 
 
 class KernelFixture:
@@ -57,7 +84,7 @@ class KernelFixture:
         self.workdir = workdir
         self.options = options  # e.g. ("--max-backlog", "2000"), from @pytest.mark.kernel_options
         self.stack = testing.Stack(
-            workdir, kernel_options=options, env={"PYTHONPATH": PYTHONPATH}, cwd=str(REPO),
+            workdir, kernel_options=options, env={"PYTHONPATH": PYTHONPATH}, cwd=str(HOME),
             log_level="info",
         )
         self.endpoint = self.stack.endpoint
@@ -77,7 +104,7 @@ class KernelFixture:
     def client(self, argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
         """Run a client program to completion (bounded by `timeout`)."""
         return subprocess.run(
-            [sys.executable, *argv], env=self.env, cwd=str(REPO), capture_output=True,
+            [sys.executable, *argv], env=self.env, cwd=str(HOME), capture_output=True,
             text=True, timeout=timeout,
         )
 
@@ -116,6 +143,20 @@ def kernel(
         kernel_log = fixture.process.log()
         shutil.rmtree(workdir, ignore_errors=True)
     assert not crashed, f"the kernel died during the test:\n{kernel_log}"
+
+
+@pytest.fixture
+def echo(kernel: KernelFixture) -> KernelFixture:
+    """The kernel with the example echo server registered."""
+    kernel.serve("servers.echo:EchoServer", "echo")
+    return kernel
+
+
+@pytest.fixture
+def kv(kernel: KernelFixture) -> KernelFixture:
+    """The kernel with the example key-value server registered."""
+    kernel.serve("servers.kv:KvServer", "kv")
+    return kernel
 
 
 @pytest.fixture(params=["kernel", "direct"])

@@ -17,7 +17,7 @@ import pytest
 
 import ipcfw
 import ipcfw.testing
-from conftest import PYTHONPATH, REPO, ManagedProcess, wait_until
+from conftest import HOME, PYTHONPATH, REPO, ManagedProcess, wait_until
 
 pytestmark = pytest.mark.process  # every test here runs the ipcfw command
 
@@ -120,6 +120,7 @@ def test_serve_finds_a_plugin_in_the_current_directory(kernel, tmp_path):
         subprocess.run(["rm", "-rf", str(plugin_dir)], check=False)
 
 
+@pytest.mark.smoke
 def test_ps_counters_shows_the_kernel_counters(kernel):
     kernel.serve("servers.echo:EchoServer", "echo")
     result = kernel.client(["-m", "ipcfw", "ps", "--counters"])
@@ -221,7 +222,7 @@ def test_bench_runs_every_system_end_to_end(tmp_path):
 # -- start-up that cannot race, and the CLI's polish (issue 12, items 4 and 6) -------------------
 
 
-def ipcfw_run(*args: str, env: dict | None = None, cwd: Path | str = REPO, timeout: float = 60,
+def ipcfw_run(*args: str, env: dict | None = None, cwd: Path | str = HOME, timeout: float = 60,
               ) -> subprocess.CompletedProcess:
     environment = dict(os.environ, PYTHONPATH=PYTHONPATH, **(env or {}))
     return subprocess.run([sys.executable, "-m", "ipcfw", *args], capture_output=True, text=True,
@@ -231,13 +232,14 @@ def ipcfw_run(*args: str, env: dict | None = None, cwd: Path | str = REPO, timeo
 @pytest.fixture
 def unstarted():
     """A kernel's private endpoint with no kernel yet (the test may start it); stopped for sure."""
-    stack = ipcfw.testing.Stack(env={"PYTHONPATH": PYTHONPATH}, cwd=str(REPO))
+    stack = ipcfw.testing.Stack(env={"PYTHONPATH": PYTHONPATH}, cwd=str(HOME))
     try:
         yield stack
     finally:
         stack.stop()
 
 
+@pytest.mark.smoke
 def test_version_comes_from_one_place():
     import importlib.metadata
 
@@ -345,6 +347,7 @@ def test_serve_wait_kernel_registers_once_the_kernel_starts(unstarted):
         assert session.SendReceive(1, (7,)) == 7
 
 
+@pytest.mark.smoke
 def test_wait_exits_0_once_the_name_is_registered(unstarted):
     waiter = unstarted.spawn(unstarted.ipcfw_argv("wait", "echo", "--timeout", "30"), "wait")
     unstarted.start()

@@ -198,18 +198,24 @@ def test_demo_interrupted_stops_everything(tmp_path, signum, expected, phase):
     _assert_everything_stopped(demo, _endpoint(out))
 
 
-def test_demo_without_a_source_checkout_says_so(tmp_path):
-    # A copy of the package alone, as a wheel would install it: no servers/ beside it.
+def test_demo_without_its_examples_says_so(tmp_path):
+    # A copy of the ipcfw package alone: no servers/ beside it, none in ipcfw.examples. Run
+    # without site (-S), so that the editable install's finder cannot map the checkout's in;
+    # the dependencies come from this environment's site-packages on the path.
     import shutil
+
+    import zmq
 
     shutil.copytree(REPO / "ipcfw", tmp_path / "site" / "ipcfw",
                     ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k != "IPCFW_KERNEL"}
-    env["PYTHONPATH"] = str(tmp_path / "site")
-    result = subprocess.run([sys.executable, "-m", "ipcfw", "demo"], env=env, cwd=str(tmp_path),
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2
-    assert "pip install -e ." in result.stderr
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"),
+                                         str(Path(zmq.__file__).resolve().parents[1])])
+    result = subprocess.run([sys.executable, "-S", "-m", "ipcfw", "demo"], env=env,
+                            cwd=str(tmp_path), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "the example servers and clients were not found" in result.stderr
+    assert "ipcfw.examples.servers" in result.stderr and "pip install" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -344,3 +344,45 @@ def test_page_examples_run(kernel, tmp_path, page):
     runs = [b for b in blocks if b.language == "python" and "run" in b.options]
     for index, block in enumerate(runs):
         _run_block(kernel, tmp_path, block, index)
+
+
+# -- docs/cli-reference.md: generated from the argparse parsers ---------------------------------
+
+
+def test_the_cli_reference_is_up_to_date():
+    from ipcfw.tools import clidoc
+
+    assert (DOCS / "cli-reference.md").read_text() == clidoc.render(), (
+        f"docs/cli-reference.md is out of date; regenerate it with: {clidoc.COMMAND}"
+    )
+
+
+def test_the_cli_reference_names_every_command_and_option():
+    from ipcfw.tools import clidoc
+    from ipcfw.tools.bench.driver import build_parser as bench_parser
+    from ipcfw.tools.cli import build_parser
+
+    parser = build_parser()
+    page = clidoc.render(parser)
+    commands = clidoc.commands_of(parser)
+    assert {"kernel", "serve", "wait", "demo", "bench", "terminate", "ps", "call"} <= set(commands)
+    for name, command in [("", parser), *commands.items(), ("bench", bench_parser())]:
+        if name:
+            assert f"## `ipcfw {name}`" in page
+        for action in clidoc.actions_of(command):
+            if action.option_strings and action.help is not None and "--help" not in \
+                    action.option_strings:
+                assert f"`{action.option_strings[0]}" in page, (name, action.option_strings)
+    call = clidoc.actions_of(commands["call"])
+    assert [a.dest for a in call if not a.option_strings] == ["name", "function", "arguments"]
+    assert "| `--timeout SECONDS` | `30.0` | give up on the connect" in page
+
+
+def test_the_cli_reference_does_not_depend_on_the_machine(monkeypatch):
+    from ipcfw.tools import clidoc
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/4242")
+    page = clidoc.render()
+    assert "/run/user/4242" not in page and clidoc.ENDPOINT_RULE in page
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert clidoc.render() == page

@@ -43,12 +43,7 @@ TIMEOUT = 5.0
 # -- kv ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def kv(kernel):
-    kernel.serve("servers.kv:KvServer", "kv")
-    return kernel
-
-
+@pytest.mark.smoke
 def test_kv_set_get_delete_count(kv):
     with RSession.connect("kv") as session:
         assert session.SendReceive(ECount) == 0
@@ -159,6 +154,7 @@ def _held(session: RSession, count: int) -> None:
                what=f"{count} held waits")
 
 
+@pytest.mark.smoke
 def test_notifier_one_publish_wakes_every_waiter(notifier):
     with RSession.connect("notifier") as a, RSession.connect("notifier") as b, \
             RSession.connect("notifier") as c, RSession.connect("notifier") as publisher:

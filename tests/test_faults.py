@@ -19,6 +19,7 @@ pytestmark = pytest.mark.usefixtures("data_path")  # each test on both data path
 VERSION = (1, 2, 0)
 
 
+@pytest.mark.smoke
 def test_server_death_completes_outstanding_requests_with_server_terminated(kernel):
     server = kernel.serve("plugins.probe:ProbeServer", "probe")
     session = RSession.connect("probe", VERSION)
@@ -39,6 +40,7 @@ def test_server_death_completes_outstanding_requests_with_server_terminated(kern
         assert again.SendReceive(probe.EEcho, (2,)) == 2
 
 
+@pytest.mark.smoke
 def test_client_death_disconnects_its_sessions(kernel):
     kernel.serve("plugins.probe:ProbeServer", "probe")
     before = kernel.statistics()

@@ -28,15 +28,16 @@ from ..version import TVersion
 from .codec import NO_DEFAULT, Buffer, Form, Mismatch, conform, describe_type, fits_int32
 
 __all__ = [
-    "DEFAULT_REPLY", "RESERVED", "Parameter", "OperationSpec", "InterfaceSpec", "Call",
-    "MessageLike", "build_operation", "build_interface",
+    "DEFAULT_REPLY", "RESERVED", "MAX_ARGS", "Parameter", "OperationSpec", "InterfaceSpec",
+    "Call", "MessageLike", "build_operation", "build_interface",
 ]
 
 #: The reply descriptor's size when an operation does not say (``operation(n, reply=...)``).
 DEFAULT_REPLY = 4096
 #: Names an operation may not take: the proxy's own attributes.
 RESERVED = frozenset({"interface", "session", "connect", "Close"})
-_MAX_ARGS = 4
+#: The most arguments a request carries (Symbian's ``TIpcArgs``).
+MAX_ARGS = 4
 
 
 class MessageLike(Protocol):
@@ -354,11 +355,11 @@ def build_operation(interface: str, number: int, function: Callable[..., Any],
     except TypeError as exc:
         raise TypeError(f"{title}: the return type: {exc}") from None
     used = len(parameters) + (spec.reply_index is not None)
-    if used > _MAX_ARGS:
+    if used > MAX_ARGS:
         raise TypeError(
             f"{title}: {used} arguments ({len(parameters)} parameters"
             f"{' and the reply descriptor' if spec.reply_index is not None else ''}); a request "
-            f"carries at most {_MAX_ARGS}: put several values in one msgpack parameter"
+            f"carries at most {MAX_ARGS}: put several values in one msgpack parameter"
         )
     return spec
 

@@ -837,7 +837,7 @@ class KernelState:
             return errors.KErrInUse
         if name_problem(message.name):
             return errors.KErrBadName
-        if is_protected(message.name) and peer.process.identity.uid not in self.protserv_uids:
+        if is_protected(message.name) and not self._holds_protserv(peer):
             return errors.KErrPermissionDenied
         if lookup_key(message.name) in self.servers:
             return errors.KErrAlreadyExists
@@ -1295,6 +1295,10 @@ class KernelState:
             )
         ]
 
+    def _holds_protserv(self, peer: Peer) -> bool:
+        """Whether `peer`'s process may register (or terminate) a protected ``!name``."""
+        return "ProtServ" in self.capabilities_of(peer.process.identity)
+
     def capabilities_of(self, identity: ProcessIdentity) -> frozenset[str]:
         """The capabilities the kernel grants a process: what `grants` says (the configuration:
         ipcfw.kernel.config), or else those a user grants an application
@@ -1725,7 +1729,7 @@ class KernelState:
         server = self.servers.get(lookup_key(message.name))
         if server is None:
             return [Send(peer.rid, Completed(message.req_id, errors.KErrNotFound, ()))]
-        if is_protected(server.name) and peer.process.identity.uid not in self.protserv_uids:
+        if is_protected(server.name) and not self._holds_protserv(peer):
             return [Send(peer.rid, Completed(message.req_id, errors.KErrPermissionDenied, ()))]
         if message.reason == TerminationReason.DEREGISTERED:
             # Only the server itself deregisters (and so needs no indication).

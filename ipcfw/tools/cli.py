@@ -6,6 +6,7 @@
     ipcfw demo                                   kernel + example servers + example clients
     ipcfw bench                                  latency and throughput against bare pyzmq
     ipcfw ps [--sessions|--processes] [--json]   servers, sessions, processes (tools/ps.py)
+    ipcfw call NAME FUNCTION [ARG...]            send one request, print the answer
     ipcfw terminate NAME                         end a server's registration
 
 ``--log-level`` (debug, info, warning, error) goes before or after the command; at ``debug``
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import importlib
 import logging
 import os
 import signal
@@ -28,7 +27,9 @@ from collections.abc import Callable
 from .. import __version__
 from .. import endpoint as endpoints
 from .. import errors
+from ..protocol import Path
 from . import logs
+from .plugins import PluginError, load_plugin, one_line
 
 if TYPE_CHECKING:
     from ..kernel.limits import KernelLimits
@@ -40,13 +41,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _DEFAULT_LOG_LEVEL = "info"
 
 
-class PluginError(ValueError):
-    """A plugin spec that names no usable class; the message names the spec and the reason."""
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _parser()
+    parser = build_parser()
     args, bench_args = _split_bench_args(parser, argv)
     if bench_args is not None:
         args.bench_args = bench_args
@@ -72,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ipcfw`` command's parser (`ipcfw.tools.clidoc` documents it)."""
     parser = argparse.ArgumentParser(prog="ipcfw", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"ipcfw {__version__}")
     _log_options(parser, _DEFAULT_LOG_LEVEL, "text", None)
@@ -80,7 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _log_options(common, argparse.SUPPRESS, argparse.SUPPRESS, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
-    add = functools.partial(commands.add_parser, parents=[common])
+
+    def add(name: str, help: str, **options: Any) -> argparse.ArgumentParser:
+        """A command: its `help` is its line in ``ipcfw --help`` and its ``--help``'s text."""
+        return commands.add_parser(name, help=help, description=help, parents=[common],
+                                   **options)
 
     kernel = add("kernel", help="run the kernel in the foreground")
     _endpoint_option(kernel)
@@ -126,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="measure ipcfw against bare pyzmq (ipcfw bench --help for its options)",
-        add_help=False,
+        description="measure ipcfw against bare pyzmq", add_help=False,
     )
     bench.set_defaults(run=_run_bench, endpoint=None, bench_args=[])
 
@@ -144,6 +146,29 @@ def _parser() -> argparse.ArgumentParser:
     ps_arguments(ps, _seconds)
     _endpoint_option(ps)
     ps.set_defaults(run=_run_ps)
+
+    call = add("call", help="send one request to a server and print its answer or its error")
+    call.add_argument("name", help="the server's name")
+    call.add_argument("function", help="the function number; with --interface, an operation's "
+                                       "name")
+    call.add_argument("arguments", nargs="*", metavar="ARG",
+                      help="up to four: an int, b:HEX (bytes), s:TEXT (UTF-8 bytes) or out:N (a "
+                           "writable buffer of N bytes, shown after the call); with --interface "
+                           "one per parameter, read by its type")
+    call.add_argument("--interface", metavar="MODULE:CLASS",
+                      help="an ipcfw.Interface class: call an operation by name, its arguments "
+                           "read by its parameters' types (str as it is, msgpack values as JSON)")
+    call.add_argument("--version", dest="server_version", metavar="X.Y.Z",
+                      help="the version to connect with (default: the interface's, else 1.0.0)")
+    call.add_argument("--path", choices=[path.name.lower() for path in Path],
+                      help="the session's data path (default: $IPCFW_PATH, else direct)")
+    call.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                      help="give up on the connect, then on the answer, after SECONDS "
+                           "(default %(default)s)")
+    call.add_argument("--json", action="store_true",
+                      help="print the outcome as one JSON object (an error too, on stdout)")
+    _endpoint_option(call)
+    call.set_defaults(run=_run_call)
     return parser
 
 
@@ -296,39 +321,6 @@ def _services(directory: str | None) -> list[Any]:
     return load_services(directory)
 
 
-def load_plugin(spec: str, base: type | None = None, what: str = "plugin") -> type:
-    """The class named by ``package.module:ClassName``, importable from sys.path or the cwd,
-    and a subclass of `base` if given. Raises `PluginError` naming the spec (a `what`) and
-    the reason (the module's own exception, if importing it raised, is its ``__cause__``)."""
-    module_name, _, class_name = spec.partition(":")
-    if not module_name or not class_name:
-        example = "ServerClass" if what == "plugin" else "OverlayClass"
-        raise PluginError(f"{what} {spec!r} must look like package.module:{example}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # (whatever the module raised while importing)
-        raise PluginError(f"cannot load {what} {spec!r}: {_one_line(exc)}") from exc
-    found = getattr(module, class_name, None)
-    if found is None:
-        raise PluginError(f"cannot load {what} {spec!r}: module {module_name!r} has no "
-                          f"{class_name!r}")
-    if not isinstance(found, type):
-        raise PluginError(f"cannot load {what} {spec!r}: it is a {type(found).__name__}, not a "
-                          "class")
-    if base is not None and not issubclass(found, base):
-        raise PluginError(f"cannot load {what} {spec!r}: {class_name} is not a subclass of "
-                          f"ipcfw.{base.__name__}")
-    return found
-
-
-def _one_line(exc: BaseException) -> str:
-    """`exc` as ``Type: text`` on one line."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _plugin_stack(args: argparse.Namespace) -> Any:
     """The server named by ``args.plugin``, under the overlays named by ``args.overlay``."""
     from ..server import COverlay, CServer
@@ -342,7 +334,7 @@ def _plugin_stack(args: argparse.Namespace) -> Any:
             what = "overlay"
             top = overlay(top)
     except Exception as exc:  # (whatever the plugin's constructor raised)
-        raise PluginError(f"cannot start {what} {spec!r}: {_one_line(exc)}") from exc
+        raise PluginError(f"cannot start {what} {spec!r}: {one_line(exc)}") from exc
     return top
 
 
@@ -392,6 +384,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
 
     return bench_main(args.bench_args)
+
+
+def _run_call(args: argparse.Namespace) -> int:
+    from .call import run
+
+    return run(args)
 
 
 def _run_terminate(args: argparse.Namespace) -> int:

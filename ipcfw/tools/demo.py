@@ -12,8 +12,10 @@ Everything it starts is stopped on the way out: after success, after a failure, 
 (exit status 130) or SIGTERM (143). The processes' logs go to files in the temporary directory;
 they are shown if something fails, and removed with the directory at the end.
 
-The servers and clients live in the source tree, next to the ``ipcfw`` package, so the demo needs
-a source checkout installed with ``pip install -e .``.
+The servers and clients are found in a source checkout (``servers/`` and ``clients/`` next to the
+``ipcfw`` package, hosted as ``servers.echo:EchoServer`` and so on), else in the installed
+package, where the wheel puts the same files (``ipcfw.examples.servers.echo:EchoServer``): the
+demo runs from ``pip install -e .`` and from a plain ``pip install`` of the wheel alike.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 from ..client import RSession, TRequestStatus
@@ -44,7 +48,7 @@ WARMUP_CALLS = 200
 PIPELINE_SECONDS = 1.0
 REPLY_TIMEOUT = 5.0
 
-# (server name, plugin, example client module)
+# (server name, plugin, example client module), named as in a checkout (see `Examples`)
 EXAMPLES = (
     ("echo", "servers.echo:EchoServer", "clients.echo_client"),
     ("kv", "servers.kv:KvServer", "clients.kv_client"),
@@ -87,6 +91,24 @@ def _unraisable(
     return hook
 
 
+INSTALLED = "ipcfw.examples."
+"""The package the wheel installs ``servers/`` and ``clients/`` as (pyproject.toml)."""
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Where the example servers and clients are loaded from: a source checkout's ``servers``
+    and ``clients`` (`root` is the checkout, `prefix` empty), or the installed package's
+    ``ipcfw.examples.servers`` and ``ipcfw.examples.clients`` (`root` None)."""
+
+    prefix: str
+    root: Path | None
+
+    def module(self, name: str) -> str:
+        """`name` (``servers.echo:EchoServer``, ``clients.echo_client``) as loaded from here."""
+        return self.prefix + name
+
+
 def repo_root() -> Path | None:
     """The source checkout holding ``ipcfw/``, ``servers/`` and ``clients/``; None if absent."""
     root = Path(__file__).resolve().parents[2]
@@ -95,12 +117,29 @@ def repo_root() -> Path | None:
     return None
 
 
-def _make_stack(root: Path) -> Stack | None:
-    """A stack in a private directory under /tmp; None if its path is too long for a socket."""
+def find_examples() -> Examples | None:
+    """The checkout's examples if this ipcfw runs from one, else the installed package's; None
+    if neither is there (a copy of the ``ipcfw`` package alone)."""
+    root = repo_root()
+    if root is not None:
+        return Examples("", root)
+    if all(find_spec(INSTALLED + part) is not None for part in ("servers", "clients")):
+        return Examples(INSTALLED, None)
+    return None
+
+
+def _make_stack(examples: Examples) -> Stack | None:
+    """A stack in a private directory under /tmp; None if its path is too long for a socket.
+    Its processes run in the checkout, with it on their path; or, for the installed examples,
+    in that directory, so that nothing in the user's working directory shadows a module."""
     workdir = Path(tempfile.mkdtemp(prefix="ipcfw-demo-", dir="/tmp"))
     os.chmod(workdir, 0o700)
-    pythonpath = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
-    stack = Stack(workdir, env={"PYTHONPATH": pythonpath}, cwd=root)
+    if examples.root is None:
+        stack = Stack(workdir, cwd=workdir)
+    else:
+        pythonpath = os.pathsep.join(
+            p for p in (str(examples.root), os.environ.get("PYTHONPATH", "")) if p)
+        stack = Stack(workdir, env={"PYTHONPATH": pythonpath}, cwd=examples.root)
     if len(stack.endpoint) - len("ipc://") > IPC_PATH_MAX:
         shutil.rmtree(workdir, ignore_errors=True)
         print(f"ipcfw demo: temporary path {workdir} is too long for an ipc socket",
@@ -124,13 +163,13 @@ def _print(line: str = "") -> None:
 # -- the clients and the measurements ----------------------------------------------------------
 
 
-def _run_clients(endpoint: str) -> bool:
+def _run_clients(examples: Examples, endpoint: str) -> bool:
     """Run each example client's walkthrough in this process; print one line each."""
     all_ok = True
     for name, _plugin, module_name in EXAMPLES:
         lines: list[str] = []
         try:
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(examples.module(module_name))
             summary = module.run(out=lines.append, endpoint=endpoint)
         except Exception as exc:  # any failure of an example is reported, then the demo fails
             all_ok = False
@@ -247,19 +286,20 @@ def _measure(stack: Stack) -> None:
 
 def run_demo() -> int:
     """Run the demo; returns the exit status (0 ok, 1 failed, 2 cannot run, 130 interrupted)."""
-    root = repo_root()
-    if root is None:
+    examples = find_examples()
+    if examples is None:
         print(
-            "ipcfw demo: the example servers and clients were not found next to the ipcfw package "
-            f"({Path(__file__).resolve().parents[2]}).\nThe demo needs a source checkout "
-            "installed with `pip install -e .`; run it from there.",
+            "ipcfw demo: the example servers and clients were not found: neither next to the "
+            f"ipcfw package ({Path(__file__).resolve().parents[2]}) nor installed as "
+            f"{INSTALLED}servers and {INSTALLED}clients.\nInstall ipcfw with pip (`pip install "
+            "ipcfw-*.whl`, or `pip install -e .` in a source checkout) and run it again.",
             file=sys.stderr,
         )
         return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))  # for `clients.*` and `servers.*`
+    if examples.root is not None and str(examples.root) not in sys.path:
+        sys.path.insert(0, str(examples.root))  # for `clients.*` and `servers.*`
 
-    stack = _make_stack(root)
+    stack = _make_stack(examples)
     if stack is None:
         return 2
 
@@ -273,7 +313,7 @@ def run_demo() -> int:
     sys.unraisablehook = _unraisable(previous_hook)
     status = 1
     try:
-        status = _run(stack)
+        status = _run(stack, examples)
         _raise_if_signalled()
     except KeyboardInterrupt:
         print("\nipcfw demo: interrupted; stopping", file=sys.stderr, flush=True)
@@ -308,15 +348,15 @@ def run_demo() -> int:
     return status
 
 
-def _run(stack: Stack) -> int:
+def _run(stack: Stack, examples: Examples) -> int:
     kernel = stack.start()
     _print(f"ipcfw demo: kernel pid {kernel.pid} on {stack.endpoint}")
     for name, plugin, _client in EXAMPLES:  # started together, then waited for
-        stack.serve(plugin, wait=False, name=name)
+        stack.serve(examples.module(plugin), wait=False, name=name)
     for server in stack.servers:
         stack.wait_ready(server)
 
-    if not _run_clients(stack.endpoint):
+    if not _run_clients(examples, stack.endpoint):
         print("ipcfw demo: an example client failed", file=sys.stderr)
         print(_logs(stack), file=sys.stderr, flush=True)
         return 1

@@ -142,6 +142,7 @@ def test_close_disconnects_once_after_every_earlier_message(kernel, probe_server
 # -- SendReceive ---------------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 def test_sync_call_returns_value_and_raises_for_negative(probe_server):
     with connect() as session:
         assert session.SendReceive(probe.EEcho, (123456,)) == 123456
@@ -151,6 +152,7 @@ def test_sync_call_returns_value_and_raises_for_negative(probe_server):
         assert caught.value.code == ipcfw.KErrInUse
 
 
+@pytest.mark.smoke
 def test_async_status_int_wait_result(probe_server):
     with connect() as session:
         status = TRequestStatus()
@@ -253,6 +255,7 @@ def test_int_edges_pass_through(probe_server):
         assert caught.value.code == -(2**31)
 
 
+@pytest.mark.smoke
 def test_read_and_write_descriptors(probe_server):
     with connect() as session:
         buffer = bytearray(b"0123456789")

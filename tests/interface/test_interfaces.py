@@ -33,12 +33,6 @@ TIMEOUT = 5.0
 
 
 @pytest.fixture
-def kv(kernel):
-    kernel.serve("servers.kv:KvServer", "kv")
-    return kernel
-
-
-@pytest.fixture
 def notifier(kernel):
     kernel.serve("servers.notifier:NotifierServer", "notifier")
     return kernel

@@ -78,3 +78,15 @@ def test_a_uid_past_its_connections_is_refused_with_overflow_until_one_goes() ->
     ks.peer_gone(b"1" * 16)
     hello(ks, b"5" * 16, Role.CHANNEL, identity(31, 1000, 1000))
     assert ks.knows(b"5" * 16)
+
+
+def test_a_protected_name_needs_protserv_granted_by_configuration_or_by_uid() -> None:
+    config = parse('[[grant]]\nuid = 1001\ncapabilities = ["ProtServ"]\n')
+    ks = new_state(grants=config.capabilities, protserv_uids=frozenset({1002}))
+    for pid, uid, expected in ((40, 1000, errors.KErrPermissionDenied), (41, 1001, 0),
+                               (42, 1002, 0)):
+        rid = b"%016d" % pid
+        hello(ks, rid, Role.SERVER, identity(pid, uid, uid))
+        (reply,) = [a.message for a in ks.receive(rid, Register(1, f"!guarded{pid}", 0,
+                                                                 (1, 0, 0)))]
+        assert reply.value == expected, (uid, reply)

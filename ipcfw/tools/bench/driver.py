@@ -55,7 +55,8 @@ DEFAULT_FLEET_SECONDS, QUICK_FLEET_SECONDS = 3.0, 1.5
 IPCFW_CLIENT_LOGGER = "ipcfw.client"
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """``ipcfw bench``'s own parser (`ipcfw.tools.clidoc` documents it)."""
     p = argparse.ArgumentParser(
         prog="ipcfw bench",
         description="Sync latency and pipelined throughput of ipcfw against bare pyzmq baselines.")
@@ -97,6 +98,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="with --plot: draw the record an earlier --json wrote, measure nothing")
     p.add_argument("--strict", action="store_true", help="exit 2 when ipcfw misses a target")
     p.add_argument("--no-ipcfw", action="store_true", help="measure the bare systems only")
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = build_parser()
     argv = list(argv)
     if argv[:1] == ["--"]:  # `ipcfw bench -- --quick`: the CLI may pass the separator through
         argv = argv[1:]
