@@ -103,6 +103,10 @@ __all__ = [
     "Admit",
     "ListSessions",
     "AwaitServer",
+    "ListActivatable",
+    "ActivatableList",
+    "pack_activatable",
+    "unpack_activatable",
     "SessionList",
     "SessionRow",
     "ListServers",
@@ -125,6 +129,7 @@ __all__ = [
     "pack_value",
     "unpack_value",
     "SESSIONS_PAGE",
+    "ACTIVATABLE_ROWS",
     "SERVERS_PAGE",
     "PROCESSES_PAGE",
     "ROW_HOLDERS",
@@ -200,8 +205,9 @@ PROTOCOL_VERSION = 19  # 2: answers on channel; 3: sharing; 4: cancel; 5: negoti
 #                        11: shared memory on the direct path; 12: AwaitServer;
 #                        13: error text on completions; 14: the server and process lists
 #                        (ListServers, ListProcesses), message ages (SessionRow, CensusReply),
-#                        Connect.thread; 17: batches of frames (BATCH_MARK);
-#                        15: the monitor (Monitor, MonitorEvents, Report, Traffic);
+#                        Connect.thread; 15: the monitor (Monitor, MonitorEvents, Report,
+#                        Traffic); 16: activation (ListActivatable, ActivatableList,
+#                        TerminationReason.IDLE); 17: batches of frames (BATCH_MARK);
 #                        18: capabilities (PeerInfo.capabilities); 19: admission
 #                        (Welcome.refusal, Welcome.code)
 
@@ -319,6 +325,8 @@ class Kind(enum.IntEnum):
     LIST_PROCESSES = 52
     # channel -> kernel: answer when a server name is registered
     AWAIT_SERVER = 51
+    # any peer -> kernel: the servers the kernel can start (activation)
+    LIST_ACTIVATABLE = 33
     # kernel -> client
     WELCOME = 20
     CONNECTED = 21
@@ -328,6 +336,7 @@ class Kind(enum.IntEnum):
     STATS_REPLY = 25
     SHARED = 26
     SESSION_LIST = 27
+    ACTIVATABLE_LIST = 56
     SERVER_LIST = 29
     PROCESS_LIST = 53
     # kernel -> any peer
@@ -362,6 +371,7 @@ class TerminationReason(enum.IntEnum):
     ADMINISTRATOR = 3  # an administrator asked (`ipcfw terminate`)
     POLICY = 4  # a security policy revoked it
     DEREGISTERED = 5  # the server asked itself (ServerHost.Deregister)
+    IDLE = 6  # the kernel started it (activation) and it had no session for its idle_exit
 
 
 class TServerType(enum.IntEnum):
@@ -781,6 +791,21 @@ class AwaitServer(NamedTuple):
     name: str
 
 
+class ListActivatable(NamedTuple):
+    """Any peer -> kernel: list the servers the kernel can start (its service files, ``ipcfw
+    kernel --services DIR``). Answered by ActivatableList."""
+
+    req_id: int
+
+
+class ActivatableList(NamedTuple):
+    """Kernel -> peer: `rows` is `pack_activatable` of (name, state) for each service, by name;
+    state is "activatable" (not running), "starting", "running" or "stopping"."""
+
+    req_id: int
+    rows: bytes
+
+
 class SessionList(NamedTuple):
     """Kernel -> peer: a page of the session list. `rows` is `pack_session_rows` of at most
     `SESSIONS_PAGE` `SessionRow`s; `next` is the `after` of the next page, 0 after the last."""
@@ -1146,7 +1171,7 @@ Message = (
     Terminate | Deregister | Terminating | Attach | SessionPanicked | Join | Admit |
     ListSessions | SessionList | Census | CensusReply | SharedMemory | MappedRequest |
     MappedCompleted | AwaitServer | ListServers | ServerList | ListProcesses | ProcessList |
-    Monitor | MonitorEvents | Report | Traffic
+    Monitor | MonitorEvents | Report | Traffic | ListActivatable | ActivatableList
 )
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
@@ -1205,6 +1230,8 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
         Kind.SESSION_LIST, (_u63, _int_in(0, I32_MAX, "a handle or 0"), _bytes_upto(MAX_FRAME))
     ),
     AwaitServer: (Kind.AWAIT_SERVER, (_u63, _str_upto(MAX_NAME))),
+    ListActivatable: (Kind.LIST_ACTIVATABLE, (_u63,)),
+    ActivatableList: (Kind.ACTIVATABLE_LIST, (_u63, _bytes_upto(MAX_FRAME))),
     ListServers: (Kind.LIST_SERVERS, (_u63, _str_upto(MAX_NAME))),
     ServerList: (Kind.SERVER_LIST, (_u63, _str_upto(MAX_NAME), _bytes_upto(MAX_FRAME))),
     ListProcesses: (Kind.LIST_PROCESSES, (_u63, _u32)),
@@ -1450,6 +1477,31 @@ def _event(item: Any) -> Event:
         raise ProtocolError(f"events: bad {problem} in {_show(item)}")
     return Event(float(time), kind, server, pid, handle, path, msg, function, value, micros,
                  detail)
+
+
+#: Most rows an ActivatableList holds (a kernel takes at most this many service files).
+ACTIVATABLE_ROWS = 1024
+
+
+def pack_activatable(rows: list[tuple[str, str]]) -> bytes:
+    """The bytes of an ActivatableList: a msgpack array of ``[name, state]`` rows."""
+    packed: bytes = msgpack.packb([list(row) for row in rows[:ACTIVATABLE_ROWS]])
+    return packed
+
+
+def unpack_activatable(data: bytes) -> list[tuple[str, str]]:
+    """Read `pack_activatable`'s bytes, under limits (at most `ACTIVATABLE_ROWS` rows of two
+    strings; no map, no ext); ProtocolError for anything else."""
+    rows = []
+    for item in _unpack_table(data, "ActivatableList.rows", ACTIVATABLE_ROWS, 2):
+        try:
+            name, state = item
+            _str_upto(MAX_NAME)(name)
+            _str_upto(16)(state)
+        except (TypeError, ValueError) as exc:
+            raise _row_error("ActivatableList.rows", exc, item) from None
+        rows.append((name, state))
+    return rows
 
 
 def pack_server_rows(rows: list[ServerRow]) -> bytes:

@@ -196,6 +196,9 @@ ROUND_TRIP: list = [
     protocol.Report(U63_MAX, 1),
     protocol.Traffic(0, 0, b"\x90"),
     protocol.Traffic(U63_MAX, U63_MAX, b"x" * 100),
+    # activation (protocol 16)
+    protocol.ListActivatable(1),
+    protocol.ActivatableList(1, protocol.pack_activatable([("echo", "starting")])),
     CensusReply(U63_MAX, pack_census([
         CensusItem(1, 2, 3, 1, 4), CensusItem(I32_MAX, 2**32 - 1, 2**32 - 1, 2**32 - 1, U63_MAX),
     ])),
@@ -261,7 +264,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 49
+    assert len(MESSAGE_CLASSES) == 51
 
 
 def test_every_kind_has_exactly_one_class() -> None:
@@ -910,6 +913,23 @@ def test_a_malformed_session_table_is_a_protocol_error(data: bytes) -> None:
     assert unpack_session_rows(msgpack.packb([_ROW]))  # (the row varied is good)
     with pytest.raises(ProtocolError, match="SessionList.rows"):
         unpack_session_rows(data)
+
+
+def test_activatable_rows_round_trip() -> None:
+    rows = [("echo", "activatable"), ("s" * 80, "starting")]
+    assert protocol.unpack_activatable(protocol.pack_activatable(rows)) == rows
+    assert protocol.unpack_activatable(protocol.pack_activatable([])) == []
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\xc1", msgpack.packb({"a": 1}), msgpack.packb([["echo"]]),
+    msgpack.packb([["echo", 1]]), msgpack.packb([[b"echo", "running"]]),
+    msgpack.packb([["echo", "x" * 17]]), msgpack.packb([["n" * 257, "running"]]),
+    msgpack.packb([["echo", "running"]] * 1025), msgpack.packb(7),
+])
+def test_a_malformed_activatable_table_is_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(ProtocolError, match="ActivatableList.rows"):
+        protocol.unpack_activatable(data)
 
 
 def _varied(row: tuple[object, ...], index: int, value: object) -> bytes:

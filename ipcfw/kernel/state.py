@@ -82,6 +82,13 @@ Rules this module keeps:
    handed to the monitors as the kernel's own events are; a monitor is answered once those
    servers have begun. The batches go out once per loop turn (`monitor_batches`), within each
    monitor's credit; a monitor's buffer is bounded, and what it loses it is told.
+15. Activation on demand (`ipcfw.kernel.activation`, whose rules `self.activations` keeps): a
+   connect to a name that is not registered (or whose registration is ending) but has a
+   service is held, not refused, and an `AwaitServer` for it waits; either starts the server
+   (`Spawn`) once the name is free and no process of the service runs. The name's
+   registration lets the held connects proceed as if just received; a start that fails
+   (`service_exited`, `activation_tick`) answers them and the waits with its error. A server
+   the kernel started that has no session for its `idle_exit` is terminated (reason IDLE).
 """
 
 from __future__ import annotations
@@ -166,7 +173,11 @@ from ..protocol import (
     Terminating,
     StatsReply,
     Welcome,
+    ListActivatable,
+    ActivatableList,
+    pack_activatable,
 )
+from .activation import MAX_HELD, Activations, Failure, Kill, Service, Spawn
 from .monitor import Monitors
 
 log = logging.getLogger("ipcfw.kernel")
@@ -255,7 +266,7 @@ class RemoveSocket(NamedTuple):
     path: str
 
 
-Action = Send | Watch | Unwatch | RemoveSocket
+Action = Send | Watch | Unwatch | RemoveSocket | Spawn | Kill
 
 
 class PeerMisbehaved(Exception):
@@ -331,6 +342,8 @@ _SESSION_TRANSITIONS: dict[SessionState, dict[SessionEvent, SessionState | None]
 }
 #: States in which the kernel still forwards the session's requests to its server.
 _DELIVERABLE = frozenset({_S.CONNECTING, _S.OPEN})
+#: A connect refused with these, to a name with a service, is held while its server starts.
+_ACTIVATING = frozenset({errors.KErrNotFound, errors.KErrServerTerminated})
 #: States in which the client still holds the handle.
 _HELD = frozenset({_S.CONNECTING, _S.OPEN, _S.PANICKED, _S.DEAD})
 
@@ -501,6 +514,7 @@ class KernelState:
         outstanding_per_process: int = 100_000,
         connections_per_uid: int = 10_000,
         new_token: Callable[[], bytes] = lambda: secrets.token_bytes(TOKEN_BYTES),
+        services: Iterable[Service] = (),
     ) -> None:
         self.kernel_pid = kernel_pid
         self.now: float = 0.0  # the loop's clock (seconds), set before each turn: message ages
@@ -537,6 +551,7 @@ class KernelState:
         self.admitted = 0  # tickets granted to threads by Join, ever
         self.monitor = Monitors()  # rule 14
         self._report_ids = itertools.count(1)
+        self.activations = Activations(services)  # rule 15
         self._client_keys = itertools.count(1)
         self._dispatch: dict[type, Callable[[Peer, Any], list[Action]]] = {
             Register: self._register,
@@ -561,6 +576,7 @@ class KernelState:
             AwaitServer: self._await_server,
             Monitor: self._monitor,
             Traffic: self._traffic,
+            ListActivatable: self._list_activatable,
         }
 
     # -- inputs ------------------------------------------------------------------------------
@@ -650,6 +666,8 @@ class KernelState:
             self._forget_awaits(peer)
         if self.monitor.active:
             actions += self._monitors_gone(rid)
+        if self.activations.held_per_channel:
+            self.activations.drop_channel(rid)
         for handle in sorted(peer.attached):
             self._detach(self.sessions[handle], peer)
         for handle in sorted(peer.owned):  # unshared sessions end with their thread
@@ -794,7 +812,14 @@ class KernelState:
         if self.monitor.active and self.monitor.wants(key):
             self._event(server, EventKind.REGISTER, peer.process.identity.pid)
             actions += self._update_reporting()
-        return actions + (self._answer_awaits(key) if key in self.awaits else [])
+        if key in self.awaits:
+            actions += self._answer_awaits(key)
+        if key in self.activations.by_key:
+            for rid, connect in self.activations.registered(key, self.now):
+                waiting = self.peers.get(rid)  # (held connects of a gone channel are dropped)
+                if waiting is not None:
+                    actions += self._connect(waiting, connect)
+        return actions
 
     # -- waiting for a server name (rule 13) ---------------------------------------------------
 
@@ -816,6 +841,8 @@ class KernelState:
             return [Send(peer.rid, Completed(req_id, code, ()))]
         peer.awaits[req_id] = key
         self.awaits.setdefault(key, {})[(peer.rid, req_id)] = None
+        if key in self.activations.by_key:
+            return self._start_if_waited(key)
         return []
 
     def _answer_awaits(self, key: str) -> list[Action]:
@@ -863,8 +890,10 @@ class KernelState:
         server.held = None  # (its requests are answered below, as the sessions end)
         self.held_back.discard(server.rid)
         del self.server_of_peer[server.rid]
-        if self.servers.get(lookup_key(server.name)) is server:
-            del self.servers[lookup_key(server.name)]
+        key = lookup_key(server.name)
+        released = self.servers.get(key) is server
+        if released:
+            del self.servers[key]
         self.terminating.discard(server)
         actions: list[Action] = [
             Send(rid, Completed(req_id, errors.KErrNone, ())) for rid, req_id in server.waiters
@@ -878,6 +907,9 @@ class KernelState:
             actions += self._transition(self.sessions[handle], _E.SERVER_DIED)
         if server.direct:
             actions.append(RemoveSocket(server.direct))
+        if released and key in self.activations.by_key:
+            self.activations.released(key, self.now)
+            actions += self._start_if_waited(key)  # connects that came while it ended
         return actions + self._census_done(server.rid)
 
     # -- sessions ----------------------------------------------------------------------------
@@ -885,6 +917,10 @@ class KernelState:
     def _connect(self, peer: Peer, message: Connect) -> list[Action]:
         self._require_role(peer, Role.CHANNEL, message)
         code = self._connect_error(message) or self._session_limit_error(peer.process)
+        if code in _ACTIVATING and self.activations:
+            key = lookup_key(message.name)
+            if key in self.activations.by_key:
+                return self._hold_connect(peer, key, message)
         if code:
             text = self._connect_error_text(message.name, code)
             return [Send(peer.rid, Connected(message.req_id, code, 0, b"", text=text))]
@@ -897,6 +933,10 @@ class KernelState:
             session.ticket, session.direct = self.new_token(), True
         self.sessions[session.handle] = session
         server.sessions.add(session.handle)
+        if self.activations and len(server.sessions) == 1:
+            key = lookup_key(server.name)
+            if key in self.activations.by_key:
+                self.activations.busy(key)
         peer.owned.add(session.handle)
         session.holders[peer.process] = 1
         peer.process.sessions.add(session.handle)
@@ -1162,7 +1202,12 @@ class KernelState:
     def _release_server_side(self, session: SessionRecord) -> None:
         for msg_id in list(session.messages):
             self._free_message(self.messages[msg_id])
-        session.server.sessions.discard(session.handle)
+        server = session.server
+        server.sessions.discard(session.handle)
+        if self.activations and not server.sessions:
+            key = lookup_key(server.name)
+            if key in self.activations.by_key and self.servers.get(key) is server:
+                self.activations.idle(key, self.now)
 
     def _remove(self, session: SessionRecord) -> None:
         self._release_server_side(session)
@@ -1672,6 +1717,74 @@ class KernelState:
             actions.append(Send(session.server.rid, Cancelled(msg_id, session.handle)))
         return actions
 
+    # -- activation on demand (rule 15) --------------------------------------------------------
+
+    def _hold_connect(self, peer: Peer, key: str, message: Connect) -> list[Action]:
+        if not self.activations.can_hold(peer.rid):
+            text = (f"this thread already has {MAX_HELD} connects waiting for servers to start "
+                    "(the most the kernel holds for one)")
+            return [Send(peer.rid, Connected(message.req_id, errors.KErrOverflow, 0, b"",
+                                             text=text))]
+        self.activations.hold(key, peer.rid, message)
+        return self._start_if_waited(key)
+
+    def _start_if_waited(self, key: str) -> list[Action]:
+        """Start the server of `key` if someone waits for it and the name is free."""
+        if key in self.servers or not (self.activations.by_key[key].held or key in self.awaits):
+            return []
+        return list(self.activations.want(key, self.now))
+
+    def service_exited(self, name: str, status: str, tail: str) -> list[Action]:
+        """The process the kernel started for service `name` (`Spawn`) exited: `status` says
+        how ("exited with status 1", "was killed by SIGKILL"), `tail` is the end of its
+        output. A start that failed answers what waited for it; else, if connects came while
+        it stopped, a new one starts."""
+        key = lookup_key(name)
+        failure = self.activations.exited(key, status, tail)
+        actions = self._fail_activation(key, failure) if failure is not None else []
+        actions += self._start_if_waited(key)
+        return self._hold(actions) if self.held_back else actions
+
+    def _fail_activation(self, key: str, failure: Failure) -> list[Action]:
+        code, text = failure.code, failure.text
+        actions: list[Action] = [
+            Send(rid, Connected(connect.req_id, code, 0, b"", text=text))
+            for rid, connect in failure.held if rid in self.peers
+        ]
+        for rid, req_id in self.awaits.pop(key, {}):
+            del self.peers[rid].awaits[req_id]
+            actions.append(Send(rid, Completed(req_id, code, (), text)))
+        return actions
+
+    def activation_tick(self) -> list[Action]:
+        """The time is `self.now`: kill servers that took too long to start or to stop, and
+        tell idle ones to end (their registration is terminated, reason IDLE)."""
+        kills, idle = self.activations.due(self.now)
+        actions: list[Action] = list(kills)
+        for key in idle:
+            server = self.servers.get(key)
+            if server is not None and server.terminating is None:
+                actions += self._begin_termination(server, TerminationReason.IDLE, None)
+        return self._hold(actions) if self.held_back else actions
+
+    def next_activation_deadline(self) -> float | None:
+        """When `activation_tick` next has something to do (on the `now` clock), or None."""
+        return self.activations.next_deadline() if self.activations.timed else None
+
+    def activatable(self) -> list[tuple[str, str]]:
+        """(name, state) of each server the kernel can start, by name: state "activatable"
+        (not running), "starting", "running" (also when a server it did not start has the
+        name) or "stopping"."""
+        return [
+            (name, "running" if state == "activatable" and lookup_key(name) in self.servers
+             else state)
+            for name, state in self.activations.listing()
+        ]
+
+    def _list_activatable(self, peer: Peer, message: ListActivatable) -> list[Action]:
+        rows = pack_activatable(self.activatable())
+        return [Send(peer.rid, ActivatableList(message.req_id, rows))]
+
     # -- termination (seed 002) ---------------------------------------------------------------
 
     def _terminate(self, peer: Peer, message: Terminate) -> list[Action]:
@@ -1698,9 +1811,10 @@ class KernelState:
         )
 
     def _begin_termination(
-        self, server: ServerRecord, reason: int, waiter: tuple[bytes, int]
+        self, server: ServerRecord, reason: int, waiter: tuple[bytes, int] | None
     ) -> list[Action]:
-        server.waiters.append(waiter)
+        if waiter is not None:
+            server.waiters.append(waiter)
         actions: list[Action] = []
         if server.terminating is None:
             server.terminating = reason
