@@ -103,6 +103,10 @@ __all__ = [
     "Admit",
     "ListSessions",
     "AwaitServer",
+    "ListActivatable",
+    "ActivatableList",
+    "pack_activatable",
+    "unpack_activatable",
     "SessionList",
     "SessionRow",
     "ListServers",
@@ -125,6 +129,7 @@ __all__ = [
     "pack_value",
     "unpack_value",
     "SESSIONS_PAGE",
+    "ACTIVATABLE_ROWS",
     "SERVERS_PAGE",
     "PROCESSES_PAGE",
     "ROW_HOLDERS",
@@ -181,6 +186,17 @@ __all__ = [
     "BATCH_BYTES",
     "pack_batch",
     "unpack_batch",
+    "Monitor",
+    "MonitorEvents",
+    "Report",
+    "Traffic",
+    "MONITOR_CREDIT",
+    "MAX_EVENTS_FRAME",
+    "MAX_DETAIL",
+    "Event",
+    "EventKind",
+    "pack_events",
+    "unpack_events",
 ]
 
 PROTOCOL_VERSION = 19  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
@@ -189,7 +205,9 @@ PROTOCOL_VERSION = 19  # 2: answers on channel; 3: sharing; 4: cancel; 5: negoti
 #                        11: shared memory on the direct path; 12: AwaitServer;
 #                        13: error text on completions; 14: the server and process lists
 #                        (ListServers, ListProcesses), message ages (SessionRow, CensusReply),
-#                        Connect.thread; 17: batches of frames (BATCH_MARK);
+#                        Connect.thread; 15: the monitor (Monitor, MonitorEvents, Report,
+#                        Traffic); 16: activation (ListActivatable, ActivatableList,
+#                        TerminationReason.IDLE); 17: batches of frames (BATCH_MARK);
 #                        18: capabilities (PeerInfo.capabilities); 19: admission
 #                        (Welcome.refusal, Welcome.code)
 
@@ -307,6 +325,8 @@ class Kind(enum.IntEnum):
     LIST_PROCESSES = 52
     # channel -> kernel: answer when a server name is registered
     AWAIT_SERVER = 51
+    # any peer -> kernel: the servers the kernel can start (activation)
+    LIST_ACTIVATABLE = 33
     # kernel -> client
     WELCOME = 20
     CONNECTED = 21
@@ -316,10 +336,17 @@ class Kind(enum.IntEnum):
     STATS_REPLY = 25
     SHARED = 26
     SESSION_LIST = 27
+    ACTIVATABLE_LIST = 56
     SERVER_LIST = 29
     PROCESS_LIST = 53
     # kernel -> any peer
     DROPPED = 30
+    # the monitor: channel -> kernel, then kernel -> channel
+    MONITOR = 31
+    MONITOR_EVENTS = 32
+    # the monitor's direct-path traffic: kernel -> server, then server -> kernel
+    REPORT = 54
+    TRAFFIC = 55
     # kernel -> server
     NEW_SESSION = 40
     DELIVER = 41
@@ -344,6 +371,7 @@ class TerminationReason(enum.IntEnum):
     ADMINISTRATOR = 3  # an administrator asked (`ipcfw terminate`)
     POLICY = 4  # a security policy revoked it
     DEREGISTERED = 5  # the server asked itself (ServerHost.Deregister)
+    IDLE = 6  # the kernel started it (activation) and it had no session for its idle_exit
 
 
 class TServerType(enum.IntEnum):
@@ -763,6 +791,21 @@ class AwaitServer(NamedTuple):
     name: str
 
 
+class ListActivatable(NamedTuple):
+    """Any peer -> kernel: list the servers the kernel can start (its service files, ``ipcfw
+    kernel --services DIR``). Answered by ActivatableList."""
+
+    req_id: int
+
+
+class ActivatableList(NamedTuple):
+    """Kernel -> peer: `rows` is `pack_activatable` of (name, state) for each service, by name;
+    state is "activatable" (not running), "starting", "running" or "stopping"."""
+
+    req_id: int
+    rows: bytes
+
+
 class SessionList(NamedTuple):
     """Kernel -> peer: a page of the session list. `rows` is `pack_session_rows` of at most
     `SESSIONS_PAGE` `SessionRow`s; `next` is the `after` of the next page, 0 after the last."""
@@ -878,6 +921,56 @@ class CensusReply(NamedTuple):
 
     req_id: int
     counts: bytes
+
+
+#: The most batches a monitor may be owed at once (`Monitor.credit`): what the kernel sends it
+#: beyond what it has read is bounded by this many frames.
+MONITOR_CREDIT = 64
+#: The most event records in one MonitorEvents or Traffic frame (`ipcfw.events`).
+MAX_EVENTS_FRAME = 256
+
+
+class Monitor(NamedTuple):
+    """Channel -> kernel: stream what happens to server `name` ("" for every server):
+    connects, requests, completions, disconnects, deaths, on both data paths. Answered
+    Completed(req_id, KErrNone) once started (once the direct servers it concerns report their
+    traffic), then MonitorEvents(req_id, ...) batches; KErrBadName for an invalid name,
+    KErrOverflow past the kernel's monitors. `credit` is how many more batches the kernel may
+    send (at most `MONITOR_CREDIT` owed): the same req_id again grants more as the monitor reads
+    them. `Cancel(req_id)` stops it (Completed(req_id, KErrCancel)); it also ends with its
+    channel."""
+
+    req_id: int
+    name: str
+    credit: int
+
+
+class MonitorEvents(NamedTuple):
+    """Kernel -> channel: a batch of monitor `req_id`'s events (`ipcfw.events.pack_events`),
+    and how many events it lost (its buffer was full) since the last batch, before these."""
+
+    req_id: int
+    lost: int
+    events: bytes
+
+
+class Report(NamedTuple):
+    """Kernel -> server: report the requests and completions of your direct connections
+    (`on` 1: a monitor watches you) or stop (0). Reporting on is answered at once with
+    Traffic(req_id, 0, b"")."""
+
+    req_id: int
+    on: int
+
+
+class Traffic(NamedTuple):
+    """Server -> kernel: events of its direct connections (`ipcfw.events.pack_events`, at most
+    `MAX_EVENTS_FRAME`), and how many it lost since its last Traffic (its buffer was full);
+    `req_id` is that of the Report this answers, 0 otherwise."""
+
+    req_id: int
+    lost: int
+    events: bytes
 
 
 class CensusItem(NamedTuple):
@@ -1077,7 +1170,8 @@ Message = (
     NewSession | Deliver | Disconnect | PeerInfo | PeerGone | Dropped | Cancel | Cancelled |
     Terminate | Deregister | Terminating | Attach | SessionPanicked | Join | Admit |
     ListSessions | SessionList | Census | CensusReply | SharedMemory | MappedRequest |
-    MappedCompleted | AwaitServer | ListServers | ServerList | ListProcesses | ProcessList
+    MappedCompleted | AwaitServer | ListServers | ServerList | ListProcesses | ProcessList |
+    Monitor | MonitorEvents | Report | Traffic | ListActivatable | ActivatableList
 )
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
@@ -1136,6 +1230,8 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
         Kind.SESSION_LIST, (_u63, _int_in(0, I32_MAX, "a handle or 0"), _bytes_upto(MAX_FRAME))
     ),
     AwaitServer: (Kind.AWAIT_SERVER, (_u63, _str_upto(MAX_NAME))),
+    ListActivatable: (Kind.LIST_ACTIVATABLE, (_u63,)),
+    ActivatableList: (Kind.ACTIVATABLE_LIST, (_u63, _bytes_upto(MAX_FRAME))),
     ListServers: (Kind.LIST_SERVERS, (_u63, _str_upto(MAX_NAME))),
     ServerList: (Kind.SERVER_LIST, (_u63, _str_upto(MAX_NAME), _bytes_upto(MAX_FRAME))),
     ListProcesses: (Kind.LIST_PROCESSES, (_u63, _u32)),
@@ -1145,6 +1241,13 @@ _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
     SharedMemory: (Kind.SHARED_MEMORY, ()),
     MappedRequest: (Kind.MAPPED_REQUEST, (_u63, _handle, _function, check_mapped_args, _mode)),
     MappedCompleted: (Kind.MAPPED_COMPLETED, (_u63, _i32, _mapped_writes, _text)),
+    Monitor: (
+        Kind.MONITOR,
+        (_u63, _str_upto(MAX_NAME), _int_in(0, MONITOR_CREDIT, f"a credit 0..{MONITOR_CREDIT}")),
+    ),
+    MonitorEvents: (Kind.MONITOR_EVENTS, (_u63, _u63, _bytes_upto(MAX_FRAME))),
+    Report: (Kind.REPORT, (_u63, _int_in(0, 1, "0 or 1"))),
+    Traffic: (Kind.TRAFFIC, (_u63, _u63, _bytes_upto(MAX_FRAME))),
 }
 
 
@@ -1283,6 +1386,121 @@ def unpack_session_rows(data: bytes) -> list[SessionRow]:
         holders = tuple(zip(flat[::2], flat[1::2]))
         rows.append(SessionRow(handle, server, path, state, outstanding, holders, oldest,
                                creator_pid, creator_thread, slots_used, slots, age))
+    return rows
+
+
+# -- the events inside MonitorEvents and Traffic (``ipcfw monitor``; see ipcfw.events) --------
+
+#: The longest `Event.detail`, in characters (a longer one is cut, ending with "...").
+MAX_DETAIL = 200
+
+
+class EventKind(enum.IntEnum):
+    """What an `Event` reports."""
+
+    REGISTER = 1  # a server registered its name (pid: the server's)
+    CONNECT = 2  # a client asked for a session (handle: the one it will have)
+    CONNECTED = 3  # the connect's answer: value (a handle or an error), micros
+    REQUEST = 4  # a request: function, detail (the argument summary)
+    COMPLETE = 5  # a request's completion: value, micros, detail (the error's text, a panic)
+    DISCONNECT = 6  # the session ended: its last holder closed it, or died
+    DIED = 7  # a process ended: a client that had sessions of the server, or the server
+
+
+class Event(NamedTuple):
+    """One event. `msg` matches a request to its completion (for one server and path);
+    `function` is -1, `value` 0 and `micros` -1 where they do not apply."""
+
+    time: float  # CLOCK_MONOTONIC seconds
+    kind: int  # EventKind
+    server: str
+    pid: int  # the client's process (the server's, for REGISTER and a server's DIED)
+    handle: int  # the session's, 0 for none
+    path: int  # protocol.Path: 0 kernel, 1 direct
+    msg: int
+    function: int
+    value: int
+    micros: int
+    detail: str
+
+
+_EVENT_KINDS = frozenset(int(kind) for kind in EventKind)
+_EVENT_FIELDS = 11
+
+
+def pack_events(events: list[Event]) -> bytes:
+    """The bytes of a MonitorEvents or Traffic frame's events: a msgpack array of arrays."""
+    packed: bytes = msgpack.packb([tuple(event) for event in events[:MAX_EVENTS_FRAME]])
+    return packed
+
+
+def unpack_events(data: bytes) -> list[Event]:
+    """Read `pack_events`'s bytes, under limits (at most `MAX_EVENTS_FRAME` events of the
+    fields above, no array in them, strings at most `MAX_NAME` and `MAX_DETAIL` characters);
+    ProtocolError naming what was wrong for anything else."""
+    try:
+        items = _unpackb(
+            data, use_list=False, max_array_len=MAX_EVENTS_FRAME, max_map_len=0, max_ext_len=0,
+            max_str_len=4 * max(MAX_NAME, MAX_DETAIL), object_hook=_refuse_map,
+            ext_hook=_refuse_ext, list_hook=_array_counter(MAX_EVENTS_FRAME + 1),
+        )
+    except ProtocolError as exc:
+        raise ProtocolError(f"events: {exc}") from None
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"events: not a packed array of events ({exc})") from None
+    if type(items) is not tuple:
+        raise ProtocolError("events: not an array of events")
+    return [_event(item) for item in items]
+
+
+def _event(item: Any) -> Event:
+    if type(item) is not tuple or len(item) != _EVENT_FIELDS:
+        raise ProtocolError(
+            f"events: an event is an array of {_EVENT_FIELDS} fields, got {_show(item)}"
+        )
+    time, kind, server, pid, handle, path, msg, function, value, micros, detail = item
+    problem = (
+        "time" if type(time) is not float and type(time) is not int else
+        "kind" if type(kind) is not int or kind not in _EVENT_KINDS else
+        "server" if type(server) is not str or len(server) > MAX_NAME else
+        "pid" if type(pid) is not int or not 0 <= pid < 2**32 else
+        "handle" if type(handle) is not int or not 0 <= handle < 2**31 else
+        "path" if path not in (0, 1) or type(path) is not int else
+        "msg" if type(msg) is not int or not 0 <= msg < 2**63 else
+        "function" if type(function) is not int or not -1 <= function < 2**31 else
+        "value" if type(value) is not int or not -(2**31) <= value < 2**31 else
+        "micros" if type(micros) is not int or not -1 <= micros < 2**63 else
+        "detail" if type(detail) is not str or len(detail) > MAX_DETAIL else
+        ""
+    )
+    if problem:
+        raise ProtocolError(f"events: bad {problem} in {_show(item)}")
+    return Event(float(time), kind, server, pid, handle, path, msg, function, value, micros,
+                 detail)
+
+
+#: Most rows an ActivatableList holds (a kernel takes at most this many service files).
+ACTIVATABLE_ROWS = 1024
+
+
+def pack_activatable(rows: list[tuple[str, str]]) -> bytes:
+    """The bytes of an ActivatableList: a msgpack array of ``[name, state]`` rows."""
+    packed: bytes = msgpack.packb([list(row) for row in rows[:ACTIVATABLE_ROWS]])
+    return packed
+
+
+def unpack_activatable(data: bytes) -> list[tuple[str, str]]:
+    """Read `pack_activatable`'s bytes, under limits (at most `ACTIVATABLE_ROWS` rows of two
+    strings; no map, no ext); ProtocolError for anything else."""
+    rows = []
+    for item in _unpack_table(data, "ActivatableList.rows", ACTIVATABLE_ROWS, 2):
+        try:
+            name, state = item
+            _str_upto(MAX_NAME)(name)
+            _str_upto(16)(state)
+        except (TypeError, ValueError) as exc:
+            raise _row_error("ActivatableList.rows", exc, item) from None
+        rows.append((name, state))
     return rows
 
 
@@ -1480,16 +1698,17 @@ def _unpack_counted(frame: bytes | memoryview) -> Any:
     )
 
 
-def _array_counter() -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
-    """A list_hook refusing the array past `_MAX_ARRAYS`. msgpack calls it as it finishes each
-    array, innermost first: once it refuses, nothing more is built."""
-    arrays_left = _MAX_ARRAYS
+def _array_counter(most: int = 0) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    """A list_hook refusing the array past `most` (default `_MAX_ARRAYS`). msgpack calls it as
+    it finishes each array, innermost first: once it refuses, nothing more is built."""
+    most = most or _MAX_ARRAYS
+    arrays_left = most
 
     def count_array(array: tuple[Any, ...]) -> tuple[Any, ...]:
         nonlocal arrays_left
         arrays_left -= 1
         if arrays_left < 0:
-            raise ProtocolError(f"more than {_MAX_ARRAYS} arrays, where no message has more")
+            raise ProtocolError(f"more than {most} arrays, where no message has more")
         return array
 
     return count_array

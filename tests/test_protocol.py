@@ -16,6 +16,10 @@ import pytest
 
 from ipcfw import protocol
 from ipcfw.protocol import (
+    Event,
+    EventKind,
+    pack_events,
+    unpack_events,
     BATCH_MARK,
     pack_batch,
     unpack_batch,
@@ -183,6 +187,18 @@ ROUND_TRIP: list = [
     # waiting for a server name (protocol 12)
     protocol.AwaitServer(1, "echo"),
     protocol.AwaitServer(U63_MAX, "n" * MAX_NAME),
+    # the monitor (protocol 15)
+    protocol.Monitor(1, "", 0),
+    protocol.Monitor(U63_MAX, "n" * MAX_NAME, protocol.MONITOR_CREDIT),
+    protocol.MonitorEvents(1, 0, b"\x90"),
+    protocol.MonitorEvents(U63_MAX, U63_MAX, b"x" * 100),
+    protocol.Report(1, 0),
+    protocol.Report(U63_MAX, 1),
+    protocol.Traffic(0, 0, b"\x90"),
+    protocol.Traffic(U63_MAX, U63_MAX, b"x" * 100),
+    # activation (protocol 16)
+    protocol.ListActivatable(1),
+    protocol.ActivatableList(1, protocol.pack_activatable([("echo", "starting")])),
     CensusReply(U63_MAX, pack_census([
         CensusItem(1, 2, 3, 1, 4), CensusItem(I32_MAX, 2**32 - 1, 2**32 - 1, 2**32 - 1, U63_MAX),
     ])),
@@ -248,7 +264,7 @@ def _id(message: object) -> str:
 
 def test_round_trip_table_covers_every_message_class() -> None:
     assert {type(m) for m in ROUND_TRIP} == MESSAGE_CLASSES
-    assert len(MESSAGE_CLASSES) == 45
+    assert len(MESSAGE_CLASSES) == 51
 
 
 def test_every_kind_has_exactly_one_class() -> None:
@@ -899,6 +915,23 @@ def test_a_malformed_session_table_is_a_protocol_error(data: bytes) -> None:
         unpack_session_rows(data)
 
 
+def test_activatable_rows_round_trip() -> None:
+    rows = [("echo", "activatable"), ("s" * 80, "starting")]
+    assert protocol.unpack_activatable(protocol.pack_activatable(rows)) == rows
+    assert protocol.unpack_activatable(protocol.pack_activatable([])) == []
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\xc1", msgpack.packb({"a": 1}), msgpack.packb([["echo"]]),
+    msgpack.packb([["echo", 1]]), msgpack.packb([[b"echo", "running"]]),
+    msgpack.packb([["echo", "x" * 17]]), msgpack.packb([["n" * 257, "running"]]),
+    msgpack.packb([["echo", "running"]] * 1025), msgpack.packb(7),
+])
+def test_a_malformed_activatable_table_is_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(ProtocolError, match="ActivatableList.rows"):
+        protocol.unpack_activatable(data)
+
+
 def _varied(row: tuple[object, ...], index: int, value: object) -> bytes:
     fields = list(row)
     fields[index] = value
@@ -957,6 +990,31 @@ def test_an_error_text_is_cut_to_the_bound_with_a_marker():
 def test_a_completion_without_text_decodes_with_an_empty_one():
     assert decode(pack(Kind.COMPLETED, 1, -1, [])) == Completed(1, -1, (), "")
     assert decode(pack(Kind.COMPLETE, 1, -1, [])) == Complete(1, -1, (), "")
+
+
+def test_monitor_events_round_trip():
+    event = Event(12.5, int(EventKind.COMPLETE), "echo", 4242, 7, 1, 3, -1, -5, 40, "no key")
+    assert unpack_events(pack_events([event] * 3)) == [event] * 3
+    assert unpack_events(pack_events([])) == []
+
+
+_EVENT = list(Event(12.5, 5, "echo", 4242, 7, 1, 3, -1, -5, 40, "no key"))
+
+
+@pytest.mark.parametrize("data", [
+    msgpack.packb({"a": 1}),
+    msgpack.packb(5),
+    msgpack.packb([_EVENT[:10]]),  # an event too short
+    msgpack.packb([_EVENT[:1] + [99] + _EVENT[2:]]),  # an unknown kind
+    msgpack.packb([_EVENT[:3] + [-1] + _EVENT[4:]]),  # a pid out of range
+    msgpack.packb([_EVENT[:10] + [[1, 2]]]),  # an array in an event
+    msgpack.packb([_EVENT] * (protocol.MAX_EVENTS_FRAME + 1)),
+    msgpack.packb([[[[0] * 8] * 8] * 8] * 8),  # arrays the count refuses
+    b"\xc1\xff",
+], ids=["map", "int", "short", "kind", "pid", "nested", "too-many", "array-bomb", "garbage"])
+def test_anything_else_than_monitor_events_is_a_protocol_error_naming_them(data):
+    with pytest.raises(ProtocolError, match="^events: "):
+        unpack_events(data)
 
 
 # -- batches ------------------------------------------------------------------------------------

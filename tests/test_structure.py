@@ -29,7 +29,8 @@ PURE_MODULES = [
     "ipcfw/client/args.py", "ipcfw/server/mapped.py", "ipcfw/_spin.py",
     "ipcfw/client/joining.py", "ipcfw/server/coroutines.py", "ipcfw/interface/codec.py",
     "ipcfw/interface/spec.py", "ipcfw/security.py", "ipcfw/server/policy.py",
-    "ipcfw/tools/callargs.py",
+    "ipcfw/tools/callargs.py", "ipcfw/events.py", "ipcfw/kernel/monitor.py",
+    "ipcfw/server/traffic.py", "ipcfw/kernel/activation.py",
 ]
 FORBIDDEN = frozenset(
     {"zmq", "os", "socket", "threading", "time", "psutil", "select", "subprocess"}

@@ -5,6 +5,7 @@ descriptor write-back, session lifecycle); and the runtime that carries its requ
 
 from .args import TIpcArgs
 from .introspect import kernel_processes, kernel_servers, kernel_sessions, kernel_statistics
+from .monitoring import Monitor, MonitorEvent, monitor
 from .session import RSession, terminate_server
 from .status import TRequestStatus, User
 from .subsession import RSubSession
@@ -13,5 +14,5 @@ from .waiting import wait_for_server
 __all__ = [
     "RSession", "RSubSession", "TIpcArgs", "TRequestStatus", "User", "kernel_statistics",
     "kernel_sessions", "kernel_servers", "kernel_processes", "terminate_server",
-    "wait_for_server",
+    "wait_for_server", "Monitor", "MonitorEvent", "monitor",
 ]

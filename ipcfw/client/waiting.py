@@ -123,7 +123,9 @@ def _answered(reply: Message | None) -> bool:
         return False
     if type(reply) is not Completed:
         raise errors.IpcError(errors.KErrGeneral, f"unexpected reply to AwaitServer: {reply!r}")
-    errors.check(reply.value)
+    if reply.value < 0:  # (a failed activation says why: the server's status and output)
+        raise errors.IpcError(reply.value, reply.text) if reply.text else errors.IpcError(
+            reply.value)
     return True
 
 

@@ -20,7 +20,12 @@ need the OS:
   queued behind what it has not read, and its later frames are ignored until its socket closes.
   The limits make this the last resort: a client within its limits never reaches it;
 * hostility: a malformed frame or a protocol violation is dropped and reported once per kind
-  (then counted), never allowed to raise out of the loop.
+  (then counted), never allowed to raise out of the loop;
+* activation (``--services DIR``): the state's `Spawn` and `Kill` go to the `Spawner`, whose
+  pidfds and output pipes the poller watches; a process's exit goes back to the state
+  (`service_exited`), and the poll's timeout is cut to the state's next activation deadline
+  (a start or stop taking too long, an idle server), when `activation_tick` runs. The kernel
+  stops what it started when it stops.
 
 The kernel binds only ``ipc://`` endpoints, in a private 0700 directory, and takes an `flock`
 beside the socket so a second kernel on the same endpoint refuses to start instead of silently
@@ -46,10 +51,13 @@ import zmq.utils.monitor
 
 from .. import endpoint as endpoints
 from .._zmqflags import NOBLOCK, RCVMORE, SNDMORE
+from ..naming import lookup_key
 from ..protocol import Hello, ProtocolError, decode, encode
+from .activation import Kill, Service, Spawn
 from .config import KernelConfig
 from .limits import KernelLimits
 from .liveness import ProcessWatcher, UnknownPeer, identify
+from .spawner import Exit, Spawner
 from .state import (
     Action,
     Admission,
@@ -120,6 +128,9 @@ class Kernel:
 
         kernel = Kernel("ipc:///tmp/ipcfw-demo/kernel")
         kernel.run()          # blocks; stop() from a signal handler or another thread
+
+    `services` (``ipcfw.kernel.spawner.load_services(DIR)``, what ``--services DIR`` reads)
+    are the servers it starts on demand; it stops those it started when `run` returns.
     """
 
     def __init__(
@@ -128,6 +139,7 @@ class Kernel:
         *,
         limits: KernelLimits | None = None,
         protserv_uids: Iterable[int] = (),
+        services: Iterable[Service] = (),
         config: KernelConfig | None = None,
     ) -> None:
         self.endpoint = endpoints.resolve(endpoint)
@@ -148,9 +160,11 @@ class Kernel:
             outstanding_per_process=self.limits.outstanding_per_process,
             connections_per_uid=self.limits.connections_per_uid,
             protserv_uids=frozenset(protserv_uids),
+            services=services,
             admission=Admission(os.getuid(), self.config.admit_uids, self.config.admit_gids),
             grants=self.config.capabilities,
         )
+        self._spawner = Spawner(self.endpoint, self._watch_fd, self._unwatch_fd)
         self._stop = threading.Event()
         self._reporter = _Reporter()
         self._watcher = ProcessWatcher()
@@ -182,6 +196,7 @@ class Kernel:
                 ready.set()
             self._serve()
         finally:
+            self._spawner.stop_all()  # the servers it started end with it
             self._reporter.log_summary()
             self._watcher.close()
             try:
@@ -216,25 +231,69 @@ class Kernel:
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
+        state = self.state
         while not self._stop.is_set():
-            timeout = 5 if self._backlog or self.state.held_back else 200
-            events = self._poller.poll(timeout)
-            self.state.now = time.monotonic()  # (the state's clock: message ages, ipcfw ps)
-            for source, _ in events:
+            timeout = 5 if self._backlog or state.held_back else 200
+            if state.activations.timed:
+                state.now = time.monotonic()
+                timeout = self._activation_timeout(timeout)
+            ready = self._poller.poll(timeout)
+            state.now = time.monotonic()  # the turn's clock (message ages, monitor stamps)
+            for source, _ in ready:
                 try:
                     if source is self._router:
                         self._drain_router()
                     elif source is self._monitor:
                         self._drain_monitor()
+                    elif self._spawner.owns(source):
+                        self._service_ready(source)
                     else:
                         self._process_exited(source)
                 except Exception:  # a bug or an exhausted resource must not end the kernel
                     log.exception("kernel loop error (the event was dropped; serving on)")
-            if self._backlog or self.state.held_back:
+            if self._backlog or state.held_back:
                 try:
                     self._flush_backlog()
                 except Exception:  # (it runs the state's rules too: release, drop)
                     log.exception("kernel loop error flushing backlogs (serving on)")
+            if state.monitor.active:  # each monitor's batch of this turn's events
+                try:
+                    self._perform(state.monitor_batches())
+                except Exception:
+                    log.exception("kernel loop error sending monitor events (serving on)")
+
+    def _activation_timeout(self, timeout: int) -> int:
+        """Run the state's activation deadlines that are due; the poll timeout (ms) that ends
+        at the next one."""
+        deadline = self.state.next_activation_deadline()
+        if deadline is not None and deadline <= self.state.now:
+            try:
+                self._perform(self.state.activation_tick())
+            except Exception:
+                log.exception("kernel loop error in activation (serving on)")
+            deadline = self.state.next_activation_deadline()
+        if deadline is None:
+            return timeout
+        return max(1, min(timeout, int((deadline - self.state.now) * 1000) + 1))
+
+    def _service_ready(self, fd: int) -> None:
+        exit_ = self._spawner.ready(fd)
+        if exit_ is not None:
+            self._service_exited(exit_)
+
+    def _service_exited(self, exit_: Exit) -> None:
+        self._perform(self.state.service_exited(exit_.name, exit_.status, exit_.tail))
+
+    def _spawn(self, action: Spawn) -> None:
+        failed = self._spawner.spawn(lookup_key(action.service.name), action.service)
+        if failed is not None:
+            self._service_exited(failed)
+
+    def _watch_fd(self, fd: int) -> None:
+        self._poller.register(fd, zmq.POLLIN)
+
+    def _unwatch_fd(self, fd: int) -> None:
+        self._poller.unregister(fd)
 
     def _drain_router(self) -> None:
         # One zmq.Again per batch costs less than a getsockopt(EVENTS) per message.
@@ -378,6 +437,10 @@ class Kernel:
                     self._poller.unregister(fd)
             elif type(action) is RemoveSocket:
                 self._remove_socket(action.path)
+            elif type(action) is Spawn:
+                self._spawn(action)
+            elif type(action) is Kill:
+                self._spawner.kill(action.key)
         self._settle_departures()
 
     def _peer_name(self, rid: bytes) -> str:

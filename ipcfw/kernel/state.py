@@ -73,6 +73,22 @@ Rules this module keeps:
    registered and not terminating. At most `MAX_AWAITS` waits per channel (KErrOverflow for the
    next): a client that gives up on one cancels it (`Cancel`, answered KErrCancel), and a
    channel's waits end with it, so the kernel's memory for waits stays bounded by its peers.
+14. The monitor (`ipcfw monitor`, the pure `ipcfw.kernel.monitor`): a channel's `Monitor`
+   watches a server name or every server. The kernel makes an event of each registration,
+   connect, request, completion, disconnect and death concerning a watched server, after one
+   test of the server record's `monitored` flag (of `monitor.active` for a client's death),
+   stamped with `now`, which the loop sets at each turn. A watched server on the direct path
+   is told to report the traffic of its direct connections (`Report`), and its `Traffic` is
+   handed to the monitors as the kernel's own events are; a monitor is answered once those
+   servers have begun. The batches go out once per loop turn (`monitor_batches`), within each
+   monitor's credit; a monitor's buffer is bounded, and what it loses it is told.
+15. Activation on demand (`ipcfw.kernel.activation`, whose rules `self.activations` keeps): a
+   connect to a name that is not registered (or whose registration is ending) but has a
+   service is held, not refused, and an `AwaitServer` for it waits; either starts the server
+   (`Spawn`) once the name is free and no process of the service runs. The name's
+   registration lets the held connects proceed as if just received; a start that fails
+   (`service_exited`, `activation_tick`) answers them and the waits with its error. A server
+   the kernel started that has no session for its `idle_exit` is terminated (reason IDLE).
 """
 
 from __future__ import annotations
@@ -88,6 +104,7 @@ from typing import Any, NamedTuple
 from collections.abc import Callable, Iterable
 
 from .. import errors
+from ..events import Event, EventKind, cut, summarize, unpack_events
 from ..security import USER_CAPABILITIES
 from ..naming import is_protected, lookup_key, name_problem, not_registered
 from ..protocol import (
@@ -108,6 +125,9 @@ from ..protocol import (
     Hello,
     Message,
     Mode,
+    Monitor,
+    Report,
+    Traffic,
     Deregister,
     Admit,
     AwaitServer,
@@ -153,7 +173,12 @@ from ..protocol import (
     Terminating,
     StatsReply,
     Welcome,
+    ListActivatable,
+    ActivatableList,
+    pack_activatable,
 )
+from .activation import MAX_HELD, Activations, Failure, Kill, Service, Spawn
+from .monitor import Monitors
 
 log = logging.getLogger("ipcfw.kernel")
 
@@ -243,7 +268,7 @@ class RemoveSocket(NamedTuple):
     path: str
 
 
-Action = Send | Watch | Unwatch | RemoveSocket
+Action = Send | Watch | Unwatch | RemoveSocket | Spawn | Kill
 
 
 class PeerMisbehaved(Exception):
@@ -319,6 +344,8 @@ _SESSION_TRANSITIONS: dict[SessionState, dict[SessionEvent, SessionState | None]
 }
 #: States in which the kernel still forwards the session's requests to its server.
 _DELIVERABLE = frozenset({_S.CONNECTING, _S.OPEN})
+#: A connect refused with these, to a name with a service, is held while its server starts.
+_ACTIVATING = frozenset({errors.KErrNotFound, errors.KErrServerTerminated})
 #: States in which the client still holds the handle.
 _HELD = frozenset({_S.CONNECTING, _S.OPEN, _S.PANICKED, _S.DEAD})
 
@@ -368,6 +395,9 @@ class ProcessRecord:
     inbox: bytes | None = None
     sessions: set[int] = field(default_factory=set)  # handles this process holds
     outstanding: int = 0  # its requests not yet completed
+    # Per server name, its sessions that ended because this process's threads or the process
+    # itself went, not by a Close (counted while a monitor watches: rule 14's DIED events).
+    lost: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -404,6 +434,11 @@ class ServerRecord:
     # whether a Census is on its way to it.
     census: dict[tuple[int, int], tuple[int, int, float]] = field(default_factory=dict)
     census_asked: bool = False
+    # A monitor watches it (rule 14): its events are made. On the direct path, whether it
+    # was told to report its traffic, and the req_id of that Report until it answered (0).
+    monitored: bool = False
+    reporting: bool = False
+    report_asked: int = 0
 
 
 @dataclass(eq=False)
@@ -481,6 +516,7 @@ class KernelState:
         outstanding_per_process: int = 100_000,
         connections_per_uid: int = 10_000,
         new_token: Callable[[], bytes] = lambda: secrets.token_bytes(TOKEN_BYTES),
+        services: Iterable[Service] = (),
     ) -> None:
         self.kernel_pid = kernel_pid
         self.now: float = 0.0  # the loop's clock (seconds), set before each turn: message ages
@@ -516,6 +552,9 @@ class KernelState:
         # A server name's lookup key -> the (channel, req_id) waiting for it, in arrival order.
         self.awaits: dict[str, dict[tuple[bytes, int], None]] = {}
         self.admitted = 0  # tickets granted to threads by Join, ever
+        self.monitor = Monitors()  # rule 14
+        self._report_ids = itertools.count(1)
+        self.activations = Activations(services)  # rule 15
         self._client_keys = itertools.count(1)
         self._dispatch: dict[type, Callable[[Peer, Any], list[Action]]] = {
             Register: self._register,
@@ -538,6 +577,9 @@ class KernelState:
             ListProcesses: self._list,
             CensusReply: self._census_reply,
             AwaitServer: self._await_server,
+            Monitor: self._monitor,
+            Traffic: self._traffic,
+            ListActivatable: self._list_activatable,
         }
 
     # -- inputs ------------------------------------------------------------------------------
@@ -624,14 +666,22 @@ class KernelState:
             process.inbox = None
         server = self.server_of_peer.get(rid)
         if server is not None:
+            if server.monitored:
+                self._event(server, EventKind.DIED, process.identity.pid, detail="server")
             actions += self._server_died(server)
         if peer.awaits:
             self._forget_awaits(peer)
+        if self.monitor.active:
+            actions += self._monitors_gone(rid)
+        if self.activations.held_per_channel:
+            self.activations.drop_channel(rid)
         for handle in sorted(peer.attached):
             self._detach(self.sessions[handle], peer)
         for handle in sorted(peer.owned):  # unshared sessions end with their thread
             session = self.sessions.get(handle)
             if session is not None and session.held:
+                if self.monitor.active:
+                    self._lost_with(process, session)
                 actions += self._client_closed(session)
         if self.terminating:
             actions += self._finish_terminations()
@@ -639,8 +689,12 @@ class KernelState:
             for handle in sorted(process.sessions):  # shared sessions end with their process
                 session = self.sessions.get(handle)
                 if session is not None and session.held:
+                    if self.monitor.active:
+                        self._lost_with(process, session)
                     actions += self._release_holder(session, process, everything=True)
             del self.processes[process.identity.key]
+            if process.lost:
+                self._client_died(process)
             for other in self.server_of_peer.values():
                 if process.client_key in other.informed:  # so it can forget the ClientInfo
                     other.informed.discard(process.client_key)
@@ -761,9 +815,18 @@ class KernelState:
         key = lookup_key(message.name)
         self.servers[key] = server
         self.server_of_peer[peer.rid] = server
-        return [Send(peer.rid, Completed(message.req_id, errors.KErrNone, ()))] + (
-            self._answer_awaits(key) if key in self.awaits else []
-        )
+        actions: list[Action] = [Send(peer.rid, Completed(message.req_id, errors.KErrNone, ()))]
+        if self.monitor.active and self.monitor.wants(key):
+            self._event(server, EventKind.REGISTER, peer.process.identity.pid)
+            actions += self._update_reporting()
+        if key in self.awaits:
+            actions += self._answer_awaits(key)
+        if key in self.activations.by_key:
+            for rid, connect in self.activations.registered(key, self.now):
+                waiting = self.peers.get(rid)  # (held connects of a gone channel are dropped)
+                if waiting is not None:
+                    actions += self._connect(waiting, connect)
+        return actions
 
     # -- waiting for a server name (rule 13) ---------------------------------------------------
 
@@ -785,6 +848,8 @@ class KernelState:
             return [Send(peer.rid, Completed(req_id, code, ()))]
         peer.awaits[req_id] = key
         self.awaits.setdefault(key, {})[(peer.rid, req_id)] = None
+        if key in self.activations.by_key:
+            return self._start_if_waited(key)
         return []
 
     def _answer_awaits(self, key: str) -> list[Action]:
@@ -832,18 +897,26 @@ class KernelState:
         server.held = None  # (its requests are answered below, as the sessions end)
         self.held_back.discard(server.rid)
         del self.server_of_peer[server.rid]
-        if self.servers.get(lookup_key(server.name)) is server:
-            del self.servers[lookup_key(server.name)]
+        key = lookup_key(server.name)
+        released = self.servers.get(key) is server
+        if released:
+            del self.servers[key]
         self.terminating.discard(server)
         actions: list[Action] = [
             Send(rid, Completed(req_id, errors.KErrNone, ())) for rid, req_id in server.waiters
             if rid in self.peers
         ]
         server.waiters.clear()
+        if server.report_asked:  # the monitors waiting for it to report wait no more
+            server.report_asked = 0
+            actions += self._monitors_started(server.rid)
         for handle in sorted(server.sessions):
             actions += self._transition(self.sessions[handle], _E.SERVER_DIED)
         if server.direct:
             actions.append(RemoveSocket(server.direct))
+        if released and key in self.activations.by_key:
+            self.activations.released(key, self.now)
+            actions += self._start_if_waited(key)  # connects that came while it ended
         return actions + self._census_done(server.rid)
 
     # -- sessions ----------------------------------------------------------------------------
@@ -851,6 +924,10 @@ class KernelState:
     def _connect(self, peer: Peer, message: Connect) -> list[Action]:
         self._require_role(peer, Role.CHANNEL, message)
         code = self._connect_error(message) or self._session_limit_error(peer.process)
+        if code in _ACTIVATING and self.activations:
+            key = lookup_key(message.name)
+            if key in self.activations.by_key:
+                return self._hold_connect(peer, key, message)
         if code:
             text = self._connect_error_text(message.name, code)
             return [Send(peer.rid, Connected(message.req_id, code, 0, b"", text=text))]
@@ -863,11 +940,18 @@ class KernelState:
             session.ticket, session.direct = self.new_token(), True
         self.sessions[session.handle] = session
         server.sessions.add(session.handle)
+        if self.activations and len(server.sessions) == 1:
+            key = lookup_key(server.name)
+            if key in self.activations.by_key:
+                self.activations.busy(key)
         peer.owned.add(session.handle)
         session.holders[peer.process] = 1
         peer.process.sessions.add(session.handle)
         self._attach(session, peer)
         record = self._new_message(session, MessageKind.CONNECT, message.req_id, reply_to=peer.rid)
+        if server.monitored:
+            self._event(server, EventKind.CONNECT, peer.process.identity.pid, session,
+                        msg=record.msg_id, detail="version " + ".".join(map(str, message.version)))
         actions = self._inform(server, peer.process)
         actions.append(
             Send(
@@ -1103,6 +1187,9 @@ class KernelState:
 
     def _deliver_disconnect(self, session: SessionRecord) -> list[Action]:
         record = self._new_message(session, MessageKind.DISCONNECT, 0)
+        if session.server.monitored:
+            self._event(session.server, EventKind.DISCONNECT,
+                        session.creator.process.identity.pid, session, msg=record.msg_id)
         return [Send(session.server.rid, Disconnect(record.msg_id, session.handle))]
 
     def _fail_outstanding(self, session: SessionRecord, code: int) -> list[Action]:
@@ -1122,7 +1209,12 @@ class KernelState:
     def _release_server_side(self, session: SessionRecord) -> None:
         for msg_id in list(session.messages):
             self._free_message(self.messages[msg_id])
-        session.server.sessions.discard(session.handle)
+        server = session.server
+        server.sessions.discard(session.handle)
+        if self.activations and not server.sessions:
+            key = lookup_key(server.name)
+            if key in self.activations.by_key and self.servers.get(key) is server:
+                self.activations.idle(key, self.now)
 
     def _remove(self, session: SessionRecord) -> None:
         self._release_server_side(session)
@@ -1166,6 +1258,10 @@ class KernelState:
         actions.append(Send(server.rid, Deliver(
             record.msg_id, session.handle, message.function, message.args, process.client_key
         )))
+        if server.monitored:
+            self._event(server, EventKind.REQUEST, process.identity.pid, session,
+                        msg=record.msg_id, function=message.function,
+                        detail=summarize(message.args))
         if blind:
             actions.append(Send(reply_to, Completed(req_id, errors.KErrNone, ())))
         return actions
@@ -1217,7 +1313,7 @@ class KernelState:
     ) -> MessageRecord:
         record = MessageRecord(
             next(self._msg_ids), kind, session, reply_to, reply_to, req_id, slot,
-            writable or _NO_WRITABLE, since=self.now,
+            writable or _NO_WRITABLE, None, b"", self.now,  # (positional: the hot path)
         )
         self.messages[record.msg_id] = record
         session.messages.add(record.msg_id)
@@ -1297,6 +1393,8 @@ class KernelState:
         session = record.session
         self._free_message(record)
         kind = record.kind
+        if session.server.monitored and kind is not MessageKind.ADMIT:
+            self._completion_event(record, value, text)
         if kind is _REQUEST:
             if not session.deliverable:
                 return []
@@ -1317,6 +1415,8 @@ class KernelState:
                 "negotiated a request", f"message {message.msg_id} is not a connect"
             )
         self._free_message(record)
+        if record.session.server.monitored:
+            self._completion_event(record, message.value, "")
         return self._connect_done(record, message.value, message.payload)
 
     def _connect_done(
@@ -1361,6 +1461,9 @@ class KernelState:
             return []
         session = record.session
         self._free_message(record)
+        if session.server.monitored and record.kind is not MessageKind.ADMIT:
+            self._completion_event(record, errors.KErrDied,
+                                   f"panicked the client: {message.category} {message.reason}")
         if record.kind is MessageKind.DISCONNECT:
             return self._transition(session, _E.DISCONNECT_DONE)
         if record.kind is MessageKind.CONNECT:
@@ -1606,16 +1709,88 @@ class KernelState:
         self._require_role(peer, Role.CHANNEL, message)
         msg_id = self.cancellable.get((peer.rid, message.req_id))
         if msg_id is None:
+            if self.monitor.active and self.monitor.get(peer.rid, message.req_id):
+                return self._stop_monitor(peer, message.req_id)
             return self._cancel_await(peer, message.req_id) if peer.awaits else []
         record = self.messages[msg_id]
         session = record.session
         held = session.server.held
         delivered = held is None or msg_id not in held
         self._free_message(record)
+        if session.server.monitored:
+            self._completion_event(record, errors.KErrCancel, "cancelled by the client")
         actions = self._answer(record, Completed(record.req_id, errors.KErrCancel, ()))
         if delivered:
             actions.append(Send(session.server.rid, Cancelled(msg_id, session.handle)))
         return actions
+
+    # -- activation on demand (rule 15) --------------------------------------------------------
+
+    def _hold_connect(self, peer: Peer, key: str, message: Connect) -> list[Action]:
+        if not self.activations.can_hold(peer.rid):
+            text = (f"this thread already has {MAX_HELD} connects waiting for servers to start "
+                    "(the most the kernel holds for one)")
+            return [Send(peer.rid, Connected(message.req_id, errors.KErrOverflow, 0, b"",
+                                             text=text))]
+        self.activations.hold(key, peer.rid, message)
+        return self._start_if_waited(key)
+
+    def _start_if_waited(self, key: str) -> list[Action]:
+        """Start the server of `key` if someone waits for it and the name is free."""
+        if key in self.servers or not (self.activations.by_key[key].held or key in self.awaits):
+            return []
+        return list(self.activations.want(key, self.now))
+
+    def service_exited(self, name: str, status: str, tail: str) -> list[Action]:
+        """The process the kernel started for service `name` (`Spawn`) exited: `status` says
+        how ("exited with status 1", "was killed by SIGKILL"), `tail` is the end of its
+        output. A start that failed answers what waited for it; else, if connects came while
+        it stopped, a new one starts."""
+        key = lookup_key(name)
+        failure = self.activations.exited(key, status, tail)
+        actions = self._fail_activation(key, failure) if failure is not None else []
+        actions += self._start_if_waited(key)
+        return self._hold(actions) if self.held_back else actions
+
+    def _fail_activation(self, key: str, failure: Failure) -> list[Action]:
+        code, text = failure.code, failure.text
+        actions: list[Action] = [
+            Send(rid, Connected(connect.req_id, code, 0, b"", text=text))
+            for rid, connect in failure.held if rid in self.peers
+        ]
+        for rid, req_id in self.awaits.pop(key, {}):
+            del self.peers[rid].awaits[req_id]
+            actions.append(Send(rid, Completed(req_id, code, (), text)))
+        return actions
+
+    def activation_tick(self) -> list[Action]:
+        """The time is `self.now`: kill servers that took too long to start or to stop, and
+        tell idle ones to end (their registration is terminated, reason IDLE)."""
+        kills, idle = self.activations.due(self.now)
+        actions: list[Action] = list(kills)
+        for key in idle:
+            server = self.servers.get(key)
+            if server is not None and server.terminating is None:
+                actions += self._begin_termination(server, TerminationReason.IDLE, None)
+        return self._hold(actions) if self.held_back else actions
+
+    def next_activation_deadline(self) -> float | None:
+        """When `activation_tick` next has something to do (on the `now` clock), or None."""
+        return self.activations.next_deadline() if self.activations.timed else None
+
+    def activatable(self) -> list[tuple[str, str]]:
+        """(name, state) of each server the kernel can start, by name: state "activatable"
+        (not running), "starting", "running" (also when a server it did not start has the
+        name) or "stopping"."""
+        return [
+            (name, "running" if state == "activatable" and lookup_key(name) in self.servers
+             else state)
+            for name, state in self.activations.listing()
+        ]
+
+    def _list_activatable(self, peer: Peer, message: ListActivatable) -> list[Action]:
+        rows = pack_activatable(self.activatable())
+        return [Send(peer.rid, ActivatableList(message.req_id, rows))]
 
     # -- termination (seed 002) ---------------------------------------------------------------
 
@@ -1643,9 +1818,10 @@ class KernelState:
         )
 
     def _begin_termination(
-        self, server: ServerRecord, reason: int, waiter: tuple[bytes, int]
+        self, server: ServerRecord, reason: int, waiter: tuple[bytes, int] | None
     ) -> list[Action]:
-        server.waiters.append(waiter)
+        if waiter is not None:
+            server.waiters.append(waiter)
         actions: list[Action] = []
         if server.terminating is None:
             server.terminating = reason
@@ -1669,6 +1845,132 @@ class KernelState:
         for server in list(self.terminating):
             actions += self._finish_termination_if_drained(server)
         return actions
+
+    # -- the monitor (rule 14) -------------------------------------------------------------------
+
+    def _monitor(self, peer: Peer, message: Monitor) -> list[Action]:
+        """Start a monitor, or give one more credit (the same req_id again)."""
+        self._require_role(peer, _CHANNEL, message)
+        req_id = message.req_id
+        watcher = self.monitor.get(peer.rid, req_id)
+        if watcher is not None:
+            self.monitor.grant(watcher, message.credit)
+            return []
+        problem = name_problem(message.name) if message.name else ""
+        if problem:
+            return [Send(peer.rid, Completed(req_id, errors.KErrBadName, (), problem))]
+        if self.cancellable.get((peer.rid, req_id)) is not None or req_id in peer.awaits:
+            raise PeerMisbehaved("duplicate monitor",
+                                 f"pid {peer.process.identity.pid} reused req_id {req_id}")
+        key = lookup_key(message.name) if message.name else ""
+        watcher = self.monitor.add(peer.rid, req_id, key, message.credit)
+        if watcher is None:
+            text = f"the kernel has {self.monitor.most} monitors already"
+            return [Send(peer.rid, Completed(req_id, errors.KErrOverflow, (), text))]
+        actions = self._update_reporting()
+        watcher.waiting = {server.rid for k, server in self.servers.items()
+                           if server.report_asked and key in ("", k)}
+        if watcher.started:
+            actions.append(Send(peer.rid, Completed(req_id, errors.KErrNone, ())))
+        return actions
+
+    def _traffic(self, peer: Peer, message: Traffic) -> list[Action]:
+        """A server's direct-path events (or its answer to a Report)."""
+        server = self.server_of_peer.get(peer.rid)
+        if server is None:
+            raise PeerMisbehaved("not a server", "Traffic from a peer that registered no server")
+        try:
+            events = unpack_events(message.events)
+        except ProtocolError as exc:
+            raise PeerMisbehaved("bad traffic", str(exc)) from None
+        actions: list[Action] = []
+        if message.req_id and message.req_id == server.report_asked:
+            server.report_asked = 0
+            actions += self._monitors_started(server.rid)
+        if not server.monitored:
+            return actions  # (sent before it heard its Report(0))
+        key = lookup_key(server.name)
+        if message.lost:
+            self.monitor.lose(key, message.lost)
+        for event in events:
+            self.monitor.record(key, event._replace(server=server.name, path=1))
+        return actions
+
+    def monitor_batches(self) -> list[Action]:
+        """Each monitor's next batch of events, within its credit (the loop asks once a turn)."""
+        return [Send(rid, batch) for rid, batch in self.monitor.batches() if rid in self.peers]
+
+    def _stop_monitor(self, peer: Peer, req_id: int) -> list[Action]:
+        watcher = self.monitor.get(peer.rid, req_id)
+        assert watcher is not None  # (the caller found it)
+        self.monitor.remove(watcher)
+        return ([Send(peer.rid, Completed(req_id, errors.KErrCancel, ()))]
+                + self._update_reporting())
+
+    def _monitors_gone(self, rid: bytes) -> list[Action]:
+        """Channel `rid` is gone: so are its monitors."""
+        watchers = self.monitor.of_channel(rid)
+        for watcher in watchers:
+            self.monitor.remove(watcher)
+        return self._update_reporting() if watchers else []
+
+    def _monitors_started(self, server_rid: bytes) -> list[Action]:
+        return [Send(w.rid, Completed(w.req_id, errors.KErrNone, ()))
+                for w in self.monitor.server_reports(server_rid) if w.rid in self.peers]
+
+    def _update_reporting(self) -> list[Action]:
+        """Mark the servers some monitor watches; tell those on the direct path that begin or
+        stop being watched to report their traffic, or to stop."""
+        actions: list[Action] = []
+        for key, server in self.servers.items():
+            wanted = self.monitor.wants(key)
+            server.monitored = wanted
+            if server.direct and wanted != server.reporting:
+                server.reporting = wanted
+                req_id = next(self._report_ids) if wanted else 0
+                server.report_asked = req_id
+                if not wanted:
+                    actions += self._monitors_started(server.rid)  # (none wait for it now)
+                actions.append(Send(server.rid, Report(req_id, int(wanted))))
+        return actions
+
+    def _event(self, server: ServerRecord, kind: EventKind, pid: int,
+               session: SessionRecord | None = None, *, msg: int = 0, function: int = -1,
+               value: int = 0, micros: int = -1, detail: str = "") -> None:
+        handle, path = (0, 0) if session is None else (session.handle, int(session.direct))
+        self.monitor.record(lookup_key(server.name), Event(
+            self.now, int(kind), server.name, pid, handle, path, msg, function, value, micros,
+            detail,
+        ))
+
+    def _completion_event(self, record: MessageRecord, value: int, text: str) -> None:
+        """The event of `record`'s end: a request's completion, a connect's answer."""
+        session = record.session
+        kind = EventKind.CONNECTED if record.kind is _CONNECT else EventKind.COMPLETE
+        if record.kind is MessageKind.DISCONNECT:
+            return  # (its DISCONNECT event was made when it was sent)
+        payer = record.payer or session.creator.process
+        micros = max(0, round((self.now - record.since) * 1e6))
+        if kind is EventKind.CONNECTED and value >= 0:
+            value = session.handle
+        self._event(session.server, kind, payer.identity.pid, session, msg=record.msg_id,
+                    value=value, micros=micros, detail=cut(text))
+
+    def _lost_with(self, process: ProcessRecord, session: SessionRecord) -> None:
+        """`session` ends because `process`'s thread or the process itself went."""
+        if session.server.monitored:
+            name = session.server.name
+            process.lost[name] = process.lost.get(name, 0) + 1
+
+    def _client_died(self, process: ProcessRecord) -> None:
+        """Process `process` has no socket left, and sessions ended with its threads or with
+        it: a DIED event for each watched server they were of."""
+        for name, count in sorted(process.lost.items()):
+            server = self.servers.get(lookup_key(name))
+            if server is not None and server.monitored:
+                what = "session" if count == 1 else "sessions"
+                self._event(server, EventKind.DIED, process.identity.pid,
+                            detail=f"client: {count} {what} ended with it")
 
     def _stats(self, peer: Peer, message: Stats) -> list[Action]:
         return [Send(peer.rid, StatsReply(message.req_id, self.statistics()))]

@@ -97,6 +97,7 @@ from . import trace
 from .coroutines import Coroutines
 from .message import ClientInfo, DirectMessage, InService, RMessage, cancel_by_client
 from .plugin import CSession
+from .traffic import TrafficLog
 
 log = logging.getLogger("ipcfw.server")
 
@@ -197,8 +198,11 @@ class DirectRules:
     kernel's frame limit (a completion over it is answered KErrOverflow, as on the kernel path).
     """
 
-    def __init__(self, state: StateView, io: DirectIO, *, max_frame: int, name: str = "") -> None:
+    def __init__(self, state: StateView, io: DirectIO, *, max_frame: int, name: str = "",
+                 clock: Callable[[], float] = lambda: 0.0) -> None:
         self.io = io
+        # What a monitor sees of the direct connections (`ipcfw.server.traffic`), while on.
+        self.traffic = TrafficLog(name, clock)
         self.max_frame = max_frame
         self.ended = False
         self.now: float = 0.0  # the host's clock (seconds), set before each turn: request ages
@@ -341,6 +345,9 @@ class DirectRules:
             return
         if message.mode != _SYNC:
             self._free_slot(message.handle)
+        if self.traffic.on:
+            self.traffic.completion(connection.pid, message.handle, message.req_id,
+                                    message.stamp, frame)
         if connection.open and message.mode != _BLIND and message.handle in connection.attached:
             self.io.send(connection, frame)  # (not once Close or Disconnect let the handle go)
         if message.panic is not None and message.handle in self._state.sessions:
@@ -465,6 +472,9 @@ class DirectRules:
         message = DirectMessage(connection, req_id, request.function, request.args, session,
                                 connection.client, held, handle, mode)
         message.since = self.now
+        if self.traffic.on:
+            message.stamp = self.traffic.request(connection.pid, handle, req_id,
+                                                 request.function, request.args)
         self._live.add(message)
         self._state.service(session, message, request.function, held, req_id)
         return False
@@ -492,7 +502,11 @@ class DirectRules:
         if message.mode != _SYNC:
             self._free_slot(message.handle)
         if tell_client:
-            self.io.send(connection, encode(Completed(message.req_id, errors.KErrCancel, ())))
+            frame = encode(Completed(message.req_id, errors.KErrCancel, ()))
+            if self.traffic.on:
+                self.traffic.completion(connection.pid, message.handle, message.req_id,
+                                        message.stamp, frame)
+            self.io.send(connection, frame)
         self._state.coroutines.cancel(message)
         try:
             message.Session().Cancelled(message)

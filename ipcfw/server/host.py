@@ -207,7 +207,7 @@ class ServerHost:
         self.state = ServerState(self.layers, lambda frame: self._emit(outbox, frame),
                                  max_frame=max_frame, routing_id=self._socket.routing_id,
                                  direct=port if port.path else None, spawn=self._spawn,
-                                 defer=self.call_soon)
+                                 defer=self.call_soon, clock=time.monotonic)
         port.rules = self.state.direct
         port.max_frame = max_frame
         self._registration = (self.state, threading.Event())
@@ -331,6 +331,8 @@ class ServerHost:
             # likely to come at once: spin for it rather than sleep (see ipcfw._spin).
             ready = _spin_for(poller, spin) if served_direct and spin.now() else None
             if ready is None:
+                if port.rules is not None and port.rules.traffic.on:
+                    self._send_traffic()  # before sleeping: the monitors see it now
                 ready = dict(poller.poll(port.timeout))
             served_direct = self._turn(ready, kernel_fd, port)
 
@@ -347,6 +349,8 @@ class ServerHost:
                 ready = dict(poller.poll(0))
                 if not ready and served_direct and spin.now():
                     ready = await _spin_among_coroutines(poller, spin) or {}
+                if not ready and port.rules is not None and port.rules.traffic.on:
+                    self._send_traffic()  # before sleeping: the monitors see it now
                 if ready or not await readiness.wait(port.timeout):
                     # (with nothing ready: the port's timers)
                     served_direct = self._turn(ready, kernel_fd, port)
@@ -371,7 +375,17 @@ class ServerHost:
         if kernel_fd in ready:
             log.error("the ipcfw kernel has died; server %r stops", self.server.name)
             self.kernel_died = True
+        elif port.rules is not None and port.rules.traffic.full():
+            self._send_traffic()  # a frame's worth: at most one a turn
         return served_direct
+
+    def _send_traffic(self) -> None:
+        """What a monitor sees of the direct path, to the kernel: sent when a frame's worth
+        is waiting, and before the loop sleeps (a client's burst of calls is one frame)."""
+        state = self.state
+        frame = state.traffic_frame() if state is not None else None
+        if frame is not None:
+            self._emit(self._outbox, frame)
 
     def _close_asyncio(self) -> None:
         """The host has stopped: cancel the coroutines still running (their registration has

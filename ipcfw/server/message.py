@@ -465,7 +465,7 @@ class DirectMessage(RMessage):
     they took it (its age in ``ipcfw ps``). Not for plugins.
     """
 
-    __slots__ = ("handle", "mode", "panic", "mapped", "since")
+    __slots__ = ("handle", "mode", "panic", "mapped", "since", "stamp")
 
     def __init__(self, completer: Completer, req_id: int, function: int, args: tuple[Any, ...],
                  session: Any, client: ClientInfo | None, held_in: InService | None,
@@ -476,6 +476,7 @@ class DirectMessage(RMessage):
         self.mode = mode
         self.panic: tuple[str, int] | None = None
         self.since = 0.0
+        self.stamp = -1.0  # when it came, on the host's clock, if a monitor watched (traffic)
         # Its descriptors in shared memory (ipcfw.server.mapped), released when it ends.
         self.mapped: MappedArgs | None = args if type(args) is MappedArgs else None
 

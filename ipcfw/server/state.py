@@ -79,12 +79,15 @@ from ..protocol import (
     NewSession,
     PeerGone,
     PeerInfo,
+    Report,
     SessionPanicked,
     Terminating,
     TerminationReason,
+    Traffic,
     encode,
     pack_census,
 )
+from ..events import pack_events
 from ..version import TVersion
 from . import trace
 from .coroutines import Coroutines, Spawn
@@ -156,7 +159,8 @@ class ServerState:
     def __init__(self, stack: Stack, emit: Callable[[bytes], None], *, max_frame: int,
                  routing_id: bytes = b"", direct: DirectIO | None = None,
                  spawn: Spawn | None = None,
-                 defer: Callable[[Callable[[], None]], None] | None = None) -> None:
+                 defer: Callable[[Callable[[], None]], None] | None = None,
+                 clock: Callable[[], float] = lambda: 0.0) -> None:
         self.stack = stack
         self.max_frame = max_frame
         self._emit = emit
@@ -187,7 +191,8 @@ class ServerState:
         server = stack.server
         self._gate = (PolicyGate(server, self.coroutines.start)
                       if isinstance(server, CPolicyServer) else None)
-        self.direct = (DirectRules(self, direct, max_frame=max_frame, name=stack.server.name)
+        self.direct = (DirectRules(self, direct, max_frame=max_frame, name=stack.server.name,
+                                   clock=clock)
                        if direct is not None else None)
         self._trace = trace.enabled()  # (read once: the hot path tests a bool)
         self._handlers: dict[type, Callable[[Any], Outcome | None]] = {
@@ -202,6 +207,7 @@ class ServerState:
             Dropped: self._on_dropped,
             Admit: self._on_admit,
             Census: self._on_census,
+            Report: self._on_report,
         }
 
     # -- input -------------------------------------------------------------------------------
@@ -458,6 +464,24 @@ class ServerState:
         counts = self.direct.census() if self.direct is not None else []
         if not self.ended:
             self._emit(encode(CensusReply(census.req_id, pack_census(counts))))
+
+    def _on_report(self, report: Report) -> None:
+        # A monitor watches this server (or no longer): its direct traffic is reported, or not.
+        if self.direct is not None:
+            answer = self.direct.traffic.report(report.req_id, bool(report.on))
+        elif report.on:  # (nothing to report: the kernel sees all of it)
+            answer = encode(Traffic(report.req_id, 0, pack_events([])))
+        else:
+            answer = None
+        if answer is not None and not self.ended:
+            self._emit(answer)
+
+    def traffic_frame(self) -> bytes | None:
+        """What the direct connections' traffic has for the kernel (the host sends it at most
+        once a loop turn), while a monitor watches; None otherwise."""
+        if self.direct is None or self.ended:
+            return None
+        return self.direct.traffic.frame()
 
     def _on_peer_info(self, info: PeerInfo) -> None:
         self.clients[info.client] = ClientInfo(info.pid, info.uid, info.gid, info.exe,

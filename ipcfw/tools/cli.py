@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check the configuration file PATH, say what it sets, and exit "
                              "(status 0, or 2 naming the first mistake and its line)")
     _limit_options(kernel)
+    kernel.add_argument("--services", metavar="DIR",
+                        help="start servers on demand: DIR holds one NAME.toml per server name "
+                             "(docs/getting-started.md#9-activation-on-demand)")
     kernel.set_defaults(run=_run_kernel)
 
     serve = add("serve", help="host a server plugin: package.module:ServerClass")
@@ -103,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                             " (repeatable: each one overlays the previous)")
     serve.add_argument("--no-reconnect", action="store_true",
                        help="exit (status 3) when the kernel dies or stops serving this server, "
-                            "instead of registering again")
+                            "instead of registering again (the default for a server the kernel "
+                            "started: $IPCFW_ACTIVATED is set)")
     serve.add_argument("--wait-kernel", type=_seconds, metavar="SECONDS",
                        help="wait up to SECONDS for the kernel to start (default: it must be "
                             "running)")
@@ -142,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     _endpoint_option(ps)
     ps.set_defaults(run=_run_ps)
 
+    monitor = add("monitor", help="show connects, requests, completions, disconnects and deaths, "
+                                  "live (Ctrl-C ends it)")
+    monitor.add_argument("name", nargs="?", help="only this server (default: every server)")
+    monitor.add_argument("--json", action="store_true", help="one JSON object per event")
+    _endpoint_option(monitor)
+    monitor.set_defaults(run=_run_monitor)
     call = add("call", help="send one request to a server and print its answer or its error")
     call.add_argument("name", help="the server's name")
     call.add_argument("function", help="the function number; with --interface, an operation's "
@@ -292,7 +303,8 @@ def _run_kernel(args: argparse.Namespace) -> int:
     if ready is None:
         return 2
     try:
-        kernel = Kernel(args.endpoint, limits=limits, config=config)
+        services = _services(args.services)
+        kernel = Kernel(args.endpoint, limits=limits, config=config, services=services)
     except ValueError as exc:
         print(f"ipcfw: {exc}", file=sys.stderr)
         return 2
@@ -303,6 +315,16 @@ def _run_kernel(args: argparse.Namespace) -> int:
         print(f"ipcfw: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _services(directory: str | None) -> list[Any]:
+    """The services of ``--services DIR`` (none without it); ValueError naming the file, the
+    key and what was wrong."""
+    if directory is None:
+        return []
+    from ..kernel.spawner import load_services
+
+    return load_services(directory)
 
 
 def _plugin_stack(args: argparse.Namespace) -> Any:
@@ -335,8 +357,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     ready = _ready_signal(args, f"serving {args.plugin} at {endpoints.resolve(args.endpoint)}")
     if ready is None:
         return 2
-    host = ServerHost(top, args.endpoint, reconnect=not args.no_reconnect,
-                      wait_kernel=args.wait_kernel)
+    from ..kernel.spawner import ACTIVATED_ENV
+
+    # A server its kernel started ends with that kernel: the next one starts its own.
+    reconnect = not (args.no_reconnect or os.environ.get(ACTIVATED_ENV))
+    host = ServerHost(top, args.endpoint, reconnect=reconnect, wait_kernel=args.wait_kernel)
     _on_signals(host.stop)
     try:
         host.run(ready)
@@ -379,6 +404,11 @@ def _run_terminate(args: argparse.Namespace) -> int:
     terminate_server(args.name, endpoint=args.endpoint, timeout=args.timeout)
     print(f"server {args.name!r} terminated")
     return 0
+
+
+def _run_monitor(args: argparse.Namespace) -> int:
+    from . import monitor
+    return monitor.run(args.name, args.endpoint, args.json)
 
 
 def _run_ps(args: argparse.Namespace) -> int:

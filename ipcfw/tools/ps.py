@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     """``ipcfw ps`` with its parsed options (`args.sessions`, `args.processes`,
     `args.older_than`, `args.counters`, `args.json`, `args.endpoint`)."""
     from ..client import kernel_processes, kernel_servers, kernel_sessions, kernel_statistics
+    from .activatable import format_activatable, kernel_activatable
 
     if args.older_than is not None and (args.processes or args.counters):
         print("ipcfw ps: --older-than lists servers and sessions; it does not go with "
@@ -220,6 +221,10 @@ def run(args: argparse.Namespace) -> int:
         out["servers"] = [server_json(row) for row in servers]
         out["kernel"] = counters
         text += [format_servers(servers), format_summary(counters)]
+        services = kernel_activatable(endpoint)  # (ipcfw kernel --services)
+        if services:
+            out["activatable"] = [{"name": name, "state": state} for name, state in services]
+            text.append(format_activatable(services))
     print(json.dumps(out, indent=2) if args.json else "\n\n".join(text))
     return 0
 

@@ -29,6 +29,7 @@ from .crowd import DEFAULT_LARGE, kernel_options
 from .descriptors import BUDGET_MIB
 from .fleet import DEFAULT_PROCESSES
 from .memory import DEFAULT_CONNECTIONS
+from .monitored import DEFAULT_MONITORED, format_monitored
 from .phases import Extras, direct_context, run_phases
 from .plot import PlotUnavailable, load as load_record, plot, require as require_plot
 from .progress import Progress
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--churn", type=int, default=DEFAULT_CHURN, metavar="N",
                    help="direct sessions opened and closed to look for growth "
                         f"(default {DEFAULT_CHURN}; issue 11 asks for 100000; 0 leaves it out)")
+    p.add_argument("--monitored", type=int, default=DEFAULT_MONITORED, metavar="N",
+                   help="sync calls per data path timed without, then with, a monitor watching "
+                        f"the server (default {DEFAULT_MONITORED}; 0 leaves it out)")
     p.add_argument("--repeat", type=int, default=1, metavar="R",
                    help="run the interleaved set R times, report each system's best run")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -121,10 +125,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.shared = QUICK_SHARED if args.quick else DEFAULT_SHARED
     if args.fleet_seconds is None:
         args.fleet_seconds = QUICK_FLEET_SECONDS if args.quick else DEFAULT_FLEET_SECONDS
-    counts = ("fleet", "open_sessions", "descriptor_mib", "connections", "churn")
+    counts = ("fleet", "open_sessions", "descriptor_mib", "connections", "churn", "monitored")
     if any(getattr(args, name) < 0 for name in counts) or args.fleet_seconds <= 0:
-        p.error("--fleet, --open-sessions, --descriptor-mib, --connections and --churn must "
-                "be at least 0, --fleet-seconds more than 0")
+        p.error("--fleet, --open-sessions, --descriptor-mib, --connections, --churn and "
+                "--monitored must be at least 0, --fleet-seconds more than 0")
     if args.connections > 60:
         p.error("--connections must be at most 60 (a server takes 64 direct connections "
                 "from one process)")
@@ -280,6 +284,7 @@ def _print_extras(args: argparse.Namespace, extras: Extras) -> None:
         extras.descriptors and format_descriptors(extras.descriptors),
         extras.crowd and format_crowd(extras.crowd),
         extras.connections and format_connections(extras.connections),
+        extras.monitored and format_monitored(extras.monitored),
         extras.churn and format_churn(extras.churn),
     ]
     for section in sections:
@@ -295,7 +300,7 @@ def _config(args: argparse.Namespace) -> dict[str, object]:
             "fleet": args.fleet, "fleet_seconds": args.fleet_seconds,
             "open_sessions": [args.open_sessions // 10, args.open_sessions],
             "descriptor_mib": args.descriptor_mib, "connections": args.connections,
-            "churn": args.churn}
+            "churn": args.churn, "monitored": args.monitored}
 
 
 def _extras_json(extras: Extras) -> dict[str, object]:
@@ -310,6 +315,7 @@ def _extras_json(extras: Extras) -> dict[str, object]:
             **asdict(connections), "rss_per_connection": connections.rss_per_connection(),
             "fds_per_connection": connections.fds_per_connection()},
         "churn": None if churn is None else asdict(churn),
+        "monitored": None if extras.monitored is None else asdict(extras.monitored),
     }
 
 

@@ -1,5 +1,5 @@
 """The bench's second part, after the interleaved run: what needs the whole stack at once or a
-long time (client processes, descriptors, open sessions, memory, churn).
+long time (client processes, descriptors, open sessions, memory, a monitor attached, churn).
 
 Each phase runs under a watchdog; one that fails is reported as NOT MEASURED with its error,
 and the bench goes on with the next. They run in this order: the client processes first (the
@@ -22,6 +22,7 @@ from .descriptors import SIZES, DescriptorBench, DescriptorResult
 from .fleet import SYSTEMS, Fleet, FleetResult
 from .measure import System
 from .memory import ConnectionCost, per_connection
+from .monitored import MonitoredResult, measure_monitored
 from .progress import Progress
 from .roles import STARTUP_TIMEOUT
 from .systems import Processes, managers_address
@@ -43,6 +44,7 @@ class Extras:
     crowd: CrowdResult | None = None
     connections: ConnectionCost | None = None
     churn: ChurnResult | None = None
+    monitored: MonitoredResult | None = None
     failed: dict[str, str] = field(default_factory=dict)
     """Phase name -> why it was not measured."""
 
@@ -72,6 +74,8 @@ def run_phases(ctx: Context, args: argparse.Namespace) -> Extras:
          lambda: _crowd(ctx, args, extras)),
         ("memory per connection", args.connections, args.connections,
          lambda: _connections(ctx, args, extras)),
+        ("monitor attached", args.monitored, args.monitored / 500,
+         lambda: _monitored(args, extras)),
         ("churn", args.churn, args.churn / 200, lambda: _churn(ctx, args, extras)),
     ]
     for name, count, budget, phase in phases:
@@ -118,6 +122,10 @@ def _crowd(ctx: Context, args: argparse.Namespace, extras: Extras) -> None:
 
 def _connections(ctx: Context, args: argparse.Namespace, extras: Extras) -> None:
     extras.connections = per_connection(ECHO, ctx.pids, args.connections, SETTLE_TIMEOUT)
+
+
+def _monitored(args: argparse.Namespace, extras: Extras) -> None:
+    extras.monitored = measure_monitored(ECHO, args.monitored)
 
 
 def _churn(ctx: Context, args: argparse.Namespace, extras: Extras) -> None:
