@@ -178,7 +178,15 @@ class Spawner:
         except OSError as exc:
             log.error("could not start server %r (%s): %s", service.name, service.source, exc)
             return Exit(service.name, f"could not be started ({exc})", "")
-        pidfd = os.pidfd_open(popen.pid)
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+        except OSError as exc:  # (out of descriptors): a child we cannot watch is not kept
+            popen.kill()
+            popen.wait()
+            if popen.stdout is not None:
+                popen.stdout.close()
+            log.error("could not watch server %r (%s): %s", service.name, service.source, exc)
+            return Exit(service.name, f"could not be watched ({exc}); it was stopped", "")
         child = _Child(service, popen, pidfd)
         assert child.output is not None
         os.set_blocking(child.output, False)

@@ -1859,6 +1859,10 @@ class KernelState:
         problem = name_problem(message.name) if message.name else ""
         if problem:
             return [Send(peer.rid, Completed(req_id, errors.KErrBadName, (), problem))]
+        if not self._may_monitor(peer):
+            return [Send(peer.rid, Completed(req_id, errors.KErrPermissionDenied, (), (
+                "a monitor sees other processes' requests and their arguments: it takes the "
+                "kernel's own uid, or the ReadDeviceData capability (docs/security.md)")))]
         if self.cancellable.get((peer.rid, req_id)) is not None or req_id in peer.awaits:
             raise PeerMisbehaved("duplicate monitor",
                                  f"pid {peer.process.identity.pid} reused req_id {req_id}")
@@ -1873,6 +1877,15 @@ class KernelState:
         if watcher.started:
             actions.append(Send(peer.rid, Completed(req_id, errors.KErrNone, ())))
         return actions
+
+    def _may_monitor(self, peer: Peer) -> bool:
+        """Whether `peer`'s process may watch traffic: a process of the kernel's own uid, or
+        one granted ReadDeviceData (a kernel admitting other users must not show them each
+        other's requests)."""
+        identity = peer.process.identity
+        if self.admission is None or identity.uid == self.admission.kernel_uid:
+            return True
+        return "ReadDeviceData" in self.capabilities_of(identity)
 
     def _traffic(self, peer: Peer, message: Traffic) -> list[Action]:
         """A server's direct-path events (or its answer to a Report)."""

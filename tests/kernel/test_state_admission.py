@@ -146,3 +146,22 @@ def test_a_protected_name_needs_protserv_granted_by_configuration_or_by_uid() ->
         (reply,) = [a.message for a in ks.receive(rid, Register(1, f"!guarded{pid}", 0,
                                                                  (1, 0, 0)))]
         assert reply.value == expected, (uid, reply)
+
+
+def test_only_the_kernels_user_or_read_device_data_may_monitor() -> None:
+    from ipcfw.protocol import Completed, Monitor
+
+    config = parse('[admission]\nuids = [1001, 1002]\n'
+                   '[[grant]]\nuid = 1002\ncapabilities = ["ReadDeviceData"]\n')
+    ks = new_state(admission=Admission(1000, config.admit_uids, config.admit_gids),
+                   grants=config.capabilities)
+    for pid, uid, allowed in ((50, 1000, True), (51, 1001, False), (52, 1002, True)):
+        rid = b"%016d" % pid
+        hello(ks, rid, Role.CHANNEL, identity(pid, uid, uid))
+        answers = [a.message for a in ks.receive(rid, Monitor(1, "", 4))
+                   if type(a.message) is Completed]
+        if allowed:
+            assert all(a.value == 0 for a in answers), (uid, answers)
+        else:
+            assert [a.value for a in answers] == [errors.KErrPermissionDenied]
+            assert "ReadDeviceData" in answers[0].text
