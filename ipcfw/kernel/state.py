@@ -200,6 +200,9 @@ MAX_AWAITS = 16
 #: Session lists (`ListSessions`) waiting for servers' censuses at once; past it, a list is
 #: answered at once with the counts the servers last reported.
 MAX_LISTINGS = 64
+#: Monitors one process may have at once (of the kernel's `Monitors.most`): one process cannot
+#: take them all.
+MONITORS_PER_PROCESS = 8
 
 
 #: A process's identity across pid reuse: (pid, creation time).
@@ -1867,6 +1870,11 @@ class KernelState:
             raise PeerMisbehaved("duplicate monitor",
                                  f"pid {peer.process.identity.pid} reused req_id {req_id}")
         key = lookup_key(message.name) if message.name else ""
+        mine = sum(1 for w in self.monitor.watchers.values() if w.rid in peer.process.peers)
+        if mine >= MONITORS_PER_PROCESS:
+            text = (f"this process has {MONITORS_PER_PROCESS} monitors already, the most one "
+                    f"process may have (of the kernel's {self.monitor.most})")
+            return [Send(peer.rid, Completed(req_id, errors.KErrOverflow, (), text))]
         watcher = self.monitor.add(peer.rid, req_id, key, message.credit)
         if watcher is None:
             text = f"the kernel has {self.monitor.most} monitors already"

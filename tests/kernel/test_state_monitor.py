@@ -12,7 +12,7 @@ import pytest
 from ipcfw import errors
 from ipcfw.events import Event, EventKind, pack_events, unpack_events
 from ipcfw.kernel.monitor import Monitors
-from ipcfw.kernel.state import KernelState, PeerMisbehaved
+from ipcfw.kernel.state import MONITORS_PER_PROCESS, KernelState, PeerMisbehaved
 from ipcfw.protocol import (
     MAX_EVENTS_FRAME,
     MONITOR_CREDIT,
@@ -153,6 +153,19 @@ def world() -> KernelState:
 def start_monitor(state: KernelState, name: str = "", req_id: int = 5,
                   rid: bytes = C2) -> list:
     return state.receive(rid, Monitor(req_id, name, MONITOR_CREDIT))
+
+
+def test_one_process_cannot_take_every_monitor() -> None:
+    state = world()
+    for req_id in range(1, MONITORS_PER_PROCESS + 1):
+        answers = [a.message for a in start_monitor(state, "Plain", req_id)
+                   if type(a.message) is Completed]
+        assert [a.value for a in answers] == [0]
+    (refused,) = [a.message for a in start_monitor(state, "Plain", 99)]
+    assert refused.value == errors.KErrOverflow
+    assert f"this process has {MONITORS_PER_PROCESS} monitors already" in refused.text
+    answers = [a.message for a in start_monitor(state, "Plain", 1, rid=C1)]  # another process
+    assert [a.value for a in answers if type(a) is Completed] == [0]
 
 
 def test_a_monitor_of_a_direct_server_starts_once_the_server_reports_its_traffic():
