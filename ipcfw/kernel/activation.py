@@ -28,6 +28,11 @@ Rules:
    is told to end (the kernel's termination, reason IDLE) and becomes STOPPING. A STOPPING
    process has `STOP_GRACE` seconds to exit, then it is killed. Connects that arrive while it
    stops are held, and once it has exited a new one is started for them.
+6. A service whose start failed is not started again at once: after its n-th failed start in a
+   row the connects and waits that come within `restart_delay(n)` seconds (1 s, doubling, at
+   most `RESTART_DELAY_MOST`) fail at once with the last failure's error, saying when it may be
+   started again. A registration clears the count. (A crashing server cannot make the kernel
+   fork in a loop at any client's asking.)
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ from ..naming import lookup_key, name_problem
 from ..protocol import ACTIVATABLE_ROWS, Connect, error_text
 
 __all__ = [
-    "DEFAULT_START_TIMEOUT", "STOP_GRACE", "MAX_HELD", "MAX_SERVICES", "SERVICE_SUFFIX",
+    "DEFAULT_START_TIMEOUT", "STOP_GRACE", "RESTART_DELAY_MOST", "restart_delay", "MAX_HELD",
+    "MAX_SERVICES", "SERVICE_SUFFIX",
     "ServiceFileError", "Service", "parse_service", "Phase", "Spawn", "Kill", "Failure",
     "Activations",
 ]
@@ -58,6 +64,13 @@ __all__ = [
 DEFAULT_START_TIMEOUT = 10.0
 #: Seconds a server told to end (or whose registration ended) has to exit before it is killed.
 STOP_GRACE = 5.0
+#: The longest wait before a service that keeps failing to start is started again (rule 6).
+RESTART_DELAY_MOST = 30.0
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before a service is started again after `failures` failed starts in a row."""
+    return min(2.0 ** (failures - 1), RESTART_DELAY_MOST) if failures else 0.0
 #: Connects one channel may have held at once while servers start (KErrOverflow past it).
 MAX_HELD = 16
 #: Service files one directory may hold (the kernel refuses to start with more).
@@ -225,6 +238,9 @@ class Activation:
     idle_since: float | None = None  # RUNNING with no session since then
     held: list[tuple[bytes, Connect]] = field(default_factory=list)
     starts: int = 0
+    failures: int = 0  # failed starts in a row (rule 6)
+    retry_at: float = 0.0  # not started again before this time
+    last_failure: tuple[int, str] | None = None  # the last failed start's code and text
 
 
 class Activations:
@@ -258,6 +274,19 @@ class Activations:
         """A connect for `key` waits for its server (rule 1); `want` starts it."""
         self.by_key[key].held.append((rid, connect))
         self.held_per_channel[rid] = self.held_per_channel.get(rid, 0) + 1
+
+    def refusal(self, key: str, now: float) -> Failure | None:
+        """Rule 6: if `key`'s service failed to start lately and may not be started again yet,
+        the failure its waiting connects are answered with (they are taken); else None."""
+        activation = self.by_key[key]
+        if (activation.phase is not Phase.ACTIVATABLE or activation.last_failure is None
+                or now >= activation.retry_at):
+            return None
+        code, text = activation.last_failure
+        again = (f"server {activation.service.name!r} is not started again for "
+                 f"{activation.retry_at - now:.1f} s: its last {activation.failures} "
+                 f"start{'s' if activation.failures != 1 else ''} failed. The last: {text}")
+        return Failure(code, error_text(again), self._take_held(activation))
 
     def want(self, key: str, now: float) -> list[Spawn]:
         """Someone waits for `key`, which is not registered: start its server unless a process
@@ -297,6 +326,7 @@ class Activations:
             activation.phase = Phase.RUNNING
             activation.deadline = None
             activation.idle_since = now if activation.service.idle_exit is not None else None
+            activation.failures, activation.last_failure = 0, None
             self._retime(key, activation)
         return self._take_held(activation)
 
@@ -323,17 +353,21 @@ class Activations:
             activation.idle_since = now
             self.timed.add(key)
 
-    def exited(self, key: str, status: str, tail: str) -> Failure | None:
+    def exited(self, key: str, status: str, tail: str, now: float) -> Failure | None:
         """The process started for `key` exited (`status` says how, `tail` is the end of its
-        output): the start that failed, if it had not registered (rule 4). Connects still
-        held (rule 5) wait for the kernel's next `want`."""
+        output): the start that failed, if it had not registered (rule 4; rule 6 counts it).
+        Connects still held (rule 5) wait for the kernel's next `want`."""
         activation = self.by_key[key]
         phase, activation.phase = activation.phase, Phase.ACTIVATABLE
         activation.deadline = activation.idle_since = None
         self.timed.discard(key)
-        if phase is Phase.STARTING:
-            return self._failure(activation, status, tail)
-        return None
+        if phase is not Phase.STARTING:
+            return None
+        failure = self._failure(activation, status, tail)
+        activation.failures += 1
+        activation.retry_at = now + restart_delay(activation.failures)
+        activation.last_failure = (failure.code, failure.text)
+        return failure
 
     def _failure(self, activation: Activation, status: str, tail: str) -> Failure:
         service = activation.service

@@ -1742,6 +1742,9 @@ class KernelState:
         """Start the server of `key` if someone waits for it and the name is free."""
         if key in self.servers or not (self.activations.by_key[key].held or key in self.awaits):
             return []
+        refusal = self.activations.refusal(key, self.now)  # (it failed lately: rule 6)
+        if refusal is not None:
+            return self._fail_activation(key, refusal)
         return list(self.activations.want(key, self.now))
 
     def service_exited(self, name: str, status: str, tail: str) -> list[Action]:
@@ -1750,7 +1753,7 @@ class KernelState:
         output. A start that failed answers what waited for it; else, if connects came while
         it stopped, a new one starts."""
         key = lookup_key(name)
-        failure = self.activations.exited(key, status, tail)
+        failure = self.activations.exited(key, status, tail, self.now)
         actions = self._fail_activation(key, failure) if failure is not None else []
         actions += self._start_if_waited(key)
         return self._hold(actions) if self.held_back else actions

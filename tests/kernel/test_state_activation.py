@@ -11,8 +11,10 @@ from ipcfw import errors
 from ipcfw.kernel.activation import (
     DEFAULT_START_TIMEOUT,
     MAX_HELD,
+    RESTART_DELAY_MOST,
     STOP_GRACE,
     Kill,
+    restart_delay,
     Service,
     ServiceFileError,
     Spawn,
@@ -179,7 +181,29 @@ def test_an_exit_before_registering_fails_the_held_connects_and_waits() -> None:
         "ipcfw serve m:C); its output ended:\nTraceback\nImportError: m")
     assert sends(actions, C2) == [Completed(5, errors.KErrNotFound, (), refused.text)]
     assert state.statistics()["awaits"] == 0 and listing(state) == {"Echo": "activatable"}
+    state.now += 1.0  # (rule 6: not started again within a second of a failed start)
     assert connect(state, C1, 2) == [Spawn(service())]  # the next connect starts it again
+
+
+def test_a_service_that_keeps_failing_is_started_again_ever_more_slowly() -> None:
+    state = world()
+    state.now = 100.0
+    for failures, delay in ((1, 1.0), (2, 2.0), (3, 4.0)):
+        assert spawns(connect(state, C1, 10 * failures)) == [Spawn(service())]
+        state.service_exited("Echo", "exited with status 1", "boom")
+        # Within the delay: refused at once with the last failure, nothing started.
+        state.now += delay - 0.1
+        actions = connect(state, C1, 10 * failures + 1)
+        refused = one(actions, C1, Connected)
+        assert spawns(actions) == [] and refused.result == errors.KErrNotFound
+        assert refused.text.startswith(
+            f"server 'Echo' is not started again for 0.1 s: its last {failures} start"), refused
+        assert "exited with status 1 before it registered" in refused.text
+        state.now += 0.1
+    assert spawns(connect(state, C1, 99)) == [Spawn(service())]
+    register(state)  # a start that works clears the count
+    assert state.activations.by_key["echo"].failures == 0
+    assert restart_delay(0) == 0.0 and restart_delay(20) == RESTART_DELAY_MOST
 
 
 def test_a_start_that_takes_too_long_is_killed_and_fails_with_timed_out() -> None:
