@@ -1,12 +1,15 @@
 """A hypothesis state machine over the kernel's pure state (ipcfw.kernel.state): clients and
 servers in several processes say Hello, register, connect, send requests of every mode, cancel,
-close, complete (or refuse) what they are given, and die at any point. After every step:
+close, complete (or refuse) what they are given, watch them with monitors (started, read,
+stopped), and die at any point. After every step:
 
 * nothing escapes but the documented `PeerMisbehaved`;
 * no request, connect or kernel message is answered twice; every one a living client made is
   answered once its server has died or answered it;
 * slot counts are never negative, nor over a session's own slots;
-* once every peer is gone, every table is empty.
+* a monitor is never sent more batches than the credit it gave, and its start and its stop
+  are answered once each;
+* once every peer is gone, every table is empty (monitors too).
 
 The budget: the `ci` profile (the default) runs in seconds; `HYPOTHESIS_PROFILE=long` runs for
 minutes, locally. (tests/kernel/test_state_fuzz.py is a seeded random walk over more kinds.)
@@ -39,7 +42,10 @@ from ipcfw.protocol import (
     Deliver,
     Disconnect,
     Hello,
+    MONITOR_CREDIT,
     Mode,
+    Monitor,
+    MonitorEvents,
     NewSession,
     Panicked,
     Register,
@@ -62,6 +68,8 @@ class Client:
         self.handles: set[int] = set()
         self.waiting: dict[int, str] = {}  # req_id -> what it is ("connect", "request")
         self.cancellable: set[int] = set()
+        self.monitors: dict[int, int] = {}  # a running monitor's req_id -> the credit it has
+        self.stopping: set[int] = set()  # monitors it asked to stop (Cancel), not yet answered
 
 
 class Server:
@@ -92,6 +100,8 @@ class KernelMachine(RuleBasedStateMachine):
             if type(action) is not Send:
                 continue
             peer, message = by_rid.get(action.rid), action.message
+            if isinstance(peer, Client) and self.monitor_frame(peer, message):
+                continue
             if isinstance(peer, Client) and type(message) in ANSWERS:
                 key = (peer.rid, message.req_id)
                 self.answered[key] += 1
@@ -105,6 +115,25 @@ class KernelMachine(RuleBasedStateMachine):
                 self.given_ids[key] += 1
                 assert self.given_ids[key] == 1, f"given twice: {message}"
                 peer.given[message.msg_id] = message
+
+    def monitor_frame(self, client: Client, message: Any) -> bool:
+        """A frame for one of `client`'s monitors, checked; False if it is not one."""
+        if type(message) is MonitorEvents:
+            assert message.req_id in client.monitors, f"events for no monitor: {message}"
+            client.monitors[message.req_id] -= 1
+            assert client.monitors[message.req_id] >= 0, "a batch beyond the monitor's credit"
+            return True
+        if type(message) is not Completed:
+            return False
+        if message.req_id in client.stopping:  # the answer to its Cancel
+            assert message.value == errors.KErrCancel, message
+            client.stopping.discard(message.req_id)
+            client.monitors.pop(message.req_id, None)
+            return True
+        if message.req_id in client.monitors and message.value != errors.KErrNone:
+            del client.monitors[message.req_id]  # refused (too many monitors)
+            return True
+        return message.req_id in client.monitors  # started
 
     def send(self, rid: bytes, message: Any) -> None:
         try:
@@ -233,6 +262,34 @@ class KernelMachine(RuleBasedStateMachine):
                 value = errors.KErrPermissionDenied
             self.send(server.rid, Complete(msg_id, value, ()))
 
+    @rule(data=st.data(), name=st.sampled_from(("", *NAMES)), credit=st.integers(0, 3))
+    def start_a_monitor(self, data: st.DataObject, name: str, credit: int) -> None:
+        if not self.living():
+            return
+        client = data.draw(st.sampled_from(self.living()))
+        req_id = self.next_req = self.next_req + 1
+        client.monitors[req_id] = min(credit, MONITOR_CREDIT)
+        self.send(client.rid, Monitor(req_id, name, credit))
+
+    @rule(data=st.data(), credit=st.integers(1, 80), stop=st.booleans())
+    def a_monitor_reads_or_stops(self, data: st.DataObject, credit: int, stop: bool) -> None:
+        clients = [c for c in self.living() if set(c.monitors) - c.stopping]
+        if not clients:
+            return
+        client = data.draw(st.sampled_from(clients))
+        req_id = data.draw(st.sampled_from(sorted(set(client.monitors) - client.stopping)))
+        if stop:
+            client.stopping.add(req_id)
+            self.send(client.rid, Cancel(req_id))
+        else:
+            client.monitors[req_id] = min(client.monitors[req_id] + credit, MONITOR_CREDIT)
+            self.send(client.rid, Monitor(req_id, "", credit))
+
+    @rule()
+    def a_turn_of_the_loop(self) -> None:
+        """The loop's end of a turn: each monitor's batch, within its credit."""
+        self.apply(self.state.monitor_batches())
+
     @rule(data=st.data())
     def a_client_dies(self, data: st.DataObject) -> None:
         if not self.living():
@@ -279,6 +336,7 @@ class KernelMachine(RuleBasedStateMachine):
         assert not self.state.peers and not self.state.processes and not self.state.servers
         assert not self.state.sessions and not self.state.messages and not self.state.cancellable
         assert self.state.pool_used == 0 and not self.state.tokens, stats
+        assert not self.state.monitor.watchers and not self.state.monitor.active
         assert not self.state.connections_of_uid, self.state.connections_of_uid
 
 
