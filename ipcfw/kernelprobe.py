@@ -19,10 +19,10 @@ import zmq
 
 from . import endpoint as endpoints
 from . import errors
-from .protocol import PROTOCOL_VERSION, Hello, Role, encode
+from .protocol import PROTOCOL_VERSION, Hello, Role, Welcome, encode
 
 __all__ = ["LEAST_ANSWER", "delays", "kernel_answers", "kernel_socket_exists", "no_kernel_error",
-           "wait_for_kernel"]
+           "wait_for_kernel", "welcome_error"]
 
 FIRST_DELAY = 0.01
 """Seconds before the second look for a kernel; each later one waits twice as long..."""
@@ -71,6 +71,22 @@ def _not_admitted(endpoint: str, what: str) -> errors.IpcError:
         f"the kernel at {endpoint} does not admit this process (uid {os.getuid()}, gid "
         f"{os.getgid()}): it may not reach {what}. A kernel admits its own user; others only "
         "if its configuration says so ([admission] in docs/security.md)"))
+
+
+def welcome_error(welcome: Welcome, endpoint: str, who: str) -> errors.IpcError | None:
+    """Why the kernel at `endpoint` did not admit this peer (`who`: "client", "server") by its
+    `Welcome`: another protocol version (``NotSupported``, naming both), or its refusal
+    (``PermissionDenied``, ``Overflow``: the kernel's reason); None if it admitted it."""
+    if welcome.protocol != PROTOCOL_VERSION:
+        return errors.IpcError(
+            errors.KErrNotSupported,
+            f"the kernel at {endpoint} speaks ipcfw protocol {welcome.protocol}, this {who} "
+            f"{PROTOCOL_VERSION}: run a kernel from the same ipcfw version",
+        )
+    if welcome.refusal:
+        return errors.IpcError(welcome.code or errors.KErrPermissionDenied,
+                               f"the kernel at {endpoint} refused this {who}: {welcome.refusal}")
+    return None
 
 
 def kernel_answers(endpoint: str, timeout: float = HELLO_WAIT) -> bool:

@@ -20,6 +20,7 @@ import zmq
 
 from .. import errors
 from .._zmqflags import EVENTS, POLLIN
+from ..kernelprobe import welcome_error
 from ..protocol import (
     PROTOCOL_VERSION,
     Close,
@@ -94,15 +95,9 @@ def hello(socket: zmq.Socket[bytes], role: Role, endpoint: str) -> Welcome:
     reply = decode(socket.recv())
     if type(reply) is not Welcome:
         raise errors.IpcError(errors.KErrCouldNotConnect, f"kernel answered Hello with {reply!r}")
-    if reply.protocol != PROTOCOL_VERSION:
-        raise errors.IpcError(
-            errors.KErrNotSupported,
-            f"the kernel at {endpoint} speaks ipcfw protocol {reply.protocol}, this client "
-            f"{PROTOCOL_VERSION}: run a kernel from the same ipcfw version",
-        )
-    if reply.refusal:
-        raise errors.IpcError(reply.code or errors.KErrPermissionDenied,
-                              f"the kernel at {endpoint} refused this process: {reply.refusal}")
+    refused = welcome_error(reply, endpoint, "client")
+    if refused is not None:
+        raise refused
     return reply
 
 

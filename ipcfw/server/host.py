@@ -35,7 +35,7 @@ from .. import errors
 from .._spin import SPIN, AdaptiveSpin
 from .._wakeup import WakePipe
 from .._zmqflags import NOBLOCK
-from ..kernelprobe import kernel_socket_exists, no_kernel_error, wait_for_kernel
+from ..kernelprobe import kernel_socket_exists, no_kernel_error, wait_for_kernel, welcome_error
 from ..protocol import (
     PROTOCOL_VERSION,
     Completed,
@@ -271,16 +271,9 @@ class ServerHost:
         """Say Hello and register the server's name, with the socket for direct connections
         (or ""): (the kernel's pid, its frame limit)."""
         welcome = self._exchange(Hello(int(Role.SERVER), PROTOCOL_VERSION), Welcome)
-        if welcome.protocol != PROTOCOL_VERSION:
-            raise errors.IpcError(
-                errors.KErrNotSupported,
-                f"the kernel speaks ipcfw protocol {welcome.protocol}, this server "
-                f"{PROTOCOL_VERSION}: run a kernel from the same ipcfw version",
-            )
-        if welcome.refusal:
-            raise errors.IpcError(welcome.code or errors.KErrPermissionDenied,
-                                  f"the kernel at {self.endpoint} refused this server: "
-                                  f"{welcome.refusal}")
+        refused = welcome_error(welcome, self.endpoint, "server")
+        if refused is not None:
+            raise refused
         version = to_version(self.server.version, f"{type(self.server).__name__}.version")
         reply = self._exchange(
             Register(1, self.server.name, int(self.server.sharing), version, direct), Completed
