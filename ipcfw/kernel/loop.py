@@ -54,6 +54,7 @@ from .._zmqflags import NOBLOCK, RCVMORE, SNDMORE
 from ..naming import lookup_key
 from ..protocol import Hello, ProtocolError, decode, encode
 from .activation import Kill, Service, Spawn
+from .autoids import seed_auto_ids
 from .config import KernelConfig
 from .limits import KernelLimits
 from .liveness import ProcessWatcher, UnknownPeer, identify
@@ -208,6 +209,7 @@ class Kernel:
             log.info("kernel %d stopped", os.getpid())
 
     def _bind(self, context: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+        seed_auto_ids()  # before the ROUTER takes its first auto id: see autoids.py
         router: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
         router.router_mandatory = 1  # EHOSTUNREACH / Again, never a silent drop
         router.router_handover = 0  # a live routing id cannot be taken over

@@ -1,0 +1,238 @@
+"""Floods and hostile peers against a real kernel (issue #14, item 8; docs/security.md, "Floods
+and hostile peers"), each in its own process, while a well-behaved client calls a real server.
+
+Each test: a kernel with its default limits, the probe server, the well-behaved client
+(tests/steady_client.py: a timed synchronous echo every 2 ms, plus checked async and descriptor
+calls), a quiet stretch, then the hostile process. It then holds the kernel to four promises:
+
+* it stays up, and still serves a new client afterwards;
+* its RSS grows by at most `RSS_BOUND` while the hostile peer does its worst (sampled before,
+  during and after);
+* the well-behaved client loses nothing: every call answered, once, with the right value;
+* the client's p99 round trip during the flood is within `P99_FACTOR` times its p99 in the
+  quiet stretch just before, on the same machine in the same test.
+
+The machine is small and shared (2 cores, other test runs beside this one), so two things keep
+the latency comparison about the kernel and not about the OS scheduler, and both are stated
+here rather than hidden in a loose bound:
+
+* The hostile process runs at nice 19. It sends as fast as it can, and unniced it would take a
+  whole core from the client, the server and the kernel alike: that measures the scheduler.
+  Niced, it still sends far faster than the kernel can take (the kernel's socket pushes back on
+  it), so the kernel works flat out on its frames throughout; what is measured is whether the
+  kernel lets the good client's frames through between them.
+* The quiet p99 is floored at `QUIET_FLOOR` (1 ms): a quiet p99 of 0.2 ms would make any
+  millisecond's wake-up delay of the client's own process, which the kernel cannot cause or
+  prevent, a failure. 5 x 1 ms is still far below what an unfair kernel gives (a kernel that
+  drains a flooding socket before others gives tens of milliseconds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import TESTS, KernelFixture, wait_until
+from ipcfw import testing
+
+pytestmark = [pytest.mark.process, pytest.mark.usefixtures("data_path")]
+
+PROBE = "plugins.probe:ProbeServer"
+P99_FACTOR = 5.0  # the issue's bound
+QUIET_FLOOR = 0.001  # seconds: see the module's docstring
+QUIET = 1.5  # seconds of quiet calls measured before the flood
+LEAST_CALLS = 300  # timed calls each stretch must have for its p99 to mean something
+#: The kernel's RSS may grow by this much over the flood. Measured here: see each test.
+RSS_BOUND = 64 * 1024 * 1024
+
+
+@dataclass
+class Stretch:
+    """The well-behaved client's timed calls in one stretch of time."""
+
+    latencies: list[float]
+
+    @property
+    def p99(self) -> float:
+        return statistics.quantiles(self.latencies, n=100)[98]
+
+    def __str__(self) -> str:
+        return (f"{len(self.latencies)} calls, median {statistics.median(self.latencies) * 1e3:.2f}"
+                f" ms, p99 {self.p99 * 1e3:.2f} ms, max {max(self.latencies) * 1e3:.2f} ms")
+
+
+class Bystander:
+    """The well-behaved client process (tests/steady_client.py) and what it measured."""
+
+    def __init__(self, kernel: KernelFixture) -> None:
+        self.result_path = kernel.workdir / "steady.json"
+        self.stop_path = kernel.workdir / "steady.stop"
+        self.process = kernel.spawn_client(
+            [str(TESTS / "steady_client.py"), str(self.result_path), str(self.stop_path)],
+            label="steady",
+        )
+        line = wait_until(lambda: _line(self.process, "connected ") or not self.process.alive(),
+                          what="the well-behaved client to connect")
+        assert isinstance(line, str), self.process.log()
+        self.routing_id = line.split()[1]  # its channel's, in hex
+        self.result: dict = {}
+
+    def finish(self) -> None:
+        """Stop calling; check that every call was answered rightly."""
+        self.stop_path.touch()
+        wait_until(lambda: not self.process.alive(), timeout=30,
+                   what="the well-behaved client to finish")
+        assert self.process.returncode == 0, self.process.log()[-3000:]
+        self.result = json.loads(self.result_path.read_text())
+        assert not self.result["errors"], self.result["errors"][:10]
+
+    def stretch(self, start: float, end: float) -> Stretch:
+        return Stretch([seconds for began, seconds in self.result["samples"]
+                        if start <= began < end])
+
+
+class Hostile:
+    """A hostile process (tests/hostile_*.py), niced (see the module's docstring)."""
+
+    def __init__(self, kernel: KernelFixture, script: str, *args: str) -> None:
+        self.process = kernel.stack.spawn(
+            ["nice", "-n", "19", sys.executable, str(TESTS / script), *args], script
+        )
+        self.summary: dict = {}
+
+    def started(self) -> float:
+        """When its flood began (its clock, `time.monotonic()`, is the machine's)."""
+        line = wait_until(lambda: _line(self.process, "flooding ") or not self.process.alive(),
+                          timeout=30, what="the hostile process to start")
+        assert isinstance(line, str), self.process.log()[-3000:]
+        return float(line.split()[1])
+
+    def finish(self, rss: RssWatch, timeout: float = 45) -> dict:
+        """Wait for it to exit (sampling the kernel's RSS meanwhile); its summary, checked."""
+        deadline = time.monotonic() + timeout
+        while self.process.alive():
+            rss.sample()
+            assert time.monotonic() < deadline, "the hostile process did not finish"
+            time.sleep(0.05)
+        log = self.process.log()
+        assert self.process.returncode == 0, log[-5000:]
+        self.summary = json.loads(log.strip().splitlines()[-1])
+        assert not self.summary["problems"], self.summary["problems"][:10]
+        return self.summary
+
+
+def _line(process: testing.Process, prefix: str) -> str | None:
+    """The first line of `process`'s output that starts with `prefix`."""
+    return next((line for line in process.log().splitlines() if line.startswith(prefix)), None)
+
+
+class RssWatch:
+    """The kernel process's resident memory: before the flood, and the most seen since."""
+
+    def __init__(self, kernel: KernelFixture) -> None:
+        self.process = psutil.Process(kernel.process.pid)
+        self.before = self.process.memory_info().rss
+        self.peak = self.before
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def grown(self) -> int:
+        self.sample()
+        return self.peak - self.before
+
+
+def _quiet_stretch() -> tuple[float, float]:
+    """Let the client call undisturbed for `QUIET` seconds (after a moment's warm-up)."""
+    start = time.monotonic() + 0.3
+    time.sleep(0.3 + QUIET)
+    return start, time.monotonic()
+
+
+def _assert_unaffected(quiet: Stretch, during: Stretch) -> None:
+    assert len(quiet.latencies) >= LEAST_CALLS, f"quiet: {quiet}"
+    assert len(during.latencies) >= LEAST_CALLS, f"during the flood: {during}"
+    bound = P99_FACTOR * max(quiet.p99, QUIET_FLOOR)
+    assert during.p99 <= bound, (
+        f"p99 during the flood {during.p99 * 1e3:.2f} ms > {bound * 1e3:.2f} ms;\n"
+        f"quiet: {quiet}\nduring: {during}"
+    )
+
+
+def _assert_serving(kernel: KernelFixture) -> None:
+    """The kernel is up and a new client's session works."""
+    assert kernel.process.alive(), kernel.process.log()[-5000:]
+    fresh = kernel.client(["-c", "from ipcfw import RSession\n"
+                                 "with RSession.connect('probe') as s: "
+                                 "print(s.SendReceive(1, (42,), timeout=10))"])
+    assert fresh.stdout.strip() == "42", fresh.stderr[-3000:]
+    log = kernel.process.log()
+    assert "Traceback" not in log and "invariant" not in log, log[-5000:]
+
+
+@dataclass
+class Flooded:
+    """What one flood did: the hostile process's summary and the measurements around it."""
+
+    summary: dict
+    quiet: Stretch
+    during: Stretch
+    rss: RssWatch
+
+
+def _flood(kernel: KernelFixture, script: str, *args: str, victim: bool = False) -> Flooded:
+    """The probe, the well-behaved client, a quiet stretch, then the hostile `script` (given
+    the client's channel's routing id after `args` if `victim`) until it exits; checks that the
+    client lost nothing."""
+    kernel.serve(PROBE, "probe")
+    bystander = Bystander(kernel)
+    quiet_from, quiet_to = _quiet_stretch()
+    rss = RssWatch(kernel)
+    hostile = Hostile(kernel, script, kernel.endpoint, *args,
+                      *([bystander.routing_id] if victim else []))
+    hostile.started()
+    summary = hostile.finish(rss)
+    bystander.finish()
+    flooded = Flooded(summary, bystander.stretch(quiet_from, quiet_to),
+                      bystander.stretch(summary["started"], summary["ended"]), rss)
+    print(f"\n{script}: quiet {flooded.quiet}; during {flooded.during}; kernel RSS "
+          f"{rss.before >> 20} MiB, grown {rss.grown() / 2**20:.1f} MiB; "
+          f"{summary['ended'] - summary['started']:.1f} s")
+    return flooded
+
+
+def _assert_kernel_kept_its_promises(kernel: KernelFixture, flooded: Flooded) -> None:
+    _assert_unaffected(flooded.quiet, flooded.during)
+    assert flooded.rss.grown() <= RSS_BOUND, f"{flooded.rss.grown() >> 20} MiB"
+    _assert_serving(kernel)
+
+
+# -- 1. 100,000 malformed frames -----------------------------------------------------------------
+
+
+def test_100000_malformed_frames(kernel: KernelFixture) -> None:
+    flooded = _flood(kernel, "hostile_garbage.py")
+    assert flooded.summary["frames"] == 100_000
+    _assert_kernel_kept_its_promises(kernel, flooded)
+
+
+# -- 4. routing-id collisions ----------------------------------------------------------------------
+
+
+def test_routing_id_collisions_neither_abort_the_kernel_nor_reach_the_victim(
+    kernel: KernelFixture,
+) -> None:
+    # Before the kernel seeded rand() (ipcfw/kernel/autoids.py), the first peer without a
+    # routing id aborted it: libzmq's assertion that its auto id was free.
+    flooded = _flood(kernel, "hostile_routing.py", victim=True)
+    assert flooded.summary["answered"] > 0
+    _assert_kernel_kept_its_promises(kernel, flooded)
