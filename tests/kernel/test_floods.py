@@ -30,13 +30,11 @@ here rather than hidden in a loose bound:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 import pytest
@@ -46,7 +44,8 @@ from ipcfw import testing
 
 pytestmark = [pytest.mark.process, pytest.mark.usefixtures("data_path")]
 
-PROBE = "plugins.probe:ProbeServer"
+PROBE = "plugins.probe:ProbeServer"  # the well-behaved client's server
+DAM = "plugins.dam:DamServer"  # the hostile clients' (see the module's docstring)
 P99_FACTOR = 5.0  # the issue's bound
 QUIET_FLOOR = 0.001  # seconds: see the module's docstring
 QUIET = 1.5  # seconds of quiet calls measured before the flood
@@ -116,18 +115,24 @@ class Hostile:
         assert isinstance(line, str), self.process.log()[-3000:]
         return float(line.split()[1])
 
-    def finish(self, rss: RssWatch, timeout: float = 45) -> dict:
-        """Wait for it to exit (sampling the kernel's RSS meanwhile); its summary, checked."""
+    def report(self, rss: RssWatch, timeout: float = 60) -> dict:
+        """Wait for its JSON line (sampling the kernel's RSS meanwhile); its summary, checked."""
         deadline = time.monotonic() + timeout
-        while self.process.alive():
+        while not _line(self.process, "{") and self.process.alive():
             rss.sample()
-            assert time.monotonic() < deadline, "the hostile process did not finish"
+            assert time.monotonic() < deadline, "the hostile process did not report"
             time.sleep(0.05)
-        log = self.process.log()
-        assert self.process.returncode == 0, log[-5000:]
-        self.summary = json.loads(log.strip().splitlines()[-1])
+        line = _line(self.process, "{")
+        assert line, self.process.log()[-5000:]
+        self.summary = json.loads(line)
         assert not self.summary["problems"], self.summary["problems"][:10]
         return self.summary
+
+    def finish(self, rss: RssWatch) -> None:
+        """Wait for it to exit by itself, successfully."""
+        wait_until(lambda: rss.sample() or not self.process.alive(), timeout=30,
+                   what="the hostile process to exit")
+        assert self.process.returncode == 0, self.process.log()[-5000:]
 
 
 def _line(process: testing.Process, prefix: str) -> str | None:
@@ -145,6 +150,7 @@ class RssWatch:
 
     def sample(self) -> None:
         self.peak = max(self.peak, self.process.memory_info().rss)
+        return None
 
     def grown(self) -> int:
         self.sample()
@@ -181,33 +187,51 @@ def _assert_serving(kernel: KernelFixture) -> None:
 
 @dataclass
 class Flooded:
-    """What one flood did: the hostile process's summary and the measurements around it."""
+    """What one flood did: the hostile process, its summary, and the measurements around it."""
 
+    hostile: Hostile
     summary: dict
     quiet: Stretch
     during: Stretch
     rss: RssWatch
 
 
-def _flood(kernel: KernelFixture, script: str, *args: str, victim: bool = False) -> Flooded:
-    """The probe, the well-behaved client, a quiet stretch, then the hostile `script` (given
-    the client's channel's routing id after `args` if `victim`) until it exits; checks that the
-    client lost nothing."""
+def _flood(kernel: KernelFixture, script: str, *, victim: bool = False,
+           stays: bool = False) -> Flooded:
+    """The probe and dam servers, the well-behaved client (on the probe), a quiet stretch, then
+    the hostile `script` (given the client's channel's routing id if `victim`) until it reports
+    (and exits, unless it `stays`); checks that the client lost nothing."""
     kernel.serve(PROBE, "probe")
+    kernel.serve(DAM, "dam")
     bystander = Bystander(kernel)
     quiet_from, quiet_to = _quiet_stretch()
     rss = RssWatch(kernel)
-    hostile = Hostile(kernel, script, kernel.endpoint, *args,
+    hostile = Hostile(kernel, script, kernel.endpoint,
                       *([bystander.routing_id] if victim else []))
     hostile.started()
-    summary = hostile.finish(rss)
+    summary = hostile.report(rss)
+    if not stays:
+        hostile.finish(rss)
     bystander.finish()
-    flooded = Flooded(summary, bystander.stretch(quiet_from, quiet_to),
+    flooded = Flooded(hostile, summary, bystander.stretch(quiet_from, quiet_to),
                       bystander.stretch(summary["started"], summary["ended"]), rss)
     print(f"\n{script}: quiet {flooded.quiet}; during {flooded.during}; kernel RSS "
           f"{rss.before >> 20} MiB, grown {rss.grown() / 2**20:.1f} MiB; "
           f"{summary['ended'] - summary['started']:.1f} s")
     return flooded
+
+
+def _assert_everything_freed(kernel: KernelFixture) -> None:
+    """Every session, message and slot is gone; the two servers' processes are all it knows."""
+    expected = {"sessions": 0, "messages": 0, "pool_used": 0, "servers": 2, "processes": 3}
+
+    def freed() -> bool:
+        stats = kernel.statistics()
+        return {name: stats[name] for name in expected} == expected
+
+    wait_until(freed, timeout=30,
+               what=f"the kernel's statistics to come back to {expected}, not "
+                    f"{ {name: kernel.statistics()[name] for name in expected} }")
 
 
 def _assert_kernel_kept_its_promises(kernel: KernelFixture, flooded: Flooded) -> None:
@@ -221,8 +245,39 @@ def _assert_kernel_kept_its_promises(kernel: KernelFixture, flooded: Flooded) ->
 
 def test_100000_malformed_frames(kernel: KernelFixture) -> None:
     flooded = _flood(kernel, "hostile_garbage.py")
+    # (The kernel answered none of it: the hostile process checks.)
     assert flooded.summary["frames"] == 100_000
     _assert_kernel_kept_its_promises(kernel, flooded)
+
+
+# -- 2. a peer that never reads its completions ---------------------------------------------------
+
+
+def test_a_peer_that_never_reads_its_completions_is_cut_off(kernel: KernelFixture) -> None:
+    flooded = _flood(kernel, "hostile_unread.py")
+    summary = flooded.summary
+    # It hit the backlog cut-off: the kernel told it so, behind the answers it had not read,
+    # having left max_backlog (120,000 by default) frames unread.
+    assert summary["dropped"] is not None and summary["dropped"] >= 120_000, summary
+    log = kernel.process.log()
+    assert log.count("stopped serving the channel socket") == 1, log[-3000:]
+    _assert_kernel_kept_its_promises(kernel, flooded)
+    _assert_everything_freed(kernel)
+
+
+# -- 3. a peer that opens sessions until refused ---------------------------------------------------
+
+
+def test_a_peer_that_opens_sessions_until_refused_is_refused_alone(kernel: KernelFixture) -> None:
+    flooded = _flood(kernel, "hostile_sessions.py", stays=True)
+    summary = flooded.summary
+    assert summary["sessions"] == 10_000 and summary["refused"] >= 50, summary  # the default
+    assert "limit of sessions" in summary["library"], summary  # the clear error
+    assert kernel.statistics()["sessions"] == 10_000
+    _assert_kernel_kept_its_promises(kernel, flooded)
+    flooded.hostile.process.kill(signal.SIGKILL)
+    _assert_everything_freed(kernel)
+    assert flooded.rss.grown() <= RSS_BOUND
 
 
 # -- 4. routing-id collisions ----------------------------------------------------------------------
@@ -236,3 +291,4 @@ def test_routing_id_collisions_neither_abort_the_kernel_nor_reach_the_victim(
     flooded = _flood(kernel, "hostile_routing.py", victim=True)
     assert flooded.summary["answered"] > 0
     _assert_kernel_kept_its_promises(kernel, flooded)
+    _assert_everything_freed(kernel)

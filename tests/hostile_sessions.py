@@ -1,0 +1,83 @@
+"""A hostile process for tests/kernel/test_floods.py: a client that opens sessions until the
+kernel refuses it, then holds them until it is killed.
+
+    python tests/hostile_sessions.py ENDPOINT
+
+A raw channel (a DEALER with a random routing id) says Hello and connects to the dam server
+(tests/plugins/dam.py) as fast as the answers come, `WINDOW` connects in flight, until the
+kernel has refused `REFUSALS` of them (KErrOverflow: the kernel's `sessions_per_process`).
+Then the client library, in the same process, tries once more and must be refused with an
+error that names the limit.
+
+It prints ``flooding`` with its clock at the first connect and, once refused, one JSON line:
+``{"started", "ended", "sessions", "refused", "refusal", "library", "problems"}``; then it holds its
+sessions until the test kills it (SIGKILL), or `HOLD` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from hostile_flood import Flood, RawPeer
+from ipcfw import Overflow, RSession
+from ipcfw.errors import KErrNone, KErrOverflow
+from ipcfw.protocol import Connect, Connected, Role
+
+WINDOW = 64  # connects in flight at once
+REFUSALS = 50
+LIMIT = 100_000  # connects at most, whatever the kernel's limit
+HOLD = 60.0
+
+
+def run(flood: Flood) -> dict:
+    problems = flood.problems
+    peer = RawPeer(flood, "sessions channel")
+    peer.hello(Role.CHANNEL)
+    sessions = refused = sent = 0
+    first_refusal = ""
+    print(f"flooding {time.monotonic()}", flush=True)
+    started = time.monotonic()
+    while refused < REFUSALS and sent < LIMIT and not problems:
+        while sent - sessions - refused < WINDOW:
+            sent += 1
+            peer.send_message(Connect(sent, "dam", (1, 0, 0), 0, b""))
+        reply = peer.wait_for("a Connected", lambda m: type(m) is Connected)
+        if reply is None:
+            break
+        if reply.result == KErrNone:
+            sessions += 1
+        elif reply.result == KErrOverflow:
+            refused += 1
+            first_refusal = first_refusal or reply.text
+        else:
+            problems.append(f"connect {reply.req_id}: {reply!r}")
+    while sent - sessions - refused > 0 and not problems:  # the ones still in flight
+        reply = peer.wait_for("a Connected", lambda m: type(m) is Connected)
+        if reply is None:
+            break
+        sessions += reply.result == KErrNone
+        refused += reply.result != KErrNone
+    ended = time.monotonic()
+    library = "not refused"
+    try:
+        RSession.connect("dam", endpoint=flood.endpoint, timeout=10).Close()
+    except Overflow as exc:
+        library = str(exc)
+    return {"started": started, "ended": ended, "sessions": sessions, "refused": refused,
+            "refusal": first_refusal, "library": library, "problems": problems}
+
+
+def main(argv: list[str]) -> int:
+    flood = Flood(argv[1])  # (its sockets, and so its sessions, live until the process ends)
+    summary = run(flood)
+    print(json.dumps(summary), flush=True)
+    if not summary["problems"]:
+        time.sleep(HOLD)  # holding every session, until killed
+    flood.close()
+    return 1 if summary["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
