@@ -31,9 +31,8 @@ LIMIT = 100_000  # connects at most, whatever the kernel's limit
 HOLD = 60.0
 
 
-def run(flood: Flood) -> dict:
+def run(flood: Flood, peer: RawPeer) -> dict:
     problems = flood.problems
-    peer = RawPeer(flood, "sessions channel")
     peer.hello(Role.CHANNEL)
     sessions = refused = sent = 0
     first_refusal = ""
@@ -70,8 +69,9 @@ def run(flood: Flood) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    flood = Flood(argv[1])  # (its sockets, and so its sessions, live until the process ends)
-    summary = run(flood)
+    flood = Flood(argv[1])
+    peer = RawPeer(flood, "sessions channel")  # (its socket, so its sessions, live till the end)
+    summary = run(flood, peer)
     print(json.dumps(summary), flush=True)
     if not summary["problems"]:
         time.sleep(HOLD)  # holding every session, until killed
