@@ -37,10 +37,10 @@ from hostile_flood import Flood, RawPeer
 from ipcfw.protocol import PROTOCOL_VERSION, Hello, Role, Stats, StatsReply, encode
 
 ROUTERS = 4  # ROUTERs a process may make before the kernel's (each takes two rand() calls)
-SQUAT = 16  # auto ids squatted per ROUTER
-ANONYMOUS = 16
+SQUAT = 8  # auto ids squatted per ROUTER
+ANONYMOUS = 8
 IMPOSTORS = 4  # of each kind
-DURATION = 2.5  # seconds of Stats rounds once every peer is in
+DURATION = 4.0  # seconds of Stats rounds once every peer is in
 
 
 def auto_id_starts(routers: int) -> list[int]:

@@ -5,7 +5,8 @@ kernel refuses it, then holds them until it is killed.
 
 A raw channel (a DEALER with a random routing id) says Hello and connects to the dam server
 (tests/plugins/dam.py) as fast as the answers come, `WINDOW` connects in flight, until the
-kernel has refused `REFUSALS` of them (KErrOverflow: the kernel's `sessions_per_process`).
+kernel has refused `REFUSALS` of them (KErrOverflow: the kernel's `sessions_per_process`), and
+for `LEAST` seconds at least.
 Then the client library, in the same process, tries once more and must be refused with an
 error that names the limit.
 
@@ -27,7 +28,8 @@ from ipcfw.protocol import Connect, Connected, Role
 
 WINDOW = 64  # connects in flight at once
 REFUSALS = 50
-LIMIT = 100_000  # connects at most, whatever the kernel's limit
+LEAST = 4.0  # seconds it goes on connecting, refused or not
+LIMIT = 1_000_000  # connects at most, whatever the kernel's limit
 HOLD = 60.0
 
 
@@ -38,7 +40,8 @@ def run(flood: Flood, peer: RawPeer) -> dict:
     first_refusal = ""
     print(f"flooding {time.monotonic()}", flush=True)
     started = time.monotonic()
-    while refused < REFUSALS and sent < LIMIT and not problems:
+    while ((refused < REFUSALS or time.monotonic() - started < LEAST)
+           and sent < LIMIT and not problems):
         while sent - sessions - refused < WINDOW:
             sent += 1
             peer.send_message(Connect(sent, "dam", (1, 0, 0), 0, b""))

@@ -22,10 +22,11 @@ The machine is small and shared (2 cores, and other test runs beside this one), 
 keep the latency comparison about the kernel rather than the OS scheduler; both are stated here
 rather than hidden in a loose bound:
 
-* The hostile process runs at nice 19. It sends as fast as it can, and unniced it would take a
-  whole core from the client, the server and the kernel alike: that measures the scheduler.
-  Niced, it still sends faster than the kernel takes (the kernel's socket pushes back on it),
-  so the kernel works flat out on its frames throughout.
+* The hostile process runs at nice 19, and so does its server (dam), which works only for it.
+  It sends as fast as it can, and unniced it would take a whole core from the client, the
+  server and the kernel alike: that measures the scheduler. Niced, it still sends faster than
+  the kernel takes (the kernel's socket pushes back on it), so the kernel works flat out on its
+  frames throughout.
 * The quiet p99 is floored at `QUIET_FLOOR` (2 ms). A flood keeps the kernel's two threads
   (its loop, and libzmq's I/O thread) busy, which on 2 cores is both of them, and a call on the
   kernel path needs four wake-ups (the kernel twice, the server, the client), each of which may
@@ -40,6 +41,7 @@ rather than hidden in a loose bound:
 from __future__ import annotations
 
 import json
+import os
 import signal
 import statistics
 import sys
@@ -58,8 +60,11 @@ PROBE = "plugins.probe:ProbeServer"  # the well-behaved client's server
 DAM = "plugins.dam:DamServer"  # the hostile clients' (see the module's docstring)
 P99_FACTOR = 5.0  # the issue's bound
 QUIET_FLOOR = 0.002  # seconds: see the module's docstring
-QUIET = 1.5  # seconds of quiet calls measured before the flood
-LEAST_CALLS = 300  # timed calls each stretch must have for its p99 to mean something
+QUIET = 3.0  # seconds of quiet calls measured before the flood
+# Timed calls each stretch must have for its p99 to mean something: with 1,000, the p99 is the
+# 10th slowest call, which one hiccup of the machine cannot make alone. So the floods last a
+# few seconds: the garbage is 300,000 frames, three times the issue's 100,000.
+LEAST_CALLS = 1000
 #: The kernel's RSS may grow by this much over the flood. Measured here: see each test.
 RSS_BOUND = 64 * 1024 * 1024
 
@@ -145,6 +150,12 @@ class Hostile:
         assert self.process.returncode == 0, self.process.log()[-5000:]
 
 
+def _nice(process: testing.Process) -> None:
+    """Nice every thread `process` has (its later threads inherit it) to the hostile's 19."""
+    for thread in os.listdir(f"/proc/{process.pid}/task"):
+        os.setpriority(os.PRIO_PROCESS, int(thread), 19)
+
+
 def _line(process: testing.Process, prefix: str) -> str | None:
     """The first line of `process`'s output that starts with `prefix`."""
     return next((line for line in process.log().splitlines() if line.startswith(prefix)), None)
@@ -212,7 +223,7 @@ def _flood(kernel: KernelFixture, script: str, *, victim: bool = False,
     the hostile `script` (given the client's channel's routing id if `victim`) until it reports
     (and exits, unless it `stays`); checks that the client lost nothing."""
     kernel.serve(PROBE, "probe")
-    kernel.serve(DAM, "dam")
+    _nice(kernel.serve(DAM, "dam"))  # (the hostile peers' server: see the module's docstring)
     bystander = Bystander(kernel)
     quiet_from, quiet_to = _quiet_stretch()
     rss = RssWatch(kernel)
@@ -250,13 +261,13 @@ def _assert_kernel_kept_its_promises(kernel: KernelFixture, flooded: Flooded) ->
     _assert_serving(kernel)
 
 
-# -- 1. 100,000 malformed frames -----------------------------------------------------------------
+# -- 1. malformed frames (300,000: the issue asks for 100,000) -----------------------------------
 
 
 def test_100000_malformed_frames(kernel: KernelFixture) -> None:
     flooded = _flood(kernel, "hostile_garbage.py")
     # (The kernel answered none of it: the hostile process checks.)
-    assert flooded.summary["frames"] == 100_000
+    assert flooded.summary["frames"] >= 100_000
     _assert_kernel_kept_its_promises(kernel, flooded)
 
 
