@@ -89,6 +89,11 @@ Rules this module keeps:
    registration lets the held connects proceed as if just received; a start that fails
    (`service_exited`, `activation_tick`) answers them and the waits with its error. A server
    the kernel started that has no session for its `idle_exit` is terminated (reason IDLE).
+16. A process on another host (over tcp: its identity's `host` is its key's peer name) was
+   admitted by its key, so the uid admission does not apply to it; no pidfd watches it (its
+   connections' heartbeats do: no `Watch`); and every session it uses takes the kernel path:
+   its Connect asking for the direct path makes a kernel-path session, an Open of a direct
+   session names no socket, and a Register naming a socket is refused (KErrNotSupported).
 """
 
 from __future__ import annotations
