@@ -184,7 +184,8 @@ class Kernel:
                           if self.config.tcp is not None else None)
         self._zap_handler = ZapHandler({peer.key: peer.name for peer in self.config.tcp.peers}
                                        if self.config.tcp is not None else {})
-        self._tcp: zmq.Socket[bytes] | None = None
+        self._tcp: zmq.Socket[bytes] | None = None  # the [tcp] listener and its ZAP socket
+        self._zap: zmq.Socket[bytes] | None = None
         self._remote: set[bytes] = set()  # the routing ids of peers over tcp
         self._monitors: list[zmq.Socket[bytes]] = []
         self._spawner = Spawner(self.endpoint, self._watch_fd, self._unwatch_fd)
@@ -246,8 +247,8 @@ class Kernel:
         """The [tcp] listener: CURVE only, every handshake asked of the kernel's ZAP handler
         (bound first: libzmq refuses CURVE handshakes while nobody answers there)."""
         assert self.config.tcp is not None and self._tcp_keys is not None
-        self._zap = context.socket(zmq.REP)
-        self._zap.bind(ZAP_ENDPOINT)
+        self._zap = zap = context.socket(zmq.REP)
+        zap.bind(ZAP_ENDPOINT)
         tcp = self._router_socket(context)
         tcp.curve_server = True
         tcp.curve_secretkey = self._tcp_keys.secret
@@ -286,6 +287,7 @@ class Kernel:
             self._poller.register(monitor, zmq.POLLIN)
         if self._tcp is not None:
             self._poller.register(self._tcp, zmq.POLLIN)
+            assert self._zap is not None
             self._poller.register(self._zap, zmq.POLLIN)
         state = self.state
         while not self._stop.is_set():
@@ -303,8 +305,8 @@ class Kernel:
                         self._drain_monitors()
                     elif self._tcp is not None and source is self._tcp:
                         self._drain_router(self._tcp)
-                    elif source is self._zap:
-                        self._answer_zap()
+                    elif self._zap is not None and source is self._zap:
+                        self._answer_zap(self._zap)
                     elif self._spawner.owns(source):
                         self._service_ready(source)
                     else:
@@ -368,13 +370,13 @@ class Kernel:
             else:
                 self._on_frame(rid, body, router)
 
-    def _answer_zap(self) -> None:
+    def _answer_zap(self, zap: zmq.Socket[bytes]) -> None:
         while True:
             try:
-                request = self._zap.recv_multipart(NOBLOCK)
+                request = zap.recv_multipart(NOBLOCK)
             except zmq.Again:
                 return
-            self._zap.send_multipart(self._zap_handler.answer(request))
+            zap.send_multipart(self._zap_handler.answer(request))
 
     def _discard_rest(self, router: zmq.Socket[bytes], body: zmq.Frame) -> None:
         extra = 1
