@@ -44,11 +44,11 @@ def test_an_idle_peer_is_served_within_a_few_frames_of_a_flood() -> None:
             dealer.send(b"attach")
         handled: list[bytes] = []
 
-        def drain_all(on_frame: Callable[[bytes, zmq.Frame], None]) -> None:
+        def drain_all(on_frame: Callable[[bytes, zmq.Frame, zmq.Socket], None]) -> None:
             while router.poll(200):
                 drain_router(router, on_frame, _unexpected)
 
-        drain_all(lambda rid, body: handled.append(rid))
+        drain_all(lambda rid, body, router: handled.append(rid))
         assert len(handled) == ROUNDS + 1
         waits = []
         for peer in idle:
@@ -57,7 +57,8 @@ def test_an_idle_peer_is_served_within_a_few_frames_of_a_flood() -> None:
                 flooder.send(b"flood")
             time.sleep(0.05)  # (all of it queued at the router)
 
-            def on_frame(rid: bytes, body: zmq.Frame, peer: zmq.Socket = peer) -> None:
+            def on_frame(rid: bytes, body: zmq.Frame, router: zmq.Socket,
+                         peer: zmq.Socket = peer) -> None:
                 handled.append(rid)
                 if len(handled) == SPEAKS_AT:  # the idle peer speaks while the kernel drains
                     peer.send(b"my turn")
@@ -74,5 +75,5 @@ def test_an_idle_peer_is_served_within_a_few_frames_of_a_flood() -> None:
         os.rmdir(directory)
 
 
-def _unexpected(body: zmq.Frame) -> None:
+def _unexpected(router: zmq.Socket, body: zmq.Frame) -> None:
     raise AssertionError("a multi-frame message")
