@@ -423,11 +423,16 @@ def run(endpoint: str, victim: int) -> dict:
     return summary
 
 
-def main(argv: list[str]) -> int:
-    endpoint, victim = argv[1], int(argv[2])
-    summary = run(endpoint, victim)
+def report(summary: dict) -> int:
+    """Print `summary` as one JSON line (a hostile process's last); its exit status: 1 if the
+    summary lists problems, else 0."""
     print(json.dumps(summary), flush=True)
     return 1 if summary["problems"] else 0
+
+
+def main(argv: list[str]) -> int:
+    endpoint, victim = argv[1], int(argv[2])
+    return report(run(endpoint, victim))
 
 
 if __name__ == "__main__":

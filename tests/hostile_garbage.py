@@ -19,12 +19,11 @@ in order) it must have received nothing else, and the peers without Hello nothin
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
 
-from hostile_flood import Flood, RawPeer
+from hostile_flood import Flood, RawPeer, report
 from hostile_frames import KERNEL_BOUND, NOT_KERNEL_BOUND, malformed_frames
 from ipcfw.protocol import (
     MAX_FRAME,
@@ -103,9 +102,7 @@ def run(endpoint: str, count: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    summary = run(argv[1], int(argv[2]) if len(argv) > 2 else COUNT)
-    print(json.dumps(summary), flush=True)
-    return 1 if summary["problems"] else 0
+    return report(run(argv[1], int(argv[2]) if len(argv) > 2 else COUNT))
 
 
 if __name__ == "__main__":

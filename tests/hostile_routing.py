@@ -27,13 +27,12 @@ It prints ``flooding`` with its clock at the start of step 1, and at the end one
 from __future__ import annotations
 
 import ctypes
-import json
 import sys
 import time
 
 import zmq
 
-from hostile_flood import Flood, RawPeer
+from hostile_flood import Flood, RawPeer, report
 from ipcfw.protocol import PROTOCOL_VERSION, Hello, Role, Stats, StatsReply, encode
 
 ROUTERS = 4  # ROUTERs a process may make before the kernel's (each takes two rand() calls)
@@ -117,9 +116,7 @@ def run(endpoint: str, victim: bytes) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    summary = run(argv[1], bytes.fromhex(argv[2]))
-    print(json.dumps(summary), flush=True)
-    return 1 if summary["problems"] else 0
+    return report(run(argv[1], bytes.fromhex(argv[2])))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,10 @@ sessions until the test kills it (SIGKILL), or `HOLD` seconds.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
-from hostile_flood import Flood, RawPeer
+from hostile_flood import Flood, RawPeer, report
 from ipcfw import Overflow, RSession
 from ipcfw.errors import KErrNone, KErrOverflow
 from ipcfw.protocol import Connect, Connected, Role
@@ -75,11 +74,11 @@ def main(argv: list[str]) -> int:
     flood = Flood(argv[1])
     peer = RawPeer(flood, "sessions channel")  # (its socket, so its sessions, live till the end)
     summary = run(flood, peer)
-    print(json.dumps(summary), flush=True)
-    if not summary["problems"]:
+    status = report(summary)
+    if not status:
         time.sleep(HOLD)  # holding every session, until killed
     flood.close()
-    return 1 if summary["problems"] else 0
+    return status
 
 
 if __name__ == "__main__":

@@ -19,11 +19,10 @@ never cut it off).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
-from hostile_flood import Flood, RawPeer
+from hostile_flood import Flood, RawPeer, report
 from ipcfw.errors import KErrNone, KErrOverflow, KErrServerBusy
 from ipcfw.protocol import Completed, Connect, Connected, Dropped, Mode, Request, Role, encode
 
@@ -83,9 +82,7 @@ def _read_answers(peer: RawPeer, summary: dict, problems: list[str]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    summary = run(argv[1], int(argv[2]) if len(argv) > 2 else COUNT)
-    print(json.dumps(summary), flush=True)
-    return 1 if summary["problems"] else 0
+    return report(run(argv[1], int(argv[2]) if len(argv) > 2 else COUNT))
 
 
 if __name__ == "__main__":
