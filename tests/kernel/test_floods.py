@@ -133,7 +133,7 @@ class Hostile:
         assert isinstance(line, str), self.process.log()[-3000:]
         return float(line.split()[1])
 
-    def report(self, rss: RssWatch, timeout: float = 60) -> dict:
+    def report(self, rss: RssWatch, timeout: float = 40) -> dict:
         """Wait for its JSON line (sampling the kernel's RSS meanwhile); its summary, checked."""
         deadline = time.monotonic() + timeout
         while not _line(self.process, "{") and self.process.alive():
