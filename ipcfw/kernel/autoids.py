@@ -10,11 +10,11 @@ claims that id, followed by any peer without one, aborted the kernel: any proces
 connect (even one the kernel then refuses at Hello: libzmq takes the id at the handshake) could
 kill it in two connects.
 
-`seed_auto_ids()` seeds `rand()` from the OS's random source just before the kernel makes its
-ROUTER, so the counter starts where no other process can know. What is left is guessing: a
+`seed_auto_ids()` seeds `rand()` from the OS's random source just before the kernel makes each
+ROUTER, so its counter starts where no other process can know. What is left is guessing: a
 process that holds N connections on guessed ids while M peers connect without one aborts the
 kernel with a chance of about N * M / 2**32 (1,000 and 1,000: 1 in 4,000), and it must be able
-to connect to the kernel at all (the socket's directory keeps others out).
+to connect to the kernel at all (the socket's directory keeps others out; over tcp, CURVE).
 ipcfw's own peers always set a random 128-bit routing id, so they never take an auto id.
 """
 
