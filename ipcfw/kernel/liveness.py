@@ -18,7 +18,7 @@ import os
 
 import psutil
 
-from .state import ProcessIdentity, ProcessKey
+from .tables import ProcessIdentity, ProcessKey
 
 log = logging.getLogger(__name__)
 
