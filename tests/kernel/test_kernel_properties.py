@@ -88,14 +88,14 @@ SERVICES = {
 }
 ALL_NAMES = NAMES + tuple(SERVICES)
 REFUSED = re.compile(r"server '(\w+)' is not started again")
+CLIENTS = 3
+ANSWERS = (Completed, Connected, Panicked)
 
 
 def restart_delay(failures: int) -> float:
     """Rule 6 as documented: 1 s after a failed start, doubling with each one in a row, at
     most RESTART_DELAY_MOST."""
     return min(2.0 ** (failures - 1), RESTART_DELAY_MOST)
-CLIENTS = 3
-ANSWERS = (Completed, Connected, Panicked)
 
 
 class Client:
@@ -563,6 +563,8 @@ class KernelMachine(RuleBasedStateMachine):
             else:
                 assert where in ("running", "stopping"), (name, where)
                 record = self.state.servers.get(lookup_key(name))
+                # (running: while the name is registered; once that ends, stopping)
+                assert where == "stopping" or record is not None, (name, where)
                 if where == "stopping" and record is not None and process.registrant is not None:
                     # (its registration ends: told to end, it does not serve new sessions)
                     assert record.rid != process.registrant.rid or record.terminating, record
