@@ -34,18 +34,39 @@ def default_endpoint() -> str:
 
 
 def resolve(endpoint: str | None = None) -> str:
-    """The endpoint to use: the argument, else $IPCFW_KERNEL, else the default."""
+    """The endpoint to use: the argument, else $IPCFW_KERNEL, else the default. A kernel on
+    another host is ``tcp://HOST:PORT`` (reached with CURVE: `ipcfw.curve`)."""
     chosen = endpoint or os.environ.get(ENV_VAR) or default_endpoint()
-    ipc_path(chosen)  # validates
+    if is_tcp(chosen):
+        tcp_address(chosen)  # validates
+    else:
+        ipc_path(chosen)
     return chosen
+
+
+def is_tcp(endpoint: str) -> bool:
+    """Whether `endpoint` is a kernel's tcp listener (on this host or another)."""
+    return endpoint.startswith("tcp://")
+
+
+def tcp_address(endpoint: str) -> tuple[str, int]:
+    """(host, port) of a ``tcp://HOST:PORT`` endpoint; EndpointError for anything else."""
+    host, colon, port = endpoint[len("tcp://"):].rpartition(":")
+    if not endpoint.startswith("tcp://") or not colon or not host or not port.isdigit() \
+            or not 0 < int(port) < 65536:
+        raise EndpointError(
+            f"endpoint {endpoint!r} is not tcp://HOST:PORT (a host name or address, and a port "
+            "from 1 to 65535)")
+    return host, int(port)
 
 
 def ipc_path(endpoint: str) -> str:
     """The filesystem path of an ``ipc://`` endpoint; raise EndpointError for anything else."""
     if not endpoint.startswith("ipc://"):
         raise EndpointError(
-            f"endpoint {endpoint!r} is not ipc://: the kernel identifies peers by their "
-            "process credentials, which only ipc:// carries"
+            f"endpoint {endpoint!r} is not ipc://: a kernel listens on a Unix socket "
+            "(ipc:///dir/name), where it reads each peer's credentials, and over tcp only with "
+            "CURVE, as its configuration's [tcp] says"
         )
     path = endpoint[len("ipc://") :]
     if not path.startswith("/"):

@@ -19,7 +19,8 @@ import zmq
 
 from . import endpoint as endpoints
 from . import errors
-from .protocol import PROTOCOL_VERSION, Hello, Role, Welcome, encode
+from .protocol import PROTOCOL_VERSION, Role, Welcome, encode
+from .transport import await_answer, hello_message, open_socket
 
 __all__ = ["LEAST_ANSWER", "delays", "kernel_answers", "kernel_socket_exists", "no_kernel_error",
            "wait_for_kernel", "welcome_error"]
@@ -48,7 +49,10 @@ def kernel_socket_exists(endpoint: str) -> bool:
     process may not reach it (a kernel of another user, whose configuration does not open its
     directory to this one): not mistaken for a kernel that is not there. ``PermissionDenied``
     too for a socket file that is not the kernel's user's (the directory's owner): in a
-    directory opened to a group, a member of it may bind its own where the kernel's was."""
+    directory opened to a group, a member of it may bind its own where the kernel's was. A tcp
+    endpoint has no file: True (`kernel_answers` finds out)."""
+    if endpoints.is_tcp(endpoint):
+        return True
     path = endpoints.ipc_path(endpoint)
     try:
         owner = os.stat(path).st_uid
@@ -91,17 +95,15 @@ def welcome_error(welcome: Welcome, endpoint: str, who: str) -> errors.IpcError 
 
 def kernel_answers(endpoint: str, timeout: float = HELLO_WAIT) -> bool:
     """Whether a kernel answers a Hello at `endpoint` within `timeout` seconds (False at once
-    if its socket file does not exist; PermissionDenied if this process may not reach it)."""
+    if its socket file does not exist; PermissionDenied if this process may not reach it, or
+    if a kernel over tcp refuses its key)."""
     if not kernel_socket_exists(endpoint):
         return False
     context = zmq.Context()
     try:
-        probe = context.socket(zmq.DEALER)
-        probe.routing_id = os.urandom(16)  # (random, as every ipcfw peer's: see DESIGN.md 5)
-        probe.linger = 0
-        probe.connect(endpoint)
-        probe.send(encode(Hello(int(Role.SERVER), PROTOCOL_VERSION)))
-        return bool(probe.poll(max(1, int(timeout * 1000))))
+        probe = open_socket(context, endpoint)
+        probe.send(encode(hello_message(Role.SERVER)))
+        return await_answer(probe, endpoint, max(0.001, timeout))
     finally:
         context.destroy(linger=0)
 

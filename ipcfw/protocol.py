@@ -199,7 +199,7 @@ __all__ = [
     "unpack_events",
 ]
 
-PROTOCOL_VERSION = 19  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
+PROTOCOL_VERSION = 20  # 2: answers on channel; 3: sharing; 4: cancel; 5: negotiation;
 #                        6: terminate; 7: PeerGone; 8: Dropped; 9: the direct path;
 #                        10: every thread direct (Join, Admit), the session list (ListSessions);
 #                        11: shared memory on the direct path; 12: AwaitServer;
@@ -209,7 +209,8 @@ PROTOCOL_VERSION = 19  # 2: answers on channel; 3: sharing; 4: cancel; 5: negoti
 #                        Traffic); 16: activation (ListActivatable, ActivatableList,
 #                        TerminationReason.IDLE); 17: batches of frames (BATCH_MARK);
 #                        18: capabilities (PeerInfo.capabilities); 19: admission
-#                        (Welcome.refusal, Welcome.code)
+#                        (Welcome.refusal, Welcome.code); 20: peers over tcp (Hello.pid,
+#                        Hello.started)
 
 #: Largest frame any peer may send; the kernel's MAXMSGSIZE guard sits just above it, and
 #: clients refuse bigger requests themselves (a zmq MAXMSGSIZE drop is silent).
@@ -589,10 +590,17 @@ def _counters(value: Any) -> dict[str, int]:
 
 
 class Hello(NamedTuple):
-    """Peer -> kernel, first message of every socket. The kernel answers Welcome."""
+    """Peer -> kernel, first message of every socket. The kernel answers Welcome.
+
+    `pid` and `started` (the process's start time, in ms since the epoch) say which process the
+    socket is of. Over ipc the kernel reads both from the socket and ignores these; over tcp
+    they are the peer's word, trusted only to tell apart the processes of one key.
+    """
 
     role: int
     protocol: int
+    pid: int = 0
+    started: int = 0
 
 
 class Register(NamedTuple):
@@ -1175,7 +1183,7 @@ Message = (
 )
 
 _SCHEMA: dict[type, tuple[Kind, tuple[Checker, ...]]] = {
-    Hello: (Kind.HELLO, (_role, _u16)),
+    Hello: (Kind.HELLO, (_role, _u16, _u32, _u63)),
     Register: (
         Kind.REGISTER, (_u63, _str_upto(MAX_NAME), _sharing, _version, _str_upto(MAX_PATH))
     ),

@@ -319,13 +319,14 @@ class Stack:
 
     def spawn(
         self, argv: Sequence[str], name: str, *, ready: bool = False,
-        cwd: str | Path | None = None,
+        cwd: str | Path | None = None, env: Mapping[str, str] | None = None,
     ) -> Process:
-        """Start `argv` with the stack's environment, its log in ``workdir/NAME-N.log``; it is
-        stopped by `stop`. ``ready=True`` passes ``--ready-fd`` (see `Process.wait_ready`)."""
+        """Start `argv` with the stack's environment (and `env` over it), its log in
+        ``workdir/NAME-N.log``; it is stopped by `stop`. ``ready=True`` passes ``--ready-fd``
+        (see `Process.wait_ready`)."""
         log_path = self.workdir / f"{name}-{len(self.processes)}.log"
-        process = Process(argv, log_path, self.env, cwd if cwd is not None else self.cwd,
-                          name=name, ready=ready)
+        process = Process(argv, log_path, {**self.env, **(env or {})},
+                          cwd if cwd is not None else self.cwd, name=name, ready=ready)
         self.processes.append(process)
         return process
 

@@ -392,9 +392,9 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("kind -1", pack(-1, 1, 1), r"unknown message kind -1\b"),
     ("kind 2**64-1", pack(2**64 - 1), r"unknown message kind 18446744073709551615"),
     # wrong field counts
-    ("hello missing a field", pack(H, 1), r"Hello needs 2 fields, got 1"),
-    ("hello no fields", pack(H), r"Hello needs 2 fields, got 0"),
-    ("hello extra field", pack(H, 1, 1, 1), r"Hello needs 2 fields, got 3"),
+    ("hello missing a field", pack(H, 1), r"Hello needs 4 fields, got 1"),
+    ("hello no fields", pack(H), r"Hello needs 4 fields, got 0"),
+    ("hello extra field", pack(H, 1, 1, 1, 1, 1), r"Hello needs 4 fields, got 5"),
     ("request missing mode", pack(Q, 1, 1, 1, []), r"Request needs 5 fields, got 4"),
     ("request extra field", pack(Q, 1, 1, 1, [], 0, 0), r"Request needs 5 fields, got 6"),
     ("close extra", pack(X, 1, 2), r"Close needs 1 fields, got 2"),

@@ -30,8 +30,8 @@ PURE_MODULES = [
     "ipcfw/client/joining.py", "ipcfw/server/coroutines.py", "ipcfw/interface/codec.py",
     "ipcfw/interface/spec.py", "ipcfw/security.py", "ipcfw/server/policy.py",
     "ipcfw/tools/callargs.py", "ipcfw/events.py", "ipcfw/kernel/monitor.py",
-    "ipcfw/server/traffic.py", "ipcfw/kernel/activation.py", "ipcfw/kernel/listing.py",
-    "ipcfw/kernel/tables.py",
+    "ipcfw/server/traffic.py", "ipcfw/kernel/activation.py", "ipcfw/kernel/zap.py",
+    "ipcfw/kernel/listing.py", "ipcfw/kernel/tables.py",
 ]
 FORBIDDEN = frozenset(
     {"zmq", "os", "socket", "threading", "time", "psutil", "select", "subprocess"}

@@ -10,7 +10,6 @@ through `Host`, what a channel needs of it.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,13 +20,12 @@ import zmq
 from .. import errors
 from .._zmqflags import EVENTS, POLLIN
 from ..kernelprobe import welcome_error
+from ..transport import await_answer, hello_message, open_socket, routing_id, stop_watching
 from ..protocol import (
-    PROTOCOL_VERSION,
     Close,
     Completed,
     Connected,
     Dropped,
-    Hello,
     Message,
     Panicked,
     ProtocolError,
@@ -85,9 +83,9 @@ class Host(Protocol):
 def hello(socket: zmq.Socket[bytes], role: Role, endpoint: str) -> Welcome:
     """Say Hello on a new DEALER `socket` in `role`; the kernel's Welcome, or IpcError
     (KErrCouldNotConnect, KErrNotSupported for another protocol, KErrPermissionDenied for a
-    process the kernel does not admit)."""
-    socket.send(encode(Hello(int(role), PROTOCOL_VERSION)))
-    if not socket.poll(int(HELLO_TIMEOUT * 1000)):
+    process the kernel does not admit, or whose key a kernel over tcp refuses)."""
+    socket.send(encode(hello_message(role)))
+    if not await_answer(socket, endpoint, HELLO_TIMEOUT):
         raise errors.IpcError(
             errors.KErrCouldNotConnect,
             f"no ipcfw kernel answered at {endpoint} within {HELLO_TIMEOUT:.0f} s",
@@ -241,15 +239,15 @@ class Channel(LockedChannel):
         self.runtime = runtime
         # Reentrant: a done-callback run while this thread settles may itself make a request.
         self.lock = threading.RLock()
-        self.socket: zmq.Socket[bytes] = runtime.context.socket(zmq.DEALER)
-        self.routing_id = self.socket.routing_id = os.urandom(16)
+        self.socket: zmq.Socket[bytes] = open_socket(runtime.context, runtime.endpoint)
+        self.routing_id = routing_id(self.socket)
         self.socket.rcvtimeo = int(SLICE * 1000)
-        self.socket.connect(runtime.endpoint)
         try:
             welcome = hello(self.socket, Role.CHANNEL, runtime.endpoint)
         except BaseException:
             self.socket.close(linger=0)
             raise
+        stop_watching(self.socket)  # (the process's inbox watches its kernel)
         self.fd = cast(int, self.socket.get(zmq.FD))
         self.max_frame = welcome.max_frame
         self.pending = 0  # async requests sent here and not yet completed (under count_lock)

@@ -8,7 +8,6 @@ needs of it. One thread, started and stopped (joined) by its runtime.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Any, Protocol
@@ -19,6 +18,7 @@ from .. import errors
 from .._wakeup import WakePipe
 from .._zmqflags import EVENTS, POLLIN
 from ..protocol import Dropped, Message, ProtocolError, Role, SessionLost, decode
+from ..transport import KernelWatch, open_socket, routing_id
 from .channel import hello
 from .connection import AnyChannel
 
@@ -84,31 +84,32 @@ class Inbox:
         self._wakeup.wake()
 
     def _main(self) -> None:
-        socket = self.runtime.context.socket(zmq.DEALER)
-        socket.routing_id = self.routing_id = os.urandom(16)
-        socket.linger = 0
-        socket.connect(self.runtime.endpoint)
-        kernel_fd = None
+        socket = None
+        watch = None
         try:
             try:
+                socket = open_socket(self.runtime.context, self.runtime.endpoint)
+                self.routing_id = routing_id(socket)
                 welcome = hello(socket, Role.INBOX, self.runtime.endpoint)
-                kernel_fd = os.pidfd_open(welcome.kernel_pid)
+                watch = KernelWatch(socket, welcome)
             except BaseException as exc:  # reported to the thread that started us
                 self._error = exc
                 return
             finally:
                 self._ready.set()
-            self._serve(socket, kernel_fd)
+            self._serve(socket, watch)
         finally:
-            socket.close(linger=0)
-            if kernel_fd is not None:
-                os.close(kernel_fd)
+            if socket is not None:
+                socket.close(linger=0)
+            if watch is not None:
+                watch.close()
 
-    def _serve(self, socket: zmq.Socket[bytes], kernel_fd: int) -> None:
+    def _serve(self, socket: zmq.Socket[bytes], watch: KernelWatch) -> None:
+        kernel = watch.pollable
         while not self._stopping and not self.runtime.kernel_dead:
             poller = zmq.Poller()
             poller.register(socket, zmq.POLLIN)
-            poller.register(kernel_fd, zmq.POLLIN)
+            poller.register(kernel, zmq.POLLIN)
             poller.register(self._wakeup.fd, zmq.POLLIN)
             watched = self._unattended_channels()
             for channel in watched:
@@ -131,7 +132,7 @@ class Inbox:
                 channel.try_settle()
             if self.runtime.closes_waiting():
                 self.runtime.send_closes_due()
-            if kernel_fd in ready:
+            if kernel in ready and watch.gone():
                 self._drain(socket)
                 log.warning("the ipcfw kernel at %s has died", self.runtime.endpoint)
                 self.runtime.kernel_died()

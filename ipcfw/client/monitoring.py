@@ -12,7 +12,6 @@ It is not tied to the process's `Runtime`: it may be used from any one thread at
 
 from __future__ import annotations
 
-import os
 import time
 from typing import NamedTuple
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from ..protocol import (
     decode,
     encode,
 )
+from ..transport import KernelWatch, open_socket
 from .channel import hello
 
 __all__ = ["Monitor", "MonitorEvent", "monitor"]
@@ -92,20 +92,17 @@ class Monitor:
         self.name = name or ""
         self.endpoint = endpoints.resolve(endpoint)
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._socket: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
-        self._socket.routing_id = os.urandom(16)
-        self._socket.linger = 0
-        self._kernel_fd = -1
+        self._socket: zmq.Socket[bytes] = open_socket(self._context, self.endpoint)
+        self._watch: KernelWatch | None = None
         self._poller = zmq.Poller()
         self._read = 0  # batches read since credit was last granted
         self._pending: list[MonitorEvent] = []
         self.closed = False
         try:
-            self._socket.connect(self.endpoint)
             welcome = hello(self._socket, Role.CHANNEL, self.endpoint)
-            self._kernel_fd = os.pidfd_open(welcome.kernel_pid)
+            self._watch = KernelWatch(self._socket, welcome)
             self._poller.register(self._socket, zmq.POLLIN)
-            self._poller.register(self._kernel_fd, zmq.POLLIN)
+            self._poller.register(self._watch.pollable, zmq.POLLIN)
             # (the offset of the wall clock from CLOCK_MONOTONIC, to show times people read)
             self._offset = time.time() - time.monotonic()
             self._socket.send(encode(MonitorRequest(_REQ_ID, self.name, MONITOR_CREDIT)))
@@ -140,7 +137,8 @@ class Monitor:
             return sorted(events + self._drain(), key=_time_of)
         ready = dict(self._poller.poll(None if timeout is None else int(timeout * 1000)))
         events = self._drain() if ready else []
-        if self._kernel_fd in ready and not events:
+        if self._watch is not None and self._watch.pollable in ready and not events \
+                and self._watch.gone():
             raise errors.IpcError(errors.KErrServerTerminated,
                                   f"the ipcfw kernel at {self.endpoint} has gone")
         # In time order: a server's direct events reach the kernel at the end of its loop's
@@ -203,11 +201,9 @@ class Monitor:
             self._socket.send(encode(Cancel(_REQ_ID)), NOBLOCK)
         except zmq.ZMQError:
             pass
-        self._socket.close(linger=0)
-        self._context.term()
-        if self._kernel_fd >= 0:
-            os.close(self._kernel_fd)
-            self._kernel_fd = -1
+        if self._watch is not None:
+            self._watch.close()
+        self._context.destroy(linger=0)  # (the socket, and over tcp its link monitor)
 
     def __enter__(self) -> Monitor:
         return self

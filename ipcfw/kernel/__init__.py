@@ -4,7 +4,7 @@
 process identity and death signals.
 """
 
-from .loop import Kernel, KernelAlreadyRunning
+from .loop import Kernel, KernelAlreadyRunning, ListenError
 from .state import KernelState
 
-__all__ = ["Kernel", "KernelAlreadyRunning", "KernelState"]
+__all__ = ["Kernel", "KernelAlreadyRunning", "KernelState", "ListenError"]

@@ -1,4 +1,5 @@
-"""The kernel's configuration file: admission, capability grants and limits, from TOML.
+"""The kernel's configuration file: admission, capability grants, limits and the tcp listener,
+from TOML.
 
     ipcfw kernel --config /etc/ipcfw/kernel.toml
     ipcfw kernel --check-config /etc/ipcfw/kernel.toml
@@ -16,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .. import endpoint as endpoints
+from ..curve import is_public_key
 from ..security import USER_CAPABILITIES, capability_names
 from .limits import KernelLimits
 
@@ -24,7 +27,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover (Python 3.10)
     import tomli as tomllib
 
-__all__ = ["ConfigError", "Grant", "KernelConfig", "parse", "read_config"]
+__all__ = ["ConfigError", "Grant", "KernelConfig", "RemotePeer", "TcpListener", "parse",
+           "read_config"]
+
+NOBODY = 65534
+"""The uid and gid of a remote peer whose [[tcp.peer]] gives none."""
 
 
 class ConfigError(ValueError):
@@ -46,6 +53,30 @@ class Grant:
 
 
 @dataclass(frozen=True)
+class RemotePeer:
+    """A key the tcp listener admits ([[tcp.peer]]): the processes that hold it are `name`'s,
+    treated as `uid` and `gid`, and hold `capabilities` besides the defaults and the grants."""
+
+    name: str
+    key: bytes  # z85
+    uid: int = NOBODY
+    gid: int = NOBODY
+    capabilities: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class TcpListener:
+    """[tcp]: where the kernel also listens, with CURVE, and whom it admits there."""
+
+    listen: str  # tcp://HOST:PORT
+    key_file: str  # the kernel's keypair (`ipcfw keygen`)
+    peers: tuple[RemotePeer, ...] = ()
+
+    def peer_named(self, name: str) -> RemotePeer | None:
+        return next((peer for peer in self.peers if peer.name == name), None)
+
+
+@dataclass(frozen=True)
 class KernelConfig:
     """What a configuration file says (each part's default: what the kernel does without)."""
 
@@ -55,6 +86,7 @@ class KernelConfig:
     default_capabilities: frozenset[str] = USER_CAPABILITIES
     grants: tuple[Grant, ...] = ()
     limits: KernelLimits = field(default_factory=KernelLimits)
+    tcp: TcpListener | None = None
 
     def summary(self) -> str:
         """What the configuration sets, in one line (``ipcfw kernel --check-config``)."""
@@ -64,16 +96,24 @@ class KernelConfig:
         changed = {f.name: getattr(self.limits, f.name) for f in fields(self.limits)
                    if getattr(self.limits, f.name) != getattr(_DEFAULT_LIMITS, f.name)}
         limits = ", ".join(f"{k} {v}" for k, v in changed.items()) or "the defaults"
+        tcp = ("" if self.tcp is None else
+               f"; listens on {self.tcp.listen} with CURVE for {len(self.tcp.peers)} key"
+               f"{'s' if len(self.tcp.peers) != 1 else ''}")
         return (f"admits {admits}{group}; default capabilities "
                 f"{' '.join(sorted(self.default_capabilities)) or 'none'}; {len(self.grants)} "
-                f"grant{'s' if len(self.grants) != 1 else ''}; limits: {limits}")
+                f"grant{'s' if len(self.grants) != 1 else ''}; limits: {limits}{tcp}")
 
-    def capabilities(self, uid: int, gid: int, exe: str) -> frozenset[str]:
-        """What a process with these credentials holds: the defaults and every matching grant."""
+    def capabilities(self, uid: int, gid: int, exe: str, host: str = "") -> frozenset[str]:
+        """What a process with these credentials holds: the defaults, every matching grant,
+        and for a process on another `host` (a [[tcp.peer]]'s name) that peer's."""
         held = self.default_capabilities
         for grant in self.grants:
             if grant.matches(uid, gid, exe):
                 held = held | grant.capabilities
+        if host and self.tcp is not None:
+            peer = self.tcp.peer_named(host)
+            if peer is not None:
+                held = held | peer.capabilities
         return held
 
 
@@ -88,7 +128,10 @@ def read_config(path: str) -> KernelConfig:
         return parse(file.read(), path)
 
 
-_TOP = {"admission", "capabilities", "grant", "limits"}
+_TOP = {"admission", "capabilities", "grant", "limits", "tcp"}
+_TCP = {"listen", "key", "peer"}
+_PEER = {"name", "key", "uid", "gid", "capabilities"}
+_PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _ADMISSION = {"uids", "gids", "group"}
 _CAPABILITIES = {"default"}
 _GRANT = {"uid", "gid", "exe", "capabilities"}
@@ -121,6 +164,7 @@ def parse(text: str, source: str = "<config>") -> KernelConfig:
                                            USER_CAPABILITIES),
         grants=tuple(_grant(grant, index, where) for index, grant in enumerate(grants)),
         limits=_limits(limits, where),
+        tcp=_tcp(data, where),
     )
 
 
@@ -222,6 +266,60 @@ def _grant(grant: object, index: int, where: _Locator) -> Grant:
                           index)
     return Grant(_capabilities(grant, "capabilities", "grant", where, frozenset(), index),
                  **selectors)
+
+
+def _tcp(data: Mapping[str, Any], where: _Locator) -> TcpListener | None:
+    if "tcp" not in data:
+        return None
+    tcp = _table(data, "tcp", where)
+    _known(tcp, _TCP, "tcp", where)
+    for key in ("listen", "key"):
+        if key not in tcp:
+            raise where.error("tcp", "", f"needs {key} = ... (see docs/security.md)")
+    listen = tcp["listen"]
+    try:
+        endpoints.tcp_address(listen if isinstance(listen, str) else "")
+    except endpoints.EndpointError:
+        raise where.error("tcp", "listen", f"is tcp://HOST:PORT (an address of this host, or * "
+                                           f"for all, and a port), not {listen!r}") from None
+    if not _is_path(tcp["key"]):
+        raise where.error("tcp", "key", "is the absolute path of the kernel's keypair file "
+                                        f"(`ipcfw keygen PATH`), not {tcp['key']!r}")
+    peers = tcp.get("peer", [])
+    if not isinstance(peers, list):
+        raise where.error("tcp.peer", "", "is an array of tables: write each as [[tcp.peer]]")
+    parsed = tuple(_peer(peer, index, where) for index, peer in enumerate(peers))
+    for index, peer in enumerate(parsed):
+        if any(other.name == peer.name for other in parsed[:index]):
+            raise where.error("tcp.peer", "name", f"{peer.name!r} names two peers", index)
+        if any(other.key == peer.key for other in parsed[:index]):
+            raise where.error("tcp.peer", "key", "is another peer's key too", index)
+    return TcpListener(listen, tcp["key"], parsed)
+
+
+def _peer(peer: object, index: int, where: _Locator) -> RemotePeer:
+    if not isinstance(peer, dict):
+        raise where.error("tcp.peer", "", "is an array of tables: write each as [[tcp.peer]]")
+    _known(peer, _PEER, "tcp.peer", where, index)
+    for key in ("name", "key"):
+        if key not in peer:
+            raise where.error("tcp.peer", "", f"number {index + 1} needs {key} = ...", index)
+    name, key = peer["name"], peer["key"]
+    if not isinstance(name, str) or not _PEER_NAME.fullmatch(name):
+        raise where.error("tcp.peer", "name", "is a name of letters, digits, '_', '.' and '-' "
+                                              f"(at most 64), not {name!r}", index)
+    if not isinstance(key, str) or not is_public_key(key):
+        raise where.error("tcp.peer", "key", "is a public key: its 40 z85 characters, as "
+                                             f"`ipcfw keygen` prints it; not {key!r}", index)
+    ids = {}
+    for id_key in ("uid", "gid"):
+        if id_key in peer:
+            if not _is_id(peer[id_key]):
+                raise where.error("tcp.peer", id_key, f"is a numeric id, not {peer[id_key]!r}",
+                                  index)
+            ids[id_key] = peer[id_key]
+    capabilities = _capabilities(peer, "capabilities", "tcp.peer", where, frozenset(), index)
+    return RemotePeer(name, key.encode(), capabilities=capabilities, **ids)
 
 
 def _is_id(value: object) -> bool:

@@ -9,6 +9,11 @@ Two signals tell the kernel a peer is gone:
 
 `identify` builds a `ProcessIdentity` from the transport's ``Peer-Address`` (SO_PEERCRED:
 ``host:uid:gid:pid``), never from anything the peer says, and keys it by ``(pid, create_time)``.
+
+A peer over tcp has no credentials the kernel can read: `remote_identity` gives it those the
+configuration gives its CURVE key (named by the kernel's ZAP handler in ``User-Id``). Only the
+pid and start time, which tell that key's processes apart, are the peer's word. No pidfd
+watches it: its connections' heartbeats do.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import os
 
 import psutil
 
+from ..protocol import Hello
+from .config import TcpListener
 from .tables import ProcessIdentity, ProcessKey
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,14 @@ def identify(address: str | None) -> ProcessIdentity:
     except OSError as exc:  # EMFILE and friends: refuse the peer, keep the kernel
         raise UnknownPeer(f"pid {pid} could not be identified ({exc})") from None
     return ProcessIdentity(pid, create_time, uid, gid, executable(pid))
+
+
+def remote_identity(listener: TcpListener, user_id: str | None, hello: Hello) -> ProcessIdentity:
+    """The identity of a process over tcp whose key the ZAP handler named `user_id`."""
+    peer = listener.peer_named(user_id or "")
+    if peer is None:
+        raise UnknownPeer(f"a tcp connection without an admitted key (User-Id {user_id!r})")
+    return ProcessIdentity(hello.pid, hello.started / 1000, peer.uid, peer.gid, "", peer.name)
 
 
 def executable(pid: int) -> str:

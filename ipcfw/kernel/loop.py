@@ -21,15 +21,22 @@ need the OS:
   The limits make this the last resort: a client within its limits never reaches it;
 * hostility: a malformed frame or a protocol violation is dropped and reported once per kind
   (then counted), never allowed to raise out of the loop;
+* other hosts (the configuration's ``[tcp]``): a second ROUTER listens on tcp with CURVE only.
+  The kernel's own ZAP handler (`ZapHandler`, its socket polled here like the others) admits
+  the keys the configuration lists and names each connection's peer (``User-Id``); such a
+  peer's identity is that name's (`remote_identity`), its liveness its connections' (ZeroMQ
+  heartbeats close a silent one, which the tcp ROUTER's monitor reports), and its sessions
+  take the kernel path. A routing id belongs to one ROUTER: frames go back on the one the
+  peer came by;
 * activation (``--services DIR``): the state's `Spawn` and `Kill` go to the `Spawner`, whose
   pidfds and output pipes the poller watches; a process's exit goes back to the state
   (`service_exited`), and the poll's timeout is cut to the state's next activation deadline
   (a start or stop taking too long, an idle server), when `activation_tick` runs. The kernel
   stops what it started when it stops.
 
-The kernel binds only ``ipc://`` endpoints, in a private 0700 directory, and takes an `flock`
+The kernel's endpoint is an ``ipc://`` one, in a private 0700 directory, and it takes an `flock`
 beside the socket so a second kernel on the same endpoint refuses to start instead of silently
-stealing the path.
+stealing the path; it listens on tcp only as its configuration says, and only with CURVE.
 """
 
 from __future__ import annotations
@@ -49,14 +56,16 @@ from collections.abc import Iterable
 import zmq
 import zmq.utils.monitor
 
+from .. import curve
 from .. import endpoint as endpoints
 from .._zmqflags import NOBLOCK, RCVMORE, SNDMORE
 from ..naming import lookup_key
 from ..protocol import Hello, ProtocolError, decode, encode
+from ..transport import set_heartbeats
 from .activation import Kill, Service, Spawn
 from .config import KernelConfig
 from .limits import KernelLimits
-from .liveness import ProcessWatcher, UnknownPeer, identify
+from .liveness import ProcessWatcher, UnknownPeer, identify, remote_identity
 from .spawner import Exit, Spawner
 from .state import (
     Action,
@@ -69,6 +78,7 @@ from .state import (
     Unwatch,
     Watch,
 )
+from .zap import DOMAIN, ZAP_ENDPOINT, ZapHandler
 
 log = logging.getLogger("ipcfw.kernel")
 
@@ -84,6 +94,10 @@ _RELEASE = 1_000  # held messages let go at once when the server's backlog has e
 
 class KernelAlreadyRunning(RuntimeError):
     """Another kernel holds the lock for this endpoint."""
+
+
+class ListenError(RuntimeError):
+    """The kernel cannot listen where its configuration says (a tcp address in use...)."""
 
 
 class _Reporter:
@@ -164,6 +178,16 @@ class Kernel:
             admission=Admission(os.getuid(), self.config.admit_uids, self.config.admit_gids),
             grants=self.config.capabilities,
         )
+        # [tcp]: the kernel's keypair (read now: a bad key file stops the kernel before it
+        # starts) and its ZAP handler.
+        self._tcp_keys = (curve.load_keypair(self.config.tcp.key_file)
+                          if self.config.tcp is not None else None)
+        self._zap_handler = ZapHandler({peer.key: peer.name for peer in self.config.tcp.peers}
+                                       if self.config.tcp is not None else {})
+        self._tcp: zmq.Socket[bytes] | None = None  # the [tcp] listener and its ZAP socket
+        self._zap: zmq.Socket[bytes] | None = None
+        self._remote: set[bytes] = set()  # the routing ids of peers over tcp
+        self._monitors: list[zmq.Socket[bytes]] = []
         self._spawner = Spawner(self.endpoint, self._watch_fd, self._unwatch_fd)
         self._stop = threading.Event()
         self._reporter = _Reporter()
@@ -189,8 +213,10 @@ class Kernel:
         context = zmq.Context()
         try:
             self._router = self._bind(context)
-            self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._monitors = [self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)]
             log.info("kernel %d listening on %s", os.getpid(), self.endpoint)
+            if self._tcp_keys is not None:
+                self._listen_tcp(context)
             self._trace = log.isEnabledFor(logging.DEBUG)
             if ready is not None:
                 ready.set()
@@ -208,6 +234,39 @@ class Kernel:
             log.info("kernel %d stopped", os.getpid())
 
     def _bind(self, context: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+        router = self._router_socket(context)
+        # The socket file: the kernel's user's alone, or its configured group's too.
+        old_umask = os.umask(0o077 if self.config.group is None else 0o007)
+        try:
+            router.bind(self.endpoint)
+        finally:
+            os.umask(old_umask)
+        return router
+
+    def _listen_tcp(self, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+        """The [tcp] listener: CURVE only, every handshake asked of the kernel's ZAP handler
+        (bound first: libzmq refuses CURVE handshakes while nobody answers there)."""
+        assert self.config.tcp is not None and self._tcp_keys is not None
+        self._zap = zap = context.socket(zmq.REP)
+        zap.bind(ZAP_ENDPOINT)
+        tcp = self._router_socket(context)
+        tcp.curve_server = True
+        tcp.curve_secretkey = self._tcp_keys.secret
+        tcp.zap_domain = DOMAIN.encode()
+        tcp.zap_enforce_domain = True
+        set_heartbeats(tcp)  # a silent peer's connection is closed: its end is reported
+        try:
+            tcp.bind(self.config.tcp.listen)
+        except zmq.ZMQError as exc:
+            raise ListenError(f"cannot listen on {self.config.tcp.listen} ([tcp] listen): "
+                              f"{exc}") from None
+        self._tcp = tcp
+        self._monitors.append(tcp.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+        log.info("kernel %d listening on %s with CURVE (public key %s) for %d keys",
+                 os.getpid(), self.config.tcp.listen, self._tcp_keys.public.decode(),
+                 len(self.config.tcp.peers))
+
+    def _router_socket(self, context: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
         router: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
         router.router_mandatory = 1  # EHOSTUNREACH / Again, never a silent drop
         router.router_handover = 0  # a live routing id cannot be taken over
@@ -217,12 +276,6 @@ class Kernel:
         router.rcvhwm = self.limits.receive_hwm  # frames queued per peer: bounds their memory
         router.maxmsgsize = self.limits.max_frame + 4096  # last-resort guard; clients check first
         router.linger = 0
-        # The socket file: the kernel's user's alone, or its configured group's too.
-        old_umask = os.umask(0o077 if self.config.group is None else 0o007)
-        try:
-            router.bind(self.endpoint)
-        finally:
-            os.umask(old_umask)
         return router
 
     # -- the loop ----------------------------------------------------------------------------
@@ -230,7 +283,12 @@ class Kernel:
     def _serve(self) -> None:
         self._poller = zmq.Poller()
         self._poller.register(self._router, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
+        for monitor in self._monitors:
+            self._poller.register(monitor, zmq.POLLIN)
+        if self._tcp is not None:
+            self._poller.register(self._tcp, zmq.POLLIN)
+            assert self._zap is not None
+            self._poller.register(self._zap, zmq.POLLIN)
         state = self.state
         while not self._stop.is_set():
             timeout = 5 if self._backlog or state.held_back else 200
@@ -242,9 +300,13 @@ class Kernel:
             for source, _ in ready:
                 try:
                     if source is self._router:
-                        self._drain_router()
-                    elif source is self._monitor:
-                        self._drain_monitor()
+                        self._drain_router(self._router)
+                    elif source in self._monitors:
+                        self._drain_monitors()
+                    elif self._tcp is not None and source is self._tcp:
+                        self._drain_router(self._tcp)
+                    elif self._zap is not None and source is self._zap:
+                        self._answer_zap(self._zap)
                     elif self._spawner.owns(source):
                         self._service_ready(source)
                     else:
@@ -295,9 +357,8 @@ class Kernel:
     def _unwatch_fd(self, fd: int) -> None:
         self._poller.unregister(fd)
 
-    def _drain_router(self) -> None:
+    def _drain_router(self, router: zmq.Socket[bytes]) -> None:
         # One zmq.Again per batch costs less than a getsockopt(EVENTS) per message.
-        router = self._router
         for _ in range(_DRAIN_BATCH):
             try:
                 rid = router.recv(NOBLOCK)
@@ -305,21 +366,29 @@ class Kernel:
                 return
             body = router.recv(copy=False)  # a Frame: its metadata carries Peer-Address
             if body.more:
-                self._discard_rest(body)
+                self._discard_rest(router, body)
             else:
-                self._on_frame(rid, body)
+                self._on_frame(rid, body, router)
 
-    def _discard_rest(self, body: zmq.Frame) -> None:
+    def _answer_zap(self, zap: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                request = zap.recv_multipart(NOBLOCK)
+            except zmq.Again:
+                return
+            zap.send_multipart(self._zap_handler.answer(request))
+
+    def _discard_rest(self, router: zmq.Socket[bytes], body: zmq.Frame) -> None:
         extra = 1
-        while self._router.get(RCVMORE):
-            self._router.recv()
+        while router.get(RCVMORE):
+            router.recv()
             extra += 1
         self._reporter.report(
             "frame count",
             f"expected one frame per message, got {extra + 1} from pid {_pid_in(body)}",
         )
 
-    def _on_frame(self, rid: bytes, body: zmq.Frame) -> None:
+    def _on_frame(self, rid: bytes, body: zmq.Frame, router: zmq.Socket[bytes]) -> None:
         try:
             # A large frame is decoded in place (a copy would double what it costs the kernel);
             # a small one as bytes, which pyzmq makes faster than a memoryview.
@@ -334,7 +403,7 @@ class Kernel:
                     detail = f"{type(message).__name__} from pid {_pid_in(body)}"
                     self._reporter.report("frame from a dropped peer", detail)
                     return
-                actions = self._introduce(rid, body, message)
+                actions = self._introduce(rid, body, message, router)
             elif body.get("Peer-Address") != known:
                 raise PeerMisbehaved(
                     "routing id reuse", f"routing id {rid.hex()} now from {_pid_in(body)}"
@@ -357,26 +426,43 @@ class Kernel:
             return
         self._perform(actions)
 
-    def _introduce(self, rid: bytes, body: zmq.Frame, message: object) -> list[Action]:
+    def _introduce(self, rid: bytes, body: zmq.Frame, message: object,
+                   router: zmq.Socket[bytes]) -> list[Action]:
         if type(message) is not Hello:
             raise PeerMisbehaved(
                 "no hello", f"{type(message).__name__} before Hello from pid {_pid_in(body)}"
             )
         # The fd of a closed connection can be reused by this new one: settle earlier
         # disconnects first so they are not mistaken for this peer's.
-        self._drain_monitor()
+        self._drain_monitors()
         address = _peer_address(body)
-        identity = identify(address)
+        remote = router is self._tcp
+        if remote:
+            assert self.config.tcp is not None
+            identity = remote_identity(self.config.tcp, str(body.get("User-Id")), message)
+        else:
+            identity = identify(address)
         actions = self.state.hello(rid, identity, message)
         if self.state.knows(rid):  # (not when refused, e.g. for its protocol version)
             self._address_of[rid] = address
             self._rid_of_fd[int(body.get("__fd"))] = rid
+            if remote:
+                self._remote.add(rid)
+        elif remote:  # (its Welcome, refusing it, goes back the way it came)
+            self._remote.add(rid)
+            self._perform(actions)
+            self._remote.discard(rid)
+            return []
         return actions
 
-    def _drain_monitor(self) -> None:
+    def _drain_monitors(self) -> None:
+        for monitor in self._monitors:
+            self._drain_monitor(monitor)
+
+    def _drain_monitor(self, monitor: zmq.Socket[bytes]) -> None:
         while True:
             try:
-                event = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
+                event = zmq.utils.monitor.recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
             if event["event"] == zmq.EVENT_DISCONNECTED:
@@ -384,6 +470,7 @@ class Kernel:
                 if rid in self._dropped:
                     self._dropped.discard(rid)
                     self._backlog.pop(rid, None)  # its farewell, if still unread
+                    self._remote.discard(rid)
                 elif rid is not None:
                     self._peer_gone(rid)
 
@@ -400,8 +487,9 @@ class Kernel:
     def _forget_departed(self) -> None:
         for rid in [r for r in self._address_of if not self.state.knows(r)]:
             del self._address_of[rid]
-            if rid not in self._dropped:
+            if rid not in self._dropped:  # (a dropped one's notice still goes its way)
                 self._backlog.pop(rid, None)
+                self._remote.discard(rid)
 
     def _drop(self, rid: bytes, waiting: int) -> None:
         """Stop serving a peer that is not reading; it is told, behind what it has not read."""
@@ -499,8 +587,10 @@ class Kernel:
 
     def _send_now(self, rid: bytes, frame: bytes) -> None:
         # Again or EHOSTUNREACH is raised on the routing frame, before anything is queued.
-        self._router.send(rid, SNDMORE | NOBLOCK)
-        self._router.send(frame, NOBLOCK)
+        router = self._router if not self._remote or rid not in self._remote else self._tcp
+        assert router is not None
+        router.send(rid, SNDMORE | NOBLOCK)
+        router.send(frame, NOBLOCK)
 
     def _flush_backlog(self) -> None:
         for rid in list(self._backlog):

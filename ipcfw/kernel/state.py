@@ -90,6 +90,11 @@ Rules this module keeps:
    registration lets the held connects proceed as if just received; a start that fails
    (`service_exited`, `activation_tick`) answers them and the waits with its error. A server
    the kernel started that has no session for its `idle_exit` is terminated (reason IDLE).
+16. A process on another host (over tcp: its identity's `host` is its key's peer name) was
+   admitted by its key, so the uid admission does not apply to it; no pidfd watches it (its
+   connections' heartbeats do: no `Watch`); and every session it uses takes the kernel path:
+   its Connect asking for the direct path makes a kernel-path session, an Open of a direct
+   session names no socket, and a Register naming a socket is refused (KErrNotSupported).
 """
 
 from __future__ import annotations
@@ -352,7 +357,7 @@ class KernelState:
         pool_slots: int = 4096,
         protserv_uids: frozenset[int] = frozenset(),
         admission: Admission | None = None,
-        grants: Callable[[int, int, str], frozenset[str]] | None = None,
+        grants: Callable[[int, int, str, str], frozenset[str]] | None = None,
         max_frame: int = MAX_FRAME,
         sessions_per_process: int = 10_000,
         outstanding_per_process: int = 100_000,
@@ -438,7 +443,9 @@ class KernelState:
         if message.protocol != PROTOCOL_VERSION:
             # Not admitted; the Welcome tells the peer which protocol the kernel speaks.
             return [Send(rid, welcome)]
-        refusal = self.admission.refusal(identity) if self.admission is not None else None
+        refusal = (self.admission.refusal(identity)
+                   if self.admission is not None and not identity.host else None)
+        # (a remote peer was admitted by its key, at the CURVE handshake)
         if refusal is not None:
             if identity.uid not in self.refused_uids and len(self.refused_uids) < _REFUSALS_LOGGED:
                 # (once per uid: a stranger saying Hello in a loop must not fill the log)
@@ -463,7 +470,8 @@ class KernelState:
         if process is None:
             process = ProcessRecord(identity, next(self._client_keys))
             self.processes[identity.key] = process
-            actions.append(Watch(identity))
+            if not identity.host:  # (a remote one is watched by its connections' heartbeats)
+                actions.append(Watch(identity))
         peer = Peer(rid, role, process)
         self.peers[rid] = peer
         process.peers.add(rid)
@@ -733,6 +741,8 @@ class KernelState:
             return errors.KErrPermissionDenied
         if lookup_key(message.name) in self.servers:
             return errors.KErrAlreadyExists
+        if message.direct and peer.process.identity.host:
+            return errors.KErrNotSupported  # (a socket on another host: no client could reach it)
         if message.direct and any(s.direct == message.direct for s in self.servers.values()):
             # Another registration's socket: its clients would be sent there, and its end
             # would remove the other's socket (RemoveSocket).
@@ -780,7 +790,7 @@ class KernelState:
         server = self.servers[lookup_key(message.name)]
         session = SessionRecord(self._new_handle(), server, peer, message.slots,
                                 since=self.now, thread=message.thread)
-        if message.path == Path.DIRECT and server.direct:
+        if message.path == Path.DIRECT and server.direct and not peer.process.identity.host:
             # The ticket goes to the server first (NewSession), then to the client (Connected):
             # the server knows it before anyone can present it.
             session.ticket, session.direct = self.new_token(), True
@@ -999,7 +1009,9 @@ class KernelState:
         peer.process.sessions.add(session.handle)
         # A direct session: the path names the server's socket, and each thread asks for its
         # own ticket with Join (no ticket here: the server must hold one before the client).
-        direct = session.server.direct if session.direct else ""
+        # (a process on another host uses it through the kernel: the socket is not on its host)
+        remote = peer.process.identity.host
+        direct = session.server.direct if session.direct and not remote else ""
         return [Send(peer.rid, Connected(
             message.req_id, errors.KErrNone, session.handle, b"", direct
         ))]
@@ -1208,7 +1220,7 @@ class KernelState:
         """The capabilities the kernel grants a process: what `grants` says (the configuration:
         ipcfw.kernel.config), or else those a user grants an application
         (`USER_CAPABILITIES`); and ``ProtServ`` to the uids in `protserv_uids`."""
-        granted = (self.grants(identity.uid, identity.gid, identity.exe)
+        granted = (self.grants(identity.uid, identity.gid, identity.exe, identity.host)
                    if self.grants is not None else USER_CAPABILITIES)
         if identity.uid in self.protserv_uids:
             return granted | {"ProtServ"}

@@ -23,22 +23,29 @@ __all__ = [
 ]
 
 
-#: A process's identity across pid reuse: (pid, creation time).
-ProcessKey = tuple[int, float]
+#: A process's identity across pid reuse: (pid, creation time, host: "" on this one).
+ProcessKey = tuple[int, float, str]
 
 
 class ProcessIdentity(NamedTuple):
-    """Who a process is, as the transport and the OS say (never the peer itself)."""
+    """Who a process is, as the transport and the OS say (never the peer itself).
+
+    A process on another host (over tcp) has the `host` its CURVE key is named in the
+    configuration; its uid and gid are those the configuration gives that key, its `exe` is
+    "", and its pid and creation time are its own word (they tell its sockets apart from
+    those of the key's other processes, nothing more).
+    """
 
     pid: int
     create_time: float
     uid: int
     gid: int
     exe: str
+    host: str = ""
 
     @property
     def key(self) -> ProcessKey:
-        return (self.pid, self.create_time)
+        return (self.pid, self.create_time, self.host)
 
 
 class SessionState(enum.Enum):

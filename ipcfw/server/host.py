@@ -36,10 +36,9 @@ from .._spin import SPIN, AdaptiveSpin
 from .._wakeup import WakePipe
 from .._zmqflags import NOBLOCK
 from ..kernelprobe import kernel_socket_exists, no_kernel_error, wait_for_kernel, welcome_error
+from ..transport import KernelWatch, await_answer, hello_message, open_socket, routing_id
 from ..protocol import (
-    PROTOCOL_VERSION,
     Completed,
-    Hello,
     ProtocolError,
     Register,
     Role,
@@ -194,28 +193,27 @@ class ServerHost:
                 self._end_registration("the server deregistered")  # its sessions end here too
 
     def _run_registered(self, context: zmq.Context[Any], ready: threading.Event | None) -> None:
-        self._socket = context.socket(zmq.DEALER)
-        self._socket.routing_id = os.urandom(16)
-        self._socket.linger = 1000
-        self._socket.connect(self.endpoint)
+        self._socket = open_socket(context, self.endpoint, linger=1000)
         port = self._port = DirectPort(self.server.name, self.on_loop_thread, self._wakeup.wake)
-        if self.server.direct:
+        if self.server.direct and not endpoints.is_tcp(self.endpoint):
+            # (over tcp every session takes the kernel path: the clients may be on any host)
             port.open(os.path.dirname(endpoints.ipc_path(self.endpoint)))
-        kernel_pid, max_frame = self._register(port.path)
+        welcome, max_frame = self._register(port.path)
         outbox: collections.deque[bytes] = collections.deque()  # this registration's
         self._outbox = outbox
         self.state = ServerState(self.layers, lambda frame: self._emit(outbox, frame),
-                                 max_frame=max_frame, routing_id=self._socket.routing_id,
+                                 max_frame=max_frame, routing_id=routing_id(self._socket),
                                  direct=port if port.path else None, spawn=self._spawn,
                                  defer=self.call_soon, clock=time.monotonic)
         port.rules = self.state.direct
         port.max_frame = max_frame
         self._registration = (self.state, threading.Event())
         self._loop_thread = threading.get_ident()
-        log.info("server %r registered with kernel %d", self.server.name, kernel_pid)
+        log.info("server %r registered with kernel %d at %s", self.server.name,
+                 welcome.kernel_pid, self.endpoint)
         if ready is not None:
             ready.set()
-        self._serve(kernel_pid)
+        self._serve(KernelWatch(self._socket, welcome))
 
     def _emit(self, outbox: collections.deque[bytes], frame: bytes) -> None:
         """Send a frame of the registration whose outbox is `outbox`: directly on the loop
@@ -267,10 +265,10 @@ class ServerHost:
 
     # -- setup -------------------------------------------------------------------------------
 
-    def _register(self, direct: str) -> tuple[int, int]:
+    def _register(self, direct: str) -> tuple[Welcome, int]:
         """Say Hello and register the server's name, with the socket for direct connections
-        (or ""): (the kernel's pid, its frame limit)."""
-        welcome = self._exchange(Hello(int(Role.SERVER), PROTOCOL_VERSION), Welcome)
+        (or ""): (the kernel's Welcome, its frame limit)."""
+        welcome = self._exchange(hello_message(Role.SERVER), Welcome)
         refused = welcome_error(welcome, self.endpoint, "server")
         if refused is not None:
             raise refused
@@ -280,11 +278,11 @@ class ServerHost:
         )
         if reply.value < 0:
             raise errors.IpcError(reply.value, f"registering server name {self.server.name!r}")
-        return welcome.kernel_pid, welcome.max_frame
+        return welcome, welcome.max_frame
 
     def _exchange(self, message: Any, expected: type) -> Any:
         self._socket.send(encode(message))
-        if not self._socket.poll(int(_REGISTER_TIMEOUT * 1000)):
+        if not await_answer(self._socket, self.endpoint, _REGISTER_TIMEOUT):
             raise no_kernel_error(self.endpoint, _REGISTER_TIMEOUT)
         reply = decode(self._socket.recv())
         if type(reply) is not expected:
@@ -293,29 +291,28 @@ class ServerHost:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def _serve(self, kernel_pid: int) -> None:
-        kernel_fd = os.pidfd_open(kernel_pid)
+    def _serve(self, kernel: KernelWatch) -> None:
         poller = MirroredPoller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wakeup.fd, zmq.POLLIN)
-        poller.register(kernel_fd, zmq.POLLIN)
+        poller.register(kernel.pollable, zmq.POLLIN)
         port = self._port
         assert port is not None  # (made before the registration)
         port.watch(poller)
         try:
-            self._serve_sync(poller, kernel_fd, port)
+            self._serve_sync(poller, kernel, port)
             if self._asyncio is not None and not self._loop_ended():
                 # an async ServiceL began: go on with its coroutines beside the loop's work
-                self._asyncio.run_until_complete(self._serve_async(poller, kernel_fd, port))
+                self._asyncio.run_until_complete(self._serve_async(poller, kernel, port))
             if not self.dropped:
                 self._flush_outbox()  # completions made before stop() still reach their clients
         finally:
-            os.close(kernel_fd)
+            kernel.close()
 
     def _loop_ended(self) -> bool:
         return self._stopping or self.dropped or self.kernel_died
 
-    def _serve_sync(self, poller: zmq.Poller, kernel_fd: int, port: DirectPort) -> None:
+    def _serve_sync(self, poller: zmq.Poller, kernel: KernelWatch, port: DirectPort) -> None:
         """The loop, until it ends or a ``ServiceL`` returns an awaitable (`_spawn`)."""
         spin = AdaptiveSpin()
         served_direct = False
@@ -327,9 +324,10 @@ class ServerHost:
                 if port.rules is not None and port.rules.traffic.on:
                     self._send_traffic()  # before sleeping: the monitors see it now
                 ready = dict(poller.poll(port.timeout))
-            served_direct = self._turn(ready, kernel_fd, port)
+            served_direct = self._turn(ready, kernel, port)
 
-    async def _serve_async(self, poller: MirroredPoller, kernel_fd: int, port: DirectPort) -> None:
+    async def _serve_async(self, poller: MirroredPoller, kernel: KernelWatch,
+                           port: DirectPort) -> None:
         """The loop as a coroutine on the host's asyncio loop, beside the coroutines of async
         ``ServiceL``s: asyncio wakes it when one of the poller's sockets is ready, and the
         poller itself (polled without waiting) says which."""
@@ -346,14 +344,14 @@ class ServerHost:
                     self._send_traffic()  # before sleeping: the monitors see it now
                 if ready or not await readiness.wait(port.timeout):
                     # (with nothing ready: the port's timers)
-                    served_direct = self._turn(ready, kernel_fd, port)
+                    served_direct = self._turn(ready, kernel, port)
                 await asyncio.sleep(0)  # the coroutines' turn
         finally:
             self._readiness = None
             poller.mirror_to(None)
             readiness.close()
 
-    def _turn(self, ready: dict[Any, int], kernel_fd: int, port: DirectPort) -> bool:
+    def _turn(self, ready: dict[Any, int], kernel: KernelWatch, port: DirectPort) -> bool:
         """Serve what `ready` holds (or, for the port, its timers); True if that included a
         direct connection."""
         if self.state is not None and self.state.direct is not None:
@@ -365,7 +363,7 @@ class ServerHost:
         served_direct = bool(port.path) and (len(ready) > 1 or self._socket not in ready)
         if served_direct:
             port.serve(ready)  # (not when the kernel socket alone is ready: its hot path)
-        if kernel_fd in ready:
+        if kernel.pollable in ready and kernel.gone():
             log.error("the ipcfw kernel has died; server %r stops", self.server.name)
             self.kernel_died = True
         elif port.rules is not None and port.rules.traffic.full():

@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print the outcome as one JSON object (an error too, on stdout)")
     _endpoint_option(call)
     call.set_defaults(run=_run_call)
+
+    keygen = add("keygen", help="write a CURVE keypair (for a kernel's tcp listener or a peer "
+                                "on another host) and print its public key")
+    from .keygen import add_arguments as keygen_arguments
+
+    keygen_arguments(keygen)
+    keygen.set_defaults(run=_run_keygen, endpoint=None)
     return parser
 
 
@@ -281,7 +288,7 @@ def _ready_signal(args: argparse.Namespace, status: str) -> ReadySignal | None:
 
 
 def _run_kernel(args: argparse.Namespace) -> int:
-    from ..kernel import Kernel, KernelAlreadyRunning
+    from ..kernel import Kernel, KernelAlreadyRunning, ListenError
 
     from ..kernel.config import KernelConfig, read_config
 
@@ -311,7 +318,7 @@ def _run_kernel(args: argparse.Namespace) -> int:
     _on_signals(kernel.stop)
     try:
         kernel.run(ready)
-    except KernelAlreadyRunning as exc:
+    except (KernelAlreadyRunning, ListenError) as exc:
         print(f"ipcfw: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -394,6 +401,12 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _run_call(args: argparse.Namespace) -> int:
     from .call import run
+
+    return run(args)
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from .keygen import run
 
     return run(args)
 

@@ -65,6 +65,23 @@ def test_an_empty_file_is_the_kernels_defaults() -> None:
     assert config.capabilities(1, 2, "/x") == USER_CAPABILITIES
 
 
+TCP = '[tcp]\nlisten = "tcp://*:7707"\nkey = "/etc/ipcfw/kernel.key"'
+PEER = "\n[[tcp.peer]]"
+KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
+
+
+def test_a_tcp_listener_and_its_peers_are_read() -> None:
+    config = parse(f'{TCP}{PEER}\nname = "builder"\nkey = "{KEY}"\nuid = 4242\n'
+                   'capabilities = ["ReadDeviceData"]\n')
+    assert config.tcp is not None and config.tcp.listen == "tcp://*:7707"
+    (peer,) = config.tcp.peers
+    assert (peer.name, peer.key, peer.uid, peer.gid) == ("builder", KEY.encode(), 4242, 65534)
+    held = config.capabilities(4242, 65534, "", "builder")
+    assert held == config.default_capabilities | {"ReadDeviceData"}
+    assert "ReadDeviceData" not in config.capabilities(4242, 65534, "/usr/bin/python3")
+    assert "listens on tcp://*:7707 with CURVE for 1 key" in config.summary()
+
+
 @pytest.mark.parametrize("text, error", [
     ("[limits]\nsessions = 5\n",
      "kernel.toml:2: limits.sessions is not a key of the configuration (the keys of [limits] "
@@ -92,10 +109,28 @@ def test_an_empty_file_is_the_kernels_defaults() -> None:
      "kernel.toml:2: limits.pool_slots is a whole number, not 'many'"),
     ("[limits\n", "kernel.toml: not valid TOML"),
     ("limits = 3\n", "kernel.toml:1: limits is a table: write it as [limits]"),
+    ('[tcp]\nlisten = "tcp://*:7707"\n', "kernel.toml:1: tcp needs key = ..."),
+    ('[tcp]\nlisten = "ipc:///tmp/k"\nkey = "/k"\n',
+     "kernel.toml:2: tcp.listen is tcp://HOST:PORT"),
+    ('[tcp]\nlisten = "tcp://*:1"\nkey = "kernel.key"\n',
+     "kernel.toml:3: tcp.key is the absolute path of the kernel's keypair file"),
+    (f'{TCP}{PEER}\nname = "build host"\nkey = "{KEY}"\n',
+     "kernel.toml:5: tcp.peer.name is a name of letters, digits"),
+    (f'{TCP}{PEER}\nname = "b"\nkey = "not a key"\n',
+     "kernel.toml:6: tcp.peer.key is a public key: its 40 z85 characters"),
+    (f'{TCP}{PEER}\nname = "b"\nkey = "{KEY}"\n{PEER}\nname = "c"\nkey = "{KEY}"\n',
+     "kernel.toml:10: tcp.peer.key is another peer's key too"),
+    (f'{TCP}{PEER}\nname = "b"\nkey = "{KEY}"\nuid = -1\n',
+     "kernel.toml:7: tcp.peer.uid is a numeric id, not -1"),
+    (f'{TCP}{PEER}\nname = "b"\nkey = "{KEY}"\nport = 1\n',
+     "kernel.toml:7: tcp.peer.port is not a key of the configuration"),
+    (f'{TCP}{PEER}\nkey = "{KEY}"\n', "kernel.toml:4: tcp.peer number 1 needs name = ..."),
 ], ids=["unknown-limit", "unknown-top", "negative-uid", "uids-not-a-list", "misspelt-capability",
         "second-grant-bad-uid", "grant-to-nobody", "grant-of-nothing", "relative-exe",
         "unknown-grant-key", "limit-out-of-range", "limit-not-int", "bad-toml",
-        "table-not-a-table"])
+        "table-not-a-table", "tcp-without-key", "tcp-not-tcp", "tcp-relative-key",
+        "peer-bad-name", "peer-bad-key", "peer-key-twice", "peer-bad-uid", "peer-unknown-key",
+        "peer-without-name"])
 def test_each_mistake_names_the_file_line_and_key(text: str, error: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse(text, "kernel.toml")
