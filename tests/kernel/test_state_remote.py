@@ -12,10 +12,12 @@ from ipcfw.kernel.liveness import UnknownPeer, remote_identity
 from ipcfw.kernel.state import Admission, ProcessIdentity, Send, Watch
 from ipcfw.protocol import (
     PROTOCOL_VERSION,
+    Admit,
     Completed,
     Connect,
     Connected,
     Hello,
+    Join,
     Negotiated,
     Open,
     Path,
@@ -120,3 +122,22 @@ def test_a_remote_process_opening_a_shared_direct_session_is_not_sent_the_socket
     remote_hello(state)
     (opened,) = [a for a in state.receive(R1, Open(3, shared.message.token)) if a.rid == R1]
     assert opened.message == Connected(3, errors.KErrNone, new.handle, b"", "")
+
+
+def test_a_remote_process_joining_a_shared_direct_session_gets_no_ticket() -> None:
+    # A Join is a thread's move to the direct path: for a process on another host the kernel
+    # answers it as for a kernel-path session (no Admit, no ticket, no socket), whatever the
+    # session's creator took (rule 16).
+    state = world()
+    start_client(state)
+    actions = state.receive(b"chan-1a", Connect(1, "Echo", (1, 0, 0), 4, b"", (), Path.DIRECT))
+    new = [a.message for a in actions if type(a) is Send and hasattr(a.message, "ticket")][0]
+    state.receive(b"srv", Negotiated(new.msg_id, errors.KErrNone, b""))
+    (shared,) = state.receive(b"chan-1a", Share(2, new.handle, 2))
+    remote_hello(state)
+    state.receive(R1, Open(3, shared.message.token))
+    admitted = state.statistics()["admitted"]
+    joined = state.receive(R1, Join(4, new.handle))
+    assert not sends(joined, b"srv", Admit)
+    assert joined == [Send(R1, Connected(4, errors.KErrNone, new.handle, b""))]
+    assert state.statistics()["admitted"] == admitted
