@@ -27,7 +27,7 @@ from . import curve, errors
 from . import endpoint as endpoints
 from .protocol import PROTOCOL_VERSION, Hello, Role, Welcome
 
-__all__ = ["HEARTBEAT_INTERVAL", "HEARTBEAT_TIMEOUT", "KernelWatch", "await_answer",
+__all__ = ["HEARTBEAT_INTERVAL", "HEARTBEAT_TIMEOUT", "KernelWatch", "await_answer", "discard",
            "hello_message", "open_socket", "routing_id", "set_heartbeats", "stop_watching"]
 
 HEARTBEAT_INTERVAL = 1.0
@@ -140,6 +140,14 @@ def stop_watching(socket: zmq.Socket[bytes]) -> None:
     if monitor is not None:
         socket.disable_monitor()
         monitor.close(linger=0)
+
+
+def discard(socket: zmq.Socket[bytes]) -> None:
+    """Close a socket `open_socket` made whose Hello failed (refused, unanswered), with its
+    link monitor over tcp: left open, that would hold a descriptor for as long as the
+    context lives, one for each refused attempt."""
+    stop_watching(socket)
+    socket.close(linger=0)
 
 
 class KernelWatch:

@@ -11,12 +11,14 @@ little, a killed one at once; remote peers learn of the kernel's death.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHONPATH, REPO, wait_until
-from ipcfw import KErrServerTerminated, RSession, TRequestStatus
+from ipcfw import IpcError, KErrOverflow, KErrServerTerminated, RSession, TRequestStatus
+from ipcfw.client.runtime import Runtime
 from ipcfw.curve import generate
 from ipcfw.testing import Process, Stack
 from ipcfw.transport import HEARTBEAT_TIMEOUT
@@ -108,13 +111,21 @@ class Hosts:
 
 @pytest.fixture
 def hosts(tmp_path: Path) -> Iterator[Hosts]:
+    with started_hosts(tmp_path) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def started_hosts(tmp_path: Path, limits: str = "") -> Iterator[Hosts]:
+    """A kernel listening on tcp for alice's and bob's keys (with `limits`, the lines of a
+    [limits] table, if given)."""
     keys = tmp_path / "keys"
     keys.mkdir()
     public = {who: generate(str(keys / f"{who}.key")).public.decode()
               for who in ("kernel", "alice", "bob", "mallory")}
     tcp = f"tcp://127.0.0.1:{free_port()}"
     config = tmp_path / "kernel.toml"
-    config.write_text(f"""
+    config.write_text((f"[limits]\n{limits}\n" if limits else "") + f"""
 [tcp]
 listen = "{tcp}"
 key = "{keys / 'kernel.key'}"
@@ -233,6 +244,41 @@ def test_remote_peers_learn_that_the_kernel_died(hosts: Hosts) -> None:
     finally:
         bob.kill()
         bob.wait(10)
+
+
+def test_a_refused_channel_leaves_no_descriptor_behind(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Over tcp each socket has a link monitor (a socket of its own, with a descriptor): a
+    # channel whose Hello the kernel refuses must close it too, or each refused thread of a
+    # long-lived client leaves one open for as long as the process runs.
+    with started_hosts(tmp_path, "connections_per_uid = 2") as hosts:
+        hosts.stack.serve("plugins.probe:ProbeServer")
+        for name, value in hosts.env("bob").items():
+            monkeypatch.setenv(name, value)
+        try:
+            session = RSession.connect("probe", endpoint=hosts.tcp, path="kernel")  # 2 open
+            session.ShareAuto()
+            codes: list[int] = []
+
+            def another_thread() -> None:
+                try:
+                    session.SendReceive(EEcho, (1,))
+                except IpcError as error:
+                    codes.append(error.code)
+
+            def refused_threads(count: int) -> None:
+                for _ in range(count):
+                    thread = threading.Thread(target=another_thread)
+                    thread.start()
+                    thread.join(10)
+
+            refused_threads(2)  # (whatever a first refusal makes once)
+            before = len(os.listdir("/proc/self/fd"))
+            refused_threads(20)
+            assert codes == [KErrOverflow] * 22  # (connections_per_uid)
+            assert len(os.listdir("/proc/self/fd")) <= before + 2  # (20 without the fix)
+        finally:
+            Runtime.shutdown(hosts.tcp)
 
 
 def test_a_kernel_whose_key_file_others_may_read_does_not_start(tmp_path: Path) -> None:

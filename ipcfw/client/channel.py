@@ -20,7 +20,14 @@ import zmq
 from .. import errors
 from .._zmqflags import EVENTS, POLLIN
 from ..kernelprobe import welcome_error
-from ..transport import await_answer, hello_message, open_socket, routing_id, stop_watching
+from ..transport import (
+    await_answer,
+    discard,
+    hello_message,
+    open_socket,
+    routing_id,
+    stop_watching,
+)
 from ..protocol import (
     Close,
     Completed,
@@ -245,7 +252,7 @@ class Channel(LockedChannel):
         try:
             welcome = hello(self.socket, Role.CHANNEL, runtime.endpoint)
         except BaseException:
-            self.socket.close(linger=0)
+            discard(self.socket)
             raise
         stop_watching(self.socket)  # (the process's inbox watches its kernel)
         self.fd = cast(int, self.socket.get(zmq.FD))
