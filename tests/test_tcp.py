@@ -281,6 +281,48 @@ def test_a_refused_channel_leaves_no_descriptor_behind(tmp_path: Path,
             Runtime.shutdown(hosts.tcp)
 
 
+# A process on "another host" whose key the kernel refuses, trying again and again: what each
+# attempt leaves open (before any garbage collection), then a collection.
+REFUSED_AGAIN = """
+import gc, json, os
+import ipcfw
+from ipcfw import IpcError, RSession
+def attempt():
+    try:
+        RSession.connect("probe", ipcfw.TVersion(1, 0, 0))
+    except IpcError as error:
+        return error.code
+codes = [attempt() for _ in range(3)]
+gc.collect()
+before = len(os.listdir("/proc/self/fd"))
+codes += [attempt() for _ in range(10)]
+left = len(os.listdir("/proc/self/fd")) - before
+gc.collect()
+print(json.dumps({"codes": codes, "left": left}), flush=True)
+"""
+
+
+def test_a_refused_process_trying_again_leaves_nothing_open_and_does_not_hang(
+        hosts: Hosts) -> None:
+    # Each refused attempt's link monitor, inbox pipe and context must be closed with it: left
+    # to the garbage collector, the context's destruction waited for a monitor socket the
+    # same collection had already forgotten, and the process hung there, holding the GIL.
+    hosts.stack.serve("plugins.probe:ProbeServer")
+    child = subprocess.Popen(
+        [sys.executable, "-c", REFUSED_AGAIN], cwd=str(REPO), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, **hosts.env("mallory")})
+    try:
+        out, err = child.communicate(timeout=40)
+    finally:
+        child.kill()
+        child.wait(10)
+    assert child.returncode == 0, err
+    result = json.loads(out)
+    assert result["codes"] == [-46] * 13  # KErrPermissionDenied, each time
+    assert result["left"] <= 2, result  # (about 4 a time, before)
+
+
 def test_a_kernel_whose_key_file_others_may_read_does_not_start(tmp_path: Path) -> None:
     generate(str(tmp_path / "kernel.key"))
     (tmp_path / "kernel.key").chmod(0o640)
