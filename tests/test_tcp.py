@@ -281,6 +281,31 @@ def test_a_refused_channel_leaves_no_descriptor_behind(tmp_path: Path,
             Runtime.shutdown(hosts.tcp)
 
 
+def test_remote_peers_notice_a_frozen_kernel_by_heartbeats(
+        hosts: Hosts, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A frozen kernel's pid stays alive (a pidfd on it would never fire, as on "another
+    # host" there is none to open): only the connection's silence tells a remote client's
+    # inbox and a remote server that it is gone.
+    server = hosts.serve_remote("plugins.probe:ProbeServer", "--no-reconnect")
+    for name, value in hosts.env("bob").items():
+        monkeypatch.setenv(name, value)
+    assert hosts.stack.kernel is not None
+    try:
+        session = RSession.connect("probe", endpoint=hosts.tcp)
+        status = TRequestStatus()
+        session.SendReceive(EHold, (1,), status)
+        wait_until(lambda: hosts.stack.statistics()["messages"] >= 1, timeout=10)
+        os.kill(hosts.stack.kernel.popen.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        assert status.Wait(timeout=HEARTBEAT_TIMEOUT + SLACK + 5) == KErrServerTerminated
+        assert time.monotonic() - frozen < HEARTBEAT_TIMEOUT + SLACK
+        assert server.popen.wait(HEARTBEAT_TIMEOUT + SLACK + 5) == 3  # (--no-reconnect)
+        assert "the ipcfw kernel has died" in server.log_path.read_text()
+    finally:
+        Runtime.shutdown(hosts.tcp)
+        hosts.stack.kernel.kill()
+
+
 # A process on "another host" whose key the kernel refuses, trying again and again: what each
 # attempt leaves open (before any garbage collection), then a collection.
 REFUSED_AGAIN = """
