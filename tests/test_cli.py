@@ -178,7 +178,7 @@ def test_bench_runs_every_system_end_to_end(tmp_path):
         [sys.executable, "-m", "ipcfw", "bench", "--sync", "200", "--pipelined", "500",
          "--fleet", "2", "--fleet-seconds", "0.3", "--open-sessions", "50",
          "--descriptor-mib", "1", "--connections", "2", "--churn", "50", "--monitored", "100",
-         "--json", str(record), "--plot", str(picture)],
+         "--remote", "100", "--json", str(record), "--plot", str(picture)],
         capture_output=True, text=True, timeout=120, cwd=str(REPO),
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -210,6 +210,9 @@ def test_bench_runs_every_system_end_to_end(tmp_path):
     monitored = result.stdout.split("Monitor attached", 1)[1].split("\n\n", 1)[0]
     assert [line.split()[0] for line in monitored.splitlines()[2:4]] == ["kernel", "direct"]
     assert "lost 0)" in monitored and json.loads(record.read_text())["monitored"]["seen"] >= 400
+    remote = result.stdout.split("Over tcp with CURVE", 1)[1].split("\n\n", 1)[0]
+    assert [line.split()[0] for line in remote.splitlines()[2:4]] == ["ipc", "tcp+curve"]
+    assert json.loads(record.read_text())["remote"]["ratio"] > 0
 
     # Where the time goes: CPU per pipelined call of each process of each system.
     cpu_table = result.stdout.split("CPU per pipelined call", 1)[1].split("\n\n", 1)[0]

@@ -231,15 +231,18 @@ def test_a_remote_server_killed_or_frozen_fails_its_clients_requests(hosts: Host
         server.popen.wait(10)
 
 
-def test_remote_peers_learn_that_the_kernel_died(hosts: Hosts) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_remote_peers_learn_that_the_kernel_died(hosts: Hosts, stop: signal.Signals) -> None:
     server = hosts.serve_remote("plugins.probe:ProbeServer", "--no-reconnect")
     bob = hosts.remote_client("echo")
     try:
         assert bob.stdout is not None
         assert json.loads(bob.stdout.readline()) == {"echo": 41}
         assert hosts.stack.kernel is not None
-        hosts.stack.kernel.kill()
+        hosts.stack.kernel.kill(stop)  # (frozen: no pid to watch over tcp, only heartbeats)
+        stopped = time.monotonic()
         assert server.popen.wait(HEARTBEAT_TIMEOUT + SLACK + 5) == 3  # (--no-reconnect)
+        assert time.monotonic() - stopped < HEARTBEAT_TIMEOUT + SLACK
         assert "the ipcfw kernel has died" in server.log_path.read_text()
     finally:
         bob.kill()

@@ -30,6 +30,7 @@ from .descriptors import BUDGET_MIB
 from .fleet import DEFAULT_PROCESSES
 from .memory import DEFAULT_CONNECTIONS
 from .monitored import DEFAULT_MONITORED, format_monitored
+from .remote import DEFAULT_REMOTE, format_remote
 from .phases import Extras, direct_context, run_phases
 from .plot import PlotUnavailable, load as load_record, plot, require as require_plot
 from .progress import Progress
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitored", type=int, default=DEFAULT_MONITORED, metavar="N",
                    help="sync calls per data path timed without, then with, a monitor watching "
                         f"the server (default {DEFAULT_MONITORED}; 0 leaves it out)")
+    p.add_argument("--remote", type=int, default=DEFAULT_REMOTE, metavar="N",
+                   help="sync calls on the kernel path over ipc, then over tcp with CURVE (a "
+                        f"kernel of its own; default {DEFAULT_REMOTE}; 0 leaves it out)")
     p.add_argument("--repeat", type=int, default=1, metavar="R",
                    help="run the interleaved set R times, report each system's best run")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -125,10 +129,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.shared = QUICK_SHARED if args.quick else DEFAULT_SHARED
     if args.fleet_seconds is None:
         args.fleet_seconds = QUICK_FLEET_SECONDS if args.quick else DEFAULT_FLEET_SECONDS
-    counts = ("fleet", "open_sessions", "descriptor_mib", "connections", "churn", "monitored")
+    counts = ("fleet", "open_sessions", "descriptor_mib", "connections", "churn", "monitored",
+              "remote")
     if any(getattr(args, name) < 0 for name in counts) or args.fleet_seconds <= 0:
-        p.error("--fleet, --open-sessions, --descriptor-mib, --connections, --churn and "
-                "--monitored must be at least 0, --fleet-seconds more than 0")
+        p.error("--fleet, --open-sessions, --descriptor-mib, --connections, --churn, "
+                "--monitored and --remote must be at least 0, --fleet-seconds more than 0")
     if args.connections > 60:
         p.error("--connections must be at most 60 (a server takes 64 direct connections "
                 "from one process)")
@@ -286,6 +291,7 @@ def _print_extras(args: argparse.Namespace, extras: Extras) -> None:
         extras.connections and format_connections(extras.connections),
         extras.monitored and format_monitored(extras.monitored),
         extras.churn and format_churn(extras.churn),
+        extras.remote and format_remote(extras.remote),
     ]
     for section in sections:
         if section:
@@ -300,7 +306,7 @@ def _config(args: argparse.Namespace) -> dict[str, object]:
             "fleet": args.fleet, "fleet_seconds": args.fleet_seconds,
             "open_sessions": [args.open_sessions // 10, args.open_sessions],
             "descriptor_mib": args.descriptor_mib, "connections": args.connections,
-            "churn": args.churn, "monitored": args.monitored}
+            "churn": args.churn, "monitored": args.monitored, "remote": args.remote}
 
 
 def _extras_json(extras: Extras) -> dict[str, object]:
@@ -316,6 +322,7 @@ def _extras_json(extras: Extras) -> dict[str, object]:
             "fds_per_connection": connections.fds_per_connection()},
         "churn": None if churn is None else asdict(churn),
         "monitored": None if extras.monitored is None else asdict(extras.monitored),
+        "remote": None if extras.remote is None else asdict(extras.remote),
     }
 
 

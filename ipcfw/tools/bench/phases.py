@@ -24,6 +24,7 @@ from .measure import System
 from .memory import ConnectionCost, per_connection
 from .monitored import MonitoredResult, measure_monitored
 from .progress import Progress
+from .remote import RemoteResult, measure_remote
 from .roles import STARTUP_TIMEOUT
 from .systems import Processes, managers_address
 from .targets import DIRECT, MANAGERS
@@ -45,6 +46,7 @@ class Extras:
     connections: ConnectionCost | None = None
     churn: ChurnResult | None = None
     monitored: MonitoredResult | None = None
+    remote: RemoteResult | None = None
     failed: dict[str, str] = field(default_factory=dict)
     """Phase name -> why it was not measured."""
 
@@ -77,6 +79,7 @@ def run_phases(ctx: Context, args: argparse.Namespace) -> Extras:
         ("monitor attached", args.monitored, args.monitored / 500,
          lambda: _monitored(args, extras)),
         ("churn", args.churn, args.churn / 200, lambda: _churn(ctx, args, extras)),
+        ("over tcp", args.remote, args.remote / 500, lambda: _remote(ctx, args, extras)),
     ]
     for name, count, budget, phase in phases:
         if not count:
@@ -126,6 +129,10 @@ def _connections(ctx: Context, args: argparse.Namespace, extras: Extras) -> None
 
 def _monitored(args: argparse.Namespace, extras: Extras) -> None:
     extras.monitored = measure_monitored(ECHO, args.monitored)
+
+
+def _remote(ctx: Context, args: argparse.Namespace, extras: Extras) -> None:
+    extras.remote = measure_remote(ctx.workdir, args.remote)
 
 
 def _churn(ctx: Context, args: argparse.Namespace, extras: Extras) -> None:
