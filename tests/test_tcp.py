@@ -27,6 +27,7 @@ import pytest
 
 from conftest import PYTHONPATH, REPO, wait_until
 from ipcfw import IpcError, KErrOverflow, KErrServerTerminated, RSession, TRequestStatus
+from ipcfw.client.channel import HELLO_TIMEOUT
 from ipcfw.client.runtime import Runtime
 from ipcfw.curve import generate
 from ipcfw.testing import Process, Stack
@@ -305,6 +306,50 @@ def test_a_remote_client_notices_a_frozen_kernel_by_heartbeats(
     finally:
         Runtime.shutdown(hosts.tcp)
         hosts.stack.kernel.kill()
+
+
+# Hellos said at every moment of a refused key's handshake (a thread slower or faster than
+# it), each on a new socket: prints the codes they failed with, and the slowest's time.
+HELLOS_THROUGH_A_REFUSAL = """
+import json, sys, time
+import zmq
+from ipcfw import IpcError
+from ipcfw.client.channel import hello
+from ipcfw.protocol import Role
+from ipcfw.transport import discard, open_socket
+context = zmq.Context()
+codes, slowest = set(), 0.0
+for delay in range(0, 150, 2):
+    socket = open_socket(context, sys.argv[1])
+    time.sleep(delay / 1000)
+    started = time.monotonic()
+    try:
+        hello(socket, Role.CHANNEL, sys.argv[1])
+    except IpcError as error:
+        codes.add(error.code)
+    slowest = max(slowest, time.monotonic() - started)
+    discard(socket)
+print(json.dumps({"codes": sorted(codes), "slowest": slowest}), flush=True)
+context.destroy(linger=0)
+"""
+
+
+def test_a_refused_hello_fails_at_once_whenever_it_is_said(hosts: Hosts) -> None:
+    # The Hello was sent with a blocking send: said at the wrong moment of the refusal
+    # (within the first ~100 ms), it waited forever for a connection to go on.
+    child = subprocess.Popen(
+        [sys.executable, "-c", HELLOS_THROUGH_A_REFUSAL, hosts.tcp], cwd=str(REPO), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, **hosts.env("mallory")})
+    try:
+        out, err = child.communicate(timeout=45)
+    finally:
+        child.kill()
+        child.wait(10)
+    assert child.returncode == 0, err
+    result = json.loads(out)
+    assert result["codes"] == [-46]  # KErrPermissionDenied, every time
+    assert result["slowest"] < HELLO_TIMEOUT  # (at once, never the timeout)
 
 
 # A process on "another host" whose key the kernel refuses, trying again and again: what each

@@ -21,8 +21,8 @@ from .. import errors
 from .._zmqflags import EVENTS, POLLIN
 from ..kernelprobe import welcome_error
 from ..transport import (
-    await_answer,
     discard,
+    exchange,
     hello_message,
     open_socket,
     routing_id,
@@ -91,8 +91,7 @@ def hello(socket: zmq.Socket[bytes], role: Role, endpoint: str) -> Welcome:
     """Say Hello on a new DEALER `socket` in `role`; the kernel's Welcome, or IpcError
     (KErrCouldNotConnect, KErrNotSupported for another protocol, KErrPermissionDenied for a
     process the kernel does not admit, or whose key a kernel over tcp refuses)."""
-    socket.send(encode(hello_message(role)))
-    if not await_answer(socket, endpoint, HELLO_TIMEOUT):
+    if not exchange(socket, endpoint, encode(hello_message(role)), HELLO_TIMEOUT):
         raise errors.IpcError(
             errors.KErrCouldNotConnect,
             f"no ipcfw kernel answered at {endpoint} within {HELLO_TIMEOUT:.0f} s",
