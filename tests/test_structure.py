@@ -31,6 +31,7 @@ PURE_MODULES = [
     "ipcfw/interface/spec.py", "ipcfw/security.py", "ipcfw/server/policy.py",
     "ipcfw/tools/callargs.py", "ipcfw/events.py", "ipcfw/kernel/monitor.py",
     "ipcfw/server/traffic.py", "ipcfw/kernel/activation.py", "ipcfw/kernel/zap.py",
+    "ipcfw/kernel/listing.py", "ipcfw/kernel/tables.py",
 ]
 FORBIDDEN = frozenset(
     {"zmq", "os", "socket", "threading", "time", "psutil", "select", "subprocess"}

@@ -25,7 +25,7 @@ import psutil
 
 from ..protocol import Hello
 from .config import TcpListener
-from .state import ProcessIdentity, ProcessKey
+from .tables import ProcessIdentity, ProcessKey
 
 log = logging.getLogger(__name__)
 

@@ -62,9 +62,10 @@ Rules this module keeps:
    never reach the kernel; the kernel still decides who holds, counts holders and ends the
    session. An Open of a direct session names the server's socket (no ticket).
 12. The session, server and process lists (`ListSessions`, `ListServers`, `ListProcesses`,
-   for `ipcfw ps`) are answered from the tables, a page at a time; when the page counts what
-   servers taking direct connections hold, those servers are first asked (`Census`, one at a
-   time per server) what is in service on their direct connections. A server's death answers
+   for `ipcfw ps`; the pure `ipcfw.kernel.listing` makes them) are answered from the tables,
+   a page at a time; when the page counts what servers taking direct connections hold, those
+   servers are first asked (`Census`, one at a time per server) what is in service on their
+   direct connections. A server's death answers
    for it. Every message the kernel holds has an age: `now` (set by the loop before each turn)
    when it was made; a census says how long its oldest has been in service, per session and
    client process; a list shows the oldest outstanding message's age of each row.
@@ -105,7 +106,6 @@ import enum
 import itertools
 import logging
 import secrets
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from collections.abc import Callable, Iterable
 
@@ -115,7 +115,6 @@ from ..security import USER_CAPABILITIES
 from ..naming import is_protected, lookup_key, name_problem, not_registered
 from ..protocol import (
     Args,
-    Version,
     MAX_FRAME,
     PROTOCOL_VERSION,
     PeerGone,
@@ -137,26 +136,12 @@ from ..protocol import (
     Deregister,
     Admit,
     AwaitServer,
-    Census,
     CensusReply,
     Join,
     ListProcesses,
     ListServers,
     ListSessions,
-    ProcessList,
-    ProcessRow,
     ProtocolError,
-    ServerList,
-    ServerRow,
-    SessionList,
-    SessionRow,
-    PROCESSES_PAGE,
-    SERVERS_PAGE,
-    SESSIONS_PAGE,
-    pack_process_rows,
-    pack_server_rows,
-    pack_session_rows,
-    unpack_census,
     Negotiated,
     NewSession,
     Path,
@@ -184,7 +169,20 @@ from ..protocol import (
     pack_activatable,
 )
 from .activation import MAX_HELD, Activations, Failure, Kill, Service, Spawn
+from .listing import Listing, ListRequest, Lists
 from .monitor import Monitors
+from .tables import (
+    MessageKind,
+    MessageRecord,
+    Peer,
+    ProcessIdentity,
+    ProcessKey,
+    ProcessRecord,
+    ServerRecord,
+    SessionRecord,
+    SessionState,
+    SlotSource,
+)
 
 log = logging.getLogger("ipcfw.kernel")
 
@@ -203,37 +201,9 @@ MAX_ATTACHED = 255
 TOKEN_BYTES = 16
 #: `AwaitServer` waits one channel may have in the kernel at once (rule 13).
 MAX_AWAITS = 16
-#: Session lists (`ListSessions`) waiting for servers' censuses at once; past it, a list is
-#: answered at once with the counts the servers last reported.
-MAX_LISTINGS = 64
 #: Monitors one process may have at once (of the kernel's `Monitors.most`): one process cannot
 #: take them all.
 MONITORS_PER_PROCESS = 8
-
-
-#: A process's identity across pid reuse: (pid, creation time, host: "" on this one).
-ProcessKey = tuple[int, float, str]
-
-
-class ProcessIdentity(NamedTuple):
-    """Who a process is, as the transport and the OS say (never the peer itself).
-
-    A process on another host (over tcp) has the `host` its CURVE key is named in the
-    configuration; its uid and gid are those the configuration gives that key, its `exe` is
-    "", and its pid and creation time are its own word (they tell its sockets apart from
-    those of the key's other processes, nothing more).
-    """
-
-    pid: int
-    create_time: float
-    uid: int
-    gid: int
-    exe: str
-    host: str = ""
-
-    @property
-    def key(self) -> ProcessKey:
-        return (self.pid, self.create_time, self.host)
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -303,18 +273,6 @@ class KernelInvariantError(RuntimeError):
 # -- session lifecycle -----------------------------------------------------------------------
 
 
-class SessionState(enum.Enum):
-    CONNECTING = "CONNECTING"  # client holds; server runs NewSessionL / CreateL
-    OPEN = "OPEN"  # client holds; server holds a CSession
-    ABANDONED = "ABANDONED"  # client gone while the server was still connecting
-    CLOSING = "CLOSING"  # client gone; Disconnect delivered, not yet completed
-    PANICKED = "PANICKED"  # server panicked the client; Disconnect delivered; client holds
-    DEAD = "DEAD"  # server side gone (died, or disconnected after a panic); client holds
-
-    def __repr__(self) -> str:
-        return self.value
-
-
 class SessionEvent(enum.Enum):
     CONNECT_OK = "CONNECT_OK"
     CONNECT_FAILED = "CONNECT_FAILED"
@@ -378,19 +336,6 @@ def _writable_lengths(args: Args) -> dict[int, int]:
     return _NO_WRITABLE
 
 
-class MessageKind(enum.Enum):
-    CONNECT = "CONNECT"
-    REQUEST = "REQUEST"
-    DISCONNECT = "DISCONNECT"
-    ADMIT = "ADMIT"  # a thread's ticket for the direct path, until the server holds it
-
-
-class SlotSource(enum.Enum):
-    NONE = "none"  # sync request, connect, disconnect
-    SESSION = "session"  # the session's own slots
-    POOL = "pool"  # the kernel-wide pool
-
-
 # The request path reads these several times per message; in CPython 3.11 each read of an enum
 # member off its class is a descriptor call (~0.13 us), module globals are not.
 _SYNC, _ASYNC, _BLIND = Mode.SYNC, Mode.ASYNC, Mode.BLIND
@@ -398,119 +343,6 @@ _UNSHARED, _PROTECTED = TServerType.EUnsharableSessions, TServerType.EGlobalShar
 _CHANNEL = Role.CHANNEL
 _REQUEST, _CONNECT = MessageKind.REQUEST, MessageKind.CONNECT
 _NO_SLOT, _SESSION_SLOT, _POOL_SLOT = SlotSource.NONE, SlotSource.SESSION, SlotSource.POOL
-
-
-# -- tables ----------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class ProcessRecord:
-    identity: ProcessIdentity
-    client_key: int
-    peers: set[bytes] = field(default_factory=set)  # routing ids
-    inbox: bytes | None = None
-    sessions: set[int] = field(default_factory=set)  # handles this process holds
-    outstanding: int = 0  # its requests not yet completed
-    # Per server name, its sessions that ended because this process's threads or the process
-    # itself went, not by a Close (counted while a monitor watches: rule 14's DIED events).
-    lost: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(eq=False)
-class Peer:
-    rid: bytes
-    role: Role
-    process: ProcessRecord
-    owned: set[int] = field(default_factory=set)  # unshared handles this channel created
-    attached: set[int] = field(default_factory=set)  # handles this channel has used
-    awaits: dict[int, str] = field(default_factory=dict)  # AwaitServer req_id -> name's key
-
-
-@dataclass(eq=False)
-class ServerRecord:
-    name: str
-    rid: bytes
-    process: ProcessRecord
-    sharing: int
-    version: Version
-    direct: str = ""  # the socket where it takes direct connections ("": none)
-    sessions: set[int] = field(default_factory=set)
-    messages: dict[int, MessageRecord] = field(default_factory=dict)
-    informed: set[int] = field(default_factory=set)  # client keys this server has a PeerInfo for
-    terminating: int | None = None  # the TerminationReason once termination began
-    deregistered: bool = False  # the server sent Deregister (its direct requests have ended)
-    waiters: list[tuple[bytes, int]] = field(default_factory=list)  # answered when it has ended
-    # While the server is not reading: what it is sent, in order, keyed by msg_id for the
-    # messages of the kernel's tables (so a freed one is taken out) and by a negative number
-    # for the others. None while it reads.
-    held: collections.OrderedDict[int, Message] | None = None
-    since: float = 0.0  # the kernel's `now` when it registered
-    # Messages in service on its direct connections, per (session, client pid), as its last
-    # CensusReply said: (count, slots used, the kernel's `now` when the oldest began); and
-    # whether a Census is on its way to it.
-    census: dict[tuple[int, int], tuple[int, int, float]] = field(default_factory=dict)
-    census_asked: bool = False
-    # A monitor watches it (rule 14): its events are made. On the direct path, whether it
-    # was told to report its traffic, and the req_id of that Report until it answered (0).
-    monitored: bool = False
-    reporting: bool = False
-    report_asked: int = 0
-
-
-@dataclass(eq=False)
-class SessionRecord:
-    handle: int
-    server: ServerRecord
-    creator: Peer  # the channel that created it: the only holder while unshared
-    slots: int  # -1 pool, 0 none, N own
-    state: SessionState = SessionState.CONNECTING
-    # Cached from `state` by `_transition` (the hot path tests them; enum hashing is slow).
-    held: bool = True  # state in _HELD
-    deliverable: bool = True  # state in _DELIVERABLE
-    sharing: int = 0
-    slots_used: int = 0
-    messages: set[int] = field(default_factory=set)  # msg_ids outstanding
-    panic: tuple[str, int] | None = None  # (category, reason), once the server panicked it
-    holders: dict[ProcessRecord, int] = field(default_factory=dict)  # -> its Open count
-    attached: set[bytes] = field(default_factory=set)  # routing ids of channels attached
-    token: bytes | None = None  # set by ShareProtected; Open(token) attaches a process
-    # On the direct path: the creator's one-time ticket, until the Connected that carries it.
-    ticket: bytes = b""
-    direct: bool = False  # its threads' requests go on direct connections to the server
-    since: float = 0.0  # the kernel's `now` when it was created
-    thread: int = 0  # the creating thread's native id, as its Connect said (0: not said)
-
-    def __repr__(self) -> str:
-        return (
-            f"<session 0x{self.handle:x} {self.state!r} server={self.server.name!r} "
-            f"sharing={self.sharing} holders={len(self.holders)} attached={len(self.attached)} "
-            f"outstanding={len(self.messages)}>"
-        )
-
-
-@dataclass(eq=False, slots=True)
-class MessageRecord:
-    msg_id: int
-    kind: MessageKind
-    session: SessionRecord
-    reply_to: bytes | None  # the channel that gets the answer; None once nobody waits
-    origin: bytes | None  # the channel that sent it (kept when reply_to is cleared)
-    req_id: int
-    slot: SlotSource
-    writable: dict[int, int]  # arg index -> max length
-    payer: ProcessRecord | None = None  # a request's process: it counts towards its limit
-    ticket: bytes = b""  # an ADMIT's: the client gets it once the server holds it
-    since: float = 0.0  # the kernel's `now` when it was made
-
-
-@dataclass(eq=False)
-class Listing:
-    """A list (ListSessions, ListServers, ListProcesses) waiting for the censuses of the
-    servers whose direct connections its page counts."""
-
-    rid: bytes
-    message: ListSessions | ListServers | ListProcesses
-    waiting: set[bytes]  # routing ids of the servers not yet answered
 
 
 class KernelState:
@@ -565,6 +397,10 @@ class KernelState:
         self._held_keys = itertools.count(1)
         self.held_back: set[bytes] = set()  # servers whose messages are held back
         self.listings: list[Listing] = []  # session lists waiting for censuses
+        self.lists = Lists(  # rule 12: reads these tables (never rebound)
+            peers=self.peers, processes=self.processes, servers=self.servers,
+            server_of_peer=self.server_of_peer, sessions=self.sessions, messages=self.messages,
+        )
         # A server name's lookup key -> the (channel, req_id) waiting for it, in arrival order.
         self.awaits: dict[str, dict[tuple[bytes, int], None]] = {}
         self.admitted = 0  # tickets granted to threads by Join, ever
@@ -1568,33 +1404,11 @@ class KernelState:
             self.admitted += record.reply_to is not None  # (the thread may have gone meanwhile)
         return self._answer(record, reply)
 
-    # -- the session, server and process lists (ipcfw ps) -------------------------------------
+    # -- the session, server and process lists (ipcfw ps; rule 12: ipcfw.kernel.listing) -----
 
-    def _list(self, peer: Peer, message: ListSessions | ListServers | ListProcesses
-              ) -> list[Action]:
-        """A page of a list; if it counts what servers hold on their direct connections, first
-        ask those servers (one Census per server at a time)."""
-        servers = [s for s in self._census_servers(message) if s.rid in self.server_of_peer]
-        if not servers or len(self.listings) >= MAX_LISTINGS:
-            return [self._list_page(peer.rid, message)]
-        self.listings.append(Listing(peer.rid, message, {s.rid for s in servers}))
-        actions: list[Action] = []
-        for server in sorted(servers, key=lambda s: s.name):
-            if not server.census_asked:
-                server.census_asked = True
-                actions.append(Send(server.rid, Census(0)))
-        return actions
-
-    def _census_servers(self, message: ListSessions | ListServers | ListProcesses
-                        ) -> set[ServerRecord]:
-        """The servers whose census the page `message` asks for counts."""
-        if type(message) is ListSessions:
-            return {s.server for s in self._session_page(message.after) if s.direct}
-        if type(message) is ListServers:
-            servers: Iterable[ServerRecord] = self._server_page(message.after)
-        else:
-            servers = self.servers.values()  # (any may serve any process)
-        return {s for s in servers if s.direct and any(self.sessions[h].direct for h in s.sessions)}
+    def _list(self, peer: Peer, message: ListRequest) -> list[Action]:
+        frames = self.lists.ask(peer.rid, message, self.now, self.listings)
+        return [Send(rid, reply) for rid, reply in frames]
 
     def _census_reply(self, peer: Peer, message: CensusReply) -> list[Action]:
         server = self.server_of_peer.get(peer.rid)
@@ -1603,125 +1417,15 @@ class KernelState:
                 "not a server", "CensusReply from a peer that registered no server"
             )
         try:
-            items = unpack_census(message.counts)
+            frames = self.lists.census(server, message.counts, self.now, self.listings)
         except ProtocolError as exc:
             raise PeerMisbehaved("bad census", str(exc)) from None
-        server.census = {
-            (item.handle, item.pid): (item.messages, item.slots_used,
-                                      self.now - item.oldest / 1000)
-            for item in items if item.handle in server.sessions and item.messages
-        }
-        server.census_asked = False
-        return self._census_done(server.rid)
+        return [Send(rid, reply) for rid, reply in frames]
 
     def _census_done(self, server_rid: bytes) -> list[Action]:
-        """Server `server_rid` answered its Census, or is gone: answer the lists it completes."""
-        actions: list[Action] = []
-        for listing in list(self.listings):
-            listing.waiting.discard(server_rid)
-            if not listing.waiting:
-                self.listings.remove(listing)
-                if listing.rid in self.peers:
-                    actions.append(self._list_page(listing.rid, listing.message))
-        return actions
-
-    def _list_page(self, rid: bytes, message: ListSessions | ListServers | ListProcesses
-                   ) -> Send:
-        if type(message) is ListSessions:
-            sessions = self._session_page(message.after)
-            more = sessions[-1].handle if len(sessions) == SESSIONS_PAGE else 0
-            rows = pack_session_rows([self._session_row(s) for s in sessions])
-            return Send(rid, SessionList(message.req_id, more, rows))
-        if type(message) is ListServers:
-            servers = self._server_page(message.after)
-            key = lookup_key(servers[-1].name) if len(servers) == SERVERS_PAGE else ""
-            rows = pack_server_rows([self._server_row(s) for s in servers])
-            return Send(rid, ServerList(message.req_id, key, rows))
-        assert type(message) is ListProcesses
-        pid = message.after
-        processes = sorted((p for p in self.processes.values() if p.identity.pid > pid),
-                           key=lambda p: p.identity.pid)
-        processes = processes[:PROCESSES_PAGE]
-        last = processes[-1].identity.pid if len(processes) == PROCESSES_PAGE else 0
-        rows = pack_process_rows(self._process_rows(processes))
-        return Send(rid, ProcessList(message.req_id, last, rows))
-
-    def _session_page(self, after: int) -> list[SessionRecord]:
-        handles = sorted(h for h in self.sessions if h > after)[:SESSIONS_PAGE]
-        return [self.sessions[h] for h in handles]
-
-    def _server_page(self, after: str) -> list[ServerRecord]:
-        keys = sorted(key for key in self.servers if key > after)[:SERVERS_PAGE]
-        return [self.servers[key] for key in keys]
-
-    def _age(self, since: float) -> int:
-        """Milliseconds from `since` to now (never negative)."""
-        return max(0, int((self.now - since) * 1000))
-
-    def _outstanding(self, records: Iterable[MessageRecord],
-                     direct: Iterable[tuple[int, int, float]]) -> tuple[int, int]:
-        """How many messages `records` and the census entries `direct` ((count, slots used,
-        since) each) hold, and the oldest one's age in ms (0 with none)."""
-        count, oldest = 0, self.now
-        for record in records:
-            count += 1
-            oldest = min(oldest, record.since)
-        for n, _, since in direct:
-            count += n
-            oldest = min(oldest, since)
-        return count, self._age(oldest) if count else 0
-
-    @staticmethod
-    def _census(server: ServerRecord) -> list[tuple[int, tuple[int, int, float]]]:
-        """(client pid, (count, slots used, since)) of `server`'s last census, for its sessions
-        still open on the direct path (a census is not pruned as sessions end)."""
-        return [(pid, entry) for (handle, pid), entry in server.census.items()
-                if handle in server.sessions]
-
-    def _session_row(self, session: SessionRecord) -> SessionRow:
-        threads: collections.Counter[ProcessRecord] = collections.Counter(
-            self.peers[rid].process for rid in session.attached
-        )
-        holders = tuple(sorted((p.identity.pid, threads[p]) for p in session.holders))
-        census = session.server.census
-        direct = [entry for (handle, _), entry in census.items()
-                  if handle == session.handle] if session.direct else []
-        outstanding, oldest = self._outstanding(
-            (self.messages[m] for m in session.messages), direct
-        )
-        slots_used = session.slots_used + sum(slots for _, slots, _ in direct)
-        return SessionRow(session.handle, session.server.name, int(session.direct),
-                          session.state.value, outstanding, holders, oldest,
-                          session.creator.process.identity.pid, session.thread,
-                          slots_used, session.slots, self._age(session.since))
-
-    def _server_row(self, server: ServerRecord) -> ServerRow:
-        outstanding, oldest = self._outstanding(
-            server.messages.values(), (entry for _, entry in self._census(server))
-        )
-        identity = server.process.identity
-        state = "running" if server.terminating is None else "terminating"
-        return ServerRow(server.name, identity.pid, identity.exe, server.version, server.sharing,
-                         bool(server.direct), len(server.sessions), outstanding, oldest,
-                         self._age(server.since), state)
-
-    def _process_rows(self, processes: list[ProcessRecord]) -> list[ProcessRow]:
-        direct: collections.Counter[int] = collections.Counter()  # pid -> in service
-        for server in self.servers.values():
-            for pid, (count, _, _) in self._census(server):
-                direct[pid] += count
-        rows = []
-        for process in processes:
-            peers = [self.peers[rid] for rid in process.peers]
-            identity = process.identity
-            names = tuple(sorted(self.server_of_peer[p.rid].name for p in peers
-                                 if p.rid in self.server_of_peer))
-            rows.append(ProcessRow(
-                identity.pid, identity.uid, identity.exe,
-                sum(p.role is Role.CHANNEL for p in peers), process.inbox is not None, names,
-                len(process.sessions), process.outstanding + direct[identity.pid],
-            ))
-        return rows
+        """Server `server_rid` is gone: answer the lists it completes."""
+        frames = self.lists.done(server_rid, self.now, self.listings)
+        return [Send(rid, reply) for rid, reply in frames]
 
     def _cancel(self, peer: Peer, message: Cancel) -> list[Action]:
         """Complete the request with KErrCancel now, free its slot, and tell the server.

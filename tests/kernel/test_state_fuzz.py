@@ -14,6 +14,7 @@ import pytest
 
 from ipcfw import errors
 from ipcfw.kernel import state as kstate
+from ipcfw.kernel.listing import MAX_LISTINGS
 from ipcfw.kernel.state import (
     MAX_OUTSTANDING,
     KernelState,
@@ -823,7 +824,7 @@ def check_invariants(state: KernelState) -> None:
     assert stats["tokens"] == len(state.tokens)
     assert stats["attached"] == sum(len(s.attached) for s in state.sessions.values())
     # A session list waits only for live servers that have a Census on its way.
-    assert len(state.listings) <= kstate.MAX_LISTINGS
+    assert len(state.listings) <= MAX_LISTINGS
     for listing in state.listings:
         assert listing.waiting
         for rid in listing.waiting:

@@ -5,7 +5,8 @@ ages of outstanding messages (rule 12), on both data paths. No processes: the ke
 from __future__ import annotations
 
 from ipcfw import errors
-from ipcfw.kernel.state import MAX_LISTINGS, KernelState
+from ipcfw.kernel.listing import MAX_LISTINGS
+from ipcfw.kernel.state import KernelState
 from ipcfw.protocol import (
     PROCESSES_PAGE,
     SERVERS_PAGE,
