@@ -14,10 +14,12 @@ A process that reaches its kernel over tcp names its keys in its environment:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 import stat
+import tempfile
 from typing import NamedTuple
 
 import zmq
@@ -55,19 +57,37 @@ def generate(path: str, *, overwrite: bool = False) -> Keypair:
             if os.path.lexists(name):
                 raise FileExistsError(f"{name} exists: keep it, or write over it (--force)")
     public, secret = zmq.curve_keypair()
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     for name, mode, keys, what in (
             (path, 0o600, {"public": public, "secret": secret}, "secret: keep it to yourself"),
             (path + ".pub", 0o644, {"public": public}, "public: give it to the other side")):
-        fd = os.open(name, flags, mode)
-        with os.fdopen(fd, "w", encoding="ascii") as file:
-            os.fchmod(fd, mode)  # (the umask may have taken bits away; an overwrite keeps none)
-            file.write(f"# an ipcfw CURVE key, written {when} by `ipcfw keygen` ({what})\n")
-            file.write("metadata\ncurve\n")
-            for kind, key in keys.items():
-                file.write(f'    {kind}-key = "{key.decode()}"\n')
+        text = (f"# an ipcfw CURVE key, written {when} by `ipcfw keygen` ({what})\n"
+                "metadata\ncurve\n"
+                + "".join(f'    {kind}-key = "{key.decode()}"\n' for kind, key in keys.items()))
+        _write_new_file(name, mode, text, overwrite)
     return Keypair(public, secret)
+
+
+def _write_new_file(name: str, mode: int, text: str, overwrite: bool) -> None:
+    """Write `text` to a file of this process's user at `name`, with `mode` whatever the
+    umask. It is always a new file: never an existing one written through (whose owner,
+    perhaps another user, could then read the secret) nor a symbolic link's target; with
+    `overwrite`, it is made beside `name` and renamed over it."""
+    if overwrite:
+        fd, written = tempfile.mkstemp(prefix=".ipcfw-keygen-",
+                                       dir=os.path.dirname(os.path.abspath(name)))
+    else:
+        fd, written = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), name
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            os.fchmod(fd, mode)  # (the umask may have taken bits away)
+            file.write(text)
+        if written != name:
+            os.replace(written, name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(written)
+        raise
 
 
 def load_keypair(path: str) -> Keypair:

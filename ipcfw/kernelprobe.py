@@ -20,7 +20,7 @@ import zmq
 from . import endpoint as endpoints
 from . import errors
 from .protocol import PROTOCOL_VERSION, Role, Welcome, encode
-from .transport import await_answer, hello_message, open_socket
+from .transport import exchange, hello_message, open_socket
 
 __all__ = ["LEAST_ANSWER", "delays", "kernel_answers", "kernel_socket_exists", "no_kernel_error",
            "wait_for_kernel", "welcome_error"]
@@ -102,8 +102,7 @@ def kernel_answers(endpoint: str, timeout: float = HELLO_WAIT) -> bool:
     context = zmq.Context()
     try:
         probe = open_socket(context, endpoint)
-        probe.send(encode(hello_message(Role.SERVER)))
-        return await_answer(probe, endpoint, max(0.001, timeout))
+        return exchange(probe, endpoint, encode(hello_message(Role.SERVER)), max(0.001, timeout))
     finally:
         context.destroy(linger=0)
 

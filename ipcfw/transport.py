@@ -8,7 +8,7 @@ client with this process's keypair and the kernel's public key (`ipcfw.curve.cli
 Neither side's pid means anything to the other, so liveness is the connection's: ZeroMQ
 heartbeats every `HEARTBEAT_INTERVAL` seconds, and a connection silent for
 `HEARTBEAT_TIMEOUT` seconds is closed (the kernel does the same with each peer). A monitor on
-the socket reports the handshake's failure (`await_answer` turns it into a clear error) and the
+the socket reports the handshake's failure (`exchange` turns it into a clear error) and the
 connection's end (`KernelWatch`).
 """
 
@@ -27,7 +27,7 @@ from . import curve, errors
 from . import endpoint as endpoints
 from .protocol import PROTOCOL_VERSION, Hello, Role, Welcome
 
-__all__ = ["HEARTBEAT_INTERVAL", "HEARTBEAT_TIMEOUT", "KernelWatch", "await_answer",
+__all__ = ["HEARTBEAT_INTERVAL", "HEARTBEAT_TIMEOUT", "KernelWatch", "discard", "exchange",
            "hello_message", "open_socket", "routing_id", "set_heartbeats", "stop_watching"]
 
 HEARTBEAT_INTERVAL = 1.0
@@ -84,23 +84,33 @@ def hello_message(role: Role) -> Hello:
     return Hello(int(role), PROTOCOL_VERSION, *_this_process(os.getpid()))
 
 
-def await_answer(socket: zmq.Socket[bytes], endpoint: str, timeout: float) -> bool:
-    """Whether the kernel's answer is waiting on `socket` within `timeout` seconds, as
-    ``socket.poll``; over tcp, a handshake the kernel refuses raises at once: this process's
-    key not admitted (``PermissionDenied``), or the kernel key not the kernel's
-    (``CouldNotConnect``)."""
+def exchange(socket: zmq.Socket[bytes], endpoint: str, frame: bytes, timeout: float) -> bool:
+    """Send `frame` to the kernel on `socket`; whether its answer is waiting within `timeout`
+    seconds (as ``socket.poll``). Over tcp a handshake the kernel refuses raises at once: this
+    process's key not admitted (``PermissionDenied``), or the kernel key not the kernel's
+    (``CouldNotConnect``); and the frame waits (within `timeout`) for a connection to go on,
+    since ZeroMQ has none for a refused one: a blocking send would wait forever."""
     monitor = _monitor_of(socket)
     if monitor is None:
+        socket.send(frame)
         return bool(socket.poll(max(0, int(timeout * 1000))))
     poller = zmq.Poller()
-    poller.register(socket, zmq.POLLIN)
+    poller.register(socket, zmq.POLLOUT)
     poller.register(monitor, zmq.POLLIN)
     deadline = time.monotonic() + timeout
+    sent = False
     while True:
         ready = dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
-        if socket in ready:
-            return True
-        if monitor in ready:
+        if ready.get(socket, 0) & (zmq.POLLIN if sent else zmq.POLLOUT):
+            if sent:
+                return True
+            try:
+                socket.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                continue  # (the connection went again meanwhile)
+            sent = True
+            poller.modify(socket, zmq.POLLIN)
+        elif monitor in ready:
             _raise_on_refusal(monitor, endpoint)
         elif time.monotonic() >= deadline:
             return False
@@ -140,6 +150,14 @@ def stop_watching(socket: zmq.Socket[bytes]) -> None:
     if monitor is not None:
         socket.disable_monitor()
         monitor.close(linger=0)
+
+
+def discard(socket: zmq.Socket[bytes]) -> None:
+    """Close a socket `open_socket` made whose Hello failed (refused, unanswered), with its
+    link monitor over tcp: left open, that would hold a descriptor for as long as the
+    context lives, one for each refused attempt."""
+    stop_watching(socket)
+    socket.close(linger=0)
 
 
 class KernelWatch:

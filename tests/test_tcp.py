@@ -11,12 +11,14 @@ little, a killed one at once; remote peers learn of the kernel's death.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +26,9 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHONPATH, REPO, wait_until
-from ipcfw import KErrServerTerminated, RSession, TRequestStatus
+from ipcfw import IpcError, KErrOverflow, KErrServerTerminated, RSession, TRequestStatus
+from ipcfw.client.channel import HELLO_TIMEOUT
+from ipcfw.client.runtime import Runtime
 from ipcfw.curve import generate
 from ipcfw.testing import Process, Stack
 from ipcfw.transport import HEARTBEAT_TIMEOUT
@@ -95,6 +99,20 @@ class Hosts:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": PYTHONPATH, **self.env(who), **env})
 
+    def script_result(self, script: str, who: str, *args: str) -> dict:
+        """What a Python `script` run with `who`'s keys prints (one JSON line), within 45 s."""
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, *args], cwd=str(REPO), text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": PYTHONPATH, **self.env(who)})
+        try:
+            out, err = child.communicate(timeout=45)
+        finally:
+            child.kill()
+            child.wait(10)
+        assert child.returncode == 0, err
+        return dict(json.loads(out))
+
     def remote_result(self, calls: str, who: str = "bob", name: str = "probe",
                       **env: str) -> dict:
         child = self.remote_client(calls, who, name, **env)
@@ -108,13 +126,21 @@ class Hosts:
 
 @pytest.fixture
 def hosts(tmp_path: Path) -> Iterator[Hosts]:
+    with started_hosts(tmp_path) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def started_hosts(tmp_path: Path, limits: str = "") -> Iterator[Hosts]:
+    """A kernel listening on tcp for alice's and bob's keys (with `limits`, the lines of a
+    [limits] table, if given)."""
     keys = tmp_path / "keys"
     keys.mkdir()
     public = {who: generate(str(keys / f"{who}.key")).public.decode()
               for who in ("kernel", "alice", "bob", "mallory")}
     tcp = f"tcp://127.0.0.1:{free_port()}"
     config = tmp_path / "kernel.toml"
-    config.write_text(f"""
+    config.write_text((f"[limits]\n{limits}\n" if limits else "") + f"""
 [tcp]
 listen = "{tcp}"
 key = "{keys / 'kernel.key'}"
@@ -236,6 +262,137 @@ def test_remote_peers_learn_that_the_kernel_died(hosts: Hosts, stop: signal.Sign
     finally:
         bob.kill()
         bob.wait(10)
+
+
+def test_a_refused_channel_leaves_no_descriptor_behind(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Over tcp each socket has a link monitor (a socket of its own, with a descriptor): a
+    # channel whose Hello the kernel refuses must close it too, or each refused thread of a
+    # long-lived client leaves one open for as long as the process runs.
+    with started_hosts(tmp_path, "connections_per_uid = 2") as hosts:
+        hosts.stack.serve("plugins.probe:ProbeServer")
+        for name, value in hosts.env("bob").items():
+            monkeypatch.setenv(name, value)
+        try:
+            session = RSession.connect("probe", endpoint=hosts.tcp, path="kernel")  # 2 open
+            session.ShareAuto()
+            codes: list[int] = []
+
+            def another_thread() -> None:
+                try:
+                    session.SendReceive(EEcho, (1,))
+                except IpcError as error:
+                    codes.append(error.code)
+
+            def refused_threads(count: int) -> None:
+                for _ in range(count):
+                    thread = threading.Thread(target=another_thread)
+                    thread.start()
+                    thread.join(10)
+
+            refused_threads(2)  # (whatever a first refusal makes once)
+            before = len(os.listdir("/proc/self/fd"))
+            refused_threads(20)
+            assert codes == [KErrOverflow] * 22  # (connections_per_uid)
+            # (ZeroMQ's I/O thread closes a closed socket's connection soon after: wait for
+            # it; about one a thread stayed open for good, before)
+            wait_until(lambda: len(os.listdir("/proc/self/fd")) <= before + 2, timeout=5,
+                       what="the refused channels' descriptors closed")
+        finally:
+            Runtime.shutdown(hosts.tcp)
+
+
+def test_a_remote_client_notices_a_frozen_kernel_by_heartbeats(
+        hosts: Hosts, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A frozen kernel's pid stays alive (a pidfd on it would never fire, as on another host
+    # there is none to open): only the connection's silence tells a remote client's inbox,
+    # which fails the requests waiting.
+    hosts.stack.serve("plugins.probe:ProbeServer")
+    for name, value in hosts.env("bob").items():
+        monkeypatch.setenv(name, value)
+    assert hosts.stack.kernel is not None
+    try:
+        session = RSession.connect("probe", endpoint=hosts.tcp)
+        status = TRequestStatus()
+        session.SendReceive(EHold, (1,), status)
+        wait_until(lambda: hosts.stack.statistics()["messages"] >= 1, timeout=10)
+        hosts.stack.kernel.kill(signal.SIGSTOP)
+        frozen = time.monotonic()
+        assert status.Wait(timeout=HEARTBEAT_TIMEOUT + SLACK + 5) == KErrServerTerminated
+        assert time.monotonic() - frozen < HEARTBEAT_TIMEOUT + SLACK
+    finally:
+        Runtime.shutdown(hosts.tcp)
+        hosts.stack.kernel.kill()
+
+
+# Hellos said at every moment of a refused key's handshake (a thread slower or faster than
+# it), each on a new socket: prints the codes they failed with, and the slowest's time.
+HELLOS_THROUGH_A_REFUSAL = """
+import json, sys, time
+import zmq
+from ipcfw import IpcError
+from ipcfw.client.channel import hello
+from ipcfw.protocol import Role
+from ipcfw.transport import discard, open_socket
+context = zmq.Context()
+codes, slowest = set(), 0.0
+for delay in range(0, 150, 2):
+    socket = open_socket(context, sys.argv[1])
+    time.sleep(delay / 1000)
+    started = time.monotonic()
+    try:
+        hello(socket, Role.CHANNEL, sys.argv[1])
+    except IpcError as error:
+        codes.add(error.code)
+    slowest = max(slowest, time.monotonic() - started)
+    discard(socket)
+print(json.dumps({"codes": sorted(codes), "slowest": slowest}), flush=True)
+context.destroy(linger=0)
+"""
+
+
+def test_a_refused_hello_fails_at_once_whenever_it_is_said(hosts: Hosts) -> None:
+    # The Hello was sent with a blocking send: said at the wrong moment of the refusal
+    # (within the first ~100 ms), it waited forever for a connection to go on.
+    result = hosts.script_result(HELLOS_THROUGH_A_REFUSAL, "mallory", hosts.tcp)
+    assert result["codes"] == [-46]  # KErrPermissionDenied, every time
+    assert result["slowest"] < HELLO_TIMEOUT  # (at once, never the timeout)
+
+
+# A process on "another host" whose key the kernel refuses, trying again and again: what each
+# attempt leaves open (before any garbage collection), then a collection.
+REFUSED_AGAIN = """
+import gc, json, os, time
+import ipcfw
+from ipcfw import IpcError, RSession
+def attempt():
+    try:
+        RSession.connect("probe", ipcfw.TVersion(1, 0, 0))
+    except IpcError as error:
+        return error.code
+codes = [attempt() for _ in range(3)]
+gc.collect()
+before = len(os.listdir("/proc/self/fd"))
+codes += [attempt() for _ in range(10)]
+for _ in range(50):  # (ZeroMQ's I/O threads close what was closed soon after)
+    left = len(os.listdir("/proc/self/fd")) - before
+    if left <= 2:
+        break
+    time.sleep(0.1)
+gc.collect()
+print(json.dumps({"codes": codes, "left": left}), flush=True)
+"""
+
+
+def test_a_refused_process_trying_again_leaves_nothing_open_and_does_not_hang(
+        hosts: Hosts) -> None:
+    # Each refused attempt's link monitor, inbox pipe and context must be closed with it: left
+    # to the garbage collector, the context's destruction waited for a monitor socket the
+    # same collection had already forgotten, and the process hung there, holding the GIL.
+    hosts.stack.serve("plugins.probe:ProbeServer")
+    result = hosts.script_result(REFUSED_AGAIN, "mallory")
+    assert result["codes"] == [-46] * 13  # KErrPermissionDenied, each time
+    assert result["left"] <= 2, result  # (about 4 a time, before)
 
 
 def test_a_kernel_whose_key_file_others_may_read_does_not_start(tmp_path: Path) -> None:

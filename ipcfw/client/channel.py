@@ -20,7 +20,14 @@ import zmq
 from .. import errors
 from .._zmqflags import EVENTS, POLLIN
 from ..kernelprobe import welcome_error
-from ..transport import await_answer, hello_message, open_socket, routing_id, stop_watching
+from ..transport import (
+    discard,
+    exchange,
+    hello_message,
+    open_socket,
+    routing_id,
+    stop_watching,
+)
 from ..protocol import (
     Close,
     Completed,
@@ -84,8 +91,7 @@ def hello(socket: zmq.Socket[bytes], role: Role, endpoint: str) -> Welcome:
     """Say Hello on a new DEALER `socket` in `role`; the kernel's Welcome, or IpcError
     (KErrCouldNotConnect, KErrNotSupported for another protocol, KErrPermissionDenied for a
     process the kernel does not admit, or whose key a kernel over tcp refuses)."""
-    socket.send(encode(hello_message(role)))
-    if not await_answer(socket, endpoint, HELLO_TIMEOUT):
+    if not exchange(socket, endpoint, encode(hello_message(role)), HELLO_TIMEOUT):
         raise errors.IpcError(
             errors.KErrCouldNotConnect,
             f"no ipcfw kernel answered at {endpoint} within {HELLO_TIMEOUT:.0f} s",
@@ -245,7 +251,7 @@ class Channel(LockedChannel):
         try:
             welcome = hello(self.socket, Role.CHANNEL, runtime.endpoint)
         except BaseException:
-            self.socket.close(linger=0)
+            discard(self.socket)
             raise
         stop_watching(self.socket)  # (the process's inbox watches its kernel)
         self.fd = cast(int, self.socket.get(zmq.FD))

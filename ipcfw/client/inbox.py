@@ -18,7 +18,7 @@ from .. import errors
 from .._wakeup import WakePipe
 from .._zmqflags import EVENTS, POLLIN
 from ..protocol import Dropped, Message, ProtocolError, Role, SessionLost, decode
-from ..transport import KernelWatch, open_socket, routing_id
+from ..transport import KernelWatch, discard, open_socket, routing_id
 from .channel import hello
 from .connection import AnyChannel
 
@@ -70,6 +70,9 @@ class Inbox:
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
+            # (once its socket is closed, the runtime may end its context: nothing is left)
+            self._thread.join(timeout=2.0)
+            self._wakeup.close()
             raise self._error
 
     def stop(self) -> None:
@@ -94,6 +97,8 @@ class Inbox:
                 watch = KernelWatch(socket, welcome)
             except BaseException as exc:  # reported to the thread that started us
                 self._error = exc
+                if socket is not None and watch is None:
+                    discard(socket)
                 return
             finally:
                 self._ready.set()

@@ -237,7 +237,13 @@ class Runtime:
         self._closes_later: list[tuple[list[threading.Event], Channel, bytes]] = []
         self._later_lock = threading.Lock()
         self._inbox = Inbox(self)
-        self._inbox.start_and_wait()
+        try:
+            self._inbox.start_and_wait()
+        except BaseException:
+            # Refused (or no kernel answered): nothing of this runtime may stay open, or each
+            # attempt of a process that tries again would leave a context behind.
+            self.context.destroy(linger=0)
+            raise
 
     def forked(self) -> None:
         """In a forked child (`_after_fork_in_child`): nothing of this runtime, the parent's,

@@ -94,7 +94,8 @@ Rules this module keeps:
    admitted by its key, so the uid admission does not apply to it; no pidfd watches it (its
    connections' heartbeats do: no `Watch`); and every session it uses takes the kernel path:
    its Connect asking for the direct path makes a kernel-path session, an Open of a direct
-   session names no socket, and a Register naming a socket is refused (KErrNotSupported).
+   session names no socket, a Join of one is answered without a ticket (the server is sent
+   no Admit), and a Register naming a socket is refused (KErrNotSupported).
 """
 
 from __future__ import annotations
@@ -1376,6 +1377,7 @@ class KernelState:
             return [Send(peer.rid, Connected(req_id, code, 0, b""))]
         process = peer.process
         if (not session.direct or session.state is not _S.OPEN
+                or process.identity.host  # (rule 16: on another host, the kernel path)
                 or len(session.messages) >= MAX_OUTSTANDING
                 or process.outstanding >= self.outstanding_per_process):
             # (the limits bound what Joins can make the kernel and the server hold)

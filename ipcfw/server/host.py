@@ -36,7 +36,7 @@ from .._spin import SPIN, AdaptiveSpin
 from .._wakeup import WakePipe
 from .._zmqflags import NOBLOCK
 from ..kernelprobe import kernel_socket_exists, no_kernel_error, wait_for_kernel, welcome_error
-from ..transport import KernelWatch, await_answer, hello_message, open_socket, routing_id
+from ..transport import KernelWatch, exchange, hello_message, open_socket, routing_id
 from ..protocol import (
     Completed,
     ProtocolError,
@@ -281,8 +281,7 @@ class ServerHost:
         return welcome, welcome.max_frame
 
     def _exchange(self, message: Any, expected: type) -> Any:
-        self._socket.send(encode(message))
-        if not await_answer(self._socket, self.endpoint, _REGISTER_TIMEOUT):
+        if not exchange(self._socket, self.endpoint, encode(message), _REGISTER_TIMEOUT):
             raise no_kernel_error(self.endpoint, _REGISTER_TIMEOUT)
         reply = decode(self._socket.recv())
         if type(reply) is not expected:

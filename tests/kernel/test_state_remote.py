@@ -12,10 +12,12 @@ from ipcfw.kernel.liveness import UnknownPeer, remote_identity
 from ipcfw.kernel.state import Admission, ProcessIdentity, Send, Watch
 from ipcfw.protocol import (
     PROTOCOL_VERSION,
+    Admit,
     Completed,
     Connect,
     Connected,
     Hello,
+    Join,
     Negotiated,
     Open,
     Path,
@@ -109,14 +111,35 @@ def test_a_remote_client_asking_for_the_direct_path_gets_the_kernel_path() -> No
     assert answer == [Send(R1, Connected(1, errors.KErrNone, new.handle, b""))]
 
 
-def test_a_remote_process_opening_a_shared_direct_session_is_not_sent_the_socket() -> None:
-    state = world()
+def shared_direct_session(state) -> tuple[int, bytes]:
+    """A local client's direct session with Echo, shared (ShareAny): its handle and token."""
     start_client(state)
     actions = state.receive(b"chan-1a", Connect(1, "Echo", (1, 0, 0), 4, b"", (), Path.DIRECT))
     new = [a.message for a in actions if type(a) is Send and hasattr(a.message, "ticket")][0]
     state.receive(b"srv", Negotiated(new.msg_id, errors.KErrNone, b""))
     (shared,) = state.receive(b"chan-1a", Share(2, new.handle, 2))
     assert type(shared.message) is Shared
+    return new.handle, shared.message.token
+
+
+def test_a_remote_process_opening_a_shared_direct_session_is_not_sent_the_socket() -> None:
+    state = world()
+    handle, token = shared_direct_session(state)
     remote_hello(state)
-    (opened,) = [a for a in state.receive(R1, Open(3, shared.message.token)) if a.rid == R1]
-    assert opened.message == Connected(3, errors.KErrNone, new.handle, b"", "")
+    (opened,) = [a for a in state.receive(R1, Open(3, token)) if a.rid == R1]
+    assert opened.message == Connected(3, errors.KErrNone, handle, b"", "")
+
+
+def test_a_remote_process_joining_a_shared_direct_session_gets_no_ticket() -> None:
+    # A Join is a thread's move to the direct path: for a process on another host the kernel
+    # answers it as for a kernel-path session (no Admit, no ticket, no socket), whatever the
+    # session's creator took (rule 16).
+    state = world()
+    handle, token = shared_direct_session(state)
+    remote_hello(state)
+    state.receive(R1, Open(3, token))
+    admitted = state.statistics()["admitted"]
+    joined = state.receive(R1, Join(4, handle))
+    assert not sends(joined, b"srv", Admit)
+    assert joined == [Send(R1, Connected(4, errors.KErrNone, handle, b""))]
+    assert state.statistics()["admitted"] == admitted
