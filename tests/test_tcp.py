@@ -426,3 +426,42 @@ def test_keygen_writes_a_private_keypair_and_a_public_key(tmp_path: Path) -> Non
                            env={**os.environ, "PYTHONPATH": PYTHONPATH})
     assert again.returncode == 2 and "exists" in again.stderr
     assert public in (tmp_path / "me.key.pub").read_text()  # (kept)
+
+
+def test_a_zap_handler_error_refuses_that_handshake_and_the_next_is_answered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipcfw.kernel import Kernel
+    from ipcfw.kernel.config import parse
+    from ipcfw.kernel.zap import ZapHandler
+    from ipcfw.kernelprobe import kernel_answers
+
+    public = {who: generate(str(tmp_path / f"{who}.key")).public.decode()
+              for who in ("kernel", "bob")}
+    tcp = f"tcp://127.0.0.1:{free_port()}"
+    config = parse(f'[tcp]\nlisten = "{tcp}"\nkey = "{tmp_path / "kernel.key"}"\n'
+                   f'[[tcp.peer]]\nname = "bob"\nkey = "{public["bob"]}"\n')
+    answer, calls = ZapHandler.answer, []
+
+    def broken_once(handler: ZapHandler, request: list[bytes]) -> list[bytes]:
+        calls.append(request)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the handler")
+        return answer(handler, request)
+
+    monkeypatch.setattr(ZapHandler, "answer", broken_once)
+    monkeypatch.setenv("IPCFW_KEY", str(tmp_path / "bob.key"))
+    monkeypatch.setenv("IPCFW_KERNEL_KEY", public["kernel"])
+    (tmp_path / "k").mkdir(mode=0o700)
+    kernel = Kernel(f"ipc://{tmp_path}/k/kernel", config=config)
+    ready = threading.Event()
+    thread = threading.Thread(target=kernel.run, args=(ready,), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(IpcError):
+            kernel_answers(tcp, timeout=5)  # (the failing handler's answer: refused)
+        assert kernel_answers(tcp, timeout=5)  # the kernel still decides handshakes
+        assert len(calls) >= 2
+    finally:
+        kernel.stop()
+        thread.join(10)

@@ -369,7 +369,13 @@ class Kernel:
                 request = zap.recv_multipart(NOBLOCK)
             except zmq.Again:
                 return
-            zap.send_multipart(self._zap_handler.answer(request))
+            try:
+                reply = self._zap_handler.answer(request)
+            except Exception:  # a REP socket must answer, or no later handshake is decided
+                log.exception("ZAP handler error (the handshake is refused)")
+                reply = [b"1.0", request[1] if len(request) > 1 else b"", b"500",
+                         b"internal error", b"", b""]
+            zap.send_multipart(reply)
 
     def _discard_rest(self, router: zmq.Socket[bytes], body: zmq.Frame) -> None:
         extra = 1
