@@ -188,7 +188,7 @@ class Kernel:
                                        if self.config.tcp is not None else {})
         self._tcp: zmq.Socket[bytes] | None = None  # the [tcp] listener and its ZAP socket
         self._zap: zmq.Socket[bytes] | None = None
-        self._remote: set[bytes] = set()  # the routing ids of peers over tcp
+        self._remote: dict[bytes, str] = {}  # routing id of a peer over tcp -> its key's name
         self._monitors: list[zmq.Socket[bytes]] = []
         self._spawner = Spawner(self.endpoint, self._watch_fd, self._unwatch_fd)
         self._stop = threading.Event()
@@ -403,7 +403,10 @@ class Kernel:
                     self._reporter.report("frame from a dropped peer", detail)
                     return
                 actions = self._introduce(rid, body, message, router)
-            elif body.get("Peer-Address") != known:
+            elif body.get("Peer-Address") != known or (
+                    router is not self._router and self._remote.get(rid) != body.get("User-Id")):
+                # (over tcp the address is only a host's: two keys' peers on one host differ
+                # by the key's name the ZAP handler gave them)
                 raise PeerMisbehaved(
                     "routing id reuse", f"routing id {rid.hex()} now from {_pid_in(body)}"
                 )
@@ -438,7 +441,8 @@ class Kernel:
         remote = router is self._tcp
         if remote:
             assert self.config.tcp is not None
-            identity = remote_identity(self.config.tcp, str(body.get("User-Id")), message)
+            user = str(body.get("User-Id"))
+            identity = remote_identity(self.config.tcp, user, message)
         else:
             identity = identify(address)
         actions = self.state.hello(rid, identity, message)
@@ -446,11 +450,11 @@ class Kernel:
             self._address_of[rid] = address
             self._rid_of_fd[int(body.get("__fd"))] = rid
             if remote:
-                self._remote.add(rid)
+                self._remote[rid] = user
         elif remote:  # (its Welcome, refusing it, goes back the way it came)
-            self._remote.add(rid)
+            self._remote[rid] = user
             self._perform(actions)
-            self._remote.discard(rid)
+            del self._remote[rid]
             return []
         return actions
 
@@ -469,7 +473,7 @@ class Kernel:
                 if rid in self._dropped:
                     self._dropped.discard(rid)
                     self._backlog.pop(rid, None)  # its farewell, if still unread
-                    self._remote.discard(rid)
+                    self._remote.pop(rid, None)
                 elif rid is not None:
                     self._peer_gone(rid)
 
@@ -488,7 +492,7 @@ class Kernel:
             del self._address_of[rid]
             if rid not in self._dropped:  # (a dropped one's notice still goes its way)
                 self._backlog.pop(rid, None)
-                self._remote.discard(rid)
+                self._remote.pop(rid, None)
 
     def _drop(self, rid: bytes, waiting: int) -> None:
         """Stop serving a peer that is not reading; it is told, behind what it has not read."""
