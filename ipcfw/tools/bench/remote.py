@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...client import RSession
+from ...client.runtime import Runtime
 from ...curve import KERNEL_KEY_VAR, KEY_VAR, generate
 from ...testing import Stack
 from .clients import IpcfwClient
@@ -62,6 +63,7 @@ def measure_remote(workdir: Path, calls: int) -> RemoteResult:
             finally:
                 for client in clients.values():
                     client.close()
+                Runtime.shutdown(tcp)  # (before the kernel stops: its end is no death)
     finally:
         for name, value in saved.items():
             if value is None:
