@@ -102,7 +102,13 @@ def run(endpoint: str, victim: bytes) -> dict:
             for peer in honest:
                 peer.send_message(Stats(rounds))
             for peer in impostors:
-                peer.send_message(Stats(rounds))
+                # Not blocking: libzmq leaves an impostor's connection unread (the id is
+                # taken), so its queue fills (its high-water mark, 1,000 frames on each side)
+                # and a blocking send would wait for ever once the rounds outnumber it.
+                try:
+                    peer.socket.send(encode(Stats(rounds)), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
                 peer.drain()
             for peer in honest:
                 if peer.reply_to(rounds, StatsReply) is not None:
