@@ -79,7 +79,7 @@ from .state import (
     Unwatch,
     Watch,
 )
-from .zap import DOMAIN, ZAP_ENDPOINT, ZapHandler
+from .zap import DOMAIN, ZAP_ENDPOINT, ZapHandler, error_reply
 
 log = logging.getLogger("ipcfw.kernel")
 
@@ -373,8 +373,7 @@ class Kernel:
                 reply = self._zap_handler.answer(request)
             except Exception:  # a REP socket must answer, or no later handshake is decided
                 log.exception("ZAP handler error (the handshake is refused)")
-                reply = [b"1.0", request[1] if len(request) > 1 else b"", b"500",
-                         b"internal error", b"", b""]
+                reply = error_reply(request, "internal error")
             zap.send_multipart(reply)
 
     def _discard_rest(self, router: zmq.Socket[bytes], body: zmq.Frame) -> None:

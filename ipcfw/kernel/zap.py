@@ -32,6 +32,11 @@ def z85(key: bytes) -> bytes:
     return bytes(out)
 
 
+def error_reply(request: Sequence[bytes], text: str) -> list[bytes]:
+    """The reply that refuses `request` for an error of the handler's own (500: internal)."""
+    return [_VERSION, request[1] if len(request) > 1 else b"", b"500", text.encode(), b"", b""]
+
+
 class ZapHandler:
     """The answers to a tcp listener's handshakes, and a log of the keys it refused.
     `names`: the name of each key admitted (z85), as the configuration's [[tcp.peer]]s say."""
@@ -45,8 +50,7 @@ class ZapHandler:
         """The reply to one ZAP request."""
         if len(request) < 6 or request[0] != _VERSION:
             log.warning("malformed ZAP request from libzmq: %d frames", len(request))
-            return [_VERSION, request[1] if len(request) > 1 else b"", b"500",
-                    b"malformed request", b"", b""]
+            return error_reply(request, "malformed request")
         request_id, domain, address, mechanism = request[1], request[2], request[3], request[5]
         if domain != DOMAIN.encode() or mechanism != b"CURVE" or len(request) != 7 \
                 or len(request[6]) != 32:
